@@ -1,0 +1,98 @@
+import { readFile } from 'node:fs/promises';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { loadSettings, SETTINGS, type SettingName, type Settings } from '../config/settings.ts';
+import { UserError } from '../errors.ts';
+import { validateFields, type FieldValues } from '../store/credentials.ts';
+
+export const EXIT = { ok: 0, failure: 1, usage: 2, conflict: 3 } as const;
+
+/** What a command hands back: text for people, data for `--json`, and the exit code. */
+export interface Outcome {
+  readonly code: number;
+  readonly text: string;
+  readonly data: unknown;
+}
+
+export function ok(text: string, data: unknown): Outcome {
+  return { code: EXIT.ok, text, data };
+}
+
+export function fail(text: string, data: unknown, code: number = EXIT.failure): Outcome {
+  return { code, text, data };
+}
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+
+const SETTING_OPTIONS: Options = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.flag, { type: 'string' }]));
+
+export interface Parsed {
+  readonly values: Record<string, string | boolean | undefined>;
+  readonly positionals: string[];
+  readonly json: boolean;
+  settings(): Settings;
+}
+
+/** Parse a command's arguments: its own options, `--json`, and every setting flag. Unknown flags are usage errors. */
+export function parse(args: readonly string[], options: Options = {}): Parsed {
+  let result;
+  try {
+    result = parseArgs({ args: [...args], options: { ...SETTING_OPTIONS, ...options, json: { type: 'boolean' } }, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw new UserError((err as Error).message, EXIT.usage);
+  }
+  const values = result.values as Record<string, string | boolean | undefined>;
+  return {
+    values,
+    positionals: result.positionals,
+    json: values.json === true,
+    settings: () => {
+      const flags: Partial<Record<SettingName, string>> = {};
+      for (const [name, spec] of Object.entries(SETTINGS) as [SettingName, (typeof SETTINGS)[SettingName]][]) {
+        const v = values[spec.flag];
+        if (typeof v === 'string') flags[name] = v;
+      }
+      return loadSettings(process.env, flags);
+    },
+  };
+}
+
+/**
+ * Secret values come only from a file or standard input, as a JSON object of fields: never argv,
+ * where every user of the machine can read them.
+ */
+export async function readFieldsInput(values: Parsed['values'], stdin: () => Promise<string>): Promise<FieldValues> {
+  const file = values['from-file'];
+  const fromStdin = values['from-stdin'] === true;
+  if ((typeof file === 'string') === fromStdin) throw new UserError('give the credential fields with exactly one of --from-file FILE or --from-stdin', EXIT.usage);
+  let text: string;
+  if (typeof file === 'string') {
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (err) {
+      throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+    }
+  } else {
+    text = await stdin();
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    throw new UserError('the credential fields are not valid JSON (expected an object such as {"client_id": "...", "secret": "..."})');
+  }
+  const checked = validateFields(parsed);
+  if (!checked.ok) throw new UserError(checked.message);
+  return checked.fields;
+}
+
+export function requireArg(positionals: readonly string[], index: number, what: string): string {
+  const v = positionals[index];
+  if (!v) throw new UserError(`missing ${what}`, EXIT.usage);
+  return v;
+}
+
+export function table(rows: readonly (readonly string[])[]): string {
+  if (rows.length === 0) return '';
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')).join('\n');
+}

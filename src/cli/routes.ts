@@ -1,0 +1,90 @@
+import { resolve } from 'node:path';
+import { findRoute } from '../config/compile-routes.ts';
+import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
+import { routeJsonSchema } from '../config/route-schema.ts';
+import { ProxyError, UserError } from '../errors.ts';
+import { decide } from '../pipeline/authorize.ts';
+import { removeParams } from '../pipeline/inject.ts';
+import { parseTarget } from '../pipeline/target.ts';
+import { EXIT, fail, ok, parse, requireArg, type Outcome } from './io.ts';
+
+const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME METHOD URL';
+
+/** `egress routes …`: validate route files, print their JSON Schema, explain a decision. */
+export async function routes(args: readonly string[]): Promise<Outcome> {
+  const [sub, ...rest] = args;
+  const p = parse(rest, { caller: { type: 'string' } });
+  switch (sub) {
+    case 'check': {
+      const dir = p.positionals[0] ? resolve(p.positionals[0]) : p.settings().routesDir;
+      try {
+        const config = await loadRoutes(dir);
+        const list = config.routes.map((r) => ({ name: r.name, file: r.file, prefix: r.prefix, upstream: r.origin + r.basePath, credential: r.credential, schemes: r.injections.map((i) => i.options.scheme), rules: r.rules.length }));
+        return ok(`${dir}: ${list.length} route${list.length === 1 ? '' : 's'} OK${list.map((r) => `\n  ${r.name}  ${r.prefix} -> ${r.upstream}  (${r.schemes.join(' + ')}, ${r.rules} rule${r.rules === 1 ? '' : 's'})`).join('')}`, { ok: true, dir, routes: list });
+      } catch (err) {
+        if (!(err instanceof ConfigError)) throw err;
+        return fail(err.problems.map(formatProblem).join('\n'), { ok: false, dir, errors: err.problems });
+      }
+    }
+    case 'schema': {
+      const schema = routeJsonSchema();
+      return ok(JSON.stringify(schema, null, 2), schema);
+    }
+    case 'explain': {
+      const caller = p.values.caller;
+      if (typeof caller !== 'string') throw new UserError('explain needs --caller NAME', EXIT.usage);
+      const method = requireArg(p.positionals, 0, 'METHOD').toUpperCase();
+      const url = requireArg(p.positionals, 1, 'URL');
+      return explain(await loadRoutes(p.settings().routesDir).catch((err: unknown) => {
+        if (err instanceof ConfigError) throw new UserError(`the route folder does not load:\n${err.problems.map(formatProblem).join('\n')}`);
+        throw err;
+      }), caller, method, url);
+    }
+    default:
+      throw new UserError(USAGE, EXIT.usage);
+  }
+}
+
+function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string, method: string, url: string): Outcome {
+  let rawTarget = url;
+  if (/^https?:\/\//i.test(url)) {
+    const parsed = new URL(url);
+    rawTarget = url.slice(url.indexOf('/', url.indexOf('//') + 2) === -1 ? url.length : url.indexOf('/', url.indexOf('//') + 2)) || '/';
+    if (parsed.hash) rawTarget += '';
+  }
+  let target;
+  try {
+    target = parseTarget(rawTarget);
+  } catch (err) {
+    if (err instanceof ProxyError) return fail(`DENY 400 bad_request: ${err.detail ?? err.message}`, { decision: 'deny', status: 400, code: err.code, reason: err.detail });
+    throw err;
+  }
+  const route = findRoute(config, target.segments);
+  if (!route) return fail(`DENY 404 route_not_found: no route prefix owns ${target.path}`, { decision: 'deny', status: 404, code: 'route_not_found', path: target.path });
+  const rest = target.segments.slice(route.prefixSegments.length);
+  const relative = rest.length === 0 ? [''] : rest;
+  const decision = decide(route, caller, method, relative);
+  const query = removeParams(target.query, route.claims.query);
+  const upstream = `${route.origin}${route.basePath}/${relative.join('/')}${query ? `?${query}` : ''}`;
+  const schemes = route.injections.map((i) => i.options.scheme).join(' + ');
+  const data = {
+    decision: decision.rule ? 'allow' : 'deny',
+    status: decision.rule ? null : 403,
+    code: decision.rule ? null : 'route_forbidden',
+    route: route.name,
+    file: route.file,
+    caller,
+    method,
+    path: `/${relative.join('/')}`,
+    rule: decision.rule ? { index: decision.rule.index, methods: [...decision.rule.methods], paths: decision.rule.paths.map((x) => x.source) } : null,
+    reason: decision.reason,
+    upstream_url: upstream,
+    credential: route.credential,
+    inject: schemes,
+    claimed_headers: [...route.claims.headers],
+  };
+  const text = decision.rule
+    ? `ALLOW  route "${route.name}" (${route.file})\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n  attaches credential "${route.credential}" (${schemes})`
+    : `DENY 403 route_forbidden  route "${route.name}" (${route.file})\n  ${decision.reason}`;
+  return decision.rule ? ok(text, data) : fail(text, data);
+}

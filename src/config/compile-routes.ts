@@ -1,0 +1,129 @@
+import type { Injector } from '../injectors/index.ts';
+import { injectorFor } from '../injectors/index.ts';
+import type { Template } from '../injectors/template.ts';
+import type { Claims } from '../injectors/types.ts';
+import type { PathPattern } from './path-pattern.ts';
+import { compilePattern, hasSegmentPrefix, splitPath } from './path-pattern.ts';
+import type { RateLimitOptions, RouteFile } from './route-schema.ts';
+
+/** Compiled, frozen domain objects: what the request path reads. */
+
+export interface CompiledRule {
+  /** 0-based position in the route's `allow` list, for explanations and audit reasons. */
+  readonly index: number;
+  readonly caller: string;
+  readonly methods: ReadonlySet<string>;
+  readonly paths: readonly PathPattern[];
+  readonly rate: RateLimitOptions | undefined;
+}
+
+export interface Injection {
+  readonly injector: Injector;
+  readonly options: { readonly scheme: string };
+}
+
+export interface CompiledRoute {
+  readonly name: string;
+  readonly file: string;
+  readonly prefix: string;
+  readonly prefixSegments: readonly string[];
+  /** e.g. https://production.plaid.com */
+  readonly origin: string;
+  readonly upstreamHost: string;
+  /** Upstream path prefix without a trailing "/"; usually "". */
+  readonly basePath: string;
+  readonly credential: string;
+  readonly injections: readonly Injection[];
+  readonly claims: { readonly headers: ReadonlySet<string>; readonly query: ReadonlySet<string>; readonly bodyFields: ReadonlySet<string> };
+  /** Credential fields the templates need: checked before a request is sent. */
+  readonly fields: readonly string[];
+  readonly needsBody: boolean;
+  readonly connectTimeoutMs: number;
+  readonly responseTimeoutMs: number;
+  readonly upstreamCa: string | undefined;
+  readonly maxBody: number;
+  readonly upstreamRate: RateLimitOptions | undefined;
+  readonly rules: readonly CompiledRule[];
+  /** Rules by caller name; a Map so no caller name can reach Object.prototype. */
+  readonly rulesByCaller: ReadonlyMap<string, readonly CompiledRule[]>;
+}
+
+export interface CompiledConfig {
+  readonly routes: readonly CompiledRoute[];
+  readonly files: readonly string[];
+  readonly loadedAt: Date;
+}
+
+export const DEFAULTS = Object.freeze({ connectTimeoutMs: 5_000, responseTimeoutMs: 30_000, maxBody: 1024 * 1024 });
+
+export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | undefined): CompiledRoute {
+  const url = new URL(raw.upstream);
+  const injections = (Array.isArray(raw.inject) ? raw.inject : [raw.inject]).map((options): Injection => {
+    const injector = injectorFor(options.scheme);
+    if (!injector) throw new Error(`unknown inject scheme "${options.scheme}"`);
+    return Object.freeze({ injector, options: Object.freeze(options) });
+  });
+  const claims = mergeClaims(injections.map((i) => i.injector.claims(i.options)));
+  const templates: Template[] = injections.flatMap((i) => [...i.injector.templates(i.options)]);
+  const rules = raw.allow.map((rule, index): CompiledRule => Object.freeze({
+    index,
+    caller: rule.caller,
+    methods: new Set(rule.methods),
+    paths: Object.freeze(rule.paths.map(compilePattern)),
+    rate: rule.rate,
+  }));
+  const rulesByCaller = new Map<string, CompiledRule[]>();
+  for (const rule of rules) rulesByCaller.set(rule.caller, [...(rulesByCaller.get(rule.caller) ?? []), rule]);
+
+  return Object.freeze({
+    name: raw.name,
+    file,
+    prefix: raw.prefix,
+    prefixSegments: Object.freeze(splitPath(raw.prefix)),
+    origin: url.origin,
+    upstreamHost: url.host,
+    basePath: url.pathname.replace(/\/+$/, ''),
+    credential: raw.credential,
+    injections: Object.freeze(injections),
+    claims: Object.freeze(claims),
+    fields: Object.freeze([...new Set(templates.flatMap((t) => t.fields))]),
+    needsBody: injections.some((i) => i.injector.needsBody),
+    connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
+    responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
+    upstreamCa,
+    maxBody: raw.max_body ?? DEFAULTS.maxBody,
+    upstreamRate: raw.upstream_rate,
+    rules: Object.freeze(rules),
+    rulesByCaller,
+  });
+}
+
+function mergeClaims(all: readonly Claims[]): CompiledRoute['claims'] {
+  return {
+    headers: new Set(all.flatMap((c) => c.headers.map((h) => h.toLowerCase()))),
+    query: new Set(all.flatMap((c) => c.query)),
+    bodyFields: new Set(all.flatMap((c) => c.bodyFields)),
+  };
+}
+
+/** Cross-route checks: duplicate names, and prefixes that equal or contain one another. */
+export function crossCheck(routes: readonly CompiledRoute[]): { file: string; message: string }[] {
+  const problems: { file: string; message: string }[] = [];
+  for (let i = 0; i < routes.length; i++) {
+    for (let j = i + 1; j < routes.length; j++) {
+      const a = routes[i]!;
+      const b = routes[j]!;
+      if (a.name === b.name) problems.push({ file: b.file, message: `route name "${b.name}" is also used by ${a.file}` });
+      if (hasSegmentPrefix(a.prefixSegments, b.prefixSegments) || hasSegmentPrefix(b.prefixSegments, a.prefixSegments)) {
+        problems.push({ file: b.file, message: `prefix "${b.prefix}" overlaps prefix "${a.prefix}" of ${a.file}` });
+      }
+    }
+  }
+  return problems;
+}
+
+/** The route that owns a path, matched on whole segments. Prefixes never overlap, so at most one does. */
+export function findRoute(config: CompiledConfig, segments: readonly string[]): CompiledRoute | undefined {
+  for (const route of config.routes) if (hasSegmentPrefix(segments, route.prefixSegments)) return route;
+  return undefined;
+}

@@ -1,0 +1,127 @@
+import { readdir, readFile } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
+import { isMap, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import type { z } from 'zod';
+import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
+import { compileRoute, crossCheck } from './compile-routes.ts';
+import { routeFileSchema } from './route-schema.ts';
+
+export interface ConfigProblem {
+  readonly file: string;
+  readonly line: number;
+  readonly col: number;
+  readonly message: string;
+}
+
+export class ConfigError extends Error {
+  readonly problems: readonly ConfigProblem[];
+  constructor(problems: readonly ConfigProblem[]) {
+    super(problems.map(formatProblem).join('\n'));
+    this.name = 'ConfigError';
+    this.problems = problems;
+  }
+}
+
+export function formatProblem(p: ConfigProblem): string {
+  return `${p.file}:${p.line}:${p.col}: ${p.message}`;
+}
+
+const ROUTE_FILE = /\.ya?ml$/;
+
+/**
+ * Load a folder of route files. Every file is checked and every problem reported; any problem
+ * rejects the folder whole, so a caller keeps its last good configuration.
+ */
+export async function loadRoutes(dir: string): Promise<CompiledConfig> {
+  const root = resolve(dir);
+  let names: string[];
+  try {
+    names = (await readdir(root)).filter((n) => ROUTE_FILE.test(n) && !n.startsWith('.')).sort();
+  } catch (err) {
+    throw new ConfigError([{ file: root, line: 0, col: 0, message: `cannot read the routes folder (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
+  }
+  const problems: ConfigProblem[] = [];
+  const routes: CompiledRoute[] = [];
+  for (const name of names) {
+    const file = join(root, name);
+    const result = await loadRouteFile(file);
+    if ('problems' in result) problems.push(...result.problems);
+    else routes.push(result.route);
+  }
+  for (const p of crossCheck(routes)) problems.push({ file: p.file, line: 1, col: 1, message: p.message });
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), loadedAt: new Date() });
+}
+
+export async function loadRouteFile(file: string): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    return { problems: [{ file, line: 0, col: 0, message: `cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }] };
+  }
+  return parseRouteText(text, file, async (caPath) => readFile(resolve(dirname(file), caPath), 'utf8'));
+}
+
+/**
+ * YAML 1.2 core schema only: no `<<` merge keys, no custom tags, duplicate keys are errors.
+ * Keys reach zod as own properties, and the strict schema refuses any it does not name,
+ * `__proto__` included.
+ */
+export async function parseRouteText(text: string, file: string, readCa: (path: string) => Promise<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, uniqueKeys: true, merge: false, schema: 'core', prettyErrors: false, strict: true });
+  const at = (offset: number | undefined): { line: number; col: number } => {
+    const pos = lineCounter.linePos(offset ?? 0);
+    return { line: pos.line, col: pos.col };
+  };
+  if (doc.errors.length > 0) {
+    return { problems: doc.errors.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+  }
+  if (doc.warnings.length > 0) {
+    return { problems: doc.warnings.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+  }
+  const data: unknown = doc.toJS({ maxAliasCount: 0 });
+  const parsed = routeFileSchema.safeParse(data);
+  if (!parsed.success) {
+    return { problems: parsed.error.issues.map((issue) => ({ file, ...at(issueOffset(doc, issue)), message: issueMessage(issue) })) };
+  }
+  let ca: string | undefined;
+  if (parsed.data.upstream_ca) {
+    try {
+      ca = await readCa(parsed.data.upstream_ca);
+    } catch (err) {
+      return { problems: [{ file, ...at(issueOffset(doc, { path: ['upstream_ca'] })), message: `upstream_ca: cannot read "${parsed.data.upstream_ca}" (${(err as NodeJS.ErrnoException).code ?? 'error'})` }] };
+    }
+    if (!ca.includes('-----BEGIN CERTIFICATE-----')) {
+      return { problems: [{ file, ...at(issueOffset(doc, { path: ['upstream_ca'] })), message: 'upstream_ca: the file holds no PEM certificate' }] };
+    }
+  }
+  const stem = basename(file).replace(ROUTE_FILE, '');
+  if (stem !== parsed.data.name) {
+    return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
+  }
+  return { route: compileRoute(parsed.data, file, ca) };
+}
+
+function issueMessage(issue: z.core.$ZodIssue): string {
+  const where = issue.path.length > 0 ? `${issue.path.join('.')}: ` : '';
+  if (issue.code === 'unrecognized_keys') return `${where}unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${k}"`).join(', ')}`;
+  return `${where}${issue.message}`;
+}
+
+/** The source offset of the node an issue points at: the unknown key itself, or the nearest existing parent. */
+function issueOffset(doc: Document, issue: { path: readonly PropertyKey[]; code?: string; keys?: string[] }): number | undefined {
+  const path = issue.path.map((p) => (typeof p === 'symbol' ? String(p) : p));
+  for (let n = path.length; n >= 0; n--) {
+    const node = (n === 0 ? doc.contents : doc.getIn(path.slice(0, n), true)) as Node | null | undefined;
+    if (!node || !('range' in node) || !node.range) continue;
+    if (n === path.length && issue.code === 'unrecognized_keys' && isMap(node)) {
+      const pair = node.items.find((item) => String((item.key as { value?: unknown } | null)?.value) === issue.keys?.[0]);
+      const keyNode = pair?.key as Node | undefined;
+      if (keyNode?.range) return keyNode.range[0];
+    }
+    return node.range[0];
+  }
+  return undefined;
+}

@@ -1,0 +1,96 @@
+import { z } from 'zod';
+import { INJECTORS } from '../injectors/index.ts';
+import { parseDuration, parseRate, parseSize } from './units.ts';
+
+/** The raw, strict shape of one route file. Compilation into domain objects is in compile-routes.ts. */
+
+export const NAME = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+export const CALLER_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+export const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
+
+// Path segments in prefixes and rules: RFC 3986 pchar without percent-escapes, so what is written
+// is byte for byte what is matched.
+const SEGMENT = /^[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
+
+const duration = z.string().transform((text, ctx) => {
+  const ms = parseDuration(text);
+  if (ms === undefined) ctx.addIssue({ code: 'custom', message: `"${text}" is not a duration like 500ms, 5s, 2m` });
+  return ms ?? 0;
+});
+
+const size = z.union([z.string(), z.number()]).transform((value, ctx) => {
+  const bytes = parseSize(value);
+  if (bytes === undefined || bytes < 1) ctx.addIssue({ code: 'custom', message: `"${value}" is not a size like 512kb or 1mb` });
+  return bytes ?? 0;
+});
+
+const rateLimit = z.strictObject({
+  rate: z.string().transform((text, ctx) => {
+    const rate = parseRate(text);
+    if (!rate) ctx.addIssue({ code: 'custom', message: `"${text}" is not a rate like 20/s, 300/min or 10000/day` });
+    return rate ?? { count: 1, periodMs: 1000 };
+  }),
+  burst: z.number().int().min(1).max(1_000_000).optional(),
+});
+
+const prefix = z.string().refine(
+  (p) => p.startsWith('/') && p.length > 1 && p.slice(1).split('/').every((s) => SEGMENT.test(s)),
+  'a prefix is "/" followed by one or more non-empty segments, with no trailing "/", "*" or "%"',
+);
+
+const pathPattern = z.string().refine(
+  (p) => {
+    if (p === '/') return true;
+    if (!p.startsWith('/')) return false;
+    const segments = p.slice(1).split('/');
+    return segments.every((s, i) =>
+      s === '*' || (s === '**' && i === segments.length - 1) || (s === '' && i === segments.length - 1 && i > 0) || (SEGMENT.test(s) && !s.includes('*')));
+  },
+  'a path starts with "/"; each segment is literal text, "*" (one segment) or a final "**" (the rest)',
+);
+
+const upstream = z.string().refine((text) => {
+  try {
+    const url = new URL(text);
+    return (url.protocol === 'https:' || url.protocol === 'http:') && !url.username && !url.password && !url.search && !url.hash;
+  } catch {
+    return false;
+  }
+}, 'an http(s) URL with no credentials, query or fragment');
+
+/** Options of one injection; each scheme's own schema (in its injector file) gives the rest. */
+export type InjectOptions = { readonly scheme: string };
+
+const injectOne = z.discriminatedUnion('scheme', INJECTORS.map((i) => i.schema) as unknown as [z.ZodObject, ...z.ZodObject[]]) as unknown as z.ZodType<InjectOptions>;
+
+export const allowRuleSchema = z.strictObject({
+  caller: z.string().regex(CALLER_NAME, 'caller names are lower-case letters, digits, ".", "_" and "-"'),
+  methods: z.array(z.enum(HTTP_METHODS)).min(1),
+  paths: z.array(pathPattern).min(1),
+  rate: rateLimit.optional(),
+});
+
+export const routeFileSchema = z.strictObject({
+  name: z.string().regex(NAME, 'route names are lower-case letters, digits, "_" and "-"'),
+  prefix,
+  upstream,
+  credential: z.string().regex(NAME, 'credential ids are lower-case letters, digits, "_" and "-"'),
+  inject: z.union([injectOne, z.array(injectOne).min(1)]),
+  timeouts: z.strictObject({ connect: duration.optional(), response: duration.optional() }).optional(),
+  upstream_ca: z.string().min(1).optional(),
+  max_body: size.optional(),
+  upstream_rate: rateLimit.optional(),
+  allow: z.array(allowRuleSchema).default([]),
+});
+
+export type RouteFile = z.output<typeof routeFileSchema>;
+export type RateLimitOptions = z.output<typeof rateLimit>;
+
+/** JSON Schema of a route file for editors (`egress routes schema`). */
+export function routeJsonSchema(): Record<string, unknown> {
+  return {
+    ...z.toJSONSchema(routeFileSchema, { io: 'input', unrepresentable: 'any' }),
+    $id: 'https://egress-proxy.local/route-file.schema.json',
+    title: 'egress-proxy route file',
+  };
+}

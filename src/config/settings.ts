@@ -1,0 +1,87 @@
+import { resolve } from 'node:path';
+import { UserError } from '../errors.ts';
+import { LOG_LEVELS } from '../observe/log.ts';
+
+/**
+ * Process settings: each from an environment variable, or the matching `egress serve` flag
+ * (EGRESS_ADMIN_LISTEN -> --admin-listen). Secrets never come from here.
+ */
+
+export interface HostPort {
+  readonly host: string;
+  readonly port: number;
+}
+
+export interface Settings {
+  readonly listen: HostPort;
+  readonly adminListen: HostPort;
+  readonly tlsListen: HostPort | undefined;
+  readonly tlsCert: string | undefined;
+  readonly tlsKey: string | undefined;
+  readonly clientCa: string | undefined;
+  readonly certsDir: string;
+  readonly routesDir: string;
+  readonly store: string;
+  readonly masterKeyFile: string;
+  readonly auditLog: string;
+  readonly alertWebhook: string | undefined;
+  readonly logLevel: string;
+  /** True when store and master key file are both the defaults (first-run key creation applies). */
+  readonly defaultPaths: boolean;
+}
+
+export const SETTINGS = {
+  listen: { env: 'EGRESS_LISTEN', flag: 'listen', default: '127.0.0.1:8080' },
+  tlsListen: { env: 'EGRESS_TLS_LISTEN', flag: 'tls-listen', default: undefined },
+  tlsCert: { env: 'EGRESS_TLS_CERT', flag: 'tls-cert', default: undefined },
+  tlsKey: { env: 'EGRESS_TLS_KEY', flag: 'tls-key', default: undefined },
+  clientCa: { env: 'EGRESS_CLIENT_CA', flag: 'client-ca', default: undefined },
+  adminListen: { env: 'EGRESS_ADMIN_LISTEN', flag: 'admin-listen', default: '127.0.0.1:9090' },
+  certsDir: { env: 'EGRESS_CERTS', flag: 'certs', default: './certs' },
+  routesDir: { env: 'EGRESS_ROUTES', flag: 'routes', default: './routes' },
+  store: { env: 'EGRESS_STORE', flag: 'store', default: 'file:./data/store.json' },
+  masterKeyFile: { env: 'EGRESS_MASTER_KEY_FILE', flag: 'master-key-file', default: './data/master.key' },
+  auditLog: { env: 'EGRESS_AUDIT_LOG', flag: 'audit-log', default: './data/audit.log' },
+  alertWebhook: { env: 'EGRESS_ALERT_WEBHOOK', flag: 'alert-webhook', default: undefined },
+  logLevel: { env: 'EGRESS_LOG_LEVEL', flag: 'log-level', default: 'info' },
+} as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
+
+export type SettingName = keyof typeof SETTINGS;
+
+export function parseHostPort(text: string, what: string): HostPort {
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s]*)):(\d{1,5})$/.exec(text.trim());
+  const port = match ? Number(match[3]) : Number.NaN;
+  if (!match || port > 65_535) throw new UserError(`${what} must be HOST:PORT (got "${text}")`, 2);
+  return { host: match[1] ?? (match[2] || '127.0.0.1'), port };
+}
+
+export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<SettingName, string>> = {}): Settings {
+  const get = (name: SettingName): string | undefined => flags[name] ?? nonEmpty(env[SETTINGS[name].env]) ?? SETTINGS[name].default;
+  const tls = get('tlsListen');
+  const logLevel = get('logLevel')!;
+  if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) throw new UserError(`EGRESS_LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}`, 2);
+  if (tls) throw new UserError('EGRESS_TLS_LISTEN: the TLS listener is not available in this version', 2);
+  const store = get('store')!;
+  const masterKeyFile = resolve(get('masterKeyFile')!);
+  const auditLog = get('auditLog')!;
+  return {
+    listen: parseHostPort(get('listen')!, 'EGRESS_LISTEN'),
+    adminListen: parseHostPort(get('adminListen')!, 'EGRESS_ADMIN_LISTEN'),
+    tlsListen: undefined,
+    tlsCert: get('tlsCert'),
+    tlsKey: get('tlsKey'),
+    clientCa: get('clientCa'),
+    certsDir: resolve(get('certsDir')!),
+    routesDir: resolve(get('routesDir')!),
+    store,
+    masterKeyFile,
+    auditLog: auditLog === '-' ? '-' : resolve(auditLog),
+    alertWebhook: get('alertWebhook'),
+    logLevel,
+    defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
+  };
+}
+
+function nonEmpty(value: string | undefined): string | undefined {
+  return value === undefined || value === '' ? undefined : value;
+}

@@ -1,0 +1,27 @@
+import { z } from 'zod';
+import { compileTemplate, render, templateString } from './template.ts';
+import type { Injector } from './types.ts';
+
+const schema = z.strictObject({
+  scheme: z.literal('basic'),
+  username: templateString.default(compileTemplate('{username}')),
+  password: templateString.default(compileTemplate('{password}')),
+});
+type Options = z.output<typeof schema>;
+
+/** `Authorization: Basic base64(user:pass)` (RFC 7617): SimpleFIN, Alpaca Broker. */
+export const basicInjector: Injector<Options> = {
+  scheme: 'basic',
+  schema,
+  needsBody: false,
+  claims: () => ({ headers: ['authorization'], query: [], bodyFields: [] }),
+  templates: (options) => [options.username, options.password],
+  inject({ request, credential, options, redact }) {
+    const username = render(options.username, credential.fields);
+    const password = render(options.password, credential.fields);
+    const encoded = Buffer.from(`${username}:${password}`, 'utf8').toString('base64');
+    redact(password);
+    redact(encoded);
+    request.headers.set('authorization', [`Basic ${encoded}`]);
+  },
+};

@@ -1,0 +1,17 @@
+import { basicInjector } from './basic.ts';
+import { bearerInjector } from './bearer.ts';
+import { headersInjector } from './headers.ts';
+import { jsonBodyInjector } from './json-body.ts';
+import { queryInjector } from './query.ts';
+import type { Injector } from './types.ts';
+
+/** Every auth scheme, by its `inject.scheme` name. Adding a scheme is one file and one line here. */
+export const INJECTORS = [headersInjector, bearerInjector, basicInjector, queryInjector, jsonBodyInjector] as const;
+
+const byScheme = new Map<string, Injector>(INJECTORS.map((i) => [i.scheme, i as unknown as Injector]));
+
+export function injectorFor(scheme: string): Injector | undefined {
+  return byScheme.get(scheme);
+}
+
+export type { Injector } from './types.ts';

@@ -1,0 +1,57 @@
+import type { z } from 'zod';
+import type { Secret } from '../secret.ts';
+import type { Template } from './template.ts';
+
+/** Outbound headers keyed by lower-case name; a Map, so `__proto__` is just another name. */
+export type HeaderMap = Map<string, string[]>;
+
+/** The request as it will be sent upstream. Injectors edit it; the inbound request is never touched. */
+export interface OutboundRequest {
+  readonly method: string;
+  /** Path sent upstream, without the query. */
+  path: string;
+  /** Raw query without the leading `?`; empty when there is none. */
+  query: string;
+  readonly headers: HeaderMap;
+  /** The buffered body when an injector needed it; undefined means the inbound body is streamed. */
+  body: Buffer | undefined;
+}
+
+/** A decrypted credential version: only lives for the duration of one request. */
+export interface ResolvedCredential {
+  readonly id: string;
+  readonly version: number;
+  readonly fields: ReadonlyMap<string, Secret>;
+}
+
+/** What an injector owns: caller copies of these are removed before the injector runs. */
+export interface Claims {
+  readonly headers: readonly string[];
+  readonly query: readonly string[];
+  readonly bodyFields: readonly string[];
+}
+
+export interface InjectArgs<O> {
+  readonly request: OutboundRequest;
+  readonly credential: ResolvedCredential;
+  readonly options: O;
+  /** Record a value that went upstream, so an upstream echo of it is redacted. */
+  readonly redact: (value: string) => void;
+}
+
+/**
+ * One auth scheme. Getting the credential (async, cached) is elsewhere; attaching it is this
+ * pure, synchronous step.
+ */
+export interface Injector<O extends { readonly scheme: string } = { readonly scheme: string }> {
+  readonly scheme: O['scheme'];
+  /** Route-file options for this scheme (strict); templates compile during parsing. */
+  readonly schema: z.ZodType<O, any>;
+  /** The body must be buffered (bounded by max_body) before inject runs. */
+  readonly needsBody: boolean;
+  claims(options: O): Claims;
+  templates(options: O): readonly Template[];
+  inject(args: InjectArgs<O>): void;
+}
+
+export const NO_CLAIMS: Claims = Object.freeze({ headers: [], query: [], bodyFields: [] });

@@ -1,0 +1,121 @@
+import { once } from 'node:events';
+import type { AddressInfo } from 'node:net';
+import type { Server } from 'node:http';
+import type { DestinationStream } from 'pino';
+import { RouteReloader } from './config/reloader.ts';
+import { loadRoutes } from './config/load-routes.ts';
+import type { Settings } from './config/settings.ts';
+import { SETTINGS } from './config/settings.ts';
+import { UserError } from './errors.ts';
+import { AuditLog } from './observe/audit.ts';
+import { createLogger, type Logger } from './observe/log.ts';
+import { Metrics } from './observe/metrics.ts';
+import { Dispatchers } from './pipeline/dispatchers.ts';
+import { MemoryRateLimiter } from './pipeline/rate-limiter.ts';
+import type { Services } from './pipeline/services.ts';
+import { createAdminServer } from './server/admin.ts';
+import { createReverseServer } from './server/reverse.ts';
+import { FileStore } from './store/file-store.ts';
+import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
+import { openStore } from './store/open-store.ts';
+import { StoreView } from './store/store-view.ts';
+
+export interface RunningProxy {
+  readonly proxyAddress: AddressInfo;
+  readonly adminAddress: AddressInfo;
+  readonly services: Services;
+  readonly routes: RouteReloader;
+  /** Stop accepting, let in-flight requests finish (up to `deadlineMs`), then release everything. */
+  close(deadlineMs?: number): Promise<void>;
+}
+
+/** Composition root: settings -> keyring -> store -> routes -> listeners. */
+export async function startProxy(settings: Settings, options: { logDestination?: DestinationStream } = {}): Promise<RunningProxy> {
+  const log = createLogger(settings.logLevel, options.logDestination);
+  const backend = openStore(settings.store);
+  const keyring = await openKeyring(settings, backend instanceof FileStore ? backend : undefined, log);
+  if (settings.alertWebhook) log.warn('EGRESS_ALERT_WEBHOOK is set, but alert delivery is not available in this version; alerts go to this log only');
+
+  const store = new StoreView(backend, log);
+  await store.start();
+
+  const initial = await loadRoutes(settings.routesDir);
+  const metrics = new Metrics();
+  const dispatchers = new Dispatchers();
+  const audit = new AuditLog(settings.auditLog, log);
+  await audit.open();
+  const services: Services = { store, keyring, dispatchers, limiter: new MemoryRateLimiter(), audit, metrics, log };
+
+  const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
+    metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
+    metrics.routesLoaded.set(config.routes.length);
+    if (ok) dispatchers.retain(config);
+  });
+  metrics.routesLoaded.set(initial.routes.length);
+  routes.watch();
+
+  const proxy = createReverseServer(() => routes.config, services);
+  const admin = createAdminServer({
+    readiness: () => {
+      const s = store.status();
+      metrics.storeReachable.set(s.reachable ? 1 : 0);
+      return { ready: s.reachable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
+    },
+  }, metrics);
+
+  await listen(proxy, settings.listen.host, settings.listen.port);
+  await listen(admin, settings.adminListen.host, settings.adminListen.port);
+  const proxyAddress = proxy.address() as AddressInfo;
+  const adminAddress = admin.address() as AddressInfo;
+  log.info({ listen: `${proxyAddress.address}:${proxyAddress.port}`, admin: `${adminAddress.address}:${adminAddress.port}`, routes: initial.routes.length, store: backend.description }, 'egress-proxy listening');
+
+  let closing: Promise<void> | undefined;
+  const close = (deadlineMs = 10_000): Promise<void> => {
+    closing ??= (async () => {
+      routes.close();
+      const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
+      proxy.closeIdleConnections();
+      const timer = setTimeout(() => {
+        log.warn('drain deadline passed; closing the remaining connections');
+        proxy.closeAllConnections();
+        admin.closeAllConnections();
+      }, deadlineMs);
+      timer.unref();
+      await drained;
+      clearTimeout(timer);
+      await dispatchers.close();
+      await store.close();
+      await audit.close();
+      log.flush();
+    })();
+    return closing;
+  };
+  return { proxyAddress, adminAddress, services, routes, close };
+}
+
+/**
+ * The keyring is created on a first run only: default paths and no store yet, so `npm start` works
+ * on a fresh clone. Anywhere else a missing keyring is an error, never a silent new key.
+ */
+async function openKeyring(settings: Settings, fileStore: FileStore | undefined, log: Logger): Promise<Keyring> {
+  try {
+    return await readKeyring(settings.masterKeyFile);
+  } catch (err) {
+    const missing = err instanceof UserError && err.message.includes('does not exist');
+    if (!missing || !settings.defaultPaths || !fileStore || (await fileStore.exists())) throw err;
+    const keyring = await createKeyring(settings.masterKeyFile);
+    log.warn({ master_key_file: SETTINGS.masterKeyFile.default }, 'first run: created a new master key file; back it up, every credential depends on it');
+    return keyring;
+  }
+}
+
+async function listen(server: Server, host: string, port: number): Promise<void> {
+  server.listen(port, host);
+  await Promise.race([once(server, 'listening'), once(server, 'error').then(([err]) => {
+    throw new UserError(`cannot listen on ${host}:${port} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  })]);
+}
+
+function closeServer(server: Server): Promise<void> {
+  return new Promise((resolveClose) => server.close(() => resolveClose()));
+}

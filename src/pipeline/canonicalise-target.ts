@@ -1,0 +1,20 @@
+import { ProxyError } from '../errors.ts';
+import type { RequestContext } from './context.ts';
+import { parseTarget } from './target.ts';
+
+/**
+ * Refuse unsafe targets before anything else reads them. Node keeps absolute-form targets in
+ * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines.
+ */
+export function canonicaliseTarget(ctx: RequestContext): void {
+  const raw = ctx.req.url ?? '';
+  const hostLines = countHeader(ctx.req.rawHeaders, 'host');
+  if (hostLines > 1) throw new ProxyError('bad_request', 'Duplicate Host header.');
+  ctx.target = parseTarget(raw);
+}
+
+export function countHeader(rawHeaders: readonly string[], lowerName: string): number {
+  let n = 0;
+  for (let i = 0; i < rawHeaders.length; i += 2) if (rawHeaders[i]!.toLowerCase() === lowerName) n++;
+  return n;
+}

@@ -1,0 +1,52 @@
+import { rootCertificates } from 'node:tls';
+import { Pool } from 'undici';
+import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
+
+/**
+ * One keep-alive pool per upstream (origin, CA, connect timeout). A reload keeps the pools whose
+ * key did not change and closes the others once their requests finish.
+ */
+export class Dispatchers {
+  readonly #pools = new Map<string, Pool>();
+
+  for(route: CompiledRoute): Pool {
+    const key = poolKey(route);
+    let pool = this.#pools.get(key);
+    if (!pool) {
+      pool = new Pool(route.origin, {
+        connections: 256,
+        pipelining: 1,
+        keepAliveTimeout: 30_000,
+        connect: {
+          timeout: route.connectTimeoutMs,
+          // Upstream TLS is always verified; upstream_ca adds a CA to the system roots, it replaces nothing.
+          rejectUnauthorized: true,
+          ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
+        },
+      });
+      this.#pools.set(key, pool);
+    }
+    return pool;
+  }
+
+  /** After a reload: close the pools that no route of `config` uses any more. */
+  retain(config: CompiledConfig): void {
+    const live = new Set(config.routes.map(poolKey));
+    for (const [key, pool] of this.#pools) {
+      if (!live.has(key)) {
+        this.#pools.delete(key);
+        void pool.close().catch(() => {});
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    const pools = [...this.#pools.values()];
+    this.#pools.clear();
+    await Promise.all(pools.map((p) => p.close().catch(() => {})));
+  }
+}
+
+function poolKey(route: CompiledRoute): string {
+  return JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs]);
+}

@@ -1,0 +1,72 @@
+import type { HeaderMap } from '../injectors/types.ts';
+
+/**
+ * Header hygiene, RFC 9110 §7.6.1: hop-by-hop headers and anything the Connection header lists
+ * never cross the proxy; neither do the caller's token, proxy credentials, forwarding claims that a
+ * caller could forge, or method overrides that would change what the allowlist approved.
+ */
+const DROP_ALWAYS = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings',
+  'proxy-authorization', 'proxy-authenticate',
+  'host', 'content-length', 'expect',
+  'x-egress-token',
+  'forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto', 'x-forwarded-port', 'x-forwarded-prefix',
+  'x-real-ip', 'via', 'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-ssl-client-s-dn', 'x-client-cert', 'x-caller-id',
+  'x-http-method-override', 'x-http-method', 'x-method-override',
+]);
+
+/** Names listed in Connection headers (RFC 9110 §7.6.1), lower-cased. */
+function connectionListed(rawHeaders: readonly string[]): Set<string> {
+  const listed = new Set<string>();
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if (rawHeaders[i]!.toLowerCase() !== 'connection') continue;
+    for (const token of rawHeaders[i + 1]!.split(',')) {
+      const name = token.trim().toLowerCase();
+      if (name) listed.add(name);
+    }
+  }
+  return listed;
+}
+
+/** The caller's headers as they may go upstream, minus everything the injectors claim. */
+export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>): HeaderMap {
+  const listed = connectionListed(rawHeaders);
+  const out: HeaderMap = new Map();
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!.toLowerCase();
+    if (DROP_ALWAYS.has(name) || listed.has(name) || claimed.has(name)) continue;
+    const values = out.get(name);
+    if (values) values.push(rawHeaders[i + 1]!);
+    else out.set(name, [rawHeaders[i + 1]!]);
+  }
+  return out;
+}
+
+/** Upstream response headers that must not be relayed to the caller. */
+const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'proxy-authenticate', 'x-request-id', 'x-egress-error']);
+
+/**
+ * Upstream response headers as a flat [name, value, ...] list for writeHead, with any injected
+ * secret the upstream echoed replaced by [REDACTED].
+ */
+export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string): string[] {
+  const listed = new Set<string>();
+  const connection = headers.connection;
+  for (const value of Array.isArray(connection) ? connection : connection ? [connection] : []) {
+    for (const token of value.split(',')) listed.add(token.trim().toLowerCase());
+  }
+  const flat: string[] = [];
+  for (const name of Object.keys(headers)) {
+    if (RESPONSE_DROP.has(name) || listed.has(name)) continue;
+    const value = headers[name];
+    if (value === undefined) continue;
+    for (const v of Array.isArray(value) ? value : [value]) flat.push(name, redact(v));
+  }
+  return flat;
+}
+
+export function flatten(headers: HeaderMap): string[] {
+  const flat: string[] = [];
+  for (const [name, values] of headers) for (const v of values) flat.push(name, v);
+  return flat;
+}

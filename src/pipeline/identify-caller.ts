@@ -1,0 +1,15 @@
+import { ProxyError } from '../errors.ts';
+import type { RequestContext } from './context.ts';
+import { countHeader } from './canonicalise-target.ts';
+
+export const TOKEN_HEADER = 'x-egress-token';
+
+/** The caller is whoever holds a live token. Two token headers are ambiguous and refused. */
+export function identifyCaller(ctx: RequestContext): void {
+  if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw new ProxyError('caller_unauthenticated', 'More than one caller token was sent.');
+  const token = ctx.req.headers[TOKEN_HEADER];
+  if (typeof token !== 'string' || token.length === 0) throw new ProxyError('caller_unauthenticated');
+  const caller = ctx.services.store.identifyCaller(token);
+  if (!caller) throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+  ctx.caller = caller;
+}

@@ -1,0 +1,96 @@
+import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { CompiledConfig } from '../config/compile-routes.ts';
+import { ProxyError, errorCode } from '../errors.ts';
+import { statusClass } from '../observe/metrics.ts';
+import { authorize } from './authorize.ts';
+import { canonicaliseTarget } from './canonicalise-target.ts';
+import type { RequestContext, Step } from './context.ts';
+import { forward } from './forward.ts';
+import { identifyCaller } from './identify-caller.ts';
+import { inject } from './inject.ts';
+import { matchRoute } from './match-route.ts';
+import { rateLimit } from './rate-limit.ts';
+import { resolveCredential } from './resolve-credential.ts';
+import { sendError } from './send-error.ts';
+import type { Services } from './services.ts';
+
+/** The life of a request, in order. Each step reads and writes the context, or throws to stop. */
+export const STEPS: readonly Step[] = [
+  canonicaliseTarget,
+  identifyCaller,
+  matchRoute,
+  authorize,
+  rateLimit,
+  resolveCredential,
+  inject,
+  forward,
+];
+
+export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services): Promise<void> {
+  const ctx: RequestContext = {
+    id: randomUUID(),
+    req,
+    res,
+    config,
+    services,
+    startedAt: performance.now(),
+    redactions: [],
+    decision: 'allow',
+    reason: 'forwarded',
+  };
+  try {
+    for (const step of STEPS) {
+      const pending = step(ctx);
+      if (pending) await pending;
+    }
+  } catch (err) {
+    const error = toProxyError(err, ctx);
+    ctx.decision = error.status >= 500 ? 'error' : 'deny';
+    ctx.reason = error.code;
+    sendError(res, ctx.id, error);
+  } finally {
+    finish(ctx);
+  }
+}
+
+function toProxyError(err: unknown, ctx: RequestContext): ProxyError {
+  if (err instanceof ProxyError) return err;
+  // A bug, not an upstream failure: log its code and where, never the object (it may hold options).
+  ctx.services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'unexpected error in the request path');
+  return new ProxyError('internal_error');
+}
+
+/** Written for every request, allowed, denied or failed: the audit line, then the metrics. */
+function finish(ctx: RequestContext): void {
+  const total = performance.now() - ctx.startedAt;
+  const status = ctx.res.statusCode;
+  const route = ctx.route?.name ?? 'none';
+  const { audit, metrics } = ctx.services;
+  audit.request({
+    requestId: ctx.id,
+    caller: ctx.caller ?? null,
+    route: ctx.route?.name ?? null,
+    method: ctx.req.method ?? '',
+    path: ctx.target?.path ?? auditablePath(ctx.req.url),
+    decision: ctx.decision,
+    reason: ctx.reason,
+    upstreamStatus: ctx.upstreamStatus ?? null,
+    durationMs: Math.round(total * 1000) / 1000,
+    credential: ctx.credential?.id ?? null,
+    credentialVersion: ctx.credential?.version ?? null,
+  });
+  metrics.requests.inc({ route, caller: ctx.caller ?? 'unknown', decision: ctx.decision, status_class: statusClass(status) });
+  if (ctx.upstreamMs !== undefined) {
+    metrics.upstream.observe({ route }, ctx.upstreamMs / 1000);
+    metrics.proxyAdded.observe({ route }, Math.max(0, total - ctx.upstreamMs) / 1000);
+  } else {
+    metrics.proxyAdded.observe({ route }, total / 1000);
+  }
+}
+
+/** For a target that failed to parse: the path part only (never the query), bounded. */
+function auditablePath(url: string | undefined): string {
+  const path = (url ?? '').split('?', 1)[0]!;
+  return path.length > 256 ? `${path.slice(0, 256)}…` : path;
+}

@@ -1,0 +1,13 @@
+import { findRoute } from '../config/compile-routes.ts';
+import { ProxyError } from '../errors.ts';
+import type { RequestContext } from './context.ts';
+
+/** Find the route whose prefix owns the path, on whole segments: /plaid owns /plaid/x, not /plaidx. */
+export function matchRoute(ctx: RequestContext): void {
+  const segments = ctx.target!.segments;
+  const route = findRoute(ctx.config, segments);
+  if (!route) throw new ProxyError('route_not_found');
+  ctx.route = route;
+  const rest = segments.slice(route.prefixSegments.length);
+  ctx.relativeSegments = rest.length === 0 ? [''] : rest;
+}

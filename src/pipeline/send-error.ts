@@ -1,0 +1,28 @@
+import type { ServerResponse } from 'node:http';
+import type { ProxyError } from '../errors.ts';
+import { ERRORS } from '../errors.ts';
+import { hasBody } from './body.ts';
+
+export const ERROR_HEADER = 'x-egress-error';
+
+/** A proxy-made error: X-Egress-Error, X-Request-Id and a JSON body. Never a stack, never a secret. */
+export function sendError(res: ServerResponse, requestId: string, error: ProxyError): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const message = error.detail ? `${ERRORS[error.code].message} ${error.detail}` : ERRORS[error.code].message;
+  const body = JSON.stringify({ error: { code: error.code, message, request_id: requestId } });
+  const headers: Record<string, string> = {
+    ...error.headers,
+    [ERROR_HEADER]: error.code,
+    'x-request-id': requestId,
+    'content-type': 'application/json',
+    'content-length': String(Buffer.byteLength(body)),
+    'cache-control': 'no-store',
+  };
+  // A body we did not read (refused early, or cut off at the limit) leaves the connection unusable.
+  if (res.req && !res.req.complete && hasBody(res.req)) headers.connection = 'close';
+  res.writeHead(error.status, headers);
+  res.end(body);
+}

@@ -1,0 +1,36 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Metrics } from '../observe/metrics.ts';
+
+export interface ReadinessSource {
+  readiness(): { ready: boolean; detail: Record<string, unknown> };
+}
+
+/** The admin listener: liveness, readiness with its reasons, and Prometheus metrics. */
+export function createAdminServer(readiness: ReadinessSource, metrics: Metrics): Server {
+  return createServer({ headersTimeout: 10_000, requestTimeout: 30_000 }, (req: IncomingMessage, res: ServerResponse) => {
+    void route(req, res, readiness, metrics);
+  });
+}
+
+async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics): Promise<void> {
+  const path = (req.url ?? '').split('?', 1)[0];
+  if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
+  if (path === '/healthz') return json(res, 200, { status: 'ok' });
+  if (path === '/readyz') {
+    const { ready, detail } = readiness.readiness();
+    return json(res, ready ? 200 : 503, { status: ready ? 'ready' : 'not ready', ...detail });
+  }
+  if (path === '/metrics') {
+    const text = await metrics.registry.metrics();
+    res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
+    res.end(text);
+    return;
+  }
+  return json(res, 404, { error: { code: 'not_found', message: 'No such admin endpoint.' } });
+}
+
+function json(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.end(text);
+}

@@ -1,0 +1,59 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { randomUUID } from 'node:crypto';
+import type { CompiledConfig } from '../config/compile-routes.ts';
+import { ProxyError } from '../errors.ts';
+import { handleRequest } from '../pipeline/index.ts';
+import type { Services } from '../pipeline/services.ts';
+import { ERROR_HEADER } from '../pipeline/send-error.ts';
+
+/** Limits on the plain listener: slow or oversized requests are cut off long before Node's defaults. */
+export const LISTENER_LIMITS = Object.freeze({
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 60_000,
+  keepAliveTimeoutMs: 5_000,
+  maxHeaderSize: 16 * 1024,
+  maxHeadersCount: 100,
+});
+
+/** The reverse-mode listener: every request goes through the pipeline with the config live at arrival. */
+export function createReverseServer(getConfig: () => CompiledConfig, services: Services): Server {
+  const server = createServer(
+    {
+      headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
+      requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
+      keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
+      maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
+      // Never the lenient parser: it is what request smuggling needs (RFC 9112 §11.2).
+      insecureHTTPParser: false,
+      requireHostHeader: true,
+      joinDuplicateHeaders: false,
+    },
+    (req: IncomingMessage, res: ServerResponse) => {
+      void handleRequest(req, res, getConfig(), services);
+    },
+  );
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+
+  // Protocol switches and tunnels are not API calls: refuse them with a proxy error.
+  server.on('upgrade', (_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('bad_request', 'Protocol upgrades are not proxied.')));
+  server.on('connect', (_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'CONNECT tunnels are not available on this listener.')));
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
+    const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+    if (!socket.writable || (err.code === 'ECONNRESET')) {
+      socket.destroy();
+      return;
+    }
+    const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
+    const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
+    socket.end(`HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  });
+  return server;
+}
+
+function refuseRaw(socket: Duplex, error: ProxyError): void {
+  const id = randomUUID();
+  const body = JSON.stringify({ error: { code: error.code, message: error.message, request_id: id } });
+  socket.end(`HTTP/1.1 ${error.status} ${error.status === 400 ? 'Bad Request' : 'Forbidden'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+}

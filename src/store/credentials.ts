@@ -1,0 +1,112 @@
+import { randomBytes } from 'node:crypto';
+import { Secret } from '../secret.ts';
+import type { ResolvedCredential } from '../injectors/types.ts';
+import { aad, IntegrityError, KEY_BYTES, open, seal } from './crypto.ts';
+import type { Keyring } from './keyring.ts';
+import type { CredentialRecord, CredentialVersionRecord, VersionState } from './records.ts';
+
+/** Envelope encryption of credential versions: a random DEK per version, wrapped by the active KEK. */
+
+export type FieldValues = Readonly<Record<string, string>>;
+
+const FIELD_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
+
+/** Check a JSON value given as credential fields: a non-empty object of non-empty strings. */
+export function validateFields(value: unknown): { ok: true; fields: FieldValues } | { ok: false; message: string } {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return { ok: false, message: 'credential fields must be a JSON object of strings' };
+  const entries = Object.entries(value);
+  if (entries.length === 0) return { ok: false, message: 'credential fields must not be empty' };
+  const fields: Record<string, string> = Object.create(null);
+  for (const [name, v] of entries) {
+    if (!FIELD_NAME.test(name)) return { ok: false, message: `field name "${name.slice(0, 64)}" must be letters, digits and "_"` };
+    if (typeof v !== 'string' || v.length === 0) return { ok: false, message: `field "${name}" must be a non-empty string` };
+    if (v.length > 65_536) return { ok: false, message: `field "${name}" is longer than 64 KiB` };
+  }
+  for (const [name, v] of entries) fields[name] = v as string;
+  return { ok: true, fields };
+}
+
+export function sealVersion(keyring: Keyring, id: string, version: number, state: VersionState, fields: FieldValues, now: Date): CredentialVersionRecord {
+  const dek = randomBytes(KEY_BYTES);
+  const kek = keyring.get(keyring.active)!;
+  try {
+    return {
+      version,
+      state,
+      created_at: now.toISOString(),
+      ...(state === 'current' ? { activated_at: now.toISOString() } : {}),
+      fields: Object.keys(fields).sort(),
+      kek: keyring.active,
+      dek: seal(kek, dek, aad('dek', id, version, keyring.active)),
+      data: seal(dek, Buffer.from(JSON.stringify(fields), 'utf8'), aad('fields', id, version)),
+    };
+  } finally {
+    dek.fill(0);
+  }
+}
+
+/**
+ * Decrypt one version. Any mismatch (tampered bytes, a record copied from another credential id or
+ * version, a missing KEK) throws IntegrityError and nothing partial is returned.
+ */
+export function openVersion(keyring: Keyring, id: string, v: CredentialVersionRecord): ResolvedCredential {
+  if (!v.dek || !v.data) throw new IntegrityError(`credential "${id}" version ${v.version} has no ciphertext`);
+  const kek = keyring.get(v.kek);
+  if (!kek) throw new IntegrityError(`credential "${id}" version ${v.version} is wrapped by key-encryption key ${v.kek}, which the keyring does not hold`);
+  const what = `credential "${id}" version ${v.version}`;
+  const dek = open(kek, v.dek, aad('dek', id, v.version, v.kek), what);
+  let plaintext: Buffer;
+  try {
+    plaintext = open(dek, v.data, aad('fields', id, v.version), what);
+  } finally {
+    dek.fill(0);
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(plaintext.toString('utf8'));
+  } catch {
+    throw new IntegrityError(what);
+  } finally {
+    plaintext.fill(0);
+  }
+  const fields = new Map<string, Secret>();
+  for (const [name, value] of Object.entries(parsed as Record<string, unknown>)) {
+    if (typeof value === 'string') fields.set(name, new Secret(value));
+  }
+  return { id, version: v.version, fields };
+}
+
+export function currentVersion(record: CredentialRecord): CredentialVersionRecord | undefined {
+  return record.versions.find((v) => v.state === 'current');
+}
+
+export function newCredentialRecord(keyring: Keyring, id: string, fields: FieldValues, now: Date): CredentialRecord {
+  return {
+    id,
+    revision: 1,
+    created_at: now.toISOString(),
+    updated_at: now.toISOString(),
+    versions: [sealVersion(keyring, id, 1, 'current', fields, now)],
+  };
+}
+
+/** Metadata only, for `keys list` / `keys show`: never a value. */
+export function describeCredential(record: CredentialRecord, now: Date) {
+  return {
+    id: record.id,
+    revision: record.revision,
+    created_at: record.created_at,
+    updated_at: record.updated_at,
+    versions: record.versions.map((v) => ({
+      version: v.version,
+      state: v.state,
+      fields: v.fields,
+      created_at: v.created_at,
+      age_days: Math.floor((now.getTime() - Date.parse(v.created_at)) / 86_400_000),
+      ...(v.activated_at ? { activated_at: v.activated_at } : {}),
+      ...(v.grace_until ? { grace_until: v.grace_until } : {}),
+      ...(v.retired_at ? { retired_at: v.retired_at } : {}),
+      kek: v.kek,
+    })),
+  };
+}

@@ -1,0 +1,200 @@
+import { watch as fsWatch, type FSWatcher } from 'node:fs';
+import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ConflictError, UserError } from '../errors.ts';
+import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
+import { callerRecordSchema, credentialRecordSchema } from './records.ts';
+import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
+
+const FORMAT = 'egress-store/1';
+
+interface FileDocument {
+  format: typeof FORMAT;
+  credentials: Record<string, unknown>;
+  callers: Record<string, unknown>;
+}
+
+/** How often a watcher re-checks the file, in case fs.watch missed an event (it can, across renames). */
+const POLL_MS = 250;
+const LOCK_WAIT_MS = 5_000;
+const LOCK_STALE_MS = 30_000;
+
+/**
+ * The default backend: one JSON file of ciphertext records. Writers take a lock file, re-read,
+ * compare revisions, and replace the file atomically (temp file, fsync, rename, directory fsync).
+ */
+export class FileStore implements StoreBackend {
+  readonly path: string;
+  readonly description: string;
+
+  constructor(path: string) {
+    this.path = path;
+    this.description = `file:${path}`;
+  }
+
+  async exists(): Promise<boolean> {
+    try {
+      await stat(this.path);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async load(): Promise<StoreSnapshot> {
+    return toSnapshot(await this.#read());
+  }
+
+  async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
+    const key = kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
+    await this.#withLock(async () => {
+      const doc = await this.#read();
+      const table = kind === 'credential' ? doc.credentials : doc.callers;
+      const existing = Object.hasOwn(table, key) ? table[key] : undefined;
+      const revision = existing === undefined ? 0 : Number((existing as { revision?: unknown }).revision ?? -1);
+      if (revision !== expectedRevision) {
+        throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${revision}, expected ${expectedRevision}); re-read and try again`);
+      }
+      table[key] = record;
+      await this.#write(doc);
+    });
+  }
+
+  watch(listener: () => void): () => void {
+    let last = '';
+    let watcher: FSWatcher | undefined;
+    const check = async () => {
+      try {
+        const s = await stat(this.path);
+        const sig = `${s.ino}:${s.size}:${s.mtimeMs}`;
+        if (sig !== last) {
+          const first = last === '';
+          last = sig;
+          if (!first) listener();
+        }
+      } catch {
+        // Missing file: nothing to report until it appears.
+      }
+    };
+    void check();
+    const timer = setInterval(() => void check(), POLL_MS);
+    timer.unref();
+    try {
+      watcher = fsWatch(dirname(this.path), { persistent: false }, (_event, name) => {
+        if (name === basename(this.path)) void check();
+      });
+      watcher.on('error', () => watcher?.close());
+    } catch {
+      // Polling alone still meets the one-second propagation promise.
+    }
+    return () => {
+      clearInterval(timer);
+      watcher?.close();
+    };
+  }
+
+  async close(): Promise<void> {}
+
+  async #read(): Promise<FileDocument> {
+    let text: string;
+    try {
+      text = await readFile(this.path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { format: FORMAT, credentials: {}, callers: {} };
+      throw new UserError(`store ${this.path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+    }
+    let doc: unknown;
+    try {
+      doc = JSON.parse(text);
+    } catch {
+      throw new UserError(`store ${this.path} is not valid JSON`);
+    }
+    const d = doc as Partial<FileDocument> | null;
+    if (!d || d.format !== FORMAT || typeof d.credentials !== 'object' || typeof d.callers !== 'object' || !d.credentials || !d.callers) {
+      throw new UserError(`store ${this.path} is not an egress store (format "${FORMAT}")`);
+    }
+    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers) };
+  }
+
+  async #write(doc: FileDocument): Promise<void> {
+    const dir = dirname(this.path);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const tmp = join(dir, `.${basename(this.path)}.${process.pid}.${Date.now()}.tmp`);
+    const handle = await open(tmp, 'wx', 0o600);
+    try {
+      await handle.writeFile(`${JSON.stringify(doc, null, 2)}\n`);
+      await handle.sync();
+    } catch (err) {
+      await handle.close();
+      await unlink(tmp).catch(() => {});
+      throw new UserError(`cannot write store ${this.path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
+    }
+    await handle.close();
+    await rename(tmp, this.path);
+    const dirHandle = await open(dir, 'r');
+    try {
+      await dirHandle.sync();
+    } finally {
+      await dirHandle.close();
+    }
+  }
+
+  async #withLock<T>(fn: () => Promise<T>): Promise<T> {
+    const lock = `${this.path}.lock`;
+    await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+    const deadline = Date.now() + LOCK_WAIT_MS;
+    for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+      try {
+        const handle = await open(lock, 'wx', 0o600);
+        await handle.writeFile(String(process.pid));
+        await handle.close();
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
+        if (age > LOCK_STALE_MS) {
+          await unlink(lock).catch(() => {});
+          continue;
+        }
+        if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
+        await sleep(delay);
+      }
+    }
+    try {
+      return await fn();
+    } finally {
+      await unlink(lock).catch(() => {});
+    }
+  }
+}
+
+function nullProto(obj: object): Record<string, unknown> {
+  return Object.assign(Object.create(null), obj);
+}
+
+/** Validate every record on its own: one damaged record fails closed without taking the others down. */
+export function toSnapshot(doc: { credentials: Record<string, unknown>; callers: Record<string, unknown> }): StoreSnapshot {
+  const credentials = new Map<string, CredentialRecord>();
+  const callers = new Map<string, CallerRecord>();
+  const damaged = new Map<string, string>();
+  for (const [key, value] of Object.entries(doc.credentials)) {
+    const parsed = credentialRecordSchema.safeParse(value);
+    if (parsed.success && parsed.data.id === key) credentials.set(key, deepFreeze(parsed.data));
+    else damaged.set(`credential:${key}`, parsed.success ? 'record id does not match its key' : 'record does not match the record format');
+  }
+  for (const [key, value] of Object.entries(doc.callers)) {
+    const parsed = callerRecordSchema.safeParse(value);
+    if (parsed.success && parsed.data.name === key) callers.set(key, deepFreeze(parsed.data));
+    else damaged.set(`caller:${key}`, parsed.success ? 'record name does not match its key' : 'record does not match the record format');
+  }
+  return { credentials, callers, damaged };
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object') {
+    for (const v of Object.values(value)) deepFreeze(v);
+    Object.freeze(value);
+  }
+  return value;
+}

@@ -1,0 +1,105 @@
+import { randomBytes } from 'node:crypto';
+import { mkdir, open as openFile, readFile, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { UserError } from '../errors.ts';
+import { KEY_BYTES } from './crypto.ts';
+
+/**
+ * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
+ * keys are wrapped with the active version; older versions stay to unwrap what they wrapped.
+ */
+
+export interface KekEntry {
+  readonly version: number;
+  readonly createdAt: string;
+  readonly key: Buffer;
+}
+
+export class Keyring {
+  readonly active: number;
+  readonly #keys: ReadonlyMap<number, KekEntry>;
+
+  constructor(active: number, keys: readonly KekEntry[]) {
+    this.active = active;
+    this.#keys = new Map(keys.map((k) => [k.version, k]));
+    if (!this.#keys.has(active)) throw new Error('the active key version is not in the keyring');
+  }
+
+  get(version: number): Buffer | undefined {
+    return this.#keys.get(version)?.key;
+  }
+
+  versions(): { version: number; createdAt: string; active: boolean }[] {
+    return [...this.#keys.values()].map((k) => ({ version: k.version, createdAt: k.createdAt, active: k.version === this.active }));
+  }
+
+  toJSON(): string {
+    return '[REDACTED]';
+  }
+}
+
+const FORMAT = 'egress-keyring/1';
+
+export async function readKeyring(path: string): Promise<Keyring> {
+  let info;
+  try {
+    info = await stat(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new UserError(`master key file ${path} does not exist; create it with "egress master-key init"`);
+    }
+    throw new UserError(`master key file ${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  if (!info.isFile()) throw new UserError(`master key file ${path} is not a regular file`);
+  if ((info.mode & 0o077) !== 0) {
+    throw new UserError(`master key file ${path} is readable by group or others (mode ${(info.mode & 0o777).toString(8)}); run "chmod 600 ${path}"`);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(await readFile(path, 'utf8'));
+  } catch {
+    throw new UserError(`master key file ${path} is not a valid keyring (not JSON)`);
+  }
+  return parseKeyring(raw, path);
+}
+
+function parseKeyring(raw: unknown, path: string): Keyring {
+  const malformed = (why: string) => new UserError(`master key file ${path} is not a valid keyring: ${why}`);
+  if (typeof raw !== 'object' || raw === null) throw malformed('not an object');
+  const doc = raw as { format?: unknown; active?: unknown; keys?: unknown };
+  if (doc.format !== FORMAT) throw malformed(`format must be "${FORMAT}"`);
+  if (!Array.isArray(doc.keys) || doc.keys.length === 0) throw malformed('no keys');
+  const keys: KekEntry[] = doc.keys.map((k: unknown, i: number) => {
+    const entry = k as { version?: unknown; created_at?: unknown; key?: unknown };
+    if (!Number.isSafeInteger(entry.version) || (entry.version as number) < 1) throw malformed(`key ${i + 1} has no valid version`);
+    if (typeof entry.key !== 'string') throw malformed(`key version ${String(entry.version)} has no key`);
+    const key = Buffer.from(entry.key, 'base64');
+    if (key.length !== KEY_BYTES || key.toString('base64') !== entry.key) throw malformed(`key version ${String(entry.version)} is not 32 bytes of base64`);
+    if (key.every((b) => b === 0)) throw malformed(`key version ${String(entry.version)} is all zeros`);
+    return { version: entry.version as number, createdAt: typeof entry.created_at === 'string' ? entry.created_at : '', key };
+  });
+  if (new Set(keys.map((k) => k.version)).size !== keys.length) throw malformed('duplicate key versions');
+  if (!keys.some((k) => k.version === doc.active)) throw malformed('"active" names no key in the file');
+  return new Keyring(doc.active as number, keys);
+}
+
+/** Create a new keyring with one fresh key. Refuses to overwrite: losing a keyring loses every credential. */
+export async function createKeyring(path: string): Promise<Keyring> {
+  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  const entry: KekEntry = { version: 1, createdAt: new Date().toISOString(), key: randomBytes(KEY_BYTES) };
+  const body = JSON.stringify({ format: FORMAT, active: 1, keys: [{ version: 1, created_at: entry.createdAt, key: entry.key.toString('base64') }] }, null, 2);
+  let handle;
+  try {
+    handle = await openFile(path, 'wx', 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new UserError(`master key file ${path} already exists; refusing to overwrite it`);
+    throw new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  try {
+    await handle.writeFile(`${body}\n`);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  return new Keyring(1, [entry]);
+}

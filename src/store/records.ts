@@ -1,0 +1,60 @@
+import { z } from 'zod';
+
+/**
+ * Stored records. They hold ciphertext and metadata only; the same format is used by every backend.
+ * Credential versions are designed for rotation: pending -> current -> previous (grace) -> retired,
+ * and revoked from any state. A retired or revoked version keeps its metadata, not its ciphertext.
+ */
+
+export const VERSION_STATES = ['pending', 'current', 'previous', 'retired', 'revoked'] as const;
+export type VersionState = (typeof VERSION_STATES)[number];
+
+const sealed = z.strictObject({ nonce: z.string(), ct: z.string(), tag: z.string() });
+
+export const credentialVersionSchema = z.strictObject({
+  version: z.number().int().min(1),
+  state: z.enum(VERSION_STATES),
+  created_at: z.string(),
+  activated_at: z.string().optional(),
+  grace_until: z.string().optional(),
+  retired_at: z.string().optional(),
+  /** Field names (not values), so `keys show` and route checks need no decryption. */
+  fields: z.array(z.string()),
+  /** The KEK version that wraps `dek`. */
+  kek: z.number().int().min(1),
+  dek: sealed.optional(),
+  data: sealed.optional(),
+});
+
+export const credentialRecordSchema = z.strictObject({
+  id: z.string(),
+  revision: z.number().int().min(1),
+  created_at: z.string(),
+  updated_at: z.string(),
+  versions: z.array(credentialVersionSchema),
+});
+
+export const callerTokenSchema = z.strictObject({
+  id: z.string(),
+  /** SHA-256 of the whole token, hex. Tokens carry 256 random bits, so a fast hash is enough. */
+  hash: z.string().regex(/^[0-9a-f]{64}$/),
+  created_at: z.string(),
+  /** Set when a newer token replaced this one: it works until then. */
+  expires_at: z.string().optional(),
+});
+
+export const callerRecordSchema = z.strictObject({
+  name: z.string(),
+  revision: z.number().int().min(1),
+  created_at: z.string(),
+  updated_at: z.string(),
+  revoked_at: z.string().optional(),
+  tokens: z.array(callerTokenSchema),
+});
+
+export type CredentialVersionRecord = z.infer<typeof credentialVersionSchema>;
+export type CredentialRecord = z.infer<typeof credentialRecordSchema>;
+export type CallerToken = z.infer<typeof callerTokenSchema>;
+export type CallerRecord = z.infer<typeof callerRecordSchema>;
+
+export type RecordKind = 'credential' | 'caller';
