@@ -1,0 +1,34 @@
+import { connect } from 'node:net';
+
+/** Send raw bytes to host:port and collect everything until the server closes or `idleMs` passes. */
+export function rawRequest(port: number, bytes: string, idleMs = 500): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1');
+    let data = '';
+    let timer: NodeJS.Timeout | undefined;
+    const done = () => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(data);
+    };
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(done, idleMs);
+    };
+    socket.on('connect', () => {
+      socket.write(bytes);
+      arm();
+    });
+    socket.on('data', (d: Buffer) => {
+      data += d.toString('latin1');
+      arm();
+    });
+    socket.on('close', done);
+    socket.on('error', (err) => (data ? done() : reject(err)));
+  });
+}
+
+/** Status codes of every response in a raw HTTP/1.1 stream, in order. */
+export function statuses(raw: string): number[] {
+  return [...raw.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1]));
+}
