@@ -3,7 +3,7 @@ import { UserError } from '../errors.ts';
 import { generateToken, hashToken, newTokenId } from '../store/callers.ts';
 import { openStore } from '../store/open-store.ts';
 import type { CallerRecord } from '../store/records.ts';
-import { EXIT, fail, ok, parse, requireArg, table, type Outcome } from './io.ts';
+import { EXIT, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress callers add NAME | list | revoke NAME';
 
@@ -11,6 +11,7 @@ const USAGE = 'usage: egress callers add NAME | list | revoke NAME';
 export async function callers(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest);
+  maxArgs(p.positionals, sub === 'list' ? 0 : 1, USAGE);
   const backend = openStore(p.settings().store);
   try {
     const now = new Date().toISOString();

@@ -85,6 +85,11 @@ export async function readFieldsInput(values: Parsed['values'], stdin: () => Pro
   return checked.fields;
 }
 
+/** Refuse extra positionals: a value typed where it does not belong (a secret in argv) must not pass silently. */
+export function maxArgs(positionals: readonly string[], max: number, usage: string): void {
+  if (positionals.length > max) throw new UserError(`unexpected argument${positionals.length - max > 1 ? 's' : ''} after the command\n${usage}`, EXIT.usage);
+}
+
 export function requireArg(positionals: readonly string[], index: number, what: string): string {
   const v = positionals[index];
   if (!v) throw new UserError(`missing ${what}`, EXIT.usage);

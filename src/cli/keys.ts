@@ -3,7 +3,7 @@ import { currentVersion, describeCredential, newCredentialRecord } from '../stor
 import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import { NAME } from '../config/route-schema.ts';
-import { EXIT, fail, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
+import { EXIT, fail, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress keys put ID (--from-file F | --from-stdin) | list | show ID';
 
@@ -11,6 +11,7 @@ const USAGE = 'usage: egress keys put ID (--from-file F | --from-stdin) | list |
 export async function keys(args: readonly string[], stdin: () => Promise<string>): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { 'from-file': { type: 'string' }, 'from-stdin': { type: 'boolean' } });
+  maxArgs(p.positionals, sub === 'list' ? 0 : 1, USAGE);
   const settings = p.settings();
   const backend = openStore(settings.store);
   try {

@@ -1,7 +1,7 @@
 import { UserError } from '../errors.ts';
 import { createKeyring, readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
-import { EXIT, ok, parse, table, type Outcome } from './io.ts';
+import { EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress master-key init | status';
 
@@ -9,6 +9,7 @@ const USAGE = 'usage: egress master-key init | status';
 export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest);
+  maxArgs(p.positionals, 0, USAGE);
   const settings = p.settings();
   switch (sub) {
     case 'init': {

@@ -6,7 +6,7 @@ import { ProxyError, UserError } from '../errors.ts';
 import { decide } from '../pipeline/authorize.ts';
 import { removeParams } from '../pipeline/inject.ts';
 import { parseTarget } from '../pipeline/target.ts';
-import { EXIT, fail, ok, parse, requireArg, type Outcome } from './io.ts';
+import { EXIT, fail, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME METHOD URL';
 
@@ -14,6 +14,7 @@ const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME
 export async function routes(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { caller: { type: 'string' } });
+  maxArgs(p.positionals, sub === 'explain' ? 2 : sub === 'check' ? 1 : 0, USAGE);
   switch (sub) {
     case 'check': {
       const dir = p.positionals[0] ? resolve(p.positionals[0]) : p.settings().routesDir;
@@ -46,12 +47,9 @@ export async function routes(args: readonly string[]): Promise<Outcome> {
 }
 
 function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string, method: string, url: string): Outcome {
-  let rawTarget = url;
-  if (/^https?:\/\//i.test(url)) {
-    const parsed = new URL(url);
-    rawTarget = url.slice(url.indexOf('/', url.indexOf('//') + 2) === -1 ? url.length : url.indexOf('/', url.indexOf('//') + 2)) || '/';
-    if (parsed.hash) rawTarget += '';
-  }
+  // Accept the URL a service would call (http://egress:8080/plaid/...) or just its path.
+  const authority = /^https?:\/\/[^/?#]*/i.exec(url);
+  const rawTarget = authority ? url.slice(authority[0].length) || '/' : url;
   let target;
   try {
     target = parseTarget(rawTarget);

@@ -1,0 +1,188 @@
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { beforeEach, describe, expect, it } from 'vitest';
+import { ROOT, runCli } from '../helpers/cli.ts';
+import { envFor, makeTempDir } from '../helpers/proxy.ts';
+
+const SECRET = 'sk_test_CANARY_cli_5e7b';
+let dir: string;
+let env: Record<string, string>;
+
+beforeEach(async () => {
+  dir = await makeTempDir('egress-cli-');
+  env = envFor(dir);
+  await mkdir(join(dir, 'routes'));
+});
+
+describe('master-key', () => {
+  it('init creates a 0600 keyring once; status reports what each key version wraps', async () => {
+    const init = await runCli(['master-key', 'init'], env);
+    expect(init.code).toBe(0);
+    expect((await stat(join(dir, 'master.key'))).mode & 0o777).toBe(0o600);
+    const again = await runCli(['master-key', 'init'], env);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain('already exists');
+
+    await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ client_id: 'c', secret: SECRET }));
+    const status = await runCli(['master-key', 'status', '--json'], env);
+    expect(status.code).toBe(0);
+    const data = JSON.parse(status.stdout) as { versions: { version: number; active: boolean; wraps: number }[] };
+    expect(data.versions).toEqual([expect.objectContaining({ version: 1, active: true, wraps: 1 })]);
+    const keyText = await readFile(join(dir, 'master.key'), 'utf8');
+    const key = (JSON.parse(keyText) as { keys: { key: string }[] }).keys[0]!.key;
+    expect(status.stdout + init.stdout + init.stderr).not.toContain(key);
+  });
+});
+
+describe('keys', () => {
+  beforeEach(async () => {
+    await runCli(['master-key', 'init'], env);
+  });
+
+  it('put from a file or stdin, list and show print metadata only', async () => {
+    const file = join(dir, 'plaid.json');
+    await writeFile(file, JSON.stringify({ client_id: 'client-1', secret: SECRET }));
+    const put = await runCli(['keys', 'put', 'plaid-sandbox', '--from-file', file], env);
+    expect(put.code).toBe(0);
+    const stdinPut = await runCli(['keys', 'put', 'alpaca', '--from-stdin', '--json'], env, JSON.stringify({ key_id: 'k', secret_key: `${SECRET}-2` }));
+    expect(stdinPut.code).toBe(0);
+    const list = await runCli(['keys', 'list', '--json'], env);
+    expect(JSON.parse(list.stdout)).toMatchObject({ credentials: [{ id: 'plaid-sandbox', current_version: 1 }, { id: 'alpaca', current_version: 1 }] });
+    const show = await runCli(['keys', 'show', 'plaid-sandbox'], env);
+    expect(show.code).toBe(0);
+    expect(show.stdout).toContain('current');
+    expect(show.stdout).toContain('client_id,secret');
+    for (const out of [put, stdinPut, list, show]) expect(out.stdout + out.stderr).not.toContain(SECRET);
+    expect(await readFile(join(dir, 'store.json'), 'utf8')).not.toContain(SECRET);
+  });
+
+  it('refuses a second put, bad JSON, non-string fields, and values on the command line', async () => {
+    await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
+    const dup = await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
+    expect(dup.code).toBe(1);
+    expect((await runCli(['keys', 'put', 'k2', '--from-stdin'], env, '{"secret":')).code).toBe(1);
+    expect((await runCli(['keys', 'put', 'k2', '--from-stdin'], env, '{"secret":42}')).code).toBe(1);
+    expect((await runCli(['keys', 'put', 'k2', '--from-stdin'], env, '{}')).code).toBe(1);
+    const argv = await runCli(['keys', 'put', 'k2', `{"secret":"${SECRET}"}`], env);
+    expect(argv.code).toBe(2);
+    expect(argv.stderr).not.toContain(SECRET);
+    expect((await runCli(['keys', 'put', 'k2'], env)).code).toBe(2);
+    expect((await runCli(['keys', 'put', 'Bad/Id', '--from-stdin'], env, '{"secret":"abcdef"}')).code).toBe(2);
+    expect((await runCli(['keys', 'show', 'nope'], env)).code).toBe(1);
+  });
+
+  it('without a keyring, put fails with a clear message and stores nothing', async () => {
+    const other = envFor(await makeTempDir());
+    const res = await runCli(['keys', 'put', 'k', '--from-stdin'], other, '{"secret":"abcdef"}');
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain('master-key init');
+  });
+});
+
+describe('callers', () => {
+  it('add prints an egt_ token once, list never shows it, revoke is immediate', async () => {
+    const add = await runCli(['callers', 'add', 'sync-worker', '--json'], env);
+    expect(add.code).toBe(0);
+    const token = (JSON.parse(add.stdout) as { token: string }).token;
+    expect(token).toMatch(/^egt_[A-Za-z0-9_-]{43}$/);
+    expect(Buffer.from(token.slice(4), 'base64url').length).toBeGreaterThanOrEqual(32);
+    const store = await readFile(join(dir, 'store.json'), 'utf8');
+    expect(store).not.toContain(token);
+    expect(store).not.toContain(token.slice(4));
+    const list = await runCli(['callers', 'list'], env);
+    expect(list.stdout).toContain('sync-worker');
+    expect(list.stdout).not.toContain(token);
+    expect((await runCli(['callers', 'add', 'sync-worker'], env)).code).toBe(1);
+    expect((await runCli(['callers', 'revoke', 'sync-worker'], env)).code).toBe(0);
+    expect((await runCli(['callers', 'list'], env)).stdout).toContain('revoked');
+    expect((await runCli(['callers', 'revoke', 'nobody'], env)).code).toBe(1);
+  });
+
+  it('concurrent writers to one record: exactly one wins, the others fail cleanly (exit 1 or 3)', async () => {
+    const results = await Promise.all(Array.from({ length: 5 }, () => runCli(['callers', 'add', 'race', '--json'], env)));
+    const winners = results.filter((r) => r.code === 0);
+    expect(winners).toHaveLength(1);
+    for (const r of results.filter((x) => x.code !== 0)) expect([1, 3]).toContain(r.code);
+    expect(results.some((r) => r.code === 3 || r.stderr.includes('already exists'))).toBe(true);
+    const doc = JSON.parse(await readFile(join(dir, 'store.json'), 'utf8')) as { callers: Record<string, { tokens: unknown[] }> };
+    expect(doc.callers.race!.tokens).toHaveLength(1);
+  });
+});
+
+describe('routes', () => {
+  const good = `name: plaid
+prefix: /plaid
+upstream: https://sandbox.plaid.com
+credential: plaid-sandbox
+inject:
+  scheme: headers
+  headers:
+    PLAID-SECRET: "{secret}"
+allow:
+  - caller: sync-worker
+    methods: [POST]
+    paths: [/accounts/get, /item/*]
+`;
+
+  it('check: exit 0 for a valid folder, exit 1 with file:line:col for an invalid one', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    const okRun = await runCli(['routes', 'check'], env);
+    expect(okRun.code).toBe(0);
+    expect(okRun.stdout).toContain('1 route OK');
+    await writeFile(join(dir, 'routes', 'bad.yaml'), 'name: bad\nprefix: /bad\nupstream: https://x.example\ncredential: c\ninject: { scheme: bearer }\nallow:\n  - caller: a\n    methods: [post]\n    paths: [/x]\n');
+    const bad = await runCli(['routes', 'check', join(dir, 'routes')], env);
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toMatch(/bad\.yaml:8:\d+: allow\.0\.methods\.0/);
+    const json = JSON.parse((await runCli(['routes', 'check', '--json'], env)).stdout) as { ok: boolean; errors: { line: number }[] };
+    expect(json.ok).toBe(false);
+    expect(json.errors[0]!.line).toBe(8);
+  });
+
+  it('the shipped example routes load cleanly', async () => {
+    const res = await runCli(['routes', 'check', join(ROOT, 'routes')], env);
+    expect(res.code).toBe(0);
+    expect(res.stdout).toContain('2 routes OK');
+  });
+
+  it('schema prints a JSON Schema of a route file', async () => {
+    const res = await runCli(['routes', 'schema'], env);
+    expect(res.code).toBe(0);
+    const schema = JSON.parse(res.stdout) as { type: string; properties: Record<string, unknown>; additionalProperties: boolean; required: string[] };
+    expect(schema.type).toBe('object');
+    expect(schema.additionalProperties).toBe(false);
+    expect(Object.keys(schema.properties)).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject', 'allow', 'max_body', 'timeouts']));
+    expect(schema.required).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject']));
+  });
+
+  it('explain says which rule allows, or why not, with exit 0 / 1', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    const allow = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'http://egress:8080/plaid/item/get?x=1'], env);
+    expect(allow.code).toBe(0);
+    expect(allow.stdout).toContain('ALLOW');
+    expect(allow.stdout).toContain('allow[0] permits POST /item/*');
+    expect(allow.stdout).toContain('https://sandbox.plaid.com/item/get?x=1');
+    const method = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'GET', '/plaid/accounts/get', '--json'], env);
+    expect(method.code).toBe(1);
+    expect(JSON.parse(method.stdout)).toMatchObject({ decision: 'deny', status: 403, reason: expect.stringContaining('method GET') });
+    const unknown = await runCli(['routes', 'explain', '--caller', 'web', 'POST', '/plaid/accounts/get'], env);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stdout).toContain('no allow entry');
+    const notFound = await runCli(['routes', 'explain', '--caller', 'web', 'POST', '/nothing'], env);
+    expect(notFound.stdout).toContain('404');
+    const bad = await runCli(['routes', 'explain', '--caller', 'web', 'POST', '/plaid/%2e%2e/x'], env);
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toContain('400');
+  });
+});
+
+describe('usage', () => {
+  it('unknown commands and flags are usage errors (exit 2); help exits 0', async () => {
+    expect((await runCli(['frobnicate'], env)).code).toBe(2);
+    expect((await runCli(['keys', 'list', '--bogus'], env)).code).toBe(2);
+    expect((await runCli(['keys'], env)).code).toBe(2);
+    const json = await runCli(['keys', 'frob', '--json'], env);
+    expect(json.code).toBe(2);
+    expect(JSON.parse(json.stdout)).toMatchObject({ error: { code: 'usage' } });
+    expect((await runCli(['--help'], env)).code).toBe(0);
+  });
+});
