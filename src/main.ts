@@ -74,7 +74,11 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     closing ??= (async () => {
       routes.close();
       const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
-      proxy.closeIdleConnections();
+      // Keep-alive connections become idle as their last response ends: close each as it does.
+      const sweep = setInterval(() => {
+        proxy.closeIdleConnections();
+        admin.closeIdleConnections();
+      }, 50);
       const timer = setTimeout(() => {
         log.warn('drain deadline passed; closing the remaining connections');
         proxy.closeAllConnections();
@@ -83,6 +87,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       timer.unref();
       await drained;
       clearTimeout(timer);
+      clearInterval(sweep);
       await dispatchers.close();
       await store.close();
       await audit.close();

@@ -2,6 +2,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { isMap, LineCounter, parseDocument, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
+import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
 import { compileRoute, crossCheck } from './compile-routes.ts';
 import { routeFileSchema } from './route-schema.ts';
@@ -13,7 +14,7 @@ export interface ConfigProblem {
   readonly message: string;
 }
 
-export class ConfigError extends Error {
+export class ConfigError extends UserError {
   readonly problems: readonly ConfigProblem[];
   constructor(problems: readonly ConfigProblem[]) {
     super(problems.map(formatProblem).join('\n'));
