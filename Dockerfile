@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t egress-proxy .
+# The image runs the TypeScript sources directly on Node 24 (type stripping): no build step.
+
+FROM node:24-bookworm-slim AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+# Production dependencies only; the image already has Node 24, so the "node" devDependency is not needed.
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+
+FROM node:24-bookworm-slim
+ENV NODE_ENV=production \
+    EGRESS_LISTEN=0.0.0.0:8080 \
+    EGRESS_ADMIN_LISTEN=0.0.0.0:9090 \
+    EGRESS_ROUTES=/app/routes \
+    EGRESS_CERTS=/data/certs \
+    EGRESS_STORE=file:/data/store.json \
+    EGRESS_MASTER_KEY_FILE=/data/master.key \
+    EGRESS_AUDIT_LOG=/data/audit.log
+WORKDIR /app
+COPY --from=deps /app/node_modules ./node_modules
+COPY package.json ./
+COPY bin ./bin
+COPY src ./src
+COPY routes ./routes
+# State lives in /data (a volume); the rest of the filesystem can be mounted read-only.
+RUN mkdir -p /data && chown node:node /data && chmod 700 /data
+VOLUME ["/data"]
+USER node
+EXPOSE 8080 9090
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:9090/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+ENTRYPOINT ["node", "--disable-sigusr1", "bin/egress.js"]
+CMD ["serve"]
