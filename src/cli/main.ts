@@ -1,12 +1,6 @@
 import { text } from 'node:stream/consumers';
 import { ConflictError, UserError } from '../errors.ts';
-import { audit } from './audit.ts';
-import { callers } from './callers.ts';
 import { EXIT, type Outcome } from './io.ts';
-import { keys } from './keys.ts';
-import { masterKey } from './master-key.ts';
-import { routes } from './routes.ts';
-import { serve } from './serve.ts';
 
 const HELP = `egress: an egress proxy that holds provider credentials for the services that call through it
 
@@ -22,12 +16,13 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;
 
+// Loaded on demand: a rotation script running `egress keys …` should not pay for the HTTP stack.
 const COMMANDS: Readonly<Record<string, (args: readonly string[]) => Promise<Outcome>>> = {
-  routes,
-  keys: (args) => keys(args, () => text(process.stdin)),
-  callers,
-  'master-key': masterKey,
-  audit,
+  routes: async (args) => (await import('./routes.ts')).routes(args),
+  keys: async (args) => (await import('./keys.ts')).keys(args, () => text(process.stdin)),
+  callers: async (args) => (await import('./callers.ts')).callers(args),
+  'master-key': async (args) => (await import('./master-key.ts')).masterKey(args),
+  audit: async (args) => (await import('./audit.ts')).audit(args),
 };
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -38,7 +33,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(`${HELP}\n`);
       return command ? EXIT.ok : EXIT.usage;
     }
-    if (command === 'serve') return await serve(rest);
+    if (command === 'serve') return await (await import('./serve.ts')).serve(rest);
     const run = Object.hasOwn(COMMANDS, command) ? COMMANDS[command] : undefined;
     if (!run) throw new UserError(`unknown command "${command}"\n\n${HELP}`, EXIT.usage);
     const outcome = await run(rest);
