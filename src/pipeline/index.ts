@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError, errorCode } from '../errors.ts';
+import { loggableHeaders } from '../observe/log.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
@@ -66,7 +67,11 @@ function finish(ctx: RequestContext): void {
   const total = performance.now() - ctx.startedAt;
   const status = ctx.res.statusCode;
   const route = ctx.route?.name ?? 'none';
-  const { audit, metrics } = ctx.services;
+  const { audit, metrics, log } = ctx.services;
+  if (log.isLevelEnabled('debug')) {
+    // Headers only through the allowlist: tokens and credentials never reach the log.
+    log.debug({ request_id: ctx.id, caller: ctx.caller, route: ctx.route?.name, method: ctx.req.method, status, decision: ctx.decision, reason: ctx.reason, headers: loggableHeaders(ctx.req.headers) }, 'request');
+  }
   audit.request({
     requestId: ctx.id,
     caller: ctx.caller ?? null,
