@@ -7,8 +7,8 @@ import { EXIT, fail, ok, parse, type Outcome } from './io.ts';
 /** `egress audit verify [FILE…]`: check the audit log's hash chain; exit 1 at the first bad line. */
 export async function audit(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
-  const p = parse(rest);
-  if (sub !== 'verify') throw new UserError('usage: egress audit verify [FILE…]', EXIT.usage);
+  const p = parse(rest, { partial: { type: 'boolean' } });
+  if (sub !== 'verify') throw new UserError('usage: egress audit verify [--partial] [FILE…]', EXIT.usage);
   const files = p.positionals.length > 0 ? p.positionals.map((f) => resolve(f)) : [p.settings().auditLog];
   const result = await verifyAudit(files, async (file) => {
     try {
@@ -16,7 +16,7 @@ export async function audit(args: readonly string[]): Promise<Outcome> {
     } catch (err) {
       throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
-  });
+  }, { partial: p.values.partial === true });
   if (result.ok) return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}`, result);
   const bad = result.firstBad!;
   return fail(`audit chain broken at ${bad.file}:${bad.line}: ${bad.reason}`, result);

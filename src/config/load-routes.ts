@@ -1,6 +1,6 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { isMap, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import { isMap, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
@@ -82,10 +82,22 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
   if (doc.warnings.length > 0) {
     return { problems: doc.warnings.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
   }
+  // Anchors and aliases make one value stand for another: in an allowlist that is a way to hide
+  // what a rule permits, and aliases are how merge-key pollution travels. Refuse both.
+  const refused: ConfigProblem[] = [];
+  visit(doc, {
+    Alias(_key, node) {
+      refused.push({ file, ...at(node.range?.[0]), message: `aliases (*${node.source}) are not allowed in route files` });
+    },
+    Node(_key, node) {
+      if ('anchor' in node && node.anchor) refused.push({ file, ...at(node.range?.[0]), message: `anchors (&${node.anchor}) are not allowed in route files` });
+    },
+  });
+  if (refused.length > 0) return { problems: refused };
   const data: unknown = doc.toJS({ maxAliasCount: 0 });
   const parsed = routeFileSchema.safeParse(data);
   if (!parsed.success) {
-    return { problems: parsed.error.issues.map((issue) => ({ file, ...at(issueOffset(doc, issue)), message: issueMessage(issue) })) };
+    return { problems: flattenUnions(parsed.error.issues).map((issue) => ({ file, ...at(issueOffset(doc, issue)), message: issueMessage(issue) })) };
   }
   let ca: string | undefined;
   if (parsed.data.upstream_ca) {
@@ -103,6 +115,29 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
   }
   return { route: compileRoute(parsed.data, file, ca) };
+}
+
+/**
+ * A union ("one scheme or a list of them") that fails reports "Invalid input" for the whole value.
+ * Report instead the issues of the alternative that got furthest: the one that did not reject the
+ * value's very type, with paths made absolute.
+ */
+function flattenUnions(issues: readonly z.core.$ZodIssue[]): z.core.$ZodIssue[] {
+  const out: z.core.$ZodIssue[] = [];
+  for (const issue of issues) {
+    if (issue.code === 'invalid_union' && issue.errors.length > 0) {
+      const rejectsType = (branch: readonly z.core.$ZodIssue[]) => branch.some((i) => i.path.length === 0 && i.code === 'invalid_type');
+      const best = issue.errors.find((branch) => !rejectsType(branch));
+      if (best) {
+        out.push(...flattenUnions(best.map((i) => ({ ...i, path: [...issue.path, ...i.path] }) as z.core.$ZodIssue)));
+        continue;
+      }
+      out.push({ ...issue, message: 'expected one injection ({scheme: …}) or a list of them' } as z.core.$ZodIssue);
+      continue;
+    }
+    out.push(issue);
+  }
+  return out;
 }
 
 function issueMessage(issue: z.core.$ZodIssue): string {

@@ -10,7 +10,7 @@ export const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'O
 
 // Path segments in prefixes and rules: RFC 3986 pchar without percent-escapes, so what is written
 // is byte for byte what is matched.
-const SEGMENT = /^[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
+const SEGMENT = /^(?!\.{1,2}$)[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
 
 const duration = z.string().transform((text, ctx) => {
   const ms = parseDuration(text);
@@ -35,7 +35,7 @@ const rateLimit = z.strictObject({
 
 const prefix = z.string().refine(
   (p) => p.startsWith('/') && p.length > 1 && p.slice(1).split('/').every((s) => SEGMENT.test(s)),
-  'a prefix is "/" followed by one or more non-empty segments, with no trailing "/", "*" or "%"',
+  'a prefix is "/" followed by one or more non-empty segments, with no trailing "/", "*", "%" or "."/".." segment',
 );
 
 const pathPattern = z.string().refine(

@@ -169,9 +169,13 @@ export interface VerifyResult {
   readonly firstBad?: { readonly file: string; readonly line: number; readonly reason: string };
 }
 
-/** Check the hash chain of one or more files, in order (a rotated file continues the chain). */
-export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>): Promise<VerifyResult> {
-  let prev: string | undefined;
+/**
+ * Check the hash chain of one or more files, in order (a rotated file continues the chain). The
+ * chain must start at the genesis hash, so removing the first line is caught too; `partial` checks
+ * a later segment whose first line follows lines not given here.
+ */
+export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>, options: { partial?: boolean } = {}): Promise<VerifyResult> {
+  let prev: string | undefined = options.partial ? undefined : GENESIS;
   let count = 0;
   for (const file of files) {
     const lines = (await read(file)).split('\n');
@@ -186,7 +190,8 @@ export async function verifyAudit(files: readonly string[], read: (file: string)
       }
       if (typeof parsed.prev !== 'string') return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'no prev hash' } };
       if (prev !== undefined && parsed.prev !== prev) {
-        return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'prev hash does not match the line before (a line was edited, removed or reordered)' } };
+        const reason = count === 0 ? 'the chain does not start at the genesis hash (lines were removed from the start; use --partial for a later segment)' : 'prev hash does not match the line before (a line was edited, removed or reordered)';
+        return { ok: false, lines: count, firstBad: { file, line: i + 1, reason } };
       }
       prev = lineHash(line);
       count++;

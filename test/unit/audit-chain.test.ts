@@ -1,0 +1,177 @@
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import type { RequestAudit } from '../../src/observe/audit.ts';
+import { AuditLog, GENESIS, lineHash, verifyAudit } from '../../src/observe/audit.ts';
+import type { Logger } from '../../src/observe/log.ts';
+import { useTempDirs } from '../helpers/temp-dir.ts';
+
+const tempDir = useTempDirs('egress-audit-');
+
+const errors: unknown[] = [];
+const log = { error: (...args: unknown[]) => void errors.push(args), warn() {}, info() {} } as unknown as Logger;
+
+function entry(i: number): RequestAudit {
+  return {
+    requestId: `req-${i}`,
+    caller: 'sync-worker',
+    route: 'plaid',
+    method: 'POST',
+    path: `/plaid/accounts/get/${i}`,
+    decision: 'allow',
+    reason: 'allow[0]',
+    upstreamStatus: 200,
+    durationMs: i,
+    credential: 'plaid-production',
+    credentialVersion: 1,
+  };
+}
+
+/** Write `n` lines (requests and one admin action) through AuditLog, and return the file's lines. */
+async function writeChain(n: number, path?: string): Promise<{ path: string; lines: string[] }> {
+  const file = path ?? join(await tempDir(), 'logs', 'audit.log');
+  const audit = new AuditLog(file, log);
+  await audit.open();
+  for (let i = 0; i < n; i++) {
+    if (i === 2) audit.admin({ actor: 'cli', action: 'keys.rotate', target: 'plaid-production', decision: 'allow', reason: 'ok' });
+    else audit.request(entry(i));
+  }
+  await audit.close();
+  const text = await readFile(file, 'utf8');
+  return { path: file, lines: text.split('\n').filter((l) => l !== '') };
+}
+
+function verifyText(text: string, file = 'audit.log') {
+  return verifyAudit([file], async () => text);
+}
+
+const join1 = (lines: readonly string[]) => `${lines.join('\n')}\n`;
+
+describe('AuditLog writes a hash chain', () => {
+  it('each line carries the hash of the line before; the first carries GENESIS', async () => {
+    const { lines } = await writeChain(6);
+    expect(lines).toHaveLength(6);
+    const parsed = lines.map((l) => JSON.parse(l) as { prev: string; kind: string });
+    expect(parsed[0]!.prev).toBe(GENESIS);
+    for (let i = 1; i < lines.length; i++) expect(parsed[i]!.prev).toBe(lineHash(lines[i - 1]!));
+    expect(parsed[2]!.kind).toBe('admin');
+    expect(parsed[3]!.kind).toBe('request');
+    expect(errors).toEqual([]);
+  });
+
+  it('lineHash is the SHA-256 hex of the line', () => {
+    expect(lineHash('')).toBe('e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855');
+    expect(lineHash('a')).toMatch(/^[0-9a-f]{64}$/);
+  });
+
+  it('an intact chain verifies, with its line count', async () => {
+    const { path, lines } = await writeChain(8);
+    const result = await verifyAudit([path], (f) => readFile(f, 'utf8'));
+    expect(result).toEqual({ ok: true, lines: 8 });
+    expect(await verifyText(join1(lines))).toEqual({ ok: true, lines: 8 });
+    // A missing final newline is tolerated.
+    expect((await verifyText(lines.join('\n'))).ok).toBe(true);
+  });
+
+  it('continues the chain across a reopen (restart)', async () => {
+    const first = await writeChain(3);
+    const second = await writeChain(3, first.path);
+    expect(second.lines).toHaveLength(6);
+    expect((JSON.parse(second.lines[3]!) as { prev: string }).prev).toBe(lineHash(second.lines[2]!));
+    expect(await verifyText(join1(second.lines))).toEqual({ ok: true, lines: 6 });
+  });
+
+  it('continues across rotated files verified in order', async () => {
+    const { lines } = await writeChain(6);
+    const files: Record<string, string> = { 'audit.log.1': join1(lines.slice(0, 4)), 'audit.log': join1(lines.slice(4)) };
+    const read = async (f: string) => files[f]!;
+    expect(await verifyAudit(['audit.log.1', 'audit.log'], read)).toEqual({ ok: true, lines: 6 });
+    const reversed = await verifyAudit(['audit.log', 'audit.log.1'], read);
+    expect(reversed.ok).toBe(false);
+    expect(reversed.firstBad).toMatchObject({ file: 'audit.log', line: 1 });
+    const reversedPartial = await verifyAudit(['audit.log', 'audit.log.1'], read, { partial: true });
+    expect(reversedPartial.firstBad).toMatchObject({ file: 'audit.log.1', line: 1 });
+  });
+
+  it('the chain must start at genesis: removing the first lines is caught, unless a later segment is declared partial', async () => {
+    const { lines } = await writeChain(5);
+    const rest = join1(lines.slice(2));
+    const cut = await verifyAudit(['audit.log'], async () => rest);
+    expect(cut.ok).toBe(false);
+    expect(cut.firstBad).toMatchObject({ line: 1, reason: expect.stringContaining('genesis') });
+    expect(await verifyAudit(['audit.log'], async () => rest, { partial: true })).toEqual({ ok: true, lines: 3 });
+  });
+});
+
+describe('verifyAudit detects tampering', () => {
+  it('an edited line breaks the chain at the next line', async () => {
+    const { lines } = await writeChain(6);
+    const edited = [...lines];
+    edited[2] = edited[2]!.replace('keys.rotate', 'keys.rotatE');
+    expect(edited[2]).not.toBe(lines[2]);
+    const result = await verifyText(join1(edited));
+    expect(result.ok).toBe(false);
+    expect(result.firstBad).toMatchObject({ file: 'audit.log', line: 4 });
+    expect(result.firstBad!.reason).toContain('prev hash');
+    expect(result.lines).toBe(3);
+  });
+
+  it('an edited prev hash is caught on that line', async () => {
+    const { lines } = await writeChain(6);
+    const edited = [...lines];
+    edited[3] = edited[3]!.replace(/"prev":"[0-9a-f]{64}"/, `"prev":"${'f'.repeat(64)}"`);
+    const result = await verifyText(join1(edited));
+    expect(result.firstBad).toMatchObject({ line: 4 });
+  });
+
+  it('a whitespace-only edit is detected too', async () => {
+    const { lines } = await writeChain(4);
+    const edited = [...lines];
+    edited[1] = `${edited[1]!} `;
+    expect((await verifyText(join1(edited))).firstBad).toMatchObject({ line: 3 });
+  });
+
+  it('a deleted line is caught where the gap is', async () => {
+    const { lines } = await writeChain(6);
+    const result = await verifyText(join1([...lines.slice(0, 3), ...lines.slice(4)]));
+    expect(result.ok).toBe(false);
+    expect(result.firstBad).toMatchObject({ line: 4 });
+  });
+
+  it('two swapped lines are caught at the first of them', async () => {
+    const { lines } = await writeChain(6);
+    const swapped = [...lines];
+    [swapped[2], swapped[3]] = [swapped[3]!, swapped[2]!];
+    const result = await verifyText(join1(swapped));
+    expect(result.ok).toBe(false);
+    expect(result.firstBad).toMatchObject({ line: 3 });
+  });
+
+  it('an inserted forged line is caught', async () => {
+    const { lines } = await writeChain(4);
+    const forged = JSON.stringify({ ...(JSON.parse(lines[1]!) as object), request_id: 'forged' });
+    const result = await verifyText(join1([...lines.slice(0, 2), forged, ...lines.slice(2)]));
+    expect(result.ok).toBe(false);
+    expect(result.firstBad).toMatchObject({ line: 3 });
+  });
+
+  it('a line that is not JSON, or has no prev, is reported with its number', async () => {
+    const { lines } = await writeChain(4);
+    const notJson = await verifyText(join1([lines[0]!, 'garbage', ...lines.slice(1)]));
+    expect(notJson.firstBad).toMatchObject({ line: 2, reason: 'not a JSON line' });
+    const noPrev = [...lines];
+    noPrev[1] = JSON.stringify({ ...(JSON.parse(lines[1]!) as object), prev: undefined });
+    expect((await verifyText(join1(noPrev))).firstBad).toMatchObject({ line: 2, reason: 'no prev hash' });
+    const blank = await verifyText(join1([lines[0]!, '', ...lines.slice(1)]));
+    expect(blank.ok).toBe(false);
+    expect(blank.firstBad!.line).toBe(2);
+  });
+
+  it('a tampered file on disk fails verification through the file reader', async () => {
+    const { path, lines } = await writeChain(5);
+    await writeFile(path, join1([...lines.slice(0, 1), ...lines.slice(2)]));
+    const result = await verifyAudit([path], (f) => readFile(f, 'utf8'));
+    expect(result.ok).toBe(false);
+    expect(result.firstBad).toMatchObject({ file: path, line: 2 });
+  });
+});

@@ -1,0 +1,425 @@
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import type { CompiledRoute } from '../../src/config/compile-routes.ts';
+import type { ConfigProblem } from '../../src/config/load-routes.ts';
+import { ConfigError, formatProblem, loadRoutes, parseRouteText } from '../../src/config/load-routes.ts';
+import { routeJsonSchema } from '../../src/config/route-schema.ts';
+import { useTempDirs } from '../helpers/temp-dir.ts';
+
+const tempDir = useTempDirs('egress-routes-');
+
+const PEM = '-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n';
+
+/** A complete, valid route file; line numbers below are counted on this text. */
+const PLAID = `name: plaid
+prefix: /plaid
+upstream: https://production.plaid.com
+credential: plaid-production
+inject:
+  scheme: headers
+  headers:
+    PLAID-CLIENT-ID: "{client_id}"
+    PLAID-SECRET: "{secret}"
+timeouts: { connect: 5s, response: 30s }
+max_body: 1mb
+upstream_rate: { rate: 100/s, burst: 200 }
+allow:
+  - caller: sync-worker
+    methods: [POST]
+    paths: [/accounts/get, /transactions/sync, /item/*]
+    rate: { rate: 20/s, burst: 40 }
+  - caller: web
+    methods: [POST]
+    paths: [/link/token/create]
+    rate: { rate: 300/min }
+`;
+
+/** The smallest valid file for a given name and prefix; extra lines are appended. */
+function minimal(name: string, prefix: string, extra = ''): string {
+  return `name: ${name}\nprefix: ${prefix}\nupstream: https://${name}.example\ncredential: ${name}-key\ninject: { scheme: bearer }\n${extra}`;
+}
+
+const noCa = async (path: string): Promise<string> => {
+  throw Object.assign(new Error(`no such file ${path}`), { code: 'ENOENT' });
+};
+
+async function compiles(text: string, file = '/x/plaid.yaml', readCa = noCa): Promise<CompiledRoute> {
+  const result = await parseRouteText(text, file, readCa);
+  if ('problems' in result) throw new Error(`expected a route, got problems: ${result.problems.map(formatProblem).join('; ')}`);
+  return result.route;
+}
+
+async function problemsOf(text: string, file = '/x/plaid.yaml', readCa = noCa): Promise<ConfigProblem[]> {
+  const result = await parseRouteText(text, file, readCa);
+  if ('route' in result) throw new Error('expected problems, but the file compiled');
+  expect(result.problems.length).toBeGreaterThan(0);
+  for (const p of result.problems) expect(p.file).toBe(file);
+  return result.problems;
+}
+
+describe('parseRouteText: a valid file', () => {
+  it('compiles into the domain object', async () => {
+    const route = await compiles(PLAID);
+    expect(route.name).toBe('plaid');
+    expect(route.file).toBe('/x/plaid.yaml');
+    expect(route.prefix).toBe('/plaid');
+    expect(route.prefixSegments).toEqual(['plaid']);
+    expect(route.origin).toBe('https://production.plaid.com');
+    expect(route.upstreamHost).toBe('production.plaid.com');
+    expect(route.basePath).toBe('');
+    expect(route.credential).toBe('plaid-production');
+    expect(route.connectTimeoutMs).toBe(5000);
+    expect(route.responseTimeoutMs).toBe(30_000);
+    expect(route.maxBody).toBe(1024 * 1024);
+    expect(route.upstreamRate).toEqual({ rate: { count: 100, periodMs: 1000 }, burst: 200 });
+    expect([...route.claims.headers].sort()).toEqual(['plaid-client-id', 'plaid-secret']);
+    expect([...route.fields].sort()).toEqual(['client_id', 'secret']);
+    expect(route.rules).toHaveLength(2);
+    expect(route.rules[0]!.caller).toBe('sync-worker');
+    expect([...route.rules[0]!.methods]).toEqual(['POST']);
+    expect(route.rules[0]!.paths.map((p) => p.source)).toEqual(['/accounts/get', '/transactions/sync', '/item/*']);
+    expect(route.rules[1]!.rate).toEqual({ rate: { count: 300, periodMs: 60_000 } });
+    expect(route.rulesByCaller.get('web')).toEqual([route.rules[1]]);
+  });
+
+  it('is frozen: the route, its rules, their patterns and the injections', async () => {
+    const route = await compiles(PLAID);
+    expect(Object.isFrozen(route)).toBe(true);
+    expect(Object.isFrozen(route.rules)).toBe(true);
+    for (const rule of route.rules) {
+      expect(Object.isFrozen(rule)).toBe(true);
+      expect(Object.isFrozen(rule.paths)).toBe(true);
+      for (const p of rule.paths) expect(Object.isFrozen(p)).toBe(true);
+    }
+    expect(Object.isFrozen(route.injections)).toBe(true);
+    expect(Object.isFrozen(route.prefixSegments)).toBe(true);
+    expect(() => {
+      (route as { prefix: string }).prefix = '/other';
+    }).toThrow(TypeError);
+  });
+
+  it('applies defaults and keeps an upstream base path without its trailing slash', async () => {
+    const route = await compiles(minimal('plaid', '/plaid').replace('https://plaid.example', 'https://plaid.example/api/v1/'));
+    expect(route.basePath).toBe('/api/v1');
+    expect(route.connectTimeoutMs).toBe(5000);
+    expect(route.maxBody).toBe(1024 * 1024);
+    expect(route.rules).toEqual([]);
+  });
+});
+
+describe('parseRouteText: problems point at file:line:col', () => {
+  it('an unknown top-level key names the key, its line and column', async () => {
+    const text = PLAID.replace('max_body: 1mb\n', 'max_body: 1mb\nbogus: 1\n');
+    const [p, ...others] = await problemsOf(text);
+    expect(others).toEqual([]);
+    expect(p).toMatchObject({ line: 12, col: 1 });
+    expect(p!.message).toContain('"bogus"');
+    expect(formatProblem(p!)).toMatch(/^\/x\/plaid\.yaml:12:1: /);
+  });
+
+  it('an unknown nested key points at the key itself', async () => {
+    const text = PLAID.replace('    rate: { rate: 300/min }\n', '    rate: { rate: 300/min }\n    colour: red\n');
+    const [p] = await problemsOf(text);
+    expect(p).toMatchObject({ line: 22, col: 5 });
+    expect(p!.message).toContain('"colour"');
+    expect(p!.message).toContain('allow.1');
+  });
+
+  it('an unknown key inside an inline map points at its column', async () => {
+    const text = PLAID.replace('timeouts: { connect: 5s, response: 30s }', 'timeouts: { connect: 5s, idle: 30s }');
+    const [p] = await problemsOf(text);
+    expect(p).toMatchObject({ line: 10, col: 26 });
+    expect(p!.message).toContain('"idle"');
+  });
+
+  it('a duplicate key is refused at the duplicate', async () => {
+    const [p] = await problemsOf(`${PLAID}name: plaid\n`);
+    expect(p!.line).toBe(22);
+    expect(p!.message.toLowerCase()).toContain('unique');
+  });
+
+  it('a bad value points at that value', async () => {
+    const [p] = await problemsOf(PLAID.replace('max_body: 1mb', 'max_body: lots'));
+    expect(p!.line).toBe(11);
+    expect(p!.message).toContain('max_body');
+  });
+});
+
+describe('parseRouteText: prototype pollution and YAML features (FLT-10)', () => {
+  it('refuses a YAML merge key "<<" (CVE-2025-64718 class)', async () => {
+    const problems = await problemsOf(`${PLAID}<<: { max_body: 5 }\n`);
+    expect(problems[0]!.line).toBe(22);
+    expect(problems[0]!.message).toContain('"<<"');
+    expect(({} as Record<string, unknown>).max_body).toBeUndefined();
+  });
+
+  it('refuses a "__proto__" key, top-level and nested, without polluting Object.prototype', async () => {
+    const top = await problemsOf(`${PLAID}__proto__: { polluted: yes }\n`);
+    expect(top[0]!.message).toContain('"__proto__"');
+    expect(top[0]!.line).toBe(22);
+    const nested = await problemsOf(PLAID.replace('    rate: { rate: 300/min }\n', '    rate: { rate: 300/min }\n    __proto__: { polluted: yes }\n'));
+    expect(nested[0]!.message).toContain('"__proto__"');
+    const inInject = await problemsOf(PLAID.replace('  scheme: headers\n', '  scheme: headers\n  __proto__: { polluted: yes }\n'));
+    expect(inInject.length).toBeGreaterThan(0);
+    expect(({} as Record<string, unknown>).polluted).toBeUndefined();
+    expect(Object.prototype).not.toHaveProperty('polluted');
+  });
+
+  it('refuses aliases, a "<<: *anchor" merge included, as problems with a position, not a thrown exception', async () => {
+    const alias = PLAID.replace('credential: plaid-production', 'credential: &c plaid-production').replace('  - caller: web', '  - caller: *c');
+    const merge = `defaults: &d { max_body: 5 }\n${PLAID.replace('name: plaid\n', 'name: plaid\n<<: *d\n')}`;
+    for (const text of [alias, merge]) {
+      const result = await parseRouteText(text, '/x/plaid.yaml', noCa).catch((err: unknown) => ({ threw: err }));
+      expect(result).toHaveProperty('problems');
+    }
+    const problems = ((await parseRouteText(alias, '/x/plaid.yaml', noCa).catch(() => ({}))) as { problems?: ConfigProblem[] }).problems;
+    // Both the anchor (line 4) and the alias (line 18) are reported, each where it stands.
+    expect(problems?.map((p) => p.line)).toEqual([4, 18]);
+    expect(problems?.[0]?.message).toContain('anchors');
+    expect(problems?.[1]?.message).toContain('aliases');
+  });
+
+  it('refuses an anchor even with no alias using it', async () => {
+    const problems = ((await parseRouteText(PLAID.replace('credential: plaid-production', 'credential: &c plaid-production'), '/x/plaid.yaml', noCa)) as { problems?: ConfigProblem[] }).problems;
+    expect(problems?.map((p) => p.line)).toEqual([4]);
+  });
+
+  it('refuses a custom tag', async () => {
+    const [p] = await problemsOf(PLAID.replace('max_body: 1mb', 'max_body: !custom 1mb'));
+    expect(p!.line).toBe(11);
+  });
+});
+
+describe('parseRouteText: field rules', () => {
+  it.each([
+    ['{}', 'an empty placeholder'],
+    ['{a', 'an unclosed placeholder'],
+    ['}', 'a lone closing brace'],
+    ['x{1a}', 'a placeholder that is not a field name'],
+  ])('refuses the template %j (%s)', async (template) => {
+    const [p] = await problemsOf(PLAID.replace('"{secret}"', JSON.stringify(template)));
+    expect(p!.line).toBeGreaterThanOrEqual(5);
+    expect(p!.line).toBeLessThanOrEqual(9);
+    expect(p!.message).toContain('inject');
+  });
+
+  it('a bad template is reported at the template, saying what is wrong with it', async () => {
+    const [p] = await problemsOf(PLAID.replace('"{secret}"', '"{a"'));
+    expect(p).toMatchObject({ line: 9, col: 19 });
+    expect(p!.message).toContain('placeholder');
+  });
+
+  it.each(['/plaid/', '/plaid/*', '/pl*', '/pl%61id', '/', 'plaid', '/plaid//x', ''])('refuses the prefix %j', async (prefix) => {
+    const [p] = await problemsOf(PLAID.replace('prefix: /plaid', `prefix: ${JSON.stringify(prefix)}`));
+    expect(p!.line).toBe(2);
+    expect(p!.message).toContain('prefix');
+  });
+
+  // A dot segment can never be matched (parseTarget refuses it), so such a rule or route is silently dead.
+  it('refuses dot segments in a prefix or an allow path', async () => {
+    for (const prefix of ['/..', '/plaid/.', '/plaid/..']) {
+      const [p] = await problemsOf(PLAID.replace('prefix: /plaid', `prefix: ${JSON.stringify(prefix)}`));
+      expect(p!.line).toBe(2);
+    }
+    for (const path of ['/link/../token', '/./x', '/a/..']) {
+      const [p] = await problemsOf(PLAID.replace('/link/token/create', path));
+      expect(p!.line).toBe(20);
+    }
+  });
+
+  it.each(['post', 'Post', 'TRACE', 'CONNECT', 'PROPFIND'])('refuses the method %j', async (method) => {
+    const [p] = await problemsOf(PLAID.replace('    methods: [POST]\n    paths: [/link', `    methods: [${method}]\n    paths: [/link`));
+    expect(p!.line).toBe(19);
+    expect(p!.message).toContain('allow.1.methods.0');
+  });
+
+  it.each(['/a/**/b', 'a/b', '/a//b', '/a/b*', '/a/%2e', '/a/**x'])('refuses the path pattern %j', async (pattern) => {
+    const [p] = await problemsOf(PLAID.replace('/link/token/create', pattern));
+    expect(p!.line).toBe(20);
+    expect(p!.message).toContain('allow.1.paths.0');
+  });
+
+  it.each([
+    ['20/s', { count: 20, periodMs: 1000 }],
+    ['300/min', { count: 300, periodMs: 60_000 }],
+    ['10000/day', { count: 10_000, periodMs: 86_400_000 }],
+    ['5/hour', { count: 5, periodMs: 3_600_000 }],
+  ])('accepts the rate %j', async (rate, expected) => {
+    const route = await compiles(PLAID.replace('rate: 300/min', `rate: ${rate}`));
+    expect(route.rules[1]!.rate!.rate).toEqual(expected);
+  });
+
+  it.each(['20/fortnight', '0/s', '-1/s', '1.5/s', '20', '/s', '20/constructor', '20/__proto__', '20/toString'])('refuses the rate %j', async (rate) => {
+    const [p] = await problemsOf(PLAID.replace('rate: 300/min', `rate: ${JSON.stringify(rate)}`));
+    expect(p!.line).toBe(21);
+    expect(p!.message).toContain('rate');
+  });
+
+  it('refuses a name that does not match the file stem', async () => {
+    const [p] = await problemsOf(PLAID, '/x/bank.yaml');
+    expect(p!.line).toBe(1);
+    expect(p!.message).toContain('"plaid"');
+    expect(p!.message).toContain('"bank"');
+    // .yml is a route file too
+    await compiles(PLAID, '/x/plaid.yml');
+  });
+
+  it.each(['Plaid', 'pl aid', '-plaid', 'plaid.x'])('refuses the route name %j', async (name) => {
+    const [p] = await problemsOf(PLAID.replace('name: plaid', `name: ${JSON.stringify(name)}`), `/x/${name}.yaml`);
+    expect(p!.line).toBe(1);
+  });
+
+  it.each([
+    'https://user:pass@production.plaid.com',
+    'https://user@production.plaid.com',
+    'https://production.plaid.com/?a=1',
+    'https://production.plaid.com/#x',
+    'ftp://production.plaid.com',
+    'file:///etc/passwd',
+    'production.plaid.com',
+  ])('refuses the upstream %j', async (upstream) => {
+    const [p] = await problemsOf(PLAID.replace('https://production.plaid.com', upstream));
+    expect(p!.line).toBe(3);
+    expect(p!.message).toContain('upstream');
+  });
+
+  it('refuses an unknown inject scheme and a scheme with unknown options', async () => {
+    const [p] = await problemsOf(PLAID.replace('scheme: headers', 'scheme: magic'));
+    expect(p!.message).toContain('inject');
+    await problemsOf(minimal('plaid', '/plaid').replace('{ scheme: bearer }', '{ scheme: bearer, header: X-Key }'));
+  });
+});
+
+describe('parseRouteText: upstream_ca', () => {
+  it('reads a PEM file through readCa, relative to the route file', async () => {
+    const asked: string[] = [];
+    const route = await compiles(`${PLAID}upstream_ca: ./ca.pem\n`, '/x/plaid.yaml', async (path) => {
+      asked.push(path);
+      return PEM;
+    });
+    expect(asked).toEqual(['./ca.pem']);
+    expect(route.upstreamCa).toBe(PEM);
+  });
+
+  it('a missing file is a problem at the upstream_ca line', async () => {
+    const [p] = await problemsOf(`${PLAID}upstream_ca: ./missing.pem\n`);
+    expect(p!.line).toBe(22);
+    expect(p!.message).toContain('upstream_ca');
+    expect(p!.message).toContain('ENOENT');
+  });
+
+  it('a file without a PEM certificate is a problem', async () => {
+    const [p] = await problemsOf(`${PLAID}upstream_ca: ./ca.pem\n`, '/x/plaid.yaml', async () => 'not a certificate\n');
+    expect(p!.line).toBe(22);
+    expect(p!.message).toContain('PEM');
+  });
+
+  it('loadRoutes resolves upstream_ca next to the route file', async () => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'ca.pem'), PEM);
+    await writeFile(join(dir, 'plaid.yaml'), `${PLAID}upstream_ca: ./ca.pem\n`);
+    const config = await loadRoutes(dir);
+    expect(config.routes[0]!.upstreamCa).toBe(PEM);
+    await writeFile(join(dir, 'ca.pem'), 'garbage');
+    await expect(loadRoutes(dir)).rejects.toBeInstanceOf(ConfigError);
+  });
+});
+
+describe('loadRoutes: a folder', () => {
+  async function folder(files: Record<string, string>): Promise<string> {
+    const dir = await tempDir();
+    for (const [name, text] of Object.entries(files)) await writeFile(join(dir, name), text);
+    return dir;
+  }
+
+  async function configError(dir: string): Promise<ConfigError> {
+    const err = await loadRoutes(dir).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(ConfigError);
+    return err as ConfigError;
+  }
+
+  it('loads every .yaml and .yml file, sorted, skipping dot files and other extensions', async () => {
+    const dir = await folder({
+      'plaid.yaml': PLAID,
+      'bank.yml': minimal('bank', '/bank'),
+      '.hidden.yaml': 'not: [valid',
+      'notes.txt': 'not a route',
+      'plaid.yaml.bak': 'nor this',
+    });
+    const config = await loadRoutes(dir);
+    expect(config.routes.map((r) => r.name)).toEqual(['bank', 'plaid']);
+    expect(config.files).toEqual([join(dir, 'bank.yml'), join(dir, 'plaid.yaml')]);
+    expect(Object.isFrozen(config)).toBe(true);
+    expect(Object.isFrozen(config.routes)).toBe(true);
+  });
+
+  it('refuses overlapping prefixes', async () => {
+    const err = await configError(await folder({ 'plaid.yaml': PLAID, 'plaid-v2.yaml': minimal('plaid-v2', '/plaid/v2') }));
+    expect(err.problems).toHaveLength(1);
+    expect(err.problems[0]!.message).toContain('overlaps');
+    expect(err.message).toContain('/plaid/v2');
+  });
+
+  it('refuses equal prefixes', async () => {
+    const err = await configError(await folder({ 'plaid.yaml': PLAID, 'other.yaml': minimal('other', '/plaid') }));
+    expect(err.problems[0]!.message).toContain('overlaps');
+  });
+
+  it('accepts prefixes that share only leading characters (/plaid and /plaidx)', async () => {
+    const config = await loadRoutes(await folder({ 'plaid.yaml': PLAID, 'plaidx.yaml': minimal('plaidx', '/plaidx') }));
+    expect(config.routes).toHaveLength(2);
+  });
+
+  it('refuses two files with the same route name (.yaml and .yml)', async () => {
+    const err = await configError(await folder({ 'plaid.yaml': PLAID, 'plaid.yml': minimal('plaid', '/plaid-two') }));
+    expect(err.problems.some((p) => p.message.includes('route name "plaid"'))).toBe(true);
+  });
+
+  it('one invalid file rejects the whole folder and every problem is reported', async () => {
+    const dir = await folder({
+      'plaid.yaml': PLAID,
+      'bank.yaml': minimal('bank', '/bank', 'bogus: 1\n'),
+      'broker.yaml': minimal('broker', '/broker/'),
+    });
+    const err = await configError(dir);
+    expect(err.problems.map((p) => p.file).sort()).toEqual([join(dir, 'bank.yaml'), join(dir, 'broker.yaml')]);
+    expect(err.message).toContain(`${join(dir, 'bank.yaml')}:6:1:`);
+  });
+
+  it('an alias in one file is a ConfigError for the folder', async () => {
+    const dir = await folder({ 'plaid.yaml': PLAID, 'bank.yaml': minimal('bank', '/bank', 'allow:\n  - caller: &c web\n    methods: [GET]\n    paths: [/]\n  - caller: *c\n    methods: [POST]\n    paths: [/]\n') });
+    await configError(dir);
+  });
+
+  it('a missing folder is a ConfigError', async () => {
+    const dir = await tempDir();
+    const err = await configError(join(dir, 'nope'));
+    expect(err.problems[0]!.message).toContain('ENOENT');
+  });
+
+  it('an empty folder loads with no routes', async () => {
+    expect((await loadRoutes(await tempDir())).routes).toEqual([]);
+  });
+
+  it('a directory named like a route file is reported, not crashed on', async () => {
+    const dir = await folder({ 'plaid.yaml': PLAID });
+    await mkdir(join(dir, 'sub.yaml'));
+    const err = await configError(dir);
+    expect(err.problems[0]!.file).toBe(join(dir, 'sub.yaml'));
+  });
+});
+
+describe('routeJsonSchema', () => {
+  it('describes a strict route file', () => {
+    const schema = routeJsonSchema() as { type?: unknown; properties?: Record<string, unknown>; additionalProperties?: unknown; required?: unknown };
+    expect(schema.type).toBe('object');
+    expect(Object.keys(schema.properties ?? {})).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject', 'allow']));
+    expect(schema.additionalProperties).toBe(false);
+    expect(schema.required).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject']));
+    expect(JSON.parse(JSON.stringify(schema))).toEqual(schema);
+  });
+});

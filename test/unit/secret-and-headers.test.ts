@@ -1,0 +1,258 @@
+import { Console } from 'node:console';
+import { Writable } from 'node:stream';
+import { format, inspect } from 'node:util';
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { outboundHeaders, responseHeaders } from '../../src/pipeline/headers.ts';
+import { echoForms, redactText } from '../../src/pipeline/redact.ts';
+import { REDACTED, Secret } from '../../src/secret.ts';
+
+const VALUE = 'sk_test_CANARY_7f3a9c';
+
+describe('Secret', () => {
+  const secret = new Secret(VALUE);
+
+  it('only reveal() gives the value', () => {
+    expect(secret.reveal()).toBe(VALUE);
+    expect(REDACTED).toBe('[REDACTED]');
+  });
+
+  it('String(), concatenation and template literals print [REDACTED]', () => {
+    expect(String(secret)).toBe('[REDACTED]');
+    expect(`${secret}`).toBe('[REDACTED]');
+    expect('x' + secret).toBe('x[REDACTED]');
+    expect(secret.toString()).toBe('[REDACTED]');
+  });
+
+  it('JSON.stringify prints [REDACTED], alone and nested', () => {
+    expect(JSON.stringify(secret)).toBe('"[REDACTED]"');
+    expect(JSON.stringify({ a: { b: [secret] } })).toBe('{"a":{"b":["[REDACTED]"]}}');
+    expect(JSON.stringify(new Map([['k', secret]]))).not.toContain(VALUE);
+    expect(JSON.stringify([...new Map([['k', secret]])])).toBe('[["k","[REDACTED]"]]');
+  });
+
+  it('util.inspect prints [REDACTED], alone, nested, and with hidden or no custom inspection', () => {
+    expect(inspect(secret)).toBe('[REDACTED]');
+    expect(inspect({ nested: { secret } }, { depth: 10 })).toContain('[REDACTED]');
+    for (const options of [{ showHidden: true }, { customInspect: false }, { showHidden: true, customInspect: false, depth: Infinity }]) {
+      expect(inspect(secret, options)).not.toContain(VALUE);
+      expect(inspect({ s: secret, m: new Map([['k', secret]]) }, options)).not.toContain(VALUE);
+    }
+  });
+
+  it('util.format with %s %o %O %j %d and console.log print [REDACTED]', () => {
+    const out = format('%s %o %O %j', secret, secret, { secret }, { secret });
+    expect(out).not.toContain(VALUE);
+    expect(out).toBe("[REDACTED] [REDACTED] { secret: [REDACTED] } {\"secret\":\"[REDACTED]\"}");
+    expect(format(secret)).toBe('[REDACTED]');
+    expect(format('%d', secret)).not.toContain(VALUE);
+
+    let written = '';
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        written += chunk.toString('utf8');
+        done();
+      },
+    });
+    const console = new Console({ stdout: sink, stderr: sink });
+    console.log(secret, { secret }, [secret]);
+    console.error('%s', secret);
+    console.dir({ secret }, { depth: 5 });
+    console.table([{ secret }]);
+    expect(written).toContain('[REDACTED]');
+    expect(written).not.toContain(VALUE);
+  });
+
+  it('an Error carrying a Secret does not print it', () => {
+    const err = new Error('failed', { cause: secret });
+    expect(inspect(err)).not.toContain(VALUE);
+  });
+});
+
+/** [name, value, name, value, ...] as node:http gives rawHeaders. */
+function raw(...pairs: [string, string][]): string[] {
+  return pairs.flat();
+}
+
+const NONE = new Set<string>();
+
+describe('outboundHeaders', () => {
+  it('drops hop-by-hop headers', () => {
+    const out = outboundHeaders(
+      raw(['Connection', 'keep-alive'], ['Keep-Alive', 'timeout=5'], ['Proxy-Connection', 'x'], ['TE', 'trailers'], ['Trailer', 'X-T'], ['Transfer-Encoding', 'chunked'], ['Upgrade', 'websocket'], ['HTTP2-Settings', 'x'], ['Host', 'p'], ['Content-Length', '4'], ['Expect', '100-continue'], ['Accept', '*/*']),
+      NONE,
+    );
+    expect([...out.keys()]).toEqual(['accept']);
+  });
+
+  it('drops names listed in Connection, case-insensitively, in comma lists and across several Connection headers', () => {
+    const out = outboundHeaders(
+      raw(['X-Secret-Hop', 'a'], ['Connection', ' X-SECRET-HOP ,, x-other'], ['x-other', 'b'], ['X-Third', 'c'], ['connection', 'x-third'], ['X-Kept', 'd']),
+      NONE,
+    );
+    expect([...out.entries()]).toEqual([['x-kept', ['d']]]);
+  });
+
+  it('drops the caller token, proxy credentials, forwarding claims and method overrides', () => {
+    const dropped = [
+      'X-Egress-Token', 'x-egress-token', 'Proxy-Authorization', 'Proxy-Authenticate',
+      'Forwarded', 'X-Forwarded-For', 'X-Forwarded-Host', 'X-Forwarded-Proto', 'X-Forwarded-Port', 'X-Forwarded-Prefix', 'X-Real-IP', 'Via',
+      'X-Forwarded-Client-Cert', 'X-SSL-Client-Cert', 'X-SSL-Client-S-DN', 'X-Client-Cert', 'X-Caller-Id',
+      'X-HTTP-Method-Override', 'X-HTTP-Method', 'X-Method-Override',
+    ];
+    const out = outboundHeaders([...dropped.flatMap((n) => [n, 'v']), 'User-Agent', 'ua'], NONE);
+    expect([...out.keys()]).toEqual(['user-agent']);
+  });
+
+  it('drops every header an injector claims, in any spelling', () => {
+    const out = outboundHeaders(raw(['Authorization', 'Bearer attacker'], ['AUTHORIZATION', 'x'], ['authorization', 'y'], ['Plaid-Secret', 'z'], ['Accept', 'a']), new Set(['authorization', 'plaid-secret']));
+    expect([...out.keys()]).toEqual(['accept']);
+  });
+
+  it('keeps duplicates of other headers, in order, under the lower-case name', () => {
+    const out = outboundHeaders(raw(['Accept', 'a'], ['X-Foo', '1'], ['accept', 'b'], ['ACCEPT', 'c'], ['Set-Cookie', 'k=v']), NONE);
+    expect([...out.entries()]).toEqual([['accept', ['a', 'b', 'c']], ['x-foo', ['1']], ['set-cookie', ['k=v']]]);
+  });
+
+  it('treats __proto__ and constructor as plain names (HDR-11)', () => {
+    const out = outboundHeaders(raw(['__proto__', 'x'], ['constructor', 'y'], ['toString', 'z'], ['hasOwnProperty', 'w']), new Set(['valueof']));
+    expect(out.get('__proto__')).toEqual(['x']);
+    expect(out.get('constructor')).toEqual(['y']);
+    expect(out.get('tostring')).toEqual(['z']);
+    expect(out.get('hasownproperty')).toEqual(['w']);
+    expect(({} as Record<string, unknown>).x).toBeUndefined();
+    expect(Object.getPrototypeOf({})).toBe(Object.prototype);
+    // A Connection header naming them drops them, without touching prototypes.
+    const listed = outboundHeaders(raw(['Connection', '__proto__, constructor'], ['__proto__', 'x'], ['constructor', 'y']), NONE);
+    expect(listed.size).toBe(0);
+  });
+
+  it('never mutates the inbound list', () => {
+    const inbound = raw(['Authorization', 'a'], ['Connection', 'x-h'], ['X-H', 'b']);
+    const copy = [...inbound];
+    outboundHeaders(inbound, new Set(['authorization']));
+    expect(inbound).toEqual(copy);
+  });
+});
+
+describe('responseHeaders', () => {
+  const redact = (v: string) => redactText(v, echoForms(VALUE));
+
+  it('drops hop-by-hop and Connection-listed headers, keeps the rest, flattens arrays', () => {
+    const flat = responseHeaders(
+      {
+        connection: 'close, X-Hop',
+        'x-hop': 'a',
+        'keep-alive': 'timeout=5',
+        'transfer-encoding': 'chunked',
+        upgrade: 'h2c',
+        'proxy-authenticate': 'Basic',
+        'x-request-id': 'upstream-id',
+        'x-egress-error': 'forged',
+        'content-type': 'application/json',
+        'set-cookie': ['a=1', 'b=2'],
+        'x-undefined': undefined,
+      },
+      redact,
+    );
+    expect(flat).toEqual(['content-type', 'application/json', 'set-cookie', 'a=1', 'set-cookie', 'b=2']);
+  });
+
+  it('handles several Connection values given as an array', () => {
+    const flat = responseHeaders({ connection: ['x-a', 'X-B'], 'x-a': '1', 'x-b': '2', 'x-c': '3' }, (v) => v);
+    expect(flat).toEqual(['x-c', '3']);
+  });
+
+  it('applies the redact function to every value', () => {
+    const flat = responseHeaders(
+      { 'www-authenticate': `Bearer error="invalid_token" token=${VALUE}`, 'x-echo': [encodeURIComponent(VALUE), Buffer.from(VALUE).toString('base64')], location: `https://u.example/?k=${VALUE}` },
+      redact,
+    );
+    expect(flat.join('\n')).not.toContain(VALUE);
+    expect(flat.join('\n')).not.toContain(Buffer.from(VALUE).toString('base64'));
+    expect(flat).toEqual([
+      'www-authenticate', 'Bearer error="invalid_token" token=[REDACTED]',
+      'x-echo', '[REDACTED]',
+      'x-echo', '[REDACTED]',
+      'location', 'https://u.example/?k=[REDACTED]',
+    ]);
+  });
+});
+
+describe('redactText / echoForms', () => {
+  it('replaces every occurrence', () => {
+    expect(redactText('abcd-abcd-xabcdx', ['abcd'])).toBe('[REDACTED]-[REDACTED]-x[REDACTED]x');
+  });
+
+  it('replaces the longest secret first, so a containing secret goes whole', () => {
+    expect(redactText('key=abcdef and abcd', ['abcd', 'abcdef'])).toBe('key=[REDACTED] and [REDACTED]');
+    expect(redactText('key=abcdef and abcd', ['abcdef', 'abcd'])).toBe('key=[REDACTED] and [REDACTED]');
+  });
+
+  it('ignores secrets shorter than 4 characters', () => {
+    expect(redactText('status 1 ok abc', ['1', 'ok', 'abc', ''])).toBe('status 1 ok abc');
+    expect(redactText('wxyz', ['wxyz'])).toBe('[REDACTED]');
+  });
+
+  it('leaves text without secrets unchanged, and does not treat secrets as patterns', () => {
+    expect(redactText('nothing here', ['secret'])).toBe('nothing here');
+    expect(redactText('a.b*c a+b*c', ['a.b*c'])).toBe('[REDACTED] a+b*c');
+    expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
+  });
+
+  it('echoForms gives the raw, URL-encoded, JSON-escaped and base64 forms, without duplicates', () => {
+    const value = 'a b/"é\\';
+    expect(echoForms(value)).toEqual([value, encodeURIComponent(value), 'a b/\\"é\\\\', Buffer.from(value, 'utf8').toString('base64')]);
+    expect(echoForms('abcd')).toEqual(['abcd', Buffer.from('abcd').toString('base64')]);
+  });
+
+  it('redacting with echoForms removes every echoed form from a body', () => {
+    const body = JSON.stringify({ raw: VALUE, url: encodeURIComponent(`x ${VALUE}`), b64: Buffer.from(VALUE).toString('base64'), json: JSON.stringify(`"${VALUE}"`) });
+    const out = redactText(body, echoForms(VALUE));
+    expect(out).not.toContain(VALUE);
+    expect(out).not.toContain(Buffer.from(VALUE).toString('base64'));
+  });
+});
+
+describe('outboundHeaders (property)', () => {
+  const names = fc.constantFrom(
+    'Authorization', 'AUTHORIZATION', 'authorization', 'AuThOrIzAtIoN',
+    'X-Egress-Token', 'x-egress-token', 'X-EGRESS-TOKEN',
+    'Connection', 'connection', 'CONNECTION',
+    'X-Foo', 'x-foo', 'X-Bar', 'Accept', 'X-Api-Key', 'x-api-key', 'Keep-Alive', '__proto__', 'constructor',
+  );
+  const connectionValue = fc
+    .array(fc.tuple(names, fc.constantFrom('', ' ', '  ')), { maxLength: 4 })
+    .map((items) => items.map(([n, pad]) => `${pad}${n}${pad}`).join(','));
+  const header = fc.oneof(fc.tuple(names, fc.string({ maxLength: 6 })), fc.tuple(fc.constantFrom('Connection', 'connection'), connectionValue));
+  const claimed = new Set(['authorization', 'x-api-key']);
+
+  it('never passes on a claimed name, the caller token, or any header named in a Connection header; keeps all else in order', () => {
+    fc.assert(
+      fc.property(fc.array(header, { maxLength: 12 }), (pairs) => {
+        const inbound = pairs.flat();
+        const listed = new Set(
+          pairs.filter(([n]) => n.toLowerCase() === 'connection').flatMap(([, v]) => v.split(',').map((t) => t.trim().toLowerCase())),
+        );
+        const out = outboundHeaders(inbound, claimed);
+        for (const name of out.keys()) {
+          expect(name).toBe(name.toLowerCase());
+          expect(claimed.has(name)).toBe(false);
+          expect(name).not.toBe('x-egress-token');
+          expect(name).not.toBe('connection');
+          expect(name).not.toBe('keep-alive');
+          expect(listed.has(name)).toBe(false);
+        }
+        // Everything not dropped is kept, values in their original order.
+        const expected = new Map<string, string[]>();
+        for (const [n, v] of pairs) {
+          const lower = n.toLowerCase();
+          if (['x-egress-token', 'connection', 'keep-alive'].includes(lower) || claimed.has(lower) || listed.has(lower)) continue;
+          expected.set(lower, [...(expected.get(lower) ?? []), v]);
+        }
+        expect(new Map(out)).toEqual(expected);
+      }),
+      { numRuns: 1500 },
+    );
+  });
+});
