@@ -11,7 +11,9 @@ import { AuditLog } from './observe/audit.ts';
 import { createLogger, type Logger } from './observe/log.ts';
 import { Metrics } from './observe/metrics.ts';
 import { Dispatchers } from './pipeline/dispatchers.ts';
-import { MemoryRateLimiter } from './pipeline/rate-limiter.ts';
+import { MemoryRateLimiter, type RateLimiter } from './pipeline/rate-limiter.ts';
+import { RedisRateLimiter } from './pipeline/redis-rate-limiter.ts';
+import { RedisStore } from './store/redis-store.ts';
 import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
 import { createReverseServer } from './server/reverse.ts';
@@ -36,7 +38,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const keyring = await openKeyring(settings, backend instanceof FileStore ? backend : undefined, log);
   if (settings.alertWebhook) log.warn('EGRESS_ALERT_WEBHOOK is set, but alert delivery is not available in this version; alerts go to this log only');
 
-  const store = new StoreView(backend, log);
+  const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs });
   await store.start();
 
   const initial = await loadRoutes(settings.routesDir);
@@ -44,7 +46,9 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const dispatchers = new Dispatchers();
   const audit = new AuditLog(settings.auditLog, log);
   await audit.open();
-  const services: Services = { store, keyring, dispatchers, limiter: new MemoryRateLimiter(), audit, metrics, log };
+  // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
+  const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
+  const services: Services = { store, keyring, dispatchers, limiter, audit, metrics, log };
 
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
@@ -59,7 +63,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     readiness: () => {
       const s = store.status();
       metrics.storeReachable.set(s.reachable ? 1 : 0);
-      return { ready: s.reachable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
+      return { ready: s.reachable && s.usable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
     },
   }, metrics);
 
@@ -89,6 +93,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       clearTimeout(timer);
       clearInterval(sweep);
       await dispatchers.close();
+      await limiter.close?.();
       await store.close();
       await audit.close();
       log.flush();

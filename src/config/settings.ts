@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { UserError } from '../errors.ts';
 import { LOG_LEVELS } from '../observe/log.ts';
+import { parseDuration } from './units.ts';
 
 /**
  * Process settings: each from an environment variable, or the matching `egress serve` flag
@@ -26,6 +27,8 @@ export interface Settings {
   readonly auditLog: string;
   readonly alertWebhook: string | undefined;
   readonly logLevel: string;
+  /** How long cached credentials serve while the store cannot be read. */
+  readonly storeMaxStaleMs: number;
   /** True when store and master key file are both the defaults (first-run key creation applies). */
   readonly defaultPaths: boolean;
 }
@@ -44,6 +47,7 @@ export const SETTINGS = {
   auditLog: { env: 'EGRESS_AUDIT_LOG', flag: 'audit-log', default: './data/audit.log' },
   alertWebhook: { env: 'EGRESS_ALERT_WEBHOOK', flag: 'alert-webhook', default: undefined },
   logLevel: { env: 'EGRESS_LOG_LEVEL', flag: 'log-level', default: 'info' },
+  storeMaxStale: { env: 'EGRESS_STORE_MAX_STALE', flag: 'store-max-stale', default: '5m' },
 } as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -78,8 +82,15 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
     auditLog: auditLog === '-' ? '-' : resolve(auditLog),
     alertWebhook: get('alertWebhook'),
     logLevel,
+    storeMaxStaleMs: durationSetting(get('storeMaxStale')!, 'EGRESS_STORE_MAX_STALE'),
     defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
   };
+}
+
+function durationSetting(text: string, what: string): number {
+  const ms = parseDuration(text);
+  if (ms === undefined) throw new UserError(`${what} must be a duration like 30s or 5m (got "${text}")`, 2);
+  return ms;
 }
 
 function nonEmpty(value: string | undefined): string | undefined {

@@ -60,6 +60,11 @@ export async function forward(ctx: RequestContext): Promise<void> {
   }
   ctx.upstreamMs = performance.now() - sentAt;
   ctx.upstreamStatus = response.statusCode;
+  if (response.statusCode === 429) {
+    // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
+    const pauseMs = retryAfterMs(headerValue(response.headers['retry-after']));
+    if (pauseMs > 0) ctx.services.limiter.pause(route.name, pauseMs);
+  }
 
   const redact = (value: string) => redactText(value, ctx.redactions);
   const relayed = responseHeaders(response.headers as Record<string, string | string[] | undefined>, redact);
@@ -122,6 +127,14 @@ function decode(raw: Buffer, encoding: string): Buffer {
     throw new ProxyError('upstream_error', 'The upstream error body could not be decoded for inspection.');
   }
   throw new ProxyError('upstream_error', `The upstream error body uses an encoding the proxy cannot inspect.`);
+}
+
+/** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at an hour; 0 when absent or unusable. */
+export function retryAfterMs(value: string | undefined, now = Date.now()): number {
+  if (!value) return 0;
+  const trimmed = value.trim();
+  const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(trimmed) - now;
+  return Number.isFinite(ms) && ms > 0 ? Math.min(ms, 3_600_000) : 0;
 }
 
 function headerValue(value: string | string[] | undefined): string | undefined {

@@ -9,7 +9,10 @@ export function identifyCaller(ctx: RequestContext): void {
   if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw new ProxyError('caller_unauthenticated', 'More than one caller token was sent.');
   const token = ctx.req.headers[TOKEN_HEADER];
   if (typeof token !== 'string' || token.length === 0) throw new ProxyError('caller_unauthenticated');
-  const caller = ctx.services.store.identifyCaller(token);
+  const store = ctx.services.store;
+  // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.
+  if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
+  const caller = store.identifyCaller(token);
   if (!caller) throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
   ctx.caller = caller;
 }

@@ -1,30 +1,35 @@
-import type { RateLimitOptions } from '../config/route-schema.ts';
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
-import type { RateDecision } from './rate-limiter.ts';
+import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
 
 /**
- * The caller's rule limit (caller x route x rule), then the route's upstream quota (all callers).
- * The caller's own bucket is checked first, so one noisy caller cannot spend the shared quota on
- * requests that its own limit refuses.
+ * The caller's rule limit (caller x route x rule) and the route's upstream quota (all callers),
+ * taken together: a request one bucket refuses spends nothing from the other. A route paused
+ * after an upstream 429 refuses everyone until the upstream's Retry-After.
  */
-export function rateLimit(ctx: RequestContext): void {
+export function rateLimit(ctx: RequestContext): void | Promise<void> {
   const { route, rule, caller } = ctx;
-  const limiter = ctx.services.limiter;
-  if (rule?.rate) check(limiter.take(['rule', route!.name, rule.index, caller!], rule.rate), rule.rate, 'caller');
-  if (route?.upstreamRate) check(limiter.take(['route', route.name], route.upstreamRate), route.upstreamRate, 'upstream');
+  const buckets: Bucket[] = [];
+  if (rule?.rate) buckets.push({ key: ['rule', rule.index, caller!], limit: rule.rate, policy: 'caller' });
+  if (route!.upstreamRate) buckets.push({ key: ['upstream'], limit: route!.upstreamRate, policy: 'upstream' });
+  const result = ctx.services.limiter.check(route!.name, buckets);
+  if (result instanceof Promise) return result.then(enforce);
+  enforce(result);
 }
 
-function check(decision: RateDecision, limit: RateLimitOptions, policy: string): void {
-  if (decision.allowed) return;
-  const windowSeconds = Math.ceil(limit.rate.periodMs / 1000);
-  const quota = limit.burst ?? limit.rate.count;
-  throw new ProxyError('rate_limited', policy === 'caller' ? 'The caller limit for this route is reached.' : 'The upstream quota for this route is reached.', {
+function enforce(check: RateCheck): void {
+  if (check.allowed) return;
+  const retryAfter = String(Math.max(1, Math.ceil(check.retryAfterMs / 1000)));
+  const bucket = check.bucket;
+  if (!bucket) {
+    throw new ProxyError('rate_limited', 'The upstream asked for a pause on this route.', { headers: { 'retry-after': retryAfter } });
+  }
+  throw new ProxyError('rate_limited', bucket.policy === 'caller' ? 'The caller limit for this route is reached.' : 'The upstream quota for this route is reached.', {
     headers: {
-      'retry-after': String(Math.max(1, Math.ceil(decision.retryAfterMs / 1000))),
+      'retry-after': retryAfter,
       // draft-ietf-httpapi-ratelimit-headers: the policy, and the state of the bucket that refused.
-      'ratelimit-policy': `"${policy}";q=${quota};w=${windowSeconds}`,
-      ratelimit: `"${policy}";r=${decision.remaining};t=${Math.max(1, Math.ceil(decision.resetMs / 1000))}`,
+      'ratelimit-policy': `"${bucket.policy}";q=${burstOf(bucket.limit)};w=${Math.ceil(bucket.limit.rate.periodMs / 1000)}`,
+      ratelimit: `"${bucket.policy}";r=0;t=${Math.max(1, Math.ceil(check.resetMs / 1000))}`,
     },
   });
 }

@@ -1,38 +1,73 @@
 import type { RateLimitOptions } from '../config/route-schema.ts';
 
-export interface RateDecision {
-  readonly allowed: boolean;
-  /** Milliseconds until one more request would be allowed (0 when allowed). */
-  readonly retryAfterMs: number;
-  readonly remaining: number;
-  /** Milliseconds until the bucket is full again. */
-  readonly resetMs: number;
+/** One bucket a request draws from, named by a tuple of structured parts. */
+export interface Bucket {
+  readonly key: readonly (string | number)[];
+  readonly limit: RateLimitOptions;
+  readonly policy: 'caller' | 'upstream';
 }
 
-/** A limiter takes one request from a bucket named by a tuple of structured parts. */
+export type RateCheck =
+  | { readonly allowed: true }
+  | {
+      readonly allowed: false;
+      /** The bucket that refused, or undefined when the route is paused after an upstream 429. */
+      readonly bucket: Bucket | undefined;
+      /** Milliseconds until a request would be allowed. */
+      readonly retryAfterMs: number;
+      /** Milliseconds until the refusing bucket is full again. */
+      readonly resetMs: number;
+    };
+
+/**
+ * Takes one request from every bucket, or from none (a request refused by one bucket does not
+ * spend the others). `scope` is the route: a route can be paused for everyone after an upstream 429.
+ */
 export interface RateLimiter {
-  take(key: readonly (string | number)[], limit: RateLimitOptions, now?: number): RateDecision;
+  check(scope: string, buckets: readonly Bucket[]): RateCheck | Promise<RateCheck>;
+  pause(scope: string, ms: number): void;
+  close?(): Promise<void>;
+}
+
+export function intervalOf(limit: RateLimitOptions): number {
+  return limit.rate.periodMs / limit.rate.count;
+}
+
+export function burstOf(limit: RateLimitOptions): number {
+  return limit.burst ?? limit.rate.count;
 }
 
 /**
- * GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp per key) in memory:
- * used when the store is a file, i.e. one instance. Keys are bounded by the configuration.
+ * GCRA (the generic cell rate algorithm: a token bucket kept as one "theoretical arrival time" per
+ * key) in memory. Used when the store is a file (one instance), and as the per-instance fallback
+ * when Redis cannot answer. Keys are bounded by the configuration.
  */
 export class MemoryRateLimiter implements RateLimiter {
   readonly #tat = new Map<string, number>();
+  readonly #paused = new Map<string, number>();
 
-  take(key: readonly (string | number)[], limit: RateLimitOptions, now = performance.now()): RateDecision {
-    // A JSON tuple, not a concatenation: ("a:b","c") and ("a","b:c") are different buckets.
-    const k = JSON.stringify(key);
-    const interval = limit.rate.periodMs / limit.rate.count;
-    const burst = limit.burst ?? limit.rate.count;
-    const tat = Math.max(this.#tat.get(k) ?? now, now);
-    const newTat = tat + interval;
-    const allowAt = newTat - burst * interval;
-    if (now < allowAt) {
-      return { allowed: false, retryAfterMs: allowAt - now, remaining: 0, resetMs: tat - now };
+  check(scope: string, buckets: readonly Bucket[], now = performance.now()): RateCheck {
+    const pausedUntil = this.#paused.get(scope);
+    if (pausedUntil !== undefined) {
+      if (pausedUntil > now) return { allowed: false, bucket: undefined, retryAfterMs: pausedUntil - now, resetMs: pausedUntil - now };
+      this.#paused.delete(scope);
     }
-    this.#tat.set(k, newTat);
-    return { allowed: true, retryAfterMs: 0, remaining: Math.max(0, Math.floor((now + burst * interval - newTat) / interval)), resetMs: newTat - now };
+    const updates: [string, number][] = [];
+    for (const bucket of buckets) {
+      // A JSON tuple, not a concatenation: ("a:b","c") and ("a","b:c") are different buckets.
+      const key = JSON.stringify([scope, ...bucket.key]);
+      const interval = intervalOf(bucket.limit);
+      const tat = Math.max(this.#tat.get(key) ?? now, now);
+      const next = tat + interval;
+      const allowAt = next - burstOf(bucket.limit) * interval;
+      if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now, resetMs: tat - now };
+      updates.push([key, next]);
+    }
+    for (const [key, next] of updates) this.#tat.set(key, next);
+    return { allowed: true };
+  }
+
+  pause(scope: string, ms: number, now = performance.now()): void {
+    this.#paused.set(scope, Math.max(this.#paused.get(scope) ?? 0, now + ms));
   }
 }

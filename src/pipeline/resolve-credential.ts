@@ -11,13 +11,13 @@ import { echoForms } from './redact.ts';
 export function resolveCredential(ctx: RequestContext): void {
   const route = ctx.route!;
   const { store, keyring, log } = ctx.services;
+  if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
   if (store.isDamaged('credential', route.credential)) {
     throw new ProxyError('credential_unavailable', 'The stored credential record is damaged.');
   }
   const record = store.credential(route.credential);
   if (!record) {
-    const status = store.status();
-    throw new ProxyError('credential_unavailable', status.loaded ? 'The route names a credential that is not in the store.' : 'The credential store has not been read yet.');
+    throw new ProxyError('credential_unavailable', 'The route names a credential that is not in the store.');
   }
   const version = currentVersion(record);
   if (!version) throw new ProxyError('credential_unavailable', 'The credential has no current version.');

@@ -1,27 +1,40 @@
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import { CallerIndex } from './callers.ts';
-import type { CredentialRecord } from './records.ts';
+import type { CallerRecord, CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
+
+export interface StoreViewOptions {
+  /** How long cached records keep serving while the store cannot be read. */
+  readonly maxStaleMs: number;
+}
 
 /**
  * The proxy's in-memory view of the store: ciphertext records only, refreshed whenever the backend
  * reports a change. Decryption happens per request, at the edge, and nothing decrypted is kept.
+ *
+ * Two protections sit here, for every backend: a record never goes back to a lower revision than
+ * one this instance has seen (a restored old copy or a replayed write cannot resurrect a revoked
+ * token or an old key), and when the store cannot be read, cached records serve for a bounded time
+ * only.
  */
 export class StoreView {
   readonly backend: StoreBackend;
   readonly #log: Logger;
+  readonly #maxStaleMs: number;
   #snapshot: StoreSnapshot | undefined;
   #callers = new CallerIndex([]);
   #lastError: string | undefined;
-  #loadedAt: Date | undefined;
+  #lastOkAt: number | undefined;
   #unwatch: (() => void) | undefined;
   #refreshing: Promise<void> | undefined;
   #again = false;
+  readonly #rollbacksReported = new Set<string>();
 
-  constructor(backend: StoreBackend, log: Logger) {
+  constructor(backend: StoreBackend, log: Logger, options: StoreViewOptions) {
     this.backend = backend;
     this.#log = log;
+    this.#maxStaleMs = options.maxStaleMs;
   }
 
   async start(): Promise<void> {
@@ -39,16 +52,13 @@ export class StoreView {
       do {
         this.#again = false;
         try {
-          const snapshot = await this.backend.load();
-          this.#snapshot = snapshot;
-          this.#callers = new CallerIndex(snapshot.callers.values());
-          this.#loadedAt = new Date();
+          this.#apply(await this.backend.load());
+          this.#lastOkAt = performance.now();
           if (this.#lastError) this.#log.info({ store: this.backend.description }, 'store reachable again');
           this.#lastError = undefined;
-          for (const [key, why] of snapshot.damaged) this.#log.error({ record: key, reason: why }, 'store record is damaged; it fails closed');
         } catch (err) {
-          const reason = err instanceof Error && err.name === 'UserError' ? err.message : (errorCode(err) ?? 'read failed');
-          if (reason !== this.#lastError) this.#log.error({ store: this.backend.description, reason }, 'store unreachable; serving the last records read');
+          const reason = err instanceof Error && err.name === 'UserError' ? err.message : (errorCode(err) ?? (err instanceof Error ? err.message.slice(0, 200) : 'read failed'));
+          if (reason !== this.#lastError) this.#log.error({ alert: 'store_unreachable', store: this.backend.description, reason }, 'store unreachable; serving cached records for a bounded time');
           this.#lastError = reason;
         }
       } while (this.#again);
@@ -56,6 +66,42 @@ export class StoreView {
       this.#refreshing = undefined;
     });
     return this.#refreshing;
+  }
+
+  #apply(next: StoreSnapshot): void {
+    const prev = this.#snapshot;
+    const credentials = new Map(next.credentials);
+    const callers = new Map(next.callers);
+    if (prev) {
+      this.#keepNewer('credential', prev.credentials, credentials, next.damaged);
+      this.#keepNewer('caller', prev.callers, callers, next.damaged);
+    }
+    for (const [key, why] of next.damaged) {
+      if (!prev?.damaged.has(key)) this.#log.error({ alert: 'store_record_damaged', record: key, reason: why }, 'store record is damaged; it fails closed');
+    }
+    this.#snapshot = { credentials, callers, damaged: next.damaged };
+    this.#callers = new CallerIndex(callers.values());
+  }
+
+  /** Rollback protection: a record that went back in revision, or vanished, keeps its newest version here. */
+  #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, seen: ReadonlyMap<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
+    for (const [key, old] of seen) {
+      if (damaged.has(`${kind}:${key}`)) continue;
+      const now = next.get(key);
+      if (now && now.revision >= old.revision) continue;
+      next.set(key, old);
+      const id = `${kind}:${key}:${now?.revision ?? 'gone'}`;
+      if (!this.#rollbacksReported.has(id)) {
+        this.#rollbacksReported.add(id);
+        this.#log.error({ alert: 'store_rollback', record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null }, 'store went back to an older revision of a record; keeping the newest one seen');
+      }
+    }
+  }
+
+  /** Cached records are usable: read at least once, and not stale past the bound while the store is down. */
+  usable(): boolean {
+    if (this.#lastOkAt === undefined) return false;
+    return this.#lastError === undefined || performance.now() - this.#lastOkAt <= this.#maxStaleMs;
   }
 
   credential(id: string): CredentialRecord | undefined {
@@ -70,11 +116,14 @@ export class StoreView {
     return this.#callers.identify(token);
   }
 
-  status(): { reachable: boolean; loaded: boolean; loaded_at?: string; error?: string } {
+  status(): { reachable: boolean; loaded: boolean; usable: boolean; loaded_at?: string; stale_ms?: number; error?: string } {
+    const stale = this.#lastError !== undefined && this.#lastOkAt !== undefined ? Math.round(performance.now() - this.#lastOkAt) : undefined;
     return {
       reachable: this.#lastError === undefined && this.#snapshot !== undefined,
       loaded: this.#snapshot !== undefined,
-      ...(this.#loadedAt ? { loaded_at: this.#loadedAt.toISOString() } : {}),
+      usable: this.usable(),
+      ...(this.#lastOkAt !== undefined ? { loaded_at: new Date(Date.now() - (performance.now() - this.#lastOkAt)).toISOString() } : {}),
+      ...(stale !== undefined ? { stale_ms: stale } : {}),
       ...(this.#lastError ? { error: this.#lastError } : {}),
     };
   }

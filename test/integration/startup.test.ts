@@ -95,9 +95,11 @@ describe('start-up refuses what it must', () => {
 
   it('a store URL it does not support, and a bad listen address', async () => {
     const { env } = await seeded();
-    const redis = await runCli(['serve'], { ...env, EGRESS_STORE: 'redis://127.0.0.1:1' });
-    expect(redis.code).toBe(1);
-    expect(redis.stderr).toContain('Redis store');
+    const other = await runCli(['serve'], { ...env, EGRESS_STORE: 'memcached://127.0.0.1:1' });
+    expect(other.code).toBe(1);
+    expect(other.stderr).toContain('EGRESS_STORE must be file:PATH, redis://');
+    const stale = await runCli(['serve'], { ...env, EGRESS_STORE_MAX_STALE: 'forever' });
+    expect(stale.code).toBe(2);
     const listen = await runCli(['serve'], { ...env, EGRESS_LISTEN: 'nonsense' });
     expect(listen.code).toBe(2);
     expect(listen.stderr).toContain('EGRESS_LISTEN');

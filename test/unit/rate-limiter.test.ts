@@ -7,8 +7,14 @@ import { MemoryRateLimiter } from '../../src/pipeline/rate-limiter.ts';
 const LIMIT: RateLimitOptions = { rate: { count: 2, periodMs: 1000 }, burst: 4 };
 const KEY = ['caller', 'sync-worker', 'route', 'plaid'] as const;
 
+/** One request from a single bucket, as {allowed, retryAfterMs, resetMs} (0 when allowed). */
+function take(limiter: MemoryRateLimiter, key: readonly (string | number)[], limit: RateLimitOptions, now: number) {
+  const r = limiter.check('route', [{ key, limit, policy: 'caller' }], now);
+  return r.allowed ? { allowed: true, retryAfterMs: 0 } : { allowed: false, retryAfterMs: r.retryAfterMs, resetMs: r.resetMs };
+}
+
 function takeN(limiter: MemoryRateLimiter, n: number, now: number, limit = LIMIT, key: readonly (string | number)[] = KEY) {
-  return Array.from({ length: n }, () => limiter.take(key, limit, now));
+  return Array.from({ length: n }, () => take(limiter, key, limit, now));
 }
 
 describe('MemoryRateLimiter', () => {
@@ -16,38 +22,37 @@ describe('MemoryRateLimiter', () => {
     const limiter = new MemoryRateLimiter();
     const burst = takeN(limiter, 4, 0);
     expect(burst.map((d) => d.allowed)).toEqual([true, true, true, true]);
-    expect(burst.map((d) => d.remaining)).toEqual([3, 2, 1, 0]);
     expect(burst.map((d) => d.retryAfterMs)).toEqual([0, 0, 0, 0]);
-    const refused = limiter.take(KEY, LIMIT, 0);
-    expect(refused).toEqual({ allowed: false, retryAfterMs: 500, remaining: 0, resetMs: 2000 });
+    const refused = take(limiter, KEY, LIMIT, 0);
+    expect(refused).toEqual({ allowed: false, retryAfterMs: 500, resetMs: 2000 });
   });
 
   it('burst defaults to the rate count', () => {
     const limiter = new MemoryRateLimiter();
     const limit: RateLimitOptions = { rate: { count: 3, periodMs: 60_000 } };
     expect(takeN(limiter, 4, 1000, limit).map((d) => d.allowed)).toEqual([true, true, true, false]);
-    expect(limiter.take(KEY, limit, 1000).retryAfterMs).toBe(20_000);
+    expect(take(limiter, KEY, limit, 1000).retryAfterMs).toBe(20_000);
   });
 
   it('refills one token per interval, and retryAfterMs says exactly when', () => {
     const limiter = new MemoryRateLimiter();
     takeN(limiter, 4, 10_000);
-    const refused = limiter.take(KEY, LIMIT, 10_200);
+    const refused = take(limiter, KEY, LIMIT, 10_200);
     expect(refused.allowed).toBe(false);
     expect(refused.retryAfterMs).toBe(300);
-    expect(limiter.take(KEY, LIMIT, 10_499).allowed).toBe(false);
-    expect(limiter.take(KEY, LIMIT, 10_499).retryAfterMs).toBe(1);
-    expect(limiter.take(KEY, LIMIT, 10_500).allowed).toBe(true);
+    expect(take(limiter, KEY, LIMIT, 10_499).allowed).toBe(false);
+    expect(take(limiter, KEY, LIMIT, 10_499).retryAfterMs).toBe(1);
+    expect(take(limiter, KEY, LIMIT, 10_500).allowed).toBe(true);
     // That token is spent; the next comes one interval later.
-    expect(limiter.take(KEY, LIMIT, 10_500)).toMatchObject({ allowed: false, retryAfterMs: 500 });
-    expect(limiter.take(KEY, LIMIT, 11_000).allowed).toBe(true);
+    expect(take(limiter, KEY, LIMIT, 10_500)).toMatchObject({ allowed: false, retryAfterMs: 500 });
+    expect(take(limiter, KEY, LIMIT, 11_000).allowed).toBe(true);
   });
 
   it('refusals do not consume: hammering does not push the retry time back', () => {
     const limiter = new MemoryRateLimiter();
     takeN(limiter, 4, 0);
-    for (let i = 0; i < 100; i++) expect(limiter.take(KEY, LIMIT, 100).retryAfterMs).toBe(400);
-    expect(limiter.take(KEY, LIMIT, 500).allowed).toBe(true);
+    for (let i = 0; i < 100; i++) expect(take(limiter, KEY, LIMIT, 100).retryAfterMs).toBe(400);
+    expect(take(limiter, KEY, LIMIT, 500).allowed).toBe(true);
   });
 
   it('an idle bucket refills to the burst and no further', () => {
@@ -59,22 +64,22 @@ describe('MemoryRateLimiter', () => {
   it('distinct tuple keys never share a bucket, even when their concatenations collide', () => {
     const limiter = new MemoryRateLimiter();
     const one: RateLimitOptions = { rate: { count: 1, periodMs: 1000 } };
-    expect(limiter.take(['a:b', 'c'], one, 0).allowed).toBe(true);
-    expect(limiter.take(['a:b', 'c'], one, 0).allowed).toBe(false);
-    expect(limiter.take(['a', 'b:c'], one, 0).allowed).toBe(true);
-    expect(limiter.take(['a', 'b', 'c'], one, 0).allowed).toBe(true);
-    expect(limiter.take(['a:b:c'], one, 0).allowed).toBe(true);
-    expect(limiter.take([':3100', '1/private'], one, 0).allowed).toBe(true);
-    expect(limiter.take([':31001', '/private'], one, 0).allowed).toBe(true);
-    expect(limiter.take(['1'], one, 0).allowed).toBe(true);
-    expect(limiter.take([1], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['a:b', 'c'], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['a:b', 'c'], one, 0).allowed).toBe(false);
+    expect(take(limiter, ['a', 'b:c'], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['a', 'b', 'c'], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['a:b:c'], one, 0).allowed).toBe(true);
+    expect(take(limiter, [':3100', '1/private'], one, 0).allowed).toBe(true);
+    expect(take(limiter, [':31001', '/private'], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['1'], one, 0).allowed).toBe(true);
+    expect(take(limiter, [1], one, 0).allowed).toBe(true);
   });
 
   it('the same tuple is the same bucket across calls', () => {
     const limiter = new MemoryRateLimiter();
     const one: RateLimitOptions = { rate: { count: 1, periodMs: 1000 } };
-    expect(limiter.take(['caller', 'web'], one, 0).allowed).toBe(true);
-    expect(limiter.take(['caller', 'web'], one, 0).allowed).toBe(false);
+    expect(take(limiter, ['caller', 'web'], one, 0).allowed).toBe(true);
+    expect(take(limiter, ['caller', 'web'], one, 0).allowed).toBe(false);
   });
 
   it('never allows more than burst + elapsed/interval requests (property)', () => {
@@ -92,7 +97,7 @@ describe('MemoryRateLimiter', () => {
           let allowed = 0;
           for (const step of steps) {
             now += step;
-            const d = limiter.take(['k'], limit, now);
+            const d = take(limiter, ['k'], limit, now);
             if (d.allowed) {
               allowed++;
               expect(d.retryAfterMs).toBe(0);
@@ -100,7 +105,6 @@ describe('MemoryRateLimiter', () => {
               expect(d.retryAfterMs).toBeGreaterThan(0);
               expect(d.retryAfterMs).toBeLessThanOrEqual(interval + 1e-6);
             }
-            expect(d.remaining).toBeGreaterThanOrEqual(0);
             expect(allowed).toBeLessThanOrEqual((burst ?? count) + Math.floor(now / interval) + 1e-9);
           }
         },
@@ -115,11 +119,35 @@ describe('MemoryRateLimiter', () => {
         const limit: RateLimitOptions = { rate: { count, periodMs: 1000 } };
         const limiter = new MemoryRateLimiter();
         takeN(limiter, count + extra, start, limit, ['k']);
-        const refused = limiter.take(['k'], limit, start);
+        const refused = take(limiter, ['k'], limit, start);
         expect(refused.allowed).toBe(false);
-        expect(limiter.take(['k'], limit, start + refused.retryAfterMs).allowed).toBe(true);
+        expect(take(limiter, ['k'], limit, start + refused.retryAfterMs).allowed).toBe(true);
       }),
       { numRuns: 300 },
     );
+  });
+
+  it('takes from every bucket or from none: a refusal by one bucket spends nothing from the others', () => {
+    const limiter = new MemoryRateLimiter();
+    const caller = { key: ['rule', 0, 'svc'], limit: { rate: { count: 1, periodMs: 1000 } }, policy: 'caller' as const };
+    const upstream = { key: ['upstream'], limit: { rate: { count: 3, periodMs: 1000 } }, policy: 'upstream' as const };
+    expect(limiter.check('r', [caller, upstream], 0).allowed).toBe(true);
+    const refused = limiter.check('r', [caller, upstream], 0);
+    expect(refused).toMatchObject({ allowed: false, bucket: caller });
+    // The upstream bucket still has its other two tokens.
+    expect(limiter.check('r', [upstream], 0).allowed).toBe(true);
+    expect(limiter.check('r', [upstream], 0).allowed).toBe(true);
+    expect(limiter.check('r', [upstream], 0)).toMatchObject({ allowed: false, bucket: upstream });
+  });
+
+  it('scopes are separate, and a paused scope refuses everything until the pause ends', () => {
+    const limiter = new MemoryRateLimiter();
+    const one = { key: ['x'], limit: { rate: { count: 1, periodMs: 1000 } }, policy: 'caller' as const };
+    expect(limiter.check('a', [one], 0).allowed).toBe(true);
+    expect(limiter.check('b', [one], 0).allowed).toBe(true);
+    limiter.pause('a', 5000, 0);
+    expect(limiter.check('a', [], 1000)).toMatchObject({ allowed: false, bucket: undefined, retryAfterMs: 4000 });
+    expect(limiter.check('b', [], 1000).allowed).toBe(true);
+    expect(limiter.check('a', [], 5000).allowed).toBe(true);
   });
 });

@@ -1,0 +1,83 @@
+import { readFileSync } from 'node:fs';
+import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis';
+import { UserError } from '../errors.ts';
+
+/**
+ * Redis connections for the store and the rate limiter. Every command is bounded: no offline
+ * queue (a command while disconnected fails at once), one attempt per command, a command timeout.
+ * Callers fall back to what they cached, or to per-instance limits, instead of waiting.
+ */
+export const REDIS_LIMITS = Object.freeze({ commandTimeoutMs: 500, connectTimeoutMs: 1_000, maxReconnectDelayMs: 2_000 });
+
+export type RedisConnection = Redis | Cluster;
+
+export interface RedisSpec {
+  /** The URL with any password masked: safe to log. */
+  readonly description: string;
+  connect(): RedisConnection;
+}
+
+const COMMON: RedisOptions = {
+  enableOfflineQueue: false,
+  maxRetriesPerRequest: 0,
+  commandTimeout: REDIS_LIMITS.commandTimeoutMs,
+  connectTimeout: REDIS_LIMITS.connectTimeoutMs,
+  retryStrategy: (times: number) => Math.min(100 * 2 ** Math.min(times, 5), REDIS_LIMITS.maxReconnectDelayMs),
+  // After a failover the old primary answers READONLY: reconnect, and Sentinel finds the new one.
+  reconnectOnError: (err: Error) => err.message.startsWith('READONLY'),
+  lazyConnect: false,
+};
+
+/**
+ * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
+ * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
+ * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
+ * file instead of the URL.
+ */
+export function parseRedisUrl(spec: string): RedisSpec {
+  const match = /^(redis|rediss|redis-sentinel|redis-cluster):\/\/(?:([^@/]*)@)?([^/?]+)(\/[^?]*)?(?:\?(.*))?$/.exec(spec);
+  if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0');
+  const [, scheme, userinfo, hostList, path, query] = match;
+  const params = new URLSearchParams(query ?? '');
+  let username: string | undefined;
+  let password: string | undefined;
+  if (userinfo) {
+    const colon = userinfo.indexOf(':');
+    username = decodeURIComponent(colon === -1 ? userinfo : userinfo.slice(0, colon)) || undefined;
+    password = colon === -1 ? undefined : decodeURIComponent(userinfo.slice(colon + 1));
+  }
+  const passwordFile = params.get('password_file');
+  if (passwordFile) {
+    try {
+      password = readFileSync(passwordFile, 'utf8').trim();
+    } catch (err) {
+      throw new UserError(`EGRESS_STORE password_file ${passwordFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+    }
+  }
+  const hosts = hostList!.split(',').map((h) => {
+    const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
+    if (!m) throw new UserError(`EGRESS_STORE has a bad host "${h}"`);
+    return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379)) };
+  });
+  const db = Number(scheme === 'redis-sentinel' ? (params.get('db') ?? 0) : (path?.slice(1) || 0));
+  if (!Number.isInteger(db) || db < 0) throw new UserError('EGRESS_STORE database number must be a whole number');
+  const auth = { ...(username ? { username } : {}), ...(password ? { password } : {}) };
+  const description = `${scheme}://${password ? `${username ?? ''}:***@` : ''}${hostList}${path ?? ''}`;
+  const tls = scheme === 'rediss' || params.get('tls') === 'true' ? { tls: {} } : {};
+
+  switch (scheme) {
+    case 'redis':
+    case 'rediss':
+      if (hosts.length !== 1) throw new UserError('a redis:// URL names one host; use redis-sentinel:// or redis-cluster:// for several');
+      return { description, connect: () => new Redis({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db }) };
+    case 'redis-sentinel': {
+      const name = path?.slice(1);
+      if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
+      return { description, connect: () => new Redis({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
+    }
+    default: {
+      const options: ClusterOptions = { enableOfflineQueue: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
+      return { description, connect: () => new Cluster(hosts, options) };
+    }
+  }
+}

@@ -1,0 +1,136 @@
+import { ConflictError, UserError } from '../errors.ts';
+import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
+import type { RedisConnection, RedisSpec } from './redis-client.ts';
+import { toSnapshot } from './file-store.ts';
+import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
+
+/**
+ * Keys. The `{egress}` hash tag keeps every store key in one cluster slot, so the scripts below
+ * stay atomic under Redis Cluster. Values are the same JSON records the file store holds:
+ * ciphertext and metadata only.
+ */
+export const KEYS = Object.freeze({
+  record: (kind: RecordKind, id: string) => `egress:{egress}:${kind}:${id}`,
+  recordPrefix: (kind: RecordKind) => `egress:{egress}:${kind}:`,
+  index: (kind: RecordKind) => `egress:{egress}:index:${kind}`,
+  version: 'egress:{egress}:version',
+  channel: 'egress:store:changes',
+});
+
+/** Compare-and-set one record: write only when its stored revision is the one the writer read. */
+const PUT_SCRIPT = `
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' and cur.err then return {-2, 0} end
+local rev = 0
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']) else rev = -1 end
+end
+if rev ~= tonumber(ARGV[2]) then return {0, rev} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+local v = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[4], v)
+return {1, v}
+`;
+
+/** One consistent snapshot of every record, in one round trip. Wrong-typed or missing values are marked. */
+const LOAD_SCRIPT = `
+local out = {}
+for i = 1, 2 do
+  local items = {}
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    local v = redis.pcall('GET', ARGV[i] .. m)
+    if type(v) == 'table' then v = '!wrongtype' elseif not v then v = '!missing' end
+    items[#items + 1] = m
+    items[#items + 1] = v
+  end
+  out[#out + 1] = items
+end
+out[#out + 1] = redis.call('GET', KEYS[3]) or '0'
+return out
+`;
+
+/** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
+const POLL_MS = 500;
+
+export class RedisStore implements StoreBackend {
+  readonly description: string;
+  readonly client: RedisConnection;
+  readonly #spec: RedisSpec;
+
+  constructor(spec: RedisSpec) {
+    this.#spec = spec;
+    this.description = spec.description;
+    this.client = spec.connect();
+    // Connection errors surface as failed commands; an unhandled 'error' event must not crash the process.
+    this.client.on('error', () => {});
+  }
+
+  async load(): Promise<StoreSnapshot> {
+    const result = (await this.client.eval(LOAD_SCRIPT, 3, KEYS.index('credential'), KEYS.index('caller'), KEYS.version, KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'))) as [string[], string[], string];
+    return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]) });
+  }
+
+  async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
+    const key = kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
+    const [ok, found] = (await this.client.eval(PUT_SCRIPT, 3, KEYS.record(kind, key), KEYS.index(kind), KEYS.version, JSON.stringify(record), String(expectedRevision), key, KEYS.channel)) as [number, number];
+    if (ok === 1) return;
+    if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
+    throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);
+  }
+
+  /** Pub/sub for speed, and a poll of the version counter (and of reachability) as the safety net. */
+  watch(listener: () => void): () => void {
+    const subscriber = this.#spec.connect();
+    subscriber.on('error', () => {});
+    subscriber.on('message', () => listener());
+    subscriber.on('ready', () => {
+      void subscriber.subscribe(KEYS.channel).catch(() => {});
+      listener();
+    });
+    let last: string | undefined;
+    let failing = false;
+    const timer = setInterval(() => {
+      this.client.get(KEYS.version).then(
+        (v) => {
+          if (v !== last || failing) listener();
+          last = v ?? undefined;
+          failing = false;
+        },
+        () => {
+          failing = true;
+          listener();
+        },
+      );
+    }, POLL_MS);
+    timer.unref();
+    return () => {
+      clearInterval(timer);
+      subscriber.disconnect();
+    };
+  }
+
+  /** Another connection to the same Redis (subscribers need their own). */
+  connectAgain(): RedisConnection {
+    return this.#spec.connect();
+  }
+
+  async close(): Promise<void> {
+    this.client.disconnect();
+  }
+}
+
+/** [member, value, member, value…] -> records; damaged values become objects the record schema refuses. */
+function decodePairs(pairs: readonly string[]): Record<string, unknown> {
+  const out: Record<string, unknown> = Object.create(null);
+  for (let i = 0; i < pairs.length; i += 2) {
+    const value = pairs[i + 1]!;
+    try {
+      out[pairs[i]!] = value.startsWith('!') ? { damaged: value.slice(1) } : JSON.parse(value);
+    } catch {
+      out[pairs[i]!] = { damaged: 'not JSON' };
+    }
+  }
+  return out;
+}

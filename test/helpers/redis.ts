@@ -1,0 +1,88 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Redis, type RedisOptions } from 'ioredis';
+
+/**
+ * A private redis-server on a free port, so a test can stop, freeze (SIGSTOP) and restart it.
+ * Append-only persistence is on, so a restart keeps the data, as production Redis must.
+ */
+export class TestRedis {
+  readonly port: number;
+  readonly dir: string;
+  #child: ChildProcess | undefined;
+
+  private constructor(port: number, dir: string) {
+    this.port = port;
+    this.dir = dir;
+  }
+
+  static async create(options: { start?: boolean } = {}): Promise<TestRedis> {
+    const redis = new TestRedis(await freePort(), await mkdtemp(join(tmpdir(), 'egress-redis-')));
+    if (options.start !== false) await redis.start();
+    return redis;
+  }
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async start(): Promise<void> {
+    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' });
+    this.#child = child;
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const client = this.client({ retryStrategy: () => null, lazyConnect: true });
+      try {
+        await client.connect();
+        await client.ping();
+        client.disconnect();
+        return;
+      } catch {
+        client.disconnect();
+        if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
+        if (Date.now() > deadline) throw new Error('redis-server did not start');
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+
+  /** Stop the server (SIGKILL: a crash, not a clean shutdown). */
+  async stop(): Promise<void> {
+    const child = this.#child;
+    this.#child = undefined;
+    if (!child || child.exitCode !== null) return;
+    child.kill('SIGCONT');
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await exited;
+  }
+
+  freeze(): void {
+    this.#child?.kill('SIGSTOP');
+  }
+
+  thaw(): void {
+    this.#child?.kill('SIGCONT');
+  }
+
+  /** A plain client for the test itself to read and damage keys. */
+  client(options: RedisOptions = {}): Redis {
+    return new Redis(this.port, '127.0.0.1', { maxRetriesPerRequest: 1, ...options });
+  }
+
+  async destroy(): Promise<void> {
+    await this.stop();
+    await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  await new Promise<void>((r) => server.close(() => r()));
+  return port;
+}
