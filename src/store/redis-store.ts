@@ -1,6 +1,7 @@
 import { ConflictError, UserError } from '../errors.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
-import type { RedisConnection, RedisSpec } from './redis-client.ts';
+import { once } from 'node:events';
+import { REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { toSnapshot } from './file-store.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
 
@@ -67,13 +68,32 @@ export class RedisStore implements StoreBackend {
     this.client.on('error', () => {});
   }
 
+  /**
+   * With no offline queue, a command sent while connecting fails at once. Store calls (rare: a
+   * CLI command, a reload) wait for the connection, but never longer than the connect timeout.
+   */
+  async #ready(): Promise<void> {
+    if (this.client.status === 'ready') return;
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(), REDIS_LIMITS.connectTimeoutMs);
+    try {
+      await once(this.client, 'ready', { signal: ac.signal });
+    } catch {
+      // Not connected in time: the command below fails fast and says why.
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async load(): Promise<StoreSnapshot> {
+    await this.#ready();
     const result = (await this.client.eval(LOAD_SCRIPT, 3, KEYS.index('credential'), KEYS.index('caller'), KEYS.version, KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'))) as [string[], string[], string];
     return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]) });
   }
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
     const key = kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
+    await this.#ready();
     const [ok, found] = (await this.client.eval(PUT_SCRIPT, 3, KEYS.record(kind, key), KEYS.index(kind), KEYS.version, JSON.stringify(record), String(expectedRevision), key, KEYS.channel)) as [number, number];
     if (ok === 1) return;
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);

@@ -6,7 +6,7 @@ import { loadSettings } from '../../src/config/settings.ts';
 import { startProxy, type RunningProxy } from '../../src/main.ts';
 import { generateToken, hashToken, newTokenId } from '../../src/store/callers.ts';
 import { newCredentialRecord } from '../../src/store/credentials.ts';
-import { FileStore } from '../../src/store/file-store.ts';
+import { openStore } from '../../src/store/open-store.ts';
 import { createKeyring } from '../../src/store/keyring.ts';
 
 export interface TestProxyOptions {
@@ -16,6 +16,12 @@ export interface TestProxyOptions {
   readonly callers?: readonly string[];
   /** Extra files to write into the routes folder (e.g. an upstream CA). */
   readonly files?: Record<string, string>;
+  /** EGRESS_STORE: the data folder's store.json unless given (e.g. a redis:// URL). */
+  readonly store?: string;
+  /** More EGRESS_* settings. */
+  readonly env?: Record<string, string>;
+  /** Use this data folder (its keyring and routes) instead of making and seeding a new one. */
+  readonly dir?: string;
 }
 
 export interface TestProxy {
@@ -43,7 +49,7 @@ export async function seedDataDir(dir: string, options: TestProxyOptions): Promi
   for (const [name, text] of Object.entries(options.routes)) await writeFile(join(routesDir, `${name}.yaml`), text);
   for (const [name, text] of Object.entries(options.files ?? {})) await writeFile(join(routesDir, name), text);
   const keyring = await createKeyring(join(dir, 'master.key'));
-  const store = new FileStore(join(dir, 'store.json'));
+  const store = openStore(options.store ?? `file:${join(dir, 'store.json')}`);
   const now = new Date();
   for (const [id, fields] of Object.entries(options.credentials ?? {})) {
     await store.put('credential', newCredentialRecord(keyring, id, fields, now), 0);
@@ -54,6 +60,7 @@ export async function seedDataDir(dir: string, options: TestProxyOptions): Promi
     tokens[name] = token;
     await store.put('caller', { name, revision: 1, created_at: now.toISOString(), updated_at: now.toISOString(), tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now.toISOString() }] }, 0);
   }
+  await store.close();
   return { tokens };
 }
 
@@ -72,8 +79,8 @@ export function envFor(dir: string, extra: Record<string, string> = {}): Record<
 
 /** An in-process proxy on ephemeral ports with its own data folder; its log is captured. */
 export async function startTestProxy(options: TestProxyOptions): Promise<TestProxy> {
-  const dir = await makeTempDir();
-  const { tokens } = await seedDataDir(dir, options);
+  const dir = options.dir ?? (await makeTempDir());
+  const { tokens } = options.dir ? { tokens: {} } : await seedDataDir(dir, options);
   const lines: string[] = [];
   const destination = new Writable({
     write(chunk: Buffer, _enc, done) {
@@ -81,7 +88,7 @@ export async function startTestProxy(options: TestProxyOptions): Promise<TestPro
       done();
     },
   });
-  const settings = loadSettings(envFor(dir));
+  const settings = loadSettings(envFor(dir, { ...(options.store ? { EGRESS_STORE: options.store } : {}), ...options.env }));
   const proxy = await startProxy(settings, { logDestination: destination });
   return {
     url: `http://127.0.0.1:${proxy.proxyAddress.port}`,
@@ -99,7 +106,7 @@ export async function startTestProxy(options: TestProxyOptions): Promise<TestPro
     },
     close: async () => {
       await proxy.close(2_000);
-      await rm(dir, { recursive: true, force: true });
+      if (!options.dir) await rm(dir, { recursive: true, force: true });
     },
   };
 }

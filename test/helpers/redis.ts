@@ -35,6 +35,7 @@ export class TestRedis {
     const deadline = Date.now() + 10_000;
     for (;;) {
       const client = this.client({ retryStrategy: () => null, lazyConnect: true });
+      client.on('error', () => {});
       try {
         await client.connect();
         await client.ping();

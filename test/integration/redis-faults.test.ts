@@ -1,0 +1,154 @@
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { KEYS } from '../../src/store/redis-store.ts';
+import { eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { TestRedis } from '../helpers/redis.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/** Redis breaks in each way it can; the proxy stays up, fails closed when it must, and recovers by itself. */
+let redis: TestRedis;
+let upstream: Upstream;
+let proxy: TestProxy | undefined;
+let dir: string;
+let tokens: Record<string, string>;
+
+const route = (name: string, credential: string) => `name: ${name}
+prefix: /${name}
+upstream: ${upstream.url}
+credential: ${credential}
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+upstream_rate: { rate: 100000/s }
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/x]
+    rate: { rate: 100000/s }
+`;
+
+beforeEach(async () => {
+  redis = await TestRedis.create();
+  upstream = await startUpstream();
+  dir = await makeTempDir('egress-redis-faults-');
+  ({ tokens } = await seedDataDir(dir, {
+    routes: { a: route('a', 'cred-a'), b: route('b', 'cred-b'), c: route('c', 'cred-c'), d: route('d', 'cred-d') },
+    credentials: { 'cred-a': { secret: 'secret-a-1234' }, 'cred-b': { secret: 'secret-b-1234' }, 'cred-c': { secret: 'secret-c-1234' }, 'cred-d': { secret: 'secret-d-1234' } },
+    callers: ['svc'],
+    store: redis.url,
+  }));
+});
+
+afterEach(async () => {
+  await proxy?.close();
+  proxy = undefined;
+  await upstream.close();
+  await redis.destroy();
+});
+
+async function start(env: Record<string, string> = {}): Promise<TestProxy> {
+  proxy = await startTestProxy({ routes: {}, dir, store: redis.url, env });
+  return proxy;
+}
+
+async function timed(path: string): Promise<{ status: number; ms: number; code: string | null }> {
+  const started = performance.now();
+  const res = await fetch(`${proxy!.url}${path}`, { headers: { 'x-egress-token': tokens.svc! } });
+  await res.arrayBuffer();
+  return { status: res.status, ms: performance.now() - started, code: res.headers.get('x-egress-error') };
+}
+
+async function ready(): Promise<{ status: number; body: { store: { error?: string } } }> {
+  const res = await fetch(`${proxy!.admin}/readyz`);
+  return { status: res.status, body: (await res.json()) as { store: { error?: string } } };
+}
+
+describe('Redis faults', () => {
+  it('unreachable at start: the process starts, is not ready, answers a fast 503, and recovers by itself', async () => {
+    await redis.stop();
+    await start();
+    const r = await ready();
+    expect(r.status).toBe(503);
+    expect(r.body.store.error).toBeTruthy();
+    const first = await timed('/a/x');
+    expect(first).toMatchObject({ status: 503, code: 'credential_unavailable' });
+    expect(first.ms).toBeLessThan(500);
+    await redis.start();
+    await eventually(async () => (await timed('/a/x')).status === 200, 5_000, 'recovery once Redis is up');
+    expect((await ready()).status).toBe(200);
+  });
+
+  it('dies mid-traffic: cached ciphertext serves for the bounded time, then 503; back when Redis returns', async () => {
+    await start({ EGRESS_STORE_MAX_STALE: '2s' });
+    expect((await timed('/a/x')).status).toBe(200);
+    await redis.stop();
+    // Still served from the cached ciphertext (rate limits fall back to this instance).
+    for (let i = 0; i < 5; i++) expect((await timed('/a/x')).status).toBe(200);
+    await eventually(async () => (await timed('/a/x')).status === 503, 6_000, 'the stale bound to pass');
+    expect((await ready()).status).toBe(503);
+    expect(proxy!.logs()).toContain('store unreachable');
+    expect(proxy!.logs()).toContain('rate limits fall back to per-instance buckets');
+    await redis.start();
+    await eventually(async () => (await timed('/a/x')).status === 200, 5_000, 'recovery once Redis is back');
+  });
+
+  it('frozen (SIGSTOP): every call is bounded; latency stays bounded and nothing queues without limit', async () => {
+    await start();
+    expect((await timed('/a/x')).status).toBe(200);
+    redis.freeze();
+    try {
+      const results = [];
+      for (let i = 0; i < 20; i++) results.push(await timed('/a/x'));
+      expect(results.every((r) => r.status === 200)).toBe(true);
+      const worst = Math.max(...results.map((r) => r.ms));
+      expect(worst).toBeLessThan(1_500);
+      // Concurrency does not pile up either.
+      const burst = await Promise.all(Array.from({ length: 50 }, () => timed('/a/x')));
+      expect(Math.max(...burst.map((r) => r.ms))).toBeLessThan(2_000);
+      expect((await fetch(`${proxy!.admin}/healthz`)).status).toBe(200);
+    } finally {
+      redis.thaw();
+    }
+    await eventually(async () => (await ready()).status === 200, 5_000, 'ready after thaw');
+  });
+
+  it('garbage in Redis (wrong type, truncated record, another credential\'s record) fails those credentials closed; others work', async () => {
+    await start();
+    expect((await timed('/a/x')).status).toBe(200);
+    const c = redis.client();
+    const other = await c.get(KEYS.record('credential', 'cred-d'));
+    await c.del(KEYS.record('credential', 'cred-a'));
+    await c.lpush(KEYS.record('credential', 'cred-a'), 'not a string');
+    await c.set(KEYS.record('credential', 'cred-b'), other!.slice(0, other!.length / 2));
+    await c.set(KEYS.record('credential', 'cred-c'), other!);
+    await c.incr(KEYS.version);
+    c.disconnect();
+    await eventually(async () => (await timed('/a/x')).status === 503, 3_000, 'the damaged credentials to fail closed');
+    for (const path of ['/a/x', '/b/x', '/c/x']) expect(await timed(path)).toMatchObject({ status: 503, code: 'credential_unavailable' });
+    expect((await timed('/d/x')).status).toBe(200);
+    expect(upstream.requests.filter((r) => r.headers['x-api-key'] === 'secret-d-1234' && r.url === '/x').length).toBe(1);
+    const logs = proxy!.logs();
+    expect(logs).toContain('store_record_damaged');
+    for (const s of ['secret-a-1234', 'secret-b-1234', 'secret-c-1234', 'secret-d-1234']) expect(logs).not.toContain(s);
+  });
+
+  it('rollback protection: a record put back to an older revision is not accepted', async () => {
+    await start();
+    const c = redis.client();
+    const key = KEYS.record('caller', 'svc');
+    const old = await c.get(key);
+    c.disconnect();
+    const { runCli } = await import('../helpers/cli.ts');
+    const { envFor } = await import('../helpers/proxy.ts');
+    expect((await runCli(['callers', 'revoke', 'svc'], envFor(dir, { EGRESS_STORE: redis.url }))).code).toBe(0);
+    await eventually(async () => (await timed('/a/x')).status === 401, 1_000, 'the revocation');
+    // Someone restores the old, unrevoked record.
+    const c2 = redis.client();
+    await c2.set(key, old!);
+    await c2.incr(KEYS.version);
+    c2.disconnect();
+    await new Promise((r) => setTimeout(r, 1_000));
+    expect((await timed('/a/x')).status).toBe(401);
+    expect(proxy!.logs()).toContain('store_rollback');
+  });
+});
