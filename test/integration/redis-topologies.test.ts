@@ -1,0 +1,118 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Redis } from 'ioredis';
+import { afterAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/observe/log.ts';
+import { RedisRateLimiter } from '../../src/pipeline/redis-rate-limiter.ts';
+import { openStore } from '../../src/store/open-store.ts';
+import type { RedisStore } from '../../src/store/redis-store.ts';
+import type { CallerRecord } from '../../src/store/records.ts';
+import { eventually } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
+
+/** Sentinel (with a real failover) and Cluster, each started here from redis-server. */
+const children: ChildProcess[] = [];
+const dirs: string[] = [];
+
+afterAll(async () => {
+  for (const c of children) c.kill('SIGKILL');
+  for (const d of dirs) await rm(d, { recursive: true, force: true });
+});
+
+async function redisProcess(args: string[]): Promise<{ port: number; child: ChildProcess }> {
+  const port = await freePort();
+  const dir = await mkdtemp(join(tmpdir(), 'egress-topo-'));
+  dirs.push(dir);
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', 'no', '--loglevel', 'warning', ...args], { stdio: 'ignore' });
+  children.push(child);
+  await eventually(async () => {
+    const c = new Redis(port, '127.0.0.1', { lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
+    c.on('error', () => {});
+    try {
+      await c.connect();
+      return (await c.ping()) === 'PONG';
+    } catch {
+      return false;
+    } finally {
+      c.disconnect();
+    }
+  }, 10_000, 'redis-server to start');
+  return { port, child };
+}
+
+function caller(name: string, revision: number): CallerRecord {
+  const at = new Date().toISOString();
+  return { name, revision, created_at: at, updated_at: at, tokens: [{ id: 'ab12cd34', hash: 'b'.repeat(64), created_at: at }] };
+}
+
+describe('Redis Sentinel', () => {
+  it('connects through Sentinel, and keeps working after a failover to the replica', async () => {
+    const primary = await redisProcess([]);
+    const replica = await redisProcess(['--replicaof', '127.0.0.1', String(primary.port)]);
+    const sentinelPort = await freePort();
+    const conf = join(await mkdtemp(join(tmpdir(), 'egress-sentinel-')), 'sentinel.conf');
+    dirs.push(join(conf, '..'));
+    await writeFile(conf, [
+      `port ${sentinelPort}`, 'bind 127.0.0.1', `sentinel monitor main 127.0.0.1 ${primary.port} 1`,
+      'sentinel down-after-milliseconds main 500', 'sentinel failover-timeout main 3000', '',
+    ].join('\n'));
+    const sentinel = spawn('redis-server', [conf, '--sentinel'], { stdio: 'ignore' });
+    children.push(sentinel);
+    await new Promise((r) => setTimeout(r, 500));
+
+    const store = openStore(`redis-sentinel://127.0.0.1:${sentinelPort}/main`);
+    try {
+      await eventually(async () => store.put('caller', caller('svc', 1), 0).then(() => true, () => false), 5_000, 'a write through Sentinel');
+      expect((await store.load()).callers.get('svc')!.revision).toBe(1);
+      await eventually(async () => {
+        const c = new Redis(replica.port, '127.0.0.1');
+        const v = await c.get('egress:{egress}:version');
+        c.disconnect();
+        return v === '1';
+      }, 5_000, 'replication');
+
+      primary.child.kill('SIGKILL');
+      await eventually(async () => store.put('caller', caller('svc', 2), 1).then(() => true, () => false), 15_000, 'a write after failover');
+      expect((await store.load()).callers.get('svc')!.revision).toBe(2);
+    } finally {
+      await store.close();
+    }
+  }, 40_000);
+});
+
+describe('Redis Cluster', () => {
+  it('stores records and runs the scripts across a three-node cluster', async () => {
+    const nodes = await Promise.all([0, 1, 2].map(() => redisProcess(['--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${Math.random().toString(36).slice(2)}.conf`])));
+    const create = spawnSync('redis-cli', ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`), '--cluster-replicas', '0', '--cluster-yes'], { encoding: 'utf8', timeout: 20_000 });
+    expect(create.status, create.stdout + create.stderr).toBe(0);
+    await eventually(async () => {
+      const c = new Redis(nodes[0]!.port, '127.0.0.1');
+      const info = await c.cluster('INFO');
+      c.disconnect();
+      return String(info).includes('cluster_state:ok');
+    }, 10_000, 'the cluster to be ok');
+
+    const store = openStore(`redis-cluster://${nodes.map((n) => `127.0.0.1:${n.port}`).join(',')}`);
+    try {
+      await eventually(async () => store.put('caller', caller('svc', 1), 0).then(() => true, () => false), 5_000, 'a write to the cluster');
+      await store.put('caller', caller('other', 1), 0);
+      const snapshot = await store.load();
+      expect([...snapshot.callers.keys()].sort()).toEqual(['other', 'svc']);
+
+      // Rate-limit buckets of different routes live in different slots; each check stays in one.
+      const redisStore = store as RedisStore;
+      const limiter = new RedisRateLimiter(redisStore.client, redisStore.connectAgain(), createLogger('silent'));
+      const bucket = { key: ['upstream'], limit: { rate: { count: 2, periodMs: 60_000 } }, policy: 'upstream' as const };
+      for (const route of ['plaid', 'alpaca', 'teller']) {
+        const results = [];
+        for (let i = 0; i < 3; i++) results.push((await limiter.check(route, [bucket])).allowed);
+        expect(results, route).toEqual([true, true, false]);
+      }
+      await limiter.close();
+    } finally {
+      await store.close();
+    }
+  }, 40_000);
+});
