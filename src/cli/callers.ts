@@ -1,56 +1,67 @@
 import { CALLER_NAME } from '../config/route-schema.ts';
+import { formatDuration } from '../config/units.ts';
 import { UserError } from '../errors.ts';
-import { generateToken, hashToken, newTokenId } from '../store/callers.ts';
+import * as ops from '../rotation/operations.ts';
 import { openStore } from '../store/open-store.ts';
-import type { CallerRecord } from '../store/records.ts';
-import { EXIT, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress callers add NAME | list | revoke NAME';
+const WORDS = {
+  caller: { command: 'callers', noun: 'caller', verb: 'add' },
+  admin: { command: 'admin-token', noun: 'admin token', verb: 'create' },
+} as const;
 
-/** `egress callers …`: caller identities and their tokens (shown once, stored as hashes). */
-export async function callers(args: readonly string[]): Promise<Outcome> {
+/**
+ * `egress callers …` (caller identities) and `egress admin-token …` (admin API tokens): a new token
+ * is printed once and stored as a hash; rotation keeps the old token working through a grace window.
+ */
+export async function tokens(kind: ops.TokenKind, args: readonly string[]): Promise<Outcome> {
+  const w = WORDS[kind];
+  const usage = `usage: egress ${w.command} ${w.verb} NAME | rotate NAME [--grace 24h] | revoke NAME | list`;
   const [sub, ...rest] = args;
-  const p = parse(rest);
-  maxArgs(p.positionals, sub === 'list' ? 0 : 1, USAGE);
-  const backend = openStore(p.settings().store);
+  const p = parse(rest, { grace: { type: 'string' } });
+  maxArgs(p.positionals, sub === 'list' ? 0 : 1, usage);
+  const store = openStore(p.settings().store);
+  const op: ops.Operator = { store, actor: cliActor() };
+  const name = () => {
+    const value = requireArg(p.positionals, 0, 'NAME');
+    if (!CALLER_NAME.test(value)) throw new UserError('names are lower-case letters, digits, ".", "_" and "-"', EXIT.usage);
+    return value;
+  };
   try {
-    const now = new Date().toISOString();
     switch (sub) {
-      case 'add': {
-        const name = requireArg(p.positionals, 0, 'caller NAME');
-        if (!CALLER_NAME.test(name)) throw new UserError('caller names are lower-case letters, digits, ".", "_" and "-"', EXIT.usage);
-        const existing = (await backend.load()).callers.get(name);
-        if (existing && !existing.revoked_at) throw new UserError(`caller "${name}" already exists; revoke it first to issue a new identity`);
-        const token = generateToken();
-        const record: CallerRecord = {
-          name,
-          revision: (existing?.revision ?? 0) + 1,
-          created_at: now,
-          updated_at: now,
-          tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now }],
-        };
-        await backend.put('caller', record, existing?.revision ?? 0);
-        return ok(`caller "${name}" added. Its token is shown this once; keep it in the service's secret settings:\n${token}`, { caller: name, token });
+      case w.verb: {
+        const { record, token } = await ops.addToken(op, kind, name());
+        return ok(`${w.noun} "${record.name}" added. Its token is shown this once; keep it in the service's secret settings:\n${token}`, { [kind === 'caller' ? 'caller' : 'name']: record.name, token });
       }
-      case 'list': {
-        const snapshot = await backend.load();
-        const list = [...snapshot.callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: c.tokens.length, revoked_at: c.revoked_at ?? null }));
-        const rows = [['NAME', 'CREATED', 'TOKENS', 'STATE'], ...list.map((c) => [c.name, c.created_at, String(c.tokens), c.revoked_at ? `revoked ${c.revoked_at}` : 'active'])];
-        return ok(list.length === 0 ? 'no callers' : table(rows), { callers: list });
+      case 'rotate': {
+        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const { record, token } = await ops.rotateToken(op, kind, name(), graceMs);
+        const note = graceMs > 0 ? `the old token keeps working for ${formatDuration(graceMs)}` : 'the old token stopped working';
+        return ok(`new token for ${w.noun} "${record.name}" (${note}). It is shown this once:\n${token}`, { [kind === 'caller' ? 'caller' : 'name']: record.name, token, grace_ms: graceMs });
       }
       case 'revoke': {
-        const name = requireArg(p.positionals, 0, 'caller NAME');
-        const existing = (await backend.load()).callers.get(name);
-        if (!existing) return fail(`no caller "${name}"`, { error: 'not_found', caller: name });
-        if (existing.revoked_at) return ok(`caller "${name}" was already revoked at ${existing.revoked_at}`, { caller: name, revoked_at: existing.revoked_at });
-        const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [] };
-        await backend.put('caller', record, existing.revision);
-        return ok(`caller "${name}" revoked; its tokens stop working within a second on every instance`, { caller: name, revoked_at: now });
+        const record = await ops.revokeToken(op, kind, name());
+        return ok(`${w.noun} "${record.name}" revoked at ${record.revoked_at}; its tokens stop working within a second on every instance`, { name: record.name, revoked_at: record.revoked_at });
+      }
+      case 'list': {
+        const snapshot = await store.load();
+        const now = Date.now();
+        const list = [...(kind === 'caller' ? snapshot.callers : snapshot.admins).values()].map((c) => ({
+          name: c.name,
+          created_at: c.created_at,
+          tokens: c.tokens.filter((t) => !t.expires_at || Date.parse(t.expires_at) > now).length,
+          revoked_at: c.revoked_at ?? null,
+        }));
+        const rows = [['NAME', 'CREATED', 'LIVE TOKENS', 'STATE'], ...list.map((c) => [c.name, c.created_at, String(c.tokens), c.revoked_at ? `revoked ${c.revoked_at}` : 'active'])];
+        return ok(list.length === 0 ? `no ${w.noun}s` : table(rows), { [kind === 'caller' ? 'callers' : 'admin_tokens']: list });
       }
       default:
-        throw new UserError(USAGE, EXIT.usage);
+        throw new UserError(usage, EXIT.usage);
     }
+  } catch (err) {
+    if (err instanceof UserError && err.exitCode === EXIT.failure && /^no (active )?/.test(err.message)) return fail(err.message, { error: 'not_found' });
+    throw err;
   } finally {
-    await backend.close();
+    await store.close();
   }
 }

@@ -1,8 +1,10 @@
 import { readFile } from 'node:fs/promises';
+import { userInfo } from 'node:os';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { loadSettings, SETTINGS, type SettingName, type Settings } from '../config/settings.ts';
 import { UserError } from '../errors.ts';
 import { validateFields, type FieldValues } from '../store/credentials.ts';
+import { parseDuration } from '../config/units.ts';
 
 export const EXIT = { ok: 0, failure: 1, usage: 2, conflict: 3 } as const;
 
@@ -88,6 +90,26 @@ export async function readFieldsInput(values: Parsed['values'], stdin: () => Pro
 /** Refuse extra positionals: a value typed where it does not belong (a secret in argv) must not pass silently. */
 export function maxArgs(positionals: readonly string[], max: number, usage: string): void {
   if (positionals.length > max) throw new UserError(`unexpected argument${positionals.length - max > 1 ? 's' : ''} after the command\n${usage}`, EXIT.usage);
+}
+
+/** A duration flag (`--grace 24h`, `--max-age 90d`), or its default. */
+export function durationFlag(values: Parsed['values'], name: string, fallback: string): number {
+  const text = values[name];
+  const ms = parseDuration(typeof text === 'string' ? text : fallback);
+  if (ms === undefined) throw new UserError(`--${name} must be a duration like 0, 30s, 24h or 90d`, EXIT.usage);
+  return ms;
+}
+
+/** Who runs this command, for the record's history and the audit log: EGRESS_ACTOR, or the OS user. */
+export function cliActor(): string {
+  const who = process.env.EGRESS_ACTOR ?? (() => {
+    try {
+      return userInfo().username;
+    } catch {
+      return 'unknown';
+    }
+  })();
+  return `cli:${who.slice(0, 64)}`;
 }
 
 export function requireArg(positionals: readonly string[], index: number, what: string): string {

@@ -1,59 +1,116 @@
+import { NAME } from '../config/route-schema.ts';
+import { formatDuration } from '../config/units.ts';
 import { UserError } from '../errors.ts';
-import { currentVersion, describeCredential, newCredentialRecord } from '../store/credentials.ts';
+import * as ops from '../rotation/operations.ts';
+import { currentVersion, describeCredential } from '../store/credentials.ts';
 import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
-import { NAME } from '../config/route-schema.ts';
-import { EXIT, fail, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
+import type { CredentialRecord } from '../store/records.ts';
+import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress keys put ID (--from-file F | --from-stdin) | list | show ID';
+const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
+       egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
+       egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
+       egress keys list | show ID | due [--max-age 90d]`;
 
-/** `egress keys …`: credentials. Output is metadata only; values are never printed. */
+const ARGS: Readonly<Record<string, number>> = { put: 1, rotate: 1, promote: 1, rollback: 1, revoke: 1, show: 1, list: 0, due: 0 };
+
+/** `egress keys …`: credentials and their versions. Output is metadata only; values are never printed. */
 export async function keys(args: readonly string[], stdin: () => Promise<string>): Promise<Outcome> {
   const [sub, ...rest] = args;
-  const p = parse(rest, { 'from-file': { type: 'string' }, 'from-stdin': { type: 'boolean' } });
-  maxArgs(p.positionals, sub === 'list' ? 0 : 1, USAGE);
+  if (!sub || !Object.hasOwn(ARGS, sub)) throw new UserError(USAGE, EXIT.usage);
+  const p = parse(rest, { 'from-file': { type: 'string' }, 'from-stdin': { type: 'boolean' }, grace: { type: 'string' }, stage: { type: 'boolean' }, version: { type: 'string' }, 'max-age': { type: 'string' } });
+  maxArgs(p.positionals, ARGS[sub]!, USAGE);
   const settings = p.settings();
-  const backend = openStore(settings.store);
+  const store = openStore(settings.store);
+  const op: ops.Operator = { store, actor: cliActor() };
+  const id = () => {
+    const value = requireArg(p.positionals, 0, 'credential ID');
+    if (!NAME.test(value)) throw new UserError('credential IDs are lower-case letters, digits, "_" and "-" (at most 63)', EXIT.usage);
+    return value;
+  };
+  const shown = (record: CredentialRecord, what: string) => ok(`${what}\n${showText(record)}`, describeCredential(record, new Date()));
   try {
-    const now = new Date();
     switch (sub) {
       case 'put': {
-        const id = requireArg(p.positionals, 0, 'credential ID');
-        if (!NAME.test(id)) throw new UserError('credential IDs are lower-case letters, digits, "_" and "-" (at most 63)', EXIT.usage);
+        const credentialId = id();
         const fields = await readFieldsInput(p.values, stdin);
-        const keyring = await readKeyring(settings.masterKeyFile);
-        const snapshot = await backend.load();
-        if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) {
-          throw new UserError(`credential "${id}" already exists; a new version is a rotation, not a put`);
-        }
-        const record = newCredentialRecord(keyring, id, fields, now);
-        await backend.put('credential', record, 0);
-        return ok(`stored credential "${id}" version 1 (current) with fields ${Object.keys(fields).sort().join(', ')}`, describeCredential(record, now));
+        const record = await ops.putCredential(op, await readKeyring(settings.masterKeyFile), credentialId, fields);
+        return shown(record, `stored credential "${credentialId}" version 1 (current) with fields ${Object.keys(fields).sort().join(', ')}`);
+      }
+      case 'rotate': {
+        const credentialId = id();
+        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const fields = await readFieldsInput(p.values, stdin);
+        const stage = p.values.stage === true;
+        const record = await ops.rotateCredential(op, await readKeyring(settings.masterKeyFile), credentialId, fields, { stage, graceMs });
+        const v = Math.max(...record.versions.map((x) => x.version));
+        return shown(record, stage ? `staged version ${v} of "${credentialId}" as pending; "keys promote ${credentialId}" makes it current` : `version ${v} of "${credentialId}" is current; ${graceNote(graceMs)}`);
+      }
+      case 'promote': {
+        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const record = await ops.promoteCredential(op, id(), graceMs);
+        return shown(record, `version ${currentVersion(record)!.version} of "${record.id}" is current; ${graceNote(graceMs)}`);
+      }
+      case 'rollback': {
+        const record = await ops.rollbackCredential(op, id());
+        return shown(record, `rolled back: version ${currentVersion(record)!.version} of "${record.id}" is current again; the rolled-back version is pending`);
+      }
+      case 'revoke': {
+        const raw = p.values.version;
+        const version = typeof raw === 'string' ? Number(raw) : undefined;
+        if (version !== undefined && (!Number.isSafeInteger(version) || version < 1)) throw new UserError('--version must be a version number', EXIT.usage);
+        const record = await ops.revokeCredential(op, id(), version);
+        return shown(record, `revoked ${version === undefined ? 'the current version' : `version ${version}`} of "${record.id}" and destroyed its ciphertext`);
       }
       case 'list': {
-        const snapshot = await backend.load();
+        const snapshot = await store.load();
+        const now = Date.now();
         const list = [...snapshot.credentials.values()].map((r) => {
           const current = currentVersion(r);
-          return { id: r.id, current_version: current?.version ?? null, versions: r.versions.length, created_at: r.created_at, current_age_days: current ? Math.floor((now.getTime() - Date.parse(current.created_at)) / 86_400_000) : null };
+          return { id: r.id, current_version: current?.version ?? null, states: r.versions.map((v) => `${v.version}:${v.state}`), created_at: r.created_at, current_age_days: current ? ageDays(current.activated_at ?? current.created_at, now) : null };
         });
         const damaged = [...snapshot.damaged.keys()].filter((k) => k.startsWith('credential:')).map((k) => k.slice('credential:'.length));
-        const rows = [['ID', 'CURRENT', 'VERSIONS', 'AGE (DAYS)'], ...list.map((c) => [c.id, String(c.current_version ?? '-'), String(c.versions), String(c.current_age_days ?? '-')])];
+        const rows = [['ID', 'CURRENT', 'VERSIONS', 'AGE (DAYS)'], ...list.map((c) => [c.id, String(c.current_version ?? '-'), c.states.join(' '), String(c.current_age_days ?? '-')])];
         const text = list.length === 0 ? 'no credentials' : table(rows);
         return ok(damaged.length ? `${text}\ndamaged records (fail closed): ${damaged.join(', ')}` : text, { credentials: list, damaged });
       }
       case 'show': {
-        const id = requireArg(p.positionals, 0, 'credential ID');
-        const snapshot = await backend.load();
-        const record = snapshot.credentials.get(id);
-        if (!record) return fail(snapshot.damaged.has(`credential:${id}`) ? `credential "${id}" is damaged in the store` : `no credential "${id}"`, { error: 'not_found', id });
-        const d = describeCredential(record, now);
-        const rows = [['VERSION', 'STATE', 'CREATED', 'AGE (DAYS)', 'FIELDS'], ...d.versions.map((v) => [String(v.version), v.state, v.created_at, String(v.age_days), v.fields.join(',')])];
-        return ok(`credential ${d.id} (revision ${d.revision})\n${table(rows)}`, d);
+        const credentialId = requireArg(p.positionals, 0, 'credential ID');
+        const snapshot = await store.load();
+        const record = snapshot.credentials.get(credentialId);
+        if (!record) return fail(snapshot.damaged.has(`credential:${credentialId}`) ? `credential "${credentialId}" is damaged in the store` : `no credential "${credentialId}"`, { error: 'not_found', id: credentialId });
+        return ok(showText(record), describeCredential(record, new Date()));
       }
-      default:
-        throw new UserError(USAGE, EXIT.usage);
+      default: {
+        // due: for cron; exit 1 when any current version is older than --max-age.
+        const maxAgeMs = durationFlag(p.values, 'max-age', '90d');
+        const now = Date.now();
+        const due = [...(await store.load()).credentials.values()].flatMap((r) => {
+          const current = currentVersion(r);
+          const since = current?.activated_at ?? current?.created_at;
+          return current && since && now - Date.parse(since) > maxAgeMs ? [{ id: r.id, version: current.version, age_days: ageDays(since, now) }] : [];
+        });
+        const text = due.length === 0 ? `no credential is older than ${formatDuration(maxAgeMs)}` : `due for rotation (older than ${formatDuration(maxAgeMs)}):\n${table([['ID', 'VERSION', 'AGE (DAYS)'], ...due.map((d) => [d.id, String(d.version), String(d.age_days)])])}`;
+        return { code: due.length === 0 ? EXIT.ok : EXIT.failure, text, data: { max_age_days: maxAgeMs / 86_400_000, due } };
+      }
     }
   } finally {
-    await backend.close();
+    await store.close();
   }
+}
+
+function graceNote(graceMs: number): string {
+  return graceMs > 0 ? `the previous version keeps working for ${formatDuration(graceMs)}` : 'cutover: the previous version was retired at once';
+}
+
+function ageDays(since: string, now: number): number {
+  return Math.floor((now - Date.parse(since)) / 86_400_000);
+}
+
+function showText(record: CredentialRecord): string {
+  const d = describeCredential(record, new Date());
+  const rows = [['VERSION', 'STATE', 'CREATED', 'AGE (DAYS)', 'UNTIL', 'FIELDS'], ...d.versions.map((v) => [String(v.version), v.state, v.created_at, String(v.age_days), v.grace_until ?? v.retired_at ?? v.revoked_at ?? '', v.fields.join(',')])];
+  const history = d.history.slice(-5).map((h) => `  ${h.at}  ${h.actor}  ${h.action}${h.version ? ` v${h.version}` : ''}${h.detail ? `  (${h.detail})` : ''}`);
+  return `credential ${d.id} (revision ${d.revision})\n${table(rows)}${history.length ? `\nrecent changes:\n${history.join('\n')}` : ''}`;
 }

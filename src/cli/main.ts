@@ -8,11 +8,14 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress routes check [DIR]                      validate route files; errors as file:line:col
   egress routes schema                           JSON Schema of a route file, for editors
   egress routes explain --caller NAME METHOD URL which rule allows or denies, and why
-  egress callers add NAME | list | revoke NAME   caller identities; a new token is shown once
+  egress callers add NAME | rotate NAME [--grace 24h] | revoke NAME | list
+  egress admin-token create NAME | rotate NAME [--grace 24h] | revoke NAME | list
   egress keys put ID (--from-file F | --from-stdin)
-  egress keys list | show ID                     metadata only, never values
-  egress master-key init | status                the key-encryption keyring
-  egress audit verify [FILE…]                    check the audit log's hash chain
+  egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
+  egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
+  egress keys list | show ID | due [--max-age 90d]   metadata only, never values
+  egress master-key init | status | rotate [--resume] | remove --version N
+  egress audit verify [--partial] [FILE…]        check the audit log's hash chain
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;
 
@@ -20,7 +23,8 @@ Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 us
 const COMMANDS: Readonly<Record<string, (args: readonly string[]) => Promise<Outcome>>> = {
   routes: async (args) => (await import('./routes.ts')).routes(args),
   keys: async (args) => (await import('./keys.ts')).keys(args, () => text(process.stdin)),
-  callers: async (args) => (await import('./callers.ts')).callers(args),
+  callers: async (args) => (await import('./callers.ts')).tokens('caller', args),
+  'admin-token': async (args) => (await import('./callers.ts')).tokens('admin', args),
   'master-key': async (args) => (await import('./master-key.ts')).masterKey(args),
   audit: async (args) => (await import('./audit.ts')).audit(args),
 };

@@ -1,14 +1,30 @@
 import { UserError } from '../errors.ts';
-import { createKeyring, readKeyring } from '../store/keyring.ts';
+import { rewrapAll } from '../rotation/operations.ts';
+import { createKeyring, readKeyring, writeKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
-import { EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
+import type { StoreBackend } from '../store/types.ts';
+import { cliActor, EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress master-key init | status';
+const USAGE = 'usage: egress master-key init | status | rotate | remove --version N';
 
-/** `egress master-key …`: the key-encryption keyring. Key material is never printed. */
+/** How many stored data keys each KEK version wraps. */
+async function wrapCounts(store: StoreBackend): Promise<Map<number, number>> {
+  const wraps = new Map<number, number>();
+  for (const record of (await store.load()).credentials.values()) {
+    for (const v of record.versions) if (v.dek) wraps.set(v.kek, (wraps.get(v.kek) ?? 0) + 1);
+  }
+  return wraps;
+}
+
+/**
+ * `egress master-key …`: the key-encryption keyring. Key material is never printed.
+ * rotate: (1) the keyring file gains a new active key, atomically; (2) every data key is re-wrapped
+ * with it, one record at a time, each write atomic. A crash at any point leaves every record
+ * wrapped by a key the keyring still holds; running rotate again finishes the re-wrap.
+ */
 export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
-  const p = parse(rest);
+  const p = parse(rest, { version: { type: 'string' }, resume: { type: 'boolean' } });
   maxArgs(p.positionals, 0, USAGE);
   const settings = p.settings();
   switch (sub) {
@@ -18,20 +34,48 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
     }
     case 'status': {
       const keyring = await readKeyring(settings.masterKeyFile);
-      const backend = openStore(settings.store);
+      const store = openStore(settings.store);
       try {
-        const snapshot = await backend.load();
-        const wraps = new Map<number, number>();
-        for (const record of snapshot.credentials.values()) {
-          for (const v of record.versions) if (v.dek) wraps.set(v.kek, (wraps.get(v.kek) ?? 0) + 1);
-        }
+        const wraps = await wrapCounts(store);
         const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
-        const orphaned = [...wraps.keys()].filter((k) => keyring.get(k) === undefined);
+        const missing = [...wraps.keys()].filter((k) => keyring.get(k) === undefined);
         const rows = [['VERSION', 'ACTIVE', 'CREATED', 'WRAPS'], ...versions.map((v) => [String(v.version), v.active ? 'yes' : '', v.createdAt, String(v.wraps)])];
-        const warn = orphaned.length ? `\nrecords wrapped by key versions missing from the keyring: ${orphaned.join(', ')}` : '';
-        return { code: orphaned.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${warn}`, data: { file: settings.masterKeyFile, versions, missing_versions: orphaned } };
+        const warn = missing.length ? `\nrecords wrapped by key versions missing from the keyring: ${missing.join(', ')}` : '';
+        return { code: missing.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${warn}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing } };
       } finally {
-        await backend.close();
+        await store.close();
+      }
+    }
+    case 'rotate': {
+      let keyring = await readKeyring(settings.masterKeyFile);
+      const store = openStore(settings.store);
+      try {
+        // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
+        if (p.values.resume !== true) {
+          keyring = keyring.withNewKey(new Date());
+          await writeKeyring(settings.masterKeyFile, keyring);
+        }
+        const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
+        const wraps = await wrapCounts(store);
+        const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
+        const removable = versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
+        return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}`, { active: keyring.active, rewrapped: changed, versions });
+      } finally {
+        await store.close();
+      }
+    }
+    case 'remove': {
+      const version = Number(p.values.version);
+      if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
+      const keyring = await readKeyring(settings.masterKeyFile);
+      const store = openStore(settings.store);
+      try {
+        const wraps = (await wrapCounts(store)).get(version) ?? 0;
+        if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
+        await writeKeyring(settings.masterKeyFile, keyring.without(version));
+        return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
+      } finally {
+        await store.close();
       }
     }
     default:

@@ -4,11 +4,12 @@ import type { CallerRecord } from './records.ts';
 /** Caller tokens: `egt_` + 32 random bytes (base64url), shown once, stored as SHA-256 hashes. */
 
 export const TOKEN_PREFIX = 'egt_';
+/** Admin API tokens: the same shape, another prefix, so one can never be mistaken for the other. */
+export const ADMIN_TOKEN_PREFIX = 'ega_';
 const TOKEN_BYTES = 32;
-const TOKEN_SHAPE = /^egt_[A-Za-z0-9_-]{43}$/;
 
-export function generateToken(): string {
-  return TOKEN_PREFIX + randomBytes(TOKEN_BYTES).toString('base64url');
+export function generateToken(prefix = TOKEN_PREFIX): string {
+  return prefix + randomBytes(TOKEN_BYTES).toString('base64url');
 }
 
 export function hashToken(token: string): string {
@@ -31,8 +32,10 @@ interface IndexedToken {
  */
 export class CallerIndex {
   readonly #tokens: readonly IndexedToken[];
+  readonly #shape: RegExp;
 
-  constructor(callers: Iterable<CallerRecord>) {
+  constructor(callers: Iterable<CallerRecord>, prefix = TOKEN_PREFIX) {
+    this.#shape = new RegExp(`^${prefix}[A-Za-z0-9_-]{43}$`);
     const tokens: IndexedToken[] = [];
     for (const caller of callers) {
       if (caller.revoked_at) continue;
@@ -44,7 +47,7 @@ export class CallerIndex {
   }
 
   identify(token: string, now = Date.now()): string | undefined {
-    if (!TOKEN_SHAPE.test(token)) return undefined;
+    if (!this.#shape.test(token)) return undefined;
     const presented = createHash('sha256').update(token, 'utf8').digest();
     let found: string | undefined;
     for (const t of this.#tokens) {

@@ -76,17 +76,30 @@ export function openVersion(keyring: Keyring, id: string, v: CredentialVersionRe
   return { id, version: v.version, fields };
 }
 
+/** The version's data key, unwrapped (caller zeroes it). Throws IntegrityError on any mismatch. */
+export function unwrapDek(keyring: Keyring, id: string, v: CredentialVersionRecord): Buffer {
+  const kek = keyring.get(v.kek);
+  if (!kek || !v.dek) throw new IntegrityError(`credential "${id}" version ${v.version} cannot be unwrapped`);
+  return open(kek, v.dek, aad('dek', id, v.version, v.kek), `credential "${id}" version ${v.version}`);
+}
+
+/** The same version with its data key wrapped by the active KEK; `data` is untouched. */
+export function wrapDek(keyring: Keyring, id: string, v: CredentialVersionRecord, dek: Buffer): CredentialVersionRecord {
+  return { ...v, kek: keyring.active, dek: seal(keyring.get(keyring.active)!, dek, aad('dek', id, v.version, keyring.active)) };
+}
+
 export function currentVersion(record: CredentialRecord): CredentialVersionRecord | undefined {
   return record.versions.find((v) => v.state === 'current');
 }
 
-export function newCredentialRecord(keyring: Keyring, id: string, fields: FieldValues, now: Date): CredentialRecord {
+export function newCredentialRecord(keyring: Keyring, id: string, fields: FieldValues, now: Date, actor = 'system'): CredentialRecord {
   return {
     id,
     revision: 1,
     created_at: now.toISOString(),
     updated_at: now.toISOString(),
     versions: [sealVersion(keyring, id, 1, 'current', fields, now)],
+    history: [{ at: now.toISOString(), actor, action: 'put', version: 1 }],
   };
 }
 
@@ -106,7 +119,10 @@ export function describeCredential(record: CredentialRecord, now: Date) {
       ...(v.activated_at ? { activated_at: v.activated_at } : {}),
       ...(v.grace_until ? { grace_until: v.grace_until } : {}),
       ...(v.retired_at ? { retired_at: v.retired_at } : {}),
+      ...(v.revoked_at ? { revoked_at: v.revoked_at } : {}),
       kek: v.kek,
+      has_ciphertext: v.data !== undefined,
     })),
+    history: record.history ?? [],
   };
 }

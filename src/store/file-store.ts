@@ -13,6 +13,14 @@ interface FileDocument {
   format: typeof FORMAT;
   credentials: Record<string, unknown>;
   callers: Record<string, unknown>;
+  admins: Record<string, unknown>;
+}
+
+const TABLE = { credential: 'credentials', caller: 'callers', admin: 'admins' } as const satisfies Record<RecordKind, keyof FileDocument>;
+
+/** The key a record is stored under: a credential's id, a caller's or admin token's name. */
+export function recordKey(kind: RecordKind, record: CredentialRecord | CallerRecord): string {
+  return kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
 }
 
 /** How often a watcher re-checks the file, in case fs.watch missed an event (it can, across renames). */
@@ -47,10 +55,10 @@ export class FileStore implements StoreBackend {
   }
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
-    const key = kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
+    const key = recordKey(kind, record);
     await this.#withLock(async () => {
       const doc = await this.#read();
-      const table = kind === 'credential' ? doc.credentials : doc.callers;
+      const table: Record<string, unknown> = doc[TABLE[kind]];
       const existing = Object.hasOwn(table, key) ? table[key] : undefined;
       const revision = existing === undefined ? 0 : Number((existing as { revision?: unknown }).revision ?? -1);
       if (revision !== expectedRevision) {
@@ -101,7 +109,7 @@ export class FileStore implements StoreBackend {
     try {
       text = await readFile(this.path, 'utf8');
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { format: FORMAT, credentials: {}, callers: {} };
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { format: FORMAT, credentials: {}, callers: {}, admins: {} };
       throw new UserError(`store ${this.path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
     let doc: unknown;
@@ -114,7 +122,7 @@ export class FileStore implements StoreBackend {
     if (!d || d.format !== FORMAT || typeof d.credentials !== 'object' || typeof d.callers !== 'object' || !d.credentials || !d.callers) {
       throw new UserError(`store ${this.path} is not an egress store (format "${FORMAT}")`);
     }
-    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers) };
+    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers), admins: nullProto(d.admins ?? {}) };
   }
 
   async #write(doc: FileDocument): Promise<void> {
@@ -174,21 +182,24 @@ function nullProto(obj: object): Record<string, unknown> {
 }
 
 /** Validate every record on its own: one damaged record fails closed without taking the others down. */
-export function toSnapshot(doc: { credentials: Record<string, unknown>; callers: Record<string, unknown> }): StoreSnapshot {
+export function toSnapshot(doc: { credentials: Record<string, unknown>; callers: Record<string, unknown>; admins?: Record<string, unknown> }): StoreSnapshot {
   const credentials = new Map<string, CredentialRecord>();
-  const callers = new Map<string, CallerRecord>();
   const damaged = new Map<string, string>();
   for (const [key, value] of Object.entries(doc.credentials)) {
     const parsed = credentialRecordSchema.safeParse(value);
     if (parsed.success && parsed.data.id === key) credentials.set(key, deepFreeze(parsed.data));
     else damaged.set(`credential:${key}`, parsed.success ? 'record id does not match its key' : 'record does not match the record format');
   }
-  for (const [key, value] of Object.entries(doc.callers)) {
-    const parsed = callerRecordSchema.safeParse(value);
-    if (parsed.success && parsed.data.name === key) callers.set(key, deepFreeze(parsed.data));
-    else damaged.set(`caller:${key}`, parsed.success ? 'record name does not match its key' : 'record does not match the record format');
-  }
-  return { credentials, callers, damaged };
+  const named = (kind: 'caller' | 'admin', table: Record<string, unknown>) => {
+    const out = new Map<string, CallerRecord>();
+    for (const [key, value] of Object.entries(table)) {
+      const parsed = callerRecordSchema.safeParse(value);
+      if (parsed.success && parsed.data.name === key) out.set(key, deepFreeze(parsed.data));
+      else damaged.set(`${kind}:${key}`, parsed.success ? 'record name does not match its key' : 'record does not match the record format');
+    }
+    return out;
+  };
+  return { credentials, callers: named('caller', doc.callers), admins: named('admin', doc.admins ?? {}), damaged };
 }
 
 function deepFreeze<T>(value: T): T {

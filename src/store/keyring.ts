@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open as openFile, readFile, stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { mkdir, open as openFile, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
 import { KEY_BYTES } from './crypto.ts';
 
@@ -33,8 +33,49 @@ export class Keyring {
     return [...this.#keys.values()].map((k) => ({ version: k.version, createdAt: k.createdAt, active: k.version === this.active }));
   }
 
+  /** A keyring with one more, freshly generated key, made the active one. */
+  withNewKey(now: Date): Keyring {
+    const version = Math.max(...this.#keys.keys()) + 1;
+    return new Keyring(version, [...this.#keys.values(), { version, createdAt: now.toISOString(), key: randomBytes(KEY_BYTES) }]);
+  }
+
+  /** A keyring without `version` (never the active one). */
+  without(version: number): Keyring {
+    if (version === this.active) throw new UserError(`key version ${version} is the active one and cannot be removed`);
+    if (!this.#keys.has(version)) throw new UserError(`the keyring has no key version ${version}`);
+    return new Keyring(this.active, [...this.#keys.values()].filter((k) => k.version !== version));
+  }
+
+  /** The file body. Only the keyring file ever holds key material. */
+  serialize(): string {
+    const keys = [...this.#keys.values()].map((k) => ({ version: k.version, created_at: k.createdAt, key: k.key.toString('base64') }));
+    return `${JSON.stringify({ format: FORMAT, active: this.active, keys }, null, 2)}\n`;
+  }
+
   toJSON(): string {
     return '[REDACTED]';
+  }
+}
+
+/** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
+export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
+  const handle = await openFile(tmp, 'wx', 0o600);
+  try {
+    await handle.writeFile(keyring.serialize());
+    await handle.sync();
+  } catch (err) {
+    await handle.close();
+    await unlink(tmp).catch(() => {});
+    throw new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
+  }
+  await handle.close();
+  await rename(tmp, path);
+  const dir = await openFile(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
   }
 }
 
@@ -87,7 +128,7 @@ function parseKeyring(raw: unknown, path: string): Keyring {
 export async function createKeyring(path: string): Promise<Keyring> {
   await mkdir(dirname(path), { recursive: true, mode: 0o700 });
   const entry: KekEntry = { version: 1, createdAt: new Date().toISOString(), key: randomBytes(KEY_BYTES) };
-  const body = JSON.stringify({ format: FORMAT, active: 1, keys: [{ version: 1, created_at: entry.createdAt, key: entry.key.toString('base64') }] }, null, 2);
+  const keyring = new Keyring(1, [entry]);
   let handle;
   try {
     handle = await openFile(path, 'wx', 0o600);
@@ -96,10 +137,10 @@ export async function createKeyring(path: string): Promise<Keyring> {
     throw new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
   }
   try {
-    await handle.writeFile(`${body}\n`);
+    await handle.writeFile(keyring.serialize());
     await handle.sync();
   } finally {
     await handle.close();
   }
-  return new Keyring(1, [entry]);
+  return keyring;
 }

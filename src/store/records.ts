@@ -18,6 +18,7 @@ export const credentialVersionSchema = z.strictObject({
   activated_at: z.string().optional(),
   grace_until: z.string().optional(),
   retired_at: z.string().optional(),
+  revoked_at: z.string().optional(),
   /** Field names (not values), so `keys show` and route checks need no decryption. */
   fields: z.array(z.string()),
   /** The KEK version that wraps `dek`. */
@@ -26,12 +27,22 @@ export const credentialVersionSchema = z.strictObject({
   data: sealed.optional(),
 });
 
+/** Who changed what, kept in the record itself (bounded), and written to each instance's audit log. */
+export const historyEntrySchema = z.strictObject({
+  at: z.string(),
+  actor: z.string(),
+  action: z.string(),
+  version: z.number().int().optional(),
+  detail: z.string().optional(),
+});
+
 export const credentialRecordSchema = z.strictObject({
   id: z.string(),
   revision: z.number().int().min(1),
   created_at: z.string(),
   updated_at: z.string(),
   versions: z.array(credentialVersionSchema),
+  history: z.array(historyEntrySchema).optional(),
 });
 
 export const callerTokenSchema = z.strictObject({
@@ -50,11 +61,14 @@ export const callerRecordSchema = z.strictObject({
   updated_at: z.string(),
   revoked_at: z.string().optional(),
   tokens: z.array(callerTokenSchema),
+  history: z.array(historyEntrySchema).optional(),
 });
 
 export type CredentialVersionRecord = z.infer<typeof credentialVersionSchema>;
 export type CredentialRecord = z.infer<typeof credentialRecordSchema>;
 export type CallerToken = z.infer<typeof callerTokenSchema>;
 export type CallerRecord = z.infer<typeof callerRecordSchema>;
+export type HistoryEntry = z.infer<typeof historyEntrySchema>;
 
-export type RecordKind = 'credential' | 'caller';
+/** Admin tokens (for the admin API) have the caller record's shape, in their own table. */
+export type RecordKind = 'credential' | 'caller' | 'admin';

@@ -1,8 +1,8 @@
 import { ConflictError, UserError } from '../errors.ts';
-import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
+import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
 import { REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
-import { toSnapshot } from './file-store.ts';
+import { recordKey, toSnapshot } from './file-store.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
 
 /**
@@ -38,7 +38,7 @@ return {1, v}
 /** One consistent snapshot of every record, in one round trip. Wrong-typed or missing values are marked. */
 const LOAD_SCRIPT = `
 local out = {}
-for i = 1, 2 do
+for i = 1, 3 do
   local items = {}
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[i])) do
     local v = redis.pcall('GET', ARGV[i] .. m)
@@ -48,7 +48,7 @@ for i = 1, 2 do
   end
   out[#out + 1] = items
 end
-out[#out + 1] = redis.call('GET', KEYS[3]) or '0'
+out[#out + 1] = redis.call('GET', KEYS[4]) or '0'
 return out
 `;
 
@@ -87,12 +87,12 @@ export class RedisStore implements StoreBackend {
 
   async load(): Promise<StoreSnapshot> {
     await this.#ready();
-    const result = (await this.client.eval(LOAD_SCRIPT, 3, KEYS.index('credential'), KEYS.index('caller'), KEYS.version, KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'))) as [string[], string[], string];
-    return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]) });
+    const result = (await this.client.eval(LOAD_SCRIPT, 4, KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version, KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin'))) as [string[], string[], string[], string];
+    return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]), admins: decodePairs(result[2]) });
   }
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
-    const key = kind === 'credential' ? (record as CredentialRecord).id : (record as CallerRecord).name;
+    const key = recordKey(kind, record);
     await this.#ready();
     const [ok, found] = (await this.client.eval(PUT_SCRIPT, 3, KEYS.record(kind, key), KEYS.index(kind), KEYS.version, JSON.stringify(record), String(expectedRevision), key, KEYS.channel)) as [number, number];
     if (ok === 1) return;

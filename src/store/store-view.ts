@@ -1,6 +1,6 @@
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
-import { CallerIndex } from './callers.ts';
+import { ADMIN_TOKEN_PREFIX, CallerIndex } from './callers.ts';
 import type { CallerRecord, CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
@@ -24,6 +24,7 @@ export class StoreView {
   readonly #maxStaleMs: number;
   #snapshot: StoreSnapshot | undefined;
   #callers = new CallerIndex([]);
+  #admins = new CallerIndex([]);
   #lastError: string | undefined;
   #lastOkAt: number | undefined;
   #unwatch: (() => void) | undefined;
@@ -72,15 +73,18 @@ export class StoreView {
     const prev = this.#snapshot;
     const credentials = new Map(next.credentials);
     const callers = new Map(next.callers);
+    const admins = new Map(next.admins);
     if (prev) {
       this.#keepNewer('credential', prev.credentials, credentials, next.damaged);
       this.#keepNewer('caller', prev.callers, callers, next.damaged);
+      this.#keepNewer('admin', prev.admins, admins, next.damaged);
     }
     for (const [key, why] of next.damaged) {
       if (!prev?.damaged.has(key)) this.#log.error({ alert: 'store_record_damaged', record: key, reason: why }, 'store record is damaged; it fails closed');
     }
-    this.#snapshot = { credentials, callers, damaged: next.damaged };
+    this.#snapshot = { credentials, callers, admins, damaged: next.damaged };
     this.#callers = new CallerIndex(callers.values());
+    this.#admins = new CallerIndex(admins.values(), ADMIN_TOKEN_PREFIX);
   }
 
   /** Rollback protection: a record that went back in revision, or vanished, keeps its newest version here. */
@@ -114,6 +118,14 @@ export class StoreView {
 
   identifyCaller(token: string): string | undefined {
     return this.#callers.identify(token);
+  }
+
+  identifyAdmin(token: string): string | undefined {
+    return this.#admins.identify(token);
+  }
+
+  snapshot(): StoreSnapshot | undefined {
+    return this.#snapshot;
   }
 
   status(): { reachable: boolean; loaded: boolean; usable: boolean; loaded_at?: string; stale_ms?: number; error?: string } {

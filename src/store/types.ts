@@ -4,6 +4,8 @@ import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 export interface StoreSnapshot {
   readonly credentials: ReadonlyMap<string, CredentialRecord>;
   readonly callers: ReadonlyMap<string, CallerRecord>;
+  /** Admin API tokens, as caller-shaped records. */
+  readonly admins: ReadonlyMap<string, CallerRecord>;
   /** Records that failed validation: they fail closed, the rest keep working. */
   readonly damaged: ReadonlyMap<string, string>;
 }

@@ -1,0 +1,159 @@
+import { ConflictError, UserError } from '../errors.ts';
+import { ADMIN_TOKEN_PREFIX, generateToken, hashToken, newTokenId, TOKEN_PREFIX } from '../store/callers.ts';
+import { newCredentialRecord, unwrapDek, wrapDek, type FieldValues } from '../store/credentials.ts';
+import type { Keyring } from '../store/keyring.ts';
+import type { CallerRecord, CredentialRecord } from '../store/records.ts';
+import type { StoreBackend } from '../store/types.ts';
+import * as t from './transitions.ts';
+
+/**
+ * Every change to credentials, callers and admin tokens, shared by the CLI and the admin API.
+ * Each reads the record, applies one transition and writes it back compare-and-set: a concurrent
+ * change makes it fail with ConflictError (exit 3 / HTTP 409), never overwrite.
+ */
+export interface Operator {
+  readonly store: StoreBackend;
+  /** Who is acting: recorded in the record's history and the audit log. */
+  readonly actor: string;
+  readonly now?: () => Date;
+}
+
+function by(op: Operator): t.Actor {
+  return { actor: op.actor, now: op.now?.() ?? new Date() };
+}
+
+async function credential(op: Operator, id: string): Promise<CredentialRecord> {
+  const snapshot = await op.store.load();
+  const record = snapshot.credentials.get(id);
+  if (!record) throw new UserError(snapshot.damaged.has(`credential:${id}`) ? `credential "${id}" is damaged in the store` : `no credential "${id}"`);
+  return record;
+}
+
+async function save(op: Operator, before: CredentialRecord, after: CredentialRecord): Promise<CredentialRecord> {
+  await op.store.put('credential', after, before.revision);
+  return after;
+}
+
+export async function putCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues): Promise<CredentialRecord> {
+  const snapshot = await op.store.load();
+  if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) throw new UserError(`credential "${id}" already exists; a new version is a rotation ("keys rotate ${id}")`);
+  const record = newCredentialRecord(keyring, id, fields, by(op).now, op.actor);
+  await op.store.put('credential', record, 0);
+  return record;
+}
+
+export async function rotateCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues, options: { stage: boolean; graceMs: number }): Promise<CredentialRecord> {
+  const before = await credential(op, id);
+  return save(op, before, t.rotate(before, keyring, fields, options, by(op)));
+}
+
+export async function promoteCredential(op: Operator, id: string, graceMs: number): Promise<CredentialRecord> {
+  const before = await credential(op, id);
+  return save(op, before, t.promote(before, { graceMs }, by(op)));
+}
+
+export async function rollbackCredential(op: Operator, id: string): Promise<CredentialRecord> {
+  const before = await credential(op, id);
+  return save(op, before, t.rollback(before, by(op)));
+}
+
+export async function revokeCredential(op: Operator, id: string, version: number | undefined): Promise<CredentialRecord> {
+  const before = await credential(op, id);
+  return save(op, before, t.revoke(before, version, by(op)));
+}
+
+/**
+ * Retire every previous version whose grace has ended. Instances race to do it; compare-and-set
+ * lets exactly one win each transition, and the losers simply see the result.
+ */
+export async function expireDue(op: Operator): Promise<string[]> {
+  const retired: string[] = [];
+  for (const record of (await op.store.load()).credentials.values()) {
+    const after = t.expire(record, by(op));
+    if (!after) continue;
+    try {
+      await op.store.put('credential', after, record.revision);
+      retired.push(record.id);
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+    }
+  }
+  return retired;
+}
+
+/** Re-wrap every data key with the active KEK; returns how many records changed. Safe to re-run after a crash. */
+export async function rewrapAll(op: Operator, keyring: Keyring): Promise<number> {
+  let changed = 0;
+  for (const record of (await op.store.load()).credentials.values()) {
+    const after = t.rewrap(record, keyring, (v) => unwrapDek(keyring, record.id, v), (dek, v) => wrapDek(keyring, record.id, v, dek), by(op));
+    if (!after) continue;
+    await op.store.put('credential', after, record.revision);
+    changed++;
+  }
+  return changed;
+}
+
+export type TokenKind = 'caller' | 'admin';
+
+const PREFIX: Record<TokenKind, string> = { caller: TOKEN_PREFIX, admin: ADMIN_TOKEN_PREFIX };
+
+async function named(op: Operator, kind: TokenKind, name: string): Promise<CallerRecord | undefined> {
+  const snapshot = await op.store.load();
+  return (kind === 'caller' ? snapshot.callers : snapshot.admins).get(name);
+}
+
+function entry(op: Operator, action: string, detail?: string) {
+  return { at: by(op).now.toISOString(), actor: op.actor, action, ...(detail ? { detail } : {}) };
+}
+
+/** A new identity with one token, printed once by the caller of this function. A revoked name can be reused. */
+export async function addToken(op: Operator, kind: TokenKind, name: string): Promise<{ record: CallerRecord; token: string }> {
+  const existing = await named(op, kind, name);
+  if (existing && !existing.revoked_at) throw new UserError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
+  const token = generateToken(PREFIX[kind]);
+  const now = by(op).now.toISOString();
+  const record: CallerRecord = {
+    name,
+    revision: (existing?.revision ?? 0) + 1,
+    created_at: now,
+    updated_at: now,
+    tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now }],
+    history: [...(existing?.history ?? []), entry(op, 'add')].slice(-100),
+  };
+  await op.store.put(kind, record, existing?.revision ?? 0);
+  return { record, token };
+}
+
+/** A new token; the old ones keep working until the grace ends (0: they stop now). */
+export async function rotateToken(op: Operator, kind: TokenKind, name: string, graceMs: number): Promise<{ record: CallerRecord; token: string }> {
+  const existing = await named(op, kind, name);
+  if (!existing || existing.revoked_at) throw new UserError(`no active ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
+  const now = by(op).now;
+  const until = new Date(now.getTime() + graceMs).toISOString();
+  const token = generateToken(PREFIX[kind]);
+  const kept = graceMs > 0
+    ? existing.tokens
+        .filter((tk) => !tk.expires_at || Date.parse(tk.expires_at) > now.getTime())
+        .map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until }))
+    : [];
+  const record: CallerRecord = {
+    ...existing,
+    revision: existing.revision + 1,
+    updated_at: now.toISOString(),
+    tokens: [...kept, { id: newTokenId(), hash: hashToken(token), created_at: now.toISOString() }],
+    history: [...(existing.history ?? []), entry(op, 'rotate', graceMs > 0 ? `old tokens valid until ${until}` : 'old tokens stopped at once')].slice(-100),
+  };
+  await op.store.put(kind, record, existing.revision);
+  return { record, token };
+}
+
+/** Immediate: every token of the identity stops working. */
+export async function revokeToken(op: Operator, kind: TokenKind, name: string): Promise<CallerRecord> {
+  const existing = await named(op, kind, name);
+  if (!existing) throw new UserError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
+  if (existing.revoked_at) return existing;
+  const now = by(op).now.toISOString();
+  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], history: [...(existing.history ?? []), entry(op, 'revoke')].slice(-100) };
+  await op.store.put(kind, record, existing.revision);
+  return record;
+}

@@ -1,0 +1,136 @@
+import { UserError } from '../errors.ts';
+import type { FieldValues } from '../store/credentials.ts';
+import { sealVersion } from '../store/credentials.ts';
+import type { Keyring } from '../store/keyring.ts';
+import type { CredentialRecord, CredentialVersionRecord, HistoryEntry } from '../store/records.ts';
+
+/**
+ * Credential version transitions, as pure functions from one record to the next. Each returns a new
+ * record (revision + 1, a history entry) or throws a UserError saying why the move is not allowed.
+ * Invariant after every transition: at most one pending, one current, one previous.
+ *
+ *   pending --promote--> current --promote(grace)--> previous --grace ends--> retired
+ *      ^                    |  ^                         |
+ *      +----rollback--------+  +--------rollback---------+
+ *   any live state --revoke--> revoked     (retired and revoked versions keep no ciphertext)
+ */
+
+export interface Actor {
+  readonly actor: string;
+  readonly now: Date;
+}
+
+const HISTORY_LIMIT = 100;
+
+function next(record: CredentialRecord, versions: CredentialVersionRecord[], by: Actor, entry: Omit<HistoryEntry, 'at' | 'actor'>): CredentialRecord {
+  const history = [...(record.history ?? []), { at: by.now.toISOString(), actor: by.actor, ...entry }].slice(-HISTORY_LIMIT);
+  const out = { ...record, revision: record.revision + 1, updated_at: by.now.toISOString(), versions, history };
+  assertInvariant(out);
+  return out;
+}
+
+export function assertInvariant(record: CredentialRecord): void {
+  for (const state of ['pending', 'current', 'previous'] as const) {
+    if (record.versions.filter((v) => v.state === state).length > 1) throw new Error(`credential "${record.id}" would have more than one ${state} version`);
+  }
+}
+
+/** Destroy a version's ciphertext, keeping its metadata. */
+function destroyed(v: CredentialVersionRecord, state: 'retired' | 'revoked', now: Date): CredentialVersionRecord {
+  const { dek: _dek, data: _data, grace_until: _grace, ...meta } = v;
+  return { ...meta, state, ...(state === 'retired' ? { retired_at: now.toISOString() } : { revoked_at: now.toISOString() }) };
+}
+
+function find(record: CredentialRecord, state: CredentialVersionRecord['state']): CredentialVersionRecord | undefined {
+  return record.versions.find((v) => v.state === state);
+}
+
+/** A new version from new field values: pending with `stage`, otherwise promoted at once. */
+export function rotate(record: CredentialRecord, keyring: Keyring, fields: FieldValues, options: { stage: boolean; graceMs: number }, by: Actor): CredentialRecord {
+  if (find(record, 'pending')) throw new UserError(`credential "${record.id}" already has a pending version ${find(record, 'pending')!.version}; promote or revoke it first`);
+  const version = Math.max(0, ...record.versions.map((v) => v.version)) + 1;
+  const staged = next(record, [...record.versions, sealVersion(keyring, record.id, version, 'pending', fields, by.now)], by, { action: 'stage', version });
+  return options.stage ? staged : promote(staged, { graceMs: options.graceMs }, by);
+}
+
+/**
+ * pending -> current; current -> previous until now + grace (grace 0: retired at once, the cutover
+ * for providers that cannot hold two keys); an older previous -> retired.
+ */
+export function promote(record: CredentialRecord, options: { graceMs: number }, by: Actor): CredentialRecord {
+  const pending = find(record, 'pending');
+  if (!pending) throw new UserError(`credential "${record.id}" has no pending version to promote; stage one with "keys rotate ${record.id} --stage"`);
+  const graceUntil = new Date(by.now.getTime() + options.graceMs).toISOString();
+  const versions = record.versions.map((v): CredentialVersionRecord => {
+    if (v === pending) return { ...v, state: 'current', activated_at: by.now.toISOString() };
+    if (v.state === 'current') return options.graceMs > 0 ? { ...v, state: 'previous', grace_until: graceUntil } : destroyed(v, 'retired', by.now);
+    if (v.state === 'previous') return destroyed(v, 'retired', by.now);
+    return v;
+  });
+  return next(record, versions, by, { action: 'promote', version: pending.version, detail: options.graceMs > 0 ? `previous valid until ${graceUntil}` : 'cutover: previous retired at once' });
+}
+
+/**
+ * previous -> current, inside its grace window; the rolled-back current goes back to pending, so
+ * it can be promoted again once fixed, or revoked.
+ */
+export function rollback(record: CredentialRecord, by: Actor): CredentialRecord {
+  const previous = find(record, 'previous');
+  if (!previous || !inGrace(previous, by.now)) throw new UserError(`credential "${record.id}" has no previous version inside its grace window to roll back to`);
+  if (find(record, 'pending')) throw new UserError(`credential "${record.id}" has a pending version; promote or revoke it before rolling back`);
+  const versions = record.versions.map((v): CredentialVersionRecord => {
+    if (v === previous) {
+      const { grace_until: _g, ...rest } = v;
+      return { ...rest, state: 'current', activated_at: by.now.toISOString() };
+    }
+    if (v.state === 'current') {
+      const { activated_at: _a, ...rest } = v;
+      return { ...rest, state: 'pending' };
+    }
+    return v;
+  });
+  return next(record, versions, by, { action: 'rollback', version: previous.version });
+}
+
+/** Immediate, no grace: the compromise path. Without a version, the current one. */
+export function revoke(record: CredentialRecord, version: number | undefined, by: Actor): CredentialRecord {
+  const target = version === undefined ? find(record, 'current') : record.versions.find((v) => v.version === version);
+  if (!target) throw new UserError(version === undefined ? `credential "${record.id}" has no current version` : `credential "${record.id}" has no version ${version}`);
+  if (target.state === 'revoked') throw new UserError(`version ${target.version} of "${record.id}" is already revoked`);
+  const versions = record.versions.map((v) => (v === target ? destroyed(v, 'revoked', by.now) : v));
+  return next(record, versions, by, { action: 'revoke', version: target.version, detail: `was ${target.state}` });
+}
+
+/** Previous versions whose grace has ended become retired, their ciphertext destroyed. Undefined when nothing is due. */
+export function expire(record: CredentialRecord, by: Actor): CredentialRecord | undefined {
+  const due = record.versions.filter((v) => v.state === 'previous' && !inGrace(v, by.now));
+  if (due.length === 0) return undefined;
+  const versions = record.versions.map((v) => (due.includes(v) ? destroyed(v, 'retired', by.now) : v));
+  return next(record, versions, by, { action: 'retire', version: due[0]!.version, detail: 'grace window ended' });
+}
+
+export function inGrace(v: CredentialVersionRecord, now: Date): boolean {
+  return v.state === 'previous' && v.grace_until !== undefined && Date.parse(v.grace_until) > now.getTime();
+}
+
+/** The earliest grace end among a record's previous versions, in epoch ms. */
+export function nextExpiry(record: CredentialRecord): number | undefined {
+  const ends = record.versions.filter((v) => v.state === 'previous' && v.grace_until).map((v) => Date.parse(v.grace_until!));
+  return ends.length ? Math.min(...ends) : undefined;
+}
+
+/** Every version's DEK re-wrapped with the keyring's active KEK; the encrypted fields are untouched. */
+export function rewrap(record: CredentialRecord, keyring: Keyring, unwrap: (v: CredentialVersionRecord) => Buffer, wrap: (dek: Buffer, v: CredentialVersionRecord) => CredentialVersionRecord, by: Actor): CredentialRecord | undefined {
+  const stale = record.versions.filter((v) => v.dek && v.kek !== keyring.active);
+  if (stale.length === 0) return undefined;
+  const versions = record.versions.map((v) => {
+    if (!stale.includes(v)) return v;
+    const dek = unwrap(v);
+    try {
+      return wrap(dek, v);
+    } finally {
+      dek.fill(0);
+    }
+  });
+  return next(record, versions, by, { action: 'rewrap', detail: `data keys wrapped by key-encryption key ${keyring.active}` });
+}
