@@ -7,6 +7,7 @@ import { loadRoutes } from './config/load-routes.ts';
 import type { Settings } from './config/settings.ts';
 import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
+import { Alerts, WindowCounter } from './observe/alerts.ts';
 import { AuditLog } from './observe/audit.ts';
 import { createLogger, type Logger } from './observe/log.ts';
 import { Metrics } from './observe/metrics.ts';
@@ -21,6 +22,7 @@ import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
 import { StoreView } from './store/store-view.ts';
+import { KeyringFile } from './store/keyring-file.ts';
 
 export interface RunningProxy {
   readonly proxyAddress: AddressInfo;
@@ -38,6 +40,8 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const keyring = await openKeyring(settings, backend instanceof FileStore ? backend : undefined, log);
   if (settings.alertWebhook) log.warn('EGRESS_ALERT_WEBHOOK is set, but alert delivery is not available in this version; alerts go to this log only');
 
+  const keys = new KeyringFile(settings.masterKeyFile, keyring, log);
+  await keys.start();
   const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs });
   await store.start();
 
@@ -48,7 +52,8 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   await audit.open();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
-  const services: Services = { store, keyring, dispatchers, limiter, audit, metrics, log };
+  const alerts = new Alerts(log, metrics);
+  const services: Services = { store, keys, dispatchers, limiter, audit, metrics, alerts, fallbackCounter: new WindowCounter(60_000), log };
 
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
@@ -77,6 +82,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const close = (deadlineMs = 10_000): Promise<void> => {
     closing ??= (async () => {
       routes.close();
+      keys.close();
       const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {

@@ -43,6 +43,9 @@ export interface CompiledRoute {
   readonly upstreamCa: string | undefined;
   readonly maxBody: number;
   readonly upstreamRate: RateLimitOptions | undefined;
+  readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: string | undefined };
+  /** Besides GET and HEAD: requests that may be re-sent with the previous key version. */
+  readonly replaySafe: readonly { readonly method: string; readonly pattern: PathPattern }[];
   readonly rules: readonly CompiledRule[];
   /** Rules by caller name; a Map so no caller name can reach Object.prototype. */
   readonly rulesByCaller: ReadonlyMap<string, readonly CompiledRule[]>;
@@ -93,6 +96,11 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     upstreamCa,
     maxBody: raw.max_body ?? DEFAULTS.maxBody,
     upstreamRate: raw.upstream_rate,
+    authFailure: Object.freeze({ statuses: new Set(raw.auth_failure?.status ?? [401]), bodyContains: raw.auth_failure?.body_contains }),
+    replaySafe: Object.freeze(raw.replay_safe.map((entry) => {
+      const [method, path] = entry.trim().split(/\s+/);
+      return Object.freeze({ method: method!, pattern: compilePattern(path!) });
+    })),
     rules: Object.freeze(rules),
     rulesByCaller,
   });

@@ -70,6 +70,11 @@ export const allowRuleSchema = z.strictObject({
   rate: rateLimit.optional(),
 });
 
+const replaySafeEntry = z.string().refine((entry) => {
+  const [method, path, extra] = entry.trim().split(/\s+/);
+  return extra === undefined && (HTTP_METHODS as readonly string[]).includes(method ?? '') && pathPattern.safeParse(path).success;
+}, 'a replay-safe entry is "METHOD /path", e.g. "POST /accounts/get" (path patterns allowed)');
+
 export const routeFileSchema = z.strictObject({
   name: z.string().regex(NAME, 'route names are lower-case letters, digits, "_" and "-"'),
   prefix,
@@ -80,6 +85,13 @@ export const routeFileSchema = z.strictObject({
   upstream_ca: z.string().min(1).optional(),
   max_body: size.optional(),
   upstream_rate: rateLimit.optional(),
+  /** How the upstream says "this key is rejected" (default: status 401). */
+  auth_failure: z.strictObject({
+    status: z.array(z.number().int().min(400).max(599)).min(1),
+    body_contains: z.string().min(1).max(256).optional(),
+  }).optional(),
+  /** Requests besides GET and HEAD that may be sent again with the previous key. */
+  replay_safe: z.array(replaySafeEntry).default([]),
   allow: z.array(allowRuleSchema).default([]),
 });
 

@@ -43,6 +43,33 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly fallbacks = new Counter({
+    name: 'egress_rotation_fallbacks_total',
+    help: 'Requests re-sent with the previous credential version after the upstream rejected the current one.',
+    labelNames: ['credential', 'version'] as const,
+    registers: [this.registry],
+  });
+
+  readonly authFailures = new Counter({
+    name: 'egress_upstream_auth_failures_total',
+    help: "Upstream answers matching the route's auth_failure, by credential and version used.",
+    labelNames: ['credential', 'version'] as const,
+    registers: [this.registry],
+  });
+
+  readonly alerts = new Counter({
+    name: 'egress_alerts_total',
+    help: 'Alerts raised, by alert id and severity (repeats inside the cool-down are not counted).',
+    labelNames: ['alert', 'severity'] as const,
+    registers: [this.registry],
+  });
+
+  readonly retirements = new Counter({
+    name: 'egress_grace_retirements_total',
+    help: 'Previous credential versions retired by this instance when their grace window ended.',
+    registers: [this.registry],
+  });
+
   readonly routesLoaded = new Gauge({
     name: 'egress_routes_loaded',
     help: 'Routes in the live configuration.',

@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig, CompiledRoute, CompiledRule } from '../config/compile-routes.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
+import type { CredentialVersionRecord } from '../store/records.ts';
 import type { Decision } from '../observe/audit.ts';
 import type { Services } from './services.ts';
 import type { Target } from './target.ts';
@@ -22,6 +23,14 @@ export interface RequestContext {
   relativeSegments?: readonly string[];
   rule?: CompiledRule;
   credential?: ResolvedCredential;
+  /** The previous version, inside its grace window: what a replay-safe request may fall back to. */
+  previous?: CredentialVersionRecord;
+  /** The request may be sent twice (GET/HEAD or listed replay-safe) and a previous version exists: its body is buffered. */
+  replayable?: boolean;
+  /** The inbound body, when it had to be buffered (an injector needs it, or the request is replayable). */
+  body?: Buffer;
+  /** Set when the response came from a second try with the previous version. */
+  fellBack?: boolean;
   outbound?: OutboundRequest;
   /** Every value that went upstream as a credential: redacted if the upstream echoes it. */
   readonly redactions: string[];

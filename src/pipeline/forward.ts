@@ -3,24 +3,66 @@ import { pipeline } from 'node:stream/promises';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
+import type { OutboundRequest } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
+import { buildOutbound } from './inject.ts';
 import { redactText } from './redact.ts';
+import { open } from './resolve-credential.ts';
 
 /** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
 
+/** Repeated fallbacks for one credential within this window raise "current key rejected by upstream". */
+const FALLBACK_ALERT = { windowMs: 60_000, threshold: 3 } as const;
+
+interface Attempt {
+  readonly response: Dispatcher.ResponseData;
+  /** The raw body, when it was read to classify the response. */
+  readonly raw?: Buffer;
+}
+
 /**
- * Send the request upstream and relay the response. Redirects are relayed, never followed; nothing
- * is retried. The caller going away aborts the upstream request.
+ * Send the request upstream and relay the response. Redirects are relayed, never followed. Nothing
+ * is retried, with one exception: when the upstream rejects the current credential (the route's
+ * auth_failure), a replay-safe request is sent once more with the previous version inside its grace.
  */
 export async function forward(ctx: RequestContext): Promise<void> {
-  const { req, res } = ctx;
   const route = ctx.route!;
-  const out = ctx.outbound!;
-  const pool = ctx.services.dispatchers.for(route);
+  const abort = new AbortController();
+  const onClose = () => {
+    if (!ctx.res.writableFinished) abort.abort();
+  };
+  ctx.res.once('close', onClose);
+  try {
+    let attempt = await send(ctx, ctx.outbound!, abort.signal);
+    if (await isAuthFailure(ctx, attempt)) {
+      const { credential, version } = { credential: ctx.credential!.id, version: String(ctx.credential!.version) };
+      ctx.services.metrics.authFailures.inc({ credential, version });
+      if (ctx.replayable && ctx.previous) {
+        attempt.response.body.destroy();
+        const previous = open(ctx, credential, ctx.previous);
+        ctx.credential = previous;
+        ctx.fellBack = true;
+        ctx.services.metrics.fallbacks.inc({ credential, version: String(previous.version) });
+        if (ctx.services.fallbackCounter.hit(credential) >= FALLBACK_ALERT.threshold) {
+          ctx.services.alerts.raise('current_key_rejected', 'critical', credential, 'current key rejected by upstream; requests are falling back to the previous version', { credential, current_version: Number(version), previous_version: previous.version, route: route.name });
+        }
+        attempt = await send(ctx, buildOutbound(ctx, previous), abort.signal);
+      } else {
+        ctx.services.alerts.raise('upstream_rejected_credential', 'warning', credential, 'upstream rejected the credential', { credential, version: Number(version), route: route.name, status: attempt.response.statusCode });
+      }
+    }
+    await relay(ctx, attempt);
+  } finally {
+    ctx.res.off('close', onClose);
+  }
+}
 
+async function send(ctx: RequestContext, out: OutboundRequest, signal: AbortSignal): Promise<Attempt> {
+  const { req } = ctx;
+  const route = ctx.route!;
   const headers = out.headers;
   let body: Dispatcher.DispatchOptions['body'];
   let tooLarge = false;
@@ -35,22 +77,15 @@ export async function forward(ctx: RequestContext): Promise<void> {
       tooLarge = true;
     }), { objectMode: false });
   }
-
-  const abort = new AbortController();
-  const onClose = () => {
-    if (!res.writableFinished) abort.abort();
-  };
-  res.once('close', onClose);
-
   const sentAt = performance.now();
   let response: Dispatcher.ResponseData;
   try {
-    response = await pool.request({
+    response = await ctx.services.dispatchers.for(route).request({
       method: out.method as Dispatcher.HttpMethod,
       path: out.query ? `${out.path}?${out.query}` : out.path,
       headers: flatten(headers),
       body,
-      signal: abort.signal,
+      signal,
       headersTimeout: route.responseTimeoutMs,
       bodyTimeout: route.responseTimeoutMs,
     });
@@ -58,21 +93,35 @@ export async function forward(ctx: RequestContext): Promise<void> {
     if (tooLarge) throw new ProxyError('body_too_large');
     throw upstreamFailure(err);
   }
-  ctx.upstreamMs = performance.now() - sentAt;
+  ctx.upstreamMs = (ctx.upstreamMs ?? 0) + (performance.now() - sentAt);
   ctx.upstreamStatus = response.statusCode;
   if (response.statusCode === 429) {
     // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
     const pauseMs = retryAfterMs(headerValue(response.headers['retry-after']));
     if (pauseMs > 0) ctx.services.limiter.pause(route.name, pauseMs);
   }
+  return { response };
+}
 
+/** Does the response match the route's auth_failure? Reads (and keeps) the body only when a body match is configured. */
+async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boolean> {
+  const rule = ctx.route!.authFailure;
+  if (!rule.statuses.has(attempt.response.statusCode)) return false;
+  if (!rule.bodyContains) return true;
+  const raw = await readBounded(attempt.response);
+  (attempt as { raw?: Buffer }).raw = raw;
+  return decodeBody(raw, headerValue(attempt.response.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
+}
+
+async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
+  const { req, res } = ctx;
+  const { response } = attempt;
   const redact = (value: string) => redactText(value, ctx.redactions);
   const relayed = responseHeaders(response.headers as Record<string, string | string[] | undefined>, redact);
   relayed.push('x-request-id', ctx.id);
-
   try {
     if (response.statusCode >= 400 && req.method !== 'HEAD') {
-      await relayErrorBody(ctx, response, relayed);
+      await relayErrorBody(ctx, response, relayed, attempt.raw ?? (await readBounded(response)));
     } else {
       res.writeHead(response.statusCode, relayed);
       await pipeline(response.body, res);
@@ -82,16 +131,10 @@ export async function forward(ctx: RequestContext): Promise<void> {
     if (!res.headersSent) throw err instanceof ProxyError ? err : upstreamFailure(err);
     // The response had started: all that is left is to cut it short, so the caller sees it fail.
     res.destroy();
-  } finally {
-    res.off('close', onClose);
   }
 }
 
-/**
- * An error body may echo what we sent (a provider quoting the key it rejected). Buffer it (bounded),
- * decode it, and redact every injected value before the caller sees it.
- */
-async function relayErrorBody(ctx: RequestContext, response: Dispatcher.ResponseData, relayed: string[]): Promise<void> {
+async function readBounded(response: Dispatcher.ResponseData): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of response.body) {
@@ -99,12 +142,16 @@ async function relayErrorBody(ctx: RequestContext, response: Dispatcher.Response
     if (size > MAX_INSPECTED_ERROR_BODY) throw new ProxyError('upstream_error', 'The upstream error body is too large to inspect.');
     chunks.push(chunk as Buffer);
   }
-  let raw: Buffer = Buffer.concat(chunks, size);
-  const encoding = headerValue(response.headers['content-encoding'])?.trim().toLowerCase();
-  if (encoding && encoding !== 'identity') {
-    raw = decode(raw, encoding);
-  }
-  const text = redactText(raw.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
+  return Buffer.concat(chunks, size);
+}
+
+/**
+ * An error body may echo what we sent (a provider quoting the key it rejected): decode it and
+ * redact every injected value before the caller sees it.
+ */
+async function relayErrorBody(ctx: RequestContext, response: Dispatcher.ResponseData, relayed: string[], raw: Buffer): Promise<void> {
+  const decoded = decodeBody(raw, headerValue(response.headers['content-encoding']));
+  const text = redactText(decoded.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
   const out = Buffer.from(text, 'latin1');
   const headers: string[] = [];
   for (let i = 0; i < relayed.length; i += 2) {
@@ -117,7 +164,9 @@ async function relayErrorBody(ctx: RequestContext, response: Dispatcher.Response
   ctx.res.end(out);
 }
 
-function decode(raw: Buffer, encoding: string): Buffer {
+function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
+  const encoding = contentEncoding?.trim().toLowerCase();
+  if (!encoding || encoding === 'identity') return raw;
   const limits = { maxOutputLength: MAX_INSPECTED_ERROR_BODY };
   try {
     if (encoding === 'gzip' || encoding === 'x-gzip') return gunzipSync(raw, limits);
@@ -126,7 +175,7 @@ function decode(raw: Buffer, encoding: string): Buffer {
   } catch {
     throw new ProxyError('upstream_error', 'The upstream error body could not be decoded for inspection.');
   }
-  throw new ProxyError('upstream_error', `The upstream error body uses an encoding the proxy cannot inspect.`);
+  throw new ProxyError('upstream_error', 'The upstream error body uses an encoding the proxy cannot inspect.');
 }
 
 /** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at an hour; 0 when absent or unusable. */

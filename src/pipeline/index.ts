@@ -72,6 +72,7 @@ function finish(ctx: RequestContext): void {
     // Headers only through the allowlist: tokens and credentials never reach the log.
     log.debug({ request_id: ctx.id, caller: ctx.caller, route: ctx.route?.name, method: ctx.req.method, status, decision: ctx.decision, reason: ctx.reason, headers: loggableHeaders(ctx.req.headers) }, 'request');
   }
+  if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
   audit.request({
     requestId: ctx.id,
     caller: ctx.caller ?? null,

@@ -1,37 +1,38 @@
-import type { OutboundRequest } from '../injectors/types.ts';
+import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { hasBody, readBody } from './body.ts';
 
 /**
  * Build the outbound request from a copy of the inbound one: strip first (hop-by-hop, proxy
- * headers, and everything the injectors claim), then let each injector attach its part.
+ * headers, and everything the injectors claim), then let each injector attach its part. The body
+ * is buffered (bounded by max_body) when an injector needs it, or when the request may have to be
+ * sent again with the previous key; otherwise it streams.
  */
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
-  const relative = ctx.relativeSegments!.join('/');
-  const outbound: OutboundRequest = {
-    method: ctx.req.method!,
-    path: `${route.basePath}/${relative}`,
-    query: removeParams(ctx.target!.query, route.claims.query),
-    headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers),
-    body: undefined,
-  };
-  ctx.outbound = outbound;
-  if (route.needsBody && hasBody(ctx.req)) {
+  if ((route.needsBody || ctx.replayable) && hasBody(ctx.req)) {
     return readBody(ctx.req, route.maxBody).then((body) => {
-      outbound.body = body;
-      attach(ctx, outbound);
+      ctx.body = body;
+      ctx.outbound = buildOutbound(ctx, ctx.credential!);
     });
   }
-  attach(ctx, outbound);
+  ctx.outbound = buildOutbound(ctx, ctx.credential!);
 }
 
-function attach(ctx: RequestContext, outbound: OutboundRequest): void {
+/** The request to send upstream with `credential` attached; called again for a fallback to the previous version. */
+export function buildOutbound(ctx: RequestContext, credential: ResolvedCredential): OutboundRequest {
+  const route = ctx.route!;
+  const outbound: OutboundRequest = {
+    method: ctx.req.method!,
+    path: `${route.basePath}/${ctx.relativeSegments!.join('/')}`,
+    query: removeParams(ctx.target!.query, route.claims.query),
+    headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers),
+    body: ctx.body,
+  };
   const redact = (value: string) => void ctx.redactions.push(value);
-  for (const { injector, options } of ctx.route!.injections) {
-    injector.inject({ request: outbound, credential: ctx.credential!, options, redact });
-  }
+  for (const { injector, options } of route.injections) injector.inject({ request: outbound, credential, options, redact });
+  return outbound;
 }
 
 /** Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte. */

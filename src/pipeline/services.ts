@@ -1,5 +1,6 @@
-import type { Keyring } from '../store/keyring.ts';
+import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
+import type { Alerts, WindowCounter } from '../observe/alerts.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
@@ -9,10 +10,13 @@ import type { RateLimiter } from './rate-limiter.ts';
 /** Long-lived collaborators the steps use: built once in main.ts. */
 export interface Services {
   readonly store: StoreView;
-  readonly keyring: Keyring;
+  readonly keys: KeyringFile;
   readonly dispatchers: Dispatchers;
   readonly limiter: RateLimiter;
   readonly audit: AuditLog;
   readonly metrics: Metrics;
+  readonly alerts: Alerts;
+  /** Fallbacks per credential in a sliding window, for the "current key rejected" alert. */
+  readonly fallbackCounter: WindowCounter;
   readonly log: Logger;
 }

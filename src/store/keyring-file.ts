@@ -1,0 +1,71 @@
+import { watch as fsWatch, type FSWatcher } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { basename, dirname } from 'node:path';
+import type { Logger } from '../observe/log.ts';
+import { readKeyring, type Keyring } from './keyring.ts';
+
+const POLL_MS = 500;
+
+/**
+ * The live keyring. `master-key rotate` adds a key and re-wraps data keys with it while proxies
+ * run, so a proxy re-reads the file when it changes; a bad new file is refused and the last good
+ * keyring stays in use (a record wrapped by a key it lacks then fails closed, 503).
+ */
+export class KeyringFile {
+  readonly path: string;
+  readonly #log: Logger;
+  #current: Keyring;
+  #sig = '';
+  #timer: NodeJS.Timeout | undefined;
+  #watcher: FSWatcher | undefined;
+
+  constructor(path: string, initial: Keyring, log: Logger) {
+    this.path = path;
+    this.#current = initial;
+    this.#log = log;
+  }
+
+  get current(): Keyring {
+    return this.#current;
+  }
+
+  async start(): Promise<void> {
+    this.#sig = await this.#signature();
+    this.#timer = setInterval(() => void this.check(), POLL_MS);
+    this.#timer.unref();
+    try {
+      this.#watcher = fsWatch(dirname(this.path), { persistent: false }, (_e, name) => {
+        if (name === basename(this.path)) void this.check();
+      });
+      this.#watcher.on('error', () => this.#watcher?.close());
+    } catch {
+      // Polling alone is enough.
+    }
+  }
+
+  async check(): Promise<void> {
+    const sig = await this.#signature();
+    if (sig === this.#sig) return;
+    this.#sig = sig;
+    try {
+      this.#current = await readKeyring(this.path);
+      this.#log.info({ active_key_version: this.#current.active, versions: this.#current.versions().map((v) => v.version) }, 'master key file reloaded');
+    } catch (err) {
+      this.#log.error({ alert: 'keyring_reload_rejected', reason: (err as Error).message }, 'master key file changed but cannot be used; keeping the keyring loaded before');
+    }
+  }
+
+  async #signature(): Promise<string> {
+    try {
+      const s = await stat(this.path);
+      return `${s.ino}:${s.size}:${s.mtimeMs}:${s.mode}`;
+    } catch {
+      return 'missing';
+    }
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+    this.#watcher?.close();
+  }
+}
