@@ -1,0 +1,113 @@
+/**
+ * Child process: the load generator. Runs autocannon jobs sent by the orchestrator over IPC, one at
+ * a time, in its own process so it never shares an event loop with a target.
+ *
+ * Latency: every response's time (autocannon measures it with hrtime, in fractional ms) is kept
+ * and the percentiles are exact. autocannon's own histogram has whole-millisecond resolution, too
+ * coarse for loopback, and in rate mode it adds synthetic samples (coordinated omission correction
+ * with a 1 ms interval); its values are kept in the result for reference only.
+ *
+ * Fixed rate: autocannon's overallRate is a per-connection quota per one-second window, sent as
+ * fast as possible at the top of each second (a burst). The bench spreads each connection's quota
+ * evenly over the second instead (setupClient wraps the client's request function), so the target
+ * sees a steady `overallRate` requests per second. autocannon's own quota still applies on top.
+ */
+import autocannon, { type Client } from 'autocannon';
+import { exitWithParent, type LatencySummary, type LoadJob, type LoadReply, type LoadRequest, type LoadResult } from './common.ts';
+
+exitWithParent();
+
+let busy = false;
+
+process.on('message', (message: LoadRequest) => {
+  if (message?.type !== 'run') return;
+  if (busy) {
+    reply({ type: 'error', id: message.id, message: 'load generator busy' });
+    return;
+  }
+  busy = true;
+  run(message.job).then(
+    (result) => reply({ type: 'result', id: message.id, result }),
+    (err: unknown) => reply({ type: 'error', id: message.id, message: (err as Error)?.stack ?? String(err) }),
+  ).finally(() => {
+    busy = false;
+  });
+});
+
+function reply(message: LoadReply): void {
+  process.send!(message);
+}
+
+async function run(job: LoadJob): Promise<LoadResult> {
+  let samples = new Float64Array(1 << 16);
+  let count = 0;
+  const connections = job.overallRate ? Math.min(job.connections, job.overallRate) : job.connections;
+  const instance = autocannon({
+    url: job.url,
+    method: job.method,
+    headers: job.headers,
+    ...(job.body !== undefined ? { body: job.body } : {}),
+    connections,
+    pipelining: 1,
+    duration: job.durationSec,
+    timeout: job.timeoutSec,
+    ...(job.overallRate ? { overallRate: job.overallRate, setupClient: pace(connections * 1000 / job.overallRate) } : {}),
+  });
+  instance.on('response', (_client: unknown, _status: number, _bytes: number, responseTimeMs: number) => {
+    if (count === samples.length) {
+      const grown = new Float64Array(samples.length * 2);
+      grown.set(samples);
+      samples = grown;
+    }
+    samples[count++] = responseTimeMs;
+  });
+  const result = await instance;
+
+  const statusCodes: Record<string, number> = {};
+  for (const [code, { count: n }] of Object.entries(result.statusCodeStats ?? {})) statusCodes[code] = n;
+  return {
+    rps: result.requests.average,
+    responses: count,
+    durationSec: result.duration,
+    latencyMs: summarise(samples.subarray(0, count)),
+    autocannonLatencyMs: { p50: result.latency.p50, p99: result.latency.p99 },
+    errors: result.errors,
+    timeouts: result.timeouts,
+    non2xx: result.non2xx,
+    statusCodes,
+  };
+}
+
+/** setupClient hook: each connection sends one request every `intervalMs`, from a random phase. */
+function pace(intervalMs: number): (client: Client) => void {
+  return (client) => {
+    const send = client._doRequest;
+    if (typeof send !== 'function') throw new Error('autocannon internals changed (Client#_doRequest is missing): cannot pace the fixed-rate run');
+    let next = performance.now() + Math.random() * intervalMs;
+    client._doRequest = function paced(...args: unknown[]) {
+      const now = performance.now();
+      const at = Math.max(next, now);
+      next = at + intervalMs;
+      const wait = at - now;
+      if (wait < 0.5) {
+        send.apply(client, args);
+        return;
+      }
+      setTimeout(() => {
+        if (!client.destroyed) send.apply(client, args);
+      }, wait);
+    };
+  };
+}
+
+function summarise(values: Float64Array): LatencySummary {
+  const n = values.length;
+  if (n === 0) return { p50: Number.NaN, p90: Number.NaN, p99: Number.NaN, p999: Number.NaN, max: Number.NaN, mean: Number.NaN, samples: 0 };
+  const sorted = Float64Array.from(values).sort();
+  const at = (q: number) => sorted[Math.min(n - 1, Math.max(0, Math.ceil(q * n) - 1))]!;
+  let sum = 0;
+  for (const v of sorted) sum += v;
+  return { p50: at(0.5), p90: at(0.9), p99: at(0.99), p999: at(0.999), max: sorted[n - 1]!, mean: sum / n, samples: n };
+}
+
+process.send!({ type: 'ready', port: 0 });

@@ -1,0 +1,465 @@
+/**
+ * egress-proxy benchmark: `npm run bench`.
+ *
+ * One run measures, against the same upstream and with the same load generator:
+ *   direct (the limit), egress-proxy, a bare undici proxy (the floor), http-proxy-3 and nginx,
+ * each with a GET and a JSON POST, at saturation and at a fixed low rate. Prints a table with the
+ * ratios, writes the numbers to bench/results/<timestamp>.json, exits 1 if a check failed.
+ *
+ * Settings (environment): BENCH_DURATION (s per scenario, default 5), BENCH_QUICK=1 (1 s runs),
+ * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
+ * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,bare,hp3,nginx),
+ * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
+ * BENCH_EGRESS_NODE_ARGS (extra Node flags for egress-proxy, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
+ */
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  CLIENT_ID, SECRET, TOKEN_HEADER, diffStats, emptyStats, jsonBody, readSettings, sleep,
+  type BenchSettings, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats,
+} from './common.ts';
+import { httpRequest } from './http.ts';
+import { benchTicks, cpuTicks, forkChild, ipcRequest, killAllSync, machineBusyTicks, memory, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
+import { combineRounds, egressTable, resultsTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
+import {
+  BENCH_DIR, LABELS, REPO_ROOT, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startUpstream,
+  type EgressTarget, type Target, type TargetName, type Upstream,
+} from './targets.ts';
+
+const say = (line = '') => process.stdout.write(`${line}\n`);
+
+/** Problems that make the run fail (exit 1), and notes that do not. */
+const failures: string[] = [];
+const notes: string[] = [];
+
+let tmpRoot: string | undefined;
+let shuttingDown: Promise<string[]> | undefined;
+
+function shutdown(): Promise<string[]> {
+  shuttingDown ??= stopAll(8000);
+  return shuttingDown;
+}
+
+async function removeTmp(): Promise<void> {
+  if (!tmpRoot) return;
+  if (process.env.BENCH_KEEP_TMP === '1') {
+    process.stdout.write(`kept the temp folder (BENCH_KEEP_TMP=1): ${tmpRoot}\n`);
+    return;
+  }
+  await rm(tmpRoot, { recursive: true, force: true }).catch(() => {});
+}
+
+let interrupted: NodeJS.Signals | undefined;
+process.on('exit', () => killAllSync());
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.once(sig, () => {
+    interrupted = sig;
+    process.stderr.write(`\n${sig}: stopping the bench and its child processes\n`);
+    void shutdown().finally(() => removeTmp().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143)));
+  });
+}
+onUnexpectedExit((m, code, signal) => {
+  failures.push(`${m.name} (pid ${m.pid}) exited during the run (${signal ?? `code ${code}`}); its last output:\n${indent(m.output().slice(-4000))}`);
+});
+
+function indent(text: string): string {
+  return text.trimEnd().split('\n').map((l) => `    ${l}`).join('\n');
+}
+
+interface Client {
+  readonly target: Target;
+  readonly headers: Record<string, string>;
+}
+
+async function main(): Promise<number> {
+  const settings = readSettings(process.env);
+  const started = new Date();
+  const targetNames = TARGET_NAMES.filter((n) => !settings.targets || settings.targets.includes(n));
+  if (settings.targets) {
+    const unknown = settings.targets.filter((n) => !(TARGET_NAMES as readonly string[]).includes(n));
+    if (unknown.length) throw new Error(`BENCH_TARGETS: unknown target(s) ${unknown.join(', ')}; known: ${TARGET_NAMES.join(', ')}`);
+  }
+  const scenarios: Scenario[] = [
+    { id: 'get-max', label: 'GET max', method: 'GET' },
+    { id: 'post-max', label: `POST ${kb(settings.bodyBytes)} max`, method: 'POST' },
+    { id: 'get-rate', label: `GET @${settings.rate}/s`, method: 'GET', rate: settings.rate },
+    { id: 'post-rate', label: `POST ${kb(settings.bodyBytes)} @${settings.rate}/s`, method: 'POST', rate: settings.rate },
+  ];
+
+  // Everything is bounded: startup, each run, shutdown; and the whole bench.
+  const perTargetSec = 2 * settings.warmupSec + settings.rounds * scenarios.length * (settings.durationSec + 6) + 5;
+  const budgetSec = 180 + 2 * targetNames.length * perTargetSec;
+  const budget = setTimeout(() => {
+    process.stderr.write(`\nthe bench did not finish within ${budgetSec} s: stopping\n`);
+    void shutdown().finally(() => removeTmp().finally(() => process.exit(1)));
+  }, budgetSec * 1000);
+
+  const env = await environment();
+  ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
+  printHeader(env, settings, budgetSec);
+
+  tmpRoot = await mkdtemp(join(tmpdir(), 'egress-bench-'));
+  const body = jsonBody(settings.bodyBytes);
+
+  const load = forkChild('load generator', join(BENCH_DIR, 'load.ts'));
+  await waitReady(load, 20_000);
+  const upstream = await startUpstream(settings);
+
+  // Start every target first (all idle while another one is measured), then measure.
+  const targets: Target[] = [];
+  let egress: EgressTarget | undefined;
+  let nginxVersion: string | undefined;
+  for (const name of targetNames) {
+    if (name === 'direct') targets.push(directTarget(upstream));
+    if (name === 'egress') targets.push((egress = await startEgress(upstream, tmpRoot)));
+    if (name === 'bare') targets.push(await startBare(upstream));
+    if (name === 'hp3') targets.push(await startHp3(upstream));
+    if (name === 'nginx') {
+      const started = await startNginx(upstream, tmpRoot);
+      if ('skipped' in started) {
+        say(`nginx:     ${started.skipped}`);
+        notes.push(started.skipped);
+      } else {
+        targets.push(started.target);
+        nginxVersion = started.version;
+      }
+    }
+  }
+  const token = egress?.token ?? `egt_${'x'.repeat(43)}`;
+  const clients = targets.map((target): Client => ({
+    target,
+    // The direct call sends the credential itself, so the upstream treats every request alike. Every
+    // proxy gets the same caller token header (the bare ones pass it on; egress-proxy checks and strips it).
+    headers: target.name === 'direct' ? { 'plaid-client-id': CLIENT_ID, 'plaid-secret': SECRET } as Record<string, string> : { [TOKEN_HEADER]: token },
+  }));
+
+  say();
+  say('targets (each its own process; the upstream is shared):');
+  for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${String(target.process.pid).padEnd(7)} ${target.description}`);
+  say(`  ${'upstream'.padEnd(13)} pid ${String(upstream.process.pid).padEnd(7)} node:http on ${upstream.origin}, 200 + small JSON only with the injected PLAID-SECRET, else 401 (counted)`);
+  say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} autocannon ${env.versions.autocannon} (programmatic), keep-alive connections, pipelining 1, in its own process`);
+  say();
+
+  const totals = new Map<TargetName, UpstreamStats>(clients.map((c) => [c.target.name, emptyStats()]));
+  const account = (name: TargetName, delta: UpstreamStats) => {
+    const total = totals.get(name)!;
+    for (const key of Object.keys(total) as (keyof UpstreamStats)[]) total[key] += delta[key];
+  };
+
+  // Smoke: one GET and one POST per target must come back 200 before any load.
+  for (const { target, headers } of clients) {
+    const before = await upstream.stats();
+    for (const method of ['GET', 'POST'] as const) {
+      const res = await httpRequest(target.url, { method, headers: method === 'POST' ? { ...headers, 'content-type': 'application/json' } : headers, ...(method === 'POST' ? { body } : {}) });
+      if (res.status !== 200) throw new Error(`${target.label}: smoke ${method} ${target.url} answered ${res.status}: ${res.body.slice(0, 500)}`);
+    }
+    account(target.name, diffStats(await settledStats(upstream), before));
+  }
+
+  const job = (client: Client, method: 'GET' | 'POST', durationSec: number, rate?: number): LoadJob => ({
+    url: client.target.url,
+    method,
+    headers: method === 'POST' ? { ...client.headers, 'content-type': 'application/json' } : client.headers,
+    ...(method === 'POST' ? { body } : {}),
+    connections: rate ? settings.rateConnections : settings.connections,
+    durationSec,
+    timeoutSec: 10,
+    ...(rate ? { overallRate: rate } : {}),
+  });
+  const runLoad = async (j: LoadJob): Promise<LoadResult> => {
+    const reply = await ipcRequest<LoadReply>(load, 'run', { job: j }, (j.durationSec + 30) * 1000);
+    if (reply.type === 'error') throw new Error(`load generator: ${reply.message}`);
+    return reply.result;
+  };
+
+  // Warm-up (not recorded): JIT, connection pools, allocator.
+  if (settings.warmupSec > 0) {
+    say(`warm-up: ${settings.warmupSec} s GET + ${settings.warmupSec} s POST per target, at saturation (not recorded)`);
+    for (const client of clients) {
+      const before = await upstream.stats();
+      await runLoad(job(client, 'GET', settings.warmupSec));
+      await runLoad(job(client, 'POST', settings.warmupSec));
+      account(client.target.name, diffStats(await settledStats(upstream), before));
+    }
+  }
+
+  // Measured runs: scenario by scenario, every target in turn, so that what is compared ran close in time.
+  const runs: RunRecord[] = [];
+  const count = settings.rounds * scenarios.length * clients.length;
+  say(`measuring: ${count} runs of ${settings.durationSec} s${settings.rounds > 1 ? ` (${settings.rounds} rounds; the tables show the median)` : ''}`);
+  for (let round = 1; round <= settings.rounds; round++) for (const scenario of scenarios) {
+    for (const client of clients) {
+      const { target } = client;
+      const before = await upstream.stats();
+      const cpuBefore = cpuSnapshot(target);
+      const result = await runLoad(job(client, scenario.method, settings.durationSec, scenario.rate));
+      const cpu = cpuSince(cpuBefore, target, result.responses);
+      const seen = diffStats(await settledStats(upstream), before);
+      account(target.name, seen);
+      const mem = memory(target.process.pid);
+      runs.push({ round, target: target.name, label: target.label, scenario: scenario.id, load: result, upstream: seen, memory: mem, cpu });
+      say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req  other load ${Math.round(cpu.otherPct)}% of a CPU`);
+      checkRun(target, scenario, result, seen);
+    }
+  }
+
+  // Shut everything down, then look at what egress-proxy left behind.
+  const metrics = egress ? await egressMetrics(egress) : undefined;
+  const egressExit = egress?.process;
+  const killed = await shutdown();
+  for (const k of killed) failures.push(`had to SIGKILL ${k}: it did not stop on its signal within 8 s`);
+  if (egressExit && egressExit.exited) {
+    const { code, signal } = await egressExit.exit;
+    if (code !== 0) failures.push(`egress-proxy exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(egressExit.output().slice(-4000))}`);
+  }
+  const audit = egress ? await checkAudit(egress, totals.get('egress')!) : undefined;
+  if (egress && egress.process.lines() > 0) {
+    notes.push(`egress-proxy wrote ${egress.process.lines()} log line(s) at level warn or above; last:\n${indent(egress.process.output().slice(-3000))}`);
+  }
+  const ports = [upstream.port, ...targets.flatMap((t) => t.ports)];
+  const open: number[] = [];
+  for (const port of new Set(ports)) if (!(await portClosed(port))) open.push(port);
+  if (open.length) failures.push(`still listening after shutdown: 127.0.0.1:${open.join(', 127.0.0.1:')}`);
+  await removeTmp();
+  clearTimeout(budget);
+
+  // Report.
+  const present = clients.map((c) => c.target.name);
+  say();
+  say(`results (${settings.durationSec} s per run${settings.rounds > 1 ? `, median of ${settings.rounds} rounds` : ''}; p50/p99 over every response; RSS = VmRSS of the target's process tree after the run; CPU us/req = the target's process tree CPU time per response; other CPU = CPU used during the run by processes outside the bench, % of one CPU)`);
+  const combined = combineRounds(runs);
+  say(resultsTable(combined, scenarios, present));
+  if (present.includes('egress')) {
+    say();
+    say('egress-proxy relative to the others, same run (req/s: higher is better; p50, p99: lower is better; added = egress minus other)');
+    say(egressTable(combined, scenarios, present));
+  }
+  say();
+  say(`saturation runs: ${settings.connections} keep-alive connections, each sending its next request as soon as the previous response arrives.`);
+  say(`fixed-rate runs: ${settings.rate} req/s offered over ${settings.rateConnections} keep-alive connections, each connection's quota spread evenly over the second (autocannon alone sends it as a burst at the top of each second); a target that cannot keep up gets less (see notes).`);
+  say('all processes share the machine\'s CPUs: the load generator, the upstream and the target compete for them, so saturation numbers are bounded by that contention, for every target alike.');
+  if (audit) say(`egress-proxy audit log: ${audit.summary}`);
+  if (metrics) say(`egress-proxy /metrics: ${metrics}`);
+  say(`load average at the end: ${loadavg().map((n) => n.toFixed(2)).join(' ')} (at the start: ${env.loadavg.join(' ')})`);
+  say(`upstream header checks: ${[...totals].map(([name, s]) => `${LABELS[name]} ${s.requests} requests, ${s.missingSecret} without the secret`).join('; ')}`);
+
+  const out = {
+    started: started.toISOString(),
+    environment: { ...env, nginx: nginxVersion ?? null },
+    settings,
+    scenarios,
+    targets: clients.map(({ target }) => ({ name: target.name, label: target.label, description: target.description, pid: target.process.pid })),
+    runs,
+    combined: settings.rounds > 1 ? combined : undefined,
+    upstreamTotals: Object.fromEntries(totals),
+    egress: egress ? { audit: audit ?? null, metrics: metrics ?? null, logLines: egress.process.lines() } : null,
+    failures,
+    notes,
+  };
+  const resultsDir = join(BENCH_DIR, 'results');
+  await mkdir(resultsDir, { recursive: true });
+  const file = join(resultsDir, `${started.toISOString().replace(/[:.]/g, '-')}.json`);
+  await writeFile(file, `${JSON.stringify(out, null, 2)}\n`);
+  say(`results written to ${file}`);
+
+  for (const note of notes) say(`note: ${note}`);
+  if (failures.length) {
+    say();
+    say(`BENCH FAILED: ${failures.length} problem(s)`);
+    for (const f of failures) say(`  FAIL: ${f}`);
+    return 1;
+  }
+  say('all checks passed');
+  return 0;
+}
+
+/**
+ * The upstream's counters once the requests still in flight through a target have landed (the load
+ * generator stops with requests outstanding), so each request is counted for the target that sent it.
+ */
+async function settledStats(upstream: Upstream): Promise<UpstreamStats> {
+  let last = await upstream.stats();
+  const deadline = Date.now() + 3000;
+  for (;;) {
+    await sleep(100);
+    const now = await upstream.stats();
+    if (now.requests === last.requests || Date.now() > deadline) return now;
+    last = now;
+  }
+}
+
+let ticksPerSecond = 100;
+
+interface CpuSnapshot {
+  readonly at: number;
+  readonly target: number;
+  readonly bench: number;
+  readonly machine: number;
+}
+
+/** Own CPU of the orchestrator in clock ticks (it is a bench process too, though an idle one). */
+function selfTicks(): number {
+  const { user, system } = process.cpuUsage();
+  return ((user + system) / 1e6) * ticksPerSecond;
+}
+
+function cpuSnapshot(target: Target): CpuSnapshot {
+  return { at: performance.now(), target: cpuTicks(target.process.pid), bench: benchTicks() + selfTicks(), machine: machineBusyTicks() };
+}
+
+function cpuSince(before: CpuSnapshot, target: Target, responses: number): CpuUse {
+  const after = cpuSnapshot(target);
+  const elapsedSec = (after.at - before.at) / 1000;
+  const targetSec = (after.target - before.target) / ticksPerSecond;
+  const otherSec = Math.max(0, (after.machine - before.machine) - (after.bench - before.bench)) / ticksPerSecond;
+  return {
+    elapsedSec,
+    targetUsPerRequest: responses > 0 ? (targetSec * 1e6) / responses : Number.NaN,
+    targetPct: (targetSec / elapsedSec) * 100,
+    otherPct: (otherSec / elapsedSec) * 100,
+  };
+}
+
+function checkRun(target: Target, scenario: Scenario, result: LoadResult, seen: UpstreamStats): void {
+  const where = `${target.label}, ${scenario.label}`;
+  if (seen.missingSecret > 0) failures.push(`${where}: ${seen.missingSecret} request(s) reached the upstream WITHOUT the injected PLAID-SECRET (answered 401)`);
+  if (seen.badClientId > 0) failures.push(`${where}: ${seen.badClientId} request(s) reached the upstream without PLAID-CLIENT-ID: ${CLIENT_ID}`);
+  if (target.name === 'egress' && seen.tokenSeen > 0) failures.push(`${where}: ${seen.tokenSeen} request(s) reached the upstream still carrying X-Egress-Token (the caller token leaked)`);
+  if (seen.badBody > 0) failures.push(`${where}: ${seen.badBody} POST body(ies) reached the upstream with the wrong size`);
+  if (seen.wrongPath > 0) failures.push(`${where}: ${seen.wrongPath} request(s) reached the upstream on the wrong path`);
+  if (result.errors > 0 || result.non2xx > 0) {
+    const codes = Object.entries(result.statusCodes).filter(([c]) => !c.startsWith('2')).map(([c, n]) => `${c}x${n}`).join(' ');
+    failures.push(`${where}: ${result.errors} error(s) (${result.timeouts} timeouts), ${result.non2xx} non-2xx response(s)${codes ? ` [${codes}]` : ''}`);
+  }
+  if (result.responses === 0) failures.push(`${where}: no responses at all`);
+  if (scenario.rate && result.rps < scenario.rate * 0.9) notes.push(`${where}: achieved ${Math.round(result.rps)} req/s of the ${scenario.rate} offered`);
+}
+
+/** A few counters from the admin listener's /metrics, before shutdown. */
+async function egressMetrics(egress: EgressTarget): Promise<string | undefined> {
+  try {
+    const res = await httpRequest(`http://127.0.0.1:${egress.adminPort}/metrics`, { timeoutMs: 5000 });
+    const wanted = res.body.split('\n').filter((l) => /^(egress_requests_total|process_resident_memory_bytes|nodejs_eventloop_lag_p99_seconds|nodejs_heap_size_used_bytes)\b/.test(l));
+    return wanted.length ? wanted.join('; ') : `status ${res.status}, no matching series`;
+  } catch (err) {
+    return `unavailable (${(err as Error).message})`;
+  }
+}
+
+/**
+ * Every request egress-proxy forwarded must have its audit line, and the hash chain must verify.
+ * (A request whose caller went away mid-flight, as autocannon's connections do when a run ends,
+ * also reached the upstream: its line is not an 'allow'. Those are counted by reason.)
+ */
+async function checkAudit(egress: EgressTarget, forwarded: UpstreamStats): Promise<{ lines: number; bench: number; byOutcome: Record<string, number>; verify: string; summary: string }> {
+  let text = '';
+  try {
+    text = await readFile(egress.auditLog, 'utf8');
+  } catch (err) {
+    failures.push(`egress-proxy audit log ${egress.auditLog}: cannot read (${(err as NodeJS.ErrnoException).code})`);
+  }
+  let lines = 0;
+  let bench = 0;
+  const byOutcome: Record<string, number> = {};
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    lines++;
+    let key = 'unparsable';
+    try {
+      const entry = JSON.parse(line) as { decision?: string; reason?: string; route?: string | null; upstream_status?: number | null };
+      if (entry.route === 'bench') bench++;
+      key = `${entry.route ?? 'no route'} ${entry.decision}/${entry.reason}${entry.decision === 'allow' ? '' : ` (upstream status ${entry.upstream_status ?? 'none'})`}`;
+    } catch {
+      // counted as unparsable
+    }
+    byOutcome[key] = (byOutcome[key] ?? 0) + 1;
+  }
+  if (bench < forwarded.requests) failures.push(`egress-proxy audit log: ${bench} lines for route bench, but the upstream received ${forwarded.requests} requests through egress-proxy`);
+  const verify = await runCommand(process.execPath, ['bin/egress.js', 'audit', 'verify', egress.auditLog], { env: egress.env, cwd: REPO_ROOT, timeoutMs: 120_000 })
+    .then((r) => {
+      if (r.code !== 0) failures.push(`egress audit verify exited ${r.code}: ${(r.stdout + r.stderr).trim()}`);
+      return (r.stdout + r.stderr).trim();
+    }, (err: Error) => {
+      failures.push(`egress audit verify: ${err.message}`);
+      return err.message;
+    });
+  const outcomes = Object.entries(byOutcome).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${n} ${k}`).join(', ');
+  return { lines, bench, byOutcome, verify, summary: `${lines} lines for ${forwarded.requests} requests the upstream received through egress-proxy: ${outcomes}; \`egress audit verify\`: ${verify}` };
+}
+
+interface Environment {
+  readonly command: string;
+  readonly argv: readonly string[];
+  readonly node: string;
+  readonly execPath: string;
+  readonly v8: string;
+  readonly platform: string;
+  readonly cpuCount: number;
+  readonly availableParallelism: number;
+  readonly cpuModel: string;
+  readonly loadavg: readonly number[];
+  readonly versions: { readonly autocannon: string; readonly undici: string; readonly 'http-proxy-3': string };
+  readonly git: string;
+  readonly benchEnv: Record<string, string>;
+}
+
+async function environment(): Promise<Environment> {
+  const version = async (pkg: string) => {
+    try {
+      return (JSON.parse(await readFile(join(REPO_ROOT, 'node_modules', pkg, 'package.json'), 'utf8')) as { version: string }).version;
+    } catch {
+      return 'unknown';
+    }
+  };
+  const git = await runCommand('git', ['describe', '--always', '--dirty'], { cwd: REPO_ROOT, timeoutMs: 5000 }).then((r) => r.stdout.trim() || 'unknown', () => 'unknown');
+  const benchEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith('BENCH_')).map(([k, v]) => [k, v ?? '']));
+  const direct = [process.execPath, ...process.argv.slice(1)].join(' ');
+  const viaNpm = process.env.npm_lifecycle_event ? `npm run ${process.env.npm_lifecycle_event} (${process.env.npm_lifecycle_script ?? ''}) -> ` : '';
+  const envPrefix = Object.entries(benchEnv).map(([k, v]) => `${k}=${/^[\w.,:/=@+-]*$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`} `).join('');
+  return {
+    command: `${envPrefix}${viaNpm}${direct}`,
+    argv: process.argv,
+    node: process.version,
+    execPath: process.execPath,
+    v8: process.versions.v8,
+    platform: `${process.platform} ${process.arch}`,
+    cpuCount: cpus().length,
+    availableParallelism: availableParallelism(),
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    loadavg: loadavg().map((n) => Math.round(n * 100) / 100),
+    versions: { autocannon: await version('autocannon'), undici: await version('undici'), 'http-proxy-3': await version('http-proxy-3') },
+    git,
+    benchEnv,
+  };
+}
+
+function printHeader(env: Environment, settings: BenchSettings, budgetSec: number): void {
+  say('egress-proxy benchmark');
+  say(`command:   ${env.command}`);
+  say(`node:      ${env.node} (v8 ${env.v8}) at ${env.execPath}`);
+  say(`cpus:      ${env.cpuCount} x ${env.cpuModel} (available parallelism ${env.availableParallelism}), ${env.platform}, load average at start ${env.loadavg.join(' ')}`);
+  say(`code:      ${env.git}; autocannon ${env.versions.autocannon}, undici ${env.versions.undici}, http-proxy-3 ${env.versions['http-proxy-3']}`);
+  say(`settings:  ${settings.durationSec} s per run${settings.quick ? ' (BENCH_QUICK)' : ''}, warm-up ${settings.warmupSec} s per method per target, ${settings.connections} connections at saturation, fixed rate ${settings.rate} req/s over ${settings.rateConnections} connections, POST body ${settings.bodyBytes} B JSON; whole bench bounded to ${budgetSec} s`);
+  say(`processes: load generator, upstream and every target each run in their own process; with ${env.availableParallelism} cores, load generator + upstream + target share them${env.availableParallelism <= 2 ? ' (the load generator takes a large share: read ratios, not absolute numbers)' : ''}`);
+}
+
+function kb(bytes: number): string {
+  return bytes % 1024 === 0 ? `${bytes / 1024}KB` : `${bytes}B`;
+}
+
+let exitCode = 1;
+try {
+  exitCode = await main();
+} catch (err) {
+  if (interrupted) {
+    // The signal handler is stopping everything and exits; children dying meanwhile is expected.
+    await new Promise(() => {});
+  }
+  process.stderr.write(`\nbench failed: ${(err as Error)?.stack ?? String(err)}\n`);
+  for (const f of failures) process.stderr.write(`  FAIL: ${f}\n`);
+  await shutdown();
+  await removeTmp();
+  exitCode = 1;
+}
+process.exit(exitCode);

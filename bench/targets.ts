@@ -1,0 +1,296 @@
+/**
+ * The upstream and the five targets, each started as its own process:
+ *   direct  the upstream itself (the limit)
+ *   egress  egress-proxy, run like a user runs it: CLI setup, route file, `egress serve`
+ *   bare    node:http + undici Pool, headers added, nothing else (the floor)
+ *   hp3     http-proxy-3 with a keep-alive agent and the same headers
+ *   nginx   nginx with proxy_set_header and upstream keepalive (when nginx is installed)
+ */
+import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CALLER, CLIENT_ID, PROXY_PREFIX, SECRET, UPSTREAM_PATH, sleep, type BenchSettings, type StatsReply, type UpstreamStats } from './common.ts';
+import { httpRequest } from './http.ts';
+import { forkChild, freePort, ipcRequest, listeningPorts, runCommand, spawnChild, waitReady, which, type Managed } from './proc.ts';
+
+export const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
+export const REPO_ROOT = resolve(BENCH_DIR, '..');
+
+export type TargetName = 'direct' | 'egress' | 'bare' | 'hp3' | 'nginx';
+export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'bare', 'hp3', 'nginx'];
+
+export const LABELS: Readonly<Record<TargetName, string>> = {
+  direct: 'direct',
+  egress: 'egress-proxy',
+  bare: 'bare undici',
+  hp3: 'http-proxy-3',
+  nginx: 'nginx',
+};
+
+export interface Target {
+  readonly name: TargetName;
+  readonly label: string;
+  readonly description: string;
+  /** Full URL the load generator calls (GET and POST alike). */
+  readonly url: string;
+  /** The process whose tree's RSS is reported. */
+  readonly process: Managed;
+  /** Ports to verify closed after shutdown. */
+  readonly ports: readonly number[];
+}
+
+export interface Upstream {
+  readonly process: Managed;
+  readonly port: number;
+  readonly origin: string;
+  stats(): Promise<UpstreamStats>;
+}
+
+const START_TIMEOUT_MS = 20_000;
+
+export async function startUpstream(settings: BenchSettings): Promise<Upstream> {
+  const child = forkChild('upstream', join(BENCH_DIR, 'upstream.ts'), { BENCH_BODY_BYTES: String(settings.bodyBytes) });
+  const port = await waitReady(child, START_TIMEOUT_MS);
+  return {
+    process: child,
+    port,
+    origin: `http://127.0.0.1:${port}`,
+    stats: async () => (await ipcRequest<StatsReply>(child, 'stats', {}, 10_000)).stats,
+  };
+}
+
+export function directTarget(upstream: Upstream): Target {
+  return {
+    name: 'direct',
+    label: LABELS.direct,
+    description: `the upstream itself (node:http, own process), client sends the credential headers; RSS is the upstream's`,
+    url: `${upstream.origin}${UPSTREAM_PATH}`,
+    process: upstream.process,
+    ports: [upstream.port],
+  };
+}
+
+export async function startBare(upstream: Upstream): Promise<Target> {
+  const child = forkChild('bare undici proxy', join(BENCH_DIR, 'bare-proxy.ts'), { BENCH_UPSTREAM: upstream.origin });
+  const port = await waitReady(child, START_TIMEOUT_MS);
+  return {
+    name: 'bare',
+    label: LABELS.bare,
+    description: 'node:http + undici Pool.request (256 connections) + stream pipe, adds the two headers, no checks',
+    url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
+    process: child,
+    ports: [port],
+  };
+}
+
+export async function startHp3(upstream: Upstream): Promise<Target> {
+  const child = forkChild('http-proxy-3', join(BENCH_DIR, 'hp3-proxy.ts'), { BENCH_UPSTREAM: upstream.origin });
+  const port = await waitReady(child, START_TIMEOUT_MS);
+  return {
+    name: 'hp3',
+    label: LABELS.hp3,
+    description: 'http-proxy-3 web() on node:http, keep-alive http.Agent (maxSockets 256), `headers` option adds the two headers, no checks',
+    url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
+    process: child,
+    ports: [port],
+  };
+}
+
+// ---- egress-proxy -----------------------------------------------------------------------------
+
+export interface EgressTarget extends Target {
+  readonly token: string;
+  readonly auditLog: string;
+  readonly env: NodeJS.ProcessEnv;
+  readonly adminPort: number;
+}
+
+/** egress-proxy exactly as a user runs it: `master-key init`, `keys put`, `callers add`, a route file, `serve`. */
+export async function startEgress(upstream: Upstream, root: string): Promise<EgressTarget> {
+  const dir = join(root, 'egress');
+  const routes = join(dir, 'routes');
+  // The bench's temp root is opened up for nginx's workers; this folder (master key, store) is not.
+  await mkdir(dir, { mode: 0o700 });
+  await mkdir(routes);
+  const auditLog = join(dir, 'audit.log');
+  const env: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith('EGRESS_')) env[name] = value;
+  Object.assign(env, {
+    EGRESS_MASTER_KEY_FILE: join(dir, 'master.key'),
+    EGRESS_STORE: `file:${join(dir, 'store.json')}`,
+    EGRESS_ROUTES: routes,
+    EGRESS_AUDIT_LOG: auditLog,
+    EGRESS_LISTEN: '127.0.0.1:0',
+    EGRESS_ADMIN_LISTEN: '127.0.0.1:0',
+    EGRESS_LOG_LEVEL: 'warn',
+  });
+
+  const cli = async (args: string[], input?: string) => {
+    const result = await runCommand(process.execPath, ['bin/egress.js', ...args], { env, cwd: REPO_ROOT, timeoutMs: 30_000, ...(input !== undefined ? { input } : {}) });
+    if (result.code !== 0) throw new Error(`egress ${args.join(' ')} exited ${result.code}\n${result.stdout}${result.stderr}`);
+    return result.stdout;
+  };
+  await cli(['master-key', 'init']);
+  await cli(['keys', 'put', 'bench', '--from-stdin'], JSON.stringify({ client_id: CLIENT_ID, secret: SECRET }));
+  const added = JSON.parse(await cli(['callers', 'add', CALLER, '--json'])) as { token?: unknown };
+  if (typeof added.token !== 'string') throw new Error('egress callers add --json: no token in the output');
+  const token = added.token;
+
+  await writeFile(join(routes, 'bench.yaml'), [
+    'name: bench',
+    `prefix: ${PROXY_PREFIX}`,
+    `upstream: ${upstream.origin}`,
+    'credential: bench',
+    'inject:',
+    '  scheme: headers',
+    '  headers:',
+    '    PLAID-CLIENT-ID: "{client_id}"',
+    '    PLAID-SECRET: "{secret}"',
+    'max_body: 1mb',
+    'upstream_rate: { rate: 10000000/s }',
+    'allow:',
+    `  - caller: ${CALLER}`,
+    '    methods: [GET, POST]',
+    `    paths: [${UPSTREAM_PATH}, /echo]`,
+    '    rate: { rate: 10000000/s }',
+    '',
+  ].join('\n'));
+
+  // BENCH_EGRESS_NODE_ARGS: extra Node flags for `serve`, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
+  const nodeArgs = (process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const proxy = spawnChild('egress-proxy', process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
+  // Both listeners are on port 0: find the ports in /proc, then tell them apart by asking /readyz
+  // (the proxy listener answers it with an X-Egress-Error; the admin listener does not).
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  let ports: number[] = [];
+  while (ports.length < 2) {
+    if (proxy.exited) throw new Error(`egress serve exited before listening\n${proxy.output()}`);
+    if (Date.now() > deadline) throw new Error(`egress serve: not listening on two ports within ${START_TIMEOUT_MS / 1000} s\n${proxy.output()}`);
+    await sleep(50);
+    ports = listeningPorts(proxy.pid);
+  }
+  if (ports.length !== 2) throw new Error(`egress serve listens on ${ports.length} ports (${ports.join(', ')}); expected 2`);
+  let adminPort: number | undefined;
+  let proxyPort: number | undefined;
+  for (const port of ports) {
+    const res = await httpRequest(`http://127.0.0.1:${port}/readyz`);
+    if (res.headers['x-egress-error'] !== undefined) proxyPort = port;
+    else adminPort = port;
+  }
+  if (adminPort === undefined || proxyPort === undefined) throw new Error(`egress serve: cannot tell the admin port from the proxy port among ${ports.join(', ')}`);
+  for (;;) {
+    const res = await httpRequest(`http://127.0.0.1:${adminPort}/readyz`);
+    if (res.status === 200) break;
+    if (proxy.exited) throw new Error(`egress serve exited before ready\n${proxy.output()}`);
+    if (Date.now() > deadline) throw new Error(`egress serve: /readyz still ${res.status} after ${START_TIMEOUT_MS / 1000} s: ${res.body}\n${proxy.output()}`);
+    await sleep(100);
+  }
+  return {
+    name: 'egress',
+    label: LABELS.egress,
+    description: 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',
+    url: `http://127.0.0.1:${proxyPort}${PROXY_PREFIX}${UPSTREAM_PATH}`,
+    process: proxy,
+    ports: [proxyPort, adminPort],
+    token,
+    auditLog,
+    env,
+    adminPort,
+  };
+}
+
+// ---- nginx ------------------------------------------------------------------------------------
+
+export type NginxStart = { readonly target: Target; readonly version: string } | { readonly skipped: string };
+
+export async function startNginx(upstream: Upstream, root: string): Promise<NginxStart> {
+  const nginx = which('nginx');
+  if (!nginx) return { skipped: 'nginx not found on PATH: skipped (install it with `apt-get install nginx`, then run again)' };
+  const version = (await runCommand(nginx, ['-v'], { timeoutMs: 10_000 })).stderr.trim();
+  const dir = join(root, 'nginx');
+  await mkdir(dir, { recursive: true });
+  // Workers may run as an unprivileged user (nobody): they need to reach the temp folders.
+  await chmod(root, 0o755);
+  await chmod(dir, 0o755);
+  const errorLog = join(dir, 'error.log');
+  const conf = join(dir, 'nginx.conf');
+
+  // nginx cannot listen on port 0: take a free port, and try another if it was taken meanwhile.
+  let lastError = '';
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const port = await freePort();
+    await writeFile(conf, nginxConfig(dir, port, upstream.port));
+    const master = spawnChild('nginx', nginx, ['-e', errorLog, '-p', `${dir}/`, '-c', conf], { stopSignal: 'SIGTERM' });
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    while (!master.exited && Date.now() < deadline && !listeningPorts(master.pid).includes(port)) await sleep(50);
+    if (!master.exited && listeningPorts(master.pid).includes(port)) {
+      return {
+        version,
+        target: {
+          name: 'nginx',
+          label: LABELS.nginx,
+          description: `${version}: master + 1 worker, proxy_set_header for both headers, upstream keepalive 64, keepalive_requests 1000000; RSS is master + worker`,
+          url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
+          process: master,
+          ports: [port],
+        },
+      };
+    }
+    if (!master.exited) {
+      master.stopping = true;
+      process.kill(-master.pid, 'SIGKILL');
+      await master.exit;
+      throw new Error(`nginx did not listen on ${port} within ${START_TIMEOUT_MS / 1000} s\n${master.output()}`);
+    }
+    await master.exit;
+    lastError = master.output();
+    if (!/Address already in use/.test(lastError)) break;
+  }
+  throw new Error(`nginx failed to start\n${lastError}`);
+}
+
+function nginxConfig(dir: string, port: number, upstreamPort: number): string {
+  return `# generated by bench/targets.ts
+daemon off;
+master_process on;
+worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+
+events {
+  worker_connections 4096;
+}
+
+http {
+  access_log off;
+  client_body_temp_path ${dir}/client_body;
+  proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi;
+  uwsgi_temp_path ${dir}/uwsgi;
+  scgi_temp_path ${dir}/scgi;
+  keepalive_timeout 65s;
+  keepalive_requests 1000000;
+  client_max_body_size 1m;
+
+  upstream bench_upstream {
+    server 127.0.0.1:${upstreamPort};
+    keepalive 64;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }
+
+  server {
+    listen 127.0.0.1:${port};
+
+    location ${PROXY_PREFIX}/ {
+      proxy_pass http://bench_upstream/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $proxy_host;
+      proxy_set_header PLAID-CLIENT-ID "${CLIENT_ID}";
+      proxy_set_header PLAID-SECRET "${SECRET}";
+    }
+  }
+}
+`;
+}
