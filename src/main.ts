@@ -22,6 +22,9 @@ import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
 import { StoreView } from './store/store-view.ts';
+import { GraceSweeper } from './rotation/sweeper.ts';
+import { auditHistory } from './rotation/history-audit.ts';
+import { hostname } from 'node:os';
 import { KeyringFile } from './store/keyring-file.ts';
 
 export interface RunningProxy {
@@ -43,13 +46,17 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const keys = new KeyringFile(settings.masterKeyFile, keyring, log);
   await keys.start();
   const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs });
-  await store.start();
-
   const initial = await loadRoutes(settings.routesDir);
   const metrics = new Metrics();
   const dispatchers = new Dispatchers();
   const audit = new AuditLog(settings.auditLog, log);
   await audit.open();
+  const sweeper = new GraceSweeper(backend, log, metrics, `proxy:${hostname()}:${process.pid}`, () => void store.refresh());
+  store.onChange((previous, next) => {
+    auditHistory(audit, previous, next);
+    sweeper.schedule(next);
+  });
+  await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
   const alerts = new Alerts(log, metrics);
@@ -70,7 +77,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       metrics.storeReachable.set(s.reachable ? 1 : 0);
       return { ready: s.reachable && s.usable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
     },
-  }, metrics);
+  }, metrics, { store, keys, audit });
 
   await listen(proxy, settings.listen.host, settings.listen.port);
   await listen(admin, settings.adminListen.host, settings.adminListen.port);
@@ -83,6 +90,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     closing ??= (async () => {
       routes.close();
       keys.close();
+      sweeper.close();
       const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {

@@ -1,19 +1,21 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Metrics } from '../observe/metrics.ts';
+import { handleAdminApi, type AdminApiDeps } from './admin-api.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
 }
 
-/** The admin listener: liveness, readiness with its reasons, and Prometheus metrics. */
-export function createAdminServer(readiness: ReadinessSource, metrics: Metrics): Server {
+/** The admin listener: liveness, readiness with its reasons, Prometheus metrics, and the admin API under /v1/. */
+export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps): Server {
   return createServer({ headersTimeout: 10_000, requestTimeout: 30_000 }, (req: IncomingMessage, res: ServerResponse) => {
-    void route(req, res, readiness, metrics);
+    void route(req, res, readiness, metrics, api);
   });
 }
 
-async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics): Promise<void> {
-  const path = (req.url ?? '').split('?', 1)[0];
+async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps): Promise<void> {
+  const path = (req.url ?? '').split('?', 1)[0] ?? '';
+  if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
   if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
   if (path === '/healthz') return json(res, 200, { status: 'ok' });
   if (path === '/readyz') {

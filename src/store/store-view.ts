@@ -31,6 +31,7 @@ export class StoreView {
   #refreshing: Promise<void> | undefined;
   #again = false;
   readonly #rollbacksReported = new Set<string>();
+  readonly #listeners: ((previous: StoreSnapshot | undefined, next: StoreSnapshot) => void)[] = [];
 
   constructor(backend: StoreBackend, log: Logger, options: StoreViewOptions) {
     this.backend = backend;
@@ -82,7 +83,9 @@ export class StoreView {
     for (const [key, why] of next.damaged) {
       if (!prev?.damaged.has(key)) this.#log.error({ alert: 'store_record_damaged', record: key, reason: why }, 'store record is damaged; it fails closed');
     }
-    this.#snapshot = { credentials, callers, admins, damaged: next.damaged };
+    const snapshot = { credentials, callers, admins, damaged: next.damaged };
+    this.#snapshot = snapshot;
+    for (const listener of this.#listeners) listener(prev, snapshot);
     this.#callers = new CallerIndex(callers.values());
     this.#admins = new CallerIndex(admins.values(), ADMIN_TOKEN_PREFIX);
   }
@@ -100,6 +103,11 @@ export class StoreView {
         this.#log.error({ alert: 'store_rollback', record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null }, 'store went back to an older revision of a record; keeping the newest one seen');
       }
     }
+  }
+
+  /** Called after every read of the store with the view before and after it. */
+  onChange(listener: (previous: StoreSnapshot | undefined, next: StoreSnapshot) => void): void {
+    this.#listeners.push(listener);
   }
 
   /** Cached records are usable: read at least once, and not stale past the bound while the store is down. */

@@ -1,0 +1,182 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { parseDuration } from '../config/units.ts';
+import { NAME, CALLER_NAME } from '../config/route-schema.ts';
+import { ConflictError, UserError } from '../errors.ts';
+import type { AuditLog } from '../observe/audit.ts';
+import * as ops from '../rotation/operations.ts';
+import { describeCredential, validateFields } from '../store/credentials.ts';
+import type { KeyringFile } from '../store/keyring-file.ts';
+import type { StoreView } from '../store/store-view.ts';
+
+/**
+ * The admin API: the CLI's credential and caller operations over HTTP, for rotation scripts.
+ * Authenticated by an admin token (`egress admin-token create`), stored as a hash. Secret values
+ * arrive in request bodies only and never come back. Successful changes are audited from the
+ * record's history (like CLI changes); refused requests are audited here.
+ */
+export interface AdminApiDeps {
+  readonly store: StoreView;
+  readonly keys: KeyringFile;
+  readonly audit: AuditLog;
+}
+
+const MAX_BODY = 128 * 1024;
+
+class HttpError extends Error {
+  readonly status: number;
+  readonly code: string;
+  constructor(status: number, code: string, message: string) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, deps: AdminApiDeps): Promise<void> {
+  const segments = path.split('/').slice(2).map((s) => decodeURIComponent(s));
+  const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
+  let actor = 'admin:unknown';
+  try {
+    const header = req.headers.authorization ?? '';
+    const match = /^Bearer (\S+)$/.exec(header);
+    const name = match && deps.store.usable() ? deps.store.identifyAdmin(match[1]!) : undefined;
+    if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+    actor = `admin:${name}`;
+    const op: ops.Operator = { store: deps.store.backend, actor };
+    const result = await route(req, segments, op, deps);
+    // The API's answer reflects the change at once; the proxy's own view follows within a second.
+    void deps.store.refresh();
+    send(res, result.status ?? 200, result.body);
+  } catch (err) {
+    const e = toHttpError(err);
+    deps.audit.admin({ actor, action, target: segments.slice(0, 2).join(':') || 'v1', decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
+    send(res, e.status, { error: { code: e.code, message: e.message } });
+  }
+}
+
+async function route(req: IncomingMessage, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
+  const [collection, id, verb, ...extra] = s;
+  const method = req.method ?? '';
+  if (extra.length > 0) throw notFound();
+  const now = new Date();
+  if (collection === 'credentials') {
+    if (!id) {
+      if (method === 'GET') return { body: { credentials: [...(await op.store.load()).credentials.values()].map((r) => describeCredential(r, now)) } };
+      if (method === 'POST') {
+        const body = await readJson(req);
+        const newId = stringField(body, 'id');
+        if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
+        return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
+      }
+      throw notAllowed();
+    }
+    if (!verb && method === 'GET') {
+      const record = (await op.store.load()).credentials.get(id);
+      if (!record) throw notFound(`no credential "${id}"`);
+      return { body: describeCredential(record, now) };
+    }
+    if (method !== 'POST') throw notAllowed();
+    const body = await readJson(req);
+    switch (verb) {
+      case 'versions':
+        return { status: 201, body: describeCredential(await ops.rotateCredential(op, deps.keys.current, id, fields(body), { stage: body.stage === true, graceMs: grace(body) }), now) };
+      case 'promote':
+        return { body: describeCredential(await ops.promoteCredential(op, id, grace(body)), now) };
+      case 'rollback':
+        return { body: describeCredential(await ops.rollbackCredential(op, id), now) };
+      case 'revoke': {
+        const version = body.version;
+        if (version !== undefined && (!Number.isSafeInteger(version) || (version as number) < 1)) throw new HttpError(400, 'bad_request', 'version must be a version number');
+        return { body: describeCredential(await ops.revokeCredential(op, id, version as number | undefined), now) };
+      }
+      default:
+        throw notFound();
+    }
+  }
+  if (collection === 'callers') {
+    if (!id) {
+      if (method === 'GET') {
+        const list = [...(await op.store.load()).callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: c.tokens.length, revoked_at: c.revoked_at ?? null }));
+        return { body: { callers: list } };
+      }
+      if (method === 'POST') {
+        const name = stringField(await readJson(req), 'name');
+        if (!CALLER_NAME.test(name)) throw new HttpError(400, 'bad_request', 'name: lower-case letters, digits, ".", "_" and "-"');
+        const { record, token } = await ops.addToken(op, 'caller', name);
+        return { status: 201, body: { caller: record.name, token } };
+      }
+      throw notAllowed();
+    }
+    if (method !== 'POST') throw notAllowed();
+    const body = await readJson(req);
+    if (verb === 'rotate') {
+      const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
+      return { body: { caller: record.name, token } };
+    }
+    if (verb === 'revoke') {
+      const record = await ops.revokeToken(op, 'caller', id);
+      return { body: { caller: record.name, revoked_at: record.revoked_at } };
+    }
+    throw notFound();
+  }
+  throw notFound();
+}
+
+function toHttpError(err: unknown): HttpError {
+  if (err instanceof HttpError) return err;
+  if (err instanceof ConflictError) return new HttpError(409, 'conflict', err.message);
+  if (err instanceof UserError) return /^no (active )?(credential|caller|version)|has no /.test(err.message) ? new HttpError(404, 'not_found', err.message) : new HttpError(400, 'bad_request', err.message);
+  return new HttpError(500, 'internal_error', 'The admin request failed.');
+}
+
+function notFound(message = 'No such admin endpoint.'): HttpError {
+  return new HttpError(404, 'not_found', message);
+}
+
+function notAllowed(): HttpError {
+  return new HttpError(405, 'method_not_allowed', 'Method not allowed on this endpoint.');
+}
+
+async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > MAX_BODY) throw new HttpError(413, 'body_too_large', 'Admin request bodies are limited to 128 KiB.');
+    chunks.push(chunk as Buffer);
+  }
+  if (size === 0) return {};
+  if (!(req.headers['content-type'] ?? '').startsWith('application/json')) throw new HttpError(415, 'unsupported_media_type', 'Send JSON with Content-Type: application/json.');
+  try {
+    const parsed: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
+    return Object.assign(Object.create(null), parsed) as Record<string, unknown>;
+  } catch {
+    throw new HttpError(400, 'bad_request', 'The body is not a JSON object.');
+  }
+}
+
+function stringField(body: Record<string, unknown>, name: string): string {
+  const value = body[name];
+  if (typeof value !== 'string' || !value) throw new HttpError(400, 'bad_request', `"${name}" is required`);
+  return value;
+}
+
+function fields(body: Record<string, unknown>) {
+  const checked = validateFields(body.fields);
+  if (!checked.ok) throw new HttpError(400, 'bad_request', `fields: ${checked.message}`);
+  return checked.fields;
+}
+
+function grace(body: Record<string, unknown>): number {
+  const value = body.grace ?? '24h';
+  const ms = typeof value === 'string' ? parseDuration(value) : undefined;
+  if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h"');
+  return ms;
+}
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.end(text);
+}
