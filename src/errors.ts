@@ -45,6 +45,22 @@ export class UserError extends Error {
   }
 }
 
+/** The named credential, caller or version does not exist (CLI exit 1, HTTP 404). */
+export class NotFoundError extends UserError {
+  constructor(message: string) {
+    super(message, 1);
+    this.name = 'NotFoundError';
+  }
+}
+
+/** The record is not in a state that allows this change, e.g. promote with nothing pending (CLI exit 1, HTTP 409). */
+export class StateError extends UserError {
+  constructor(message: string) {
+    super(message, 1);
+    this.name = 'StateError';
+  }
+}
+
 /** A compare-and-set write lost against a concurrent writer (CLI exit code 3). */
 export class ConflictError extends UserError {
   constructor(message: string) {

@@ -1,6 +1,6 @@
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
-import { UserError } from '../errors.ts';
+import { NotFoundError, UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
 import { openStore } from '../store/open-store.ts';
 import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
@@ -59,7 +59,7 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
         throw new UserError(usage, EXIT.usage);
     }
   } catch (err) {
-    if (err instanceof UserError && err.exitCode === EXIT.failure && /^no (active )?/.test(err.message)) return fail(err.message, { error: 'not_found' });
+    if (err instanceof NotFoundError) return fail(err.message, { error: 'not_found' });
     throw err;
   } finally {
     await store.close();

@@ -1,4 +1,4 @@
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, NotFoundError, StateError } from '../errors.ts';
 import { ADMIN_TOKEN_PREFIX, generateToken, hashToken, newTokenId, TOKEN_PREFIX } from '../store/callers.ts';
 import { newCredentialRecord, unwrapDek, wrapDek, type FieldValues } from '../store/credentials.ts';
 import type { Keyring } from '../store/keyring.ts';
@@ -25,7 +25,7 @@ function by(op: Operator): t.Actor {
 async function credential(op: Operator, id: string): Promise<CredentialRecord> {
   const snapshot = await op.store.load();
   const record = snapshot.credentials.get(id);
-  if (!record) throw new UserError(snapshot.damaged.has(`credential:${id}`) ? `credential "${id}" is damaged in the store` : `no credential "${id}"`);
+  if (!record) throw snapshot.damaged.has(`credential:${id}`) ? new StateError(`credential "${id}" is damaged in the store`) : new NotFoundError(`no credential "${id}"`);
   return record;
 }
 
@@ -36,7 +36,7 @@ async function save(op: Operator, before: CredentialRecord, after: CredentialRec
 
 export async function putCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues): Promise<CredentialRecord> {
   const snapshot = await op.store.load();
-  if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) throw new UserError(`credential "${id}" already exists; a new version is a rotation ("keys rotate ${id}")`);
+  if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) throw new StateError(`credential "${id}" already exists; a new version is a rotation ("keys rotate ${id}")`);
   const record = newCredentialRecord(keyring, id, fields, by(op).now, op.actor);
   await op.store.put('credential', record, 0);
   return record;
@@ -109,7 +109,7 @@ function entry(op: Operator, action: string, detail?: string) {
 /** A new identity with one token, printed once by the caller of this function. A revoked name can be reused. */
 export async function addToken(op: Operator, kind: TokenKind, name: string): Promise<{ record: CallerRecord; token: string }> {
   const existing = await named(op, kind, name);
-  if (existing && !existing.revoked_at) throw new UserError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
+  if (existing && !existing.revoked_at) throw new StateError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
   const token = generateToken(PREFIX[kind]);
   const now = by(op).now.toISOString();
   const record: CallerRecord = {
@@ -127,7 +127,7 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
 /** A new token; the old ones keep working until the grace ends (0: they stop now). */
 export async function rotateToken(op: Operator, kind: TokenKind, name: string, graceMs: number): Promise<{ record: CallerRecord; token: string }> {
   const existing = await named(op, kind, name);
-  if (!existing || existing.revoked_at) throw new UserError(`no active ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
+  if (!existing || existing.revoked_at) throw new NotFoundError(`no active ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   const now = by(op).now;
   const until = new Date(now.getTime() + graceMs).toISOString();
   const token = generateToken(PREFIX[kind]);
@@ -150,7 +150,7 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
 /** Immediate: every token of the identity stops working. */
 export async function revokeToken(op: Operator, kind: TokenKind, name: string): Promise<CallerRecord> {
   const existing = await named(op, kind, name);
-  if (!existing) throw new UserError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
+  if (!existing) throw new NotFoundError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   if (existing.revoked_at) return existing;
   const now = by(op).now.toISOString();
   const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], history: [...(existing.history ?? []), entry(op, 'revoke')].slice(-100) };

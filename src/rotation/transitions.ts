@@ -1,4 +1,4 @@
-import { UserError } from '../errors.ts';
+import { NotFoundError, StateError } from '../errors.ts';
 import type { FieldValues } from '../store/credentials.ts';
 import { sealVersion } from '../store/credentials.ts';
 import type { Keyring } from '../store/keyring.ts';
@@ -6,7 +6,7 @@ import type { CredentialRecord, CredentialVersionRecord, HistoryEntry } from '..
 
 /**
  * Credential version transitions, as pure functions from one record to the next. Each returns a new
- * record (revision + 1, a history entry) or throws a UserError saying why the move is not allowed.
+ * record (revision + 1, a history entry) or throws a StateError or NotFoundError saying why the move is not allowed.
  * Invariant after every transition: at most one pending, one current, one previous.
  *
  *   pending --promote--> current --promote(grace)--> previous --grace ends--> retired
@@ -47,7 +47,7 @@ function find(record: CredentialRecord, state: CredentialVersionRecord['state'])
 
 /** A new version from new field values: pending with `stage`, otherwise promoted at once. */
 export function rotate(record: CredentialRecord, keyring: Keyring, fields: FieldValues, options: { stage: boolean; graceMs: number }, by: Actor): CredentialRecord {
-  if (find(record, 'pending')) throw new UserError(`credential "${record.id}" already has a pending version ${find(record, 'pending')!.version}; promote or revoke it first`);
+  if (find(record, 'pending')) throw new StateError(`credential "${record.id}" already has a pending version ${find(record, 'pending')!.version}; promote or revoke it first`);
   const version = Math.max(0, ...record.versions.map((v) => v.version)) + 1;
   const staged = next(record, [...record.versions, sealVersion(keyring, record.id, version, 'pending', fields, by.now)], by, { action: 'stage', version });
   return options.stage ? staged : promote(staged, { graceMs: options.graceMs }, by);
@@ -59,7 +59,7 @@ export function rotate(record: CredentialRecord, keyring: Keyring, fields: Field
  */
 export function promote(record: CredentialRecord, options: { graceMs: number }, by: Actor): CredentialRecord {
   const pending = find(record, 'pending');
-  if (!pending) throw new UserError(`credential "${record.id}" has no pending version to promote; stage one with "keys rotate ${record.id} --stage"`);
+  if (!pending) throw new StateError(`credential "${record.id}" has no pending version to promote; stage one with "keys rotate ${record.id} --stage"`);
   const graceUntil = new Date(by.now.getTime() + options.graceMs).toISOString();
   const versions = record.versions.map((v): CredentialVersionRecord => {
     if (v === pending) return { ...v, state: 'current', activated_at: by.now.toISOString() };
@@ -76,8 +76,8 @@ export function promote(record: CredentialRecord, options: { graceMs: number }, 
  */
 export function rollback(record: CredentialRecord, by: Actor): CredentialRecord {
   const previous = find(record, 'previous');
-  if (!previous || !inGrace(previous, by.now)) throw new UserError(`credential "${record.id}" has no previous version inside its grace window to roll back to`);
-  if (find(record, 'pending')) throw new UserError(`credential "${record.id}" has a pending version; promote or revoke it before rolling back`);
+  if (!previous || !inGrace(previous, by.now)) throw new StateError(`credential "${record.id}" has no previous version inside its grace window to roll back to`);
+  if (find(record, 'pending')) throw new StateError(`credential "${record.id}" has a pending version; promote or revoke it before rolling back`);
   const versions = record.versions.map((v): CredentialVersionRecord => {
     if (v === previous) {
       const { grace_until: _g, ...rest } = v;
@@ -95,8 +95,8 @@ export function rollback(record: CredentialRecord, by: Actor): CredentialRecord 
 /** Immediate, no grace: the compromise path. Without a version, the current one. */
 export function revoke(record: CredentialRecord, version: number | undefined, by: Actor): CredentialRecord {
   const target = version === undefined ? find(record, 'current') : record.versions.find((v) => v.version === version);
-  if (!target) throw new UserError(version === undefined ? `credential "${record.id}" has no current version` : `credential "${record.id}" has no version ${version}`);
-  if (target.state === 'revoked') throw new UserError(`version ${target.version} of "${record.id}" is already revoked`);
+  if (!target) throw new (version === undefined ? StateError : NotFoundError)(version === undefined ? `credential "${record.id}" has no current version` : `credential "${record.id}" has no version ${version}`);
+  if (target.state === 'revoked') throw new StateError(`version ${target.version} of "${record.id}" is already revoked`);
   const versions = record.versions.map((v) => (v === target ? destroyed(v, 'revoked', by.now) : v));
   return next(record, versions, by, { action: 'revoke', version: target.version, detail: `was ${target.state}` });
 }

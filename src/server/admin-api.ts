@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, NotFoundError, StateError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
 import { describeCredential, validateFields } from '../store/credentials.ts';
@@ -125,7 +125,9 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
 function toHttpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
   if (err instanceof ConflictError) return new HttpError(409, 'conflict', err.message);
-  if (err instanceof UserError) return /^no (active )?(credential|caller|version)|has no /.test(err.message) ? new HttpError(404, 'not_found', err.message) : new HttpError(400, 'bad_request', err.message);
+  if (err instanceof NotFoundError) return new HttpError(404, 'not_found', err.message);
+  if (err instanceof StateError) return new HttpError(409, 'invalid_state', err.message);
+  if (err instanceof UserError) return new HttpError(400, 'bad_request', err.message);
   return new HttpError(500, 'internal_error', 'The admin request failed.');
 }
 

@@ -1,0 +1,126 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+const V1 = 'sk_admin_CANARY_v1_aaaa';
+const V2 = 'sk_admin_CANARY_v2_bbbb';
+let upstream: Upstream;
+let proxy: TestProxy;
+let admin: string;
+let env: Record<string, string>;
+
+beforeAll(async () => {
+  upstream = await startUpstream();
+  proxy = await startTestProxy({
+    routes: {
+      api: `name: api
+prefix: /api
+upstream: ${upstream.url}
+credential: key
+inject:
+  scheme: bearer
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/x]
+  - caller: robot
+    methods: [GET]
+    paths: [/x]
+`,
+    },
+    credentials: { key: { token: V1 } },
+    callers: ['svc'],
+  });
+  env = envFor(proxy.dir);
+  const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
+  expect(created.code).toBe(0);
+  admin = (JSON.parse(created.stdout) as { token: string }).token;
+  expect(admin).toMatch(/^ega_[A-Za-z0-9_-]{43}$/);
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  await upstream?.close();
+});
+
+async function api(method: string, path: string, body?: unknown, token: string | null = admin): Promise<{ status: number; json: Record<string, unknown>; text: string }> {
+  const res = await fetch(`${proxy.admin}/v1${path}`, {
+    method,
+    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(body ? { 'content-type': 'application/json' } : {}) },
+    ...(body ? { body: JSON.stringify(body) } : {}),
+  });
+  const text = await res.text();
+  return { status: res.status, json: JSON.parse(text) as Record<string, unknown>, text };
+}
+
+describe('admin API', () => {
+  it('refuses requests without a valid admin token, and a caller token is not an admin token', async () => {
+    await eventually(async () => (await api('GET', '/credentials')).status === 200, 2_000, 'the admin token to load');
+    expect((await api('GET', '/credentials', undefined, null)).status).toBe(401);
+    expect((await api('GET', '/credentials', undefined, `ega_${'x'.repeat(43)}`)).status).toBe(401);
+    expect((await api('GET', '/credentials', undefined, proxy.tokens.svc!)).status).toBe(401);
+    const audit = await proxy.auditText();
+    expect(audit).toMatch(/"kind":"admin".*"decision":"deny","reason":"admin_unauthenticated"/);
+  });
+
+  it('stages, promotes, rolls back and revokes a credential; values go in, never come out', async () => {
+    const staged = await api('POST', '/credentials/key/versions', { fields: { token: V2 }, stage: true });
+    expect(staged.status).toBe(201);
+    expect((staged.json.versions as { state: string }[]).map((v) => v.state)).toEqual(['current', 'pending']);
+    const promoted = await api('POST', '/credentials/key/promote', { grace: '1h' });
+    expect(promoted.status).toBe(200);
+    expect((promoted.json.versions as { state: string }[]).map((v) => v.state)).toEqual(['previous', 'current']);
+    await eventually(async () => {
+      await fetch(`${proxy.url}/api/x`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+      return upstream.requests.at(-1)?.headers.authorization === `Bearer ${V2}`;
+    }, 1_000, 'the proxy to send version 2');
+
+    const rolled = await api('POST', '/credentials/key/rollback', {});
+    expect((rolled.json.versions as { state: string }[]).map((v) => v.state)).toEqual(['current', 'pending']);
+    const revoked = await api('POST', '/credentials/key/revoke', { version: 2 });
+    expect((revoked.json.versions as { state: string }[]).map((v) => v.state)).toEqual(['current', 'revoked']);
+    const shown = await api('GET', '/credentials/key');
+    expect(shown.status).toBe(200);
+    for (const r of [staged, promoted, rolled, revoked, shown, await api('GET', '/credentials')]) {
+      expect(r.text).not.toContain(V1);
+      expect(r.text).not.toContain(V2);
+    }
+    await eventually(async () => /"actor":"admin:rotator","action":"credential\.revoke"/.test(await proxy.auditText()), 2_000, 'the audit line');
+    const audit = await proxy.auditText();
+    for (const action of ['stage', 'promote', 'rollback', 'revoke']) expect(audit).toContain(`"actor":"admin:rotator","action":"credential.${action}"`);
+    expect(audit).not.toContain(V2);
+  });
+
+  it('answers bad input and conflicts clearly', async () => {
+    expect((await api('POST', '/credentials/key/versions', { fields: { token: 42 } })).status).toBe(400);
+    expect((await api('POST', '/credentials/key/promote', {})).json).toMatchObject({ error: { code: 'invalid_state' } });
+    expect((await api('POST', '/credentials/nope/promote', {})).status).toBe(404);
+    expect((await api('POST', '/credentials/key/promote', { grace: 'soon' })).status).toBe(400);
+    expect((await api('DELETE', '/credentials/key')).status).toBe(405);
+    expect((await api('GET', '/nothing')).status).toBe(404);
+    // Two concurrent stages of the same credential: one wins, the other is a conflict (or finds the pending one).
+    const [a, b] = await Promise.all([
+      api('POST', '/credentials/key/versions', { fields: { token: 'tok_race_one_1234' }, stage: true }),
+      api('POST', '/credentials/key/versions', { fields: { token: 'tok_race_two_5678' }, stage: true }),
+    ]);
+    expect([a.status, b.status].sort()).toEqual([201, expect.any(Number)].sort());
+    expect([a.status, b.status].filter((s) => s === 201)).toHaveLength(1);
+    expect([409]).toContain([a.status, b.status].find((s) => s !== 201));
+  });
+
+  it('adds, rotates and revokes callers', async () => {
+    const added = await api('POST', '/callers', { name: 'robot' });
+    expect(added.status).toBe(201);
+    const token = added.json.token as string;
+    const call = (t: string) => fetch(`${proxy.url}/api/x`, { headers: { 'x-egress-token': t } }).then((r) => r.status);
+    await eventually(async () => (await call(token)) === 200, 1_000, 'the new caller');
+    const rotated = await api('POST', '/callers/robot/rotate', { grace: '0' });
+    const fresh = rotated.json.token as string;
+    await eventually(async () => (await call(token)) === 401 && (await call(fresh)) === 200, 1_000, 'the rotation');
+    expect((await api('POST', '/callers/robot/revoke', {})).status).toBe(200);
+    await eventually(async () => (await call(fresh)) === 401, 1_000, 'the revocation');
+    const list = await api('GET', '/callers');
+    expect(list.text).not.toContain(token.slice(4));
+  });
+});
