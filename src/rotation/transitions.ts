@@ -45,12 +45,14 @@ function find(record: CredentialRecord, state: CredentialVersionRecord['state'])
   return record.versions.find((v) => v.state === state);
 }
 
-/** A new version from new field values: pending with `stage`, otherwise promoted at once. */
+/** A new version from new field values: pending with `stage`, otherwise promoted in the same transition. */
 export function rotate(record: CredentialRecord, keyring: Keyring, fields: FieldValues, options: { stage: boolean; graceMs: number }, by: Actor): CredentialRecord {
   if (find(record, 'pending')) throw new StateError(`credential "${record.id}" already has a pending version ${find(record, 'pending')!.version}; promote or revoke it first`);
   const version = Math.max(0, ...record.versions.map((v) => v.version)) + 1;
-  const staged = next(record, [...record.versions, sealVersion(keyring, record.id, version, 'pending', fields, by.now)], by, { action: 'stage', version });
-  return options.stage ? staged : promote(staged, { graceMs: options.graceMs }, by);
+  const pending = sealVersion(keyring, record.id, version, 'pending', fields, by.now);
+  const versions = [...record.versions, pending];
+  if (options.stage) return next(record, versions, by, { action: 'stage', version });
+  return next(record, promoted(versions, pending, options.graceMs, by.now), by, { action: 'rotate', version, detail: graceDetail(options.graceMs, by.now) });
 }
 
 /**
@@ -60,14 +62,21 @@ export function rotate(record: CredentialRecord, keyring: Keyring, fields: Field
 export function promote(record: CredentialRecord, options: { graceMs: number }, by: Actor): CredentialRecord {
   const pending = find(record, 'pending');
   if (!pending) throw new StateError(`credential "${record.id}" has no pending version to promote; stage one with "keys rotate ${record.id} --stage"`);
-  const graceUntil = new Date(by.now.getTime() + options.graceMs).toISOString();
-  const versions = record.versions.map((v): CredentialVersionRecord => {
-    if (v === pending) return { ...v, state: 'current', activated_at: by.now.toISOString() };
-    if (v.state === 'current') return options.graceMs > 0 ? { ...v, state: 'previous', grace_until: graceUntil } : destroyed(v, 'retired', by.now);
-    if (v.state === 'previous') return destroyed(v, 'retired', by.now);
+  return next(record, promoted(record.versions, pending, options.graceMs, by.now), by, { action: 'promote', version: pending.version, detail: graceDetail(options.graceMs, by.now) });
+}
+
+function promoted(versions: readonly CredentialVersionRecord[], pending: CredentialVersionRecord, graceMs: number, now: Date): CredentialVersionRecord[] {
+  const graceUntil = new Date(now.getTime() + graceMs).toISOString();
+  return versions.map((v): CredentialVersionRecord => {
+    if (v === pending) return { ...v, state: 'current', activated_at: now.toISOString() };
+    if (v.state === 'current') return graceMs > 0 ? { ...v, state: 'previous', grace_until: graceUntil } : destroyed(v, 'retired', now);
+    if (v.state === 'previous') return destroyed(v, 'retired', now);
     return v;
   });
-  return next(record, versions, by, { action: 'promote', version: pending.version, detail: options.graceMs > 0 ? `previous valid until ${graceUntil}` : 'cutover: previous retired at once' });
+}
+
+function graceDetail(graceMs: number, now: Date): string {
+  return graceMs > 0 ? `previous valid until ${new Date(now.getTime() + graceMs).toISOString()}` : 'cutover: previous retired at once';
 }
 
 /**

@@ -1,7 +1,7 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, type KeyObject } from 'node:crypto';
 import { Secret } from '../secret.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
-import { aad, IntegrityError, KEY_BYTES, open, seal } from './crypto.ts';
+import { aad, IntegrityError, KEY_BYTES, open, seal, toKeyObject } from './crypto.ts';
 import type { Keyring } from './keyring.ts';
 import type { CredentialRecord, CredentialVersionRecord, VersionState } from './records.ts';
 
@@ -46,21 +46,45 @@ export function sealVersion(keyring: Keyring, id: string, version: number, state
 }
 
 /**
+ * Unwrapped data keys, as KeyObjects, per keyring: unwrapping and preparing a key on every request
+ * was the largest single cost of a proxied request. The cache key is everything the unwrap reads
+ * (credential id, version, KEK version and the wrapped bytes), so a changed or tampered record is a
+ * miss and is checked afresh; the fields themselves are still decrypted, and authenticated, per
+ * request and never cached. A new keyring (rotation, reload) starts with an empty cache.
+ */
+const dekCache = new WeakMap<Keyring, Map<string, KeyObject>>();
+const DEK_CACHE_LIMIT = 10_000;
+
+function dataKey(keyring: Keyring, id: string, v: CredentialVersionRecord & { dek: NonNullable<CredentialVersionRecord['dek']> }): KeyObject {
+  let cache = dekCache.get(keyring);
+  if (!cache) {
+    cache = new Map();
+    dekCache.set(keyring, cache);
+  }
+  const key = JSON.stringify([id, v.version, v.kek, v.dek.nonce, v.dek.ct, v.dek.tag]);
+  let dek = cache.get(key);
+  if (!dek) {
+    const raw = unwrapDek(keyring, id, v);
+    try {
+      dek = toKeyObject(raw);
+    } finally {
+      raw.fill(0);
+    }
+    if (cache.size >= DEK_CACHE_LIMIT) cache.clear();
+    cache.set(key, dek);
+  }
+  return dek;
+}
+
+/**
  * Decrypt one version. Any mismatch (tampered bytes, a record copied from another credential id or
  * version, a missing KEK) throws IntegrityError and nothing partial is returned.
  */
 export function openVersion(keyring: Keyring, id: string, v: CredentialVersionRecord): ResolvedCredential {
   if (!v.dek || !v.data) throw new IntegrityError(`credential "${id}" version ${v.version} has no ciphertext`);
-  const kek = keyring.get(v.kek);
-  if (!kek) throw new IntegrityError(`credential "${id}" version ${v.version} is wrapped by key-encryption key ${v.kek}, which the keyring does not hold`);
+  if (!keyring.get(v.kek)) throw new IntegrityError(`credential "${id}" version ${v.version} is wrapped by key-encryption key ${v.kek}, which the keyring does not hold`);
   const what = `credential "${id}" version ${v.version}`;
-  const dek = open(kek, v.dek, aad('dek', id, v.version, v.kek), what);
-  let plaintext: Buffer;
-  try {
-    plaintext = open(dek, v.data, aad('fields', id, v.version), what);
-  } finally {
-    dek.fill(0);
-  }
+  const plaintext = open(dataKey(keyring, id, { ...v, dek: v.dek }), v.data, aad('fields', id, v.version), what);
   let parsed: unknown;
   try {
     parsed = JSON.parse(plaintext.toString('utf8'));

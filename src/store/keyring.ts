@@ -2,7 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open as openFile, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
-import { KEY_BYTES } from './crypto.ts';
+import type { KeyObject } from 'node:crypto';
+import { KEY_BYTES, toKeyObject } from './crypto.ts';
 
 /**
  * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
@@ -15,18 +16,21 @@ export interface KekEntry {
   readonly key: Buffer;
 }
 
+
 export class Keyring {
   readonly active: number;
   readonly #keys: ReadonlyMap<number, KekEntry>;
+  readonly #objects: ReadonlyMap<number, KeyObject>;
 
   constructor(active: number, keys: readonly KekEntry[]) {
     this.active = active;
     this.#keys = new Map(keys.map((k) => [k.version, k]));
+    this.#objects = new Map(keys.map((k) => [k.version, toKeyObject(k.key)]));
     if (!this.#keys.has(active)) throw new Error('the active key version is not in the keyring');
   }
 
-  get(version: number): Buffer | undefined {
-    return this.#keys.get(version)?.key;
+  get(version: number): KeyObject | undefined {
+    return this.#objects.get(version);
   }
 
   versions(): { version: number; createdAt: string; active: boolean }[] {

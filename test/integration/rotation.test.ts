@@ -92,7 +92,7 @@ describe('fallback to the previous version', () => {
     expect(audit).toContain('"reason":"fallback_previous_version"');
     expect(audit).toMatch(/"path":"\/plaid\/accounts\/get".*"credential_version":1/);
     // The CLI change itself is audited by the running proxy, with its actor.
-    expect(audit).toMatch(/"kind":"admin","actor":"cli:[^"]+","action":"credential.promote"/);
+    expect(audit).toMatch(/"kind":"admin","actor":"cli:[^"]+","action":"credential.rotate"/);
   });
 
   it('no fallback without a previous version in grace (cutover): the rejection passes through', async () => {

@@ -217,7 +217,7 @@ describe('sealVersion / openVersion (envelope encryption, CRED-01/03)', () => {
     const old = keyringOf();
     const a = sealVersion(old, 'plaid', 1, 'current', fieldsA, NOW);
     const rotated = new Keyring(2, [
-      { version: 1, createdAt: '', key: old.get(1)! },
+      { version: 1, createdAt: '', key: old.get(1)!.export() },
       { version: 2, createdAt: '', key: randomBytes(KEY_BYTES) },
     ]);
     expect(reveal(openVersion(rotated, 'plaid', a))).toEqual(fieldsA);
@@ -251,7 +251,7 @@ describe('readKeyring', () => {
   it('reads a valid 0600 keyring', async () => {
     const keyring = await readKeyring(await keyFile(good()));
     expect(keyring.active).toBe(1);
-    expect(keyring.get(1)!.toString('base64')).toBe(validKey);
+    expect(keyring.get(1)!.export().toString('base64')).toBe(validKey);
     expect(keyring.versions()).toEqual([{ version: 1, createdAt: NOW.toISOString(), active: true }]);
     expect(JSON.stringify({ keyring })).not.toContain(validKey);
   });
@@ -303,8 +303,8 @@ describe('createKeyring', () => {
     const read = await readKeyring(path);
     expect(read.active).toBe(1);
     expect(read.get(1)!.equals(created.get(1)!)).toBe(true);
-    expect(created.get(1)!.every((b) => b === 0)).toBe(false);
-    expect(created.get(1)).toHaveLength(KEY_BYTES);
+    expect(created.get(1)!.export().every((b) => b === 0)).toBe(false);
+    expect(created.get(1)!.export()).toHaveLength(KEY_BYTES);
   });
 
   it('refuses to overwrite an existing file and leaves it unchanged', async () => {
