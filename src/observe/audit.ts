@@ -30,7 +30,8 @@ export const AUDIT = {
   prev: 'prev',
 } as const;
 
-export type Decision = 'allow' | 'deny' | 'error';
+/** `aborted`: the caller went away before its response was complete; nobody failed it. */
+export type Decision = 'allow' | 'deny' | 'error' | 'aborted';
 
 export interface RequestAudit {
   readonly requestId: string;

@@ -78,5 +78,5 @@ export class Metrics {
 }
 
 export function statusClass(status: number): string {
-  return status >= 100 && status < 600 ? `${Math.floor(status / 100)}xx` : 'other';
+  return status >= 100 && status < 600 ? `${Math.floor(status / 100)}xx` : 'none';
 }

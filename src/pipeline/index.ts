@@ -46,6 +46,11 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
       if (pending) await pending;
     }
   } catch (err) {
+    if (callerGone(ctx)) {
+      ctx.decision = 'aborted';
+      ctx.reason = 'caller_closed';
+      return;
+    }
     const error = toProxyError(err, ctx);
     ctx.decision = error.status >= 500 ? 'error' : 'deny';
     ctx.reason = error.code;
@@ -53,6 +58,11 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
   } finally {
     finish(ctx);
   }
+}
+
+/** The caller closed its connection before the response was complete: no error to send, nobody to send it to. */
+function callerGone(ctx: RequestContext): boolean {
+  return ctx.res.destroyed && !ctx.res.writableFinished;
 }
 
 function toProxyError(err: unknown, ctx: RequestContext): ProxyError {
@@ -65,7 +75,11 @@ function toProxyError(err: unknown, ctx: RequestContext): ProxyError {
 /** Written for every request, allowed, denied or failed: the audit line, then the metrics. */
 function finish(ctx: RequestContext): void {
   const total = performance.now() - ctx.startedAt;
-  const status = ctx.res.statusCode;
+  if (ctx.decision === 'allow' && callerGone(ctx)) {
+    ctx.decision = 'aborted';
+    ctx.reason = 'caller_closed';
+  }
+  const status = ctx.res.headersSent ? ctx.res.statusCode : 0;
   const route = ctx.route?.name ?? 'none';
   const { audit, metrics, log } = ctx.services;
   if (log.isLevelEnabled('debug')) {
