@@ -1,5 +1,5 @@
+import type { ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
@@ -124,7 +124,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
       await relayErrorBody(ctx, response, relayed, attempt.raw ?? (await readBounded(response)));
     } else {
       res.writeHead(response.statusCode, relayed);
-      await pipeline(response.body, res);
+      await pipeTo(response.body, res);
     }
   } catch (err) {
     response.body.destroy();
@@ -132,6 +132,30 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
     // The response had started: all that is left is to cut it short, so the caller sees it fail.
     res.destroy();
   }
+}
+
+/**
+ * Stream the upstream body to the caller. A plain pipe with explicit settling: stream.pipeline
+ * allocates and aborts an AbortController (and so a DOMException) for every response, which
+ * showed up as 4% of the proxy's CPU.
+ */
+function pipeTo(body: Readable, res: ServerResponse): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const settle = (err?: Error) => {
+      body.off('error', onError);
+      res.off('finish', onFinish);
+      res.off('close', onClose);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onError = (err: Error) => settle(err);
+    const onFinish = () => settle();
+    const onClose = () => settle(res.writableFinished ? undefined : new Error('the caller closed the connection'));
+    body.once('error', onError);
+    res.once('finish', onFinish);
+    res.once('close', onClose);
+    body.pipe(res);
+  });
 }
 
 async function readBounded(response: Dispatcher.ResponseData): Promise<Buffer> {

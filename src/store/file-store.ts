@@ -161,7 +161,8 @@ export class FileStore implements StoreBackend {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-        if (age > LOCK_STALE_MS) {
+        // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock now.
+        if (age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)))) {
           await unlink(lock).catch(() => {});
           continue;
         }
@@ -174,6 +175,18 @@ export class FileStore implements StoreBackend {
     } finally {
       await unlink(lock).catch(() => {});
     }
+  }
+}
+
+/** Is the process that wrote this lock file (its pid is the content) still running on this machine? */
+async function holderAlive(lock: string): Promise<boolean> {
+  const pid = Number(await readFile(lock, 'utf8').catch(() => ''));
+  if (!Number.isSafeInteger(pid) || pid <= 0) return true; // Half-written: give its writer a moment.
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

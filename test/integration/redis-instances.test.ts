@@ -93,11 +93,14 @@ describe('two instances, one Redis', () => {
 
   it('an upstream 429 with Retry-After seen by one instance pauses the route on both', async () => {
     expect((await get(a, '/paused/busy')).status).toBe(429);
-    const before = upstream.requests.length;
     await eventually(async () => {
       const res = await get(b, '/paused/x');
       return res.status === 429 && res.headers.get('x-egress-error') === 'rate_limited';
     }, 1_000, 'instance B to honour the pause');
+    // Paused: neither instance calls the upstream for this route until the Retry-After passes.
+    const before = upstream.requests.length;
+    expect((await get(b, '/paused/x')).status).toBe(429);
+    expect((await get(a, '/paused/x')).status).toBe(429);
     expect(upstream.requests.length).toBe(before);
     expect((await get(b, '/open/x')).status).toBe(200);
   });
