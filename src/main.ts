@@ -8,6 +8,7 @@ import type { Settings } from './config/settings.ts';
 import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
 import { Alerts, WindowCounter } from './observe/alerts.ts';
+import { UsageTracker } from './observe/usage.ts';
 import { AuditLog } from './observe/audit.ts';
 import { createLogger, type Logger } from './observe/log.ts';
 import { Metrics } from './observe/metrics.ts';
@@ -60,7 +61,9 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
   const alerts = new Alerts(log, metrics);
-  const services: Services = { store, keys, dispatchers, limiter, audit, metrics, alerts, fallbackCounter: new WindowCounter(60_000), log };
+  const usage = new UsageTracker(backend, log);
+  usage.start();
+  const services: Services = { store, keys, dispatchers, limiter, audit, metrics, alerts, usage, fallbackCounter: new WindowCounter(60_000), log };
 
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
@@ -107,6 +110,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       clearTimeout(timer);
       clearInterval(sweep);
       await dispatchers.close();
+      await usage.close();
       await limiter.close?.();
       await store.close();
       await audit.close();

@@ -5,6 +5,7 @@ import * as ops from '../rotation/operations.ts';
 import { currentVersion, describeCredential } from '../store/credentials.ts';
 import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
+import { lastUseByVersion } from '../observe/usage.ts';
 import type { CredentialRecord } from '../store/records.ts';
 import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
@@ -80,7 +81,8 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
         const snapshot = await store.load();
         const record = snapshot.credentials.get(credentialId);
         if (!record) return fail(snapshot.damaged.has(`credential:${credentialId}`) ? `credential "${credentialId}" is damaged in the store` : `no credential "${credentialId}"`, { error: 'not_found', id: credentialId });
-        return ok(showText(record), describeCredential(record, new Date()));
+        const lastUse = lastUseByVersion(await store.readUsage(credentialId));
+        return ok(showText(record, lastUse), describeCredential(record, new Date(), lastUse));
       }
       default: {
         // due: for cron; exit 1 when any current version is older than --max-age.
@@ -108,9 +110,9 @@ function ageDays(since: string, now: number): number {
   return Math.floor((now - Date.parse(since)) / 86_400_000);
 }
 
-function showText(record: CredentialRecord): string {
-  const d = describeCredential(record, new Date());
-  const rows = [['VERSION', 'STATE', 'CREATED', 'AGE (DAYS)', 'UNTIL', 'FIELDS'], ...d.versions.map((v) => [String(v.version), v.state, v.created_at, String(v.age_days), v.grace_until ?? v.retired_at ?? v.revoked_at ?? '', v.fields.join(',')])];
+function showText(record: CredentialRecord, lastUse: ReadonlyMap<number, readonly { caller: string; at: string }[]> = new Map()): string {
+  const d = describeCredential(record, new Date(), lastUse);
+  const rows = [['VERSION', 'STATE', 'CREATED', 'AGE (DAYS)', 'UNTIL', 'FIELDS', 'LAST USED'], ...d.versions.map((v) => [String(v.version), v.state, v.created_at, String(v.age_days), v.grace_until ?? v.retired_at ?? v.revoked_at ?? '', v.fields.join(','), v.last_used[0] ? `${v.last_used[0].at} by ${v.last_used.map((u) => u.caller).join(', ')}` : '-'])];
   const history = d.history.slice(-5).map((h) => `  ${h.at}  ${h.actor}  ${h.action}${h.version ? ` v${h.version}` : ''}${h.detail ? `  (${h.detail})` : ''}`);
   return `credential ${d.id} (revision ${d.revision})\n${table(rows)}${history.length ? `\nrecent changes:\n${history.join('\n')}` : ''}`;
 }

@@ -87,6 +87,7 @@ function finish(ctx: RequestContext): void {
     log.debug({ request_id: ctx.id, caller: ctx.caller, route: ctx.route?.name, method: ctx.req.method, status, decision: ctx.decision, reason: ctx.reason, headers: loggableHeaders(ctx.req.headers) }, 'request');
   }
   if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
+  if (ctx.credential && ctx.upstreamStatus !== undefined) ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
   audit.request({
     requestId: ctx.id,
     caller: ctx.caller ?? null,

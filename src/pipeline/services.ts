@@ -4,6 +4,7 @@ import type { Alerts, WindowCounter } from '../observe/alerts.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
+import type { UsageTracker } from '../observe/usage.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
 
@@ -16,6 +17,7 @@ export interface Services {
   readonly audit: AuditLog;
   readonly metrics: Metrics;
   readonly alerts: Alerts;
+  readonly usage: UsageTracker;
   /** Fallbacks per credential in a sliding window, for the "current key rejected" alert. */
   readonly fallbackCounter: WindowCounter;
   readonly log: Logger;

@@ -4,6 +4,7 @@ import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { ConflictError, NotFoundError, StateError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
+import { lastUseByVersion } from '../observe/usage.ts';
 import { describeCredential, validateFields } from '../store/credentials.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
@@ -73,7 +74,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     if (!verb && method === 'GET') {
       const record = (await op.store.load()).credentials.get(id);
       if (!record) throw notFound(`no credential "${id}"`);
-      return { body: describeCredential(record, now) };
+      return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
     }
     if (method !== 'POST') throw notAllowed();
     const body = await readJson(req);

@@ -128,7 +128,7 @@ export function newCredentialRecord(keyring: Keyring, id: string, fields: FieldV
 }
 
 /** Metadata only, for `keys list` / `keys show`: never a value. */
-export function describeCredential(record: CredentialRecord, now: Date) {
+export function describeCredential(record: CredentialRecord, now: Date, lastUse: ReadonlyMap<number, readonly { caller: string; at: string }[]> = new Map()) {
   return {
     id: record.id,
     revision: record.revision,
@@ -146,6 +146,7 @@ export function describeCredential(record: CredentialRecord, now: Date) {
       ...(v.revoked_at ? { revoked_at: v.revoked_at } : {}),
       kek: v.kek,
       has_ciphertext: v.data !== undefined,
+      last_used: lastUse.get(v.version) ?? [],
     })),
     history: record.history ?? [],
   };

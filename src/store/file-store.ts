@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, UserError } from '../errors.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
-import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
+import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
 
 const FORMAT = 'egress-store/1';
 
@@ -14,6 +14,8 @@ interface FileDocument {
   credentials: Record<string, unknown>;
   callers: Record<string, unknown>;
   admins: Record<string, unknown>;
+  /** credential id -> "version|caller" -> ISO time of last use */
+  usage?: Record<string, Record<string, string>>;
 }
 
 const TABLE = { credential: 'credentials', caller: 'callers', admin: 'admins' } as const satisfies Record<RecordKind, keyof FileDocument>;
@@ -69,6 +71,25 @@ export class FileStore implements StoreBackend {
     });
   }
 
+  async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
+    if (entries.length === 0) return;
+    await this.#withLock(async () => {
+      const doc = await this.#read();
+      const usage = doc.usage ?? (doc.usage = Object.create(null) as Record<string, Record<string, string>>);
+      for (const e of entries) {
+        const byKey = Object.hasOwn(usage, e.credential) ? usage[e.credential]! : (usage[e.credential] = Object.create(null) as Record<string, string>);
+        const key = `${e.version}|${e.caller}`;
+        if (!Object.hasOwn(byKey, key) || byKey[key]! < e.at) byKey[key] = e.at;
+      }
+      await this.#write(doc);
+    });
+  }
+
+  async readUsage(credential: string): Promise<UsageEntry[]> {
+    const usage = (await this.#read()).usage ?? {};
+    return Object.hasOwn(usage, credential) ? decodeUsage(credential, usage[credential]!) : [];
+  }
+
   watch(listener: () => void): () => void {
     let last = '';
     let watcher: FSWatcher | undefined;
@@ -122,7 +143,7 @@ export class FileStore implements StoreBackend {
     if (!d || d.format !== FORMAT || typeof d.credentials !== 'object' || typeof d.callers !== 'object' || !d.credentials || !d.callers) {
       throw new UserError(`store ${this.path} is not an egress store (format "${FORMAT}")`);
     }
-    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers), admins: nullProto(d.admins ?? {}) };
+    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers), admins: nullProto(d.admins ?? {}), usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>> };
   }
 
   async #write(doc: FileDocument): Promise<void> {
@@ -188,6 +209,14 @@ async function holderAlive(lock: string): Promise<boolean> {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+export function decodeUsage(credential: string, byKey: Record<string, string>): UsageEntry[] {
+  return Object.entries(byKey).flatMap(([key, at]) => {
+    const bar = key.indexOf('|');
+    const version = Number(key.slice(0, bar));
+    return bar > 0 && Number.isSafeInteger(version) && typeof at === 'string' ? [{ credential, version, caller: key.slice(bar + 1), at }] : [];
+  });
 }
 
 function nullProto(obj: object): Record<string, unknown> {

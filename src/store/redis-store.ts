@@ -2,8 +2,8 @@ import { ConflictError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
 import { REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
-import { recordKey, toSnapshot } from './file-store.ts';
-import type { RecordOf, StoreBackend, StoreSnapshot } from './types.ts';
+import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
+import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
 
 /**
  * Keys. The `{egress}` hash tag keeps every store key in one cluster slot, so the scripts below
@@ -15,6 +15,7 @@ export const KEYS = Object.freeze({
   recordPrefix: (kind: RecordKind) => `egress:{egress}:${kind}:`,
   index: (kind: RecordKind) => `egress:{egress}:index:${kind}`,
   version: 'egress:{egress}:version',
+  usage: (id: string) => `egress:{egress}:usage:${id}`,
   channel: 'egress:store:changes',
 });
 
@@ -50,6 +51,15 @@ for i = 1, 3 do
 end
 out[#out + 1] = redis.call('GET', KEYS[4]) or '0'
 return out
+`;
+
+/** Keep the later of the stored and the given time for each "version|caller" field. */
+const USAGE_SCRIPT = `
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if not cur or cur < ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
 `;
 
 /** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
@@ -98,6 +108,22 @@ export class RedisStore implements StoreBackend {
     if (ok === 1) return;
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
     throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);
+  }
+
+  async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
+    await this.#ready();
+    const byCredential = new Map<string, string[]>();
+    for (const e of entries) {
+      const args = byCredential.get(e.credential) ?? [];
+      args.push(`${e.version}|${e.caller}`, e.at);
+      byCredential.set(e.credential, args);
+    }
+    await Promise.all([...byCredential].map(([id, args]) => this.client.eval(USAGE_SCRIPT, 1, KEYS.usage(id), ...args)));
+  }
+
+  async readUsage(credential: string): Promise<UsageEntry[]> {
+    await this.#ready();
+    return decodeUsage(credential, await this.client.hgetall(KEYS.usage(credential)));
   }
 
   /** Pub/sub for speed, and a poll of the version counter (and of reachability) as the safety net. */

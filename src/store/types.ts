@@ -10,6 +10,14 @@ export interface StoreSnapshot {
   readonly damaged: ReadonlyMap<string, string>;
 }
 
+/** When a caller last used a credential version (kept to the latest per credential, version and caller). */
+export interface UsageEntry {
+  readonly credential: string;
+  readonly version: number;
+  readonly caller: string;
+  readonly at: string;
+}
+
 export type RecordOf<K extends RecordKind> = K extends 'credential' ? CredentialRecord : CallerRecord;
 
 /**
@@ -20,6 +28,9 @@ export interface StoreBackend {
   readonly description: string;
   load(): Promise<StoreSnapshot>;
   put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void>;
+  /** Merge last-use times, keeping the latest per (credential, version, caller). Not compare-and-set: usage is a hint. */
+  recordUsage(entries: readonly UsageEntry[]): Promise<void>;
+  readUsage(credential: string): Promise<UsageEntry[]>;
   /** Call `listener` soon after any writer (this process or another) changed the store. */
   watch(listener: () => void): () => void;
   close(): Promise<void>;

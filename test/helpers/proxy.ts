@@ -32,6 +32,7 @@ export interface TestProxy {
   readonly storePath: string;
   readonly tokens: Readonly<Record<string, string>>;
   readonly proxy: RunningProxy;
+  services(): RunningProxy['services'];
   /** Everything the operational log printed so far. */
   logs(): string;
   auditText(): Promise<string>;
@@ -98,6 +99,7 @@ export async function startTestProxy(options: TestProxyOptions): Promise<TestPro
     storePath: join(dir, 'store.json'),
     tokens,
     proxy,
+    services: () => proxy.services,
     logs: () => lines.join(''),
     auditText: async () => {
       // Audit lines are written asynchronously; give the stream a moment to flush.
