@@ -15,6 +15,7 @@ import { Metrics } from './observe/metrics.ts';
 import { Dispatchers } from './pipeline/dispatchers.ts';
 import { MemoryRateLimiter, type RateLimiter } from './pipeline/rate-limiter.ts';
 import { RedisRateLimiter } from './pipeline/redis-rate-limiter.ts';
+import { MemoryNonces, RedisNonces } from './pipeline/nonces.ts';
 import { RedisStore } from './store/redis-store.ts';
 import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
@@ -63,7 +64,8 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const alerts = new Alerts(log, metrics);
   const usage = new UsageTracker(backend, log);
   usage.start();
-  const services: Services = { store, keys, dispatchers, limiter, audit, metrics, alerts, usage, fallbackCounter: new WindowCounter(60_000), log };
+  const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
+  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, alerts, usage, fallbackCounter: new WindowCounter(60_000), log };
 
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });

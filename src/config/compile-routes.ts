@@ -38,6 +38,8 @@ export interface CompiledRoute {
   /** Credential fields the templates need: checked before a request is sent. */
   readonly fields: readonly string[];
   readonly needsBody: boolean;
+  /** An injector signs with a nonce: the pipeline fetches one per request. */
+  readonly needsNonce: boolean;
   readonly connectTimeoutMs: number;
   readonly responseTimeoutMs: number;
   readonly upstreamCa: string | undefined;
@@ -91,6 +93,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     claims: Object.freeze(claims),
     fields: Object.freeze([...new Set(templates.flatMap((t) => t.fields))]),
     needsBody: injections.some((i) => i.injector.needsBody),
+    needsNonce: injections.some((i) => i.injector.needsNonce === true),
     connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
     upstreamCa,

@@ -8,6 +8,8 @@ export type HeaderMap = Map<string, string[]>;
 /** The request as it will be sent upstream. Injectors edit it; the inbound request is never touched. */
 export interface OutboundRequest {
   readonly method: string;
+  /** The upstream host (and port, when not the default), as sent in Host: signers cover it. */
+  readonly host: string;
   /** Path sent upstream, without the query. */
   path: string;
   /** Raw query without the leading `?`; empty when there is none. */
@@ -37,6 +39,13 @@ export interface InjectArgs<O> {
   readonly options: O;
   /** Record a value that went upstream, so an upstream echo of it is redacted. */
   readonly redact: (value: string) => void;
+  /** The time to sign with (one clock reading per request). */
+  readonly now: Date;
+  /**
+   * A nonce strictly greater than any before for this credential, across every instance (kept in
+   * Redis when the store is Redis): set when the injector declares `needsNonce`.
+   */
+  readonly nonce: bigint | undefined;
 }
 
 /**
@@ -49,6 +58,8 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
   readonly schema: z.ZodType<O, any>;
   /** The body must be buffered (bounded by max_body) before inject runs. */
   readonly needsBody: boolean;
+  /** The pipeline fetches a strictly increasing nonce for the credential before inject runs. */
+  readonly needsNonce?: boolean;
   claims(options: O): Claims;
   templates(options: O): readonly Template[];
   inject(args: InjectArgs<O>): void;

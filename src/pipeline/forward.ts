@@ -7,7 +7,7 @@ import type { OutboundRequest } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
-import { buildOutbound } from './inject.ts';
+import { buildOutboundWithNonce } from './inject.ts';
 import { redactText } from './redact.ts';
 import { open } from './resolve-credential.ts';
 
@@ -49,7 +49,7 @@ export async function forward(ctx: RequestContext): Promise<void> {
         if (ctx.services.fallbackCounter.hit(credential) >= FALLBACK_ALERT.threshold) {
           ctx.services.alerts.raise('current_key_rejected', 'critical', credential, 'current key rejected by upstream; requests are falling back to the previous version', { credential, current_version: Number(version), previous_version: previous.version, route: route.name });
         }
-        attempt = await send(ctx, buildOutbound(ctx, previous), abort.signal);
+        attempt = await send(ctx, await buildOutboundWithNonce(ctx, previous), abort.signal);
       } else {
         ctx.services.alerts.raise('upstream_rejected_credential', 'warning', credential, 'upstream rejected the credential', { credential, version: Number(version), route: route.name, status: attempt.response.statusCode });
       }

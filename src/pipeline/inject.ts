@@ -11,27 +11,37 @@ import { hasBody, readBody } from './body.ts';
  */
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
-  if ((route.needsBody || ctx.replayable) && hasBody(ctx.req)) {
-    return readBody(ctx.req, route.maxBody).then((body) => {
-      ctx.body = body;
-      ctx.outbound = buildOutbound(ctx, ctx.credential!);
-    });
+  const needsBody = (route.needsBody || ctx.replayable) && hasBody(ctx.req);
+  if (!needsBody && !route.needsNonce) {
+    ctx.outbound = buildOutbound(ctx, ctx.credential!);
+    return;
   }
-  ctx.outbound = buildOutbound(ctx, ctx.credential!);
+  return (async () => {
+    if (needsBody) ctx.body = await readBody(ctx.req, route.maxBody);
+    ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
+  })();
+}
+
+/** As buildOutbound, fetching a fresh nonce first when an injector signs with one. */
+export async function buildOutboundWithNonce(ctx: RequestContext, credential: ResolvedCredential): Promise<OutboundRequest> {
+  const nonce = ctx.route!.needsNonce ? await ctx.services.nonces.next(credential.id) : undefined;
+  return buildOutbound(ctx, credential, nonce);
 }
 
 /** The request to send upstream with `credential` attached; called again for a fallback to the previous version. */
-export function buildOutbound(ctx: RequestContext, credential: ResolvedCredential): OutboundRequest {
+export function buildOutbound(ctx: RequestContext, credential: ResolvedCredential, nonce?: bigint): OutboundRequest {
   const route = ctx.route!;
   const outbound: OutboundRequest = {
     method: ctx.req.method!,
+    host: route.upstreamHost,
     path: `${route.basePath}/${ctx.relativeSegments!.join('/')}`,
     query: removeParams(ctx.target!.query, route.claims.query),
     headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers),
     body: ctx.body,
   };
   const redact = (value: string) => void ctx.redactions.push(value);
-  for (const { injector, options } of route.injections) injector.inject({ request: outbound, credential, options, redact });
+  const now = new Date();
+  for (const { injector, options } of route.injections) injector.inject({ request: outbound, credential, options, redact, now, nonce });
   return outbound;
 }
 

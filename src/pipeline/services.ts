@@ -7,6 +7,7 @@ import type { Metrics } from '../observe/metrics.ts';
 import type { UsageTracker } from '../observe/usage.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
+import type { NonceSource } from './nonces.ts';
 
 /** Long-lived collaborators the steps use: built once in main.ts. */
 export interface Services {
@@ -14,6 +15,7 @@ export interface Services {
   readonly keys: KeyringFile;
   readonly dispatchers: Dispatchers;
   readonly limiter: RateLimiter;
+  readonly nonces: NonceSource;
   readonly audit: AuditLog;
   readonly metrics: Metrics;
   readonly alerts: Alerts;

@@ -11,7 +11,7 @@ import type { Injector, OutboundRequest, ResolvedCredential } from '../../src/in
 import { Secret } from '../../src/secret.ts';
 
 function request(overrides: Partial<OutboundRequest> = {}): OutboundRequest {
-  return { method: 'POST', path: '/accounts/get', query: '', headers: new Map(), body: undefined, ...overrides };
+  return { method: 'POST', host: 'api.example.test', path: '/accounts/get', query: '', headers: new Map(), body: undefined, ...overrides };
 }
 
 function credential(fields: Record<string, string>): ResolvedCredential {
@@ -22,7 +22,7 @@ function credential(fields: Record<string, string>): ResolvedCredential {
 function run<O extends { readonly scheme: string }>(injector: Injector<O>, rawOptions: unknown, req: OutboundRequest, cred: ResolvedCredential): string[] {
   const options = injector.schema.parse(rawOptions);
   const redacted: string[] = [];
-  injector.inject({ request: req, credential: cred, options, redact: (v) => void redacted.push(v) });
+  injector.inject({ request: req, credential: cred, options, redact: (v) => void redacted.push(v), now: new Date(), nonce: undefined });
   return redacted;
 }
 
