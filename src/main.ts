@@ -7,7 +7,11 @@ import { loadRoutes } from './config/load-routes.ts';
 import type { Settings } from './config/settings.ts';
 import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
-import { Alerts, WindowCounter } from './observe/alerts.ts';
+import { Alerts } from './observe/alerts.ts';
+import { AlertRules } from './observe/alert-rules.ts';
+import { loadAlertSettings } from './observe/alert-settings.ts';
+import { WebhookSink } from './observe/webhook.ts';
+import { readFile, stat } from 'node:fs/promises';
 import { UsageTracker } from './observe/usage.ts';
 import { AuditLog } from './observe/audit.ts';
 import { createLogger, type Logger } from './observe/log.ts';
@@ -43,15 +47,18 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const log = createLogger(settings.logLevel, options.logDestination);
   const backend = openStore(settings.store);
   const keyring = await openKeyring(settings, backend instanceof FileStore ? backend : undefined, log);
-  if (settings.alertWebhook) log.warn('EGRESS_ALERT_WEBHOOK is set, but alert delivery is not available in this version; alerts go to this log only');
+  const alertSettings = await loadAlertSettings(settings.alertsFile);
+  const metrics = new Metrics();
+  const webhook = settings.alertWebhook ? new WebhookSink(settings.alertWebhook, await readWebhookSecret(settings.alertWebhookSecretFile), log) : undefined;
+  const alerts = new Alerts(log, metrics, alertSettings.cooldown, webhook);
+  const rules = new AlertRules(alerts, alertSettings);
 
   const keys = new KeyringFile(settings.masterKeyFile, keyring, log);
   await keys.start();
-  const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs });
+  const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs, alerts, onError: () => metrics.storeErrors.inc() });
   const initial = await loadRoutes(settings.routesDir);
-  const metrics = new Metrics();
   const dispatchers = new Dispatchers();
-  const audit = new AuditLog(settings.auditLog, log);
+  const audit = new AuditLog(settings.auditLog, log, { maxBytes: settings.auditMaxBytes, keep: settings.auditKeep, alsoStdout: settings.auditStdout });
   await audit.open();
   const sweeper = new GraceSweeper(backend, log, metrics, `proxy:${hostname()}:${process.pid}`, () => void store.refresh());
   store.onChange((previous, next) => {
@@ -61,16 +68,20 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
-  const alerts = new Alerts(log, metrics);
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
-  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, alerts, usage, fallbackCounter: new WindowCounter(60_000), log };
+  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, rules, usage, log };
+  metrics.bindStore(store);
+  const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
+  ageCheck.unref();
+  rules.checkCredentials(store.snapshot());
 
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
     metrics.routesLoaded.set(config.routes.length);
     if (ok) dispatchers.retain(config);
+    else alerts.raise('reload_rejected', 'warning', 'routes', 'a route reload was rejected; the last good configuration stays live', { routes_dir: settings.routesDir });
   });
   metrics.routesLoaded.set(initial.routes.length);
   routes.watch();
@@ -96,6 +107,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       routes.close();
       keys.close();
       sweeper.close();
+      clearInterval(ageCheck);
       const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {
@@ -116,6 +128,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       await limiter.close?.();
       await store.close();
       await audit.close();
+      await alerts.close();
       log.flush();
     })();
     return closing;
@@ -137,6 +150,21 @@ async function openKeyring(settings: Settings, fileStore: FileStore | undefined,
     log.warn({ master_key_file: SETTINGS.masterKeyFile.default }, 'first run: created a new master key file; back it up, every credential depends on it');
     return keyring;
   }
+}
+
+/** The webhook signing secret: from a file only its owner can read, never from argv or the environment. */
+async function readWebhookSecret(path: string | undefined): Promise<Buffer> {
+  if (!path) throw new UserError('EGRESS_ALERT_WEBHOOK needs EGRESS_ALERT_WEBHOOK_SECRET_FILE: a file (mode 0600) holding the HMAC signing secret');
+  let info;
+  try {
+    info = await stat(path);
+  } catch (err) {
+    throw new UserError(`EGRESS_ALERT_WEBHOOK_SECRET_FILE ${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  if ((info.mode & 0o077) !== 0) throw new UserError(`EGRESS_ALERT_WEBHOOK_SECRET_FILE ${path} is readable by group or others; run "chmod 600 ${path}"`);
+  const secret = Buffer.from((await readFile(path, 'utf8')).trim(), 'utf8');
+  if (secret.length < 16) throw new UserError(`EGRESS_ALERT_WEBHOOK_SECRET_FILE ${path} must hold at least 16 characters`);
+  return secret;
 }
 
 async function listen(server: Server, host: string, port: number): Promise<void> {

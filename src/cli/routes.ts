@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
 import { findRoute } from '../config/compile-routes.ts';
+import { matchPattern } from '../config/path-pattern.ts';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { routeJsonSchema } from '../config/route-schema.ts';
 import { ProxyError, UserError } from '../errors.ts';
@@ -20,8 +21,10 @@ export async function routes(args: readonly string[]): Promise<Outcome> {
       const dir = p.positionals[0] ? resolve(p.positionals[0]) : p.settings().routesDir;
       try {
         const config = await loadRoutes(dir);
-        const list = config.routes.map((r) => ({ name: r.name, file: r.file, prefix: r.prefix, upstream: r.origin + r.basePath, credential: r.credential, schemes: r.injections.map((i) => i.options.scheme), rules: r.rules.length }));
-        return ok(`${dir}: ${list.length} route${list.length === 1 ? '' : 's'} OK${list.map((r) => `\n  ${r.name}  ${r.prefix} -> ${r.upstream}  (${r.schemes.join(' + ')}, ${r.rules} rule${r.rules === 1 ? '' : 's'})`).join('')}`, { ok: true, dir, routes: list });
+        // Presets are already expanded: the schemes listed are what each route really attaches.
+        const list = config.routes.map((r) => ({ name: r.name, file: r.file, preset: r.preset ?? null, prefix: r.prefix, upstream: r.origin + r.basePath, credential: r.credential, schemes: r.injections.map((i) => i.options.scheme), rules: r.rules.length }));
+        const line = (r: (typeof list)[number]) => `\n  ${r.name}  ${r.prefix} -> ${r.upstream}  (${r.preset ? `preset ${r.preset}: ` : ''}${r.schemes.join(' + ')}, ${r.rules} rule${r.rules === 1 ? '' : 's'})`;
+        return ok(`${dir}: ${list.length} route${list.length === 1 ? '' : 's'} OK${list.map(line).join('')}`, { ok: true, dir, routes: list });
       } catch (err) {
         if (!(err instanceof ConfigError)) throw err;
         return fail(err.problems.map(formatProblem).join('\n'), { ok: false, dir, errors: err.problems });
@@ -79,10 +82,22 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     upstream_url: upstream,
     credential: route.credential,
     inject: schemes,
+    preset: route.preset ?? null,
     claimed_headers: [...route.claims.headers],
+    claimed_query: [...route.claims.query],
+    caller_headers: route.callerHeaders ? [...route.callerHeaders] : null,
+    auth_failure: { status: [...route.authFailure.statuses], body_contains: route.authFailure.bodyContains ?? null },
+    // As resolve-credential decides it: GET and HEAD, or listed in replay_safe.
+    replay_safe: method === 'GET' || method === 'HEAD' || route.replaySafe.some((r) => r.method === method && matchPattern(r.pattern, relative)),
   };
+  const claimed = [...route.claims.headers, ...[...route.claims.query].map((q) => `?${q}`)];
+  const details = [
+    `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
+    `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
+    `  auth failure: status ${[...route.authFailure.statuses].join('/')}${route.authFailure.bodyContains ? ` with body containing "${route.authFailure.bodyContains}"` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
+  ].join('\n');
   const text = decision.rule
-    ? `ALLOW  route "${route.name}" (${route.file})\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n  attaches credential "${route.credential}" (${schemes})`
+    ? `ALLOW  route "${route.name}" (${route.file})\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n${details}`
     : `DENY 403 route_forbidden  route "${route.name}" (${route.file})\n  ${decision.reason}`;
   return decision.rule ? ok(text, data) : fail(text, data);
 }

@@ -25,6 +25,8 @@ export interface Injection {
 export interface CompiledRoute {
   readonly name: string;
   readonly file: string;
+  /** The preset the route file named, if any; its values are already merged in. */
+  readonly preset: string | undefined;
   readonly prefix: string;
   readonly prefixSegments: readonly string[];
   /** e.g. https://production.plaid.com */
@@ -35,6 +37,8 @@ export interface CompiledRoute {
   readonly credential: string;
   readonly injections: readonly Injection[];
   readonly claims: { readonly headers: ReadonlySet<string>; readonly query: ReadonlySet<string>; readonly bodyFields: ReadonlySet<string> };
+  /** caller_headers, lower-cased: when set, only the standard headers and these pass through. */
+  readonly callerHeaders: ReadonlySet<string> | undefined;
   /** Credential fields the templates need: checked before a request is sent. */
   readonly fields: readonly string[];
   readonly needsBody: boolean;
@@ -83,6 +87,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
   return Object.freeze({
     name: raw.name,
     file,
+    preset: raw.preset,
     prefix: raw.prefix,
     prefixSegments: Object.freeze(splitPath(raw.prefix)),
     origin: url.origin,
@@ -91,9 +96,10 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     credential: raw.credential,
     injections: Object.freeze(injections),
     claims: Object.freeze(claims),
+    callerHeaders: raw.caller_headers ? new Set(raw.caller_headers.map((h) => h.toLowerCase())) : undefined,
     fields: Object.freeze([...new Set(templates.flatMap((t) => t.fields))]),
     needsBody: injections.some((i) => i.injector.needsBody),
-    needsNonce: injections.some((i) => i.injector.needsNonce === true),
+    needsNonce: injections.some(({ injector, options }) => (typeof injector.needsNonce === 'function' ? injector.needsNonce(options) : injector.needsNonce === true)),
     connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
     upstreamCa,

@@ -4,6 +4,7 @@ import { isMap, LineCounter, parseDocument, visit, type Document, type Node } fr
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
+import { applyPreset } from './apply-preset.ts';
 import { compileRoute, crossCheck } from './compile-routes.ts';
 import { routeFileSchema } from './route-schema.ts';
 
@@ -94,10 +95,21 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     },
   });
   if (refused.length > 0) return { problems: refused };
-  const data: unknown = doc.toJS({ maxAliasCount: 0 });
-  const parsed = routeFileSchema.safeParse(data);
+  const expanded = applyPreset(doc.toJS({ maxAliasCount: 0 }));
+  if ('problem' in expanded) {
+    return { problems: [{ file, ...at(issueOffset(doc, expanded.problem)), message: expanded.problem.message }] };
+  }
+  const parsed = routeFileSchema.safeParse(expanded.data);
   if (!parsed.success) {
-    return { problems: flattenUnions(parsed.error.issues).map((issue) => ({ file, ...at(issueOffset(doc, issue)), message: issueMessage(issue) })) };
+    return {
+      problems: flattenUnions(parsed.error.issues).map((issue) => {
+        // A value the file did not write came from its preset: point at the preset line.
+        const inherited = typeof issue.path[0] === 'string' && expanded.fromPreset.has(issue.path[0]);
+        return inherited
+          ? { file, ...at(issueOffset(doc, { path: ['preset'] })), message: `(from preset "${expanded.preset}") ${issueMessage(issue)}` }
+          : { file, ...at(issueOffset(doc, issue)), message: issueMessage(issue) };
+      }),
+    };
   }
   let ca: string | undefined;
   if (parsed.data.upstream_ca) {

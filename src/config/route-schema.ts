@@ -1,5 +1,9 @@
 import { z } from 'zod';
-import { INJECTORS } from '../injectors/index.ts';
+import { HEADER_NAME } from '../injectors/headers.ts';
+import type { Injector } from '../injectors/index.ts';
+import { injectorFor, INJECTORS } from '../injectors/index.ts';
+import { removedByProxy } from '../pipeline/headers.ts';
+import { PRESET_NAMES } from './presets.ts';
 import { parseDuration, parseRate, parseSize } from './units.ts';
 
 /** The raw, strict shape of one route file. Compilation into domain objects is in compile-routes.ts. */
@@ -77,6 +81,8 @@ const replaySafeEntry = z.string().refine((entry) => {
 
 export const routeFileSchema = z.strictObject({
   name: z.string().regex(NAME, 'route names are lower-case letters, digits, "_" and "-"'),
+  /** A known provider (src/config/presets.ts): fills upstream, inject, auth_failure, replay_safe; the file's own keys win. */
+  preset: z.enum(PRESET_NAMES).optional(),
   prefix,
   upstream,
   credential: z.string().regex(NAME, 'credential ids are lower-case letters, digits, "_" and "-"'),
@@ -93,6 +99,30 @@ export const routeFileSchema = z.strictObject({
   /** Requests besides GET and HEAD that may be sent again with the previous key. */
   replay_safe: z.array(replaySafeEntry).default([]),
   allow: z.array(allowRuleSchema).default([]),
+  /**
+   * Caller-owned headers. Absent: every caller header goes upstream except hop-by-hop, proxy and
+   * claimed ones (the default, as before). A list: passthrough is restricted to the standard
+   * content and negotiation headers (pipeline/headers.ts) plus these. A header an injection claims
+   * can never be listed: the credential's headers are always the proxy's.
+   */
+  caller_headers: z.array(z.string().regex(HEADER_NAME, 'not a valid header name')).optional(),
+}).superRefine((route, ctx) => {
+  const injections = Array.isArray(route.inject) ? route.inject : [route.inject];
+  const claimedBy = new Map<string, string>();
+  injections.forEach((options, i) => {
+    const injector = injectorFor(options.scheme) as Injector | undefined;
+    if (!injector) return;
+    if (injector.signsRequest && i !== injections.length - 1) {
+      ctx.addIssue({ code: 'custom', path: ['inject', i], message: `"${options.scheme}" signs the request as sent, so it must be the last injection (injections run in list order)` });
+    }
+    for (const h of injector.claims(options).headers) claimedBy.set(h.toLowerCase(), options.scheme);
+  });
+  (route.caller_headers ?? []).forEach((name, i) => {
+    const lower = name.toLowerCase();
+    const scheme = claimedBy.get(lower);
+    if (scheme) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is set by the "${scheme}" injection: a caller can never pass or override it` });
+    else if (removedByProxy(lower)) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is always removed by the proxy (hop-by-hop, proxy or forwarding header)` });
+  });
 });
 
 export type RouteFile = z.output<typeof routeFileSchema>;
@@ -100,8 +130,14 @@ export type RateLimitOptions = z.output<typeof rateLimit>;
 
 /** JSON Schema of a route file for editors (`egress routes schema`). */
 export function routeJsonSchema(): Record<string, unknown> {
+  const schema = z.toJSONSchema(routeFileSchema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>;
+  // A preset supplies these three; without one, the file must.
+  const fromPreset = ['prefix', 'upstream', 'inject'];
+  const required = Array.isArray(schema.required) ? (schema.required as string[]).filter((k) => !fromPreset.includes(k)) : [];
   return {
-    ...z.toJSONSchema(routeFileSchema, { io: 'input', unrepresentable: 'any' }),
+    ...schema,
+    required,
+    anyOf: [{ required: ['preset'] }, { required: fromPreset }],
     $id: 'https://egress-proxy.local/route-file.schema.json',
     title: 'egress-proxy route file',
   };

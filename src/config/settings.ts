@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import { UserError } from '../errors.ts';
 import { LOG_LEVELS } from '../observe/log.ts';
-import { parseDuration } from './units.ts';
+import { parseDuration, parseSize } from './units.ts';
 
 /**
  * Process settings: each from an environment variable, or the matching `egress serve` flag
@@ -26,6 +26,13 @@ export interface Settings {
   readonly masterKeyFile: string;
   readonly auditLog: string;
   readonly alertWebhook: string | undefined;
+  readonly alertWebhookSecretFile: string | undefined;
+  readonly alertsFile: string | undefined;
+  /** Rotate the audit file past this size; keep this many rotated files. */
+  readonly auditMaxBytes: number;
+  readonly auditKeep: number;
+  /** Also write every audit line to stdout, for log shippers. */
+  readonly auditStdout: boolean;
   readonly logLevel: string;
   /** How long cached credentials serve while the store cannot be read. */
   readonly storeMaxStaleMs: number;
@@ -46,6 +53,11 @@ export const SETTINGS = {
   masterKeyFile: { env: 'EGRESS_MASTER_KEY_FILE', flag: 'master-key-file', default: './data/master.key' },
   auditLog: { env: 'EGRESS_AUDIT_LOG', flag: 'audit-log', default: './data/audit.log' },
   alertWebhook: { env: 'EGRESS_ALERT_WEBHOOK', flag: 'alert-webhook', default: undefined },
+  alertWebhookSecretFile: { env: 'EGRESS_ALERT_WEBHOOK_SECRET_FILE', flag: 'alert-webhook-secret-file', default: undefined },
+  alertsFile: { env: 'EGRESS_ALERTS', flag: 'alerts', default: undefined },
+  auditMaxSize: { env: 'EGRESS_AUDIT_MAX_SIZE', flag: 'audit-max-size', default: '100mb' },
+  auditKeep: { env: 'EGRESS_AUDIT_KEEP', flag: 'audit-keep', default: '10' },
+  auditStdout: { env: 'EGRESS_AUDIT_STDOUT', flag: 'audit-stdout', default: 'false' },
   logLevel: { env: 'EGRESS_LOG_LEVEL', flag: 'log-level', default: 'info' },
   storeMaxStale: { env: 'EGRESS_STORE_MAX_STALE', flag: 'store-max-stale', default: '5m' },
 } as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
@@ -80,11 +92,45 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
     store,
     masterKeyFile,
     auditLog: auditLog === '-' ? '-' : resolve(auditLog),
-    alertWebhook: get('alertWebhook'),
+    alertWebhook: webhookUrl(get('alertWebhook')),
+    alertWebhookSecretFile: get('alertWebhookSecretFile'),
+    alertsFile: get('alertsFile'),
+    auditMaxBytes: sizeSetting(get('auditMaxSize')!, 'EGRESS_AUDIT_MAX_SIZE'),
+    auditKeep: countSetting(get('auditKeep')!, 'EGRESS_AUDIT_KEEP'),
+    auditStdout: booleanSetting(get('auditStdout')!, 'EGRESS_AUDIT_STDOUT'),
     logLevel,
     storeMaxStaleMs: durationSetting(get('storeMaxStale')!, 'EGRESS_STORE_MAX_STALE'),
     defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
   };
+}
+
+function webhookUrl(text: string | undefined): string | undefined {
+  if (text === undefined) return undefined;
+  try {
+    const url = new URL(text);
+    if (url.protocol === 'https:' || url.protocol === 'http:') return text;
+  } catch {
+    // fall through
+  }
+  throw new UserError('EGRESS_ALERT_WEBHOOK must be an http(s) URL', 2);
+}
+
+function sizeSetting(text: string, what: string): number {
+  const bytes = parseSize(text);
+  if (bytes === undefined || bytes < 1024) throw new UserError(`${what} must be a size like 100mb (at least 1kb)`, 2);
+  return bytes;
+}
+
+function countSetting(text: string, what: string): number {
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 1000) throw new UserError(`${what} must be a whole number from 1 to 1000`, 2);
+  return n;
+}
+
+function booleanSetting(text: string, what: string): boolean {
+  if (text === 'true' || text === '1') return true;
+  if (text === 'false' || text === '0') return false;
+  throw new UserError(`${what} must be true or false`, 2);
 }
 
 function durationSetting(text: string, what: string): number {

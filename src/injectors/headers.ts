@@ -3,7 +3,7 @@ import { render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
 // RFC 9110 §5.1 token characters.
-const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+export const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 const schema = z.strictObject({
   scheme: z.literal('headers'),

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
-const PARAM = /^[A-Za-z0-9_.~-]+$/;
+export const PARAM = /^[A-Za-z0-9_.~-]+$/;
 
 const schema = z.strictObject({
   scheme: z.literal('query'),

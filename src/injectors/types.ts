@@ -58,8 +58,16 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
   readonly schema: z.ZodType<O, any>;
   /** The body must be buffered (bounded by max_body) before inject runs. */
   readonly needsBody: boolean;
-  /** The pipeline fetches a strictly increasing nonce for the credential before inject runs. */
-  readonly needsNonce?: boolean;
+  /**
+   * The pipeline fetches a strictly increasing nonce for the credential before inject runs: always
+   * (true), or when these options use one (a function).
+   */
+  readonly needsNonce?: boolean | ((options: O) => boolean);
+  /**
+   * Signs the request as it will be sent (method, path, query, body). Injections run in list
+   * order, so a signer must be the last one: anything after it would change what it signed.
+   */
+  readonly signsRequest?: boolean;
   claims(options: O): Claims;
   templates(options: O): readonly Template[];
   inject(args: InjectArgs<O>): void;

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createWriteStream, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
 import { mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { Logger } from './log.ts';
@@ -62,16 +62,32 @@ export function lineHash(line: string): string {
   return createHash('sha256').update(line, 'utf8').digest('hex');
 }
 
+export interface AuditOptions {
+  /** Past this size the file is rotated: audit.log -> audit.log.1 -> … (the chain continues). */
+  readonly maxBytes: number;
+  /** Rotated files kept; older ones are removed. */
+  readonly keep: number;
+  /** Also write each line to stdout, for log shippers. */
+  readonly alsoStdout: boolean;
+}
+
+/** Buffered lines beyond this are a sign the disk stopped taking writes: drop and report, never grow without bound. */
+const MAX_BUFFERED_BYTES = 64 * 1024 * 1024;
+
 export class AuditLog {
   readonly path: string;
   readonly #log: Logger;
+  readonly #options: AuditOptions;
   #prev = GENESIS;
   #stream: WriteStream | NodeJS.WritableStream | undefined;
   #failed = false;
+  #bytes = 0;
+  #dropped = 0;
 
-  constructor(path: string, log: Logger) {
+  constructor(path: string, log: Logger, options: AuditOptions = { maxBytes: 100 * 1024 * 1024, keep: 10, alsoStdout: false }) {
     this.path = path;
     this.#log = log;
+    this.#options = options;
   }
 
   async open(): Promise<void> {
@@ -80,7 +96,8 @@ export class AuditLog {
       return;
     }
     await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
-    this.#prev = await lastLineHash(this.path);
+    this.#prev = (await lastLineHash(this.path)) ?? (await lastLineHash(`${this.path}.1`)) ?? GENESIS;
+    this.#bytes = await stat(this.path).then((s) => s.size, () => 0);
     this.#openStream();
   }
 
@@ -88,11 +105,33 @@ export class AuditLog {
     const stream = createWriteStream(this.path, { flags: 'a', mode: 0o600 });
     stream.on('error', (err: NodeJS.ErrnoException) => {
       // A full disk or a removed folder is reported, never crashed on; the next line tries again.
-      if (!this.#failed) this.#log.error({ audit_log: this.path, code: err.code }, 'audit log write failed');
+      if (!this.#failed) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, code: err.code }, 'audit log write failed');
       this.#failed = true;
-      this.#stream = undefined;
+      if (this.#stream === stream) this.#stream = undefined;
+    });
+    stream.on('open', () => {
+      if (this.#failed) this.#log.info({ audit_log: this.path }, 'audit log writable again');
+      this.#failed = false;
     });
     this.#stream = stream;
+  }
+
+  /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
+  #rotate(): void {
+    try {
+      const oldest = `${this.path}.${this.#options.keep}`;
+      if (existsSync(oldest)) unlinkSync(oldest);
+      for (let i = this.#options.keep - 1; i >= 1; i--) if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
+      renameSync(this.path, `${this.path}.1`);
+    } catch (err) {
+      this.#log.error({ code: (err as NodeJS.ErrnoException).code, audit_log: this.path }, 'audit log rotation failed; continuing in the same file');
+      return;
+    }
+    const old = this.#stream as WriteStream | undefined;
+    this.#stream = undefined;
+    old?.end();
+    this.#bytes = 0;
+    this.#openStream();
   }
 
   request(entry: RequestAudit): void {
@@ -128,9 +167,21 @@ export class AuditLog {
   #append(fields: Record<string, unknown>): void {
     fields[AUDIT.prev] = this.#prev;
     const line = JSON.stringify(fields);
+    const text = `${line}\n`;
+    if (this.#options.alsoStdout && this.path !== '-') process.stdout.write(text);
+    if (this.path !== '-') {
+      if (!this.#stream) this.#openStream();
+      const buffered = (this.#stream as WriteStream).writableLength ?? 0;
+      if (buffered > MAX_BUFFERED_BYTES) {
+        // The disk is not keeping up (or is full): report and drop rather than block requests or exhaust memory.
+        if (this.#dropped++ % 1000 === 0) this.#log.error({ alert: 'audit_write_failed', dropped: this.#dropped }, 'audit log is not accepting writes; lines are being dropped');
+        return;
+      }
+      if (this.#bytes > 0 && this.#bytes + text.length > this.#options.maxBytes) this.#rotate();
+      this.#bytes += Buffer.byteLength(text);
+    }
     this.#prev = lineHash(line);
-    if (!this.#stream && this.path !== '-') this.#openStream();
-    this.#stream?.write(`${line}\n`);
+    this.#stream?.write(text);
   }
 
   async close(): Promise<void> {
@@ -143,14 +194,14 @@ export class AuditLog {
 }
 
 /** Hash of the last complete line of an existing audit file, so the chain continues across restarts. */
-async function lastLineHash(path: string): Promise<string> {
+async function lastLineHash(path: string): Promise<string | undefined> {
   let size: number;
   try {
     size = (await stat(path)).size;
   } catch {
-    return GENESIS;
+    return undefined;
   }
-  if (size === 0) return GENESIS;
+  if (size === 0) return undefined;
   const handle = await open(path, 'r');
   try {
     const chunk = Math.min(size, 1024 * 1024);
@@ -158,7 +209,7 @@ async function lastLineHash(path: string): Promise<string> {
     await handle.read(buf, 0, chunk, size - chunk);
     const lines = buf.toString('utf8').split('\n').filter((l) => l.length > 0);
     const last = lines.at(-1);
-    return last ? lineHash(last) : GENESIS;
+    return last ? lineHash(last) : undefined;
   } finally {
     await handle.close();
   }

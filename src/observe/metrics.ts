@@ -1,4 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { StoreView } from '../store/store-view.ts';
+import { currentVersion } from '../store/credentials.ts';
 
 /**
  * Prometheus metrics. Label values are bounded: route and caller names come from configuration
@@ -69,6 +71,66 @@ export class Metrics {
     help: 'Previous credential versions retired by this instance when their grace window ended.',
     registers: [this.registry],
   });
+
+  readonly rateLimited = new Counter({
+    name: 'egress_rate_limited_total',
+    help: 'Requests refused with 429 by a caller limit, a route quota or an upstream pause.',
+    labelNames: ['route'] as const,
+    registers: [this.registry],
+  });
+
+  readonly credentialAge = new Gauge({
+    name: 'egress_credential_age_seconds',
+    help: 'Age of the current version of each credential.',
+    labelNames: ['credential'] as const,
+    registers: [this.registry],
+  });
+
+  readonly credentialVersion = new Gauge({
+    name: 'egress_credential_current_version',
+    help: 'The version number in use (current) for each credential.',
+    labelNames: ['credential'] as const,
+    registers: [this.registry],
+  });
+
+  readonly storeCacheAge = new Gauge({
+    name: 'egress_store_cache_age_seconds',
+    help: 'Seconds since the store was last read successfully.',
+    registers: [this.registry],
+  });
+
+  readonly storeErrors = new Counter({
+    name: 'egress_store_errors_total',
+    help: 'Failed reads of the credential store.',
+    registers: [this.registry],
+  });
+
+  /** Gauges read from the store view at scrape time. Credential ids come from the store: bounded by it. */
+  bindStore(store: StoreView): void {
+    const update = () => {
+      const snapshot = store.snapshot();
+      this.credentialAge.reset();
+      this.credentialVersion.reset();
+      const now = Date.now();
+      for (const record of snapshot?.credentials.values() ?? []) {
+        const current = currentVersion(record);
+        if (!current) continue;
+        this.credentialAge.set({ credential: record.id }, Math.round((now - Date.parse(current.activated_at ?? current.created_at)) / 1000));
+        this.credentialVersion.set({ credential: record.id }, current.version);
+      }
+      const status = store.status();
+      this.storeCacheAge.set(status.loaded_at ? Math.max(0, (now - Date.parse(status.loaded_at)) / 1000) : -1);
+      this.storeReachable.set(status.reachable ? 1 : 0);
+    };
+    this.#collectors.push(update);
+  }
+
+  readonly #collectors: (() => void)[] = [];
+
+  async text(): Promise<string> {
+    for (const c of this.#collectors) c();
+    return this.registry.metrics();
+  }
 
   readonly routesLoaded = new Gauge({
     name: 'egress_routes_loaded',

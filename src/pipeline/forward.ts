@@ -14,9 +14,6 @@ import { open } from './resolve-credential.ts';
 /** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
 
-/** Repeated fallbacks for one credential within this window raise "current key rejected by upstream". */
-const FALLBACK_ALERT = { windowMs: 60_000, threshold: 3 } as const;
-
 interface Attempt {
   readonly response: Dispatcher.ResponseData;
   /** The raw body, when it was read to classify the response. */
@@ -46,12 +43,10 @@ export async function forward(ctx: RequestContext): Promise<void> {
         ctx.credential = previous;
         ctx.fellBack = true;
         ctx.services.metrics.fallbacks.inc({ credential, version: String(previous.version) });
-        if (ctx.services.fallbackCounter.hit(credential) >= FALLBACK_ALERT.threshold) {
-          ctx.services.alerts.raise('current_key_rejected', 'critical', credential, 'current key rejected by upstream; requests are falling back to the previous version', { credential, current_version: Number(version), previous_version: previous.version, route: route.name });
-        }
+        ctx.services.rules.onFallback(credential, Number(version), previous.version, route.name);
         attempt = await send(ctx, await buildOutboundWithNonce(ctx, previous), abort.signal);
       } else {
-        ctx.services.alerts.raise('upstream_rejected_credential', 'warning', credential, 'upstream rejected the credential', { credential, version: Number(version), route: route.name, status: attempt.response.statusCode });
+        ctx.services.rules.onAuthFailure(credential, Number(version), route.name, attempt.response.statusCode);
       }
     }
     await relay(ctx, attempt);

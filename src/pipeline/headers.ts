@@ -15,6 +15,23 @@ const DROP_ALWAYS = new Set([
   'x-http-method-override', 'x-http-method', 'x-method-override',
 ]);
 
+/** Never passed through, whatever the route says (caller_headers may not list these). */
+export function removedByProxy(name: string): boolean {
+  return DROP_ALWAYS.has(name.toLowerCase());
+}
+
+/**
+ * What a route that lists `caller_headers` lets through besides those: content and negotiation
+ * headers (RFC 9110 §8, §12, §13), Idempotency-Key and W3C trace context. Anything else a caller
+ * sends (custom auth, vendor headers) is dropped unless the route names it.
+ */
+const STANDARD_CALLER_HEADERS = new Set([
+  'accept', 'accept-encoding', 'accept-language', 'content-type', 'content-encoding', 'content-language',
+  'user-agent', 'cache-control', 'pragma', 'date', 'range', 'if-range',
+  'if-match', 'if-none-match', 'if-modified-since', 'if-unmodified-since',
+  'idempotency-key', 'traceparent', 'tracestate',
+]);
+
 /** Names listed in Connection headers (RFC 9110 §7.6.1), lower-cased. */
 function connectionListed(rawHeaders: readonly string[]): Set<string> {
   const listed = new Set<string>();
@@ -28,13 +45,18 @@ function connectionListed(rawHeaders: readonly string[]): Set<string> {
   return listed;
 }
 
-/** The caller's headers as they may go upstream, minus everything the injectors claim. */
-export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>): HeaderMap {
+/**
+ * The caller's headers as they may go upstream, minus everything the injectors claim. With
+ * `callerHeaders` (the route's caller_headers, lower-cased) only the standard set and those pass;
+ * without it, every header that is not dropped above passes. Claimed headers go either way.
+ */
+export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>, callerHeaders?: ReadonlySet<string>): HeaderMap {
   const listed = connectionListed(rawHeaders);
   const out: HeaderMap = new Map();
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = rawHeaders[i]!.toLowerCase();
     if (DROP_ALWAYS.has(name) || listed.has(name) || claimed.has(name)) continue;
+    if (callerHeaders && !STANDARD_CALLER_HEADERS.has(name) && !callerHeaders.has(name)) continue;
     const values = out.get(name);
     if (values) values.push(rawHeaders[i + 1]!);
     else out.set(name, [rawHeaders[i + 1]!]);

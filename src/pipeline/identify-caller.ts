@@ -12,7 +12,10 @@ export function identifyCaller(ctx: RequestContext): void {
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.
   if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
-  const caller = store.identifyCaller(token);
-  if (!caller) throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
-  ctx.caller = caller;
+  const found = store.identifyCaller(token);
+  if (!found.caller) {
+    if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.req.socket.remoteAddress ?? 'unknown');
+    throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+  }
+  ctx.caller = found.caller;
 }

@@ -88,6 +88,7 @@ function finish(ctx: RequestContext): void {
   }
   if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
   if (ctx.credential && ctx.upstreamStatus !== undefined) ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
+  ctx.services.rules.onRequest({ caller: ctx.caller ?? null, remote: ctx.req.socket.remoteAddress ?? 'unknown', route: ctx.route?.name ?? null, decision: ctx.decision, reason: ctx.reason, credential: ctx.credential?.id ?? null });
   audit.request({
     requestId: ctx.id,
     caller: ctx.caller ?? null,
@@ -101,6 +102,7 @@ function finish(ctx: RequestContext): void {
     credential: ctx.credential?.id ?? null,
     credentialVersion: ctx.credential?.version ?? null,
   });
+  if (ctx.reason === 'rate_limited') metrics.rateLimited.inc({ route });
   metrics.requests.inc({ route, caller: ctx.caller ?? 'unknown', decision: ctx.decision, status_class: statusClass(status) });
   if (ctx.upstreamMs !== undefined) {
     metrics.upstream.observe({ route }, ctx.upstreamMs / 1000);

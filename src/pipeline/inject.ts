@@ -36,7 +36,7 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
     host: route.upstreamHost,
     path: `${route.basePath}/${ctx.relativeSegments!.join('/')}`,
     query: removeParams(ctx.target!.query, route.claims.query),
-    headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers),
+    headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers, route.callerHeaders),
     body: ctx.body,
   };
   const redact = (value: string) => void ctx.redactions.push(value);

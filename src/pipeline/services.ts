@@ -1,6 +1,6 @@
 import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
-import type { Alerts, WindowCounter } from '../observe/alerts.ts';
+import type { AlertRules } from '../observe/alert-rules.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
@@ -18,9 +18,7 @@ export interface Services {
   readonly nonces: NonceSource;
   readonly audit: AuditLog;
   readonly metrics: Metrics;
-  readonly alerts: Alerts;
+  readonly rules: AlertRules;
   readonly usage: UsageTracker;
-  /** Fallbacks per credential in a sliding window, for the "current key rejected" alert. */
-  readonly fallbackCounter: WindowCounter;
   readonly log: Logger;
 }

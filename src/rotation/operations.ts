@@ -153,7 +153,8 @@ export async function revokeToken(op: Operator, kind: TokenKind, name: string): 
   if (!existing) throw new NotFoundError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   if (existing.revoked_at) return existing;
   const now = by(op).now.toISOString();
-  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], history: [...(existing.history ?? []), entry(op, 'revoke')].slice(-100) };
+  const revokedHashes = [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100);
+  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(op, 'revoke')].slice(-100) };
   await op.store.put(kind, record, existing.revision);
   return record;
 }

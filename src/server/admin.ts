@@ -23,7 +23,7 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
     return json(res, ready ? 200 : 503, { status: ready ? 'ready' : 'not ready', ...detail });
   }
   if (path === '/metrics') {
-    const text = await metrics.registry.metrics();
+    const text = await metrics.text();
     res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
     res.end(text);
     return;

@@ -26,6 +26,13 @@ interface IndexedToken {
   readonly expiresAt: number;
 }
 
+export interface Identified {
+  /** The caller, when the token is live. */
+  readonly caller?: string;
+  /** The caller whose expired or revoked token this is. */
+  readonly retired?: string;
+}
+
 /**
  * Looks a presented token up among every live token. Each candidate is compared with
  * timingSafeEqual and the loop never exits early, so timing says nothing about which bytes matched.
@@ -38,21 +45,31 @@ export class CallerIndex {
     this.#shape = new RegExp(`^${prefix}[A-Za-z0-9_-]{43}$`);
     const tokens: IndexedToken[] = [];
     for (const caller of callers) {
-      if (caller.revoked_at) continue;
       for (const t of caller.tokens) {
-        tokens.push({ hash: Buffer.from(t.hash, 'hex'), caller: caller.name, expiresAt: t.expires_at ? Date.parse(t.expires_at) : Number.POSITIVE_INFINITY });
+        const expiresAt = caller.revoked_at ? 0 : t.expires_at ? Date.parse(t.expires_at) : Number.POSITIVE_INFINITY;
+        tokens.push({ hash: Buffer.from(t.hash, 'hex'), caller: caller.name, expiresAt });
       }
+      for (const hash of caller.revoked_tokens ?? []) tokens.push({ hash: Buffer.from(hash, 'hex'), caller: caller.name, expiresAt: 0 });
     }
     this.#tokens = tokens;
   }
 
   identify(token: string, now = Date.now()): string | undefined {
-    if (!this.#shape.test(token)) return undefined;
+    return this.lookup(token, now).caller;
+  }
+
+  /** As identify, and also tells when the token is one that expired or was revoked. */
+  lookup(token: string, now = Date.now()): Identified {
+    if (!this.#shape.test(token)) return {};
     const presented = createHash('sha256').update(token, 'utf8').digest();
-    let found: string | undefined;
+    let live: string | undefined;
+    let retired: string | undefined;
     for (const t of this.#tokens) {
-      if (timingSafeEqual(presented, t.hash) && t.expiresAt > now) found = t.caller;
+      if (timingSafeEqual(presented, t.hash)) {
+        if (t.expiresAt > now) live = t.caller;
+        else retired = t.caller;
+      }
     }
-    return found;
+    return live ? { caller: live } : retired ? { retired } : {};
   }
 }

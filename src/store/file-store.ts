@@ -182,9 +182,10 @@ export class FileStore implements StoreBackend {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-        // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock now.
+        // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
+        // over now (one waiter at a time: see takeOver), instead of waiting for it to go stale.
         if (age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)))) {
-          await unlink(lock).catch(() => {});
+          await takeOver(lock);
           continue;
         }
         if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
@@ -196,6 +197,31 @@ export class FileStore implements StoreBackend {
     } finally {
       await unlink(lock).catch(() => {});
     }
+  }
+}
+
+/**
+ * Remove a dead writer's lock, one waiter at a time: the waiter that creates `<lock>.steal` first
+ * re-reads the lock (it may already be a new, live writer's) and removes it only if it is still
+ * the dead one's. Without this, two waiters could each remove the other's fresh lock.
+ */
+async function takeOver(lock: string): Promise<void> {
+  const steal = `${lock}.steal`;
+  let handle;
+  try {
+    handle = await open(steal, 'wx', 0o600);
+  } catch {
+    // Another waiter is taking over; a steal file left by a crashed waiter goes stale too.
+    const age = await stat(steal).then((s) => Date.now() - s.mtimeMs, () => 0);
+    if (age > LOCK_STALE_MS) await unlink(steal).catch(() => {});
+    return;
+  }
+  try {
+    await handle.close();
+    const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
+    if (age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)))) await unlink(lock).catch(() => {});
+  } finally {
+    await unlink(steal).catch(() => {});
   }
 }
 

@@ -61,6 +61,8 @@ export const callerRecordSchema = z.strictObject({
   updated_at: z.string(),
   revoked_at: z.string().optional(),
   tokens: z.array(callerTokenSchema),
+  /** Hashes of tokens that were revoked: kept only to recognise them if they are presented again. */
+  revoked_tokens: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(100).optional(),
   history: z.array(historyEntrySchema).optional(),
 });
 

@@ -1,12 +1,16 @@
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
-import { ADMIN_TOKEN_PREFIX, CallerIndex } from './callers.ts';
+import type { Alerts } from '../observe/alerts.ts';
+import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified } from './callers.ts';
 import type { CallerRecord, CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
 export interface StoreViewOptions {
   /** How long cached records keep serving while the store cannot be read. */
   readonly maxStaleMs: number;
+  readonly alerts?: Alerts;
+  /** Called on every failed read. */
+  readonly onError?: () => void;
 }
 
 /**
@@ -22,6 +26,8 @@ export class StoreView {
   readonly backend: StoreBackend;
   readonly #log: Logger;
   readonly #maxStaleMs: number;
+  readonly #alerts: Alerts | undefined;
+  readonly #onError: (() => void) | undefined;
   #snapshot: StoreSnapshot | undefined;
   #callers = new CallerIndex([]);
   #admins = new CallerIndex([]);
@@ -37,6 +43,8 @@ export class StoreView {
     this.backend = backend;
     this.#log = log;
     this.#maxStaleMs = options.maxStaleMs;
+    this.#alerts = options.alerts;
+    this.#onError = options.onError;
   }
 
   async start(): Promise<void> {
@@ -60,7 +68,9 @@ export class StoreView {
           this.#lastError = undefined;
         } catch (err) {
           const reason = err instanceof Error && err.name === 'UserError' ? err.message : (errorCode(err) ?? (err instanceof Error ? err.message.slice(0, 200) : 'read failed'));
-          if (reason !== this.#lastError) this.#log.error({ alert: 'store_unreachable', store: this.backend.description, reason }, 'store unreachable; serving cached records for a bounded time');
+          if (reason !== this.#lastError) this.#log.error({ store: this.backend.description, reason }, 'store unreachable; serving cached records for a bounded time');
+          this.#onError?.();
+          this.#alerts?.raise('store_unreachable', 'critical', this.backend.description, 'the credential store cannot be read', { store: this.backend.description, max_stale_ms: this.#maxStaleMs });
           this.#lastError = reason;
         }
       } while (this.#again);
@@ -81,7 +91,10 @@ export class StoreView {
       this.#keepNewer('admin', prev.admins, admins, next.damaged);
     }
     for (const [key, why] of next.damaged) {
-      if (!prev?.damaged.has(key)) this.#log.error({ alert: 'store_record_damaged', record: key, reason: why }, 'store record is damaged; it fails closed');
+      if (!prev?.damaged.has(key)) {
+        this.#log.error({ record: key, reason: why }, 'store record is damaged; it fails closed');
+        this.#alerts?.raise('store_record_damaged', 'critical', key, 'a store record is damaged and fails closed', { record: key, reason: why });
+      }
     }
     const snapshot = { credentials, callers, admins, damaged: next.damaged };
     this.#snapshot = snapshot;
@@ -100,7 +113,8 @@ export class StoreView {
       const id = `${kind}:${key}:${now?.revision ?? 'gone'}`;
       if (!this.#rollbacksReported.has(id)) {
         this.#rollbacksReported.add(id);
-        this.#log.error({ alert: 'store_rollback', record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null }, 'store went back to an older revision of a record; keeping the newest one seen');
+        this.#log.error({ record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null }, 'store went back to an older revision of a record; keeping the newest one seen');
+        this.#alerts?.raise('store_rollback', 'critical', `${kind}:${key}`, 'the store went back to an older revision of a record', { record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null });
       }
     }
   }
@@ -124,8 +138,8 @@ export class StoreView {
     return this.#snapshot?.damaged.has(`${kind}:${key}`) ?? false;
   }
 
-  identifyCaller(token: string): string | undefined {
-    return this.#callers.identify(token);
+  identifyCaller(token: string): Identified {
+    return this.#callers.lookup(token);
   }
 
   identifyAdmin(token: string): string | undefined {

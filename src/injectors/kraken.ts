@@ -1,0 +1,76 @@
+import { createHash, createHmac } from 'node:crypto';
+import { z } from 'zod';
+import { ProxyError } from '../errors.ts';
+import { decodeKey } from './encoding.ts';
+import { compileTemplate, render, templateString } from './template.ts';
+import type { Injector } from './types.ts';
+
+const schema = z.strictObject({
+  scheme: z.literal('kraken'),
+  api_key: templateString.default(compileTemplate('{api_key}')),
+  /** The base64 private key Kraken shows once. */
+  api_secret: templateString.default(compileTemplate('{api_secret}')),
+});
+type Options = z.output<typeof schema>;
+
+const FORM = 'application/x-www-form-urlencoded';
+
+/** Is this raw `name=value` pair the nonce? Names are compared decoded, as Kraken reads them. */
+function isNonce(pair: string): boolean {
+  const raw = pair.split('=', 1)[0]!;
+  try {
+    return decodeURIComponent(raw.replace(/\+/g, ' ')) === 'nonce';
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Kraken spot REST (docs.kraken.com, "Authentication"): the nonce goes into the form body, then
+ * `API-Key` = the public key and `API-Sign` = base64(HMAC-SHA512(key = base64-decoded secret,
+ * msg = URI path + SHA-256(nonce + POST data))). The nonce is the pipeline's: strictly increasing
+ * per credential across every instance sharing the store ("always increasing, unsigned 64-bit").
+ * A caller's own nonce is replaced in place; the body is signed exactly as it is sent.
+ */
+export const krakenInjector: Injector<Options> = {
+  scheme: 'kraken',
+  schema,
+  needsBody: true,
+  needsNonce: true,
+  signsRequest: true,
+  claims: () => ({ headers: ['api-key', 'api-sign'], query: [], bodyFields: ['nonce'] }),
+  templates: (options) => [options.api_key, options.api_secret],
+  inject({ request, credential, options, redact, nonce }) {
+    if (nonce === undefined) throw new ProxyError('internal_error', 'The kraken signer was given no nonce.');
+    const type = request.headers.get('content-type')?.[0];
+    if (type !== undefined && type.split(';', 1)[0]!.trim().toLowerCase() !== FORM) {
+      throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);
+    }
+    const apiKey = render(options.api_key, credential.fields);
+    const secret = decodeKey(render(options.api_secret, credential.fields), 'base64', 'api_secret');
+
+    // latin1 maps bytes to code units one to one, so the caller's bytes go through unchanged.
+    const pairs = request.body && request.body.length > 0 ? request.body.toString('latin1').split('&') : [];
+    const nonceText = nonce.toString();
+    const kept: string[] = [];
+    let placed = false;
+    for (const pair of pairs) {
+      if (!isNonce(pair)) kept.push(pair);
+      else if (!placed) {
+        kept.push(`nonce=${nonceText}`);
+        placed = true;
+      }
+    }
+    if (!placed) kept.push(`nonce=${nonceText}`);
+    const body = Buffer.from(kept.join('&'), 'latin1');
+    request.body = body;
+    request.headers.set('content-type', [FORM]);
+
+    const digest = createHash('sha256').update(nonceText, 'utf8').update(body).digest();
+    const sign = createHmac('sha512', secret).update(Buffer.concat([Buffer.from(request.path, 'utf8'), digest])).digest('base64');
+    redact(apiKey);
+    redact(sign);
+    request.headers.set('api-key', [apiKey]);
+    request.headers.set('api-sign', [sign]);
+  },
+};

@@ -1,0 +1,126 @@
+import { currentVersion } from '../store/credentials.ts';
+import type { StoreSnapshot } from '../store/types.ts';
+import { maxAgeMs, type AlertSettings } from './alert-settings.ts';
+import type { Alerts } from './alerts.ts';
+import { WindowCounter } from './alerts.ts';
+
+/** What a finished request tells the rules: no secrets, no paths, no query values. */
+export interface RequestFacts {
+  readonly caller: string | null;
+  readonly remote: string;
+  readonly route: string | null;
+  readonly decision: string;
+  readonly reason: string;
+  readonly credential: string | null;
+}
+
+interface Usage {
+  bucketStart: number;
+  count: number;
+  baseline: number;
+  firstSeen: number;
+}
+
+/**
+ * The default alert rules. Each alert has a stable id; thresholds come from EGRESS_ALERTS.
+ *  - current_key_rejected: repeated fallbacks to the previous version (the new key does not work)
+ *  - upstream_rejected_credential: the upstream rejects a key and there is nothing to fall back to
+ *  - denied_spike: one caller's refused requests spike
+ *  - unknown_token: unknown tokens from one address (brute force, or a service on an old token)
+ *  - retired_credential_used: an expired or revoked caller token is still presented
+ *  - credential_max_age: a current credential version is older than its maximum age
+ *  - unusual_usage: a caller uses a credential far above its own weighted baseline
+ *  - store_unreachable, store_record_damaged, store_rollback, reload_rejected: raised where seen
+ */
+export class AlertRules {
+  readonly #alerts: Alerts;
+  readonly #settings: AlertSettings;
+  readonly #fallbacks: WindowCounter;
+  readonly #denied: WindowCounter;
+  readonly #unknown: WindowCounter;
+  readonly #usage = new Map<string, Usage>();
+  readonly #alpha: number;
+
+  constructor(alerts: Alerts, settings: AlertSettings) {
+    this.#alerts = alerts;
+    this.#settings = settings;
+    this.#fallbacks = new WindowCounter(settings.fallback.window);
+    this.#denied = new WindowCounter(settings.denied_spike.window);
+    this.#unknown = new WindowCounter(settings.unknown_token.window);
+    // Per-bucket smoothing factor for an exponentially weighted mean with the configured half-life.
+    this.#alpha = 1 - 2 ** (-settings.unusual_usage.bucket / settings.unusual_usage.half_life);
+  }
+
+  get alerts(): Alerts {
+    return this.#alerts;
+  }
+
+  onFallback(credential: string, currentVersion: number, previousVersion: number, route: string): void {
+    if (this.#fallbacks.hit(credential) >= this.#settings.fallback.count) {
+      this.#alerts.raise('current_key_rejected', 'critical', credential, 'current key rejected by upstream; requests are falling back to the previous version', { credential, current_version: currentVersion, previous_version: previousVersion, route });
+    }
+  }
+
+  onAuthFailure(credential: string, version: number, route: string, status: number): void {
+    this.#alerts.raise('upstream_rejected_credential', 'critical', credential, 'upstream rejected the credential and no previous version is in grace', { credential, version, route, status });
+  }
+
+  onRetiredToken(caller: string, remote: string): void {
+    this.#alerts.raise('retired_credential_used', 'warning', caller, 'an expired or revoked caller token was presented', { caller, remote });
+  }
+
+  onRequest(facts: RequestFacts, now = performance.now()): void {
+    if (facts.reason === 'caller_unauthenticated') {
+      const n = this.#unknown.hit(facts.remote, now);
+      if (n >= this.#settings.unknown_token.count) {
+        this.#alerts.raise('unknown_token', 'warning', facts.remote, 'unknown caller tokens from one address', { remote: facts.remote, attempts: n, window_ms: this.#settings.unknown_token.window });
+      }
+      return;
+    }
+    if (facts.decision === 'deny' && facts.caller) {
+      const n = this.#denied.hit(facts.caller, now);
+      if (n >= this.#settings.denied_spike.count) {
+        this.#alerts.raise('denied_spike', 'warning', facts.caller, "a caller's refused requests are spiking", { caller: facts.caller, denied: n, window_ms: this.#settings.denied_spike.window, last_reason: facts.reason, route: facts.route });
+      }
+      return;
+    }
+    if (facts.decision === 'allow' && facts.caller && facts.credential) this.#usage_(facts.caller, facts.credential, now);
+  }
+
+  #usage_(caller: string, credential: string, now: number): void {
+    const s = this.#settings.unusual_usage;
+    const key = JSON.stringify([caller, credential]);
+    let u = this.#usage.get(key);
+    if (!u) {
+      u = { bucketStart: now, count: 0, baseline: 0, firstSeen: now };
+      this.#usage.set(key, u);
+    }
+    if (now - u.bucketStart >= s.bucket) {
+      // Close the finished bucket, then any empty ones after it (bounded), into the baseline.
+      const elapsed = Math.min(Math.floor((now - u.bucketStart) / s.bucket), 1_000);
+      u.baseline += this.#alpha * (u.count - u.baseline);
+      for (let i = 1; i < elapsed; i++) u.baseline += this.#alpha * (0 - u.baseline);
+      u.bucketStart += elapsed * s.bucket;
+      u.count = 0;
+    }
+    u.count++;
+    const warmedUp = now - u.firstSeen >= s.warmup;
+    if (warmedUp && u.count >= s.min_count && u.count > s.factor * u.baseline) {
+      this.#alerts.raise('unusual_usage', 'warning', `${caller}:${credential}`, 'a caller is using a credential far above its usual rate', { caller, credential, count: u.count, bucket_ms: s.bucket, baseline: Math.round(u.baseline * 10) / 10, factor: s.factor });
+    }
+  }
+
+  /** Periodic: current versions older than their maximum age. */
+  checkCredentials(snapshot: StoreSnapshot | undefined, now = Date.now()): void {
+    for (const record of snapshot?.credentials.values() ?? []) {
+      const current = currentVersion(record);
+      const since = current?.activated_at ?? current?.created_at;
+      if (!current || !since) continue;
+      const age = now - Date.parse(since);
+      const max = maxAgeMs(this.#settings, record.id);
+      if (age > max) {
+        this.#alerts.raise('credential_max_age', 'warning', record.id, 'a credential is older than its maximum age; rotate it', { credential: record.id, version: current.version, age_days: Math.floor(age / 86_400_000), max_age_days: Math.floor(max / 86_400_000) });
+      }
+    }
+  }
+}

@@ -1,0 +1,79 @@
+import { createHmac } from 'node:crypto';
+import { Agent, request } from 'undici';
+import type { Logger } from './log.ts';
+
+export const SIGNATURE_HEADER = 'x-egress-signature';
+const MAX_QUEUE = 200;
+const ATTEMPTS = 5;
+const FIRST_BACKOFF_MS = 500;
+
+/**
+ * Alerts as JSON POSTs to EGRESS_ALERT_WEBHOOK, signed with HMAC-SHA256 over "<timestamp>.<body>"
+ * in `X-Egress-Signature: t=<unix seconds>,v1=<hex>` (the receiver recomputes it and rejects old
+ * timestamps). Delivery is in the background, retried with exponential backoff; the queue is
+ * bounded, so a dead receiver never holds memory or the request path.
+ */
+export class WebhookSink {
+  readonly #url: URL;
+  readonly #secret: Buffer;
+  readonly #log: Logger;
+  readonly #agent = new Agent({ connect: { timeout: 3_000 }, headersTimeout: 5_000, bodyTimeout: 5_000 });
+  readonly #queue: string[] = [];
+  #busy = false;
+  #closed = false;
+
+  constructor(url: string, secret: Buffer, log: Logger) {
+    this.#url = new URL(url);
+    this.#secret = secret;
+    this.#log = log;
+  }
+
+  send(payload: Record<string, unknown>): void {
+    if (this.#closed) return;
+    if (this.#queue.length >= MAX_QUEUE) {
+      this.#log.warn({ dropped: 1 }, 'alert webhook queue is full; dropping the oldest alert');
+      this.#queue.shift();
+    }
+    this.#queue.push(JSON.stringify(payload));
+    void this.#drain();
+  }
+
+  async #drain(): Promise<void> {
+    if (this.#busy) return;
+    this.#busy = true;
+    try {
+      while (this.#queue.length > 0 && !this.#closed) {
+        await this.#deliver(this.#queue.shift()!);
+      }
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  async #deliver(body: string): Promise<void> {
+    for (let attempt = 1; attempt <= ATTEMPTS && !this.#closed; attempt++) {
+      const t = Math.floor(Date.now() / 1000);
+      const signature = createHmac('sha256', this.#secret).update(`${t}.${body}`).digest('hex');
+      try {
+        const res = await request(this.#url, {
+          method: 'POST',
+          dispatcher: this.#agent,
+          headers: { 'content-type': 'application/json', [SIGNATURE_HEADER]: `t=${t},v1=${signature}` },
+          body,
+        });
+        await res.body.dump();
+        if (res.statusCode >= 200 && res.statusCode < 300) return;
+        this.#log.warn({ status: res.statusCode, attempt }, 'alert webhook refused the alert');
+      } catch (err) {
+        this.#log.warn({ code: (err as { code?: string }).code ?? 'error', attempt }, 'alert webhook unreachable');
+      }
+      if (attempt < ATTEMPTS) await new Promise((r) => setTimeout(r, FIRST_BACKOFF_MS * 2 ** (attempt - 1)).unref());
+    }
+    this.#log.error({ alert_webhook: this.#url.origin }, 'alert webhook delivery failed after retries; the alert is in this log');
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    await this.#agent.close().catch(() => {});
+  }
+}
