@@ -8,6 +8,7 @@ import type { Settings } from './config/settings.ts';
 import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
 import { Alerts } from './observe/alerts.ts';
+import { Activity } from './observe/activity.ts';
 import { AlertRules } from './observe/alert-rules.ts';
 import { loadAlertSettings } from './observe/alert-settings.ts';
 import { WebhookSink } from './observe/webhook.ts';
@@ -71,7 +72,8 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
-  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, rules, usage, log };
+  const activity = new Activity();
+  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, rules, usage, activity, log };
   metrics.bindStore(store);
   const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
   ageCheck.unref();
@@ -93,7 +95,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       metrics.storeReachable.set(s.reachable ? 1 : 0);
       return { ready: s.reachable && s.usable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
     },
-  }, metrics, { store, keys, audit });
+  }, metrics, { store, keys, audit }, { store, alerts, activity, routes: () => routes.config });
 
   await listen(proxy, settings.listen.host, settings.listen.port);
   await listen(admin, settings.adminListen.host, settings.adminListen.port);

@@ -103,6 +103,7 @@ function finish(ctx: RequestContext): void {
     credentialVersion: ctx.credential?.version ?? null,
   });
   if (ctx.reason === 'rate_limited') metrics.rateLimited.inc({ route });
+  ctx.services.activity.record(ctx.decision === 'deny');
   metrics.requests.inc({ route, caller: ctx.caller ?? 'unknown', decision: ctx.decision, status_class: statusClass(status) });
   if (ctx.upstreamMs !== undefined) {
     metrics.upstream.observe({ route }, ctx.upstreamMs / 1000);

@@ -5,6 +5,7 @@ import type { AuditLog } from '../observe/audit.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import type { UsageTracker } from '../observe/usage.ts';
+import type { Activity } from '../observe/activity.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
 import type { NonceSource } from './nonces.ts';
@@ -20,5 +21,6 @@ export interface Services {
   readonly metrics: Metrics;
   readonly rules: AlertRules;
   readonly usage: UsageTracker;
+  readonly activity: Activity;
   readonly log: Logger;
 }

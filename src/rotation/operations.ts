@@ -131,16 +131,16 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
   const now = by(op).now;
   const until = new Date(now.getTime() + graceMs).toISOString();
   const token = generateToken(PREFIX[kind]);
-  const kept = graceMs > 0
-    ? existing.tokens
-        .filter((tk) => !tk.expires_at || Date.parse(tk.expires_at) > now.getTime())
-        .map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until }))
-    : [];
+  const live = (tk: CallerRecord['tokens'][number]) => !tk.expires_at || Date.parse(tk.expires_at) > now.getTime();
+  const kept = graceMs > 0 ? existing.tokens.filter(live).map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until })) : [];
+  // Tokens that stop now are remembered by hash only, so a service still presenting one is noticed.
+  const dropped = existing.tokens.filter((tk) => !kept.some((k) => k.id === tk.id)).map((tk) => tk.hash);
   const record: CallerRecord = {
     ...existing,
     revision: existing.revision + 1,
     updated_at: now.toISOString(),
     tokens: [...kept, { id: newTokenId(), hash: hashToken(token), created_at: now.toISOString() }],
+    revoked_tokens: [...(existing.revoked_tokens ?? []), ...dropped].slice(-100),
     history: [...(existing.history ?? []), entry(op, 'rotate', graceMs > 0 ? `old tokens valid until ${until}` : 'old tokens stopped at once')].slice(-100),
   };
   await op.store.put(kind, record, existing.revision);

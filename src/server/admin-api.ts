@@ -38,9 +38,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
-    const header = req.headers.authorization ?? '';
-    const match = /^Bearer (\S+)$/.exec(header);
-    const name = match && deps.store.usable() ? deps.store.identifyAdmin(match[1]!) : undefined;
+    const name = adminName(req, deps.store);
     if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor };
@@ -121,6 +119,23 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     throw notFound();
   }
   throw notFound();
+}
+
+/**
+ * The admin token's name, from `Authorization: Bearer ega_…`, or Basic with the token as the
+ * password (so a browser can open the status page); undefined when absent or not a live admin token.
+ */
+export function adminName(req: IncomingMessage, store: StoreView): string | undefined {
+  const header = req.headers.authorization ?? '';
+  let token: string | undefined;
+  const bearer = /^Bearer (\S+)$/.exec(header);
+  if (bearer) token = bearer[1];
+  const basic = /^Basic ([A-Za-z0-9+/=]+)$/.exec(header);
+  if (basic) {
+    const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
+    token = decoded.slice(decoded.indexOf(':') + 1);
+  }
+  return token && store.usable() ? store.identifyAdmin(token) : undefined;
 }
 
 function toHttpError(err: unknown): HttpError {

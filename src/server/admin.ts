@@ -1,21 +1,32 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Metrics } from '../observe/metrics.ts';
-import { handleAdminApi, type AdminApiDeps } from './admin-api.ts';
+import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
+import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
 }
 
 /** The admin listener: liveness, readiness with its reasons, Prometheus metrics, and the admin API under /v1/. */
-export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps): Server {
+export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Server {
   return createServer({ headersTimeout: 10_000, requestTimeout: 30_000 }, (req: IncomingMessage, res: ServerResponse) => {
-    void route(req, res, readiness, metrics, api);
+    void route(req, res, readiness, metrics, api, status).catch(() => {
+      if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
+      else res.destroy();
+    });
   });
 }
 
-async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps): Promise<void> {
+async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
   if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
+  if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
+    if (!adminName(req, api.store)) {
+      res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
+      return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
+    }
+    return handleStatusPage(req, res, status);
+  }
   if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
   if (path === '/healthz') return json(res, 200, { status: 'ok' });
   if (path === '/readyz') {

@@ -1,0 +1,276 @@
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { rawRequest } from '../helpers/raw.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/** Every default alert rule fires when provoked, and none fires on normal traffic. */
+const SECRET = 'sk_alert_CANARY_5150';
+const WEBHOOK_SECRET = 'whsec_test_0123456789abcdef';
+let upstream: Upstream;
+let receiver: Server;
+let receiverUrl: string;
+const received: { body: string; signature: string; ok: boolean }[] = [];
+let failNext = 0;
+let proxy: TestProxy | undefined;
+
+beforeAll(async () => {
+  upstream = await startUpstream((req, res) => {
+    res.writeHead(req.url === '/reject' ? 401 : 200, { 'content-type': 'application/json' });
+    res.end('{}');
+  });
+  // The receiver checks the signature with its own code: HMAC-SHA256 over "<t>.<body>", fresh t.
+  receiver = createServer((req, res) => {
+    let body = '';
+    req.on('data', (d: Buffer) => (body += d.toString()));
+    req.on('end', () => {
+      const header = String(req.headers['x-egress-signature'] ?? '');
+      const t = /t=(\d+)/.exec(header)?.[1] ?? '';
+      const v1 = /v1=([0-9a-f]+)/.exec(header)?.[1] ?? '';
+      const expected = createHmac('sha256', WEBHOOK_SECRET).update(`${t}.${body}`).digest();
+      const ok = v1.length === 64 && timingSafeEqual(Buffer.from(v1, 'hex'), expected) && Math.abs(Date.now() / 1000 - Number(t)) < 300;
+      received.push({ body, signature: header, ok });
+      if (failNext > 0) {
+        failNext--;
+        res.writeHead(500);
+      } else {
+        res.writeHead(ok ? 204 : 401);
+      }
+      res.end();
+    });
+  });
+  await new Promise<void>((r) => receiver.listen(0, '127.0.0.1', r));
+  receiverUrl = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`;
+});
+
+afterAll(async () => {
+  await upstream?.close();
+  await new Promise<void>((r) => receiver.close(() => r()));
+});
+
+afterEach(async () => {
+  await proxy?.close();
+  proxy = undefined;
+});
+
+const ROUTE = () => `name: api
+prefix: /api
+upstream: ${upstream.url}
+credential: key
+inject:
+  scheme: bearer
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/ok, /reject]
+`;
+
+async function start(options: { alerts?: string; webhook?: boolean; credentialAgeDays?: number } = {}): Promise<{ env: Record<string, string>; dir: string }> {
+  const dir = await makeTempDir('egress-alerts-');
+  await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+  if (options.credentialAgeDays) {
+    const path = join(dir, 'store.json');
+    const doc = JSON.parse(await readFile(path, 'utf8')) as { credentials: { key: { versions: { created_at: string; activated_at?: string }[] } } };
+    const old = new Date(Date.now() - options.credentialAgeDays * 86_400_000).toISOString();
+    doc.credentials.key.versions[0]!.created_at = old;
+    doc.credentials.key.versions[0]!.activated_at = old;
+    await writeFile(path, JSON.stringify(doc), { mode: 0o600 });
+  }
+  const env: Record<string, string> = {};
+  if (options.alerts) {
+    await writeFile(join(dir, 'alerts.yaml'), options.alerts);
+    env.EGRESS_ALERTS = join(dir, 'alerts.yaml');
+  }
+  if (options.webhook) {
+    await writeFile(join(dir, 'webhook.secret'), WEBHOOK_SECRET, { mode: 0o600 });
+    env.EGRESS_ALERT_WEBHOOK = receiverUrl;
+    env.EGRESS_ALERT_WEBHOOK_SECRET_FILE = join(dir, 'webhook.secret');
+  }
+  proxy = await startTestProxy({ routes: {}, dir, env });
+  return { env: envFor(dir, env), dir };
+}
+
+const tokens = async (dir: string) => (JSON.parse(await readFile(join(dir, 'store.json'), 'utf8')) as { callers: Record<string, unknown> }).callers;
+const alertIds = () => proxy!.services().rules.alerts.recent().map((a) => a.id);
+const get = (path: string, token: string | null) => fetch(`${proxy!.url}${path}`, { headers: token ? { 'x-egress-token': token } : {} }).then((r) => r.status);
+
+describe('alert rules', () => {
+  it('normal traffic raises nothing', async () => {
+    await start();
+    const token = (await runCli(['callers', 'rotate', 'svc', '--grace', '1h', '--json'], envFor(proxy!.dir))).stdout;
+    const fresh = (JSON.parse(token) as { token: string }).token;
+    await eventually(async () => (await get('/api/ok', fresh)) === 200, 1_000, 'the rotated token');
+    for (let i = 0; i < 150; i++) expect(await get('/api/ok', fresh)).toBe(200);
+    for (let i = 0; i < 5; i++) expect(await get('/api/nope', fresh)).toBe(403);
+    expect(alertIds()).toEqual([]);
+    expect(await (await fetch(`${proxy!.admin}/metrics`)).text()).not.toContain('egress_alerts_total{');
+  });
+
+  it('denied_spike: a caller refused 20 times within a minute', async () => {
+    const { dir } = await start();
+    void dir;
+    const token = proxy!.tokens.svc ?? (await newToken());
+    for (let i = 0; i < 20; i++) expect(await get('/api/forbidden', token)).toBe(403);
+    expect(alertIds()).toContain('denied_spike');
+  });
+
+  it('unknown_token: 10 unknown tokens from one address within a minute', async () => {
+    await start();
+    for (let i = 0; i < 10; i++) expect(await get('/api/ok', `egt_${'x'.repeat(42)}${i % 10}`)).toBe(401);
+    expect(alertIds()).toEqual(['unknown_token']);
+    const alert = proxy!.services().rules.alerts.recent()[0]!;
+    expect(alert.subject).toBe('127.0.0.1');
+  });
+
+  it('retired_credential_used: a token that was rotated out or revoked is still presented', async () => {
+    await start();
+    const old = await newToken();
+    await runCli(['callers', 'rotate', 'svc', '--grace', '0'], envFor(proxy!.dir));
+    await eventually(async () => (await get('/api/ok', old)) === 401, 1_000, 'the old token to stop');
+    expect(alertIds()).toContain('retired_credential_used');
+  });
+
+  it('upstream_rejected_credential: the upstream rejects the key and nothing can be fallen back to', async () => {
+    await start();
+    expect(await get('/api/reject', await newToken())).toBe(401);
+    expect(alertIds()).toContain('upstream_rejected_credential');
+  });
+
+  it('credential_max_age: a current version older than its maximum age (checked at start and every minute)', async () => {
+    await start({ credentialAgeDays: 100 });
+    expect(alertIds()).toContain('credential_max_age');
+    const alert = proxy!.services().rules.alerts.recent().find((a) => a.id === 'credential_max_age')!;
+    expect(alert.facts).toMatchObject({ credential: 'key', age_days: 100, max_age_days: 90 });
+  });
+
+  it('reload_rejected: a route folder that turns invalid', async () => {
+    const { dir } = await start();
+    await writeFile(join(dir, 'routes', 'bad.yaml'), 'nonsense: true\n');
+    await eventually(() => alertIds().includes('reload_rejected'), 3_000, 'the reload alert');
+  });
+
+  it('unusual_usage: far above the caller\'s own baseline (thresholds from the alerts file)', async () => {
+    await start({ alerts: 'unusual_usage:\n  bucket: 500ms\n  warmup: 2s\n  half_life: 2s\n  factor: 4\n  min_count: 15\n' });
+    const token = await newToken();
+    const until = Date.now() + 2_600;
+    while (Date.now() < until) {
+      expect(await get('/api/ok', token)).toBe(200);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(alertIds()).not.toContain('unusual_usage');
+    for (let i = 0; i < 40; i++) await get('/api/ok', token);
+    expect(alertIds()).toContain('unusual_usage');
+  });
+
+  it('an incident is one alert: repeats inside the cool-down are counted, not re-sent', async () => {
+    await start();
+    for (let i = 0; i < 35; i++) await get('/api/ok', `egt_${'y'.repeat(42)}${i % 10}`);
+    expect(alertIds()).toEqual(['unknown_token']);
+    const metrics = await (await fetch(`${proxy!.admin}/metrics`)).text();
+    expect(metrics).toMatch(/egress_alerts_total\{alert="unknown_token",severity="warning"\} 1/);
+  });
+
+  it('the alerts file is validated with positions', async () => {
+    const dir = await makeTempDir('egress-alerts-bad-');
+    await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    await writeFile(join(dir, 'alerts.yaml'), 'cooldown: 5m\ndenied_spike:\n  count: many\n');
+    const res = await runCli(['serve'], envFor(dir, { EGRESS_ALERTS: join(dir, 'alerts.yaml') }));
+    expect(res.code).toBe(1);
+    expect(res.stderr).toMatch(/alerts\.yaml:3:\d+: denied_spike\.count/);
+  });
+
+  async function newToken(): Promise<string> {
+    const added = await runCli(['callers', 'rotate', 'svc', '--grace', '1h', '--json'], envFor(proxy!.dir));
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    await eventually(async () => (await get('/api/ok', token)) === 200, 1_000, 'a fresh token');
+    void tokens;
+    return token;
+  }
+});
+
+describe('the webhook', () => {
+  it('receives alerts as signed JSON, retried after a failure; no secret in them', async () => {
+    received.length = 0;
+    failNext = 1;
+    await start({ webhook: true });
+    for (let i = 0; i < 10; i++) await get('/api/ok', `egt_${'z'.repeat(42)}${i}`);
+    await eventually(() => received.length >= 2, 5_000, 'the retried delivery');
+    expect(received[0]!.ok).toBe(true);
+    expect(received[1]!.ok).toBe(true);
+    expect(received[1]!.body).toBe(received[0]!.body);
+    const payload = JSON.parse(received[1]!.body) as { id: string; severity: string; subject: string; facts: Record<string, unknown> };
+    expect(payload).toMatchObject({ id: 'unknown_token', severity: 'warning', subject: '127.0.0.1' });
+    expect(received.map((r) => r.body).join('')).not.toContain(SECRET);
+    expect(received.map((r) => r.body).join('')).not.toContain(WEBHOOK_SECRET);
+  });
+
+  it('a webhook without a 0600 secret file refuses to start', async () => {
+    const dir = await makeTempDir('egress-hook-');
+    await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    expect((await runCli(['serve'], envFor(dir, { EGRESS_ALERT_WEBHOOK: receiverUrl }))).stderr).toContain('EGRESS_ALERT_WEBHOOK_SECRET_FILE');
+    await writeFile(join(dir, 'hook.secret'), WEBHOOK_SECRET, { mode: 0o644 });
+    const loose = await runCli(['serve'], envFor(dir, { EGRESS_ALERT_WEBHOOK: receiverUrl, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'hook.secret') }));
+    expect(loose.code).toBe(1);
+    expect(loose.stderr).toContain('chmod 600');
+  });
+});
+
+describe('audit log rotation', () => {
+  it('rotates by size, keeps N files, and the chain verifies across them; an edit in a rotated file is found', async () => {
+    const dir = await makeTempDir('egress-audit-');
+    await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_AUDIT_MAX_SIZE: '2kb', EGRESS_AUDIT_KEEP: '3' } });
+    const token = JSON.parse((await runCli(['callers', 'rotate', 'svc', '--grace', '1h', '--json'], envFor(dir))).stdout).token as string;
+    await eventually(async () => (await get('/api/ok', token)) === 200, 1_000, 'token');
+    for (let i = 0; i < 40; i++) await get('/api/ok', token);
+    await proxy.close();
+    proxy = undefined;
+    const { readdir } = await import('node:fs/promises');
+    const files = (await readdir(dir)).filter((f) => f.startsWith('audit.log')).sort();
+    expect(files).toEqual(['audit.log', 'audit.log.1', 'audit.log.2', 'audit.log.3']);
+    const env = envFor(dir);
+    // The oldest files were removed by retention, so the chain starts mid-way: a partial check.
+    const ok = await runCli(['audit', 'verify', '--partial'], env);
+    expect(ok.code).toBe(0);
+    expect(ok.stdout).toMatch(/audit chain intact: \d+ lines/);
+    const rotated = join(dir, 'audit.log.2');
+    const lines = (await readFile(rotated, 'utf8')).split('\n');
+    lines[1] = lines[1]!.replace('"decision":"allow"', '"decision":"deny"');
+    await writeFile(rotated, lines.join('\n'));
+    const bad = await runCli(['audit', 'verify', '--partial'], env);
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toContain('audit.log.2:3');
+  });
+
+  it('EGRESS_AUDIT_STDOUT also writes every audit line to stdout', async () => {
+    const dir = await makeTempDir('egress-audit-stdout-');
+    const { tokens: t } = await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    const { startServe } = await import('../helpers/cli.ts');
+    const serve = await startServe(envFor(dir, { EGRESS_AUDIT_STDOUT: 'true' }));
+    try {
+      await fetch(`${serve.url}/api/ok`, { headers: { 'x-egress-token': t.svc! } });
+      await eventually(() => serve.output().includes('"kind":"request"'), 2_000, 'the audit line on stdout');
+      expect(serve.output()).toMatch(/"kind":"request".*"route":"api".*"prev":"[0-9a-f]{64}"/);
+    } finally {
+      await serve.stop();
+    }
+  });
+});
+
+describe('metrics', () => {
+  it('credential age and version in use, rate limiting, store cache age', async () => {
+    await start({ credentialAgeDays: 3 });
+    const metrics = await (await fetch(`${proxy!.admin}/metrics`)).text();
+    expect(metrics).toMatch(/egress_credential_age_seconds\{credential="key"\} (25[0-9]{4}|26[0-9]{4})/);
+    expect(metrics).toMatch(/egress_credential_current_version\{credential="key"\} 1/);
+    expect(metrics).toMatch(/egress_store_cache_age_seconds \d/);
+    expect(metrics).toContain('egress_rate_limited_total');
+    expect(metrics).not.toContain(SECRET);
+    void rawRequest;
+  });
+});
