@@ -1,6 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
-import { formatDuration } from '../config/units.ts';
 import type { Activity } from '../observe/activity.ts';
 import type { Alerts } from '../observe/alerts.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
@@ -39,7 +38,7 @@ export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): 
       const used = usage.get(v.version)?.map((u) => `${esc(u.caller)} ${esc(u.at)}`).join('<br>') ?? '';
       return `<tr class="state-${v.state}"><td>${v.version}</td><td>${v.state}</td><td>${age}</td><td>${until}</td><td>${used || '–'}</td></tr>`;
     });
-    credentialBlocks.push(`<h3>${esc(record.id)}</h3><table><tr><th>version</th><th>state</th><th>age</th><th>grace ends</th><th>last use</th></tr>${rows.join('')}</table>`);
+    credentialBlocks.push(`<h3>${esc(record.id)}</h3><table class="versions"><tr><th>version</th><th>state</th><th>age</th><th>grace ends</th><th>last use</th></tr>${rows.join('')}</table>`);
   }
   const damaged = [...(snapshot?.damaged.keys() ?? [])];
 
@@ -52,7 +51,7 @@ export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): 
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5rem auto;max-width:1100px;padding:0 1rem;color:#1d2330}
 h1{font-size:1.4rem;margin:0 0 .25rem}h2{font-size:1.1rem;margin:1.5rem 0 .5rem;border-bottom:1px solid #d6dae3}h3{font-size:1rem;margin:1rem 0 .25rem}
-table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #eceef3;vertical-align:top}th{color:#5b6477;font-weight:600}
+table{border-collapse:collapse;width:100%}table.versions{table-layout:fixed}td,th{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #eceef3;vertical-align:top}th{color:#5b6477;font-weight:600}
 code{font-size:.95em}.muted{color:#5b6477}.ok{color:#137333}.bad{color:#b3261e}
 .charts{display:flex;gap:1.5rem;flex-wrap:wrap}.chart{flex:1;min-width:320px}
 .state-current td:nth-child(2){color:#137333;font-weight:600}.state-previous td:nth-child(2){color:#8a5a00}.state-retired,.state-revoked{color:#8b93a7}
@@ -88,10 +87,15 @@ function chart(values: readonly number[], color: string): string {
   return `<svg viewBox="0 0 ${width} ${height}" width="100%" height="${height}" role="img" aria-label="per-minute counts, peak ${max}"><text x="0" y="10" font-size="10" fill="#5b6477">peak ${max}/min</text>${bars.join('')}</svg>`;
 }
 
+/** 45s, 12m, 23h 59m, 90d: coarse enough to read at a glance. */
 function formatAge(ms: number): string {
-  if (ms < 0) return '0s';
-  if (ms >= 86_400_000) return `${Math.floor(ms / 86_400_000)}d`;
-  return formatDuration(Math.max(1000, Math.round(ms / 1000) * 1000)).replace(/^(\d+)(\w+)$/, '$1$2');
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m`;
+  const h = Math.floor(m / 60);
+  if (h < 48) return `${h}h ${m % 60}m`;
+  return `${Math.floor(h / 24)}d`;
 }
 
 function esc(text: string): string {
