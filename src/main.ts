@@ -21,6 +21,7 @@ import { Dispatchers } from './pipeline/dispatchers.ts';
 import { MemoryRateLimiter, type RateLimiter } from './pipeline/rate-limiter.ts';
 import { RedisRateLimiter } from './pipeline/redis-rate-limiter.ts';
 import { MemoryNonces, RedisNonces } from './pipeline/nonces.ts';
+import { SharedTokens, TokenBroker } from './pipeline/token-broker.ts';
 import { RedisStore } from './store/redis-store.ts';
 import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
@@ -72,8 +73,10 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
+  // OAuth2 tokens are shared by every instance through Redis when the store is Redis.
+  const tokens = new TokenBroker(log, backend instanceof RedisStore ? new SharedTokens(backend.client, keys) : undefined);
   const activity = new Activity();
-  const services: Services = { store, keys, dispatchers, limiter, nonces, audit, metrics, rules, usage, activity, log };
+  const services: Services = { store, keys, dispatchers, limiter, nonces, tokens, audit, metrics, rules, usage, activity, log };
   metrics.bindStore(store);
   const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
   ageCheck.unref();

@@ -5,6 +5,7 @@ import { headersInjector } from './headers.ts';
 import { hmacInjector } from './hmac.ts';
 import { jsonBodyInjector } from './json-body.ts';
 import { krakenInjector } from './kraken.ts';
+import { oauth2Injector } from './oauth2.ts';
 import { queryInjector } from './query.ts';
 import { snaptradeInjector } from './snaptrade.ts';
 import type { Injector } from './types.ts';
@@ -12,7 +13,7 @@ import type { Injector } from './types.ts';
 /** Every auth scheme, by its `inject.scheme` name. Adding a scheme is one file and one line here. */
 export const INJECTORS = [
   headersInjector, bearerInjector, basicInjector, queryInjector, jsonBodyInjector,
-  hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector,
+  hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector, oauth2Injector,
 ] as const;
 
 const byScheme = new Map<string, Injector>(INJECTORS.map((i): [string, Injector] => [i.scheme, i as unknown as Injector]));

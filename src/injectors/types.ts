@@ -1,6 +1,8 @@
 import type { z } from 'zod';
 import type { Secret } from '../secret.ts';
 import type { Template } from './template.ts';
+import type { Dispatcher } from 'undici';
+import type { TokenBroker } from '../pipeline/token-broker.ts';
 
 /** Outbound headers keyed by lower-case name; a Map, so `__proto__` is just another name. */
 export type HeaderMap = Map<string, string[]>;
@@ -46,6 +48,23 @@ export interface InjectArgs<O> {
    * Redis when the store is Redis): set when the injector declares `needsNonce`.
    */
   readonly nonce: bigint | undefined;
+  /** What this injector's `prepare` returned for this request (e.g. an access token). */
+  readonly prepared?: unknown;
+}
+
+/**
+ * Getting a credential that must be fetched (an OAuth2 access token) is asynchronous, cached and
+ * refreshable; it happens in `prepare`, before the synchronous `inject` attaches the result.
+ */
+export interface PrepareArgs<O> {
+  readonly credential: ResolvedCredential;
+  /** The previous version inside its grace, decrypted on demand: a token endpoint may be retried with it. */
+  readonly previous: (() => ResolvedCredential) | undefined;
+  readonly options: O;
+  readonly tokens: TokenBroker;
+  /** A verified-TLS keep-alive pool for another origin of this route (a token endpoint). */
+  readonly dispatcherFor: (origin: string) => Dispatcher;
+  readonly redact: (value: string) => void;
 }
 
 /**
@@ -68,6 +87,7 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
    * order, so a signer must be the last one: anything after it would change what it signed.
    */
   readonly signsRequest?: boolean;
+  prepare?(args: PrepareArgs<O>): Promise<unknown>;
   claims(options: O): Claims;
   templates(options: O): readonly Template[];
   inject(args: InjectArgs<O>): void;

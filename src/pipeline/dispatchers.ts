@@ -10,18 +10,23 @@ export class Dispatchers {
   readonly #pools = new Map<string, Pool>();
 
   for(route: CompiledRoute): Pool {
-    const key = poolKey(route);
+    return this.forOrigin(route.origin, route.upstreamCa, route.connectTimeoutMs);
+  }
+
+  /** A pool for `origin` with the route's CA and connect timeout (a token endpoint beside the upstream). */
+  forOrigin(origin: string, upstreamCa: string | undefined, connectTimeoutMs: number): Pool {
+    const key = JSON.stringify([origin, upstreamCa ?? null, connectTimeoutMs]);
     let pool = this.#pools.get(key);
     if (!pool) {
-      pool = new Pool(route.origin, {
+      pool = new Pool(origin, {
         connections: 256,
         pipelining: 1,
         keepAliveTimeout: 30_000,
         connect: {
-          timeout: route.connectTimeoutMs,
+          timeout: connectTimeoutMs,
           // Upstream TLS is always verified; upstream_ca adds a CA to the system roots, it replaces nothing.
           rejectUnauthorized: true,
-          ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
+          ...(upstreamCa ? { ca: [...rootCertificates, upstreamCa] } : {}),
         },
       });
       this.#pools.set(key, pool);
@@ -31,7 +36,7 @@ export class Dispatchers {
 
   /** After a reload: close the pools that no route of `config` uses any more. */
   retain(config: CompiledConfig): void {
-    const live = new Set(config.routes.map(poolKey));
+    const live = new Set(config.routes.flatMap((r) => [poolKey(r), ...r.extraOrigins.map((o) => JSON.stringify([o, r.upstreamCa ?? null, r.connectTimeoutMs]))]));
     for (const [key, pool] of this.#pools) {
       if (!live.has(key)) {
         this.#pools.delete(key);

@@ -2,6 +2,7 @@ import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts'
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { hasBody, readBody } from './body.ts';
+import { open } from './resolve-credential.ts';
 
 /**
  * Build the outbound request from a copy of the inbound one: strip first (hop-by-hop, proxy
@@ -12,7 +13,7 @@ import { hasBody, readBody } from './body.ts';
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
   const needsBody = (route.needsBody || ctx.replayable) && hasBody(ctx.req);
-  if (!needsBody && !route.needsNonce) {
+  if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);
     return;
   }
@@ -22,14 +23,32 @@ export function inject(ctx: RequestContext): void | Promise<void> {
   })();
 }
 
-/** As buildOutbound, fetching a fresh nonce first when an injector signs with one. */
+/**
+ * As buildOutbound, after the asynchronous part: a fresh nonce when an injector signs with one, and
+ * each injector's `prepare` (an OAuth2 access token), for this credential version.
+ */
 export async function buildOutboundWithNonce(ctx: RequestContext, credential: ResolvedCredential): Promise<OutboundRequest> {
-  const nonce = ctx.route!.needsNonce ? await ctx.services.nonces.next(credential.id) : undefined;
-  return buildOutbound(ctx, credential, nonce);
+  const route = ctx.route!;
+  const nonce = route.needsNonce ? await ctx.services.nonces.next(credential.id) : undefined;
+  let prepared: unknown[] | undefined;
+  if (route.needsPrepare) {
+    const { services } = ctx;
+    const previous = ctx.previous && credential.version !== ctx.previous.version ? () => open(ctx, credential.id, ctx.previous!) : undefined;
+    prepared = await Promise.all(route.injections.map(({ injector, options }) =>
+      injector.prepare?.({
+        credential,
+        previous,
+        options,
+        tokens: services.tokens,
+        dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route.upstreamCa, route.connectTimeoutMs),
+        redact: (value) => void ctx.redactions.push(value),
+      })));
+  }
+  return buildOutbound(ctx, credential, nonce, prepared);
 }
 
 /** The request to send upstream with `credential` attached; called again for a fallback to the previous version. */
-export function buildOutbound(ctx: RequestContext, credential: ResolvedCredential, nonce?: bigint): OutboundRequest {
+export function buildOutbound(ctx: RequestContext, credential: ResolvedCredential, nonce?: bigint, prepared?: readonly unknown[]): OutboundRequest {
   const route = ctx.route!;
   const outbound: OutboundRequest = {
     method: ctx.req.method!,
@@ -41,7 +60,7 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
   };
   const redact = (value: string) => void ctx.redactions.push(value);
   const now = new Date();
-  for (const { injector, options } of route.injections) injector.inject({ request: outbound, credential, options, redact, now, nonce });
+  route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
   return outbound;
 }
 

@@ -9,6 +9,7 @@ import type { Activity } from '../observe/activity.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
 import type { NonceSource } from './nonces.ts';
+import type { TokenBroker } from './token-broker.ts';
 
 /** Long-lived collaborators the steps use: built once in main.ts. */
 export interface Services {
@@ -17,6 +18,7 @@ export interface Services {
   readonly dispatchers: Dispatchers;
   readonly limiter: RateLimiter;
   readonly nonces: NonceSource;
+  readonly tokens: TokenBroker;
   readonly audit: AuditLog;
   readonly metrics: Metrics;
   readonly rules: AlertRules;

@@ -1,0 +1,143 @@
+import type { Dispatcher } from 'undici';
+import { z } from 'zod';
+import { ProxyError } from '../errors.ts';
+import type { Secret } from '../secret.ts';
+import type { Minted } from '../pipeline/token-broker.ts';
+import { compileTemplate, render, templateString } from './template.ts';
+import type { Injector, PrepareArgs, ResolvedCredential } from './types.ts';
+
+const url = z.string().refine((text) => {
+  try {
+    const u = new URL(text);
+    return (u.protocol === 'https:' || u.protocol === 'http:') && !u.username && !u.password && !u.hash;
+  } catch {
+    return false;
+  }
+}, 'an http(s) URL without credentials or fragment');
+
+const fieldName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,63}$/);
+
+const schema = z.strictObject({
+  scheme: z.literal('oauth2_client_credentials'),
+  token_url: url,
+  /** basic: HTTP Basic (RFC 6749 §2.3.1); body: form fields; json: a JSON body (GoCardless). */
+  client_auth: z.enum(['basic', 'body', 'json']).default('basic'),
+  client_id: templateString.default(compileTemplate('{client_id}')),
+  client_secret: templateString.default(compileTemplate('{client_secret}')),
+  /** Names of the id and secret in a form or JSON body (GoCardless: secret_id / secret_key). */
+  id_field: fieldName.default('client_id'),
+  secret_field: fieldName.default('client_secret'),
+  scope: z.string().max(1024).optional(),
+  extra: z.record(fieldName, z.string().max(1024)).default({}),
+  /** Where the response keeps the token, its lifetime in seconds, and an optional refresh token. */
+  token_field: fieldName.default('access_token'),
+  expires_field: fieldName.default('expires_in'),
+  refresh_field: fieldName.optional(),
+  refresh_expires_field: fieldName.optional(),
+  /** Endpoint that trades a refresh token for a new access token (GoCardless /token/refresh/). */
+  refresh_url: url.optional(),
+});
+type Options = z.output<typeof schema>;
+
+/**
+ * OAuth2 client credentials (RFC 6749 §4.4): TrueLayer and Tink (form), GoCardless (JSON, with
+ * refresh tokens). The token is minted in `prepare` through the shared TokenBroker (cached, one
+ * refresh at a time, across instances with Redis); `inject` attaches it as a Bearer token. When
+ * the token endpoint rejects the current credential and a previous version is in its grace, the
+ * token is minted with the previous one: the token endpoint is safe to retry.
+ */
+export const oauth2Injector: Injector<Options> = {
+  scheme: 'oauth2_client_credentials',
+  schema,
+  needsBody: false,
+  claims: () => ({ headers: ['authorization'], query: [], bodyFields: [] }),
+  templates: (options) => [options.client_id, options.client_secret],
+  async prepare(args: PrepareArgs<Options>): Promise<string> {
+    const { options, credential } = args;
+    const key = { credential: credential.id, version: credential.version, parts: [options.token_url, options.scope ?? '', JSON.stringify(options.extra)] };
+    const token: Secret = await args.tokens.token(key, async (refresh) => {
+      const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
+      if (refresh && options.refresh_url) {
+        const refreshed = await call(dispatcher, options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options).catch(() => undefined);
+        if (refreshed) return refreshed;
+      }
+      try {
+        return await mint(dispatcher, options, credential);
+      } catch (err) {
+        if (!(err instanceof TokenRejected) || !args.previous) throw err;
+        return mint(dispatcher, options, args.previous());
+      }
+    });
+    const value = token.reveal();
+    args.redact(value);
+    return value;
+  },
+  inject({ request, prepared }) {
+    if (typeof prepared !== 'string') throw new ProxyError('credential_unavailable', 'No access token was obtained.');
+    request.headers.set('authorization', [`Bearer ${prepared}`]);
+  },
+};
+
+class TokenRejected extends Error {}
+
+async function mint(dispatcher: Dispatcher, options: Options, credential: ResolvedCredential): Promise<Minted> {
+  const id = render(options.client_id, credential.fields);
+  const secret = render(options.client_secret, credential.fields);
+  const fields: Record<string, string> = { ...options.extra };
+  if (options.client_auth !== 'json') fields.grant_type = 'client_credentials';
+  if (options.scope) fields.scope = options.scope;
+  let basic: string | undefined;
+  if (options.client_auth === 'basic') {
+    // RFC 6749 §2.3.1: form-urlencode id and secret before joining them.
+    basic = Buffer.from(`${encodeURIComponent(id)}:${encodeURIComponent(secret)}`).toString('base64');
+  } else {
+    fields[options.id_field] = id;
+    fields[options.secret_field] = secret;
+  }
+  return call(dispatcher, options.token_url, options.client_auth === 'json' ? 'json' : 'form', fields, basic, options);
+}
+
+async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | 'json', fields: Record<string, string>, basic: string | undefined, options: Options): Promise<Minted> {
+  const u = new URL(target);
+  const body = encoding === 'json' ? JSON.stringify(fields) : new URLSearchParams(fields).toString();
+  let res;
+  try {
+    res = await dispatcher.request({
+      method: 'POST',
+      path: `${u.pathname}${u.search}`,
+      headers: {
+        'content-type': encoding === 'json' ? 'application/json' : 'application/x-www-form-urlencoded',
+        accept: 'application/json',
+        ...(basic ? { authorization: `Basic ${basic}` } : {}),
+      },
+      body,
+      headersTimeout: 10_000,
+      bodyTimeout: 10_000,
+    });
+  } catch {
+    throw new ProxyError('credential_unavailable', 'The token endpoint could not be reached.');
+  }
+  const text = await res.body.text();
+  if (res.statusCode === 400 || res.statusCode === 401 || res.statusCode === 403) {
+    // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.
+    throw new TokenRejected('the token endpoint rejected the client credentials');
+  }
+  if (res.statusCode < 200 || res.statusCode >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.statusCode}.`);
+  let doc: Record<string, unknown>;
+  try {
+    doc = JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    throw new ProxyError('credential_unavailable', 'The token endpoint did not answer JSON.');
+  }
+  const token = doc[options.token_field];
+  const expiresIn = Number(doc[options.expires_field] ?? 3600);
+  if (typeof token !== 'string' || !token) throw new ProxyError('credential_unavailable', `The token endpoint's answer has no "${options.token_field}".`);
+  const refresh = options.refresh_field ? doc[options.refresh_field] : undefined;
+  const refreshExpires = options.refresh_expires_field ? Number(doc[options.refresh_expires_field]) : undefined;
+  return {
+    token,
+    expiresInMs: (Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : 3600) * 1000,
+    ...(typeof refresh === 'string' && refresh ? { refreshToken: refresh } : {}),
+    ...(refreshExpires && Number.isFinite(refreshExpires) ? { refreshExpiresInMs: refreshExpires * 1000 } : {}),
+  };
+}

@@ -1,0 +1,183 @@
+import { createHash, randomBytes } from 'node:crypto';
+import type { Logger } from '../observe/log.ts';
+import { Secret } from '../secret.ts';
+import { aad, open, seal, type Sealed } from '../store/crypto.ts';
+import type { KeyringFile } from '../store/keyring-file.ts';
+import type { RedisConnection } from '../store/redis-client.ts';
+
+/** A minted access token and how long it lives. */
+export interface Minted {
+  readonly token: string;
+  readonly expiresInMs: number;
+  readonly refreshToken?: string;
+  readonly refreshExpiresInMs?: number;
+}
+
+interface Entry {
+  readonly token: Secret;
+  readonly expiresAt: number;
+  readonly refreshAt: number;
+  readonly refreshToken: Secret | undefined;
+  readonly refreshExpiresAt: number;
+}
+
+/** How a cache key is named: the credential version and everything that shapes the token. */
+export interface TokenKey {
+  readonly credential: string;
+  readonly version: number;
+  readonly parts: readonly string[];
+}
+
+export type Mint = (previous: { refreshToken: string } | undefined) => Promise<Minted>;
+
+/** Tokens are refreshed at 70-80% of their life: jitter spreads instances so they do not all refresh together. */
+function schedule(now: number, m: Minted): Entry {
+  const life = Math.max(1_000, m.expiresInMs);
+  return {
+    token: new Secret(m.token),
+    expiresAt: now + life,
+    refreshAt: now + Math.round(life * (0.7 + Math.random() * 0.1)),
+    refreshToken: m.refreshToken ? new Secret(m.refreshToken) : undefined,
+    refreshExpiresAt: m.refreshToken ? now + (m.refreshExpiresInMs ?? life) : 0,
+  };
+}
+
+/**
+ * OAuth2 access tokens: cached until shortly before expiry, one refresh at a time. In a process a
+ * single promise per key (single flight); across instances, when the store is Redis, the token is
+ * shared in Redis (sealed with the active key-encryption key) and a lock lets one instance mint.
+ * A failed refresh never drops a token that is still valid.
+ */
+export class TokenBroker {
+  readonly #local = new Map<string, Entry>();
+  readonly #inflight = new Map<string, Promise<Entry>>();
+  readonly #shared: SharedTokens | undefined;
+  readonly #log: Logger;
+
+  constructor(log: Logger, shared?: SharedTokens) {
+    this.#log = log;
+    this.#shared = shared;
+  }
+
+  async token(key: TokenKey, mint: Mint): Promise<Secret> {
+    const id = cacheId(key);
+    const now = Date.now();
+    let entry = this.#local.get(id);
+    if (!entry && this.#shared) {
+      entry = await this.#shared.read(id, key).catch(() => undefined);
+      if (entry) this.#local.set(id, entry);
+    }
+    if (entry && now < entry.refreshAt) return entry.token;
+    if (entry && now < entry.expiresAt) {
+      // Still valid: refresh in the background; on failure the current token keeps serving.
+      void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
+      return entry.token;
+    }
+    return (await this.#refresh(id, key, mint, entry)).token;
+  }
+
+  /** Forget a token the upstream rejected, so the next request mints a fresh one. */
+  invalidate(key: TokenKey): void {
+    const id = cacheId(key);
+    this.#local.delete(id);
+    void this.#shared?.remove(id, key.credential).catch(() => {});
+  }
+
+  #refresh(id: string, key: TokenKey, mint: Mint, old: Entry | undefined): Promise<Entry> {
+    let running = this.#inflight.get(id);
+    if (!running) {
+      running = (async () => {
+        const viaRefresh = old?.refreshToken && Date.now() < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal() } : undefined;
+        const entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh));
+        this.#local.set(id, entry);
+        return entry;
+      })().finally(() => this.#inflight.delete(id));
+      this.#inflight.set(id, running);
+    }
+    return running;
+  }
+}
+
+function cacheId(key: TokenKey): string {
+  return createHash('sha256').update(JSON.stringify([key.credential, key.version, ...key.parts])).digest('hex').slice(0, 32);
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message.slice(0, 200) : 'error';
+}
+
+const LOCK_MS = 10_000;
+const WAIT_STEP_MS = 50;
+
+/**
+ * The Redis side of the broker: the token sealed with the active KEK (AES-256-GCM, associated data
+ * naming the credential and version), and a lock (SET NX PX) so that one instance mints while the
+ * others wait for its result.
+ */
+export class SharedTokens {
+  readonly #client: RedisConnection;
+  readonly #keys: KeyringFile;
+
+  constructor(client: RedisConnection, keys: KeyringFile) {
+    this.#client = client;
+    this.#keys = keys;
+  }
+
+  #key(id: string, credential: string): string {
+    return `egress:oauth:{${credential}}:${id}`;
+  }
+
+  async read(id: string, key: TokenKey): Promise<Entry | undefined> {
+    const raw = await this.#client.get(this.#key(id, key.credential));
+    if (!raw) return undefined;
+    const doc = JSON.parse(raw) as { kek: number; sealed: Sealed; expiresAt: number; refreshAt: number; refreshExpiresAt: number; refresh?: Sealed };
+    const kek = this.#keys.current.get(doc.kek);
+    if (!kek || Date.now() >= doc.expiresAt) return undefined;
+    const token = open(kek, doc.sealed, aad('fields', `oauth:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8');
+    const refresh = doc.refresh ? open(kek, doc.refresh, aad('fields', `oauth-refresh:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8') : undefined;
+    return { token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
+  }
+
+  async #write(id: string, key: TokenKey, entry: Entry): Promise<void> {
+    const keyring = this.#keys.current;
+    const kek = keyring.get(keyring.active)!;
+    const doc = {
+      kek: keyring.active,
+      sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), aad('fields', `oauth:${key.credential}`, key.version, keyring.active)),
+      ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), aad('fields', `oauth-refresh:${key.credential}`, key.version, keyring.active)) } : {}),
+      expiresAt: entry.expiresAt,
+      refreshAt: entry.refreshAt,
+      refreshExpiresAt: entry.refreshExpiresAt,
+    };
+    const ttl = Math.max(entry.expiresAt, entry.refreshExpiresAt) - Date.now();
+    if (ttl > 0) await this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl);
+  }
+
+  /** Mint under the lock; an instance that does not get the lock waits for the winner's token. */
+  async mintOnce(id: string, key: TokenKey, mint: () => Promise<Minted>): Promise<Entry> {
+    const lock = `${this.#key(id, key.credential)}:lock`;
+    const owner = randomBytes(8).toString('hex');
+    const before = await this.read(id, key).catch(() => undefined);
+    const got = await this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX').catch(() => 'OK');
+    if (got !== 'OK') {
+      const deadline = Date.now() + LOCK_MS;
+      while (Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, WAIT_STEP_MS));
+        const entry = await this.read(id, key).catch(() => undefined);
+        if (entry && (!before || entry.expiresAt !== before.expiresAt) && Date.now() < entry.refreshAt) return entry;
+      }
+    }
+    try {
+      const entry = schedule(Date.now(), await mint());
+      await this.#write(id, key, entry).catch(() => {});
+      return entry;
+    } finally {
+      // Release only our own lock.
+      await this.#client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", 1, lock, owner).catch(() => {});
+    }
+  }
+
+  async remove(id: string, credential: string): Promise<void> {
+    await this.#client.del(this.#key(id, credential));
+  }
+}

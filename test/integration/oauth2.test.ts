@@ -1,0 +1,197 @@
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { TestRedis } from '../helpers/redis.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/**
+ * OAuth2 client credentials against a local authorization server that checks the client with its
+ * own code and hands out tokens it then requires on the API.
+ */
+let upstream: Upstream;
+let redis: TestRedis;
+const issued = new Set<string>();
+const mints: { path: string; client: string }[] = [];
+let tokenLife = 3600;
+let tokenServerDown = false;
+let secretsAccepted = new Set(['cs_CANARY_good_1']);
+let counter = 0;
+const proxies: TestProxy[] = [];
+
+beforeAll(async () => {
+  redis = await TestRedis.create();
+  upstream = await startUpstream((req, res, body) => {
+    const url = req.url ?? '';
+    const json = (status: number, doc: unknown) => {
+      res.writeHead(status, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(doc));
+    };
+    if (url === '/connect/token') {
+      // RFC 6749 §2.3.1 Basic client authentication, form-encoded grant.
+      const [user, pass] = Buffer.from(String(req.headers.authorization ?? '').replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent);
+      const form = new URLSearchParams(body.toString());
+      if (tokenServerDown) return json(500, { error: 'temporarily_unavailable' });
+      if (form.get('grant_type') !== 'client_credentials' || user !== 'client-1' || !secretsAccepted.has(pass ?? '')) return json(401, { error: 'invalid_client' });
+      mints.push({ path: url, client: pass! });
+      const token = `at_CANARY_${++counter}`;
+      issued.add(token);
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: tokenLife, scope: form.get('scope') });
+    }
+    if (url === '/api/v2/token/new/') {
+      const doc = JSON.parse(body.toString()) as { secret_id?: string; secret_key?: string };
+      if (doc.secret_id !== 'gc-id' || doc.secret_key !== 'gc_CANARY_key') return json(401, { summary: 'Authentication failed' });
+      mints.push({ path: url, client: 'gc' });
+      const token = `gc_access_${++counter}`;
+      issued.add(token);
+      return json(200, { access: token, access_expires: 1, refresh: `gc_refresh_${counter}`, refresh_expires: 600 });
+    }
+    if (url === '/api/v2/token/refresh/') {
+      const doc = JSON.parse(body.toString()) as { refresh?: string };
+      if (!doc.refresh?.startsWith('gc_refresh_')) return json(401, { summary: 'bad refresh' });
+      mints.push({ path: url, client: 'gc' });
+      const token = `gc_access_${++counter}`;
+      issued.add(token);
+      return json(200, { access: token, access_expires: 1 });
+    }
+    const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+    return json(issued.has(bearer) ? 200 : 401, { ok: issued.has(bearer) });
+  });
+});
+
+afterAll(async () => {
+  for (const p of proxies) await p.close();
+  await upstream?.close();
+  await redis?.destroy();
+});
+
+afterEach(() => {
+  tokenLife = 3600;
+  tokenServerDown = false;
+  secretsAccepted = new Set(['cs_CANARY_good_1']);
+});
+
+const ROUTES = () => ({
+  bank: `name: bank
+prefix: /bank
+upstream: ${upstream.url}
+credential: bank
+inject:
+  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/connect/token
+  scope: payments
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`,
+  gc: `name: gc
+preset: gocardless
+upstream: ${upstream.url}
+credential: gc
+inject:
+  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/api/v2/token/new/
+  refresh_url: ${upstream.url}/api/v2/token/refresh/
+  client_auth: json
+  client_id: "{secret_id}"
+  client_secret: "{secret_key}"
+  id_field: secret_id
+  secret_field: secret_key
+  token_field: access
+  expires_field: access_expires
+  refresh_field: refresh
+  refresh_expires_field: refresh_expires
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`,
+});
+
+async function start(store?: string, dir?: string): Promise<TestProxy> {
+  const proxy = await startTestProxy(dir
+    ? { routes: {}, dir, ...(store ? { store } : {}) }
+    : { routes: ROUTES(), credentials: { bank: { client_id: 'client-1', client_secret: 'cs_CANARY_good_1' }, gc: { secret_id: 'gc-id', secret_key: 'gc_CANARY_key' } }, callers: ['svc'], ...(store ? { store } : {}) });
+  proxies.push(proxy);
+  return proxy;
+}
+
+const get = (proxy: TestProxy, path: string, token?: string) => fetch(`${proxy.url}${path}`, { headers: { 'x-egress-token': token ?? proxy.tokens.svc! } });
+
+describe('oauth2_client_credentials', () => {
+  it('mints a token with Basic client auth and a scope, caches it, and attaches it as a Bearer', async () => {
+    const proxy = await start();
+    const before = mints.length;
+    for (let i = 0; i < 5; i++) expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    expect(mints.length - before).toBe(1);
+    expect(upstream.requests.filter((r) => r.url === '/accounts').every((r) => String(r.headers.authorization).startsWith('Bearer at_CANARY_'))).toBe(true);
+    const logs = proxy.logs();
+    for (const t of issued) expect(logs).not.toContain(t);
+    expect(logs).not.toContain('cs_CANARY_good_1');
+  });
+
+  it('100 concurrent requests at token expiry cause exactly one token request', async () => {
+    tokenLife = 2;
+    const proxy = await start();
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    await new Promise((r) => setTimeout(r, 2_200));
+    const before = mints.length;
+    const statuses = await Promise.all(Array.from({ length: 100 }, () => get(proxy, '/bank/accounts').then((r) => r.status)));
+    expect(statuses.every((s) => s === 200)).toBe(true);
+    expect(mints.length - before).toBe(1);
+  });
+
+  it('a failed refresh does not drop a token that is still valid', async () => {
+    tokenLife = 6;
+    const proxy = await start();
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    tokenServerDown = true;
+    // Refresh falls due at 70-80% of the 6 s life; the token expires at 6 s.
+    await new Promise((r) => setTimeout(r, 5_000));
+    // Past the refresh point, before expiry: refreshes fail in the background, requests still work.
+    for (let i = 0; i < 5; i++) expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    await eventually(() => proxy.logs().includes('token refresh failed'), 2_000, 'the failed refresh to be logged');
+  });
+
+  it('mints with the previous version when the token endpoint rejects the current one', async () => {
+    const proxy = await start();
+    const env = envFor(proxy.dir);
+    expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'client-1', client_secret: 'cs_CANARY_not_yet_active' }))).code).toBe(0);
+    const before = mints.length;
+    await eventually(async () => {
+      const res = await get(proxy, '/bank/accounts');
+      return res.status === 200 && mints.length > before;
+    }, 2_000, 'a token minted for version 2');
+    expect(mints.at(-1)!.client).toBe('cs_CANARY_good_1');
+  });
+
+  it('GoCardless style: JSON token request, then the refresh token when the access token expires', async () => {
+    const proxy = await start();
+    const before = mints.length;
+    expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/']);
+  });
+
+  it('two instances share one token through Redis', async () => {
+    const dir = await makeTempDir('egress-oauth-two-');
+    const store = `${redis.url}/5`;
+    const { tokens } = await seedDataDir(dir, { routes: ROUTES(), credentials: { bank: { client_id: 'client-1', client_secret: 'cs_CANARY_good_1' }, gc: { secret_id: 'gc-id', secret_key: 'gc_CANARY_key' } }, callers: ['svc'], store });
+    const a = await start(store, dir);
+    const b = await start(store, dir);
+    const before = mints.length;
+    expect((await get(a, '/bank/accounts', tokens.svc)).status).toBe(200);
+    expect((await get(b, '/bank/accounts', tokens.svc)).status).toBe(200);
+    const both = await Promise.all(Array.from({ length: 20 }, (_, i) => get(i % 2 ? a : b, '/bank/accounts', tokens.svc).then((r) => r.status)));
+    expect(both.every((s) => s === 200)).toBe(true);
+    expect(mints.length - before).toBe(1);
+    // In Redis the token is sealed, never in plaintext.
+    const c = redis.client({ db: 5 });
+    const keys = await c.keys('egress:oauth:*');
+    const values = await Promise.all(keys.filter((k) => !k.endsWith(':lock')).map((k) => c.get(k)));
+    c.disconnect();
+    expect(values.length).toBe(1);
+    for (const t of issued) expect(values[0]).not.toContain(t);
+  });
+});
