@@ -151,7 +151,9 @@ allow:
     expect(schema.type).toBe('object');
     expect(schema.additionalProperties).toBe(false);
     expect(Object.keys(schema.properties)).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject', 'allow', 'max_body', 'timeouts']));
-    expect(schema.required).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject']));
+    expect(schema.required).toEqual(expect.arrayContaining(['name', 'credential']));
+    // prefix, upstream and inject: required unless a preset supplies them.
+    expect((schema as unknown as { anyOf: unknown }).anyOf).toEqual([{ required: ['preset'] }, { required: ['prefix', 'upstream', 'inject'] }]);
   });
 
   it('explain says which rule allows, or why not, with exit 0 / 1', async () => {

@@ -2,7 +2,12 @@ import { describe, expect, it } from 'vitest';
 import { ProxyError } from '../../src/errors.ts';
 import { basicInjector } from '../../src/injectors/basic.ts';
 import { bearerInjector } from '../../src/injectors/bearer.ts';
+import { coinbaseJwtInjector } from '../../src/injectors/coinbase-jwt.ts';
+import { decodeKey } from '../../src/injectors/encoding.ts';
 import { headersInjector } from '../../src/injectors/headers.ts';
+import { hmacInjector } from '../../src/injectors/hmac.ts';
+import { krakenInjector } from '../../src/injectors/kraken.ts';
+import { canonicalJson, snaptradeInjector } from '../../src/injectors/snaptrade.ts';
 import { injectorFor, INJECTORS } from '../../src/injectors/index.ts';
 import { jsonBodyInjector } from '../../src/injectors/json-body.ts';
 import { queryInjector } from '../../src/injectors/query.ts';
@@ -81,7 +86,7 @@ describe('compileTemplate', () => {
 describe('injector registry', () => {
   it('finds each injector by its scheme and nothing else', () => {
     for (const injector of INJECTORS) expect(injectorFor(injector.scheme)).toBe(injector);
-    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body']);
+    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body', 'hmac', 'snaptrade', 'kraken', 'coinbase_jwt', 'oauth2_client_credentials']);
     expect(injectorFor('__proto__')).toBeUndefined();
     expect(injectorFor('constructor')).toBeUndefined();
     expect(injectorFor('Bearer')).toBeUndefined();
@@ -296,5 +301,46 @@ describe('every injector', () => {
   it.each(cases)('%s refuses options from another scheme and unknown keys', (_name, injector, rawOptions) => {
     expect(injector.schema.safeParse({ ...(rawOptions as object), unknown_key: 1 }).success).toBe(false);
     expect(injector.schema.safeParse({ ...(rawOptions as object), scheme: 'other' }).success).toBe(false);
+  });
+});
+
+describe('signers: pure parts', () => {
+  it('decodeKey takes exactly hex or base64 (standard or URL-safe) and refuses anything else', () => {
+    expect(decodeKey('00ff', 'hex', 'k')).toEqual(Buffer.from([0, 255]));
+    expect(decodeKey('AP8=', 'base64', 'k')).toEqual(Buffer.from([0, 255]));
+    expect(decodeKey('-_8', 'base64', 'k')).toEqual(Buffer.from([0xfb, 0xff]));
+    expect(decodeKey('plain text', 'raw', 'k').toString()).toBe('plain text');
+    for (const [value, encoding] of [['0f0', 'hex'], ['zz', 'hex'], ['', 'base64'], ['a b c d', 'base64'], ['abc!', 'base64'], ['A', 'base64']] as const) {
+      const err = thrown(() => decodeKey(value, encoding, 'signing key'));
+      expect((err as ProxyError).code).toBe('credential_unavailable');
+    }
+  });
+
+  it('canonicalJson sorts keys at every level and is compact', () => {
+    expect(canonicalJson({ b: 1, a: { d: [{ z: 1, y: null }], c: 'é' } })).toBe('{"a":{"c":"é","d":[{"y":null,"z":1}]},"b":1}');
+    expect(canonicalJson(null)).toBe('null');
+  });
+
+  it('hmac claims what it writes and needs a nonce only when it uses one', () => {
+    const base = { scheme: 'hmac', key: '{k}', string_to_sign: ['method'], into: { query: 'sig' } };
+    const plain = hmacInjector.schema.parse(base);
+    expect(hmacInjector.claims(plain)).toEqual({ headers: [], query: ['sig'], bodyFields: [] });
+    const needsNonce = hmacInjector.needsNonce as (o: typeof plain) => boolean;
+    expect(needsNonce(plain)).toBe(false);
+    const full = hmacInjector.schema.parse({ ...base, string_to_sign: ['nonce', 'timestamp'], nonce_param: 'n', timestamp_header: 'X-Ts', headers: { 'X-Key': '{id}' } });
+    expect(hmacInjector.claims(full)).toEqual({ headers: ['x-key', 'x-ts'], query: ['n', 'sig'], bodyFields: [] });
+    expect(needsNonce(full)).toBe(true);
+    expect(hmacInjector.templates(full).flatMap((t) => t.fields)).toEqual(['k', 'id']);
+  });
+
+  it('every signer declares that it signs, and kraken that it needs a nonce', () => {
+    for (const injector of [hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector]) expect(injector.signsRequest).toBe(true);
+    expect(krakenInjector.needsNonce).toBe(true);
+    expect(krakenInjector.claims(krakenInjector.schema.parse({ scheme: 'kraken' }))).toEqual({ headers: ['api-key', 'api-sign'], query: [], bodyFields: ['nonce'] });
+  });
+
+  it('kraken without a nonce from the pipeline refuses rather than signing without one', () => {
+    const err = thrown(() => run(krakenInjector, { scheme: 'kraken' }, request(), credential({ api_key: 'k', api_secret: 'AAAA' })));
+    expect((err as ProxyError).code).toBe('internal_error');
   });
 });

@@ -415,11 +415,13 @@ describe('loadRoutes: a folder', () => {
 
 describe('routeJsonSchema', () => {
   it('describes a strict route file', () => {
-    const schema = routeJsonSchema() as { type?: unknown; properties?: Record<string, unknown>; additionalProperties?: unknown; required?: unknown };
+    const schema = routeJsonSchema() as { type?: unknown; properties?: Record<string, unknown>; additionalProperties?: unknown; required?: unknown; anyOf?: unknown };
     expect(schema.type).toBe('object');
-    expect(Object.keys(schema.properties ?? {})).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject', 'allow']));
+    expect(Object.keys(schema.properties ?? {})).toEqual(expect.arrayContaining(['name', 'preset', 'prefix', 'upstream', 'credential', 'inject', 'allow', 'caller_headers']));
     expect(schema.additionalProperties).toBe(false);
-    expect(schema.required).toEqual(expect.arrayContaining(['name', 'prefix', 'upstream', 'credential', 'inject']));
+    // prefix, upstream and inject are required unless a preset supplies them.
+    expect(schema.required).toEqual(expect.arrayContaining(['name', 'credential']));
+    expect(schema.anyOf).toEqual([{ required: ['preset'] }, { required: ['prefix', 'upstream', 'inject'] }]);
     expect(JSON.parse(JSON.stringify(schema))).toEqual(schema);
   });
 });
