@@ -32,6 +32,8 @@ export interface Managed {
   exited: boolean;
   /** Set once the bench asked it to stop: any exit before that is unexpected. */
   stopping: boolean;
+  /** Stopped only after every other child is gone (a server the others depend on, like redis-server). */
+  readonly stopLate: boolean;
 }
 
 const registry: Managed[] = [];
@@ -42,7 +44,7 @@ export function onUnexpectedExit(listener: (m: Managed, code: number | null, sig
   exitListeners.push(listener);
 }
 
-function manage(name: string, child: ChildProcess, group: boolean, stopSignal: NodeJS.Signals): Managed {
+function manage(name: string, child: ChildProcess, group: boolean, stopSignal: NodeJS.Signals, stopLate = false): Managed {
   if (child.pid === undefined) throw new Error(`${name}: could not start`);
   let tail = '';
   let lines = 0;
@@ -63,6 +65,7 @@ function manage(name: string, child: ChildProcess, group: boolean, stopSignal: N
     lines: () => lines,
     exited: false,
     stopping: false,
+    stopLate,
     exit: new Promise((resolveExit) => {
       child.once('exit', (code, signal) => {
         managed.exited = true;
@@ -94,7 +97,7 @@ function setpriv(): string | null {
 }
 
 /** Start a program in its own process group, killed with the bench when setpriv is available. */
-export function spawnChild(name: string, command: string, args: readonly string[], options: { env?: NodeJS.ProcessEnv; cwd?: string; stopSignal?: NodeJS.Signals } = {}): Managed {
+export function spawnChild(name: string, command: string, args: readonly string[], options: { env?: NodeJS.ProcessEnv; cwd?: string; stopSignal?: NodeJS.Signals; stopLate?: boolean } = {}): Managed {
   const wrapper = setpriv();
   const [cmd, argv] = wrapper ? [wrapper, ['--pdeathsig', 'SIGKILL', '--', command, ...args]] : [command, [...args]];
   const child = spawn(cmd, argv, {
@@ -103,7 +106,7 @@ export function spawnChild(name: string, command: string, args: readonly string[
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: true,
   });
-  return manage(name, child, true, options.stopSignal ?? 'SIGTERM');
+  return manage(name, child, true, options.stopSignal ?? 'SIGTERM', options.stopLate ?? false);
 }
 
 /** `command` on PATH (then the sbin folders, where nginx lives), or null. */
@@ -356,11 +359,21 @@ function alive(pid: number): boolean {
 
 /**
  * Stop every child, newest first: its stop signal, up to `graceMs` to exit, then SIGKILL for it
- * and any descendant still alive. Returns what had to be killed.
+ * and any descendant still alive. Children marked stopLate (redis-server) are stopped the same way
+ * once all the others are gone, so no proxy loses its store while it shuts down. Returns what had
+ * to be killed.
  */
 export async function stopAll(graceMs: number): Promise<string[]> {
-  const killed: string[] = [];
   const running = [...registry].reverse().filter((m) => !m.exited);
+  return [
+    ...await stopGroup(running.filter((m) => !m.stopLate), graceMs),
+    ...await stopGroup(running.filter((m) => m.stopLate), graceMs),
+  ];
+}
+
+async function stopGroup(running: readonly Managed[], graceMs: number): Promise<string[]> {
+  const killed: string[] = [];
+  if (running.length === 0) return killed;
   const trees = new Map(running.map((m) => [m, processTree(m.pid)]));
   for (const m of running) {
     m.stopping = true;

@@ -22,6 +22,8 @@ export interface RunRecord {
   /** The target's process tree right after the run. */
   readonly memory: Memory | undefined;
   readonly cpu: CpuUse;
+  /** egress-redis only: redis-server's CPU during the run (not part of `cpu`). */
+  readonly storeCpu?: { readonly usPerRequest: number; readonly pct: number };
 }
 
 export interface CpuUse {
@@ -77,6 +79,7 @@ export function combineRounds(runs: readonly RunRecord[]): RunRecord[] {
         targetPct: m((r) => r.cpu.targetPct),
         otherPct: sum((r) => r.cpu.otherPct) / group.length,
       },
+      ...(last.storeCpu ? { storeCpu: { usPerRequest: m((r) => r.storeCpu?.usPerRequest ?? Number.NaN), pct: m((r) => r.storeCpu?.pct ?? Number.NaN) } } : {}),
     };
   });
 }
@@ -138,30 +141,55 @@ export function resultsTable(runs: readonly RunRecord[], scenarios: readonly Sce
   return table(header, rows, new Set([2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]));
 }
 
-/** egress-proxy against each other target, scenario by scenario (egress value / other value). */
+/**
+ * egress-proxy against each other target, scenario by scenario (egress value / other value); then
+ * egress-redis against egress-proxy with the file store (egress-redis value / file-store value).
+ */
 export function egressTable(runs: readonly RunRecord[], scenarios: readonly Scenario[], targets: readonly TargetName[]): string {
-  const header = ['scenario', 'egress-proxy vs', 'req/s', 'p50', 'p99', 'CPU/req', 'added p50 ms', 'added p99 ms'];
+  const header = ['scenario', 'compared', 'req/s', 'p50', 'p99', 'CPU/req', 'added p50 ms', 'added p99 ms'];
   const rows: string[][] = [];
+  const row = (scenario: Scenario, first: RunRecord, other: RunRecord, cpu: boolean) => rows.push([
+    scenario.label,
+    `${first.label} vs ${other.target === 'egress' ? 'egress-proxy (file)' : other.label}`,
+    ratio(first.load.rps, other.load.rps),
+    ratio(first.load.latencyMs.p50, other.load.latencyMs.p50),
+    ratio(first.load.latencyMs.p99, other.load.latencyMs.p99),
+    cpu ? ratio(first.cpu.targetUsPerRequest, other.cpu.targetUsPerRequest) : '',
+    signed(first.load.latencyMs.p50 - other.load.latencyMs.p50),
+    signed(first.load.latencyMs.p99 - other.load.latencyMs.p99),
+  ]);
   for (const scenario of scenarios) {
     const egress = find(runs, 'egress', scenario.id);
-    if (!egress) continue;
-    for (const target of targets) {
-      if (target === 'egress') continue;
-      const other = find(runs, target, scenario.id);
-      if (!other) continue;
-      rows.push([
-        scenario.label,
-        other.label,
-        ratio(egress.load.rps, other.load.rps),
-        ratio(egress.load.latencyMs.p50, other.load.latencyMs.p50),
-        ratio(egress.load.latencyMs.p99, other.load.latencyMs.p99),
-        target === 'direct' ? '' : ratio(egress.cpu.targetUsPerRequest, other.cpu.targetUsPerRequest),
-        signed(egress.load.latencyMs.p50 - other.load.latencyMs.p50),
-        signed(egress.load.latencyMs.p99 - other.load.latencyMs.p99),
-      ]);
+    if (egress) {
+      for (const target of targets) {
+        if (target === 'egress' || target === 'egress-redis') continue;
+        const other = find(runs, target, scenario.id);
+        if (other) row(scenario, egress, other, target !== 'direct');
+      }
     }
+    const viaRedis = find(runs, 'egress-redis', scenario.id);
+    if (viaRedis && egress) row(scenario, viaRedis, egress, true);
   }
   return table(header, rows, new Set([2, 3, 4, 5, 6, 7]));
+}
+
+/** redis-server's CPU during each egress-redis run. */
+export function storeCpuTable(runs: readonly RunRecord[], scenarios: readonly Scenario[]): string {
+  const rows: string[][] = [];
+  for (const scenario of scenarios) {
+    const run = find(runs, 'egress-redis', scenario.id);
+    if (!run?.storeCpu) continue;
+    const total = run.cpu.targetUsPerRequest + run.storeCpu.usPerRequest;
+    const file = find(runs, 'egress', scenario.id);
+    rows.push([
+      scenario.label,
+      Number.isFinite(run.storeCpu.usPerRequest) ? Math.round(run.storeCpu.usPerRequest).toString() : '-',
+      `${Math.round(run.storeCpu.pct)}%`,
+      Number.isFinite(total) ? Math.round(total).toString() : '-',
+      file ? ratio(total, file.cpu.targetUsPerRequest) : '-',
+    ]);
+  }
+  return table(['scenario', 'redis-server us/req', 'redis-server % of a CPU', 'proxy + redis us/req', 'proxy + redis : egress-proxy (file)'], rows, new Set([1, 2, 3, 4]));
 }
 
 function signed(value: number): string {

@@ -2,15 +2,17 @@
  * egress-proxy benchmark: `npm run bench`.
  *
  * One run measures, against the same upstream and with the same load generator:
- *   direct (the limit), egress-proxy, a bare undici proxy (the floor), http-proxy-3 and nginx,
+ *   direct (the limit), egress-proxy with a file store, egress-proxy with a Redis store (egress-redis,
+ *   on a private redis-server the bench starts and stops), a bare undici proxy (the floor),
+ *   http-proxy-3 and nginx,
  * each with a GET and a JSON POST, at saturation and at a fixed low rate. Prints a table with the
  * ratios, writes the numbers to bench/results/<timestamp>.json, exits 1 if a check failed.
  *
  * Settings (environment): BENCH_DURATION (s per scenario, default 5), BENCH_QUICK=1 (1 s runs),
  * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
- * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,bare,hp3,nginx),
+ * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx),
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
- * BENCH_EGRESS_NODE_ARGS (extra Node flags for egress-proxy, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
+ * BENCH_EGRESS_NODE_ARGS (extra Node flags for both egress-proxy targets, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
  */
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
@@ -21,10 +23,10 @@ import {
 } from './common.ts';
 import { httpRequest } from './http.ts';
 import { benchTicks, cpuTicks, forkChild, ipcRequest, killAllSync, machineBusyTicks, memory, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
-import { combineRounds, egressTable, resultsTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
+import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
-  BENCH_DIR, LABELS, REPO_ROOT, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startUpstream,
-  type EgressTarget, type Target, type TargetName, type Upstream,
+  BENCH_DIR, LABELS, REPO_ROOT, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
+  type EgressTarget, type RedisServer, type Target, type TargetName, type Upstream,
 } from './targets.ts';
 
 const say = (line = '') => process.stdout.write(`${line}\n`);
@@ -108,11 +110,28 @@ async function main(): Promise<number> {
 
   // Start every target first (all idle while another one is measured), then measure.
   const targets: Target[] = [];
-  let egress: EgressTarget | undefined;
+  const egresses: EgressTarget[] = [];
+  let redis: RedisServer | undefined;
   let nginxVersion: string | undefined;
   for (const name of targetNames) {
     if (name === 'direct') targets.push(directTarget(upstream));
-    if (name === 'egress') targets.push((egress = await startEgress(upstream, tmpRoot)));
+    if (name === 'egress') {
+      const started = await startEgress(upstream, tmpRoot);
+      egresses.push(started);
+      targets.push(started);
+    }
+    if (name === 'egress-redis') {
+      const server = await startRedis(tmpRoot);
+      if ('skipped' in server) {
+        say(`egress-redis: ${server.skipped}`);
+        notes.push(server.skipped);
+      } else {
+        redis = server;
+        const started = await startEgress(upstream, tmpRoot, redis);
+        egresses.push(started);
+        targets.push(started);
+      }
+    }
     if (name === 'bare') targets.push(await startBare(upstream));
     if (name === 'hp3') targets.push(await startHp3(upstream));
     if (name === 'nginx') {
@@ -126,18 +145,20 @@ async function main(): Promise<number> {
       }
     }
   }
-  const token = egress?.token ?? `egt_${'x'.repeat(43)}`;
+  const token = egresses[0]?.token ?? `egt_${'x'.repeat(43)}`;
   const clients = targets.map((target): Client => ({
     target,
     // The direct call sends the credential itself, so the upstream treats every request alike. Every
-    // proxy gets the same caller token header (the bare ones pass it on; egress-proxy checks and strips it).
-    headers: target.name === 'direct' ? { 'plaid-client-id': CLIENT_ID, 'plaid-secret': SECRET } as Record<string, string> : { [TOKEN_HEADER]: token },
+    // proxy gets a caller token header (the bare ones pass it on; each egress-proxy checks and strips
+    // the token its own store issued).
+    headers: target.name === 'direct' ? { 'plaid-client-id': CLIENT_ID, 'plaid-secret': SECRET } as Record<string, string> : { [TOKEN_HEADER]: egresses.find((e) => e.name === target.name)?.token ?? token },
   }));
 
   say();
   say('targets (each its own process; the upstream is shared):');
   for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${String(target.process.pid).padEnd(7)} ${target.description}`);
   say(`  ${'upstream'.padEnd(13)} pid ${String(upstream.process.pid).padEnd(7)} node:http on ${upstream.origin}, 200 + small JSON only with the injected PLAID-SECRET, else 401 (counted)`);
+  if (redis) say(`  ${'redis-server'.padEnd(13)} pid ${String(redis.process.pid).padEnd(7)} redis-server ${redis.version} on 127.0.0.1:${redis.port} for egress-redis (--save '' --appendonly no), stopped after the proxies`);
   say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} autocannon ${env.versions.autocannon} (programmatic), keep-alive connections, pipelining 1, in its own process`);
   say();
 
@@ -192,32 +213,43 @@ async function main(): Promise<number> {
     for (const client of clients) {
       const { target } = client;
       const before = await upstream.stats();
+      // egress-redis: redis-server's CPU is measured on its own (the target's CPU is the proxy's only).
+      const store = target.name === 'egress-redis' && redis ? redis.process : undefined;
+      const storeBefore = store ? { at: performance.now(), ticks: cpuTicks(store.pid) } : undefined;
       const cpuBefore = cpuSnapshot(target);
       const result = await runLoad(job(client, scenario.method, settings.durationSec, scenario.rate));
       const cpu = cpuSince(cpuBefore, target, result.responses);
+      const storeCpu = store && storeBefore ? storeCpuSince(storeBefore, store.pid, result.responses) : undefined;
       const seen = diffStats(await settledStats(upstream), before);
       account(target.name, seen);
       const mem = memory(target.process.pid);
-      runs.push({ round, target: target.name, label: target.label, scenario: scenario.id, load: result, upstream: seen, memory: mem, cpu });
-      say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req  other load ${Math.round(cpu.otherPct)}% of a CPU`);
+      runs.push({ round, target: target.name, label: target.label, scenario: scenario.id, load: result, upstream: seen, memory: mem, cpu, ...(storeCpu ? { storeCpu } : {}) });
+      say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req${storeCpu ? ` (+ redis-server ${Math.round(storeCpu.usPerRequest)} us/req)` : ''}  other load ${Math.round(cpu.otherPct)}% of a CPU`);
       checkRun(target, scenario, result, seen);
     }
   }
 
-  // Shut everything down, then look at what egress-proxy left behind.
-  const metrics = egress ? await egressMetrics(egress) : undefined;
-  const egressExit = egress?.process;
+  // Shut everything down (redis-server last), then look at what each egress-proxy left behind.
+  const metrics = new Map<TargetName, string | undefined>();
+  for (const egress of egresses) metrics.set(egress.name, await egressMetrics(egress));
   const killed = await shutdown();
   for (const k of killed) failures.push(`had to SIGKILL ${k}: it did not stop on its signal within 8 s`);
-  if (egressExit && egressExit.exited) {
-    const { code, signal } = await egressExit.exit;
-    if (code !== 0) failures.push(`egress-proxy exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(egressExit.output().slice(-4000))}`);
+  const audits = new Map<TargetName, Awaited<ReturnType<typeof checkAudit>>>();
+  for (const egress of egresses) {
+    if (egress.process.exited) {
+      const { code, signal } = await egress.process.exit;
+      if (code !== 0) failures.push(`${egress.label} exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(egress.process.output().slice(-4000))}`);
+    }
+    audits.set(egress.name, await checkAudit(egress, totals.get(egress.name)!));
+    if (egress.process.lines() > 0) {
+      notes.push(`${egress.label} wrote ${egress.process.lines()} log line(s) at level warn or above; last:\n${indent(egress.process.output().slice(-3000))}`);
+    }
   }
-  const audit = egress ? await checkAudit(egress, totals.get('egress')!) : undefined;
-  if (egress && egress.process.lines() > 0) {
-    notes.push(`egress-proxy wrote ${egress.process.lines()} log line(s) at level warn or above; last:\n${indent(egress.process.output().slice(-3000))}`);
+  if (redis && redis.process.exited) {
+    const { code, signal } = await redis.process.exit;
+    if (code !== 0) failures.push(`redis-server exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(redis.process.output().slice(-4000))}`);
   }
-  const ports = [upstream.port, ...targets.flatMap((t) => t.ports)];
+  const ports = [upstream.port, ...targets.flatMap((t) => t.ports), ...(redis ? [redis.port] : [])];
   const open: number[] = [];
   for (const port of new Set(ports)) if (!(await portClosed(port))) open.push(port);
   if (open.length) failures.push(`still listening after shutdown: 127.0.0.1:${open.join(', 127.0.0.1:')}`);
@@ -230,17 +262,27 @@ async function main(): Promise<number> {
   say(`results (${settings.durationSec} s per run${settings.rounds > 1 ? `, median of ${settings.rounds} rounds` : ''}; p50/p99 over every response; RSS = VmRSS of the target's process tree after the run; CPU us/req = the target's process tree CPU time per response; other CPU = CPU used during the run by processes outside the bench, % of one CPU)`);
   const combined = combineRounds(runs);
   say(resultsTable(combined, scenarios, present));
-  if (present.includes('egress')) {
+  if (present.includes('egress-redis')) {
     say();
-    say('egress-proxy relative to the others, same run (req/s: higher is better; p50, p99: lower is better; added = egress minus other)');
+    say('redis-server CPU during the egress-redis runs (not in egress-redis\'s CPU us/req above; the proxy + its store together is the sum)');
+    say(storeCpuTable(combined, scenarios));
+  }
+  if (present.includes('egress') || present.includes('egress-redis')) {
+    say();
+    say('egress-proxy relative to the others, same run (ratio = first / second; req/s: higher is better; p50, p99, CPU/req: lower is better; added = first minus second)');
+    say('the egress-redis rows: the same proxy with a Redis store (EGRESS_STORE=redis://…, rate limits one EVAL per request) relative to the file store; CPU/req is the proxy process only');
     say(egressTable(combined, scenarios, present));
   }
   say();
   say(`saturation runs: ${settings.connections} keep-alive connections, each sending its next request as soon as the previous response arrives.`);
   say(`fixed-rate runs: ${settings.rate} req/s offered over ${settings.rateConnections} keep-alive connections, each connection's quota spread evenly over the second (autocannon alone sends it as a burst at the top of each second); a target that cannot keep up gets less (see notes).`);
   say('all processes share the machine\'s CPUs: the load generator, the upstream and the target compete for them, so saturation numbers are bounded by that contention, for every target alike.');
-  if (audit) say(`egress-proxy audit log: ${audit.summary}`);
-  if (metrics) say(`egress-proxy /metrics: ${metrics}`);
+  for (const egress of egresses) {
+    const audit = audits.get(egress.name);
+    if (audit) say(`${egress.label} audit log: ${audit.summary}`);
+    const m = metrics.get(egress.name);
+    if (m) say(`${egress.label} /metrics: ${m}`);
+  }
   say(`load average at the end: ${loadavg().map((n) => n.toFixed(2)).join(' ')} (at the start: ${env.loadavg.join(' ')})`);
   say(`upstream header checks: ${[...totals].map(([name, s]) => `${LABELS[name]} ${s.requests} requests, ${s.missingSecret} without the secret`).join('; ')}`);
 
@@ -253,7 +295,8 @@ async function main(): Promise<number> {
     runs,
     combined: settings.rounds > 1 ? combined : undefined,
     upstreamTotals: Object.fromEntries(totals),
-    egress: egress ? { audit: audit ?? null, metrics: metrics ?? null, logLines: egress.process.lines() } : null,
+    egress: Object.fromEntries(egresses.map((e) => [e.name, { audit: audits.get(e.name) ?? null, metrics: metrics.get(e.name) ?? null, logLines: e.process.lines() }])),
+    redis: redis ? { version: redis.version, port: redis.port, pid: redis.process.pid } : null,
     failures,
     notes,
   };
@@ -291,6 +334,13 @@ async function settledStats(upstream: Upstream): Promise<UpstreamStats> {
 
 let ticksPerSecond = 100;
 
+/** CPU of a helper process (egress-redis's redis-server) per response of the run, and as % of one CPU. */
+function storeCpuSince(before: { at: number; ticks: number }, pid: number, responses: number): { usPerRequest: number; pct: number } {
+  const sec = (cpuTicks(pid) - before.ticks) / ticksPerSecond;
+  const elapsed = (performance.now() - before.at) / 1000;
+  return { usPerRequest: responses > 0 ? (sec * 1e6) / responses : Number.NaN, pct: (sec / elapsed) * 100 };
+}
+
 interface CpuSnapshot {
   readonly at: number;
   readonly target: number;
@@ -325,7 +375,7 @@ function checkRun(target: Target, scenario: Scenario, result: LoadResult, seen: 
   const where = `${target.label}, ${scenario.label}`;
   if (seen.missingSecret > 0) failures.push(`${where}: ${seen.missingSecret} request(s) reached the upstream WITHOUT the injected PLAID-SECRET (answered 401)`);
   if (seen.badClientId > 0) failures.push(`${where}: ${seen.badClientId} request(s) reached the upstream without PLAID-CLIENT-ID: ${CLIENT_ID}`);
-  if (target.name === 'egress' && seen.tokenSeen > 0) failures.push(`${where}: ${seen.tokenSeen} request(s) reached the upstream still carrying X-Egress-Token (the caller token leaked)`);
+  if ((target.name === 'egress' || target.name === 'egress-redis') && seen.tokenSeen > 0) failures.push(`${where}: ${seen.tokenSeen} request(s) reached the upstream still carrying X-Egress-Token (the caller token leaked)`);
   if (seen.badBody > 0) failures.push(`${where}: ${seen.badBody} POST body(ies) reached the upstream with the wrong size`);
   if (seen.wrongPath > 0) failures.push(`${where}: ${seen.wrongPath} request(s) reached the upstream on the wrong path`);
   if (result.errors > 0 || result.non2xx > 0) {
@@ -357,7 +407,7 @@ async function checkAudit(egress: EgressTarget, forwarded: UpstreamStats): Promi
   try {
     text = await readFile(egress.auditLog, 'utf8');
   } catch (err) {
-    failures.push(`egress-proxy audit log ${egress.auditLog}: cannot read (${(err as NodeJS.ErrnoException).code})`);
+    failures.push(`${egress.label} audit log ${egress.auditLog}: cannot read (${(err as NodeJS.ErrnoException).code})`);
   }
   let lines = 0;
   let bench = 0;
@@ -375,17 +425,17 @@ async function checkAudit(egress: EgressTarget, forwarded: UpstreamStats): Promi
     }
     byOutcome[key] = (byOutcome[key] ?? 0) + 1;
   }
-  if (bench < forwarded.requests) failures.push(`egress-proxy audit log: ${bench} lines for route bench, but the upstream received ${forwarded.requests} requests through egress-proxy`);
+  if (bench < forwarded.requests) failures.push(`${egress.label} audit log: ${bench} lines for route bench, but the upstream received ${forwarded.requests} requests through ${egress.label}`);
   const verify = await runCommand(process.execPath, ['bin/egress.js', 'audit', 'verify', egress.auditLog], { env: egress.env, cwd: REPO_ROOT, timeoutMs: 120_000 })
     .then((r) => {
-      if (r.code !== 0) failures.push(`egress audit verify exited ${r.code}: ${(r.stdout + r.stderr).trim()}`);
+      if (r.code !== 0) failures.push(`${egress.label}: egress audit verify exited ${r.code}: ${(r.stdout + r.stderr).trim()}`);
       return (r.stdout + r.stderr).trim();
     }, (err: Error) => {
-      failures.push(`egress audit verify: ${err.message}`);
+      failures.push(`${egress.label}: egress audit verify: ${err.message}`);
       return err.message;
     });
   const outcomes = Object.entries(byOutcome).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${n} ${k}`).join(', ');
-  return { lines, bench, byOutcome, verify, summary: `${lines} lines for ${forwarded.requests} requests the upstream received through egress-proxy: ${outcomes}; \`egress audit verify\`: ${verify}` };
+  return { lines, bench, byOutcome, verify, summary: `${lines} lines for ${forwarded.requests} requests the upstream received through ${egress.label}: ${outcomes}; \`egress audit verify\`: ${verify}` };
 }
 
 interface Environment {

@@ -1,12 +1,14 @@
 /**
- * The upstream and the five targets, each started as its own process:
- *   direct  the upstream itself (the limit)
- *   egress  egress-proxy, run like a user runs it: CLI setup, route file, `egress serve`
+ * The upstream and the six targets, each started as its own process:
+ *   direct        the upstream itself (the limit)
+ *   egress        egress-proxy, run like a user runs it: CLI setup, route file, `egress serve`, file store
+ *   egress-redis  the same, with EGRESS_STORE=redis://… on a private redis-server the bench starts
  *   bare    node:http + undici Pool, headers added, nothing else (the floor)
  *   hp3     http-proxy-3 with a keep-alive agent and the same headers
  *   nginx   nginx with proxy_set_header and upstream keepalive (when nginx is installed)
  */
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CALLER, CLIENT_ID, PROXY_PREFIX, SECRET, UPSTREAM_PATH, sleep, type BenchSettings, type StatsReply, type UpstreamStats } from './common.ts';
@@ -16,12 +18,13 @@ import { forkChild, freePort, ipcRequest, listeningPorts, runCommand, spawnChild
 export const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 export const REPO_ROOT = resolve(BENCH_DIR, '..');
 
-export type TargetName = 'direct' | 'egress' | 'bare' | 'hp3' | 'nginx';
-export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'bare', 'hp3', 'nginx'];
+export type TargetName = 'direct' | 'egress' | 'egress-redis' | 'bare' | 'hp3' | 'nginx';
+export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'egress-redis', 'bare', 'hp3', 'nginx'];
 
 export const LABELS: Readonly<Record<TargetName, string>> = {
   direct: 'direct',
   egress: 'egress-proxy',
+  'egress-redis': 'egress-redis',
   bare: 'bare undici',
   hp3: 'http-proxy-3',
   nginx: 'nginx',
@@ -99,15 +102,21 @@ export async function startHp3(upstream: Upstream): Promise<Target> {
 // ---- egress-proxy -----------------------------------------------------------------------------
 
 export interface EgressTarget extends Target {
+  readonly name: 'egress' | 'egress-redis';
   readonly token: string;
   readonly auditLog: string;
   readonly env: NodeJS.ProcessEnv;
   readonly adminPort: number;
 }
 
-/** egress-proxy exactly as a user runs it: `master-key init`, `keys put`, `callers add`, a route file, `serve`. */
-export async function startEgress(upstream: Upstream, root: string): Promise<EgressTarget> {
-  const dir = join(root, 'egress');
+/**
+ * egress-proxy exactly as a user runs it: `master-key init`, `keys put`, `callers add`, a route file, `serve`.
+ * With `redis`, every one of those (CLI and `serve`) runs with EGRESS_STORE set to that Redis URL
+ * instead of a file store; the rest is the same.
+ */
+export async function startEgress(upstream: Upstream, root: string, redis?: RedisServer): Promise<EgressTarget> {
+  const name = redis ? 'egress-redis' : 'egress';
+  const dir = join(root, name);
   const routes = join(dir, 'routes');
   // The bench's temp root is opened up for nginx's workers; this folder (master key, store) is not.
   await mkdir(dir, { mode: 0o700 });
@@ -117,7 +126,7 @@ export async function startEgress(upstream: Upstream, root: string): Promise<Egr
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith('EGRESS_')) env[name] = value;
   Object.assign(env, {
     EGRESS_MASTER_KEY_FILE: join(dir, 'master.key'),
-    EGRESS_STORE: `file:${join(dir, 'store.json')}`,
+    EGRESS_STORE: redis ? redis.url : `file:${join(dir, 'store.json')}`,
     EGRESS_ROUTES: routes,
     EGRESS_AUDIT_LOG: auditLog,
     EGRESS_LISTEN: '127.0.0.1:0',
@@ -158,7 +167,7 @@ export async function startEgress(upstream: Upstream, root: string): Promise<Egr
 
   // BENCH_EGRESS_NODE_ARGS: extra Node flags for `serve`, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
   const nodeArgs = (process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const proxy = spawnChild('egress-proxy', process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
+  const proxy = spawnChild(LABELS[name], process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
   // Both listeners are on port 0: find the ports in /proc, then tell them apart by asking /readyz
   // (the proxy listener answers it with an X-Egress-Error; the admin listener does not).
   const deadline = Date.now() + START_TIMEOUT_MS;
@@ -186,9 +195,11 @@ export async function startEgress(upstream: Upstream, root: string): Promise<Egr
     await sleep(100);
   }
   return {
-    name: 'egress',
-    label: LABELS.egress,
-    description: 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',
+    name,
+    label: LABELS[name],
+    description: redis
+      ? `egress-proxy \`serve\` as egress-proxy, but EGRESS_STORE=${redis.url} (redis-server ${redis.version}, pid ${redis.process.pid}, no persistence): store cache + pub/sub, rate limits as one EVAL per request; RSS and CPU are the proxy's only`
+      : 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',
     url: `http://127.0.0.1:${proxyPort}${PROXY_PREFIX}${UPSTREAM_PATH}`,
     process: proxy,
     ports: [proxyPort, adminPort],
@@ -197,6 +208,74 @@ export async function startEgress(upstream: Upstream, root: string): Promise<Egr
     env,
     adminPort,
   };
+}
+
+// ---- redis-server (egress-redis's store) ------------------------------------------------------
+
+export interface RedisServer {
+  readonly process: Managed;
+  readonly port: number;
+  readonly url: string;
+  readonly version: string;
+}
+
+/**
+ * A private redis-server on a free port, no persistence (the bench's data is thrown away), in its
+ * own process group under pdeathsig like nginx, stopped after the proxies (stopLate) on every
+ * exit path of the bench: stopAll on success, failure, budget and signals, killAllSync on exit.
+ */
+export async function startRedis(root: string): Promise<RedisServer | { readonly skipped: string }> {
+  const server = which('redis-server');
+  if (!server) return { skipped: 'redis-server not found on PATH: egress-redis skipped (install it with `apt-get install redis-server`, then run again)' };
+  const version = /v=(\S+)/.exec((await runCommand(server, ['--version'], { timeoutMs: 10_000 })).stdout)?.[1] ?? 'unknown';
+  const dir = join(root, 'redis');
+  await mkdir(dir, { mode: 0o700 });
+  let lastError = '';
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const port = await freePort();
+    const child = spawnChild('redis-server', server, [
+      '--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', 'no',
+      '--protected-mode', 'no', '--loglevel', 'warning', '--daemonize', 'no',
+    ], { stopSignal: 'SIGTERM', stopLate: true });
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    while (!child.exited && Date.now() < deadline && !listeningPorts(child.pid).includes(port)) await sleep(50);
+    if (!child.exited && listeningPorts(child.pid).includes(port)) {
+      const pong = await redisPing(port);
+      if (pong !== '+PONG') throw new Error(`redis-server on ${port} answered PING with ${JSON.stringify(pong)}\n${child.output()}`);
+      return { process: child, port, url: `redis://127.0.0.1:${port}/0`, version };
+    }
+    if (!child.exited) {
+      child.stopping = true;
+      process.kill(-child.pid, 'SIGKILL');
+      await child.exit;
+      throw new Error(`redis-server did not listen on ${port} within ${START_TIMEOUT_MS / 1000} s\n${child.output()}`);
+    }
+    await child.exit;
+    lastError = child.output();
+    if (!/Address already in use/i.test(lastError)) break;
+  }
+  throw new Error(`redis-server failed to start\n${lastError}`);
+}
+
+/** One inline PING over a plain socket (no client library needed in the orchestrator). */
+function redisPing(port: number): Promise<string> {
+  return new Promise((resolvePing, reject) => {
+    const socket = connect({ port, host: '127.0.0.1' });
+    let reply = '';
+    socket.setTimeout(5000, () => {
+      socket.destroy();
+      reject(new Error(`redis-server on ${port}: no answer to PING within 5 s`));
+    });
+    socket.once('connect', () => socket.write('PING\r\n'));
+    socket.on('data', (chunk: Buffer) => {
+      reply += chunk.toString('latin1');
+      if (reply.includes('\r\n')) {
+        socket.end();
+        resolvePing(reply.split('\r\n')[0]!);
+      }
+    });
+    socket.once('error', reject);
+  });
 }
 
 // ---- nginx ------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     return outcome.code;
   } catch (err) {
     const code = err instanceof UserError ? err.exitCode : EXIT.failure;
-    const message = err instanceof UserError ? err.message : `unexpected error (${(err as Error)?.name ?? 'error'})`;
+    // Not a UserError: say what kind of failure it was (a store timeout, say), first line only, bounded.
+    const detail = err instanceof Error ? `${err.name}: ${err.message.split('\n')[0]!.slice(0, 160)}` : 'error';
+    const message = err instanceof UserError ? err.message : `unexpected error (${detail})`;
     if (json) process.stdout.write(`${JSON.stringify({ error: { code: err instanceof ConflictError ? 'conflict' : code === EXIT.usage ? 'usage' : 'failure', message } })}\n`);
     process.stderr.write(`egress: ${message}\n`);
     return code;

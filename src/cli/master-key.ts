@@ -68,6 +68,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
       const version = Number(p.values.version);
       if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
       const keyring = await readKeyring(settings.masterKeyFile);
+      if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
       const store = openStore(settings.store);
       try {
         const wraps = (await wrapCounts(store)).get(version) ?? 0;

@@ -3,6 +3,7 @@ import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, UserError } from '../errors.ts';
+import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
@@ -193,6 +194,7 @@ export class FileStore implements StoreBackend {
       }
     }
     try {
+      await removeStaleTemps(dirname(this.path), basename(this.path));
       return await fn();
     } finally {
       await unlink(lock).catch(() => {});

@@ -4,6 +4,7 @@ import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
+import { removeStaleTemps } from './temp-files.ts';
 
 /**
  * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
@@ -63,6 +64,7 @@ export class Keyring {
 
 /** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
 export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {
+  await removeStaleTemps(dirname(path), basename(path));
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
   const handle = await openFile(tmp, 'wx', 0o600);
   try {

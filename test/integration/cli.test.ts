@@ -177,6 +177,23 @@ allow:
   });
 });
 
+describe('after a writer was killed', () => {
+  it('its leftover temp copies of the store and the keyring are removed by the next write', async () => {
+    await runCli(['master-key', 'init'], env);
+    // pid 2^22 + 1 is above the kernel's pid_max default: no live process has it.
+    const dead = 4194305;
+    await writeFile(join(dir, `.store.json.${dead}.1700000000000.tmp`), '{"copy":"of the store"}');
+    await writeFile(join(dir, `.master.key.${dead}.tmp`), '{"copy":"of the keyring"}', { mode: 0o600 });
+    await writeFile(join(dir, `.store.json.${process.pid}.1.tmp`), 'a live writer: left alone');
+    expect((await runCli(['callers', 'add', 'svc'], env)).code).toBe(0);
+    expect((await runCli(['master-key', 'rotate'], env)).code).toBe(0);
+    const { readdir } = await import('node:fs/promises');
+    const names = await readdir(dir);
+    expect(names.filter((n) => n.includes(String(dead)))).toEqual([]);
+    expect(names).toContain(`.store.json.${process.pid}.1.tmp`);
+  });
+});
+
 describe('usage', () => {
   it('unknown commands and flags are usage errors (exit 2); help exits 0', async () => {
     expect((await runCli(['frobnicate'], env)).code).toBe(2);
