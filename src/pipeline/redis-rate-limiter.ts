@@ -44,6 +44,8 @@ export class RedisRateLimiter implements RateLimiter {
   readonly #log: Logger;
   #downUntil = 0;
   #degraded = false;
+  /** While degraded, one request at a time asks Redis (half-open); the rest use local buckets. */
+  #probing = false;
 
   constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger) {
     this.#client = client;
@@ -66,10 +68,15 @@ export class RedisRateLimiter implements RateLimiter {
     const local = this.#local.check(scope, []);
     if (!local.allowed || buckets.length === 0) return local;
     if (performance.now() < this.#downUntil) return this.#local.check(scope, buckets);
+    if (this.#degraded) {
+      if (this.#probing) return this.#local.check(scope, buckets);
+      this.#probing = true;
+    }
     const keys = buckets.map((b) => `egress:rl:{${scope}}:${JSON.stringify(b.key)}`);
     const args = buckets.flatMap((b) => [String(intervalOf(b.limit)), String(burstOf(b.limit))]);
     return (this.#client.eval(GCRA_SCRIPT, keys.length, ...keys, ...args) as Promise<[number, number, number, number]>).then(
       ([allowed, index, retryMs, resetMs]) => {
+        this.#probing = false;
         if (this.#degraded) {
           this.#degraded = false;
           this.#log.info('rate limits are shared through Redis again');
@@ -77,6 +84,7 @@ export class RedisRateLimiter implements RateLimiter {
         return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index - 1], retryAfterMs: retryMs, resetMs };
       },
       () => {
+        this.#probing = false;
         this.#downUntil = performance.now() + BREAKER_MS;
         if (!this.#degraded) {
           this.#degraded = true;

@@ -102,9 +102,16 @@ describe('Redis faults', () => {
       expect(results.every((r) => r.status === 200)).toBe(true);
       const worst = Math.max(...results.map((r) => r.ms));
       expect(worst).toBeLessThan(1_500);
-      // Concurrency does not pile up either.
-      const burst = await Promise.all(Array.from({ length: 50 }, () => timed('/a/x')));
-      expect(Math.max(...burst.map((r) => r.ms))).toBeLessThan(2_000);
+      // Concurrency does not pile up either: while Redis stays frozen, one request at a time probes
+      // it (and may wait out the command timeout); the others use per-instance limits at once.
+      const rounds = [];
+      for (let round = 0; round < 5; round++) {
+        rounds.push(...(await Promise.all(Array.from({ length: 20 }, () => timed('/a/x')))));
+        await new Promise((r) => setTimeout(r, 300));
+      }
+      expect(rounds.every((r) => r.status === 200)).toBe(true);
+      expect(Math.max(...rounds.map((r) => r.ms))).toBeLessThan(2_000);
+      expect(rounds.filter((r) => r.ms > 400).length).toBeLessThanOrEqual(6);
       expect((await fetch(`${proxy!.admin}/healthz`)).status).toBe(200);
     } finally {
       redis.thaw();
