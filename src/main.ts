@@ -66,6 +66,9 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   store.onChange((previous, next) => {
     auditHistory(audit, previous, next);
     sweeper.schedule(next);
+    const live = new Set<string>();
+    for (const r of next.credentials.values()) for (const v of r.versions) if (v.state === 'pending' || v.state === 'current' || v.state === 'previous') live.add(`${r.id}\u0000${v.version}`);
+    dispatchers.retainVersions(live);
   });
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.

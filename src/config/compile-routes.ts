@@ -44,6 +44,8 @@ export interface CompiledRoute {
   readonly needsBody: boolean;
   /** An injector signs with a nonce: the pipeline fetches one per request. */
   readonly needsNonce: boolean;
+  /** The injection that presents an upstream TLS client certificate (mtls), if any. */
+  readonly clientCertificate: Injection | undefined;
   /** An injector fetches something first (an OAuth2 token): the inject step is asynchronous. */
   readonly needsPrepare: boolean;
   /** Other origins the route's injectors call (token endpoints): their pools live as long as the route. */
@@ -105,6 +107,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     needsBody: injections.some((i) => i.injector.needsBody),
     needsNonce: injections.some(({ injector, options }) => (typeof injector.needsNonce === 'function' ? injector.needsNonce(options) : injector.needsNonce === true)),
     needsPrepare: injections.some((i) => i.injector.prepare !== undefined),
+    clientCertificate: injections.find((i) => i.injector.clientCertificate !== undefined),
     extraOrigins: Object.freeze(injections.flatMap((i) => ('token_url' in i.options && typeof i.options.token_url === 'string' ? [new URL(i.options.token_url).origin] : []))),
     connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,

@@ -3,6 +3,7 @@ import type { Secret } from '../secret.ts';
 import type { Template } from './template.ts';
 import type { Dispatcher } from 'undici';
 import type { TokenBroker } from '../pipeline/token-broker.ts';
+import type { ClientCertificate } from '../store/tls-material.ts';
 
 /** Outbound headers keyed by lower-case name; a Map, so `__proto__` is just another name. */
 export type HeaderMap = Map<string, string[]>;
@@ -88,6 +89,8 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
    */
   readonly signsRequest?: boolean;
   prepare?(args: PrepareArgs<O>): Promise<unknown>;
+  /** The upstream TLS client certificate this scheme presents (mtls): requests go through a pool per credential version. */
+  clientCertificate?(options: O, credential: ResolvedCredential): ClientCertificate;
   claims(options: O): Claims;
   templates(options: O): readonly Template[];
   inject(args: InjectArgs<O>): void;

@@ -1,6 +1,7 @@
 import { rootCertificates } from 'node:tls';
 import { Pool } from 'undici';
 import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
+import type { ResolvedCredential } from '../injectors/types.ts';
 
 /**
  * One keep-alive pool per upstream (origin, CA, connect timeout). A reload keeps the pools whose
@@ -12,6 +13,46 @@ export class Dispatchers {
   for(route: CompiledRoute): Pool {
     return this.forOrigin(route.origin, route.upstreamCa, route.connectTimeoutMs);
   }
+
+  /**
+   * The pool for a route whose scheme presents a TLS client certificate (mtls): one per credential
+   * version, so a rotation moves new requests to the new certificate while the old pool drains.
+   */
+  forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
+    const injection = route.clientCertificate!;
+    const key = JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs, credential.id, credential.version]);
+    let pool = this.#pools.get(key);
+    if (!pool) {
+      const material = injection.injector.clientCertificate!(injection.options, credential);
+      pool = new Pool(route.origin, {
+        connections: 64,
+        pipelining: 1,
+        keepAliveTimeout: 30_000,
+        connect: {
+          timeout: route.connectTimeoutMs,
+          rejectUnauthorized: true,
+          ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
+          ...(material.kind === 'pem' ? { cert: material.cert, key: material.key } : { pfx: material.pfx, passphrase: material.passphrase }),
+        },
+      });
+      this.#pools.set(key, pool);
+      this.#versioned.set(key, `${credential.id}\u0000${credential.version}`);
+    }
+    return pool;
+  }
+
+  /** After a store change: drain and close the pools of credential versions no longer pending, current or previous. */
+  retainVersions(live: ReadonlySet<string>): void {
+    for (const [key, version] of this.#versioned) {
+      if (live.has(version)) continue;
+      const pool = this.#pools.get(key);
+      this.#pools.delete(key);
+      this.#versioned.delete(key);
+      void pool?.close().catch(() => {});
+    }
+  }
+
+  readonly #versioned = new Map<string, string>();
 
   /** A pool for `origin` with the route's CA and connect timeout (a token endpoint beside the upstream). */
   forOrigin(origin: string, upstreamCa: string | undefined, connectTimeoutMs: number): Pool {
@@ -38,6 +79,7 @@ export class Dispatchers {
   retain(config: CompiledConfig): void {
     const live = new Set(config.routes.flatMap((r) => [poolKey(r), ...r.extraOrigins.map((o) => JSON.stringify([o, r.upstreamCa ?? null, r.connectTimeoutMs]))]));
     for (const [key, pool] of this.#pools) {
+      if (this.#versioned.has(key)) continue;
       if (!live.has(key)) {
         this.#pools.delete(key);
         void pool.close().catch(() => {});

@@ -75,7 +75,9 @@ async function send(ctx: RequestContext, out: OutboundRequest, signal: AbortSign
   const sentAt = performance.now();
   let response: Dispatcher.ResponseData;
   try {
-    response = await ctx.services.dispatchers.for(route).request({
+    const dispatchers = ctx.services.dispatchers;
+    const pool = route.clientCertificate ? dispatchers.forCredential(route, ctx.credential!) : dispatchers.for(route);
+    response = await pool.request({
       method: out.method as Dispatcher.HttpMethod,
       path: out.query ? `${out.path}?${out.query}` : out.path,
       headers: flatten(headers),

@@ -4,6 +4,7 @@ import { newCredentialRecord, unwrapDek, wrapDek, type FieldValues } from '../st
 import type { Keyring } from '../store/keyring.ts';
 import type { CallerRecord, CredentialRecord } from '../store/records.ts';
 import type { StoreBackend } from '../store/types.ts';
+import { checkCertificateFields } from '../store/tls-material.ts';
 import * as t from './transitions.ts';
 
 /**
@@ -37,6 +38,7 @@ async function save(op: Operator, before: CredentialRecord, after: CredentialRec
 export async function putCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues): Promise<CredentialRecord> {
   const snapshot = await op.store.load();
   if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) throw new StateError(`credential "${id}" already exists; a new version is a rotation ("keys rotate ${id}")`);
+  checkCertificateFields(fields, by(op).now);
   const record = newCredentialRecord(keyring, id, fields, by(op).now, op.actor);
   await op.store.put('credential', record, 0);
   return record;
@@ -44,6 +46,7 @@ export async function putCredential(op: Operator, keyring: Keyring, id: string, 
 
 export async function rotateCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues, options: { stage: boolean; graceMs: number }): Promise<CredentialRecord> {
   const before = await credential(op, id);
+  checkCertificateFields(fields, by(op).now);
   return save(op, before, t.rotate(before, keyring, fields, options, by(op)));
 }
 

@@ -86,7 +86,7 @@ describe('compileTemplate', () => {
 describe('injector registry', () => {
   it('finds each injector by its scheme and nothing else', () => {
     for (const injector of INJECTORS) expect(injectorFor(injector.scheme)).toBe(injector);
-    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body', 'hmac', 'snaptrade', 'kraken', 'coinbase_jwt', 'oauth2_client_credentials']);
+    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body', 'hmac', 'snaptrade', 'kraken', 'coinbase_jwt', 'oauth2_client_credentials', 'mtls']);
     expect(injectorFor('__proto__')).toBeUndefined();
     expect(injectorFor('constructor')).toBeUndefined();
     expect(injectorFor('Bearer')).toBeUndefined();

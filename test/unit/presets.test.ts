@@ -187,12 +187,12 @@ describe('egress routes check / explain show the expansion', () => {
     expect(out.data).toMatchObject({ routes: [{ name: 'kraken', preset: 'kraken', schemes: ['kraken'] }, { name: 'plaid', preset: 'plaid', schemes: ['headers'] }] });
   });
 
-  it('check reports a preset that is not available yet with file:line:col', async () => {
+  it('check expands the Teller preset: mtls, with the caller\'s own Authorization passed through', async () => {
     const dir = await tempDir();
     await writeFile(join(dir, 'teller.yaml'), 'name: teller\npreset: teller\ncredential: teller\n');
-    const out = await routes(['check', dir]);
-    expect(out.code).toBe(1);
-    expect(out.text).toMatch(/teller\.yaml:2:9: preset "teller" needs inject scheme "mtls"/);
+    const out = await routes(['check', dir, '--json']);
+    expect(out.code).toBe(0);
+    expect(out.data).toMatchObject({ routes: [{ name: 'teller', preset: 'teller', schemes: ['mtls'] }] });
   });
 
   it('explain shows the expanded route: upstream, scheme, owned headers and parameters, auth failure, replay safety', async () => {

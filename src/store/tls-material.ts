@@ -1,0 +1,71 @@
+import { createPrivateKey, createPublicKey, X509Certificate } from 'node:crypto';
+import forge from 'node-forge';
+import { UserError } from '../errors.ts';
+
+/** Client certificate material as the TLS stack takes it. */
+export type ClientCertificate =
+  | { readonly kind: 'pem'; readonly cert: string; readonly key: string }
+  | { readonly kind: 'pkcs12'; readonly pfx: Buffer; readonly passphrase: string };
+
+const PEM_CERT = '-----BEGIN CERTIFICATE-----';
+const PEM_KEY = /-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----/;
+
+/**
+ * Check certificate material when it is stored, not at request time: it must parse, the key must
+ * belong to the certificate, and the certificate must be valid now. Fields that hold no such
+ * material pass untouched. Messages never quote the material.
+ */
+export function checkCertificateFields(fields: Readonly<Record<string, string>>, now = new Date()): void {
+  const certField = Object.keys(fields).find((k) => fields[k]!.includes(PEM_CERT));
+  const keyField = Object.keys(fields).find((k) => PEM_KEY.test(fields[k]!));
+  if (certField || keyField) {
+    if (!certField || !keyField) throw new UserError(`the credential has a ${certField ? 'certificate' : 'private key'} (field "${certField ?? keyField}") without its ${certField ? 'private key' : 'certificate'}`);
+    checkPem(fields[certField]!, fields[keyField]!, certField, now);
+  }
+  for (const name of ['pkcs12', 'p12', 'pfx']) {
+    if (fields[name] !== undefined) checkPkcs12(fields[name]!, fields.passphrase ?? '', name, now);
+  }
+}
+
+function checkPem(certPem: string, keyPem: string, field: string, now: Date): void {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(certPem);
+  } catch {
+    throw new UserError(`field "${field}" is not a valid PEM certificate`);
+  }
+  let key;
+  try {
+    key = createPrivateKey(keyPem);
+  } catch {
+    throw new UserError('the private key is not a valid PEM private key (an encrypted key is not supported: use PKCS#12 with a passphrase)');
+  }
+  if (!cert.checkPrivateKey(key)) throw new UserError(`the private key does not belong to the certificate in field "${field}"`);
+  checkValidity(new Date(cert.validFrom), new Date(cert.validTo), field, now);
+}
+
+function checkPkcs12(base64: string, passphrase: string, field: string, now: Date): void {
+  let p12: forge.pkcs12.Pkcs12Pfx;
+  try {
+    const der = forge.util.decode64(base64.replace(/\s+/g, ''));
+    p12 = forge.pkcs12.pkcs12FromAsn1(forge.asn1.fromDer(der), passphrase);
+  } catch {
+    throw new UserError(`field "${field}" is not a PKCS#12 bundle that opens with the given passphrase`);
+  }
+  const bags = (type: string) => p12.getBags({ bagType: type })[type] ?? [];
+  const certs = bags(forge.pki.oids.certBag!);
+  const keys = [...bags(forge.pki.oids.pkcs8ShroudedKeyBag!), ...bags(forge.pki.oids.keyBag!)];
+  const cert = certs[0]?.cert;
+  const key = keys[0]?.key;
+  if (!cert || !key) throw new UserError(`the PKCS#12 bundle in field "${field}" needs a certificate and its private key`);
+  // The leaf's public key must be the key's: compare the SPKI of both.
+  const certSpki = createPublicKey(forge.pki.publicKeyToPem(cert.publicKey)).export({ type: 'spki', format: 'der' });
+  const keySpki = createPublicKey(createPrivateKey(forge.pki.privateKeyToPem(key as forge.pki.rsa.PrivateKey))).export({ type: 'spki', format: 'der' });
+  if (!certSpki.equals(keySpki)) throw new UserError(`the private key in the PKCS#12 bundle in field "${field}" does not belong to its certificate`);
+  checkValidity(cert.validity.notBefore, cert.validity.notAfter, field, now);
+}
+
+function checkValidity(from: Date, to: Date, field: string, now: Date): void {
+  if (now < from) throw new UserError(`the certificate in field "${field}" is not valid until ${from.toISOString()}`);
+  if (now > to) throw new UserError(`the certificate in field "${field}" expired on ${to.toISOString()}`);
+}

@@ -1,0 +1,140 @@
+import { createServer, type Server } from 'node:https';
+import type { AddressInfo } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import forge from 'node-forge';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { makeTestPki } from '../helpers/tls.ts';
+
+/** Upstream mutual TLS: the client certificate comes from the credential (Teller). */
+interface Ca { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }
+
+function makeCa(cn: string): Ca {
+  const keys = forge.pki.rsa.generateKeyPair(2048);
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = keys.publicKey;
+  cert.serialNumber = '0a';
+  cert.validity.notBefore = new Date(Date.now() - 60_000);
+  cert.validity.notAfter = new Date(Date.now() + 86_400_000);
+  cert.setSubject([{ name: 'commonName', value: cn }]);
+  cert.setIssuer([{ name: 'commonName', value: cn }]);
+  cert.setExtensions([{ name: 'basicConstraints', cA: true, critical: true }, { name: 'keyUsage', keyCertSign: true, critical: true }]);
+  cert.sign(keys.privateKey, forge.md.sha256.create());
+  return { cert, key: keys.privateKey };
+}
+
+let serial = 16;
+function issueClient(ca: Ca, cn: string, validity: { fromMs?: number; toMs?: number } = {}): { cert: string; key: string; forgeCert: forge.pki.Certificate; forgeKey: forge.pki.rsa.PrivateKey } {
+  const keys = forge.pki.rsa.generateKeyPair(2048);
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = keys.publicKey;
+  cert.serialNumber = (serial++).toString(16);
+  cert.validity.notBefore = new Date(Date.now() + (validity.fromMs ?? -60_000));
+  cert.validity.notAfter = new Date(Date.now() + (validity.toMs ?? 86_400_000));
+  cert.setSubject([{ name: 'commonName', value: cn }]);
+  cert.setIssuer(ca.cert.subject.attributes);
+  cert.setExtensions([{ name: 'basicConstraints', cA: false }, { name: 'extKeyUsage', clientAuth: true }]);
+  cert.sign(ca.key, forge.md.sha256.create());
+  return { cert: forge.pki.certificateToPem(cert), key: forge.pki.privateKeyToPem(keys.privateKey), forgeCert: cert, forgeKey: keys.privateKey };
+}
+
+function pkcs12(c: { forgeCert: forge.pki.Certificate; forgeKey: forge.pki.rsa.PrivateKey }, passphrase: string): string {
+  const asn1 = forge.pkcs12.toPkcs12Asn1(c.forgeKey, [c.forgeCert], passphrase, { algorithm: '3des' });
+  return forge.util.encode64(forge.asn1.toDer(asn1).getBytes());
+}
+
+let clientCa: Ca;
+let server: Server;
+let upstreamUrl: string;
+let serverCa: string;
+const seen: { cn: string | undefined; auth: string | undefined }[] = [];
+let proxy: TestProxy;
+let v1: ReturnType<typeof issueClient>;
+
+beforeAll(async () => {
+  clientCa = makeCa('egress test client CA');
+  const pki = makeTestPki();
+  serverCa = pki.caCert;
+  // Like Teller: no client certificate from our CA, no API.
+  server = createServer({ key: pki.serverKey, cert: pki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (req, res) => {
+    const peer = (req.socket as TLSSocket).getPeerCertificate();
+    seen.push({ cn: peer.subject?.CN, auth: req.headers.authorization });
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ cn: peer.subject?.CN }));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  upstreamUrl = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  v1 = issueClient(clientCa, 'egress-client-v1');
+  const p12Client = issueClient(clientCa, 'egress-client-p12');
+  proxy = await startTestProxy({
+    routes: {
+      teller: `name: teller\npreset: teller\nupstream: ${upstreamUrl}\nupstream_ca: ./server-ca.pem\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      bundle: `name: bundle\nupstream: ${upstreamUrl}\nprefix: /bundle\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: mtls\n  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      nocert: `name: nocert\nupstream: ${upstreamUrl}\nprefix: /nocert\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: bearer\n  token: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+    },
+    files: { 'server-ca.pem': serverCa },
+    credentials: {
+      'teller-cert': { certificate: v1.cert, private_key: v1.key },
+      bundle: { pkcs12: pkcs12(p12Client, 'correct horse'), passphrase: 'correct horse' },
+    },
+    callers: ['svc'],
+  });
+}, 60_000);
+
+afterAll(async () => {
+  await proxy?.close();
+  await new Promise<void>((r) => server.close(() => r()));
+});
+
+const get = (path: string, headers: Record<string, string> = {}) => fetch(`${proxy.url}${path}`, { headers: { 'x-egress-token': proxy.tokens.svc!, ...headers } });
+
+describe('mtls', () => {
+  it('presents the PEM client certificate from the credential; the caller\'s own Authorization passes through (Teller preset)', async () => {
+    const token = `Basic ${Buffer.from('token_user_abc:').toString('base64')}`;
+    const res = await get('/teller/accounts', { authorization: token });
+    expect(res.status).toBe(200);
+    expect(seen.at(-1)).toEqual({ cn: 'egress-client-v1', auth: token });
+  });
+
+  it('presents a PKCS#12 bundle opened with its passphrase', async () => {
+    const res = await get('/bundle/accounts');
+    expect(res.status).toBe(200);
+    expect(seen.at(-1)!.cn).toBe('egress-client-p12');
+  });
+
+  it('without a client certificate the upstream refuses the handshake: 502, nothing served', async () => {
+    const res = await get('/nocert/accounts');
+    expect(res.status).toBe(502);
+    expect(res.headers.get('x-egress-error')).toBe('upstream_error');
+  });
+
+  it('a rotation moves new requests to the new certificate', async () => {
+    const v2 = issueClient(clientCa, 'egress-client-v2');
+    const file = JSON.stringify({ certificate: v2.cert, private_key: v2.key });
+    const rotated = await runCli(['keys', 'rotate', 'teller-cert', '--from-stdin', '--grace', '0'], envFor(proxy.dir), file);
+    expect(rotated.code).toBe(0);
+    expect(rotated.stdout + rotated.stderr).not.toContain('PRIVATE KEY');
+    await eventually(async () => ((await (await get('/teller/accounts')).json()) as { cn: string }).cn === 'egress-client-v2', 2_000, 'the new certificate');
+  });
+
+  it('refuses certificate material when it is stored: expired, not yet valid, a key that does not match, a bad passphrase', async () => {
+    const env = envFor(proxy.dir);
+    const expired = issueClient(clientCa, 'old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 });
+    const future = issueClient(clientCa, 'future', { fromMs: 86_400_000, toMs: 2 * 86_400_000 });
+    const other = issueClient(clientCa, 'other');
+    const cases: [Record<string, string>, RegExp][] = [
+      [{ certificate: expired.cert, private_key: expired.key }, /expired/],
+      [{ certificate: future.cert, private_key: future.key }, /not valid until/],
+      [{ certificate: v1.cert, private_key: other.key }, /does not belong/],
+      [{ certificate: v1.cert }, /without its private key/],
+      [{ pkcs12: pkcs12(other, 'right'), passphrase: 'wrong' }, /passphrase/],
+    ];
+    for (const [fields, message] of cases) {
+      const res = await runCli(['keys', 'put', `bad-${Math.random().toString(36).slice(2, 8)}`, '--from-stdin'], env, JSON.stringify(fields));
+      expect(res.code, String(message)).toBe(1);
+      expect(res.stderr).toMatch(message);
+      expect(res.stderr).not.toContain('BEGIN');
+    }
+  });
+});
