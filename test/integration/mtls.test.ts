@@ -59,7 +59,7 @@ beforeAll(async () => {
   // Like Teller: no client certificate from our CA, no API.
   server = createServer({ key: pki.serverKey, cert: pki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (req, res) => {
     const peer = (req.socket as TLSSocket).getPeerCertificate();
-    seen.push({ cn: peer.subject?.CN, auth: req.headers.authorization });
+    seen.push({ cn: [peer.subject?.CN].flat()[0], auth: req.headers.authorization });
     res.writeHead(200, { 'content-type': 'application/json' });
     res.end(JSON.stringify({ cn: peer.subject?.CN }));
   });
