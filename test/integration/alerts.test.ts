@@ -247,6 +247,18 @@ describe('audit log rotation', () => {
     expect(bad.stdout).toContain('audit.log.2:3');
   });
 
+  it('a full disk is reported, not crashed on: requests keep being served', async () => {
+    const dir = await makeTempDir('egress-audit-full-');
+    const { tokens: t } = await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    // /dev/full accepts the open and fails every write with ENOSPC.
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_AUDIT_LOG: '/dev/full' } });
+    for (let i = 0; i < 20; i++) expect(await get('/api/ok', t.svc!)).toBe(200);
+    await eventually(() => proxy!.logs().includes('audit log write failed'), 2_000, 'the write failure to be reported');
+    expect(proxy!.logs()).toContain('"code":"ENOSPC"');
+    expect((await fetch(`${proxy!.admin}/healthz`)).status).toBe(200);
+    expect(await get('/api/ok', t.svc!)).toBe(200);
+  });
+
   it('EGRESS_AUDIT_STDOUT also writes every audit line to stdout', async () => {
     const dir = await makeTempDir('egress-audit-stdout-');
     const { tokens: t } = await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
