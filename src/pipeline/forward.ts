@@ -35,8 +35,11 @@ export async function forward(ctx: RequestContext): Promise<void> {
   try {
     let attempt = await send(ctx, ctx.outbound!, abort.signal);
     if (await isAuthFailure(ctx, attempt)) {
-      const { credential, version } = { credential: ctx.credential!.id, version: String(ctx.credential!.version) };
+      const credential = ctx.credential!.id;
+      const version = String(ctx.credential!.version);
       ctx.services.metrics.authFailures.inc({ credential, version });
+      // A fetched credential (an OAuth2 token) the upstream refuses is dropped: the next request mints a new one.
+      if (route.needsPrepare) ctx.services.tokens.invalidateCredential(credential, ctx.credential!.version);
       if (ctx.replayable && ctx.previous) {
         attempt.response.body.destroy();
         const previous = open(ctx, credential, ctx.previous);

@@ -50,6 +50,8 @@ function schedule(now: number, m: Minted): Entry {
  */
 export class TokenBroker {
   readonly #local = new Map<string, Entry>();
+  /** Cache ids by credential version, to drop every token of a version the upstream refused. */
+  readonly #byVersion = new Map<string, Set<string>>();
   readonly #inflight = new Map<string, Promise<Entry>>();
   readonly #shared: SharedTokens | undefined;
   readonly #log: Logger;
@@ -61,6 +63,10 @@ export class TokenBroker {
 
   async token(key: TokenKey, mint: Mint): Promise<Secret> {
     const id = cacheId(key);
+    const versionKey = JSON.stringify([key.credential, key.version]);
+    const ids = this.#byVersion.get(versionKey) ?? new Set<string>();
+    ids.add(id);
+    this.#byVersion.set(versionKey, ids);
     const now = Date.now();
     let entry = this.#local.get(id);
     if (!entry && this.#shared) {
@@ -76,11 +82,14 @@ export class TokenBroker {
     return (await this.#refresh(id, key, mint, entry)).token;
   }
 
-  /** Forget a token the upstream rejected, so the next request mints a fresh one. */
-  invalidate(key: TokenKey): void {
-    const id = cacheId(key);
-    this.#local.delete(id);
-    void this.#shared?.remove(id, key.credential).catch(() => {});
+  /** Forget every token minted for this credential version (the upstream refused one), here and in Redis. */
+  invalidateCredential(credential: string, version: number): void {
+    const ids = this.#byVersion.get(JSON.stringify([credential, version]));
+    for (const id of ids ?? []) {
+      this.#local.delete(id);
+      void this.#shared?.remove(id, credential).catch(() => {});
+    }
+    ids?.clear();
   }
 
   #refresh(id: string, key: TokenKey, mint: Mint, old: Entry | undefined): Promise<Entry> {

@@ -54,6 +54,10 @@ beforeAll(async () => {
       return json(200, { access: token, access_expires: 1 });
     }
     const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+    if (url === '/revoke-current') {
+      issued.delete(bearer);
+      return json(200, { revoked: true });
+    }
     return json(issued.has(bearer) ? 200 : 401, { ok: issued.has(bearer) });
   });
 });
@@ -128,6 +132,17 @@ describe('oauth2_client_credentials', () => {
     const logs = proxy.logs();
     for (const t of issued) expect(logs).not.toContain(t);
     expect(logs).not.toContain('cs_CANARY_good_1');
+  });
+
+  it('a token the upstream refuses before its expiry is dropped: the next request mints a new one', async () => {
+    const proxy = await start();
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    // The provider revokes the token early (the route's auth_failure is the default 401).
+    await fetch(`${upstream.url}/revoke-current`, { headers: { authorization: String(upstream.requests.at(-1)!.headers.authorization) } });
+    const before = mints.length;
+    expect((await get(proxy, '/bank/accounts')).status).toBe(401);
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    expect(mints.length - before).toBe(1);
   });
 
   it('100 concurrent requests at token expiry cause exactly one token request', async () => {
