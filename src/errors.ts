@@ -79,6 +79,7 @@ const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'
 export function upstreamFailure(err: unknown): ProxyError {
   if (err instanceof ProxyError) return err;
   const code = errorCode(err);
+  if (code === 'EGRESS_PRIVATE_ADDRESS') return new ProxyError('route_forbidden', 'The upstream is a private or reserved address and this route does not allow private addresses.', { cause: code });
   if (code && TIMEOUT_CODES.has(code)) return new ProxyError('upstream_timeout', undefined, { cause: code });
   return new ProxyError('upstream_error', code ? `(${code})` : undefined, { cause: code });
 }

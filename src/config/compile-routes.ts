@@ -53,6 +53,8 @@ export interface CompiledRoute {
   readonly connectTimeoutMs: number;
   readonly responseTimeoutMs: number;
   readonly upstreamCa: string | undefined;
+  /** The route may reach private, loopback and link-local addresses (refused otherwise). */
+  readonly allowPrivateAddresses: boolean;
   readonly maxBody: number;
   readonly upstreamRate: RateLimitOptions | undefined;
   readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: string | undefined };
@@ -112,6 +114,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
     upstreamCa,
+    allowPrivateAddresses: raw.allow_private_addresses,
     maxBody: raw.max_body ?? DEFAULTS.maxBody,
     upstreamRate: raw.upstream_rate,
     authFailure: Object.freeze({ statuses: new Set(raw.auth_failure?.status ?? [401]), bodyContains: raw.auth_failure?.body_contains }),

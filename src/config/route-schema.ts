@@ -89,6 +89,8 @@ export const routeFileSchema = z.strictObject({
   inject: z.union([injectOne, z.array(injectOne).min(1)]),
   timeouts: z.strictObject({ connect: duration.optional(), response: duration.optional() }).optional(),
   upstream_ca: z.string().min(1).optional(),
+  /** Let this route reach loopback and private-network upstreams (local and test upstreams only). */
+  allow_private_addresses: z.boolean().default(false),
   max_body: size.optional(),
   upstream_rate: rateLimit.optional(),
   /** How the upstream says "this key is rejected" (default: status 401). */

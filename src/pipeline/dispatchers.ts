@@ -2,6 +2,7 @@ import { rootCertificates } from 'node:tls';
 import { Pool } from 'undici';
 import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
+import { checkLiteral, guardedLookup } from './address-guard.ts';
 
 /**
  * One keep-alive pool per upstream (origin, CA, connect timeout). A reload keeps the pools whose
@@ -11,7 +12,7 @@ export class Dispatchers {
   readonly #pools = new Map<string, Pool>();
 
   for(route: CompiledRoute): Pool {
-    return this.forOrigin(route.origin, route.upstreamCa, route.connectTimeoutMs);
+    return this.forOrigin(route.origin, route);
   }
 
   /**
@@ -20,7 +21,8 @@ export class Dispatchers {
    */
   forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
     const injection = route.clientCertificate!;
-    const key = JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs, credential.id, credential.version]);
+    const key = JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs, route.allowPrivateAddresses, credential.id, credential.version]);
+    if (!route.allowPrivateAddresses) checkLiteral(new URL(route.origin).hostname);
     let pool = this.#pools.get(key);
     if (!pool) {
       const material = injection.injector.clientCertificate!(injection.options, credential);
@@ -31,6 +33,7 @@ export class Dispatchers {
         connect: {
           timeout: route.connectTimeoutMs,
           rejectUnauthorized: true,
+          ...(route.allowPrivateAddresses ? {} : { lookup: guardedLookup }),
           ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
           ...(material.kind === 'pem' ? { cert: material.cert, key: material.key } : { pfx: material.pfx, passphrase: material.passphrase }),
         },
@@ -54,9 +57,15 @@ export class Dispatchers {
 
   readonly #versioned = new Map<string, string>();
 
-  /** A pool for `origin` with the route's CA and connect timeout (a token endpoint beside the upstream). */
-  forOrigin(origin: string, upstreamCa: string | undefined, connectTimeoutMs: number): Pool {
-    const key = JSON.stringify([origin, upstreamCa ?? null, connectTimeoutMs]);
+  /**
+   * A pool for `origin` (the upstream, or a token endpoint beside it) with the route's CA, connect
+   * timeout and address policy: unless the route allows private addresses, an IP-literal host is
+   * checked here and a name is resolved by guardedLookup, which connects only to the address it checked.
+   */
+  forOrigin(origin: string, route: Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allowPrivateAddresses'>): Pool {
+    const { upstreamCa, connectTimeoutMs, allowPrivateAddresses } = route;
+    if (!allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
+    const key = poolKeyOf(origin, route);
     let pool = this.#pools.get(key);
     if (!pool) {
       pool = new Pool(origin, {
@@ -67,6 +76,7 @@ export class Dispatchers {
           timeout: connectTimeoutMs,
           // Upstream TLS is always verified; upstream_ca adds a CA to the system roots, it replaces nothing.
           rejectUnauthorized: true,
+          ...(allowPrivateAddresses ? {} : { lookup: guardedLookup }),
           ...(upstreamCa ? { ca: [...rootCertificates, upstreamCa] } : {}),
         },
       });
@@ -77,7 +87,7 @@ export class Dispatchers {
 
   /** After a reload: close the pools that no route of `config` uses any more. */
   retain(config: CompiledConfig): void {
-    const live = new Set(config.routes.flatMap((r) => [poolKey(r), ...r.extraOrigins.map((o) => JSON.stringify([o, r.upstreamCa ?? null, r.connectTimeoutMs]))]));
+    const live = new Set(config.routes.flatMap((r) => [poolKeyOf(r.origin, r), ...r.extraOrigins.map((o) => poolKeyOf(o, r))]));
     for (const [key, pool] of this.#pools) {
       if (this.#versioned.has(key)) continue;
       if (!live.has(key)) {
@@ -94,6 +104,6 @@ export class Dispatchers {
   }
 }
 
-function poolKey(route: CompiledRoute): string {
-  return JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs]);
+function poolKeyOf(origin: string, route: Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allowPrivateAddresses'>): string {
+  return JSON.stringify([origin, route.upstreamCa ?? null, route.connectTimeoutMs, route.allowPrivateAddresses]);
 }

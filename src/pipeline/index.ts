@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
-import { ProxyError, errorCode } from '../errors.ts';
+import { ProxyError, errorCode, upstreamFailure } from '../errors.ts';
 import { loggableHeaders } from '../observe/log.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
@@ -67,6 +67,8 @@ function callerGone(ctx: RequestContext): boolean {
 
 function toProxyError(err: unknown, ctx: RequestContext): ProxyError {
   if (err instanceof ProxyError) return err;
+  // A token endpoint (or upstream) on an address the route may not reach: refused, not a bug.
+  if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') return upstreamFailure(err);
   // A bug, not an upstream failure: log its code and where, never the object (it may hold options).
   ctx.services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'unexpected error in the request path');
   return new ProxyError('internal_error');

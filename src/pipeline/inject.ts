@@ -40,7 +40,7 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
         previous,
         options,
         tokens: services.tokens,
-        dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route.upstreamCa, route.connectTimeoutMs),
+        dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
         redact: (value) => void ctx.redactions.push(value),
       })));
   }

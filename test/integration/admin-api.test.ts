@@ -17,6 +17,7 @@ beforeAll(async () => {
       api: `name: api
 prefix: /api
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: bearer

@@ -61,6 +61,7 @@ afterEach(async () => {
 const ROUTE = () => `name: api
 prefix: /api
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: bearer

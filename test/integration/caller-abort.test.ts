@@ -28,7 +28,7 @@ beforeAll(async () => {
     }, 20);
   });
   proxy = await startTestProxy({
-    routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/slow, /stream]\n` },
+    routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/slow, /stream]\n` },
     credentials: { key: { token: 'tok_abort_1234' } },
     callers: ['svc'],
   });

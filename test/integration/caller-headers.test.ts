@@ -15,6 +15,7 @@ let proxy: TestProxy;
 const route = (name: string, extra: string) => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: headers

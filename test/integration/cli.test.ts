@@ -113,6 +113,7 @@ describe('routes', () => {
   const good = `name: plaid
 prefix: /plaid
 upstream: https://sandbox.plaid.com
+allow_private_addresses: true
 credential: plaid-sandbox
 inject:
   scheme: headers

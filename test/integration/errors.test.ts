@@ -33,6 +33,7 @@ beforeAll(async () => {
   const route = (name: string, url: string, extra = '') => `name: ${name}
 prefix: /${name}
 upstream: ${url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: headers

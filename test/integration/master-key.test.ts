@@ -228,6 +228,7 @@ describe('a running proxy during master-key rotate', () => {
     const route = `name: api
 prefix: /api
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: bearer

@@ -69,9 +69,9 @@ beforeAll(async () => {
   const p12Client = issueClient(clientCa, 'egress-client-p12');
   proxy = await startTestProxy({
     routes: {
-      teller: `name: teller\npreset: teller\nupstream: ${upstreamUrl}\nupstream_ca: ./server-ca.pem\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
-      bundle: `name: bundle\nupstream: ${upstreamUrl}\nprefix: /bundle\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: mtls\n  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
-      nocert: `name: nocert\nupstream: ${upstreamUrl}\nprefix: /nocert\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: bearer\n  token: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      teller: `name: teller\npreset: teller\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nupstream_ca: ./server-ca.pem\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      bundle: `name: bundle\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /bundle\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: mtls\n  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      nocert: `name: nocert\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /nocert\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: bearer\n  token: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
     },
     files: { 'server-ca.pem': serverCa },
     credentials: {

@@ -45,6 +45,7 @@ beforeAll(async () => {
   await writeFile(join(dir, 'routes', 'plaid.yaml'), `name: plaid
 prefix: /plaid
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: plaid-sandbox
 inject:
   scheme: headers

@@ -78,6 +78,7 @@ const ROUTES = () => ({
   bank: `name: bank
 prefix: /bank
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: bank
 inject:
   scheme: oauth2_client_credentials
@@ -91,6 +92,7 @@ allow:
   gc: `name: gc
 preset: gocardless
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: gc
 inject:
   scheme: oauth2_client_credentials

@@ -14,6 +14,7 @@ let tokens: Record<string, string>;
 const route = (name: string, credential: string) => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: ${credential}
 inject:
   scheme: headers

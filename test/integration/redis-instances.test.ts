@@ -27,6 +27,7 @@ beforeAll(async () => {
   const route = (name: string, credential: string, extra = '') => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: ${credential}
 inject:
   scheme: headers

@@ -16,6 +16,7 @@ afterAll(async () => {
 const routeFile = (paths: string) => `name: api
 prefix: /api
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: bearer

@@ -29,6 +29,7 @@ beforeAll(async () => {
       plaid: `name: plaid
 prefix: /plaid
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: plaid
 inject:
   scheme: headers

@@ -39,6 +39,7 @@ afterEach(async () => {
 const ROUTE = () => `name: plaid
 prefix: /plaid
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: plaid
 inject:
   scheme: headers

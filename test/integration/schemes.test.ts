@@ -21,6 +21,7 @@ function route(name: string, inject: string, methods = '[GET, POST]'): string {
   return `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: ${name}
 inject:
 ${inject}

@@ -51,8 +51,8 @@ beforeAll(async () => {
   });
   proxy = await startTestProxy({
     routes: {
-      plaid: `name: plaid\npreset: plaid\nupstream: ${plaid.url}\ncredential: plaid\nallow:\n  - caller: sync\n    methods: [POST]\n    paths: [/accounts/get, /transactions/sync]\n`,
-      alpaca: `name: alpaca\npreset: alpaca-paper\nupstream: ${alpaca.url}\ncredential: alpaca\nallow:\n  - caller: sync\n    methods: [GET]\n    paths: [/v2/account, /v2/positions]\n`,
+      plaid: `name: plaid\npreset: plaid\nupstream: ${plaid.url}\nallow_private_addresses: true\ncredential: plaid\nallow:\n  - caller: sync\n    methods: [POST]\n    paths: [/accounts/get, /transactions/sync]\n`,
+      alpaca: `name: alpaca\npreset: alpaca-paper\nupstream: ${alpaca.url}\nallow_private_addresses: true\ncredential: alpaca\nallow:\n  - caller: sync\n    methods: [GET]\n    paths: [/v2/account, /v2/positions]\n`,
     },
     credentials: { plaid: PLAID, alpaca: ALPACA },
     callers: ['sync'],

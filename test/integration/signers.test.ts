@@ -196,6 +196,7 @@ function routeFile(name: string, upstreamUrl: string, credential = name): string
   return `name: ${name}
 prefix: /${name}
 upstream: ${upstreamUrl}/${name}
+allow_private_addresses: true
 credential: ${credential}
 inject:${INJECT[name]}
 allow:

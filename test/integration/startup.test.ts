@@ -21,6 +21,7 @@ afterAll(async () => {
 const route = () => `name: api
 prefix: /api
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: key
 inject:
   scheme: bearer

@@ -21,7 +21,7 @@ export const SCREENSHOT_DIR = process.env.EGRESS_SCREENSHOT_DIR;
 
 beforeAll(async () => {
   upstream = await startUpstream();
-  const route = (name: string, credential: string) => `name: ${name}\nprefix: /${name}\nupstream: ${upstream.url}\ncredential: ${credential}\ninject:\n  scheme: bearer\nallow:\n  - caller: sync-worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n`;
+  const route = (name: string, credential: string) => `name: ${name}\nprefix: /${name}\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: ${credential}\ninject:\n  scheme: bearer\nallow:\n  - caller: sync-worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n`;
   proxy = await startTestProxy({
     routes: { plaid: route('plaid', 'plaid-production'), alpaca: route('alpaca', 'alpaca-paper') },
     credentials: { 'plaid-production': { token: SECRETS[0]! }, 'alpaca-paper': { token: SECRETS[2]! } },

@@ -12,6 +12,7 @@ let proxy: TestProxy;
 const route = (name: string, credential: string) => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}
+allow_private_addresses: true
 credential: ${credential}
 inject:
   scheme: headers

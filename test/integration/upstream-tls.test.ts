@@ -25,6 +25,7 @@ beforeAll(async () => {
   const route = (name: string, url: string, ca: boolean, caFile = 'test-ca.pem') => `name: ${name}
 prefix: /${name}
 upstream: ${url}
+allow_private_addresses: true
 credential: key
 ${ca ? `upstream_ca: ./${caFile}\n` : ''}inject:
   scheme: headers

@@ -21,7 +21,7 @@ describe('last use of each version', () => {
   it.each(['file', 'redis'])('is recorded per version and caller (%s store)', async (kind) => {
     const store = kind === 'redis' ? `${redis.url}/3` : undefined;
     const proxy = await startTestProxy({
-      routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n` },
+      routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n` },
       credentials: { key: { token: 'tok_usage_1234' } },
       callers: ['worker', 'web'],
       ...(store ? { store } : {}),
