@@ -149,6 +149,7 @@ export async function startEgress(upstream: Upstream, root: string, redis?: Redi
     'name: bench',
     `prefix: ${PROXY_PREFIX}`,
     `upstream: ${upstream.origin}`,
+    'allow_private_addresses: true',
     'credential: bench',
     'inject:',
     '  scheme: headers',
