@@ -8,6 +8,7 @@ export const ERRORS = {
   caller_unauthenticated: { status: 401, message: 'No valid caller token or certificate was presented.' },
   route_forbidden: { status: 403, message: 'This caller may not use this route, method or path.' },
   route_not_found: { status: 404, message: 'No route owns this path.' },
+  misdirected_request: { status: 421, message: 'The request is for another host than its tunnel.' },
   body_too_large: { status: 413, message: 'The request body is larger than the route allows.' },
   rate_limited: { status: 429, message: 'Rate limit reached; retry later.' },
   upstream_error: { status: 502, message: 'The upstream could not be reached or answered badly.' },

@@ -26,6 +26,8 @@ import { RedisStore } from './store/redis-store.ts';
 import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
 import { createReverseServer } from './server/reverse.ts';
+import { createForwardHandler } from './server/forward.ts';
+import { LeafMinter, readCa } from './certs/ca.ts';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
@@ -94,7 +96,10 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   metrics.routesLoaded.set(initial.routes.length);
   routes.watch();
 
-  const proxy = createReverseServer(() => routes.config, services);
+  // Forward mode is on when the CA exists (egress certs init).
+  const ca = await readCa(settings.certsDir);
+  const proxy = createReverseServer(() => routes.config, services, ca ? createForwardHandler(() => routes.config, services, new LeafMinter(ca)) : undefined);
+  if (ca) log.info({ certs: settings.certsDir }, 'forward mode on: CONNECT to hosts the routes name is intercepted with the CA in EGRESS_CERTS');
   const admin = createAdminServer({
     readiness: () => {
       const s = store.status();

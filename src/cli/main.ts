@@ -16,6 +16,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress keys list | show ID | due [--max-age 90d]   metadata only, never values
   egress master-key init | status | rotate [--resume] | remove --version N
   egress audit verify [--partial] [FILE…]        check the audit log's hash chain
+  egress certs init [--refresh]                  the forward-mode CA, limited to the hosts routes name
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;
 
@@ -27,6 +28,7 @@ const COMMANDS: Readonly<Record<string, (args: readonly string[]) => Promise<Out
   'admin-token': async (args) => (await import('./callers.ts')).tokens('admin', args),
   'master-key': async (args) => (await import('./master-key.ts')).masterKey(args),
   audit: async (args) => (await import('./audit.ts')).audit(args),
+  certs: async (args) => (await import('./certs.ts')).certs(args),
 };
 
 export async function main(argv: readonly string[]): Promise<number> {

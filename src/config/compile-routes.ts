@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import type { Injector } from '../injectors/index.ts';
 import { injectorFor } from '../injectors/index.ts';
 import type { Template } from '../injectors/template.ts';
@@ -32,6 +33,11 @@ export interface CompiledRoute {
   /** e.g. https://production.plaid.com */
   readonly origin: string;
   readonly upstreamHost: string;
+  /** Forward mode: hosts this route intercepts, and the CONNECT ports it accepts for them. */
+  readonly hosts: ReadonlySet<string>;
+  /** `hosts` was written in the route file (otherwise it defaults to the upstream's host name). */
+  readonly explicitHosts: boolean;
+  readonly connectPorts: ReadonlySet<number>;
   /** Upstream path prefix without a trailing "/"; usually "". */
   readonly basePath: string;
   readonly credential: string;
@@ -100,6 +106,9 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     prefixSegments: Object.freeze(splitPath(raw.prefix)),
     origin: url.origin,
     upstreamHost: url.host,
+    hosts: new Set(raw.hosts ?? (isIP(url.hostname.replace(/^\[|\]$/g, '')) ? [] : [url.hostname.toLowerCase()])),
+    explicitHosts: raw.hosts !== undefined,
+    connectPorts: new Set([443, Number(url.port || (url.protocol === 'https:' ? 443 : 80))]),
     basePath: url.pathname.replace(/\/+$/, ''),
     credential: raw.credential,
     injections: Object.freeze(injections),
@@ -143,12 +152,26 @@ export function crossCheck(routes: readonly CompiledRoute[]): { file: string; me
       const a = routes[i]!;
       const b = routes[j]!;
       if (a.name === b.name) problems.push({ file: b.file, message: `route name "${b.name}" is also used by ${a.file}` });
+      // Only hosts written in route files must be unique; a default (the upstream's name) yields to them.
+      if (a.explicitHosts && b.explicitHosts) for (const host of b.hosts) if (a.hosts.has(host)) problems.push({ file: b.file, message: `host "${host}" is also intercepted by ${a.file}` });
       if (hasSegmentPrefix(a.prefixSegments, b.prefixSegments) || hasSegmentPrefix(b.prefixSegments, a.prefixSegments)) {
         problems.push({ file: b.file, message: `prefix "${b.prefix}" overlaps prefix "${a.prefix}" of ${a.file}` });
       }
     }
   }
   return problems;
+}
+
+/**
+ * Forward mode: the route that intercepts `host` (exact, lower-case ASCII). A route that names the
+ * host in `hosts` wins; otherwise the one route whose upstream it is. Two routes sharing an
+ * upstream host without naming it are ambiguous, and the host is not intercepted.
+ */
+export function findRouteByHost(config: CompiledConfig, host: string): CompiledRoute | undefined {
+  const explicit = config.routes.find((r) => r.explicitHosts && r.hosts.has(host));
+  if (explicit) return explicit;
+  const byDefault = config.routes.filter((r) => !r.explicitHosts && r.hosts.has(host));
+  return byDefault.length === 1 ? byDefault[0] : undefined;
 }
 
 /** The route that owns a path, matched on whole segments. Prefixes never overlap, so at most one does. */

@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { z } from 'zod';
 import { HEADER_NAME } from '../injectors/headers.ts';
 import type { Injector } from '../injectors/index.ts';
@@ -89,6 +90,10 @@ export const routeFileSchema = z.strictObject({
   inject: z.union([injectOne, z.array(injectOne).min(1)]),
   timeouts: z.strictObject({ connect: duration.optional(), response: duration.optional() }).optional(),
   upstream_ca: z.string().min(1).optional(),
+  /** Forward mode: the hosts whose CONNECT tunnels this route intercepts (default: the upstream's host). */
+  hosts: z.array(z.string()
+    .regex(/^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$/, 'a lower-case DNS name (no trailing dot, punycode for IDNs)')
+    .refine((h) => isIP(h) === 0, 'an IP address is not a host name: forward mode intercepts names only')).min(1).optional(),
   /** Let this route reach loopback and private-network upstreams (local and test upstreams only). */
   allow_private_addresses: z.boolean().default(false),
   max_body: size.optional(),

@@ -10,6 +10,12 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   const raw = ctx.req.url ?? '';
   const hostLines = countHeader(ctx.req.rawHeaders, 'host');
   if (hostLines > 1) throw new ProxyError('bad_request', 'Duplicate Host header.');
+  if (ctx.forward) {
+    // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that host only.
+    const host = (ctx.req.headers.host ?? '').toLowerCase();
+    const expected = ctx.forward.port === 443 ? [ctx.forward.host, `${ctx.forward.host}:443`] : [`${ctx.forward.host}:${ctx.forward.port}`];
+    if (!expected.includes(host)) throw new ProxyError('misdirected_request', 'The Host header does not match the tunnel host.');
+  }
   ctx.target = parseTarget(raw);
 }
 

@@ -16,6 +16,8 @@ export interface RequestContext {
   readonly services: Services;
   /** performance.now() at arrival. */
   readonly startedAt: number;
+  /** Set for a request inside a forward-mode tunnel: the CONNECT host and the tunnel's caller token. */
+  readonly forward?: { readonly host: string; readonly port: number; readonly token: string };
   target?: Target;
   caller?: string;
   route?: CompiledRoute;

@@ -7,7 +7,8 @@ export const TOKEN_HEADER = 'x-egress-token';
 /** The caller is whoever holds a live token. Two token headers are ambiguous and refused. */
 export function identifyCaller(ctx: RequestContext): void {
   if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw new ProxyError('caller_unauthenticated', 'More than one caller token was sent.');
-  const token = ctx.req.headers[TOKEN_HEADER];
+  // In a forward-mode tunnel the token came with CONNECT (Proxy-Authorization); it is checked again for every request.
+  const token = ctx.forward ? ctx.forward.token : ctx.req.headers[TOKEN_HEADER];
   if (typeof token !== 'string' || token.length === 0) throw new ProxyError('caller_unauthenticated');
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.

@@ -28,8 +28,9 @@ export const STEPS: readonly Step[] = [
   forward,
 ];
 
-export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services): Promise<void> {
+export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward']): Promise<void> {
   const ctx: RequestContext = {
+    ...(forward ? { forward } : {}),
     id: randomUUID(),
     req,
     res,

@@ -17,7 +17,7 @@ export const LISTENER_LIMITS = Object.freeze({
 });
 
 /** The reverse-mode listener: every request goes through the pipeline with the config live at arrival. */
-export function createReverseServer(getConfig: () => CompiledConfig, services: Services): Server {
+export function createReverseServer(getConfig: () => CompiledConfig, services: Services, onConnect?: (req: IncomingMessage, socket: Duplex, head: Buffer) => void): Server {
   const server = createServer(
     {
       headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
@@ -37,7 +37,8 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
 
   // Protocol switches and tunnels are not API calls: refuse them with a proxy error.
   server.on('upgrade', (_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('bad_request', 'Protocol upgrades are not proxied.')));
-  server.on('connect', (_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'CONNECT tunnels are not available on this listener.')));
+  // Forward mode needs the CA (egress certs init); without it there are no tunnels at all.
+  server.on('connect', onConnect ?? ((_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'Forward mode is off: no CA in EGRESS_CERTS (run "egress certs init").'))));
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
     const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';

@@ -1,0 +1,156 @@
+import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { mkdir, open, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import forge from 'node-forge';
+import { UserError } from '../errors.ts';
+
+/**
+ * The forward-mode CA. Services trust certs/ca.pem; so that trusting it cannot be abused for any
+ * other site, the CA carries X.509 name constraints (RFC 5280 §4.2.1.10) permitting only the hosts
+ * the route files name (plus localhost). Certificates are assembled with node-forge and signed
+ * with node:crypto over the TBS bytes: forge's pure-JS RSA signing takes ~180 ms a certificate.
+ */
+
+export interface CaFiles {
+  readonly certPem: string;
+  readonly key: KeyObject;
+  readonly cert: forge.pki.Certificate;
+}
+
+export const CA_FILES = { cert: 'ca.pem', key: 'ca.key' } as const;
+
+function rsaKeyPair(): { publicPem: string; privateKey: KeyObject } {
+  const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return { publicPem: publicKey.export({ type: 'spki', format: 'pem' }).toString(), privateKey };
+}
+
+/** Sign a forge certificate's TBS bytes with a node:crypto RSA key (sha256WithRSAEncryption). */
+function signWith(cert: forge.pki.Certificate, key: KeyObject): void {
+  const oid = forge.pki.oids.sha256WithRSAEncryption!;
+  cert.signatureOid = oid;
+  cert.siginfo.algorithmOid = oid;
+  (cert as unknown as { md: forge.md.MessageDigest }).md = forge.md.sha256.create();
+  const tbs = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert);
+  (cert as unknown as { tbsCertificate: forge.asn1.Asn1 }).tbsCertificate = tbs;
+  const der = Buffer.from(forge.asn1.toDer(tbs).getBytes(), 'binary');
+  cert.signature = sign('sha256', der, key).toString('binary');
+}
+
+/** permittedSubtrees of dNSName entries: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }. */
+function nameConstraints(hosts: readonly string[]): forge.asn1.Asn1 {
+  const { asn1 } = forge;
+  const subtrees = hosts.map((host) =>
+    asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
+      // GeneralName dNSName [2] IA5String (implicit tag)
+      asn1.create(asn1.Class.CONTEXT_SPECIFIC, 2, false, host),
+    ]));
+  return asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [asn1.create(asn1.Class.CONTEXT_SPECIFIC, 0, true, subtrees)]);
+}
+
+function serial(): string {
+  // Positive, 16 random bytes.
+  const bytes = randomBytes(16);
+  bytes[0] = bytes[0]! & 0x7f;
+  return bytes.toString('hex');
+}
+
+export function createCa(hosts: readonly string[], now = new Date()): { certPem: string; keyPem: string } {
+  const { publicPem, privateKey } = rsaKeyPair();
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = forge.pki.publicKeyFromPem(publicPem);
+  cert.serialNumber = serial();
+  cert.validity.notBefore = new Date(now.getTime() - 60_000);
+  cert.validity.notAfter = new Date(now.getTime() + 5 * 365 * 86_400_000);
+  const name = [{ name: 'commonName', value: 'egress-proxy forward-mode CA' }, { name: 'organizationName', value: 'egress-proxy' }];
+  cert.setSubject(name);
+  cert.setIssuer(name);
+  const permitted = [...new Set([...hosts, 'localhost'])].sort();
+  cert.setExtensions([
+    { name: 'basicConstraints', cA: true, pathLenConstraint: 0, critical: true },
+    { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
+    { name: 'subjectKeyIdentifier' },
+    { id: '2.5.29.30', critical: true, value: nameConstraints(permitted) },
+  ]);
+  signWith(cert, privateKey);
+  return { certPem: forge.pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
+}
+
+export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  for (const [name, body, mode] of [[CA_FILES.key, files.keyPem, 0o600], [CA_FILES.cert, files.certPem, 0o644]] as const) {
+    const handle = await open(join(dir, name), overwrite ? 'w' : 'wx', mode).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'EEXIST') throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
+      throw err;
+    });
+    try {
+      await handle.chmod(mode);
+      await handle.writeFile(body);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+}
+
+/** Read the CA; its key must be readable by its owner only. Undefined when there is no CA. */
+export async function readCa(dir: string): Promise<CaFiles | undefined> {
+  const keyPath = join(dir, CA_FILES.key);
+  const info = await stat(keyPath).catch(() => undefined);
+  if (!info) return undefined;
+  if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
+  const certPem = await readFile(join(dir, CA_FILES.cert), 'utf8');
+  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: forge.pki.certificateFromPem(certPem) };
+}
+
+/**
+ * Leaf certificates for intercepted hosts: one key pair for all of them, short-lived leaves
+ * (1 day), cached per host until an hour before they expire. A leaf is only ever minted for a host
+ * a route names (the caller checks that first).
+ */
+export class LeafMinter {
+  readonly #ca: CaFiles;
+  readonly #keyPem: string;
+  readonly #publicKey: forge.pki.PublicKey;
+  readonly #cache = new Map<string, { certPem: string; until: number }>();
+
+  constructor(ca: CaFiles) {
+    this.#ca = ca;
+    const { publicPem, privateKey } = rsaKeyPair();
+    this.#keyPem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    this.#publicKey = forge.pki.publicKeyFromPem(publicPem);
+  }
+
+  get keyPem(): string {
+    return this.#keyPem;
+  }
+
+  get caPem(): string {
+    return this.#ca.certPem;
+  }
+
+  leaf(host: string, now = Date.now()): string {
+    const cached = this.#cache.get(host);
+    if (cached && cached.until > now) return cached.certPem;
+    const cert = forge.pki.createCertificate();
+    cert.publicKey = this.#publicKey;
+    cert.serialNumber = serial();
+    cert.validity.notBefore = new Date(now - 60_000);
+    cert.validity.notAfter = new Date(now + 86_400_000);
+    cert.setSubject([{ name: 'commonName', value: host }]);
+    cert.setIssuer(this.#ca.cert.subject.attributes);
+    cert.setExtensions([
+      { name: 'basicConstraints', cA: false, critical: true },
+      { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
+      { name: 'extKeyUsage', serverAuth: true },
+      { name: 'subjectAltName', altNames: [{ type: 2, value: host }] },
+    ]);
+    signWith(cert, this.#ca.key);
+    const certPem = forge.pki.certificateToPem(cert);
+    this.#cache.set(host, { certPem, until: now + 86_400_000 - 3_600_000 });
+    return certPem;
+  }
+
+  minted(): readonly string[] {
+    return [...this.#cache.keys()];
+  }
+}

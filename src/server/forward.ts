@@ -1,0 +1,117 @@
+import { randomUUID } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { isIP, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
+import { domainToASCII } from 'node:url';
+import type { CompiledConfig } from '../config/compile-routes.ts';
+import { findRouteByHost } from '../config/compile-routes.ts';
+import type { LeafMinter } from '../certs/ca.ts';
+import { handleRequest } from '../pipeline/index.ts';
+import type { Services } from '../pipeline/services.ts';
+import { ERROR_HEADER } from '../pipeline/send-error.ts';
+import { LISTENER_LIMITS } from './reverse.ts';
+
+/** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
+export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
+
+interface Tunnel {
+  readonly host: string;
+  readonly port: number;
+  readonly token: string;
+}
+
+/**
+ * Forward mode: `CONNECT host:port` from a caller with Proxy-Authorization. For a host a route
+ * names (and that route's port), the proxy answers 200, terminates TLS itself with a short-lived
+ * leaf for that host from its own CA, and runs every request inside through the same pipeline as
+ * reverse mode. Anything else gets an answer without a connection being opened: there are no blind
+ * tunnels.
+ */
+export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter) {
+  const tunnels = new WeakMap<Socket, Tunnel>();
+  const open = new Map<string, number>();
+  const contexts = new Map<string, SecureContext>();
+  const inner: Server = createServer({ headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
+    const tunnel = tunnels.get(req.socket);
+    if (!tunnel) return void res.destroy();
+    void handleRequest(req, res, getConfig(), services, tunnel);
+  });
+  inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
+
+  const contextFor = (host: string): SecureContext => {
+    let ctx = contexts.get(host);
+    if (!ctx) {
+      ctx = createSecureContext({ cert: `${minter.leaf(host)}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2' });
+      contexts.set(host, ctx);
+    }
+    return ctx;
+  };
+
+  return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
+    const raw = req.url ?? '';
+    const match = /^([^:[\]\s]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$/.exec(raw);
+    if (!match) return refuse(socket, 400, 'bad_request', 'CONNECT needs host:port.');
+    const rawHost = match[1]!;
+    const port = Number(match[2]);
+    if (isIP(rawHost.replace(/^\[|\]$/g, '')) !== 0) return refuse(socket, 403, 'route_forbidden', 'Tunnels to IP addresses are not allowed; use the host name a route names.');
+    // Exact match after IDNA to ASCII and lower-casing; a trailing dot is not the same host (SSRF-09).
+    const host = domainToASCII(rawHost).toLowerCase();
+    const token = proxyToken(req.headers['proxy-authorization']);
+    if (!token || !services.store.usable()) return refuse(socket, 407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    const found = services.store.identifyCaller(token);
+    if (!found.caller) return refuse(socket, 407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+    const route = host ? findRouteByHost(getConfig(), host) : undefined;
+    if (!route || !route.connectPorts.has(port)) return refuse(socket, 403, 'route_forbidden', 'No route intercepts this host and port.');
+    const caller = found.caller;
+    const count = open.get(caller) ?? 0;
+    if (count >= TUNNEL_LIMITS.perCaller) return refuse(socket, 429, 'rate_limited', 'Too many open tunnels for this caller.');
+    open.set(caller, count + 1);
+    const release = () => {
+      const n = (open.get(caller) ?? 1) - 1;
+      if (n <= 0) open.delete(caller);
+      else open.set(caller, n);
+    };
+
+    socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+    if (head.length > 0) socket.unshift(head);
+    const tls = new TLSSocket(socket as Socket, {
+      isServer: true,
+      secureContext: contextFor(host),
+      ALPNProtocols: ['http/1.1'],
+      // The SNI must name the CONNECT host (MITM-01); the callback never throws (CVE-2026-21637).
+      SNICallback: (servername, cb) => (servername.toLowerCase() === host ? cb(null, contextFor(host)) : cb(new Error('SNI does not match the CONNECT host'))),
+    });
+    const handshake = setTimeout(() => tls.destroy(), TUNNEL_LIMITS.handshakeMs);
+    tls.once('secure', () => clearTimeout(handshake));
+    tls.setTimeout(TUNNEL_LIMITS.idleMs, () => tls.destroy());
+    tls.on('error', () => tls.destroy());
+    tls.once('close', () => {
+      clearTimeout(handshake);
+      release();
+      socket.destroy();
+    });
+    tunnels.set(tls, { host, port, token });
+    inner.emit('connection', tls);
+  };
+}
+
+/** `Basic base64(caller:token)` (what HTTPS_PROXY=http://caller:token@… sends) or `Bearer token`. */
+function proxyToken(header: string | undefined): string | undefined {
+  if (!header) return undefined;
+  const bearer = /^Bearer (\S+)$/i.exec(header);
+  if (bearer) return bearer[1];
+  const basic = /^Basic ([A-Za-z0-9+/=]+)$/i.exec(header);
+  if (!basic) return undefined;
+  const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
+  const colon = decoded.indexOf(':');
+  return colon === -1 ? undefined : decodeURIComponent(decoded.slice(colon + 1));
+}
+
+function refuse(socket: Duplex, status: number, code: string, message: string): void {
+  const id = randomUUID();
+  const body = JSON.stringify({ error: { code, message, request_id: id } });
+  const reason = { 400: 'Bad Request', 403: 'Forbidden', 407: 'Proxy Authentication Required', 429: 'Too Many Requests' }[status] ?? 'Error';
+  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : '';
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+}

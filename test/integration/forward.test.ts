@@ -1,0 +1,182 @@
+import { execFile } from 'node:child_process';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
+import { promisify } from 'node:util';
+import { ProxyAgent, request } from 'undici';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { makeTestPki } from '../helpers/tls.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/**
+ * Forward mode: services keep their provider URLs and set HTTPS_PROXY; the proxy intercepts the
+ * tunnel with a leaf from its own name-constrained CA and runs the same checks as reverse mode.
+ */
+const run = promisify(execFile);
+const SECRET = 'sk_fwd_CANARY_9b1e';
+let upstream: Upstream;
+let proxy: TestProxy;
+let dir: string;
+let caPem: string;
+let token: string;
+let port: number;
+
+beforeAll(async () => {
+  const pki = makeTestPki();
+  upstream = await startUpstream(undefined, { key: pki.serverKey, cert: pki.serverCert });
+  dir = await makeTempDir('egress-forward-');
+  const seeded = await seedDataDir(dir, {
+    routes: {
+      bank: `name: bank
+prefix: /bank
+upstream: ${upstream.url}
+upstream_ca: ./server-ca.pem
+allow_private_addresses: true
+hosts: [api.bank.test]
+credential: key
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: svc
+    methods: [GET, POST]
+    paths: [/accounts]
+`,
+    },
+    files: { 'server-ca.pem': pki.caCert },
+    credentials: { key: { secret: SECRET } },
+    callers: ['svc'],
+  });
+  token = seeded.tokens.svc!;
+  const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+  const init = await runCli(['certs', 'init'], env);
+  expect(init.code, init.stderr).toBe(0);
+  caPem = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
+  proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs') } });
+  port = proxy.proxy.proxyAddress.port;
+}, 30_000);
+
+afterAll(async () => {
+  await proxy?.close();
+  await upstream?.close();
+});
+
+/** Send CONNECT and return the status line; the socket is handed back open on 200. */
+function connectTunnel(target: string, auth: string | null = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`): Promise<{ status: number; socket: import('node:net').Socket }> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => {
+      socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${auth ? `Proxy-Authorization: ${auth}\r\n` : ''}\r\n`);
+    });
+    let buf = '';
+    const onData = (d: Buffer) => {
+      buf += d.toString('latin1');
+      const end = buf.indexOf('\r\n\r\n');
+      if (end === -1) return;
+      socket.off('data', onData);
+      resolve({ status: Number(buf.slice(9, 12)), socket });
+    };
+    socket.on('data', onData);
+    socket.on('error', reject);
+  });
+}
+
+/** Inside an established tunnel: TLS with `servername`, then one raw request. */
+function inTunnel(socket: import('node:net').Socket, servername: string, host: string, path = '/accounts'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const tls = tlsConnect({ socket, servername, ca: caPem }, () => {
+      tls.write(`GET ${path} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+    });
+    let buf = '';
+    tls.on('data', (d: Buffer) => (buf += d.toString()));
+    tls.on('end', () => resolve(Number(buf.slice(9, 12))));
+    tls.on('error', reject);
+  });
+}
+
+describe('forward mode', () => {
+  it('certs init makes a CA whose name constraints permit only the routes\' hosts and localhost; its key is 0600', async () => {
+    const { stdout } = await run('openssl', ['x509', '-in', join(dir, 'certs', 'ca.pem'), '-noout', '-text']);
+    expect(stdout).toMatch(/X509v3 Name Constraints: critical\s+Permitted:\s+DNS:api\.bank\.test\s+DNS:localhost/);
+    expect(stdout).toContain('CA:TRUE, pathlen:0');
+    expect((await stat(join(dir, 'certs', 'ca.key'))).mode & 0o777).toBe(0o600);
+  });
+
+  it('curl through HTTPS_PROXY with --cacert reaches the upstream with the credential attached', async () => {
+    const before = upstream.requests.length;
+    await writeFile(join(dir, 'ca-for-curl.pem'), caPem);
+    const { stdout } = await run('curl', ['-sS', '--cacert', join(dir, 'ca-for-curl.pem'), 'https://api.bank.test/accounts'], {
+      env: { PATH: process.env.PATH ?? '', HTTPS_PROXY: `http://svc:${token}@127.0.0.1:${port}` },
+    });
+    expect(JSON.parse(stdout)).toMatchObject({ method: 'GET', url: '/accounts' });
+    const seen = upstream.requests.slice(before);
+    expect(seen).toHaveLength(1);
+    expect(seen[0]!.headers['x-api-key']).toBe(SECRET);
+    expect(seen[0]!.headers['proxy-authorization']).toBeUndefined();
+    expect(JSON.stringify(seen[0]!.headers)).not.toContain(token);
+  });
+
+  it('undici ProxyAgent works the same way', async () => {
+    const agent = new ProxyAgent({ uri: `http://127.0.0.1:${port}`, token: `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`, requestTls: { ca: caPem } });
+    try {
+      const res = await request('https://api.bank.test/accounts', { dispatcher: agent, method: 'POST', body: '{}' });
+      expect(res.statusCode).toBe(200);
+      expect(((await res.body.json()) as { method: string }).method).toBe('POST');
+    } finally {
+      await agent.close();
+    }
+  });
+
+  it('refuses, without opening any connection: a host no route names, another port, an IP literal, no credentials', async () => {
+    const before = upstream.requests.length;
+    expect((await connectTunnel('evil.example:443')).status).toBe(403);
+    expect((await connectTunnel('api.bank.test.:443')).status).toBe(403);
+    expect((await connectTunnel('api.bank.test:22')).status).toBe(403);
+    expect((await connectTunnel(`127.0.0.1:${upstream.port}`)).status).toBe(403);
+    expect((await connectTunnel('[::1]:443')).status).toBe(403);
+    expect((await connectTunnel('api.bank.test:443', null)).status).toBe(407);
+    expect((await connectTunnel('api.bank.test:443', `Basic ${Buffer.from('svc:egt_wrong').toString('base64')}`)).status).toBe(407);
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('an SNI different from the CONNECT host is refused in the handshake', async () => {
+    const before = upstream.requests.length;
+    const { status, socket } = await connectTunnel('api.bank.test:443');
+    expect(status).toBe(200);
+    // The handshake is aborted: the client gets an error or a bare close, never a response.
+    expect(await inTunnel(socket, 'evil.example', 'evil.example').catch(() => 0)).toBe(0);
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('an inner Host different from the CONNECT host gets 421; the allowlist applies inside the tunnel', async () => {
+    const before = upstream.requests.length;
+    const a = await connectTunnel('api.bank.test:443');
+    expect(await inTunnel(a.socket, 'api.bank.test', 'evil.example')).toBe(421);
+    const b = await connectTunnel('api.bank.test:443');
+    expect(await inTunnel(b.socket, 'api.bank.test', 'api.bank.test', '/admin')).toBe(403);
+    const c = await connectTunnel('api.bank.test:443');
+    expect(await inTunnel(c.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('without a CA, CONNECT is refused outright', async () => {
+    const other = await makeTempDir('egress-noca-');
+    await mkdir(join(other, 'certs'));
+    const { tokens } = await seedDataDir(other, { routes: {}, callers: ['svc'] });
+    const p = await startTestProxy({ routes: {}, dir: other, env: { EGRESS_CERTS: join(other, 'certs') } });
+    try {
+      const res = await new Promise<string>((resolve) => {
+        const s = connect(p.proxy.proxyAddress.port, '127.0.0.1', () => s.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nProxy-Authorization: Basic ${Buffer.from(`svc:${tokens.svc}`).toString('base64')}\r\n\r\n`));
+        let buf = '';
+        s.on('data', (d: Buffer) => (buf += d.toString()));
+        s.on('close', () => resolve(buf));
+      });
+      expect(res).toMatch(/^HTTP\/1\.1 403/);
+    } finally {
+      await p.close();
+    }
+  });
+});
