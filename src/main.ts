@@ -27,7 +27,9 @@ import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
 import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
-import { LeafMinter, readCa } from './certs/ca.ts';
+import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
+import { createTlsServer } from './server/tls.ts';
+import { join } from 'node:path';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
@@ -39,6 +41,8 @@ import { KeyringFile } from './store/keyring-file.ts';
 
 export interface RunningProxy {
   readonly proxyAddress: AddressInfo;
+  /** The TLS listener's address, when EGRESS_TLS_LISTEN is set. */
+  readonly tlsAddress: AddressInfo | undefined;
   readonly adminAddress: AddressInfo;
   readonly services: Services;
   readonly routes: RouteReloader;
@@ -108,6 +112,20 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     },
   }, metrics, { store, keys, audit }, { store, alerts, activity, routes: () => routes.config });
 
+  // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
+  let tls: Awaited<ReturnType<typeof createTlsServer>> | undefined;
+  if (settings.tlsListen) {
+    const read = (path: string, what: string) => readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
+      throw new UserError(`${what} ${path} cannot be read (${err.code ?? 'error'})`);
+    });
+    tls = await createTlsServer({
+      cert: await read(settings.tlsCert!, 'EGRESS_TLS_CERT'),
+      key: await read(settings.tlsKey!, 'EGRESS_TLS_KEY'),
+      clientCa: await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA'),
+      certsDir: settings.certsDir,
+    }, () => routes.config, services);
+    await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port);
+  }
   await listen(proxy, settings.listen.host, settings.listen.port);
   await listen(admin, settings.adminListen.host, settings.adminListen.port);
   const proxyAddress = proxy.address() as AddressInfo;
@@ -121,16 +139,19 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       keys.close();
       sweeper.close();
       clearInterval(ageCheck);
-      const drained = Promise.all([closeServer(proxy), closeServer(admin)]);
+      tls?.close();
+      const drained = Promise.all([closeServer(proxy), closeServer(admin), ...(tls ? [closeServer(tls.server)] : [])]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {
         proxy.closeIdleConnections();
         admin.closeIdleConnections();
+        tls?.server.closeIdleConnections();
       }, 50);
       const timer = setTimeout(() => {
         log.warn('drain deadline passed; closing the remaining connections');
         proxy.closeAllConnections();
         admin.closeAllConnections();
+        tls?.server.closeAllConnections();
       }, deadlineMs);
       timer.unref();
       await drained;
@@ -146,7 +167,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     })();
     return closing;
   };
-  return { proxyAddress, adminAddress, services, routes, close };
+  return { proxyAddress, adminAddress, tlsAddress: tls ? (tls.server.address() as AddressInfo) : undefined, services, routes, close };
 }
 
 /**

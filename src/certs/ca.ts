@@ -154,3 +154,26 @@ export class LeafMinter {
     return [...this.#cache.keys()];
   }
 }
+
+/** The one identity SAN of a caller certificate: a URI naming the caller. */
+export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
+
+/** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
+export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
+  const { publicPem, privateKey } = rsaKeyPair();
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = forge.pki.publicKeyFromPem(publicPem);
+  cert.serialNumber = serial();
+  cert.validity.notBefore = new Date(now.getTime() - 60_000);
+  cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
+  cert.setSubject([{ name: 'commonName', value: name }]);
+  cert.setIssuer(ca.cert.subject.attributes);
+  cert.setExtensions([
+    { name: 'basicConstraints', cA: false, critical: true },
+    { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
+    { name: 'extKeyUsage', clientAuth: true },
+    { name: 'subjectAltName', altNames: [{ type: 6, value: `${CALLER_URI_PREFIX}${name}` }] },
+  ]);
+  signWith(cert, ca.key);
+  return { certPem: forge.pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };
+}

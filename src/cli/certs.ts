@@ -1,10 +1,14 @@
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
-import { CA_FILES, createCa, writeCa } from '../certs/ca.ts';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
+import { addRevoked } from '../certs/revocations.ts';
+import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
-import { EXIT, maxArgs, ok, parse, type Outcome } from './io.ts';
+import { EXIT, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress certs init [--refresh]';
+const USAGE = 'usage: egress certs init [--refresh] | issue-caller NAME | revoke-caller NAME';
+const ISSUED = 'issued.json';
 
 /**
  * `egress certs init [--refresh]`: the forward-mode CA in EGRESS_CERTS (ca.pem, ca.key 0600). Its
@@ -14,9 +18,31 @@ const USAGE = 'usage: egress certs init [--refresh]';
 export async function certs(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { refresh: { type: 'boolean' } });
-  maxArgs(p.positionals, 0, USAGE);
-  if (sub !== 'init') throw new UserError(USAGE, EXIT.usage);
+  maxArgs(p.positionals, sub === 'init' ? 0 : 1, USAGE);
   const settings = p.settings();
+  if (sub === 'issue-caller' || sub === 'revoke-caller') {
+    const name = requireArg(p.positionals, 0, 'caller NAME');
+    if (!CALLER_NAME.test(name)) throw new UserError('caller names are lower-case letters, digits, ".", "_" and "-"', EXIT.usage);
+    const issuedPath = join(settings.certsDir, ISSUED);
+    const issued = JSON.parse(await readFile(issuedPath, 'utf8').catch(() => '{}')) as Record<string, string[]>;
+    if (sub === 'revoke-caller') {
+      const serials = Object.hasOwn(issued, name) ? issued[name]! : [];
+      if (serials.length === 0) throw new UserError(`no certificate was issued to caller "${name}" from ${settings.certsDir}`);
+      await addRevoked(settings.certsDir, serials, name);
+      return ok(`revoked ${serials.length} certificate${serials.length === 1 ? '' : 's'} of caller "${name}"; running TLS listeners refuse them and close their connections`, { caller: name, revoked: serials });
+    }
+    const ca = await readCa(settings.certsDir);
+    if (!ca) throw new UserError(`no CA in ${settings.certsDir}; run "egress certs init" first`);
+    const issuedCert = issueCallerCertificate(ca, name);
+    const dir = join(settings.certsDir, 'callers');
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFile(join(dir, `${name}.pem`), issuedCert.certPem, { mode: 0o644 });
+    await writeFile(join(dir, `${name}.key`), issuedCert.keyPem, { mode: 0o600 });
+    issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
+    await writeFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, { mode: 0o644 });
+    return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
+  }
+  if (sub !== 'init') throw new UserError(USAGE, EXIT.usage);
   const config = await loadRoutes(settings.routesDir).catch((err: unknown) => {
     if (err instanceof ConfigError) throw new UserError(`the route folder does not load, so the CA's permitted hosts are unknown:\n${err.problems.map(formatProblem).join('\n')}`);
     throw err;

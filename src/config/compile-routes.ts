@@ -61,6 +61,7 @@ export interface CompiledRoute {
   readonly upstreamCa: string | undefined;
   /** The route may reach private, loopback and link-local addresses (refused otherwise). */
   readonly allowPrivateAddresses: boolean;
+  readonly requireClientCert: boolean;
   readonly maxBody: number;
   readonly upstreamRate: RateLimitOptions | undefined;
   readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: string | undefined };
@@ -124,6 +125,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
     upstreamCa,
     allowPrivateAddresses: raw.allow_private_addresses,
+    requireClientCert: raw.require_client_cert,
     maxBody: raw.max_body ?? DEFAULTS.maxBody,
     upstreamRate: raw.upstream_rate,
     authFailure: Object.freeze({ statuses: new Set(raw.auth_failure?.status ?? [401]), bodyContains: raw.auth_failure?.body_contains }),

@@ -76,14 +76,14 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
   const tls = get('tlsListen');
   const logLevel = get('logLevel')!;
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) throw new UserError(`EGRESS_LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}`, 2);
-  if (tls) throw new UserError('EGRESS_TLS_LISTEN: the TLS listener is not available in this version', 2);
+  if (tls && (!get('tlsCert') || !get('tlsKey'))) throw new UserError('EGRESS_TLS_LISTEN needs EGRESS_TLS_CERT and EGRESS_TLS_KEY (the listener\'s own certificate and key files)', 2);
   const store = get('store')!;
   const masterKeyFile = resolve(get('masterKeyFile')!);
   const auditLog = get('auditLog')!;
   return {
     listen: parseHostPort(get('listen')!, 'EGRESS_LISTEN'),
     adminListen: parseHostPort(get('adminListen')!, 'EGRESS_ADMIN_LISTEN'),
-    tlsListen: undefined,
+    tlsListen: tls ? parseHostPort(tls, 'EGRESS_TLS_LISTEN') : undefined,
     tlsCert: get('tlsCert'),
     tlsKey: get('tlsKey'),
     clientCa: get('clientCa'),

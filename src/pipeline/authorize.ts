@@ -5,6 +5,7 @@ import type { RequestContext } from './context.ts';
 
 /** Deny by default: the caller needs a rule on this route naming the method and a matching path. */
 export function authorize(ctx: RequestContext): void {
+  if (ctx.route!.requireClientCert && !ctx.viaCertificate) throw new ProxyError('route_forbidden', 'This route requires a client certificate.');
   const decision = decide(ctx.route!, ctx.caller!, ctx.req.method ?? '', ctx.relativeSegments!);
   if (!decision.rule) throw new ProxyError('route_forbidden', undefined, { cause: decision.reason });
   ctx.rule = decision.rule;

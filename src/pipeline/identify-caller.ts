@@ -9,6 +9,14 @@ export function identifyCaller(ctx: RequestContext): void {
   if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw new ProxyError('caller_unauthenticated', 'More than one caller token was sent.');
   // In a forward-mode tunnel the token came with CONNECT (Proxy-Authorization); it is checked again for every request.
   const token = ctx.forward ? ctx.forward.token : ctx.req.headers[TOKEN_HEADER];
+  // A certificate that was presented but refused (another CA, CA:TRUE, revoked, bad SAN) refuses the request.
+  if (ctx.certificate?.refused) throw new ProxyError('caller_unauthenticated', `Client certificate refused: ${ctx.certificate.refused}.`);
+  if (ctx.certificate?.caller && (typeof token !== 'string' || token.length === 0)) {
+    if (!ctx.services.store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
+    ctx.caller = ctx.certificate.caller;
+    ctx.viaCertificate = true;
+    return;
+  }
   if (typeof token !== 'string' || token.length === 0) throw new ProxyError('caller_unauthenticated');
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.

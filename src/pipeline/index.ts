@@ -28,9 +28,10 @@ export const STEPS: readonly Step[] = [
   forward,
 ];
 
-export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward']): Promise<void> {
+export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward'], certificate?: RequestContext['certificate']): Promise<void> {
   const ctx: RequestContext = {
     ...(forward ? { forward } : {}),
+    ...(certificate ? { certificate } : {}),
     id: randomUUID(),
     req,
     res,

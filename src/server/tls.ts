@@ -1,0 +1,83 @@
+import { X509Certificate } from 'node:crypto';
+import { createServer, type Server } from 'node:https';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { TLSSocket } from 'node:tls';
+import type { CompiledConfig } from '../config/compile-routes.ts';
+import { CALLER_URI_PREFIX } from '../certs/ca.ts';
+import { RevocationList } from '../certs/revocations.ts';
+import { handleRequest } from '../pipeline/index.ts';
+import type { Services } from '../pipeline/services.ts';
+import { LISTENER_LIMITS } from './reverse.ts';
+
+/** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD). */
+const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
+
+export interface CertIdentity {
+  readonly caller?: string;
+  /** Why a presented certificate was refused. */
+  readonly refused?: string;
+  readonly serial?: string;
+}
+
+/**
+ * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
+ * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
+ * SAN whose name matches its CN, and a serial that is not revoked.
+ */
+export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
+  const peer = socket.getPeerCertificate(true);
+  if (!peer || Object.keys(peer).length === 0) return {};
+  if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
+  const leaf = new X509Certificate(peer.raw);
+  if (leaf.ca) return { refused: 'a CA certificate cannot be a caller identity' };
+  const issuer = peer.issuerCertificate;
+  if (!issuer || issuer === peer || issuer.fingerprint256 !== caFingerprint) return { refused: 'the certificate was not issued directly by the egress CA' };
+  const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
+  if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
+  const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
+  const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
+  if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
+  if (revoked.has(leaf.serialNumber)) return { refused: 'the certificate is revoked', serial: leaf.serialNumber };
+  return { caller: name, serial: leaf.serialNumber.toLowerCase() };
+}
+
+/** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
+export async function createTlsServer(options: { cert: string; key: string; clientCa: string; certsDir: string }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
+  const caFingerprint = new X509Certificate(options.clientCa).fingerprint256;
+  const sockets = new Set<TLSSocket>();
+  const serialOf = new WeakMap<TLSSocket, string>();
+  // A revocation closes the caller's open connections at once (AUTH-07).
+  const revoked = new RevocationList(options.certsDir, (serials) => {
+    for (const s of sockets) if (serials.has(serialOf.get(s) ?? '')) s.destroy();
+  });
+  await revoked.start();
+  const server = createServer({
+    cert: options.cert,
+    key: options.key,
+    ca: options.clientCa,
+    requestCert: true,
+    // Token callers have no certificate; a certificate that fails is refused per request, below.
+    rejectUnauthorized: false,
+    minVersion: 'TLSv1.2',
+    ciphers: CIPHERS,
+    honorCipherOrder: true,
+    handshakeTimeout: 10_000,
+    headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
+    requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
+    keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
+    maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
+    insecureHTTPParser: false,
+    joinDuplicateHeaders: false,
+  }, (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket as TLSSocket;
+    const identity = certIdentity(socket, caFingerprint, revoked);
+    if (identity.serial) serialOf.set(socket, identity.serial);
+    void handleRequest(req, res, getConfig(), services, undefined, identity);
+  });
+  server.on('secureConnection', (s: TLSSocket) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+  });
+  server.on('tlsClientError', (_err: Error, s: TLSSocket) => s.destroy());
+  return { server, close: () => revoked.close() };
+}

@@ -1,0 +1,131 @@
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import forge from 'node-forge';
+import { Agent, request } from 'undici';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { makeTestPki } from '../helpers/tls.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/** The TLS listener: callers identified by a client certificate from the egress CA. */
+const SECRET = 'sk_mtls_caller_CANARY_77';
+let upstream: Upstream;
+let proxy: TestProxy;
+let dir: string;
+let serverCa: string;
+let url: string;
+let caKey: forge.pki.rsa.PrivateKey;
+let caCert: forge.pki.Certificate;
+let svcToken: string;
+
+function issue(opts: { cn: string; uris: string[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; fromMs?: number; toMs?: number }) {
+  const keys = forge.pki.rsa.generateKeyPair(2048);
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = keys.publicKey;
+  cert.serialNumber = `7${Math.floor(Math.random() * 1e12).toString(16)}`;
+  cert.validity.notBefore = new Date(Date.now() + (opts.fromMs ?? -60_000));
+  cert.validity.notAfter = new Date(Date.now() + (opts.toMs ?? 86_400_000));
+  cert.setSubject([{ name: 'commonName', value: opts.cn }]);
+  const signer = opts.signer ?? { cert: caCert, key: caKey };
+  cert.setIssuer(signer.cert.subject.attributes);
+  cert.setExtensions([
+    { name: 'basicConstraints', cA: opts.ca ?? false, critical: true },
+    ...(opts.ca ? [{ name: 'keyUsage', keyCertSign: true, digitalSignature: true, critical: true }] : [{ name: 'extKeyUsage', clientAuth: true }]),
+    { name: 'subjectAltName', altNames: opts.uris.map((value) => ({ type: 6, value })) },
+  ]);
+  cert.sign(signer.key, forge.md.sha256.create());
+  return { cert, key: keys.privateKey, certPem: forge.pki.certificateToPem(cert), keyPem: forge.pki.privateKeyToPem(keys.privateKey) };
+}
+
+beforeAll(async () => {
+  upstream = await startUpstream();
+  dir = await makeTempDir('egress-tls-');
+  const pki = makeTestPki();
+  serverCa = pki.caCert;
+  const seeded = await seedDataDir(dir, {
+    routes: {
+      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n`,
+      strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
+    },
+    credentials: { key: { secret: SECRET } },
+    callers: ['svc'],
+  });
+  svcToken = seeded.tokens.svc!;
+  await writeFile(join(dir, 'server.pem'), pki.serverCert);
+  await writeFile(join(dir, 'server.key'), pki.serverKey, { mode: 0o600 });
+  const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+  expect((await runCli(['certs', 'init'], env)).code).toBe(0);
+  expect((await runCli(['certs', 'issue-caller', 'svc'], env)).code).toBe(0);
+  caKey = forge.pki.privateKeyFromPem(await readFile(join(dir, 'certs', 'ca.key'), 'utf8')) as forge.pki.rsa.PrivateKey;
+  caCert = forge.pki.certificateFromPem(await readFile(join(dir, 'certs', 'ca.pem'), 'utf8'));
+  proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key') } });
+  url = `https://127.0.0.1:${proxy.proxy.tlsAddress!.port}`;
+}, 60_000);
+
+afterAll(async () => {
+  await proxy?.close();
+  await upstream?.close();
+});
+
+async function call(path: string, client?: { cert: string; key: string }, headers: Record<string, string> = {}, agent?: Agent): Promise<number> {
+  const dispatcher = agent ?? new Agent({ connect: { ca: serverCa, ...(client ? { cert: client.cert, key: client.key } : {}) } });
+  try {
+    const res = await request(`${url}${path}`, { dispatcher, headers });
+    await res.body.dump();
+    return res.statusCode;
+  } finally {
+    if (!agent) await dispatcher.close();
+  }
+}
+
+const svcFiles = async () => ({ cert: await readFile(join(dir, 'certs', 'callers', 'svc.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'svc.key'), 'utf8') });
+
+describe('TLS listener with client certificates', () => {
+  it('identifies the caller by its certificate alone; the credential is attached; identity headers are stripped', async () => {
+    const before = upstream.requests.length;
+    expect(await call('/api/x', await svcFiles(), { 'x-forwarded-client-cert': 'By=spiffe://corp/admin', 'x-caller-id': 'admin' })).toBe(200);
+    const seen = upstream.requests.slice(before);
+    expect(seen[0]!.headers['x-api-key']).toBe(SECRET);
+    expect(seen[0]!.headers['x-forwarded-client-cert']).toBeUndefined();
+    expect(seen[0]!.headers['x-caller-id']).toBeUndefined();
+    expect((await readFile(join(dir, 'certs', 'callers', 'svc.pem'), 'utf8')).length).toBeGreaterThan(0);
+  });
+
+  it('tokens still work on this listener, but a route may require a certificate', async () => {
+    expect(await call('/api/x', undefined, { 'x-egress-token': svcToken })).toBe(200);
+    expect(await call('/strict/x', undefined, { 'x-egress-token': svcToken })).toBe(403);
+    expect(await call('/strict/x', await svcFiles())).toBe(200);
+  });
+
+  it.each([
+    ['from another CA', () => { const other = makeTestPki({ commonName: 'rogue CA' }); return { cert: other.serverCert, key: other.serverKey }; }],
+    ['expired', () => { const c = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], fromMs: -2 * 86_400_000, toMs: -86_400_000 }); return { cert: c.certPem, key: c.keyPem }; }],
+    ['a CN that disagrees with its identity SAN', () => { const c = issue({ cn: 'admin', uris: [`${CALLER_URI_PREFIX}svc`] }); return { cert: c.certPem, key: c.keyPem }; }],
+    ['two identity SANs', () => { const c = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`, `${CALLER_URI_PREFIX}admin`] }); return { cert: c.certPem, key: c.keyPem }; }],
+    ['a CA:TRUE leaf that signed a second identity', () => {
+      const rogue = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], ca: true });
+      const minted = issue({ cn: 'other', uris: [`${CALLER_URI_PREFIX}other`], signer: rogue });
+      return { cert: `${minted.certPem}${rogue.certPem}`, key: minted.keyPem };
+    }],
+  ])('refuses a certificate %s', async (_what, make) => {
+    const before = upstream.requests.length;
+    const status = await call('/api/x', make()).catch(() => 0);
+    expect([0, 401]).toContain(status);
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('revoke-caller: new requests are refused and an open connection is closed', async () => {
+    const agent = new Agent({ connect: { ca: serverCa, ...(await svcFiles()) }, keepAliveTimeout: 30_000 });
+    try {
+      expect(await call('/api/x', undefined, {}, agent)).toBe(200);
+      const revoked = await runCli(['certs', 'revoke-caller', 'svc'], envFor(dir, { EGRESS_CERTS: join(dir, 'certs') }));
+      expect(revoked.code).toBe(0);
+      await eventually(async () => (await call('/api/x', undefined, {}, agent).catch(() => 0)) !== 200, 3_000, 'the revocation');
+      expect([0, 401]).toContain(await call('/api/x', await svcFiles()).catch(() => 0));
+    } finally {
+      await agent.close();
+    }
+  });
+});
