@@ -13,10 +13,12 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   if (ctx.forward) {
     // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that host only.
     const host = (ctx.req.headers.host ?? '').toLowerCase();
-    const expected = ctx.forward.port === 443 ? [ctx.forward.host, `${ctx.forward.host}:443`] : [`${ctx.forward.host}:${ctx.forward.port}`];
+    const { host: fh, port } = ctx.forward;
+    const expected = port === 443 || port === 80 ? [fh, `${fh}:${port}`] : [`${fh}:${port}`];
     if (!expected.includes(host)) throw new ProxyError('misdirected_request', 'The Host header does not match the tunnel host.');
   }
-  ctx.target = parseTarget(raw);
+  // Absolute-form (a forward-proxy request without CONNECT): the path part, exactly as sent.
+  ctx.target = parseTarget(ctx.forward?.rawTarget ?? raw);
 }
 
 export function countHeader(rawHeaders: readonly string[], lowerName: string): number {

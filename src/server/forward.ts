@@ -11,6 +11,7 @@ import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { LISTENER_LIMITS } from './reverse.ts';
+import { proxyToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -94,18 +95,6 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     tunnels.set(tls, { host, port, token });
     inner.emit('connection', tls);
   };
-}
-
-/** `Basic base64(caller:token)` (what HTTPS_PROXY=http://caller:token@… sends) or `Bearer token`. */
-function proxyToken(header: string | undefined): string | undefined {
-  if (!header) return undefined;
-  const bearer = /^Bearer (\S+)$/i.exec(header);
-  if (bearer) return bearer[1];
-  const basic = /^Basic ([A-Za-z0-9+/=]+)$/i.exec(header);
-  if (!basic) return undefined;
-  const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
-  const colon = decoded.indexOf(':');
-  return colon === -1 ? undefined : decodeURIComponent(decoded.slice(colon + 1));
 }
 
 function refuse(socket: Duplex, status: number, code: string, message: string): void {

@@ -3,6 +3,8 @@ import type { Duplex } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
+import { findRouteByHost } from '../config/compile-routes.ts';
+import { proxyToken } from './proxy-auth.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -30,7 +32,7 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
       joinDuplicateHeaders: false,
     },
     (req: IncomingMessage, res: ServerResponse) => {
-      void handleRequest(req, res, getConfig(), services);
+      void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
     },
   );
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
@@ -51,6 +53,22 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
     socket.end(`HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   });
   return server;
+}
+
+/**
+ * `GET http://host/path` with Proxy-Authorization, for a host a route intercepts: handled like a
+ * request inside a tunnel to that host. The path is taken exactly as sent (no URL normalisation),
+ * so the target checks see the raw bytes. Anything else stays as it was (absolute-form is a 400).
+ */
+function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: string; port: number; token: string; rawTarget: string } | undefined {
+  const match = /^http:\/\/([a-z0-9.-]+)(?::(\d{1,5}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
+  const token = proxyToken(req.headers['proxy-authorization']);
+  if (!match || !token) return undefined;
+  const host = match[1]!.toLowerCase();
+  const port = Number(match[2] ?? 80);
+  const route = findRouteByHost(config, host);
+  if (!route || (port !== 80 && !route.connectPorts.has(port))) return undefined;
+  return { host, port, token, rawTarget: match[3] ?? '/' };
 }
 
 function refuseRaw(socket: Duplex, error: ProxyError): void {

@@ -162,6 +162,20 @@ describe('forward mode', () => {
     expect(upstream.requests.length - before).toBe(1);
   });
 
+  it('absolute-form http:// to a route\'s host (curl -x, no CONNECT) runs through the same checks', async () => {
+    const before = upstream.requests.length;
+    const { stdout } = await run('curl', ['-sS', '-x', `http://svc:${token}@127.0.0.1:${port}`, 'http://api.bank.test/accounts']);
+    expect(JSON.parse(stdout)).toMatchObject({ method: 'GET', url: '/accounts' });
+    expect(upstream.requests.at(-1)!.headers['x-api-key']).toBe(SECRET);
+    const denied = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '-x', `http://svc:${token}@127.0.0.1:${port}`, 'http://api.bank.test/admin']);
+    expect(denied.stdout).toBe('403');
+    const other = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '-x', `http://svc:${token}@127.0.0.1:${port}`, 'http://evil.example/accounts']);
+    expect(other.stdout).toBe('400');
+    const dots = await run('curl', ['-sS', '--path-as-is', '-o', '/dev/null', '-w', '%{http_code}', '-x', `http://svc:${token}@127.0.0.1:${port}`, 'http://api.bank.test/x/../accounts']);
+    expect(dots.stdout).toBe('400');
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
   it('without a CA, CONNECT is refused outright', async () => {
     const other = await makeTempDir('egress-noca-');
     await mkdir(join(other, 'certs'));
