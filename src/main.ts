@@ -43,6 +43,8 @@ export interface RunningProxy {
   readonly proxyAddress: AddressInfo;
   /** The TLS listener's address, when EGRESS_TLS_LISTEN is set. */
   readonly tlsAddress: AddressInfo | undefined;
+  /** Forward mode's leaf minter, when the CA exists (which hosts have leaves). */
+  readonly minter: LeafMinter | undefined;
   readonly adminAddress: AddressInfo;
   readonly services: Services;
   readonly routes: RouteReloader;
@@ -102,7 +104,8 @@ export async function startProxy(settings: Settings, options: { logDestination?:
 
   // Forward mode is on when the CA exists (egress certs init).
   const ca = await readCa(settings.certsDir);
-  const proxy = createReverseServer(() => routes.config, services, ca ? createForwardHandler(() => routes.config, services, new LeafMinter(ca)) : undefined);
+  const minter = ca ? new LeafMinter(ca) : undefined;
+  const proxy = createReverseServer(() => routes.config, services, minter ? createForwardHandler(() => routes.config, services, minter) : undefined);
   if (ca) log.info({ certs: settings.certsDir }, 'forward mode on: CONNECT to hosts the routes name is intercepted with the CA in EGRESS_CERTS');
   const admin = createAdminServer({
     readiness: () => {
@@ -167,7 +170,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
     })();
     return closing;
   };
-  return { proxyAddress, adminAddress, tlsAddress: tls ? (tls.server.address() as AddressInfo) : undefined, services, routes, close };
+  return { proxyAddress, adminAddress, minter, tlsAddress: tls ? (tls.server.address() as AddressInfo) : undefined, services, routes, close };
 }
 
 /**

@@ -142,6 +142,27 @@ describe('forward mode', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
+  it('a leaf is only ever minted for a host a route names', async () => {
+    expect((await connectTunnel('evil.example:443')).status).toBe(403);
+    expect((await connectTunnel('api.bank.test.evil.example:443')).status).toBe(403);
+    expect(proxy.proxy.minter!.minted()).toEqual(['api.bank.test']);
+  });
+
+  it('a caller holds at most 64 tunnels at once; the next gets 429', async () => {
+    const open = [];
+    for (let i = 0; i < 64; i++) {
+      const t = await connectTunnel('api.bank.test:443');
+      expect(t.status).toBe(200);
+      open.push(t.socket);
+    }
+    expect((await connectTunnel('api.bank.test:443')).status).toBe(429);
+    for (const s of open) s.destroy();
+    await new Promise((r) => setTimeout(r, 200));
+    const again = await connectTunnel('api.bank.test:443');
+    expect(again.status).toBe(200);
+    again.socket.destroy();
+  });
+
   it('an SNI different from the CONNECT host is refused in the handshake', async () => {
     const before = upstream.requests.length;
     const { status, socket } = await connectTunnel('api.bank.test:443');
