@@ -1,8 +1,12 @@
 import { startProxy } from '../main.ts';
 import { maxArgs, parse } from './io.ts';
+import { UserError } from '../errors.ts';
 
 /** `egress serve`: run the proxy until SIGTERM/SIGINT; SIGHUP reloads the route folder. */
 export async function serve(args: readonly string[]): Promise<number> {
+  // The lenient parser is what request smuggling needs (RFC 9112 §11.2): never run with it.
+  const flags = `${process.execArgv.join(' ')} ${process.env.NODE_OPTIONS ?? ''}`;
+  if (/--insecure-http-parser\b/.test(flags)) throw new UserError('refusing to serve with --insecure-http-parser (it lets requests be smuggled past the allowlist)');
   const p = parse(args);
   maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
   const proxy = await startProxy(p.settings());
