@@ -8,7 +8,7 @@ import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
-import { redactText } from './redact.ts';
+import { redactor, redactText } from './redact.ts';
 import { open } from './resolve-credential.ts';
 
 /** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
@@ -116,7 +116,7 @@ async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boo
 async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   const { req, res } = ctx;
   const { response } = attempt;
-  const redact = (value: string) => redactText(value, ctx.redactions);
+  const redact = redactor(ctx.redactions);
   const relayed = responseHeaders(response.headers as Record<string, string | string[] | undefined>, redact);
   relayed.push('x-request-id', ctx.id);
   try {
