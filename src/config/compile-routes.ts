@@ -140,7 +140,8 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
 
 function mergeClaims(all: readonly Claims[]): CompiledRoute['claims'] {
   return {
-    headers: new Set(all.flatMap((c) => c.headers.map((h) => h.toLowerCase()))),
+    // Folded as upstreams may read them ("_" and "-" alike): outboundHeaders compares folded names.
+    headers: new Set(all.flatMap((c) => c.headers.map((h) => h.toLowerCase().replaceAll('_', '-')))),
     query: new Set(all.flatMap((c) => c.query)),
     bodyFields: new Set(all.flatMap((c) => c.bodyFields)),
   };

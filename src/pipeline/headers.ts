@@ -55,7 +55,10 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
   const out: HeaderMap = new Map();
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = rawHeaders[i]!.toLowerCase();
-    if (DROP_ALWAYS.has(name) || listed.has(name) || claimed.has(name)) continue;
+    // Compare the name as upstreams may read it: CGI, WSGI and PHP servers fold "_" into "-"
+    // (PLAID_SECRET and PLAID-SECRET both become HTTP_PLAID_SECRET); x-forwarded-* goes as a family.
+    const folded = name.replaceAll('_', '-');
+    if (DROP_ALWAYS.has(folded) || folded.startsWith('x-forwarded-') || listed.has(name) || listed.has(folded) || claimed.has(folded)) continue;
     if (callerHeaders && !STANDARD_CALLER_HEADERS.has(name) && !callerHeaders.has(name)) continue;
     const values = out.get(name);
     if (values) values.push(rawHeaders[i + 1]!);

@@ -1,0 +1,239 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually } from '../helpers/proxy.ts';
+import { asA, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { RawConnection } from './raw-socket.ts';
+
+/**
+ * AUTH: caller authentication on the plain listener (tokens). Client-certificate cases (AUTH-01 no
+ * certificate, AUTH-03 expiry, AUTH-05 CA:TRUE leaves, AUTH-07 revocation of a certificate) are
+ * covered on the TLS listener by test/integration/tls-listener.test.ts and mtls.test.ts.
+ */
+let lab: Lab;
+
+beforeAll(async () => {
+  lab = await startLab();
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+});
+
+const PATH = '/plaid/accounts/get';
+
+async function post(headers: Record<string, string>, path = PATH): Promise<Response> {
+  const res = await fetch(`${lab.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: '{}', redirect: 'manual' });
+  return res;
+}
+
+interface Shape {
+  status: number;
+  code: string | null;
+  headerNames: string[];
+  body: { error: { code: string; message: string; request_id: string } };
+}
+
+async function shape(res: Response): Promise<Shape> {
+  const text = await res.text();
+  lab.seen(text + JSON.stringify([...res.headers]));
+  expect(text).not.toMatch(/at .*\.ts:\d+/);
+  const headerNames = [...res.headers.keys()].filter((n) => !['date', 'content-length'].includes(n)).sort();
+  return { status: res.status, code: res.headers.get('x-egress-error'), headerNames, body: JSON.parse(text) as Shape['body'] };
+}
+
+async function expect401(res: Response): Promise<Shape> {
+  const s = await shape(res);
+  expect(s.status).toBe(401);
+  expect(s.code).toBe('caller_unauthenticated');
+  expect(s.body.error.code).toBe('caller_unauthenticated');
+  expect(s.body.error.request_id).toBe(res.headers.get('x-request-id'));
+  return s;
+}
+
+describe('AUTH: caller tokens on the plain listener', () => {
+  it('AUTH-00 the valid token of caller a is accepted (control)', async () => {
+    const mark = lab.u.requests.length;
+    const res = await post(asA(lab));
+    lab.seen(await res.text());
+    expect(res.status).toBe(200);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await lab.g0(mark, 1);
+  });
+
+  it('AUTH-01t no token at all → 401, nothing at U', async () => {
+    const mark = lab.u.requests.length;
+    await expect401(await post({}));
+    await expect401(await post({ 'x-egress-token': '' }));
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-02 unknown tokens, well-formed or not → 401', async () => {
+    const mark = lab.u.requests.length;
+    const a = lab.tokens.a;
+    const candidates = [
+      `egt_${'A'.repeat(43)}`,
+      a.slice(0, -1),
+      `${a}x`,
+      a.slice(0, -1) + (a.endsWith('A') ? 'B' : 'A'),
+      a.toUpperCase() === a ? a.toLowerCase() : a.toUpperCase(),
+      ` ${a}x`,
+      'egt_',
+      'x'.repeat(4096),
+      lab.tokens.a.replace('egt_', 'ega_'),
+    ];
+    for (const token of candidates) await expect401(await post({ 'x-egress-token': token }));
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-02b constant-shape errors: unknown, near-miss, short, long and missing tokens answer alike', async () => {
+    const mark = lab.u.requests.length;
+    const a = lab.tokens.a;
+    const shapes = [
+      await expect401(await post({ 'x-egress-token': `egt_${'A'.repeat(43)}` })),
+      await expect401(await post({ 'x-egress-token': a.slice(0, -1) + (a.endsWith('A') ? 'B' : 'A') })),
+      await expect401(await post({ 'x-egress-token': 'short' })),
+      await expect401(await post({ 'x-egress-token': `${a}${'z'.repeat(200)}` })),
+    ];
+    const normal = shapes.map((s) => ({ status: s.status, code: s.code, headerNames: s.headerNames, message: s.body.error.message, keys: Object.keys(s.body.error).sort() }));
+    for (const n of normal) expect(n).toEqual(normal[0]);
+    // The message never echoes the token, nor says how much of it matched.
+    for (const s of shapes) expect(s.body.error.message).not.toMatch(/egt_|prefix|length|match/i);
+    // Missing token: same status, code and header set.
+    const missing = await expect401(await post({}));
+    expect(missing.headerNames).toEqual(normal[0]!.headerNames);
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-02c a token of another caller does not grant the first caller\'s routes', async () => {
+    const mark = lab.u.requests.length;
+    const res = await post({ 'x-egress-token': lab.tokens.b });
+    const s = await shape(res);
+    expect(s.status).toBe(403);
+    expect(s.code).toBe('route_forbidden');
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-04 two tokens (same header twice, a and b, a and a, comma-joined) → 401', async () => {
+    const mark = lab.u.requests.length;
+    const { a, b } = lab.tokens;
+    for (const pair of [[a, b], [b, a], [a, a], ['bogus', a]]) {
+      const raw = await rawRequest(lab.port, `POST ${PATH} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${pair[0]}\r\nx-egress-token: ${pair[1]}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      expect(statuses(raw), pair.join(' + ')).toEqual([401]);
+    }
+    // One header whose value lists two tokens is not a valid token either.
+    await expect401(await post({ 'x-egress-token': `${a}, ${b}` }));
+    await expect401(await post({ 'x-egress-token': `${a},${a}` }));
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-06 token in the query string, in Authorization, in a cookie or in Proxy-Authorization does not authenticate', async () => {
+    const mark = lab.u.requests.length;
+    const a = lab.tokens.a;
+    for (const q of [`?x-egress-token=${a}`, `?token=${a}`, `?access_token=${a}`, `?X-Egress-Token=${encodeURIComponent(a)}`]) {
+      await expect401(await post({}, `${PATH}${q}`));
+    }
+    await expect401(await post({ authorization: `Bearer ${a}` }));
+    await expect401(await post({ authorization: `Basic ${Buffer.from(`a:${a}`).toString('base64')}` }));
+    await expect401(await post({ cookie: `x-egress-token=${a}; token=${a}` }));
+    await expect401(await post({ 'proxy-authorization': `Bearer ${a}` }));
+    await expect401(await post({ 'x-egress-token-': a }));
+    await expect401(await post({ 'x_egress_token': a }));
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-06b the token is never forwarded to U, and Authorization/Proxy-Authorization from the caller are not', async () => {
+    const mark = lab.u.requests.length;
+    const res = await post(asA(lab, { 'proxy-authorization': 'Basic Zm9vOmJhcg==' }), `${PATH}?q=1`);
+    lab.seen(await res.text());
+    expect(res.status).toBe(200);
+    const r = lab.u.requests.at(-1)!;
+    expect(JSON.stringify(r.rawHeaders)).not.toContain(lab.tokens.a);
+    expect(r.headers['x-egress-token']).toBeUndefined();
+    expect(r.headers['proxy-authorization']).toBeUndefined();
+    await lab.g0(mark, 1);
+  });
+
+  it('AUTH-11 spoofed identity headers are ignored for authorisation and stripped before U', async () => {
+    const mark = lab.u.requests.length;
+    const spoof = {
+      'x-caller-id': 'a',
+      'x-egress-caller': 'a',
+      'x-forwarded-client-cert': 'By=spiffe://corp/svc-a;URI=spiffe://corp/svc-a',
+      'x-ssl-client-s-dn': 'CN=svc-a',
+      'x-ssl-client-verify': 'SUCCESS',
+      'x-client-cert': 'spiffe://corp/svc-a',
+      'x-remote-user': 'a',
+      'x-forwarded-user': 'a',
+    };
+    // Without a token, spoofed identity gets nothing.
+    await expect401(await post(spoof));
+    // b's token plus headers claiming to be a is still b: a's route stays forbidden.
+    const asB = await shape(await post({ 'x-egress-token': lab.tokens.b, ...spoof }));
+    expect(asB.status).toBe(403);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // a's valid token with headers claiming someone else: allowed as a, and the spoofed headers never reach U.
+    const res = await post(asA(lab, { 'x-caller-id': 'svc-admin', 'x-forwarded-client-cert': 'By=spiffe://corp/admin', 'x-ssl-client-s-dn': 'CN=svc-admin', 'x-forwarded-for': '10.0.0.1', forwarded: 'for=10.0.0.1' }));
+    lab.seen(await res.text());
+    expect(res.status).toBe(200);
+    const r = lab.u.requests.at(-1)!;
+    for (const name of ['x-forwarded-client-cert', 'x-forwarded-for', 'forwarded']) expect(r.headers[name], name).toBeUndefined();
+    await lab.g0(mark, 1);
+  });
+
+  it('AUTH-11b spoofed identity headers on a route that passes caller headers still cannot change the caller', async () => {
+    // The audit log names the caller that the token identified, not the one a header claims.
+    const mark = lab.u.requests.length;
+    const res = await post({ 'x-egress-token': lab.tokens.b, 'x-caller-id': 'a', 'x-egress-caller': 'a' }, '/plaid/transactions/get');
+    lab.seen(await res.text());
+    expect(res.status).toBe(403);
+    await lab.g0(mark, 0);
+  });
+
+  it('AUTH-07 revocation: a revoked caller token is refused within a second, with the same 401', async () => {
+    const env = envFor(lab.dir);
+    const added = await runCli(['callers', 'add', 'c', '--json'], env);
+    expect(added.code).toBe(0);
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    expect(token).toMatch(/^egt_/);
+    const mark = lab.u.requests.length;
+    // Known but not on the allowlist: 403 (authenticated), once the proxy has seen the new caller.
+    await eventually(async () => (await post({ 'x-egress-token': token }).then(async (r) => (await r.text(), r.status))) === 403, 3_000, 'new caller known');
+    const revoked = await runCli(['callers', 'revoke', 'c'], env);
+    expect(revoked.code).toBe(0);
+    const ms = await eventually(async () => (await post({ 'x-egress-token': token }).then(async (r) => (await r.text(), r.status))) === 401, 3_000, 'revocation applied');
+    expect(ms).toBeLessThan(2_000);
+    const s = await expect401(await post({ 'x-egress-token': token }));
+    const unknown = await expect401(await post({ 'x-egress-token': `egt_${'Q'.repeat(43)}` }));
+    expect(s.headerNames).toEqual(unknown.headerNames);
+    // Caller a is untouched by c's revocation.
+    const ok = await post(asA(lab));
+    lab.seen(await ok.text());
+    expect(ok.status).toBe(200);
+    await lab.g0(mark, 1);
+  });
+
+  it('AUTH-07b a keep-alive connection opened before the revocation cannot keep using the revoked token', async () => {
+    const env = envFor(lab.dir);
+    const added = await runCli(['callers', 'add', 'd', '--json'], env);
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    await eventually(async () => (await post({ 'x-egress-token': token }).then(async (r) => (await r.text(), r.status))) === 403, 3_000, 'new caller known');
+    const mark = lab.u.requests.length;
+    const conn = await RawConnection.open(lab.port);
+    try {
+      const req = `POST ${PATH} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${token}\r\nContent-Length: 0\r\n\r\n`;
+      const before = await conn.exchange(req, 200);
+      lab.seen(before);
+      expect(statuses(before)).toEqual([403]);
+      expect((await runCli(['callers', 'revoke', 'd'], env)).code).toBe(0);
+      await eventually(async () => (await post({ 'x-egress-token': token }).then(async (r) => (await r.text(), r.status))) === 401, 3_000, 'revocation applied');
+      const after = await conn.exchange(req, 300);
+      lab.seen(after);
+      if (!after) expect(conn.closed, "closed instead of answering").toBe(true);
+      else expect(statuses(after)).toEqual([401]);
+    } finally {
+      conn.close();
+    }
+    await lab.g0(mark, 0);
+  });
+});

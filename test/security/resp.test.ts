@@ -1,0 +1,385 @@
+import { createServer, type Server, type Socket } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CANARY, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+
+/**
+ * RESP: what upstream responses can do. Route /resp (U, caller a, any path) and /jbody (U, the
+ * secret merged into the JSON body) exercise redirects and echoes; route /raw points at a raw TCP
+ * server that answers with hand-made bytes chosen by the request path.
+ */
+let lab: Lab;
+let raw: Server;
+let rawPort: number;
+const rawSockets = new Set<Socket>();
+
+/** Hand-made upstream answers, by path (relative to the /raw prefix). */
+const RAW_ANSWERS: Record<string, () => string> = {
+  '/ctl-value': () => 'HTTP/1.1 200 OK\r\nContent-Type: \x01\r\nContent-Length: 2\r\n\r\nok',
+  '/space-name': () => 'HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 2\r\n\r\nok',
+  '/nul-value': () => 'HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok',
+  '/cr-value': () => 'HTTP/1.1 200 OK\r\nX-A: a\rSet-Cookie: injected=1\r\nContent-Length: 2\r\n\r\nok',
+  '/space-colon': () => 'HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok',
+  '/obs-fold': () => 'HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok',
+  '/cl-abc': () => 'HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok',
+  '/cl-dup': () => 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nokxyz',
+  '/cl-te': () => 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+  '/bad-status': () => 'HTTP/1.1 99999 Nope\r\nContent-Length: 2\r\n\r\nok',
+  '/not-http': () => 'SSH-2.0-OpenSSH_9.2\r\n\r\n',
+  '/switching': () => 'HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x02hi',
+  '/huge-headers': () => `HTTP/1.1 200 OK\r\n${Array.from({ length: 100 }, (_, i) => `X-H${i}: ${'h'.repeat(1024)}`).join('\r\n')}\r\nContent-Length: 2\r\n\r\nok`,
+  '/one-huge-header': () => `HTTP/1.1 200 OK\r\nX-Big: ${'h'.repeat(100 * 1024)}\r\nContent-Length: 2\r\n\r\nok`,
+  '/set-cookies': () => `HTTP/1.1 200 OK\r\n${Array.from({ length: 10_000 }, (_, i) => `Set-Cookie: c${i}=v`).join('\r\n')}\r\nContent-Length: 2\r\n\r\nok`,
+  '/truncated': () => 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort',
+  '/bad-chunk': () => 'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n',
+  // A second, unsolicited response after the first: must never be given to the next request.
+  '/poison': () => 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON',
+  '/clean': () => 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean',
+  '/hop': () => 'HTTP/1.1 200 OK\r\nConnection: X-Secret-Hop\r\nX-Secret-Hop: drop\r\nKeep-Alive: timeout=99\r\nProxy-Authenticate: Basic\r\nX-Egress-Error: forged\r\nContent-Length: 2\r\n\r\nok',
+};
+
+function rawHandler(socket: Socket): void {
+  rawSockets.add(socket);
+  socket.on('close', () => rawSockets.delete(socket));
+  socket.on('error', () => undefined);
+  let buf = '';
+  socket.on('data', (d: Buffer) => {
+    buf += d.toString('latin1');
+    for (;;) {
+      const end = buf.indexOf('\r\n\r\n');
+      if (end === -1) return;
+      const head = buf.slice(0, end);
+      buf = buf.slice(end + 4);
+      const cl = Number(/\r\ncontent-length:\s*(\d+)/i.exec(head)?.[1] ?? 0);
+      buf = buf.slice(cl);
+      const path = head.split(' ')[1] ?? '/';
+      const answer = RAW_ANSWERS[path];
+      // Keep the connection open (keep-alive) so that anything left over could be misread later.
+      socket.write(answer ? answer() : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
+    }
+  });
+}
+
+const REDIRECTS = [301, 302, 303, 307, 308];
+const BIG_ERROR = 2 * 1024 * 1024;
+
+function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void {
+  const url = req.url ?? '/';
+  const secret = String(req.headers['plaid-secret'] ?? '');
+  const parts = url.split('?')[0]!.split('/');
+  if (parts[1] === 'redirect') {
+    const code = Number(parts[2]);
+    const e = lab.e.url;
+    const location: Record<string, string> = {
+      abs: `${e}/steal`,
+      rel: '/steal',
+      protorel: `//127.0.0.1:${lab.e.port}/steal`,
+      meta: 'http://169.254.169.254/latest/meta-data/iam/security-credentials/',
+      metahttps: 'https://169.254.169.254/latest/meta-data/',
+      self: `${lab.url}/plaid/accounts/get`,
+      secret: `${e}/steal?k=${encodeURIComponent(secret)}`,
+    };
+    res.writeHead(code, { location: location[parts[3]!] ?? '/', 'content-type': 'application/json', 'content-length': 2 });
+    res.end('{}');
+    return;
+  }
+  if (url === '/echo-header') {
+    res.writeHead(200, { 'x-seen': secret, 'x-seen-b64': Buffer.from(secret).toString('base64'), 'set-cookie': [`s=${secret}`, 'ok=1'], 'content-length': 2 });
+    res.end('ok');
+    return;
+  }
+  if (url.startsWith('/echo-error')) {
+    const text = JSON.stringify({ error: 'INVALID_API_KEYS', message: `key ${secret} rejected`, echoed_body: body.toString('utf8') });
+    const enc = url.slice('/echo-error'.length).replace(/^-/, '');
+    const buf = Buffer.from(text);
+    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : buf;
+    res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
+    res.end(coded);
+    return;
+  }
+  if (url === '/bomb') {
+    // 64 MiB of zeros, gzip: about 64 KiB on the wire.
+    const zipped = gzipSync(Buffer.alloc(64 * 1024 * 1024));
+    res.writeHead(500, { 'content-encoding': 'gzip', 'content-type': 'text/plain', 'content-length': zipped.length });
+    res.end(zipped);
+    return;
+  }
+  if (url === '/late-secret') {
+    // The secret after more than 1 MiB of an error body: redacted, or the body is refused (502).
+    const text = `${'x'.repeat(BIG_ERROR)} secret=${secret}`;
+    res.writeHead(400, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(text) });
+    res.end(text);
+    return;
+  }
+  if (url === '/late-secret-gzip') {
+    const zipped = gzipSync(Buffer.from(`${'x'.repeat(BIG_ERROR)} secret=${secret}`));
+    res.writeHead(401, { 'content-encoding': 'gzip', 'content-length': zipped.length });
+    res.end(zipped);
+    return;
+  }
+  if (url === '/double-gzip') {
+    const zipped = gzipSync(gzipSync(Buffer.from(`rejected ${secret}`)));
+    res.writeHead(401, { 'content-encoding': 'gzip, gzip', 'content-length': zipped.length });
+    res.end(zipped);
+    return;
+  }
+  res.writeHead(200, { 'content-type': 'application/json' });
+  res.end(JSON.stringify({ method: req.method, url }));
+}
+
+beforeAll(async () => {
+  raw = createServer(rawHandler);
+  await new Promise<void>((r) => raw.listen(0, '127.0.0.1', r));
+  rawPort = (raw.address() as AddressInfo).port;
+  const route = (name: string, url: string, inject: string) => `name: ${name}
+prefix: /${name}
+upstream: ${url}
+allow_private_addresses: true
+credential: plaid
+inject:
+${inject}
+max_body: 64kb
+timeouts: { connect: 2s, response: 3s }
+allow:
+  - caller: a
+    methods: [GET, POST]
+    paths: [/**]
+`;
+  const headers = '  scheme: headers\n  headers:\n    PLAID-CLIENT-ID: "{client_id}"\n    PLAID-SECRET: "{secret}"';
+  lab = await startLab({
+    upstream,
+    routes: (u) => ({
+      resp: route('resp', u.url, headers),
+      jbody: route('jbody', u.url, '  scheme: json_body\n  fields:\n    secret: "{secret}"\n    client_id: "{client_id}"'),
+      raw: route('raw', `http://127.0.0.1:${rawPort}`, headers),
+    }),
+  });
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+  for (const s of rawSockets) s.destroy();
+  await new Promise<void>((r) => raw?.close(() => r()));
+});
+
+async function call(path: string, init: { method?: string; body?: string; headers?: Record<string, string> } = {}): Promise<{ status: number; headers: Headers; text: string; error: string | null }> {
+  const res = await fetch(`${lab.url}${path}`, {
+    method: init.method ?? 'POST',
+    headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json', ...init.headers },
+    body: (init.method ?? 'POST') === 'GET' ? undefined : (init.body ?? '{}'),
+    redirect: 'manual',
+  });
+  const text = await res.text();
+  lab.seen(`${res.status} ${JSON.stringify([...res.headers])} ${text}`);
+  expect(text).not.toMatch(/at .*\.(ts|js):\d+/);
+  return { status: res.status, headers: res.headers, text, error: res.headers.get('x-egress-error') };
+}
+
+describe('RESP: redirects', () => {
+  it('RESP-01 cross-origin redirects (301/302/303/307/308 to E, absolute) are passed back, never followed', async () => {
+    for (const code of REDIRECTS) {
+      const mark = lab.u.requests.length;
+      const r = await call(`/resp/redirect/${code}/abs`);
+      expect(r.status, String(code)).toBe(code);
+      expect(r.headers.get('location'), String(code)).toBe(`${lab.e.url}/steal`);
+      expect(lab.e.requests, String(code)).toHaveLength(0);
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-01b relative, protocol-relative and self-pointing redirects are not followed either', async () => {
+    for (const kind of ['rel', 'protorel', 'self']) {
+      for (const code of [302, 307]) {
+        const mark = lab.u.requests.length;
+        const r = await call(`/resp/redirect/${code}/${kind}`);
+        expect(r.status, `${code} ${kind}`).toBe(code);
+        // Exactly one request at U: a relative redirect was not followed back to U either.
+        expect(lab.u.requests.length - mark, `${code} ${kind}`).toBe(1);
+        expect(lab.e.requests).toHaveLength(0);
+        await lab.g0(mark, 1);
+      }
+    }
+  });
+
+  it('RESP-01c a 307/308 with a json_body route never replays the body carrying the secret anywhere', async () => {
+    for (const code of [307, 308]) {
+      const mark = lab.u.requests.length;
+      const r = await call(`/jbody/redirect/${code}/abs`, { body: '{"a":1}' });
+      expect(r.status).toBe(code);
+      expect(lab.u.requests.length - mark).toBe(1);
+      expect(lab.u.requests.at(-1)!.body.toString()).toContain(CANARY);
+      expect(lab.e.requests).toHaveLength(0);
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-01d a redirect whose Location carries the injected secret is redacted for the caller', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/redirect/302/secret');
+    expect(r.status).toBe(302);
+    expect(r.headers.get('location')).not.toContain(CANARY);
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-03 redirects to the metadata address are not followed (no connection is made)', async () => {
+    for (const kind of ['meta', 'metahttps']) {
+      for (const code of REDIRECTS) {
+        const mark = lab.u.requests.length;
+        const started = Date.now();
+        const r = await call(`/resp/redirect/${code}/${kind}`);
+        expect(r.status, `${code} ${kind}`).toBe(code);
+        expect(r.headers.get('location')).toMatch(/^https?:\/\/169\.254\.169\.254\//);
+        // Following it would mean a connect attempt to a blackholed address (a 2 s connect timeout).
+        expect(Date.now() - started).toBeLessThan(1_500);
+        await lab.g0(mark, 1);
+      }
+    }
+  });
+});
+
+describe('RESP: secrets echoed by the upstream', () => {
+  it('RESP-04 the secret echoed in response headers (incl. Set-Cookie) is redacted', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/echo-header');
+    expect(r.status).toBe(200);
+    expect(r.headers.get('x-seen')).toBe('[REDACTED]');
+    expect(r.headers.get('x-seen-b64') ?? '').not.toContain(Buffer.from(CANARY).toString('base64'));
+    expect(r.headers.get('set-cookie') ?? '').not.toContain(CANARY);
+    expect(r.headers.get('set-cookie') ?? '').toContain('ok=1');
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-04b the secret echoed in an error body, plain, gzip, deflate or br, is redacted', async () => {
+    for (const enc of ['', '-gzip', '-deflate', '-br']) {
+      const mark = lab.u.requests.length;
+      const r = await call(`/resp/echo-error${enc}`);
+      expect(r.status, enc).toBe(400);
+      expect(r.text, enc).toContain('[REDACTED]');
+      expect(r.text, enc).toContain('INVALID_API_KEYS');
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-04c the json_body secret echoed back in an error body is redacted', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/jbody/echo-error', { body: '{"x":1}' });
+    expect(r.status).toBe(400);
+    expect(r.text).toContain('[REDACTED]');
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-06 a decompression bomb (64 MiB of gzip zeros) as an error body is bounded', async () => {
+    const mark = lab.u.requests.length;
+    const started = Date.now();
+    const r = await call('/resp/bomb');
+    expect([500, 502]).toContain(r.status);
+    expect(r.text.length).toBeLessThan(2 * 1024 * 1024);
+    expect(Date.now() - started).toBeLessThan(5_000);
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-06b a secret past the 1 MiB inspection window of an error body never reaches the caller', async () => {
+    for (const path of ['/resp/late-secret', '/resp/late-secret-gzip']) {
+      const mark = lab.u.requests.length;
+      const r = await call(path);
+      expect([400, 401, 502], path).toContain(r.status);
+      expect(r.text, path).not.toContain(CANARY);
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-06c stacked encodings (gzip, gzip) in an error body: the secret is still not shown', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/double-gzip');
+    expect([401, 502]).toContain(r.status);
+    await lab.g0(mark, 1);
+  });
+});
+
+describe('RESP: malformed upstream responses', () => {
+  it('RESP-05 bad header bytes (control byte value, a name with a space, NUL, bare CR) → 502, no crash', async () => {
+    for (const path of ['/ctl-value', '/space-name', '/nul-value', '/cr-value', '/space-colon', '/obs-fold']) {
+      const r = await call(`/raw${path}`);
+      expect(r.status, path).toBe(502);
+      expect(r.error, path).toBe('upstream_error');
+      expect(JSON.stringify([...r.headers]), path).not.toContain('injected');
+      await lab.g0();
+    }
+  });
+
+  it('RESP-05b broken framing from the upstream (CL abc, two CLs, CL+TE, bad chunk, bad status, not HTTP, unsolicited 101) → 502', async () => {
+    for (const path of ['/cl-abc', '/cl-dup', '/cl-te', '/bad-chunk', '/bad-status', '/not-http', '/switching']) {
+      const r = await call(`/raw${path}`).catch((e: Error) => ({ status: 0, text: '', cut: `${e.message} ${String((e.cause as Error | undefined)?.message)}` }));
+      // A bad chunk arrives after a valid head: the proxy may already have relayed the head, so
+      // the caller's connection is cut instead (never a complete-looking response). Everything else is a 502.
+      if (path === '/bad-chunk' && r.status === 0) expect('cut' in r && r.cut).toMatch(/terminated|closed|socket/i);
+      else expect(r.status, path).toBe(502);
+      expect(r.text, path).not.toContain('POISON');
+      await lab.g0();
+    }
+  });
+
+  it('RESP-05c a truncated body is cut off, not padded or retried', async () => {
+    let outcome: string;
+    try {
+      const res = await fetch(`${lab.url}/raw/truncated`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+      if (res.status >= 500) outcome = `status ${res.status}`;
+      else {
+        try {
+          outcome = `complete ${res.status} ${await res.text()}`;
+        } catch {
+          outcome = 'cut';
+        }
+      }
+    } catch {
+      outcome = 'cut';
+    }
+    lab.seen(outcome);
+    // Either an error status before the head, or the caller's connection cut short: never a complete response.
+    expect(outcome).toMatch(/^(cut|status 50[24])$/);
+    await lab.g0();
+  });
+
+  it('RESP-07 huge response headers: 100 KiB, one 100 KiB header, or 10k Set-Cookie → 502', async () => {
+    for (const path of ['/huge-headers', '/one-huge-header', '/set-cookies']) {
+      const started = Date.now();
+      const r = await call(`/raw${path}`);
+      expect(r.status, path).toBe(502);
+      expect(r.error, path).toBe('upstream_error');
+      expect(Date.now() - started).toBeLessThan(3_000);
+      await lab.g0();
+    }
+  });
+
+  it('RESP-08 hop-by-hop and proxy-owned response headers are not relayed', async () => {
+    const r = await call('/raw/hop');
+    expect(r.status).toBe(200);
+    for (const h of ['x-secret-hop', 'proxy-authenticate', 'x-egress-error']) expect(r.headers.get(h), h).toBeNull();
+    // The proxy's own keep-alive header may be present; the upstream's never is.
+    expect(r.headers.get('keep-alive') ?? '').not.toContain('99');
+    expect(r.headers.get('connection') ?? '').not.toMatch(/secret-hop/i);
+    expect(r.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
+    await lab.g0();
+  });
+
+  it('RESP-09 an unsolicited second response from the upstream is never served to a later request', async () => {
+    const first = await call('/raw/poison');
+    expect(first.status).toBe(200);
+    expect(first.text).toBe('ok');
+    for (let i = 0; i < 3; i++) {
+      const next = await call('/raw/clean');
+      expect(next.text).not.toContain('POISON');
+      expect([200, 502]).toContain(next.status);
+      if (next.status === 200) expect(next.text).toBe('clean');
+    }
+    // And on one caller connection, pipelined.
+    const rawAnswer = await rawRequest(lab.port, `POST /raw/poison HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\nPOST /raw/clean HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+    lab.seen(rawAnswer);
+    expect(rawAnswer).not.toContain('POISON');
+    expect(statuses(rawAnswer)[0]).toBe(200);
+    await lab.g0();
+  });
+});

@@ -1,0 +1,249 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { asA, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+
+/**
+ * ROUTE: the allowlist authorises exactly the bytes that are forwarded. Caller a may only
+ * POST /plaid/transactions/get and /plaid/accounts/get. A second route, /plaid-admin, points at E
+ * and names no rule for a, so anything that reaches E through it is a bypass.
+ */
+let lab: Lab;
+
+beforeAll(async () => {
+  lab = await startLab({
+    routes: (_u, e) => ({
+      'plaid-admin': `name: plaid-admin
+prefix: /plaid-admin
+upstream: ${e.url}
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-Admin: "{client_id}"
+allow:
+  - caller: b
+    methods: [GET]
+    paths: [/only-b]
+`,
+    }),
+  });
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+});
+
+/** One raw request from caller a on its own connection; the status codes it got. */
+async function send(target: string, method = 'POST', extra: string[] = [], token = lab.tokens.a): Promise<number[]> {
+  const lines = [`${method} ${target} HTTP/1.1`, 'Host: p', `X-Egress-Token: ${token}`, 'Content-Type: application/json', 'Content-Length: 2', ...extra, 'Connection: close', '', '{}'];
+  const raw = await rawRequest(lab.port, lines.join('\r\n'));
+  lab.seen(raw);
+  return statuses(raw);
+}
+
+async function refused(targets: readonly string[], allowed: readonly number[], method = 'POST'): Promise<void> {
+  for (const t of targets) {
+    const got = await send(t, method);
+    expect(got.length, t).toBe(1);
+    expect(allowed, `${method} ${t} -> ${got[0]}`).toContain(got[0]);
+  }
+}
+
+describe('ROUTE: allowlist and paths', () => {
+  it('ROUTE-00 the allowed request is forwarded with exactly the matched path (control)', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/plaid/accounts/get')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe('/accounts/get');
+    expect(lab.u.requests.at(-1)!.method).toBe('POST');
+    await lab.g0(mark, 1);
+  });
+
+  it('ROUTE-01 prefix confusion: matched on whole segments', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaidx/transactions/get', '/plaidaccounts/get', '/plaid_/accounts/get', '/plaid.json/accounts/get', '/plaid;x/accounts/get', '/plaid-admin/x', '/plaid-admin/only-b', '/plaid-admin/accounts/get'], [403, 404]);
+    await lab.g0(mark, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-01b path confusion inside the route: suffixes, extra segments, trailing slash, bare prefix', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaid/accounts/getx', '/plaid/accounts/get/x', '/plaid/accounts/get/', '/plaid/accounts', '/plaid/', '/plaid', '/plaid/accounts/get.json', '/plaid/xaccounts/get', '/plaid/accounts/ge'], [400, 403, 404]);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-02 raw dot segments → 400', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaid/accounts/get/../../item/remove', '/plaid/accounts/../item/remove', '/plaid/./item/remove', '/plaid/accounts/get/..', '/plaid/..', '/plaid-admin/../plaid/accounts/get', '/plaid/../plaid-admin/x'], [400]);
+    await lab.g0(mark, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-03 encoded dots → 400 (%2e%2e, .%2E, %2E., %2e)', async () => {
+    const mark = lab.u.requests.length;
+    await refused([
+      '/plaid/accounts/get/%2e%2e/%2e%2e/item/remove',
+      '/plaid/accounts/get/.%2E/.%2e/item/remove',
+      '/plaid/accounts/get/%2E./%2e./item/remove',
+      '/plaid/%2e/item/remove',
+      '/plaid/%2E%2E/plaid-admin/x',
+      '/plaid-admin/%2e%2e/plaid/accounts/get',
+    ], [400]);
+    await lab.g0(mark, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-03b dot look-alikes (overlong UTF-8, fullwidth, %u) are not dots and match nothing', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaid/accounts/get/%c0%ae%c0%ae/item/remove', '/plaid/accounts/get/%ef%bc%8e%ef%bc%8e/item/remove', '/plaid/accounts/get/%u002e%u002e/item', '/plaid/accounts/get/%e0%80%ae%e0%80%ae/x'], [400, 403, 404]);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-04 encoded slash, backslash, NUL, CR/LF, tab and malformed escapes → 400', async () => {
+    const mark = lab.u.requests.length;
+    await refused([
+      '/plaid/accounts%2fget', '/plaid/accounts%2Fget', '/plaid%2faccounts/get', '/plaid/accounts%5cget', '/plaid/accounts%5Cget',
+      '/plaid/accounts/get%00', '/plaid/accounts/get%0d%0aX-Injected:%201', '/plaid/accounts/get%09', '/plaid/accounts/get%7f',
+      '/plaid/accounts/get%', '/plaid/accounts/get%zz', '/plaid/accounts/get%2', '/plaid//accounts/get', '/plaid/accounts//get',
+      '/plaid/accounts/get#x', '/plaid\\accounts\\get', '/plaid/accounts/get?x=%00',
+    ], [400]);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-05 double encoding: no second decode; refused or sent exactly as matched', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaid/accounts/get/%252e%252e%252fitem', '/plaid/accounts%252fget', '/plaid/%252e%252e/plaid-admin/x', '/plaid/%2561ccounts/get', '/pl%2561id/accounts/get'], [400, 403, 404]);
+    await lab.g0(mark, 0);
+    // In the query, encodings pass through untouched and do not change the path.
+    const m2 = lab.u.requests.length;
+    expect(await send('/plaid/accounts/get?x=%252e%252e%252f&y=../../item/remove')).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(r.url).toBe('/accounts/get?x=%252e%252e%252f&y=../../item/remove');
+    await lab.g0(m2, 1);
+  });
+
+  it('ROUTE-07 semicolons and matrix parameters: 400 or no match', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/plaid;x/../item/remove', '/plaid/accounts/get;/../../item/remove', '/plaid/accounts;x/../item/remove'], [400]);
+    await refused(['/plaid/transactions/get;.json', '/plaid/accounts/get;', '/plaid/accounts;/get', '/plaid;/accounts/get', '/plaid/accounts/get;jsessionid=1', '/plaid/accounts/get%3b.json'], [400, 403, 404]);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-09 methods: GET/HEAD/OPTIONS/TRACE/PROPFIND/DELETE/PUT/PATCH on a POST route → 403/405', async () => {
+    const mark = lab.u.requests.length;
+    for (const method of ['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE', 'PUT', 'PATCH', 'MKCOL', 'SEARCH']) {
+      const raw = await rawRequest(lab.port, `${method} /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      const got = statuses(raw);
+      expect(got.length, method).toBe(1);
+      expect([400, 403, 405], `${method} -> ${got[0]}`).toContain(got[0]);
+    }
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-09b lower-case and odd method spellings are not POST', async () => {
+    const mark = lab.u.requests.length;
+    for (const method of ['post', 'Post', 'POSTX', 'P0ST', 'PO ST']) {
+      const raw = await rawRequest(lab.port, `${method} /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      const got = statuses(raw);
+      // Node's parser may just close the connection on an unknown method; otherwise 400/403/405.
+      for (const s of got) expect([400, 403, 405], `${JSON.stringify(method)} -> ${s}`).toContain(s);
+    }
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-09c method-override headers cannot change the method, and are stripped before U', async () => {
+    const mark = lab.u.requests.length;
+    // GET + override to POST: still a GET, still refused.
+    expect(await send('/plaid/accounts/get', 'GET', ['X-HTTP-Method-Override: POST', 'X-HTTP-Method: POST', 'X-Method-Override: POST'])).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // POST + override to DELETE: forwarded as a POST without the override headers.
+    expect(await send('/plaid/accounts/get', 'POST', ['X-HTTP-Method-Override: DELETE', 'X-HTTP-Method: DELETE', 'X-Method-Override: DELETE'])).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(r.method).toBe('POST');
+    for (const name of ['x-http-method-override', 'x-http-method', 'x-method-override']) expect(r.headers[name], name).toBeUndefined();
+    expect(JSON.stringify(r.rawHeaders)).not.toContain('DELETE');
+    await lab.g0(mark, 1);
+  });
+
+  it('ROUTE-11 case: matching is case-sensitive', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/PLAID/Transactions/get', '/Plaid/accounts/get', '/plaid/Accounts/get', '/plaid/ACCOUNTS/GET', '/plaid/accounts/Get', '/pl%41id/accounts/get'], [403, 404]);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-13 absolute-form and other non-origin targets on the reverse port → 400; no connection to the named host', async () => {
+    const mark = lab.u.requests.length;
+    const e = `127.0.0.1:${lab.e.port}`;
+    await refused([
+      'http://evil.example/plaid/accounts/get',
+      'https://evil.example/plaid/accounts/get',
+      `http://${e}/plaid/accounts/get`,
+      `http://${e}/plaid-admin/only-b`,
+      'http://169.254.169.254/latest/meta-data/',
+      `HTTP://${e}/plaid/accounts/get`,
+      '//evil.example/plaid/accounts/get',
+      'evil.example/plaid/accounts/get',
+      '*',
+      'plaid/accounts/get',
+    ], [400]);
+    await lab.g0(mark, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-13b CONNECT on the reverse listener (forward mode off) is refused; E gets nothing', async () => {
+    const mark = lab.u.requests.length;
+    const e = `127.0.0.1:${lab.e.port}`;
+    const raw = await rawRequest(lab.port, `CONNECT ${e} HTTP/1.1\r\nHost: ${e}\r\nProxy-Authorization: Bearer ${lab.tokens.a}\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\nGET /plaid-admin/only-b HTTP/1.1\r\nHost: ${e}\r\n\r\n`);
+    lab.seen(raw);
+    const got = statuses(raw);
+    expect(got.length).toBeGreaterThanOrEqual(1);
+    expect(got[0]).not.toBe(200);
+    expect([400, 403, 404, 405, 407]).toContain(got[0]);
+    await lab.g0(mark, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-13c the caller\'s Host header never chooses the upstream', async () => {
+    const mark = lab.u.requests.length;
+    const e = `127.0.0.1:${lab.e.port}`;
+    for (const host of [e, 'evil.example', '169.254.169.254']) {
+      const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: ${host}\r\nX-Egress-Token: ${lab.tokens.a}\r\nX-Forwarded-Host: ${e}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      expect(statuses(raw)).toEqual([200]);
+      expect(lab.u.requests.at(-1)!.headers.host).toBe(`127.0.0.1:${lab.u.port}`);
+      expect(lab.u.requests.at(-1)!.headers['x-forwarded-host']).toBeUndefined();
+    }
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 3);
+  });
+
+  it('ROUTE-15 encoded prefix or path: decoded then matched, and forwarded canonically', async () => {
+    const mark = lab.u.requests.length;
+    for (const target of ['/pl%61id/accounts/get', '/plaid/%61ccounts/get', '/%70%6C%61%69%64/%61%63%63%6f%75%6e%74%73/%67%65%74']) {
+      const got = await send(target);
+      expect(got.length, target).toBe(1);
+      expect([200, 404], `${target} -> ${got[0]}`).toContain(got[0]);
+      if (got[0] === 200) expect(lab.u.requests.at(-1)!.url, target).toBe('/accounts/get');
+    }
+    await lab.g0(mark, 3);
+    // The encoded form of a forbidden path stays forbidden.
+    const m2 = lab.u.requests.length;
+    await refused(['/pl%61id/item/remove', '/plaid/%69tem/remove', '/pl%61id-admin/x', '/plaid%2dadmin/only-b'], [403, 404]);
+    await lab.g0(m2, 0);
+    expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-16 caller b cannot reach a\'s paths, and a cannot reach b\'s, in any spelling', async () => {
+    const mark = lab.u.requests.length;
+    for (const t of ['/plaid/accounts/get', '/pl%61id/accounts/get']) {
+      const got = await send(t, 'POST', [], lab.tokens.b);
+      expect([403, 404], t).toContain(got[0]);
+    }
+    for (const t of ['/plaid/institutions/x', '/plaid/institutions/%78']) {
+      const got = await send(t, 'GET', [], lab.tokens.a);
+      expect([403, 404], t).toContain(got[0]);
+    }
+    await lab.g0(mark, 0);
+  });
+});

@@ -1,0 +1,301 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startLab, statuses, type Lab } from './lab.ts';
+import { RawConnection, rawExchange } from './raw-socket.ts';
+
+/**
+ * SMUG: framing. Every case is raw bytes on one keep-alive socket, with a smuggled request for
+ * /plaid/item/remove (which no caller may call) behind the first one. The outcome is either 400 and
+ * the connection closed, or exactly one normalised request at U; /item/remove never reaches U, and
+ * any request after the first is authorised on its own.
+ */
+let lab: Lab;
+
+beforeAll(async () => {
+  lab = await startLab();
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+});
+
+const HEAD = () => `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Type: application/json\r\n`;
+/** The smuggled request: no token, a forbidden path. */
+const SMUGGLED = 'POST /plaid/item/remove HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n';
+/** The smuggled request carrying a's token: must be refused by the allowlist on its own. */
+const SMUGGLED_A = () => `POST /plaid/item/remove HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n`;
+
+function neverSmuggled(mark: number): void {
+  const urls = lab.u.requests.slice(mark).map((r) => r.url);
+  for (const url of urls) expect(url, 'only the allowed path reaches U').toBe('/accounts/get');
+}
+
+/** The strict outcome: 400 and the connection closed; nothing at U. */
+async function expect400Closed(bytes: string, label: string): Promise<void> {
+  const mark = lab.u.requests.length;
+  const { data, closed } = await rawExchange(lab.port, bytes);
+  lab.seen(data);
+  expect(statuses(data), label).toEqual([400]);
+  expect(closed, `${label}: connection closed`).toBe(true);
+  expect(data, label).not.toMatch(/at .*\.(ts|js):\d+/);
+  neverSmuggled(mark);
+  await lab.g0(mark, 0);
+}
+
+/**
+ * The lenient but safe outcome: 400 and closed, or the first request answered 200 with exactly one
+ * request at U carrying `body` (when given); anything after it is refused on its own (400/401/403).
+ */
+async function expectSafe(bytes: string, label: string, body?: string): Promise<void> {
+  const mark = lab.u.requests.length;
+  const { data, closed } = await rawExchange(lab.port, bytes);
+  lab.seen(data);
+  const got = statuses(data);
+  expect(got.length, `${label}: answered`).toBeGreaterThanOrEqual(1);
+  if (got[0] === 400) {
+    expect(closed, `${label}: connection closed after 400`).toBe(true);
+    expect(got, label).toEqual([400]);
+    await lab.g0(mark, 0);
+  } else {
+    expect(got[0], label).toBe(200);
+    expect(lab.u.requests.length - mark, `${label}: exactly one request at U`).toBe(1);
+    if (body !== undefined) expect(lab.u.requests.at(-1)!.body.toString('latin1'), `${label}: normalised body`).toBe(body);
+    for (const s of got.slice(1)) expect([400, 401, 403], `${label}: follow-up ${s}`).toContain(s);
+    await lab.g0(mark, 1);
+  }
+  neverSmuggled(mark);
+}
+
+describe('SMUG: request framing', () => {
+  it('SMUG-00 a well-framed keep-alive pair is answered twice and reaches U twice (control)', async () => {
+    const mark = lab.u.requests.length;
+    const { data } = await rawExchange(lab.port, `${HEAD()}Content-Length: 2\r\n\r\n{}${HEAD()}Content-Length: 2\r\nConnection: close\r\n\r\n{}`);
+    lab.seen(data);
+    expect(statuses(data)).toEqual([200, 200]);
+    expect(lab.u.requests.length - mark).toBe(2);
+    neverSmuggled(mark);
+    await lab.g0(mark, 2);
+  });
+
+  it('SMUG-01 CL.TE: Content-Length and Transfer-Encoding together → 400, closed', async () => {
+    await expect400Closed(`${HEAD()}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n${SMUGGLED}`, 'CL.TE');
+    await expect400Closed(`${HEAD()}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n${SMUGGLED_A()}`, 'CL.TE with token');
+  });
+
+  it('SMUG-01b TE.CL: Transfer-Encoding first, then a short Content-Length → 400, closed', async () => {
+    const chunk = SMUGGLED.length.toString(16);
+    await expect400Closed(`${HEAD()}Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n${chunk}\r\n${SMUGGLED}\r\n0\r\n\r\n`, 'TE.CL');
+  });
+
+  it('SMUG-02 Transfer-Encoding variants: xchunked, chunked;ext, duplicates, lists, obs-fold, whitespace', async () => {
+    const body0 = `0\r\n\r\n${SMUGGLED}`;
+    for (const [label, te] of [
+      ['xchunked', 'Transfer-Encoding: xchunked'],
+      ['chunked;ext', 'Transfer-Encoding: chunked;a=b'],
+      ['duplicate TE', 'Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked'],
+      ['chunked, identity', 'Transfer-Encoding: chunked, identity'],
+      ['TE obs-fold', 'Transfer-Encoding:\r\n chunked'],
+      ['TE space before colon', 'Transfer-Encoding : chunked'],
+      ['TE vertical tab', 'Transfer-Encoding:\x0bchunked'],
+      ['TE with CL 0', 'Transfer-Encoding: chunked\r\nContent-Length: 0'],
+      ['TE "chunked" quoted', 'Transfer-Encoding: "chunked"'],
+      ['TE unknown coding', 'Transfer-Encoding: foo'],
+    ] as const) {
+      await expect400Closed(`${HEAD()}${te}\r\n\r\n${body0}`, label);
+    }
+  });
+
+  it('SMUG-02b valid but unusual chunked spellings are framed once, correctly', async () => {
+    for (const [label, te] of [
+      ['CHUNKED upper case', 'Transfer-Encoding: CHUNKED'],
+      ['tab before value', 'Transfer-Encoding:\tchunked'],
+      ['trailing space', 'Transfer-Encoding: chunked '],
+      ['identity then chunked on two lines', 'Transfer-Encoding: identity\r\nTransfer-Encoding: chunked'],
+      ['gzip, chunked', 'Transfer-Encoding: gzip, chunked'],
+    ] as const) {
+      await expectSafe(`${HEAD()}${te}\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`, label, '{}');
+    }
+  });
+
+  it('SMUG-03 Content-Length variants: two values, +4, 4,4, 0x4, -4, 4.0, empty → 400, closed', async () => {
+    for (const [label, cl] of [
+      ['two different CLs', 'Content-Length: 2\r\nContent-Length: 40'],
+      ['two different CLs reversed', 'Content-Length: 40\r\nContent-Length: 2'],
+      ['+2', 'Content-Length: +2'],
+      ['2,40', 'Content-Length: 2,40'],
+      ['0x2', 'Content-Length: 0x2'],
+      ['-2', 'Content-Length: -2'],
+      ['2.0', 'Content-Length: 2.0'],
+      ['empty', 'Content-Length: '],
+      ['2 2', 'Content-Length: 2 2'],
+      ['CL space before colon', 'Content-Length : 2'],
+      ['CL obs-fold', 'Content-Length:\r\n 2'],
+      ['overflow', 'Content-Length: 18446744073709551618'],
+    ] as const) {
+      await expect400Closed(`${HEAD()}${cl}\r\n\r\n{}${SMUGGLED}`, label);
+    }
+  });
+
+  it('SMUG-03b Content-Length spellings that are valid: framed once, the rest refused on its own', async () => {
+    for (const [label, cl] of [
+      ['same CL twice', 'Content-Length: 2\r\nContent-Length: 2'],
+      ['2,2', 'Content-Length: 2,2'],
+      ['trailing space', 'Content-Length: 2 '],
+      ['leading zeros', 'Content-Length: 002'],
+      ['tab', 'Content-Length:\t2'],
+    ] as const) {
+      await expectSafe(`${HEAD()}${cl}\r\n\r\n{}${SMUGGLED}`, label, '{}');
+    }
+  });
+
+  it('SMUG-03c a GET with Content-Length and a body: the body is consumed, never a second request', async () => {
+    const mark = lab.u.requests.length;
+    const { data } = await rawExchange(lab.port, `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nContent-Length: ${SMUGGLED.length}\r\n\r\n${SMUGGLED}`);
+    lab.seen(data);
+    const got = statuses(data);
+    expect(got.length).toBe(1);
+    expect([200, 400]).toContain(got[0]);
+    expect(lab.u.requests.slice(mark).map((r) => r.url)).not.toContain('/item/remove');
+    expect(lab.u.requests.length - mark).toBeLessThanOrEqual(1);
+    await lab.g0(mark, 1);
+  });
+
+  it('SMUG-05 line terminators: bare LF request, bare LF header end, bare CR, \\r\\n\\rX → 400, closed', async () => {
+    const t = lab.tokens.a;
+    await expect400Closed(`POST /plaid/accounts/get HTTP/1.1\nHost: p\nX-Egress-Token: ${t}\nContent-Length: 0\n\n${SMUGGLED}`, 'bare LF everywhere');
+    await expect400Closed(`${HEAD()}Content-Length: 0\n\n${SMUGGLED}`, 'bare LF at header end');
+    await expect400Closed(`${HEAD()}X-A: b\nContent-Length: 0\r\n\r\n${SMUGGLED}`, 'bare LF inside headers');
+    await expect400Closed(`${HEAD()}X-A: b\rContent-Length: 40\r\nContent-Length: 0\r\n\r\n${SMUGGLED}`, 'bare CR in a header');
+    await expect400Closed(`${HEAD()}Content-Length: 0\r\n\rX\r\n\r\n${SMUGGLED}`, '\\r\\n\\rX header end');
+    await expect400Closed(`POST /plaid/accounts/get HTTP/1.1\rHost: p\r\nX-Egress-Token: ${t}\r\nContent-Length: 0\r\n\r\n`, 'bare CR after request line');
+  });
+
+  it('SMUG-05b obs-fold and space before colon on ordinary headers → 400, closed', async () => {
+    await expect400Closed(`${HEAD()}X-A: a\r\n b\r\nContent-Length: 0\r\n\r\n${SMUGGLED}`, 'obs-fold space');
+    await expect400Closed(`${HEAD()}X-A: a\r\n\tb\r\nContent-Length: 0\r\n\r\n${SMUGGLED}`, 'obs-fold tab');
+    await expect400Closed(`${HEAD()}Host : q\r\nContent-Length: 0\r\n\r\n${SMUGGLED}`, 'Host space before colon');
+    await expect400Closed(`${HEAD()}X-Egress-Token : x\r\nContent-Length: 0\r\n\r\n`, 'token space before colon');
+  });
+
+  it('SMUG-05c bad request lines: HTTP/0.9, HTTP/2 preface, bad versions → no request at U', async () => {
+    for (const [label, bytes] of [
+      ['HTTP/0.9', 'GET /plaid/accounts/get\r\n\r\n'],
+      ['h2 preface', 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'],
+      ['HTTP/1.2', `POST /plaid/accounts/get HTTP/1.2\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n`],
+      ['HTTP/3.0', `POST /plaid/accounts/get HTTP/3.0\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n`],
+      ['lower-case version', `POST /plaid/accounts/get http/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n`],
+    ] as const) {
+      const mark = lab.u.requests.length;
+      const { data, closed } = await rawExchange(lab.port, bytes);
+      lab.seen(data);
+      const got = statuses(data);
+      // HTTP/0.9 carries no headers, so no token: Node parses it and the proxy refuses it (401).
+      for (const s of got) expect([400, 401, 505], `${label}: ${s}`).toContain(s);
+      expect(closed, `${label}: closed`).toBe(true);
+      await lab.g0(mark, 0);
+    }
+  });
+
+  it('SMUG-07 funky chunks: bare LF after size or data, LF in extension, NUL in extension, bad sizes → 400, closed', async () => {
+    for (const [label, body] of [
+      ['4\\n', `2\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['data\\n', `2\r\n{}\n0\r\n\r\n${SMUGGLED}`],
+      ['ext LF', `2;a\nb\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['ext NUL', `2;\x00\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['ext CR', `2;a\rb\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['0x size', `0x2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['negative size', `-2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['size overflow', `fffffffffffffffff2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['leading space size', ` 2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['missing CRLF after data', `2\r\n{}X\r\n0\r\n\r\n${SMUGGLED}`],
+      ['last chunk bare LF', `2\r\n{}\r\n0\n\n${SMUGGLED}`],
+      ['not hex', `g\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+    ] as const) {
+      await expect400Closed(`${HEAD()}Transfer-Encoding: chunked\r\n\r\n${body}`, label);
+    }
+  });
+
+  it('SMUG-07b valid chunk extensions and trailers are framed once; a trailer Content-Length changes nothing', async () => {
+    await expectSafe(`${HEAD()}Transfer-Encoding: chunked\r\n\r\n2;name=value\r\n{}\r\n0\r\n\r\n${SMUGGLED}`, 'extension', '{}');
+    await expectSafe(`${HEAD()}Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n1\r\n}\r\n0\r\nContent-Length: 40\r\nX-Trailer: t\r\n\r\n${SMUGGLED}`, 'trailers', '{}');
+  });
+
+  it('SMUG-07c chunk-extension flood (20 KiB of extension) is refused, not buffered forever', async () => {
+    const mark = lab.u.requests.length;
+    const started = Date.now();
+    const { data, closed } = await rawExchange(lab.port, `${HEAD()}Transfer-Encoding: chunked\r\n\r\n2;${'a=b;'.repeat(5 * 1024)}\r\n{}\r\n0\r\n\r\n`, 1_500);
+    lab.seen(data);
+    expect(statuses(data)).toEqual([400]);
+    expect(closed).toBe(true);
+    expect(Date.now() - started).toBeLessThan(3_000);
+    await lab.g0(mark, 0);
+  });
+
+  it('SMUG-09 pipelined second request is authorised on its own: no token → 401, forbidden path → 403', async () => {
+    const mark = lab.u.requests.length;
+    const { data } = await rawExchange(lab.port, `${HEAD()}Content-Length: 0\r\n\r\n${SMUGGLED}${SMUGGLED_A()}${HEAD()}Content-Length: 0\r\nConnection: close\r\n\r\n`);
+    lab.seen(data);
+    const got = statuses(data);
+    expect(got[0]).toBe(200);
+    expect(got[1]).toBe(401);
+    // After a 401 the proxy may close; if it kept going, the next ones are judged on their own.
+    if (got.length > 2) expect(got.slice(2)).toEqual([403, 200]);
+    neverSmuggled(mark);
+    await lab.g0(mark, 2);
+  });
+
+  it('SMUG-09b the token of a previous request on the same connection is not inherited', async () => {
+    const conn = await RawConnection.open(lab.port);
+    try {
+      const mark = lab.u.requests.length;
+      const first = await conn.exchange(`${HEAD()}Content-Length: 2\r\n\r\n{}`);
+      lab.seen(first);
+      expect(statuses(first)).toEqual([200]);
+      const second = await conn.exchange('POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}');
+      lab.seen(second);
+      expect(statuses(second)).toEqual([401]);
+      const third = await conn.exchange(`POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nContent-Length: 0\r\n\r\n`);
+      lab.seen(third);
+      // b's own request on this connection is judged as b (403 on a's path), or the proxy closed after the 401.
+      if (third) expect(statuses(third)).toEqual([403]);
+      else expect(conn.closed).toBe(true);
+      expect(lab.u.requests.length - mark).toBe(1);
+      await lab.g0(mark, 1);
+    } finally {
+      conn.close();
+    }
+  });
+
+  it('SMUG-09c 0.CL: a body on a request that declared none becomes a separate request, refused on its own', async () => {
+    const mark = lab.u.requests.length;
+    const { data } = await rawExchange(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\n${SMUGGLED}`);
+    lab.seen(data);
+    const got = statuses(data);
+    expect(got[0]).toBe(200);
+    for (const s of got.slice(1)) expect([400, 401]).toContain(s);
+    expect(lab.u.requests.at(-1)!.body.length).toBe(0);
+    neverSmuggled(mark);
+    await lab.g0(mark, 1);
+  });
+
+  it('SMUG-09d a body shorter than its Content-Length is not completed by the next caller\'s bytes', async () => {
+    // a declares 40 bytes but sends 2 and waits; the proxy must not forward a request with a body from elsewhere.
+    const conn = await RawConnection.open(lab.port);
+    const mark = lab.u.requests.length;
+    try {
+      await conn.exchange(`${HEAD()}Content-Length: 40\r\n\r\n{}`, 200);
+      // Another caller's request on another connection is unaffected.
+      const { data } = await rawExchange(lab.port, `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nConnection: close\r\n\r\n`);
+      lab.seen(data);
+      expect(statuses(data)).toEqual([200]);
+      const bReq = lab.u.requests.slice(mark).find((r) => r.url === '/institutions/x');
+      expect(bReq?.body.length).toBe(0);
+      expect(lab.u.requests.slice(mark).every((r) => !r.body.toString('latin1').includes('institutions'))).toBe(true);
+    } finally {
+      conn.close();
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    // a's truncated request never completes at U with a body of the wrong length.
+    for (const r of lab.u.requests.slice(mark)) if (r.url === '/accounts/get') expect(r.body.length).toBe(40);
+    await lab.g0(mark, 2);
+  });
+});
