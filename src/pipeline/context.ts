@@ -16,6 +16,8 @@ export interface RequestContext {
   readonly services: Services;
   /** performance.now() at arrival. */
   readonly startedAt: number;
+  /** The caller's address, read at arrival: the socket can be gone by the time the request ends. */
+  readonly remote: string;
   /** Set for a request inside a forward-mode tunnel: the CONNECT host and the tunnel's caller token. */
   readonly forward?: { readonly host: string; readonly port: number; readonly token: string; readonly rawTarget?: string };
   /** On the TLS listener: the caller a client certificate names, or why it was refused. */

@@ -41,7 +41,7 @@ export async function forward(ctx: RequestContext): Promise<void> {
       // A fetched credential (an OAuth2 token) the upstream refuses is dropped: the next request mints a new one.
       if (route.needsPrepare) ctx.services.tokens.invalidateCredential(credential, ctx.credential!.version);
       if (ctx.replayable && ctx.previous) {
-        attempt.response.body.destroy();
+        discard(attempt.response.body);
         const previous = open(ctx, credential, ctx.previous);
         ctx.credential = previous;
         ctx.fellBack = true;
@@ -127,7 +127,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
       await pipeTo(response.body, res);
     }
   } catch (err) {
-    response.body.destroy();
+    discard(response.body);
     if (!res.headersSent) throw err instanceof ProxyError ? err : upstreamFailure(err);
     // The response had started: all that is left is to cut it short, so the caller sees it fail.
     res.destroy();
@@ -156,6 +156,12 @@ function pipeTo(body: Readable, res: ServerResponse): Promise<void> {
     res.once('close', onClose);
     body.pipe(res);
   });
+}
+
+/** Drop a response body we will not relay. undici reports the abort as an error: it must have a listener. */
+function discard(body: Readable): void {
+  body.on('error', () => {});
+  body.destroy();
 }
 
 async function readBounded(response: Dispatcher.ResponseData): Promise<Buffer> {

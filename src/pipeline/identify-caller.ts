@@ -23,7 +23,7 @@ export function identifyCaller(ctx: RequestContext): void {
   if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
   const found = store.identifyCaller(token);
   if (!found.caller) {
-    if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.req.socket.remoteAddress ?? 'unknown');
+    if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.remote);
     throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
   }
   ctx.caller = found.caller;

@@ -38,6 +38,7 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     config,
     services,
     startedAt: performance.now(),
+    remote: req.socket?.remoteAddress ?? 'unknown',
     redactions: [],
     decision: 'allow',
     reason: 'forwarded',
@@ -58,7 +59,12 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     ctx.reason = error.code;
     sendError(res, ctx.id, error);
   } finally {
-    finish(ctx);
+    try {
+      finish(ctx);
+    } catch (err) {
+      // Bookkeeping must never take the process down with it; say what failed, without the object.
+      services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'failed to record a finished request');
+    }
   }
 }
 
@@ -92,7 +98,7 @@ function finish(ctx: RequestContext): void {
   }
   if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
   if (ctx.credential && ctx.upstreamStatus !== undefined) ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
-  ctx.services.rules.onRequest({ caller: ctx.caller ?? null, remote: ctx.req.socket.remoteAddress ?? 'unknown', route: ctx.route?.name ?? null, decision: ctx.decision, reason: ctx.reason, credential: ctx.credential?.id ?? null });
+  ctx.services.rules.onRequest({ caller: ctx.caller ?? null, remote: ctx.remote, route: ctx.route?.name ?? null, decision: ctx.decision, reason: ctx.reason, credential: ctx.credential?.id ?? null });
   audit.request({
     requestId: ctx.id,
     caller: ctx.caller ?? null,

@@ -11,7 +11,7 @@ import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { LISTENER_LIMITS } from './reverse.ts';
-import { proxyToken } from './proxy-auth.ts';
+import { answerAndClose, proxyToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -33,7 +33,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const tunnels = new WeakMap<Socket, Tunnel>();
   const open = new Map<string, number>();
   const contexts = new Map<string, SecureContext>();
-  const inner: Server = createServer({ headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
+  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
     void handleRequest(req, res, getConfig(), services, tunnel);
@@ -102,5 +102,5 @@ function refuse(socket: Duplex, status: number, code: string, message: string): 
   const body = JSON.stringify({ error: { code, message, request_id: id } });
   const reason = { 400: 'Bad Request', 403: 'Forbidden', 407: 'Proxy Authentication Required', 429: 'Too Many Requests' }[status] ?? 'Error';
   const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : '';
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  answerAndClose(socket, `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
 }

@@ -9,3 +9,20 @@ export function proxyToken(header: string | undefined): string | undefined {
   const colon = decoded.indexOf(':');
   return colon === -1 ? undefined : decodeURIComponent(decoded.slice(colon + 1));
 }
+
+/** How long a refused connection may keep sending after its answer before it is cut (lingering close). */
+const LINGER_MS = 1_000;
+
+/**
+ * Answer on a raw socket and close it. end() alone leaves the connection half-open for as long as
+ * the peer keeps sending (a slow client dribbling headers would hold it forever); destroying at
+ * once makes the kernel answer a client that is still uploading with a reset, and it may lose the
+ * answer. So, like nginx's lingering close: answer, read and discard for a moment, then cut.
+ */
+export function answerAndClose(socket: import('node:stream').Duplex, response: string): void {
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+  socket.on('data', () => {});
+  socket.end(response);
+}

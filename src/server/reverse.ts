@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
-import { proxyToken } from './proxy-auth.ts';
+import { answerAndClose, proxyToken } from './proxy-auth.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -30,6 +30,8 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
       insecureHTTPParser: false,
       requireHostHeader: true,
       joinDuplicateHeaders: false,
+      // Node checks the header and request timeouts on this interval (default 30 s): check twice a second.
+      connectionsCheckingInterval: 500,
     },
     (req: IncomingMessage, res: ServerResponse) => {
       void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
@@ -50,7 +52,7 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
     }
     const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
     const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
-    socket.end(`HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   });
   return server;
 }
@@ -74,5 +76,5 @@ function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: str
 function refuseRaw(socket: Duplex, error: ProxyError): void {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code: error.code, message: error.message, request_id: id } });
-  socket.end(`HTTP/1.1 ${error.status} ${error.status === 400 ? 'Bad Request' : 'Forbidden'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  answerAndClose(socket, `HTTP/1.1 ${error.status} ${error.status === 400 ? 'Bad Request' : 'Forbidden'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
 }

@@ -62,6 +62,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     ciphers: CIPHERS,
     honorCipherOrder: true,
     handshakeTimeout: 10_000,
+    connectionsCheckingInterval: 500,
     headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
     requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
     keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
