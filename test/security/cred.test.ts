@@ -1,0 +1,209 @@
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { aad, open, seal } from '../../src/store/crypto.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { CANARY, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+
+/** CRED: the credential store fails closed on any tampering, nonces never repeat, and callers cannot pick a credential. */
+const BANK_SECRET = 'sk_bank_OTHER_55e1';
+let lab: Lab;
+let storePath: string;
+let pristine: string;
+
+type Version = { version: number; kek: number; dek: Record<string, string>; data: Record<string, string> } & Record<string, unknown>;
+type Doc = { credentials: Record<string, { id: string; versions: Version[] } & Record<string, unknown>> };
+
+const route = (name: string, credential: string) => `name: ${name}
+prefix: /${name}
+upstream: UPSTREAM
+allow_private_addresses: true
+credential: ${credential}
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/x]
+`;
+
+beforeAll(async () => {
+  lab = await startLab({ routes: (u) => ({ bank: route('bank', 'bank').replace('UPSTREAM', `${u.url}/bankbase`), p2: route('p2', 'plaid').replace('UPSTREAM', `${u.url}/p2base`) }) });
+  const put = await runCli(['keys', 'put', 'bank', '--from-stdin'], envFor(lab.dir), JSON.stringify({ secret: BANK_SECRET }));
+  expect(put.code, put.stderr).toBe(0);
+  storePath = join(lab.dir, 'store.json');
+  await eventually(async () => (await get('/bank/x')) === 200, 3_000, 'bank credential live');
+  pristine = await readFile(storePath, 'utf8');
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+});
+
+async function get(path: string): Promise<number> {
+  const res = await fetch(`${lab.url}${path}`, { headers: { 'x-egress-token': lab.tokens.a } });
+  lab.seen(await res.text() + JSON.stringify([...res.headers]));
+  return res.status;
+}
+
+function flip(b64: string, at = 0): string {
+  const buf = Buffer.from(b64, 'base64');
+  const i = at < 0 ? buf.length + at : at;
+  buf[i] = buf[i]! ^ 0x80;
+  return buf.toString('base64');
+}
+
+/** Apply a tampering, check the named credential fails closed (503) and the other keeps working, then restore. */
+async function tamper(edit: (d: Doc) => void, broken: 'plaid' | 'bank'): Promise<void> {
+  const doc = JSON.parse(pristine) as Doc;
+  edit(doc);
+  const mark = lab.u.requests.length;
+  const logBefore = lab.serve.output().length;
+  await writeFile(storePath, JSON.stringify(doc), { mode: 0o600 });
+  const path = broken === 'plaid' ? '/p2/x' : '/bank/x';
+  const other = broken === 'plaid' ? '/bank/x' : '/p2/x';
+  await eventually(async () => (await get(path)) === 503, 3_000, `${broken} to fail closed`);
+  expect(await get(path)).toBe(503);
+  expect(await get(other)).toBe(200);
+  // Each secret only ever went to its own route's upstream path.
+  for (const r of lab.u.requests.slice(mark)) {
+    if (r.url.startsWith('/bankbase')) expect(r.headers['x-api-key']).toBe(BANK_SECRET);
+    if (r.url.startsWith('/p2base')) expect(r.headers['x-api-key']).toBe(CANARY);
+  }
+  const log = lab.serve.output().slice(logBefore);
+  expect(log).toMatch(/store_record_damaged|credential_integrity|integrity check/);
+  expect(log).not.toContain(BANK_SECRET);
+  await writeFile(storePath, pristine, { mode: 0o600 });
+  await eventually(async () => (await get(path)) === 200, 3_000, `${broken} restored`);
+  await lab.g0();
+}
+
+describe('CRED', () => {
+  it('CRED-01 ciphertext swap: plaid\'s sealed fields copied into bank fail closed; the plaid secret never goes to bank', async () => {
+    await tamper((d) => {
+      d.credentials.bank!.versions[0]!.data = d.credentials.plaid!.versions[0]!.data;
+    }, 'bank');
+  });
+
+  it('CRED-01b a whole version (data key and fields) swapped between credentials fails closed', async () => {
+    await tamper((d) => {
+      const v = d.credentials.plaid!.versions[0]!;
+      d.credentials.bank!.versions[0] = { ...v };
+    }, 'bank');
+    await tamper((d) => {
+      d.credentials.plaid!.versions[0] = { ...d.credentials.bank!.versions[0]! };
+    }, 'plaid');
+  });
+
+  it.each([
+    ['data.ct first byte', (v: Version) => void (v.data.ct = flip(v.data.ct!, 0))],
+    ['data.ct last byte', (v: Version) => void (v.data.ct = flip(v.data.ct!, -1))],
+    ['data.tag last byte', (v: Version) => void (v.data.tag = flip(v.data.tag!, -1))],
+    ['data.nonce last byte', (v: Version) => void (v.data.nonce = flip(v.data.nonce!, -1))],
+    ['dek.ct', (v: Version) => void (v.dek.ct = flip(v.dek.ct!, 3))],
+    ['dek.tag', (v: Version) => void (v.dek.tag = flip(v.dek.tag!, 0))],
+    ['dek.nonce', (v: Version) => void (v.dek.nonce = flip(v.dek.nonce!, 0))],
+    ['version number', (v: Version) => void (v.version = v.version + 1)],
+    ['truncated ct', (v: Version) => void (v.data.ct = Buffer.from(v.data.ct!, 'base64').subarray(0, 4).toString('base64'))],
+    ['empty tag', (v: Version) => void (v.data.tag = '')],
+    ['non-canonical base64 tag', (v: Version) => void (v.data.tag = `${v.data.tag}=`)],
+  ])('CRED-03 bit flip / damage in %s: 503, alert, no partial plaintext', async (_what, edit) => {
+    await tamper((d) => edit(d.credentials.plaid!.versions[0]!), 'plaid');
+  });
+
+  it('CRED-03b the record id changed (plaid\'s record filed under bank) fails closed', async () => {
+    await tamper((d) => {
+      d.credentials.bank = { ...d.credentials.plaid!, id: 'bank' };
+    }, 'bank');
+  });
+
+  it('CRED-05 nonce uniqueness: 100k seals under one key, and every nonce in the store after 10 rotations, never repeat', async () => {
+    const key = Buffer.alloc(32, 9);
+    const seen = new Set<string>();
+    const ad = aad('fields', 'x', 1);
+    for (let i = 0; i < 100_000; i++) seen.add(seal(key, Buffer.from('p'), ad).nonce);
+    expect(seen.size).toBe(100_000);
+    // A sealed value opens only with the same associated data.
+    const s = seal(key, Buffer.from('secret'), ad);
+    expect(open(key, s, ad, 't').toString()).toBe('secret');
+    expect(() => open(key, s, aad('fields', 'x', 2), 't')).toThrow(/integrity/);
+    const dir = await makeTempDir('egress-cred05-');
+    await seedDataDir(dir, { routes: {}, credentials: { c: { secret: 'v0' } } });
+    const live = new Map<number, Version>();
+    for (let i = 1; i <= 10; i++) {
+      const r = await runCli(['keys', 'rotate', 'c', '--from-stdin', '--grace', '0'], envFor(dir), JSON.stringify({ secret: `v${i}` }));
+      expect(r.code, r.stderr).toBe(0);
+      // Retired versions have their ciphertext destroyed: collect every live version after each write.
+      const doc = JSON.parse(await readFile(join(dir, 'store.json'), 'utf8')) as Doc;
+      for (const v of doc.credentials.c!.versions) if (v.data && v.dek) live.set(v.version, v);
+    }
+    const versions = [...live.values()];
+    expect(versions.length).toBeGreaterThanOrEqual(10);
+    const nonces = versions.flatMap((v) => [v.data.nonce!, v.dek.nonce!]);
+    expect(nonces.length).toBeGreaterThanOrEqual(2);
+    expect(nonces.every((n) => Buffer.from(n, 'base64').length === 12)).toBe(true);
+    expect(new Set(nonces).size).toBe(nonces.length);
+    const deks = versions.map((v) => v.dek.ct!);
+    expect(new Set(deks).size).toBe(deks.length);
+    await lab.g0();
+  }, 30_000);
+
+  it('CRED-07 bad master key variants: no start, non-zero exit, no key material in the message', async () => {
+    const dir = await makeTempDir('egress-cred07-');
+    await seedDataDir(dir, { routes: {}, credentials: { c: { secret: 'v0' } }, callers: ['a'] });
+    const real = await readFile(join(dir, 'master.key'), 'utf8');
+    const realKey = (JSON.parse(real) as { keys: { key: string }[] }).keys[0]!.key;
+    const k = (key: string, extra: Record<string, unknown> = {}) => JSON.stringify({ format: 'egress-keyring/1', active: 1, keys: [{ version: 1, key }], ...extra });
+    const bodies: [string, string, number][] = [
+      ['33 bytes', k(Buffer.alloc(33, 3).toString('base64')), 0o600],
+      ['hex instead of base64', k(Buffer.alloc(32, 3).toString('hex')), 0o600],
+      ['active version missing', k(realKey, { active: 2 }), 0o600],
+      ['all-zero key', k(Buffer.alloc(32).toString('base64')), 0o600],
+      ['whitespace only', '  \n', 0o600],
+      ['world-readable', real, 0o604],
+      ['group-writable', real, 0o620],
+    ];
+    const { chmod } = await import('node:fs/promises');
+    for (const [what, body, mode] of bodies) {
+      await writeFile(join(dir, 'master.key'), body);
+      await chmod(join(dir, 'master.key'), mode);
+      const res = await runCli(['serve'], envFor(dir));
+      expect(res.code, what).not.toBe(0);
+      expect(res.code, what).not.toBeNull();
+      expect(res.stdout + res.stderr, what).not.toContain(realKey);
+      expect(res.stdout + res.stderr, what).not.toContain(Buffer.alloc(33, 3).toString('base64'));
+    }
+    // Unset: the key file is missing (non-default paths) and no new key gets made.
+    const { rm, stat } = await import('node:fs/promises');
+    await rm(join(dir, 'master.key'));
+    const res = await runCli(['serve'], envFor(dir));
+    expect(res.code).not.toBe(0);
+    await expect(stat(join(dir, 'master.key'))).rejects.toThrow();
+    await lab.g0();
+  }, 30_000);
+
+  it('CRED-11 caller-chosen credential via headers, query or path is not possible', async () => {
+    const mark = lab.u.requests.length;
+    const headers = { 'x-egress-token': lab.tokens.a, 'x-credential-id': 'bank', 'x-egress-credential': 'bank', credential: 'bank', 'content-type': 'application/json' };
+    const res = await fetch(`${lab.url}/plaid/accounts/get?credential=bank&account=bank&credential_id=bank`, { method: 'POST', headers, body: '{"credential":"bank"}' });
+    lab.seen(await res.text());
+    expect(res.status).toBe(200);
+    const last = lab.u.requests.at(-1)!;
+    expect(last.headers['plaid-secret']).toBe(CANARY);
+    expect(JSON.stringify(last.headers) + last.url + last.body.toString()).not.toContain(BANK_SECRET);
+    // Path tricks to reach another credential's route, and a caller not allowed on a route.
+    for (const path of ['/plaid/../bank/x', '/plaid/%2e%2e/bank/x', '/plaid/..%2fbank/x', '/plaid//bank/x', '/plaid/accounts/get/../../../bank/x']) {
+      const raw = await rawRequest(lab.port, `GET ${path} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      expect(statuses(raw), path).toEqual([400]);
+    }
+    const asB = await fetch(`${lab.url}/bank/x`, { headers: { 'x-egress-token': lab.tokens.b, 'x-credential-id': 'plaid' } });
+    lab.seen(await asB.text());
+    expect(asB.status).toBe(403);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await lab.g0(mark, 1);
+  });
+});

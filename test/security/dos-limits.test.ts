@@ -1,0 +1,56 @@
+import { connect } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
+
+/**
+ * DOS-01 behaviour: the README promises "the listener cuts off slow headers after 10 s". A
+ * connection dribbling header bytes (one every second, never finishing) must be closed within
+ * about 10 s (14 s allowed, with the lingering close), not whenever Node's 30 s connectionsCheckingInterval next runs, and
+ * not left half-open after the 408. Also DOS-03b (regression): a chunked body over max_body used to
+ * crash the process when the audit step read the already-closed socket.
+ */
+let lab: Lab;
+beforeAll(async () => {
+  lab = await startLab();
+}, 30_000);
+afterAll(async () => {
+  await lab?.close();
+});
+
+describe('DOS-03b / DOS-01 behaviour', () => {
+  it('DOS-03b an oversized chunked body gets 413 and the proxy stays up', async () => {
+    const mark = lab.u.requests.length;
+    const chunks = Array.from({ length: 50 }, () => `1000\r\n${'y'.repeat(4096)}\r\n`).join('');
+    const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n${chunks}0\r\n\r\n`, 1_000);
+    lab.seen(raw);
+    expect(statuses(raw)).toEqual([413]);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(lab.serve.child.exitCode, 'proxy process still running').toBeNull();
+    await lab.g0(mark, 0);
+  });
+
+  it('DOS-01c a dribbled header is cut within 14 s', async () => {
+    // Wait a little so the connection does not start right at a checking-interval boundary.
+    // Its own proxy: DOS-03b above kills the shared one.
+    const lab = await startLab();
+    await new Promise((r) => setTimeout(r, 3_000));
+    const started = Date.now();
+    const socket = connect(lab.port, '127.0.0.1');
+    socket.on('error', () => {});
+    socket.write('GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\n');
+    const timer = setInterval(() => socket.writable && socket.write('X-a: b\r\n'), 1_000);
+    const closedAfter = await new Promise<number>((resolve) => {
+      socket.once('close', () => resolve(Date.now() - started));
+      setTimeout(() => resolve(Date.now() - started), 45_000);
+    });
+    clearInterval(timer);
+    socket.destroy();
+    // 10 s header timeout + 0.5 s check interval + 1 s lingering close + slack on a loaded 2-core machine.
+    expect(closedAfter, 'ms until the proxy closed the slow connection').toBeLessThan(14_000);
+    try {
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
+});

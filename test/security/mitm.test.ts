@@ -1,0 +1,202 @@
+import { execFile } from 'node:child_process';
+import { readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeTestPki } from '../helpers/tls.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { startLab, statuses, type Lab } from './lab.ts';
+import { bankRoute, basic, connectTunnel, exchange, makeCerts, peer, tlsInTunnel } from './sec-helpers.ts';
+
+/** MITM: the interception mode re-checks every inner request, mints narrow leaves and verifies upstream TLS. */
+const run = promisify(execFile);
+let lab: Lab;
+let caPem: string;
+let certsDir: string;
+let authA: string;
+const bad: Record<string, Upstream> = {};
+let goodCaPath = '';
+
+const tlsRoute = (name: string, url: string, ca: boolean) => `name: ${name}
+prefix: /${name}
+upstream: ${url}
+${ca ? `upstream_ca: ${goodCaPath}\n` : ''}allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+timeouts: { connect: 2s, response: 3s }
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/x]
+`;
+
+beforeAll(async () => {
+  const made = await makeCerts(['api.bank.test']);
+  caPem = made.caPem;
+  certsDir = made.certs;
+  const selfSigned = makeTestPki(); // its CA is not trusted by the route
+  const expired = makeTestPki({ commonName: 'sec CA expired', notBeforeMs: -2 * 86_400_000, notAfterMs: -86_400_000 });
+  const wrongHost = makeTestPki({ commonName: 'sec CA wronghost', dnsNames: ['other.test'], ips: [] });
+  const good = makeTestPki({ commonName: 'sec CA good' });
+  bad.good = await startUpstream((_req, res) => res.end('{}'), { key: good.serverKey, cert: good.serverCert });
+  bad.untrusted = await startUpstream(undefined, { key: selfSigned.serverKey, cert: selfSigned.serverCert });
+  bad.expired = await startUpstream(undefined, { key: expired.serverKey, cert: expired.serverCert });
+  bad.wronghost = await startUpstream(undefined, { key: wrongHost.serverKey, cert: wrongHost.serverCert });
+  const { writeFile } = await import('node:fs/promises');
+  // The expired and wrong-host routes trust their issuing CA, so only the cert's own defect fails.
+  goodCaPath = join(made.dir, 'good-ca.pem');
+  await writeFile(goodCaPath, `${expired.caCert}${wrongHost.caCert}${good.caCert}`);
+  lab = await startLab({
+    env: { EGRESS_CERTS: certsDir },
+    routes: (u) => ({
+      bank: bankRoute(u.url),
+      untrusted: tlsRoute('untrusted', bad.untrusted!.url, false),
+      expired: tlsRoute('expired', bad.expired!.url.replace('127.0.0.1', 'localhost'), true),
+      wronghost: tlsRoute('wronghost', bad.wronghost!.url, true),
+      good: tlsRoute('good', bad.good!.url, true),
+    }),
+  });
+  authA = basic('a', lab.tokens.a);
+}, 60_000);
+
+afterAll(async () => {
+  await lab?.close();
+  for (const u of Object.values(bad)) await u.close();
+});
+
+async function inner(bytes: string, servername = 'api.bank.test'): Promise<string> {
+  const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+  expect(t.status).toBe(200);
+  const tls = await tlsInTunnel(t.socket, servername, caPem);
+  const out = await exchange(tls, bytes);
+  lab.seen(out);
+  return out;
+}
+
+describe('MITM', () => {
+  it('MITM-00 control: a well-formed inner request reaches U once with the credential', async () => {
+    const mark = lab.u.requests.length;
+    expect(statuses(await inner('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n'))).toEqual([200]);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await lab.g0(mark, 1);
+  });
+
+  it('MITM-01 inner Host different from the CONNECT host gets 421; nothing reaches U or E', async () => {
+    const mark = lab.u.requests.length;
+    for (const host of ['evil.example', `127.0.0.1:${lab.e.port}`, 'api.bank.test.evil.example', 'api.bank.test.', 'evilapi.bank.test', `localhost:${lab.u.port}`]) {
+      const out = await inner(`GET /accounts HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+      expect(statuses(out), host).toEqual([421]);
+    }
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 0);
+  });
+
+  it('MITM-01b absolute-form inner targets, duplicate or missing Host are refused', async () => {
+    const mark = lab.u.requests.length;
+    for (const bytes of [
+      `GET https://evil.example/accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n`,
+      `GET http://evil.example/accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n`,
+      `GET https://api.bank.test/accounts HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n`,
+      `GET http://127.0.0.1:${lab.e.port}/accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n`,
+      `GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nHost: evil.example\r\nConnection: close\r\n\r\n`,
+      `GET /accounts HTTP/1.1\r\nConnection: close\r\n\r\n`,
+    ]) {
+      const s = statuses(await inner(bytes));
+      expect(s.length, bytes).toBeLessThanOrEqual(1);
+      if (s.length) expect([400, 421], bytes).toContain(s[0]);
+    }
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 0);
+  });
+
+  it('MITM-01c the ACL is re-checked on every request of a keep-alive tunnel', async () => {
+    const mark = lab.u.requests.length;
+    const out = await inner(
+      'GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n' +
+        'GET /admin HTTP/1.1\r\nHost: api.bank.test\r\n\r\n' +
+        'GET /accounts HTTP/1.1\r\nHost: evil.example\r\n\r\n' +
+        'DELETE /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n',
+    );
+    const s = statuses(out);
+    expect(s[0]).toBe(200);
+    expect(s[1]).toBe(403);
+    // After the 421 the proxy may close the tunnel; whatever follows is never allowed.
+    expect(s[2]).toBe(421);
+    if (s.length > 3) expect(s[3]).toBe(403);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await lab.g0(mark, 1);
+  });
+
+  it('MITM-02 the TLS SNI must name the CONNECT host', async () => {
+    const mark = lab.u.requests.length;
+    for (const sni of ['evil.example', 'api.bank.test.evil.example', 'localhost']) {
+      const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+      expect(t.status).toBe(200);
+      await expect(tlsInTunnel(t.socket, sni, caPem), sni).rejects.toThrow();
+      t.socket.destroy();
+    }
+    // Case of the SNI does not matter; the leaf is the CONNECT host's.
+    const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+    const tls = await tlsInTunnel(t.socket, 'API.BANK.TEST', caPem);
+    expect(peer(tls).subjectaltname).toBe('DNS:api.bank.test');
+    tls.destroy();
+    await lab.g0(mark, 0);
+  });
+
+  it('MITM-03 bad upstream certificate (untrusted, expired, wrong host): 502, no request and no credential sent', async () => {
+    const env = (await readFile(`/proc/${lab.serve.child.pid}/environ`, 'latin1')).split('\0');
+    expect(env.some((e) => e.startsWith('NODE_TLS_REJECT_UNAUTHORIZED='))).toBe(false);
+    const mark = lab.u.requests.length;
+    // Control: the same set-up with a valid certificate works, so the 502s below are the certificates' fault.
+    const ok = await fetch(`${lab.url}/good/x`, { headers: { 'x-egress-token': lab.tokens.a } });
+    lab.seen(await ok.text());
+    expect(ok.status).toBe(200);
+    expect(bad.good!.requests).toHaveLength(1);
+    for (const name of ['untrusted', 'expired', 'wronghost']) {
+      const res = await fetch(`${lab.url}/${name}/x`, { headers: { 'x-egress-token': lab.tokens.a } });
+      const body = await res.text();
+      lab.seen(body + JSON.stringify([...res.headers]));
+      expect(res.status, `${name}: ${body}`).toBe(502);
+      expect(res.headers.get('x-egress-error')).toBe('upstream_error');
+      expect(bad[name]!.requests, name).toHaveLength(0);
+    }
+    await lab.g0(mark, 0);
+  });
+
+  it('MITM-05 minted leaves: one day at most, only the listed host, issued by the name-constrained CA', async () => {
+    const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+    const tls = await tlsInTunnel(t.socket, 'api.bank.test', caPem);
+    const leaf = peer(tls);
+    tls.destroy();
+    expect(leaf.subjectaltname).toBe('DNS:api.bank.test');
+    const life = Date.parse(leaf.valid_to) - Date.parse(leaf.valid_from);
+    expect(life).toBeGreaterThan(0);
+    expect(life).toBeLessThanOrEqual(26 * 3_600_000);
+    expect(Date.parse(leaf.valid_to)).toBeLessThanOrEqual(Date.now() + 26 * 3_600_000);
+    expect(leaf.ca).toBe(false);
+    const { stdout } = await run('openssl', ['x509', '-in', join(certsDir, 'ca.pem'), '-noout', '-text']);
+    expect(stdout).toMatch(/X509v3 Name Constraints: critical\s+Permitted:\s+DNS:api\.bank\.test\s+DNS:localhost\s*\n\s*X509v3|X509v3 Name Constraints: critical\s+Permitted:\s+DNS:api\.bank\.test\s+DNS:localhost\s*$/m);
+    expect(stdout).not.toMatch(/Permitted:[\s\S]*IP:/);
+    await lab.g0();
+  });
+
+  it('MITM-05b the CA key is 0600, never served by the admin or proxy listeners, never logged', async () => {
+    expect((await stat(join(certsDir, 'ca.key'))).mode & 0o777).toBe(0o600);
+    const keyPem = await readFile(join(certsDir, 'ca.key'), 'utf8');
+    const keyBody = keyPem.split('\n').filter((l) => l && !l.startsWith('-----')).join('');
+    const needles = [keyBody.slice(0, 40), keyBody.slice(-40), 'PRIVATE KEY'];
+    const texts: string[] = [];
+    for (const path of ['/', '/healthz', '/readyz', '/metrics', '/ca.key', '/certs/ca.key', '/ca.pem', '/v1/credentials', '/../certs/ca.key', '/status']) {
+      for (const base of [lab.admin, lab.url]) {
+        const res = await fetch(`${base}${path}`);
+        texts.push(await res.text(), JSON.stringify([...res.headers]));
+      }
+    }
+    texts.push(lab.serve.output(), await readFile(join(lab.dir, 'audit.log'), 'utf8'));
+    for (const n of needles) expect(texts.some((t) => t.includes(n)), n).toBe(false);
+    await lab.g0();
+  });
+});
