@@ -1,5 +1,6 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
-import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { randomInt } from 'node:crypto';
+import { link, mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, UserError } from '../errors.ts';
@@ -175,10 +176,16 @@ export class FileStore implements StoreBackend {
     await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
     const deadline = Date.now() + LOCK_WAIT_MS;
     for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+      // The lock appears with its holder's pid already in it (written aside, then linked into place,
+      // which fails if a lock exists): a writer killed at any moment never leaves an empty lock.
+      const claim = join(dirname(lock), `.${basename(lock)}.${process.pid}.${Date.now()}${randomInt(1e9)}.tmp`);
       try {
-        const handle = await open(lock, 'wx', 0o600);
-        await handle.writeFile(String(process.pid));
-        await handle.close();
+        await writeFile(claim, String(process.pid), { mode: 0o600 });
+        try {
+          await link(claim, lock);
+        } finally {
+          await unlink(claim).catch(() => {});
+        }
         break;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -195,6 +202,7 @@ export class FileStore implements StoreBackend {
     }
     try {
       await removeStaleTemps(dirname(this.path), basename(this.path));
+      await removeStaleTemps(dirname(this.path), basename(lock));
       return await fn();
     } finally {
       await unlink(lock).catch(() => {});

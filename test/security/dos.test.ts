@@ -111,7 +111,7 @@ describe('DOS', () => {
     // A huge declared length is refused before any body arrives.
     const huge = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 1099511627776\r\n\r\n`, 1_000);
     expect(statuses(huge)).toEqual([413]);
-    // (Chunked oversized bodies crash the proxy: see FAILING-dos.test.ts, DOS-03b.)
+    // (Chunked oversized bodies: see dos-limits.test.ts, DOS-03b.)
     for (const r of lab.u.requests.slice(mark)) expect(r.body.length).toBeLessThanOrEqual(64 * 1024);
     await lab.g0(mark, 0);
   });
