@@ -7,7 +7,8 @@ import { Redis, type RedisOptions } from 'ioredis';
 
 /**
  * A private redis-server on a free port, so a test can stop, freeze (SIGSTOP) and restart it.
- * Append-only persistence is on, so a restart keeps the data, as production Redis must.
+ * Append-only persistence with an fsync per write is on, so a restart (even after SIGKILL) keeps
+ * every write, as production Redis must.
  */
 export class TestRedis {
   readonly port: number;
@@ -30,7 +31,7 @@ export class TestRedis {
   }
 
   async start(): Promise<void> {
-    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' });
+    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--appendfsync', 'always', '--save', '', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' });
     this.#child = child;
     const deadline = Date.now() + 10_000;
     for (;;) {
