@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
+import { tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
@@ -34,7 +35,14 @@ class HttpError extends Error {
 }
 
 export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, deps: AdminApiDeps): Promise<void> {
-  const segments = path.split('/').slice(2).map((s) => decodeURIComponent(s));
+  // A malformed escape stays as written: it names nothing, so the answer is a 404, not a thrown error.
+  const segments = path.split('/').slice(2).map((s) => {
+    try {
+      return decodeURIComponent(s);
+    } catch {
+      return s;
+    }
+  });
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
@@ -126,15 +134,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
  * password (so a browser can open the status page); undefined when absent or not a live admin token.
  */
 export function adminName(req: IncomingMessage, store: StoreView): string | undefined {
-  const header = req.headers.authorization ?? '';
-  let token: string | undefined;
-  const bearer = /^Bearer (\S+)$/.exec(header);
-  if (bearer) token = bearer[1];
-  const basic = /^Basic ([A-Za-z0-9+/=]+)$/.exec(header);
-  if (basic) {
-    const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
-    token = decoded.slice(decoded.indexOf(':') + 1);
-  }
+  const token = tokenFromAuthorization(req.headers.authorization);
   return token && store.usable() ? store.identifyAdmin(token) : undefined;
 }
 

@@ -1,5 +1,9 @@
-/** `Basic base64(caller:token)` (what HTTPS_PROXY=http://caller:token@… sends) or `Bearer token`. */
-export function proxyToken(header: string | undefined): string | undefined {
+/**
+ * The token in an Authorization or Proxy-Authorization value: `Bearer <token>`, or Basic with the
+ * token as the password (what HTTPS_PROXY=http://caller:token@… and browsers send). Undefined for
+ * anything else, malformed percent-escapes included: a header must never be able to throw here.
+ */
+export function tokenFromAuthorization(header: string | undefined): string | undefined {
   if (!header) return undefined;
   const bearer = /^Bearer (\S+)$/i.exec(header);
   if (bearer) return bearer[1];
@@ -7,7 +11,12 @@ export function proxyToken(header: string | undefined): string | undefined {
   if (!basic) return undefined;
   const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
   const colon = decoded.indexOf(':');
-  return colon === -1 ? undefined : decodeURIComponent(decoded.slice(colon + 1));
+  if (colon === -1) return undefined;
+  try {
+    return decodeURIComponent(decoded.slice(colon + 1));
+  } catch {
+    return undefined;
+  }
 }
 
 /** How long a refused connection may keep sending after its answer before it is cut (lingering close). */

@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
-import { answerAndClose, proxyToken } from './proxy-auth.ts';
+import { answerAndClose, tokenFromAuthorization } from './proxy-auth.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -64,7 +64,7 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
  */
 function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: string; port: number; token: string; rawTarget: string } | undefined {
   const match = /^http:\/\/([a-z0-9.-]+)(?::(\d{1,5}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
-  const token = proxyToken(req.headers['proxy-authorization']);
+  const token = tokenFromAuthorization(req.headers['proxy-authorization']);
   if (!match || !token) return undefined;
   const host = match[1]!.toLowerCase();
   const port = Number(match[2] ?? 80);

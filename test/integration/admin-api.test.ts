@@ -100,6 +100,7 @@ describe('admin API', () => {
     expect((await api('POST', '/credentials/key/promote', { grace: 'soon' })).status).toBe(400);
     expect((await api('DELETE', '/credentials/key')).status).toBe(405);
     expect((await api('GET', '/nothing')).status).toBe(404);
+    expect((await api('GET', '/credentials/%E0%A4%A')).status).toBe(404);
     // Two concurrent stages of the same credential: one wins, the other is a conflict (or finds the pending one).
     const [a, b] = await Promise.all([
       api('POST', '/credentials/key/versions', { fields: { token: 'tok_race_one_1234' }, stage: true }),

@@ -197,6 +197,14 @@ describe('forward mode', () => {
     expect(upstream.requests.length - before).toBe(1);
   });
 
+  it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
+    const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
+    expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
+    const { rawRequest } = await import('../helpers/raw.ts');
+    await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`);
+    expect((await connectTunnel('api.bank.test:443')).status).toBe(200);
+  });
+
   it('without a CA, CONNECT is refused outright', async () => {
     const other = await makeTempDir('egress-noca-');
     await mkdir(join(other, 'certs'));
