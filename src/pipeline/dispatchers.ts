@@ -21,23 +21,13 @@ export class Dispatchers {
    */
   forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
     const injection = route.clientCertificate!;
-    const key = JSON.stringify([route.origin, route.upstreamCa ?? null, route.connectTimeoutMs, route.allowPrivateAddresses, credential.id, credential.version]);
+    const key = JSON.stringify([poolKeyOf(route.origin, route), credential.id, credential.version]);
     if (!route.allowPrivateAddresses) checkLiteral(new URL(route.origin).hostname);
     let pool = this.#pools.get(key);
     if (!pool) {
       const material = injection.injector.clientCertificate!(injection.options, credential);
-      pool = new Pool(route.origin, {
-        connections: 64,
-        pipelining: 1,
-        keepAliveTimeout: 30_000,
-        connect: {
-          timeout: route.connectTimeoutMs,
-          rejectUnauthorized: true,
-          ...(route.allowPrivateAddresses ? {} : { lookup: guardedLookup }),
-          ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
-          ...(material.kind === 'pem' ? { cert: material.cert, key: material.key } : { pfx: material.pfx, passphrase: material.passphrase }),
-        },
-      });
+      const clientCert = material.kind === 'pem' ? { cert: material.cert, key: material.key } : { pfx: material.pfx, passphrase: material.passphrase };
+      pool = newPool(route.origin, route, 64, clientCert);
       this.#pools.set(key, pool);
       this.#versioned.set(key, `${credential.id}\u0000${credential.version}`);
     }
@@ -62,28 +52,17 @@ export class Dispatchers {
    * timeout and address policy: unless the route allows private addresses, an IP-literal host is
    * checked here and a name is resolved by guardedLookup, which connects only to the address it checked.
    */
-  forOrigin(origin: string, route: Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allowPrivateAddresses'>): Pool {
-    const { upstreamCa, connectTimeoutMs, allowPrivateAddresses } = route;
-    if (!allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
+  forOrigin(origin: string, route: PoolPolicy): Pool {
+    if (!route.allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
     const key = poolKeyOf(origin, route);
     let pool = this.#pools.get(key);
     if (!pool) {
-      pool = new Pool(origin, {
-        connections: 256,
-        pipelining: 1,
-        keepAliveTimeout: 30_000,
-        connect: {
-          timeout: connectTimeoutMs,
-          // Upstream TLS is always verified; upstream_ca adds a CA to the system roots, it replaces nothing.
-          rejectUnauthorized: true,
-          ...(allowPrivateAddresses ? {} : { lookup: guardedLookup }),
-          ...(upstreamCa ? { ca: [...rootCertificates, upstreamCa] } : {}),
-        },
-      });
+      pool = newPool(origin, route, 256);
       this.#pools.set(key, pool);
     }
     return pool;
   }
+
 
   /** After a reload: close the pools that no route of `config` uses any more. */
   retain(config: CompiledConfig): void {
@@ -104,6 +83,28 @@ export class Dispatchers {
   }
 }
 
-function poolKeyOf(origin: string, route: Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allowPrivateAddresses'>): string {
+type PoolPolicy = Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allowPrivateAddresses'>;
+
+/**
+ * A keep-alive pool with the route's connect policy. Upstream TLS is always verified: upstream_ca
+ * adds a CA to the system roots, it replaces nothing. Unless the route allows private addresses,
+ * names are resolved by guardedLookup, which connects only to the address it checked.
+ */
+function newPool(origin: string, route: PoolPolicy, connections: number, clientCert: Record<string, unknown> = {}): Pool {
+  return new Pool(origin, {
+    connections,
+    pipelining: 1,
+    keepAliveTimeout: 30_000,
+    connect: {
+      timeout: route.connectTimeoutMs,
+      rejectUnauthorized: true,
+      ...(route.allowPrivateAddresses ? {} : { lookup: guardedLookup }),
+      ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
+      ...clientCert,
+    },
+  });
+}
+
+function poolKeyOf(origin: string, route: PoolPolicy): string {
   return JSON.stringify([origin, route.upstreamCa ?? null, route.connectTimeoutMs, route.allowPrivateAddresses]);
 }
