@@ -201,8 +201,7 @@ export class FileStore implements StoreBackend {
       }
     }
     try {
-      await removeStaleTemps(dirname(this.path), basename(this.path));
-      await removeStaleTemps(dirname(this.path), basename(lock));
+      await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
       return await fn();
     } finally {
       await unlink(lock).catch(() => {});
