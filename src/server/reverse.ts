@@ -40,7 +40,7 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
 
   // Protocol switches and tunnels are not API calls: refuse them with a proxy error.
-  server.on('upgrade', (_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('bad_request', 'Protocol upgrades are not proxied.')));
+  server.on('upgrade', refuseUpgrade);
   // Forward mode needs the CA (egress certs init); without it there are no tunnels at all.
   server.on('connect', onConnect ?? ((_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'Forward mode is off: no CA in EGRESS_CERTS (run "egress certs init").'))));
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
@@ -71,6 +71,11 @@ function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: str
   const route = findRouteByHost(config, host);
   if (!route || (port !== 80 && !route.connectPorts.has(port))) return undefined;
   return { host, port, token, rawTarget: match[3] ?? '/' };
+}
+
+/** Answer a protocol switch (WebSocket, h2c) with a 400 and close: upgrades are never proxied (HDR-07, DOS-07). */
+export function refuseUpgrade(_req: IncomingMessage, socket: Duplex): void {
+  refuseRaw(socket, new ProxyError('bad_request', 'Protocol upgrades are not proxied.'));
 }
 
 function refuseRaw(socket: Duplex, error: ProxyError): void {

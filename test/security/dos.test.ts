@@ -1,9 +1,17 @@
+import { writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { createServer, type Server } from 'node:http';
+import { connect as h2connect } from 'node:http2';
 import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LISTENER_LIMITS } from '../../src/server/reverse.ts';
+import { makeTempDir } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { rawExchange } from './raw-socket.ts';
 import { percentile, rssKb } from './sec-helpers.ts';
 
 /** DOS: slow clients, big bodies, bucket evasion, connection floods and back-pressure. */
@@ -11,6 +19,9 @@ let lab: Lab;
 let big: Server;
 let bigPort: number;
 let bigBytesSent = 0;
+/** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
+let tlsPort: number;
+let tlsCa: string;
 
 beforeAll(async () => {
   // An upstream that streams up to 256 MiB, honouring back-pressure, so only the proxy can buffer it.
@@ -31,7 +42,15 @@ beforeAll(async () => {
   });
   await new Promise<void>((r) => big.listen(0, '127.0.0.1', r));
   bigPort = (big.address() as AddressInfo).port;
+  const pki = makeTestPki();
+  const tlsDir = await makeTempDir('egress-dos-tls-');
+  await writeFile(join(tlsDir, 'server.pem'), pki.serverCert);
+  await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
+  await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
+  tlsCa = pki.caCert;
+  tlsPort = await freePort();
   lab = await startLab({
+    env: { EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`, EGRESS_TLS_CERT: join(tlsDir, 'server.pem'), EGRESS_TLS_KEY: join(tlsDir, 'server.key'), EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem') },
     routes: (u) => ({
       rl: `name: rl
 prefix: /rl
@@ -83,6 +102,88 @@ async function timedB(): Promise<number> {
   await res.arrayBuffer();
   expect(res.status).toBe(200);
   return performance.now() - t0;
+}
+
+/** HTTP/2 bytes by hand (RFC 9113 §3.4, §4.1): the connection preface and frames. */
+const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 'latin1');
+function h2frame(type: number, flags: number, stream: number, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const head = Buffer.alloc(9);
+  head.writeUIntBE(payload.length, 0, 3);
+  head[3] = type;
+  head[4] = flags;
+  head.writeUInt32BE(stream & 0x7fffffff, 5);
+  return Buffer.concat([head, payload]);
+}
+const H2 = { HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, WINDOW_UPDATE: 0x8, CONTINUATION: 0x9 } as const;
+/** SETTINGS: MAX_CONCURRENT_STREAMS 100, INITIAL_WINDOW_SIZE 65535. */
+const SETTINGS = h2frame(H2.SETTINGS, 0, 0, Buffer.from([0, 3, 0, 0, 0, 100, 0, 4, 0, 0, 0xff, 0xff]));
+/** HPACK: :method GET, :scheme http, :path / (static table), :authority "p". */
+const HPACK_GET = Buffer.from([0x82, 0x86, 0x84, 0x41, 0x01, 0x70]);
+const h2Attacks: Record<string, Buffer> = {
+  'preface + SETTINGS': Buffer.concat([H2_PREFACE, SETTINGS]),
+  // CVE-2023-44487: HEADERS then RST_STREAM(CANCEL), thousands of streams in one write.
+  'Rapid Reset (5,000 HEADERS + RST_STREAM)': Buffer.concat([H2_PREFACE, SETTINGS, ...Array.from({ length: 5_000 }, (_, i) => Buffer.concat([h2frame(H2.HEADERS, 0x5, 2 * i + 1, HPACK_GET), h2frame(H2.RST_STREAM, 0, 2 * i + 1, Buffer.from([0, 0, 0, 8]))]))]),
+  'stream-0 WINDOW_UPDATE overflow': Buffer.concat([H2_PREFACE, SETTINGS, h2frame(H2.WINDOW_UPDATE, 0, 0, Buffer.from([0x7f, 0xff, 0xff, 0xff])), h2frame(H2.WINDOW_UPDATE, 0, 0, Buffer.from([0x7f, 0xff, 0xff, 0xff]))]),
+  'bad HPACK (index past the tables)': Buffer.concat([H2_PREFACE, SETTINGS, h2frame(H2.HEADERS, 0x5, 1, Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]))]),
+  // CVE-2024-27983 class: HEADERS without END_HEADERS, then endless CONTINUATION frames.
+  'CONTINUATION flood': Buffer.concat([H2_PREFACE, SETTINGS, h2frame(H2.HEADERS, 0x1, 1, HPACK_GET), ...Array.from({ length: 2_000 }, () => h2frame(H2.CONTINUATION, 0, 1, Buffer.from([0x40, 0x01, 0x78, 0x01, 0x79])))]),
+};
+
+/** A raw TLS exchange with the TLS listener: what it answered until it closed or went quiet. */
+function tlsExchange(bytes: string, idleMs = 600): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: tlsPort, servername: 'localhost', ca: tlsCa, ALPNProtocols: ['http/1.1'] }, () => {
+      socket.write(bytes);
+      arm();
+    });
+    let data = '';
+    let timer: NodeJS.Timeout | undefined;
+    const done = () => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(data);
+    };
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(done, idleMs);
+    };
+    socket.on('data', (d: Buffer) => {
+      data += d.toString('latin1');
+      arm();
+    });
+    socket.on('close', done);
+    socket.on('error', (err) => (data ? done() : reject(err)));
+  });
+}
+
+/** A TLS handshake offering `protocols` by ALPN: the protocol the listener chose, or the handshake error. */
+function alpnOffer(protocols: string[]): Promise<{ chosen: string | false | null; error?: string }> {
+  return new Promise((resolve) => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: tlsPort, servername: 'localhost', ca: tlsCa, ALPNProtocols: protocols }, () => {
+      resolve({ chosen: socket.alpnProtocol ?? null });
+      socket.destroy();
+    });
+    socket.on('error', (err: NodeJS.ErrnoException) => resolve({ chosen: null, error: err.code ?? err.message }));
+  });
+}
+
+/** node:http2's own client: how its request ended ("response 200" would mean the proxy speaks HTTP/2). */
+function h2Request(authority: string, token: string): Promise<string> {
+  return new Promise((resolve) => {
+    const session = h2connect(authority, { ca: tlsCa, servername: 'localhost' });
+    const timer = setTimeout(() => done('timeout'), 5_000);
+    const done = (how: string) => {
+      clearTimeout(timer);
+      session.destroy();
+      resolve(how);
+    };
+    session.on('error', (err: NodeJS.ErrnoException) => done(`error ${err.code ?? err.message}`));
+    session.on('close', () => done('closed'));
+    const req = session.request({ ':method': 'GET', ':path': '/plaid/institutions/x', 'x-egress-token': token });
+    req.on('response', (headers) => done(`response ${String(headers[':status'])}`));
+    req.on('error', (err: NodeJS.ErrnoException) => done(`error ${err.code ?? err.message}`));
+    req.end();
+  });
 }
 
 describe('DOS', () => {
@@ -190,4 +291,59 @@ describe('DOS', () => {
     socket.destroy();
     await lab.g0();
   });
+
+  it('DOS-07 HTTP/2 is not served: h2c preface and frame attacks get 400 and a close, h2c upgrades no 101, TLS never selects h2; a burst leaves the process bounded', async () => {
+    const mark = lab.u.requests.length;
+    // Prior-knowledge h2c on the plain listener: an HTTP/1.1 parser sees "PRI * HTTP/2.0" and refuses it.
+    for (const [what, bytes] of Object.entries(h2Attacks)) {
+      const answer = await rawExchange(lab.port, bytes, 2_000);
+      lab.seen(answer.data);
+      expect(answer.data, what).toMatch(/^HTTP\/1\.1 400 /);
+      expect(statuses(answer.data), what).toEqual([400]);
+      expect(answer.closed, `${what}: connection closed`).toBe(true);
+    }
+    // Upgrade: h2c with HTTP2-Settings (RFC 7540 §3.2) on both listeners, with and without a caller token.
+    const settings64 = SETTINGS.subarray(9).toString('base64url');
+    for (const [path, token] of [['/plaid/institutions/x', lab.tokens.b], ['/plaid/accounts/get', lab.tokens.a], ['/', ''], ['*', '']] as const) {
+      const request = [`${path === '*' ? 'OPTIONS' : 'GET'} ${path} HTTP/1.1`, 'Host: p', ...(token ? [`X-Egress-Token: ${token}`] : []), 'Connection: Upgrade, HTTP2-Settings', 'Upgrade: h2c', `HTTP2-Settings: ${settings64}`, '', ''].join('\r\n');
+      for (const [listener, answer] of [['plain', await rawRequest(lab.port, request)], ['tls', await tlsExchange(request)]] as const) {
+        lab.seen(answer);
+        expect(answer, `${listener} ${path}`).not.toMatch(/^HTTP\/1\.1 101/m);
+        const got = statuses(answer);
+        expect(got.length, `${listener} ${path}: answered`).toBeGreaterThanOrEqual(1);
+        expect([400, 401, 403, 404], `${listener} ${path} -> ${got[0]}`).toContain(got[0]);
+      }
+    }
+    // ALPN: offered only h2, the listener picks nothing (or fails the handshake); offered both, http/1.1.
+    const onlyH2 = await alpnOffer(['h2']);
+    expect(onlyH2.chosen, JSON.stringify(onlyH2)).not.toBe('h2');
+    if (onlyH2.error === undefined) expect([false, null]).toContain(onlyH2.chosen);
+    const both = await alpnOffer(['h2', 'http/1.1']);
+    expect(both).toEqual({ chosen: 'http/1.1' });
+    // node:http2's client, on TLS (ALPN h2) and as prior-knowledge h2c on the plain listener: no response.
+    const h2Outcomes: string[] = [];
+    for (const authority of [`https://127.0.0.1:${tlsPort}`, `http://127.0.0.1:${lab.port}`]) {
+      const how = await h2Request(authority, lab.tokens.b);
+      h2Outcomes.push(how);
+      expect(how, authority).toMatch(/^(error|closed)/);
+    }
+    console.log(`DOS-07: ALPN [h2] -> ${JSON.stringify(onlyH2)}; node:http2 client (TLS, h2c) -> ${h2Outcomes.join(', ')}`);
+    // A burst: rapid-reset and flood payloads, h2 clients on both listeners; then b still gets through.
+    const before = await rssKb(lab.serve.child.pid!);
+    const payloads = Object.values(h2Attacks);
+    let refused = 0;
+    for (let round = 0; round < 5; round++) {
+      const results = await Promise.all([
+        ...Array.from({ length: 40 }, (_, i) => rawExchange(lab.port, payloads[i % payloads.length]!, 2_000).then((a) => statuses(a.data)[0] === 400 && a.closed, () => true)),
+        ...Array.from({ length: 10 }, (_, i) => h2Request(i % 2 ? `https://127.0.0.1:${tlsPort}` : `http://127.0.0.1:${lab.port}`, lab.tokens.b).then((how) => !how.startsWith('response'))),
+      ]);
+      refused += results.filter(Boolean).length;
+    }
+    expect(refused, 'every h2 attempt refused').toBe(5 * 50);
+    const after = await rssKb(lab.serve.child.pid!);
+    console.log(`DOS-07: proxy RSS ${before} KiB before, ${after} KiB after 250 HTTP/2 attempts`);
+    expect(after - before, 'RSS growth KiB').toBeLessThan(64 * 1024);
+    expect(await timedB()).toBeLessThan(2_000);
+    await lab.g0(mark, 1);
+  }, 60_000);
 });
