@@ -1,4 +1,3 @@
-import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import type { Server } from 'node:http';
 import type { DestinationStream } from 'pino';
@@ -15,6 +14,7 @@ import { WebhookSink } from './observe/webhook.ts';
 import { readFile, stat } from 'node:fs/promises';
 import { UsageTracker } from './observe/usage.ts';
 import { AuditLog } from './observe/audit.ts';
+import { lockAuditLog, type AuditLock } from './observe/audit-lock.ts';
 import { createLogger, type Logger } from './observe/log.ts';
 import { Metrics } from './observe/metrics.ts';
 import { Dispatchers } from './pipeline/dispatchers.ts';
@@ -52,8 +52,17 @@ export interface RunningProxy {
   close(deadlineMs?: number): Promise<void>;
 }
 
+export interface StartOptions {
+  readonly logDestination?: DestinationStream;
+  /**
+   * Hold `<audit log>.lock` while running and refuse to start when another live process holds it
+   * (`egress serve` does; in-process test proxies may share a file knowingly).
+   */
+  readonly lockAuditLog?: boolean;
+}
+
 /** Composition root: settings -> keyring -> store -> routes -> listeners. */
-export async function startProxy(settings: Settings, options: { logDestination?: DestinationStream } = {}): Promise<RunningProxy> {
+export async function startProxy(settings: Settings, options: StartOptions = {}): Promise<RunningProxy> {
   const log = createLogger(settings.logLevel, options.logDestination);
   const backend = openStore(settings.store);
   const keyring = await openKeyring(settings, backend instanceof FileStore ? backend : undefined, log);
@@ -68,6 +77,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
   const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs, alerts, onError: () => metrics.storeErrors.inc() });
   const initial = await loadRoutes(settings.routesDir);
   const dispatchers = new Dispatchers();
+  const auditLock = options.lockAuditLog ? await takeAuditLock(settings.auditLog, log) : undefined;
   const audit = new AuditLog(settings.auditLog, log, { maxBytes: settings.auditMaxBytes, keep: settings.auditKeep, alsoStdout: settings.auditStdout });
   await audit.open();
   const sweeper = new GraceSweeper(backend, log, metrics, `proxy:${hostname()}:${process.pid}`, () => void store.refresh());
@@ -127,13 +137,14 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       clientCa: await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA'),
       certsDir: settings.certsDir,
     }, () => routes.config, services);
-    await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port);
+    await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port, 'EGRESS_TLS_LISTEN', settings.reusePort);
   }
-  await listen(proxy, settings.listen.host, settings.listen.port);
-  await listen(admin, settings.adminListen.host, settings.adminListen.port);
+  await listen(proxy, settings.listen.host, settings.listen.port, 'EGRESS_LISTEN', settings.reusePort);
+  // The admin listener is never shared: each instance has its own (/metrics and /readyz are per process).
+  await listen(admin, settings.adminListen.host, settings.adminListen.port, 'EGRESS_ADMIN_LISTEN', false);
   const proxyAddress = proxy.address() as AddressInfo;
   const adminAddress = admin.address() as AddressInfo;
-  log.info({ listen: `${proxyAddress.address}:${proxyAddress.port}`, admin: `${adminAddress.address}:${adminAddress.port}`, routes: initial.routes.length, store: backend.description }, 'egress-proxy listening');
+  log.info({ listen: `${proxyAddress.address}:${proxyAddress.port}`, ...(settings.reusePort ? { reuse_port: true } : {}), admin: `${adminAddress.address}:${adminAddress.port}`, routes: initial.routes.length, store: backend.description }, 'egress-proxy listening');
 
   let closing: Promise<void> | undefined;
   const close = (deadlineMs = 10_000): Promise<void> => {
@@ -165,6 +176,7 @@ export async function startProxy(settings: Settings, options: { logDestination?:
       await limiter.close?.();
       await store.close();
       await audit.close();
+      await auditLock?.release();
       await alerts.close();
       log.flush();
     })();
@@ -204,11 +216,41 @@ async function readWebhookSecret(path: string | undefined): Promise<Buffer> {
   return secret;
 }
 
-async function listen(server: Server, host: string, port: number): Promise<void> {
-  server.listen(port, host);
-  await Promise.race([once(server, 'listening'), once(server, 'error').then(([err]) => {
-    throw new UserError(`cannot listen on ${host}:${port} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-  })]);
+/** The audit log's single-writer lock; a lock that cannot be made at all (read-only folder) is logged, not fatal. */
+async function takeAuditLock(auditLog: string, log: Logger): Promise<AuditLock | undefined> {
+  try {
+    return await lockAuditLog(auditLog);
+  } catch (err) {
+    if (err instanceof UserError) throw err;
+    log.warn({ audit_log: auditLog, code: (err as NodeJS.ErrnoException).code }, 'cannot create the audit log lock file; the one-writer-per-file check is off');
+    return undefined;
+  }
+}
+
+/**
+ * Listen, or fail with a UserError that says why. With `reusePort` (EGRESS_REUSE_PORT), SO_REUSEPORT:
+ * other processes that also set it may listen on the same address, and the kernel spreads new
+ * connections among them.
+ */
+async function listen(server: Server, host: string, port: number, setting: string, reusePort: boolean): Promise<void> {
+  await new Promise<void>((resolveListen, reject) => {
+    const onError = (err: NodeJS.ErrnoException) => {
+      server.off('listening', onListening);
+      const why = err.code === 'EADDRINUSE'
+        ? reusePort
+          ? 'address already in use (a process that did not set EGRESS_REUSE_PORT holds it, or one of another user)'
+          : `address already in use (another process listens there${setting === 'EGRESS_ADMIN_LISTEN' ? '; each instance needs its own EGRESS_ADMIN_LISTEN' : '; to run several egress serve processes on one port, set EGRESS_REUSE_PORT=1 on every one of them'})`
+        : `${err.code ?? 'error'}: ${err.message}`;
+      reject(new UserError(`${setting}: cannot listen on ${host}:${port}: ${why}`));
+    };
+    const onListening = () => {
+      server.off('error', onError);
+      resolveListen();
+    };
+    server.once('error', onError);
+    server.once('listening', onListening);
+    server.listen({ port, host, ...(reusePort ? { reusePort: true } : {}) });
+  });
 }
 
 function closeServer(server: Server): Promise<void> {

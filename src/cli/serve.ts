@@ -8,8 +8,8 @@ export async function serve(args: readonly string[]): Promise<number> {
   const flags = `${process.execArgv.join(' ')} ${process.env.NODE_OPTIONS ?? ''}`;
   if (/--insecure-http-parser\b/.test(flags)) throw new UserError('refusing to serve with --insecure-http-parser (it lets requests be smuggled past the allowlist)');
   const p = parse(args);
-  maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
-  const proxy = await startProxy(p.settings());
+  maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--reuse-port true] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
+  const proxy = await startProxy(p.settings(), { lockAuditLog: true });
   const log = proxy.services.log;
   process.on('SIGHUP', () => void proxy.routes.reload('SIGHUP'));
   return new Promise((resolveExit) => {

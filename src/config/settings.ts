@@ -15,6 +15,11 @@ export interface HostPort {
 
 export interface Settings {
   readonly listen: HostPort;
+  /**
+   * Listen on the proxy (and TLS) port with SO_REUSEPORT, so several `egress serve` processes can
+   * share it (the kernel spreads connections). The admin listener never shares.
+   */
+  readonly reusePort: boolean;
   readonly adminListen: HostPort;
   readonly tlsListen: HostPort | undefined;
   readonly tlsCert: string | undefined;
@@ -42,6 +47,7 @@ export interface Settings {
 
 export const SETTINGS = {
   listen: { env: 'EGRESS_LISTEN', flag: 'listen', default: '127.0.0.1:8080' },
+  reusePort: { env: 'EGRESS_REUSE_PORT', flag: 'reuse-port', default: 'false' },
   tlsListen: { env: 'EGRESS_TLS_LISTEN', flag: 'tls-listen', default: undefined },
   tlsCert: { env: 'EGRESS_TLS_CERT', flag: 'tls-cert', default: undefined },
   tlsKey: { env: 'EGRESS_TLS_KEY', flag: 'tls-key', default: undefined },
@@ -82,6 +88,7 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
   const auditLog = get('auditLog')!;
   return {
     listen: parseHostPort(get('listen')!, 'EGRESS_LISTEN'),
+    reusePort: booleanSetting(get('reusePort')!, 'EGRESS_REUSE_PORT'),
     adminListen: parseHostPort(get('adminListen')!, 'EGRESS_ADMIN_LISTEN'),
     tlsListen: tls ? parseHostPort(tls, 'EGRESS_TLS_LISTEN') : undefined,
     tlsCert: get('tlsCert'),
