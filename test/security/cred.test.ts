@@ -1,10 +1,14 @@
+import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { aad, open, seal } from '../../src/store/crypto.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { CANARY, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { median, sampleInterleaved, TimedConnection, welch } from './timing.ts';
 
 /** CRED: the credential store fails closed on any tampering, nonces never repeat, and callers cannot pick a credential. */
 const BANK_SECRET = 'sk_bank_OTHER_55e1';
@@ -206,4 +210,63 @@ describe('CRED', () => {
     expect(lab.u.requests.length - mark).toBe(1);
     await lab.g0(mark, 1);
   });
+
+  it('CRED-09 token timing: wrong tokens sharing 0 or 31 leading bytes with a real one take the same time (Welch t-test)', async () => {
+    // Tokens are stored as SHA-256 hashes and compared hash to hash with timingSafeEqual over every
+    // live token (src/store/callers.ts): a prefix shared with a real token shares nothing with its
+    // hash, so even an early-exit compare of the hashes would not leak the prefix. The test guards
+    // the property end to end against what would bring the leak back: a plaintext or prefix-indexed
+    // lookup, a token id that gates slower verification, an early return on a partial match. Its
+    // resolution (logged: about 10 µs on a quiet 2-core machine, 15 µs under full CPU load) catches
+    // prefix-dependent work of that size; the nanoseconds of a bare === on 47 bytes are below what
+    // any HTTP-level test sees, which is why hashing before timingSafeEqual, not this test, is what
+    // rules those out.
+    // Both wrong tokens are well formed (egt_ + 32 bytes, base64url) and as long as the real one:
+    // "far" differs from its first secret byte on, "near" only in the last. 5,000 of each (the
+    // catalogue's 20k halved to fit the time budget; the resolution check says what a run could see).
+    const real = lab.tokens.a;
+    const raw = Buffer.from(real.slice(4), 'base64url');
+    const far = Buffer.concat([Buffer.from([raw[0]! ^ 0xff]), randomBytes(31)]);
+    const near = Buffer.from(raw);
+    near[31] = near[31]! ^ 0x01;
+    const token = (b: Buffer) => `egt_${b.toString('base64url')}`;
+    expect(token(far)).toHaveLength(real.length);
+    expect(token(near)).toHaveLength(real.length);
+    expect(token(near).slice(0, 4 + 41)).toBe(real.slice(0, 4 + 41));
+    const request = (t: string) => `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${t}\r\n\r\n`;
+    const N = 5_000;
+    const t0 = performance.now();
+    const conn = await TimedConnection.open(lab.port);
+    const proxy = await sampleInterleaved(conn, request(token(near)), request(token(far)), N).finally(() => conn.close());
+    expect([...proxy.statuses]).toEqual([401]);
+    const w = welch(proxy.a, proxy.b);
+    // The smallest shift this run could have flagged at |t| = 4.5 (dudect's threshold).
+    const resolution = 4.5 * w.se;
+    console.log(`CRED-09: ${N} pairs in ${((performance.now() - t0) / 1000).toFixed(1)} s; median near ${median(proxy.a).toFixed(0)} µs, far ${median(proxy.b).toFixed(0)} µs; cropped means ${w.meanA.toFixed(1)} / ${w.meanB.toFixed(1)} µs; t = ${w.t.toFixed(2)}; resolution ${resolution.toFixed(1)} µs`);
+
+    // Positive control, same harness and machine: a server that compares the token byte by byte and
+    // stops at the first difference, spending LEAK_NS per matching byte (20 µs over the 41 more
+    // bytes the near token matches), must be flagged.
+    const LEAK_NS = 500;
+    const leaky = createServer((req, res) => {
+      const presented = String(req.headers['x-egress-token'] ?? '');
+      for (let i = 0; i < real.length && presented[i] === real[i]; i++) {
+        const until = process.hrtime.bigint() + BigInt(LEAK_NS);
+        while (process.hrtime.bigint() < until);
+      }
+      res.writeHead(401, { 'content-length': '2' }).end('no');
+    });
+    await new Promise<void>((r) => leaky.listen(0, '127.0.0.1', r));
+    const control = await TimedConnection.open((leaky.address() as AddressInfo).port);
+    const leak = await sampleInterleaved(control, request(token(near)), request(token(far)), 1_000).finally(() => control.close());
+    await new Promise((r) => leaky.close(r));
+    const wl = welch(leak.a, leak.b);
+    console.log(`CRED-09 control: early exit at ${LEAK_NS} ns per byte (41 bytes more): t = ${wl.t.toFixed(1)}, difference ${(wl.meanA - wl.meanB).toFixed(1)} µs`);
+    expect(wl.t, 'the harness flags an early-exit comparison').toBeGreaterThan(4.5);
+
+    expect(Math.abs(w.t), 'no significant timing difference between 31 and 0 shared bytes').toBeLessThan(4.5);
+    // A run too noisy to see a 50 µs difference would pass without proving anything.
+    expect(resolution, 'the measurement resolves differences of 50 µs').toBeLessThan(50);
+    await lab.g0();
+  }, 60_000);
 });
