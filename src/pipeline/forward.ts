@@ -1,4 +1,3 @@
-import type { ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
@@ -10,15 +9,10 @@ import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor, redactText } from './redact.ts';
 import { open } from './resolve-credential.ts';
+import { UpstreamExchange } from './upstream-exchange.ts';
 
 /** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
-
-interface Attempt {
-  readonly response: Dispatcher.ResponseData;
-  /** The raw body, when it was read to classify the response. */
-  readonly raw?: Buffer;
-}
 
 /**
  * Send the request upstream and relay the response. Redirects are relayed, never followed. Nothing
@@ -27,13 +21,14 @@ interface Attempt {
  */
 export async function forward(ctx: RequestContext): Promise<void> {
   const route = ctx.route!;
-  const abort = new AbortController();
+  let attempt: Attempt | undefined;
   const onClose = () => {
-    if (!ctx.res.writableFinished) abort.abort();
+    if (!ctx.res.writableFinished) attempt?.exchange.abort(new Error('the caller closed the connection'));
   };
   ctx.res.once('close', onClose);
   try {
-    let attempt = await send(ctx, ctx.outbound!, abort.signal);
+    attempt = startExchange(ctx, ctx.outbound!);
+    await received(ctx, attempt);
     if (await isAuthFailure(ctx, attempt)) {
       const credential = ctx.credential!.id;
       const version = String(ctx.credential!.version);
@@ -41,15 +36,17 @@ export async function forward(ctx: RequestContext): Promise<void> {
       // A fetched credential (an OAuth2 token) the upstream refuses is dropped: the next request mints a new one.
       if (route.needsPrepare) ctx.services.tokens.invalidateCredential(credential, ctx.credential!.version);
       if (ctx.replayable && ctx.previous) {
-        discard(attempt.response.body);
+        attempt.exchange.discard();
         const previous = open(ctx, credential, ctx.previous);
         ctx.credential = previous;
         ctx.fellBack = true;
         ctx.services.metrics.fallbacks.inc({ credential, version: String(previous.version) });
         ctx.services.rules.onFallback(credential, Number(version), previous.version, route.name);
-        attempt = await send(ctx, await buildOutboundWithNonce(ctx, previous), abort.signal);
+        const outbound = await buildOutboundWithNonce(ctx, previous);
+        attempt = startExchange(ctx, outbound);
+        await received(ctx, attempt);
       } else {
-        ctx.services.rules.onAuthFailure(credential, Number(version), route.name, attempt.response.statusCode);
+        ctx.services.rules.onAuthFailure(credential, Number(version), route.name, attempt.exchange.status);
       }
     }
     await relay(ctx, attempt);
@@ -58,11 +55,20 @@ export async function forward(ctx: RequestContext): Promise<void> {
   }
 }
 
-async function send(ctx: RequestContext, out: OutboundRequest, signal: AbortSignal): Promise<Attempt> {
+interface Attempt {
+  readonly exchange: UpstreamExchange;
+  /** The raw body, when it was read to classify the response. */
+  raw?: Buffer;
+  /** The request body failed the route's max_body while streaming. */
+  readonly tooLarge: () => boolean;
+}
+
+/** Dispatch the request on the route's pool; the exchange's `head` settles with the response head or the failure. */
+function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
   const { req } = ctx;
   const route = ctx.route!;
   const headers = out.headers;
-  let body: Dispatcher.DispatchOptions['body'];
+  let body: Dispatcher.DispatchOptions['body'] = null;
   let tooLarge = false;
   if (out.body !== undefined) {
     body = out.body;
@@ -70,64 +76,79 @@ async function send(ctx: RequestContext, out: OutboundRequest, signal: AbortSign
   } else if (hasBody(req)) {
     checkDeclaredLength(req, route.maxBody);
     const declared = req.headers['content-length'];
-    if (declared !== undefined && req.headers['transfer-encoding'] === undefined) headers.set('content-length', [declared]);
-    body = Readable.from(limitBody(req, route.maxBody, () => {
-      tooLarge = true;
-    }), { objectMode: false });
+    if (declared !== undefined && req.headers['transfer-encoding'] === undefined) {
+      // A declared length within max_body: Node's parser delivers exactly that many bytes, so the
+      // request itself is the body (no counting stream in between).
+      headers.set('content-length', [declared]);
+      body = req;
+    } else {
+      body = Readable.from(limitBody(req, route.maxBody, () => {
+        tooLarge = true;
+      }), { objectMode: false });
+    }
   }
-  const sentAt = performance.now();
-  let response: Dispatcher.ResponseData;
+  const exchange = new UpstreamExchange();
+  const dispatchers = ctx.services.dispatchers;
   try {
-    const dispatchers = ctx.services.dispatchers;
     const pool = route.clientCertificate ? dispatchers.forCredential(route, ctx.credential!) : dispatchers.for(route);
-    response = await pool.request({
+    pool.dispatch({
       method: out.method as Dispatcher.HttpMethod,
       path: out.query ? `${out.path}?${out.query}` : out.path,
       headers: flatten(headers),
       body,
-      signal,
       headersTimeout: route.responseTimeoutMs,
       bodyTimeout: route.responseTimeoutMs,
-    });
+    }, exchange);
   } catch (err) {
-    if (tooLarge) throw new ProxyError('body_too_large');
+    exchange.onResponseError(undefined as never, err as Error);
+  }
+  return { exchange, tooLarge: () => tooLarge };
+}
+
+/** Wait for the response head: the time it took and its status are recorded; an upstream 429 pauses the route. */
+async function received(ctx: RequestContext, attempt: Attempt): Promise<void> {
+  const sentAt = performance.now();
+  const route = ctx.route!;
+  let exchange: UpstreamExchange;
+  try {
+    exchange = await attempt.exchange.head;
+  } catch (err) {
+    if (attempt.tooLarge()) throw new ProxyError('body_too_large');
     throw upstreamFailure(err);
   }
   ctx.upstreamMs = (ctx.upstreamMs ?? 0) + (performance.now() - sentAt);
-  ctx.upstreamStatus = response.statusCode;
-  if (response.statusCode === 429) {
+  ctx.upstreamStatus = exchange.status;
+  if (exchange.status === 429) {
     // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
-    const pauseMs = retryAfterMs(headerValue(response.headers['retry-after']));
+    const pauseMs = retryAfterMs(headerValue(exchange.headers['retry-after']));
     if (pauseMs > 0) ctx.services.limiter.pause(route.name, pauseMs);
   }
-  return { response };
 }
 
 /** Does the response match the route's auth_failure? Reads (and keeps) the body only when a body match is configured. */
 async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boolean> {
   const rule = ctx.route!.authFailure;
-  if (!rule.statuses.has(attempt.response.statusCode)) return false;
+  const { exchange } = attempt;
+  if (!rule.statuses.has(exchange.status)) return false;
   if (!rule.bodyContains) return true;
-  const raw = await readBounded(attempt.response);
-  (attempt as { raw?: Buffer }).raw = raw;
-  return decodeBody(raw, headerValue(attempt.response.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
+  attempt.raw = await exchange.readAll(MAX_INSPECTED_ERROR_BODY);
+  return decodeBody(attempt.raw, headerValue(exchange.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
 }
 
 async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   const { req, res } = ctx;
-  const { response } = attempt;
+  const { exchange } = attempt;
   const redact = redactor(ctx.redactions);
-  const relayed = responseHeaders(response.headers as Record<string, string | string[] | undefined>, redact);
+  const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact);
   relayed.push('x-request-id', ctx.id);
   try {
-    if (response.statusCode >= 400 && req.method !== 'HEAD') {
-      await relayErrorBody(ctx, response, relayed, attempt.raw ?? (await readBounded(response)));
+    if (exchange.status >= 400 && req.method !== 'HEAD') {
+      await relayErrorBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
     } else {
-      res.writeHead(response.statusCode, relayed);
-      await pipeTo(response.body, res);
+      await exchange.pipeTo(res, exchange.status, relayed);
     }
   } catch (err) {
-    discard(response.body);
+    exchange.discard();
     if (!res.headersSent) throw err instanceof ProxyError ? err : upstreamFailure(err);
     // The response had started: all that is left is to cut it short, so the caller sees it fail.
     res.destroy();
@@ -135,52 +156,11 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
 }
 
 /**
- * Stream the upstream body to the caller. A plain pipe with explicit settling: stream.pipeline
- * allocates and aborts an AbortController (and so a DOMException) for every response, which
- * showed up as 4% of the proxy's CPU.
- */
-function pipeTo(body: Readable, res: ServerResponse): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const settle = (err?: Error) => {
-      body.off('error', onError);
-      res.off('finish', onFinish);
-      res.off('close', onClose);
-      if (err) reject(err);
-      else resolve();
-    };
-    const onError = (err: Error) => settle(err);
-    const onFinish = () => settle();
-    const onClose = () => settle(res.writableFinished ? undefined : new Error('the caller closed the connection'));
-    body.once('error', onError);
-    res.once('finish', onFinish);
-    res.once('close', onClose);
-    body.pipe(res);
-  });
-}
-
-/** Drop a response body we will not relay. undici reports the abort as an error: it must have a listener. */
-function discard(body: Readable): void {
-  body.on('error', () => {});
-  body.destroy();
-}
-
-async function readBounded(response: Dispatcher.ResponseData): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of response.body) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_INSPECTED_ERROR_BODY) throw new ProxyError('upstream_error', 'The upstream error body is too large to inspect.');
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks, size);
-}
-
-/**
  * An error body may echo what we sent (a provider quoting the key it rejected): decode it and
  * redact every injected value before the caller sees it.
  */
-async function relayErrorBody(ctx: RequestContext, response: Dispatcher.ResponseData, relayed: string[], raw: Buffer): Promise<void> {
-  const decoded = decodeBody(raw, headerValue(response.headers['content-encoding']));
+function relayErrorBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer): void {
+  const decoded = decodeBody(raw, headerValue(exchange.headers['content-encoding']));
   const text = redactText(decoded.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
   const out = Buffer.from(text, 'latin1');
   const headers: string[] = [];
@@ -190,7 +170,7 @@ async function relayErrorBody(ctx: RequestContext, response: Dispatcher.Response
     headers.push(name, relayed[i + 1]!);
   }
   headers.push('content-length', String(out.length));
-  ctx.res.writeHead(response.statusCode, headers);
+  ctx.res.writeHead(exchange.status, headers);
   ctx.res.end(out);
 }
 

@@ -1,0 +1,214 @@
+import type { IncomingHttpHeaders, ServerResponse } from 'node:http';
+import type { Dispatcher } from 'undici';
+import { ProxyError } from '../errors.ts';
+
+/** Body bytes held while nobody reads them yet (between the response head and relay); past this the upstream is paused. */
+const HOLD_BYTES = 64 * 1024;
+
+/**
+ * One request to the upstream through undici's dispatch handler API, relayed without an
+ * intermediate stream: the body chunks go straight to the caller's response with back-pressure
+ * (pause the upstream socket while the caller's socket is full), or are collected when the body
+ * has to be inspected. undici's `request()` wraps every response in a Readable and a promise chain;
+ * on the proxy's hot path that cost more than all of the proxy's own checks.
+ *
+ * The exchange resolves `head` when the status and headers arrive; what happens to the body is
+ * decided after that: `pipeTo` (relay as it streams), `readAll` (inspect, bounded) or `discard`.
+ * Chunks that arrive before the decision are held (up to HOLD_BYTES, then the upstream is paused).
+ */
+export class UpstreamExchange implements Dispatcher.DispatchHandler {
+  status = 0;
+  headers: IncomingHttpHeaders = {};
+  readonly head: Promise<UpstreamExchange>;
+  #resolveHead!: (exchange: UpstreamExchange) => void;
+  #rejectHead!: (err: Error) => void;
+  #headSeen = false;
+  #controller: Dispatcher.DispatchController | undefined;
+  #abortReason: Error | undefined;
+  #held: Buffer[] = [];
+  #heldBytes = 0;
+  /** Hard limit while reading the whole body (readAll); HOLD_BYTES pauses, this fails. */
+  #readLimit = 0;
+  #ended = false;
+  #failure: Error | undefined;
+  #sink: ServerResponse | undefined;
+  #waitingForDrain = false;
+  /** The pending pipeTo/readAll: told when the body ends or fails. */
+  #onSettle: ((err?: Error) => void) | undefined;
+
+  constructor() {
+    this.head = new Promise((resolve, reject) => {
+      this.#resolveHead = resolve;
+      this.#rejectHead = reject;
+    });
+    // The head promise may be rejected after nobody awaits it any more (an abort during fallback).
+    this.head.catch(() => {});
+  }
+
+  /** Stop the exchange (the caller went away, or the body is not wanted). Safe to call at any time. */
+  abort(reason: Error): void {
+    if (this.#controller) {
+      if (!this.#controller.aborted) this.#controller.abort(reason);
+    } else {
+      this.#abortReason ??= reason;
+    }
+  }
+
+  // ---- undici's handler -------------------------------------------------------------------
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.#controller = controller;
+    if (this.#abortReason) controller.abort(this.#abortReason);
+  }
+
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    // 1xx informational responses are the upstream's business with us, not the caller's.
+    if (statusCode < 200) return;
+    this.#controller = controller;
+    this.status = statusCode;
+    this.headers = headers;
+    this.#headSeen = true;
+    this.#resolveHead(this);
+  }
+
+  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    const sink = this.#sink;
+    if (sink) {
+      if (!sink.write(chunk) && !this.#waitingForDrain) {
+        this.#waitingForDrain = true;
+        controller.pause();
+        sink.once('drain', () => {
+          this.#waitingForDrain = false;
+          controller.resume();
+        });
+      }
+      return;
+    }
+    this.#held.push(chunk);
+    this.#heldBytes += chunk.length;
+    if (this.#readLimit > 0) {
+      if (this.#heldBytes > this.#readLimit) {
+        const err = new ProxyError('upstream_error', 'The upstream error body is too large to inspect.');
+        this.#fail(err);
+        controller.abort(err);
+      }
+    } else if (this.#heldBytes > HOLD_BYTES) {
+      controller.pause();
+    }
+  }
+
+  onResponseEnd(): void {
+    this.#ended = true;
+    if (this.#sink) this.#sink.end();
+    else this.#onSettle?.();
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
+    if (!this.#headSeen) {
+      this.#rejectHead(err);
+      return;
+    }
+    this.#fail(err);
+  }
+
+  #fail(err: Error): void {
+    if (this.#failure) return;
+    this.#failure = err;
+    this.#held = [];
+    this.#onSettle?.(err);
+  }
+
+  // ---- what the proxy does with the body ----------------------------------------------------
+
+  /**
+   * Relay the status, `headers` and the body to the caller as it streams. Settles when the caller's
+   * response has finished (resolve), or when either side fails or closes first (reject).
+   */
+  pipeTo(res: ServerResponse, status: number, headers: readonly string[]): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      let settled = false;
+      const settle = (err?: Error) => {
+        if (settled) return;
+        settled = true;
+        this.#onSettle = undefined;
+        res.off('finish', onFinish);
+        res.off('close', onClose);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onFinish = () => settle();
+      const onClose = () => settle(res.writableFinished ? undefined : new Error('the caller closed the connection'));
+      res.once('finish', onFinish);
+      res.once('close', onClose);
+      if (this.#failure) {
+        settle(this.#failure);
+        return;
+      }
+      // Upstream failures after this point fail the relay; its end ends the caller's response.
+      this.#onSettle = (err) => {
+        if (err) settle(err);
+      };
+      try {
+        res.writeHead(status, headers as string[]);
+      } catch (err) {
+        // A header value Node refuses to send (control bytes from the upstream): nothing was written yet.
+        settle(err as Error);
+        return;
+      }
+      const held = this.#held;
+      this.#held = [];
+      this.#heldBytes = 0;
+      this.#sink = res;
+      if (this.#ended) {
+        // The common case for small responses: head, body and end go out in one write.
+        if (held.length === 1) res.end(held[0]);
+        else {
+          res.cork();
+          for (const chunk of held) res.write(chunk);
+          res.end();
+        }
+        return;
+      }
+      let full = false;
+      for (const chunk of held) full = !res.write(chunk) || full;
+      if (full) {
+        this.#waitingForDrain = true;
+        res.once('drain', () => {
+          this.#waitingForDrain = false;
+          this.#controller?.resume();
+        });
+      } else {
+        this.#controller?.resume();
+      }
+    });
+  }
+
+  /** The whole body, up to `limit` bytes (more fails the exchange with upstream_error). */
+  readAll(limit: number): Promise<Buffer> {
+    return new Promise<Buffer>((resolve, reject) => {
+      const done = (err?: Error) => {
+        this.#onSettle = undefined;
+        if (err) reject(err);
+        else resolve(Buffer.concat(this.#held, this.#heldBytes));
+      };
+      if (this.#failure) return done(this.#failure);
+      if (this.#heldBytes > limit) {
+        const err = new ProxyError('upstream_error', 'The upstream error body is too large to inspect.');
+        this.#fail(err);
+        this.abort(err);
+        return done(err);
+      }
+      if (this.#ended) return done();
+      this.#readLimit = limit;
+      this.#onSettle = done;
+      this.#controller?.resume();
+    });
+  }
+
+  /** The body will not be relayed: stop receiving it. */
+  discard(): void {
+    this.#held = [];
+    this.#heldBytes = 0;
+    if (!this.#ended) this.abort(new ProxyError('upstream_error', 'The response body was not needed.'));
+  }
+}
