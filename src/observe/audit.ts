@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
 import { mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
@@ -59,7 +59,7 @@ export interface AdminAudit {
 export const GENESIS = '0'.repeat(64);
 
 export function lineHash(line: string): string {
-  return createHash('sha256').update(line, 'utf8').digest('hex');
+  return hash('sha256', line, 'hex');
 }
 
 export interface AuditOptions {
@@ -83,6 +83,10 @@ export class AuditLog {
   #failed = false;
   #bytes = 0;
   #dropped = 0;
+  /** Lines of this turn of the event loop, written together (one write for many requests). */
+  #pending: string[] = [];
+  #pendingBytes = 0;
+  #flushScheduled = false;
 
   constructor(path: string, log: Logger, options: AuditOptions = { maxBytes: 100 * 1024 * 1024, keep: 10, alsoStdout: false }) {
     this.path = path;
@@ -118,6 +122,7 @@ export class AuditLog {
 
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
   #rotate(): void {
+    this.#flush();
     try {
       const oldest = `${this.path}.${this.#options.keep}`;
       if (existsSync(oldest)) unlinkSync(oldest);
@@ -168,23 +173,41 @@ export class AuditLog {
     fields[AUDIT.prev] = this.#prev;
     const line = JSON.stringify(fields);
     const text = `${line}\n`;
-    if (this.#options.alsoStdout && this.path !== '-') process.stdout.write(text);
+    const bytes = Buffer.byteLength(text);
     if (this.path !== '-') {
       if (!this.#stream) this.#openStream();
-      const buffered = (this.#stream as WriteStream).writableLength ?? 0;
+      const buffered = ((this.#stream as WriteStream | undefined)?.writableLength ?? 0) + this.#pendingBytes;
       if (buffered > MAX_BUFFERED_BYTES) {
         // The disk is not keeping up (or is full): report and drop rather than block requests or exhaust memory.
         if (this.#dropped++ % 1000 === 0) this.#log.error({ alert: 'audit_write_failed', dropped: this.#dropped }, 'audit log is not accepting writes; lines are being dropped');
         return;
       }
-      if (this.#bytes > 0 && this.#bytes + text.length > this.#options.maxBytes) this.#rotate();
-      this.#bytes += Buffer.byteLength(text);
+      if (this.#bytes > 0 && this.#bytes + bytes > this.#options.maxBytes) this.#rotate();
+      this.#bytes += bytes;
     }
     this.#prev = lineHash(line);
+    this.#pending.push(text);
+    this.#pendingBytes += bytes;
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setImmediate(() => this.#flush());
+    }
+  }
+
+  /** Write the lines queued in this turn of the event loop, in order, as one write. */
+  #flush(): void {
+    this.#flushScheduled = false;
+    if (this.#pending.length === 0) return;
+    const text = this.#pending.length === 1 ? this.#pending[0]! : this.#pending.join('');
+    this.#pending = [];
+    this.#pendingBytes = 0;
+    if (this.#options.alsoStdout && this.path !== '-') process.stdout.write(text);
+    if (this.path !== '-' && !this.#stream) this.#openStream();
     this.#stream?.write(text);
   }
 
   async close(): Promise<void> {
+    this.#flush();
     const stream = this.#stream;
     this.#stream = undefined;
     if (stream && stream !== process.stdout && 'close' in stream) {
