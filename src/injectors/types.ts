@@ -22,7 +22,7 @@ export interface OutboundRequest {
   body: Buffer | undefined;
 }
 
-/** A decrypted credential version: only lives for the duration of one request. */
+/** A decrypted credential version, shared by the requests that use it while its stored record is unchanged. */
 export interface ResolvedCredential {
   readonly id: string;
   readonly version: number;

@@ -4,6 +4,7 @@ import { IntegrityError } from '../store/crypto.ts';
 import { inGrace } from '../rotation/transitions.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
 import type { CredentialVersionRecord } from '../store/records.ts';
+import type { Keyring } from '../store/keyring.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import type { RequestContext } from './context.ts';
 import { echoForms } from './redact.ts';
@@ -39,18 +40,47 @@ export function resolveCredential(ctx: RequestContext): void {
   }
 }
 
-/** Decrypt one version for this request; its values are registered for redaction. */
+/**
+ * The version opened for this request; its values (in every form an upstream might echo them) are
+ * registered for redaction.
+ */
 export function open(ctx: RequestContext, id: string, version: CredentialVersionRecord): ResolvedCredential {
-  let credential: ResolvedCredential;
-  try {
-    credential = openVersion(ctx.services.keys.current, id, version);
-  } catch (err) {
-    if (err instanceof IntegrityError) {
-      ctx.services.log.error({ alert: 'credential_integrity', credential: id, version: version.version, request_id: ctx.id }, 'credential failed its integrity check; refusing to use it');
-      throw new ProxyError('credential_unavailable', 'The stored credential failed its integrity check.');
+  const keyring = ctx.services.keys.current;
+  let opened = openedVersions.get(version);
+  if (!opened || opened.keyring !== keyring || opened.id !== id || opened.data !== version.data || opened.dek !== version.dek || opened.kek !== version.kek) {
+    let credential: ResolvedCredential;
+    try {
+      credential = openVersion(keyring, id, version);
+    } catch (err) {
+      if (err instanceof IntegrityError) {
+        ctx.services.log.error({ alert: 'credential_integrity', credential: id, version: version.version, request_id: ctx.id }, 'credential failed its integrity check; refusing to use it');
+        throw new ProxyError('credential_unavailable', 'The stored credential failed its integrity check.');
+      }
+      throw err;
     }
-    throw err;
+    const echoes = [...credential.fields.values()].flatMap((secret) => echoForms(secret.reveal()));
+    opened = { keyring, id, data: version.data, dek: version.dek, kek: version.kek, credential, echoes };
+    openedVersions.set(version, opened);
   }
-  for (const secret of credential.fields.values()) ctx.redactions.push(...echoForms(secret.reveal()));
-  return credential;
+  for (const echo of opened.echoes) ctx.redactions.push(echo);
+  return opened.credential;
 }
+
+/**
+ * Opened versions, keyed by the stored record they came from and valid only while everything the
+ * decryption read is the same object (keyring, id, ciphertext, wrapped key): a reload, a rotation,
+ * a master-key change or a tampered record is a new object and is decrypted and authenticated
+ * afresh. Holding the opened fields adds no exposure over the unwrapped data keys the proxy
+ * already holds (either is one step from the plaintext for anyone who can read its memory), and
+ * decrypting on every request was a tenth of a proxied request's CPU.
+ */
+interface OpenedVersion {
+  readonly keyring: Keyring;
+  readonly id: string;
+  readonly data: CredentialVersionRecord['data'];
+  readonly dek: CredentialVersionRecord['dek'];
+  readonly kek: CredentialVersionRecord['kek'];
+  readonly credential: ResolvedCredential;
+  readonly echoes: readonly string[];
+}
+const openedVersions = new WeakMap<CredentialVersionRecord, OpenedVersion>();

@@ -49,8 +49,9 @@ export function sealVersion(keyring: Keyring, id: string, version: number, state
  * Unwrapped data keys, as KeyObjects, per keyring: unwrapping and preparing a key on every request
  * was the largest single cost of a proxied request. The cache key is everything the unwrap reads
  * (credential id, version, KEK version and the wrapped bytes), so a changed or tampered record is a
- * miss and is checked afresh; the fields themselves are still decrypted, and authenticated, per
- * request and never cached. A new keyring (rotation, reload) starts with an empty cache.
+ * miss and is checked afresh. A new keyring (rotation, reload) starts with an empty cache. (The
+ * request path also keeps each opened version while its record is unchanged: see
+ * pipeline/resolve-credential.ts.)
  */
 const dekCache = new WeakMap<Keyring, Map<string, KeyObject>>();
 const DEK_CACHE_LIMIT = 10_000;
