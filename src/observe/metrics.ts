@@ -1,4 +1,4 @@
-import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { StoreView } from '../store/store-view.ts';
 import { currentVersion } from '../store/credentials.ts';
 
@@ -8,6 +8,12 @@ import { currentVersion } from '../store/credentials.ts';
  */
 export class Metrics {
   readonly registry = new Registry();
+
+  constructor() {
+    // Process and runtime series (RSS, heap spaces, GC pauses, event-loop lag): what an operator
+    // needs to see memory stay flat and the event loop keep up. Read at scrape time.
+    collectDefaultMetrics({ register: this.registry });
+  }
 
   readonly requests = new Counter({
     name: 'egress_requests_total',
