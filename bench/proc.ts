@@ -226,6 +226,13 @@ export function memory(pid: number): Memory | undefined {
   return processes ? { rssKb, hwmKb, processes } : undefined;
 }
 
+/** memory() summed over several processes (a target made of several, like egress-x2), trees included. */
+export function memoryOf(pids: readonly number[]): Memory | undefined {
+  const parts = pids.map(memory).filter((m): m is Memory => m !== undefined);
+  if (parts.length === 0) return undefined;
+  return parts.reduce((a, b) => ({ rssKb: a.rssKb + b.rssKb, hwmKb: a.hwmKb + b.hwmKb, processes: a.processes + b.processes }));
+}
+
 /** CPU time (user + system) used so far by the process tree, in clock ticks (USER_HZ). */
 export function cpuTicks(pid: number): number {
   let ticks = 0;

@@ -143,7 +143,7 @@ export function resultsTable(runs: readonly RunRecord[], scenarios: readonly Sce
 
 /**
  * egress-proxy against each other target, scenario by scenario (egress value / other value); then
- * egress-redis against egress-proxy with the file store (egress-redis value / file-store value).
+ * egress-redis and egress-x2 against egress-proxy with the file store (their value / file-store value).
  */
 export function egressTable(runs: readonly RunRecord[], scenarios: readonly Scenario[], targets: readonly TargetName[]): string {
   const header = ['scenario', 'compared', 'req/s', 'p50', 'p99', 'CPU/req', 'added p50 ms', 'added p99 ms'];
@@ -162,13 +162,15 @@ export function egressTable(runs: readonly RunRecord[], scenarios: readonly Scen
     const egress = find(runs, 'egress', scenario.id);
     if (egress) {
       for (const target of targets) {
-        if (target === 'egress' || target === 'egress-redis') continue;
+        if (target === 'egress' || target === 'egress-redis' || target === 'egress-x2') continue;
         const other = find(runs, target, scenario.id);
         if (other) row(scenario, egress, other, target !== 'direct');
       }
     }
     const viaRedis = find(runs, 'egress-redis', scenario.id);
     if (viaRedis && egress) row(scenario, viaRedis, egress, true);
+    const two = find(runs, 'egress-x2', scenario.id);
+    if (two && egress) row(scenario, two, egress, true);
   }
   return table(header, rows, new Set([2, 3, 4, 5, 6, 7]));
 }

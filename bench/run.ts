@@ -10,23 +10,26 @@
  *
  * Settings (environment): BENCH_DURATION (s per scenario, default 5), BENCH_QUICK=1 (1 s runs),
  * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
- * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx),
+ * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
+ * and the opt-in egress-x2: two egress-proxy processes on one port with EGRESS_REUSE_PORT=1, CPU and RSS summed),
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
- * BENCH_EGRESS_NODE_ARGS (extra Node flags for both egress-proxy targets, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
+ * BENCH_EGRESS_NODE_ARGS (extra Node flags for every egress-proxy target, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
  */
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  CLIENT_ID, SECRET, TOKEN_HEADER, diffStats, emptyStats, jsonBody, readSettings, sleep,
+  CLIENT_ID, SECRET, TOKEN_HEADER, diffStats, emptyStats, jsonBody, readSettings,
   type BenchSettings, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats,
 } from './common.ts';
+import { environment, type Environment } from './environment.ts';
+import { checkAudit, egressMetrics, loadProblems, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { httpRequest } from './http.ts';
-import { benchTicks, cpuTicks, forkChild, ipcRequest, killAllSync, machineBusyTicks, memory, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
+import { benchTicks, cpuTicks, forkChild, ipcRequest, killAllSync, machineBusyTicks, memoryOf, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
 import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
-  BENCH_DIR, LABELS, REPO_ROOT, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
-  type EgressTarget, type RedisServer, type Target, type TargetName, type Upstream,
+  BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
+  type EgressTarget, type RedisServer, type Target, type TargetName,
 } from './targets.ts';
 
 const say = (line = '') => process.stdout.write(`${line}\n`);
@@ -77,7 +80,7 @@ interface Client {
 async function main(): Promise<number> {
   const settings = readSettings(process.env);
   const started = new Date();
-  const targetNames = TARGET_NAMES.filter((n) => !settings.targets || settings.targets.includes(n));
+  const targetNames = TARGET_NAMES.filter((n) => (settings.targets ? settings.targets.includes(n) : DEFAULT_TARGETS.includes(n)));
   if (settings.targets) {
     const unknown = settings.targets.filter((n) => !(TARGET_NAMES as readonly string[]).includes(n));
     if (unknown.length) throw new Error(`BENCH_TARGETS: unknown target(s) ${unknown.join(', ')}; known: ${TARGET_NAMES.join(', ')}`);
@@ -100,6 +103,7 @@ async function main(): Promise<number> {
   const env = await environment();
   ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
   printHeader(env, settings, budgetSec);
+  say(`targets:   ${targetNames.join(', ')}${settings.targets ? '' : ` (the default; opt-in: ${TARGET_NAMES.filter((n) => !DEFAULT_TARGETS.includes(n)).join(', ')}, with BENCH_TARGETS)`}`);
 
   tmpRoot = await mkdtemp(join(tmpdir(), 'egress-bench-'));
   const body = jsonBody(settings.bodyBytes);
@@ -127,10 +131,15 @@ async function main(): Promise<number> {
         notes.push(server.skipped);
       } else {
         redis = server;
-        const started = await startEgress(upstream, tmpRoot, redis);
+        const started = await startEgress(upstream, tmpRoot, { redis });
         egresses.push(started);
         targets.push(started);
       }
+    }
+    if (name === 'egress-x2') {
+      const started = await startEgress(upstream, tmpRoot, { instances: 2 });
+      egresses.push(started);
+      targets.push(started);
     }
     if (name === 'bare') targets.push(await startBare(upstream));
     if (name === 'hp3') targets.push(await startHp3(upstream));
@@ -156,7 +165,7 @@ async function main(): Promise<number> {
 
   say();
   say('targets (each its own process; the upstream is shared):');
-  for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${String(target.process.pid).padEnd(7)} ${target.description}`);
+  for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${target.processes.map((p) => p.pid).join('+').padEnd(7)} ${target.description}`);
   say(`  ${'upstream'.padEnd(13)} pid ${String(upstream.process.pid).padEnd(7)} node:http on ${upstream.origin}, 200 + small JSON only with the injected PLAID-SECRET, else 401 (counted)`);
   if (redis) say(`  ${'redis-server'.padEnd(13)} pid ${String(redis.process.pid).padEnd(7)} redis-server ${redis.version} on 127.0.0.1:${redis.port} for egress-redis (--save '' --appendonly no), stopped after the proxies`);
   say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} autocannon ${env.versions.autocannon} (programmatic), keep-alive connections, pipelining 1, in its own process`);
@@ -222,7 +231,7 @@ async function main(): Promise<number> {
       const storeCpu = store && storeBefore ? storeCpuSince(storeBefore, store.pid, result.responses) : undefined;
       const seen = diffStats(await settledStats(upstream), before);
       account(target.name, seen);
-      const mem = memory(target.process.pid);
+      const mem = memoryOf(target.processes.map((p) => p.pid));
       runs.push({ round, target: target.name, label: target.label, scenario: scenario.id, load: result, upstream: seen, memory: mem, cpu, ...(storeCpu ? { storeCpu } : {}) });
       say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req${storeCpu ? ` (+ redis-server ${Math.round(storeCpu.usPerRequest)} us/req)` : ''}  other load ${Math.round(cpu.otherPct)}% of a CPU`);
       checkRun(target, scenario, result, seen);
@@ -234,16 +243,20 @@ async function main(): Promise<number> {
   for (const egress of egresses) metrics.set(egress.name, await egressMetrics(egress));
   const killed = await shutdown();
   for (const k of killed) failures.push(`had to SIGKILL ${k}: it did not stop on its signal within 8 s`);
-  const audits = new Map<TargetName, Awaited<ReturnType<typeof checkAudit>>>();
+  const audits = new Map<TargetName, AuditCheck>();
   for (const egress of egresses) {
-    if (egress.process.exited) {
-      const { code, signal } = await egress.process.exit;
-      if (code !== 0) failures.push(`${egress.label} exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(egress.process.output().slice(-4000))}`);
+    for (const { process: proc } of egress.instances) {
+      if (proc.exited) {
+        const { code, signal } = await proc.exit;
+        if (code !== 0) failures.push(`${proc.name} exited with ${signal ?? `code ${code}`} on SIGTERM (expected 0); last output:\n${indent(proc.output().slice(-4000))}`);
+      }
+      if (proc.lines() > 0) {
+        notes.push(`${proc.name} wrote ${proc.lines()} log line(s) at level warn or above; last:\n${indent(proc.output().slice(-3000))}`);
+      }
     }
-    audits.set(egress.name, await checkAudit(egress, totals.get(egress.name)!));
-    if (egress.process.lines() > 0) {
-      notes.push(`${egress.label} wrote ${egress.process.lines()} log line(s) at level warn or above; last:\n${indent(egress.process.output().slice(-3000))}`);
-    }
+    const { check, problems } = await checkAudit(egress, totals.get(egress.name)!);
+    audits.set(egress.name, check);
+    failures.push(...problems);
   }
   if (redis && redis.process.exited) {
     const { code, signal } = await redis.process.exit;
@@ -259,7 +272,7 @@ async function main(): Promise<number> {
   // Report.
   const present = clients.map((c) => c.target.name);
   say();
-  say(`results (${settings.durationSec} s per run${settings.rounds > 1 ? `, median of ${settings.rounds} rounds` : ''}; p50/p99 over every response; RSS = VmRSS of the target's process tree after the run; CPU us/req = the target's process tree CPU time per response; other CPU = CPU used during the run by processes outside the bench, % of one CPU)`);
+  say(`results (${settings.durationSec} s per run${settings.rounds > 1 ? `, median of ${settings.rounds} rounds` : ''}; p50/p99 over every response; RSS = VmRSS of the target's process tree (egress x2: both trees, summed) after the run; CPU us/req = the target's process tree CPU time per response (egress x2: both); other CPU = CPU used during the run by processes outside the bench, % of one CPU)`);
   const combined = combineRounds(runs);
   say(resultsTable(combined, scenarios, present));
   if (present.includes('egress-redis')) {
@@ -267,10 +280,11 @@ async function main(): Promise<number> {
     say('redis-server CPU during the egress-redis runs (not in egress-redis\'s CPU us/req above; the proxy + its store together is the sum)');
     say(storeCpuTable(combined, scenarios));
   }
-  if (present.includes('egress') || present.includes('egress-redis')) {
+  if (present.includes('egress') || present.includes('egress-redis') || present.includes('egress-x2')) {
     say();
     say('egress-proxy relative to the others, same run (ratio = first / second; req/s: higher is better; p50, p99, CPU/req: lower is better; added = first minus second)');
-    say('the egress-redis rows: the same proxy with a Redis store (EGRESS_STORE=redis://…, rate limits one EVAL per request) relative to the file store; CPU/req is the proxy process only');
+    if (present.includes('egress-redis')) say('the egress-redis rows: the same proxy with a Redis store (EGRESS_STORE=redis://…, rate limits one EVAL per request) relative to the file store; CPU/req is the proxy process only');
+    if (present.includes('egress-x2')) say('the egress x2 rows: two proxy processes sharing the port (EGRESS_REUSE_PORT=1) relative to one; CPU/req is both processes together');
     say(egressTable(combined, scenarios, present));
   }
   say();
@@ -291,11 +305,11 @@ async function main(): Promise<number> {
     environment: { ...env, nginx: nginxVersion ?? null },
     settings,
     scenarios,
-    targets: clients.map(({ target }) => ({ name: target.name, label: target.label, description: target.description, pid: target.process.pid })),
+    targets: clients.map(({ target }) => ({ name: target.name, label: target.label, description: target.description, pid: target.process.pid, pids: target.processes.map((p) => p.pid) })),
     runs,
     combined: settings.rounds > 1 ? combined : undefined,
     upstreamTotals: Object.fromEntries(totals),
-    egress: Object.fromEntries(egresses.map((e) => [e.name, { audit: audits.get(e.name) ?? null, metrics: metrics.get(e.name) ?? null, logLines: e.process.lines() }])),
+    egress: Object.fromEntries(egresses.map((e) => [e.name, { pids: e.instances.map((i) => i.process.pid), audit: audits.get(e.name) ?? null, metrics: metrics.get(e.name) ?? null, logLines: e.instances.reduce((n, i) => n + i.process.lines(), 0) }])),
     redis: redis ? { version: redis.version, port: redis.port, pid: redis.process.pid } : null,
     failures,
     notes,
@@ -315,21 +329,6 @@ async function main(): Promise<number> {
   }
   say('all checks passed');
   return 0;
-}
-
-/**
- * The upstream's counters once the requests still in flight through a target have landed (the load
- * generator stops with requests outstanding), so each request is counted for the target that sent it.
- */
-async function settledStats(upstream: Upstream): Promise<UpstreamStats> {
-  let last = await upstream.stats();
-  const deadline = Date.now() + 3000;
-  for (;;) {
-    await sleep(100);
-    const now = await upstream.stats();
-    if (now.requests === last.requests || Date.now() > deadline) return now;
-    last = now;
-  }
 }
 
 let ticksPerSecond = 100;
@@ -355,7 +354,7 @@ function selfTicks(): number {
 }
 
 function cpuSnapshot(target: Target): CpuSnapshot {
-  return { at: performance.now(), target: cpuTicks(target.process.pid), bench: benchTicks() + selfTicks(), machine: machineBusyTicks() };
+  return { at: performance.now(), target: target.processes.reduce((n, p) => n + cpuTicks(p.pid), 0), bench: benchTicks() + selfTicks(), machine: machineBusyTicks() };
 }
 
 function cpuSince(before: CpuSnapshot, target: Target, responses: number): CpuUse {
@@ -373,115 +372,8 @@ function cpuSince(before: CpuSnapshot, target: Target, responses: number): CpuUs
 
 function checkRun(target: Target, scenario: Scenario, result: LoadResult, seen: UpstreamStats): void {
   const where = `${target.label}, ${scenario.label}`;
-  if (seen.missingSecret > 0) failures.push(`${where}: ${seen.missingSecret} request(s) reached the upstream WITHOUT the injected PLAID-SECRET (answered 401)`);
-  if (seen.badClientId > 0) failures.push(`${where}: ${seen.badClientId} request(s) reached the upstream without PLAID-CLIENT-ID: ${CLIENT_ID}`);
-  if ((target.name === 'egress' || target.name === 'egress-redis') && seen.tokenSeen > 0) failures.push(`${where}: ${seen.tokenSeen} request(s) reached the upstream still carrying X-Egress-Token (the caller token leaked)`);
-  if (seen.badBody > 0) failures.push(`${where}: ${seen.badBody} POST body(ies) reached the upstream with the wrong size`);
-  if (seen.wrongPath > 0) failures.push(`${where}: ${seen.wrongPath} request(s) reached the upstream on the wrong path`);
-  if (result.errors > 0 || result.non2xx > 0) {
-    const codes = Object.entries(result.statusCodes).filter(([c]) => !c.startsWith('2')).map(([c, n]) => `${c}x${n}`).join(' ');
-    failures.push(`${where}: ${result.errors} error(s) (${result.timeouts} timeouts), ${result.non2xx} non-2xx response(s)${codes ? ` [${codes}]` : ''}`);
-  }
-  if (result.responses === 0) failures.push(`${where}: no responses at all`);
+  failures.push(...upstreamProblems(where, seen, target.name.startsWith('egress')), ...loadProblems(where, result));
   if (scenario.rate && result.rps < scenario.rate * 0.9) notes.push(`${where}: achieved ${Math.round(result.rps)} req/s of the ${scenario.rate} offered`);
-}
-
-/** A few counters from the admin listener's /metrics, before shutdown. */
-async function egressMetrics(egress: EgressTarget): Promise<string | undefined> {
-  try {
-    const res = await httpRequest(`http://127.0.0.1:${egress.adminPort}/metrics`, { timeoutMs: 5000 });
-    const wanted = res.body.split('\n').filter((l) => /^(egress_requests_total|process_resident_memory_bytes|nodejs_eventloop_lag_p99_seconds|nodejs_heap_size_used_bytes)\b/.test(l));
-    return wanted.length ? wanted.join('; ') : `status ${res.status}, no matching series`;
-  } catch (err) {
-    return `unavailable (${(err as Error).message})`;
-  }
-}
-
-/**
- * Every request egress-proxy forwarded must have its audit line, and the hash chain must verify.
- * (A request whose caller went away mid-flight, as autocannon's connections do when a run ends,
- * also reached the upstream: its line is not an 'allow'. Those are counted by reason.)
- */
-async function checkAudit(egress: EgressTarget, forwarded: UpstreamStats): Promise<{ lines: number; bench: number; byOutcome: Record<string, number>; verify: string; summary: string }> {
-  let text = '';
-  try {
-    text = await readFile(egress.auditLog, 'utf8');
-  } catch (err) {
-    failures.push(`${egress.label} audit log ${egress.auditLog}: cannot read (${(err as NodeJS.ErrnoException).code})`);
-  }
-  let lines = 0;
-  let bench = 0;
-  const byOutcome: Record<string, number> = {};
-  for (const line of text.split('\n')) {
-    if (!line) continue;
-    lines++;
-    let key = 'unparsable';
-    try {
-      const entry = JSON.parse(line) as { decision?: string; reason?: string; route?: string | null; upstream_status?: number | null };
-      if (entry.route === 'bench') bench++;
-      key = `${entry.route ?? 'no route'} ${entry.decision}/${entry.reason}${entry.decision === 'allow' ? '' : ` (upstream status ${entry.upstream_status ?? 'none'})`}`;
-    } catch {
-      // counted as unparsable
-    }
-    byOutcome[key] = (byOutcome[key] ?? 0) + 1;
-  }
-  if (bench < forwarded.requests) failures.push(`${egress.label} audit log: ${bench} lines for route bench, but the upstream received ${forwarded.requests} requests through ${egress.label}`);
-  const verify = await runCommand(process.execPath, ['bin/egress.js', 'audit', 'verify', egress.auditLog], { env: egress.env, cwd: REPO_ROOT, timeoutMs: 120_000 })
-    .then((r) => {
-      if (r.code !== 0) failures.push(`${egress.label}: egress audit verify exited ${r.code}: ${(r.stdout + r.stderr).trim()}`);
-      return (r.stdout + r.stderr).trim();
-    }, (err: Error) => {
-      failures.push(`${egress.label}: egress audit verify: ${err.message}`);
-      return err.message;
-    });
-  const outcomes = Object.entries(byOutcome).sort((a, b) => b[1] - a[1]).map(([k, n]) => `${n} ${k}`).join(', ');
-  return { lines, bench, byOutcome, verify, summary: `${lines} lines for ${forwarded.requests} requests the upstream received through ${egress.label}: ${outcomes}; \`egress audit verify\`: ${verify}` };
-}
-
-interface Environment {
-  readonly command: string;
-  readonly argv: readonly string[];
-  readonly node: string;
-  readonly execPath: string;
-  readonly v8: string;
-  readonly platform: string;
-  readonly cpuCount: number;
-  readonly availableParallelism: number;
-  readonly cpuModel: string;
-  readonly loadavg: readonly number[];
-  readonly versions: { readonly autocannon: string; readonly undici: string; readonly 'http-proxy-3': string };
-  readonly git: string;
-  readonly benchEnv: Record<string, string>;
-}
-
-async function environment(): Promise<Environment> {
-  const version = async (pkg: string) => {
-    try {
-      return (JSON.parse(await readFile(join(REPO_ROOT, 'node_modules', pkg, 'package.json'), 'utf8')) as { version: string }).version;
-    } catch {
-      return 'unknown';
-    }
-  };
-  const git = await runCommand('git', ['describe', '--always', '--dirty'], { cwd: REPO_ROOT, timeoutMs: 5000 }).then((r) => r.stdout.trim() || 'unknown', () => 'unknown');
-  const benchEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith('BENCH_')).map(([k, v]) => [k, v ?? '']));
-  const direct = [process.execPath, ...process.argv.slice(1)].join(' ');
-  const viaNpm = process.env.npm_lifecycle_event ? `npm run ${process.env.npm_lifecycle_event} (${process.env.npm_lifecycle_script ?? ''}) -> ` : '';
-  const envPrefix = Object.entries(benchEnv).map(([k, v]) => `${k}=${/^[\w.,:/=@+-]*$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`} `).join('');
-  return {
-    command: `${envPrefix}${viaNpm}${direct}`,
-    argv: process.argv,
-    node: process.version,
-    execPath: process.execPath,
-    v8: process.versions.v8,
-    platform: `${process.platform} ${process.arch}`,
-    cpuCount: cpus().length,
-    availableParallelism: availableParallelism(),
-    cpuModel: cpus()[0]?.model ?? 'unknown',
-    loadavg: loadavg().map((n) => Math.round(n * 100) / 100),
-    versions: { autocannon: await version('autocannon'), undici: await version('undici'), 'http-proxy-3': await version('http-proxy-3') },
-    git,
-    benchEnv,
-  };
 }
 
 function printHeader(env: Environment, settings: BenchSettings, budgetSec: number): void {

@@ -1,8 +1,9 @@
 /**
- * The upstream and the six targets, each started as its own process:
+ * The upstream and the targets, each started as its own process (egress-x2: two):
  *   direct        the upstream itself (the limit)
  *   egress        egress-proxy, run like a user runs it: CLI setup, route file, `egress serve`, file store
  *   egress-redis  the same, with EGRESS_STORE=redis://… on a private redis-server the bench starts
+ *   egress-x2     two `egress serve` on one port (EGRESS_REUSE_PORT=1), one file store (opt-in)
  *   bare    node:http + undici Pool, headers added, nothing else (the floor)
  *   hp3     http-proxy-3 with a keep-alive agent and the same headers
  *   nginx   nginx with proxy_set_header and upstream keepalive (when nginx is installed)
@@ -18,13 +19,21 @@ import { forkChild, freePort, ipcRequest, listeningPorts, runCommand, spawnChild
 export const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 export const REPO_ROOT = resolve(BENCH_DIR, '..');
 
-export type TargetName = 'direct' | 'egress' | 'egress-redis' | 'bare' | 'hp3' | 'nginx';
-export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'egress-redis', 'bare', 'hp3', 'nginx'];
+export type TargetName = 'direct' | 'egress' | 'egress-redis' | 'egress-x2' | 'bare' | 'hp3' | 'nginx';
+/** Every target, in the order they are measured. */
+export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'egress-redis', 'egress-x2', 'bare', 'hp3', 'nginx'];
+/**
+ * What runs without BENCH_TARGETS. egress-x2 is opt-in: it is a scaling figure, and on a machine
+ * with few cores (the load generator, the upstream and two proxies sharing them) it mostly measures
+ * contention; it also adds about a minute to a run that already takes several.
+ */
+export const DEFAULT_TARGETS: readonly TargetName[] = TARGET_NAMES.filter((n) => n !== 'egress-x2');
 
 export const LABELS: Readonly<Record<TargetName, string>> = {
   direct: 'direct',
   egress: 'egress-proxy',
   'egress-redis': 'egress-redis',
+  'egress-x2': 'egress x2',
   bare: 'bare undici',
   hp3: 'http-proxy-3',
   nginx: 'nginx',
@@ -36,8 +45,10 @@ export interface Target {
   readonly description: string;
   /** Full URL the load generator calls (GET and POST alike). */
   readonly url: string;
-  /** The process whose tree's RSS is reported. */
+  /** The target's (first) process: its pid is the one shown. */
   readonly process: Managed;
+  /** Every process of the target (egress-x2 has two): RSS and CPU are their trees' sum. */
+  readonly processes: readonly Managed[];
   /** Ports to verify closed after shutdown. */
   readonly ports: readonly number[];
 }
@@ -69,6 +80,7 @@ export function directTarget(upstream: Upstream): Target {
     description: `the upstream itself (node:http, own process), client sends the credential headers; RSS is the upstream's`,
     url: `${upstream.origin}${UPSTREAM_PATH}`,
     process: upstream.process,
+    processes: [upstream.process],
     ports: [upstream.port],
   };
 }
@@ -82,6 +94,7 @@ export async function startBare(upstream: Upstream): Promise<Target> {
     description: 'node:http + undici Pool.request (256 connections) + stream pipe, adds the two headers, no checks',
     url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
     process: child,
+    processes: [child],
     ports: [port],
   };
 }
@@ -95,40 +108,64 @@ export async function startHp3(upstream: Upstream): Promise<Target> {
     description: 'http-proxy-3 web() on node:http, keep-alive http.Agent (maxSockets 256), `headers` option adds the two headers, no checks',
     url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
     process: child,
+    processes: [child],
     ports: [port],
   };
 }
 
 // ---- egress-proxy -----------------------------------------------------------------------------
 
-export interface EgressTarget extends Target {
-  readonly name: 'egress' | 'egress-redis';
-  readonly token: string;
-  readonly auditLog: string;
-  readonly env: NodeJS.ProcessEnv;
+export type EgressName = 'egress' | 'egress-redis' | 'egress-x2';
+
+/** One `egress serve` process. */
+export interface EgressInstance {
+  readonly process: Managed;
   readonly adminPort: number;
+  readonly auditLog: string;
+}
+
+export interface EgressTarget extends Target {
+  readonly name: EgressName;
+  readonly token: string;
+  /** The environment of the CLI and of `serve` (store, master key, routes); each instance adds its own listeners and audit log. */
+  readonly env: NodeJS.ProcessEnv;
+  /** One, or two for egress-x2 (sharing the proxy port, each with its own admin port and audit log). */
+  readonly instances: readonly EgressInstance[];
+}
+
+export interface EgressOptions {
+  /** Store on this redis-server (egress-redis) instead of a file. */
+  readonly redis?: RedisServer;
+  /** 2: two `serve` processes on one port with EGRESS_REUSE_PORT=1 (egress-x2). */
+  readonly instances?: 1 | 2;
+  /** More EGRESS_* settings for `serve` (the soak raises EGRESS_AUDIT_KEEP, for one). */
+  readonly serveEnv?: Readonly<Record<string, string>>;
 }
 
 /**
  * egress-proxy exactly as a user runs it: `master-key init`, `keys put`, `callers add`, a route file, `serve`.
  * With `redis`, every one of those (CLI and `serve`) runs with EGRESS_STORE set to that Redis URL
- * instead of a file store; the rest is the same.
+ * instead of a file store; the rest is the same. With `instances: 2`, two `serve` processes share
+ * the proxy port (EGRESS_REUSE_PORT=1) and the file store, as an operator would run them on one
+ * machine: each with its own admin listener and audit log (one writer per audit file).
  */
-export async function startEgress(upstream: Upstream, root: string, redis?: RedisServer): Promise<EgressTarget> {
-  const name = redis ? 'egress-redis' : 'egress';
+export async function startEgress(upstream: Upstream, root: string, options: EgressOptions = {}): Promise<EgressTarget> {
+  const { redis } = options;
+  const count = options.instances ?? 1;
+  if (redis && count > 1) throw new Error('startEgress: several instances are measured with the file store only');
+  const name: EgressName = redis ? 'egress-redis' : count > 1 ? 'egress-x2' : 'egress';
   const dir = join(root, name);
   const routes = join(dir, 'routes');
   // The bench's temp root is opened up for nginx's workers; this folder (master key, store) is not.
   await mkdir(dir, { mode: 0o700 });
   await mkdir(routes);
-  const auditLog = join(dir, 'audit.log');
   const env: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith('EGRESS_')) env[name] = value;
+  for (const [key, value] of Object.entries(process.env)) if (!key.startsWith('EGRESS_')) env[key] = value;
   Object.assign(env, {
     EGRESS_MASTER_KEY_FILE: join(dir, 'master.key'),
     EGRESS_STORE: redis ? redis.url : `file:${join(dir, 'store.json')}`,
     EGRESS_ROUTES: routes,
-    EGRESS_AUDIT_LOG: auditLog,
+    EGRESS_AUDIT_LOG: join(dir, 'audit.log'),
     EGRESS_LISTEN: '127.0.0.1:0',
     EGRESS_ADMIN_LISTEN: '127.0.0.1:0',
     EGRESS_LOG_LEVEL: 'warn',
@@ -166,20 +203,90 @@ export async function startEgress(upstream: Upstream, root: string, redis?: Redi
     '',
   ].join('\n'));
 
+  const serveEnv = { ...env, ...options.serveEnv };
+  let instances: EgressInstance[];
+  let proxyPort: number;
+  if (count === 1) {
+    const started = await startServe(LABELS[name], serveEnv);
+    instances = [started.instance];
+    proxyPort = started.proxyPort;
+  } else {
+    // SO_REUSEPORT needs a fixed port: take a free one, and another if it was taken meanwhile.
+    ({ instances, proxyPort } = await startSharing(name, serveEnv, dir, count));
+  }
+  return {
+    name,
+    label: LABELS[name],
+    description: redis
+      ? `egress-proxy \`serve\` as egress-proxy, but EGRESS_STORE=${redis.url} (redis-server ${redis.version}, pid ${redis.process.pid}, no persistence): store cache + pub/sub, rate limits as one EVAL per request; RSS and CPU are the proxy's only`
+      : count > 1
+        ? `${count} egress-proxy \`serve\` processes on one port with EGRESS_REUSE_PORT=1 (SO_REUSEPORT: the kernel spreads connections), one file store, each its own admin port and audit log (rate limits per process); RSS and CPU are the processes summed`
+        : 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',
+    url: `http://127.0.0.1:${proxyPort}${PROXY_PREFIX}${UPSTREAM_PATH}`,
+    process: instances[0]!.process,
+    processes: instances.map((i) => i.process),
+    ports: [proxyPort, ...instances.map((i) => i.adminPort)],
+    token,
+    env,
+    instances,
+  };
+}
+
+/** `count` serve processes on one free port with EGRESS_REUSE_PORT=1, each with its own audit log and admin port. */
+async function startSharing(name: EgressName, env: NodeJS.ProcessEnv, dir: string, count: number): Promise<{ instances: EgressInstance[]; proxyPort: number }> {
+  let lastError: unknown;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const port = await freePort();
+    const instances: EgressInstance[] = [];
+    try {
+      for (let i = 1; i <= count; i++) {
+        const started = await startServe(`${LABELS[name]} #${i}`, {
+          ...env,
+          EGRESS_LISTEN: `127.0.0.1:${port}`,
+          EGRESS_REUSE_PORT: '1',
+          EGRESS_AUDIT_LOG: join(dir, `audit-${i}.log`),
+        });
+        if (started.proxyPort !== port) throw new Error(`${LABELS[name]} #${i} listens on ${started.proxyPort}, not on the shared port ${port}`);
+        instances.push(started.instance);
+      }
+      return { instances, proxyPort: port };
+    } catch (err) {
+      lastError = err;
+      // Another program took the port between freePort() and the first listen: stop what started, try another.
+      for (const instance of instances) {
+        instance.process.stopping = true;
+        try {
+          process.kill(-instance.process.pid, 'SIGKILL');
+        } catch {
+          // gone
+        }
+        await instance.process.exit;
+      }
+      if (!/address already in use/.test((err as Error).message) || instances.length > 0) throw err;
+    }
+  }
+  throw lastError;
+}
+
+/** One `egress serve`, started and ready; its ports are found in /proc (the admin one is always port 0). */
+async function startServe(label: string, env: NodeJS.ProcessEnv): Promise<{ instance: EgressInstance; proxyPort: number }> {
   // BENCH_EGRESS_NODE_ARGS: extra Node flags for `serve`, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
   const nodeArgs = (process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const proxy = spawnChild(LABELS[name], process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
-  // Both listeners are on port 0: find the ports in /proc, then tell them apart by asking /readyz
-  // (the proxy listener answers it with an X-Egress-Error; the admin listener does not).
+  const proxy = spawnChild(label, process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
+  // Find the listening ports in /proc, then tell them apart by asking /readyz (the proxy listener
+  // answers it with an X-Egress-Error; the admin listener does not).
   const deadline = Date.now() + START_TIMEOUT_MS;
   let ports: number[] = [];
   while (ports.length < 2) {
-    if (proxy.exited) throw new Error(`egress serve exited before listening\n${proxy.output()}`);
-    if (Date.now() > deadline) throw new Error(`egress serve: not listening on two ports within ${START_TIMEOUT_MS / 1000} s\n${proxy.output()}`);
+    if (proxy.exited) {
+      await proxy.exit;
+      throw new Error(`${label}: egress serve exited before listening\n${proxy.output()}`);
+    }
+    if (Date.now() > deadline) throw new Error(`${label}: egress serve not listening on two ports within ${START_TIMEOUT_MS / 1000} s\n${proxy.output()}`);
     await sleep(50);
     ports = listeningPorts(proxy.pid);
   }
-  if (ports.length !== 2) throw new Error(`egress serve listens on ${ports.length} ports (${ports.join(', ')}); expected 2`);
+  if (ports.length !== 2) throw new Error(`${label}: egress serve listens on ${ports.length} ports (${ports.join(', ')}); expected 2`);
   let adminPort: number | undefined;
   let proxyPort: number | undefined;
   for (const port of ports) {
@@ -187,28 +294,15 @@ export async function startEgress(upstream: Upstream, root: string, redis?: Redi
     if (res.headers['x-egress-error'] !== undefined) proxyPort = port;
     else adminPort = port;
   }
-  if (adminPort === undefined || proxyPort === undefined) throw new Error(`egress serve: cannot tell the admin port from the proxy port among ${ports.join(', ')}`);
+  if (adminPort === undefined || proxyPort === undefined) throw new Error(`${label}: cannot tell the admin port from the proxy port among ${ports.join(', ')}`);
   for (;;) {
     const res = await httpRequest(`http://127.0.0.1:${adminPort}/readyz`);
     if (res.status === 200) break;
-    if (proxy.exited) throw new Error(`egress serve exited before ready\n${proxy.output()}`);
-    if (Date.now() > deadline) throw new Error(`egress serve: /readyz still ${res.status} after ${START_TIMEOUT_MS / 1000} s: ${res.body}\n${proxy.output()}`);
+    if (proxy.exited) throw new Error(`${label}: egress serve exited before ready\n${proxy.output()}`);
+    if (Date.now() > deadline) throw new Error(`${label}: /readyz still ${res.status} after ${START_TIMEOUT_MS / 1000} s: ${res.body}\n${proxy.output()}`);
     await sleep(100);
   }
-  return {
-    name,
-    label: LABELS[name],
-    description: redis
-      ? `egress-proxy \`serve\` as egress-proxy, but EGRESS_STORE=${redis.url} (redis-server ${redis.version}, pid ${redis.process.pid}, no persistence): store cache + pub/sub, rate limits as one EVAL per request; RSS and CPU are the proxy's only`
-      : 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',
-    url: `http://127.0.0.1:${proxyPort}${PROXY_PREFIX}${UPSTREAM_PATH}`,
-    process: proxy,
-    ports: [proxyPort, adminPort],
-    token,
-    auditLog,
-    env,
-    adminPort,
-  };
+  return { instance: { process: proxy, adminPort, auditLog: env.EGRESS_AUDIT_LOG! }, proxyPort };
 }
 
 // ---- redis-server (egress-redis's store) ------------------------------------------------------
@@ -312,6 +406,7 @@ export async function startNginx(upstream: Upstream, root: string): Promise<Ngin
           description: `${version}: master + 1 worker, proxy_set_header for both headers, upstream keepalive 64, keepalive_requests 1000000; RSS is master + worker`,
           url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
           process: master,
+          processes: [master],
           ports: [port],
         },
       };
