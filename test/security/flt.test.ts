@@ -70,6 +70,105 @@ describe('FLT', () => {
     }
   }, 30_000);
 
+  it('FLT-03 failover: the store\'s Redis becomes a READONLY replica mid-traffic, then primary again: no 500, limits kept, recovery bounded', async () => {
+    const r1 = await TestRedis.create();
+    const r2 = await TestRedis.create();
+    const dir = await makeTempDir('egress-flt03-');
+    // Caller a: traffic, every request a GCRA write. Caller p: a probe whose bucket is spent before the failover.
+    const text = `${route('    rate: { rate: 1000/s }\n')}  - caller: p\n    methods: [GET]\n    paths: [/x]\n    rate: { rate: 1/h, burst: 2 }\n`;
+    const { tokens } = await seedDataDir(dir, { routes: { r: text }, credentials: { c: { secret: CANARY } }, callers: ['a', 'p'], store: r1.url });
+    const c1 = r1.client();
+    const c2 = r2.client();
+    // No 5 s wait for more replicas before a full sync (Redis 7's default for diskless sync).
+    for (const c of [c1, c2]) await c.config('SET', 'repl-diskless-sync-delay', '0');
+    const replicaOf = async (c: typeof c1, primary: TestRedis | undefined) => {
+      await c.call('REPLICAOF', ...(primary ? ['127.0.0.1', String(primary.port)] : ['NO', 'ONE']));
+      if (primary) await eventually(async () => /master_link_status:up/.test(await c.info('replication')), 10_000, 'replica in sync');
+    };
+    await replicaOf(c2, r1);
+    const serve = await startServe(envFor(dir, { EGRESS_STORE: r1.url }));
+    type Seen = { at: number; status: number; code: string };
+    const seen: Seen[] = [];
+    let running = true;
+    const t0 = performance.now();
+    const traffic = (async () => {
+      while (running) {
+        try {
+          const res = await fetch(`${serve.url}/r/x`, { headers: { 'x-egress-token': tokens.a! } });
+          await res.arrayBuffer();
+          seen.push({ at: performance.now() - t0, status: res.status, code: res.headers.get('x-egress-error') ?? '' });
+        } catch (err) {
+          // A refused or reset connection (a crash) is recorded as status 0 and fails the checks below.
+          seen.push({ at: performance.now() - t0, status: 0, code: (err as Error).message });
+          await new Promise((r) => setTimeout(r, 50));
+        }
+      }
+    })();
+    try {
+      expect((await call(serve, tokens.p!)).status).toBe(200);
+      expect((await call(serve, tokens.p!)).status).toBe(200);
+      expect((await call(serve, tokens.p!)).status).toBe(429);
+      const probeKey = (await c1.keys('egress:rl:*')).find((k) => k.includes('"p"'));
+      expect(probeKey, 'the probe\'s bucket is in Redis').toBeDefined();
+      const probeTat = await c1.get(probeKey!);
+      await new Promise((r) => setTimeout(r, 1_000));
+
+      // Failover: r2 is promoted, the store's r1 becomes its replica (resynced from r2) and answers writes with READONLY.
+      const failoverAt = performance.now() - t0;
+      await replicaOf(c2, undefined);
+      await replicaOf(c1, r2);
+      await expect(c1.set('egress:flt03:write', '1')).rejects.toThrow(/READONLY/);
+      const syncedAt = performance.now() - t0;
+      await eventually(() => serve.output().includes('ratelimit_degraded'), 5_000, 'ratelimit_degraded alert (the fallback is not silent)');
+      // Meanwhile limits fall back to per-instance buckets (README: documented): bounded by the rule, never off.
+      const local = [];
+      for (let i = 0; i < 4; i++) local.push((await call(serve, tokens.p!)).status);
+      expect(local.filter((s) => s === 200).length, `probe during the failover: ${local}`).toBeLessThanOrEqual(2);
+      expect(local.at(-1)).toBe(429);
+      // A credential write against the replica fails cleanly (non-zero exit, no hang, no secret echoed).
+      const { runCli } = await import('../helpers/cli.ts');
+      const rotate = await runCli(['keys', 'rotate', 'c', '--from-stdin'], envFor(dir, { EGRESS_STORE: r1.url }), JSON.stringify({ secret: 'sk_flt03_NEW_0f0f' }));
+      console.log(`FLT-03: keys rotate against the replica: exit ${rotate.code}: ${rotate.stderr.trim()}`);
+      expect(rotate.code).not.toBe(0);
+      expect(rotate.stderr).toMatch(/READONLY/);
+      expect(rotate.stdout + rotate.stderr).not.toContain('sk_flt03_NEW_0f0f');
+      await new Promise((r) => setTimeout(r, 1_000));
+
+      // Back: r1 is promoted again (r2 follows it), as after a failback.
+      const promotedAt = performance.now() - t0;
+      const logMark = serve.output().length;
+      await replicaOf(c1, undefined);
+      await replicaOf(c2, r1);
+      const recoveryMs = await eventually(() => serve.output().slice(logMark).includes('rate limits are shared through Redis again'), 10_000, 'shared limits again');
+      await new Promise((r) => setTimeout(r, 1_000));
+      running = false;
+      await traffic;
+
+      const during = seen.filter((s) => s.at >= failoverAt && s.at < promotedAt);
+      const after = seen.filter((s) => s.at >= promotedAt + recoveryMs + 200);
+      const tally = (xs: Seen[]) => JSON.stringify(Object.entries(Object.groupBy(xs, (s) => `${s.status}${s.code ? ` ${s.code}` : ''}`)).map(([k, v]) => [k, v!.length]));
+      console.log(`FLT-03: ${seen.length} requests; failover at ${failoverAt.toFixed(0)} ms (r1 in sync as a replica at ${syncedAt.toFixed(0)}), promoted at ${promotedAt.toFixed(0)}; during the failover ${tally(during)}; shared limits again ${recoveryMs} ms after promotion; after ${tally(after)}`);
+      expect(during.length, 'traffic kept flowing during the failover').toBeGreaterThan(10);
+      // Never a 500 or a crash: served (local limits) or a clean 503 credential_unavailable.
+      for (const s of seen) expect(s.status === 200 || (s.status === 503 && s.code === 'credential_unavailable'), JSON.stringify(s)).toBe(true);
+      expect(recoveryMs, 'shared limits back within 5 s of the promotion').toBeLessThan(5_000);
+      expect(after.length).toBeGreaterThan(10);
+      for (const s of after) expect(s.status, JSON.stringify(s)).toBe(200);
+      // Limits were not reset: the probe's bucket survived the round trip through r2, and still refuses.
+      expect(await c1.get(probeKey!)).toBe(probeTat);
+      expect((await call(serve, tokens.p!)).status).toBe(429);
+      await alive(serve);
+    } finally {
+      running = false;
+      await traffic;
+      c1.disconnect();
+      c2.disconnect();
+      await serve.stop();
+      await r1.destroy();
+      await r2.destroy();
+    }
+  }, 60_000);
+
   it('FLT-05 garbage in rate-limit keys (odd values, odd TTLs) and FLUSHALL mid-window: no crash, no 500, limits still apply', async () => {
     const redis = await TestRedis.create();
     const dir = await makeTempDir('egress-flt05-');
