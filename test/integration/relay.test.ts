@@ -127,7 +127,7 @@ describe('relaying responses', () => {
     const res = await get('/error-huge');
     expect(res.status).toBe(502);
     expect(res.headers.get('x-egress-error')).toBe('upstream_error');
-    expect((await res.json()).error.message).toMatch(/too large to inspect/);
+    expect(((await res.json()) as { error: { message: string } }).error.message).toMatch(/too large to inspect/);
   });
 
   it('1xx informational responses stay between the proxy and the upstream; the final response is relayed', async () => {
