@@ -126,6 +126,12 @@ export class RedisStore implements StoreBackend {
     return decodeUsage(credential, await this.client.hgetall(KEYS.usage(credential)));
   }
 
+  async now(): Promise<number> {
+    await this.#ready();
+    const [seconds, micros] = (await this.client.time()).map(Number);
+    return seconds! * 1000 + Math.floor(micros! / 1000);
+  }
+
   /** Pub/sub for speed, and a poll of the version counter (and of reachability) as the safety net. */
   watch(listener: () => void): () => void {
     const subscriber = this.#spec.connect();

@@ -33,5 +33,11 @@ export interface StoreBackend {
   readUsage(credential: string): Promise<UsageEntry[]>;
   /** Call `listener` soon after any writer (this process or another) changed the store. */
   watch(listener: () => void): () => void;
+  /**
+   * The store's own clock in epoch ms, when every instance reads the same one (Redis TIME). Grace
+   * ends are judged on it, so an instance whose clock is wrong cannot retire a version early or
+   * late for all of them. Without it (a file on one host), the host's clock is that shared clock.
+   */
+  now?(): Promise<number>;
   close(): Promise<void>;
 }
