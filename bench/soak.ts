@@ -350,6 +350,12 @@ async function main(): Promise<number> {
   say(`  RSS         min ${fmt(rss?.min)} MB, median ${fmt(rss?.median)} MB, max ${fmt(rss?.max)} MB (max - min ${fmt(spread)} MB = ${rss ? pct(spread / rss.median) : '-'} of the median; bound ${pct(soak.maxSpread)})`);
   say(`  RSS slope   ${signed(slope)} MB/min, least squares over the steady samples (bound < ${soak.maxSlope} MB/min)`);
   say(`  heap used   ${mb(first?.heapUsedBytes)} MB at t=${first ? Math.round(first.t) : '-'} s, ${mb(lastHeap?.heapUsedBytes)} MB at t=${lastHeap ? Math.round(lastHeap.t) : '-'} s (slope ${signed(heapSlope)} MB/min, not judged)`);
+  if (first && lastHeap) {
+    // Spaces that hold under 0.1 MB at both ends are left out of the line (they are in the JSON).
+    const spaces = [...new Set([...Object.keys(first.heapSpaces), ...Object.keys(lastHeap.heapSpaces)])]
+      .filter((space) => Math.max(first.heapSpaces[space] ?? 0, lastHeap.heapSpaces[space] ?? 0) >= 0.1 * 2 ** 20);
+    if (spaces.length) say(`  heap spaces used MB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(first.heapSpaces[space])} -> ${mb(lastHeap.heapSpaces[space])}`).join(', ')}`);
+  }
   say(`  requests    ${responses} responses in ${Math.round(loadSec)} s (${Math.round(responses / loadSec)} req/s), ${errors} errors, ${non2xx} non-2xx; the upstream received ${total.requests}, ${total.missingSecret} without the secret, ${total.tokenSeen} with the caller token`);
   say(`  audit log   ${audit.summary}`);
   say(`load average at the end: ${loadavg().map((n) => n.toFixed(2)).join(' ')} (at the start: ${env.loadavg.join(' ')}); other processes on the machine move every figure`);
