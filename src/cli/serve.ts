@@ -9,7 +9,16 @@ export async function serve(args: readonly string[]): Promise<number> {
   if (/--insecure-http-parser\b/.test(flags)) throw new UserError('refusing to serve with --insecure-http-parser (it lets requests be smuggled past the allowlist)');
   const p = parse(args);
   maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--reuse-port true] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
-  const proxy = await startProxy(p.settings(), { lockAuditLog: true });
+  let proxy;
+  try {
+    proxy = await startProxy(p.settings(), { lockAuditLog: true });
+  } catch (err) {
+    // A start-up that fails part-way (the port is taken, the audit log is another process's) may
+    // leave connections open, such as a Redis client's, that would keep the process alive after the
+    // error is printed: end it shortly after, with the exit code the CLI sets.
+    setTimeout(() => process.exit(), 1000).unref();
+    throw err;
+  }
   const log = proxy.services.log;
   process.on('SIGHUP', () => void proxy.routes.reload('SIGHUP'));
   return new Promise((resolveExit) => {

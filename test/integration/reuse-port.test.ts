@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
@@ -162,6 +163,17 @@ describe('EGRESS_REUSE_PORT', () => {
     expect(b).toBeInstanceOf(Error);
     expect((b as Error).message).toContain(`the audit log ${audit} is in use by another running egress process (pid ${a.child.pid}`);
     expect((b as Error).message).toContain('every instance needs its own EGRESS_AUDIT_LOG');
+    // With a Redis store the client is connected by then: the refused process still exits (startServe
+    // would otherwise report that it did not start within 15 s).
+    const redis = await TestRedis.create();
+    try {
+      const viaRedis = await serve(envFor(dir, { EGRESS_STORE: redis.url, EGRESS_AUDIT_LOG: audit })).catch((err: Error) => err);
+      expect(viaRedis).toBeInstanceOf(Error);
+      expect((viaRedis as Error).message).toMatch(/^serve exited with 1:/);
+      expect((viaRedis as Error).message).toContain(`the audit log ${audit} is in use`);
+    } finally {
+      await redis.destroy();
+    }
 
     // SIGKILL leaves the lock behind; the next start sees its holder is gone and takes it over.
     await a.stop('SIGKILL');
@@ -175,5 +187,5 @@ describe('EGRESS_REUSE_PORT', () => {
     await writeFile(`${audit}.lock`, `${process.pid} 1\n`);
     const d = await serve(envFor(dir, { EGRESS_AUDIT_LOG: audit }));
     expect(await d.stop('SIGTERM')).toBe(0);
-  }, 30_000);
+  }, 45_000);
 });
