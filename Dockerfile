@@ -30,5 +30,5 @@ USER node
 EXPOSE 8080 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:9090/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
-ENTRYPOINT ["node", "--disable-sigusr1", "bin/egress.js"]
+ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=8", "bin/egress.js"]
 CMD ["serve"]

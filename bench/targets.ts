@@ -8,7 +8,7 @@
  *   hp3     http-proxy-3 with a keep-alive agent and the same headers
  *   nginx   nginx with proxy_set_header and upstream keepalive (when nginx is installed)
  */
-import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -268,11 +268,23 @@ async function startSharing(name: EgressName, env: NodeJS.ProcessEnv, dir: strin
   throw lastError;
 }
 
+/**
+ * The Node flags of `npm start` (package.json), so that the bench runs `serve` exactly as users
+ * are told to: `node <flags> bin/egress.js serve`.
+ */
+export async function startFlags(): Promise<string[]> {
+  const pkg = JSON.parse(await readFile(join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts?: { start?: string } };
+  const words = (pkg.scripts?.start ?? '').split(/\s+/).filter(Boolean);
+  const bin = words.indexOf('bin/egress.js');
+  if (words[0] !== 'node' || bin < 0 || words[bin + 1] !== 'serve') throw new Error(`package.json "start" is not "node <flags> bin/egress.js serve": ${pkg.scripts?.start}`);
+  return words.slice(1, bin);
+}
+
 /** One `egress serve`, started and ready; its ports are found in /proc (the admin one is always port 0). */
 async function startServe(label: string, env: NodeJS.ProcessEnv): Promise<{ instance: EgressInstance; proxyPort: number }> {
   // BENCH_EGRESS_NODE_ARGS: extra Node flags for `serve`, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
   const nodeArgs = (process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const proxy = spawnChild(label, process.execPath, [...nodeArgs, '--disable-sigusr1', 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
+  const proxy = spawnChild(label, process.execPath, [...nodeArgs, ...(await startFlags()), 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
   // Find the listening ports in /proc, then tell them apart by asking /readyz (the proxy listener
   // answers it with an X-Egress-Error; the admin listener does not).
   const deadline = Date.now() + START_TIMEOUT_MS;

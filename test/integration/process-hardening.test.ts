@@ -1,3 +1,4 @@
+import { readFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
@@ -28,5 +29,18 @@ describe('process hardening', () => {
     } finally {
       expect(await serve.stop('SIGTERM')).toBe(0);
     }
+  });
+
+  it('npm start and the Docker image start Node with the same flags (no inspector signal, the bounded young generation)', async () => {
+    const pkg = JSON.parse(await readFile('package.json', 'utf8')) as { scripts: { start: string } };
+    const start = pkg.scripts.start.split(/\s+/);
+    expect(start.slice(-2)).toEqual(['bin/egress.js', 'serve']);
+    const startFlags = start.slice(1, -2);
+    const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(await readFile('Dockerfile', 'utf8'))?.[1];
+    const image = JSON.parse(entrypoint ?? '[]') as string[];
+    expect(image.at(-1)).toBe('bin/egress.js');
+    expect(image.slice(1, -1)).toEqual(startFlags);
+    expect(startFlags).toContain('--disable-sigusr1');
+    expect(startFlags.some((f) => f.startsWith('--max-semi-space-size='))).toBe(true);
   });
 });
