@@ -76,9 +76,11 @@ async function get(serve: ServeProcess, token: string): Promise<{ status: number
   return { status: res.status, ms: performance.now() - t0, headers: res.headers };
 }
 
+const V2_SECRET = 'sk_v2_CANARY_9e21';
+
 function clean(serve: ServeProcess): void {
   expect(serve.child.exitCode, 'process alive').toBeNull();
-  for (const f of forms(CANARY)) expect(serve.output()).not.toContain(f);
+  for (const f of [...forms(CANARY), ...forms(V2_SECRET)]) expect(serve.output()).not.toContain(f);
 }
 
 describe('FLT-09 clock skew', () => {
@@ -169,7 +171,7 @@ describe('FLT-09 clock skew', () => {
       expect(await skewHours(g.serve)).toBe(1);
       // Grace 30 min: by the fast instance's own clock it ended half an hour ago. Its sweeper used to
       // retire v1 (destroying its ciphertext in the shared store) at once.
-      await g.rotate('sk_v2_CANARY_9e21', '30m');
+      await g.rotate(V2_SECRET, '30m');
       await eventually(async () => (await get(g.serve, g.token)).status === 200, 5_000, 'serving v2');
       await new Promise((r) => setTimeout(r, 3_000));
       const v1 = (await g.versions()).find((v) => v.version === 1)!;
@@ -185,7 +187,7 @@ describe('FLT-09 clock skew', () => {
     const g = await graceSetup('-1h');
     try {
       expect(await skewHours(g.serve)).toBe(-1);
-      await g.rotate('sk_v2_CANARY_9e21', '3s');
+      await g.rotate(V2_SECRET, '3s');
       const rotatedAt = performance.now();
       const v1 = (await g.versions()).find((v) => v.version === 1)!;
       expect(v1.state).toBe('previous');
