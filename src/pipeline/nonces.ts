@@ -1,4 +1,4 @@
-import type { RedisConnection } from '../store/redis-client.ts';
+import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 
 /**
  * Strictly increasing nonces per credential (Kraken: "always increasing, unsigned 64-bit"). Based on
@@ -40,6 +40,6 @@ export class RedisNonces implements NonceSource {
 
   async next(credential: string): Promise<bigint> {
     // No local fallback: a nonce that might repeat one another instance used is refused upstream anyway.
-    return BigInt((await this.#client.eval(NEXT_SCRIPT, 1, `egress:nonce:{${credential}}`)) as string);
+    return BigInt((await evalScript(this.#client, NEXT_SCRIPT, [`egress:nonce:{${credential}}`], [])) as string);
   }
 }

@@ -1,5 +1,5 @@
 import type { Logger } from '../observe/log.ts';
-import type { RedisConnection } from '../store/redis-client.ts';
+import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, type RateLimiter } from './rate-limiter.ts';
 
 /**
@@ -74,7 +74,7 @@ export class RedisRateLimiter implements RateLimiter {
     }
     const keys = buckets.map((b) => `egress:rl:{${scope}}:${JSON.stringify(b.key)}`);
     const args = buckets.flatMap((b) => [String(intervalOf(b.limit)), String(burstOf(b.limit))]);
-    return (this.#client.eval(GCRA_SCRIPT, keys.length, ...keys, ...args) as Promise<[number, number, number, number]>).then(
+    return (evalScript(this.#client, GCRA_SCRIPT, keys, args) as Promise<[number, number, number, number]>).then(
       ([allowed, index, retryMs, resetMs]) => {
         this.#probing = false;
         if (this.#degraded) {

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis';
 import { UserError } from '../errors.ts';
@@ -10,6 +11,28 @@ import { UserError } from '../errors.ts';
 export const REDIS_LIMITS = Object.freeze({ commandTimeoutMs: 500, connectTimeoutMs: 1_000, maxReconnectDelayMs: 2_000 });
 
 export type RedisConnection = Redis | Cluster;
+
+const scriptShas = new Map<string, string>();
+
+/**
+ * Run a Lua script by its SHA1 (EVALSHA), loading it with EVAL only when the server does not have
+ * it yet (NOSCRIPT: a restart, a failover, another cluster node). EVAL sends and hashes the whole
+ * script on every call, which on the rate limiter's one-call-per-request path cost as much as the
+ * script itself.
+ */
+export async function evalScript(client: RedisConnection, script: string, keys: readonly string[], args: readonly string[]): Promise<unknown> {
+  let sha = scriptShas.get(script);
+  if (!sha) {
+    sha = createHash('sha1').update(script, 'utf8').digest('hex');
+    scriptShas.set(script, sha);
+  }
+  try {
+    return await client.evalsha(sha, keys.length, ...keys, ...args);
+  } catch (err) {
+    if (!(err instanceof Error) || !err.message.startsWith('NOSCRIPT')) throw err;
+    return client.eval(script, keys.length, ...keys, ...args);
+  }
+}
 
 export interface RedisSpec {
   /** The URL with any password masked: safe to log. */
@@ -26,6 +49,9 @@ const COMMON: RedisOptions = {
   // After a failover the old primary answers READONLY: reconnect, and Sentinel finds the new one.
   reconnectOnError: (err: Error) => err.message.startsWith('READONLY'),
   lazyConnect: false,
+  // Commands issued in the same tick (the rate-limit checks of requests that arrived together) go
+  // out in one write: a write to Redis was a third of a request's cost with a Redis store.
+  enableAutoPipelining: true,
 };
 
 /**
@@ -76,7 +102,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
       return { description, connect: () => new Redis({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
     }
     default: {
-      const options: ClusterOptions = { enableOfflineQueue: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
+      const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: true, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
       return { description, connect: () => new Cluster(hosts, options) };
     }
   }
