@@ -159,4 +159,18 @@ describe('Redis faults', () => {
     expect((await timed('/a/x')).status).toBe(401);
     expect(proxy!.logs()).toContain('store_rollback');
   });
+
+  it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
+    await start();
+    expect((await timed('/a/x')).status).toBe(200);
+    const c = redis.client();
+    await c.script('FLUSH');
+    const statuses = await Promise.all(Array.from({ length: 20 }, () => timed('/a/x').then((r) => r.status)));
+    expect(statuses.every((s) => s === 200)).toBe(true);
+    // The limits were checked in Redis (the script was loaded again), not by the per-instance fallback.
+    const keys = await c.keys('egress:rl:*');
+    c.disconnect();
+    expect(keys.length).toBeGreaterThan(0);
+    expect(proxy!.logs()).not.toContain('ratelimit_degraded');
+  });
 });
