@@ -19,6 +19,17 @@ export function tokenFromAuthorization(header: string | undefined): string | und
   }
 }
 
+const lingering = new WeakSet<object>();
+
+/**
+ * The socket was answered and is in its lingering close. Node's HTTP parser reports every further
+ * chunk of a refused request as another client error: those must not cut the linger short (a
+ * reset would make the caller's kernel drop the answer it has not read yet).
+ */
+export function isLingering(socket: object): boolean {
+  return lingering.has(socket);
+}
+
 /** How long a refused connection may keep sending after its answer before it is cut (lingering close). */
 const LINGER_MS = 1_000;
 
@@ -29,6 +40,7 @@ const LINGER_MS = 1_000;
  * answer. So, like nginx's lingering close: answer, read and discard for a moment, then cut.
  */
 export function answerAndClose(socket: import('node:stream').Duplex, response: string): void {
+  lingering.add(socket);
   const timer = setTimeout(() => socket.destroy(), LINGER_MS);
   timer.unref();
   socket.once('close', () => clearTimeout(timer));

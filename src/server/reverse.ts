@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
-import { answerAndClose, tokenFromAuthorization } from './proxy-auth.ts';
+import { answerAndClose, isLingering, tokenFromAuthorization } from './proxy-auth.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -46,6 +46,7 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
     const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+    if (isLingering(socket)) return;
     if (!socket.writable || (err.code === 'ECONNRESET')) {
       socket.destroy();
       return;

@@ -281,6 +281,20 @@ describe('HDR: header hygiene and injection', () => {
     await lab.g0(mark, 0);
   });
 
+  it('HDR-13d the 431 reaches a caller that is still sending: further parse errors do not cut the lingering close short (regression)', async () => {
+    // Node's parser reports each later chunk of the refused request as another client error; the
+    // socket, already answered and half-closed, was destroyed on the second one, and the reset made
+    // the caller's kernel drop the 431 it had not read yet (about one attempt in four).
+    const mark = lab.u.requests.length;
+    const big = Array.from({ length: 200 }, (_, i) => `X-H${i}: ${'b'.repeat(8 * 1024)}`).join('\r\n');
+    for (let i = 0; i < 20; i++) {
+      const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n${big}\r\nContent-Length: 0\r\n\r\n`, 1_000).catch((e: Error) => `error ${e.message}`);
+      lab.seen(raw);
+      expect(statuses(raw), `attempt ${i + 1}: ${raw.slice(0, 80)}`).toEqual([431]);
+    }
+    await lab.g0(mark, 0);
+  });
+
   it('HDR-13c just under the limit (12 KiB of headers) still works (control)', async () => {
     const mark = lab.u.requests.length;
     const raw = await send('/plaid/accounts/get', [`X-Big: ${'a'.repeat(12 * 1024)}`]);
