@@ -43,19 +43,25 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
   server.on('upgrade', refuseUpgrade);
   // Forward mode needs the CA (egress certs init); without it there are no tunnels at all.
   server.on('connect', onConnect ?? ((_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'Forward mode is off: no CA in EGRESS_CERTS (run "egress certs init").'))));
-  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
-    const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
-    if (isLingering(socket)) return;
-    if (!socket.writable || (err.code === 'ECONNRESET')) {
-      socket.destroy();
-      return;
-    }
-    const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
-    const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
-    answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
-  });
+  server.on('clientError', answerClientError);
   return server;
+}
+
+/**
+ * A request Node's parser refused (bad syntax, headers over the limit, too slow): a 400, 431 or
+ * 408 with a lingering close. Both listeners use it.
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
+  const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+  if (isLingering(socket)) return;
+  if (!socket.writable || (err.code === 'ECONNRESET')) {
+    socket.destroy();
+    return;
+  }
+  const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
+  const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
+  answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
 }
 
 /**

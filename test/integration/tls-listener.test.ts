@@ -1,4 +1,5 @@
 import { readFile, writeFile } from 'node:fs/promises';
+import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
 import forge from 'node-forge';
 import { Agent, request } from 'undici';
@@ -126,6 +127,24 @@ describe('TLS listener with client certificates', () => {
       expect([0, 401]).toContain(await call('/api/x', await svcFiles()).catch(() => 0));
     } finally {
       await agent.close();
+    }
+  });
+
+  it('a request over the header limit gets the proxy\'s 431 (with its error header), every time, even while the caller is still sending', async () => {
+    const big = Array.from({ length: 200 }, (_, i) => `X-H${i}: ${'b'.repeat(8 * 1024)}`).join('\r\n');
+    const bytes = `GET /api/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${svcToken}\r\n${big}\r\n\r\n`;
+    const port = proxy.proxy.tlsAddress!.port;
+    for (let i = 0; i < 10; i++) {
+      const answer = await new Promise<string>((resolve) => {
+        const socket = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost' }, () => socket.write(bytes));
+        let data = '';
+        socket.on('data', (d: Buffer) => (data += d.toString('latin1')));
+        socket.on('error', () => {});
+        socket.on('close', () => resolve(data));
+        setTimeout(() => socket.destroy(), 5_000);
+      });
+      expect(answer.split('\r\n')[0], `attempt ${i + 1}`).toBe('HTTP/1.1 431 Request Header Fields Too Large');
+      expect(answer).toContain('x-egress-error: bad_request');
     }
   });
 });
