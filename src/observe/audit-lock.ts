@@ -1,8 +1,9 @@
 import { randomInt } from 'node:crypto';
 import { readFileSync, unlinkSync } from 'node:fs';
-import { link, mkdir, open, readFile, stat, unlink, writeFile } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { mkdir, readFile, stat, unlink } from 'node:fs/promises';
+import { basename, dirname } from 'node:path';
 import { UserError } from '../errors.ts';
+import { claimLock, takeOverLock } from '../store/lock-file.ts';
 import { removeStaleTemps } from '../store/temp-files.ts';
 
 /**
@@ -14,7 +15,7 @@ import { removeStaleTemps } from '../store/temp-files.ts';
  * The lock appears with its content already in it (written aside, then linked into place, which
  * fails if a lock exists), so a process killed at any moment never leaves an empty lock. A lock
  * whose holder is gone (killed, crashed, or a pid since reused by another program: the start time
- * tells them apart on Linux) is taken over, one claimant at a time (see takeOver).
+ * tells them apart on Linux) is taken over, one claimant at a time (see takeOverLock).
  *
  * The check sees processes of this machine (one pid namespace): instances in separate containers
  * sharing a volume must still be given separate files.
@@ -51,19 +52,7 @@ export async function lockAuditLog(auditLog: string): Promise<AuditLock | undefi
   const content = `${process.pid} ${startTime(process.pid) ?? '-'}\n`;
   const deadline = Date.now() + ACQUIRE_MS;
   for (let attempt = 0; attempt < 1000 && Date.now() < deadline; attempt++) {
-    const claim = join(dirname(lock), `.${basename(lock)}.${process.pid}.${Date.now()}${randomInt(1e9)}.tmp`);
-    let linked = false;
-    try {
-      await writeFile(claim, content, { mode: 0o600 });
-      try {
-        await link(claim, lock);
-        linked = true;
-      } finally {
-        await unlink(claim).catch(() => {});
-      }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    }
+    const linked = await claimLock(lock, content);
     if (linked) {
       // A claimant killed between writing its claim and linking it leaves the claim behind.
       await removeStaleTemps(dirname(lock), basename(lock));
@@ -73,7 +62,10 @@ export async function lockAuditLog(auditLog: string): Promise<AuditLock | undefi
     if (holder && alive(holder)) {
       throw new UserError(`the audit log ${auditLog} is in use by another running egress process (pid ${holder.pid}; lock file ${lock}): every instance needs its own EGRESS_AUDIT_LOG, since one file has one writer`);
     }
-    await takeOver(lock);
+    await takeOverLock(lock, async () => {
+      const current = await readHolder(lock);
+      return !current || !alive(current);
+    }, STEAL_STALE_MS);
     await new Promise((r) => setTimeout(r, 20 + randomInt(40)));
   }
   throw new UserError(`could not take the audit log lock ${lock}: it kept changing hands`);
@@ -101,31 +93,6 @@ function held(lock: string, content: string): AuditLock {
       if ((await readFile(lock, 'utf8').catch(() => undefined)) === content) await unlink(lock).catch(() => {});
     },
   };
-}
-
-/**
- * Remove a dead holder's lock, one claimant at a time: the claimant that creates `<lock>.steal`
- * first re-reads the lock (it may meanwhile be a new, live holder's) and removes it only if its
- * holder is still gone. Only a steal-file holder removes a lock, and no lock can appear while one
- * exists, so the lock it re-read is the lock it removes.
- */
-async function takeOver(lock: string): Promise<void> {
-  const steal = `${lock}.steal`;
-  let handle;
-  try {
-    handle = await open(steal, 'wx', 0o600);
-  } catch {
-    const age = await stat(steal).then((s) => Date.now() - s.mtimeMs, () => 0);
-    if (age > STEAL_STALE_MS) await unlink(steal).catch(() => {});
-    return;
-  }
-  try {
-    await handle.close();
-    const holder = await readHolder(lock);
-    if (!holder || !alive(holder)) await unlink(lock).catch(() => {});
-  } finally {
-    await unlink(steal).catch(() => {});
-  }
 }
 
 /** The lock's holder; undefined when the lock is gone or unreadable (no live holder writes such a lock). */

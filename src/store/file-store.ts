@@ -1,9 +1,9 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
-import { randomInt } from 'node:crypto';
-import { link, mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, UserError } from '../errors.ts';
+import { claimLock, takeOverLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
@@ -176,29 +176,16 @@ export class FileStore implements StoreBackend {
     await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
     const deadline = Date.now() + LOCK_WAIT_MS;
     for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
-      // The lock appears with its holder's pid already in it (written aside, then linked into place,
-      // which fails if a lock exists): a writer killed at any moment never leaves an empty lock.
-      const claim = join(dirname(lock), `.${basename(lock)}.${process.pid}.${Date.now()}${randomInt(1e9)}.tmp`);
-      try {
-        await writeFile(claim, String(process.pid), { mode: 0o600 });
-        try {
-          await link(claim, lock);
-        } finally {
-          await unlink(claim).catch(() => {});
-        }
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-        // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
-        // over now (one waiter at a time: see takeOver), instead of waiting for it to go stale.
-        if (age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)))) {
-          await takeOver(lock);
-          continue;
-        }
-        if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
-        await sleep(delay);
+      // The lock appears with its holder's pid already in it (see claimLock).
+      if (await claimLock(lock, String(process.pid))) break;
+      // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
+      // over now (one waiter at a time: see takeOverLock), instead of waiting for it to go stale.
+      if (await writerGone(lock)) {
+        await takeOverLock(lock, () => writerGone(lock), LOCK_STALE_MS);
+        continue;
       }
+      if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
+      await sleep(delay);
     }
     try {
       await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
@@ -209,29 +196,10 @@ export class FileStore implements StoreBackend {
   }
 }
 
-/**
- * Remove a dead writer's lock, one waiter at a time: the waiter that creates `<lock>.steal` first
- * re-reads the lock (it may already be a new, live writer's) and removes it only if it is still
- * the dead one's. Without this, two waiters could each remove the other's fresh lock.
- */
-async function takeOver(lock: string): Promise<void> {
-  const steal = `${lock}.steal`;
-  let handle;
-  try {
-    handle = await open(steal, 'wx', 0o600);
-  } catch {
-    // Another waiter is taking over; a steal file left by a crashed waiter goes stale too.
-    const age = await stat(steal).then((s) => Date.now() - s.mtimeMs, () => 0);
-    if (age > LOCK_STALE_MS) await unlink(steal).catch(() => {});
-    return;
-  }
-  try {
-    await handle.close();
-    const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-    if (age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)))) await unlink(lock).catch(() => {});
-  } finally {
-    await unlink(steal).catch(() => {});
-  }
+/** The lock is stale, or its writer's process is gone (a lock younger than 100 ms is still being made). */
+async function writerGone(lock: string): Promise<boolean> {
+  const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
+  return age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)));
 }
 
 /** Is the process that wrote this lock file (its pid is the content) still running on this machine? */
