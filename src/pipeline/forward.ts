@@ -100,7 +100,7 @@ function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
       bodyTimeout: route.responseTimeoutMs,
     }, exchange);
   } catch (err) {
-    exchange.onResponseError(undefined as never, err as Error);
+    exchange.refused(err as Error);
   }
   return { exchange, tooLarge: () => tooLarge };
 }
@@ -143,7 +143,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   relayed.push('x-request-id', ctx.id);
   try {
     if (exchange.status >= 400 && req.method !== 'HEAD') {
-      await relayErrorBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
+      relayErrorBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
     } else {
       await exchange.pipeTo(res, exchange.status, relayed);
     }

@@ -54,6 +54,11 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
   }
 
+  /** The request could not be dispatched at all (a pool refused its options): fail before any head. */
+  refused(err: Error): void {
+    this.#rejectHead(err);
+  }
+
   // ---- undici's handler -------------------------------------------------------------------
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
