@@ -3,7 +3,7 @@ import type { Logger } from '../observe/log.ts';
 import { Secret } from '../secret.ts';
 import { aad, open, seal, type Sealed } from '../store/crypto.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
-import type { RedisConnection } from '../store/redis-client.ts';
+import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 
 /** A minted access token and how long it lives. */
 export interface Minted {
@@ -182,7 +182,7 @@ export class SharedTokens {
       return entry;
     } finally {
       // Release only our own lock.
-      await this.#client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", 1, lock, owner).catch(() => {});
+      await evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner]).catch(() => {});
     }
   }
 

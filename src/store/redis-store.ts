@@ -1,7 +1,7 @@
 import { ConflictError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
-import { REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
+import { evalScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
 
@@ -97,14 +97,14 @@ export class RedisStore implements StoreBackend {
 
   async load(): Promise<StoreSnapshot> {
     await this.#ready();
-    const result = (await this.client.eval(LOAD_SCRIPT, 4, KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version, KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin'))) as [string[], string[], string[], string];
+    const result = (await evalScript(this.client, LOAD_SCRIPT, [KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version], [KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin')])) as [string[], string[], string[], string];
     return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]), admins: decodePairs(result[2]) });
   }
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
     const key = recordKey(kind, record);
     await this.#ready();
-    const [ok, found] = (await this.client.eval(PUT_SCRIPT, 3, KEYS.record(kind, key), KEYS.index(kind), KEYS.version, JSON.stringify(record), String(expectedRevision), key, KEYS.channel)) as [number, number];
+    const [ok, found] = (await evalScript(this.client, PUT_SCRIPT, [KEYS.record(kind, key), KEYS.index(kind), KEYS.version], [JSON.stringify(record), String(expectedRevision), key, KEYS.channel])) as [number, number];
     if (ok === 1) return;
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
     throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);
@@ -118,7 +118,7 @@ export class RedisStore implements StoreBackend {
       args.push(`${e.version}|${e.caller}`, e.at);
       byCredential.set(e.credential, args);
     }
-    await Promise.all([...byCredential].map(([id, args]) => this.client.eval(USAGE_SCRIPT, 1, KEYS.usage(id), ...args)));
+    await Promise.all([...byCredential].map(([id, args]) => evalScript(this.client, USAGE_SCRIPT, [KEYS.usage(id)], args)));
   }
 
   async readUsage(credential: string): Promise<UsageEntry[]> {
