@@ -11,6 +11,8 @@
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { connect, createServer } from 'node:net';
 import { delimiter, join } from 'node:path';
 import { sleep } from './common.ts';
@@ -432,4 +434,91 @@ export function runCommand(command: string, args: readonly string[], options: { 
     child.stdin.on('error', () => {});
     child.stdin.end(options.input ?? '');
   });
+}
+
+/**
+ * The life of a bench script (bench/run.ts, bench/soak.ts): every child process is stopped and the
+ * temp folder removed on every way out (success, a failure, the time budget, a signal), and a child
+ * that dies mid-run is recorded as a failure. `what` names the script in its messages.
+ */
+export class BenchRun {
+  /** Problems that make the run fail (exit 1). */
+  readonly failures: string[] = [];
+  readonly #what: string;
+  #tmpRoot: string | undefined;
+  #shuttingDown: Promise<string[]> | undefined;
+  #interrupted: NodeJS.Signals | undefined;
+
+  constructor(what: string) {
+    this.#what = what;
+    process.on('exit', () => killAllSync());
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+      process.once(sig, () => {
+        this.#interrupted = sig;
+        process.stderr.write(`\n${sig}: stopping the ${what} and its child processes\n`);
+        void this.#stopAndExit(sig === 'SIGINT' ? 130 : 143);
+      });
+    }
+    onUnexpectedExit((m, code, signal) => {
+      this.failures.push(`${m.name} (pid ${m.pid}) exited during the ${what} (${signal ?? `code ${code}`}); its last output:\n${indent(m.output().slice(-4000))}`);
+    });
+  }
+
+  /** A fresh temp folder under the system's, removed when the run ends (kept with BENCH_KEEP_TMP=1). */
+  async makeTmp(prefix: string): Promise<string> {
+    this.#tmpRoot = await mkdtemp(join(tmpdir(), prefix));
+    return this.#tmpRoot;
+  }
+
+  /** Stop every child (once); the names of those that had to be SIGKILLed. */
+  shutdown(): Promise<string[]> {
+    this.#shuttingDown ??= stopAll(8000);
+    return this.#shuttingDown;
+  }
+
+  async removeTmp(): Promise<void> {
+    if (!this.#tmpRoot) return;
+    if (process.env.BENCH_KEEP_TMP === '1') {
+      process.stdout.write(`kept the temp folder (BENCH_KEEP_TMP=1): ${this.#tmpRoot}\n`);
+      return;
+    }
+    await rm(this.#tmpRoot, { recursive: true, force: true }).catch(() => {});
+  }
+
+  /** The whole run is bounded: past `seconds`, stop everything and exit 1. Returns the timer to clear. */
+  budget(seconds: number): NodeJS.Timeout {
+    return setTimeout(() => {
+      process.stderr.write(`\nthe ${this.#what} did not finish within ${seconds} s: stopping\n`);
+      void this.#stopAndExit(1);
+    }, seconds * 1000);
+  }
+
+  /** Run `main` and exit with its code; a failure prints what went wrong, stops everything and exits 1. */
+  async exit(main: () => Promise<number>): Promise<never> {
+    let exitCode = 1;
+    try {
+      exitCode = await main();
+    } catch (err) {
+      if (this.#interrupted) {
+        // The signal handler is stopping everything and exits; children dying meanwhile is expected.
+        await new Promise(() => {});
+      }
+      process.stderr.write(`\n${this.#what} failed: ${(err as Error)?.stack ?? String(err)}\n`);
+      for (const f of this.failures) process.stderr.write(`  FAIL: ${f}\n`);
+      await this.shutdown();
+      await this.removeTmp();
+      exitCode = 1;
+    }
+    process.exit(exitCode);
+  }
+
+  async #stopAndExit(code: number): Promise<never> {
+    await this.shutdown().catch(() => []);
+    await this.removeTmp();
+    process.exit(code);
+  }
+}
+
+export function indent(text: string): string {
+  return text.trimEnd().split('\n').map((l) => `    ${l}`).join('\n');
 }

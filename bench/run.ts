@@ -15,8 +15,8 @@
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
  * BENCH_EGRESS_NODE_ARGS (extra Node flags for every egress-proxy target, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { loadavg, tmpdir } from 'node:os';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import {
   CLIENT_ID, SECRET, TOKEN_HEADER, diffStats, emptyStats, jsonBody, readSettings,
@@ -25,7 +25,7 @@ import {
 import { environment, type Environment } from './environment.ts';
 import { checkAudit, egressMetrics, loadProblems, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { httpRequest } from './http.ts';
-import { benchTicks, cpuTicks, forkChild, ipcRequest, killAllSync, machineBusyTicks, memoryOf, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
+import { BenchRun, benchTicks, cpuTicks, forkChild, indent, ipcRequest, machineBusyTicks, memoryOf, portClosed, runCommand, waitReady } from './proc.ts';
 import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
   BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
@@ -35,42 +35,9 @@ import {
 const say = (line = '') => process.stdout.write(`${line}\n`);
 
 /** Problems that make the run fail (exit 1), and notes that do not. */
-const failures: string[] = [];
+const run = new BenchRun('bench');
+const { failures } = run;
 const notes: string[] = [];
-
-let tmpRoot: string | undefined;
-let shuttingDown: Promise<string[]> | undefined;
-
-function shutdown(): Promise<string[]> {
-  shuttingDown ??= stopAll(8000);
-  return shuttingDown;
-}
-
-async function removeTmp(): Promise<void> {
-  if (!tmpRoot) return;
-  if (process.env.BENCH_KEEP_TMP === '1') {
-    process.stdout.write(`kept the temp folder (BENCH_KEEP_TMP=1): ${tmpRoot}\n`);
-    return;
-  }
-  await rm(tmpRoot, { recursive: true, force: true }).catch(() => {});
-}
-
-let interrupted: NodeJS.Signals | undefined;
-process.on('exit', () => killAllSync());
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.once(sig, () => {
-    interrupted = sig;
-    process.stderr.write(`\n${sig}: stopping the bench and its child processes\n`);
-    void shutdown().finally(() => removeTmp().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143)));
-  });
-}
-onUnexpectedExit((m, code, signal) => {
-  failures.push(`${m.name} (pid ${m.pid}) exited during the run (${signal ?? `code ${code}`}); its last output:\n${indent(m.output().slice(-4000))}`);
-});
-
-function indent(text: string): string {
-  return text.trimEnd().split('\n').map((l) => `    ${l}`).join('\n');
-}
 
 interface Client {
   readonly target: Target;
@@ -95,17 +62,14 @@ async function main(): Promise<number> {
   // Everything is bounded: startup, each run, shutdown; and the whole bench.
   const perTargetSec = 2 * settings.warmupSec + settings.rounds * scenarios.length * (settings.durationSec + 6) + 5;
   const budgetSec = 180 + 2 * targetNames.length * perTargetSec;
-  const budget = setTimeout(() => {
-    process.stderr.write(`\nthe bench did not finish within ${budgetSec} s: stopping\n`);
-    void shutdown().finally(() => removeTmp().finally(() => process.exit(1)));
-  }, budgetSec * 1000);
+  const budget = run.budget(budgetSec);
 
   const env = await environment();
   ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
   printHeader(env, settings, budgetSec);
   say(`targets:   ${targetNames.join(', ')}${settings.targets ? '' : ` (the default; opt-in: ${TARGET_NAMES.filter((n) => !DEFAULT_TARGETS.includes(n)).join(', ')}, with BENCH_TARGETS)`}`);
 
-  tmpRoot = await mkdtemp(join(tmpdir(), 'egress-bench-'));
+  const tmpRoot = await run.makeTmp('egress-bench-');
   const body = jsonBody(settings.bodyBytes);
 
   const load = forkChild('load generator', join(BENCH_DIR, 'load.ts'));
@@ -241,7 +205,7 @@ async function main(): Promise<number> {
   // Shut everything down (redis-server last), then look at what each egress-proxy left behind.
   const metrics = new Map<TargetName, string | undefined>();
   for (const egress of egresses) metrics.set(egress.name, await egressMetrics(egress));
-  const killed = await shutdown();
+  const killed = await run.shutdown();
   for (const k of killed) failures.push(`had to SIGKILL ${k}: it did not stop on its signal within 8 s`);
   const audits = new Map<TargetName, AuditCheck>();
   for (const egress of egresses) {
@@ -266,7 +230,7 @@ async function main(): Promise<number> {
   const open: number[] = [];
   for (const port of new Set(ports)) if (!(await portClosed(port))) open.push(port);
   if (open.length) failures.push(`still listening after shutdown: 127.0.0.1:${open.join(', 127.0.0.1:')}`);
-  await removeTmp();
+  await run.removeTmp();
   clearTimeout(budget);
 
   // Report.
@@ -390,18 +354,4 @@ function kb(bytes: number): string {
   return bytes % 1024 === 0 ? `${bytes / 1024}KB` : `${bytes}B`;
 }
 
-let exitCode = 1;
-try {
-  exitCode = await main();
-} catch (err) {
-  if (interrupted) {
-    // The signal handler is stopping everything and exits; children dying meanwhile is expected.
-    await new Promise(() => {});
-  }
-  process.stderr.write(`\nbench failed: ${(err as Error)?.stack ?? String(err)}\n`);
-  for (const f of failures) process.stderr.write(`  FAIL: ${f}\n`);
-  await shutdown();
-  await removeTmp();
-  exitCode = 1;
-}
-process.exit(exitCode);
+await run.exit(main);

@@ -28,20 +28,21 @@
  * every child process is stopped on every exit path (success, failure, the overall deadline,
  * SIGINT/SIGTERM/SIGHUP, and process exit).
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { loadavg, tmpdir } from 'node:os';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { TOKEN_HEADER, diffStats, jsonBody, readSettings, sleep, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats } from './common.ts';
 import { checkAudit, loadProblems, scrapeMetrics, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { environment } from './environment.ts';
 import { httpRequest } from './http.ts';
-import { cpuTicks, forkChild, ipcRequest, killAllSync, memoryOf, onUnexpectedExit, portClosed, runCommand, stopAll, waitReady } from './proc.ts';
+import { BenchRun, cpuTicks, forkChild, indent, ipcRequest, memoryOf, portClosed, runCommand, waitReady } from './proc.ts';
 import { table } from './report.ts';
 import { BENCH_DIR, startEgress, startUpstream, type EgressTarget } from './targets.ts';
 
 const say = (line = '') => process.stdout.write(`${line}\n`);
 
-const failures: string[] = [];
+const run = new BenchRun('soak');
+const { failures } = run;
 const notes: string[] = [];
 
 /** Each load chunk lasts this long (the last one less): per-chunk errors and throughput, GET/POST alternating. */
@@ -123,40 +124,6 @@ interface Chunk {
   readonly upstream: UpstreamStats;
 }
 
-let tmpRoot: string | undefined;
-let shuttingDown: Promise<string[]> | undefined;
-let interrupted: NodeJS.Signals | undefined;
-
-function shutdown(): Promise<string[]> {
-  shuttingDown ??= stopAll(8000);
-  return shuttingDown;
-}
-
-async function removeTmp(): Promise<void> {
-  if (!tmpRoot) return;
-  if (process.env.BENCH_KEEP_TMP === '1') {
-    say(`kept the temp folder (BENCH_KEEP_TMP=1): ${tmpRoot}`);
-    return;
-  }
-  await rm(tmpRoot, { recursive: true, force: true }).catch(() => {});
-}
-
-process.on('exit', () => killAllSync());
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.once(sig, () => {
-    interrupted = sig;
-    process.stderr.write(`\n${sig}: stopping the soak and its child processes\n`);
-    void shutdown().finally(() => removeTmp().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143)));
-  });
-}
-onUnexpectedExit((m, code, signal) => {
-  failures.push(`${m.name} (pid ${m.pid}) exited during the soak (${signal ?? `code ${code}`}); its last output:\n${indent(m.output().slice(-4000))}`);
-});
-
-function indent(text: string): string {
-  return text.trimEnd().split('\n').map((l) => `    ${l}`).join('\n');
-}
-
 async function main(): Promise<number> {
   const soak = readSoakSettings(process.env);
   const started = new Date();
@@ -164,10 +131,7 @@ async function main(): Promise<number> {
   const warmupSec = soak.warmupMinutes * 60;
   // Start-up, smoke, the load, shutdown, and counting and verifying an audit log of up to a few GB.
   const budgetSec = soakSec + 600;
-  const budget = setTimeout(() => {
-    process.stderr.write(`\nthe soak did not finish within ${budgetSec} s: stopping\n`);
-    void shutdown().finally(() => removeTmp().finally(() => process.exit(1)));
-  }, budgetSec * 1000);
+  const budget = run.budget(budgetSec);
 
   const env = await environment();
   const ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
@@ -178,7 +142,7 @@ async function main(): Promise<number> {
   say(`sampling:  every ${soak.sampleSec} s: VmRSS of the proxy's process tree (/proc) and its /metrics; the first ${soak.warmupMinutes} min are warm-up`);
   say(`verdict:   flat when the steady-state RSS slope < ${soak.maxSlope} MB/min and max - min <= ${pct(soak.maxSpread)} of the median, with no error; bounded to ${budgetSec} s`);
 
-  tmpRoot = await mkdtemp(join(tmpdir(), 'egress-soak-'));
+  const tmpRoot = await run.makeTmp('egress-soak-');
   const body = jsonBody(soak.bodyBytes);
   const load = forkChild('load generator', join(BENCH_DIR, 'load.ts'));
   await waitReady(load, 20_000);
@@ -299,7 +263,7 @@ async function main(): Promise<number> {
 
   // ---- shut down, then check what the proxy left behind.
   const ports = [upstream.port, ...egress.ports];
-  const killed = await shutdown();
+  const killed = await run.shutdown();
   for (const k of killed) failures.push(`had to SIGKILL ${k}: it did not stop on its signal within 8 s`);
   if (egress.process.exited) {
     const { code, signal } = await egress.process.exit;
@@ -311,7 +275,7 @@ async function main(): Promise<number> {
   if (open.length) failures.push(`still listening after shutdown: 127.0.0.1:${open.join(', 127.0.0.1:')}`);
   const { check: audit, problems } = await checkAudit(egress, total);
   failures.push(...problems);
-  await removeTmp();
+  await run.removeTmp();
   clearTimeout(budget);
 
   // ---- analysis.
@@ -457,18 +421,4 @@ function pct(fraction: number): string {
   return Number.isFinite(fraction) ? `${(fraction * 100).toFixed(fraction < 0.1 ? 1 : 0)}%` : '-';
 }
 
-let exitCode = 1;
-try {
-  exitCode = await main();
-} catch (err) {
-  if (interrupted) {
-    // The signal handler is stopping everything and exits; children dying meanwhile is expected.
-    await new Promise(() => {});
-  }
-  process.stderr.write(`\nsoak failed: ${(err as Error)?.stack ?? String(err)}\n`);
-  for (const f of failures) process.stderr.write(`  FAIL: ${f}\n`);
-  await shutdown();
-  await removeTmp();
-  exitCode = 1;
-}
-process.exit(exitCode);
+await run.exit(main);
