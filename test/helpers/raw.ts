@@ -1,11 +1,23 @@
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 
 /** Send raw bytes to host:port and collect everything until the server closes or `idleMs` passes. */
 export function rawRequest(port: number, bytes: string, idleMs = 500): Promise<string> {
+  return exchangeOn((ready) => connect(port, '127.0.0.1', ready), bytes, idleMs);
+}
+
+/**
+ * Write `bytes` on the socket `open` makes (it calls `ready` once the socket can be written: TCP
+ * connected, or a TLS handshake done) and collect what comes back until the peer closes or nothing
+ * arrives for `idleMs`. A connection error with nothing received rejects.
+ */
+export function exchangeOn(open: (ready: () => void) => Socket, bytes: string | Buffer, idleMs: number): Promise<string> {
   return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1');
     let data = '';
     let timer: NodeJS.Timeout | undefined;
+    const socket = open(() => {
+      socket.write(bytes);
+      arm();
+    });
     const done = () => {
       clearTimeout(timer);
       socket.destroy();
@@ -15,10 +27,6 @@ export function rawRequest(port: number, bytes: string, idleMs = 500): Promise<s
       clearTimeout(timer);
       timer = setTimeout(done, idleMs);
     };
-    socket.on('connect', () => {
-      socket.write(bytes);
-      arm();
-    });
     socket.on('data', (d: Buffer) => {
       data += d.toString('latin1');
       arm();

@@ -6,6 +6,7 @@ import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
 import { runCli } from '../helpers/cli.ts';
+import { exchangeOn } from '../helpers/raw.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -135,14 +136,7 @@ describe('TLS listener with client certificates', () => {
     const bytes = `GET /api/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${svcToken}\r\n${big}\r\n\r\n`;
     const port = proxy.proxy.tlsAddress!.port;
     for (let i = 0; i < 10; i++) {
-      const answer = await new Promise<string>((resolve) => {
-        const socket = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost' }, () => socket.write(bytes));
-        let data = '';
-        socket.on('data', (d: Buffer) => (data += d.toString('latin1')));
-        socket.on('error', () => {});
-        socket.on('close', () => resolve(data));
-        setTimeout(() => socket.destroy(), 5_000);
-      });
+      const answer = await exchangeOn((ready) => tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost' }, ready), bytes, 5_000);
       expect(answer.split('\r\n')[0], `attempt ${i + 1}`).toBe('HTTP/1.1 431 Request Header Fields Too Large');
       expect(answer).toContain('x-egress-error: bad_request');
     }

@@ -11,6 +11,7 @@ import { makeTempDir } from '../helpers/proxy.ts';
 import { freePort } from '../helpers/redis.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { exchangeOn } from '../helpers/raw.ts';
 import { rawExchange } from './raw-socket.ts';
 import { percentile, rssKb } from './sec-helpers.ts';
 
@@ -131,29 +132,7 @@ const h2Attacks: Record<string, Buffer> = {
 
 /** A raw TLS exchange with the TLS listener: what it answered until it closed or went quiet. */
 function tlsExchange(bytes: string, idleMs = 600): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const socket = tlsConnect({ host: '127.0.0.1', port: tlsPort, servername: 'localhost', ca: tlsCa, ALPNProtocols: ['http/1.1'] }, () => {
-      socket.write(bytes);
-      arm();
-    });
-    let data = '';
-    let timer: NodeJS.Timeout | undefined;
-    const done = () => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve(data);
-    };
-    const arm = () => {
-      clearTimeout(timer);
-      timer = setTimeout(done, idleMs);
-    };
-    socket.on('data', (d: Buffer) => {
-      data += d.toString('latin1');
-      arm();
-    });
-    socket.on('close', done);
-    socket.on('error', (err) => (data ? done() : reject(err)));
-  });
+  return exchangeOn((ready) => tlsConnect({ host: '127.0.0.1', port: tlsPort, servername: 'localhost', ca: tlsCa, ALPNProtocols: ['http/1.1'] }, ready), bytes, idleMs);
 }
 
 /** A TLS handshake offering `protocols` by ALPN: the protocol the listener chose, or the handshake error. */
