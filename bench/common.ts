@@ -32,15 +32,18 @@ export interface BenchSettings {
   readonly targets: readonly string[] | undefined;
 }
 
+/** A BENCH_* number from the environment, `fallback` when unset; out of [min, max] is an error. */
+export function numberSetting(env: NodeJS.ProcessEnv, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value < min || value > max) throw new Error(`${name} must be a number between ${min} and ${max} (got "${raw}")`);
+  return value;
+}
+
 export function readSettings(env: NodeJS.ProcessEnv): BenchSettings {
   const quick = env.BENCH_QUICK === '1' || env.BENCH_QUICK === 'true';
-  const num = (name: string, fallback: number, min: number, max: number): number => {
-    const raw = env[name];
-    if (raw === undefined || raw === '') return fallback;
-    const value = Number(raw);
-    if (!Number.isFinite(value) || value < min || value > max) throw new Error(`${name} must be a number between ${min} and ${max} (got "${raw}")`);
-    return value;
-  };
+  const num = (name: string, fallback: number, min: number, max: number) => numberSetting(env, name, fallback, min, max);
   // autocannon checks its stop flag once a second, so a run lasts a whole number of seconds.
   const durationSec = Math.round(num('BENCH_DURATION', quick ? 1 : 5, 1, 600));
   const warmupSec = Math.round(num('BENCH_WARMUP', quick ? 1 : 3, 0, 60));

@@ -31,7 +31,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
-import { TOKEN_HEADER, diffStats, jsonBody, readSettings, sleep, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats } from './common.ts';
+import { TOKEN_HEADER, diffStats, jsonBody, numberSetting, readSettings, sleep, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats } from './common.ts';
 import { checkAudit, loadProblems, scrapeMetrics, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { environment } from './environment.ts';
 import { httpRequest } from './http.ts';
@@ -67,13 +67,7 @@ interface SoakSettings {
 
 function readSoakSettings(env: NodeJS.ProcessEnv): SoakSettings {
   const bench = readSettings(env);
-  const num = (name: string, fallback: number, min: number, max: number): number => {
-    const raw = env[name];
-    if (raw === undefined || raw === '') return fallback;
-    const value = Number(raw);
-    if (!Number.isFinite(value) || value < min || value > max) throw new Error(`${name} must be a number between ${min} and ${max} (got "${raw}")`);
-    return value;
-  };
+  const num = (name: string, fallback: number, min: number, max: number) => numberSetting(env, name, fallback, min, max);
   const minutes = num('BENCH_SOAK_MINUTES', 10, 0.1, 24 * 60);
   const warmupMinutes = num('BENCH_SOAK_WARMUP_MINUTES', Math.min(2, minutes / 2), 0, 24 * 60);
   if (warmupMinutes >= minutes) throw new Error(`BENCH_SOAK_WARMUP_MINUTES (${warmupMinutes}) must be less than BENCH_SOAK_MINUTES (${minutes})`);
