@@ -1,7 +1,14 @@
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis';
+import { createRequire } from 'node:module';
+import type { Cluster, ClusterOptions, Redis, RedisOptions } from 'ioredis';
 import { UserError } from '../errors.ts';
+
+/**
+ * ioredis is loaded on the first connection, not with this module: a proxy on the file store never
+ * connects, and the client library would cost it about 10 MB of memory for nothing.
+ */
+const ioredis = (): typeof import('ioredis') => createRequire(import.meta.url)('ioredis');
 
 /**
  * Redis connections for the store and the rate limiter. Every command is bounded: no offline
@@ -95,15 +102,15 @@ export function parseRedisUrl(spec: string): RedisSpec {
     case 'redis':
     case 'rediss':
       if (hosts.length !== 1) throw new UserError('a redis:// URL names one host; use redis-sentinel:// or redis-cluster:// for several');
-      return { description, connect: () => new Redis({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db }) };
+      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db }) };
     case 'redis-sentinel': {
       const name = path?.slice(1);
       if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
-      return { description, connect: () => new Redis({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
+      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: true, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
-      return { description, connect: () => new Cluster(hosts, options) };
+      return { description, connect: () => new (ioredis().Cluster)(hosts, options) };
     }
   }
 }
