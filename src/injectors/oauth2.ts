@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
 import type { Secret } from '../secret.ts';
 import type { Minted } from '../pipeline/token-broker.ts';
+import { dispatchExchange, type UpstreamExchange } from '../pipeline/upstream-exchange.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector, PrepareArgs, ResolvedCredential } from './types.ts';
 
@@ -14,6 +15,9 @@ const url = z.string().refine((text) => {
     return false;
   }
 }, 'an http(s) URL without credentials or fragment');
+
+/** A token response is a small JSON document; a larger answer is refused, not held. */
+const MAX_TOKEN_RESPONSE = 256 * 1024;
 
 const fieldName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,63}$/);
 
@@ -100,9 +104,9 @@ async function mint(dispatcher: Dispatcher, options: Options, credential: Resolv
 async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | 'json', fields: Record<string, string>, basic: string | undefined, options: Options): Promise<Minted> {
   const u = new URL(target);
   const body = encoding === 'json' ? JSON.stringify(fields) : new URLSearchParams(fields).toString();
-  let res;
+  let res: UpstreamExchange;
   try {
-    res = await dispatcher.request({
+    res = await dispatchExchange(dispatcher, {
       method: 'POST',
       path: `${u.pathname}${u.search}`,
       headers: {
@@ -113,16 +117,21 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
       body,
       headersTimeout: 10_000,
       bodyTimeout: 10_000,
-    });
+    }).head;
   } catch {
     throw new ProxyError('credential_unavailable', 'The token endpoint could not be reached.');
   }
-  const text = await res.body.text();
-  if (res.statusCode === 400 || res.statusCode === 401 || res.statusCode === 403) {
+  let text: string;
+  try {
+    text = (await res.readAll(MAX_TOKEN_RESPONSE)).toString('utf8');
+  } catch {
+    throw new ProxyError('credential_unavailable', `The token endpoint's answer was cut short or is over ${MAX_TOKEN_RESPONSE / 1024} KiB.`);
+  }
+  if (res.status === 400 || res.status === 401 || res.status === 403) {
     // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.
     throw new TokenRejected('the token endpoint rejected the client credentials');
   }
-  if (res.statusCode < 200 || res.statusCode >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.statusCode}.`);
+  if (res.status < 200 || res.status >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.status}.`);
   let doc: Record<string, unknown>;
   try {
     doc = JSON.parse(text) as Record<string, unknown>;

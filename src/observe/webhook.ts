@@ -1,5 +1,6 @@
 import { createHmac } from 'node:crypto';
-import { Agent, request } from 'undici';
+import { Agent } from '../pipeline/undici.ts';
+import { dispatchExchange } from '../pipeline/upstream-exchange.ts';
 import type { Logger } from './log.ts';
 
 export const SIGNATURE_HEADER = 'x-egress-signature';
@@ -55,15 +56,16 @@ export class WebhookSink {
       const t = Math.floor(Date.now() / 1000);
       const signature = createHmac('sha256', this.#secret).update(`${t}.${body}`).digest('hex');
       try {
-        const res = await request(this.#url, {
+        const res = await dispatchExchange(this.#agent, {
+          origin: this.#url.origin,
+          path: `${this.#url.pathname}${this.#url.search}`,
           method: 'POST',
-          dispatcher: this.#agent,
           headers: { 'content-type': 'application/json', [SIGNATURE_HEADER]: `t=${t},v1=${signature}` },
           body,
-        });
-        await res.body.dump();
-        if (res.statusCode >= 200 && res.statusCode < 300) return;
-        this.#log.warn({ status: res.statusCode, attempt }, 'alert webhook refused the alert');
+        }).head;
+        res.discard();
+        if (res.status >= 200 && res.status < 300) return;
+        this.#log.warn({ status: res.status, attempt }, 'alert webhook refused the alert');
       } catch (err) {
         this.#log.warn({ code: (err as { code?: string }).code ?? 'error', attempt }, 'alert webhook unreachable');
       }

@@ -1,5 +1,5 @@
 import { rootCertificates } from 'node:tls';
-import { Pool } from 'undici';
+import { Pool } from './undici.ts';
 import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
 import { checkLiteral, guardedLookup } from './address-guard.ts';

@@ -9,7 +9,7 @@ import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor, redactText } from './redact.ts';
 import { open } from './resolve-credential.ts';
-import { UpstreamExchange } from './upstream-exchange.ts';
+import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 
 /** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
@@ -87,19 +87,21 @@ function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
       }), { objectMode: false });
     }
   }
-  const exchange = new UpstreamExchange();
   const dispatchers = ctx.services.dispatchers;
+  let exchange: UpstreamExchange;
   try {
     const pool = route.clientCertificate ? dispatchers.forCredential(route, ctx.credential!) : dispatchers.for(route);
-    pool.dispatch({
+    exchange = dispatchExchange(pool, {
       method: out.method as Dispatcher.HttpMethod,
       path: out.query ? `${out.path}?${out.query}` : out.path,
       headers: flatten(headers),
       body,
       headersTimeout: route.responseTimeoutMs,
       bodyTimeout: route.responseTimeoutMs,
-    }, exchange);
+    });
   } catch (err) {
+    // No pool for this route (a private address it may not reach, a certificate that does not load).
+    exchange = new UpstreamExchange();
     exchange.refused(err as Error);
   }
   return { exchange, tooLarge: () => tooLarge };

@@ -210,10 +210,21 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     });
   }
 
-  /** The body will not be relayed: stop receiving it. */
+  /** The body is not wanted: stop receiving it. */
   discard(): void {
     this.#held = [];
     this.#heldBytes = 0;
     if (!this.#ended) this.abort(new ProxyError('upstream_error', 'The response body was not needed.'));
   }
+}
+
+/** Send one request on `dispatcher`; the exchange's `head` settles with the response head or the failure. */
+export function dispatchExchange(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions): UpstreamExchange {
+  const exchange = new UpstreamExchange();
+  try {
+    dispatcher.dispatch(options, exchange);
+  } catch (err) {
+    exchange.refused(err as Error);
+  }
+  return exchange;
 }

@@ -14,6 +14,8 @@ const issued = new Set<string>();
 const mints: { path: string; client: string }[] = [];
 let tokenLife = 3600;
 let tokenServerDown = false;
+/** Bytes of padding in the token endpoint's answer. */
+let tokenPadding = 0;
 let secretsAccepted = new Set(['cs_CANARY_good_1']);
 let counter = 0;
 const proxies: TestProxy[] = [];
@@ -35,7 +37,7 @@ beforeAll(async () => {
       mints.push({ path: url, client: pass! });
       const token = `at_CANARY_${++counter}`;
       issued.add(token);
-      return json(200, { access_token: token, token_type: 'Bearer', expires_in: tokenLife, scope: form.get('scope') });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: tokenLife, scope: form.get('scope'), ...(tokenPadding ? { padding: 'x'.repeat(tokenPadding) } : {}) });
     }
     if (url === '/api/v2/token/new/') {
       const doc = JSON.parse(body.toString()) as { secret_id?: string; secret_key?: string };
@@ -71,6 +73,7 @@ afterAll(async () => {
 afterEach(() => {
   tokenLife = 3600;
   tokenServerDown = false;
+  tokenPadding = 0;
   secretsAccepted = new Set(['cs_CANARY_good_1']);
 });
 
@@ -180,6 +183,21 @@ describe('oauth2_client_credentials', () => {
       return res.status === 200 && mints.length > before;
     }, 2_000, 'a token minted for version 2');
     expect(mints.at(-1)!.client).toBe('cs_CANARY_good_1');
+  });
+
+  it('a token answer over 256 KiB is refused (503 credential_unavailable), not held; a normal answer then works', async () => {
+    const proxy = await start();
+    tokenPadding = 300 * 1024;
+    const before = mints.length;
+    const forwarded = upstream.requests.filter((r) => r.url === '/accounts').length;
+    const refused = await get(proxy, '/bank/accounts');
+    expect(refused.status).toBe(503);
+    expect(((await refused.json()) as { error: { code: string; message: string } }).error).toMatchObject({ code: 'credential_unavailable', message: expect.stringContaining('over 256 KiB') });
+    expect(mints.length - before).toBe(1);
+    expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(forwarded);
+    tokenPadding = 200 * 1024;
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    for (const t of issued) expect(proxy.logs()).not.toContain(t);
   });
 
   it('GoCardless style: JSON token request, then the refresh token when the access token expires', async () => {

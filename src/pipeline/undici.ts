@@ -1,0 +1,15 @@
+import { createRequire } from 'node:module';
+import type { Agent as UndiciAgent, Pool as UndiciPool } from 'undici';
+
+/**
+ * undici's Pool and Agent, without the rest of the package. undici's index also loads fetch,
+ * WebSocket, the cache stores and the mocks: about 13 MB that stay resident in a proxy that only
+ * ever calls dispatch(). Without the index, the dispatchers have no request()/stream() methods:
+ * send with dispatchExchange (upstream-exchange.ts).
+ */
+const require = createRequire(import.meta.url);
+
+export const Pool: typeof UndiciPool = require('undici/lib/dispatcher/pool.js');
+export type Pool = UndiciPool;
+export const Agent: typeof UndiciAgent = require('undici/lib/dispatcher/agent.js');
+export type Agent = UndiciAgent;
