@@ -1,7 +1,8 @@
 import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import forge from 'node-forge';
+import type forge from 'node-forge';
+import { loadForge } from './forge.ts';
 import { UserError } from '../errors.ts';
 
 /**
@@ -26,19 +27,19 @@ function rsaKeyPair(): { publicPem: string; privateKey: KeyObject } {
 
 /** Sign a forge certificate's TBS bytes with a node:crypto RSA key (sha256WithRSAEncryption). */
 function signWith(cert: forge.pki.Certificate, key: KeyObject): void {
-  const oid = forge.pki.oids.sha256WithRSAEncryption!;
+  const oid = loadForge().pki.oids.sha256WithRSAEncryption!;
   cert.signatureOid = oid;
   cert.siginfo.algorithmOid = oid;
-  (cert as unknown as { md: forge.md.MessageDigest }).md = forge.md.sha256.create();
-  const tbs = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert);
+  (cert as unknown as { md: forge.md.MessageDigest }).md = loadForge().md.sha256.create();
+  const tbs = (loadForge().pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert);
   (cert as unknown as { tbsCertificate: forge.asn1.Asn1 }).tbsCertificate = tbs;
-  const der = Buffer.from(forge.asn1.toDer(tbs).getBytes(), 'binary');
+  const der = Buffer.from(loadForge().asn1.toDer(tbs).getBytes(), 'binary');
   cert.signature = sign('sha256', der, key).toString('binary');
 }
 
 /** permittedSubtrees of dNSName entries: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }. */
 function nameConstraints(hosts: readonly string[]): forge.asn1.Asn1 {
-  const { asn1 } = forge;
+  const { asn1 } = loadForge();
   const subtrees = hosts.map((host) =>
     asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
       // GeneralName dNSName [2] IA5String (implicit tag)
@@ -56,8 +57,8 @@ function serial(): string {
 
 export function createCa(hosts: readonly string[], now = new Date()): { certPem: string; keyPem: string } {
   const { publicPem, privateKey } = rsaKeyPair();
-  const cert = forge.pki.createCertificate();
-  cert.publicKey = forge.pki.publicKeyFromPem(publicPem);
+  const cert = loadForge().pki.createCertificate();
+  cert.publicKey = loadForge().pki.publicKeyFromPem(publicPem);
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - 60_000);
   cert.validity.notAfter = new Date(now.getTime() + 5 * 365 * 86_400_000);
@@ -72,7 +73,7 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
     { id: '2.5.29.30', critical: true, value: nameConstraints(permitted) },
   ]);
   signWith(cert, privateKey);
-  return { certPem: forge.pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
+  return { certPem: loadForge().pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
 }
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
@@ -99,7 +100,7 @@ export async function readCa(dir: string): Promise<CaFiles | undefined> {
   if (!info) return undefined;
   if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
   const certPem = await readFile(join(dir, CA_FILES.cert), 'utf8');
-  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: forge.pki.certificateFromPem(certPem) };
+  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: loadForge().pki.certificateFromPem(certPem) };
 }
 
 /**
@@ -117,7 +118,7 @@ export class LeafMinter {
     this.#ca = ca;
     const { publicPem, privateKey } = rsaKeyPair();
     this.#keyPem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
-    this.#publicKey = forge.pki.publicKeyFromPem(publicPem);
+    this.#publicKey = loadForge().pki.publicKeyFromPem(publicPem);
   }
 
   get keyPem(): string {
@@ -131,7 +132,7 @@ export class LeafMinter {
   leaf(host: string, now = Date.now()): string {
     const cached = this.#cache.get(host);
     if (cached && cached.until > now) return cached.certPem;
-    const cert = forge.pki.createCertificate();
+    const cert = loadForge().pki.createCertificate();
     cert.publicKey = this.#publicKey;
     cert.serialNumber = serial();
     cert.validity.notBefore = new Date(now - 60_000);
@@ -145,7 +146,7 @@ export class LeafMinter {
       { name: 'subjectAltName', altNames: [{ type: 2, value: host }] },
     ]);
     signWith(cert, this.#ca.key);
-    const certPem = forge.pki.certificateToPem(cert);
+    const certPem = loadForge().pki.certificateToPem(cert);
     this.#cache.set(host, { certPem, until: now + 86_400_000 - 3_600_000 });
     return certPem;
   }
@@ -161,8 +162,8 @@ export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
 /** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
 export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
   const { publicPem, privateKey } = rsaKeyPair();
-  const cert = forge.pki.createCertificate();
-  cert.publicKey = forge.pki.publicKeyFromPem(publicPem);
+  const cert = loadForge().pki.createCertificate();
+  cert.publicKey = loadForge().pki.publicKeyFromPem(publicPem);
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - 60_000);
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
@@ -175,5 +176,5 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
     { name: 'subjectAltName', altNames: [{ type: 6, value: `${CALLER_URI_PREFIX}${name}` }] },
   ]);
   signWith(cert, ca.key);
-  return { certPem: forge.pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };
+  return { certPem: loadForge().pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };
 }

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, ROOT, runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { startUpstream } from '../helpers/upstream.ts';
 
 /** The process runs without the inspector signal and never with the insecure HTTP parser. */
 async function dataDir(): Promise<string> {
@@ -48,6 +49,28 @@ describe('process hardening', () => {
     // The image compiles its modules at build time with the same flags: the cache is kept per flag set.
     const warm = /^RUN node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/m.exec(await readFile('Dockerfile', 'utf8'));
     expect(warm?.[1]?.split(' ')).toEqual(startFlags);
+  });
+
+  it('a proxy on the file store, without a CA, loads neither ioredis, node-forge nor undici\'s index (memory it would never use)', async () => {
+    const upstream = await startUpstream((_req, res) => res.end('ok'));
+    const dir = await makeTempDir('egress-footprint-');
+    const { tokens } = await seedDataDir(dir, {
+      routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: api\ninject:\n  scheme: bearer\n  token: "{token}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n` },
+      credentials: { api: { token: 'tok_CANARY_footprint' } },
+      callers: ['svc'],
+    });
+    // Lists the CommonJS modules the process loaded, when it exits.
+    const probe = `import Module from 'node:module'; process.on('exit', () => process.stderr.write('LOADED ' + JSON.stringify(Object.keys(Module._cache)) + '\\n'));`;
+    const serve = await startServe({ ...envFor(dir), NODE_OPTIONS: `--import=data:text/javascript,${encodeURIComponent(probe)}` });
+    try {
+      expect((await fetch(`${serve.url}/api/x`, { headers: { 'x-egress-token': tokens.svc! } })).status).toBe(200);
+    } finally {
+      expect(await serve.stop('SIGTERM')).toBe(0);
+      await upstream.close();
+    }
+    const loaded = JSON.parse(/^LOADED (.*)$/m.exec(serve.output())?.[1] ?? 'null') as string[];
+    expect(loaded.some((f) => f.includes('/undici/lib/dispatcher/pool.js'))).toBe(true);
+    expect(loaded.filter((f) => /\/node_modules\/(ioredis|node-forge)\/|\/undici\/index\.js$/.test(f))).toEqual([]);
   });
 
   it('keeps compiled modules in node_modules/.cache/egress-compile beside bin/, or in NODE_COMPILE_CACHE; NODE_DISABLE_COMPILE_CACHE turns it off', async () => {
