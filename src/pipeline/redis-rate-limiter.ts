@@ -4,36 +4,80 @@ import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, ty
 
 /**
  * GCRA in one Lua script on Redis's own clock (TIME), so every instance draws from the same buckets
- * and clock skew between instances does not matter. All buckets of a request or none. A value that
- * is not a number (garbage, a wrong type) counts as an empty bucket and is overwritten.
- * Returns {allowed, refusing bucket index (1-based), retry ms, reset ms}.
+ * and clock skew between instances does not matter. One call decides a batch of requests, in
+ * order, each as if alone: all of a request's buckets or none, and a later request in the batch
+ * sees what the earlier ones spent. A value that is not a number (garbage, a wrong type) counts as
+ * an empty bucket and is overwritten.
+ * ARGV: the number of requests, then for each its bucket count and (interval, burst) per bucket;
+ * KEYS: every request's buckets, in the same order.
+ * Returns four numbers per request: {allowed, refusing bucket index (1-based), retry ms, reset ms}.
  */
 const GCRA_SCRIPT = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local next = {}
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[i * 2 - 1])
-  local burst = tonumber(ARGV[i * 2])
-  local tat = tonumber(redis.pcall('GET', KEYS[i]))
-  if not tat or tat < now then tat = now end
-  local n = tat + interval
-  local allow_at = n - burst * interval
-  if now < allow_at then return {0, i, math.ceil(allow_at - now), math.ceil(tat - now)} end
-  next[i] = n
+local tats = {}
+local out = {}
+local k = 1
+local a = 2
+for r = 1, tonumber(ARGV[1]) do
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  local next = {}
+  local refused = false
+  for i = 0, count - 1 do
+    local key = KEYS[k + i]
+    local interval = tonumber(ARGV[a + i * 2])
+    local burst = tonumber(ARGV[a + i * 2 + 1])
+    local tat = tats[key]
+    if tat == nil then tat = tonumber(redis.pcall('GET', key)) end
+    if not tat or tat < now then tat = now end
+    local n = tat + interval
+    local allow_at = n - burst * interval
+    if now < allow_at then
+      out[#out + 1] = 0
+      out[#out + 1] = i + 1
+      out[#out + 1] = math.ceil(allow_at - now)
+      out[#out + 1] = math.ceil(tat - now)
+      refused = true
+      break
+    end
+    next[i] = n
+  end
+  if not refused then
+    for i = 0, count - 1 do tats[KEYS[k + i]] = next[i] end
+    out[#out + 1] = 1
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  end
+  k = k + count
+  a = a + count * 2
 end
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], tostring(next[i]), 'PX', math.ceil(next[i] - now) + 1000)
+for key, tat in pairs(tats) do
+  redis.call('SET', key, tostring(tat), 'PX', math.ceil(tat - now) + 1000)
 end
-return {1, 0, 0, 0}
+return out
 `;
+
+/** Requests decided by one script call at most; more wait for the next call. */
+const MAX_BATCH = 64;
+
+interface Pending {
+  readonly keys: readonly string[];
+  readonly args: readonly string[];
+  readonly resolve: (verdict: readonly number[]) => void;
+  readonly reject: (err: unknown) => void;
+}
 
 const PAUSE_CHANNEL = 'egress:ratelimit:pause';
 /** After a Redis failure, use per-instance limits for this long before asking Redis again. */
 const BREAKER_MS = 1_000;
 
 /**
- * Rate limits shared by every instance through Redis: one round trip per limited request. When
+ * Rate limits shared by every instance through Redis. The checks of the requests that arrive in
+ * one turn of the event loop go to Redis together, one script call per route (a route's buckets
+ * share a hash slot), instead of one round trip each: a call cost the proxy and Redis more than
+ * deciding a request does. When
  * Redis cannot answer in time, limits fall back to per-instance buckets (so N instances allow up
  * to N times the rate) until Redis answers again; requests are never refused for Redis's sake.
  */
@@ -46,6 +90,8 @@ export class RedisRateLimiter implements RateLimiter {
   #degraded = false;
   /** While degraded, one request at a time asks Redis (half-open); the rest use local buckets. */
   #probing = false;
+  /** Checks waiting for this turn's script calls, by scope. */
+  #pending = new Map<string, Pending[]>();
 
   constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger) {
     this.#client = client;
@@ -74,14 +120,14 @@ export class RedisRateLimiter implements RateLimiter {
     }
     const keys = buckets.map((b) => `egress:rl:{${scope}}:${JSON.stringify(b.key)}`);
     const args = buckets.flatMap((b) => [String(intervalOf(b.limit)), String(burstOf(b.limit))]);
-    return (evalScript(this.#client, GCRA_SCRIPT, keys, args) as Promise<[number, number, number, number]>).then(
+    return this.#decide(scope, keys, args).then(
       ([allowed, index, retryMs, resetMs]) => {
         this.#probing = false;
         if (this.#degraded) {
           this.#degraded = false;
           this.#log.info('rate limits are shared through Redis again');
         }
-        return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index - 1], retryAfterMs: retryMs, resetMs };
+        return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index! - 1], retryAfterMs: retryMs!, resetMs: resetMs! };
       },
       () => {
         this.#probing = false;
@@ -91,6 +137,46 @@ export class RedisRateLimiter implements RateLimiter {
           this.#log.warn({ alert: 'ratelimit_degraded' }, 'Redis did not answer; rate limits fall back to per-instance buckets');
         }
         return this.#local.check(scope, buckets);
+      },
+    );
+  }
+
+  /** Queue a request's buckets for this turn's script call on `scope`. */
+  #decide(scope: string, keys: readonly string[], args: readonly string[]): Promise<readonly number[]> {
+    return new Promise((resolve, reject) => {
+      if (this.#pending.size === 0) setImmediate(() => this.#flush());
+      let batch = this.#pending.get(scope);
+      if (!batch) this.#pending.set(scope, (batch = []));
+      batch.push({ keys, args, resolve, reject });
+    });
+  }
+
+  #flush(): void {
+    const pending = this.#pending;
+    this.#pending = new Map();
+    for (const batch of pending.values()) {
+      for (let i = 0; i < batch.length; i += MAX_BATCH) this.#send(batch.slice(i, i + MAX_BATCH));
+    }
+  }
+
+  #send(batch: readonly Pending[]): void {
+    const keys: string[] = [];
+    const args: string[] = [String(batch.length)];
+    for (const p of batch) {
+      keys.push(...p.keys);
+      args.push(String(p.keys.length), ...p.args);
+    }
+    (evalScript(this.#client, GCRA_SCRIPT, keys, args) as Promise<number[]>).then(
+      (out) => {
+        if (!Array.isArray(out) || out.length !== batch.length * 4) {
+          const err = new Error('the rate-limit script answered something else than four numbers a request');
+          for (const p of batch) p.reject(err);
+          return;
+        }
+        for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 4, i * 4 + 4));
+      },
+      (err: unknown) => {
+        for (const p of batch) p.reject(err);
       },
     );
   }

@@ -110,6 +110,10 @@ describe('Redis Cluster', () => {
         for (let i = 0; i < 3; i++) results.push((await limiter.check(route, [bucket])).allowed);
         expect(results, route).toEqual([true, true, false]);
       }
+      // Checks on several routes in one turn: one script call per route, each within its own slot.
+      const routes = ['plaid-2', 'alpaca-2', 'teller-2'];
+      const together = await Promise.all(routes.flatMap((route) => [0, 1, 2].map(() => Promise.resolve(limiter.check(route, [bucket])).then((r) => [route, r.allowed] as const))));
+      for (const route of routes) expect(together.filter(([r, ok]) => r === route && ok).length, route).toBe(2);
       await limiter.close();
     } finally {
       await store.close();

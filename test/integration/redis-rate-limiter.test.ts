@@ -1,0 +1,86 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/observe/log.ts';
+import type { Bucket } from '../../src/pipeline/rate-limiter.ts';
+import { RedisRateLimiter } from '../../src/pipeline/redis-rate-limiter.ts';
+import { parseRedisUrl, type RedisConnection } from '../../src/store/redis-client.ts';
+import { TestRedis } from '../helpers/redis.ts';
+
+/**
+ * The checks of requests that arrive together are decided by one script call per route: each
+ * request as if it were alone, in arrival order, all of its buckets or none.
+ */
+let redis: TestRedis;
+let client: RedisConnection;
+let limiter: RedisRateLimiter;
+
+beforeAll(async () => {
+  redis = await TestRedis.create();
+  const spec = parseRedisUrl(redis.url);
+  client = spec.connect();
+  client.on('error', () => {});
+  await new Promise((resolve) => client.once('ready', resolve));
+  limiter = new RedisRateLimiter(client, spec.connect(), createLogger('silent'));
+});
+
+afterAll(async () => {
+  await limiter?.close();
+  client?.disconnect();
+  await redis?.destroy();
+});
+
+const perMinute = (count: number) => ({ rate: { count, periodMs: 60_000 } });
+const callerBucket = (caller: string, count: number): Bucket => ({ key: ['rule', 0, caller], limit: perMinute(count), policy: 'caller' });
+const upstreamBucket = (count: number): Bucket => ({ key: ['upstream'], limit: perMinute(count), policy: 'upstream' });
+
+/** Script calls Redis has run so far (EVALSHA and EVAL). */
+async function scriptCalls(): Promise<number> {
+  const stats = (await client.info('commandstats')) as string;
+  let calls = 0;
+  for (const m of stats.matchAll(/^cmdstat_(?:evalsha|eval):calls=(\d+)/gm)) calls += Number(m[1]);
+  return calls;
+}
+
+describe('RedisRateLimiter batches', () => {
+  it('50 checks at once on one bucket of 10: exactly the first 10 pass, in one or a few script calls', async () => {
+    const before = await scriptCalls();
+    const results = await Promise.all(Array.from({ length: 50 }, () => limiter.check('batch-one', [upstreamBucket(10)])));
+    const calls = (await scriptCalls()) - before;
+    expect(results.map((r) => r.allowed)).toEqual([...Array(10).fill(true), ...Array(40).fill(false)]);
+    expect(calls).toBeGreaterThanOrEqual(1);
+    expect(calls).toBeLessThan(5);
+    const refused = results[10]!;
+    expect(refused.allowed).toBe(false);
+    if (!refused.allowed) {
+      expect(refused.bucket?.policy).toBe('upstream');
+      expect(refused.retryAfterMs).toBeGreaterThan(0);
+      expect(refused.retryAfterMs).toBeLessThanOrEqual(6_000);
+    }
+    // What the batch spent is in Redis: the next check, alone, is refused too.
+    expect((await limiter.check('batch-one', [upstreamBucket(10)])).allowed).toBe(false);
+  });
+
+  it('within a batch, a request refused by its caller bucket spends nothing from the route quota', async () => {
+    // Route quota 3; caller a may send 1, caller b 5. Arrival order: a a a b b b b.
+    const order = ['a', 'a', 'a', 'b', 'b', 'b', 'b'] as const;
+    const results = await Promise.all(order.map((c) => limiter.check('batch-all-or-none', [callerBucket(c, c === 'a' ? 1 : 5), upstreamBucket(3)])));
+    expect(results.map((r) => r.allowed)).toEqual([true, false, false, true, true, false, false]);
+    const policies = results.map((r) => (r.allowed ? null : r.bucket?.policy));
+    expect(policies).toEqual([null, 'caller', 'caller', null, null, 'upstream', 'upstream']);
+    // b spent 2 of its 5: alone, with a fresh route quota, it still has 3.
+    const again = [];
+    for (let i = 0; i < 4; i++) again.push((await limiter.check('batch-all-or-none-2', [callerBucket('b', 5), upstreamBucket(100)])).allowed);
+    expect(again).toEqual([true, true, true, true]);
+  });
+
+  it('checks on several routes in one turn are decided per route, each against its own buckets', async () => {
+    const routes = ['r1', 'r2', 'r3'];
+    const results = await Promise.all(routes.flatMap((route) => Array.from({ length: 4 }, () => Promise.resolve(limiter.check(route, [upstreamBucket(2)])).then((r) => [route, r.allowed] as const))));
+    for (const route of routes) expect(results.filter(([r, ok]) => r === route && ok).length, route).toBe(2);
+  });
+
+  it('more than 64 checks at once are split over several calls and still counted exactly', async () => {
+    const results = await Promise.all(Array.from({ length: 150 }, () => limiter.check('batch-many', [upstreamBucket(100)])));
+    expect(results.filter((r) => r.allowed).length).toBe(100);
+    expect(results.slice(0, 100).every((r) => r.allowed)).toBe(true);
+  });
+});
