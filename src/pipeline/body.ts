@@ -12,17 +12,32 @@ export function checkDeclaredLength(req: IncomingMessage, max: number): void {
   if (declared !== undefined && Number(declared) > max) throw new ProxyError('body_too_large');
 }
 
-/** Read the whole body, refusing it as soon as it passes `max` bytes. */
-export async function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
+/** Read the whole body, refusing it as soon as it passes `max` bytes; fails if the caller goes away first. */
+export function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
   checkDeclaredLength(req, max);
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > max) throw new ProxyError('body_too_large');
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks, size);
+  return new Promise<Buffer>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const done = (err?: Error) => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('error', done);
+      req.off('close', onClose);
+      if (err) reject(err);
+      else resolve(Buffer.concat(chunks, size));
+    };
+    const onData = (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > max) return done(new ProxyError('body_too_large'));
+      chunks.push(chunk);
+    };
+    const onEnd = () => done();
+    const onClose = () => done(new Error('the caller closed the connection before the end of its body'));
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('error', done);
+    req.on('close', onClose);
+  });
 }
 
 /**

@@ -5,14 +5,20 @@ import { hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
 
 /**
+ * A body of a declared length up to this is read before the request goes upstream, so that it
+ * leaves with its head in one write; streaming it cost a small POST half as much again as a GET.
+ */
+export const SMALL_BODY = 64 * 1024;
+
+/**
  * Build the outbound request from a copy of the inbound one: strip first (hop-by-hop, proxy
  * headers, and everything the injectors claim), then let each injector attach its part. The body
- * is buffered (bounded by max_body) when an injector needs it, or when the request may have to be
- * sent again with the previous key; otherwise it streams.
+ * is buffered (bounded by max_body) when an injector needs it, when the request may have to be
+ * sent again with the previous key, or when it is small; otherwise it streams.
  */
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
-  const needsBody = (route.needsBody || ctx.replayable) && hasBody(ctx.req);
+  const needsBody = hasBody(ctx.req) && (route.needsBody || ctx.replayable || isSmallBody(ctx.req));
   if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);
     return;
@@ -21,6 +27,10 @@ export function inject(ctx: RequestContext): void | Promise<void> {
     if (needsBody) ctx.body = await readBody(ctx.req, route.maxBody);
     ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
   })();
+}
+
+function isSmallBody(req: RequestContext['req']): boolean {
+  return req.headers['transfer-encoding'] === undefined && Number(req.headers['content-length']) <= SMALL_BODY;
 }
 
 /**
