@@ -21,6 +21,9 @@ export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
  */
 export async function forward(ctx: RequestContext): Promise<void> {
   const route = ctx.route!;
+  // The caller may have gone while an earlier step waited (Redis, a token endpoint, its body):
+  // nobody would read the answer, so nothing is sent. The request is recorded as aborted.
+  if (ctx.res.destroyed) throw new Error('the caller closed the connection before the request was sent');
   let attempt: Attempt | undefined;
   const onClose = () => {
     if (!ctx.res.writableFinished) attempt?.exchange.abort(new Error('the caller closed the connection'));

@@ -149,6 +149,11 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
         settle(this.#failure);
         return;
       }
+      // Closed already: neither 'finish' nor 'close' would come.
+      if (res.destroyed) {
+        settle(new Error('the caller closed the connection'));
+        return;
+      }
       // Upstream failures after this point fail the relay; its end ends the caller's response.
       this.#onSettle = (err) => {
         if (err) settle(err);

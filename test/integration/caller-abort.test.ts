@@ -8,6 +8,19 @@ let proxy: TestProxy;
 
 beforeAll(async () => {
   upstream = await startUpstream((req, res) => {
+    if (req.url === '/token') {
+      // A token endpoint that answers late: the caller gives up while the proxy waits for it.
+      setTimeout(() => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ access_token: 'at_abort_token', expires_in: 3600 }));
+      }, 500);
+      return;
+    }
+    if (req.url === '/accounts') {
+      res.writeHead(200);
+      res.end('accounts');
+      return;
+    }
     if (req.url === '/slow') {
       setTimeout(() => {
         res.writeHead(200);
@@ -28,8 +41,11 @@ beforeAll(async () => {
     }, 20);
   });
   proxy = await startTestProxy({
-    routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/slow, /stream]\n` },
-    credentials: { key: { token: 'tok_abort_1234' } },
+    routes: {
+      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/slow, /stream]\n`,
+      bank: `name: bank\nprefix: /bank\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: bank\ninject:\n  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/token\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+    },
+    credentials: { key: { token: 'tok_abort_1234' }, bank: { client_id: 'client-1', client_secret: 'cs_abort_secret' } },
     callers: ['svc'],
   });
 });
@@ -61,5 +77,17 @@ describe('a caller that hangs up', () => {
     const metrics = await (await fetch(`${proxy.admin}/metrics`)).text();
     expect(metrics).not.toMatch(/egress_requests_total\{[^}]*status_class="5xx"/);
     expect((await fetch(`${proxy.admin}/healthz`)).status).toBe(200);
+  });
+
+  it('while an earlier step waits (a late token endpoint): nothing is sent upstream, and the request is recorded as aborted', async () => {
+    const ac = new AbortController();
+    const res = fetch(`${proxy.url}/bank/accounts`, { headers: { 'x-egress-token': proxy.tokens.svc! }, signal: ac.signal });
+    setTimeout(() => ac.abort(), 150);
+    await expect(res).rejects.toThrow();
+    await eventually(async () => (await proxy.auditText()).includes('"path":"/bank/accounts"'), 3_000, 'the audit line');
+    const line = (await proxy.auditText()).trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.path === '/bank/accounts')!;
+    expect(line).toMatchObject({ decision: 'aborted', reason: 'caller_closed', upstream_status: null });
+    expect(upstream.requests.filter((r) => r.url === '/token').length).toBe(1);
+    expect(upstream.requests.filter((r) => r.url === '/accounts')).toEqual([]);
   });
 });
