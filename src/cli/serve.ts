@@ -9,6 +9,14 @@ export async function serve(args: readonly string[]): Promise<number> {
   if (/--insecure-http-parser\b/.test(flags)) throw new UserError('refusing to serve with --insecure-http-parser (it lets requests be smuggled past the allowlist)');
   const p = parse(args);
   maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--reuse-port true] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
+  // The signal handlers go in before anything listens: a SIGTERM sent as soon as the listening line
+  // is out (or during start-up) drains and exits 0 instead of killing the process mid-start.
+  let requested: string | undefined;
+  let stop = (signal: string) => {
+    requested ??= signal;
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
   let proxy;
   try {
     proxy = await startProxy(p.settings(), { lockAuditLog: true });
@@ -22,11 +30,10 @@ export async function serve(args: readonly string[]): Promise<number> {
   const log = proxy.services.log;
   process.on('SIGHUP', () => void proxy.routes.reload('SIGHUP'));
   return new Promise((resolveExit) => {
-    const stop = (signal: string) => {
+    stop = (signal: string) => {
       log.info({ signal }, 'draining and shutting down');
       void proxy.close().then(() => resolveExit(0));
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
+    if (requested) stop(requested);
   });
 }
