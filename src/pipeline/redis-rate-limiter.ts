@@ -77,9 +77,9 @@ const BREAKER_MS = 1_000;
  * Rate limits shared by every instance through Redis. The checks of the requests that arrive in
  * one turn of the event loop go to Redis together, one script call per route (a route's buckets
  * share a hash slot), instead of one round trip each: a call cost the proxy and Redis more than
- * deciding a request does. When
- * Redis cannot answer in time, limits fall back to per-instance buckets (so N instances allow up
- * to N times the rate) until Redis answers again; requests are never refused for Redis's sake.
+ * deciding a request does. When Redis cannot answer in time, limits fall back to per-instance
+ * buckets (so N instances allow up to N times the rate) until Redis answers again; requests are
+ * never refused for Redis's sake.
  */
 export class RedisRateLimiter implements RateLimiter {
   readonly #client: RedisConnection;
