@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { mkdtemp, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,6 +21,7 @@ let admin: string;
 export const SCREENSHOT_DIR = process.env.EGRESS_SCREENSHOT_DIR;
 
 beforeAll(async () => {
+  expect(existsSync('/usr/bin/chromium'), 'Chromium is installed at /usr/bin/chromium (apt-get install chromium; .ci/run does)').toBe(true);
   upstream = await startUpstream();
   const route = (name: string, credential: string) => `name: ${name}\nprefix: /${name}\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: ${credential}\ninject:\n  scheme: bearer\nallow:\n  - caller: sync-worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n`;
   proxy = await startTestProxy({
