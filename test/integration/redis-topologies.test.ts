@@ -49,7 +49,8 @@ function caller(name: string, revision: number): CallerRecord {
 
 describe('Redis Sentinel', () => {
   it('connects through Sentinel, and keeps working after a failover to the replica', async () => {
-    const primary = await redisProcess([]);
+    // Redis 7 waits repl-diskless-sync-delay (5 s) for more replicas before the first sync: not here.
+    const primary = await redisProcess(['--repl-diskless-sync-delay', '0']);
     const replica = await redisProcess(['--replicaof', '127.0.0.1', String(primary.port)]);
     const sentinelPort = await freePort();
     const conf = join(await mkdtemp(join(tmpdir(), 'egress-sentinel-')), 'sentinel.conf');
@@ -71,7 +72,7 @@ describe('Redis Sentinel', () => {
         const v = await c.get('egress:{egress}:version');
         c.disconnect();
         return v === '1';
-      }, 5_000, 'replication');
+      }, 10_000, 'replication');
 
       primary.child.kill('SIGKILL');
       await eventually(async () => store.put('caller', caller('svc', 2), 1).then(() => true, () => false), 15_000, 'a write after failover');
