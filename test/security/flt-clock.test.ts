@@ -7,6 +7,7 @@ import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.t
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { CANARY, forms } from './lab.ts';
+import { faultRoute } from './sec-helpers.ts';
 
 /**
  * FLT-09 clock skew. The serve child runs under libfaketime (Debian `faketime`, LD_PRELOAD) with
@@ -54,20 +55,6 @@ async function skewHours(serve: ServeProcess): Promise<number> {
   return Math.round((Date.parse(res.headers.get('date')!) - Date.now()) / 3_600_000);
 }
 
-const route = (upstream: string, extra: string) => `name: r
-prefix: /r
-upstream: ${upstream}
-allow_private_addresses: true
-credential: c
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-${extra}allow:
-  - caller: a
-    methods: [GET]
-    paths: [/x]
-`;
 
 async function get(serve: ServeProcess, token: string): Promise<{ status: number; ms: number; headers: Headers }> {
   const t0 = performance.now();
@@ -87,7 +74,7 @@ describe('FLT-09 clock skew', () => {
   it('FLT-09a route deadlines run on the monotonic clock: a 3 s response timeout fires after 3 s when the wall clock steps an hour forward or back mid-request', async () => {
     const clock = await skewedClock('+0');
     const dir = await makeTempDir('egress-flt09a-');
-    const { tokens } = await seedDataDir(dir, { routes: { r: route(hung.url, 'timeouts: { connect: 2s, response: 3s }\n') }, credentials: { c: { secret: CANARY } }, callers: ['a'] });
+    const { tokens } = await seedDataDir(dir, { routes: { r: faultRoute(hung.url, { route: 'timeouts: { connect: 2s, response: 3s }\n' }) }, credentials: { c: { secret: CANARY } }, callers: ['a'] });
     const serve = await startServe(envFor(dir, clock.env));
     try {
       for (const [step, hours] of [['+1h', 1], ['-1h', -1]] as const) {
@@ -112,7 +99,7 @@ describe('FLT-09 clock skew', () => {
   it('FLT-09b rate windows use Redis TIME: two instances an hour ahead and an hour behind share one quota exactly, with the same Retry-After', async () => {
     const redis = await TestRedis.create();
     const dir = await makeTempDir('egress-flt09b-');
-    const { tokens } = await seedDataDir(dir, { routes: { r: route(u.url, '').replace('    paths: [/x]\n', '    paths: [/x]\n    rate: { rate: 1/h, burst: 5 }\n') }, credentials: { c: { secret: CANARY } }, callers: ['a'], store: redis.url });
+    const { tokens } = await seedDataDir(dir, { routes: { r: faultRoute(u.url, { rule: '    rate: { rate: 1/h, burst: 5 }\n' }) }, credentials: { c: { secret: CANARY } }, callers: ['a'], store: redis.url });
     // Two instances: each has its own audit log (one writer per file).
     const ahead = await startServe(envFor(dir, { EGRESS_STORE: redis.url, EGRESS_AUDIT_LOG: join(dir, 'audit-ahead.log'), ...(await skewedClock('+1h')).env }));
     const behind = await startServe(envFor(dir, { EGRESS_STORE: redis.url, EGRESS_AUDIT_LOG: join(dir, 'audit-behind.log'), ...(await skewedClock('-1h')).env }));
@@ -144,7 +131,7 @@ describe('FLT-09 clock skew', () => {
   async function graceSetup(offset: string) {
     const redis = await TestRedis.create();
     const dir = await makeTempDir('egress-flt09c-');
-    const { tokens } = await seedDataDir(dir, { routes: { r: route(u.url, '') }, credentials: { c: { secret: CANARY } }, callers: ['a'], store: redis.url });
+    const { tokens } = await seedDataDir(dir, { routes: { r: faultRoute(u.url) }, credentials: { c: { secret: CANARY } }, callers: ['a'], store: redis.url });
     const env = envFor(dir, { EGRESS_STORE: redis.url });
     const c = redis.client();
     const serve = await startServe({ ...env, EGRESS_AUDIT_LOG: join(dir, 'audit-skewed.log'), ...(await skewedClock(offset)).env });

@@ -6,6 +6,7 @@ import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.t
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { CANARY, forms, startLab, type Lab } from './lab.ts';
+import { faultRoute } from './sec-helpers.ts';
 
 /** FLT: faults in Redis, the file system and route writes leave the proxy up and fail closed or documented. */
 let u: Upstream;
@@ -16,20 +17,7 @@ afterAll(async () => {
   await u?.close();
 });
 
-const route = (rate = '') => `name: r
-prefix: /r
-upstream: ${u.url}
-allow_private_addresses: true
-credential: c
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: a
-    methods: [GET]
-    paths: [/x]
-${rate}`;
+const route = (rate = '') => faultRoute(u.url, { rule: rate });
 
 async function alive(serve: ServeProcess): Promise<void> {
   expect((await fetch(`${serve.admin}/healthz`)).status).toBe(200);

@@ -30,6 +30,27 @@ allow:
 ${extra}`;
 }
 
+/**
+ * The fault tests' route: /r to `upstream`, credential c injected as X-Api-Key, caller a may GET /x.
+ * `route` goes before the allowlist (timeouts, …); `rule` is appended to a's rule (its rate).
+ */
+export function faultRoute(upstream: string, { route = '', rule = '' }: { route?: string; rule?: string } = {}): string {
+  return `name: r
+prefix: /r
+upstream: ${upstream}
+allow_private_addresses: true
+credential: c
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+${route}allow:
+  - caller: a
+    methods: [GET]
+    paths: [/x]
+${rule}`;
+}
+
 /** Run `egress certs init` for a folder whose routes name `hosts`; returns the EGRESS_CERTS path and the CA PEM. */
 export async function makeCerts(hosts: readonly string[]): Promise<{ certs: string; caPem: string; dir: string }> {
   const dir = await makeTempDir('egress-sec-certs-');
