@@ -12,7 +12,8 @@ const MAX_PENDING = 10_000;
 export class UsageTracker {
   readonly #store: StoreBackend;
   readonly #log: Logger;
-  #pending = new Map<string, UsageEntry>();
+  /** Keyed by credential, version and caller; the time is kept as epoch ms and written out at flush. */
+  #pending = new Map<string, PendingUse>();
   #timer: NodeJS.Timeout | undefined;
 
   constructor(store: StoreBackend, log: Logger) {
@@ -25,10 +26,18 @@ export class UsageTracker {
     this.#timer.unref();
   }
 
+  /** Called for every forwarded request: a string key and a Map write, nothing else. */
   note(credential: string, version: number, caller: string): void {
-    const key = JSON.stringify([credential, version, caller]);
-    if (this.#pending.size >= MAX_PENDING && !this.#pending.has(key)) return;
-    this.#pending.set(key, { credential, version, caller, at: new Date().toISOString() });
+    // Credential ids and caller names are [a-z0-9._-] (route-schema NAME, CALLER_NAME): the key is unambiguous.
+    const key = `${credential}\n${version}\n${caller}`;
+    const now = Date.now();
+    const pending = this.#pending.get(key);
+    if (pending) {
+      pending.at = now;
+      return;
+    }
+    if (this.#pending.size >= MAX_PENDING) return;
+    this.#pending.set(key, { credential, version, caller, at: now });
   }
 
   async flush(): Promise<void> {
@@ -36,7 +45,7 @@ export class UsageTracker {
     const batch = this.#pending;
     this.#pending = new Map();
     try {
-      await this.#store.recordUsage([...batch.values()]);
+      await this.#store.recordUsage([...batch.values()].map((use) => ({ ...use, at: new Date(use.at).toISOString() })));
     } catch (err) {
       // Keep what was not written (newer notes win) and try again at the next flush.
       for (const [key, entry] of batch) if (!this.#pending.has(key)) this.#pending.set(key, entry);
@@ -48,6 +57,14 @@ export class UsageTracker {
     clearInterval(this.#timer);
     await this.flush();
   }
+}
+
+interface PendingUse {
+  readonly credential: string;
+  readonly version: number;
+  readonly caller: string;
+  /** Epoch ms of the latest use. */
+  at: number;
 }
 
 /** Last use per version, newest first per caller, for display. */

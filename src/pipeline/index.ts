@@ -29,9 +29,10 @@ export const STEPS: readonly Step[] = [
 ];
 
 export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward'], certificate?: RequestContext['certificate']): Promise<void> {
+  // One literal with every field, no spreads: every request's context has the same shape.
   const ctx: RequestContext = {
-    ...(forward ? { forward } : {}),
-    ...(certificate ? { certificate } : {}),
+    forward,
+    certificate,
     id: randomUUID(),
     req,
     res,
@@ -42,6 +43,21 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     redactions: [],
     decision: 'allow',
     reason: 'forwarded',
+    // Set by the steps; declared here so the object never changes shape on the way.
+    viaCertificate: undefined,
+    target: undefined,
+    caller: undefined,
+    route: undefined,
+    relativeSegments: undefined,
+    rule: undefined,
+    credential: undefined,
+    previous: undefined,
+    replayable: undefined,
+    body: undefined,
+    fellBack: undefined,
+    outbound: undefined,
+    upstreamStatus: undefined,
+    upstreamMs: undefined,
   };
   try {
     for (const step of STEPS) {

@@ -9,16 +9,25 @@ export function redactText(text: string, secrets: readonly string[]): string {
 }
 
 /**
- * A redaction function for one set of secrets, prepared once (deduplicated, too-short ones dropped,
- * longest first so a secret that contains another is replaced whole) and applied to many values.
+ * A redaction function for one set of secrets, applied to many values. A value that contains none
+ * of them (nearly every response header) costs one search per secret; the first value that does
+ * prepares the list (deduplicated, too-short ones dropped, longest first so a secret that contains
+ * another is replaced whole).
  */
 export function redactor(secrets: readonly string[]): (text: string) => string {
-  const ordered = [...new Set(secrets)].filter((s) => s.length >= MIN_SECRET_LENGTH).sort((a, b) => b.length - a.length);
+  let ordered: string[] | undefined;
   return (text) => {
+    if (!containsAny(text, secrets)) return text;
+    ordered ??= [...new Set(secrets)].filter((s) => s.length >= MIN_SECRET_LENGTH).sort((a, b) => b.length - a.length);
     let out = text;
     for (const secret of ordered) if (out.includes(secret)) out = out.split(secret).join(REDACTED);
     return out;
   };
+}
+
+function containsAny(text: string, secrets: readonly string[]): boolean {
+  for (const secret of secrets) if (secret.length >= MIN_SECRET_LENGTH && text.includes(secret)) return true;
+  return false;
 }
 
 /** A secret's forms as an upstream might echo it: raw, URL-encoded, JSON-escaped and base64. */

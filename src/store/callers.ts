@@ -1,4 +1,4 @@
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { hash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { CallerRecord } from './records.ts';
 
 /** Caller tokens: `egt_` + 32 random bytes (base64url), shown once, stored as SHA-256 hashes. */
@@ -13,7 +13,7 @@ export function generateToken(prefix = TOKEN_PREFIX): string {
 }
 
 export function hashToken(token: string): string {
-  return createHash('sha256').update(token, 'utf8').digest('hex');
+  return hash('sha256', token, 'hex');
 }
 
 export function newTokenId(): string {
@@ -61,7 +61,8 @@ export class CallerIndex {
   /** As identify, and also tells when the token is one that expired or was revoked. */
   lookup(token: string, now = Date.now()): Identified {
     if (!this.#shape.test(token)) return {};
-    const presented = createHash('sha256').update(token, 'utf8').digest();
+    // One-shot hash: no Hash object per request (it showed in profiles of the request path).
+    const presented = hash('sha256', token, 'buffer');
     let live: string | undefined;
     let retired: string | undefined;
     for (const t of this.#tokens) {
