@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 const V1 = 'sk_admin_CANARY_v1_aaaa';
 const V2 = 'sk_admin_CANARY_v2_bbbb';
@@ -14,21 +15,7 @@ beforeAll(async () => {
   upstream = await startUpstream();
   proxy = await startTestProxy({
     routes: {
-      api: `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: bearer
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/x]
-  - caller: robot
-    methods: [GET]
-    paths: [/x]
-`,
+      api: bearerRoute({ upstream: upstream.url, paths: ['/x'], callers: ['svc', 'robot'] }),
     },
     credentials: { key: { token: V1 } },
     callers: ['svc'],

@@ -8,6 +8,7 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { rawRequest } from '../helpers/raw.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 /** Every default alert rule fires when provoked, and none fires on normal traffic. */
 const SECRET = 'sk_alert_CANARY_5150';
@@ -58,18 +59,7 @@ afterEach(async () => {
   proxy = undefined;
 });
 
-const ROUTE = () => `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: bearer
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/ok, /reject]
-`;
+const ROUTE = () => bearerRoute({ upstream: upstream.url, paths: ['/ok', '/reject'] });
 
 async function start(options: { alerts?: string; webhook?: boolean; credentialAgeDays?: number } = {}): Promise<{ env: Record<string, string>; dir: string }> {
   const dir = await makeTempDir('egress-alerts-');

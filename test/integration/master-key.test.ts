@@ -15,6 +15,7 @@ import { BIN, ROOT, runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 const HOUR = 3_600_000;
 const dirs: string[] = [];
@@ -225,18 +226,7 @@ describe('a running proxy during master-key rotate', () => {
   it('keeps attaching the credential during and after the rotate, and after the old key is removed', async () => {
     const SECRET = 'tok_CANARY_master_key_rotate_1';
     const dir = await tempDir();
-    const route = `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: bearer
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/a]
-`;
+    const route = bearerRoute({ upstream: upstream.url, paths: ['/a'] });
     const { tokens } = await seedDataDir(dir, { routes: { api: route }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
     // Filler records, so the re-wrap takes a while; "key" stays first and is re-wrapped first.
     const storePath = join(dir, 'store.json');

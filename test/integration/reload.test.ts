@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 let upstream: Upstream;
 beforeAll(async () => {
@@ -13,18 +14,7 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-const routeFile = (paths: string) => `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: bearer
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: ${paths}
-`;
+const routeFile = (...paths: string[]) => bearerRoute({ upstream: upstream.url, paths });
 
 describe('route reload', () => {
   let proxy: TestProxy;
@@ -33,12 +23,12 @@ describe('route reload', () => {
   });
 
   it('applies a valid change, and keeps serving the last good config when a file turns invalid', async () => {
-    proxy = await startTestProxy({ routes: { api: routeFile('[/a]') }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    proxy = await startTestProxy({ routes: { api: routeFile('/a') }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
     const get = (path: string) => fetch(`${proxy.url}${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! } }).then((r) => r.status);
     expect(await get('/api/a')).toBe(200);
     expect(await get('/api/b')).toBe(403);
 
-    await writeFile(join(proxy.routesDir, 'api.yaml'), routeFile('[/a, /b]'));
+    await writeFile(join(proxy.routesDir, 'api.yaml'), routeFile('/a', '/b'));
     await eventually(async () => (await get('/api/b')) === 200, 5_000, 'the new rule to apply');
 
     // An invalid file (unknown key) next to the good one: the folder is rejected whole.
@@ -52,7 +42,7 @@ describe('route reload', () => {
     expect(proxy.logs()).toContain('route reload rejected');
 
     // Even a change to the good file is not applied while the folder is invalid.
-    await writeFile(join(proxy.routesDir, 'api.yaml'), routeFile('[/a]'));
+    await writeFile(join(proxy.routesDir, 'api.yaml'), routeFile('/a'));
     await new Promise((r) => setTimeout(r, 500));
     expect(await get('/api/b')).toBe(200);
 
@@ -72,19 +62,19 @@ describe('SIGHUP on the real process', () => {
 
   it('reloads on SIGHUP, and a rejected reload keeps the old routes', async () => {
     const dir = await makeTempDir();
-    const { tokens } = await seedDataDir(dir, { routes: { api: routeFile('[/a]') }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    const { tokens } = await seedDataDir(dir, { routes: { api: routeFile('/a') }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
     serve = await startServe(envFor(dir));
     const get = (path: string) => fetch(`${serve!.url}${path}`, { headers: { 'x-egress-token': tokens.svc! } }).then((r) => r.status);
     expect(await get('/api/a')).toBe(200);
 
-    await writeFile(join(dir, 'routes', 'api.yaml'), `${routeFile('[/a, /c]')}bogus: 1\n`);
+    await writeFile(join(dir, 'routes', 'api.yaml'), `${routeFile('/a', '/c')}bogus: 1\n`);
     serve.child.kill('SIGHUP');
     await eventually(() => serve!.output().includes('route reload rejected'), 5_000, 'the rejection to be logged');
     expect(serve.output()).toMatch(/api\.yaml:\d+:\d+: unknown key \\"bogus\\"/);
     expect(await get('/api/a')).toBe(200);
     expect(await get('/api/c')).toBe(403);
 
-    await writeFile(join(dir, 'routes', 'api.yaml'), routeFile('[/a, /c]'));
+    await writeFile(join(dir, 'routes', 'api.yaml'), routeFile('/a', '/c'));
     serve.child.kill('SIGHUP');
     await eventually(async () => (await get('/api/c')) === 200, 5_000, 'SIGHUP reload');
     expect(await readFile(join(dir, 'audit.log'), 'utf8')).toContain('"path":"/api/c"');

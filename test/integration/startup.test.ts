@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 let upstream: Upstream;
 beforeAll(async () => {
@@ -18,18 +19,7 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-const route = () => `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: bearer
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/slow]
-`;
+const route = () => bearerRoute({ upstream: upstream.url, paths: ['/slow'] });
 
 async function seeded(): Promise<{ dir: string; env: Record<string, string>; tokens: Record<string, string> }> {
   const dir = await makeTempDir('egress-start-');

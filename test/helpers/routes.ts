@@ -1,0 +1,27 @@
+/**
+ * Route files for tests. `bearerRoute` is the route most integration tests need: `api` on /api,
+ * to a local upstream, with credential `key` attached as a bearer token. Tests that are about the
+ * route file itself (injection schemes, presets, limits) write theirs out in full.
+ */
+export interface BearerRouteOptions {
+  /** The upstream's origin, e.g. `http://127.0.0.1:1234`. */
+  readonly upstream: string;
+  /** The paths every caller may request. */
+  readonly paths: readonly string[];
+  /** One allow rule each, in this order. */
+  readonly callers?: readonly string[];
+  readonly methods?: readonly string[];
+}
+
+export function bearerRoute({ upstream, paths, callers = ['svc'], methods = ['GET'] }: BearerRouteOptions): string {
+  const rules = callers.map((caller) => `  - caller: ${caller}\n    methods: [${methods.join(', ')}]\n    paths: [${paths.join(', ')}]\n`);
+  return `name: api
+prefix: /api
+upstream: ${upstream}
+allow_private_addresses: true
+credential: key
+inject:
+  scheme: bearer
+allow:
+${rules.join('')}`;
+}
