@@ -59,9 +59,10 @@ const COMMON: RedisOptions = {
   // After a failover the old primary answers READONLY: reconnect, and Sentinel finds the new one.
   reconnectOnError: (err: Error) => err.message.startsWith('READONLY'),
   lazyConnect: false,
-  // Commands issued in the same tick (the rate-limit checks of requests that arrived together) go
-  // out in one write: a write to Redis was a third of a request's cost with a Redis store.
-  enableAutoPipelining: true,
+  // The rate limiter already sends the checks of one event-loop turn as one script call per route;
+  // ioredis's auto-pipelining wrapped each of those calls in a pipeline of one, and turning it off
+  // gave 1.07-1.10x the requests through a Redis-store proxy (paired runs, 10 connections).
+  enableAutoPipelining: false,
 };
 
 /**
@@ -112,7 +113,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
       return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
     }
     default: {
-      const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: true, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
+      const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
       return { description, connect: () => new (ioredis().Cluster)(hosts, options) };
     }
   }
