@@ -136,6 +136,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
         if (settled) return;
         settled = true;
         this.#onSettle = undefined;
+        this.#sink = undefined;
         res.off('finish', onFinish);
         res.off('close', onClose);
         if (err) reject(err);
@@ -154,10 +155,6 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
         settle(new Error('the caller closed the connection'));
         return;
       }
-      // Upstream failures after this point fail the relay; its end ends the caller's response.
-      this.#onSettle = (err) => {
-        if (err) settle(err);
-      };
       try {
         res.writeHead(status, headers as string[]);
       } catch (err) {
@@ -168,9 +165,12 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
       const held = this.#held;
       this.#held = [];
       this.#heldBytes = 0;
-      this.#sink = res;
       if (this.#ended) {
-        // The common case for small responses: head, body and end go out in one write.
+        // The common case for small responses: head, body and end go out in one write. The
+        // exchange takes no reference to the response: a finished handler stays reachable from
+        // undici through young-generation collections (not through a full one), and while it
+        // pointed at the response, every request and response outlived two scavenges. A sixth
+        // of all allocation was promoted and full GCs ran 1.4 times a second at 2,000 req/s.
         if (held.length === 1) res.end(held[0]);
         else {
           res.cork();
@@ -179,6 +179,11 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
         }
         return;
       }
+      // Still streaming: upstream failures fail the relay, and its end ends the caller's response.
+      this.#onSettle = (err) => {
+        if (err) settle(err);
+      };
+      this.#sink = res;
       let full = false;
       for (const chunk of held) full = !res.write(chunk) || full;
       if (full) {
