@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** A caller that hangs up is not an upstream failure: no 5xx in the metrics, an honest audit line. */
@@ -42,7 +43,7 @@ beforeAll(async () => {
   });
   proxy = await startTestProxy({
     routes: {
-      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/slow, /stream]\n`,
+      api: bearerRoute({ upstream: upstream.url, paths: ['/slow', '/stream'] }),
       bank: `name: bank\nprefix: /bank\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: bank\ninject:\n  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/token\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
     },
     credentials: { key: { token: 'tok_abort_1234' }, bank: { client_id: 'client-1', client_secret: 'cs_abort_secret' } },

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, startTestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** `keys show` tells when each version was last used, and by whom. */
@@ -21,7 +22,7 @@ describe('last use of each version', () => {
   it.each(['file', 'redis'])('is recorded per version and caller (%s store)', async (kind) => {
     const store = kind === 'redis' ? `${redis.url}/3` : undefined;
     const proxy = await startTestProxy({
-      routes: { api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: worker\n    methods: [GET]\n    paths: [/x]\n  - caller: web\n    methods: [GET]\n    paths: [/x]\n` },
+      routes: { api: bearerRoute({ upstream: upstream.url, paths: ['/x'], callers: ['worker', 'web'] }) },
       credentials: { key: { token: 'tok_usage_1234' } },
       callers: ['worker', 'web'],
       ...(store ? { store } : {}),
