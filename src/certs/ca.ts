@@ -1,7 +1,7 @@
 import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import type forge from 'node-forge';
+import type Forge from 'node-forge';
 import { loadForge } from './forge.ts';
 import { UserError } from '../errors.ts';
 
@@ -15,7 +15,7 @@ import { UserError } from '../errors.ts';
 export interface CaFiles {
   readonly certPem: string;
   readonly key: KeyObject;
-  readonly cert: forge.pki.Certificate;
+  readonly cert: Forge.pki.Certificate;
 }
 
 export const CA_FILES = { cert: 'ca.pem', key: 'ca.key' } as const;
@@ -26,19 +26,20 @@ function rsaKeyPair(): { publicPem: string; privateKey: KeyObject } {
 }
 
 /** Sign a forge certificate's TBS bytes with a node:crypto RSA key (sha256WithRSAEncryption). */
-function signWith(cert: forge.pki.Certificate, key: KeyObject): void {
-  const oid = loadForge().pki.oids.sha256WithRSAEncryption!;
+function signWith(cert: Forge.pki.Certificate, key: KeyObject): void {
+  const { pki, md, asn1 } = loadForge();
+  const oid = pki.oids.sha256WithRSAEncryption!;
   cert.signatureOid = oid;
   cert.siginfo.algorithmOid = oid;
-  (cert as unknown as { md: forge.md.MessageDigest }).md = loadForge().md.sha256.create();
-  const tbs = (loadForge().pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert);
-  (cert as unknown as { tbsCertificate: forge.asn1.Asn1 }).tbsCertificate = tbs;
-  const der = Buffer.from(loadForge().asn1.toDer(tbs).getBytes(), 'binary');
+  (cert as unknown as { md: Forge.md.MessageDigest }).md = md.sha256.create();
+  const tbs = (pki as unknown as { getTBSCertificate(c: Forge.pki.Certificate): Forge.asn1.Asn1 }).getTBSCertificate(cert);
+  (cert as unknown as { tbsCertificate: Forge.asn1.Asn1 }).tbsCertificate = tbs;
+  const der = Buffer.from(asn1.toDer(tbs).getBytes(), 'binary');
   cert.signature = sign('sha256', der, key).toString('binary');
 }
 
 /** permittedSubtrees of dNSName entries: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }. */
-function nameConstraints(hosts: readonly string[]): forge.asn1.Asn1 {
+function nameConstraints(hosts: readonly string[]): Forge.asn1.Asn1 {
   const { asn1 } = loadForge();
   const subtrees = hosts.map((host) =>
     asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
@@ -56,9 +57,10 @@ function serial(): string {
 }
 
 export function createCa(hosts: readonly string[], now = new Date()): { certPem: string; keyPem: string } {
+  const { pki } = loadForge();
   const { publicPem, privateKey } = rsaKeyPair();
-  const cert = loadForge().pki.createCertificate();
-  cert.publicKey = loadForge().pki.publicKeyFromPem(publicPem);
+  const cert = pki.createCertificate();
+  cert.publicKey = pki.publicKeyFromPem(publicPem);
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - 60_000);
   cert.validity.notAfter = new Date(now.getTime() + 5 * 365 * 86_400_000);
@@ -73,7 +75,7 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
     { id: '2.5.29.30', critical: true, value: nameConstraints(permitted) },
   ]);
   signWith(cert, privateKey);
-  return { certPem: loadForge().pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
+  return { certPem: pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
 }
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
@@ -111,7 +113,7 @@ export async function readCa(dir: string): Promise<CaFiles | undefined> {
 export class LeafMinter {
   readonly #ca: CaFiles;
   readonly #keyPem: string;
-  readonly #publicKey: forge.pki.PublicKey;
+  readonly #publicKey: Forge.pki.PublicKey;
   readonly #cache = new Map<string, { certPem: string; until: number }>();
 
   constructor(ca: CaFiles) {
@@ -132,7 +134,8 @@ export class LeafMinter {
   leaf(host: string, now = Date.now()): string {
     const cached = this.#cache.get(host);
     if (cached && cached.until > now) return cached.certPem;
-    const cert = loadForge().pki.createCertificate();
+    const { pki } = loadForge();
+    const cert = pki.createCertificate();
     cert.publicKey = this.#publicKey;
     cert.serialNumber = serial();
     cert.validity.notBefore = new Date(now - 60_000);
@@ -146,7 +149,7 @@ export class LeafMinter {
       { name: 'subjectAltName', altNames: [{ type: 2, value: host }] },
     ]);
     signWith(cert, this.#ca.key);
-    const certPem = loadForge().pki.certificateToPem(cert);
+    const certPem = pki.certificateToPem(cert);
     this.#cache.set(host, { certPem, until: now + 86_400_000 - 3_600_000 });
     return certPem;
   }
@@ -161,9 +164,10 @@ export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
 
 /** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
 export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
+  const { pki } = loadForge();
   const { publicPem, privateKey } = rsaKeyPair();
-  const cert = loadForge().pki.createCertificate();
-  cert.publicKey = loadForge().pki.publicKeyFromPem(publicPem);
+  const cert = pki.createCertificate();
+  cert.publicKey = pki.publicKeyFromPem(publicPem);
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - 60_000);
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
@@ -176,5 +180,5 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
     { name: 'subjectAltName', altNames: [{ type: 6, value: `${CALLER_URI_PREFIX}${name}` }] },
   ]);
   signWith(cert, ca.key);
-  return { certPem: loadForge().pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };
+  return { certPem: pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };
 }

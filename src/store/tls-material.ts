@@ -1,5 +1,5 @@
 import { createPrivateKey, createPublicKey, X509Certificate } from 'node:crypto';
-import type forge from 'node-forge';
+import type Forge from 'node-forge';
 import { loadForge } from '../certs/forge.ts';
 import { UserError } from '../errors.ts';
 
@@ -46,22 +46,23 @@ function checkPem(certPem: string, keyPem: string, field: string, now: Date): vo
 }
 
 function checkPkcs12(base64: string, passphrase: string, field: string, now: Date): void {
-  let p12: forge.pkcs12.Pkcs12Pfx;
+  const { util, pkcs12, asn1, pki } = loadForge();
+  let p12: Forge.pkcs12.Pkcs12Pfx;
   try {
-    const der = loadForge().util.decode64(base64.replace(/\s+/g, ''));
-    p12 = loadForge().pkcs12.pkcs12FromAsn1(loadForge().asn1.fromDer(der), passphrase);
+    const der = util.decode64(base64.replace(/\s+/g, ''));
+    p12 = pkcs12.pkcs12FromAsn1(asn1.fromDer(der), passphrase);
   } catch {
     throw new UserError(`field "${field}" is not a PKCS#12 bundle that opens with the given passphrase`);
   }
   const bags = (type: string) => p12.getBags({ bagType: type })[type] ?? [];
-  const certs = bags(loadForge().pki.oids.certBag!);
-  const keys = [...bags(loadForge().pki.oids.pkcs8ShroudedKeyBag!), ...bags(loadForge().pki.oids.keyBag!)];
+  const certs = bags(pki.oids.certBag!);
+  const keys = [...bags(pki.oids.pkcs8ShroudedKeyBag!), ...bags(pki.oids.keyBag!)];
   const cert = certs[0]?.cert;
   const key = keys[0]?.key;
   if (!cert || !key) throw new UserError(`the PKCS#12 bundle in field "${field}" needs a certificate and its private key`);
   // The leaf's public key must be the key's: compare the SPKI of both.
-  const certSpki = createPublicKey(loadForge().pki.publicKeyToPem(cert.publicKey)).export({ type: 'spki', format: 'der' });
-  const keySpki = createPublicKey(createPrivateKey(loadForge().pki.privateKeyToPem(key as forge.pki.rsa.PrivateKey))).export({ type: 'spki', format: 'der' });
+  const certSpki = createPublicKey(pki.publicKeyToPem(cert.publicKey)).export({ type: 'spki', format: 'der' });
+  const keySpki = createPublicKey(createPrivateKey(pki.privateKeyToPem(key as Forge.pki.rsa.PrivateKey))).export({ type: 'spki', format: 'der' });
   if (!certSpki.equals(keySpki)) throw new UserError(`the private key in the PKCS#12 bundle in field "${field}" does not belong to its certificate`);
   checkValidity(cert.validity.notBefore, cert.validity.notAfter, field, now);
 }
