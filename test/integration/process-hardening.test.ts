@@ -51,7 +51,7 @@ describe('process hardening', () => {
     expect(warm?.[1]?.split(' ')).toEqual(startFlags);
   });
 
-  it('a proxy on the file store, without a CA, loads neither ioredis, node-forge nor undici\'s index (memory it would never use)', async () => {
+  it('a proxy on the file store, without a CA, loads neither ioredis, node-forge, undici\'s index nor Node\'s bundled undici (memory it would never use)', async () => {
     const upstream = await startUpstream((_req, res) => res.end('ok'));
     const dir = await makeTempDir('egress-footprint-');
     const { tokens } = await seedDataDir(dir, {
@@ -59,8 +59,8 @@ describe('process hardening', () => {
       credentials: { api: { token: 'tok_CANARY_footprint' } },
       callers: ['svc'],
     });
-    // Lists the CommonJS modules the process loaded, when it exits.
-    const probe = `import Module from 'node:module'; process.on('exit', () => process.stderr.write('LOADED ' + JSON.stringify(Object.keys(Module._cache)) + '\\n'));`;
+    // Lists the CommonJS modules and Node's own internal modules the process loaded, when it exits.
+    const probe = `import Module from 'node:module'; process.on('exit', () => process.stderr.write('LOADED ' + JSON.stringify(Object.keys(Module._cache)) + '\\nINTERNAL ' + JSON.stringify(process.moduleLoadList) + '\\n'));`;
     const serve = await startServe({ ...envFor(dir), NODE_OPTIONS: `--import=data:text/javascript,${encodeURIComponent(probe)}` });
     try {
       expect((await fetch(`${serve.url}/api/x`, { headers: { 'x-egress-token': tokens.svc! } })).status).toBe(200);
@@ -71,6 +71,10 @@ describe('process hardening', () => {
     const loaded = JSON.parse(/^LOADED (.*)$/m.exec(serve.output())?.[1] ?? 'null') as string[];
     expect(loaded.some((f) => f.includes('/undici/lib/dispatcher/pool.js'))).toBe(true);
     expect(loaded.filter((f) => /\/node_modules\/(ioredis|node-forge)\/|\/undici\/index\.js$/.test(f))).toEqual([]);
+    // Node's fetch and WebSocket (its bundled undici), which an ES import of node:http would load.
+    const internal = JSON.parse(/^INTERNAL (.*)$/m.exec(serve.output())?.[1] ?? 'null') as string[];
+    expect(internal).toContain('NativeModule internal/http');
+    expect(internal.filter((m) => m.includes('internal/deps/undici'))).toEqual([]);
   });
 
   it('keeps compiled modules in node_modules/.cache/egress-compile beside bin/, or in NODE_COMPILE_CACHE; NODE_DISABLE_COMPILE_CACHE turns it off', async () => {
