@@ -26,7 +26,7 @@ COPY routes ./routes
 # Compile every module now, with ENTRYPOINT's flags (the cache is kept per Node version and flags),
 # into the folder bin/egress.js reads: a start then neither loads the type stripper (about 18 MB that
 # stay resident) nor compiles, and the cache is root's, so the node user cannot plant code in it.
-RUN node --disable-sigusr1 --max-semi-space-size=4 --heap-growing-percent=10 --v8-pool-size=1 --input-type=module -e "import { enableCompileCache } from 'node:module'; import { globSync } from 'node:fs'; enableCompileCache('/app/node_modules/.cache/egress-compile'); for (const f of globSync('src/**/*.ts')) await import('/app/' + f);"
+RUN node --disable-sigusr1 --max-semi-space-size=4 --heap-growing-percent=10 --v8-pool-size=1 --no-concurrent-recompilation --input-type=module -e "import { enableCompileCache } from 'node:module'; import { globSync } from 'node:fs'; enableCompileCache('/app/node_modules/.cache/egress-compile'); for (const f of globSync('src/**/*.ts')) await import('/app/' + f);"
 # State lives in /data (a volume); the rest of the filesystem can be mounted read-only.
 RUN mkdir -p /data && chown node:node /data && chmod 700 /data
 VOLUME ["/data"]
@@ -34,5 +34,5 @@ USER node
 EXPOSE 8080 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:9090/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
-ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=4", "--heap-growing-percent=10", "--v8-pool-size=1", "bin/egress.js"]
+ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=4", "--heap-growing-percent=10", "--v8-pool-size=1", "--no-concurrent-recompilation", "bin/egress.js"]
 CMD ["serve"]

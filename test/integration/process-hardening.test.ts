@@ -34,7 +34,7 @@ describe('process hardening', () => {
     }
   });
 
-  it('npm start and the Docker image start Node with the same flags (no inspector signal, the bounded young generation and old-generation growth)', async () => {
+  it('npm start and the Docker image start Node with the same flags (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread)', async () => {
     const pkg = JSON.parse(await readFile('package.json', 'utf8')) as { scripts: { start: string } };
     const start = pkg.scripts.start.split(/\s+/);
     expect(start.slice(-2)).toEqual(['bin/egress.js', 'serve']);
@@ -46,6 +46,7 @@ describe('process hardening', () => {
     expect(startFlags).toContain('--disable-sigusr1');
     expect(startFlags.some((f) => f.startsWith('--max-semi-space-size='))).toBe(true);
     expect(startFlags.some((f) => f.startsWith('--heap-growing-percent='))).toBe(true);
+    expect(startFlags).toContain('--no-concurrent-recompilation');
     // The image compiles its modules at build time with the same flags: the cache is kept per flag set.
     const warm = /^RUN node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/m.exec(await readFile('Dockerfile', 'utf8'));
     expect(warm?.[1]?.split(' ')).toEqual(startFlags);
