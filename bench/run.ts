@@ -247,7 +247,7 @@ async function main(): Promise<number> {
   if (present.includes('egress') || present.includes('egress-redis') || present.includes('egress-x2')) {
     say();
     say('egress-proxy relative to the others, same run (ratio = first / second; req/s: higher is better; p50, p99, CPU/req: lower is better; added = first minus second)');
-    if (present.includes('egress-redis')) say('the egress-redis rows: the same proxy with a Redis store (EGRESS_STORE=redis://…, rate limits one script call per route per event-loop turn) relative to the file store; CPU/req is the proxy process only');
+    if (present.includes('egress-redis')) say('the egress-redis rows: the same proxy with a Redis store (EGRESS_STORE=redis://…, rate limits: one script call per route on the way at a time, with every check that arrived meanwhile) relative to the file store; CPU/req is the proxy process only');
     if (present.includes('egress-x2')) say('the egress x2 rows: two proxy processes sharing the port (EGRESS_REUSE_PORT=1) relative to one; CPU/req is both processes together');
     say(egressTable(combined, scenarios, present));
   }

@@ -218,7 +218,7 @@ export async function startEgress(upstream: Upstream, root: string, options: Egr
     name,
     label: LABELS[name],
     description: redis
-      ? `egress-proxy \`serve\` as egress-proxy, but EGRESS_STORE=${redis.url} (redis-server ${redis.version}, pid ${redis.process.pid}, no persistence): store cache + pub/sub, rate limits as one script call per route per event-loop turn; RSS and CPU are the proxy's only`
+      ? `egress-proxy \`serve\` as egress-proxy, but EGRESS_STORE=${redis.url} (redis-server ${redis.version}, pid ${redis.process.pid}, no persistence): store cache + pub/sub, rate limits as one script call per route on the way at a time, with every check that arrived meanwhile; RSS and CPU are the proxy's only`
       : count > 1
         ? `${count} egress-proxy \`serve\` processes on one port with EGRESS_REUSE_PORT=1 (SO_REUSEPORT: the kernel spreads connections), one file store, each its own admin port and audit log (rate limits per process); RSS and CPU are the processes summed`
         : 'egress-proxy `serve` (file store, caller token, allowlist, caller + upstream rate limits, audit log on, log level warn)',

@@ -74,12 +74,14 @@ const PAUSE_CHANNEL = 'egress:ratelimit:pause';
 const BREAKER_MS = 1_000;
 
 /**
- * Rate limits shared by every instance through Redis. The checks of the requests that arrive in
- * one turn of the event loop go to Redis together, one script call per route (a route's buckets
- * share a hash slot), instead of one round trip each: a call cost the proxy and Redis more than
- * deciding a request does. When Redis cannot answer in time, limits fall back to per-instance
- * buckets (so N instances allow up to N times the rate) until Redis answers again; requests are
- * never refused for Redis's sake.
+ * Rate limits shared by every instance through Redis. Checks go to Redis together, one script
+ * call per route (a route's buckets share a hash slot), instead of one round trip each: a call
+ * cost the proxy and Redis more than deciding a request does. A route has at most one call on
+ * the way: the checks of one event-loop turn are sent together, and those that arrive while a
+ * call is out go together in the next one, sent as soon as it answers. So the busier the route,
+ * the larger the batches, and an idle route's check is sent in the turn it arrives. When Redis
+ * cannot answer in time, limits fall back to per-instance buckets (so N instances allow up to N
+ * times the rate) until Redis answers again; requests are never refused for Redis's sake.
  */
 export class RedisRateLimiter implements RateLimiter {
   readonly #client: RedisConnection;
@@ -90,8 +92,11 @@ export class RedisRateLimiter implements RateLimiter {
   #degraded = false;
   /** While degraded, one request at a time asks Redis (half-open); the rest use local buckets. */
   #probing = false;
-  /** Checks waiting for this turn's script calls, by scope. */
+  /** Checks not sent yet, by scope; a scope is here only while it has some. */
   #pending = new Map<string, Pending[]>();
+  /** Scopes with a script call on the way: their new checks wait for its answer. */
+  readonly #inFlight = new Set<string>();
+  #flushScheduled = false;
 
   constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger) {
     this.#client = client;
@@ -141,25 +146,30 @@ export class RedisRateLimiter implements RateLimiter {
     );
   }
 
-  /** Queue a request's buckets for this turn's script call on `scope`. */
+  /** Queue a request's buckets for the next script call on `scope`. */
   #decide(scope: string, keys: readonly string[], args: readonly string[]): Promise<readonly number[]> {
     return new Promise((resolve, reject) => {
-      if (this.#pending.size === 0) setImmediate(() => this.#flush());
-      let batch = this.#pending.get(scope);
-      if (!batch) this.#pending.set(scope, (batch = []));
-      batch.push({ keys, args, resolve, reject });
+      let queue = this.#pending.get(scope);
+      if (!queue) this.#pending.set(scope, (queue = []));
+      queue.push({ keys, args, resolve, reject });
+      if (!this.#flushScheduled && !this.#inFlight.has(scope)) {
+        this.#flushScheduled = true;
+        setImmediate(() => this.#flush());
+      }
     });
   }
 
+  /** Send a call for every scope that has checks waiting and none on the way. */
   #flush(): void {
-    const pending = this.#pending;
-    this.#pending = new Map();
-    for (const batch of pending.values()) {
-      for (let i = 0; i < batch.length; i += MAX_BATCH) this.#send(batch.slice(i, i + MAX_BATCH));
-    }
+    this.#flushScheduled = false;
+    for (const scope of this.#pending.keys()) if (!this.#inFlight.has(scope)) this.#send(scope);
   }
 
-  #send(batch: readonly Pending[]): void {
+  #send(scope: string): void {
+    const queue = this.#pending.get(scope)!;
+    const batch = queue.length > MAX_BATCH ? queue.splice(0, MAX_BATCH) : queue;
+    if (batch === queue) this.#pending.delete(scope);
+    this.#inFlight.add(scope);
     const keys: string[] = [];
     const args: string[] = [String(batch.length)];
     for (const p of batch) {
@@ -168,15 +178,27 @@ export class RedisRateLimiter implements RateLimiter {
     }
     (evalScript(this.#client, GCRA_SCRIPT, keys, args) as Promise<number[]>).then(
       (out) => {
+        this.#inFlight.delete(scope);
         if (!Array.isArray(out) || out.length !== batch.length * 4) {
           const err = new Error('the rate-limit script answered something else than four numbers a request');
           for (const p of batch) p.reject(err);
-          return;
+        } else {
+          for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 4, i * 4 + 4));
         }
-        for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 4, i * 4 + 4));
+        // What came in meanwhile goes now, together with this turn's arrivals.
+        if (this.#pending.has(scope) && !this.#flushScheduled) {
+          this.#flushScheduled = true;
+          setImmediate(() => this.#flush());
+        }
       },
       (err: unknown) => {
+        this.#inFlight.delete(scope);
+        // Redis failed this call: the checks queued behind it are not made to wait for a second
+        // failure; they fail over to the local buckets with it.
+        const waiting = this.#pending.get(scope) ?? [];
+        this.#pending.delete(scope);
         for (const p of batch) p.reject(err);
+        for (const p of waiting) p.reject(err);
       },
     );
   }

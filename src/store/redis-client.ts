@@ -59,7 +59,7 @@ const COMMON: RedisOptions = {
   // After a failover the old primary answers READONLY: reconnect, and Sentinel finds the new one.
   reconnectOnError: (err: Error) => err.message.startsWith('READONLY'),
   lazyConnect: false,
-  // The rate limiter already sends the checks of one event-loop turn as one script call per route;
+  // The rate limiter already sends the checks that arrive together as one script call per route;
   // ioredis's auto-pipelining wrapped each of those calls in a pipeline of one, and turning it off
   // gave 1.07-1.10x the requests through a Redis-store proxy (paired runs, 10 connections).
   enableAutoPipelining: false,

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/observe/log.ts';
 import type { Bucket } from '../../src/pipeline/rate-limiter.ts';
 import { RedisRateLimiter } from '../../src/pipeline/redis-rate-limiter.ts';
-import { parseRedisUrl, type RedisConnection } from '../../src/store/redis-client.ts';
+import { REDIS_LIMITS, parseRedisUrl, type RedisConnection } from '../../src/store/redis-client.ts';
 import { TestRedis } from '../helpers/redis.ts';
 
 /**
@@ -76,6 +76,51 @@ describe('RedisRateLimiter batches', () => {
     const routes = ['r1', 'r2', 'r3'];
     const results = await Promise.all(routes.flatMap((route) => Array.from({ length: 4 }, () => Promise.resolve(limiter.check(route, [upstreamBucket(2)])).then((r) => [route, r.allowed] as const))));
     for (const route of routes) expect(results.filter(([r, ok]) => r === route && ok).length, route).toBe(2);
+  });
+
+  it('checks that arrive while the route\'s call is on the way go together in the next call, in order', async () => {
+    const before = await scriptCalls();
+    // The first check's call cannot be answered while Redis is frozen; ten more checks arrive, each
+    // in its own turn of the event loop, and wait for that answer instead of sending ten calls.
+    redis.freeze();
+    let results: Promise<boolean>[];
+    try {
+      results = [Promise.resolve(limiter.check('batch-busy', [upstreamBucket(6)])).then((r) => r.allowed)];
+      for (let i = 0; i < 10; i++) {
+        await new Promise((resolve) => setImmediate(resolve));
+        results.push(Promise.resolve(limiter.check('batch-busy', [upstreamBucket(6)])).then((r) => r.allowed));
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    } finally {
+      redis.thaw();
+    }
+    expect(await Promise.all(results)).toEqual([...Array(6).fill(true), ...Array(5).fill(false)]);
+    expect((await scriptCalls()) - before).toBe(2);
+  });
+
+  it('when the call on the way fails, the checks waiting behind it fall back with it instead of waiting for a call of their own', async () => {
+    const spec = parseRedisUrl(redis.url);
+    const own = spec.connect();
+    own.on('error', () => {});
+    await new Promise((resolve) => own.once('ready', resolve));
+    const local = new RedisRateLimiter(own, spec.connect(), createLogger('silent'));
+    redis.freeze();
+    try {
+      const started = performance.now();
+      const first = Promise.resolve(local.check('batch-failing', [upstreamBucket(5)]));
+      await new Promise((resolve) => setImmediate(resolve));
+      const waiting = Promise.resolve(local.check('batch-failing', [upstreamBucket(5)])).then((r) => ({ r, ms: performance.now() - started }));
+      const [a, b] = await Promise.all([first, waiting]);
+      // Both decided by the local buckets after the one command timeout, not after two.
+      expect(a.allowed).toBe(true);
+      expect(b.r.allowed).toBe(true);
+      expect(b.ms).toBeGreaterThanOrEqual(REDIS_LIMITS.commandTimeoutMs - 50);
+      expect(b.ms).toBeLessThan(REDIS_LIMITS.commandTimeoutMs * 1.8);
+    } finally {
+      redis.thaw();
+      await local.close();
+      own.disconnect();
+    }
   });
 
   it('more than 64 checks at once are split over several calls and still counted exactly', async () => {
