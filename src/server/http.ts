@@ -1,8 +1,8 @@
 /**
  * node:http's createServer, taken from the CommonJS module. An ES import of node:http builds the
  * module namespace from every export, and that reads the lazy WebSocket, MessageEvent and
- * CloseEvent getters: Node's bundled undici (fetch, WebSocket), web streams and WebCrypto get
- * loaded and compiled for nothing, 13 MB resident in a bare process. Type-only imports of
- * node:http are erased and cost nothing.
+ * CloseEvent getters: Node's bundled undici (fetch, WebSocket) and web streams get loaded and
+ * compiled for nothing, 13 MB resident in a bare process. Type-only imports of node:http are
+ * erased and cost nothing.
  */
 export const { createServer } = process.getBuiltinModule('node:http');
