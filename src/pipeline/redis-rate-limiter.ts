@@ -152,11 +152,15 @@ export class RedisRateLimiter implements RateLimiter {
       let queue = this.#pending.get(scope);
       if (!queue) this.#pending.set(scope, (queue = []));
       queue.push({ keys, args, resolve, reject });
-      if (!this.#flushScheduled && !this.#inFlight.has(scope)) {
-        this.#flushScheduled = true;
-        setImmediate(() => this.#flush());
-      }
+      if (!this.#inFlight.has(scope)) this.#scheduleFlush();
     });
+  }
+
+  /** One flush at the end of this turn, for every scope that has checks by then. */
+  #scheduleFlush(): void {
+    if (this.#flushScheduled) return;
+    this.#flushScheduled = true;
+    setImmediate(() => this.#flush());
   }
 
   /** Send a call for every scope that has checks waiting and none on the way. */
@@ -186,10 +190,7 @@ export class RedisRateLimiter implements RateLimiter {
           for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 4, i * 4 + 4));
         }
         // What came in meanwhile goes now, together with this turn's arrivals.
-        if (this.#pending.has(scope) && !this.#flushScheduled) {
-          this.#flushScheduled = true;
-          setImmediate(() => this.#flush());
-        }
+        if (this.#pending.has(scope)) this.#scheduleFlush();
       },
       (err: unknown) => {
         this.#inFlight.delete(scope);
