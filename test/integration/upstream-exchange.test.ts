@@ -11,6 +11,10 @@ import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 setFlagsFromString('--expose-gc');
 const gc = runInNewContext('gc') as () => void;
 
+/** Small: whole before the relay starts (one write). Big: still streaming when it starts. */
+const SMALL = 100;
+const BIG = 4 * 1024 * 1024;
+
 /**
  * A finished exchange (undici's handler) stays reachable for a while from undici during
  * young-generation collections. While it still pointed at the caller's response, the whole
@@ -19,10 +23,6 @@ const gc = runInNewContext('gc') as () => void;
  * relay is done, the exchange must not reach the response: the test holds the exchanges, as
  * undici may, and checks that every response can still be collected.
  */
-/** Small: whole before the relay starts (one write). Big: still streaming when it starts. */
-const SMALL = 100;
-const BIG = 4 * 1024 * 1024;
-
 describe('UpstreamExchange', () => {
   let upstream: Upstream;
   let pool: Pool;
