@@ -13,13 +13,18 @@ let redis: TestRedis;
 let client: RedisConnection;
 let limiter: RedisRateLimiter;
 
+/** A connection to the test Redis, ready for commands. */
+async function connected(): Promise<RedisConnection> {
+  const connection = parseRedisUrl(redis.url).connect();
+  connection.on('error', () => {});
+  await new Promise((resolve) => connection.once('ready', resolve));
+  return connection;
+}
+
 beforeAll(async () => {
   redis = await TestRedis.create();
-  const spec = parseRedisUrl(redis.url);
-  client = spec.connect();
-  client.on('error', () => {});
-  await new Promise((resolve) => client.once('ready', resolve));
-  limiter = new RedisRateLimiter(client, spec.connect(), createLogger('silent'));
+  client = await connected();
+  limiter = new RedisRateLimiter(client, parseRedisUrl(redis.url).connect(), createLogger('silent'));
 });
 
 afterAll(async () => {
@@ -99,11 +104,8 @@ describe('RedisRateLimiter batches', () => {
   });
 
   it('when the call on the way fails, the checks waiting behind it fall back with it instead of waiting for a call of their own', async () => {
-    const spec = parseRedisUrl(redis.url);
-    const own = spec.connect();
-    own.on('error', () => {});
-    await new Promise((resolve) => own.once('ready', resolve));
-    const local = new RedisRateLimiter(own, spec.connect(), createLogger('silent'));
+    const own = await connected();
+    const local = new RedisRateLimiter(own, parseRedisUrl(redis.url).connect(), createLogger('silent'));
     redis.freeze();
     try {
       const started = performance.now();
