@@ -42,7 +42,7 @@ export function upstreamProblems(where: string, seen: UpstreamStats, egress: boo
 export function loadProblems(where: string, result: LoadResult): string[] {
   const out: string[] = [];
   if (result.errors > 0 || result.non2xx > 0) {
-    const codes = Object.entries(result.statusCodes).filter(([c]) => !c.startsWith('2')).map(([c, n]) => `${c}x${n}`).join(' ');
+    const codes = Object.entries(result.statusCodes).filter(([c]) => !c.startsWith('2')).map(([c, n]) => `${n} x ${c}`).join(', ');
     out.push(`${where}: ${result.errors} error(s) (${result.timeouts} timeouts), ${result.non2xx} non-2xx response(s)${codes ? ` [${codes}]` : ''}`);
   }
   if (result.responses === 0) out.push(`${where}: no responses at all`);

@@ -30,6 +30,8 @@ export interface BenchSettings {
   readonly quick: boolean;
   /** Optional subset of targets (BENCH_TARGETS=direct,egress,...); all by default. */
   readonly targets: readonly string[] | undefined;
+  /** BENCH_LOAD: the saturation runs' load generator; undefined = wrk when it is on PATH, else autocannon. */
+  readonly load: 'wrk' | 'autocannon' | undefined;
 }
 
 /** A BENCH_* number from the environment, `fallback` when unset; out of [min, max] is an error. */
@@ -50,6 +52,8 @@ export function readSettings(env: NodeJS.ProcessEnv): BenchSettings {
   const targets = env.BENCH_TARGETS ? env.BENCH_TARGETS.split(',').map((s) => s.trim()).filter(Boolean) : undefined;
   const connections = Math.round(num('BENCH_CONNECTIONS', 10, 1, 1000));
   const rate = Math.round(num('BENCH_RATE', 2000, 1, 1_000_000));
+  const load = env.BENCH_LOAD || undefined;
+  if (load !== undefined && load !== 'wrk' && load !== 'autocannon') throw new Error(`BENCH_LOAD must be wrk or autocannon (got "${load}")`);
   return {
     durationSec,
     warmupSec,
@@ -60,6 +64,7 @@ export function readSettings(env: NodeJS.ProcessEnv): BenchSettings {
     rounds: Math.round(num('BENCH_ROUNDS', 1, 1, 100)),
     quick,
     targets,
+    load,
   };
 }
 
@@ -118,6 +123,8 @@ export interface LoadJob {
   readonly overallRate?: number;
   /** Per-request timeout, seconds. */
   readonly timeoutSec: number;
+  /** Saturation jobs only: 'wrk' runs wrk instead of autocannon (see bench/load.ts). */
+  readonly generator?: 'wrk' | 'autocannon';
 }
 
 export interface LatencySummary {

@@ -1,6 +1,12 @@
 /**
- * Child process: the load generator. Runs autocannon jobs sent by the orchestrator over IPC, one at
- * a time, in its own process so it never shares an event loop with a target.
+ * Child process: the load generator. Runs the jobs sent by the orchestrator over IPC, one at a time,
+ * in its own process so it never shares an event loop with a target.
+ *
+ * Saturation jobs with `generator: 'wrk'` run wrk (bench/wrk.lua), a C load generator: on a
+ * 2-core machine the load generator, the upstream and the target share the CPUs, and autocannon
+ * spends several times wrk's CPU per request, which the target then does not get. wrk's latency
+ * percentiles come from its per-microsecond histogram. Fixed-rate jobs always use autocannon
+ * (wrk has no rate limit of its own; its delay() hook has whole-millisecond steps).
  *
  * Latency: every response's time (autocannon measures it with hrtime, in fractional ms) is kept
  * and the percentiles are exact. autocannon's own histogram has whole-millisecond resolution, too
@@ -13,6 +19,8 @@
  * sees a steady `overallRate` requests per second. autocannon's own quota still applies on top.
  */
 import autocannon, { type Client } from 'autocannon';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { exitWithParent, type LatencySummary, type LoadJob, type LoadReply, type LoadRequest, type LoadResult } from './common.ts';
 
 exitWithParent();
@@ -39,6 +47,10 @@ function reply(message: LoadReply): void {
 }
 
 async function run(job: LoadJob): Promise<LoadResult> {
+  if (job.generator === 'wrk') {
+    if (job.overallRate) throw new Error('wrk runs saturation jobs only (no overallRate)');
+    return runWrk(job);
+  }
   let samples = new Float64Array(1 << 16);
   let count = 0;
   const connections = job.overallRate ? Math.min(job.connections, job.overallRate) : job.connections;
@@ -76,6 +88,72 @@ async function run(job: LoadJob): Promise<LoadResult> {
     non2xx: result.non2xx,
     statusCodes,
   };
+}
+
+const WRK_SCRIPT = join(import.meta.dirname, 'wrk.lua');
+
+/** One saturation job with wrk: one thread, the job's connections, its duration; the script prints the numbers as JSON. */
+function runWrk(job: LoadJob): Promise<LoadResult> {
+  const args = ['-t1', `-c${job.connections}`, `-d${job.durationSec}s`, '--timeout', `${job.timeoutSec}s`, '-s', WRK_SCRIPT, job.url];
+  const env = {
+    ...process.env,
+    BENCH_WRK_METHOD: job.method,
+    BENCH_WRK_HEADERS: Object.entries(job.headers).map(([name, value]) => `${name}: ${value}`).join('\n'),
+    ...(job.body !== undefined ? { BENCH_WRK_BODY: job.body } : {}),
+  };
+  return new Promise((resolveRun, reject) => {
+    const child = spawn('wrk', args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), (job.durationSec + job.timeoutSec + 20) * 1000);
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      const line = stdout.trim().split('\n').at(-1) ?? '';
+      if (code !== 0 || !line.startsWith('{')) {
+        reject(new Error(`wrk ${args.join(' ')} exited ${signal ?? code}: ${(stderr || stdout).slice(-2000)}`));
+        return;
+      }
+      const w = JSON.parse(line) as WrkSummary;
+      const ms = (us: number) => us / 1000;
+      const durationSec = w.durationUs / 1e6;
+      const errors = w.connect + w.read + w.write + w.timeout;
+      resolveRun({
+        rps: w.requests / durationSec,
+        responses: w.requests,
+        durationSec,
+        latencyMs: { p50: ms(w.p50), p90: ms(w.p90), p99: ms(w.p99), p999: ms(w.p999), max: ms(w.max), mean: ms(w.mean), samples: w.requests },
+        autocannonLatencyMs: { p50: Number.NaN, p99: Number.NaN },
+        errors,
+        timeouts: w.timeout,
+        non2xx: w.status,
+        // wrk counts answers of 400 and above, without their codes.
+        statusCodes: w.status > 0 ? { '2xx/3xx': w.requests - w.status, '4xx/5xx': w.status } : { '2xx/3xx': w.requests },
+      });
+    });
+  });
+}
+
+/** What bench/wrk.lua's done() prints (latencies in microseconds). */
+interface WrkSummary {
+  readonly requests: number;
+  readonly durationUs: number;
+  readonly connect: number;
+  readonly read: number;
+  readonly write: number;
+  readonly status: number;
+  readonly timeout: number;
+  readonly p50: number;
+  readonly p90: number;
+  readonly p99: number;
+  readonly p999: number;
+  readonly max: number;
+  readonly mean: number;
 }
 
 /** setupClient hook: each connection sends one request every `intervalMs`, from a random phase. */

@@ -235,7 +235,7 @@ export function memoryOf(pids: readonly number[]): Memory | undefined {
   return parts.reduce((a, b) => ({ rssKb: a.rssKb + b.rssKb, hwmKb: a.hwmKb + b.hwmKb, processes: a.processes + b.processes }));
 }
 
-/** CPU time (user + system) used so far by the process tree, in clock ticks (USER_HZ). */
+/** CPU time (user + system) used so far by the process tree, children it has reaped included (wrk under the load generator), in clock ticks (USER_HZ). */
 export function cpuTicks(pid: number): number {
   let ticks = 0;
   for (const p of processTree(pid)) ticks += ownTicks(p);
@@ -249,9 +249,10 @@ function ownTicks(pid: number): number {
   } catch {
     return 0;
   }
-  // Fields after the command name (which may contain spaces): state is field 3, utime 14, stime 15.
+  // Fields after the command name (which may contain spaces): state is field 3, utime 14, stime 15,
+  // cutime 16 and cstime 17 (children waited for).
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(fields[11]) + Number(fields[12]);
+  return Number(fields[11]) + Number(fields[12]) + Number(fields[13]) + Number(fields[14]);
 }
 
 /** Machine-wide busy CPU time (all CPUs, everything but idle and iowait), in clock ticks. */

@@ -10,7 +10,8 @@
  *
  * Settings (environment): BENCH_DURATION (s per scenario, default 5), BENCH_QUICK=1 (1 s runs),
  * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
- * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
+ * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_LOAD (the saturation runs' load
+ * generator: wrk or autocannon; default wrk when it is on PATH, else autocannon), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
  * and the opt-in egress-x2: two egress-proxy processes on one port with EGRESS_REUSE_PORT=1, CPU and RSS summed),
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
  * BENCH_EGRESS_NODE_ARGS (extra Node flags for every egress-proxy target, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
@@ -25,7 +26,7 @@ import {
 import { environment, type Environment } from './environment.ts';
 import { checkAudit, egressMetrics, loadProblems, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { httpRequest } from './http.ts';
-import { BenchRun, benchTicks, cpuTicks, forkChild, indent, ipcRequest, machineBusyTicks, memoryOf, portClosed, runCommand, waitReady } from './proc.ts';
+import { BenchRun, benchTicks, cpuTicks, forkChild, indent, ipcRequest, machineBusyTicks, memoryOf, portClosed, runCommand, waitReady, which } from './proc.ts';
 import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
   BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
@@ -65,6 +66,10 @@ async function main(): Promise<number> {
   const budget = run.budget(budgetSec);
 
   const env = await environment();
+  // Saturation: wrk when it is there (it leaves the target more of the shared CPUs); fixed rate: autocannon, paced.
+  if (settings.load === 'wrk' && !which('wrk')) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
+  const generator: 'wrk' | 'autocannon' = settings.load ?? (which('wrk') ? 'wrk' : 'autocannon');
+  const wrkVersion = generator === 'wrk' ? await runCommand('wrk', ['-v'], { timeoutMs: 5000 }).then((r) => /wrk (\S+)/.exec(r.stdout + r.stderr)?.[1] ?? 'unknown', () => 'unknown') : undefined;
   ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
   printHeader(env, settings, budgetSec);
   say(`targets:   ${targetNames.join(', ')}${settings.targets ? '' : ` (the default; opt-in: ${TARGET_NAMES.filter((n) => !DEFAULT_TARGETS.includes(n)).join(', ')}, with BENCH_TARGETS)`}`);
@@ -132,7 +137,7 @@ async function main(): Promise<number> {
   for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${target.processes.map((p) => p.pid).join('+').padEnd(7)} ${target.description}`);
   say(`  ${'upstream'.padEnd(13)} pid ${String(upstream.process.pid).padEnd(7)} node:http on ${upstream.origin}, 200 + small JSON only with the injected PLAID-SECRET, else 401 (counted)`);
   if (redis) say(`  ${'redis-server'.padEnd(13)} pid ${String(redis.process.pid).padEnd(7)} redis-server ${redis.version} on 127.0.0.1:${redis.port} for egress-redis (--save '' --appendonly no), stopped after the proxies`);
-  say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} autocannon ${env.versions.autocannon} (programmatic), keep-alive connections, pipelining 1, in its own process`);
+  say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} ${generator === 'wrk' ? `saturation: wrk ${wrkVersion} (one thread, bench/wrk.lua); fixed rate: ` : ''}autocannon ${env.versions.autocannon} (programmatic); keep-alive connections, pipelining 1, in its own process${generator === 'wrk' ? '' : ' (wrk is not on PATH, or BENCH_LOAD=autocannon)'}`);
   say();
 
   const totals = new Map<TargetName, UpstreamStats>(clients.map((c) => [c.target.name, emptyStats()]));
@@ -159,7 +164,7 @@ async function main(): Promise<number> {
     connections: rate ? settings.rateConnections : settings.connections,
     durationSec,
     timeoutSec: 10,
-    ...(rate ? { overallRate: rate } : {}),
+    ...(rate ? { overallRate: rate } : { generator }),
   });
   const runLoad = async (j: LoadJob): Promise<LoadResult> => {
     const reply = await ipcRequest<LoadReply>(load, 'run', { job: j }, (j.durationSec + 30) * 1000);
@@ -252,7 +257,7 @@ async function main(): Promise<number> {
     say(egressTable(combined, scenarios, present));
   }
   say();
-  say(`saturation runs: ${settings.connections} keep-alive connections, each sending its next request as soon as the previous response arrives.`);
+  say(`saturation runs: ${settings.connections} keep-alive connections, each sending its next request as soon as the previous response arrives (${generator === 'wrk' ? 'wrk' : 'autocannon'}).`);
   say(`fixed-rate runs: ${settings.rate} req/s offered over ${settings.rateConnections} keep-alive connections, each connection's quota spread evenly over the second (autocannon alone sends it as a burst at the top of each second); a target that cannot keep up gets less (see notes).`);
   say('all processes share the machine\'s CPUs: the load generator, the upstream and the target compete for them, so saturation numbers are bounded by that contention, for every target alike.');
   for (const egress of egresses) {
@@ -266,7 +271,7 @@ async function main(): Promise<number> {
 
   const out = {
     started: started.toISOString(),
-    environment: { ...env, nginx: nginxVersion ?? null },
+    environment: { ...env, nginx: nginxVersion ?? null, loadGenerator: { saturation: generator, wrk: wrkVersion ?? null } },
     settings,
     scenarios,
     targets: clients.map(({ target }) => ({ name: target.name, label: target.label, description: target.description, pid: target.process.pid, pids: target.processes.map((p) => p.pid) })),
