@@ -1,8 +1,22 @@
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
 import { countHeader } from './canonicalise-target.ts';
+import type { PresentedToken } from '../store/callers.ts';
 
 export const TOKEN_HEADER = 'x-egress-token';
+
+/** Each connection's last presented token and its hash (see PresentedToken); the entry goes with the socket. */
+const presented = new WeakMap<object, PresentedToken>();
+
+function memoFor(socket: object | null | undefined): PresentedToken | undefined {
+  if (!socket) return undefined;
+  let memo = presented.get(socket);
+  if (!memo) {
+    memo = {};
+    presented.set(socket, memo);
+  }
+  return memo;
+}
 
 /** The caller is whoever holds a live token. Two token headers are ambiguous and refused. */
 export function identifyCaller(ctx: RequestContext): void {
@@ -21,7 +35,7 @@ export function identifyCaller(ctx: RequestContext): void {
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.
   if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
-  const found = store.identifyCaller(token);
+  const found = store.identifyCaller(token, memoFor(ctx.req.socket));
   if (!found.caller) {
     if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.remote);
     throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');

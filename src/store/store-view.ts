@@ -1,7 +1,7 @@
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Alerts } from '../observe/alerts.ts';
-import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified } from './callers.ts';
+import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified, type PresentedToken } from './callers.ts';
 import type { CallerRecord, CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
@@ -138,8 +138,8 @@ export class StoreView {
     return this.#snapshot?.damaged.has(`${kind}:${key}`) ?? false;
   }
 
-  identifyCaller(token: string): Identified {
-    return this.#callers.lookup(token);
+  identifyCaller(token: string, memo?: PresentedToken): Identified {
+    return this.#callers.lookup(token, Date.now(), memo);
   }
 
   identifyAdmin(token: string): string | undefined {

@@ -127,6 +127,33 @@ describe('AUTH: caller tokens on the plain listener', () => {
     await lab.g0(mark, 0);
   });
 
+  it('AUTH-02d one keep-alive connection that changes its token is judged by each token it sends', async () => {
+    // The proxy keeps a connection's last token hash so that it is not computed again for the same
+    // token; a different token on the same connection must be looked up afresh, in either direction.
+    const mark = lab.u.requests.length;
+    const { a, b } = lab.tokens;
+    const nearMiss = `${a.slice(0, -1)}${a.endsWith('A') ? 'B' : 'A'}`;
+    const conn = await RawConnection.open(lab.port);
+    try {
+      const send = async (token: string) => {
+        const raw = await conn.exchange(`POST ${PATH} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${token}\r\nContent-Length: 0\r\n\r\n`, 150);
+        lab.seen(raw);
+        return statuses(raw);
+      };
+      expect(await send(a)).toEqual([200]);
+      expect(await send(a)).toEqual([200]);
+      expect(await send(b)).toEqual([403]);
+      expect(await send(a)).toEqual([200]);
+      expect(await send(nearMiss)).toEqual([401]);
+      expect(await send(a)).toEqual([200]);
+      expect(conn.closed).toBe(false);
+    } finally {
+      conn.close();
+    }
+    expect(lab.u.requests.length - mark).toBe(4);
+    await lab.g0(mark, 4);
+  });
+
   it('AUTH-06 token in the query string, in Authorization, in a cookie or in Proxy-Authorization does not authenticate', async () => {
     const mark = lab.u.requests.length;
     const a = lab.tokens.a;
