@@ -89,7 +89,8 @@ export class AlertRules {
 
   #usage_(caller: string, credential: string, now: number): void {
     const s = this.#settings.unusual_usage;
-    const key = JSON.stringify([caller, credential]);
+    // Caller names and credential ids are [a-z0-9._-] (route-schema): a newline cannot be part of either.
+    const key = `${caller}\n${credential}`;
     let u = this.#usage.get(key);
     if (!u) {
       u = { bucketStart: now, count: 0, baseline: 0, firstSeen: now };
