@@ -1,4 +1,5 @@
 import { ProxyError } from '../errors.ts';
+import type { CompiledRoute, CompiledRule } from '../config/compile-routes.ts';
 import type { RequestContext } from './context.ts';
 import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
 
@@ -8,13 +9,35 @@ import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
  * after an upstream 429 refuses everyone until the upstream's Retry-After.
  */
 export function rateLimit(ctx: RequestContext): void | Promise<void> {
-  const { route, rule, caller } = ctx;
-  const buckets: Bucket[] = [];
-  if (rule?.rate) buckets.push({ key: ['rule', rule.index, caller!], limit: rule.rate, policy: 'caller' });
-  if (route!.upstreamRate) buckets.push({ key: ['upstream'], limit: route!.upstreamRate, policy: 'upstream' });
-  const result = ctx.services.limiter.check(route!.name, buckets);
+  const route = ctx.route!;
+  const result = ctx.services.limiter.check(route.name, bucketsFor(route, ctx.rule, ctx.caller!));
   if (result instanceof Promise) return result.then(enforce);
   enforce(result);
+}
+
+/**
+ * The buckets a (route, rule, caller) draws from, made once and reused by every request: a limiter
+ * can then remember what it derives from a bucket. Held per compiled route, so a reload starts afresh.
+ */
+const bucketCache = new WeakMap<CompiledRoute, Map<string, readonly Bucket[]>>();
+
+function bucketsFor(route: CompiledRoute, rule: CompiledRule | undefined, caller: string): readonly Bucket[] {
+  let byRule = bucketCache.get(route);
+  if (!byRule) {
+    byRule = new Map();
+    bucketCache.set(route, byRule);
+  }
+  // Caller names are [a-z0-9._-]: a newline cannot be part of one.
+  const id = `${rule?.index ?? '-'}\n${caller}`;
+  let buckets = byRule.get(id);
+  if (!buckets) {
+    const made: Bucket[] = [];
+    if (rule?.rate) made.push({ key: ['rule', rule.index, caller], limit: rule.rate, policy: 'caller' });
+    if (route.upstreamRate) made.push({ key: ['upstream'], limit: route.upstreamRate, policy: 'upstream' });
+    buckets = Object.freeze(made);
+    byRule.set(id, buckets);
+  }
+  return buckets;
 }
 
 function enforce(check: RateCheck): void {

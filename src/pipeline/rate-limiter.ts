@@ -42,9 +42,13 @@ export function burstOf(limit: RateLimitOptions): number {
  * key) in memory. Used when the store is a file (one instance), and as the per-instance fallback
  * when Redis cannot answer. Keys are bounded by the configuration.
  */
+const ALLOWED: RateCheck = Object.freeze({ allowed: true });
+
 export class MemoryRateLimiter implements RateLimiter {
   readonly #tat = new Map<string, number>();
   readonly #paused = new Map<string, number>();
+  /** Each bucket's map key, made once per bucket object (the request path reuses its buckets). */
+  readonly #keys = new WeakMap<Bucket, { readonly scope: string; readonly key: string }>();
 
   check(scope: string, buckets: readonly Bucket[], now = performance.now()): RateCheck {
     const pausedUntil = this.#paused.get(scope);
@@ -52,19 +56,27 @@ export class MemoryRateLimiter implements RateLimiter {
       if (pausedUntil > now) return { allowed: false, bucket: undefined, retryAfterMs: pausedUntil - now, resetMs: pausedUntil - now };
       this.#paused.delete(scope);
     }
-    const updates: [string, number][] = [];
+    // Every bucket is checked before any is spent: a request one bucket refuses takes nothing from the others.
     for (const bucket of buckets) {
-      // A JSON tuple, not a concatenation: ("a:b","c") and ("a","b:c") are different buckets.
-      const key = JSON.stringify([scope, ...bucket.key]);
       const interval = intervalOf(bucket.limit);
-      const tat = Math.max(this.#tat.get(key) ?? now, now);
-      const next = tat + interval;
-      const allowAt = next - burstOf(bucket.limit) * interval;
+      const tat = Math.max(this.#tat.get(this.#keyOf(scope, bucket)) ?? now, now);
+      const allowAt = tat + interval - burstOf(bucket.limit) * interval;
       if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now, resetMs: tat - now };
-      updates.push([key, next]);
     }
-    for (const [key, next] of updates) this.#tat.set(key, next);
-    return { allowed: true };
+    for (const bucket of buckets) {
+      const key = this.#keyOf(scope, bucket);
+      this.#tat.set(key, Math.max(this.#tat.get(key) ?? now, now) + intervalOf(bucket.limit));
+    }
+    return ALLOWED;
+  }
+
+  #keyOf(scope: string, bucket: Bucket): string {
+    const known = this.#keys.get(bucket);
+    if (known?.scope === scope) return known.key;
+    // A JSON tuple, not a concatenation: ("a:b","c") and ("a","b:c") are different buckets.
+    const key = JSON.stringify([scope, ...bucket.key]);
+    this.#keys.set(bucket, { scope, key });
+    return key;
   }
 
   pause(scope: string, ms: number, now = performance.now()): void {

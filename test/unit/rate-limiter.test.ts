@@ -140,6 +140,15 @@ describe('MemoryRateLimiter', () => {
     expect(limiter.check('r', [upstream], 0)).toMatchObject({ allowed: false, bucket: upstream });
   });
 
+  it('a bucket object reused across calls (as the request path does) is one bucket, and equal to a fresh object with its tuple', () => {
+    const limiter = new MemoryRateLimiter();
+    const two = { key: ['rule', 0, 'web'], limit: { rate: { count: 2, periodMs: 1000 } }, policy: 'caller' as const };
+    expect(limiter.check('r', [two], 0).allowed).toBe(true);
+    expect(limiter.check('r', [{ ...two, key: ['rule', 0, 'web'] }], 0).allowed).toBe(true);
+    expect(limiter.check('r', [two], 0).allowed).toBe(false);
+    expect(limiter.check('r', [two], 500).allowed).toBe(true);
+  });
+
   it('scopes are separate, and a paused scope refuses everything until the pause ends', () => {
     const limiter = new MemoryRateLimiter();
     const one = { key: ['x'], limit: { rate: { count: 1, periodMs: 1000 } }, policy: 'caller' as const };
