@@ -75,17 +75,22 @@ const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', '
  * secret the upstream echoed replaced by [REDACTED].
  */
 export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string): string[] {
-  const listed = new Set<string>();
   const connection = headers.connection;
-  for (const value of Array.isArray(connection) ? connection : connection ? [connection] : []) {
-    for (const token of value.split(',')) listed.add(token.trim().toLowerCase());
+  // Nearly every response has no Connection header listing others (keep-alive is the default).
+  let listed: Set<string> | undefined;
+  if (connection !== undefined) {
+    listed = new Set();
+    for (const value of Array.isArray(connection) ? connection : [connection]) {
+      for (const token of value.split(',')) listed.add(token.trim().toLowerCase());
+    }
   }
   const flat: string[] = [];
   for (const name of Object.keys(headers)) {
-    if (RESPONSE_DROP.has(name) || listed.has(name)) continue;
+    if (RESPONSE_DROP.has(name) || listed?.has(name)) continue;
     const value = headers[name];
     if (value === undefined) continue;
-    for (const v of Array.isArray(value) ? value : [value]) flat.push(name, redact(v));
+    if (typeof value === 'string') flat.push(name, redact(value));
+    else for (const v of value) flat.push(name, redact(v));
   }
   return flat;
 }

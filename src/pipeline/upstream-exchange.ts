@@ -144,8 +144,9 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
       };
       const onFinish = () => settle();
       const onClose = () => settle(res.writableFinished ? undefined : new Error('the caller closed the connection'));
-      res.once('finish', onFinish);
-      res.once('close', onClose);
+      // `on`, not `once` (no wrapper per listener): settle removes both.
+      res.on('finish', onFinish);
+      res.on('close', onClose);
       if (this.#failure) {
         settle(this.#failure);
         return;
