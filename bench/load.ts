@@ -139,8 +139,8 @@ function runWrk(job: LoadJob): Promise<LoadResult> {
   });
 }
 
-/** What bench/wrk.lua's done() prints (latencies in microseconds). */
-interface WrkSummary {
+/** What bench/wrk.lua's done() prints: wrk's counts, and LatencySummary's latencies in microseconds. */
+interface WrkSummary extends Omit<LatencySummary, 'samples'> {
   readonly requests: number;
   readonly durationUs: number;
   readonly connect: number;
@@ -148,12 +148,6 @@ interface WrkSummary {
   readonly write: number;
   readonly status: number;
   readonly timeout: number;
-  readonly p50: number;
-  readonly p90: number;
-  readonly p99: number;
-  readonly p999: number;
-  readonly max: number;
-  readonly mean: number;
 }
 
 /** setupClient hook: each connection sends one request every `intervalMs`, from a random phase. */
