@@ -62,8 +62,10 @@ describe('FLT', () => {
     const r1 = await TestRedis.create();
     const r2 = await TestRedis.create();
     const dir = await makeTempDir('egress-flt03-');
-    // Caller a: traffic, every request a GCRA write. Caller p: a probe whose bucket is spent before the failover.
-    const text = `${route('    rate: { rate: 1000/s }\n')}  - caller: p\n    methods: [GET]\n    paths: [/x]\n    rate: { rate: 1/h, burst: 2 }\n`;
+    // Caller a: traffic, every request a GCRA write, under a limit one sequential client never reaches
+    // (at 1000/s it did: a fast run outpaced the burst on the per-instance buckets of the failover).
+    // Caller p: a probe whose bucket is spent before the failover.
+    const text = `${route('    rate: { rate: 100000/s }\n')}  - caller: p\n    methods: [GET]\n    paths: [/x]\n    rate: { rate: 1/h, burst: 2 }\n`;
     const { tokens } = await seedDataDir(dir, { routes: { r: text }, credentials: { c: { secret: CANARY } }, callers: ['a', 'p'], store: r1.url });
     const c1 = r1.client();
     const c2 = r2.client();
