@@ -5,6 +5,9 @@ import { ProxyError } from '../errors.ts';
 /** Body bytes held while nobody reads them yet (between the response head and relay); past this the upstream is paused. */
 const HOLD_BYTES = 64 * 1024;
 
+/** A complete body up to this size leaves in the same string as the response head (see pipeTo). */
+const ONE_STRING_BYTES = 16 * 1024;
+
 /**
  * One request to the upstream through undici's dispatch handler API, relayed without an
  * intermediate stream: the body chunks go straight to the caller's response with back-pressure
@@ -172,8 +175,13 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
         // undici through young-generation collections (not through a full one), and while it
         // pointed at the response, every request and response outlived two scavenges. A sixth
         // of all allocation was promoted and full GCs ran 1.4 times a second at 2,000 req/s.
-        if (held.length === 1) res.end(held[0]);
-        else {
+        if (held.length === 1) {
+          const body = held[0]!;
+          // A small body goes as a latin1 string (the bytes unchanged): Node then joins it to the
+          // head and sends one string in one write, instead of a writev of the head and a Buffer.
+          if (body.length <= ONE_STRING_BYTES) res.end(body.toString('latin1'), 'latin1');
+          else res.end(body);
+        } else {
           res.cork();
           for (const chunk of held) res.write(chunk);
           res.end();

@@ -12,6 +12,8 @@ import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 const SECRET = 'sk_live_CANARY_relay_99';
 const BIG = randomBytes(5 * 1024 * 1024);
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+/** `n` bytes cycling through every value 0-255, UTF-8-invalid sequences included. */
+const smallBody = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + 0xf0) & 0xff));
 
 let upstream: Upstream;
 let proxy: TestProxy;
@@ -55,6 +57,11 @@ beforeAll(async () => {
         res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style' });
         res.writeHead(200, { 'content-type': 'text/plain', 'content-length': 2 });
         res.end('ok');
+        return;
+      case '/small-binary':
+        // Every byte value, at the sizes around the proxy's one-string limit (16 KiB), with a length or chunked.
+        res.writeHead(200, { 'content-type': 'application/octet-stream', ...(req.headers['x-chunked'] ? {} : { 'content-length': smallBody(Number(new URL(req.url!, 'http://u').searchParams.get('n'))).length }) });
+        res.end(smallBody(Number(new URL(req.url!, 'http://u').searchParams.get('n'))));
         return;
       case '/no-content':
         res.writeHead(204);
@@ -134,6 +141,18 @@ describe('relaying responses', () => {
     const res = await get('/early-hints');
     expect(res.status).toBe(200);
     expect(await res.text()).toBe('ok');
+  });
+
+  it('small binary bodies (every byte value, 1 B to just past 16 KiB, with a length or chunked) arrive byte for byte', async () => {
+    for (const n of [1, 255, 256, 4096, 16 * 1024, 16 * 1024 + 1]) {
+      for (const chunked of [false, true]) {
+        const res = await fetch(`${proxy.url}/api/small-binary?n=${n}`, { headers: { 'x-egress-token': proxy.tokens.svc!, ...(chunked ? { 'x-chunked': '1' } : {}) } });
+        expect(res.status).toBe(200);
+        const got = Buffer.from(await res.arrayBuffer());
+        expect(got.length, `${n} B${chunked ? ', chunked' : ''}`).toBe(n);
+        expect(got.equals(smallBody(n)), `${n} B${chunked ? ', chunked' : ''}`).toBe(true);
+      }
+    }
   });
 
   it('HEAD and 204 responses carry no body', async () => {
