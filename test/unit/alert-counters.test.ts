@@ -1,0 +1,67 @@
+import { describe, expect, it } from 'vitest';
+import { WindowCounter } from '../../src/observe/alerts.ts';
+
+/** A one-minute window: one slot is a second. */
+const MINUTE = 60_000;
+
+describe('WindowCounter', () => {
+  it('counts the events of one key inside the window, this one included, and forgets what slid out', () => {
+    const c = new WindowCounter(MINUTE);
+    expect(c.hit('a', 0)).toBe(1);
+    expect(c.hit('a', 10_000)).toBe(2);
+    expect(c.hit('a', 59_000)).toBe(3);
+    // 0 and 10 s slid out; 59 s is still in.
+    expect(c.hit('a', 70_500)).toBe(2);
+    // Much later: only this one.
+    expect(c.hit('a', 500_000)).toBe(1);
+  });
+
+  it('keeps keys apart', () => {
+    const c = new WindowCounter(MINUTE);
+    for (let i = 0; i < 5; i++) c.hit('10.0.0.1', i);
+    expect(c.hit('10.0.0.2', 5)).toBe(1);
+    expect(c.hit('10.0.0.1', 6)).toBe(6);
+  });
+
+  it('is exact to within one slot at the edge of the window', () => {
+    const c = new WindowCounter(MINUTE);
+    c.hit('a', 1_000);
+    // 59.5 s later: inside the window whichever way the slots fall.
+    expect(c.hit('a', 60_400)).toBe(2);
+    // 61 s after the first: outside.
+    expect(c.hit('a', 62_000)).toBe(2);
+  });
+
+  it('a flood on one key is counted exactly at a bounded cost per hit (100,000 events in 1 s)', () => {
+    // Keeping every event's time made each hit copy all of them: this loop then took about 40 s
+    // (20,000 hits: 1.6 s), past the test's timeout; now it takes milliseconds.
+    const c = new WindowCounter(MINUTE);
+    let n = 0;
+    for (let i = 0; i < 100_000; i++) n = c.hit('flood', i / 100);
+    expect(n).toBe(100_000);
+    // A minute after the flood ended, the window holds only what follows.
+    expect(c.hit('flood', 1_000 + MINUTE + 1_000)).toBe(1);
+  });
+});
+
+describe('Alerts cool-downs', () => {
+  it('stay bounded when the subjects are unbounded (one per remote address): past 10,000, the oldest are forgotten', async () => {
+    const { Writable } = await import('node:stream');
+    const { Alerts } = await import('../../src/observe/alerts.ts');
+    const { Metrics } = await import('../../src/observe/metrics.ts');
+    const { createLogger } = await import('../../src/observe/log.ts');
+    let lines = 0;
+    const sink = new Writable({ write: (_chunk, _enc, done) => { lines++; done(); } });
+    const alerts = new Alerts(createLogger('warn', sink), new Metrics(), 5 * 60_000);
+    alerts.raise('unknown_token', 'warning', '10.0.0.0', 'unknown caller tokens from one address');
+    // Inside its cool-down: counted, not raised again.
+    alerts.raise('unknown_token', 'warning', '10.0.0.0', 'unknown caller tokens from one address');
+    expect(alerts.recent().length).toBe(1);
+    for (let i = 1; i <= 10_000; i++) alerts.raise('unknown_token', 'warning', `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`, 'unknown caller tokens from one address');
+    // The map of cool-downs filled up and started afresh: the first subject is raised again.
+    alerts.raise('unknown_token', 'warning', '10.0.0.0', 'unknown caller tokens from one address');
+    expect(alerts.recent().at(-1)).toMatchObject({ subject: '10.0.0.0', repeats_suppressed: 0 });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(lines).toBeGreaterThan(10_000);
+  });
+});
