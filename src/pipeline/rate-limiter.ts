@@ -37,13 +37,14 @@ export function burstOf(limit: RateLimitOptions): number {
   return limit.burst ?? limit.rate.count;
 }
 
+/** The answer for every allowed request: nothing about it varies. */
+const ALLOWED: RateCheck = Object.freeze({ allowed: true });
+
 /**
  * GCRA (the generic cell rate algorithm: a token bucket kept as one "theoretical arrival time" per
  * key) in memory. Used when the store is a file (one instance), and as the per-instance fallback
  * when Redis cannot answer. Keys are bounded by the configuration.
  */
-const ALLOWED: RateCheck = Object.freeze({ allowed: true });
-
 export class MemoryRateLimiter implements RateLimiter {
   readonly #tat = new Map<string, number>();
   readonly #paused = new Map<string, number>();
