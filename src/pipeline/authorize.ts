@@ -5,9 +5,13 @@ import type { RequestContext } from './context.ts';
 
 /** Deny by default: the caller needs a rule on this route naming the method and a matching path. */
 export function authorize(ctx: RequestContext): void {
-  if (ctx.route!.requireClientCert && !ctx.viaCertificate) throw new ProxyError('route_forbidden', 'This route requires a client certificate.');
-  const rule = allowingRule(ctx.route!, ctx.caller!, ctx.req.method ?? '', ctx.relativeSegments!);
-  if (!rule) throw new ProxyError('route_forbidden', undefined, { cause: decide(ctx.route!, ctx.caller!, ctx.req.method ?? '', ctx.relativeSegments!).reason });
+  const route = ctx.route!;
+  if (route.requireClientCert && !ctx.viaCertificate) throw new ProxyError('route_forbidden', 'This route requires a client certificate.');
+  const caller = ctx.caller!;
+  const method = ctx.req.method ?? '';
+  const segments = ctx.relativeSegments!;
+  const rule = allowingRule(route, caller, method, segments);
+  if (!rule) throw new ProxyError('route_forbidden', undefined, { cause: decide(route, caller, method, segments).reason });
   ctx.rule = rule;
 }
 
