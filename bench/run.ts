@@ -67,8 +67,9 @@ async function main(): Promise<number> {
 
   const env = await environment();
   // Saturation: wrk when it is there (it leaves the target more of the shared CPUs); fixed rate: autocannon, paced.
-  if (settings.load === 'wrk' && !which('wrk')) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
-  const generator: 'wrk' | 'autocannon' = settings.load ?? (which('wrk') ? 'wrk' : 'autocannon');
+  const haveWrk = which('wrk') !== null;
+  if (settings.load === 'wrk' && !haveWrk) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
+  const generator: 'wrk' | 'autocannon' = settings.load ?? (haveWrk ? 'wrk' : 'autocannon');
   const wrkVersion = generator === 'wrk' ? await runCommand('wrk', ['-v'], { timeoutMs: 5000 }).then((r) => /wrk (\S+)/.exec(r.stdout + r.stderr)?.[1] ?? 'unknown', () => 'unknown') : undefined;
   ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
   printHeader(env, settings, budgetSec);
