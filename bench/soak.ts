@@ -105,6 +105,8 @@ interface Sample {
   readonly eventLoopLagP99Sec: number | undefined;
   /** nodejs_heap_space_size_used_bytes by space. */
   readonly heapSpaces: Record<string, number>;
+  /** nodejs_heap_space_size_total_bytes by space: what V8 has committed for it (new space grows in steps). */
+  readonly heapSpacesCommitted: Record<string, number>;
   readonly scrapeError?: string;
 }
 
@@ -174,9 +176,10 @@ async function main(): Promise<number> {
       scrapeError = (err as Error).message;
     }
     const heapSpaces: Record<string, number> = {};
+    const heapSpacesCommitted: Record<string, number> = {};
     for (const [series, value] of metrics ?? []) {
-      const space = /^nodejs_heap_space_size_used_bytes\{space="([^"]+)"\}$/.exec(series)?.[1];
-      if (space) heapSpaces[space] = value;
+      const space = /^nodejs_heap_space_size_(used|total)_bytes\{space="([^"]+)"\}$/.exec(series);
+      if (space) (space[1] === 'used' ? heapSpaces : heapSpacesCommitted)[space[2]!] = value;
     }
     return {
       t: Math.round(t * 10) / 10,
@@ -190,12 +193,13 @@ async function main(): Promise<number> {
       promRssBytes: metrics?.get('process_resident_memory_bytes'),
       eventLoopLagP99Sec: metrics?.get('nodejs_eventloop_lag_p99_seconds'),
       heapSpaces,
+      heapSpacesCommitted,
       ...(scrapeError ? { scrapeError } : {}),
     };
   };
   const record = (s: Sample) => {
     samples.push(s);
-    say(`  t=${String(Math.round(s.t)).padStart(5)} s${s.warmup ? ' (warm-up)' : '          '}  RSS ${mb(s.rssKb === undefined ? undefined : s.rssKb * 1024).padStart(7)} MB  heap used ${mb(s.heapUsedBytes).padStart(6)} MB of ${mb(s.heapTotalBytes).padStart(6)}  external ${mb(s.externalBytes).padStart(5)} MB  CPU ${s.cpuPct === undefined ? '-' : `${Math.round(s.cpuPct)}%`}  upstream ${s.upstreamRps === undefined ? '-' : `${Math.round(s.upstreamRps)} req/s`}  loop lag p99 ${s.eventLoopLagP99Sec === undefined ? '-' : (s.eventLoopLagP99Sec * 1000).toFixed(1)} ms${s.scrapeError ? `  /metrics: ${s.scrapeError}` : ''}`);
+    say(`  t=${String(Math.round(s.t)).padStart(5)} s${s.warmup ? ' (warm-up)' : '          '}  RSS ${mb(s.rssKb === undefined ? undefined : s.rssKb * 1024).padStart(7)} MB  heap used ${mb(s.heapUsedBytes).padStart(6)} MB of ${mb(s.heapTotalBytes).padStart(6)}  external ${mb(s.externalBytes).padStart(5)} MB  CPU ${s.cpuPct === undefined ? '-' : `${Math.round(s.cpuPct)}%`}  upstream ${s.upstreamRps === undefined ? '-' : `${Math.round(s.upstreamRps)} req/s`}  loop lag p99 ${s.eventLoopLagP99Sec === undefined ? '-' : (s.eventLoopLagP99Sec * 1000).toFixed(1)} ms  committed new ${mb(s.heapSpacesCommitted.new)} old ${mb(s.heapSpacesCommitted.old)} code ${mb(s.heapSpacesCommitted.code)} lo ${mb(s.heapSpacesCommitted.large_object)} MB${s.scrapeError ? `  /metrics: ${s.scrapeError}` : ''}`);
   };
 
   say();
@@ -313,6 +317,9 @@ async function main(): Promise<number> {
     const spaces = [...new Set([...Object.keys(first.heapSpaces), ...Object.keys(lastHeap.heapSpaces)])]
       .filter((space) => Math.max(first.heapSpaces[space] ?? 0, lastHeap.heapSpaces[space] ?? 0) >= 0.1 * 2 ** 20);
     if (spaces.length) say(`  heap spaces used MB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(first.heapSpaces[space])} -> ${mb(lastHeap.heapSpaces[space])}`).join(', ')}`);
+    const committed = [...new Set([...Object.keys(first.heapSpacesCommitted), ...Object.keys(lastHeap.heapSpacesCommitted)])]
+      .filter((space) => Math.max(first.heapSpacesCommitted[space] ?? 0, lastHeap.heapSpacesCommitted[space] ?? 0) >= 0.1 * 2 ** 20);
+    if (committed.length) say(`  heap spaces committed MB, start -> end: ${committed.map((space) => `${space.replace(/_space$/, '')} ${mb(first.heapSpacesCommitted[space])} -> ${mb(lastHeap.heapSpacesCommitted[space])}`).join(', ')}`);
   }
   say(`  requests    ${responses} responses in ${Math.round(loadSec)} s (${Math.round(responses / loadSec)} req/s), ${errors} errors, ${non2xx} non-2xx; the upstream received ${total.requests}, ${total.missingSecret} without the secret, ${total.tokenSeen} with the caller token`);
   say(`  audit log   ${audit.summary}`);
