@@ -10,6 +10,7 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
 
 FROM node:24-bookworm-slim
 ENV NODE_ENV=production \
+    MALLOC_ARENA_MAX=2 \
     EGRESS_LISTEN=0.0.0.0:8080 \
     EGRESS_ADMIN_LISTEN=0.0.0.0:9090 \
     EGRESS_ROUTES=/app/routes \

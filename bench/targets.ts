@@ -269,15 +269,21 @@ async function startSharing(name: EgressName, env: NodeJS.ProcessEnv, dir: strin
 }
 
 /**
- * The Node flags of `npm start` (package.json), so that the bench runs `serve` exactly as users
- * are told to: `node <flags> bin/egress.js serve`.
+ * The environment and Node flags of `npm start` (package.json), so that the bench runs `serve`
+ * exactly as users are told to: `[NAME=value ...] node <flags> bin/egress.js serve`.
  */
-export async function startFlags(): Promise<string[]> {
+export async function startCommand(): Promise<{ env: Record<string, string>; flags: string[] }> {
   const pkg = JSON.parse(await readFile(join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts?: { start?: string } };
   const words = (pkg.scripts?.start ?? '').split(/\s+/).filter(Boolean);
+  const env: Record<string, string> = {};
+  while (words.length > 0 && /^[A-Z_][A-Z0-9_]*=/.test(words[0]!)) {
+    const word = words.shift()!;
+    const eq = word.indexOf('=');
+    env[word.slice(0, eq)] = word.slice(eq + 1);
+  }
   const bin = words.indexOf('bin/egress.js');
-  if (words[0] !== 'node' || bin < 0 || words[bin + 1] !== 'serve') throw new Error(`package.json "start" is not "node <flags> bin/egress.js serve": ${pkg.scripts?.start}`);
-  return words.slice(1, bin);
+  if (words[0] !== 'node' || bin < 0 || words[bin + 1] !== 'serve') throw new Error(`package.json "start" is not "[NAME=value ...] node <flags> bin/egress.js serve": ${pkg.scripts?.start}`);
+  return { env, flags: words.slice(1, bin) };
 }
 
 /**
@@ -298,9 +304,10 @@ async function warmCompileCache(nodeArgs: readonly string[]): Promise<void> {
 /** One `egress serve`, started and ready; its ports are found in /proc (the admin one is always port 0). */
 async function startServe(label: string, env: NodeJS.ProcessEnv): Promise<{ instance: EgressInstance; proxyPort: number }> {
   // BENCH_EGRESS_NODE_ARGS: extra Node flags for `serve`, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
-  const nodeArgs = [...(process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean), ...(await startFlags())];
+  const start = await startCommand();
+  const nodeArgs = [...(process.env.BENCH_EGRESS_NODE_ARGS ?? '').split(' ').filter(Boolean), ...start.flags];
   await warmCompileCache(nodeArgs);
-  const proxy = spawnChild(label, process.execPath, [...nodeArgs, 'bin/egress.js', 'serve'], { env, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
+  const proxy = spawnChild(label, process.execPath, [...nodeArgs, 'bin/egress.js', 'serve'], { env: { ...env, ...start.env }, cwd: REPO_ROOT, stopSignal: 'SIGTERM' });
   // Find the listening ports in /proc, then tell them apart by asking /readyz (the proxy listener
   // answers it with an X-Egress-Error; the admin listener does not).
   const deadline = Date.now() + START_TIMEOUT_MS;

@@ -34,12 +34,18 @@ describe('process hardening', () => {
     }
   });
 
-  it('npm start and the Docker image start Node with the same flags (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread)', async () => {
+  it('npm start and the Docker image start Node with the same flags and malloc settings (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread, two malloc arenas)', async () => {
     const pkg = JSON.parse(await readFile('package.json', 'utf8')) as { scripts: { start: string } };
     const start = pkg.scripts.start.split(/\s+/);
     expect(start.slice(-2)).toEqual(['bin/egress.js', 'serve']);
-    const startFlags = start.slice(1, -2);
-    const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(await readFile('Dockerfile', 'utf8'))?.[1];
+    // The environment npm start sets (NAME=value before node) is the image's too.
+    const envWords = start.slice(0, start.indexOf('node'));
+    expect(envWords).toContain('MALLOC_ARENA_MAX=2');
+    const dockerfile = await readFile('Dockerfile', 'utf8');
+    const imageEnv = /^ENV ((?:.*\\\n)*.*)$/m.exec(dockerfile)?.[1]?.split(/\s+\\?\s*/).filter(Boolean) ?? [];
+    for (const word of envWords) expect(imageEnv).toContain(word);
+    const startFlags = start.slice(envWords.length + 1, -2);
+    const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)?.[1];
     const image = JSON.parse(entrypoint ?? '[]') as string[];
     expect(image.at(-1)).toBe('bin/egress.js');
     expect(image.slice(1, -1)).toEqual(startFlags);
@@ -48,7 +54,7 @@ describe('process hardening', () => {
     expect(startFlags.some((f) => f.startsWith('--heap-growing-percent='))).toBe(true);
     expect(startFlags).toContain('--no-concurrent-recompilation');
     // The image compiles its modules at build time with the same flags: the cache is kept per flag set.
-    const warm = /^RUN node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/m.exec(await readFile('Dockerfile', 'utf8'));
+    const warm = /^RUN node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/m.exec(dockerfile);
     expect(warm?.[1]?.split(' ')).toEqual(startFlags);
   });
 
