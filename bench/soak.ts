@@ -105,7 +105,7 @@ interface Sample {
   readonly eventLoopLagP99Sec: number | undefined;
   /** nodejs_heap_space_size_used_bytes by space. */
   readonly heapSpaces: Record<string, number>;
-  /** nodejs_heap_space_size_total_bytes by space: what V8 has committed for it (new space grows in steps). */
+  /** nodejs_heap_space_size_total_bytes by space: what V8 has committed for it. */
   readonly heapSpacesCommitted: Record<string, number>;
   readonly scrapeError?: string;
 }
