@@ -7,17 +7,19 @@
  * default, checked out into a temporary worktree that uses this tree's node_modules), B is this
  * working tree, uncommitted changes included. Each round loads A and B in turn (the order swaps every
  * round), GET then a JSON POST, at saturation, and reads each proxy's CPU time per response from
- * /proc. The verdict is per round: the median of B/A over the rounds, how many rounds B was the
+ * /proc. The rounds are shared by BENCH_AB_PAIRS (2) pairs of processes started afresh, so that what
+ * one process happens to be (its JIT's choices, where its memory landed) is not taken for A or B.
+ * The verdict is per round: the median of B/A over the rounds, how many rounds B was the
  * cheaper, and a two-sided sign test on that count (p < 0.05: B differs from A beyond the noise).
  *
- * Settings (environment): BENCH_AB_BASE (HEAD), BENCH_ROUNDS (10), BENCH_DURATION (5 s a run),
+ * Settings (environment): BENCH_AB_BASE (HEAD), BENCH_ROUNDS (10), BENCH_AB_PAIRS (2), BENCH_DURATION (5 s a run),
  * BENCH_WARMUP (3 s a method a proxy), BENCH_CONNECTIONS (10), BENCH_BODY_BYTES (2048), BENCH_LOAD
  * (wrk or autocannon; wrk when on PATH). Writes bench/results/ab-<timestamp>.json; exits 1 on any load
  * error, non-2xx answer or request that reached the upstream without the injected secret.
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { jsonBody, readSettings, TOKEN_HEADER, type LoadJob, type LoadReply, type LoadResult } from './common.ts';
+import { jsonBody, numberSetting, readSettings, TOKEN_HEADER, type LoadJob, type LoadReply, type LoadResult } from './common.ts';
 import { BenchRun, cpuTicks, forkChild, ipcRequest, runCommand, waitReady, which } from './proc.ts';
 import { BENCH_DIR, REPO_ROOT, startEgress, startUpstream, type EgressTarget } from './targets.ts';
 
@@ -32,6 +34,8 @@ interface Side {
 
 interface Sample {
   readonly round: number;
+  /** Which pair of processes ran it (1-based). */
+  readonly pair: number;
   readonly method: 'GET' | 'POST';
   readonly side: 'A' | 'B';
   readonly rps: number;
@@ -55,7 +59,9 @@ async function main(): Promise<number> {
   const generator: 'wrk' | 'autocannon' = settings.load ?? (which('wrk') ? 'wrk' : 'autocannon');
   if (generator === 'wrk' && !which('wrk')) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
   const ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
-  const budget = run.budget(300 + settings.rounds * 4 * (settings.durationSec + 10) + 4 * settings.warmupSec);
+  // BENCH_AB_PAIRS: how many fresh pairs of processes share the rounds.
+  const pairs = Math.min(settings.rounds, Math.round(numberSetting(process.env, 'BENCH_AB_PAIRS', 2, 1, 100)));
+  const budget = run.budget(300 + pairs * (60 + 4 * settings.warmupSec) + settings.rounds * 4 * (settings.durationSec + 10));
 
   const tmp = await run.makeTmp('egress-ab-');
   const worktree = join(tmp, 'base');
@@ -76,18 +82,22 @@ async function main(): Promise<number> {
     say(`A:        ${baseRev} (${baseSha.slice(0, 7)}), in a temporary worktree`);
     say(`B:        this working tree (${head}${dirty ? ', with uncommitted changes' : ''})`);
     if (lockChanged) say('note:     package-lock.json differs between A and B; both run with this tree\'s node_modules');
-    say(`load:     ${settings.rounds} rounds; each: GET and ${settings.bodyBytes} B JSON POST, ${settings.durationSec} s per proxy, at saturation over ${settings.connections} keep-alive connections (${generator}); A and B in turn, the order swapped every round`);
+    say(`load:     ${settings.rounds} rounds; each: GET and ${settings.bodyBytes} B JSON POST, ${settings.durationSec} s per proxy, at saturation over ${settings.connections} keep-alive connections (${generator}); A and B in turn, the order swapped every round; ${pairs} pair(s) of processes, started afresh, share the rounds`);
 
     const load = forkChild('load generator', join(BENCH_DIR, 'load.ts'));
     await waitReady(load, 20_000);
     const upstream = await startUpstream(settings);
-    await mkdir(join(tmp, 'a'));
-    await mkdir(join(tmp, 'b'));
-    const sides: Side[] = [
-      { name: 'A', revision: baseSha, egress: await baseTargets.startEgress(upstream, join(tmp, 'a')) as EgressTarget },
-      { name: 'B', revision: `${head}${dirty ? '-dirty' : ''}`, egress: await startEgress(upstream, join(tmp, 'b')) },
-    ];
-    for (const side of sides) say(`${side.name} pid:    ${side.egress.process.pid} (${side.egress.url})`);
+    /** A fresh pair of proxies (A and B), each in its own folder, with its own store and audit log. */
+    const startPair = async (pair: number): Promise<Side[]> => {
+      await mkdir(join(tmp, `a${pair}`));
+      await mkdir(join(tmp, `b${pair}`));
+      const pairSides: Side[] = [
+        { name: 'A', revision: baseSha, egress: await baseTargets.startEgress(upstream, join(tmp, `a${pair}`)) as EgressTarget },
+        { name: 'B', revision: `${head}${dirty ? '-dirty' : ''}`, egress: await startEgress(upstream, join(tmp, `b${pair}`)) },
+      ];
+      say(`pair ${pair}: A pid ${pairSides[0]!.egress.process.pid}, B pid ${pairSides[1]!.egress.process.pid}`);
+      return pairSides;
+    };
 
     const body = jsonBody(settings.bodyBytes);
     const job = (side: Side, method: 'GET' | 'POST', durationSec: number): LoadJob => ({
@@ -111,11 +121,21 @@ async function main(): Promise<number> {
     };
 
     const upstreamBefore = await upstream.stats();
-    if (settings.warmupSec > 0) {
-      for (const side of sides) for (const method of methods) problems(side, `${method} warm-up`, await runLoad(job(side, method, settings.warmupSec)));
-    }
     const samples: Sample[] = [];
+    let sides: Side[] = [];
+    let pair = 0;
     for (let round = 1; round <= settings.rounds; round++) {
+      // Each pair of processes takes an equal share of the rounds: what one process happens to be
+      // (its JIT's choices, where its memory landed, the core it settles on) is not taken for A or B.
+      const wanted = Math.floor(((round - 1) * pairs) / settings.rounds) + 1;
+      if (wanted !== pair) {
+        for (const side of sides) await stopEgress(side.egress);
+        pair = wanted;
+        sides = await startPair(pair);
+        if (settings.warmupSec > 0) {
+          for (const side of sides) for (const method of methods) problems(side, `${method} warm-up`, await runLoad(job(side, method, settings.warmupSec)));
+        }
+      }
       const line: string[] = [];
       for (const method of methods) {
         const order = round % 2 === 1 ? sides : [...sides].reverse();
@@ -127,12 +147,13 @@ async function main(): Promise<number> {
           problems(side, method, result);
           const us = result.responses > 0 ? ((cpuTicks(pid) - ticks) / ticksPerSecond / result.responses) * 1e6 : Number.NaN;
           cpu[side.name] = us;
-          samples.push({ round, method, side: side.name, rps: result.responses / settings.durationSec, cpuUsPerReq: us });
+          samples.push({ round, pair, method, side: side.name, rps: result.responses / settings.durationSec, cpuUsPerReq: us });
         }
         line.push(`${method} A ${cpu.A!.toFixed(1)} B ${cpu.B!.toFixed(1)} µs/req (B/A ${(cpu.B! / cpu.A!).toFixed(3)})`);
       }
       say(`  round ${String(round).padStart(2)}: ${line.join('   ')}`);
     }
+    for (const side of sides) await stopEgress(side.egress);
     const upstreamAfter = await upstream.stats();
     if (upstreamAfter.missingSecret > upstreamBefore.missingSecret) run.failures.push(`${upstreamAfter.missingSecret - upstreamBefore.missingSecret} requests reached the upstream without the injected secret`);
     if (upstreamAfter.badBody > upstreamBefore.badBody) run.failures.push(`${upstreamAfter.badBody - upstreamBefore.badBody} POSTs reached the upstream with a body of the wrong size`);
@@ -179,6 +200,17 @@ async function main(): Promise<number> {
   await run.removeTmp();
   for (const f of run.failures) say(`FAIL: ${f}`);
   return run.failures.length > 0 ? 1 : 0;
+}
+
+/** Stop one egress-proxy (either tree's): SIGTERM, then SIGKILL if it has not exited in 8 s. */
+async function stopEgress(egress: EgressTarget): Promise<void> {
+  for (const { process: m } of egress.instances) {
+    if (m.exited) continue;
+    m.stopping = true;
+    m.child.kill('SIGTERM');
+    await Promise.race([m.exit, new Promise((r) => setTimeout(r, 8000))]);
+    if (!m.exited) m.child.kill('SIGKILL');
+  }
 }
 
 function median(values: readonly number[]): number {
