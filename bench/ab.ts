@@ -19,8 +19,9 @@
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { jsonBody, numberSetting, readSettings, TOKEN_HEADER, type LoadJob, type LoadReply, type LoadResult } from './common.ts';
-import { BenchRun, cpuTicks, forkChild, ipcRequest, runCommand, waitReady, which } from './proc.ts';
+import { diffStats, jsonBody, median, numberSetting, readSettings, TOKEN_HEADER, type LoadJob, type LoadResult } from './common.ts';
+import { loadProblems, settledStats, upstreamProblems } from './checks.ts';
+import { BenchRun, clockTicksPerSecond, cpuTicks, forkChild, runCommand, runLoad, saturationGenerator, stopProcesses, waitReady } from './proc.ts';
 import { BENCH_DIR, REPO_ROOT, startEgress, startUpstream, type EgressTarget } from './targets.ts';
 
 const say = (line = '') => process.stdout.write(`${line}\n`);
@@ -28,7 +29,6 @@ const run = new BenchRun('A/B bench');
 
 interface Side {
   readonly name: 'A' | 'B';
-  readonly revision: string;
   readonly egress: EgressTarget;
 }
 
@@ -56,9 +56,8 @@ async function main(): Promise<number> {
   });
   const head = await git(['rev-parse', '--short', 'HEAD']);
   const dirty = (await git(['status', '--porcelain', '--untracked-files=no'])) !== '';
-  const generator: 'wrk' | 'autocannon' = settings.load ?? (which('wrk') ? 'wrk' : 'autocannon');
-  if (generator === 'wrk' && !which('wrk')) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
-  const ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
+  const generator = saturationGenerator(settings.load);
+  const ticksPerSecond = await clockTicksPerSecond();
   // BENCH_AB_PAIRS: how many fresh pairs of processes share the rounds.
   const pairs = Math.min(settings.rounds, Math.round(numberSetting(process.env, 'BENCH_AB_PAIRS', 2, 1, 100)));
   const budget = run.budget(300 + pairs * (60 + 4 * settings.warmupSec) + settings.rounds * 4 * (settings.durationSec + 10));
@@ -92,8 +91,8 @@ async function main(): Promise<number> {
       await mkdir(join(tmp, `a${pair}`));
       await mkdir(join(tmp, `b${pair}`));
       const pairSides: Side[] = [
-        { name: 'A', revision: baseSha, egress: await baseTargets.startEgress(upstream, join(tmp, `a${pair}`)) as EgressTarget },
-        { name: 'B', revision: `${head}${dirty ? '-dirty' : ''}`, egress: await startEgress(upstream, join(tmp, `b${pair}`)) },
+        { name: 'A', egress: await baseTargets.startEgress(upstream, join(tmp, `a${pair}`)) as EgressTarget },
+        { name: 'B', egress: await startEgress(upstream, join(tmp, `b${pair}`)) },
       ];
       say(`pair ${pair}: A pid ${pairSides[0]!.egress.process.pid}, B pid ${pairSides[1]!.egress.process.pid}`);
       return pairSides;
@@ -110,15 +109,8 @@ async function main(): Promise<number> {
       timeoutSec: 10,
       generator,
     });
-    const runLoad = async (j: LoadJob): Promise<LoadResult> => {
-      const reply = await ipcRequest<LoadReply>(load, 'run', { job: j }, (j.durationSec + 30) * 1000);
-      if (reply.type === 'error') throw new Error(`load generator: ${reply.message}`);
-      return reply.result;
-    };
     const methods = ['GET', 'POST'] as const;
-    const problems = (side: Side, method: string, result: LoadResult) => {
-      if (result.errors > 0 || result.non2xx > 0) run.failures.push(`${side.name} ${method}: ${result.errors} errors, ${result.non2xx} non-2xx answers`);
-    };
+    const problems = (side: Side, method: string, result: LoadResult) => run.failures.push(...loadProblems(`${side.name} ${method}`, result));
 
     const upstreamBefore = await upstream.stats();
     const samples: Sample[] = [];
@@ -129,11 +121,11 @@ async function main(): Promise<number> {
       // (its JIT's choices, where its memory landed, the core it settles on) is not taken for A or B.
       const wanted = Math.floor(((round - 1) * pairs) / settings.rounds) + 1;
       if (wanted !== pair) {
-        for (const side of sides) await stopEgress(side.egress);
+        await stopProcesses(sides.flatMap((side) => side.egress.processes), 8000);
         pair = wanted;
         sides = await startPair(pair);
         if (settings.warmupSec > 0) {
-          for (const side of sides) for (const method of methods) problems(side, `${method} warm-up`, await runLoad(job(side, method, settings.warmupSec)));
+          for (const side of sides) for (const method of methods) problems(side, `${method} warm-up`, await runLoad(load, job(side, method, settings.warmupSec)));
         }
       }
       const line: string[] = [];
@@ -143,7 +135,7 @@ async function main(): Promise<number> {
         for (const side of order) {
           const pid = side.egress.process.pid;
           const ticks = cpuTicks(pid);
-          const result = await runLoad(job(side, method, settings.durationSec));
+          const result = await runLoad(load, job(side, method, settings.durationSec));
           problems(side, method, result);
           const us = result.responses > 0 ? ((cpuTicks(pid) - ticks) / ticksPerSecond / result.responses) * 1e6 : Number.NaN;
           cpu[side.name] = us;
@@ -153,11 +145,8 @@ async function main(): Promise<number> {
       }
       say(`  round ${String(round).padStart(2)}: ${line.join('   ')}`);
     }
-    for (const side of sides) await stopEgress(side.egress);
-    const upstreamAfter = await upstream.stats();
-    if (upstreamAfter.missingSecret > upstreamBefore.missingSecret) run.failures.push(`${upstreamAfter.missingSecret - upstreamBefore.missingSecret} requests reached the upstream without the injected secret`);
-    if (upstreamAfter.badBody > upstreamBefore.badBody) run.failures.push(`${upstreamAfter.badBody - upstreamBefore.badBody} POSTs reached the upstream with a body of the wrong size`);
-    if (upstreamAfter.tokenSeen > upstreamBefore.tokenSeen) run.failures.push(`${upstreamAfter.tokenSeen - upstreamBefore.tokenSeen} requests reached the upstream with the caller token`);
+    await stopProcesses(sides.flatMap((side) => side.egress.processes), 8000);
+    run.failures.push(...upstreamProblems('A and B', diffStats(await settledStats(upstream), upstreamBefore), true));
 
     say();
     say('method  A µs/req  B µs/req  B/A (median of rounds)  B cheaper  sign test p  A req/s  B req/s');
@@ -200,23 +189,6 @@ async function main(): Promise<number> {
   await run.removeTmp();
   for (const f of run.failures) say(`FAIL: ${f}`);
   return run.failures.length > 0 ? 1 : 0;
-}
-
-/** Stop one egress-proxy (either tree's): SIGTERM, then SIGKILL if it has not exited in 8 s. */
-async function stopEgress(egress: EgressTarget): Promise<void> {
-  for (const { process: m } of egress.instances) {
-    if (m.exited) continue;
-    m.stopping = true;
-    m.child.kill('SIGTERM');
-    await Promise.race([m.exit, new Promise((r) => setTimeout(r, 8000))]);
-    if (!m.exited) m.child.kill('SIGKILL');
-  }
-}
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 /** Two-sided sign test: the chance of a split at least this uneven in `n` fair coin tosses. */

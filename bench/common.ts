@@ -68,6 +68,14 @@ export function readSettings(env: NodeJS.ProcessEnv): BenchSettings {
   };
 }
 
+/** The median of the finite values; NaN when there are none. */
+export function median(values: readonly number[]): number {
+  const sorted = values.filter(Number.isFinite).sort((a, b) => a - b);
+  if (sorted.length === 0) return Number.NaN;
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
 /** A JSON document of exactly `bytes` bytes, shaped like a provider API call. */
 export function jsonBody(bytes: number): string {
   const head = `{"access_token":"access-sandbox-bench","options":{"account_ids":["acc-1","acc-2"]},"padding":"`;

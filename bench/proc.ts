@@ -15,7 +15,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { connect, createServer } from 'node:net';
 import { delimiter, join } from 'node:path';
-import { sleep } from './common.ts';
+import { sleep, type BenchSettings, type LoadJob, type LoadReply, type LoadResult } from './common.ts';
 
 const TAIL_BYTES = 16 * 1024;
 
@@ -120,6 +120,16 @@ export function which(command: string): string | null {
     if (existsSync(candidate)) return candidate;
   }
   return null;
+}
+
+/**
+ * The saturation runs' load generator: BENCH_LOAD when set (an error when it names wrk and wrk is not
+ * on PATH), else wrk when it is on PATH (it leaves the target more of the shared CPUs), else autocannon.
+ */
+export function saturationGenerator(load: BenchSettings['load']): 'wrk' | 'autocannon' {
+  const haveWrk = which('wrk') !== null;
+  if (load === 'wrk' && !haveWrk) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
+  return load ?? (haveWrk ? 'wrk' : 'autocannon');
 }
 
 /** Resolve with the port from the child's first `{type:'ready', port}` IPC message. */
@@ -381,6 +391,11 @@ export async function stopAll(graceMs: number): Promise<string[]> {
   ];
 }
 
+/** Stop these children now (stopAll's way: the stop signal, then SIGKILL for what is left); what had to be killed. */
+export function stopProcesses(processes: readonly Managed[], graceMs: number): Promise<string[]> {
+  return stopGroup(processes.filter((m) => !m.exited), graceMs);
+}
+
 async function stopGroup(running: readonly Managed[], graceMs: number): Promise<string[]> {
   const killed: string[] = [];
   if (running.length === 0) return killed;
@@ -410,6 +425,18 @@ export function killAllSync(): void {
     signal(m, 'SIGKILL');
     killPids(tree);
   }
+}
+
+/** One job on the load generator child (bench/load.ts); its failure is thrown. */
+export async function runLoad(load: Managed, job: LoadJob): Promise<LoadResult> {
+  const reply = await ipcRequest<LoadReply>(load, 'run', { job }, (job.durationSec + 30) * 1000);
+  if (reply.type === 'error') throw new Error(`load generator: ${reply.message}`);
+  return reply.result;
+}
+
+/** Clock ticks per second (USER_HZ), the unit of cpuTicks; 100 when getconf cannot tell. */
+export function clockTicksPerSecond(): Promise<number> {
+  return runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
 }
 
 /** Run a command to completion (bounded), optionally feeding stdin. */

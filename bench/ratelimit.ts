@@ -31,7 +31,7 @@ import { MemoryRateLimiter, type Bucket } from '../src/pipeline/rate-limiter.ts'
 import { RedisRateLimiter } from '../src/pipeline/redis-rate-limiter.ts';
 import { parseRedisUrl, REDIS_LIMITS, type RedisConnection } from '../src/store/redis-client.ts';
 import { sleep } from './common.ts';
-import { cpuTicks, killAllSync, runCommand, stopAll, type Managed } from './proc.ts';
+import { clockTicksPerSecond, cpuTicks, killAllSync, stopAll, type Managed } from './proc.ts';
 import { ratio, table } from './report.ts';
 import { BENCH_DIR, startRedis } from './targets.ts';
 
@@ -452,7 +452,7 @@ async function main(): Promise<number> {
     process.stderr.write('\nthe rate-limit bench did not finish within 240 s: stopping\n');
     void cleanup().finally(() => process.exit(1));
   }, 240_000);
-  const ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
+  const ticksPerSecond = await clockTicksPerSecond();
   const versions = { ioredis: await pkgVersion('ioredis'), 'rate-limiter-flexible': await pkgVersion('rate-limiter-flexible') };
 
   tmpRoot = await mkdtemp(join(tmpdir(), 'egress-rl-bench-'));

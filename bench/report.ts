@@ -1,5 +1,5 @@
 /** Plain-text tables of the bench results. */
-import type { LoadResult, UpstreamStats } from './common.ts';
+import { median, type LoadResult, type UpstreamStats } from './common.ts';
 import type { Memory } from './proc.ts';
 import type { TargetName } from './targets.ts';
 
@@ -35,13 +35,6 @@ export interface CpuUse {
   readonly targetPct: number;
   /** CPU used by processes outside the bench during the run (other work on the machine, steal), as % of one CPU. */
   readonly otherPct: number;
-}
-
-function median(values: readonly number[]): number {
-  const sorted = values.filter(Number.isFinite).sort((a, b) => a - b);
-  if (sorted.length === 0) return Number.NaN;
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 /**

@@ -21,12 +21,12 @@ import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import {
   CLIENT_ID, SECRET, TOKEN_HEADER, diffStats, emptyStats, jsonBody, readSettings,
-  type BenchSettings, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats,
+  type BenchSettings, type LoadJob, type LoadResult, type UpstreamStats,
 } from './common.ts';
 import { environment, type Environment } from './environment.ts';
 import { checkAudit, egressMetrics, loadProblems, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { httpRequest } from './http.ts';
-import { BenchRun, benchTicks, cpuTicks, forkChild, indent, ipcRequest, machineBusyTicks, memoryOf, portClosed, runCommand, waitReady, which } from './proc.ts';
+import { BenchRun, benchTicks, clockTicksPerSecond, cpuTicks, forkChild, indent, machineBusyTicks, memoryOf, portClosed, runCommand, runLoad, saturationGenerator, waitReady } from './proc.ts';
 import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
   BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
@@ -66,12 +66,10 @@ async function main(): Promise<number> {
   const budget = run.budget(budgetSec);
 
   const env = await environment();
-  // Saturation: wrk when it is there (it leaves the target more of the shared CPUs); fixed rate: autocannon, paced.
-  const haveWrk = which('wrk') !== null;
-  if (settings.load === 'wrk' && !haveWrk) throw new Error('BENCH_LOAD=wrk: wrk is not on PATH (apt-get install wrk)');
-  const generator: 'wrk' | 'autocannon' = settings.load ?? (haveWrk ? 'wrk' : 'autocannon');
+  // Saturation: wrk when it is there; fixed rate: autocannon, paced.
+  const generator = saturationGenerator(settings.load);
   const wrkVersion = generator === 'wrk' ? await runCommand('wrk', ['-v'], { timeoutMs: 5000 }).then((r) => /wrk (\S+)/.exec(r.stdout + r.stderr)?.[1] ?? 'unknown', () => 'unknown') : undefined;
-  ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
+  ticksPerSecond = await clockTicksPerSecond();
   printHeader(env, settings, budgetSec);
   say(`targets:   ${targetNames.join(', ')}${settings.targets ? '' : ` (the default; opt-in: ${TARGET_NAMES.filter((n) => !DEFAULT_TARGETS.includes(n)).join(', ')}, with BENCH_TARGETS)`}`);
 
@@ -167,19 +165,14 @@ async function main(): Promise<number> {
     timeoutSec: 10,
     ...(rate ? { overallRate: rate } : { generator }),
   });
-  const runLoad = async (j: LoadJob): Promise<LoadResult> => {
-    const reply = await ipcRequest<LoadReply>(load, 'run', { job: j }, (j.durationSec + 30) * 1000);
-    if (reply.type === 'error') throw new Error(`load generator: ${reply.message}`);
-    return reply.result;
-  };
 
   // Warm-up (not recorded): JIT, connection pools, allocator.
   if (settings.warmupSec > 0) {
     say(`warm-up: ${settings.warmupSec} s GET + ${settings.warmupSec} s POST per target, at saturation (not recorded)`);
     for (const client of clients) {
       const before = await upstream.stats();
-      await runLoad(job(client, 'GET', settings.warmupSec));
-      await runLoad(job(client, 'POST', settings.warmupSec));
+      await runLoad(load, job(client, 'GET', settings.warmupSec));
+      await runLoad(load, job(client, 'POST', settings.warmupSec));
       account(client.target.name, diffStats(await settledStats(upstream), before));
     }
   }
@@ -196,7 +189,7 @@ async function main(): Promise<number> {
       const store = target.name === 'egress-redis' && redis ? redis.process : undefined;
       const storeBefore = store ? { at: performance.now(), ticks: cpuTicks(store.pid) } : undefined;
       const cpuBefore = cpuSnapshot(target);
-      const result = await runLoad(job(client, scenario.method, settings.durationSec, scenario.rate));
+      const result = await runLoad(load, job(client, scenario.method, settings.durationSec, scenario.rate));
       const cpu = cpuSince(cpuBefore, target, result.responses);
       const storeCpu = store && storeBefore ? storeCpuSince(storeBefore, store.pid, result.responses) : undefined;
       const seen = diffStats(await settledStats(upstream), before);

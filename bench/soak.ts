@@ -31,11 +31,11 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
-import { TOKEN_HEADER, diffStats, jsonBody, numberSetting, readSettings, sleep, type LoadJob, type LoadReply, type LoadResult, type UpstreamStats } from './common.ts';
+import { TOKEN_HEADER, diffStats, jsonBody, median, numberSetting, readSettings, sleep, type LoadJob, type LoadResult, type UpstreamStats } from './common.ts';
 import { checkAudit, loadProblems, scrapeMetrics, settledStats, upstreamProblems, type AuditCheck } from './checks.ts';
 import { environment } from './environment.ts';
 import { httpRequest } from './http.ts';
-import { BenchRun, cpuTicks, forkChild, indent, ipcRequest, memoryOf, portClosed, runCommand, waitReady } from './proc.ts';
+import { BenchRun, clockTicksPerSecond, cpuTicks, forkChild, indent, memoryOf, portClosed, runLoad, waitReady } from './proc.ts';
 import { table } from './report.ts';
 import { BENCH_DIR, startEgress, startUpstream, type EgressTarget } from './targets.ts';
 
@@ -130,7 +130,7 @@ async function main(): Promise<number> {
   const budget = run.budget(budgetSec);
 
   const env = await environment();
-  const ticksPerSecond = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 5000 }).then((r) => Number(r.stdout.trim()) || 100, () => 100);
+  const ticksPerSecond = await clockTicksPerSecond();
   say('egress-proxy soak');
   say(`command:   ${env.command}`);
   say(`node:      ${env.node} at ${env.execPath}; ${env.cpuCount} x ${env.cpuModel}, load average at start ${env.loadavg.join(' ')}; code ${env.git}`);
@@ -237,12 +237,10 @@ async function main(): Promise<number> {
         ...(soak.rate ? { overallRate: soak.rate } : {}),
       };
       const before = await upstream.stats();
-      const reply = await ipcRequest<LoadReply>(load, 'run', { job }, (durationSec + 30) * 1000);
-      if (reply.type === 'error') throw new Error(`load generator: ${reply.message}`);
+      const l = await runLoad(load, job);
       const seen = diffStats(await upstream.stats(), before);
-      const chunk: Chunk = { index, method, startSec: Math.round(startSec * 10) / 10, durationSec, load: reply.result, upstream: seen };
+      const chunk: Chunk = { index, method, startSec: Math.round(startSec * 10) / 10, durationSec, load: l, upstream: seen };
       chunks.push(chunk);
-      const l = reply.result;
       say(`  chunk ${String(index + 1).padStart(3)}/${chunkCount} ${method.padEnd(4)} ${String(Math.round(chunk.startSec)).padStart(5)}-${String(Math.round(chunk.startSec + durationSec)).padEnd(5)} s  ${String(Math.round(l.rps)).padStart(6)} req/s  p50 ${l.latencyMs.p50.toFixed(2)} ms  p99 ${l.latencyMs.p99.toFixed(2)} ms  errors ${l.errors}  non-2xx ${l.non2xx}`);
       const where = `chunk ${index + 1} (${method}, ${Math.round(chunk.startSec)}-${Math.round(chunk.startSec + durationSec)} s)`;
       failures.push(...loadProblems(where, l));
@@ -392,12 +390,6 @@ export function leastSquaresSlope(xs: readonly number[], ys: readonly number[]):
     sxx += (xs[i]! - mx) ** 2;
   }
   return sxx > 0 ? sxy / sxx : Number.NaN;
-}
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 function nearest(samples: readonly Sample[], t: number): Sample | undefined {
