@@ -58,11 +58,13 @@ beforeAll(async () => {
         res.writeHead(200, { 'content-type': 'text/plain', 'content-length': 2 });
         res.end('ok');
         return;
-      case '/small-binary':
+      case '/small-binary': {
         // Every byte value, at the sizes around the proxy's one-string limit (16 KiB), with a length or chunked.
-        res.writeHead(200, { 'content-type': 'application/octet-stream', ...(req.headers['x-chunked'] ? {} : { 'content-length': smallBody(Number(new URL(req.url!, 'http://u').searchParams.get('n'))).length }) });
-        res.end(smallBody(Number(new URL(req.url!, 'http://u').searchParams.get('n'))));
+        const body = smallBody(Number(new URL(req.url!, 'http://u').searchParams.get('n')));
+        res.writeHead(200, { 'content-type': 'application/octet-stream', ...(req.headers['x-chunked'] ? {} : { 'content-length': body.length }) });
+        res.end(body);
         return;
+      }
       case '/no-content':
         res.writeHead(204);
         res.end();

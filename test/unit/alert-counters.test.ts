@@ -1,5 +1,8 @@
+import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { WindowCounter } from '../../src/observe/alerts.ts';
+import { Alerts, WindowCounter } from '../../src/observe/alerts.ts';
+import { createLogger } from '../../src/observe/log.ts';
+import { Metrics } from '../../src/observe/metrics.ts';
 
 /** A one-minute window: one slot is a second. */
 const MINUTE = 60_000;
@@ -46,10 +49,6 @@ describe('WindowCounter', () => {
 
 describe('Alerts cool-downs', () => {
   it('stay bounded when the subjects are unbounded (one per remote address): past 10,000, the oldest are forgotten', async () => {
-    const { Writable } = await import('node:stream');
-    const { Alerts } = await import('../../src/observe/alerts.ts');
-    const { Metrics } = await import('../../src/observe/metrics.ts');
-    const { createLogger } = await import('../../src/observe/log.ts');
     let lines = 0;
     const sink = new Writable({ write: (_chunk, _enc, done) => { lines++; done(); } });
     const alerts = new Alerts(createLogger('warn', sink), new Metrics(), 5 * 60_000);
