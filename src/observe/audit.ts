@@ -2,6 +2,7 @@ import { hash } from 'node:crypto';
 import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
 import { mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { UserError } from '../errors.ts';
 import type { Logger } from './log.ts';
 
 /**
@@ -121,7 +122,14 @@ export class AuditLog {
       this.#stream = process.stdout;
       return;
     }
-    await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+    try {
+      await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+      await (await open(this.path, 'a', 0o600)).close();
+    } catch (err) {
+      // Later write failures (a full disk) are alerted on while requests go on; a log that cannot be
+      // written at all from the start is a configuration error: no request would ever be audited.
+      throw new UserError(`EGRESS_AUDIT_LOG ${this.path} cannot be written (${(err as NodeJS.ErrnoException).code ?? 'error'}): every request is audited, so the proxy does not start without it`);
+    }
     this.#prev = (await lastLineHash(this.path)) ?? (await lastLineHash(`${this.path}.1`)) ?? GENESIS;
     this.#bytes = await stat(this.path).then((s) => s.size, () => 0);
     this.#openStream();

@@ -84,6 +84,19 @@ describe('start-up refuses what it must', () => {
     expect(res.stderr).toMatch(/api\.yaml:\d+:1: unknown key "extra"/);
   });
 
+  it('an audit log it cannot write (its folder is a file; a read-only place): no start, and the reason', async () => {
+    const { dir, env } = await seeded();
+    await writeFile(join(dir, 'not-a-folder'), '');
+    const res = await runCli(['serve'], { ...env, EGRESS_AUDIT_LOG: join(dir, 'not-a-folder', 'audit.log') });
+    expect(res.code).toBe(1);
+    expect(res.stderr).toContain(`EGRESS_AUDIT_LOG ${join(dir, 'not-a-folder', 'audit.log')} cannot be written (EEXIST)`);
+    expect(res.stderr).not.toContain('unexpected error');
+    // /proc takes no new files, whoever asks (root included).
+    const proc = await runCli(['serve'], { ...env, EGRESS_AUDIT_LOG: '/proc/egress-audit.log' });
+    expect(proc.code).toBe(1);
+    expect(proc.stderr).toMatch(/EGRESS_AUDIT_LOG \/proc\/egress-audit\.log cannot be written \(E[A-Z]+\)/);
+  });
+
   it('a store URL it does not support, and a bad listen address', async () => {
     const { env } = await seeded();
     const other = await runCli(['serve'], { ...env, EGRESS_STORE: 'memcached://127.0.0.1:1' });
