@@ -3,6 +3,7 @@ import { copyFile, mkdir, readFile, readdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, ROOT, runCli, startServe } from '../helpers/cli.ts';
+import { imageEnv, only, readDockerfile } from '../helpers/dockerfile.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { startUpstream } from '../helpers/upstream.ts';
 
@@ -41,12 +42,11 @@ describe('process hardening', () => {
     // The environment npm start sets (NAME=value before node) is the image's too.
     const envWords = start.slice(0, start.indexOf('node'));
     expect(envWords).toContain('MALLOC_ARENA_MAX=2');
-    const dockerfile = await readFile('Dockerfile', 'utf8');
-    const imageEnv = /^ENV ((?:.*\\\n)*.*)$/m.exec(dockerfile)?.[1]?.split(/\s+\\?\s*/).filter(Boolean) ?? [];
-    for (const word of envWords) expect(imageEnv).toContain(word);
+    const final = (await readDockerfile()).at(-1)!;
+    const env = imageEnv(final);
+    for (const word of envWords) expect(env).toHaveProperty(word.slice(0, word.indexOf('=')), word.slice(word.indexOf('=') + 1));
     const startFlags = start.slice(envWords.length + 1, -2);
-    const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)?.[1];
-    const image = JSON.parse(entrypoint ?? '[]') as string[];
+    const image = JSON.parse(only(final, 'ENTRYPOINT')) as string[];
     expect(image.at(-1)).toBe('bin/egress.js');
     expect(image.slice(1, -1)).toEqual(startFlags);
     expect(startFlags).toContain('--disable-sigusr1');
@@ -54,7 +54,7 @@ describe('process hardening', () => {
     expect(startFlags.some((f) => f.startsWith('--heap-growing-percent='))).toBe(true);
     expect(startFlags).toContain('--no-concurrent-recompilation');
     // The image compiles its modules at build time with the same flags: the cache is kept per flag set.
-    const warm = /^RUN node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/m.exec(dockerfile);
+    const warm = final.instructions.filter((i) => i.keyword === 'RUN').map((i) => /^node (.*?) --input-type=module -e .*enableCompileCache\('\/app\/node_modules\/\.cache\/egress-compile'\)/.exec(i.args)).find(Boolean);
     expect(warm?.[1]?.split(' ')).toEqual(startFlags);
   });
 
