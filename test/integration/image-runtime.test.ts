@@ -119,14 +119,14 @@ async function layOut(root: string): Promise<Image> {
     await runStage(stage, root, dir, buildEnv, built);
     built.set(name, dir);
   }
+  const env: Record<string, string> = { PATH: `${bin}:/usr/bin:/bin`, HOME: '/nonexistent' };
+  for (const [name, value] of Object.entries(imageEnv(final))) env[name] = localise(value, root);
   const app = join(root, 'app');
   await mkdir(app);
-  await runStage(final, root, app, { ...buildEnv, ...imageEnv(final) }, built);
+  await runStage(final, root, app, { ...buildEnv, ...env, PATH: buildEnv.PATH }, built);
   for (const dir of [root, app]) await chmod(dir, 0o755);
 
   if (only(final, 'USER') !== 'node') throw new Error(`Dockerfile: USER ${only(final, 'USER')}; this test runs the image's node user as nobody`);
-  const env: Record<string, string> = { PATH: `${bin}:/usr/bin:/bin`, HOME: '/nonexistent' };
-  for (const [name, value] of Object.entries(imageEnv(final))) env[name] = localise(value, root);
   const exec = (json: string) => (JSON.parse(json) as string[]).map((w) => (w === 'node' ? join(bin, 'node') : w));
   const healthcheck = /\bCMD\s+(\[.*\])$/.exec(only(final, 'HEALTHCHECK'))?.[1];
   if (!healthcheck) throw new Error('Dockerfile: HEALTHCHECK has no CMD [...]');
