@@ -62,6 +62,14 @@ export class StateError extends UserError {
   }
 }
 
+/** The store cannot take writes now: a Redis replica answering READONLY (CLI exit 1, HTTP 503). */
+export class StoreUnavailableError extends UserError {
+  constructor(message: string) {
+    super(message, 1);
+    this.name = 'StoreUnavailableError';
+  }
+}
+
 /** A compare-and-set write lost against a concurrent writer (CLI exit code 3). */
 export class ConflictError extends UserError {
   constructor(message: string) {

@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
-import { ConflictError, NotFoundError, StateError, UserError } from '../errors.ts';
+import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
@@ -143,6 +143,7 @@ function toHttpError(err: unknown): HttpError {
   if (err instanceof ConflictError) return new HttpError(409, 'conflict', err.message);
   if (err instanceof NotFoundError) return new HttpError(404, 'not_found', err.message);
   if (err instanceof StateError) return new HttpError(409, 'invalid_state', err.message);
+  if (err instanceof StoreUnavailableError) return new HttpError(503, 'store_unavailable', err.message);
   if (err instanceof UserError) return new HttpError(400, 'bad_request', err.message);
   return new HttpError(500, 'internal_error', 'The admin request failed.');
 }

@@ -1,4 +1,4 @@
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
 import { evalScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
@@ -104,7 +104,15 @@ export class RedisStore implements StoreBackend {
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
     const key = recordKey(kind, record);
     await this.#ready();
-    const [ok, found] = (await evalScript(this.client, PUT_SCRIPT, [KEYS.record(kind, key), KEYS.index(kind), KEYS.version], [JSON.stringify(record), String(expectedRevision), key, KEYS.channel])) as [number, number];
+    let reply: unknown;
+    try {
+      reply = await evalScript(this.client, PUT_SCRIPT, [KEYS.record(kind, key), KEYS.index(kind), KEYS.version], [JSON.stringify(record), String(expectedRevision), key, KEYS.channel]);
+    } catch (err) {
+      // A replica (a failover in progress, or EGRESS_STORE pointing at the wrong node) refuses writes.
+      if (err instanceof Error && err.message.startsWith('READONLY')) throw new StoreUnavailableError(`the store ${this.description} is a read-only replica (READONLY): writes go to the primary; nothing was written`);
+      throw err;
+    }
+    const [ok, found] = reply as [number, number];
     if (ok === 1) return;
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
     throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);

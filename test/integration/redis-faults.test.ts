@@ -160,6 +160,39 @@ describe('Redis faults', () => {
     expect(proxy!.logs()).toContain('store_rollback');
   });
 
+  it('a replica (READONLY) takes no write: the CLI and the admin API say so (exit 1, 503 store_unavailable), nothing is written, requests go on', async () => {
+    const { runCli } = await import('../helpers/cli.ts');
+    const { envFor } = await import('../helpers/proxy.ts');
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
+    expect(created.code, created.stderr).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await start();
+    await eventually(async () => (await fetch(`${proxy!.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 2_000, 'the admin token to load');
+    // A replica of a primary that is not there: it keeps its data, answers reads, refuses writes.
+    const c = redis.client();
+    await c.call('REPLICAOF', '127.0.0.1', String(await (await import('../helpers/redis.ts')).freePort()));
+    await expect(c.set('egress:replica-probe', '1')).rejects.toThrow(/READONLY/);
+    const before = await c.get(KEYS.version);
+
+    const rotate = await runCli(['keys', 'rotate', 'cred-a', '--from-stdin'], env, JSON.stringify({ secret: 'secret-a-NEW-5678' }));
+    expect(rotate.code).toBe(1);
+    expect(rotate.stderr).toBe(`egress: the store redis://127.0.0.1:${redis.port} is a read-only replica (READONLY): writes go to the primary; nothing was written\n`);
+    const res = await fetch(`${proxy!.admin}/v1/credentials/cred-a/versions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ fields: { secret: 'secret-a-NEW-5678' }, stage: true }),
+    });
+    const text = await res.text();
+    expect(res.status).toBe(503);
+    expect(JSON.parse(text)).toMatchObject({ error: { code: 'store_unavailable' } });
+    expect(text).not.toContain('secret-a-NEW-5678');
+    expect(await c.get(KEYS.version)).toBe(before);
+    c.disconnect();
+    expect((await timed('/a/x')).status).toBe(200);
+    expect(upstream.requests.at(-1)?.headers['x-api-key']).toBe('secret-a-1234');
+  });
+
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
     await start();
     expect((await timed('/a/x')).status).toBe(200);

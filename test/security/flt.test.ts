@@ -120,7 +120,7 @@ describe('FLT', () => {
       const rotate = await runCli(['keys', 'rotate', 'c', '--from-stdin'], envFor(dir, { EGRESS_STORE: r1.url }), JSON.stringify({ secret: 'sk_flt03_NEW_0f0f' }));
       console.log(`FLT-03: keys rotate against the replica: exit ${rotate.code}: ${rotate.stderr.trim()}`);
       expect(rotate.code).not.toBe(0);
-      expect(rotate.stderr).toMatch(/READONLY/);
+      expect(rotate.stderr).toMatch(/is a read-only replica \(READONLY\): writes go to the primary; nothing was written/);
       expect(rotate.stdout + rotate.stderr).not.toContain('sk_flt03_NEW_0f0f');
       await new Promise((r) => setTimeout(r, 1_000));
 
