@@ -69,13 +69,20 @@ export class RedisStore implements StoreBackend {
   readonly description: string;
   readonly client: RedisConnection;
   readonly #spec: RedisSpec;
+  /** Why the last connection attempt failed (ECONNREFUSED, …), for the error a command gets meanwhile. */
+  #connectError: string | undefined;
 
   constructor(spec: RedisSpec) {
     this.#spec = spec;
     this.description = spec.description;
     this.client = spec.connect();
     // Connection errors surface as failed commands; an unhandled 'error' event must not crash the process.
-    this.client.on('error', () => {});
+    this.client.on('error', (err: NodeJS.ErrnoException) => {
+      this.#connectError = err.code ?? err.message.split('\n')[0]!.slice(0, 120);
+    });
+    this.client.on('ready', () => {
+      this.#connectError = undefined;
+    });
   }
 
   /**
@@ -89,7 +96,11 @@ export class RedisStore implements StoreBackend {
     try {
       await once(this.client, 'ready', { signal: ac.signal });
     } catch {
-      // Not connected in time: the command below fails fast and says why.
+      // Not connected in time: say so, rather than let the command fail with ioredis's offline-queue error.
+      // (The status moves while we wait: TypeScript still has it narrowed from the check above.)
+      if ((this.client.status as string) !== 'ready') {
+        throw new StoreUnavailableError(`the store ${this.description} is unreachable (${this.#connectError ?? `no connection within ${REDIS_LIMITS.connectTimeoutMs / 1000} s`}): nothing was read or written`);
+      }
     } finally {
       clearTimeout(timer);
     }

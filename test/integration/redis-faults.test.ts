@@ -193,6 +193,29 @@ describe('Redis faults', () => {
     expect(upstream.requests.at(-1)?.headers['x-api-key']).toBe('secret-a-1234');
   });
 
+  it('down: the CLI and the admin API say the store is unreachable (exit 1, 503 store_unavailable) instead of an ioredis error', async () => {
+    const { runCli } = await import('../helpers/cli.ts');
+    const { envFor } = await import('../helpers/proxy.ts');
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await start();
+    await eventually(async () => (await fetch(`${proxy!.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 2_000, 'the admin token to load');
+    await redis.stop();
+    for (const args of [['keys', 'list'], ['callers', 'add', 'robot']]) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).toBe(1);
+      expect(res.stderr).toBe(`egress: the store redis://127.0.0.1:${redis.port} is unreachable (ECONNREFUSED): nothing was read or written\n`);
+    }
+    const res = await fetch(`${proxy!.admin}/v1/callers`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ name: 'robot' }),
+    });
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
+  });
+
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
     await start();
     expect((await timed('/a/x')).status).toBe(200);
