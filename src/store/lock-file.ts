@@ -15,10 +15,11 @@ import { basename, dirname, join } from 'node:path';
 export async function claimLock(lock: string, content: string): Promise<boolean> {
   const claim = join(dirname(lock), `.${basename(lock)}.${process.pid}.${Date.now()}${randomInt(1e9)}.tmp`);
   try {
-    await writeFile(claim, content, { mode: 0o600 });
     try {
+      await writeFile(claim, content, { mode: 0o600 });
       await link(claim, lock);
     } finally {
+      // Also when the write failed half-way (a full disk made the file but could not fill it).
       await unlink(claim).catch(() => {});
     }
     return true;
