@@ -2,7 +2,7 @@ import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import { claimLock, takeOverLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
@@ -148,21 +148,37 @@ export class FileStore implements StoreBackend {
     return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers), admins: nullProto(d.admins ?? {}), usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>> };
   }
 
+  /** A filesystem error before the new file is in place (read-only, full, no such folder): the store is as it was. */
+  #unchanged(err: unknown): unknown {
+    const code = (err as NodeJS.ErrnoException)?.code;
+    return typeof code === 'string' && !(err instanceof UserError) ? new StoreUnavailableError(`cannot write store ${this.path} (${code}); it is unchanged`) : err;
+  }
+
   async #write(doc: FileDocument): Promise<void> {
     const dir = dirname(this.path);
-    await mkdir(dir, { recursive: true, mode: 0o700 });
     const tmp = join(dir, `.${basename(this.path)}.${process.pid}.${Date.now()}.tmp`);
-    const handle = await open(tmp, 'wx', 0o600);
+    let handle;
+    try {
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      handle = await open(tmp, 'wx', 0o600);
+    } catch (err) {
+      throw this.#unchanged(err);
+    }
     try {
       await handle.writeFile(`${JSON.stringify(doc, null, 2)}\n`);
       await handle.sync();
     } catch (err) {
       await handle.close();
       await unlink(tmp).catch(() => {});
-      throw new UserError(`cannot write store ${this.path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
+      throw this.#unchanged(err);
     }
     await handle.close();
-    await rename(tmp, this.path);
+    try {
+      await rename(tmp, this.path);
+    } catch (err) {
+      await unlink(tmp).catch(() => {});
+      throw this.#unchanged(err);
+    }
     const dirHandle = await open(dir, 'r');
     try {
       await dirHandle.sync();
@@ -173,11 +189,17 @@ export class FileStore implements StoreBackend {
 
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
-    await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
     const deadline = Date.now() + LOCK_WAIT_MS;
     for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
       // The lock appears with its holder's pid already in it (see claimLock).
-      if (await claimLock(lock, String(process.pid))) break;
+      let claimed: boolean;
+      try {
+        await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+        claimed = await claimLock(lock, String(process.pid));
+      } catch (err) {
+        throw this.#unchanged(err);
+      }
+      if (claimed) break;
       // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
       // over now (one waiter at a time: see takeOverLock), instead of waiting for it to go stale.
       if (await writerGone(lock)) {

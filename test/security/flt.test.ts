@@ -1,7 +1,8 @@
-import { writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startServe, type ServeProcess } from '../helpers/cli.ts';
+import { BIN, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -258,6 +259,48 @@ describe('FLT', () => {
     } finally {
       await lab.close();
     }
+  }, 30_000);
+
+  it('FLT-15 the store on a full disk, then on a read-only one: a rotation fails cleanly (exit 1, the reason), the file is unchanged and still read, nothing left behind', async () => {
+    if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
+    const dir = await makeTempDir('egress-flt15s-');
+    await seedDataDir(dir, { routes: {}, credentials: { c: { secret: CANARY } }, callers: ['a'] });
+    const disk = join(dir, 'disk');
+    await mkdir(disk);
+    const fresh = 'sk_flt15_NEW_7e7e7e';
+    // In a mount namespace of its own: a 256 KiB tmpfs with the store on it, filled up, then remounted read-only.
+    const script = [
+      'mount -t tmpfs -o size=256k tmpfs "$DISK" || exit 90',
+      'cp "$DATA/store.json" "$DISK/store.json"',
+      'dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null',
+      'before=$(sha256sum < "$DISK/store.json")',
+      'printf %s "$FRESH" | "$NODE" "$BIN" keys rotate c --from-stdin; echo "full-exit=$?"',
+      '[ "$(sha256sum < "$DISK/store.json")" = "$before" ] && echo full-unchanged',
+      '"$NODE" "$BIN" keys list && echo full-readable',
+      'rm "$DISK/filler" && mount -o remount,ro "$DISK"',
+      'printf %s "$FRESH" | "$NODE" "$BIN" keys rotate c --from-stdin; echo "ro-exit=$?"',
+      '[ "$(sha256sum < "$DISK/store.json")" = "$before" ] && echo ro-unchanged',
+      'echo "left: $(ls -A "$DISK" | tr "\\n" " ")"',
+    ].join('\n');
+    const env = { ...envFor(dir, { EGRESS_STORE: `file:${join(disk, 'store.json')}` }), PATH: process.env.PATH ?? '/usr/bin:/bin', DISK: disk, DATA: dir, FRESH: JSON.stringify({ secret: fresh }), NODE: process.execPath, BIN };
+    const child = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    expect(code, out).toBe(0);
+    const store = join(disk, 'store.json');
+    expect(out).toContain(`egress: cannot write store ${store} (ENOSPC); it is unchanged`);
+    expect(out).toContain('full-exit=1');
+    expect(out).toContain('full-unchanged');
+    expect(out).toContain('full-readable');
+    expect(out).toContain(`egress: cannot write store ${store} (EROFS); it is unchanged`);
+    expect(out).toContain('ro-exit=1');
+    expect(out).toContain('ro-unchanged');
+    // No lock file or temp file left on the disk; only the store.
+    expect(out).toContain('left: store.json \n');
+    expect(out).not.toContain('unexpected error');
+    for (const f of [...forms(CANARY), fresh]) expect(out).not.toContain(f);
   }, 30_000);
 
   it('FLT-15 disk full for the audit log (/dev/full): the proxy stays up, raises audit_write_failed, leaks nothing', async () => {
