@@ -62,7 +62,7 @@ export class StateError extends UserError {
   }
 }
 
-/** The store cannot be used now: Redis unreachable, or a replica answering READONLY to a write (CLI exit 1, HTTP 503). */
+/** The store cannot be used now: Redis unreachable, a replica answering READONLY, a filesystem refusing the file store's write (CLI exit 1, HTTP 503). */
 export class StoreUnavailableError extends UserError {
   constructor(message: string) {
     super(message, 1);

@@ -189,17 +189,22 @@ export class FileStore implements StoreBackend {
 
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
-    const deadline = Date.now() + LOCK_WAIT_MS;
-    for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
-      // The lock appears with its holder's pid already in it (see claimLock).
-      let claimed: boolean;
+    const claim = async () => {
       try {
-        await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
-        claimed = await claimLock(lock, String(process.pid));
+        return await claimLock(lock, String(process.pid));
       } catch (err) {
         throw this.#unchanged(err);
       }
-      if (claimed) break;
+    };
+    try {
+      await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+    } catch (err) {
+      throw this.#unchanged(err);
+    }
+    const deadline = Date.now() + LOCK_WAIT_MS;
+    for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+      // The lock appears with its holder's pid already in it (see claimLock).
+      if (await claim()) break;
       // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
       // over now (one waiter at a time: see takeOverLock), instead of waiting for it to go stale.
       if (await writerGone(lock)) {
