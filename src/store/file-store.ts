@@ -1,5 +1,5 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
-import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
@@ -157,26 +157,20 @@ export class FileStore implements StoreBackend {
   async #write(doc: FileDocument): Promise<void> {
     const dir = dirname(this.path);
     const tmp = join(dir, `.${basename(this.path)}.${process.pid}.${Date.now()}.tmp`);
-    let handle;
+    let handle: FileHandle | undefined;
+    let made = false;
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       handle = await open(tmp, 'wx', 0o600);
-    } catch (err) {
-      throw this.#unchanged(err);
-    }
-    try {
+      made = true;
       await handle.writeFile(`${JSON.stringify(doc, null, 2)}\n`);
       await handle.sync();
-    } catch (err) {
       await handle.close();
-      await unlink(tmp).catch(() => {});
-      throw this.#unchanged(err);
-    }
-    await handle.close();
-    try {
+      handle = undefined;
       await rename(tmp, this.path);
     } catch (err) {
-      await unlink(tmp).catch(() => {});
+      await handle?.close().catch(() => {});
+      if (made) await unlink(tmp).catch(() => {});
       throw this.#unchanged(err);
     }
     const dirHandle = await open(dir, 'r');
@@ -189,22 +183,26 @@ export class FileStore implements StoreBackend {
 
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
-    const claim = async () => {
-      try {
-        return await claimLock(lock, String(process.pid));
-      } catch (err) {
-        throw this.#unchanged(err);
-      }
-    };
     try {
-      await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+      await this.#acquire(lock);
     } catch (err) {
       throw this.#unchanged(err);
     }
+    try {
+      await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
+      return await fn();
+    } finally {
+      await unlink(lock).catch(() => {});
+    }
+  }
+
+  /** Take the writer lock, waiting for a live holder up to LOCK_WAIT_MS (then a ConflictError). */
+  async #acquire(lock: string): Promise<void> {
+    await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
     const deadline = Date.now() + LOCK_WAIT_MS;
     for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
       // The lock appears with its holder's pid already in it (see claimLock).
-      if (await claim()) break;
+      if (await claimLock(lock, String(process.pid))) return;
       // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
       // over now (one waiter at a time: see takeOverLock), instead of waiting for it to go stale.
       if (await writerGone(lock)) {
@@ -213,12 +211,6 @@ export class FileStore implements StoreBackend {
       }
       if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
       await sleep(delay);
-    }
-    try {
-      await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
-      return await fn();
-    } finally {
-      await unlink(lock).catch(() => {});
     }
   }
 }
