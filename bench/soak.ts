@@ -312,12 +312,12 @@ async function main(): Promise<number> {
   say(`  heap used   ${mb(first?.heapUsedBytes)} MB at t=${first ? Math.round(first.t) : '-'} s, ${mb(lastHeap?.heapUsedBytes)} MB at t=${lastHeap ? Math.round(lastHeap.t) : '-'} s (slope ${signed(heapSlope)} MB/min, not judged)`);
   if (first && lastHeap) {
     // Spaces that hold under 0.1 MB at both ends are left out of the line (they are in the JSON).
-    const spaces = [...new Set([...Object.keys(first.heapSpaces), ...Object.keys(lastHeap.heapSpaces)])]
-      .filter((space) => Math.max(first.heapSpaces[space] ?? 0, lastHeap.heapSpaces[space] ?? 0) >= 0.1 * 2 ** 20);
-    if (spaces.length) say(`  heap spaces used MB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(first.heapSpaces[space])} -> ${mb(lastHeap.heapSpaces[space])}`).join(', ')}`);
-    const committed = [...new Set([...Object.keys(first.heapSpacesCommitted), ...Object.keys(lastHeap.heapSpacesCommitted)])]
-      .filter((space) => Math.max(first.heapSpacesCommitted[space] ?? 0, lastHeap.heapSpacesCommitted[space] ?? 0) >= 0.1 * 2 ** 20);
-    if (committed.length) say(`  heap spaces committed MB, start -> end: ${committed.map((space) => `${space.replace(/_space$/, '')} ${mb(first.heapSpacesCommitted[space])} -> ${mb(lastHeap.heapSpacesCommitted[space])}`).join(', ')}`);
+    const spacesLine = (what: string, start: Record<string, number>, end: Record<string, number>) => {
+      const spaces = [...new Set([...Object.keys(start), ...Object.keys(end)])].filter((space) => Math.max(start[space] ?? 0, end[space] ?? 0) >= 0.1 * 2 ** 20);
+      if (spaces.length) say(`  heap spaces ${what} MB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(start[space])} -> ${mb(end[space])}`).join(', ')}`);
+    };
+    spacesLine('used', first.heapSpaces, lastHeap.heapSpaces);
+    spacesLine('committed', first.heapSpacesCommitted, lastHeap.heapSpacesCommitted);
   }
   say(`  requests    ${responses} responses in ${Math.round(loadSec)} s (${Math.round(responses / loadSec)} req/s), ${errors} errors, ${non2xx} non-2xx; the upstream received ${total.requests}, ${total.missingSecret} without the secret, ${total.tokenSeen} with the caller token`);
   say(`  audit log   ${audit.summary}`);
