@@ -12,15 +12,19 @@ export interface CliResult {
 
 /** Run the real CLI as a child process with the test's environment (and Node 24: process.execPath). */
 export function runCli(args: readonly string[], env: Record<string, string>, input?: string, cwd = ROOT): Promise<CliResult> {
+  return collect(spawn(process.execPath, [BIN, ...args], { cwd, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['pipe', 'pipe', 'pipe'] }), input);
+}
+
+/** A child's exit code and everything it printed; `input` goes to its stdin (which is then closed) when it has one. */
+export function collect(child: ChildProcess, input?: string): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { cwd, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     child.on('error', reject);
     child.on('close', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(input ?? '');
+    child.stdin?.end(input ?? '');
   });
 }
 
@@ -33,8 +37,12 @@ export interface ServeProcess {
 }
 
 /** Start `egress serve` as a child process and wait for its listening line (ports are ephemeral). */
-export async function startServe(env: Record<string, string>, cwd = ROOT, extraArgs: readonly string[] = []): Promise<ServeProcess> {
-  const child = spawn(process.execPath, ['--disable-sigusr1', BIN, 'serve', ...extraArgs], { cwd, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export function startServe(env: Record<string, string>, cwd = ROOT, extraArgs: readonly string[] = []): Promise<ServeProcess> {
+  return watchServe(spawn(process.execPath, ['--disable-sigusr1', BIN, 'serve', ...extraArgs], { cwd, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['ignore', 'pipe', 'pipe'] }));
+}
+
+/** An `egress serve` started some other way (another Node command line, a namespace): its output, its addresses once it listens. */
+export async function watchServe(child: ChildProcess): Promise<ServeProcess> {
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { chmod, chown, copyFile, cp, link, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ROOT } from '../helpers/cli.ts';
+import { ROOT, collect, watchServe, type CliResult } from '../helpers/cli.ts';
 import { readDockerfile, imageEnv, only, type Stage } from '../helpers/dockerfile.ts';
 import { makeTempDir } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -43,26 +43,8 @@ interface Image {
   readonly healthcheck: readonly string[];
 }
 
-interface Run {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function sh(command: string, cwd: string, env: NodeJS.ProcessEnv): Promise<Run> {
+function sh(command: string, cwd: string, env: NodeJS.ProcessEnv): Promise<CliResult> {
   return collect(spawn('sh', ['-c', command], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] }));
-}
-
-function collect(child: ReturnType<typeof spawn>, input?: string): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    let stdout = '';
-    let stderr = '';
-    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-    if (child.stdin) child.stdin.end(input ?? '');
-  });
 }
 
 /** Where the image has a path (/app, /data) and a user (node), the laid-out root has its own. */
@@ -142,7 +124,7 @@ function readOnlySpawn(image: Image, command: readonly string[], env: Record<str
   });
 }
 
-function cli(image: Image, env: Record<string, string>, args: readonly string[], input?: string): Promise<Run> {
+function cli(image: Image, env: Record<string, string>, args: readonly string[], input?: string): Promise<CliResult> {
   return collect(readOnlySpawn(image, [...image.entrypoint, ...args], env), input);
 }
 
@@ -204,47 +186,34 @@ describe('the image at run time: non-root, read-only root filesystem, production
     const token = (JSON.parse(added.stdout) as { token: string }).token;
     for (const file of ['master.key', 'store.json']) expect((await stat(join(image.data, file))).uid).toBe(NOBODY);
 
-    const serve = readOnlySpawn(image, [...image.entrypoint, 'serve'], env);
-    const exited = collect(serve);
-    let output = '';
-    serve.stdout!.on('data', (d: Buffer) => (output += d.toString()));
-    serve.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+    const child = readOnlySpawn(image, [...image.entrypoint, 'serve'], env);
+    const serve = await watchServe(child).catch((err: unknown) => {
+      child.kill('SIGKILL');
+      throw err;
+    });
+    let stopped: number | null = null;
     try {
-      const addresses = await new Promise<{ listen: string; admin: string }>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`serve did not start:\n${output}`)), 20_000);
-        serve.stdout!.on('data', () => {
-          const line = output.split('\n').find((l) => l.includes('egress-proxy listening'));
-          if (!line) return;
-          clearTimeout(timer);
-          resolve(JSON.parse(line) as { listen: string; admin: string });
-        });
-        serve.on('exit', (code) => {
-          clearTimeout(timer);
-          reject(new Error(`serve exited with ${code}:\n${output}`));
-        });
-      });
-
       // The process itself: the unprivileged user, and a root filesystem it cannot write.
-      const status = await readFile(`/proc/${serve.pid}/status`, 'utf8');
+      const status = await readFile(`/proc/${child.pid}/status`, 'utf8');
       expect(/^Uid:\s+(.*)$/m.exec(status)?.[1]?.split(/\s+/)).toEqual([`${NOBODY}`, `${NOBODY}`, `${NOBODY}`, `${NOBODY}`]);
-      const mounts = (await readFile(`/proc/${serve.pid}/mountinfo`, 'utf8')).split('\n').map((l) => l.split(' '));
+      const mounts = (await readFile(`/proc/${child.pid}/mountinfo`, 'utf8')).split('\n').map((l) => l.split(' '));
       expect(mounts.find((m) => m[4] === '/')?.[5]?.split(',')).toContain('ro');
       expect(mounts.find((m) => m[4] === image.data)?.[5]?.split(',')).toContain('rw');
 
-      const res = await fetch(`http://${addresses.listen}/local/ping`, { headers: { 'x-egress-token': token } });
+      const res = await fetch(`${serve.url}/local/ping`, { headers: { 'x-egress-token': token } });
       expect(res.status).toBe(200);
       expect(upstream.requests.at(-1)?.headers['x-api-key']).toBe(secret);
 
       // The image's HEALTHCHECK, on the admin port this proxy got.
-      const adminPort = addresses.admin.split(':').at(-1)!;
+      const adminPort = serve.admin.split(':').at(-1)!;
       expect(image.env.EGRESS_ADMIN_LISTEN).toMatch(/:9090$/);
       const health = await collect(readOnlySpawn(image, image.healthcheck.map((w) => w.replace('127.0.0.1:9090', `127.0.0.1:${adminPort}`)), env));
       expect(health.code, health.stderr).toBe(0);
     } finally {
-      serve.kill('SIGTERM');
+      stopped = await serve.stop('SIGTERM');
     }
-    const stopped = await exited;
-    expect(stopped.code, output).toBe(0);
+    const output = serve.output();
+    expect(stopped, output).toBe(0);
     expect(output).not.toMatch(/EROFS|EACCES|read-only file system|permission denied/i);
     expect(output).not.toContain(secret);
     const audit = await readFile(join(image.data, 'audit.log'), 'utf8');

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BIN, startServe, type ServeProcess } from '../helpers/cli.ts';
+import { BIN, collect, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -283,12 +283,9 @@ describe('FLT', () => {
       'echo "left: $(ls -A "$DISK" | tr "\\n" " ")"',
     ].join('\n');
     const env = { ...envFor(dir, { EGRESS_STORE: `file:${join(disk, 'store.json')}` }), PATH: process.env.PATH ?? '/usr/bin:/bin', DISK: disk, DATA: dir, FRESH: JSON.stringify({ secret: fresh }), NODE: process.execPath, BIN };
-    const child = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
-    expect(code, out).toBe(0);
+    const run = await collect(spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+    const out = run.stdout + run.stderr;
+    expect(run.code, out).toBe(0);
     const store = join(disk, 'store.json');
     expect(out).toContain(`egress: cannot write store ${store} (ENOSPC); it is unchanged`);
     expect(out).toContain('full-exit=1');
