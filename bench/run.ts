@@ -12,7 +12,8 @@
  * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
  * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_LOAD (the saturation runs' load
  * generator: wrk or autocannon; default wrk when it is on PATH, else autocannon), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
- * and the opt-in egress-x2: two egress-proxy processes on one port with EGRESS_REUSE_PORT=1, CPU and RSS summed),
+ * and the opt-in egress-x2: two egress-proxy processes on one port with EGRESS_REUSE_PORT=1, CPU and RSS summed,
+ * and min: node:http + undici dispatch and nothing else, the least a Node proxy on this stack costs),
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
  * BENCH_EGRESS_NODE_ARGS (extra Node flags for every egress-proxy target, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
  */
@@ -29,7 +30,7 @@ import { httpRequest } from './http.ts';
 import { BenchRun, benchTicks, clockTicksPerSecond, cpuTicks, forkChild, indent, machineBusyTicks, memoryOf, portClosed, runCommand, runLoad, saturationGenerator, waitReady } from './proc.ts';
 import { combineRounds, egressTable, resultsTable, storeCpuTable, type CpuUse, type RunRecord, type Scenario } from './report.ts';
 import {
-  BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startBare, startEgress, startHp3, startNginx, startRedis, startUpstream,
+  BENCH_DIR, DEFAULT_TARGETS, LABELS, TARGET_NAMES, directTarget, startEgress, startNginx, startNodeProxy, startRedis, startUpstream,
   type EgressTarget, type RedisServer, type Target, type TargetName,
 } from './targets.ts';
 
@@ -109,8 +110,7 @@ async function main(): Promise<number> {
       egresses.push(started);
       targets.push(started);
     }
-    if (name === 'bare') targets.push(await startBare(upstream));
-    if (name === 'hp3') targets.push(await startHp3(upstream));
+    if (name === 'bare' || name === 'min' || name === 'hp3') targets.push(await startNodeProxy(name, upstream));
     if (name === 'nginx') {
       const started = await startNginx(upstream, tmpRoot);
       if ('skipped' in started) {

@@ -5,6 +5,7 @@
  *   egress-redis  the same, with EGRESS_STORE=redis://… on a private redis-server the bench starts
  *   egress-x2     two `egress serve` on one port (EGRESS_REUSE_PORT=1), one file store (opt-in)
  *   bare    node:http + undici Pool, headers added, nothing else (the floor)
+ *   min     node:http + undici Pool.dispatch, the response sent in one end (opt-in: the least a Node proxy does)
  *   hp3     http-proxy-3 with a keep-alive agent and the same headers
  *   nginx   nginx with proxy_set_header and upstream keepalive (when nginx is installed)
  */
@@ -19,15 +20,17 @@ import { forkChild, freePort, ipcRequest, listeningPorts, runCommand, spawnChild
 export const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 export const REPO_ROOT = resolve(BENCH_DIR, '..');
 
-export type TargetName = 'direct' | 'egress' | 'egress-redis' | 'egress-x2' | 'bare' | 'hp3' | 'nginx';
+export type TargetName = 'direct' | 'egress' | 'egress-redis' | 'egress-x2' | 'bare' | 'min' | 'hp3' | 'nginx';
 /** Every target, in the order they are measured. */
-export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'egress-redis', 'egress-x2', 'bare', 'hp3', 'nginx'];
+export const TARGET_NAMES: readonly TargetName[] = ['direct', 'egress', 'egress-redis', 'egress-x2', 'bare', 'min', 'hp3', 'nginx'];
 /**
  * What runs without BENCH_TARGETS. egress-x2 is opt-in: it is a scaling figure, and on a machine
  * with few cores (the load generator, the upstream and two proxies sharing them) it mostly measures
- * contention; it also adds about a minute to a run that already takes several.
+ * contention; it also adds about a minute to a run that already takes several. min is opt-in too:
+ * it answers one question (how much of egress-proxy's cost is Node's HTTP stack and undici's), not
+ * a comparison users make.
  */
-export const DEFAULT_TARGETS: readonly TargetName[] = TARGET_NAMES.filter((n) => n !== 'egress-x2');
+export const DEFAULT_TARGETS: readonly TargetName[] = TARGET_NAMES.filter((n) => n !== 'egress-x2' && n !== 'min');
 
 export const LABELS: Readonly<Record<TargetName, string>> = {
   direct: 'direct',
@@ -35,6 +38,7 @@ export const LABELS: Readonly<Record<TargetName, string>> = {
   'egress-redis': 'egress-redis',
   'egress-x2': 'egress x2',
   bare: 'bare undici',
+  min: 'min dispatch',
   hp3: 'http-proxy-3',
   nginx: 'nginx',
 };
@@ -85,13 +89,15 @@ export function directTarget(upstream: Upstream): Target {
   };
 }
 
-export async function startBare(upstream: Upstream): Promise<Target> {
-  const child = forkChild('bare undici proxy', join(BENCH_DIR, 'bare-proxy.ts'), { BENCH_UPSTREAM: upstream.origin });
+/** A pass-through proxy of bench/ (bare, min, hp3) in its own process, in front of `upstream`. */
+export async function startNodeProxy(name: 'bare' | 'min' | 'hp3', upstream: Upstream): Promise<Target> {
+  const { script, description } = NODE_PROXIES[name];
+  const child = forkChild(LABELS[name], join(BENCH_DIR, script), { BENCH_UPSTREAM: upstream.origin });
   const port = await waitReady(child, START_TIMEOUT_MS);
   return {
-    name: 'bare',
-    label: LABELS.bare,
-    description: 'node:http + undici Pool.request (256 connections) + stream pipe, adds the two headers, no checks',
+    name,
+    label: LABELS[name],
+    description,
     url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
     process: child,
     processes: [child],
@@ -99,19 +105,11 @@ export async function startBare(upstream: Upstream): Promise<Target> {
   };
 }
 
-export async function startHp3(upstream: Upstream): Promise<Target> {
-  const child = forkChild('http-proxy-3', join(BENCH_DIR, 'hp3-proxy.ts'), { BENCH_UPSTREAM: upstream.origin });
-  const port = await waitReady(child, START_TIMEOUT_MS);
-  return {
-    name: 'hp3',
-    label: LABELS.hp3,
-    description: 'http-proxy-3 web() on node:http, keep-alive http.Agent (maxSockets 256), `headers` option adds the two headers, no checks',
-    url: `http://127.0.0.1:${port}${PROXY_PREFIX}${UPSTREAM_PATH}`,
-    process: child,
-    processes: [child],
-    ports: [port],
-  };
-}
+const NODE_PROXIES = {
+  bare: { script: 'bare-proxy.ts', description: 'node:http + undici Pool.request (256 connections) + stream pipe, adds the two headers, no checks' },
+  min: { script: 'min-proxy.ts', description: 'node:http + undici Pool.dispatch (256 connections), response collected and sent in one end, adds the two headers, no checks' },
+  hp3: { script: 'hp3-proxy.ts', description: 'http-proxy-3 web() on node:http, keep-alive http.Agent (maxSockets 256), `headers` option adds the two headers, no checks' },
+} as const;
 
 // ---- egress-proxy -----------------------------------------------------------------------------
 
