@@ -10,9 +10,22 @@ import { checkLiteral, guardedLookup } from './address-guard.ts';
  */
 export class Dispatchers {
   readonly #pools = new Map<string, Pool>();
+  /**
+   * Each compiled route's pool key, once its origin passed the address check: every request of a
+   * route would otherwise parse its origin and serialise the key again. A route's origin and
+   * policy never change (a reload compiles new routes), so neither can the outcome.
+   */
+  readonly #routeKeys = new WeakMap<CompiledRoute, string>();
 
   for(route: CompiledRoute): Pool {
-    return this.forOrigin(route.origin, route);
+    let key = this.#routeKeys.get(route);
+    if (key === undefined) {
+      // Throws for an IP literal the route may not reach: nothing is kept, so every request is refused alike.
+      if (!route.allowPrivateAddresses) checkLiteral(new URL(route.origin).hostname);
+      key = poolKeyOf(route.origin, route);
+      this.#routeKeys.set(route, key);
+    }
+    return this.#pool(key, route.origin, route);
   }
 
   /**
@@ -54,7 +67,10 @@ export class Dispatchers {
    */
   forOrigin(origin: string, route: PoolPolicy): Pool {
     if (!route.allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
-    const key = poolKeyOf(origin, route);
+    return this.#pool(poolKeyOf(origin, route), origin, route);
+  }
+
+  #pool(key: string, origin: string, route: PoolPolicy): Pool {
     let pool = this.#pools.get(key);
     if (!pool) {
       pool = newPool(origin, route, 256);
