@@ -176,7 +176,8 @@ export function exitWithParent(): void {
 }
 
 export function sleep(ms: number): Promise<void> {
-  return new Promise((resolveSleep) => setTimeout(resolveSleep, ms));
+  // A deadline computed a moment after it was checked can be a hair in the past: not a negative timeout.
+  return new Promise((resolveSleep) => setTimeout(resolveSleep, Math.max(0, ms)));
 }
 
 /** Reject with `what` when `promise` has not settled within `ms`. */
