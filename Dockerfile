@@ -11,6 +11,7 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
 FROM node:24-bookworm-slim
 ENV NODE_ENV=production \
     MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072 \
     EGRESS_LISTEN=0.0.0.0:8080 \
     EGRESS_ADMIN_LISTEN=0.0.0.0:9090 \
     EGRESS_ROUTES=/app/routes \

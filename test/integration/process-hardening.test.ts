@@ -36,13 +36,14 @@ describe('process hardening', () => {
     }
   });
 
-  it('npm start and the Docker image start Node with the same flags and malloc settings (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread, two malloc arenas)', async () => {
+  it('npm start and the Docker image start Node with the same flags and malloc settings (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread, two malloc arenas, a fixed mmap threshold)', async () => {
     const pkg = JSON.parse(await readFile('package.json', 'utf8')) as { scripts: { start: string } };
     expect(pkg.scripts.start.endsWith(' bin/egress.js serve')).toBe(true);
     // Read as the bench reads it ("[NAME=value ...] node <flags> bin/egress.js serve", or it throws).
     const start = await startCommand();
     // The environment npm start sets (NAME=value before node) is the image's too.
     expect(start.env).toHaveProperty('MALLOC_ARENA_MAX', '2');
+    expect(start.env).toHaveProperty('MALLOC_MMAP_THRESHOLD_', '131072');
     const final = (await readDockerfile()).at(-1)!;
     const env = imageEnv(final);
     for (const [name, value] of Object.entries(start.env)) expect(env).toHaveProperty(name, value);
