@@ -18,14 +18,7 @@ export class Dispatchers {
   readonly #routeKeys = new WeakMap<CompiledRoute, string>();
 
   for(route: CompiledRoute): Pool {
-    let key = this.#routeKeys.get(route);
-    if (key === undefined) {
-      // Throws for an IP literal the route may not reach: nothing is kept, so every request is refused alike.
-      if (!route.allowPrivateAddresses) checkLiteral(new URL(route.origin).hostname);
-      key = poolKeyOf(route.origin, route);
-      this.#routeKeys.set(route, key);
-    }
-    return this.#pool(key, route.origin, route);
+    return this.#pool(this.#routeKey(route), route.origin, route);
   }
 
   /**
@@ -34,8 +27,7 @@ export class Dispatchers {
    */
   forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
     const injection = route.clientCertificate!;
-    const key = JSON.stringify([poolKeyOf(route.origin, route), credential.id, credential.version]);
-    if (!route.allowPrivateAddresses) checkLiteral(new URL(route.origin).hostname);
+    const key = JSON.stringify([this.#routeKey(route), credential.id, credential.version]);
     let pool = this.#pools.get(key);
     if (!pool) {
       const material = injection.injector.clientCertificate!(injection.options, credential);
@@ -66,8 +58,18 @@ export class Dispatchers {
    * checked here and a name is resolved by guardedLookup, which connects only to the address it checked.
    */
   forOrigin(origin: string, route: PoolPolicy): Pool {
-    if (!route.allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
-    return this.#pool(poolKeyOf(origin, route), origin, route);
+    return this.#pool(checkedKey(origin, route), origin, route);
+  }
+
+  /** The route's own pool key, worked out (and its origin checked) once per compiled route. */
+  #routeKey(route: CompiledRoute): string {
+    let key = this.#routeKeys.get(route);
+    if (key === undefined) {
+      // Throws for an IP literal the route may not reach: nothing is kept, so every request is refused alike.
+      key = checkedKey(route.origin, route);
+      this.#routeKeys.set(route, key);
+    }
+    return key;
   }
 
   #pool(key: string, origin: string, route: PoolPolicy): Pool {
@@ -119,6 +121,12 @@ function newPool(origin: string, route: PoolPolicy, connections: number, clientC
       ...clientCert,
     },
   });
+}
+
+/** The pool key for `origin`, once the address policy allows it (an IP literal is checked here; a name when it is resolved). */
+function checkedKey(origin: string, route: PoolPolicy): string {
+  if (!route.allowPrivateAddresses) checkLiteral(new URL(origin).hostname);
+  return poolKeyOf(origin, route);
 }
 
 function poolKeyOf(origin: string, route: PoolPolicy): string {
