@@ -9,7 +9,7 @@ import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { pipeline } from 'node:stream/promises';
 import { Pool, type Dispatcher } from 'undici';
-import { CLIENT_ID, PROXY_PREFIX, SECRET, exitWithParent, type ReadyMessage } from './common.ts';
+import { CLIENT_ID, HOP_BY_HOP, PROXY_PREFIX, SECRET, exitWithParent, type ReadyMessage } from './common.ts';
 
 exitWithParent();
 
@@ -18,8 +18,6 @@ if (!origin) throw new Error('BENCH_UPSTREAM is not set');
 
 // The same pool settings as egress-proxy's Dispatchers.
 const pool = new Pool(origin, { connections: 256, pipelining: 1, keepAliveTimeout: 30_000 });
-
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host']);
 
 const server = createServer(async (req, res) => {
   const headers: Record<string, string | string[]> = {};

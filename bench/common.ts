@@ -12,6 +12,8 @@ export const TOKEN_HEADER = 'x-egress-token';
 /** The path the upstream serves; proxies are called on `/bench` + this. */
 export const UPSTREAM_PATH = '/accounts/get';
 export const PROXY_PREFIX = '/bench';
+/** Headers the bench's pass-through proxies (bare, min) do not pass on, in either direction. */
+export const HOP_BY_HOP: ReadonlySet<string> = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host']);
 
 export interface BenchSettings {
   /** Seconds per measured scenario. */

@@ -11,7 +11,7 @@
 import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Pool, type Dispatcher } from 'undici';
-import { CLIENT_ID, PROXY_PREFIX, SECRET, exitWithParent, type ReadyMessage } from './common.ts';
+import { CLIENT_ID, HOP_BY_HOP, PROXY_PREFIX, SECRET, exitWithParent, type ReadyMessage } from './common.ts';
 
 exitWithParent();
 
@@ -21,7 +21,17 @@ if (!origin) throw new Error('BENCH_UPSTREAM is not set');
 // The same pool settings as egress-proxy's Dispatchers.
 const pool = new Pool(origin, { connections: 256, pipelining: 1, keepAliveTimeout: 30_000 });
 
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host']);
+/** The headers that go on, as a flat [name, value, …] list (no object to build per request). */
+function passedOn(headers: IncomingHttpHeaders): string[] {
+  const out: string[] = [];
+  for (const name in headers) {
+    const value = headers[name];
+    if (value === undefined || HOP_BY_HOP.has(name)) continue;
+    if (Array.isArray(value)) for (const v of value) out.push(name, v);
+    else out.push(name, value);
+  }
+  return out;
+}
 
 class Relay implements Dispatcher.DispatchHandler {
   readonly #res: ServerResponse;
@@ -45,14 +55,7 @@ class Relay implements Dispatcher.DispatchHandler {
   }
 
   onResponseEnd(): void {
-    const out: string[] = [];
-    for (const name in this.#headers) {
-      const value = this.#headers[name];
-      if (value === undefined || HOP_BY_HOP.has(name)) continue;
-      if (Array.isArray(value)) for (const v of value) out.push(name, v);
-      else out.push(name, value);
-    }
-    this.#res.writeHead(this.#status, out);
+    this.#res.writeHead(this.#status, passedOn(this.#headers));
     this.#res.end(this.#chunks.length === 1 ? this.#chunks[0] : Buffer.concat(this.#chunks));
   }
 
@@ -67,13 +70,7 @@ class Relay implements Dispatcher.DispatchHandler {
 }
 
 const server = createServer((req, res) => {
-  const headers: string[] = [];
-  for (const name in req.headers) {
-    const value = req.headers[name];
-    if (value === undefined || HOP_BY_HOP.has(name)) continue;
-    if (Array.isArray(value)) for (const v of value) headers.push(name, v);
-    else headers.push(name, value);
-  }
+  const headers = passedOn(req.headers);
   headers.push('plaid-client-id', CLIENT_ID, 'plaid-secret', SECRET);
   const url = req.url ?? '/';
   const path = url.startsWith(`${PROXY_PREFIX}/`) ? url.slice(PROXY_PREFIX.length) : url;
