@@ -124,14 +124,19 @@ export class AuditLog {
     }
     try {
       await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
-      await (await open(this.path, 'a', 0o600)).close();
+      // Opened for append once here to prove it can be written; its size is where rotation counts from.
+      const handle = await open(this.path, 'a', 0o600);
+      try {
+        this.#bytes = (await handle.stat()).size;
+      } finally {
+        await handle.close();
+      }
     } catch (err) {
       // Later write failures (a full disk) are alerted on while requests go on; a log that cannot be
       // written at all from the start is a configuration error: no request would ever be audited.
       throw new UserError(`EGRESS_AUDIT_LOG ${this.path} cannot be written (${(err as NodeJS.ErrnoException).code ?? 'error'}): every request is audited, so the proxy does not start without it`);
     }
     this.#prev = (await lastLineHash(this.path)) ?? (await lastLineHash(`${this.path}.1`)) ?? GENESIS;
-    this.#bytes = await stat(this.path).then((s) => s.size, () => 0);
     this.#openStream();
   }
 

@@ -238,6 +238,26 @@ describe('audit log rotation', () => {
     expect(bad.stdout).toContain('audit.log.2:3');
   });
 
+  it('a restarted proxy counts the lines already in audit.log toward the size limit', async () => {
+    const dir = await makeTempDir('egress-audit-restart-');
+    const { tokens: t } = await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    const env = { EGRESS_AUDIT_MAX_SIZE: '4kb', EGRESS_AUDIT_KEEP: '3' };
+    proxy = await startTestProxy({ routes: {}, dir, env });
+    for (let i = 0; i < 6; i++) expect(await get('/api/ok', t.svc!)).toBe(200);
+    await proxy.close();
+    const { readdir, stat } = await import('node:fs/promises');
+    const before = (await stat(join(dir, 'audit.log'))).size;
+    // More than half the limit already: the second proxy's share alone stays under it.
+    expect(before).toBeGreaterThan(2048);
+    expect(before).toBeLessThan(4096);
+    proxy = await startTestProxy({ routes: {}, dir, env });
+    for (let i = 0; i < 6; i++) expect(await get('/api/ok', t.svc!)).toBe(200);
+    await proxy.close();
+    proxy = undefined;
+    expect((await readdir(dir)).filter((f) => f.startsWith('audit.log')).sort()).toEqual(['audit.log', 'audit.log.1']);
+    expect((await runCli(['audit', 'verify'], envFor(dir))).code).toBe(0);
+  });
+
   it('a full disk is reported, not crashed on: requests keep being served', async () => {
     const dir = await makeTempDir('egress-audit-full-');
     const { tokens: t } = await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
