@@ -1,7 +1,8 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { KEYS } from '../../src/store/redis-store.ts';
-import { eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
-import { TestRedis } from '../helpers/redis.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { TestRedis, freePort } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** Redis breaks in each way it can; the proxy stays up, fails closed when it must, and recovers by itself. */
@@ -50,6 +51,16 @@ afterEach(async () => {
 async function start(env: Record<string, string> = {}): Promise<TestProxy> {
   proxy = await startTestProxy({ routes: {}, dir, store: redis.url, env });
   return proxy;
+}
+
+/** An admin token made with the CLI, then the proxy started and serving it: the token. */
+async function startWithAdminToken(env: Record<string, string>): Promise<string> {
+  const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
+  expect(created.code, created.stderr).toBe(0);
+  const admin = (JSON.parse(created.stdout) as { token: string }).token;
+  await start();
+  await eventually(async () => (await fetch(`${proxy!.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 2_000, 'the admin token to load');
+  return admin;
 }
 
 async function timed(path: string): Promise<{ status: number; ms: number; code: string | null }> {
@@ -146,8 +157,6 @@ describe('Redis faults', () => {
     const key = KEYS.record('caller', 'svc');
     const old = await c.get(key);
     c.disconnect();
-    const { runCli } = await import('../helpers/cli.ts');
-    const { envFor } = await import('../helpers/proxy.ts');
     expect((await runCli(['callers', 'revoke', 'svc'], envFor(dir, { EGRESS_STORE: redis.url }))).code).toBe(0);
     await eventually(async () => (await timed('/a/x')).status === 401, 1_000, 'the revocation');
     // Someone restores the old, unrevoked record.
@@ -161,17 +170,11 @@ describe('Redis faults', () => {
   });
 
   it('a replica (READONLY) takes no write: the CLI and the admin API say so (exit 1, 503 store_unavailable), nothing is written, requests go on', async () => {
-    const { runCli } = await import('../helpers/cli.ts');
-    const { envFor } = await import('../helpers/proxy.ts');
     const env = envFor(dir, { EGRESS_STORE: redis.url });
-    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
-    expect(created.code, created.stderr).toBe(0);
-    const admin = (JSON.parse(created.stdout) as { token: string }).token;
-    await start();
-    await eventually(async () => (await fetch(`${proxy!.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 2_000, 'the admin token to load');
+    const admin = await startWithAdminToken(env);
     // A replica of a primary that is not there: it keeps its data, answers reads, refuses writes.
     const c = redis.client();
-    await c.call('REPLICAOF', '127.0.0.1', String(await (await import('../helpers/redis.ts')).freePort()));
+    await c.call('REPLICAOF', '127.0.0.1', String(await freePort()));
     await expect(c.set('egress:replica-probe', '1')).rejects.toThrow(/READONLY/);
     const before = await c.get(KEYS.version);
 
@@ -194,13 +197,8 @@ describe('Redis faults', () => {
   });
 
   it('down: the CLI and the admin API say the store is unreachable (exit 1, 503 store_unavailable) instead of an ioredis error', async () => {
-    const { runCli } = await import('../helpers/cli.ts');
-    const { envFor } = await import('../helpers/proxy.ts');
     const env = envFor(dir, { EGRESS_STORE: redis.url });
-    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
-    const admin = (JSON.parse(created.stdout) as { token: string }).token;
-    await start();
-    await eventually(async () => (await fetch(`${proxy!.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 2_000, 'the admin token to load');
+    const admin = await startWithAdminToken(env);
     await redis.stop();
     for (const args of [['keys', 'list'], ['callers', 'add', 'robot']]) {
       const res = await runCli(args, env);
