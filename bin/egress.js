@@ -13,5 +13,18 @@ if (major < 24) {
 const { enableCompileCache } = await import('node:module');
 const { fileURLToPath } = await import('node:url');
 enableCompileCache(process.env.NODE_COMPILE_CACHE || fileURLToPath(new URL('../node_modules/.cache/egress-compile', import.meta.url)));
+// `serve` runs with its Node flags and malloc settings however it is started (src/cli/serve-flags.ts):
+// started without them, it replaces itself (same pid) with a process that has them.
+if (process.argv[2] === 'serve') {
+  const { inspectorSignalOff, restartWithServeFlags } = await import('../src/cli/serve-flags.ts');
+  if (!inspectorSignalOff()) {
+    try {
+      restartWithServeFlags(fileURLToPath(import.meta.url), process.argv.slice(2));
+    } catch (err) {
+      process.stderr.write(`egress: serve could not restart itself with its Node flags (${err.code ?? err.message}); start it as npm start does (node --disable-sigusr1 … bin/egress.js serve)\n`);
+      process.exit(1);
+    }
+  }
+}
 const { main } = await import('../src/cli/main.ts');
 process.exitCode = await main(process.argv.slice(2));

@@ -2,8 +2,9 @@ import { spawn } from 'node:child_process';
 import { copyFile, mkdir, readFile, readdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BIN, ROOT, runCli, startServe } from '../helpers/cli.ts';
+import { BIN, ROOT, runCli, startServe, watchServe } from '../helpers/cli.ts';
 import { startCommand } from '../../bench/targets.ts';
+import { SERVE_ENV, SERVE_NODE_FLAGS, inspectorSignalOff } from '../../src/cli/serve-flags.ts';
 import { imageEnv, only, readDockerfile } from '../helpers/dockerfile.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { startUpstream } from '../helpers/upstream.ts';
@@ -36,14 +37,44 @@ describe('process hardening', () => {
     }
   });
 
+  it('a serve started without its flags (node bin/egress.js serve) replaces itself with one that has them: same pid, the flags and malloc settings added, the caller\'s own kept and winning, no inspector on SIGUSR1', async () => {
+    const dir = await dataDir();
+    const child = spawn(process.execPath, ['--max-semi-space-size=8', BIN, 'serve'], { cwd: ROOT, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...envFor(dir), MALLOC_ARENA_MAX: '4' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const serve = await watchServe(child);
+    try {
+      const cmdline = (await readFile(`/proc/${child.pid}/cmdline`, 'utf8')).split('\0').filter(Boolean);
+      // The user's --max-semi-space-size comes after serve's, so V8 takes the user's.
+      expect(cmdline).toEqual([process.execPath, ...SERVE_NODE_FLAGS, '--max-semi-space-size=8', BIN, 'serve']);
+      const environ = (await readFile(`/proc/${child.pid}/environ`, 'utf8')).split('\0');
+      expect(environ).toContain('MALLOC_ARENA_MAX=4');
+      expect(environ).toContain(`MALLOC_MMAP_THRESHOLD_=${SERVE_ENV.MALLOC_MMAP_THRESHOLD_}`);
+      child.kill('SIGUSR1');
+      await new Promise((r) => setTimeout(r, 1_000));
+      expect(serve.output()).not.toContain('Debugger listening');
+      await expect(fetch('http://127.0.0.1:9229/json/list')).rejects.toThrow();
+      expect(child.exitCode).toBeNull();
+      expect((await fetch(`${serve.admin}/healthz`)).status).toBe(200);
+    } finally {
+      expect(await serve.stop('SIGTERM')).toBe(0);
+    }
+  });
+
+  it('the inspector signal counts as off when --disable-sigusr1 is a Node flag or in NODE_OPTIONS, and only then', () => {
+    expect(inspectorSignalOff(['--disable-sigusr1'], '')).toBe(true);
+    expect(inspectorSignalOff([], '--max-old-space-size=100 --disable-sigusr1')).toBe(true);
+    expect(inspectorSignalOff([], '--disable-sigusr1x')).toBe(false);
+    expect(inspectorSignalOff(['--inspect'], '')).toBe(false);
+  });
+
   it('npm start and the Docker image start Node with the same flags and malloc settings (no inspector signal, the bounded young generation and old-generation growth, optimisation on the main thread, two malloc arenas, a fixed mmap threshold)', async () => {
     const pkg = JSON.parse(await readFile('package.json', 'utf8')) as { scripts: { start: string } };
     expect(pkg.scripts.start.endsWith(' bin/egress.js serve')).toBe(true);
     // Read as the bench reads it ("[NAME=value ...] node <flags> bin/egress.js serve", or it throws).
     const start = await startCommand();
     // The environment npm start sets (NAME=value before node) is the image's too.
-    expect(start.env).toHaveProperty('MALLOC_ARENA_MAX', '2');
-    expect(start.env).toHaveProperty('MALLOC_MMAP_THRESHOLD_', '131072');
+    expect(start.env).toEqual(SERVE_ENV);
+    // The flags a serve started without them restarts with.
+    expect(start.flags).toEqual(SERVE_NODE_FLAGS);
     const final = (await readDockerfile()).at(-1)!;
     const env = imageEnv(final);
     for (const [name, value] of Object.entries(start.env)) expect(env).toHaveProperty(name, value);
