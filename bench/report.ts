@@ -106,7 +106,7 @@ function find(runs: readonly RunRecord[], target: TargetName, scenario: string):
 
 /** One row per target x scenario, with ratios to the direct call. */
 export function resultsTable(runs: readonly RunRecord[], scenarios: readonly Scenario[], targets: readonly TargetName[]): string {
-  const header = ['scenario', 'target', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'non-2xx', 'RSS MB', 'CPU us/req', 'req/s:direct', 'p50:direct', 'p99:direct', 'other CPU'];
+  const header = ['scenario', 'target', 'req/s', 'p50 ms', 'p99 ms', 'errors', 'non-2xx', 'RSS MiB', 'CPU us/req', 'req/s:direct', 'p50:direct', 'p99:direct', 'other CPU'];
   const rows: string[][] = [];
   for (const scenario of scenarios) {
     const direct = find(runs, 'direct', scenario.id);

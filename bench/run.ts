@@ -196,7 +196,7 @@ async function main(): Promise<number> {
       account(target.name, seen);
       const mem = memoryOf(target.processes.map((p) => p.pid));
       runs.push({ round, target: target.name, label: target.label, scenario: scenario.id, load: result, upstream: seen, memory: mem, cpu, ...(storeCpu ? { storeCpu } : {}) });
-      say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req${storeCpu ? ` (+ redis-server ${Math.round(storeCpu.usPerRequest)} us/req)` : ''}  other load ${Math.round(cpu.otherPct)}% of a CPU`);
+      say(`  [${String(runs.length).padStart(String(count).length)}/${count}] ${scenario.label.padEnd(18)} ${target.label.padEnd(13)} ${Math.round(result.rps).toString().padStart(6)} req/s  p50 ${result.latencyMs.p50.toFixed(3)} ms  p99 ${result.latencyMs.p99.toFixed(3)} ms  errors ${result.errors}  non-2xx ${result.non2xx}  RSS ${mem ? (mem.rssKb / 1024).toFixed(1) : '-'} MiB  CPU ${Math.round(cpu.targetUsPerRequest)} us/req${storeCpu ? ` (+ redis-server ${Math.round(storeCpu.usPerRequest)} us/req)` : ''}  other load ${Math.round(cpu.otherPct)}% of a CPU`);
       checkRun(target, scenario, result, seen);
     }
   }

@@ -7,11 +7,11 @@
  * set, and every BENCH_SOAK_SAMPLE_SECONDS samples the proxy's resident memory (VmRSS of its process
  * tree, from /proc) and its admin /metrics (heap used, heap spaces, process_resident_memory_bytes,
  * event-loop lag). The first BENCH_SOAK_WARMUP_MINUTES are warm-up (JIT, heap growth, pools); over
- * the rest it reports min/median/max RSS, the least-squares slope of RSS (MB per minute), heap used
+ * the rest it reports min/median/max RSS, the least-squares slope of RSS (MiB per minute), heap used
  * at the start and end, throughput per minute and errors, writes bench/results/soak-<timestamp>.json,
  * and gives a verdict:
  *
- *   flat  when the steady-state RSS slope is below BENCH_SOAK_MAX_SLOPE MB/min (0.5) and max - min
+ *   flat  when the steady-state RSS slope is below BENCH_SOAK_MAX_SLOPE MiB/min (0.5) and max - min
  *         is within BENCH_SOAK_MAX_SPREAD of the median (0.10, i.e. 10%), and nothing failed;
  *   exit 1 otherwise, or on any load error or non-2xx answer, any request that reached the upstream
  *         without the injected secret (or with the caller token), a missing audit line or a broken
@@ -55,7 +55,7 @@ interface SoakSettings {
   readonly warmupMinutes: number;
   readonly sampleSec: number;
   readonly method: 'mixed' | 'GET' | 'POST';
-  /** MB per minute. */
+  /** MiB per minute. */
   readonly maxSlope: number;
   /** Fraction of the median RSS. */
   readonly maxSpread: number;
@@ -136,7 +136,7 @@ async function main(): Promise<number> {
   say(`node:      ${env.node} at ${env.execPath}; ${env.cpuCount} x ${env.cpuModel}, load average at start ${env.loadavg.join(' ')}; code ${env.git}`);
   say(`load:      ${soak.minutes} min (${soakSec} s) ${soak.rate ? `at a fixed ${soak.rate} req/s over ${soak.connections} connections` : `at saturation over ${soak.connections} keep-alive connections`}, ${soak.method === 'mixed' ? `GET and ${soak.bodyBytes} B JSON POST in alternate ${CHUNK_SEC} s chunks` : `${soak.method} only, ${CHUNK_SEC} s chunks`}`);
   say(`sampling:  every ${soak.sampleSec} s: VmRSS of the proxy's process tree (/proc) and its /metrics; the first ${soak.warmupMinutes} min are warm-up`);
-  say(`verdict:   flat when the steady-state RSS slope < ${soak.maxSlope} MB/min and max - min <= ${pct(soak.maxSpread)} of the median, with no error; bounded to ${budgetSec} s`);
+  say(`verdict:   flat when the steady-state RSS slope < ${soak.maxSlope} MiB/min and max - min <= ${pct(soak.maxSpread)} of the median, with no error; bounded to ${budgetSec} s`);
 
   const tmpRoot = await run.makeTmp('egress-soak-');
   const body = jsonBody(soak.bodyBytes);
@@ -199,7 +199,7 @@ async function main(): Promise<number> {
   };
   const record = (s: Sample) => {
     samples.push(s);
-    say(`  t=${String(Math.round(s.t)).padStart(5)} s${s.warmup ? ' (warm-up)' : '          '}  RSS ${mb(s.rssKb === undefined ? undefined : s.rssKb * 1024).padStart(7)} MB  heap used ${mb(s.heapUsedBytes).padStart(6)} MB of ${mb(s.heapTotalBytes).padStart(6)}  external ${mb(s.externalBytes).padStart(5)} MB  CPU ${s.cpuPct === undefined ? '-' : `${Math.round(s.cpuPct)}%`}  upstream ${s.upstreamRps === undefined ? '-' : `${Math.round(s.upstreamRps)} req/s`}  loop lag p99 ${s.eventLoopLagP99Sec === undefined ? '-' : (s.eventLoopLagP99Sec * 1000).toFixed(1)} ms  committed new ${mb(s.heapSpacesCommitted.new)} old ${mb(s.heapSpacesCommitted.old)} code ${mb(s.heapSpacesCommitted.code)} lo ${mb(s.heapSpacesCommitted.large_object)} MB${s.scrapeError ? `  /metrics: ${s.scrapeError}` : ''}`);
+    say(`  t=${String(Math.round(s.t)).padStart(5)} s${s.warmup ? ' (warm-up)' : '          '}  RSS ${mb(s.rssKb === undefined ? undefined : s.rssKb * 1024).padStart(7)} MiB  heap used ${mb(s.heapUsedBytes).padStart(6)} MiB of ${mb(s.heapTotalBytes).padStart(6)}  external ${mb(s.externalBytes).padStart(5)} MiB  CPU ${s.cpuPct === undefined ? '-' : `${Math.round(s.cpuPct)}%`}  upstream ${s.upstreamRps === undefined ? '-' : `${Math.round(s.upstreamRps)} req/s`}  loop lag p99 ${s.eventLoopLagP99Sec === undefined ? '-' : (s.eventLoopLagP99Sec * 1000).toFixed(1)} ms  committed new ${mb(s.heapSpacesCommitted.new)} old ${mb(s.heapSpacesCommitted.old)} code ${mb(s.heapSpacesCommitted.code)} lo ${mb(s.heapSpacesCommitted.large_object)} MiB${s.scrapeError ? `  /metrics: ${s.scrapeError}` : ''}`);
   };
 
   say();
@@ -294,7 +294,7 @@ async function main(): Promise<number> {
   const minutes = perMinute(chunks);
   say();
   say(`throughput per minute (from the load generator; GET and POST chunks separately${soak.rate ? `; ${soak.rate} req/s offered` : ''}):`);
-  say(table(['minute', 'GET req/s', 'POST req/s', 'responses', 'errors', 'non-2xx', 'RSS MB at end', 'heap used MB at end'], minutes.map((m) => {
+  say(table(['minute', 'GET req/s', 'POST req/s', 'responses', 'errors', 'non-2xx', 'RSS MiB at end', 'heap used MiB at end'], minutes.map((m) => {
     const at = nearest(samples, (m.minute + 1) * 60);
     return [String(m.minute + 1), m.getRps === undefined ? '-' : String(Math.round(m.getRps)), m.postRps === undefined ? '-' : String(Math.round(m.postRps)), String(m.responses), String(m.errors), String(m.non2xx), at?.rssKb === undefined ? '-' : (at.rssKb / 1024).toFixed(1), mb(at?.heapUsedBytes)];
   }), new Set([0, 1, 2, 3, 4, 5, 6, 7])));
@@ -307,14 +307,14 @@ async function main(): Promise<number> {
   say();
   say(`warm-up:      the first ${soak.warmupMinutes} min (${samples.filter((s) => s.warmup).length} samples), not judged`);
   say(`steady state: ${steady.length} samples from t=${steady[0] ? Math.round(steady[0].t) : '-'} s to t=${steady.length ? Math.round(steady[steady.length - 1]!.t) : '-'} s`);
-  say(`  RSS         min ${fmt(rss?.min)} MB, median ${fmt(rss?.median)} MB, max ${fmt(rss?.max)} MB (max - min ${fmt(spread)} MB = ${rss ? pct(spread / rss.median) : '-'} of the median; bound ${pct(soak.maxSpread)})`);
-  say(`  RSS slope   ${signed(slope)} MB/min, least squares over the steady samples (bound < ${soak.maxSlope} MB/min)`);
-  say(`  heap used   ${mb(first?.heapUsedBytes)} MB at t=${first ? Math.round(first.t) : '-'} s, ${mb(lastHeap?.heapUsedBytes)} MB at t=${lastHeap ? Math.round(lastHeap.t) : '-'} s (slope ${signed(heapSlope)} MB/min, not judged)`);
+  say(`  RSS         min ${fmt(rss?.min)} MiB, median ${fmt(rss?.median)} MiB, max ${fmt(rss?.max)} MiB (max - min ${fmt(spread)} MiB = ${rss ? pct(spread / rss.median) : '-'} of the median; bound ${pct(soak.maxSpread)})`);
+  say(`  RSS slope   ${signed(slope)} MiB/min, least squares over the steady samples (bound < ${soak.maxSlope} MiB/min)`);
+  say(`  heap used   ${mb(first?.heapUsedBytes)} MiB at t=${first ? Math.round(first.t) : '-'} s, ${mb(lastHeap?.heapUsedBytes)} MiB at t=${lastHeap ? Math.round(lastHeap.t) : '-'} s (slope ${signed(heapSlope)} MiB/min, not judged)`);
   if (first && lastHeap) {
-    // Spaces that hold under 0.1 MB at both ends are left out of the line (they are in the JSON).
+    // Spaces that hold under 0.1 MiB at both ends are left out of the line (they are in the JSON).
     const spacesLine = (what: string, start: Record<string, number>, end: Record<string, number>) => {
       const spaces = [...new Set([...Object.keys(start), ...Object.keys(end)])].filter((space) => Math.max(start[space] ?? 0, end[space] ?? 0) >= 0.1 * 2 ** 20);
-      if (spaces.length) say(`  heap spaces ${what} MB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(start[space])} -> ${mb(end[space])}`).join(', ')}`);
+      if (spaces.length) say(`  heap spaces ${what} MiB, start -> end: ${spaces.map((space) => `${space.replace(/_space$/, '')} ${mb(start[space])} -> ${mb(end[space])}`).join(', ')}`);
     };
     spacesLine('used', first.heapSpaces, lastHeap.heapSpaces);
     spacesLine('committed', first.heapSpacesCommitted, lastHeap.heapSpacesCommitted);
@@ -346,7 +346,7 @@ async function main(): Promise<number> {
   for (const note of notes) say(`note: ${note}`);
 
   say();
-  const memoryVerdict = `RSS slope ${signed(slope)} MB/min (bound < ${soak.maxSlope}), max - min ${fmt(spread)} MB = ${rss ? pct(spread / rss.median) : '-'} of the median (bound ${pct(soak.maxSpread)})`;
+  const memoryVerdict = `RSS slope ${signed(slope)} MiB/min (bound < ${soak.maxSlope}), max - min ${fmt(spread)} MiB = ${rss ? pct(spread / rss.median) : '-'} of the median (bound ${pct(soak.maxSpread)})`;
   if (flat && failures.length === 0) {
     say(`VERDICT: FLAT: ${memoryVerdict}; no errors`);
     return 0;

@@ -287,7 +287,7 @@ export async function startCommand(): Promise<{ env: Record<string, string>; fla
 /**
  * Compile every module into bin/egress.js's compile cache with serve's flags (the cache is kept per
  * Node version and V8 flags), as the image does when it is built. Otherwise the first `serve` after
- * a code change strips types itself and keeps the type stripper resident: about 14 MB more RSS for
+ * a code change strips types itself and keeps the type stripper resident: about 14 MiB more RSS for
  * that process's whole life, which a bench or soak would report as the proxy's own.
  */
 async function warmCompileCache(nodeArgs: readonly string[]): Promise<void> {
