@@ -21,6 +21,12 @@ QUERY_CHAR['?'.charCodeAt(0)] = 1;
 
 const HEX = /^[0-9A-Fa-f]{2}$/;
 
+/**
+ * "." and "..", also with path parameters ("..;", ".;x", "..%3B"): Tomcat, Jetty and Spring drop a
+ * segment's ";params" before they resolve dot segments, so to them "/files/..;/admin" is "/admin".
+ */
+const DOT_SEGMENT = /^\.\.?(?:$|;|%3B)/;
+
 function bad(detail: string): ProxyError {
   return new ProxyError('bad_request', detail);
 }
@@ -28,7 +34,7 @@ function bad(detail: string): ProxyError {
 /**
  * Parse and canonicalise an origin-form request target (RFC 9112 §3.2.1). Everything a path could
  * use to mean two things is refused rather than interpreted: absolute-form, dot segments (raw or
- * percent-encoded), encoded "/" "\" and control bytes, backslashes, empty interior segments and
+ * percent-encoded, with or without path parameters), encoded "/" "\" and control bytes, backslashes, empty interior segments and
  * fragments. The result is exactly what is matched and exactly what is sent.
  */
 export function parseTarget(raw: string): Target {
@@ -65,7 +71,7 @@ export function parseTarget(raw: string): Target {
   const segments = path.slice(1).split('/');
   for (let i = 0; i < segments.length; i++) {
     const s = segments[i]!;
-    if (s === '.' || s === '..') throw bad('Dot segments are not allowed in the path.');
+    if (DOT_SEGMENT.test(s)) throw bad('Dot segments are not allowed in the path.');
     if (s === '' && i < segments.length - 1) throw bad('Empty path segments ("//") are not allowed.');
   }
 

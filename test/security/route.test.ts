@@ -10,7 +10,22 @@ let lab: Lab;
 
 beforeAll(async () => {
   lab = await startLab({
-    routes: (_u, e) => ({
+    routes: (u, e) => ({
+      // Wildcard rules: a dot segment that a pattern would match must still never be forwarded.
+      wild: `name: wild
+prefix: /wild
+upstream: ${u.url}/base
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-K: "{secret}"
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/items/*, /files/**]
+`,
       'plaid-admin': `name: plaid-admin
 prefix: /plaid-admin
 upstream: ${e.url}
@@ -126,6 +141,16 @@ describe('ROUTE: allowlist and paths', () => {
     await refused(['/plaid;x/../item/remove', '/plaid/accounts/get;/../../item/remove', '/plaid/accounts;x/../item/remove'], [400]);
     await refused(['/plaid/transactions/get;.json', '/plaid/accounts/get;', '/plaid/accounts;/get', '/plaid;/accounts/get', '/plaid/accounts/get;jsessionid=1', '/plaid/accounts/get%3b.json'], [400, 403, 404]);
     await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-07b dot segments with path parameters (..; .; ..;x ..%3B), which Java servers resolve after dropping the parameters, → 400 even where a wildcard would match', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/wild/files/x/y', 'GET')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe('/base/files/x/y');
+    await refused(['/wild/items/..;', '/wild/items/.;', '/wild/files/x/..;/..;/..;/admin', '/wild/files/%2e%2e;/admin', '/wild/files/..;x/admin', '/wild/files/.;x/a', '/wild/files/..%3B/admin', '/wild/files/%2E.%3bx/admin'], [400], 'GET');
+    // Not dot segments: a dot-led name with parameters is an ordinary segment.
+    expect(await send('/wild/files/..x;y', 'GET')).toEqual([200]);
+    await lab.g0(mark, 2);
   });
 
   it('ROUTE-09 methods: GET/HEAD/OPTIONS/TRACE/PROPFIND/DELETE/PUT/PATCH on a POST route → 403/405', async () => {
