@@ -5,6 +5,7 @@ import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, 
 import { addRevoked } from '../certs/revocations.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
+import { openStore } from '../store/open-store.ts';
 import { EXIT, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress certs init [--refresh] | issue-caller NAME | revoke-caller NAME';
@@ -33,6 +34,14 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     }
     const ca = await readCa(settings.certsDir);
     if (!ca) throw new UserError(`no CA in ${settings.certsDir}; run "egress certs init" first`);
+    // A certificate identifies a caller only while the store has it (and it is not revoked).
+    const store = openStore(settings.store);
+    try {
+      const caller = (await store.load()).callers.get(name);
+      if (!caller || caller.revoked_at !== undefined) throw new UserError(`caller "${name}" is ${caller ? 'revoked' : 'not in the store'}: a certificate identifies only a caller the store has; add it first with "egress callers add ${name}"`);
+    } finally {
+      await store.close();
+    }
     const issuedCert = issueCallerCertificate(ca, name);
     const dir = join(settings.certsDir, 'callers');
     await mkdir(dir, { recursive: true, mode: 0o700 });

@@ -138,6 +138,12 @@ export class StoreView {
     return this.#snapshot?.damaged.has(`${kind}:${key}`) ?? false;
   }
 
+  /** A caller in the store, readable and not revoked: what a client certificate's name must be to identify anyone. */
+  callerActive(name: string): boolean {
+    const record = this.#snapshot?.callers.get(name);
+    return record !== undefined && record.revoked_at === undefined && !this.isDamaged('caller', name);
+  }
+
   identifyCaller(token: string, memo?: PresentedToken): Identified {
     return this.#callers.lookup(token, Date.now(), memo);
   }

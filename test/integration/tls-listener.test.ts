@@ -48,11 +48,11 @@ beforeAll(async () => {
   serverCa = pki.caCert;
   const seeded = await seedDataDir(dir, {
     routes: {
-      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n`,
+      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n`,
       strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
     },
     credentials: { key: { secret: SECRET } },
-    callers: ['svc'],
+    callers: ['svc', 'zed'],
   });
   svcToken = seeded.tokens.svc!;
   await writeFile(join(dir, 'server.pem'), pki.serverCert);
@@ -60,6 +60,7 @@ beforeAll(async () => {
   const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
   expect((await runCli(['certs', 'init'], env)).code).toBe(0);
   expect((await runCli(['certs', 'issue-caller', 'svc'], env)).code).toBe(0);
+  expect((await runCli(['certs', 'issue-caller', 'zed'], env)).code).toBe(0);
   caKey = forge.pki.privateKeyFromPem(await readFile(join(dir, 'certs', 'ca.key'), 'utf8')) as forge.pki.rsa.PrivateKey;
   caCert = forge.pki.certificateFromPem(await readFile(join(dir, 'certs', 'ca.pem'), 'utf8'));
   proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key') } });
@@ -116,6 +117,31 @@ describe('TLS listener with client certificates', () => {
     const status = await call('/api/x', make()).catch(() => 0);
     expect([0, 401]).toContain(status);
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it('a certificate identifies only a caller the store has and has not revoked: `egress callers revoke` ends its certificates too, open connections included; issue-caller refuses a name the store does not have, or has revoked', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const before = upstream.requests.length;
+    // Signed by the egress CA, well-formed, allowed by a rule, but "other" was never added as a caller.
+    const stranger = issue({ cn: 'other', uris: [`${CALLER_URI_PREFIX}other`] });
+    expect(await call('/api/x', { cert: stranger.certPem, key: stranger.keyPem })).toBe(401);
+    const zed = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
+    const agent = new Agent({ connect: { ca: serverCa, ...zed }, keepAliveTimeout: 30_000 });
+    try {
+      expect(await call('/api/x', undefined, {}, agent)).toBe(200);
+      expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
+      await eventually(async () => (await call('/api/x', undefined, {}, agent)) === 401, 3_000, 'the caller revocation on an open connection');
+      expect(await call('/api/x', zed)).toBe(401);
+    } finally {
+      await agent.close();
+    }
+    expect(upstream.requests.length - before).toBe(1);
+    const unknown = await runCli(['certs', 'issue-caller', 'nobody'], env);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toContain('egress callers add nobody');
+    const revoked = await runCli(['certs', 'issue-caller', 'zed'], env);
+    expect(revoked.code).toBe(1);
+    expect(revoked.stderr).toContain('revoked');
   });
 
   it('revoke-caller: new requests are refused and an open connection is closed', async () => {
