@@ -49,10 +49,13 @@ function nameConstraints(hosts: readonly string[]): Forge.asn1.Asn1 {
   return asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [asn1.create(asn1.Class.CONTEXT_SPECIFIC, 0, true, subtrees)]);
 }
 
-function serial(): string {
-  // Positive, 16 random bytes.
+/**
+ * 16 random bytes, the first in 0x01–0x7f: positive, and minimal DER (a first byte of 0x00 is not,
+ * and Node reports such a serial without it, which revocation once failed to match).
+ */
+export function serial(): string {
   const bytes = randomBytes(16);
-  bytes[0] = bytes[0]! & 0x7f;
+  bytes[0] = (bytes[0]! & 0x7f) || 0x01;
   return bytes.toString('hex');
 }
 

@@ -5,6 +5,14 @@ import { dirname, join } from 'node:path';
 /** Revoked caller certificates: serial numbers (lower-case hex) in certs/revoked.json. */
 export const REVOKED_FILE = 'revoked.json';
 
+/**
+ * A serial number as the revocation list compares it: lower-case hex without leading zeros. Node's
+ * X509Certificate.serialNumber drops leading zero bytes that an issued serial ("00…") may have kept.
+ */
+export function serialKey(hex: string): string {
+  return hex.toLowerCase().replace(/^0+(?=.)/, '');
+}
+
 interface RevokedDoc {
   readonly serials: Record<string, { caller: string; revoked_at: string }>;
 }
@@ -49,7 +57,7 @@ export class RevocationList {
   }
 
   has(serial: string): boolean {
-    return this.#serials.has(serial.toLowerCase());
+    return this.#serials.has(serialKey(serial));
   }
 
   async start(): Promise<void> {
@@ -65,7 +73,7 @@ export class RevocationList {
   }
 
   async reload(): Promise<void> {
-    const next = new Set(Object.keys((await readRevoked(this.#dir)).serials));
+    const next = new Set(Object.keys((await readRevoked(this.#dir)).serials).map(serialKey));
     if (next.size === this.#serials.size && [...next].every((s) => this.#serials.has(s))) return;
     this.#serials = next;
     this.#onChange(next);

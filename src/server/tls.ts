@@ -4,7 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
-import { RevocationList } from '../certs/revocations.ts';
+import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { LISTENER_LIMITS, answerClientError, refuseUpgrade } from './reverse.ts';
@@ -38,7 +38,7 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
   if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
   if (revoked.has(leaf.serialNumber)) return { refused: 'the certificate is revoked', serial: leaf.serialNumber };
-  return { caller: name, serial: leaf.serialNumber.toLowerCase() };
+  return { caller: name, serial: serialKey(leaf.serialNumber) };
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */

@@ -22,11 +22,11 @@ let caKey: forge.pki.rsa.PrivateKey;
 let caCert: forge.pki.Certificate;
 let svcToken: string;
 
-function issue(opts: { cn: string; uris: string[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; fromMs?: number; toMs?: number }) {
+function issue(opts: { cn: string; uris: string[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; fromMs?: number; toMs?: number; serial?: string }) {
   const keys = forge.pki.rsa.generateKeyPair(2048);
   const cert = forge.pki.createCertificate();
   cert.publicKey = keys.publicKey;
-  cert.serialNumber = `7${Math.floor(Math.random() * 1e12).toString(16)}`;
+  cert.serialNumber = opts.serial ?? `7${Math.floor(Math.random() * 1e12).toString(16)}`;
   cert.validity.notBefore = new Date(Date.now() + (opts.fromMs ?? -60_000));
   cert.validity.notAfter = new Date(Date.now() + (opts.toMs ?? 86_400_000));
   cert.setSubject([{ name: 'commonName', value: opts.cn }]);
@@ -144,7 +144,14 @@ describe('TLS listener with client certificates', () => {
     expect(revoked.stderr).toContain('revoked');
   });
 
-  it('revoke-caller: new requests are refused and an open connection is closed', async () => {
+  it('revoke-caller: new requests are refused and an open connection is closed, for every certificate of the caller, one whose serial starts with a zero byte included', async () => {
+    // As an older issue-caller recorded it: "00…" in issued.json, while Node reports the serial without the zero byte.
+    const zeroLed = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], serial: '0023456789abcdef0123456789abcdef' });
+    const issuedPath = join(dir, 'certs', 'issued.json');
+    const issued = JSON.parse(await readFile(issuedPath, 'utf8')) as Record<string, string[]>;
+    issued.svc!.push('0023456789abcdef0123456789abcdef');
+    await writeFile(issuedPath, JSON.stringify(issued));
+    expect(await call('/api/x', { cert: zeroLed.certPem, key: zeroLed.keyPem })).toBe(200);
     const agent = new Agent({ connect: { ca: serverCa, ...(await svcFiles()) }, keepAliveTimeout: 30_000 });
     try {
       expect(await call('/api/x', undefined, {}, agent)).toBe(200);
@@ -152,6 +159,7 @@ describe('TLS listener with client certificates', () => {
       expect(revoked.code).toBe(0);
       await eventually(async () => (await call('/api/x', undefined, {}, agent).catch(() => 0)) !== 200, 3_000, 'the revocation');
       expect([0, 401]).toContain(await call('/api/x', await svcFiles()).catch(() => 0));
+      expect([0, 401]).toContain(await call('/api/x', { cert: zeroLed.certPem, key: zeroLed.keyPem }).catch(() => 0));
     } finally {
       await agent.close();
     }
