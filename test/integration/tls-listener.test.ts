@@ -165,6 +165,24 @@ describe('TLS listener with client certificates', () => {
     }
   });
 
+  it('refuses a TLS 1.2 renegotiation: the connection ends, and the next connection is served', async () => {
+    const port = proxy.proxy.tlsAddress!.port;
+    const socket = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', maxVersion: 'TLSv1.2', ...(await svcFiles()) });
+    await new Promise<void>((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject));
+    expect(socket.getProtocol()).toBe('TLSv1.2');
+    const outcome = await new Promise<string>((resolve) => {
+      socket.on('error', () => {});
+      socket.once('close', () => resolve('closed'));
+      // A renegotiation the server took would call back without an error and keep the connection.
+      socket.renegotiate({ rejectUnauthorized: true }, (err) => {
+        if (!err) resolve('renegotiated');
+      });
+      socket.write('GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n');
+    });
+    expect(outcome).toBe('closed');
+    expect(await call('/api/x', await svcFiles())).toBe(200);
+  });
+
   it('a request over the header limit gets the proxy\'s 431 (with its error header), every time, even while the caller is still sending', async () => {
     const big = Array.from({ length: 200 }, (_, i) => `X-H${i}: ${'b'.repeat(8 * 1024)}`).join('\r\n');
     const bytes = `GET /api/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${svcToken}\r\n${big}\r\n\r\n`;
