@@ -136,6 +136,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       key: await read(settings.tlsKey!, 'EGRESS_TLS_KEY'),
       clientCa: await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA'),
       certsDir: settings.certsDir,
+      onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);
     await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port, 'EGRESS_TLS_LISTEN', settings.reusePort);
   }

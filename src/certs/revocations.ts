@@ -1,6 +1,7 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import { mkdir, open, readFile, rename } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
+import { UserError } from '../errors.ts';
 
 /** Revoked caller certificates: serial numbers (lower-case hex) in certs/revoked.json. */
 export const REVOKED_FILE = 'revoked.json';
@@ -17,15 +18,33 @@ interface RevokedDoc {
   readonly serials: Record<string, { caller: string; revoked_at: string }>;
 }
 
+/**
+ * The revocation list; empty when the file does not exist (nothing was ever revoked). A file that
+ * exists but cannot be read as a list throws: treated as empty, it would lift every revocation.
+ */
 export async function readRevoked(certsDir: string): Promise<RevokedDoc> {
+  const path = join(certsDir, REVOKED_FILE);
+  let text: string;
   try {
-    const doc = JSON.parse(await readFile(join(certsDir, REVOKED_FILE), 'utf8')) as Partial<RevokedDoc>;
-    return { serials: Object.assign(Object.create(null), doc.serials ?? {}) as RevokedDoc['serials'] };
-  } catch {
-    return { serials: Object.create(null) as RevokedDoc['serials'] };
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { serials: Object.create(null) as RevokedDoc['serials'] };
+    throw new UserError(`${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}): which caller certificates are revoked is unknown`);
   }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch {
+    doc = undefined;
+  }
+  const serials = (doc as Partial<RevokedDoc> | undefined)?.serials;
+  if (typeof serials !== 'object' || serials === null || Array.isArray(serials)) {
+    throw new UserError(`${path} is damaged (not a revocation list): which caller certificates are revoked is unknown; restore it from a backup`);
+  }
+  return { serials: Object.assign(Object.create(null), serials) as RevokedDoc['serials'] };
 }
 
+/** Add serials to the list; a damaged list is not overwritten (its revocations would be lost): that fails. */
 export async function addRevoked(certsDir: string, serials: readonly string[], caller: string): Promise<void> {
   const doc = await readRevoked(certsDir);
   const now = new Date().toISOString();
@@ -43,17 +62,24 @@ export async function addRevoked(certsDir: string, serials: readonly string[], c
   await rename(tmp, path);
 }
 
-/** The listener's live view of revoked serials, re-read on change (and polled, in case a watch is missed). */
+/**
+ * The listener's live view of revoked serials, re-read on change (and polled, in case a watch is
+ * missed). A list that cannot be read at start stops the start; later, the last good list stays in
+ * force and `onDamaged` is told (once, until the file reads again).
+ */
 export class RevocationList {
   readonly #dir: string;
   #serials = new Set<string>();
   #timer: NodeJS.Timeout | undefined;
   #watcher: FSWatcher | undefined;
+  #damaged = false;
   readonly #onChange: (serials: ReadonlySet<string>) => void;
+  readonly #onDamaged: (reason: string) => void;
 
-  constructor(certsDir: string, onChange: (serials: ReadonlySet<string>) => void) {
+  constructor(certsDir: string, onChange: (serials: ReadonlySet<string>) => void, onDamaged: (reason: string) => void = () => {}) {
     this.#dir = certsDir;
     this.#onChange = onChange;
+    this.#onDamaged = onDamaged;
   }
 
   has(serial: string): boolean {
@@ -61,7 +87,7 @@ export class RevocationList {
   }
 
   async start(): Promise<void> {
-    await this.reload();
+    this.#apply(await readRevoked(this.#dir));
     this.#timer = setInterval(() => void this.reload(), 500);
     this.#timer.unref();
     try {
@@ -73,7 +99,20 @@ export class RevocationList {
   }
 
   async reload(): Promise<void> {
-    const next = new Set(Object.keys((await readRevoked(this.#dir)).serials).map(serialKey));
+    let doc: RevokedDoc;
+    try {
+      doc = await readRevoked(this.#dir);
+    } catch (err) {
+      if (!this.#damaged) this.#onDamaged((err as Error).message);
+      this.#damaged = true;
+      return;
+    }
+    this.#damaged = false;
+    this.#apply(doc);
+  }
+
+  #apply(doc: RevokedDoc): void {
+    const next = new Set(Object.keys(doc.serials).map(serialKey));
     if (next.size === this.#serials.size && [...next].every((s) => this.#serials.has(s))) return;
     this.#serials = next;
     this.#onChange(next);

@@ -42,14 +42,14 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
-export async function createTlsServer(options: { cert: string; key: string; clientCa: string; certsDir: string }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
+export async function createTlsServer(options: { cert: string; key: string; clientCa: string; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
   const caFingerprint = new X509Certificate(options.clientCa).fingerprint256;
   const sockets = new Set<TLSSocket>();
   const serialOf = new WeakMap<TLSSocket, string>();
   // A revocation closes the caller's open connections at once (AUTH-07).
   const revoked = new RevocationList(options.certsDir, (serials) => {
     for (const s of sockets) if (serials.has(serialOf.get(s) ?? '')) s.destroy();
-  });
+  }, options.onRevocationsDamaged);
   await revoked.start();
   const server = createServer({
     cert: options.cert,

@@ -165,6 +165,32 @@ describe('TLS listener with client certificates', () => {
     }
   });
 
+  it('a damaged revoked.json lifts no revocation: the last good list stays in force with a critical alert, revoke-caller refuses to overwrite it, and serve does not start on it', async () => {
+    // svc's certificates were revoked by the test before.
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const path = join(dir, 'certs', 'revoked.json');
+    const good = await readFile(path, 'utf8');
+    try {
+      await writeFile(path, good.slice(0, Math.floor(good.length / 2)));
+      await eventually(async () => proxy.logs().includes('"subject":"revocations"'), 3_000, 'the alert');
+      expect(proxy.logs()).toContain('the caller certificate revocation list cannot be read');
+      // Past two polls of the file: still revoked.
+      await new Promise((r) => setTimeout(r, 1_200));
+      expect([0, 401]).toContain(await call('/api/x', await svcFiles()).catch(() => 0));
+      const damaged = await readFile(path, 'utf8');
+      const cli = await runCli(['certs', 'revoke-caller', 'svc'], env);
+      expect(cli.code).toBe(1);
+      expect(cli.stderr).toContain('revoked.json is damaged');
+      expect(await readFile(path, 'utf8')).toBe(damaged);
+      const serve = await runCli(['serve'], { ...env, EGRESS_LISTEN: '127.0.0.1:0', EGRESS_ADMIN_LISTEN: '127.0.0.1:0', EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_AUDIT_LOG: join(dir, 'audit-2.log') });
+      expect(serve.code).toBe(1);
+      expect(serve.stderr).toContain('revoked.json is damaged');
+    } finally {
+      await writeFile(path, good);
+    }
+    await eventually(async () => (await call('/api/x', undefined, { 'x-egress-token': svcToken })) === 200, 3_000, 'the proxy serving');
+  });
+
   it('refuses a TLS 1.2 renegotiation: the connection ends, and the next connection is served', async () => {
     const port = proxy.proxy.tlsAddress!.port;
     const socket = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', maxVersion: 'TLSv1.2' });
