@@ -11,7 +11,7 @@ import { redactor, redactText } from './redact.ts';
 import { open } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 
-/** Error bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
+/** Error and redirect bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
 
 /**
@@ -149,8 +149,10 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact);
   relayed.push('x-request-id', ctx.id);
   try {
-    if (exchange.status >= 400 && req.method !== 'HEAD') {
-      relayErrorBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
+    // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's
+    // res.redirect) are read whole and redacted; 304 has no body.
+    if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
+      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
     } else {
       await exchange.pipeTo(res, exchange.status, relayed);
     }
@@ -163,10 +165,10 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
 }
 
 /**
- * An error body may echo what we sent (a provider quoting the key it rejected): decode it and
- * redact every injected value before the caller sees it.
+ * An error or redirect body may echo what we sent (a provider quoting the key it rejected, a
+ * Location with the key in it): decode it and redact every injected value before the caller sees it.
  */
-function relayErrorBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer): void {
+function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer): void {
   const decoded = decodeBody(raw, headerValue(exchange.headers['content-encoding']));
   const text = redactText(decoded.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
   const out = Buffer.from(text, 'latin1');

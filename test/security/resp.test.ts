@@ -81,6 +81,13 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
       self: `${lab.url}/plaid/accounts/get`,
       secret: `${e}/steal?k=${encodeURIComponent(secret)}`,
     };
+    if (parts[3] === 'secret') {
+      // As Express's res.redirect() answers: the Location repeated in a text body.
+      const text = `Found. Redirecting to ${location.secret}`;
+      res.writeHead(code, { location: location.secret!, 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+      return;
+    }
     res.writeHead(code, { location: location[parts[3]!] ?? '/', 'content-type': 'application/json', 'content-length': 2 });
     res.end('{}');
     return;
@@ -215,13 +222,18 @@ describe('RESP: redirects', () => {
     }
   });
 
-  it('RESP-01d a redirect whose Location carries the injected secret is redacted for the caller', async () => {
+  it('RESP-01d a redirect whose Location and body carry the injected secret is redacted for the caller', async () => {
     const mark = lab.u.requests.length;
-    const r = await call('/resp/redirect/302/secret');
-    expect(r.status).toBe(302);
-    expect(r.headers.get('location')).not.toContain(CANARY);
+    for (const code of REDIRECTS) {
+      const r = await call(`/resp/redirect/${code}/secret`);
+      expect(r.status).toBe(code);
+      expect(r.headers.get('location')).not.toContain(CANARY);
+      // The body repeats the Location: redacted the same way.
+      expect(r.text).toMatch(/^Found\. Redirecting to http:\/\/127\.0\.0\.1:\d+\/steal\?k=.*REDACTED/);
+      expect(r.text).not.toContain(CANARY);
+    }
     expect(lab.e.requests).toHaveLength(0);
-    await lab.g0(mark, 1);
+    await lab.g0(mark, REDIRECTS.length);
   });
 
   it('RESP-03 redirects to the metadata address are not followed (no connection is made)', async () => {
