@@ -33,7 +33,8 @@ interface Tunnel {
 export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter) {
   const tunnels = new WeakMap<Socket, Tunnel>();
   const open = new Map<string, number>();
-  const contexts = new Map<string, SecureContext>();
+  /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
+  const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
   const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
@@ -42,12 +43,13 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
 
   const contextFor = (host: string): SecureContext => {
-    let ctx = contexts.get(host);
-    if (!ctx) {
-      ctx = createSecureContext({ cert: `${minter.leaf(host)}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2' });
-      contexts.set(host, ctx);
+    const leaf = minter.leaf(host);
+    let known = contexts.get(host);
+    if (known?.leaf !== leaf) {
+      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2' }) };
+      contexts.set(host, known);
     }
-    return ctx;
+    return known.context;
   };
 
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {

@@ -1,13 +1,14 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
-import { CANARY, forms } from './lab.ts';
-import { faultRoute } from './sec-helpers.ts';
+import { CANARY, forms, startLab } from './lab.ts';
+import { bankRoute, basic, connectTunnel, faultRoute, makeCerts } from './sec-helpers.ts';
 
 /**
  * FLT-09 clock skew. The serve child runs under libfaketime (Debian `faketime`, LD_PRELOAD) with
@@ -191,4 +192,30 @@ describe('FLT-09 clock skew', () => {
       await g.close();
     }
   }, 40_000);
+
+  it('FLT-09e / MITM-07 a forward-mode leaf is re-minted before it expires, for a host already served: 25 hours after a leaf was made, a tunnel gets a new valid one', async () => {
+    const { certs } = await makeCerts(['api.bank.test']);
+    const clock = join(await makeTempDir('egress-leaf-'), 'offset');
+    // The first leaf is made "25 hours ago": it expired an hour ago, as after a day of uptime.
+    await writeFile(clock, '-25h\n');
+    const lab = await startLab({ env: { EGRESS_CERTS: certs, LD_PRELOAD: LIBFAKETIME!, FAKETIME_TIMESTAMP_FILE: clock, FAKETIME_CACHE_DURATION: '1', FAKETIME_DONT_FAKE_MONOTONIC: '1' }, routes: (up) => ({ bank: bankRoute(up.url) }) });
+    const leafValidTo = async () => {
+      const t = await connectTunnel(lab.port, 'api.bank.test:443', basic('a', lab.tokens.a));
+      return new Promise<number>((resolve, reject) => {
+        const tls: TLSSocket = tlsConnect({ socket: t.socket, servername: 'api.bank.test', rejectUnauthorized: false }, () => {
+          resolve(Date.parse(tls.getPeerCertificate(false).valid_to));
+          tls.destroy();
+        });
+        tls.on('error', reject);
+      });
+    };
+    try {
+      expect(await leafValidTo()).toBeLessThan(Date.now());
+      await writeFile(clock, '+0\n');
+      await new Promise((r) => setTimeout(r, 2_000));
+      expect(await leafValidTo()).toBeGreaterThan(Date.now() + 23 * 3_600_000);
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
 });
