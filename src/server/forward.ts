@@ -41,6 +41,11 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     void handleRequest(req, res, getConfig(), services, tunnel);
   });
   inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
+  inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+  // This server never listens: tunnels hand it their decrypted sockets. Node starts checking
+  // headersTimeout and requestTimeout when a server emits 'listening', so without this a slow
+  // request inside a tunnel (slowloris, a body at a byte every few seconds) was never cut off.
+  inner.emit('listening');
 
   const contextFor = (host: string): SecureContext => {
     const leaf = minter.leaf(host);

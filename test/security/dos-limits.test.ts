@@ -1,6 +1,7 @@
 import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel } from './sec-helpers.ts';
 
 /**
  * DOS-01 behaviour: the README promises "the listener cuts off slow headers after 10 s". A
@@ -53,4 +54,30 @@ describe('DOS-03b / DOS-01 behaviour', () => {
       await lab.close();
     }
   }, 60_000);
+
+  it('DOS-01d the same inside a forward-mode tunnel: a dribbled header is cut within 14 s, with 408, and the tunnel with it', async () => {
+    const { certs, caPem } = await makeCerts(['api.bank.test']);
+    const lab = await startLab({ env: { EGRESS_CERTS: certs }, routes: (u) => ({ bank: bankRoute(u.url) }) });
+    try {
+      const t = await connectTunnel(lab.port, 'api.bank.test:443', basic('a', lab.tokens.a));
+      const tls = await tlsInTunnel(t.socket, 'api.bank.test', caPem);
+      tls.on('error', () => {});
+      let answer = '';
+      tls.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+      const started = Date.now();
+      tls.write('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n');
+      const timer = setInterval(() => tls.writable && tls.write('X-a: b\r\n'), 1_000);
+      const closedAfter = await new Promise<number>((resolve) => {
+        tls.once('close', () => resolve(Date.now() - started));
+        setTimeout(() => resolve(Number.POSITIVE_INFINITY), 20_000);
+      });
+      clearInterval(timer);
+      tls.destroy();
+      expect(closedAfter, 'ms until the proxy closed the slow request in the tunnel').toBeLessThan(14_000);
+      expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 408 Request Timeout');
+      expect(lab.u.requests).toHaveLength(0);
+    } finally {
+      await lab.close();
+    }
+  }, 30_000);
 });
