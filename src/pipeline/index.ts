@@ -6,6 +6,7 @@ import { loggableHeaders } from '../observe/log.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
+import { isClosing, markClosing, requestAnswered, requestStarted } from './connection-state.ts';
 import type { RequestContext, Step } from './context.ts';
 import { forward } from './forward.ts';
 import { identifyCaller } from './identify-caller.ts';
@@ -29,6 +30,21 @@ export const STEPS: readonly Step[] = [
 ];
 
 export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward'], certificate?: RequestContext['certificate']): Promise<void> {
+  const socket = req.socket;
+  // A request pipelined behind one whose answer closes the connection is not processed (RFC 9112
+  // §9.6): it is audited as aborted, nothing is sent upstream, and Node closes the connection once
+  // that answer is out.
+  const skipped = isClosing(socket);
+  if (!res.shouldKeepAlive) markClosing(socket);
+  requestStarted(socket, req);
+  try {
+    await runRequest(req, res, config, services, forward, certificate, skipped);
+  } finally {
+    requestAnswered(socket);
+  }
+}
+
+async function runRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward: RequestContext['forward'], certificate: RequestContext['certificate'], skipped: boolean): Promise<void> {
   // One literal with every field, no spreads: every request's context has the same shape.
   const ctx: RequestContext = {
     forward,
@@ -60,6 +76,11 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     upstreamMs: undefined,
   };
   try {
+    if (skipped) {
+      ctx.decision = 'aborted';
+      ctx.reason = 'connection_closing';
+      return;
+    }
     for (const step of STEPS) {
       const pending = step(ctx);
       if (pending) await pending;

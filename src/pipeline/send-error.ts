@@ -2,6 +2,7 @@ import type { ServerResponse } from 'node:http';
 import type { ProxyError } from '../errors.ts';
 import { ERRORS } from '../errors.ts';
 import { hasBody } from './body.ts';
+import { markClosing } from './connection-state.ts';
 
 export const ERROR_HEADER = 'x-egress-error';
 
@@ -22,7 +23,11 @@ export function sendError(res: ServerResponse, requestId: string, error: ProxyEr
     'cache-control': 'no-store',
   };
   // A body we did not read (refused early, or cut off at the limit) leaves the connection unusable.
-  if (res.req && !res.req.complete && hasBody(res.req)) headers.connection = 'close';
+  if (res.req && !res.req.complete && hasBody(res.req)) {
+    headers.connection = 'close';
+    // Whatever is pipelined behind the unread body is not a request to process.
+    markClosing(res.req.socket);
+  }
   res.writeHead(error.status, headers);
   res.end(body);
 }

@@ -9,6 +9,7 @@ import { answerAndClose, isLingering, tokenFromAuthorization } from './proxy-aut
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
+import { afterInFlight, markClosing } from '../pipeline/connection-state.ts';
 
 /** Limits on the plain listener: slow or oversized requests are cut off long before Node's defaults. */
 export const LISTENER_LIMITS = Object.freeze({
@@ -62,7 +63,11 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
   }
   const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
   const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
-  answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  // Bytes that do not parse, behind a request still being answered: that answer goes out first,
+  // then this one (answered straight away, the caller would pair the 400 with the earlier request,
+  // which may well have reached the upstream). Nothing after the bad bytes is processed.
+  markClosing(socket);
+  afterInFlight(socket, () => answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
 }
 
 /**

@@ -1,4 +1,7 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from '../helpers/proxy.ts';
 import { startLab, statuses, type Lab } from './lab.ts';
 import { RawConnection, rawExchange } from './raw-socket.ts';
 
@@ -299,3 +302,70 @@ describe('SMUG: request framing', () => {
     await lab.g0(mark, 2);
   });
 });
+
+/**
+ * After an answer that closes the connection, nothing pipelined behind it is processed (RFC 9112
+ * §9.6), and bytes that do not parse behind a request still in flight do not take its answer's place.
+ */
+describe('SMUG: requests behind a closing answer', () => {
+  let slow: Lab;
+  beforeAll(async () => {
+    slow = await startLab({
+      upstream: (req, res) => {
+        const answer = () => {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.end(JSON.stringify({ url: req.url }));
+        };
+        if (req.url === '/slow') setTimeout(answer, 500);
+        else answer();
+      },
+      routes: (u) => ({
+        any: `name: any\nprefix: /any\nupstream: ${u.url}\nallow_private_addresses: true\ncredential: plaid\ninject:\n  scheme: headers\n  headers:\n    PLAID-SECRET: "{secret}"\nmax_body: 64kb\nallow:\n  - caller: a\n    methods: [POST]\n    paths: [/**]\n`,
+      }),
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await slow?.close();
+  });
+  const A = () => `X-Egress-Token: ${slow.tokens.a}\r\n`;
+
+  it('SMUG-11 after a 413 that closes the connection, a request pipelined behind the refused body never reaches U (with the upstream pool warm)', async () => {
+    for (let i = 0; i < 3; i++) {
+      // A warm pool: the pipelined request would otherwise lose the race to the close by itself.
+      expect(statuses((await rawExchange(slow.port, `POST /any/warm HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 0\r\nConnection: close\r\n\r\n`)).data)).toEqual([200]);
+      const mark = slow.u.requests.length;
+      const { data, closed } = await rawExchange(slow.port, `POST /any/x HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 70000\r\n\r\n${'x'.repeat(70000)}POST /any/ghost HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 0\r\n\r\n`, 800);
+      slow.seen(data);
+      expect(statuses(data)).toEqual([413]);
+      expect(closed).toBe(true);
+      await new Promise((r) => setTimeout(r, 300));
+      expect(slow.u.requests.slice(mark).map((r) => r.url)).toEqual([]);
+    }
+  });
+
+  it('SMUG-11b after a request that asked to close (Connection: close, or HTTP/1.0), a pipelined one is not processed', async () => {
+    for (const first of [`POST /any/one HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 0\r\nConnection: close\r\n\r\n`, `POST /any/one HTTP/1.0\r\nHost: p\r\n${A()}Content-Length: 0\r\n\r\n`]) {
+      const mark = slow.u.requests.length;
+      const { data, closed } = await rawExchange(slow.port, `${first}POST /any/two HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 0\r\n\r\n`, 800);
+      slow.seen(data);
+      expect(statuses(data)).toEqual([200]);
+      expect(closed).toBe(true);
+      await new Promise((r) => setTimeout(r, 200));
+      expect(slow.u.requests.slice(mark).map((r) => r.url)).toEqual(['/one']);
+    }
+    await eventually(async () => (await readFile(join(slow.dir, 'audit.log'), 'utf8')).includes('"reason":"connection_closing"'), 2_000, 'the skipped request audited');
+  });
+
+  it('SMUG-13 bytes that do not parse behind a request in flight: its answer comes first, then the 400, then the close', async () => {
+    for (const bad of ['POST /any/x HTTP/1.1\r\nHost: p\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 'GARBAGE\r\n\r\n', 'POST /any/x HTTP/1.1\nHost: p\n\n']) {
+      const mark = slow.u.requests.length;
+      const { data, closed } = await rawExchange(slow.port, `POST /any/slow HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 2\r\n\r\n{}${bad}`, 1_500);
+      slow.seen(data);
+      expect(slow.u.requests.slice(mark).map((r) => r.url), JSON.stringify(bad)).toEqual(['/slow']);
+      expect(statuses(data), JSON.stringify(bad)).toEqual([200, 400]);
+      expect(data).toContain('{"url":"/slow"}');
+      expect(closed).toBe(true);
+    }
+  });
+});
+
