@@ -1,4 +1,5 @@
-import { readdir, readFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, readdir } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { isMap, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
@@ -55,14 +56,36 @@ export async function loadRoutes(dir: string): Promise<CompiledConfig> {
   return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), loadedAt: new Date() });
 }
 
+/** A route file (or a CA file it names) larger than this is refused, not read. */
+export const MAX_ROUTE_FILE_BYTES = 1024 * 1024;
+
+/**
+ * A regular file's text, up to `max` bytes. Opened without blocking and checked before reading: a
+ * FIFO, a device (/dev/zero) or a huge file under a route file's name would otherwise hang every
+ * later reload behind it, or fill memory.
+ */
+export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<string> {
+  const handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  try {
+    const info = await handle.stat();
+    if (!info.isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: 'ENOTREGULAR' });
+    if (info.size > max) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
+  }
+}
+
 export async function loadRouteFile(file: string): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
   let text: string;
   try {
-    text = await readFile(file, 'utf8');
+    text = await readRegularFile(file);
   } catch (err) {
-    return { problems: [{ file, line: 0, col: 0, message: `cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }] };
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'ENOTREGULAR' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_ROUTE_FILE_BYTES / 1024 / 1024} MiB` : (code ?? 'error');
+    return { problems: [{ file, line: 0, col: 0, message: `cannot read (${why})` }] };
   }
-  return parseRouteText(text, file, async (caPath) => readFile(resolve(dirname(file), caPath), 'utf8'));
+  return parseRouteText(text, file, async (caPath) => readRegularFile(resolve(dirname(file), caPath)));
 }
 
 /**

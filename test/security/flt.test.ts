@@ -1,5 +1,5 @@
-import { spawn } from 'node:child_process';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BIN, collect, startServe, type ServeProcess } from '../helpers/cli.ts';
@@ -320,4 +320,22 @@ describe('FLT', () => {
       await serve.stop();
     }
   }, 30_000);
+
+  it('FLT-17 a route file that is not a regular file (a FIFO that never finishes reading) is refused at reload, and a later good change still applies', async () => {
+    const lab = await startLab();
+    try {
+      const routes = join(lab.dir, 'routes');
+      execFileSync('mkfifo', [join(routes, 'zz.yaml')]);
+      lab.serve.child.kill('SIGHUP');
+      await eventually(async () => lab.serve.output().includes('not a regular file'), 5_000, 'the FIFO refused');
+      await rm(join(routes, 'zz.yaml'));
+      const file = join(routes, 'plaid.yaml');
+      await writeFile(file, (await readFile(file, 'utf8')).replace('paths: [/institutions/*]', 'paths: [/institutions/*, /categories/get]'));
+      lab.serve.child.kill('SIGHUP');
+      await eventually(async () => (await fetch(`${lab.url}/plaid/categories/get`, { headers: { 'x-egress-token': lab.tokens.b } })).status === 200, 5_000, 'the good change to apply');
+    } finally {
+      await lab.close();
+    }
+  }, 30_000);
 });
+

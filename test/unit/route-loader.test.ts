@@ -425,3 +425,15 @@ describe('routeJsonSchema', () => {
     expect(JSON.parse(JSON.stringify(schema))).toEqual(schema);
   });
 });
+
+describe('loadRoutes: what is not a route file', () => {
+  it('refuses a file over 1 MiB and a directory under a route file name, without reading them, with file:0:0 problems', async () => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'big.yaml'), `# ${'x'.repeat(1024 * 1024)}\n`);
+    await mkdir(join(dir, 'folder.yaml'));
+    const err = await loadRoutes(dir).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    const lines = (err as ConfigError).problems.map(formatProblem);
+    expect(lines).toEqual([`${join(dir, 'big.yaml')}:0:0: cannot read (larger than 1 MiB)`, `${join(dir, 'folder.yaml')}:0:0: cannot read (not a regular file)`]);
+  });
+});
