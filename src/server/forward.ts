@@ -8,6 +8,7 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
+import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -66,6 +67,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     if (isIP(rawHost.replace(/^\[|\]$/g, '')) !== 0) return refuse(socket, 403, 'route_forbidden', 'Tunnels to IP addresses are not allowed; use the host name a route names.');
     // Exact match after IDNA to ASCII and lower-casing; a trailing dot is not the same host (SSRF-09).
     const host = domainToASCII(rawHost).toLowerCase();
+    // Node keeps only the first of two Proxy-Authorization headers: two are ambiguous, as two tokens are in reverse mode.
+    if (countHeader(req.rawHeaders, 'proxy-authorization') > 1) return refuse(socket, 407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
     const token = tokenFromAuthorization(req.headers['proxy-authorization']);
     if (!token || !services.store.usable()) return refuse(socket, 407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
     const found = services.store.identifyCaller(token);

@@ -5,7 +5,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
-import { startLab, statuses, type Lab } from './lab.ts';
+import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { bankRoute, basic, connectTunnel, exchange, makeCerts, peer, tlsInTunnel } from './sec-helpers.ts';
 
 /** MITM: the interception mode re-checks every inner request, mints narrow leaves and verifies upstream TLS. */
@@ -128,6 +128,21 @@ describe('MITM', () => {
     if (s.length > 3) expect(s[3]).toBe(403);
     expect(lab.u.requests.length - mark).toBe(1);
     await lab.g0(mark, 1);
+  });
+
+  it('MITM-01d two Proxy-Authorization headers (two callers) are refused, on CONNECT with 407 and in absolute form with 400, in either order; nothing reaches U', async () => {
+    const mark = lab.u.requests.length;
+    const authB = basic('b', lab.tokens.b);
+    for (const [first, second] of [[authA, authB], [authB, authA], [authA, authA]]) {
+      const t = await connectTunnel(lab.port, 'api.bank.test:443', `${first}\r\nProxy-Authorization: ${second}`);
+      t.socket.destroy();
+      expect(t.status).toBe(407);
+      expect(t.head).toContain('More than one Proxy-Authorization');
+      const raw = await rawRequest(lab.port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${first}\r\nProxy-Authorization: ${second}\r\nConnection: close\r\n\r\n`);
+      lab.seen(raw);
+      expect(statuses(raw)).toEqual([400]);
+    }
+    expect(lab.u.requests.length).toBe(mark);
   });
 
   it('MITM-02 the TLS SNI must name the CONNECT host', async () => {
