@@ -30,8 +30,29 @@ function containsAny(text: string, secrets: readonly string[]): boolean {
   return false;
 }
 
-/** A secret's forms as an upstream might echo it: raw, URL-encoded, JSON-escaped and base64. */
+const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
+
+/**
+ * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
+ * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it); HTML-escaped; base64
+ * with and without padding, and base64url. For a secret of letters and digits most of these are
+ * the raw value again, and the set holds each form once.
+ */
 export function echoForms(value: string): string[] {
-  const forms = new Set([value, encodeURIComponent(value), JSON.stringify(value).slice(1, -1), Buffer.from(value, 'utf8').toString('base64')]);
+  const percent = encodeURIComponent(value);
+  const json = JSON.stringify(value).slice(1, -1);
+  const base64 = Buffer.from(value, 'utf8').toString('base64');
+  const forms = new Set([
+    value,
+    percent,
+    percent.replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()),
+    percent.replaceAll('%20', '+'),
+    json,
+    json.replaceAll('/', '\\/'),
+    value.replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]!),
+    base64,
+    base64.replace(/=+$/, ''),
+    Buffer.from(value, 'utf8').toString('base64url'),
+  ]);
   return [...forms];
 }

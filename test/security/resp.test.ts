@@ -3,6 +3,8 @@ import type { AddressInfo } from 'node:net';
 import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { CANARY, rawRequest, startLab, statuses, type Lab } from './lab.ts';
 
 /**
@@ -395,3 +397,51 @@ describe('RESP: malformed upstream responses', () => {
     await lab.g0();
   });
 });
+
+/**
+ * A key with characters that encodings change (+ / = and a space, as base64 keys of Kraken or
+ * Coinbase have), echoed by the upstream in an error body and a header in each form an upstream
+ * framework writes.
+ */
+describe('RESP-04d echoes of a key with + / = in other encodings', () => {
+  const KEY = 'CANARY+b/64== x&y';
+  const forms: Record<string, string> = {
+    'percent-upper': encodeURIComponent(KEY),
+    'percent-lower': encodeURIComponent(KEY).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()),
+    'form-encoded': encodeURIComponent(KEY).replaceAll('%20', '+'),
+    // PHP's json_encode (and Jackson with ESCAPE_FORWARD_SLASHES) write "/" as "\/".
+    'json-escaped-slash': JSON.stringify(KEY).slice(1, -1).replaceAll('/', '\\/'),
+    'html-escaped': KEY.replace('&', '&amp;'),
+    'base64-unpadded': Buffer.from(KEY).toString('base64').replace(/=+$/, ''),
+    base64url: Buffer.from(KEY).toString('base64url'),
+  };
+  let up: Upstream;
+  let proxy: TestProxy;
+  beforeAll(async () => {
+    up = await startUpstream((req, res) => {
+      const form = forms[(req.url ?? '').slice(1)] ?? '';
+      const text = `{"error":"INVALID_API_KEYS","key":"${form}"}`;
+      res.writeHead(400, { 'content-type': 'application/json', 'x-key': form, 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+    });
+    proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: KEY } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await proxy?.close();
+    await up?.close();
+  });
+
+  it.each(Object.keys(forms))('the key echoed %s is redacted in the body and the header', async (form) => {
+    expect(forms[form], 'an encoded form, not the key itself').not.toBe(KEY);
+    const res = await fetch(`${proxy.url}/api/${form}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const text = await res.text();
+    expect(res.status).toBe(400);
+    expect(text).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+    expect(res.headers.get('x-key')).toBe('[REDACTED]');
+  });
+});
+

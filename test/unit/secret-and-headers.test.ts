@@ -200,10 +200,23 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, URL-encoded, JSON-escaped and base64 forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/), HTML-escaped and base64 (padded, unpadded, url) forms, without duplicates', () => {
     const value = 'a b/"é\\';
-    expect(echoForms(value)).toEqual([value, encodeURIComponent(value), 'a b/\\"é\\\\', Buffer.from(value, 'utf8').toString('base64')]);
-    expect(echoForms('abcd')).toEqual(['abcd', Buffer.from('abcd').toString('base64')]);
+    expect(echoForms(value)).toEqual([
+      value,
+      'a%20b%2F%22%C3%A9%5C',
+      'a%20b%2f%22%c3%a9%5c',
+      'a+b%2F%22%C3%A9%5C',
+      'a b/\\"é\\\\',
+      'a b\\/\\"é\\\\',
+      'a b/&quot;é\\',
+      'YSBiLyLDqVw=',
+      'YSBiLyLDqVw',
+    ]);
+    expect(echoForms('abcd')).toEqual(['abcd', 'YWJjZA==', 'YWJjZA']);
+    expect(echoForms('abc')).toEqual(['abc', 'YWJj']);
+    // base64url differs from base64 only where base64 has "+" or "/".
+    expect(echoForms('??>')).toContain('Pz8-');
   });
 
   it('redacting with echoForms removes every echoed form from a body', () => {
