@@ -41,7 +41,12 @@ export const credentialRecordSchema = z.strictObject({
   revision: z.number().int().min(1),
   created_at: z.string(),
   updated_at: z.string(),
-  versions: z.array(credentialVersionSchema),
+  // What the state machine never writes (two current versions, two with one number) is a damaged
+  // record, refused like any other: which of two current keys to send is not the proxy's guess.
+  versions: z.array(credentialVersionSchema).refine(
+    (versions) => new Set(versions.map((v) => v.version)).size === versions.length && (['pending', 'current', 'previous'] as const).every((state) => versions.filter((v) => v.state === state).length <= 1),
+    'at most one pending, one current and one previous version, each version number once',
+  ),
   history: z.array(historyEntrySchema).optional(),
 });
 

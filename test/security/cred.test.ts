@@ -78,7 +78,7 @@ async function tamper(edit: (d: Doc) => void, broken: 'plaid' | 'bank'): Promise
     if (r.url.startsWith('/p2base')) expect(r.headers['x-api-key']).toBe(CANARY);
   }
   // The child's log reaches us through a pipe, and may arrive after the 503 did.
-  const damaged = /store_record_damaged|credential_integrity|integrity check/;
+  const damaged = /store_record_damaged|store record is damaged|credential_integrity|integrity check/;
   await eventually(() => damaged.test(lab.serve.output().slice(logBefore)), 3_000, 'the damage to be logged');
   expect(lab.serve.output().slice(logBefore)).not.toContain(BANK_SECRET);
   await writeFile(storePath, pristine, { mode: 0o600 });
@@ -117,6 +117,18 @@ describe('CRED', () => {
     ['non-canonical base64 tag', (v: Version) => void (v.data.tag = `${v.data.tag}=`)],
   ])('CRED-03 bit flip / damage in %s: 503, alert, no partial plaintext', async (_what, edit) => {
     await tamper((d) => edit(d.credentials.plaid!.versions[0]!), 'plaid');
+  });
+
+  it('CRED-03c versions the state machine never writes (two current, one number twice) fail closed instead of sending one of them', async () => {
+    // A second sealed copy of the current version, as a second "current" and as a pending with the same number.
+    await tamper((d) => {
+      const v = d.credentials.plaid!.versions[0]!;
+      d.credentials.plaid!.versions.push({ ...v, version: v.version + 1 });
+    }, 'plaid');
+    await tamper((d) => {
+      const v = d.credentials.plaid!.versions[0]!;
+      d.credentials.plaid!.versions.push({ ...v, state: 'pending' });
+    }, 'plaid');
   });
 
   it('CRED-03b the record id changed (plaid\'s record filed under bank) fails closed', async () => {
