@@ -327,7 +327,7 @@ describe('file store: a lock left behind by a killed writer', () => {
     const path = join(dir, 'store.json');
     const seed = newCredentialRecord(keyring, ID, { secret: 'v1' }, new Date(), 'seed');
     await new FileStore(path).put('credential', seed, 0);
-    const next = (value: string): CredentialRecord => ({ ...seed, revision: 2, versions: [...seed.versions, { ...seed.versions[0]!, version: 2, created_at: value }] });
+    const next = (value: string): CredentialRecord => ({ ...seed, revision: 2, versions: [...seed.versions, { ...seed.versions[0]!, version: 2, state: 'pending', created_at: value }] });
 
     // The lock of a writer that was SIGKILLed: its pid names a process that no longer exists.
     const deadPid = spawnSync('true').pid!;
