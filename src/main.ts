@@ -7,6 +7,7 @@ import type { Settings } from './config/settings.ts';
 import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
 import { Alerts } from './observe/alerts.ts';
+import { CallerSlots } from './pipeline/in-flight.ts';
 import { Activity } from './observe/activity.ts';
 import { AlertRules } from './observe/alert-rules.ts';
 import { loadAlertSettings } from './observe/alert-settings.ts';
@@ -97,7 +98,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // OAuth2 tokens are shared by every instance through Redis when the store is Redis.
   const tokens = new TokenBroker(log, backend instanceof RedisStore ? new SharedTokens(backend.client, keys) : undefined);
   const activity = new Activity();
-  const services: Services = { store, keys, dispatchers, limiter, nonces, tokens, audit, metrics, rules, usage, activity, log };
+  const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log };
   metrics.bindStore(store);
   const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
   ageCheck.unref();

@@ -41,6 +41,8 @@ export interface Settings {
   readonly logLevel: string;
   /** How long cached credentials serve while the store cannot be read. */
   readonly storeMaxStaleMs: number;
+  /** Requests of one caller being answered at once, at most; more are refused with 429. */
+  readonly callerMaxInFlight: number;
   /** True when store and master key file are both the defaults (first-run key creation applies). */
   readonly defaultPaths: boolean;
 }
@@ -66,6 +68,8 @@ export const SETTINGS = {
   auditStdout: { env: 'EGRESS_AUDIT_STDOUT', flag: 'audit-stdout', default: 'false' },
   logLevel: { env: 'EGRESS_LOG_LEVEL', flag: 'log-level', default: 'info' },
   storeMaxStale: { env: 'EGRESS_STORE_MAX_STALE', flag: 'store-max-stale', default: '5m' },
+  // Half of an upstream's 256 connections: one caller's slow requests cannot take them all.
+  callerMaxInFlight: { env: 'EGRESS_CALLER_MAX_IN_FLIGHT', flag: 'caller-max-in-flight', default: '128' },
 } as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -107,6 +111,7 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
     auditStdout: booleanSetting(get('auditStdout')!, 'EGRESS_AUDIT_STDOUT'),
     logLevel,
     storeMaxStaleMs: durationSetting(get('storeMaxStale')!, 'EGRESS_STORE_MAX_STALE'),
+    callerMaxInFlight: countSetting(get('callerMaxInFlight')!, 'EGRESS_CALLER_MAX_IN_FLIGHT'),
     defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
   };
 }

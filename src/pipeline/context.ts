@@ -45,6 +45,8 @@ export interface RequestContext {
   upstreamStatus?: number;
   /** Milliseconds from sending upstream to its response headers. */
   upstreamMs?: number;
+  /** The request holds one of its caller's in-flight slots (released when it is recorded). */
+  holdsSlot: boolean;
   decision: Decision;
   reason: string;
 }

@@ -74,6 +74,7 @@ async function runRequest(req: IncomingMessage, res: ServerResponse, config: Com
     outbound: undefined,
     upstreamStatus: undefined,
     upstreamMs: undefined,
+    holdsSlot: false,
   };
   try {
     if (skipped) {
@@ -121,6 +122,10 @@ function toProxyError(err: unknown, ctx: RequestContext): ProxyError {
 
 /** Written for every request, allowed, denied or failed: the audit line, then the metrics. */
 function finish(ctx: RequestContext): void {
+  if (ctx.holdsSlot) {
+    ctx.holdsSlot = false;
+    ctx.services.slots.release(ctx.caller!);
+  }
   const total = performance.now() - ctx.startedAt;
   if (ctx.decision === 'allow' && callerGone(ctx)) {
     ctx.decision = 'aborted';

@@ -11,8 +11,22 @@ import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
 export function rateLimit(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
   const result = ctx.services.limiter.check(route.name, bucketsFor(route, ctx.rule, ctx.caller!));
-  if (result instanceof Promise) return result.then(enforce);
+  if (result instanceof Promise) {
+    return result.then((check) => {
+      enforce(check);
+      takeSlot(ctx);
+    });
+  }
   enforce(result);
+  takeSlot(ctx);
+}
+
+/** One of the caller's in-flight slots, held until the request is recorded (see CallerSlots). */
+function takeSlot(ctx: RequestContext): void {
+  if (!ctx.services.slots.take(ctx.caller!)) {
+    throw new ProxyError('rate_limited', 'Too many requests of this caller are in flight.', { headers: { 'retry-after': '1' } });
+  }
+  ctx.holdsSlot = true;
 }
 
 /**

@@ -8,6 +8,7 @@ import type { UsageTracker } from '../observe/usage.ts';
 import type { Activity } from '../observe/activity.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
+import type { CallerSlots } from './in-flight.ts';
 import type { NonceSource } from './nonces.ts';
 import type { TokenBroker } from './token-broker.ts';
 
@@ -17,6 +18,7 @@ export interface Services {
   readonly keys: KeyringFile;
   readonly dispatchers: Dispatchers;
   readonly limiter: RateLimiter;
+  readonly slots: CallerSlots;
   readonly nonces: NonceSource;
   readonly tokens: TokenBroker;
   readonly audit: AuditLog;

@@ -80,4 +80,52 @@ describe('DOS-03b / DOS-01 behaviour', () => {
       await lab.close();
     }
   }, 30_000);
+
+  it('DOS-12 one caller\'s slow requests cannot take an upstream\'s whole pool: past EGRESS_CALLER_MAX_IN_FLIGHT they get 429, and another caller of the same upstream is answered at once', async () => {
+    const lab = await startLab({ env: { EGRESS_CALLER_MAX_IN_FLIGHT: '4' }, upstream: (req, res) => setTimeout(() => res.end('{}'), req.url!.includes('accounts') ? 1_500 : 0) });
+    try {
+      const post = () => fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json' }, body: '{}' });
+      const slow = Array.from({ length: 10 }, () => post().then(async (r) => ({ status: r.status, retry: r.headers.get('retry-after'), body: await r.text() })));
+      await new Promise((r) => setTimeout(r, 400));
+      const t0 = performance.now();
+      const b = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
+      await b.arrayBuffer();
+      const waited = performance.now() - t0;
+      const answers = await Promise.all(slow);
+      expect(b.status).toBe(200);
+      expect(waited, 'ms b waited').toBeLessThan(1_000);
+      expect(answers.filter((a) => a.status === 200)).toHaveLength(4);
+      const refused = answers.filter((a) => a.status === 429);
+      expect(refused).toHaveLength(6);
+      for (const r of refused) {
+        expect(r.retry).toBe('1');
+        expect(r.body).toContain('Too many requests of this caller are in flight.');
+      }
+      expect(lab.u.requests.filter((r) => r.url === '/accounts/get')).toHaveLength(4);
+      // The slots come back as requests end: a's next request is answered.
+      expect((await post()).status).toBe(200);
+    } finally {
+      await lab.close();
+    }
+  }, 30_000);
+
+  it('DOS-12b with the default limit, 300 slow requests of one caller leave the pool to the others', async () => {
+    const lab = await startLab({ upstream: (req, res) => setTimeout(() => res.end('{}'), req.url!.includes('accounts') ? 2_500 : 0) });
+    try {
+      const slow = Array.from({ length: 300 }, () => fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json' }, body: '{}' }).then((r) => r.status, () => 0));
+      await new Promise((r) => setTimeout(r, 500));
+      const t0 = performance.now();
+      const b = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
+      await b.arrayBuffer();
+      const waited = performance.now() - t0;
+      const statuses = await Promise.all(slow);
+      expect(b.status).toBe(200);
+      expect(waited, 'ms b waited behind a').toBeLessThan(1_000);
+      expect(statuses.filter((s) => s === 200)).toHaveLength(128);
+      expect(statuses.filter((s) => s === 429)).toHaveLength(172);
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
 });
+
