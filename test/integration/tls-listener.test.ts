@@ -22,20 +22,21 @@ let caKey: forge.pki.rsa.PrivateKey;
 let caCert: forge.pki.Certificate;
 let svcToken: string;
 
-function issue(opts: { cn: string; uris: string[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; fromMs?: number; toMs?: number; serial?: string }) {
+function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string }) {
   const keys = forge.pki.rsa.generateKeyPair(2048);
   const cert = forge.pki.createCertificate();
   cert.publicKey = keys.publicKey;
   cert.serialNumber = opts.serial ?? `7${Math.floor(Math.random() * 1e12).toString(16)}`;
   cert.validity.notBefore = new Date(Date.now() + (opts.fromMs ?? -60_000));
   cert.validity.notAfter = new Date(Date.now() + (opts.toMs ?? 86_400_000));
-  cert.setSubject([{ name: 'commonName', value: opts.cn }]);
-  const signer = opts.signer ?? { cert: caCert, key: caKey };
+  cert.setSubject(opts.subject ?? [{ name: 'commonName', value: opts.cn ?? 'svc' }]);
+  const signer = opts.selfSigned ? { cert, key: keys.privateKey } : (opts.signer ?? { cert: caCert, key: caKey });
   cert.setIssuer(signer.cert.subject.attributes);
+  const altNames = opts.sans ?? (opts.uris ?? []).map((value) => ({ type: 6, value }));
   cert.setExtensions([
     { name: 'basicConstraints', cA: opts.ca ?? false, critical: true },
-    ...(opts.ca ? [{ name: 'keyUsage', keyCertSign: true, digitalSignature: true, critical: true }] : [{ name: 'extKeyUsage', clientAuth: true }]),
-    { name: 'subjectAltName', altNames: opts.uris.map((value) => ({ type: 6, value })) },
+    ...(opts.ca ? [{ name: 'keyUsage', keyCertSign: true, digitalSignature: true, critical: true }] : [{ name: 'extKeyUsage', ...(opts.eku === 'server' ? { serverAuth: true } : { clientAuth: true }) }]),
+    ...(altNames.length > 0 ? [{ name: 'subjectAltName', altNames }] : []),
   ]);
   cert.sign(signer.key, forge.md.sha256.create());
   return { cert, key: keys.privateKey, certPem: forge.pki.certificateToPem(cert), keyPem: forge.pki.privateKeyToPem(keys.privateKey) };
@@ -117,6 +118,61 @@ describe('TLS listener with client certificates', () => {
     const status = await call('/api/x', make()).catch(() => 0);
     expect([0, 401]).toContain(status);
     expect(upstream.requests.length).toBe(before);
+  });
+
+  const id = (name: string) => ({ type: 6, value: `${CALLER_URI_PREFIX}${name}` });
+  const caSubject = () => caCert.subject.attributes.map((a) => ({ name: a.name!, value: String(a.value) }));
+
+  it.each([
+    ['not yet valid', () => issue({ sans: [id('svc')], fromMs: 3_600_000 })],
+    ['self-signed, claiming the egress CA as issuer', () => issue({ sans: [id('svc')], selfSigned: true, subject: caSubject() })],
+    ['EKU serverAuth only', () => issue({ sans: [id('svc')], eku: 'server' })],
+    ['no SAN, only CN=svc', () => issue({ cn: 'svc' })],
+    ['identity URI with another prefix', () => issue({ sans: [{ type: 6, value: 'spiffe://corp/svc' }] })],
+    ['identity URI prefix in upper case', () => issue({ sans: [{ type: 6, value: `${CALLER_URI_PREFIX.toUpperCase()}svc` }] })],
+    ['the identity as a DNS SAN', () => issue({ sans: [{ type: 2, value: 'svc' }] })],
+    ['one URI SAN whose value embeds ", URI:" and a second identity', () => issue({ cn: 'svc', sans: [{ type: 6, value: `${CALLER_URI_PREFIX}svc, URI:${CALLER_URI_PREFIX}svc` }] })],
+    ['a CN that smuggles a newline and "CN=svc"', () => issue({ cn: 'x\nCN=svc', sans: [id('svc')] })],
+    ['"CN=svc" inside another attribute', () => issue({ subject: [{ name: 'organizationalUnitName', value: 'CN=svc' }, { name: 'commonName', value: 'zz' }], sans: [id('svc')] })],
+  ])('AUTH-08 refuses a certificate: %s (401 or handshake failure, nothing at U)', async (_what, make) => {
+    const c = make();
+    const before = upstream.requests.length;
+    expect([0, 401]).toContain(await call('/api/x', { cert: c.certPem, key: c.keyPem }).catch(() => 0));
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-08b chains: a rogue root with the egress CA\'s exact subject, and a real intermediate under the egress CA, are refused', async () => {
+    const rogue = issue({ ca: true, selfSigned: true, subject: caSubject() });
+    const viaRogue = issue({ sans: [id('svc')], signer: rogue });
+    const inter = issue({ cn: 'intermediate', ca: true });
+    const viaInter = issue({ sans: [id('svc')], signer: inter });
+    const before = upstream.requests.length;
+    expect([0, 401]).toContain(await call('/api/x', { cert: viaRogue.certPem + rogue.certPem, key: viaRogue.keyPem }).catch(() => 0));
+    expect([0, 401]).toContain(await call('/api/x', { cert: viaInter.certPem + inter.certPem, key: viaInter.keyPem }).catch(() => 0));
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-08c a valid certificate plus a bad token: the certificate does not rescue the token', async () => {
+    const before = upstream.requests.length;
+    expect(await call('/api/x', await svcFiles(), { 'x-egress-token': `egt_${'A'.repeat(43)}` })).toBe(401);
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-10 protocol floor: TLS 1.0/1.1 and non-AEAD TLS 1.2 suites fail the handshake', async () => {
+    const port = proxy.proxy.tlsAddress!.port;
+    const attempt = (opts: object) => new Promise<string>((resolve) => {
+      const s = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', ...opts }, () => {
+        resolve(`connected ${s.getProtocol()} ${s.getCipher().name}`);
+        s.destroy();
+      });
+      s.on('error', (e) => resolve(`refused: ${e.message}`));
+    });
+    for (const opts of [
+      { minVersion: 'TLSv1', maxVersion: 'TLSv1', ciphers: 'DEFAULT@SECLEVEL=0' },
+      { minVersion: 'TLSv1.1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' },
+      { minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', ciphers: 'AES128-SHA:AES256-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA256' },
+    ]) expect(await attempt(opts), JSON.stringify(opts)).toMatch(/^refused/);
+    expect(await attempt({ minVersion: 'TLSv1.3' })).toMatch(/^connected TLSv1.3/);
   });
 
   it('a certificate identifies only a caller the store has and has not revoked: `egress callers revoke` ends its certificates too, open connections included; issue-caller refuses a name the store does not have, or has revoked', async () => {

@@ -3,11 +3,14 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { asA, rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { RawConnection } from './raw-socket.ts';
+import { bankRoute, basic, connectTunnel, exchange, makeCerts, tlsInTunnel } from './sec-helpers.ts';
 
 /**
  * AUTH: caller authentication on the plain listener (tokens). Client-certificate cases (AUTH-01 no
  * certificate, AUTH-03 expiry, AUTH-05 CA:TRUE leaves, AUTH-07 revocation of a certificate) are
- * covered on the TLS listener by test/integration/tls-listener.test.ts and mtls.test.ts.
+ * covered on the TLS listener by test/integration/tls-listener.test.ts and mtls.test.ts. The last
+ * block (AUTH-06c, AUTH-11c, AUTH-07c) checks tokens in forward mode, on a second lab with the
+ * interception CA.
  */
 let lab: Lab;
 
@@ -262,5 +265,105 @@ describe('AUTH: caller tokens on the plain listener', () => {
       conn.close();
     }
     await lab.g0(mark, 0);
+  });
+});
+
+describe('AUTH: caller tokens in forward mode (Proxy-Authorization on CONNECT, identity inside the tunnel)', () => {
+  let fwd: Lab;
+  let caPem: string;
+
+  beforeAll(async () => {
+    const made = await makeCerts(['api.bank.test']);
+    caPem = made.caPem;
+    fwd = await startLab({ env: { EGRESS_CERTS: made.certs }, routes: (u) => ({ bank: bankRoute(u.url) }) });
+  }, 60_000);
+
+  afterAll(async () => {
+    await fwd?.close();
+  });
+
+  /** One inner request through a fresh tunnel opened with `auth`: the CONNECT status, then the inner statuses. */
+  async function through(auth: string, innerHeaders = ''): Promise<number[]> {
+    const t = await connectTunnel(fwd.port, 'api.bank.test:443', auth);
+    if (t.status !== 200) {
+      t.socket.destroy();
+      return [t.status];
+    }
+    const tls = await tlsInTunnel(t.socket, 'api.bank.test', caPem);
+    const out = await exchange(tls, `GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n${innerHeaders}Connection: close\r\n\r\n`);
+    fwd.seen(out);
+    return [200, ...statuses(out)];
+  }
+
+  const statusOf = async (token: string) => {
+    const r = await fetch(`${fwd.url}/bank/accounts`, { headers: { 'x-egress-token': token } });
+    fwd.seen(await r.text());
+    return r.status;
+  };
+
+  it('AUTH-06c the token must be the Basic password or a Bearer value; other spellings get 407', async () => {
+    const mark = fwd.u.requests.length;
+    const { a, b } = fwd.tokens;
+    expect(await through(basic('a', a))).toEqual([200, 200]);
+    for (const auth of [
+      `Basic ${Buffer.from(`${a}:`).toString('base64')}`,
+      `Basic ${Buffer.from(a).toString('base64')}`,
+      `Bearer  ${a}`,
+      `Token ${a}`,
+      `${basic('a', a)}, ${basic('b', b)}`,
+      `Basic ${Buffer.from(`a:${a.slice(0, -1)}`).toString('base64')}`,
+    ]) {
+      expect(await through(auth), auth).toEqual([407]);
+    }
+    expect(fwd.u.requests.length - mark).toBe(1);
+    await fwd.g0(mark, 1);
+  });
+
+  it('AUTH-11c inside a tunnel, X-Egress-Token or Proxy-Authorization of another caller changes nothing and never reaches U', async () => {
+    const mark = fwd.u.requests.length;
+    const { a, b } = fwd.tokens;
+    // b's tunnel claiming to be a: still b, and b may not use the bank route.
+    expect(await through(basic('b', b), `X-Egress-Token: ${a}\r\n`)).toEqual([200, 403]);
+    expect(await through(basic('b', b), `Proxy-Authorization: ${basic('a', a)}\r\n`)).toEqual([200, 403]);
+    expect(fwd.u.requests.length - mark).toBe(0);
+    // a's tunnel carrying b's token: a's request, and neither identity header goes upstream.
+    expect(await through(basic('a', a), `X-Egress-Token: ${b}\r\nProxy-Authorization: ${basic('b', b)}\r\n`)).toEqual([200, 200]);
+    const r = fwd.u.requests.at(-1)!;
+    expect(r.headers['x-egress-token']).toBeUndefined();
+    expect(r.headers['proxy-authorization']).toBeUndefined();
+    expect(JSON.stringify(r.rawHeaders)).not.toContain(b);
+    await fwd.g0(mark, 1);
+  });
+
+  it('AUTH-07c a token revoked while its tunnel is open: the next inner request is refused (401, or the tunnel is closed)', async () => {
+    const env = envFor(fwd.dir);
+    const added = await runCli(['callers', 'add', 'q', '--json'], env);
+    expect(added.code).toBe(0);
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    await eventually(async () => (await statusOf(token)) === 403, 3_000, 'q known');
+    const mark = fwd.u.requests.length;
+    const t = await connectTunnel(fwd.port, 'api.bank.test:443', basic('q', token));
+    expect(t.status).toBe(200);
+    const tls = await tlsInTunnel(t.socket, 'api.bank.test', caPem);
+    let seen = '';
+    tls.on('data', (d: Buffer) => (seen += d.toString('latin1')));
+    tls.on('error', () => {});
+    try {
+      tls.write('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n');
+      await eventually(() => statuses(seen).length === 1, 3_000, 'first answer');
+      expect(statuses(seen)).toEqual([403]);
+      expect((await runCli(['callers', 'revoke', 'q'], env)).code).toBe(0);
+      await eventually(async () => (await statusOf(token)) === 401, 3_000, 'revocation applied');
+      if (!tls.destroyed) tls.write('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n');
+      await eventually(() => statuses(seen).length === 2 || tls.destroyed, 3_000, 'second answer or close');
+      fwd.seen(seen);
+      // Either answered 401, or closed without a second answer; never a 403 (the tunnel's identity kept) or a 200.
+      if (statuses(seen).length === 2) expect(statuses(seen)).toEqual([403, 401]);
+      else expect(tls.destroyed, 'closed instead of answering').toBe(true);
+    } finally {
+      tls.destroy();
+    }
+    expect(fwd.u.requests.length - mark).toBe(0);
+    await fwd.g0(mark, 0);
   });
 });

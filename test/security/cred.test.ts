@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -51,6 +51,13 @@ async function get(path: string): Promise<number> {
   const res = await fetch(`${lab.url}${path}`, { headers: { 'x-egress-token': lab.tokens.a } });
   lab.seen(await res.text() + JSON.stringify([...res.headers]));
   return res.status;
+}
+
+/** One GET from caller a; its status and the X-Api-Key that reached U (undefined when nothing did). */
+async function sent(path: string): Promise<{ status: number; secret: unknown }> {
+  const mark = lab.u.requests.length;
+  const status = await get(path);
+  return { status, secret: lab.u.requests.slice(mark)[0]?.headers['x-api-key'] };
 }
 
 function flip(b64: string, at = 0): string {
@@ -137,6 +144,45 @@ describe('CRED', () => {
     }, 'bank');
   });
 
+  it('CRED-03e the whole store file damaged (truncated, empty, not JSON, null, an array): the last good state stays live, no crash', async () => {
+    for (const body of [pristine.slice(0, Math.floor(pristine.length / 2)), '', 'garbage', 'null', '[]']) {
+      await writeFile(storePath, body, { mode: 0o600 });
+      try {
+        // Past two polls of the file.
+        await new Promise((r) => setTimeout(r, 1_200));
+        expect(await sent('/p2/x'), JSON.stringify(body.slice(0, 20))).toEqual({ status: 200, secret: CANARY });
+        expect(await sent('/bank/x'), JSON.stringify(body.slice(0, 20))).toEqual({ status: 200, secret: BANK_SECRET });
+        expect(lab.serve.child.exitCode).toBeNull();
+      } finally {
+        await writeFile(storePath, pristine, { mode: 0o600 });
+      }
+    }
+    await lab.g0();
+  }, 30_000);
+
+  it('CRED-03d record metadata the ciphertext is bound to (keyring version, state, record id) fails closed; a current version marked revoked is not sent', async () => {
+    await tamper((d) => void (d.credentials.plaid!.versions[0]!.kek = 2), 'plaid');
+    await tamper((d) => void ((d.credentials.plaid!.versions[0] as Record<string, unknown>).kek = '1'), 'plaid');
+    await tamper((d) => void (d.credentials.plaid!.versions[0]!.state = 'active'), 'plaid');
+    await tamper((d) => void (d.credentials.plaid!.id = 'other'), 'plaid');
+    // A well-formed record whose only version is marked revoked (ciphertext left in place): no usable
+    // version, so 503 as for any revoked credential (not logged as damage), and the sealed secret is not sent.
+    const doc = JSON.parse(pristine) as Doc;
+    doc.credentials.plaid!.versions[0]!.state = 'revoked';
+    await writeFile(storePath, JSON.stringify(doc), { mode: 0o600 });
+    try {
+      await eventually(async () => (await get('/p2/x')) === 503, 3_000, 'plaid to fail closed');
+      const mark = lab.u.requests.length;
+      expect(await sent('/p2/x')).toEqual({ status: 503, secret: undefined });
+      expect(await sent('/bank/x')).toEqual({ status: 200, secret: BANK_SECRET });
+      expect(lab.u.requests.length - mark).toBe(1);
+    } finally {
+      await writeFile(storePath, pristine, { mode: 0o600 });
+    }
+    await eventually(async () => (await get('/p2/x')) === 200, 3_000, 'plaid restored');
+    await lab.g0();
+  }, 60_000);
+
   it('CRED-05 nonce uniqueness: 100k seals under one key, and every nonce in the store after 10 rotations, never repeat', async () => {
     const key = Buffer.alloc(32, 9);
     const seen = new Set<string>();
@@ -201,6 +247,48 @@ describe('CRED', () => {
     await expect(stat(join(dir, 'master.key'))).rejects.toThrow();
     await lab.g0();
   }, 30_000);
+
+  it('CRED-07b a master key file made world-readable while serving is refused on reload (alert); the loaded keyring stays', async () => {
+    const key = join(lab.dir, 'master.key');
+    const logBefore = lab.serve.output().length;
+    await chmod(key, 0o644);
+    try {
+      await eventually(() => /keyring_reload_rejected/.test(lab.serve.output().slice(logBefore)), 3_000, 'the reload refusal');
+      expect(await sent('/p2/x')).toEqual({ status: 200, secret: CANARY });
+    } finally {
+      await chmod(key, 0o600);
+    }
+    await lab.g0();
+  });
+
+  it('CRED-13 a secret typed into argv or given as raw text is refused and never echoed', async () => {
+    const env = envFor(lab.dir);
+    for (const args of [
+      ['keys', 'put', 'k9', `--secret=${CANARY}`],
+      ['keys', 'put', 'k9', '--secret', CANARY],
+      ['keys', 'put', 'k9', `--from-stdin=${CANARY}`],
+      ['keys', 'put', 'k9', `-s${CANARY}`],
+      ['keys', 'rotate', 'plaid', '--from-stdin', CANARY],
+      ['keys', 'put', 'k9', '--', CANARY],
+      ['keys', 'put', CANARY, '--from-stdin'],
+      ['callers', 'add', 'x', `--token=${CANARY}`],
+      ['master-key', 'init', `--key=${CANARY}`],
+    ]) {
+      const r = await runCli(args, env, '{"secret":"abcdef"}');
+      expect(r.code, args.join(' ')).toBe(2);
+      expect(r.stdout + r.stderr, args.join(' ')).not.toContain(CANARY);
+    }
+    const file = join(lab.dir, 'fields.txt');
+    for (const body of [CANARY, `{"secret":"${CANARY}"`, `{"secret":"${CANARY}",}`, `secret=${CANARY}`, `{"secret":["${CANARY}"]}`]) {
+      await writeFile(file, body, { mode: 0o600 });
+      for (const r of [await runCli(['keys', 'put', 'k8', '--from-file', file], env), await runCli(['keys', 'put', 'k8', '--from-stdin'], env, body)]) {
+        expect(r.code, body).toBe(1);
+        expect(r.stdout + r.stderr, body).not.toContain(CANARY);
+      }
+    }
+    expect(JSON.parse(await readFile(storePath, 'utf8')).credentials.k8).toBeUndefined();
+    await lab.g0();
+  }, 60_000);
 
   it('CRED-11 caller-chosen credential via headers, query or path is not possible', async () => {
     const mark = lab.u.requests.length;
@@ -281,4 +369,36 @@ describe('CRED', () => {
     expect(resolution, 'the measurement resolves differences of 50 µs').toBeLessThan(50);
     await lab.g0();
   }, 60_000);
+});
+
+describe('CRED after a rotation (runs last: the store moves past `pristine`)', () => {
+  const SECOND = 'sk_test_SECOND_9b2e';
+  let rotated: string;
+
+  beforeAll(async () => {
+    const rot = await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '24h'], envFor(lab.dir), JSON.stringify({ client_id: 'client_CANARY_a11ce', secret: SECOND }));
+    expect(rot.code, rot.stderr).toBe(0);
+    await eventually(async () => (await sent('/p2/x')).secret === SECOND, 3_000, 'v2 current');
+    rotated = await readFile(storePath, 'utf8');
+  }, 30_000);
+
+  it('CRED-03f the previous and current versions\' sealed data and data keys exchanged fail closed; nothing reaches U', async () => {
+    const doc = JSON.parse(rotated) as Doc;
+    const vs = doc.credentials.plaid!.versions;
+    expect(vs.map((v) => v.state)).toEqual(['previous', 'current']);
+    const [v1, v2] = vs as [Version, Version];
+    [v1.data, v2.data, v1.dek, v2.dek] = [v2.data, v1.data, v2.dek, v1.dek];
+    await writeFile(storePath, JSON.stringify(doc), { mode: 0o600 });
+    try {
+      await eventually(async () => (await sent('/p2/x')).status === 503, 3_000, 'the exchange to fail closed');
+      const mark = lab.u.requests.length;
+      expect(await sent('/p2/x')).toEqual({ status: 503, secret: undefined });
+      expect(await sent('/bank/x')).toEqual({ status: 200, secret: BANK_SECRET });
+      expect(lab.u.requests.length - mark).toBe(1);
+    } finally {
+      await writeFile(storePath, rotated, { mode: 0o600 });
+    }
+    await eventually(async () => (await sent('/p2/x')).secret === SECOND, 3_000, 'restored');
+    await lab.g0();
+  });
 });

@@ -153,6 +153,23 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 2);
   });
 
+  it('ROUTE-02b dot segments are refused even where a * or ** rule would match them', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/wild/items/..', '/wild/items/.', '/wild/items/%2e%2e', '/wild/items/%2E', '/wild/items/.%2e', '/wild/files/x/..', '/wild/files/x/../../../plaid/accounts/get', '/wild/files/%2e%2e/%2e%2e/plaid/accounts/get', '/wild/files/x/./y', '/wild/files/x/.'], [400], 'GET');
+    expect(lab.u.requests.length - mark).toBe(0);
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-04b * never matches an empty, encoded-slash or control segment; ** refuses interior empty segments', async () => {
+    const mark = lab.u.requests.length;
+    await refused(['/wild/items//', '/wild/items/%2f', '/wild/items/%5C', '/wild/items/%00', '/wild/items/%09', '/wild/files//x', '/wild/files/x//y'], [400], 'GET');
+    // An empty last segment is not a name for *, and ** does not match the bare folder.
+    expect(await send('/wild/items/', 'GET')).toEqual([403]);
+    expect(await send('/wild/files', 'GET')).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    await lab.g0(mark, 0);
+  });
+
   it('ROUTE-09 methods: GET/HEAD/OPTIONS/TRACE/PROPFIND/DELETE/PUT/PATCH on a POST route → 403/405', async () => {
     const mark = lab.u.requests.length;
     for (const method of ['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE', 'PUT', 'PATCH', 'MKCOL', 'SEARCH']) {
@@ -257,6 +274,28 @@ describe('ROUTE: allowlist and paths', () => {
     await refused(['/pl%61id/item/remove', '/plaid/%69tem/remove', '/pl%61id-admin/x', '/plaid%2dadmin/only-b'], [403, 404]);
     await lab.g0(m2, 0);
     expect(lab.e.requests).toHaveLength(0);
+  });
+
+  it('ROUTE-17 request-target length: 8 KiB is served, longer is 400, past the header limit 431; nothing partial reaches U', async () => {
+    const mark = lab.u.requests.length;
+    const at = (n: number) => `/wild/items/${'a'.repeat(n - '/wild/items/'.length)}`;
+    expect(await send(at(8192), 'GET')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe(`/base/items/${'a'.repeat(8192 - '/wild/items/'.length)}`);
+    expect(await send(at(8193), 'GET')).toEqual([400]);
+    expect(await send(at(20_000), 'GET')).toEqual([431]);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await lab.g0(mark, 1);
+  });
+
+  it('ROUTE-19 the query never changes routing: path-like query text is passed on as query, malformed query bytes are 400', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/wild/items/x?/../../plaid/accounts/get', 'GET')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe('/base/items/x?/../../plaid/accounts/get');
+    expect(await send('/wild/items/x??a=1', 'GET')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe('/base/items/x??a=1');
+    await refused(['/wild/items/x?a=%zz', '/wild/items/x?a=%00', '/wild/items/x?a=\\', '/wild/items/x?#', '/wild/items/x?a=|'], [400], 'GET');
+    expect(lab.u.requests.length - mark).toBe(2);
+    await lab.g0(mark, 2);
   });
 
   it('ROUTE-16 caller b cannot reach a\'s paths, and a cannot reach b\'s, in any spelling', async () => {
