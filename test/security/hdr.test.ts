@@ -301,4 +301,47 @@ describe('HDR: header hygiene and injection', () => {
     expect(statuses(raw)).toEqual([200]);
     await lab.g0(mark, 1);
   });
+
+  it('HDR-14 Connection naming the injected Authorization, the token header or Host cannot remove or replace the credential', async () => {
+    const mark = lab.u.requests.length;
+    const raw = await send('/bearer/x', ['Connection: authorization, x-egress-token, host, close', 'Authorization: Bearer attacker']);
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(count(r.rawHeaders, 'authorization')).toBe(1);
+    expect(r.headers.authorization).toBe(`Bearer ${CANARY}`);
+    expect(r.headers.host).toBe(`127.0.0.1:${lab.u.port}`);
+    expect(JSON.stringify(r.rawHeaders)).not.toMatch(/attacker|x-egress-token/i);
+    await lab.g0(mark, 1);
+  });
+
+  it('HDR-15 Proxy-Authorization carrying another caller\'s token on the reverse port is neither forwarded nor used for identity', async () => {
+    const mark = lab.u.requests.length;
+    const raw = await send('/bearer/x', [`Proxy-Authorization: Bearer ${lab.tokens.b}`, `Proxy-Authorization: Basic ${Buffer.from(`b:${lab.tokens.b}`).toString('base64')}`]);
+    // a's own token decides (a may call /bearer/x, b may not); b's token goes nowhere.
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(r.headers['proxy-authorization']).toBeUndefined();
+    expect(JSON.stringify(r.rawHeaders)).not.toContain(lab.tokens.b);
+    expect(JSON.stringify(r.rawHeaders)).not.toContain(Buffer.from(`b:${lab.tokens.b}`).toString('base64'));
+    await lab.g0(mark, 1);
+  });
+
+  it('HDR-16 non-ASCII bytes in header names → 400, nothing at U; in a value → forwarded unchanged, no stack', async () => {
+    // rawRequest writes strings as UTF-8: \xff goes out as C3 BF, \xe2\x80\x8b (a zero-width space) as C3 A2 C2 80 C2 8B.
+    const mark = lab.u.requests.length;
+    for (const line of ['X-\xc3\xbc: 1', 'X-\xff: 1', '\xe2\x80\x8bAuthorization: Bearer attacker']) {
+      const raw = await send('/bearer/x', [line]);
+      expect(statuses(raw), JSON.stringify(line)).toEqual([400]);
+      noStack(raw);
+    }
+    await lab.g0(mark, 0);
+    const raw = await send('/bearer/x', ['X-A: caf\xe9 \xff\x80']);
+    // obs-text in a value is allowed (RFC 9110 §5.5): forwarded byte for byte, beside the one credential.
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(Buffer.from(String(r.headers['x-a']), 'latin1').equals(Buffer.from('caf\xe9 \xff\x80', 'utf8'))).toBe(true);
+    expect(count(r.rawHeaders, 'authorization')).toBe(1);
+    noStack(raw);
+    await lab.g0(mark, 1);
+  });
 });

@@ -17,8 +17,8 @@ let raw: Server;
 let rawPort: number;
 const rawSockets = new Set<Socket>();
 
-/** Hand-made upstream answers, by path (relative to the /raw prefix). */
-const RAW_ANSWERS: Record<string, () => string> = {
+/** Hand-made upstream answers, by path (relative to the /raw prefix); `secret` is the PLAID-SECRET received. */
+const RAW_ANSWERS: Record<string, (secret: string) => string> = {
   '/ctl-value': () => 'HTTP/1.1 200 OK\r\nContent-Type: \x01\r\nContent-Length: 2\r\n\r\nok',
   '/space-name': () => 'HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 2\r\n\r\nok',
   '/nul-value': () => 'HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok',
@@ -40,6 +40,18 @@ const RAW_ANSWERS: Record<string, () => string> = {
   '/poison': () => 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON',
   '/clean': () => 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean',
   '/hop': () => 'HTTP/1.1 200 OK\r\nConnection: X-Secret-Hop\r\nX-Secret-Hop: drop\r\nKeep-Alive: timeout=99\r\nProxy-Authenticate: Basic\r\nX-Egress-Error: forged\r\nContent-Length: 2\r\n\r\nok',
+  // A body on a response that cannot have one: the bytes must never become the next response.
+  '/204-body': () => 'HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON',
+  '/304-body': () => 'HTTP/1.1 304 Not Modified\r\nContent-Length: 6\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON',
+  // The secret where the proxy relays nothing: trailers, the reason phrase, 1xx heads.
+  '/trailer-200': (s) => `HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n2\r\nok\r\n0\r\nX-T: ${s}\r\n\r\n`,
+  '/trailer-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n2\r\nok\r\n0\r\nX-T: ${s}\r\n\r\n`,
+  '/reason-400': (s) => `HTTP/1.1 400 ${s}\r\nContent-Length: 2\r\n\r\nok`,
+  '/reason-200': (s) => `HTTP/1.1 200 ${s}\r\nContent-Length: 2\r\n\r\nok`,
+  '/early-hints': (s) => `HTTP/1.1 103 Early Hints\r\nLink: </x?k=${s}>\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 102 Processing\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok`,
+  // The secret split across two chunks of an error body, and quoted in WWW-Authenticate.
+  '/split-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n${s.slice(0, 5)}\r\n${(s.length - 5).toString(16)}\r\n${s.slice(5)}\r\n0\r\n\r\n`,
+  '/www-auth': (s) => `HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="x", error="invalid_token", token="${s}"\r\nContent-Length: 0\r\n\r\n`,
 };
 
 function rawHandler(socket: Socket): void {
@@ -57,9 +69,10 @@ function rawHandler(socket: Socket): void {
       const cl = Number(/\r\ncontent-length:\s*(\d+)/i.exec(head)?.[1] ?? 0);
       buf = buf.slice(cl);
       const path = head.split(' ')[1] ?? '/';
+      const secret = /\r\nplaid-secret:\s*([^\r]*)/i.exec(head)?.[1] ?? '';
       const answer = RAW_ANSWERS[path];
       // Keep the connection open (keep-alive) so that anything left over could be misread later.
-      socket.write(answer ? answer() : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
+      socket.write(answer ? answer(secret) : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
     }
   });
 }
@@ -184,6 +197,14 @@ async function call(path: string, init: { method?: string; body?: string; header
   lab.seen(`${res.status} ${JSON.stringify([...res.headers])} ${text}`);
   expect(text).not.toMatch(/at .*\.(ts|js):\d+/);
   return { status: res.status, headers: res.headers, text, error: res.headers.get('x-egress-error') };
+}
+
+/** One raw request from caller a on its own connection; returns the raw answer bytes. */
+async function rawCall(path: string): Promise<string> {
+  const answer = await rawRequest(lab.port, `POST ${path} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+  lab.seen(answer);
+  expect(answer).not.toMatch(/at .*\.(ts|js):\d+/);
+  return answer;
 }
 
 describe('RESP: redirects', () => {
@@ -311,6 +332,27 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect([401, 502]).toContain(r.status);
     await lab.g0(mark, 1);
   });
+
+  it('RESP-12 the secret in upstream trailers, the reason phrase or 1xx heads is never relayed', async () => {
+    for (const [path, status] of [['/raw/trailer-200', 200], ['/raw/trailer-400', 400], ['/raw/reason-200', 200], ['/raw/reason-400', 400], ['/raw/early-hints', 200]] as const) {
+      const answer = await rawCall(path);
+      expect(statuses(answer), path).toEqual([status]);
+      expect(answer, path).not.toContain(CANARY);
+      expect(answer, path).not.toMatch(/X-T:|X-Leak:|\r\nLink:/i);
+      await lab.g0();
+    }
+  });
+
+  it('RESP-14 the secret split across two chunks of an error body, or quoted in WWW-Authenticate, is redacted', async () => {
+    const split = await rawCall('/raw/split-400');
+    expect(statuses(split)).toEqual([400]);
+    expect(split).toContain('[REDACTED]');
+    expect(split).not.toContain(CANARY);
+    const auth = await rawCall('/raw/www-auth');
+    expect(statuses(auth)).toEqual([401]);
+    expect(auth).toMatch(/www-authenticate: Bearer realm="x", error="invalid_token", token="\[REDACTED\]"/i);
+    await lab.g0();
+  });
 });
 
 describe('RESP: malformed upstream responses', () => {
@@ -395,6 +437,21 @@ describe('RESP: malformed upstream responses', () => {
     expect(rawAnswer).not.toContain('POISON');
     expect(statuses(rawAnswer)[0]).toBe(200);
     await lab.g0();
+  });
+
+  it('RESP-10 a body after a 204 or 304 is never served as the answer to a later request', async () => {
+    for (const [path, status] of [['/raw/204-body', 204], ['/raw/304-body', 304]] as const) {
+      const first = await rawCall(path);
+      expect(statuses(first), path).toEqual([status]);
+      expect(first, path).not.toContain('POISON');
+      for (let i = 0; i < 3; i++) {
+        const next = await rawCall('/raw/clean');
+        expect(next, `${path} then /clean #${i}`).not.toContain('POISON');
+        expect(statuses(next), `${path} then /clean #${i}`).toEqual([200]);
+        expect(next.endsWith('clean'), `${path} then /clean #${i}`).toBe(true);
+      }
+      await lab.g0();
+    }
   });
 });
 

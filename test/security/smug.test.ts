@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { eventually } from '../helpers/proxy.ts';
@@ -301,6 +302,36 @@ describe('SMUG: request framing', () => {
     for (const r of lab.u.requests.slice(mark)) if (r.url === '/accounts/get') expect(r.body.length).toBe(40);
     await lab.g0(mark, 2);
   });
+
+  it('SMUG-15 chunk sizes with leading zeros and HTTP/1.0 keep-alive are framed once, and what follows is judged on its own', async () => {
+    for (const [label, bytes] of [
+      ['chunk size with leading zeros', `${HEAD()}Transfer-Encoding: chunked\r\n\r\n0002\r\n{}\r\n0000\r\n\r\n${SMUGGLED}`],
+      ['chunk size with 30 leading zeros', `${HEAD()}Transfer-Encoding: chunked\r\n\r\n${'0'.repeat(30)}2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['HTTP/1.0 keep-alive', `${HEAD().replace('HTTP/1.1', 'HTTP/1.0')}Connection: keep-alive\r\nContent-Length: 2\r\n\r\n{}${SMUGGLED}`],
+    ] as const) {
+      const mark = lab.u.requests.length;
+      const { data } = await rawExchange(lab.port, bytes);
+      lab.seen(data);
+      const got = statuses(data);
+      expect(got[0], label).toBe(200);
+      for (const s of got.slice(1)) expect([400, 401], `${label}: follow-up ${s}`).toContain(s);
+      expect(lab.u.requests.length - mark, label).toBe(1);
+      expect(lab.u.requests.at(-1)!.body.toString(), label).toBe('{}');
+      neverSmuggled(mark);
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('SMUG-15b chunked listed twice, chunked then identity, identity alone, framing fields in a trailer → 400, closed', async () => {
+    for (const [label, bytes] of [
+      ['chunked, chunked', `${HEAD()}Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['chunked then identity on two lines', `${HEAD()}Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['identity alone, with Content-Length', `${HEAD()}Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n{}${SMUGGLED}`],
+      ['trailer with framing and credential fields', `${HEAD()}Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nTransfer-Encoding: chunked\r\nHost: evil\r\nPLAID-SECRET: attacker\r\n\r\n${SMUGGLED}`],
+    ] as const) {
+      await expect400Closed(bytes, label);
+    }
+  });
 });
 
 /**
@@ -369,3 +400,69 @@ describe('SMUG: requests behind a closing answer', () => {
   });
 });
 
+
+/**
+ * An upstream that answers before it has read the request body (route /early, a raw TCP server
+ * that sends 401 as soon as a request head arrives): the caller's remaining body bytes are still
+ * body, never a request of their own.
+ */
+describe('SMUG: an upstream that answers early', () => {
+  let early: Lab;
+  let server: Server;
+  const sockets = new Set<Socket>();
+  /** Request lines of the heads the raw upstream received. */
+  const lines: string[] = [];
+  beforeAll(async () => {
+    server = createServer((socket) => {
+      sockets.add(socket);
+      socket.on('close', () => sockets.delete(socket));
+      socket.on('error', () => undefined);
+      let head = '';
+      const onData = (d: Buffer) => {
+        head += d.toString('latin1');
+        const end = head.indexOf('\r\n\r\n');
+        if (end === -1) return;
+        lines.push(head.slice(0, end).split('\r\n')[0]!);
+        // Answer at once, then read (and discard) whatever else comes on this connection.
+        socket.off('data', onData);
+        socket.on('data', () => undefined);
+        socket.write('HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope');
+      };
+      socket.on('data', onData);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as AddressInfo).port;
+    early = await startLab({
+      routes: () => ({
+        early: `name: early\nprefix: /early\nupstream: http://127.0.0.1:${port}\nallow_private_addresses: true\ncredential: plaid\ninject:\n  scheme: headers\n  headers:\n    PLAID-SECRET: "{secret}"\ntimeouts: { connect: 2s, response: 3s }\nallow:\n  - caller: a\n    methods: [POST]\n    paths: [/**]\n`,
+      }),
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await early?.close();
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((r) => server?.close(() => r()));
+  });
+
+  it('SMUG-17 an upstream that answers while the chunked body is still arriving: the rest is framed as body, never a request', async () => {
+    const conn = await RawConnection.open(early.port);
+    const mark = early.u.requests.length;
+    try {
+      const first = await conn.exchange(`POST /early/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n${'a'.repeat(1000)}\r\n`, 300);
+      early.seen(first);
+      expect(statuses(first)).toEqual([401]);
+      // The rest of the body carries a request a may make (it would reach the raw upstream); then a's own next request.
+      const embedded = `POST /early/embedded HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Length: 0\r\n\r\n`;
+      const rest = await conn.exchange(`${embedded.length.toString(16)}\r\n${embedded}\r\n0\r\n\r\nPOST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Length: 2\r\n\r\n{}`, 400);
+      early.seen(rest);
+      // a's next request is answered on its own (or the proxy closed the connection); the embedded one never runs.
+      if (rest) expect(statuses(rest)).toEqual([200]);
+      else expect(conn.closed).toBe(true);
+    } finally {
+      conn.close();
+    }
+    expect(lines).toEqual(['POST /x HTTP/1.1']);
+    expect(early.u.requests.slice(mark).map((r) => r.url)).toEqual(['/accounts/get']);
+    await early.g0(mark, 1);
+  });
+});
