@@ -13,7 +13,7 @@ import { makeTestPki } from '../helpers/tls.ts';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { exchangeOn } from '../helpers/raw.ts';
 import { rawExchange } from './raw-socket.ts';
-import { percentile, rssKb } from './sec-helpers.ts';
+import { bankRoute, basic, connectTunnel, exchange, makeCerts, percentile, rssKb, tlsInTunnel } from './sec-helpers.ts';
 
 /** DOS: slow clients, big bodies, bucket evasion, connection floods and back-pressure. */
 let lab: Lab;
@@ -227,6 +227,39 @@ describe('DOS', () => {
     expect(b.status).toBe(200);
     await lab.g0();
   });
+
+  it('DOS-06 one rate-limit bucket whichever way the caller arrives: reverse, absolute-form (Basic or Bearer) and a CONNECT tunnel', async () => {
+    // Its own proxy, in forward mode: a's bank rule allows 3 requests an hour, counted across the entry paths.
+    const { certs, caPem } = await makeCerts(['api.bank.test']);
+    const fwd = await startLab({ env: { EGRESS_CERTS: certs }, routes: (u) => ({ bank: bankRoute(u.url).replace('paths: [/accounts]', 'paths: [/accounts]\n    rate: { rate: 1/h, burst: 3 }') }) });
+    const authA = basic('a', fwd.tokens.a);
+    try {
+      const mark = fwd.u.requests.length;
+      const got: number[] = [];
+      for (let i = 0; i < 2; i++) {
+        const res = await fetch(`${fwd.url}/bank/accounts`, { headers: { 'x-egress-token': fwd.tokens.a } });
+        fwd.seen(await res.text());
+        got.push(res.status);
+      }
+      for (const auth of [authA, `Bearer ${fwd.tokens.a}`]) {
+        const raw = await rawRequest(fwd.port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${auth}\r\nConnection: close\r\n\r\n`);
+        fwd.seen(raw);
+        got.push(statuses(raw)[0] ?? 0);
+      }
+      for (let i = 0; i < 2; i++) {
+        const t = await connectTunnel(fwd.port, 'api.bank.test:443', authA);
+        expect(t.status).toBe(200);
+        const out = await exchange(await tlsInTunnel(t.socket, 'api.bank.test', caPem), 'GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n');
+        fwd.seen(out);
+        got.push(statuses(out)[0] ?? 0);
+      }
+      expect(got).toEqual([200, 200, 200, 429, 429, 429]);
+      await fwd.g0(mark, 3);
+      expect(fwd.u.requests.length - mark).toBe(3);
+    } finally {
+      await fwd.close();
+    }
+  }, 30_000);
 
   it('DOS-09 connection flood: 500 idle TCP connections; b still succeeds with bounded latency; FDs bounded', async () => {
     const baseline: number[] = [];

@@ -1,8 +1,8 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rm, symlink, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BIN, collect, startServe, type ServeProcess } from '../helpers/cli.ts';
+import { BIN, collect, runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -261,6 +261,59 @@ describe('FLT', () => {
     }
   }, 30_000);
 
+  it('FLT-12 the file store replaced under the proxy: a symlink to an older copy does not un-revoke; dangling, /dev/null, truncated or garbage keep the last good state (not ready); a good file makes it ready again', async () => {
+    const lab = await startLab();
+    const store = join(lab.dir, 'store.json');
+    const a = async () => {
+      const res = await fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json' }, body: '{}' });
+      lab.seen(await res.text());
+      return res.status;
+    };
+    const b = async () => {
+      const res = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
+      lab.seen(await res.text());
+      return res.status;
+    };
+    const readyz = async () => (await fetch(`${lab.admin}/readyz`)).status;
+    const settle = () => new Promise((r) => setTimeout(r, 1_500));
+    try {
+      expect(await b()).toBe(200);
+      expect(await readyz()).toBe(200);
+      const old = join(lab.dir, 'old-store.json');
+      await copyFile(store, old);
+      expect((await runCli(['callers', 'revoke', 'b'], envFor(lab.dir))).code).toBe(0);
+      await eventually(async () => (await b()) === 401, 3_000, 'b revoked');
+      const current = join(lab.dir, 'current-store.json');
+      await copyFile(store, current);
+      // Rollback through a symlink to the copy from before the revoke.
+      await unlink(store);
+      await symlink(old, store);
+      await settle();
+      expect(await b()).toBe(401);
+      expect(await a()).toBe(200);
+      await eventually(() => lab.serve.output().includes('store_rollback'), 3_000, 'store_rollback alert');
+      for (const broken of ['dangling', '/dev/null', '', '{"not":"a store"', '[]']) {
+        await unlink(store);
+        if (broken === 'dangling') await symlink(join(lab.dir, 'nope.json'), store);
+        else if (broken === '/dev/null') await symlink('/dev/null', store);
+        else await writeFile(store, broken);
+        await settle();
+        expect(await a(), broken).toBe(200);
+        expect(await b(), broken).toBe(401);
+        if (broken !== 'dangling') expect(await readyz(), broken).toBe(503);
+      }
+      await unlink(store);
+      await copyFile(current, store);
+      await eventually(async () => (await readyz()) === 200, 3_000, 'ready again');
+      expect(await a()).toBe(200);
+      expect(await b()).toBe(401);
+      for (const r of lab.u.requests) expect(r.headers['plaid-secret']).toBe(CANARY);
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
+
   it('FLT-15 the store on a full disk, then on a read-only one: a rotation fails cleanly (exit 1, the reason), the file is unchanged and still read, nothing left behind', async () => {
     if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
     const dir = await makeTempDir('egress-flt15s-');
@@ -320,6 +373,45 @@ describe('FLT', () => {
       await serve.stop();
     }
   }, 30_000);
+
+  it('FLT-16 Redis out of memory (maxmemory 1, noeviction) mid-traffic: no 500, the limit still applies, a rotation fails cleanly, recovery by itself', async () => {
+    const redis = await TestRedis.create();
+    const dir = await makeTempDir('egress-flt16-');
+    const { tokens } = await seedDataDir(dir, { routes: { r: route('    rate: { rate: 1/h, burst: 3 }\n') }, credentials: { c: { secret: CANARY } }, callers: ['a'], store: redis.url });
+    const serve = await startServe(envFor(dir, { EGRESS_STORE: redis.url }));
+    const c = redis.client();
+    const fresh = 'sk_flt16_NEW_5a5a';
+    try {
+      expect((await call(serve, tokens.a!)).status).toBe(200);
+      await c.config('SET', 'maxmemory-policy', 'noeviction');
+      await c.config('SET', 'maxmemory', '1');
+      const during: number[] = [];
+      for (let i = 0; i < 6; i++) during.push((await call(serve, tokens.a!)).status);
+      for (const s of during) expect([200, 429, 503], String(during)).toContain(s);
+      // Per-instance fallback buckets (README: documented): bounded by the rule's burst, never off.
+      expect(during.filter((s) => s === 200).length, String(during)).toBeLessThanOrEqual(3);
+      expect(during.at(-1)).toBe(429);
+      const rotate = await runCli(['keys', 'rotate', 'c', '--from-stdin'], envFor(dir, { EGRESS_STORE: redis.url }), JSON.stringify({ secret: fresh }));
+      expect(rotate.code, rotate.stderr).toBe(1);
+      expect(rotate.stdout + rotate.stderr).not.toContain(fresh);
+      await c.config('SET', 'maxmemory', '0');
+      // Recovery is noticed by traffic: a request now and then until the limiter says it is shared again.
+      await eventually(async () => {
+        expect([200, 429]).toContain((await call(serve, tokens.a!)).status);
+        return serve.output().includes('rate limits are shared through Redis again');
+      }, 15_000, 'shared limits again');
+      // Shared again: the bucket in Redis (one request spent before the fault) still bounds the caller.
+      const after = [await call(serve, tokens.a!), await call(serve, tokens.a!), await call(serve, tokens.a!)].map((r) => r.status);
+      expect(after.filter((s) => s === 200).length, String(after)).toBeLessThanOrEqual(2);
+      expect(after.at(-1)).toBe(429);
+      await alive(serve);
+      expect(serve.output()).not.toContain(fresh);
+    } finally {
+      c.disconnect();
+      await serve.stop();
+      await redis.destroy();
+    }
+  }, 60_000);
 
   it('FLT-17 a route file that is not a regular file (a FIFO that never finishes reading) is refused at reload, and a later good change still applies', async () => {
     const lab = await startLab();

@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTestPki } from '../helpers/tls.ts';
@@ -67,13 +68,26 @@ afterAll(async () => {
   for (const u of Object.values(bad)) await u.close();
 });
 
-async function inner(bytes: string, servername = 'api.bank.test'): Promise<string> {
-  const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+/** A proxy to talk to: the main lab unless given (MITM-04 and MITM-06 use one with two listed hosts). */
+type Site = { lab: Lab; ca: string; auth: string };
+
+async function inner(bytes: string, servername = 'api.bank.test', site: Site = { lab, ca: caPem, auth: authA }): Promise<string> {
+  const t = await connectTunnel(site.lab.port, 'api.bank.test:443', site.auth);
   expect(t.status).toBe(200);
-  const tls = await tlsInTunnel(t.socket, servername, caPem);
+  const tls = await tlsInTunnel(t.socket, servername, site.ca);
   const out = await exchange(tls, bytes);
-  lab.seen(out);
+  site.lab.seen(out);
   return out;
+}
+
+/** A handshake in a fresh tunnel to api.bank.test without the host-name check: the leaf it got, or the handshake error. */
+async function handshake(site: Site, options: { servername?: string; ALPNProtocols?: string[] }): Promise<{ san?: string; alpn?: string | false | null; error?: string; tls?: TLSSocket }> {
+  const t = await connectTunnel(site.lab.port, 'api.bank.test:443', site.auth);
+  expect(t.status).toBe(200);
+  return new Promise((resolve) => {
+    const tls: TLSSocket = tlsConnect({ socket: t.socket, ca: site.ca, checkServerIdentity: () => undefined, ...options }, () => resolve({ san: peer(tls).subjectaltname, alpn: tls.alpnProtocol, tls }));
+    tls.on('error', (err: NodeJS.ErrnoException) => resolve({ error: err.code ?? err.message }));
+  });
 }
 
 describe('MITM', () => {
@@ -213,5 +227,72 @@ describe('MITM', () => {
     texts.push(lab.serve.output(), await readFile(join(lab.dir, 'audit.log'), 'utf8'));
     for (const n of needles) expect(texts.some((t) => t.includes(n)), n).toBe(false);
     await lab.g0();
+  });
+});
+
+/** Forward mode with two listed hosts (the main lab's CA is constrained to api.bank.test alone: MITM-05). */
+describe('MITM, two listed hosts', () => {
+  let site: Site;
+
+  beforeAll(async () => {
+    const made = await makeCerts(['api.bank.test', 'api.other.test']);
+    const two = await startLab({
+      env: { EGRESS_CERTS: made.certs },
+      routes: (u) => ({
+        bank: bankRoute(u.url),
+        other: bankRoute(u.url).replace('name: bank', 'name: other').replace('prefix: /bank', 'prefix: /other').replace(/api\.bank\.test/g, 'api.other.test'),
+      }),
+    });
+    site = { lab: two, ca: made.caPem, auth: basic('a', two.tokens.a) };
+  }, 60_000);
+
+  afterAll(async () => {
+    await site?.lab.close();
+  });
+
+  it('MITM-04 no SNI gets the CONNECT host\'s leaf and the inner Host is still checked; another listed host as SNI fails the handshake; ALPN never selects h2', async () => {
+    const { lab } = site;
+    const mark = lab.u.requests.length;
+    const noSni = await handshake(site, { servername: '' });
+    expect(noSni).toMatchObject({ san: 'DNS:api.bank.test' });
+    const out = await exchange(noSni.tls!, 'GET /accounts HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n');
+    lab.seen(out);
+    expect(statuses(out)).toEqual([421]);
+    // Control for the SNI check: api.other.test's own tunnel does get its leaf.
+    const t = await connectTunnel(lab.port, 'api.other.test:443', site.auth);
+    const other = await tlsInTunnel(t.socket, 'api.other.test', site.ca);
+    expect(peer(other).subjectaltname).toBe('DNS:api.other.test');
+    other.destroy();
+    const crossed = await handshake(site, { servername: 'api.other.test' });
+    crossed.tls?.destroy();
+    expect(crossed.error, JSON.stringify(crossed.san)).toBeDefined();
+    const h2 = await handshake(site, { servername: 'api.bank.test', ALPNProtocols: ['h2'] });
+    h2.tls?.destroy();
+    expect(h2.alpn, JSON.stringify({ ...h2, tls: undefined })).not.toBe('h2');
+    const both = await handshake(site, { servername: 'api.bank.test', ALPNProtocols: ['h2', 'http/1.1'] });
+    both.tls?.destroy();
+    expect(both).toMatchObject({ alpn: 'http/1.1' });
+    await lab.g0(mark, 0);
+  });
+
+  it('MITM-06 inside a tunnel: HTTP/1.0 without Host, another listed host, a wrong port, a nested CONNECT, an Upgrade and an h2 preface reach nobody', async () => {
+    const { lab } = site;
+    // Control: the same tunnel serves a well-formed request.
+    expect(statuses(await inner('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n', undefined, site))).toEqual([200]);
+    const mark = lab.u.requests.length;
+    expect(statuses(await inner('GET /accounts HTTP/1.0\r\n\r\n', undefined, site))).toEqual([421]);
+    expect(statuses(await inner('GET /accounts HTTP/1.1\r\nHost: api.other.test\r\nConnection: close\r\n\r\n', undefined, site))).toEqual([421]);
+    expect(statuses(await inner('GET /accounts HTTP/1.1\r\nHost: api.bank.test:8443\r\nConnection: close\r\n\r\n', undefined, site))).toEqual([421]);
+    for (const bytes of [
+      `CONNECT 127.0.0.1:${lab.e.port} HTTP/1.1\r\nHost: 127.0.0.1:${lab.e.port}\r\n\r\n`,
+      `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n`,
+      'GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n',
+      'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n',
+    ]) {
+      const out = await inner(bytes, undefined, site);
+      expect(out, bytes).not.toMatch(/^HTTP\/1\.[01] (1\d\d|2\d\d)/m);
+    }
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 0);
   });
 });

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startLab, type Lab } from './lab.ts';
+import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { bankRoute, basic, connectTunnel, makeCerts, percentile } from './sec-helpers.ts';
 
 /** SSRF: the forward proxy (CONNECT and absolute-form) only ever reaches hosts a route names, on its port. */
@@ -7,11 +7,13 @@ let lab: Lab;
 let authA: string;
 
 beforeAll(async () => {
-  const { certs } = await makeCerts(['api.bank.test']);
+  const { certs } = await makeCerts(['api.bank.test', 'api.other.test']);
   lab = await startLab({
     env: { EGRESS_CERTS: certs },
     routes: (u) => ({
       bank: bankRoute(u.url),
+      // A second listed host, so that a Host header naming another route's host means something (SSRF-12).
+      other: bankRoute(u.url).replace('name: bank', 'name: other').replace('prefix: /bank', 'prefix: /other').replace(/api\.bank\.test/g, 'api.other.test'),
       // A route to a loopback upstream by name and by IP, without the opt-in for private addresses.
       priv: `name: priv
 prefix: /priv
@@ -55,10 +57,9 @@ async function status(target: string, auth: string | null = authA, hostHeader?: 
   return t.status;
 }
 
-/** Absolute-form proxy request (no CONNECT) with Proxy-Authorization. */
-async function absolute(url: string): Promise<number> {
-  const { rawRequest, statuses } = await import('./lab.ts');
-  const raw = await rawRequest(lab.port, `GET ${url} HTTP/1.1\r\nHost: ${new URL(url).host}\r\nProxy-Authorization: ${authA}\r\nConnection: close\r\n\r\n`);
+/** Absolute-form proxy request (no CONNECT) with Proxy-Authorization; the Host header is the URL's unless given. */
+async function absolute(url: string, host = new URL(url).host): Promise<number> {
+  const raw = await rawRequest(lab.port, `GET ${url} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: ${authA}\r\nConnection: close\r\n\r\n`);
   lab.seen(raw);
   return statuses(raw)[0] ?? 0;
 }
@@ -162,6 +163,18 @@ describe('SSRF', () => {
     await lab.g0(mark, 0);
   });
 
+  it('SSRF-10 CONNECT targets with a path, userinfo, a scheme, a signed port, IPv4-mapped IPv6, localhost. and *.localhost are refused; a lower-case connect is not CONNECT', async () => {
+    const mark = lab.u.requests.length;
+    for (const target of ['api.bank.test:443/x', 'user:pw@api.bank.test:443', 'http://api.bank.test:443', 'api.bank.test:+443', '[::ffff:127.0.0.1]:443', '[::ffff:7f00:1]:443', '[0:0:0:0:0:ffff:127.0.0.1]:443', `[::ffff:127.0.0.1]:${lab.e.port}`, 'localhost.:443', 'foo.localhost:443', `localhost:${lab.e.port}`, 'API.BANK.TEST.:443']) {
+      expect([400, 403], target).toContain(await status(target));
+    }
+    const raw = await rawRequest(lab.port, `connect api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${authA}\r\n\r\n`);
+    lab.seen(raw);
+    expect(statuses(raw)).toEqual([400]);
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 0);
+  });
+
   it('SSRF-11 tunnel exhaustion: 64 idle tunnels per caller, the next is 429, b is unaffected, the handshake timeout frees them', async () => {
     const mark = lab.u.requests.length;
     const idle = [];
@@ -192,4 +205,19 @@ describe('SSRF', () => {
     expect(await status('api.bank.test:443')).toBe(200);
     await lab.g0(mark, 20);
   }, 30_000);
+
+  it('SSRF-12 absolute-form: a Host header other than the target (even another listed host) gets 421; https://, userinfo, other ports and integer IPs get 400; nothing reaches U or E', async () => {
+    // Control: the same request with the target's own Host header is served.
+    expect(await absolute('http://api.other.test/accounts')).toBe(200);
+    const mark = lab.u.requests.length;
+    expect(await absolute('http://api.other.test/accounts', 'evil.example')).toBe(421);
+    expect(await absolute('http://api.other.test/accounts', `127.0.0.1:${lab.e.port}`)).toBe(421);
+    expect(await absolute('http://api.other.test/accounts', 'api.bank.test')).toBe(421);
+    expect(await absolute('https://api.other.test/accounts')).toBe(400);
+    expect(await absolute('http://x@api.other.test/accounts', 'api.other.test')).toBe(400);
+    expect(await absolute('http://api.other.test:8080/accounts')).toBe(400);
+    expect(await absolute('http://2130706433/accounts', '2130706433')).toBe(400);
+    expect(lab.e.requests).toHaveLength(0);
+    await lab.g0(mark, 0);
+  });
 });

@@ -1,6 +1,17 @@
 import fc from 'fast-check';
-import { describe, expect, it } from 'vitest';
-import { checkLiteral, isPrivateAddress } from '../../src/pipeline/address-guard.ts';
+import { describe, expect, it, vi } from 'vitest';
+import { checkLiteral, guardedLookup, isPrivateAddress, PrivateAddressError } from '../../src/pipeline/address-guard.ts';
+
+// Hoisted by vitest: names under .rebind.test get the queued answers; nothing is asked of a real resolver for them.
+const dnsAnswers = vi.hoisted(() => ({ queue: [] as { address: string; family: number }[][] }));
+vi.mock('node:dns', async (importOriginal) => {
+  const real = await importOriginal<typeof import('node:dns')>();
+  const lookup = (host: string, opts: unknown, cb: (err: NodeJS.ErrnoException | null, a: unknown) => void) => {
+    if (host.endsWith('.rebind.test')) return void setImmediate(() => cb(null, dnsAnswers.queue.shift() ?? []));
+    return (real.lookup as unknown as (h: string, o: unknown, c: unknown) => void)(host, opts, cb);
+  };
+  return { ...real, default: { ...real, lookup }, lookup };
+});
 
 describe('isPrivateAddress', () => {
   it.each([
@@ -38,5 +49,25 @@ describe('isPrivateAddress', () => {
     expect(() => checkLiteral('[::1]')).toThrow(/private/);
     expect(() => checkLiteral('8.8.8.8')).not.toThrow();
     expect(() => checkLiteral('api.plaid.com')).not.toThrow();
+  });
+});
+
+describe('guardedLookup', () => {
+  const ask = (all: boolean) => new Promise<{ err: Error | null; address: unknown }>((resolve) => guardedLookup('x.rebind.test', { all }, (err, address) => resolve({ err, address })));
+
+  it('SSRF-12b a mixed public+private answer, a name that rebinds to loopback on its next lookup, and an empty answer are refused', async () => {
+    // Control: a public answer alone is passed through.
+    dnsAnswers.queue.push([{ address: '93.184.216.34', family: 4 }]);
+    expect(await ask(false)).toEqual({ err: null, address: '93.184.216.34' });
+    dnsAnswers.queue.push([{ address: '93.184.216.34', family: 4 }, { address: '127.0.0.1', family: 4 }]);
+    expect((await ask(true)).err).toBeInstanceOf(PrivateAddressError);
+    // First lookup public (what would be checked), the next ones loopback / metadata (what would be dialled): each is checked on its own.
+    dnsAnswers.queue.push([{ address: '93.184.216.34', family: 4 }], [{ address: '::ffff:127.0.0.1', family: 6 }], [{ address: '169.254.169.254', family: 4 }]);
+    expect(await ask(false)).toEqual({ err: null, address: '93.184.216.34' });
+    expect((await ask(false)).err).toBeInstanceOf(PrivateAddressError);
+    expect((await ask(true)).err).toBeInstanceOf(PrivateAddressError);
+    dnsAnswers.queue.push([]);
+    expect((await ask(true)).err).toBeInstanceOf(PrivateAddressError);
+    expect(dnsAnswers.queue).toEqual([]);
   });
 });
