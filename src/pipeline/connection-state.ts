@@ -2,41 +2,52 @@
  * What the proxy knows about a caller's connection across the requests pipelined on it: how many
  * of them are still being answered, and whether it is closing (RFC 9112 §9.6: after a response
  * that closes the connection, or a request that asked to, no later request on it is processed).
+ * Kept on the socket itself, one small object per connection: the request path touches it twice
+ * per request, and a WeakMap per fact cost more there.
  */
-const inFlight = new WeakMap<object, number>();
-/** The last request that started on the connection. */
-const latest = new WeakMap<object, { readonly complete: boolean }>();
-const closing = new WeakSet<object>();
-/** Run when the connection's last request in flight is answered. */
-const whenIdle = new WeakMap<object, () => void>();
+interface ConnectionState {
+  inFlight: number;
+  closing: boolean;
+  /** The last request that started, while any is in flight: is the body it is still reading where bad bytes came from? */
+  latest: { readonly complete: boolean } | undefined;
+  /** Run when the last request in flight is answered. */
+  whenIdle: (() => void) | undefined;
+}
+
+const STATE = Symbol('egress.connection');
+
+type Carrier = { [STATE]?: ConnectionState };
 
 // A request's socket is null once the connection is gone: there is nothing to note then.
+function stateOf(socket: object): ConnectionState {
+  const carrier = socket as Carrier;
+  return (carrier[STATE] ??= { inFlight: 0, closing: false, latest: undefined, whenIdle: undefined });
+}
 
 export function markClosing(socket: object | null): void {
-  if (socket) closing.add(socket);
+  if (socket) stateOf(socket).closing = true;
 }
 
 export function isClosing(socket: object | null): boolean {
-  return socket !== null && closing.has(socket);
+  return socket !== null && (socket as Carrier)[STATE]?.closing === true;
 }
 
 export function requestStarted(socket: object | null, req: { readonly complete: boolean }): void {
   if (!socket) return;
-  inFlight.set(socket, (inFlight.get(socket) ?? 0) + 1);
-  latest.set(socket, req);
+  const state = stateOf(socket);
+  state.inFlight++;
+  state.latest = req;
 }
 
 export function requestAnswered(socket: object | null): void {
-  if (!socket) return;
-  const left = (inFlight.get(socket) ?? 1) - 1;
-  if (left > 0) {
-    inFlight.set(socket, left);
-    return;
-  }
-  inFlight.delete(socket);
-  const next = whenIdle.get(socket);
+  const state = socket ? (socket as Carrier)[STATE] : undefined;
+  if (!state || state.inFlight === 0) return;
+  if (--state.inFlight > 0) return;
+  // Nothing in flight: the last request is not held past its answer.
+  state.latest = undefined;
+  const next = state.whenIdle;
   if (next) {
-    whenIdle.delete(socket);
+    state.whenIdle = undefined;
     next();
   }
 }
@@ -47,6 +58,7 @@ export function requestAnswered(socket: object | null): void {
  * last request (that request is the one refused).
  */
 export function afterInFlight(socket: object, fn: () => void): void {
-  if ((inFlight.get(socket) ?? 0) === 0 || latest.get(socket)?.complete === false) fn();
-  else whenIdle.set(socket, fn);
+  const state = stateOf(socket);
+  if (state.inFlight === 0 || state.latest?.complete === false) fn();
+  else state.whenIdle = fn;
 }

@@ -37,14 +37,6 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
   const skipped = isClosing(socket);
   if (!res.shouldKeepAlive) markClosing(socket);
   requestStarted(socket, req);
-  try {
-    await runRequest(req, res, config, services, forward, certificate, skipped);
-  } finally {
-    requestAnswered(socket);
-  }
-}
-
-async function runRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward: RequestContext['forward'], certificate: RequestContext['certificate'], skipped: boolean): Promise<void> {
   // One literal with every field, no spreads: every request's context has the same shape.
   const ctx: RequestContext = {
     forward,
@@ -103,6 +95,7 @@ async function runRequest(req: IncomingMessage, res: ServerResponse, config: Com
       // Bookkeeping must never take the process down with it; say what failed, without the object.
       services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'failed to record a finished request');
     }
+    requestAnswered(socket);
   }
 }
 
