@@ -1,3 +1,4 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
@@ -17,6 +18,19 @@ beforeAll(async () => {
 afterAll(async () => {
   await lab?.close();
 });
+
+/** An upstream that takes `ms` to answer /accounts/get and answers everything else at once. */
+const slowAccounts = (ms: number) => (req: IncomingMessage, res: ServerResponse) => setTimeout(() => res.end('{}'), req.url!.includes('accounts') ? ms : 0);
+
+const postAsA = (on: Lab) => fetch(`${on.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': on.tokens.a, 'content-type': 'application/json' }, body: '{}' });
+
+/** Caller b's request, and how long it took. */
+async function timedCallAsB(on: Lab): Promise<{ status: number; ms: number }> {
+  const t0 = performance.now();
+  const res = await fetch(`${on.url}/plaid/institutions/x`, { headers: { 'x-egress-token': on.tokens.b } });
+  await res.arrayBuffer();
+  return { status: res.status, ms: performance.now() - t0 };
+}
 
 describe('DOS-03b / DOS-01 behaviour', () => {
   it('DOS-03b an oversized chunked body gets 413 and the proxy stays up', async () => {
@@ -82,18 +96,14 @@ describe('DOS-03b / DOS-01 behaviour', () => {
   }, 30_000);
 
   it('DOS-12 one caller\'s slow requests cannot take an upstream\'s whole pool: past EGRESS_CALLER_MAX_IN_FLIGHT they get 429, and another caller of the same upstream is answered at once', async () => {
-    const lab = await startLab({ env: { EGRESS_CALLER_MAX_IN_FLIGHT: '4' }, upstream: (req, res) => setTimeout(() => res.end('{}'), req.url!.includes('accounts') ? 1_500 : 0) });
+    const lab = await startLab({ env: { EGRESS_CALLER_MAX_IN_FLIGHT: '4' }, upstream: slowAccounts(1_500) });
     try {
-      const post = () => fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json' }, body: '{}' });
-      const slow = Array.from({ length: 10 }, () => post().then(async (r) => ({ status: r.status, retry: r.headers.get('retry-after'), body: await r.text() })));
+      const slow = Array.from({ length: 10 }, () => postAsA(lab).then(async (r) => ({ status: r.status, retry: r.headers.get('retry-after'), body: await r.text() })));
       await new Promise((r) => setTimeout(r, 400));
-      const t0 = performance.now();
-      const b = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
-      await b.arrayBuffer();
-      const waited = performance.now() - t0;
+      const b = await timedCallAsB(lab);
       const answers = await Promise.all(slow);
       expect(b.status).toBe(200);
-      expect(waited, 'ms b waited').toBeLessThan(1_000);
+      expect(b.ms, 'ms b waited').toBeLessThan(1_000);
       expect(answers.filter((a) => a.status === 200)).toHaveLength(4);
       const refused = answers.filter((a) => a.status === 429);
       expect(refused).toHaveLength(6);
@@ -103,24 +113,21 @@ describe('DOS-03b / DOS-01 behaviour', () => {
       }
       expect(lab.u.requests.filter((r) => r.url === '/accounts/get')).toHaveLength(4);
       // The slots come back as requests end: a's next request is answered.
-      expect((await post()).status).toBe(200);
+      expect((await postAsA(lab)).status).toBe(200);
     } finally {
       await lab.close();
     }
   }, 30_000);
 
   it('DOS-12b with the default limit, 300 slow requests of one caller leave the pool to the others', async () => {
-    const lab = await startLab({ upstream: (req, res) => setTimeout(() => res.end('{}'), req.url!.includes('accounts') ? 2_500 : 0) });
+    const lab = await startLab({ upstream: slowAccounts(2_500) });
     try {
-      const slow = Array.from({ length: 300 }, () => fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a, 'content-type': 'application/json' }, body: '{}' }).then((r) => r.status, () => 0));
+      const slow = Array.from({ length: 300 }, () => postAsA(lab).then((r) => r.status, () => 0));
       await new Promise((r) => setTimeout(r, 500));
-      const t0 = performance.now();
-      const b = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
-      await b.arrayBuffer();
-      const waited = performance.now() - t0;
+      const b = await timedCallAsB(lab);
       const statuses = await Promise.all(slow);
       expect(b.status).toBe(200);
-      expect(waited, 'ms b waited behind a').toBeLessThan(1_000);
+      expect(b.ms, 'ms b waited behind a').toBeLessThan(1_000);
       expect(statuses.filter((s) => s === 200)).toHaveLength(128);
       expect(statuses.filter((s) => s === 429)).toHaveLength(172);
     } finally {
