@@ -60,6 +60,15 @@ async function sent(path: string): Promise<{ status: number; secret: unknown }> 
   return { status, secret: lab.u.requests.slice(mark)[0]?.headers['x-api-key'] };
 }
 
+/** plaid's route fails closed (503, nothing sent for it) while bank's still gets its own secret. */
+async function plaidClosedBankServed(): Promise<void> {
+  await eventually(async () => (await sent('/p2/x')).status === 503, 3_000, 'plaid to fail closed');
+  const mark = lab.u.requests.length;
+  expect(await sent('/p2/x')).toEqual({ status: 503, secret: undefined });
+  expect(await sent('/bank/x')).toEqual({ status: 200, secret: BANK_SECRET });
+  expect(lab.u.requests.length - mark).toBe(1);
+}
+
 function flip(b64: string, at = 0): string {
   const buf = Buffer.from(b64, 'base64');
   const i = at < 0 ? buf.length + at : at;
@@ -171,11 +180,7 @@ describe('CRED', () => {
     doc.credentials.plaid!.versions[0]!.state = 'revoked';
     await writeFile(storePath, JSON.stringify(doc), { mode: 0o600 });
     try {
-      await eventually(async () => (await get('/p2/x')) === 503, 3_000, 'plaid to fail closed');
-      const mark = lab.u.requests.length;
-      expect(await sent('/p2/x')).toEqual({ status: 503, secret: undefined });
-      expect(await sent('/bank/x')).toEqual({ status: 200, secret: BANK_SECRET });
-      expect(lab.u.requests.length - mark).toBe(1);
+      await plaidClosedBankServed();
     } finally {
       await writeFile(storePath, pristine, { mode: 0o600 });
     }
@@ -390,11 +395,7 @@ describe('CRED after a rotation (runs last: the store moves past `pristine`)', (
     [v1.data, v2.data, v1.dek, v2.dek] = [v2.data, v1.data, v2.dek, v1.dek];
     await writeFile(storePath, JSON.stringify(doc), { mode: 0o600 });
     try {
-      await eventually(async () => (await sent('/p2/x')).status === 503, 3_000, 'the exchange to fail closed');
-      const mark = lab.u.requests.length;
-      expect(await sent('/p2/x')).toEqual({ status: 503, secret: undefined });
-      expect(await sent('/bank/x')).toEqual({ status: 200, secret: BANK_SECRET });
-      expect(lab.u.requests.length - mark).toBe(1);
+      await plaidClosedBankServed();
     } finally {
       await writeFile(storePath, rotated, { mode: 0o600 });
     }
