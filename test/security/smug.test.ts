@@ -465,4 +465,24 @@ describe('SMUG: an upstream that answers early', () => {
     expect(early.u.requests.slice(mark).map((r) => r.url)).toEqual(['/accounts/get']);
     await early.g0(mark, 1);
   });
+
+  it('SMUG-17b the same with a Content-Length body: the early answer comes once the body is in, the rest of the body is never a request, and the caller\'s next request is answered', async () => {
+    const conn = await RawConnection.open(early.port);
+    const mark = early.u.requests.length;
+    const before = lines.length;
+    try {
+      // Half the body: the upstream has answered already, the caller has not finished sending.
+      const early401 = await conn.exchange(`POST /early/y HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Length: 2000\r\n\r\n${'a'.repeat(1000)}`, 300);
+      // The second half of the body looks like a request a may make; then a's own next request.
+      const embedded = `POST /early/embedded HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Length: 0\r\n\r\n`;
+      const answers = await conn.exchange(`${embedded}${'b'.repeat(1000 - embedded.length)}POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Length: 2\r\n\r\n{}`, 600);
+      early.seen(early401 + answers);
+      expect(statuses(early401 + answers)).toEqual([401, 200]);
+    } finally {
+      conn.close();
+    }
+    expect(lines.slice(before)).toEqual(['POST /y HTTP/1.1']);
+    expect(early.u.requests.slice(mark).map((r) => r.url)).toEqual(['/accounts/get']);
+    await early.g0(mark, 1);
+  });
 });
