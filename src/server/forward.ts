@@ -60,7 +60,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
 
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     const raw = req.url ?? '';
-    const match = /^([^:[\]\s]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$/.exec(raw);
+    // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
+    const match = /^([^:[\]\s%]+|\[[0-9a-fA-F:.]+\]):([1-9]\d{0,4})$/.exec(raw);
     if (!match) return refuse(socket, 400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);

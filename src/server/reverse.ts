@@ -77,7 +77,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
  * so the target checks see the raw bytes. Anything else stays as it was (absolute-form is a 400).
  */
 function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: string; port: number; token: string; rawTarget: string } | undefined {
-  const match = /^http:\/\/([a-z0-9.-]+)(?::(\d{1,5}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
+  const match = /^http:\/\/([a-z0-9.-]+)(?::([1-9]\d{0,4}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
   const token = tokenFromAuthorization(req.headers['proxy-authorization']);
   // Two Proxy-Authorization headers are ambiguous (Node keeps the first): not a forward request, so a 400.
   if (!match || !token || countHeader(req.rawHeaders, 'proxy-authorization') > 1) return undefined;

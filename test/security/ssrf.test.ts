@@ -163,9 +163,9 @@ describe('SSRF', () => {
     await lab.g0(mark, 0);
   });
 
-  it('SSRF-10 CONNECT targets with a path, userinfo, a scheme, a signed port, IPv4-mapped IPv6, localhost. and *.localhost are refused; a lower-case connect is not CONNECT', async () => {
+  it('SSRF-10 CONNECT targets with a path, userinfo, a scheme, a signed or zero-led port, percent-escapes, IPv4-mapped IPv6, localhost. and *.localhost are refused; a lower-case connect is not CONNECT', async () => {
     const mark = lab.u.requests.length;
-    for (const target of ['api.bank.test:443/x', 'user:pw@api.bank.test:443', 'http://api.bank.test:443', 'api.bank.test:+443', '[::ffff:127.0.0.1]:443', '[::ffff:7f00:1]:443', '[0:0:0:0:0:ffff:127.0.0.1]:443', `[::ffff:127.0.0.1]:${lab.e.port}`, 'localhost.:443', 'foo.localhost:443', `localhost:${lab.e.port}`, 'API.BANK.TEST.:443']) {
+    for (const target of ['api.bank.test:443/x', 'user:pw@api.bank.test:443', 'http://api.bank.test:443', 'api.bank.test:+443', '[::ffff:127.0.0.1]:443', '[::ffff:7f00:1]:443', '[0:0:0:0:0:ffff:127.0.0.1]:443', `[::ffff:127.0.0.1]:${lab.e.port}`, 'localhost.:443', 'foo.localhost:443', `localhost:${lab.e.port}`, 'API.BANK.TEST.:443', 'api%2ebank.test:443', 'api%2Ebank%2Etest:443', 'api.bank.test:0443', 'api.bank.test:00443']) {
       expect([400, 403], target).toContain(await status(target));
     }
     const raw = await rawRequest(lab.port, `connect api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${authA}\r\n\r\n`);
@@ -216,6 +216,7 @@ describe('SSRF', () => {
     expect(await absolute('https://api.other.test/accounts')).toBe(400);
     expect(await absolute('http://x@api.other.test/accounts', 'api.other.test')).toBe(400);
     expect(await absolute('http://api.other.test:8080/accounts')).toBe(400);
+    expect(await absolute('http://api.other.test:080/accounts', 'api.other.test:080')).toBe(400);
     expect(await absolute('http://2130706433/accounts', '2130706433')).toBe(400);
     expect(lab.e.requests).toHaveLength(0);
     await lab.g0(mark, 0);
