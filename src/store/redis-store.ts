@@ -121,6 +121,8 @@ export class RedisStore implements StoreBackend {
     } catch (err) {
       // A replica (a failover in progress, or EGRESS_STORE pointing at the wrong node) refuses writes.
       if (err instanceof Error && err.message.startsWith('READONLY')) throw new StoreUnavailableError(`the store ${this.description} is a read-only replica (READONLY): writes go to the primary; nothing was written`);
+      // Out of memory under maxmemory with noeviction: Redis refuses every write.
+      if (err instanceof Error && err.message.startsWith('OOM')) throw new StoreUnavailableError(`the store ${this.description} is out of memory (Redis maxmemory reached, OOM): nothing was written; free memory or raise maxmemory`);
       throw err;
     }
     const [ok, found] = reply as [number, number];

@@ -394,6 +394,9 @@ describe('FLT', () => {
       const rotate = await runCli(['keys', 'rotate', 'c', '--from-stdin'], envFor(dir, { EGRESS_STORE: redis.url }), JSON.stringify({ secret: fresh }));
       expect(rotate.code, rotate.stderr).toBe(1);
       expect(rotate.stdout + rotate.stderr).not.toContain(fresh);
+      // A plain message, not Redis's ReplyError.
+      expect(rotate.stderr).toContain('is out of memory (Redis maxmemory reached, OOM): nothing was written');
+      expect(rotate.stderr).not.toContain('unexpected error');
       await c.config('SET', 'maxmemory', '0');
       // Recovery is noticed by traffic: a request now and then until the limiter says it is shared again.
       await eventually(async () => {
