@@ -3,6 +3,7 @@ import type { FieldValues } from '../store/credentials.ts';
 import { sealVersion } from '../store/credentials.ts';
 import type { Keyring } from '../store/keyring.ts';
 import type { CredentialRecord, CredentialVersionRecord, HistoryEntry } from '../store/records.ts';
+import { repeatedState } from '../store/records.ts';
 
 /**
  * Credential version transitions, as pure functions from one record to the next. Each returns a new
@@ -30,9 +31,8 @@ function next(record: CredentialRecord, versions: CredentialVersionRecord[], by:
 }
 
 export function assertInvariant(record: CredentialRecord): void {
-  for (const state of ['pending', 'current', 'previous'] as const) {
-    if (record.versions.filter((v) => v.state === state).length > 1) throw new Error(`credential "${record.id}" would have more than one ${state} version`);
-  }
+  const state = repeatedState(record.versions);
+  if (state) throw new Error(`credential "${record.id}" would have more than one ${state} version`);
 }
 
 /** Destroy a version's ciphertext, keeping its metadata. */

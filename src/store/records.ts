@@ -36,6 +36,15 @@ export const historyEntrySchema = z.strictObject({
   detail: z.string().optional(),
 });
 
+/**
+ * The state that more than one version holds, of those a credential has at most one of (pending,
+ * current, previous); undefined when none. The state machine never writes such a record, and the
+ * store refuses to read one.
+ */
+export function repeatedState(versions: readonly { readonly state: VersionState }[]): 'pending' | 'current' | 'previous' | undefined {
+  return (['pending', 'current', 'previous'] as const).find((state) => versions.filter((v) => v.state === state).length > 1);
+}
+
 export const credentialRecordSchema = z.strictObject({
   id: z.string(),
   revision: z.number().int().min(1),
@@ -44,7 +53,7 @@ export const credentialRecordSchema = z.strictObject({
   // What the state machine never writes (two current versions, two with one number) is a damaged
   // record, refused like any other: which of two current keys to send is not the proxy's guess.
   versions: z.array(credentialVersionSchema).refine(
-    (versions) => new Set(versions.map((v) => v.version)).size === versions.length && (['pending', 'current', 'previous'] as const).every((state) => versions.filter((v) => v.state === state).length <= 1),
+    (versions) => new Set(versions.map((v) => v.version)).size === versions.length && repeatedState(versions) === undefined,
     'at most one pending, one current and one previous version, each version number once',
   ),
   history: z.array(historyEntrySchema).optional(),
