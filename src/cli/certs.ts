@@ -6,6 +6,7 @@ import { addRevoked } from '../certs/revocations.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
 import { openStore } from '../store/open-store.ts';
+import { callerActive } from '../store/store-view.ts';
 import { EXIT, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress certs init [--refresh] | issue-caller NAME | revoke-caller NAME';
@@ -37,8 +38,8 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     // A certificate identifies a caller only while the store has it (and it is not revoked).
     const store = openStore(settings.store);
     try {
-      const caller = (await store.load()).callers.get(name);
-      if (!caller || caller.revoked_at !== undefined) throw new UserError(`caller "${name}" is ${caller ? 'revoked' : 'not in the store'}: a certificate identifies only a caller the store has; add it first with "egress callers add ${name}"`);
+      const snapshot = await store.load();
+      if (!callerActive(snapshot, name)) throw new UserError(`caller "${name}" is ${snapshot.callers.get(name)?.revoked_at !== undefined ? 'revoked' : 'not in the store'}: a certificate identifies only a caller the store has; add it first with "egress callers add ${name}"`);
     } finally {
       await store.close();
     }

@@ -138,10 +138,9 @@ export class StoreView {
     return this.#snapshot?.damaged.has(`${kind}:${key}`) ?? false;
   }
 
-  /** A caller in the store, readable and not revoked: what a client certificate's name must be to identify anyone. */
+  /** See callerActive below. */
   callerActive(name: string): boolean {
-    const record = this.#snapshot?.callers.get(name);
-    return record !== undefined && record.revoked_at === undefined && !this.isDamaged('caller', name);
+    return this.#snapshot !== undefined && callerActive(this.#snapshot, name);
   }
 
   identifyCaller(token: string, memo?: PresentedToken): Identified {
@@ -172,4 +171,10 @@ export class StoreView {
     this.#unwatch?.();
     await this.backend.close();
   }
+}
+
+/** A caller in the store, readable and not revoked: what a client certificate's name must be to identify anyone. */
+export function callerActive(snapshot: StoreSnapshot, name: string): boolean {
+  const record = snapshot.callers.get(name);
+  return record !== undefined && record.revoked_at === undefined && !snapshot.damaged.has(`caller:${name}`);
 }
