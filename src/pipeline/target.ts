@@ -34,8 +34,9 @@ function bad(detail: string): ProxyError {
 /**
  * Parse and canonicalise an origin-form request target (RFC 9112 §3.2.1). Everything a path could
  * use to mean two things is refused rather than interpreted: absolute-form, dot segments (raw or
- * percent-encoded, with or without path parameters), encoded "/" "\" and control bytes, backslashes, empty interior segments and
- * fragments. The result is exactly what is matched and exactly what is sent.
+ * percent-encoded, with or without path parameters), encoded "/" "\" and control bytes,
+ * backslashes, empty interior segments and fragments. The result is exactly what is matched and
+ * exactly what is sent.
  */
 export function parseTarget(raw: string): Target {
   if (raw.length > MAX_TARGET_LENGTH) throw bad('The request target is too long.');

@@ -37,8 +37,9 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
   const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
   if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
-  if (revoked.has(leaf.serialNumber)) return { refused: 'the certificate is revoked', serial: leaf.serialNumber };
-  return { caller: name, serial: serialKey(leaf.serialNumber) };
+  const serial = serialKey(leaf.serialNumber);
+  if (revoked.has(serial)) return { refused: 'the certificate is revoked', serial };
+  return { caller: name, serial };
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
