@@ -8,12 +8,11 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
-import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { LISTENER_LIMITS } from './reverse.ts';
-import { answerAndClose, tokenFromAuthorization } from './proxy-auth.ts';
+import { AMBIGUOUS, answerAndClose, proxyAuthorizationToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -68,9 +67,9 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     if (isIP(rawHost.replace(/^\[|\]$/g, '')) !== 0) return refuse(socket, 403, 'route_forbidden', 'Tunnels to IP addresses are not allowed; use the host name a route names.');
     // Exact match after IDNA to ASCII and lower-casing; a trailing dot is not the same host (SSRF-09).
     const host = domainToASCII(rawHost).toLowerCase();
-    // Node keeps only the first of two Proxy-Authorization headers: two are ambiguous, as two tokens are in reverse mode.
-    if (countHeader(req.rawHeaders, 'proxy-authorization') > 1) return refuse(socket, 407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    const token = tokenFromAuthorization(req.headers['proxy-authorization']);
+    // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
+    const token = proxyAuthorizationToken(req);
+    if (token === AMBIGUOUS) return refuse(socket, 407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
     if (!token || !services.store.usable()) return refuse(socket, 407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
     const found = services.store.identifyCaller(token);
     if (!found.caller) return refuse(socket, 407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');

@@ -1,3 +1,18 @@
+import type { IncomingMessage } from 'node:http';
+import { countHeader } from '../pipeline/canonicalise-target.ts';
+
+/** Proxy-Authorization sent more than once: Node keeps only the first, so the order would choose the caller. */
+export const AMBIGUOUS = Symbol('ambiguous Proxy-Authorization');
+
+/**
+ * The caller token in a forward-mode request's Proxy-Authorization (CONNECT or absolute form):
+ * undefined when absent or not a token, AMBIGUOUS when the header came more than once.
+ */
+export function proxyAuthorizationToken(req: IncomingMessage): string | undefined | typeof AMBIGUOUS {
+  if (countHeader(req.rawHeaders, 'proxy-authorization') > 1) return AMBIGUOUS;
+  return tokenFromAuthorization(req.headers['proxy-authorization']);
+}
+
 /**
  * The token in an Authorization or Proxy-Authorization value: `Bearer <token>`, or Basic with the
  * token as the password (what HTTPS_PROXY=http://caller:token@… and browsers send). Undefined for

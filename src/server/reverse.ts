@@ -5,9 +5,8 @@ import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
-import { answerAndClose, isLingering, tokenFromAuthorization } from './proxy-auth.ts';
+import { AMBIGUOUS, answerAndClose, isLingering, proxyAuthorizationToken } from './proxy-auth.ts';
 import { handleRequest } from '../pipeline/index.ts';
-import { countHeader } from '../pipeline/canonicalise-target.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { afterInFlight, markClosing } from '../pipeline/connection-state.ts';
@@ -78,9 +77,9 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
  */
 function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: string; port: number; token: string; rawTarget: string } | undefined {
   const match = /^http:\/\/([a-z0-9.-]+)(?::([1-9]\d{0,4}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
-  const token = tokenFromAuthorization(req.headers['proxy-authorization']);
-  // Two Proxy-Authorization headers are ambiguous (Node keeps the first): not a forward request, so a 400.
-  if (!match || !token || countHeader(req.rawHeaders, 'proxy-authorization') > 1) return undefined;
+  const token = proxyAuthorizationToken(req);
+  // Two Proxy-Authorization headers are ambiguous: not a forward request, so a 400.
+  if (!match || !token || token === AMBIGUOUS) return undefined;
   const host = match[1]!.toLowerCase();
   const port = Number(match[2] ?? 80);
   const route = findRouteByHost(config, host);
