@@ -7,6 +7,8 @@
  */
 interface ConnectionState {
   inFlight: number;
+  /** Answers that wait behind an earlier one still being sent (the caller pipelines and does not read). */
+  queued: number;
   closing: boolean;
   /** The last request that started, while any is in flight: is the body it is still reading where bad bytes came from? */
   latest: { readonly complete: boolean } | undefined;
@@ -21,7 +23,7 @@ type Carrier = { [STATE]?: ConnectionState };
 // A request's socket is null once the connection is gone: there is nothing to note then.
 function stateOf(socket: object): ConnectionState {
   const carrier = socket as Carrier;
-  return (carrier[STATE] ??= { inFlight: 0, closing: false, latest: undefined, whenIdle: undefined });
+  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined });
 }
 
 export function markClosing(socket: object | null): void {
@@ -32,11 +34,39 @@ export function isClosing(socket: object | null): boolean {
   return socket !== null && (socket as Carrier)[STATE]?.closing === true;
 }
 
-export function requestStarted(socket: object | null, req: { readonly complete: boolean }): void {
-  if (!socket) return;
+/**
+ * Answers one connection may have waiting behind an answer still being sent. Node's server parses
+ * every request in what it has read (64 KiB: about 1,900 minimal requests) before it stops reading
+ * from a caller that does not take its answers, and each of them would be answered and held: about
+ * 1 MB a connection. Past this many, the caller is not reading: the connection is closed.
+ */
+export const MAX_QUEUED_ANSWERS = 64;
+
+interface Answer {
+  once(event: 'close', listener: () => void): unknown;
+}
+
+/**
+ * Note a request's start. False when the connection is closed instead: the request's answer
+ * would wait behind MAX_QUEUED_ANSWERS others the caller has not taken.
+ */
+export function requestStarted(socket: object | null, req: { readonly complete: boolean }, res: Answer): boolean {
+  if (!socket) return true;
   const state = stateOf(socket);
   state.inFlight++;
   state.latest = req;
+  // Node gives the socket to one answer at a time (`_httpMessage`); a later one waits in its queue.
+  // Only then is the answer watched: a connection that is read as it is answered costs nothing here.
+  const current = (socket as { _httpMessage?: unknown })._httpMessage;
+  if (current === undefined || current === null || current === res) return true;
+  if (state.queued >= MAX_QUEUED_ANSWERS) {
+    state.closing = true;
+    (socket as { destroy(): void }).destroy();
+    return false;
+  }
+  state.queued++;
+  res.once('close', () => state.queued--);
+  return true;
 }
 
 export function requestAnswered(socket: object | null): void {

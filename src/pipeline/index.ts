@@ -34,9 +34,10 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
   // A request pipelined behind one whose answer closes the connection is not processed (RFC 9112
   // §9.6): it is audited as aborted, nothing is sent upstream, and Node closes the connection once
   // that answer is out.
-  const skipped = isClosing(socket);
+  const closing = isClosing(socket);
   if (!res.shouldKeepAlive) markClosing(socket);
-  requestStarted(socket, req);
+  // A caller that pipelines without reading its answers loses the connection (see MAX_QUEUED_ANSWERS).
+  const overflow = !requestStarted(socket, req, res);
   // One literal with every field, no spreads: every request's context has the same shape.
   const ctx: RequestContext = {
     forward,
@@ -69,9 +70,9 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     holdsSlot: false,
   };
   try {
-    if (skipped) {
+    if (closing || overflow) {
       ctx.decision = 'aborted';
-      ctx.reason = 'connection_closing';
+      ctx.reason = overflow ? 'pipeline_overflow' : 'connection_closing';
       return;
     }
     for (const step of STEPS) {

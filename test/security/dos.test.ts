@@ -1,4 +1,4 @@
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { createServer, type Server } from 'node:http';
 import { connect as h2connect } from 'node:http2';
@@ -301,6 +301,30 @@ describe('DOS', () => {
     expect(bigBytesSent, 'upstream was throttled by back-pressure').toBeLessThan(64 * 1024 * 1024);
     expect(peak - before, 'RSS growth KiB').toBeLessThan(64 * 1024);
     socket.destroy();
+    await lab.g0();
+  });
+
+  it('DOS-10b a caller that pipelines without reading loses the connection once 64 answers wait behind the first; the upstream streams are released', async () => {
+    bigBytesSent = 0;
+    const socket = connect(lab.port, '127.0.0.1');
+    socket.on('error', () => {});
+    const closed = new Promise<number>((r) => socket.once('close', () => r(performance.now())));
+    await new Promise<void>((r) => socket.once('connect', () => r()));
+    socket.pause();
+    const t0 = performance.now();
+    // Each answer is a 256 MiB stream the caller never reads: every one behind the first waits in Node's queue.
+    socket.write(`GET /big/stream HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\n`.repeat(300));
+    const closedAfter = await Promise.race([closed.then((t) => t - t0), new Promise<number>((r) => setTimeout(() => r(Infinity), 5_000))]);
+    socket.destroy();
+    expect(closedAfter, 'ms until the proxy closed the connection').toBeLessThan(5_000);
+    // What was on the way upstream was aborted with it: the upstream stops being asked for bytes.
+    await new Promise((r) => setTimeout(r, 500));
+    const sentThen = bigBytesSent;
+    await new Promise((r) => setTimeout(r, 500));
+    expect(bigBytesSent - sentThen, 'upstream bytes sent after the close').toBeLessThan(1024 * 1024);
+    await new Promise((r) => setTimeout(r, 100));
+    const audit = await readFile(join(lab.dir, 'audit.log'), 'utf8');
+    expect(audit).toContain('"reason":"pipeline_overflow"');
     await lab.g0();
   });
 
