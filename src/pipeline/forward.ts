@@ -7,7 +7,7 @@ import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
-import { redactor, redactText } from './redact.ts';
+import { redactor } from './redact.ts';
 import { open } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 
@@ -152,7 +152,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
     // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's
     // res.redirect) are read whole and redacted; 304 has no body.
     if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
-      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
+      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)), redact);
     } else {
       await exchange.pipeTo(res, exchange.status, relayed);
     }
@@ -168,9 +168,9 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
  * An error or redirect body may echo what we sent (a provider quoting the key it rejected, a
  * Location with the key in it): decode it and redact every injected value before the caller sees it.
  */
-function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer): void {
+function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer, redact: (text: string) => string): void {
   const decoded = decodeBody(raw, headerValue(exchange.headers['content-encoding']));
-  const text = redactText(decoded.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
+  const text = redact(decoded.toString('latin1'));
   const out = Buffer.from(text, 'latin1');
   const headers: string[] = [];
   for (let i = 0; i < relayed.length; i += 2) {

@@ -471,6 +471,15 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     'html-escaped': KEY.replace('&', '&amp;'),
     'base64-unpadded': Buffer.from(KEY).toString('base64').replace(/=+$/, ''),
     base64url: Buffer.from(KEY).toString('base64url'),
+    'hex-lower': Buffer.from(KEY).toString('hex'),
+    'hex-upper': Buffer.from(KEY).toString('hex').toUpperCase(),
+    // An upstream that normalises the key it quotes.
+    'upper-cased': KEY.toUpperCase(),
+    'lower-cased': KEY.toLowerCase(),
+    // JSON encoders that escape every character (ensure_ascii-style writers, some loggers).
+    'json-unicode-lower': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join(''),
+    'json-unicode-upper': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(''),
+    'json-unicode-mixed': [...KEY].map((c, i) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').replace(/[a-f]/g, (h) => (i % 2 ? h.toUpperCase() : h))}`).join(''),
   };
   let up: Upstream;
   let proxy: TestProxy;
