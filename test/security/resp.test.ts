@@ -51,6 +51,9 @@ const RAW_ANSWERS: Record<string, (secret: string) => string> = {
   '/early-hints': (s) => `HTTP/1.1 103 Early Hints\r\nLink: </x?k=${s}>\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 102 Processing\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok`,
   // The secret split across two chunks of an error body, and quoted in WWW-Authenticate.
   '/split-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n${s.slice(0, 5)}\r\n${(s.length - 5).toString(16)}\r\n${s.slice(5)}\r\n0\r\n\r\n`,
+  // The secret as (part of) a header name: a name cannot hold [REDACTED], so the header must go.
+  '/secret-name-200': (s) => `HTTP/1.1 200 OK\r\nX-Key-${s}: 1\r\nX-${s.toUpperCase()}: 2\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
+  '/secret-name-400': (s) => `HTTP/1.1 400 Bad\r\n${s}: 1\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
   '/www-auth': (s) => `HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="x", error="invalid_token", token="${s}"\r\nContent-Length: 0\r\n\r\n`,
 };
 
@@ -352,6 +355,17 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect(statuses(auth)).toEqual([401]);
     expect(auth).toMatch(/www-authenticate: Bearer realm="x", error="invalid_token", token="\[REDACTED\]"/i);
     await lab.g0();
+  });
+
+  it('RESP-15 a response header whose name holds the secret (any case) is dropped, the others relayed', async () => {
+    for (const [path, status] of [['/raw/secret-name-200', 200], ['/raw/secret-name-400', 400]] as const) {
+      const answer = await rawCall(path);
+      expect(statuses(answer), path).toEqual([status]);
+      expect(answer.toLowerCase(), path).not.toContain(CANARY.toLowerCase());
+      expect(answer, path).toMatch(/\r\nx-kept: k\r\n/i);
+      expect(answer.endsWith('\r\n\r\nok'), path).toBe(true);
+      await lab.g0();
+    }
   });
 });
 
