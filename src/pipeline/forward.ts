@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
+import { brotliDecompressSync, gunzipSync, gzipSync, inflateSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
 import type { OutboundRequest } from '../injectors/types.ts';
@@ -169,9 +169,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
  * Location with the key in it): decode it and redact every injected value before the caller sees it.
  */
 function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer, redact: (text: string) => string): void {
-  const decoded = decodeBody(raw, headerValue(exchange.headers['content-encoding']));
-  const text = redact(decoded.toString('latin1'));
-  const out = Buffer.from(text, 'latin1');
+  const out = redactBody(decodeBody(raw, headerValue(exchange.headers['content-encoding'])), redact);
   const headers: string[] = [];
   for (let i = 0; i < relayed.length; i += 2) {
     const name = relayed[i]!;
@@ -181,6 +179,33 @@ function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, rel
   headers.push('content-length', String(out.length));
   ctx.res.writeHead(exchange.status, headers);
   ctx.res.end(out);
+}
+
+/**
+ * The body with every echo redacted. A body that is itself gzip data (an application/gzip or
+ * octet-stream error without Content-Encoding, or a .gz under Content-Encoding: gzip) hides an echo
+ * from the search, so it is inflated within the same limit and searched too. With an echo inside,
+ * the caller gets the redacted content compressed again: still gzip data, as the upstream labelled
+ * it, with [REDACTED] in place as for any other body. Refusing instead would hide the upstream's
+ * error from the caller for no gain. Gzip inside that, or gzip data that does not inflate whole,
+ * cannot be inspected and is refused (502).
+ */
+function redactBody(body: Buffer, redact: (text: string) => string): Buffer {
+  if (isGzip(body)) {
+    const inner = decodeBody(body, 'gzip');
+    if (isGzip(inner)) throw new ProxyError('upstream_error', 'The upstream error body is gzip data inside gzip data, which the proxy does not inspect.');
+    const text = inner.toString('latin1');
+    const redacted = redact(text);
+    if (redacted !== text) return gzipSync(Buffer.from(redacted, 'latin1'));
+  }
+  const text = body.toString('latin1');
+  const redacted = redact(text);
+  return redacted === text ? body : Buffer.from(redacted, 'latin1');
+}
+
+/** The gzip magic and its only compression method, deflate (RFC 1952 §2.3.1). */
+function isGzip(body: Buffer): boolean {
+  return body.length >= 3 && body[0] === 0x1f && body[1] === 0x8b && body[2] === 0x08;
 }
 
 function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {

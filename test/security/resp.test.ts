@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
-import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib';
+import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -121,6 +121,17 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const buf = Buffer.from(text);
     const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : buf;
     res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
+    res.end(coded);
+    return;
+  }
+  if (url.startsWith('/gzip-file/')) {
+    // An error body that is gzip data without Content-Encoding (a .gz answer, or octet-stream), or
+    // gzip data with Content-Encoding: gzip on top; /clean has no secret inside, /corrupt is cut short.
+    const [, , type, inside] = url.split('/');
+    const zipped = gzipSync(Buffer.from(inside === 'clean' ? 'rejected: no such account' : `{"error":"INVALID_API_KEYS","key":"${secret}"}`));
+    const body = inside === 'corrupt' ? zipped.subarray(0, zipped.length - 12) : inside === 'twice' ? gzipSync(zipped) : zipped;
+    const coded = type === 'encoded' ? gzipSync(body) : body;
+    res.writeHead(400, { 'content-type': type === 'octet' ? 'application/octet-stream' : 'application/gzip', ...(type === 'encoded' ? { 'content-encoding': 'gzip' } : {}), 'content-length': coded.length });
     res.end(coded);
     return;
   }
@@ -307,6 +318,35 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect(r.status).toBe(400);
     expect(r.text).toContain('[REDACTED]');
     await lab.g0(mark, 1);
+  });
+
+  it('RESP-16 an error body of gzip data without Content-Encoding (or under it) is inflated and redacted, and compressed again', async () => {
+    for (const type of ['gzip', 'octet', 'encoded']) {
+      const mark = lab.u.requests.length;
+      const res = await fetch(`${lab.url}/resp/gzip-file/${type}/secret`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+      const bytes = Buffer.from(await res.arrayBuffer());
+      lab.seen(bytes.toString('latin1'));
+      expect(res.status, type).toBe(400);
+      expect(res.headers.get('content-encoding'), type).toBeNull();
+      const inside = gunzipSync(bytes).toString();
+      lab.seen(inside);
+      expect(inside, type).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-16b gzip data with no secret inside is relayed as it came; gzip that does not inflate, or gzip in gzip, is refused (502)', async () => {
+    const clean = await fetch(`${lab.url}/resp/gzip-file/gzip/clean`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+    const bytes = Buffer.from(await clean.arrayBuffer());
+    expect(clean.status).toBe(400);
+    expect(gunzipSync(bytes).toString()).toBe('rejected: no such account');
+    expect(bytes).toEqual(gzipSync(Buffer.from('rejected: no such account')));
+    for (const path of ['/resp/gzip-file/octet/corrupt', '/resp/gzip-file/gzip/twice', '/resp/gzip-file/encoded/twice']) {
+      const r = await call(path);
+      expect(r.status, path).toBe(502);
+      expect(r.error, path).toBe('upstream_error');
+    }
+    await lab.g0();
   });
 
   it('RESP-06 a decompression bomb (64 MiB of gzip zeros) as an error body is bounded', async () => {
