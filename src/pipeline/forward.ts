@@ -125,6 +125,15 @@ async function received(ctx: RequestContext, attempt: Attempt): Promise<void> {
   }
   ctx.upstreamMs = (ctx.upstreamMs ?? 0) + (performance.now() - sentAt);
   ctx.upstreamStatus = exchange.status;
+  const transferCoding = exchange.headers['transfer-encoding'];
+  if (transferCoding !== undefined && headerValue(transferCoding)!.trim().toLowerCase() !== 'chunked') {
+    // The proxy sends no TE, so chunked is the only transfer coding an upstream may use (RFC 9112
+    // §6.1). undici removes chunked framing and nothing else: gzip or an unknown coding would reach
+    // the caller as undecoded bytes, with the header that said so dropped as hop-by-hop, and an
+    // error body would be searched for echoes in its compressed form.
+    exchange.discard();
+    throw new ProxyError('upstream_error', 'The upstream used a transfer coding other than chunked.');
+  }
   if (exchange.status === 429) {
     // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
     const pauseMs = retryAfterMs(headerValue(exchange.headers['retry-after']));

@@ -54,6 +54,16 @@ const RAW_ANSWERS: Record<string, (secret: string) => string> = {
   // The secret as (part of) a header name: a name cannot hold [REDACTED], so the header must go.
   '/secret-name-200': (s) => `HTTP/1.1 200 OK\r\nX-Key-${s}: 1\r\nX-${s.toUpperCase()}: 2\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
   '/secret-name-400': (s) => `HTTP/1.1 400 Bad\r\n${s}: 1\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
+  // A transfer coding other than chunked (RFC 9112 §6.1: never sent unasked); the body is gzip data
+  // with the secret inside, and the connection closes to end it where chunked does not frame it.
+  '/te-gzip-200': (s) => `HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n${gzipSync(Buffer.from(`key ${s}`)).toString('latin1')}`,
+  '/te-gzip-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n${gzipSync(Buffer.from(`key ${s}`)).toString('latin1')}`,
+  '/te-gzip-chunked-400': (s) => {
+    const zipped = gzipSync(Buffer.from(`key ${s}`));
+    return `HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\n\r\n${zipped.length.toString(16)}\r\n${zipped.toString('latin1')}\r\n0\r\n\r\n`;
+  },
+  '/te-x-chunked-200': () => 'HTTP/1.1 200 OK\r\nTransfer-Encoding: x-custom\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+  '/te-chunked-200': () => 'HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
   '/www-auth': (s) => `HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="x", error="invalid_token", token="${s}"\r\nContent-Length: 0\r\n\r\n`,
 };
 
@@ -75,7 +85,9 @@ function rawHandler(socket: Socket): void {
       const secret = /\r\nplaid-secret:\s*([^\r]*)/i.exec(head)?.[1] ?? '';
       const answer = RAW_ANSWERS[path];
       // Keep the connection open (keep-alive) so that anything left over could be misread later.
-      socket.write(answer ? answer(secret) : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
+      const bytes = answer ? answer(secret) : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n';
+      if (/\r\nConnection: close\r\n/.test(bytes.slice(0, bytes.indexOf('\r\n\r\n') + 2))) socket.end(bytes, 'latin1');
+      else socket.write(bytes, 'latin1');
     }
   });
 }
@@ -410,6 +422,20 @@ describe('RESP: secrets echoed by the upstream', () => {
 });
 
 describe('RESP: malformed upstream responses', () => {
+  it('RESP-17 a transfer coding other than chunked (gzip, gzip + chunked, an unknown one) → 502, never its undecoded bytes', async () => {
+    for (const path of ['/te-gzip-200', '/te-gzip-400', '/te-gzip-chunked-400', '/te-x-chunked-200']) {
+      const res = await fetch(`${lab.url}/raw${path}`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+      const bytes = Buffer.from(await res.arrayBuffer());
+      lab.seen(bytes.toString('latin1'));
+      expect(`${res.status} ${res.headers.get('x-egress-error')}`, `${path}: ${bytes.toString('hex').slice(0, 16)}`).toBe('502 upstream_error');
+      await lab.g0();
+    }
+    // Chunked alone (in any case) is the one transfer coding that is relayed.
+    const chunked = await call('/raw/te-chunked-200');
+    expect(chunked.status).toBe(200);
+    expect(chunked.text).toBe('ok');
+  });
+
   it('RESP-05 bad header bytes (control byte value, a name with a space, NUL, bare CR) → 502, no crash', async () => {
     for (const path of ['/ctl-value', '/space-name', '/nul-value', '/cr-value', '/space-colon', '/obs-fold']) {
       const r = await call(`/raw${path}`);
