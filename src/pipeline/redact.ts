@@ -9,14 +9,15 @@ export function redactText(text: string, secrets: readonly string[]): string {
 }
 
 /**
- * A redaction function for one set of secrets, applied to many values. Values are byte strings, one
- * character per byte (latin1), as undici decodes header values and as inspected bodies are read;
- * each secret is compared as its UTF-8 bytes. Case is ignored: upstreams quote a key upper-cased,
- * and hex and \uXXXX escapes come in either case. Both sides are lower-cased, and toLowerCase maps
- * each of the 256 latin1 characters to exactly one latin1 character, so an index into the lowered
- * value is the same index into the value (toUpperCase would not do: ß, µ and ÿ grow or leave latin1).
- * A value that contains no secret (nearly every response header) costs one lower-casing (none for
- * a value that is lower-case already) and one search per distinct secret.
+ * A redaction function for one set of secrets, applied to many values. Values are byte strings,
+ * one character per byte (latin1), as undici decodes header values and as inspected bodies are
+ * read; each secret is compared as its UTF-8 bytes (and its latin1 bytes, see needlesOf). Case is
+ * ignored: upstreams quote a key upper-cased, and hex and \uXXXX escapes come in either case. Both
+ * sides are lower-cased, and toLowerCase maps each of the 256 latin1 characters to exactly one
+ * latin1 character, so an index into the lowered value is the same index into the value
+ * (toUpperCase would not do: ß, µ and ÿ grow or leave latin1). A value that contains no secret
+ * (nearly every response header) costs one lower-casing (none for a value that is lower-case
+ * already) and one search per distinct needle.
  */
 export function redactor(secrets: readonly string[]): (text: string) => string {
   const needles = prepare(secrets);
@@ -32,8 +33,7 @@ export function redactor(secrets: readonly string[]): (text: string) => string {
 function prepare(secrets: readonly string[]): string[] {
   const needles = new Set<string>();
   for (const secret of secrets) {
-    const needle = needleOf(secret);
-    if (needle.length >= MIN_SECRET_LENGTH) needles.add(needle);
+    for (const needle of needlesOf(secret)) if (needle.length >= MIN_SECRET_LENGTH) needles.add(needle);
   }
   return [...needles];
 }
@@ -44,17 +44,26 @@ function prepare(secrets: readonly string[]): string[] {
  * signature, a nonce-bound token) pass through; the map is emptied when it fills, so it holds at
  * most NEEDLE_CACHE_SIZE values, all of them injected recently.
  */
-const madeNeedles = new Map<string, string>();
+const madeNeedles = new Map<string, readonly string[]>();
 const NEEDLE_CACHE_SIZE = 4096;
 
-function needleOf(secret: string): string {
-  let needle = madeNeedles.get(secret);
-  if (needle === undefined) {
-    needle = (/^[\x00-\x7f]*$/.test(secret) ? secret : Buffer.from(secret, 'utf8').toString('latin1')).toLowerCase();
+/**
+ * A secret's UTF-8 bytes, lower-cased. A secret of latin1 characters beyond ASCII has a second
+ * byte form: undici writes header values as latin1, one byte per character, so an upstream that
+ * got it in a header echoes those bytes.
+ */
+function needlesOf(secret: string): readonly string[] {
+  let needles = madeNeedles.get(secret);
+  if (needles === undefined) {
+    if (/^[\x00-\x7f]*$/.test(secret)) needles = [secret.toLowerCase()];
+    else {
+      needles = [Buffer.from(secret, 'utf8').toString('latin1').toLowerCase()];
+      if (/^[\x00-\xff]*$/.test(secret)) needles = [...needles, secret.toLowerCase()];
+    }
     if (madeNeedles.size >= NEEDLE_CACHE_SIZE) madeNeedles.clear();
-    madeNeedles.set(secret, needle);
+    madeNeedles.set(secret, needles);
   }
-  return needle;
+  return needles;
 }
 
 /**

@@ -591,3 +591,41 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
   });
 });
 
+
+/**
+ * A key with latin1 letters, injected as a header: undici writes header values as latin1, so the
+ * upstream receives (and may echo) one byte per letter, not the key's UTF-8 bytes.
+ */
+describe('RESP-04e echoes of a non-ASCII key as the bytes the upstream received', () => {
+  const KEY = 'clé-privée-ÄÖÜ-9f2';
+  let up: Upstream;
+  let proxy: TestProxy;
+  beforeAll(async () => {
+    up = await startUpstream((req, res) => {
+      // Node decodes header values as latin1: writing the string back as latin1 echoes the bytes received.
+      const received = String(req.headers['x-api-key'] ?? '');
+      const echo = req.url === '/upper' ? received.toUpperCase() : received;
+      const text = Buffer.from(`{"error":"INVALID_API_KEYS","key":"${echo}"}`, 'latin1');
+      res.writeHead(400, { 'content-type': 'application/json', 'x-key': echo, 'content-length': text.length });
+      res.end(text);
+    });
+    proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: KEY } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await proxy?.close();
+    await up?.close();
+  });
+
+  it.each(['/as-received', '/upper'])('the key echoed %s (latin1 bytes) is redacted in the body and the header', async (path) => {
+    const res = await fetch(`${proxy.url}/api${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const body = Buffer.from(await res.arrayBuffer()).toString('latin1');
+    expect(res.status).toBe(400);
+    expect(up.requests.at(-1)!.headers['x-api-key']).toBe(KEY);
+    expect(body).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+    expect(res.headers.get('x-key')).toBe('[REDACTED]');
+  });
+});
