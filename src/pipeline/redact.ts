@@ -31,11 +31,12 @@ export function redactor(secrets: readonly string[]): (text: string) => string {
 
 /** The secrets as lower-cased byte strings, deduplicated, too-short ones dropped. */
 function prepare(secrets: readonly string[]): string[] {
-  const needles = new Set<string>();
+  // An array, not a Set: a request has a dozen needles, and this runs for every response.
+  const needles: string[] = [];
   for (const secret of secrets) {
-    for (const needle of needlesOf(secret)) if (needle.length >= MIN_SECRET_LENGTH) needles.add(needle);
+    for (const needle of needlesOf(secret)) if (needle.length >= MIN_SECRET_LENGTH && !needles.includes(needle)) needles.push(needle);
   }
-  return [...needles];
+  return needles;
 }
 
 /**
