@@ -41,8 +41,8 @@ function prepare(secrets: readonly string[]): string[] {
 
 /**
  * Needles already made, by secret: a credential's forms are the same strings on every request, and
- * making their needles again was most of a response's redaction cost. Per-request values (a
- * signature, a nonce-bound token) pass through; the map is emptied when it fills, so it holds at
+ * making their needles again was most of a response's redaction cost. Values made per request (a
+ * signature, a nonce-bound token) are added too; the map is emptied when it fills, so it holds at
  * most NEEDLE_CACHE_SIZE values, all of them injected recently.
  */
 const madeNeedles = new Map<string, readonly string[]>();
