@@ -96,13 +96,14 @@ const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt
 
 /**
  * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
- * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it, and with every
- * character as \uXXXX, as ensure_ascii-style encoders and some loggers write it); HTML-escaped;
- * base64 with and without padding, and base64url; the hex of its UTF-8 bytes. The redactor ignores
- * ASCII case, which covers upper- and lower-case hex and a key quoted upper- or lower-cased; for a
- * secret with non-ASCII letters, its upper- and lower-cased forms are listed too (their UTF-8
- * bytes differ by more than ASCII case). For a secret of letters and digits many of these are the
- * raw value again, and the set holds each form once.
+ * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with every character
+ * as \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
+ * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url; the
+ * hex of its UTF-8 bytes. The redactor ignores case, which covers upper- and lower-case hex and a
+ * key quoted upper- or lower-cased; for a secret with non-ASCII letters, its upper- and
+ * lower-cased forms are listed too (their UTF-8 bytes differ by more than ASCII case). For a
+ * secret of letters and digits many of these are the raw value again, and the set holds each form
+ * once.
  */
 export function echoForms(value: string): string[] {
   const percent = encodeURIComponent(value);
@@ -128,6 +129,8 @@ export function echoForms(value: string): string[] {
   if (/[^\x00-\x7f]/.test(value)) {
     forms.add(value.toUpperCase());
     forms.add(value.toLowerCase());
+    // Python's json.dumps by default (ensure_ascii) escapes only these characters.
+    forms.add(json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
   }
   return [...forms];
 }

@@ -200,7 +200,7 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/ and as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
@@ -216,6 +216,7 @@ describe('redactText / echoForms', () => {
       '6120622f22c3a95c',
       // Non-ASCII letters: the case-changed forms are other bytes, not only other ASCII case.
       'A B/"É\\',
+      'a b/\\"\\u00e9\\\\',
     ]);
     expect(echoForms('abcd')).toEqual(['abcd', '\\u0061\\u0062\\u0063\\u0064', 'YWJjZA==', 'YWJjZA', '61626364']);
     expect(echoForms('abc')).toEqual(['abc', '\\u0061\\u0062\\u0063', 'YWJj', '616263']);
@@ -251,6 +252,11 @@ describe('redactText / echoForms', () => {
     }
     // Sent in a header, a latin1 secret went as one byte per character (undici writes latin1).
     for (const echo of [secret, secret.toUpperCase()]) expect(redactText(`k=${echo}!`, echoForms(secret)), echo).toBe('k=[REDACTED]!');
+  });
+
+  it('knows JSON with only the non-ASCII characters as \\uXXXX, as Python\'s json.dumps writes by default (ensure_ascii)', () => {
+    expect(redactText('{"k":"p\\u00e4ssw\\u00F6rd-\\u00dcn\\u00efcode"}', echoForms('pässwörd-Ünïcode'))).toBe('{"k":"[REDACTED]"}');
+    expect(redactText('{"k":"key-\\ud83d\\udd11-\\\\x"}', echoForms('key-\u{1F511}-\\x'))).toBe('{"k":"[REDACTED]"}');
   });
 
   it('overlapping and touching matches leave no part of either', () => {
