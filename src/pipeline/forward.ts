@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
+import { brotliDecompressSync, gunzipSync, gzipSync, inflateSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
 import type { OutboundRequest } from '../injectors/types.ts';
@@ -7,7 +7,7 @@ import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
-import { redactor, redactText } from './redact.ts';
+import { redactor } from './redact.ts';
 import { open } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 
@@ -125,6 +125,15 @@ async function received(ctx: RequestContext, attempt: Attempt): Promise<void> {
   }
   ctx.upstreamMs = (ctx.upstreamMs ?? 0) + (performance.now() - sentAt);
   ctx.upstreamStatus = exchange.status;
+  const transferCoding = exchange.headers['transfer-encoding'];
+  if (transferCoding !== undefined && headerValue(transferCoding)!.trim().toLowerCase() !== 'chunked') {
+    // The proxy sends no TE, so chunked is the only transfer coding an upstream may use (RFC 9112
+    // §6.1). undici removes chunked framing and nothing else: gzip or an unknown coding would reach
+    // the caller as undecoded bytes, with the header that said so dropped as hop-by-hop, and an
+    // error body would be searched for echoes in its compressed form.
+    exchange.discard();
+    throw new ProxyError('upstream_error', 'The upstream used a transfer coding other than chunked.');
+  }
   if (exchange.status === 429) {
     // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
     const pauseMs = retryAfterMs(headerValue(exchange.headers['retry-after']));
@@ -152,7 +161,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
     // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's
     // res.redirect) are read whole and redacted; 304 has no body.
     if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
-      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
+      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)), redact);
     } else {
       await exchange.pipeTo(res, exchange.status, relayed);
     }
@@ -168,10 +177,8 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
  * An error or redirect body may echo what we sent (a provider quoting the key it rejected, a
  * Location with the key in it): decode it and redact every injected value before the caller sees it.
  */
-function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer): void {
-  const decoded = decodeBody(raw, headerValue(exchange.headers['content-encoding']));
-  const text = redactText(decoded.toString('latin1'), ctx.redactions.map((s) => Buffer.from(s, 'utf8').toString('latin1')));
-  const out = Buffer.from(text, 'latin1');
+function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, relayed: string[], raw: Buffer, redact: (text: string) => string): void {
+  const out = redactBody(decodeBody(raw, headerValue(exchange.headers['content-encoding'])), redact);
   const headers: string[] = [];
   for (let i = 0; i < relayed.length; i += 2) {
     const name = relayed[i]!;
@@ -181,6 +188,33 @@ function relayInspectedBody(ctx: RequestContext, exchange: UpstreamExchange, rel
   headers.push('content-length', String(out.length));
   ctx.res.writeHead(exchange.status, headers);
   ctx.res.end(out);
+}
+
+/**
+ * The body with every echo redacted. A body that is itself gzip data (an application/gzip or
+ * octet-stream error without Content-Encoding, or a .gz under Content-Encoding: gzip) hides an echo
+ * from the search, so it is inflated within the same limit and searched too. With an echo inside,
+ * the caller gets the redacted content compressed again: still gzip data, as the upstream labelled
+ * it, with [REDACTED] in place as for any other body. Refusing instead would hide the upstream's
+ * error from the caller for no gain. Gzip inside that, or gzip data that does not inflate whole,
+ * cannot be inspected and is refused (502).
+ */
+function redactBody(body: Buffer, redact: (text: string) => string): Buffer {
+  if (isGzip(body)) {
+    const inner = decodeBody(body, 'gzip');
+    if (isGzip(inner)) throw new ProxyError('upstream_error', 'The upstream error body is gzip data inside gzip data, which the proxy does not inspect.');
+    const text = inner.toString('latin1');
+    const redacted = redact(text);
+    if (redacted !== text) return gzipSync(Buffer.from(redacted, 'latin1'));
+  }
+  const text = body.toString('latin1');
+  const redacted = redact(text);
+  return redacted === text ? body : Buffer.from(redacted, 'latin1');
+}
+
+/** The gzip magic and its only compression method, deflate (RFC 1952 §2.3.1). */
+function isGzip(body: Buffer): boolean {
+  return body.length >= 3 && body[0] === 0x1f && body[1] === 0x8b && body[2] === 0x08;
 }
 
 function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {

@@ -72,7 +72,8 @@ const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', '
 
 /**
  * Upstream response headers as a flat [name, value, ...] list for writeHead, with any injected
- * secret the upstream echoed replaced by [REDACTED].
+ * secret the upstream echoed replaced by [REDACTED]. A header whose name holds a secret is dropped:
+ * a field name cannot carry [REDACTED] (RFC 9110 §5.1, a token), and it tells the caller nothing.
  */
 export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string): string[] {
   const connection = headers.connection;
@@ -86,7 +87,7 @@ export function responseHeaders(headers: Record<string, string | string[] | unde
   }
   const flat: string[] = [];
   for (const name of Object.keys(headers)) {
-    if (RESPONSE_DROP.has(name) || listed?.has(name)) continue;
+    if (RESPONSE_DROP.has(name) || listed?.has(name) || redact(name) !== name) continue;
     const value = headers[name];
     if (value === undefined) continue;
     if (typeof value === 'string') flat.push(name, redact(value));

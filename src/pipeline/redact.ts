@@ -3,45 +3,115 @@ import { REDACTED } from '../secret.ts';
 /** Values shorter than this are not treated as echoes: redacting every "1" would mangle responses. */
 const MIN_SECRET_LENGTH = 4;
 
-/** Replace every occurrence of any of `secrets` in `text` with [REDACTED]. */
+/** Replace every occurrence of any of `secrets` in `text` (a byte string, see redactor) with [REDACTED]. */
 export function redactText(text: string, secrets: readonly string[]): string {
   return redactor(secrets)(text);
 }
 
 /**
- * A redaction function for one set of secrets, applied to many values. A value that contains none
- * of them (nearly every response header) costs one search per secret; the first value that does
- * prepares the list (deduplicated, too-short ones dropped, longest first so a secret that contains
- * another is replaced whole).
+ * A redaction function for one set of secrets, applied to many values. Values are byte strings,
+ * one character per byte (latin1), as undici decodes header values and as inspected bodies are
+ * read; each secret is compared as its UTF-8 bytes (and its latin1 bytes, see needlesOf). Case is
+ * ignored: upstreams quote a key upper-cased, and hex and \uXXXX escapes come in either case. Both
+ * sides are lower-cased, and toLowerCase maps each of the 256 latin1 characters to exactly one
+ * latin1 character, so an index into the lowered value is the same index into the value
+ * (toUpperCase would not do: ß, µ and ÿ grow or leave latin1). A value that contains no secret
+ * (nearly every response header) costs one lower-casing (none for a value that is lower-case
+ * already) and one search per distinct needle.
  */
 export function redactor(secrets: readonly string[]): (text: string) => string {
-  let ordered: string[] | undefined;
+  const needles = prepare(secrets);
   return (text) => {
-    if (!containsAny(text, secrets)) return text;
-    ordered ??= [...new Set(secrets)].filter((s) => s.length >= MIN_SECRET_LENGTH).sort((a, b) => b.length - a.length);
-    let out = text;
-    for (const secret of ordered) if (out.includes(secret)) out = out.split(secret).join(REDACTED);
-    return out;
+    if (needles.length === 0) return text;
+    const lower = text.toLowerCase();
+    for (const needle of needles) if (lower.includes(needle)) return replace(text, lower, needles);
+    return text;
   };
 }
 
-function containsAny(text: string, secrets: readonly string[]): boolean {
-  for (const secret of secrets) if (secret.length >= MIN_SECRET_LENGTH && text.includes(secret)) return true;
-  return false;
+/** The secrets as lower-cased byte strings, deduplicated, too-short ones dropped. */
+function prepare(secrets: readonly string[]): string[] {
+  // An array, not a Set: a request has a dozen needles, and this runs for every response.
+  const needles: string[] = [];
+  for (const secret of secrets) {
+    for (const needle of needlesOf(secret)) if (needle.length >= MIN_SECRET_LENGTH && !needles.includes(needle)) needles.push(needle);
+  }
+  return needles;
+}
+
+/**
+ * Needles already made, by secret: a credential's forms are the same strings on every request, and
+ * making their needles again was most of a response's redaction cost. Values made per request (a
+ * signature, a nonce-bound token) are added too; the map is emptied when it fills, so it holds at
+ * most NEEDLE_CACHE_SIZE values, all of them injected recently.
+ */
+const madeNeedles = new Map<string, readonly string[]>();
+const NEEDLE_CACHE_SIZE = 4096;
+
+/**
+ * A secret's UTF-8 bytes, lower-cased. A secret of latin1 characters beyond ASCII has a second
+ * byte form: undici writes header values as latin1, one byte per character, so an upstream that
+ * got it in a header echoes those bytes.
+ */
+function needlesOf(secret: string): readonly string[] {
+  let needles = madeNeedles.get(secret);
+  if (needles === undefined) {
+    if (/^[\x00-\x7f]*$/.test(secret)) needles = [secret.toLowerCase()];
+    else {
+      needles = [Buffer.from(secret, 'utf8').toString('latin1').toLowerCase()];
+      if (/^[\x00-\xff]*$/.test(secret)) needles = [...needles, secret.toLowerCase()];
+    }
+    if (madeNeedles.size >= NEEDLE_CACHE_SIZE) madeNeedles.clear();
+    madeNeedles.set(secret, needles);
+  }
+  return needles;
+}
+
+/**
+ * `text` with every range where `lower` holds a needle replaced by [REDACTED]; overlapping and
+ * touching matches become one [REDACTED], so no part of either is left.
+ */
+function replace(text: string, lower: string, needles: readonly string[]): string {
+  const covered = new Uint8Array(text.length);
+  for (const needle of needles) {
+    let filledTo = 0;
+    for (let at = lower.indexOf(needle); at !== -1; at = lower.indexOf(needle, at + 1)) {
+      const end = at + needle.length;
+      covered.fill(1, Math.max(at, filledTo), end);
+      filledTo = end;
+    }
+  }
+  let out = '';
+  let kept = 0;
+  for (let i = 0; i < covered.length; i++) {
+    if (covered[i] === 0) continue;
+    out += text.slice(kept, i) + REDACTED;
+    while (i < covered.length && covered[i] === 1) i++;
+    kept = i;
+  }
+  return out + text.slice(kept);
 }
 
 const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 
 /**
  * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
- * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it); HTML-escaped; base64
- * with and without padding, and base64url. For a secret of letters and digits most of these are
- * the raw value again, and the set holds each form once.
+ * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with every character
+ * as \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
+ * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url; the
+ * hex of its UTF-8 bytes. The redactor ignores case, which covers upper- and lower-case hex and a
+ * key quoted upper- or lower-cased; for a secret with non-ASCII letters, its upper- and
+ * lower-cased forms are listed too (their UTF-8 bytes differ by more than ASCII case). For a
+ * secret of letters and digits many of these are the raw value again, and the set holds each form
+ * once.
  */
 export function echoForms(value: string): string[] {
   const percent = encodeURIComponent(value);
   const json = JSON.stringify(value).slice(1, -1);
-  const base64 = Buffer.from(value, 'utf8').toString('base64');
+  const bytes = Buffer.from(value, 'utf8');
+  const base64 = bytes.toString('base64');
+  let unicodeEscaped = '';
+  for (let i = 0; i < value.length; i++) unicodeEscaped += `\\u${value.charCodeAt(i).toString(16).padStart(4, '0')}`;
   const forms = new Set([
     value,
     percent,
@@ -49,10 +119,18 @@ export function echoForms(value: string): string[] {
     percent.replaceAll('%20', '+'),
     json,
     json.replaceAll('/', '\\/'),
+    unicodeEscaped,
     value.replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]!),
     base64,
     base64.replace(/=+$/, ''),
-    Buffer.from(value, 'utf8').toString('base64url'),
+    bytes.toString('base64url'),
+    bytes.toString('hex'),
   ]);
+  if (/[^\x00-\x7f]/.test(value)) {
+    forms.add(value.toUpperCase());
+    forms.add(value.toLowerCase());
+    // Python's json.dumps by default (ensure_ascii) escapes only these characters.
+    forms.add(json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
+  }
   return [...forms];
 }

@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
-import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib';
+import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -51,6 +51,19 @@ const RAW_ANSWERS: Record<string, (secret: string) => string> = {
   '/early-hints': (s) => `HTTP/1.1 103 Early Hints\r\nLink: </x?k=${s}>\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 102 Processing\r\nX-Leak: ${s}\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok`,
   // The secret split across two chunks of an error body, and quoted in WWW-Authenticate.
   '/split-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n${s.slice(0, 5)}\r\n${(s.length - 5).toString(16)}\r\n${s.slice(5)}\r\n0\r\n\r\n`,
+  // The secret as (part of) a header name: a name cannot hold [REDACTED], so the header must go.
+  '/secret-name-200': (s) => `HTTP/1.1 200 OK\r\nX-Key-${s}: 1\r\nX-${s.toUpperCase()}: 2\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
+  '/secret-name-400': (s) => `HTTP/1.1 400 Bad\r\n${s}: 1\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok`,
+  // A transfer coding other than chunked (RFC 9112 §6.1: never sent unasked); the body is gzip data
+  // with the secret inside, and the connection closes to end it where chunked does not frame it.
+  '/te-gzip-200': (s) => `HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n${gzipSync(Buffer.from(`key ${s}`)).toString('latin1')}`,
+  '/te-gzip-400': (s) => `HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n${gzipSync(Buffer.from(`key ${s}`)).toString('latin1')}`,
+  '/te-gzip-chunked-400': (s) => {
+    const zipped = gzipSync(Buffer.from(`key ${s}`));
+    return `HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\n\r\n${zipped.length.toString(16)}\r\n${zipped.toString('latin1')}\r\n0\r\n\r\n`;
+  },
+  '/te-x-chunked-200': () => 'HTTP/1.1 200 OK\r\nTransfer-Encoding: x-custom\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+  '/te-chunked-200': () => 'HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
   '/www-auth': (s) => `HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="x", error="invalid_token", token="${s}"\r\nContent-Length: 0\r\n\r\n`,
 };
 
@@ -72,7 +85,9 @@ function rawHandler(socket: Socket): void {
       const secret = /\r\nplaid-secret:\s*([^\r]*)/i.exec(head)?.[1] ?? '';
       const answer = RAW_ANSWERS[path];
       // Keep the connection open (keep-alive) so that anything left over could be misread later.
-      socket.write(answer ? answer(secret) : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
+      const bytes = answer ? answer(secret) : 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n';
+      if (/\r\nConnection: close\r\n/.test(bytes.slice(0, bytes.indexOf('\r\n\r\n') + 2))) socket.end(bytes, 'latin1');
+      else socket.write(bytes, 'latin1');
     }
   });
 }
@@ -118,6 +133,17 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const buf = Buffer.from(text);
     const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : buf;
     res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
+    res.end(coded);
+    return;
+  }
+  if (url.startsWith('/gzip-file/')) {
+    // An error body that is gzip data without Content-Encoding (a .gz answer, or octet-stream), or
+    // gzip data with Content-Encoding: gzip on top; /clean has no secret inside, /corrupt is cut short.
+    const [, , type, inside] = url.split('/');
+    const zipped = gzipSync(Buffer.from(inside === 'clean' ? 'rejected: no such account' : `{"error":"INVALID_API_KEYS","key":"${secret}"}`));
+    const body = inside === 'corrupt' ? zipped.subarray(0, zipped.length - 12) : inside === 'twice' ? gzipSync(zipped) : zipped;
+    const coded = type === 'encoded' ? gzipSync(body) : body;
+    res.writeHead(400, { 'content-type': type === 'octet' ? 'application/octet-stream' : 'application/gzip', ...(type === 'encoded' ? { 'content-encoding': 'gzip' } : {}), 'content-length': coded.length });
     res.end(coded);
     return;
   }
@@ -306,6 +332,35 @@ describe('RESP: secrets echoed by the upstream', () => {
     await lab.g0(mark, 1);
   });
 
+  it('RESP-16 an error body of gzip data without Content-Encoding (or under it) is inflated and redacted, and compressed again', async () => {
+    for (const type of ['gzip', 'octet', 'encoded']) {
+      const mark = lab.u.requests.length;
+      const res = await fetch(`${lab.url}/resp/gzip-file/${type}/secret`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+      const bytes = Buffer.from(await res.arrayBuffer());
+      lab.seen(bytes.toString('latin1'));
+      expect(res.status, type).toBe(400);
+      expect(res.headers.get('content-encoding'), type).toBeNull();
+      const inside = gunzipSync(bytes).toString();
+      lab.seen(inside);
+      expect(inside, type).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-16b gzip data with no secret inside is relayed as it came; gzip that does not inflate, or gzip in gzip, is refused (502)', async () => {
+    const clean = await fetch(`${lab.url}/resp/gzip-file/gzip/clean`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+    const bytes = Buffer.from(await clean.arrayBuffer());
+    expect(clean.status).toBe(400);
+    expect(gunzipSync(bytes).toString()).toBe('rejected: no such account');
+    expect(bytes).toEqual(gzipSync(Buffer.from('rejected: no such account')));
+    for (const path of ['/resp/gzip-file/octet/corrupt', '/resp/gzip-file/gzip/twice', '/resp/gzip-file/encoded/twice']) {
+      const r = await call(path);
+      expect(r.status, path).toBe(502);
+      expect(r.error, path).toBe('upstream_error');
+    }
+    await lab.g0();
+  });
+
   it('RESP-06 a decompression bomb (64 MiB of gzip zeros) as an error body is bounded', async () => {
     const mark = lab.u.requests.length;
     const started = Date.now();
@@ -353,9 +408,34 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect(auth).toMatch(/www-authenticate: Bearer realm="x", error="invalid_token", token="\[REDACTED\]"/i);
     await lab.g0();
   });
+
+  it('RESP-15 a response header whose name holds the secret (any case) is dropped, the others relayed', async () => {
+    for (const [path, status] of [['/raw/secret-name-200', 200], ['/raw/secret-name-400', 400]] as const) {
+      const answer = await rawCall(path);
+      expect(statuses(answer), path).toEqual([status]);
+      expect(answer.toLowerCase(), path).not.toContain(CANARY.toLowerCase());
+      expect(answer, path).toMatch(/\r\nx-kept: k\r\n/i);
+      expect(answer.endsWith('\r\n\r\nok'), path).toBe(true);
+      await lab.g0();
+    }
+  });
 });
 
 describe('RESP: malformed upstream responses', () => {
+  it('RESP-17 a transfer coding other than chunked (gzip, gzip + chunked, an unknown one) → 502, never its undecoded bytes', async () => {
+    for (const path of ['/te-gzip-200', '/te-gzip-400', '/te-gzip-chunked-400', '/te-x-chunked-200']) {
+      const res = await fetch(`${lab.url}/raw${path}`, { method: 'POST', headers: { 'x-egress-token': lab.tokens.a }, body: '{}' });
+      const bytes = Buffer.from(await res.arrayBuffer());
+      lab.seen(bytes.toString('latin1'));
+      expect(`${res.status} ${res.headers.get('x-egress-error')}`, `${path}: ${bytes.toString('hex').slice(0, 16)}`).toBe('502 upstream_error');
+      await lab.g0();
+    }
+    // Chunked alone (in any case) is the one transfer coding that is relayed.
+    const chunked = await call('/raw/te-chunked-200');
+    expect(chunked.status).toBe(200);
+    expect(chunked.text).toBe('ok');
+  });
+
   it('RESP-05 bad header bytes (control byte value, a name with a space, NUL, bare CR) → 502, no crash', async () => {
     for (const path of ['/ctl-value', '/space-name', '/nul-value', '/cr-value', '/space-colon', '/obs-fold']) {
       const r = await call(`/raw${path}`);
@@ -471,6 +551,15 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     'html-escaped': KEY.replace('&', '&amp;'),
     'base64-unpadded': Buffer.from(KEY).toString('base64').replace(/=+$/, ''),
     base64url: Buffer.from(KEY).toString('base64url'),
+    'hex-lower': Buffer.from(KEY).toString('hex'),
+    'hex-upper': Buffer.from(KEY).toString('hex').toUpperCase(),
+    // An upstream that normalises the key it quotes.
+    'upper-cased': KEY.toUpperCase(),
+    'lower-cased': KEY.toLowerCase(),
+    // JSON encoders that escape every character (ensure_ascii-style writers, some loggers).
+    'json-unicode-lower': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join(''),
+    'json-unicode-upper': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(''),
+    'json-unicode-mixed': [...KEY].map((c, i) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').replace(/[a-f]/g, (h) => (i % 2 ? h.toUpperCase() : h))}`).join(''),
   };
   let up: Upstream;
   let proxy: TestProxy;
@@ -502,3 +591,41 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
   });
 });
 
+
+/**
+ * A key with latin1 letters, injected as a header: undici writes header values as latin1, so the
+ * upstream receives (and may echo) one byte per letter, not the key's UTF-8 bytes.
+ */
+describe('RESP-04e echoes of a non-ASCII key as the bytes the upstream received', () => {
+  const KEY = 'clé-privée-ÄÖÜ-9f2';
+  let up: Upstream;
+  let proxy: TestProxy;
+  beforeAll(async () => {
+    up = await startUpstream((req, res) => {
+      // Node decodes header values as latin1: writing the string back as latin1 echoes the bytes received.
+      const received = String(req.headers['x-api-key'] ?? '');
+      const echo = req.url === '/upper' ? received.toUpperCase() : received;
+      const text = Buffer.from(`{"error":"INVALID_API_KEYS","key":"${echo}"}`, 'latin1');
+      res.writeHead(400, { 'content-type': 'application/json', 'x-key': echo, 'content-length': text.length });
+      res.end(text);
+    });
+    proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: KEY } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await proxy?.close();
+    await up?.close();
+  });
+
+  it.each(['/as-received', '/upper'])('the key echoed %s (latin1 bytes) is redacted in the body and the header', async (path) => {
+    const res = await fetch(`${proxy.url}/api${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const body = Buffer.from(await res.arrayBuffer()).toString('latin1');
+    expect(res.status).toBe(400);
+    expect(up.requests.at(-1)!.headers['x-api-key']).toBe(KEY);
+    expect(body).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+    expect(res.headers.get('x-key')).toBe('[REDACTED]');
+  });
+});

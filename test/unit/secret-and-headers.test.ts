@@ -200,7 +200,7 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/), HTML-escaped and base64 (padded, unpadded, url) forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
@@ -209,14 +209,60 @@ describe('redactText / echoForms', () => {
       'a+b%2F%22%C3%A9%5C',
       'a b/\\"é\\\\',
       'a b\\/\\"é\\\\',
+      '\\u0061\\u0020\\u0062\\u002f\\u0022\\u00e9\\u005c',
       'a b/&quot;é\\',
       'YSBiLyLDqVw=',
       'YSBiLyLDqVw',
+      '6120622f22c3a95c',
+      // Non-ASCII letters: the case-changed forms are other bytes, not only other ASCII case.
+      'A B/"É\\',
+      'a b/\\"\\u00e9\\\\',
     ]);
-    expect(echoForms('abcd')).toEqual(['abcd', 'YWJjZA==', 'YWJjZA']);
-    expect(echoForms('abc')).toEqual(['abc', 'YWJj']);
+    expect(echoForms('abcd')).toEqual(['abcd', '\\u0061\\u0062\\u0063\\u0064', 'YWJjZA==', 'YWJjZA', '61626364']);
+    expect(echoForms('abc')).toEqual(['abc', '\\u0061\\u0062\\u0063', 'YWJj', '616263']);
     // base64url differs from base64 only where base64 has "+" or "/".
     expect(echoForms('??>')).toContain('Pz8-');
+  });
+
+  it('matches without regard to case: a key quoted upper- or lower-cased, hex and \\uXXXX in either case', () => {
+    const forms = echoForms(VALUE);
+    const hex = Buffer.from(VALUE).toString('hex');
+    const unicode = [...VALUE].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('');
+    for (const echo of [VALUE.toUpperCase(), VALUE.toLowerCase(), hex, hex.toUpperCase(), unicode, unicode.toUpperCase().replaceAll('\\U', '\\u')]) {
+      expect(redactText(`x=${echo};`, forms), echo).toBe('x=[REDACTED];');
+    }
+  });
+
+  it('lower-cases latin1 byte strings without moving an index (each of the 256 characters stays one latin1 character)', () => {
+    for (let c = 0; c < 256; c++) {
+      const lower = String.fromCharCode(c).toLowerCase();
+      expect(lower.length, String(c)).toBe(1);
+      expect(lower.charCodeAt(0), String(c)).toBeLessThan(256);
+    }
+    // Redaction keeps the bytes around a match as they were, upper-case latin1 included.
+    const body = Buffer.concat([Buffer.from([0xc0, 0xde, 0x41]), Buffer.from(VALUE.toUpperCase()), Buffer.from([0xdf, 0xb5, 0xff, 0x5a])]).toString('latin1');
+    expect(Buffer.from(redactText(body, [VALUE]), 'latin1')).toEqual(Buffer.concat([Buffer.from([0xc0, 0xde, 0x41]), Buffer.from('[REDACTED]'), Buffer.from([0xdf, 0xb5, 0xff, 0x5a])]));
+  });
+
+  it('compares a non-ASCII secret as its UTF-8 bytes and, for latin1 letters, its latin1 bytes, the way bodies and header values are read', () => {
+    const secret = 'pässwörd-Ünïcode';
+    const asBytes = (s: string) => Buffer.from(s, 'utf8').toString('latin1');
+    for (const echo of [secret, secret.toUpperCase(), secret.toLowerCase()]) {
+      expect(redactText(`k=${asBytes(echo)}!`, echoForms(secret)), echo).toBe('k=[REDACTED]!');
+    }
+    // Sent in a header, a latin1 secret went as one byte per character (undici writes latin1).
+    for (const echo of [secret, secret.toUpperCase()]) expect(redactText(`k=${echo}!`, echoForms(secret)), echo).toBe('k=[REDACTED]!');
+  });
+
+  it('knows JSON with only the non-ASCII characters as \\uXXXX, as Python\'s json.dumps writes by default (ensure_ascii)', () => {
+    expect(redactText('{"k":"p\\u00e4ssw\\u00F6rd-\\u00dcn\\u00efcode"}', echoForms('pässwörd-Ünïcode'))).toBe('{"k":"[REDACTED]"}');
+    expect(redactText('{"k":"key-\\ud83d\\udd11-\\\\x"}', echoForms('key-\u{1F511}-\\x'))).toBe('{"k":"[REDACTED]"}');
+  });
+
+  it('overlapping and touching matches leave no part of either', () => {
+    expect(redactText('aaaaa', ['aaaa'])).toBe('[REDACTED]');
+    expect(redactText('xsecretsecret!', ['secret'])).toBe('x[REDACTED]!');
+    expect(redactText('abcdefgh', ['abcdef', 'efgh'])).toBe('[REDACTED]');
   });
 
   it('redacting with echoForms removes every echoed form from a body', () => {
