@@ -40,7 +40,7 @@ export interface RequestContext {
   /** Set when the response came from a second try with the previous version. */
   fellBack?: boolean;
   outbound?: OutboundRequest;
-  /** Every value that went upstream as a credential: redacted if the upstream echoes it. */
+  /** Every value that went upstream as a credential, as the redactor's needles (needlesOf): redacted if the upstream echoes it. */
   readonly redactions: string[];
   upstreamStatus?: number;
   /** Milliseconds from sending upstream to its response headers. */

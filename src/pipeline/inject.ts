@@ -3,6 +3,7 @@ import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
+import { needlesOf } from './redact.ts';
 
 /**
  * A body of a declared length up to this is read before the request goes upstream, so that it
@@ -51,7 +52,7 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
         options,
         tokens: services.tokens,
         dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
-        redact: (value) => void ctx.redactions.push(value),
+        redact: (value) => void ctx.redactions.push(...needlesOf([value])),
       })));
   }
   return buildOutbound(ctx, credential, nonce, prepared);
@@ -68,7 +69,7 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
     headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers, route.callerHeaders),
     body: ctx.body,
   };
-  const redact = (value: string) => void ctx.redactions.push(value);
+  const redact = (value: string) => void ctx.redactions.push(...needlesOf([value]));
   const now = new Date();
   route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
   return outbound;

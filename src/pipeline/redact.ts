@@ -5,22 +5,20 @@ const MIN_SECRET_LENGTH = 4;
 
 /** Replace every occurrence of any of `secrets` in `text` (a byte string, see redactor) with [REDACTED]. */
 export function redactText(text: string, secrets: readonly string[]): string {
-  return redactor(secrets)(text);
+  return redactor(needlesOf(secrets))(text);
 }
 
 /**
- * A redaction function for one set of secrets, applied to many values. Values are byte strings,
- * one character per byte (latin1), as undici decodes header values and as inspected bodies are
- * read; each secret is compared as its UTF-8 bytes (and its latin1 bytes, see needlesOf). Case is
- * ignored: upstreams quote a key upper-cased, and hex and \uXXXX escapes come in either case. Both
- * sides are lower-cased, and toLowerCase maps each of the 256 latin1 characters to exactly one
- * latin1 character, so an index into the lowered value is the same index into the value
- * (toUpperCase would not do: ß, µ and ÿ grow or leave latin1). A value that contains no secret
- * (nearly every response header) costs one lower-casing (none for a value that is lower-case
- * already) and one search per distinct needle.
+ * A redaction function for one set of needles (needlesOf: the secrets as lower-cased byte
+ * strings), applied to many values. Values are byte strings, one character per byte (latin1), as
+ * undici decodes header values and as inspected bodies are read. Case is ignored: upstreams quote
+ * a key upper-cased, and hex and \uXXXX escapes come in either case. Both sides are lower-cased,
+ * and toLowerCase maps each of the 256 latin1 characters to exactly one latin1 character, so an
+ * index into the lowered value is the same index into the value (toUpperCase would not do: ß, µ
+ * and ÿ grow or leave latin1). A value that contains no secret (nearly every response header)
+ * costs one lower-casing (none for a value that is lower-case already) and one search per needle.
  */
-export function redactor(secrets: readonly string[]): (text: string) => string {
-  const needles = prepare(secrets);
+export function redactor(needles: readonly string[]): (text: string) => string {
   return (text) => {
     if (needles.length === 0) return text;
     const lower = text.toLowerCase();
@@ -29,40 +27,24 @@ export function redactor(secrets: readonly string[]): (text: string) => string {
   };
 }
 
-/** The secrets as lower-cased byte strings, deduplicated, too-short ones dropped. */
-function prepare(secrets: readonly string[]): string[] {
-  // An array, not a Set: a request has a dozen needles, and this runs for every response.
+/**
+ * What the redactor looks for, for these secrets: each secret's UTF-8 bytes, lower-cased, and for
+ * a secret of latin1 characters beyond ASCII also its latin1 bytes (undici writes header values
+ * as latin1, one byte per character, so an upstream that got it in a header echoes those bytes).
+ * Deduplicated, too-short ones dropped. A credential's needles are made once per opened version
+ * (resolve-credential.ts); a value made per request (a signature, a fetched token) when it is sent.
+ */
+export function needlesOf(secrets: readonly string[]): string[] {
   const needles: string[] = [];
+  const add = (needle: string) => {
+    if (needle.length >= MIN_SECRET_LENGTH && !needles.includes(needle)) needles.push(needle);
+  };
   for (const secret of secrets) {
-    for (const needle of needlesOf(secret)) if (needle.length >= MIN_SECRET_LENGTH && !needles.includes(needle)) needles.push(needle);
-  }
-  return needles;
-}
-
-/**
- * Needles already made, by secret: a credential's forms are the same strings on every request, and
- * making their needles again was most of a response's redaction cost. Values made per request (a
- * signature, a nonce-bound token) are added too; the map is emptied when it fills, so it holds at
- * most NEEDLE_CACHE_SIZE values, all of them injected recently.
- */
-const madeNeedles = new Map<string, readonly string[]>();
-const NEEDLE_CACHE_SIZE = 4096;
-
-/**
- * A secret's UTF-8 bytes, lower-cased. A secret of latin1 characters beyond ASCII has a second
- * byte form: undici writes header values as latin1, one byte per character, so an upstream that
- * got it in a header echoes those bytes.
- */
-function needlesOf(secret: string): readonly string[] {
-  let needles = madeNeedles.get(secret);
-  if (needles === undefined) {
-    if (/^[\x00-\x7f]*$/.test(secret)) needles = [secret.toLowerCase()];
+    if (/^[\x00-\x7f]*$/.test(secret)) add(secret.toLowerCase());
     else {
-      needles = [Buffer.from(secret, 'utf8').toString('latin1').toLowerCase()];
-      if (/^[\x00-\xff]*$/.test(secret)) needles = [...needles, secret.toLowerCase()];
+      add(Buffer.from(secret, 'utf8').toString('latin1').toLowerCase());
+      if (/^[\x00-\xff]*$/.test(secret)) add(secret.toLowerCase());
     }
-    if (madeNeedles.size >= NEEDLE_CACHE_SIZE) madeNeedles.clear();
-    madeNeedles.set(secret, needles);
   }
   return needles;
 }

@@ -7,7 +7,7 @@ import type { CredentialVersionRecord } from '../store/records.ts';
 import type { Keyring } from '../store/keyring.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import type { RequestContext } from './context.ts';
-import { echoForms } from './redact.ts';
+import { echoForms, needlesOf } from './redact.ts';
 
 /**
  * Decrypt the route's current credential version for this request only. Anything short of a whole,
@@ -58,7 +58,7 @@ export function open(ctx: RequestContext, id: string, version: CredentialVersion
       }
       throw err;
     }
-    const echoes = [...credential.fields.values()].flatMap((secret) => echoForms(secret.reveal()));
+    const echoes = needlesOf([...credential.fields.values()].flatMap((secret) => echoForms(secret.reveal())));
     opened = { keyring, id, data: version.data, dek: version.dek, kek: version.kek, credential, echoes };
     openedVersions.set(version, opened);
   }
@@ -81,6 +81,7 @@ interface OpenedVersion {
   readonly dek: CredentialVersionRecord['dek'];
   readonly kek: CredentialVersionRecord['kek'];
   readonly credential: ResolvedCredential;
+  /** Its values in every form an upstream might echo them, as the redactor's needles. */
   readonly echoes: readonly string[];
 }
 const openedVersions = new WeakMap<CredentialVersionRecord, OpenedVersion>();

@@ -40,9 +40,10 @@ describe('open(): a credential version is decrypted once while its stored record
     const b = open(second, 'plaid', record);
     expect(b).toBe(a);
     expect(a.fields.get('secret')!.reveal()).toBe(SECRET);
+    // The redactor's needles: every echo form, lower-cased.
     for (const ctx of [first, second]) {
-      expect(ctx.redactions).toContain(SECRET);
-      expect(ctx.redactions).toContain(Buffer.from(SECRET).toString('base64'));
+      expect(ctx.redactions).toContain(SECRET.toLowerCase());
+      expect(ctx.redactions).toContain(Buffer.from(SECRET).toString('base64').toLowerCase());
     }
   });
 
