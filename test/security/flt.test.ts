@@ -6,7 +6,10 @@ import { BIN, collect, runCli, startServe, type ServeProcess } from '../helpers/
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
-import { CANARY, forms, startLab, type Lab } from './lab.ts';
+import { asA, CANARY, forms, startLab, type Lab } from './lab.ts';
+import { openVersion } from '../../src/store/credentials.ts';
+import { readKeyring } from '../../src/store/keyring.ts';
+import { openStore } from '../../src/store/open-store.ts';
 import { faultRoute } from './sec-helpers.ts';
 
 /** FLT: faults in Redis, the file system and route writes leave the proxy up and fail closed or documented. */
@@ -313,6 +316,40 @@ describe('FLT', () => {
       await lab.close();
     }
   }, 60_000);
+
+  it('FLT-13b master-key rotate run by six processes at once, four times: one rotation at a time (the others wait, or exit 3), and every data key stays unwrappable', async () => {
+    const lab = await startLab();
+    try {
+      const env = envFor(lab.dir);
+      for (let i = 0; i < 10; i++) expect((await runCli(['keys', 'put', `k${i}`, '--from-stdin'], env, JSON.stringify({ secret: `sk_flt13b_${i}` }))).code).toBe(0);
+      for (let round = 0; round < 4; round++) {
+        const runs = await Promise.all(Array.from({ length: 6 }, () => runCli(['master-key', 'rotate'], env)));
+        for (const r of runs) expect([0, 3], r.stderr).toContain(r.code);
+        // Every version with ciphertext opens with the keyring now on disk: no data key was wrapped by a key that was then lost.
+        const keyring = await readKeyring(join(lab.dir, 'master.key'));
+        const store = openStore(`file:${join(lab.dir, 'store.json')}`);
+        const lost: string[] = [];
+        for (const record of (await store.load()).credentials.values()) {
+          for (const v of record.versions) {
+            if (!v.dek) continue;
+            try {
+              openVersion(keyring, record.id, v);
+            } catch {
+              lost.push(`${record.id} v${v.version} (kek ${v.kek})`);
+            }
+          }
+        }
+        await store.close();
+        expect(lost, `round ${round}`).toEqual([]);
+      }
+      // And the proxy, which re-reads the keyring, still sends the credential.
+      await eventually(async () => (await fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: asA(lab), body: '{}' })).status === 200, 3_000, 'the credential served');
+      expect(lab.u.requests.at(-1)!.headers['plaid-secret']).toBe(CANARY);
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 120_000);
 
   it('FLT-15 the store on a full disk, then on a read-only one: a rotation fails cleanly (exit 1, the reason), the file is unchanged and still read, nothing left behind', async () => {
     if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
