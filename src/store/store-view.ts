@@ -1,3 +1,4 @@
+import { CALLER_CERT_BACKDATE_MS } from '../certs/ca.ts';
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Alerts } from '../observe/alerts.ts';
@@ -139,8 +140,8 @@ export class StoreView {
   }
 
   /** See callerActive below. */
-  callerActive(name: string): boolean {
-    return this.#snapshot !== undefined && callerActive(this.#snapshot, name);
+  callerActive(name: string, certificateNotBefore?: number): boolean {
+    return this.#snapshot !== undefined && callerActive(this.#snapshot, name, certificateNotBefore);
   }
 
   identifyCaller(token: string, memo?: PresentedToken): Identified {
@@ -173,8 +174,18 @@ export class StoreView {
   }
 }
 
-/** A caller in the store, readable and not revoked: what a client certificate's name must be to identify anyone. */
-export function callerActive(snapshot: StoreSnapshot, name: string): boolean {
+/**
+ * A caller in the store, readable and not revoked: what a client certificate's name must be to
+ * identify anyone. With the certificate's notBefore, the certificate must also have been issued
+ * after the caller was (last) added: a revoked name can be added again (`callers add`), and that
+ * must not bring back the certificates `callers revoke` ended. issue-caller back-dates notBefore by
+ * CALLER_CERT_BACKDATE_MS and X.509 times have whole seconds, so created_at is compared on whole
+ * seconds.
+ */
+export function callerActive(snapshot: StoreSnapshot, name: string, certificateNotBefore?: number): boolean {
   const record = snapshot.callers.get(name);
-  return record !== undefined && record.revoked_at === undefined && !snapshot.damaged.has(`caller:${name}`);
+  if (record === undefined || record.revoked_at !== undefined || snapshot.damaged.has(`caller:${name}`)) return false;
+  if (certificateNotBefore === undefined) return true;
+  const added = Math.floor(Date.parse(record.created_at) / 1000) * 1000;
+  return Number.isFinite(added) && certificateNotBefore + CALLER_CERT_BACKDATE_MS >= added;
 }

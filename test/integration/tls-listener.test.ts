@@ -200,6 +200,27 @@ describe('TLS listener with client certificates', () => {
     expect(revoked.stderr).toContain('revoked');
   });
 
+  it('AUTH-07d a revoked caller\'s name added again does not bring its old certificates back: they stay refused, a certificate issued after the new add works', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const old = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
+    expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
+    await eventually(async () => (await call('/api/x', old)) === 401, 3_000, 'the caller revocation');
+    const before = upstream.requests.length;
+    // The revoked name is reused (allowed: `callers add` gives it a new token); the old certificate was never revoke-caller'd.
+    const added = await runCli(['callers', 'add', 'zed'], env);
+    expect(added.code, added.stderr).toBe(0);
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect(await call('/api/x', old)).toBe(401);
+    // A certificate the test mints with the same identity and a back-dated start is refused as well.
+    const backdated = issue({ cn: 'zed', uris: [`${CALLER_URI_PREFIX}zed`], fromMs: -3_600_000 });
+    expect(await call('/api/x', { cert: backdated.certPem, key: backdated.keyPem })).toBe(401);
+    expect(upstream.requests.length - before).toBe(0);
+    expect((await runCli(['certs', 'issue-caller', 'zed'], env)).code).toBe(0);
+    const fresh = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
+    expect(await call('/api/x', fresh)).toBe(200);
+    expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
+  });
+
   it('revoke-caller: new requests are refused and an open connection is closed, for every certificate of the caller, one whose serial starts with a zero byte included', async () => {
     // As an older issue-caller recorded it: "00…" in issued.json, while Node reports the serial without the zero byte.
     const zeroLed = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], serial: '0023456789abcdef0123456789abcdef' });
