@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
-import { tokenFromAuthorization } from './proxy-auth.ts';
+import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
@@ -46,7 +46,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
-    const name = adminName(req, deps.store);
+    const name = adminName(req, deps.store, 'bearer');
     if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor };
@@ -130,11 +130,15 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
 }
 
 /**
- * The admin token's name, from `Authorization: Bearer ega_…`, or Basic with the token as the
- * password (so a browser can open the status page); undefined when absent or not a live admin token.
+ * The admin token's name, from `Authorization: Bearer ega_…`; undefined when absent or not a live
+ * admin token. The status page (GET, read-only) also takes Basic with the token as the password, so
+ * a browser can open it; the API does not: a browser that has opened the page replays Basic
+ * credentials by itself, with any request to this origin, a cross-site form POST to
+ * /v1/credentials/ID/revoke included.
  */
-export function adminName(req: IncomingMessage, store: StoreView): string | undefined {
-  const token = tokenFromAuthorization(req.headers.authorization);
+export function adminName(req: IncomingMessage, store: StoreView, schemes: 'bearer' | 'bearer-or-basic'): string | undefined {
+  const header = req.headers.authorization;
+  const token = schemes === 'bearer' ? bearerToken(header) : tokenFromAuthorization(header);
   return token && store.usable() ? store.identifyAdmin(token) : undefined;
 }
 

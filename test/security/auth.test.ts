@@ -268,6 +268,45 @@ describe('AUTH: caller tokens on the plain listener', () => {
   });
 });
 
+describe('AUTH: admin tokens', () => {
+  it('AUTH-12 the admin API takes its token only as Bearer: Basic (what a browser that opened the status page replays by itself, on a cross-site form POST too) changes nothing', async () => {
+    const env = envFor(lab.dir);
+    const created = await runCli(['admin-token', 'create', 'ops', '--json'], env);
+    expect(created.code, created.stderr).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const basicAuth = `Basic ${Buffer.from(`ops:${admin}`).toString('base64')}`;
+    // The status page still opens with Basic (it only reads), once the proxy has seen the new token.
+    await eventually(async () => (await fetch(`${lab.admin}/`, { headers: { authorization: basicAuth } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'admin token known');
+    const mark = lab.u.requests.length;
+    // What an HTML form on another site sends: a urlencoded or text/plain body, often empty.
+    for (const [path, contentType, body] of [
+      ['/v1/credentials/plaid/revoke', 'application/x-www-form-urlencoded', ''],
+      ['/v1/credentials/plaid/rollback', 'text/plain', ''],
+      ['/v1/callers/a/revoke', 'application/x-www-form-urlencoded', ''],
+      ['/v1/callers/a/rotate', 'multipart/form-data; boundary=x', ''],
+      ['/v1/callers', 'application/json', '{"name":"mallory"}'],
+    ] as const) {
+      const res = await fetch(`${lab.admin}${path}`, { method: 'POST', headers: { authorization: basicAuth, 'content-type': contentType, origin: 'https://evil.example', 'sec-fetch-site': 'cross-site' }, body });
+      const text = await res.text();
+      lab.seen(text);
+      expect(res.status, `${path}: ${text}`).toBe(401);
+    }
+    const list = await fetch(`${lab.admin}/v1/credentials`, { headers: { authorization: basicAuth } });
+    expect(list.status).toBe(401);
+    await list.text();
+    // Nothing changed: a's token and the credential still work, and Bearer is still accepted.
+    const ok = await post(asA(lab));
+    lab.seen(await ok.text());
+    expect(ok.status).toBe(200);
+    const callers = await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } });
+    expect(callers.status).toBe(200);
+    const names = ((await callers.json()) as { callers: { name: string; revoked_at: string | null }[] }).callers;
+    expect(names.find((c) => c.name === 'a')!.revoked_at).toBeNull();
+    expect(names.map((c) => c.name)).not.toContain('mallory');
+    await lab.g0(mark, 1);
+  });
+});
+
 describe('AUTH: caller tokens in forward mode (Proxy-Authorization on CONNECT, identity inside the tunnel)', () => {
   let fwd: Lab;
   let caPem: string;
