@@ -170,6 +170,18 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 0);
   });
 
+  it('ROUTE-04c ** is one or more named segments: the bare folder with a trailing slash (/files/, which most servers treat as /files) is not under it', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/wild/files/', 'GET')).toEqual([403]);
+    expect(await send('/wild/files/?x=1', 'GET')).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // Control: a named segment, with or without its own trailing slash, is under it.
+    expect(await send('/wild/files/x', 'GET')).toEqual([200]);
+    expect(await send('/wild/files/x/', 'GET')).toEqual([200]);
+    expect(lab.u.requests.slice(mark).map((r) => r.url)).toEqual(['/base/files/x', '/base/files/x/']);
+    await lab.g0(mark, 2);
+  });
+
   it('ROUTE-09 methods: GET/HEAD/OPTIONS/TRACE/PROPFIND/DELETE/PUT/PATCH on a POST route → 403/405', async () => {
     const mark = lab.u.requests.length;
     for (const method of ['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE', 'PUT', 'PATCH', 'MKCOL', 'SEARCH']) {
