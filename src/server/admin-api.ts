@@ -1,10 +1,10 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
+import { parseGrace } from '../rotation/transitions.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import { describeCredential, validateFields } from '../store/credentials.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
@@ -193,8 +193,8 @@ function fields(body: Record<string, unknown>) {
 
 function grace(body: Record<string, unknown>): number {
   const value = body.grace ?? '24h';
-  const ms = typeof value === 'string' ? parseDuration(value) : undefined;
-  if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h"');
+  const ms = typeof value === 'string' ? parseGrace(value) : undefined;
+  if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h", at most "365d"');
   return ms;
 }
 

@@ -453,6 +453,37 @@ describe('FLT', () => {
     }
   }, 60_000);
 
+  it('FLT-18 a grace too long for a date (or over a year) is a usage error in the CLI (exit 2) and a 400 in the admin API; nothing changes, and a year is still accepted', async () => {
+    const lab = await startLab();
+    try {
+      const env = envFor(lab.dir);
+      const created = await runCli(['admin-token', 'create', 'ops', '--json'], env);
+      const admin = (JSON.parse(created.stdout) as { token: string }).token;
+      await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'admin token known');
+      const storeBefore = await readFile(join(lab.dir, 'store.json'), 'utf8');
+      for (const grace of ['99999999999d', '367d']) {
+        for (const args of [['callers', 'rotate', 'b', '--grace', grace], ['keys', 'rotate', 'plaid', '--from-stdin', '--grace', grace], ['keys', 'promote', 'plaid', '--grace', grace]]) {
+          const r = await runCli(args, env, JSON.stringify({ client_id: 'x', secret: 'sk_flt18_NEW' }));
+          expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+          expect(r.stderr).toContain('--grace');
+          expect(r.stderr).not.toContain('unexpected error');
+        }
+        for (const path of ['/v1/callers/b/rotate', '/v1/credentials/plaid/versions', '/v1/credentials/plaid/promote']) {
+          const res = await fetch(`${lab.admin}${path}`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: JSON.stringify({ grace, fields: { client_id: 'x', secret: 'sk_flt18_NEW' } }) });
+          const text = await res.text();
+          expect(res.status, `${path} ${grace}: ${text}`).toBe(400);
+          expect(text).toContain('grace');
+        }
+      }
+      expect(await readFile(join(lab.dir, 'store.json'), 'utf8')).toBe(storeBefore);
+      const year = await runCli(['callers', 'rotate', 'b', '--grace', '365d'], env);
+      expect(year.code, year.stderr).toBe(0);
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
+
   it('FLT-17 a route file that is not a regular file (a FIFO that never finishes reading) is refused at reload, and a later good change still applies', async () => {
     const lab = await startLab();
     try {
