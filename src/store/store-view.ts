@@ -38,6 +38,11 @@ export class StoreView {
   #refreshing: Promise<void> | undefined;
   #again = false;
   readonly #rollbacksReported = new Set<string>();
+  /**
+   * The newest revision seen of every record, by kind and key, kept across reads: also while a
+   * record is damaged or gone, so that restoring an older copy afterwards is still a rollback.
+   */
+  readonly #newest = { credential: new Map<string, CredentialRecord>(), caller: new Map<string, CallerRecord>(), admin: new Map<string, CallerRecord>() };
   readonly #listeners: ((previous: StoreSnapshot | undefined, next: StoreSnapshot) => void)[] = [];
 
   constructor(backend: StoreBackend, log: Logger, options: StoreViewOptions) {
@@ -86,11 +91,9 @@ export class StoreView {
     const credentials = new Map(next.credentials);
     const callers = new Map(next.callers);
     const admins = new Map(next.admins);
-    if (prev) {
-      this.#keepNewer('credential', prev.credentials, credentials, next.damaged);
-      this.#keepNewer('caller', prev.callers, callers, next.damaged);
-      this.#keepNewer('admin', prev.admins, admins, next.damaged);
-    }
+    this.#keepNewer('credential', this.#newest.credential, credentials, next.damaged);
+    this.#keepNewer('caller', this.#newest.caller, callers, next.damaged);
+    this.#keepNewer('admin', this.#newest.admin, admins, next.damaged);
     for (const [key, why] of next.damaged) {
       if (!prev?.damaged.has(key)) {
         this.#log.error({ record: key, reason: why }, 'store record is damaged; it fails closed');
@@ -104,12 +107,16 @@ export class StoreView {
     this.#admins = new CallerIndex(admins.values(), ADMIN_TOKEN_PREFIX);
   }
 
-  /** Rollback protection: a record that went back in revision, or vanished, keeps its newest version here. */
-  #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, seen: ReadonlyMap<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
-    for (const [key, old] of seen) {
+  /**
+   * Rollback protection: a record that went back in revision, or vanished, keeps the newest
+   * version seen (a damaged one fails closed meanwhile). `newest` is updated with what is kept.
+   */
+  #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, newest: Map<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
+    for (const [key, now] of next) if (!newest.has(key) || now.revision >= newest.get(key)!.revision) newest.set(key, now);
+    for (const [key, old] of newest) {
       if (damaged.has(`${kind}:${key}`)) continue;
       const now = next.get(key);
-      if (now && now.revision >= old.revision) continue;
+      if (now === old) continue;
       next.set(key, old);
       const id = `${kind}:${key}:${now?.revision ?? 'gone'}`;
       if (!this.#rollbacksReported.has(id)) {

@@ -1,5 +1,5 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { copyFile, mkdir, readFile, rm, symlink, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BIN, collect, runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
@@ -316,6 +316,41 @@ describe('FLT', () => {
       await lab.close();
     }
   }, 60_000);
+
+  it('FLT-12b rollback protection survives a damaged record: a revoked caller\'s record damaged, then restored from a copy made before the revoke, stays revoked', async () => {
+    const lab = await startLab();
+    const store = join(lab.dir, 'store.json');
+    const b = async () => {
+      const res = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
+      lab.seen(await res.text());
+      return res.status;
+    };
+    // Replace the store file whole, as an editor or a restore would (write aside, rename).
+    const replace = async (text: string) => {
+      await writeFile(`${store}.edit`, text);
+      await rename(`${store}.edit`, store);
+    };
+    try {
+      expect(await b()).toBe(200);
+      const old = await readFile(store, 'utf8');
+      expect((await runCli(['callers', 'revoke', 'b'], envFor(lab.dir))).code).toBe(0);
+      await eventually(async () => (await b()) === 401, 3_000, 'b revoked');
+      // A hand edit breaks b's record (it fails closed: still 401) ...
+      const doc = JSON.parse(await readFile(store, 'utf8')) as { callers: Record<string, Record<string, unknown>> };
+      doc.callers.b = { ...doc.callers.b, tokens: 'oops' };
+      await replace(JSON.stringify(doc));
+      await eventually(() => /store record is damaged/.test(lab.serve.output()), 3_000, 'the damage logged');
+      expect(await b()).toBe(401);
+      // ... and the fix is the backup from before the revoke: b's old, unrevoked revision.
+      await replace(old);
+      await new Promise((r) => setTimeout(r, 1_500));
+      expect(await b()).toBe(401);
+      await eventually(() => lab.serve.output().includes('store_rollback'), 3_000, 'store_rollback alert');
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 30_000);
 
   it('FLT-13b master-key rotate run by six processes at once, four times: one rotation at a time (the others wait, or exit 3), and every data key stays unwrappable', async () => {
     const lab = await startLab();
