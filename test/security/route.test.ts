@@ -206,6 +206,17 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 0);
   });
 
+  it('ROUTE-09d HEAD on GET-only rules (literal, * and **) is refused; nothing reaches U', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/plaid/institutions/x', 'HEAD', [], lab.tokens.b)).toEqual([403]);
+    expect(await send('/wild/items/x', 'HEAD')).toEqual([403]);
+    expect(await send('/wild/files/x/y', 'HEAD')).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // Control: the GET itself is allowed.
+    expect(await send('/plaid/institutions/x', 'GET', [], lab.tokens.b)).toEqual([200]);
+    await lab.g0(mark, 1);
+  });
+
   it('ROUTE-09c method-override headers cannot change the method, and are stripped before U', async () => {
     const mark = lab.u.requests.length;
     // GET + override to POST: still a GET, still refused.
