@@ -519,6 +519,41 @@ describe('FLT', () => {
     }
   }, 60_000);
 
+  it('FLT-19 the Redis store\'s change counter edited by hand (not a number, then another type): a revoke still succeeds as one write and reaches the proxy within a second; the store stays readable', async () => {
+    const redis = await TestRedis.create();
+    const dir = await makeTempDir('egress-flt19-');
+    const { tokens } = await seedDataDir(dir, { routes: { r: route() }, credentials: { c: { secret: CANARY } }, callers: ['a', 'b'], store: redis.url });
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const serve = await startServe(env);
+    const c = redis.client();
+    const counter = 'egress:{egress}:version';
+    try {
+      expect((await call(serve, tokens.a!)).status).toBe(200);
+      await c.set(counter, 'abc');
+      await new Promise((r) => setTimeout(r, 1_000));
+      const revoke = await runCli(['callers', 'revoke', 'a'], env);
+      expect(revoke.code, revoke.stderr).toBe(0);
+      expect(revoke.stderr).not.toContain('unexpected error');
+      const ms = await eventually(async () => (await call(serve, tokens.a!)).status === 401, 3_000, 'the revocation at the proxy');
+      expect(ms).toBeLessThan(1_500);
+      // A counter of another type: the store is still read (ready), and a change still reaches the proxy.
+      await c.del(counter);
+      await c.hset(counter, 'x', '1');
+      await new Promise((r) => setTimeout(r, 1_200));
+      expect((await fetch(`${serve.admin}/readyz`)).status).toBe(200);
+      expect((await call(serve, tokens.b!)).status).toBe(403);
+      const revokeB = await runCli(['callers', 'revoke', 'b'], env);
+      expect(revokeB.code, revokeB.stderr).toBe(0);
+      await eventually(async () => (await call(serve, tokens.b!)).status === 401, 1_500, 'the second revocation at the proxy');
+      expect((await fetch(`${serve.admin}/readyz`)).status).toBe(200);
+      await alive(serve);
+    } finally {
+      c.disconnect();
+      await serve.stop();
+      await redis.destroy();
+    }
+  }, 60_000);
+
   it('FLT-17 a route file that is not a regular file (a FIFO that never finishes reading) is refused at reload, and a later good change still applies', async () => {
     const lab = await startLab();
     try {
