@@ -73,7 +73,13 @@ export class Keyring {
  */
 export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
   const lock = `${path}.lock`;
-  await acquireLock(lock, { waitMs: KEYRING_LOCK_WAIT_MS, staleMs: KEYRING_LOCK_STALE_MS, what: `master key file ${path}` });
+  try {
+    await acquireLock(lock, { waitMs: KEYRING_LOCK_WAIT_MS, staleMs: KEYRING_LOCK_STALE_MS, what: `master key file ${path}` });
+  } catch (err) {
+    // A read-only or full file system: say so plainly; nothing was changed.
+    if (err instanceof UserError) throw err;
+    throw new UserError(`cannot lock master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
+  }
   try {
     return await fn();
   } finally {

@@ -425,6 +425,37 @@ describe('FLT', () => {
     for (const f of [...forms(CANARY), fresh]) expect(out).not.toContain(f);
   }, 30_000);
 
+  it('FLT-15c master-key rotate with the keyring on a full disk, then a read-only one: exit 1 with the reason, the keyring unchanged, no lock or temp file left', async () => {
+    if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
+    const dir = await makeTempDir('egress-flt15c-');
+    await seedDataDir(dir, { routes: {}, credentials: { c: { secret: CANARY } } });
+    const disk = join(dir, 'disk');
+    await mkdir(disk);
+    const script = [
+      'mount -t tmpfs -o size=256k tmpfs "$DISK" || exit 90',
+      'cp -p "$DATA/master.key" "$DISK/master.key"',
+      'dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null',
+      'before=$(sha256sum < "$DISK/master.key")',
+      '"$NODE" "$BIN" master-key rotate; echo "full-exit=$?"',
+      '[ "$(sha256sum < "$DISK/master.key")" = "$before" ] && echo full-unchanged',
+      'rm "$DISK/filler" && mount -o remount,ro "$DISK"',
+      '"$NODE" "$BIN" master-key rotate; echo "ro-exit=$?"',
+      '[ "$(sha256sum < "$DISK/master.key")" = "$before" ] && echo ro-unchanged',
+      'echo "left: $(ls -A "$DISK" | tr "\\n" " ")"',
+    ].join('\n');
+    const env = { ...envFor(dir, { EGRESS_MASTER_KEY_FILE: join(disk, 'master.key') }), PATH: process.env.PATH ?? '/usr/bin:/bin', DISK: disk, DATA: dir, NODE: process.execPath, BIN };
+    const run = await collect(spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+    const out = run.stdout + run.stderr;
+    expect(run.code, out).toBe(0);
+    expect(out).toContain('full-exit=1');
+    expect(out).toContain('full-unchanged');
+    expect(out).toContain('ro-exit=1');
+    expect(out).toContain(`egress: cannot lock master key file ${join(disk, 'master.key')} (EROFS); it is unchanged`);
+    expect(out).toContain('ro-unchanged');
+    expect(out).toContain('left: master.key \n');
+    expect(out).not.toContain('unexpected error');
+  }, 30_000);
+
   it('FLT-15 disk full for the audit log (/dev/full): the proxy stays up, raises audit_write_failed, leaks nothing', async () => {
     const dir = await makeTempDir('egress-flt15-');
     const { tokens } = await seedDataDir(dir, { routes: { r: route() }, credentials: { c: { secret: CANARY } }, callers: ['a'] });
