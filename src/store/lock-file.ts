@@ -56,6 +56,17 @@ export async function takeOverLock(lock: string, holderGone: () => Promise<boole
   }
 }
 
+/** Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`. */
+export async function withFileLock<T>(path: string, options: Omit<AcquireOptions, 'what'>, fn: () => Promise<T>): Promise<T> {
+  const lock = `${path}.lock`;
+  await acquireLock(lock, { ...options, what: path });
+  try {
+    return await fn();
+  } finally {
+    await unlink(lock).catch(() => {});
+  }
+}
+
 export interface AcquireOptions {
   /** Wait this long for a live holder, then throw a ConflictError naming `what`. */
   readonly waitMs: number;

@@ -268,6 +268,26 @@ describe('TLS listener with client certificates', () => {
     await eventually(async () => (await call('/api/x', undefined, { 'x-egress-token': svcToken })) === 200, 3_000, 'the proxy serving');
   });
 
+  it('AUTH-07f certificates issued and revoked by six CLI processes at once: every serial is recorded in issued.json, every revocation lands in revoked.json, every certificate is refused', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const names = ['p0', 'p1', 'p2', 'p3', 'p4', 'p5'];
+    for (const n of names) expect((await runCli(['callers', 'add', n], env)).code).toBe(0);
+    const issued = await Promise.all(names.map((n) => runCli(['certs', 'issue-caller', n, '--json'], env)));
+    for (const r of issued) expect(r.code, r.stderr).toBe(0);
+    const serials = issued.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
+    const book = JSON.parse(await readFile(join(dir, 'certs', 'issued.json'), 'utf8')) as Record<string, string[]>;
+    names.forEach((n, i) => expect(book[n], n).toContain(serials[i]));
+    const files = await Promise.all(names.map(async (n) => ({ cert: await readFile(join(dir, 'certs', 'callers', `${n}.pem`), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', `${n}.key`), 'utf8') })));
+    // Known callers with valid certificates but no rule: 403 (authenticated).
+    await eventually(async () => (await call('/api/x', files[0])) === 403, 3_000, 'the new callers known');
+    const revoked = await Promise.all(names.map((n) => runCli(['certs', 'revoke-caller', n], env)));
+    for (const r of revoked) expect(r.code, r.stderr).toBe(0);
+    const list = JSON.parse(await readFile(join(dir, 'certs', 'revoked.json'), 'utf8')) as { serials: Record<string, unknown> };
+    for (const s of serials) expect(Object.keys(list.serials).map((k) => k.replace(/^0+/, '')), s).toContain(s.replace(/^0+/, ''));
+    await new Promise((r) => setTimeout(r, 1_200));
+    for (const [i, f] of files.entries()) expect([0, 401], names[i]).toContain(await call('/api/x', f).catch(() => 0));
+  });
+
   it('refuses a TLS 1.2 renegotiation: the connection ends, and the next connection is served', async () => {
     const port = proxy.proxy.tlsAddress!.port;
     const socket = tlsConnect({ port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', maxVersion: 'TLSv1.2' });
