@@ -8,7 +8,7 @@ import { withFileLock } from '../store/lock-file.ts';
 export const REVOKED_FILE = 'revoked.json';
 
 /** How long a CLI run waits for another's lock on revoked.json or issued.json, and when a lock is stale. */
-export const CERTS_LOCK = { waitMs: 10_000, staleMs: 60_000 } as const;
+export const CERTS_LOCK = { waitMs: 10_000, staleMs: 60_000, what: 'the certificate lists in EGRESS_CERTS' } as const;
 
 /**
  * A serial number as the revocation list compares it: lower-case hex without leading zeros. Node's

@@ -4,7 +4,7 @@ import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
-import { acquireLock } from './lock-file.ts';
+import { withFileLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 
 /**
@@ -72,19 +72,13 @@ export class Keyring {
  * (then ConflictError, exit 3), and a lock is only taken over from a holder that is gone.
  */
 export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
-  const lock = `${path}.lock`;
-  try {
-    await acquireLock(lock, { waitMs: KEYRING_LOCK_WAIT_MS, staleMs: KEYRING_LOCK_STALE_MS, what: `master key file ${path}` });
-  } catch (err) {
+  return withFileLock(path, {
+    waitMs: KEYRING_LOCK_WAIT_MS,
+    staleMs: KEYRING_LOCK_STALE_MS,
+    what: `master key file ${path}`,
     // A read-only or full file system: say so plainly; nothing was changed.
-    if (err instanceof UserError) throw err;
-    throw new UserError(`cannot lock master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
-  }
-  try {
-    return await fn();
-  } finally {
-    await unlink(lock).catch(() => {});
-  }
+    lockFailed: (err) => (err instanceof UserError ? err : new UserError(`cannot lock master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`)),
+  }, fn);
 }
 
 const KEYRING_LOCK_WAIT_MS = 30_000;

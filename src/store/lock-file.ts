@@ -6,7 +6,7 @@ import { ConflictError } from '../errors.ts';
 
 /**
  * Lock files with their holder's identity in them, shared by the file store's writer lock, the
- * keyring's writer lock and the audit log's one-writer lock.
+ * keyring's, revoked.json's and issued.json's writer locks, and the audit log's one-writer lock.
  */
 
 /**
@@ -56,10 +56,17 @@ export async function takeOverLock(lock: string, holderGone: () => Promise<boole
   }
 }
 
-/** Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`. */
-export async function withFileLock<T>(path: string, options: Omit<AcquireOptions, 'what'>, fn: () => Promise<T>): Promise<T> {
+/**
+ * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`.
+ * `lockFailed` may turn a file-system error from taking the lock into a plainer one.
+ */
+export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: () => Promise<T>): Promise<T> {
   const lock = `${path}.lock`;
-  await acquireLock(lock, { ...options, what: path });
+  try {
+    await acquireLock(lock, options);
+  } catch (err) {
+    throw options.lockFailed ? options.lockFailed(err) : err;
+  }
   try {
     return await fn();
   } finally {
