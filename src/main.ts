@@ -35,6 +35,7 @@ import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
 import { StoreView } from './store/store-view.ts';
+import type { StoreSnapshot } from './store/types.ts';
 import { GraceSweeper } from './rotation/sweeper.ts';
 import { auditHistory } from './rotation/history-audit.ts';
 import { hostname } from 'node:os';
@@ -85,9 +86,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   store.onChange((previous, next) => {
     auditHistory(audit, previous, next);
     sweeper.schedule(next);
-    const live = new Set<string>();
-    for (const r of next.credentials.values()) for (const v of r.versions) if (v.state === 'pending' || v.state === 'current' || v.state === 'previous') live.add(`${r.id}\u0000${v.version}`);
-    dispatchers.retainVersions(live);
+    dispatchers.retainVersions(liveVersions(next));
   });
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
@@ -97,6 +96,10 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
   // OAuth2 tokens are shared by every instance through Redis when the store is Redis.
   const tokens = new TokenBroker(log, backend instanceof RedisStore ? new SharedTokens(backend.client, keys) : undefined);
+  // Tokens minted with a version that is revoked or retired since are dropped, as its TLS pools are.
+  const loaded = store.snapshot();
+  if (loaded) tokens.retainVersions(liveVersions(loaded));
+  store.onChange((_previous, next) => tokens.retainVersions(liveVersions(next)));
   const activity = new Activity();
   const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log };
   metrics.bindStore(store);
@@ -257,4 +260,11 @@ async function listen(server: Server, host: string, port: number, setting: strin
 
 function closeServer(server: Server): Promise<void> {
   return new Promise((resolveClose) => server.close(() => resolveClose()));
+}
+
+/** Credential versions that may still be used ("id\0version"): pending, current and previous. */
+function liveVersions(snapshot: StoreSnapshot): Set<string> {
+  const live = new Set<string>();
+  for (const r of snapshot.credentials.values()) for (const v of r.versions) if (v.state === 'pending' || v.state === 'current' || v.state === 'previous') live.add(`${r.id}\u0000${v.version}`);
+  return live;
 }

@@ -165,6 +165,13 @@ export class LeafMinter {
 /** The one identity SAN of a caller certificate: a URI naming the caller. */
 export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
 
+/**
+ * How far back a caller certificate's notBefore is set from the moment it is issued (a little clock
+ * skew between hosts). A certificate identifies a caller only if it was issued after the caller was
+ * (last) added to the store: see callerActive.
+ */
+export const CALLER_CERT_BACKDATE_MS = 60_000;
+
 /** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
 export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
   const { pki } = loadForge();
@@ -172,7 +179,7 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
   const cert = pki.createCertificate();
   cert.publicKey = pki.publicKeyFromPem(publicPem);
   cert.serialNumber = serial();
-  cert.validity.notBefore = new Date(now.getTime() - 60_000);
+  cert.validity.notBefore = new Date(now.getTime() - CALLER_CERT_BACKDATE_MS);
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
   cert.setSubject([{ name: 'commonName', value: name }]);
   cert.setIssuer(ca.cert.subject.attributes);

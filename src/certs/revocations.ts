@@ -2,9 +2,13 @@ import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import { mkdir, open, readFile, rename } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
+import { withFileLock } from '../store/lock-file.ts';
 
 /** Revoked caller certificates: serial numbers (lower-case hex) in certs/revoked.json. */
 export const REVOKED_FILE = 'revoked.json';
+
+/** How long a CLI run waits for another's lock on revoked.json or issued.json, and when a lock is stale. */
+export const CERTS_LOCK = { waitMs: 10_000, staleMs: 60_000, what: 'the certificate lists in EGRESS_CERTS' } as const;
 
 /**
  * A serial number as the revocation list compares it: lower-case hex without leading zeros. Node's
@@ -44,17 +48,28 @@ export async function readRevoked(certsDir: string): Promise<RevokedDoc> {
   return { serials: Object.assign(Object.create(null), serials) as RevokedDoc['serials'] };
 }
 
-/** Add serials to the list; a damaged list is not overwritten (its revocations would be lost): that fails. */
+/**
+ * Add serials to the list; a damaged list is not overwritten (its revocations would be lost): that
+ * fails. The read and the write hold the list's lock: two revoke-caller runs at once each wrote
+ * the list they had read plus their own serials, and the last rename dropped the other's.
+ */
 export async function addRevoked(certsDir: string, serials: readonly string[], caller: string): Promise<void> {
-  const doc = await readRevoked(certsDir);
-  const now = new Date().toISOString();
-  for (const s of serials) doc.serials[s.toLowerCase()] = { caller, revoked_at: now };
   const path = join(certsDir, REVOKED_FILE);
+  await withFileLock(path, CERTS_LOCK, async () => {
+    const doc = await readRevoked(certsDir);
+    const now = new Date().toISOString();
+    for (const s of serials) doc.serials[s.toLowerCase()] = { caller, revoked_at: now };
+    await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`);
+  });
+}
+
+/** Replace a file whole: a temp file beside it (0644), fsync, rename. Readers see the old or the new text. */
+export async function replaceFile(path: string, text: string): Promise<void> {
   await mkdir(dirname(path), { recursive: true, mode: 0o700 });
   const tmp = `${path}.${process.pid}.tmp`;
   const handle = await open(tmp, 'w', 0o644);
   try {
-    await handle.writeFile(`${JSON.stringify(doc, null, 2)}\n`);
+    await handle.writeFile(text);
     await handle.sync();
   } finally {
     await handle.close();

@@ -3,7 +3,7 @@ import { formatDuration } from '../config/units.ts';
 import { NotFoundError, UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
 import { openStore } from '../store/open-store.ts';
-import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, EXIT, graceFlag, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
 
 const WORDS = {
   caller: { command: 'callers', noun: 'caller', verb: 'add' },
@@ -34,7 +34,7 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
         return ok(`${w.noun} "${record.name}" added. Its token is shown this once; keep it in the service's secret settings:\n${token}`, { [kind === 'caller' ? 'caller' : 'name']: record.name, token });
       }
       case 'rotate': {
-        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const graceMs = graceFlag(p.values);
         const { record, token } = await ops.rotateToken(op, kind, name(), graceMs);
         const note = graceMs > 0 ? `the old token keeps working for ${formatDuration(graceMs)}` : 'the old token stopped working';
         return ok(`new token for ${w.noun} "${record.name}" (${note}). It is shown this once:\n${token}`, { [kind === 'caller' ? 'caller' : 'name']: record.name, token, grace_ms: graceMs });

@@ -2,7 +2,8 @@ import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
-import { addRevoked } from '../certs/revocations.ts';
+import { addRevoked, CERTS_LOCK, replaceFile } from '../certs/revocations.ts';
+import { withFileLock } from '../store/lock-file.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
 import { openStore } from '../store/open-store.ts';
@@ -26,8 +27,9 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     const name = requireArg(p.positionals, 0, 'caller NAME');
     if (!CALLER_NAME.test(name)) throw new UserError('caller names are lower-case letters, digits, ".", "_" and "-"', EXIT.usage);
     const issuedPath = join(settings.certsDir, ISSUED);
-    const issued = JSON.parse(await readFile(issuedPath, 'utf8').catch(() => '{}')) as Record<string, string[]>;
+    const readIssued = async () => JSON.parse(await readFile(issuedPath, 'utf8').catch(() => '{}')) as Record<string, string[]>;
     if (sub === 'revoke-caller') {
+      const issued = await readIssued();
       const serials = Object.hasOwn(issued, name) ? issued[name]! : [];
       if (serials.length === 0) throw new UserError(`no certificate was issued to caller "${name}" from ${settings.certsDir}`);
       await addRevoked(settings.certsDir, serials, name);
@@ -48,8 +50,13 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
     await writeFile(join(dir, `${name}.pem`), issuedCert.certPem, { mode: 0o644 });
     await writeFile(join(dir, `${name}.key`), issuedCert.keyPem, { mode: 0o600 });
-    issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
-    await writeFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, { mode: 0o644 });
+    // Read and written under its lock: two issue-caller runs at once each wrote back what they had
+    // read, and one certificate's serial was lost (revoke-caller could then never revoke it).
+    await withFileLock(issuedPath, CERTS_LOCK, async () => {
+      const issued = await readIssued();
+      issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
+      await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`);
+    });
     return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
   }
   if (sub !== 'init') throw new UserError(USAGE, EXIT.usage);

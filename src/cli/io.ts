@@ -5,6 +5,7 @@ import { loadSettings, SETTINGS, type SettingName, type Settings } from '../conf
 import { UserError } from '../errors.ts';
 import { validateFields, type FieldValues } from '../store/credentials.ts';
 import { parseDuration } from '../config/units.ts';
+import { parseGrace } from '../rotation/transitions.ts';
 
 export const EXIT = { ok: 0, failure: 1, usage: 2, conflict: 3 } as const;
 
@@ -92,7 +93,15 @@ export function maxArgs(positionals: readonly string[], max: number, usage: stri
   if (positionals.length > max) throw new UserError(`unexpected argument${positionals.length - max > 1 ? 's' : ''} after the command\n${usage}`, EXIT.usage);
 }
 
-/** A duration flag (`--grace 24h`, `--max-age 90d`), or its default. */
+/** `--grace`, or 24h: a grace window of at most a year (see parseGrace). */
+export function graceFlag(values: Parsed['values']): number {
+  const text = values.grace;
+  const ms = parseGrace(typeof text === 'string' ? text : '24h');
+  if (ms === undefined) throw new UserError('--grace must be a duration like 0, 30m, 24h or 7d, at most 365d', EXIT.usage);
+  return ms;
+}
+
+/** A duration flag (`--max-age 90d`), or its default. */
 export function durationFlag(values: Parsed['values'], name: string, fallback: string): number {
   const text = values[name];
   const ms = parseDuration(typeof text === 'string' ? text : fallback);

@@ -7,7 +7,7 @@ import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import type { CredentialRecord } from '../store/records.ts';
-import { cliActor, durationFlag, EXIT, fail, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, durationFlag, EXIT, fail, graceFlag, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
        egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
@@ -41,7 +41,7 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       }
       case 'rotate': {
         const credentialId = id();
-        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const graceMs = graceFlag(p.values);
         const fields = await readFieldsInput(p.values, stdin);
         const stage = p.values.stage === true;
         const record = await ops.rotateCredential(op, await readKeyring(settings.masterKeyFile), credentialId, fields, { stage, graceMs });
@@ -49,7 +49,7 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
         return shown(record, stage ? `staged version ${v} of "${credentialId}" as pending; "keys promote ${credentialId}" makes it current` : `version ${v} of "${credentialId}" is current; ${graceNote(graceMs)}`);
       }
       case 'promote': {
-        const graceMs = durationFlag(p.values, 'grace', '24h');
+        const graceMs = graceFlag(p.values);
         const record = await ops.promoteCredential(op, id(), graceMs);
         return shown(record, `version ${currentVersion(record)!.version} of "${record.id}" is current; ${graceNote(graceMs)}`);
       }

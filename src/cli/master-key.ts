@@ -1,6 +1,6 @@
 import { UserError } from '../errors.ts';
 import { rewrapAll } from '../rotation/operations.ts';
-import { createKeyring, readKeyring, writeKeyring } from '../store/keyring.ts';
+import { createKeyring, readKeyring, withKeyringLock, writeKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import type { StoreBackend } from '../store/types.ts';
 import { cliActor, EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
@@ -20,7 +20,8 @@ async function wrapCounts(store: StoreBackend): Promise<Map<number, number>> {
  * `egress master-key …`: the key-encryption keyring. Key material is never printed.
  * rotate: (1) the keyring file gains a new active key, atomically; (2) every data key is re-wrapped
  * with it, one record at a time, each write atomic. A crash at any point leaves every record
- * wrapped by a key the keyring still holds; running rotate again finishes the re-wrap.
+ * wrapped by a key the keyring still holds; running rotate again finishes the re-wrap. rotate and
+ * remove hold the keyring's writer lock from their first read to their last write.
  */
 export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
@@ -46,38 +47,41 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         await store.close();
       }
     }
-    case 'rotate': {
-      let keyring = await readKeyring(settings.masterKeyFile);
-      const store = openStore(settings.store);
-      try {
-        // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
-        if (p.values.resume !== true) {
-          keyring = keyring.withNewKey(new Date());
-          await writeKeyring(settings.masterKeyFile, keyring);
+    case 'rotate':
+      return withKeyringLock(settings.masterKeyFile, async () => {
+        let keyring = await readKeyring(settings.masterKeyFile);
+        const store = openStore(settings.store);
+        try {
+          // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
+          if (p.values.resume !== true) {
+            keyring = keyring.withNewKey(new Date());
+            await writeKeyring(settings.masterKeyFile, keyring);
+          }
+          const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
+          const wraps = await wrapCounts(store);
+          const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
+          const removable = versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
+          return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}`, { active: keyring.active, rewrapped: changed, versions });
+        } finally {
+          await store.close();
         }
-        const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
-        const wraps = await wrapCounts(store);
-        const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
-        const removable = versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
-        return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}`, { active: keyring.active, rewrapped: changed, versions });
-      } finally {
-        await store.close();
-      }
-    }
+      });
     case 'remove': {
       const version = Number(p.values.version);
       if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
-      const keyring = await readKeyring(settings.masterKeyFile);
-      if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
-      const store = openStore(settings.store);
-      try {
-        const wraps = (await wrapCounts(store)).get(version) ?? 0;
-        if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
-        await writeKeyring(settings.masterKeyFile, keyring.without(version));
-        return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
-      } finally {
-        await store.close();
-      }
+      return withKeyringLock(settings.masterKeyFile, async () => {
+        const keyring = await readKeyring(settings.masterKeyFile);
+        if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
+        const store = openStore(settings.store);
+        try {
+          const wraps = (await wrapCounts(store)).get(version) ?? 0;
+          if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
+          await writeKeyring(settings.masterKeyFile, keyring.without(version));
+          return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
+        } finally {
+          await store.close();
+        }
+      });
     }
     default:
       throw new UserError(USAGE, EXIT.usage);

@@ -1,7 +1,7 @@
 /**
  * Allowlist path patterns, matched on whole segments of exactly the path sent upstream
  * (route-relative: the upstream's base path is prepended verbatim and never re-checked).
- * `*` is one non-empty segment; a final `**` is one or more further segments.
+ * `*` is one non-empty segment; a final `**` is one or more further segments, the first named.
  */
 
 const ONE = Symbol('one segment');
@@ -29,8 +29,9 @@ export function matchPattern(pattern: PathPattern, pathSegments: readonly string
   for (let i = 0; i < p.length; i++) {
     const want = p[i];
     if (want === REST) {
-      // One or more segments remain; only the last may be empty (a trailing slash).
-      if (pathSegments.length <= i) return false;
+      // One or more named segments remain; only the last may be empty (a trailing slash after a
+      // name). "/files/" is the folder itself, which most servers treat as "/files": not under it.
+      if (pathSegments.length <= i || pathSegments[i] === '') return false;
       for (let j = i; j < pathSegments.length - 1; j++) if (pathSegments[j] === '') return false;
       return true;
     }

@@ -63,13 +63,14 @@ export const oauth2Injector: Injector<Options> = {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
       if (refresh && options.refresh_url) {
         const refreshed = await call(dispatcher, options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options).catch(() => undefined);
-        if (refreshed) return refreshed;
+        if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy };
       }
       try {
         return await mint(dispatcher, options, credential);
       } catch (err) {
         if (!(err instanceof TokenRejected) || !args.previous) throw err;
-        return mint(dispatcher, options, args.previous());
+        const previous = args.previous();
+        return { ...(await mint(dispatcher, options, previous)), mintedBy: previous.version };
       }
     });
     const value = token.reveal();

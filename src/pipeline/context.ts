@@ -21,7 +21,7 @@ export interface RequestContext {
   /** Set for a request inside a forward-mode tunnel: the CONNECT host and the tunnel's caller token. */
   readonly forward?: { readonly host: string; readonly port: number; readonly token: string; readonly rawTarget?: string };
   /** On the TLS listener: the caller a client certificate names, or why it was refused. */
-  readonly certificate?: { readonly caller?: string; readonly refused?: string };
+  readonly certificate?: { readonly caller?: string; readonly refused?: string; readonly notBefore?: number };
   /** The caller was identified by its certificate (not a token). */
   viaCertificate?: boolean;
   target?: Target;

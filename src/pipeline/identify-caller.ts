@@ -27,9 +27,10 @@ export function identifyCaller(ctx: RequestContext): void {
   if (ctx.certificate?.refused) throw new ProxyError('caller_unauthenticated', `Client certificate refused: ${ctx.certificate.refused}.`);
   if (ctx.certificate?.caller && (typeof token !== 'string' || token.length === 0)) {
     if (!ctx.services.store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
-    // The certificate names the caller; the store says whether that caller exists and is not revoked
-    // (`egress callers revoke` ends a caller's certificates too, on every instance, at its next request).
-    if (!ctx.services.store.callerActive(ctx.certificate.caller)) throw new ProxyError('caller_unauthenticated', 'The certificate names a caller that is unknown or revoked.');
+    // The certificate names the caller; the store says whether that caller exists, is not revoked
+    // (`egress callers revoke` ends a caller's certificates too, on every instance, at its next
+    // request) and was not added again since the certificate was issued.
+    if (!ctx.services.store.callerActive(ctx.certificate.caller, ctx.certificate.notBefore)) throw new ProxyError('caller_unauthenticated', 'The certificate names a caller that is unknown or revoked.');
     ctx.caller = ctx.certificate.caller;
     ctx.viaCertificate = true;
     return;

@@ -11,9 +11,13 @@ export interface Minted {
   readonly expiresInMs: number;
   readonly refreshToken?: string;
   readonly refreshExpiresInMs?: number;
+  /** The credential version whose secret minted it (the previous one, after a fallback); default: the key's. */
+  readonly mintedBy?: number;
 }
 
 interface Entry {
+  /** The credential version the token derives from: it goes when that version is no longer live. */
+  readonly mintedBy: number;
   readonly token: Secret;
   readonly expiresAt: number;
   readonly refreshAt: number;
@@ -28,12 +32,13 @@ export interface TokenKey {
   readonly parts: readonly string[];
 }
 
-export type Mint = (previous: { refreshToken: string } | undefined) => Promise<Minted>;
+export type Mint = (previous: { refreshToken: string; mintedBy: number } | undefined) => Promise<Minted>;
 
 /** Tokens are refreshed at 70-80% of their life: jitter spreads instances so they do not all refresh together. */
-function schedule(now: number, m: Minted): Entry {
+function schedule(now: number, m: Minted, key: TokenKey): Entry {
   const life = Math.max(1_000, m.expiresInMs);
   return {
+    mintedBy: m.mintedBy ?? key.version,
     token: new Secret(m.token),
     expiresAt: now + life,
     refreshAt: now + Math.round(life * (0.7 + Math.random() * 0.1)),
@@ -52,9 +57,13 @@ export class TokenBroker {
   readonly #local = new Map<string, Entry>();
   /** Cache ids by credential version, to drop every token of a version the upstream refused. */
   readonly #byVersion = new Map<string, Set<string>>();
+  /** The credential of each cache id. */
+  readonly #credentialOf = new Map<string, string>();
   readonly #inflight = new Map<string, Promise<Entry>>();
   readonly #shared: SharedTokens | undefined;
   readonly #log: Logger;
+  /** Live credential versions ("id\0version"), from the last view of the store; undefined before the first. */
+  #live: ReadonlySet<string> | undefined;
 
   constructor(log: Logger, shared?: SharedTokens) {
     this.#log = log;
@@ -67,11 +76,17 @@ export class TokenBroker {
     const ids = this.#byVersion.get(versionKey) ?? new Set<string>();
     ids.add(id);
     this.#byVersion.set(versionKey, ids);
+    this.#credentialOf.set(id, key.credential);
     const now = Date.now();
     let entry = this.#local.get(id);
     if (!entry && this.#shared) {
       entry = await this.#shared.read(id, key).catch(() => undefined);
       if (entry) this.#local.set(id, entry);
+    }
+    // A token from a version that was revoked or retired since (another instance's, say) is not used, nor refreshed.
+    if (entry && !this.#isLive(key.credential, entry)) {
+      this.#local.delete(id);
+      entry = undefined;
     }
     if (entry && now < entry.refreshAt) return entry.token;
     if (entry && now < entry.expiresAt) {
@@ -80,6 +95,27 @@ export class TokenBroker {
       return entry.token;
     }
     return (await this.#refresh(id, key, mint, entry)).token;
+  }
+
+  /**
+   * Called with every new view of the store: forget the tokens derived from a credential version
+   * that is no longer pending, current or previous. A fallback mints with the previous version and
+   * caches the token under the current one, so a revoke of the previous version (the compromise
+   * path) must reach it here: otherwise its token, and the refresh token that renews it without
+   * the secret, would go on being used.
+   */
+  retainVersions(live: ReadonlySet<string>): void {
+    this.#live = live;
+    for (const [id, entry] of this.#local) {
+      const credential = this.#credentialOf.get(id);
+      if (credential === undefined || this.#isLive(credential, entry)) continue;
+      this.#local.delete(id);
+      void this.#shared?.remove(id, credential).catch(() => {});
+    }
+  }
+
+  #isLive(credential: string, entry: Entry): boolean {
+    return this.#live === undefined || this.#live.has(`${credential}\u0000${entry.mintedBy}`);
   }
 
   /** Forget every token minted for this credential version (the upstream refused one), here and in Redis. */
@@ -96,8 +132,8 @@ export class TokenBroker {
     let running = this.#inflight.get(id);
     if (!running) {
       running = (async () => {
-        const viaRefresh = old?.refreshToken && Date.now() < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal() } : undefined;
-        const entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh));
+        const viaRefresh = old?.refreshToken && Date.now() < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal(), mintedBy: old.mintedBy } : undefined;
+        const entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh), key);
         this.#local.set(id, entry);
         return entry;
       })().finally(() => this.#inflight.delete(id));
@@ -139,12 +175,12 @@ export class SharedTokens {
   async read(id: string, key: TokenKey): Promise<Entry | undefined> {
     const raw = await this.#client.get(this.#key(id, key.credential));
     if (!raw) return undefined;
-    const doc = JSON.parse(raw) as { kek: number; sealed: Sealed; expiresAt: number; refreshAt: number; refreshExpiresAt: number; refresh?: Sealed };
+    const doc = JSON.parse(raw) as { kek: number; sealed: Sealed; expiresAt: number; refreshAt: number; refreshExpiresAt: number; refresh?: Sealed; mintedBy?: number };
     const kek = this.#keys.current.get(doc.kek);
     if (!kek || Date.now() >= doc.expiresAt) return undefined;
     const token = open(kek, doc.sealed, aad('fields', `oauth:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8');
     const refresh = doc.refresh ? open(kek, doc.refresh, aad('fields', `oauth-refresh:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8') : undefined;
-    return { token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
+    return { mintedBy: Number.isSafeInteger(doc.mintedBy) ? doc.mintedBy! : key.version, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
   }
 
   async #write(id: string, key: TokenKey, entry: Entry): Promise<void> {
@@ -157,6 +193,7 @@ export class SharedTokens {
       expiresAt: entry.expiresAt,
       refreshAt: entry.refreshAt,
       refreshExpiresAt: entry.refreshExpiresAt,
+      mintedBy: entry.mintedBy,
     };
     const ttl = Math.max(entry.expiresAt, entry.refreshExpiresAt) - Date.now();
     if (ttl > 0) await this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl);
@@ -177,7 +214,7 @@ export class SharedTokens {
       }
     }
     try {
-      const entry = schedule(Date.now(), await mint());
+      const entry = schedule(Date.now(), await mint(), key);
       await this.#write(id, key, entry).catch(() => {});
       return entry;
     } finally {

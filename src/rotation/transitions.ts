@@ -1,3 +1,4 @@
+import { parseDuration } from '../config/units.ts';
 import { NotFoundError, StateError } from '../errors.ts';
 import type { FieldValues } from '../store/credentials.ts';
 import { sealVersion } from '../store/credentials.ts';
@@ -116,6 +117,18 @@ export function expire(record: CredentialRecord, by: Actor): CredentialRecord | 
   if (due.length === 0) return undefined;
   const versions = record.versions.map((v) => (due.includes(v) ? destroyed(v, 'retired', by.now) : v));
   return next(record, versions, by, { action: 'retire', version: due[0]!.version, detail: 'grace window ended' });
+}
+
+/**
+ * The longest grace window, a year: a previous version (or caller token) kept longer is not rotated
+ * in any useful sense, and a few thousand years on its end is no longer a date at all.
+ */
+export const MAX_GRACE_MS = 365 * 86_400_000;
+
+/** A grace window as written ("0", "30m", "24h", "7d"): its length, or undefined if malformed or over MAX_GRACE_MS. */
+export function parseGrace(text: string): number | undefined {
+  const ms = parseDuration(text);
+  return ms !== undefined && ms <= MAX_GRACE_MS ? ms : undefined;
 }
 
 export function inGrace(v: CredentialVersionRecord, now: Date): boolean {

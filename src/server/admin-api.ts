@@ -1,10 +1,10 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { parseDuration } from '../config/units.ts';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
-import { tokenFromAuthorization } from './proxy-auth.ts';
+import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
+import { parseGrace } from '../rotation/transitions.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import { describeCredential, validateFields } from '../store/credentials.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
@@ -46,7 +46,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
-    const name = adminName(req, deps.store);
+    const name = adminName(req, deps.store, 'bearer');
     if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor };
@@ -130,11 +130,15 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
 }
 
 /**
- * The admin token's name, from `Authorization: Bearer ega_…`, or Basic with the token as the
- * password (so a browser can open the status page); undefined when absent or not a live admin token.
+ * The admin token's name, from `Authorization: Bearer ega_…`; undefined when absent or not a live
+ * admin token. The status page (GET, read-only) also takes Basic with the token as the password, so
+ * a browser can open it; the API does not: a browser that has opened the page replays Basic
+ * credentials by itself, with any request to this origin, a cross-site form POST to
+ * /v1/credentials/ID/revoke included.
  */
-export function adminName(req: IncomingMessage, store: StoreView): string | undefined {
-  const token = tokenFromAuthorization(req.headers.authorization);
+export function adminName(req: IncomingMessage, store: StoreView, schemes: 'bearer' | 'bearer-or-basic'): string | undefined {
+  const header = req.headers.authorization;
+  const token = schemes === 'bearer' ? bearerToken(header) : tokenFromAuthorization(header);
   return token && store.usable() ? store.identifyAdmin(token) : undefined;
 }
 
@@ -189,8 +193,8 @@ function fields(body: Record<string, unknown>) {
 
 function grace(body: Record<string, unknown>): number {
   const value = body.grace ?? '24h';
-  const ms = typeof value === 'string' ? parseDuration(value) : undefined;
-  if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h"');
+  const ms = typeof value === 'string' ? parseGrace(value) : undefined;
+  if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h", at most "365d"');
   return ms;
 }
 

@@ -22,7 +22,7 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
   if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
   if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
-    if (!adminName(req, api.store)) {
+    if (!adminName(req, api.store, 'bearer-or-basic')) {
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }

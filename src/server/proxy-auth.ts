@@ -20,8 +20,8 @@ export function proxyAuthorizationToken(req: IncomingMessage): string | undefine
  */
 export function tokenFromAuthorization(header: string | undefined): string | undefined {
   if (!header) return undefined;
-  const bearer = /^Bearer (\S+)$/i.exec(header);
-  if (bearer) return bearer[1];
+  const bearer = bearerToken(header);
+  if (bearer) return bearer;
   const basic = /^Basic ([A-Za-z0-9+/=]+)$/i.exec(header);
   if (!basic) return undefined;
   const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
@@ -32,6 +32,11 @@ export function tokenFromAuthorization(header: string | undefined): string | und
   } catch {
     return undefined;
   }
+}
+
+/** The token of `Bearer <token>` only: a scheme a browser never sends by itself. */
+export function bearerToken(header: string | undefined): string | undefined {
+  return header ? /^Bearer (\S+)$/i.exec(header)?.[1] : undefined;
 }
 
 const lingering = new WeakSet<object>();

@@ -17,6 +17,8 @@ export interface CertIdentity {
   /** Why a presented certificate was refused. */
   readonly refused?: string;
   readonly serial?: string;
+  /** The certificate's notBefore, epoch ms: it must not predate the caller's (last) add to the store. */
+  readonly notBefore?: number;
 }
 
 /**
@@ -39,7 +41,7 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
   const serial = serialKey(leaf.serialNumber);
   if (revoked.has(serial)) return { refused: 'the certificate is revoked', serial };
-  return { caller: name, serial };
+  return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */

@@ -1,9 +1,8 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import { mkdir, open, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
-import { claimLock, takeOverLock } from './lock-file.ts';
+import { acquireLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
@@ -184,7 +183,7 @@ export class FileStore implements StoreBackend {
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
     try {
-      await this.#acquire(lock);
+      await acquireLock(lock, { waitMs: LOCK_WAIT_MS, staleMs: LOCK_STALE_MS, what: `store ${this.path}` });
     } catch (err) {
       throw this.#unchanged(err);
     }
@@ -194,42 +193,6 @@ export class FileStore implements StoreBackend {
     } finally {
       await unlink(lock).catch(() => {});
     }
-  }
-
-  /** Take the writer lock, waiting for a live holder up to LOCK_WAIT_MS (then a ConflictError). */
-  async #acquire(lock: string): Promise<void> {
-    await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
-    const deadline = Date.now() + LOCK_WAIT_MS;
-    for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
-      // The lock appears with its holder's pid already in it (see claimLock).
-      if (await claimLock(lock, String(process.pid))) return;
-      // A writer killed mid-write leaves its lock behind: if its process is gone, take the lock
-      // over now (one waiter at a time: see takeOverLock), instead of waiting for it to go stale.
-      if (await writerGone(lock)) {
-        await takeOverLock(lock, () => writerGone(lock), LOCK_STALE_MS);
-        continue;
-      }
-      if (Date.now() > deadline) throw new ConflictError(`store ${this.path} is locked by another writer (${lock})`);
-      await sleep(delay);
-    }
-  }
-}
-
-/** The lock is stale, or its writer's process is gone (a lock younger than 100 ms is still being made). */
-async function writerGone(lock: string): Promise<boolean> {
-  const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-  return age > LOCK_STALE_MS || (age > 100 && !(await holderAlive(lock)));
-}
-
-/** Is the process that wrote this lock file (its pid is the content) still running on this machine? */
-async function holderAlive(lock: string): Promise<boolean> {
-  const pid = Number(await readFile(lock, 'utf8').catch(() => ''));
-  if (!Number.isSafeInteger(pid) || pid <= 0) return true; // Half-written: give its writer a moment.
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

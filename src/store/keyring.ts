@@ -4,6 +4,7 @@ import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
+import { withFileLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 
 /**
@@ -61,6 +62,27 @@ export class Keyring {
     return '[REDACTED]';
   }
 }
+
+/**
+ * Run `fn` holding the keyring's writer lock (`<file>.lock`), so keyring changes happen one at a
+ * time. Without it, two `master-key rotate` runs that read the file at once each added their own
+ * key under the same version number: the last rename kept one, and the data keys the other had
+ * already re-wrapped with its key could never be unwrapped again. `fn` reads the keyring itself,
+ * under the lock. A rotation re-wraps every record, so a live holder is waited for a while
+ * (then ConflictError, exit 3), and a lock is only taken over from a holder that is gone.
+ */
+export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
+  return withFileLock(path, {
+    waitMs: KEYRING_LOCK_WAIT_MS,
+    staleMs: KEYRING_LOCK_STALE_MS,
+    what: `master key file ${path}`,
+    // A read-only or full file system: say so plainly; nothing was changed.
+    lockFailed: (err) => (err instanceof UserError ? err : new UserError(`cannot lock master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`)),
+  }, fn);
+}
+
+const KEYRING_LOCK_WAIT_MS = 30_000;
+const KEYRING_LOCK_STALE_MS = 60 * 60_000;
 
 /** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
 export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {

@@ -1,10 +1,12 @@
 import { randomInt } from 'node:crypto';
-import { link, open, stat, unlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, open, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ConflictError } from '../errors.ts';
 
 /**
- * Lock files with their holder's identity in them, shared by the file store's writer lock and the
- * audit log's one-writer lock.
+ * Lock files with their holder's identity in them, shared by the file store's writer lock, the
+ * keyring's, revoked.json's and issued.json's writer locks, and the audit log's one-writer lock.
  */
 
 /**
@@ -51,5 +53,69 @@ export async function takeOverLock(lock: string, holderGone: () => Promise<boole
     if (await holderGone()) await unlink(lock).catch(() => {});
   } finally {
     await unlink(steal).catch(() => {});
+  }
+}
+
+/**
+ * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`.
+ * `lockFailed` may turn a file-system error from taking the lock into a plainer one.
+ */
+export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: () => Promise<T>): Promise<T> {
+  const lock = `${path}.lock`;
+  try {
+    await acquireLock(lock, options);
+  } catch (err) {
+    throw options.lockFailed ? options.lockFailed(err) : err;
+  }
+  try {
+    return await fn();
+  } finally {
+    await unlink(lock).catch(() => {});
+  }
+}
+
+export interface AcquireOptions {
+  /** Wait this long for a live holder, then throw a ConflictError naming `what`. */
+  readonly waitMs: number;
+  /** A lock older than this is taken over even if its holder's pid answers (a pid reused, another host). */
+  readonly staleMs: number;
+  readonly what: string;
+}
+
+/**
+ * Take `lock` (its content: this process's pid), waiting for a live holder. A writer killed
+ * mid-write leaves its lock behind: if its process is gone, the lock is taken over at once (one
+ * waiter at a time: see takeOverLock) instead of after it goes stale.
+ */
+export async function acquireLock(lock: string, { waitMs, staleMs, what }: AcquireOptions): Promise<void> {
+  await mkdir(dirname(lock), { recursive: true, mode: 0o700 });
+  const deadline = Date.now() + waitMs;
+  const gone = () => writerGone(lock, staleMs);
+  for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+    if (await claimLock(lock, String(process.pid))) return;
+    if (await gone()) {
+      await takeOverLock(lock, gone, staleMs);
+      continue;
+    }
+    if (Date.now() > deadline) throw new ConflictError(`${what} is locked by another writer (${lock})`);
+    await sleep(delay);
+  }
+}
+
+/** The lock is stale, or its writer's process is gone (a lock younger than 100 ms is still being made). */
+async function writerGone(lock: string, staleMs: number): Promise<boolean> {
+  const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
+  return age > staleMs || (age > 100 && !(await holderAlive(lock)));
+}
+
+/** Is the process that wrote this lock file (its pid is the content) still running on this machine? */
+async function holderAlive(lock: string): Promise<boolean> {
+  const pid = Number(await readFile(lock, 'utf8').catch(() => ''));
+  if (!Number.isSafeInteger(pid) || pid <= 0) return true; // Half-written: give its writer a moment.
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -19,7 +19,13 @@ export const KEYS = Object.freeze({
   channel: 'egress:store:changes',
 });
 
-/** Compare-and-set one record: write only when its stored revision is the one the writer read. */
+/**
+ * Compare-and-set one record: write only when its stored revision is the one the writer read.
+ * Everything that can fail goes before the record is written (a script is not rolled back: a
+ * failure after the SET left the record changed, the writer told it failed, and no instance told
+ * of the change). A change counter edited by hand (not an integer, or another type) is started
+ * again from the server's clock, so every watcher sees it change.
+ */
 const PUT_SCRIPT = `
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' and cur.err then return {-2, 0} end
@@ -29,9 +35,14 @@ if cur then
   if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']) else rev = -1 end
 end
 if rev ~= tonumber(ARGV[2]) then return {0, rev} end
-redis.call('SET', KEYS[1], ARGV[1])
+local v = redis.pcall('INCR', KEYS[3])
+if type(v) == 'table' and v.err then
+  local t = redis.call('TIME')
+  v = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[3], v)
+end
 redis.call('SADD', KEYS[2], ARGV[3])
-local v = redis.call('INCR', KEYS[3])
+redis.call('SET', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[4], v)
 return {1, v}
 `;
@@ -49,7 +60,9 @@ for i = 1, 3 do
   end
   out[#out + 1] = items
 end
-out[#out + 1] = redis.call('GET', KEYS[4]) or '0'
+local v = redis.pcall('GET', KEYS[4])
+if type(v) ~= 'string' then v = '0' end
+out[#out + 1] = v
 return out
 `;
 

@@ -1,3 +1,4 @@
+import { CALLER_CERT_BACKDATE_MS } from '../certs/ca.ts';
 import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Alerts } from '../observe/alerts.ts';
@@ -37,6 +38,11 @@ export class StoreView {
   #refreshing: Promise<void> | undefined;
   #again = false;
   readonly #rollbacksReported = new Set<string>();
+  /**
+   * The newest revision seen of every record, by kind and key, kept across reads: also while a
+   * record is damaged or gone, so that restoring an older copy afterwards is still a rollback.
+   */
+  readonly #newest = { credential: new Map<string, CredentialRecord>(), caller: new Map<string, CallerRecord>(), admin: new Map<string, CallerRecord>() };
   readonly #listeners: ((previous: StoreSnapshot | undefined, next: StoreSnapshot) => void)[] = [];
 
   constructor(backend: StoreBackend, log: Logger, options: StoreViewOptions) {
@@ -85,11 +91,9 @@ export class StoreView {
     const credentials = new Map(next.credentials);
     const callers = new Map(next.callers);
     const admins = new Map(next.admins);
-    if (prev) {
-      this.#keepNewer('credential', prev.credentials, credentials, next.damaged);
-      this.#keepNewer('caller', prev.callers, callers, next.damaged);
-      this.#keepNewer('admin', prev.admins, admins, next.damaged);
-    }
+    this.#keepNewer('credential', this.#newest.credential, credentials, next.damaged);
+    this.#keepNewer('caller', this.#newest.caller, callers, next.damaged);
+    this.#keepNewer('admin', this.#newest.admin, admins, next.damaged);
     for (const [key, why] of next.damaged) {
       if (!prev?.damaged.has(key)) {
         this.#log.error({ record: key, reason: why }, 'store record is damaged; it fails closed');
@@ -103,12 +107,16 @@ export class StoreView {
     this.#admins = new CallerIndex(admins.values(), ADMIN_TOKEN_PREFIX);
   }
 
-  /** Rollback protection: a record that went back in revision, or vanished, keeps its newest version here. */
-  #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, seen: ReadonlyMap<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
-    for (const [key, old] of seen) {
+  /**
+   * Rollback protection: a record that went back in revision, or vanished, keeps the newest
+   * version seen (a damaged one fails closed meanwhile). `newest` is updated with what is kept.
+   */
+  #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, newest: Map<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
+    for (const [key, now] of next) if (!newest.has(key) || now.revision >= newest.get(key)!.revision) newest.set(key, now);
+    for (const [key, old] of newest) {
       if (damaged.has(`${kind}:${key}`)) continue;
       const now = next.get(key);
-      if (now && now.revision >= old.revision) continue;
+      if (now === old) continue;
       next.set(key, old);
       const id = `${kind}:${key}:${now?.revision ?? 'gone'}`;
       if (!this.#rollbacksReported.has(id)) {
@@ -139,8 +147,8 @@ export class StoreView {
   }
 
   /** See callerActive below. */
-  callerActive(name: string): boolean {
-    return this.#snapshot !== undefined && callerActive(this.#snapshot, name);
+  callerActive(name: string, certificateNotBefore?: number): boolean {
+    return this.#snapshot !== undefined && callerActive(this.#snapshot, name, certificateNotBefore);
   }
 
   identifyCaller(token: string, memo?: PresentedToken): Identified {
@@ -173,8 +181,18 @@ export class StoreView {
   }
 }
 
-/** A caller in the store, readable and not revoked: what a client certificate's name must be to identify anyone. */
-export function callerActive(snapshot: StoreSnapshot, name: string): boolean {
+/**
+ * A caller in the store, readable and not revoked: what a client certificate's name must be to
+ * identify anyone. With the certificate's notBefore, the certificate must also have been issued
+ * after the caller was (last) added: a revoked name can be added again (`callers add`), and that
+ * must not bring back the certificates `callers revoke` ended. issue-caller back-dates notBefore by
+ * CALLER_CERT_BACKDATE_MS and X.509 times have whole seconds, so created_at is compared on whole
+ * seconds.
+ */
+export function callerActive(snapshot: StoreSnapshot, name: string, certificateNotBefore?: number): boolean {
   const record = snapshot.callers.get(name);
-  return record !== undefined && record.revoked_at === undefined && !snapshot.damaged.has(`caller:${name}`);
+  if (record === undefined || record.revoked_at !== undefined || snapshot.damaged.has(`caller:${name}`)) return false;
+  if (certificateNotBefore === undefined) return true;
+  const added = Math.floor(Date.parse(record.created_at) / 1000) * 1000;
+  return Number.isFinite(added) && certificateNotBefore + CALLER_CERT_BACKDATE_MS >= added;
 }

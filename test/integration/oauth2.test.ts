@@ -185,6 +185,29 @@ describe('oauth2_client_credentials', () => {
     expect(mints.at(-1)!.client).toBe('cs_CANARY_good_1');
   });
 
+  it('CRED-15 a token minted with the previous version is dropped once that version is revoked: the next request mints afresh, and the old token never reaches the API again', async () => {
+    const proxy = await start();
+    const env = envFor(proxy.dir);
+    expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'client-1', client_secret: 'cs_CANARY_new_2' }))).code).toBe(0);
+    const before = mints.length;
+    await eventually(async () => {
+      const res = await get(proxy, '/bank/accounts');
+      return res.status === 200 && mints.length > before;
+    }, 2_000, 'a token minted with version 1 for version 2');
+    expect(mints.at(-1)!.client).toBe('cs_CANARY_good_1');
+    const fromV1 = String(upstream.requests.at(-1)!.headers.authorization);
+    // Version 1 is compromised: revoked at once. The provider has meanwhile activated version 2.
+    secretsAccepted = new Set(['cs_CANARY_good_1', 'cs_CANARY_new_2']);
+    expect((await runCli(['keys', 'revoke', 'bank', '--version', '1'], env)).code).toBe(0);
+    await new Promise((r) => setTimeout(r, 1_200));
+    const mark = upstream.requests.length;
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    expect(mints.at(-1)!.client).toBe('cs_CANARY_new_2');
+    const after = upstream.requests.slice(mark).filter((r) => r.url === '/accounts');
+    expect(after.length).toBeGreaterThan(0);
+    for (const r of after) expect(String(r.headers.authorization)).not.toBe(fromV1);
+  });
+
   it('a token answer over 256 KiB is refused (503 credential_unavailable), not held; a normal answer then works', async () => {
     const proxy = await start();
     tokenPadding = 300 * 1024;

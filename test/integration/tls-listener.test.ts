@@ -200,6 +200,27 @@ describe('TLS listener with client certificates', () => {
     expect(revoked.stderr).toContain('revoked');
   });
 
+  it('AUTH-07d a revoked caller\'s name added again does not bring its old certificates back: they stay refused, a certificate issued after the new add works', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const old = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
+    expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
+    await eventually(async () => (await call('/api/x', old)) === 401, 3_000, 'the caller revocation');
+    const before = upstream.requests.length;
+    // The revoked name is reused (allowed: `callers add` gives it a new token); the old certificate was never revoke-caller'd.
+    const added = await runCli(['callers', 'add', 'zed'], env);
+    expect(added.code, added.stderr).toBe(0);
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect(await call('/api/x', old)).toBe(401);
+    // A certificate the test mints with the same identity and a back-dated start is refused as well.
+    const backdated = issue({ cn: 'zed', uris: [`${CALLER_URI_PREFIX}zed`], fromMs: -3_600_000 });
+    expect(await call('/api/x', { cert: backdated.certPem, key: backdated.keyPem })).toBe(401);
+    expect(upstream.requests.length - before).toBe(0);
+    expect((await runCli(['certs', 'issue-caller', 'zed'], env)).code).toBe(0);
+    const fresh = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
+    expect(await call('/api/x', fresh)).toBe(200);
+    expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
+  });
+
   it('revoke-caller: new requests are refused and an open connection is closed, for every certificate of the caller, one whose serial starts with a zero byte included', async () => {
     // As an older issue-caller recorded it: "00…" in issued.json, while Node reports the serial without the zero byte.
     const zeroLed = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], serial: '0023456789abcdef0123456789abcdef' });
@@ -245,6 +266,26 @@ describe('TLS listener with client certificates', () => {
       await writeFile(path, good);
     }
     await eventually(async () => (await call('/api/x', undefined, { 'x-egress-token': svcToken })) === 200, 3_000, 'the proxy serving');
+  });
+
+  it('AUTH-07f certificates issued and revoked by six CLI processes at once: every serial is recorded in issued.json, every revocation lands in revoked.json, every certificate is refused', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const names = ['p0', 'p1', 'p2', 'p3', 'p4', 'p5'];
+    for (const n of names) expect((await runCli(['callers', 'add', n], env)).code).toBe(0);
+    const issued = await Promise.all(names.map((n) => runCli(['certs', 'issue-caller', n, '--json'], env)));
+    for (const r of issued) expect(r.code, r.stderr).toBe(0);
+    const serials = issued.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
+    const book = JSON.parse(await readFile(join(dir, 'certs', 'issued.json'), 'utf8')) as Record<string, string[]>;
+    names.forEach((n, i) => expect(book[n], n).toContain(serials[i]));
+    const files = await Promise.all(names.map(async (n) => ({ cert: await readFile(join(dir, 'certs', 'callers', `${n}.pem`), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', `${n}.key`), 'utf8') })));
+    // Known callers with valid certificates but no rule: 403 (authenticated).
+    await eventually(async () => (await call('/api/x', files[0])) === 403, 3_000, 'the new callers known');
+    const revoked = await Promise.all(names.map((n) => runCli(['certs', 'revoke-caller', n], env)));
+    for (const r of revoked) expect(r.code, r.stderr).toBe(0);
+    const list = JSON.parse(await readFile(join(dir, 'certs', 'revoked.json'), 'utf8')) as { serials: Record<string, unknown> };
+    for (const s of serials) expect(Object.keys(list.serials).map((k) => k.replace(/^0+/, '')), s).toContain(s.replace(/^0+/, ''));
+    await new Promise((r) => setTimeout(r, 1_200));
+    for (const [i, f] of files.entries()) expect([0, 401], names[i]).toContain(await call('/api/x', f).catch(() => 0));
   });
 
   it('refuses a TLS 1.2 renegotiation: the connection ends, and the next connection is served', async () => {

@@ -268,6 +268,92 @@ describe('AUTH: caller tokens on the plain listener', () => {
   });
 });
 
+describe('AUTH: revocation during a rotation grace', () => {
+  it('AUTH-07e a token inside its rotation grace dies with the caller\'s revoke, and adding the name again revives neither old token', async () => {
+    const env = envFor(lab.dir);
+    const status = async (token: string) => post({ 'x-egress-token': token }).then(async (r) => (lab.seen(await r.text()), r.status));
+    const first = (JSON.parse((await runCli(['callers', 'add', 'g', '--json'], env)).stdout) as { token: string }).token;
+    await eventually(async () => (await status(first)) === 403, 3_000, 'g known');
+    const rotated = await runCli(['callers', 'rotate', 'g', '--grace', '24h', '--json'], env);
+    expect(rotated.code, rotated.stderr).toBe(0);
+    const second = (JSON.parse(rotated.stdout) as { token: string }).token;
+    await eventually(async () => (await status(second)) === 403, 3_000, 'the new token known');
+    // Known but not on the allowlist: 403 means authenticated. The first token is inside its grace.
+    expect(await status(first)).toBe(403);
+    const mark = lab.u.requests.length;
+    expect((await runCli(['callers', 'revoke', 'g'], env)).code).toBe(0);
+    await eventually(async () => (await status(first)) === 401 && (await status(second)) === 401, 3_000, 'both tokens refused');
+    const third = (JSON.parse((await runCli(['callers', 'add', 'g', '--json'], env)).stdout) as { token: string }).token;
+    await eventually(async () => (await status(third)) === 403, 3_000, 'the re-added caller known');
+    expect(await status(first)).toBe(401);
+    expect(await status(second)).toBe(401);
+    await lab.g0(mark, 0);
+  });
+});
+
+describe('AUTH: admin tokens', () => {
+  it('AUTH-12 the admin API takes its token only as Bearer: Basic (what a browser that opened the status page replays by itself, on a cross-site form POST too) changes nothing', async () => {
+    const env = envFor(lab.dir);
+    const created = await runCli(['admin-token', 'create', 'ops', '--json'], env);
+    expect(created.code, created.stderr).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const basicAuth = `Basic ${Buffer.from(`ops:${admin}`).toString('base64')}`;
+    // The status page still opens with Basic (it only reads), once the proxy has seen the new token.
+    await eventually(async () => (await fetch(`${lab.admin}/`, { headers: { authorization: basicAuth } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'admin token known');
+    const mark = lab.u.requests.length;
+    // What an HTML form on another site sends: a urlencoded or text/plain body, often empty.
+    for (const [path, contentType, body] of [
+      ['/v1/credentials/plaid/revoke', 'application/x-www-form-urlencoded', ''],
+      ['/v1/credentials/plaid/rollback', 'text/plain', ''],
+      ['/v1/callers/a/revoke', 'application/x-www-form-urlencoded', ''],
+      ['/v1/callers/a/rotate', 'multipart/form-data; boundary=x', ''],
+      ['/v1/callers', 'application/json', '{"name":"mallory"}'],
+    ] as const) {
+      const res = await fetch(`${lab.admin}${path}`, { method: 'POST', headers: { authorization: basicAuth, 'content-type': contentType, origin: 'https://evil.example', 'sec-fetch-site': 'cross-site' }, body });
+      const text = await res.text();
+      lab.seen(text);
+      expect(res.status, `${path}: ${text}`).toBe(401);
+    }
+    const list = await fetch(`${lab.admin}/v1/credentials`, { headers: { authorization: basicAuth } });
+    expect(list.status).toBe(401);
+    await list.text();
+    // Nothing changed: a's token and the credential still work, and Bearer is still accepted.
+    const ok = await post(asA(lab));
+    lab.seen(await ok.text());
+    expect(ok.status).toBe(200);
+    const callers = await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } });
+    expect(callers.status).toBe(200);
+    const names = ((await callers.json()) as { callers: { name: string; revoked_at: string | null }[] }).callers;
+    expect(names.find((c) => c.name === 'a')!.revoked_at).toBeNull();
+    expect(names.map((c) => c.name)).not.toContain('mallory');
+    await lab.g0(mark, 1);
+  });
+});
+
+describe('AUTH: admin and caller tokens stay apart', () => {
+  it('AUTH-13 a caller token is no admin token and an admin token no caller token; a revoked admin token opens nothing', async () => {
+    const env = envFor(lab.dir);
+    const created = await runCli(['admin-token', 'create', 'ops2', '--json'], env);
+    expect(created.code, created.stderr).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const list = async (token: string) => fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${token}` } }).then(async (r) => (lab.seen(await r.text()), r.status));
+    await eventually(async () => (await list(admin)) === 200, 3_000, 'admin token known');
+    // The caller token in the admin API, with its prefix swapped, or the admin token in the prefix's place.
+    expect(await list(lab.tokens.a)).toBe(401);
+    expect(await list(lab.tokens.a.replace(/^egt_/, 'ega_'))).toBe(401);
+    expect(await list(admin.replace(/^ega_/, 'egt_'))).toBe(401);
+    const mark = lab.u.requests.length;
+    await expect401(await post({ 'x-egress-token': admin }));
+    await expect401(await post({ 'x-egress-token': admin.replace(/^ega_/, 'egt_') }));
+    expect((await runCli(['admin-token', 'revoke', 'ops2'], env)).code).toBe(0);
+    await eventually(async () => (await list(admin)) === 401, 3_000, 'the admin token revoked');
+    const revoke = await fetch(`${lab.admin}/v1/callers/a/revoke`, { method: 'POST', headers: { authorization: `Bearer ${admin}` } });
+    lab.seen(await revoke.text());
+    expect(revoke.status).toBe(401);
+    await lab.g0(mark, 0);
+  });
+});
+
 describe('AUTH: caller tokens in forward mode (Proxy-Authorization on CONNECT, identity inside the tunnel)', () => {
   let fwd: Lab;
   let caPem: string;

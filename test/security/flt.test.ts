@@ -1,12 +1,15 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { copyFile, mkdir, readFile, rm, symlink, unlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BIN, collect, runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
-import { CANARY, forms, startLab, type Lab } from './lab.ts';
+import { asA, CANARY, forms, startLab, type Lab } from './lab.ts';
+import { openVersion } from '../../src/store/credentials.ts';
+import { readKeyring } from '../../src/store/keyring.ts';
+import { openStore } from '../../src/store/open-store.ts';
 import { faultRoute } from './sec-helpers.ts';
 
 /** FLT: faults in Redis, the file system and route writes leave the proxy up and fail closed or documented. */
@@ -314,6 +317,75 @@ describe('FLT', () => {
     }
   }, 60_000);
 
+  it('FLT-12b rollback protection survives a damaged record: a revoked caller\'s record damaged, then restored from a copy made before the revoke, stays revoked', async () => {
+    const lab = await startLab();
+    const store = join(lab.dir, 'store.json');
+    const b = async () => {
+      const res = await fetch(`${lab.url}/plaid/institutions/x`, { headers: { 'x-egress-token': lab.tokens.b } });
+      lab.seen(await res.text());
+      return res.status;
+    };
+    // Replace the store file whole, as an editor or a restore would (write aside, rename).
+    const replace = async (text: string) => {
+      await writeFile(`${store}.edit`, text);
+      await rename(`${store}.edit`, store);
+    };
+    try {
+      expect(await b()).toBe(200);
+      const old = await readFile(store, 'utf8');
+      expect((await runCli(['callers', 'revoke', 'b'], envFor(lab.dir))).code).toBe(0);
+      await eventually(async () => (await b()) === 401, 3_000, 'b revoked');
+      // A hand edit breaks b's record (it fails closed: still 401) ...
+      const doc = JSON.parse(await readFile(store, 'utf8')) as { callers: Record<string, Record<string, unknown>> };
+      doc.callers.b = { ...doc.callers.b, tokens: 'oops' };
+      await replace(JSON.stringify(doc));
+      await eventually(() => /store record is damaged/.test(lab.serve.output()), 3_000, 'the damage logged');
+      expect(await b()).toBe(401);
+      // ... and the fix is the backup from before the revoke: b's old, unrevoked revision.
+      await replace(old);
+      await new Promise((r) => setTimeout(r, 1_500));
+      expect(await b()).toBe(401);
+      await eventually(() => lab.serve.output().includes('store_rollback'), 3_000, 'store_rollback alert');
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 30_000);
+
+  it('FLT-13b master-key rotate run by six processes at once, four times: one rotation at a time (the others wait, or exit 3), and every data key stays unwrappable', async () => {
+    const lab = await startLab();
+    try {
+      const env = envFor(lab.dir);
+      for (let i = 0; i < 10; i++) expect((await runCli(['keys', 'put', `k${i}`, '--from-stdin'], env, JSON.stringify({ secret: `sk_flt13b_${i}` }))).code).toBe(0);
+      for (let round = 0; round < 4; round++) {
+        const runs = await Promise.all(Array.from({ length: 6 }, () => runCli(['master-key', 'rotate'], env)));
+        for (const r of runs) expect([0, 3], r.stderr).toContain(r.code);
+        // Every version with ciphertext opens with the keyring now on disk: no data key was wrapped by a key that was then lost.
+        const keyring = await readKeyring(join(lab.dir, 'master.key'));
+        const store = openStore(`file:${join(lab.dir, 'store.json')}`);
+        const lost: string[] = [];
+        for (const record of (await store.load()).credentials.values()) {
+          for (const v of record.versions) {
+            if (!v.dek) continue;
+            try {
+              openVersion(keyring, record.id, v);
+            } catch {
+              lost.push(`${record.id} v${v.version} (kek ${v.kek})`);
+            }
+          }
+        }
+        await store.close();
+        expect(lost, `round ${round}`).toEqual([]);
+      }
+      // And the proxy, which re-reads the keyring, still sends the credential.
+      await eventually(async () => (await fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: asA(lab), body: '{}' })).status === 200, 3_000, 'the credential served');
+      expect(lab.u.requests.at(-1)!.headers['plaid-secret']).toBe(CANARY);
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 120_000);
+
   it('FLT-15 the store on a full disk, then on a read-only one: a rotation fails cleanly (exit 1, the reason), the file is unchanged and still read, nothing left behind', async () => {
     if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
     const dir = await makeTempDir('egress-flt15s-');
@@ -351,6 +423,37 @@ describe('FLT', () => {
     expect(out).toContain('left: store.json \n');
     expect(out).not.toContain('unexpected error');
     for (const f of [...forms(CANARY), fresh]) expect(out).not.toContain(f);
+  }, 30_000);
+
+  it('FLT-15c master-key rotate with the keyring on a full disk, then a read-only one: exit 1 with the reason, the keyring unchanged, no lock or temp file left', async () => {
+    if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
+    const dir = await makeTempDir('egress-flt15c-');
+    await seedDataDir(dir, { routes: {}, credentials: { c: { secret: CANARY } } });
+    const disk = join(dir, 'disk');
+    await mkdir(disk);
+    const script = [
+      'mount -t tmpfs -o size=256k tmpfs "$DISK" || exit 90',
+      'cp -p "$DATA/master.key" "$DISK/master.key"',
+      'dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null',
+      'before=$(sha256sum < "$DISK/master.key")',
+      '"$NODE" "$BIN" master-key rotate; echo "full-exit=$?"',
+      '[ "$(sha256sum < "$DISK/master.key")" = "$before" ] && echo full-unchanged',
+      'rm "$DISK/filler" && mount -o remount,ro "$DISK"',
+      '"$NODE" "$BIN" master-key rotate; echo "ro-exit=$?"',
+      '[ "$(sha256sum < "$DISK/master.key")" = "$before" ] && echo ro-unchanged',
+      'echo "left: $(ls -A "$DISK" | tr "\\n" " ")"',
+    ].join('\n');
+    const env = { ...envFor(dir, { EGRESS_MASTER_KEY_FILE: join(disk, 'master.key') }), PATH: process.env.PATH ?? '/usr/bin:/bin', DISK: disk, DATA: dir, NODE: process.execPath, BIN };
+    const run = await collect(spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+    const out = run.stdout + run.stderr;
+    expect(run.code, out).toBe(0);
+    expect(out).toContain('full-exit=1');
+    expect(out).toContain('full-unchanged');
+    expect(out).toContain('ro-exit=1');
+    expect(out).toContain(`egress: cannot lock master key file ${join(disk, 'master.key')} (EROFS); it is unchanged`);
+    expect(out).toContain('ro-unchanged');
+    expect(out).toContain('left: master.key \n');
+    expect(out).not.toContain('unexpected error');
   }, 30_000);
 
   it('FLT-15 disk full for the audit log (/dev/full): the proxy stays up, raises audit_write_failed, leaks nothing', async () => {
@@ -409,6 +512,72 @@ describe('FLT', () => {
       expect(after.at(-1)).toBe(429);
       await alive(serve);
       expect(serve.output()).not.toContain(fresh);
+    } finally {
+      c.disconnect();
+      await serve.stop();
+      await redis.destroy();
+    }
+  }, 60_000);
+
+  it('FLT-18 a grace too long for a date (or over a year) is a usage error in the CLI (exit 2) and a 400 in the admin API; nothing changes, and a year is still accepted', async () => {
+    const lab = await startLab();
+    try {
+      const env = envFor(lab.dir);
+      const created = await runCli(['admin-token', 'create', 'ops', '--json'], env);
+      const admin = (JSON.parse(created.stdout) as { token: string }).token;
+      await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'admin token known');
+      const storeBefore = await readFile(join(lab.dir, 'store.json'), 'utf8');
+      for (const grace of ['99999999999d', '367d']) {
+        for (const args of [['callers', 'rotate', 'b', '--grace', grace], ['keys', 'rotate', 'plaid', '--from-stdin', '--grace', grace], ['keys', 'promote', 'plaid', '--grace', grace]]) {
+          const r = await runCli(args, env, JSON.stringify({ client_id: 'x', secret: 'sk_flt18_NEW' }));
+          expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+          expect(r.stderr).toContain('--grace');
+          expect(r.stderr).not.toContain('unexpected error');
+        }
+        for (const path of ['/v1/callers/b/rotate', '/v1/credentials/plaid/versions', '/v1/credentials/plaid/promote']) {
+          const res = await fetch(`${lab.admin}${path}`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: JSON.stringify({ grace, fields: { client_id: 'x', secret: 'sk_flt18_NEW' } }) });
+          const text = await res.text();
+          expect(res.status, `${path} ${grace}: ${text}`).toBe(400);
+          expect(text).toContain('grace');
+        }
+      }
+      expect(await readFile(join(lab.dir, 'store.json'), 'utf8')).toBe(storeBefore);
+      const year = await runCli(['callers', 'rotate', 'b', '--grace', '365d'], env);
+      expect(year.code, year.stderr).toBe(0);
+      await lab.g0();
+    } finally {
+      await lab.close();
+    }
+  }, 60_000);
+
+  it('FLT-19 the Redis store\'s change counter edited by hand (not a number, then another type): a revoke still succeeds as one write and reaches the proxy within a second; the store stays readable', async () => {
+    const redis = await TestRedis.create();
+    const dir = await makeTempDir('egress-flt19-');
+    const { tokens } = await seedDataDir(dir, { routes: { r: route() }, credentials: { c: { secret: CANARY } }, callers: ['a', 'b'], store: redis.url });
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const serve = await startServe(env);
+    const c = redis.client();
+    const counter = 'egress:{egress}:version';
+    try {
+      expect((await call(serve, tokens.a!)).status).toBe(200);
+      await c.set(counter, 'abc');
+      await new Promise((r) => setTimeout(r, 1_000));
+      const revoke = await runCli(['callers', 'revoke', 'a'], env);
+      expect(revoke.code, revoke.stderr).toBe(0);
+      expect(revoke.stderr).not.toContain('unexpected error');
+      const ms = await eventually(async () => (await call(serve, tokens.a!)).status === 401, 3_000, 'the revocation at the proxy');
+      expect(ms).toBeLessThan(1_500);
+      // A counter of another type: the store is still read (ready), and a change still reaches the proxy.
+      await c.del(counter);
+      await c.hset(counter, 'x', '1');
+      await new Promise((r) => setTimeout(r, 1_200));
+      expect((await fetch(`${serve.admin}/readyz`)).status).toBe(200);
+      expect((await call(serve, tokens.b!)).status).toBe(403);
+      const revokeB = await runCli(['callers', 'revoke', 'b'], env);
+      expect(revokeB.code, revokeB.stderr).toBe(0);
+      await eventually(async () => (await call(serve, tokens.b!)).status === 401, 1_500, 'the second revocation at the proxy');
+      expect((await fetch(`${serve.admin}/readyz`)).status).toBe(200);
+      await alive(serve);
     } finally {
       c.disconnect();
       await serve.stop();

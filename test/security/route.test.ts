@@ -1,4 +1,7 @@
+import { rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from '../helpers/proxy.ts';
 import { asA, rawRequest, startLab, statuses, type Lab } from './lab.ts';
 
 /**
@@ -170,6 +173,18 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 0);
   });
 
+  it('ROUTE-04c ** is one or more named segments: the bare folder with a trailing slash (/files/, which most servers treat as /files) is not under it', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/wild/files/', 'GET')).toEqual([403]);
+    expect(await send('/wild/files/?x=1', 'GET')).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // Control: a named segment, with or without its own trailing slash, is under it.
+    expect(await send('/wild/files/x', 'GET')).toEqual([200]);
+    expect(await send('/wild/files/x/', 'GET')).toEqual([200]);
+    expect(lab.u.requests.slice(mark).map((r) => r.url)).toEqual(['/base/files/x', '/base/files/x/']);
+    await lab.g0(mark, 2);
+  });
+
   it('ROUTE-09 methods: GET/HEAD/OPTIONS/TRACE/PROPFIND/DELETE/PUT/PATCH on a POST route → 403/405', async () => {
     const mark = lab.u.requests.length;
     for (const method of ['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE', 'PUT', 'PATCH', 'MKCOL', 'SEARCH']) {
@@ -192,6 +207,17 @@ describe('ROUTE: allowlist and paths', () => {
       for (const s of got) expect([400, 403, 405], `${JSON.stringify(method)} -> ${s}`).toContain(s);
     }
     await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-09d HEAD on GET-only rules (literal, * and **) is refused; nothing reaches U', async () => {
+    const mark = lab.u.requests.length;
+    expect(await send('/plaid/institutions/x', 'HEAD', [], lab.tokens.b)).toEqual([403]);
+    expect(await send('/wild/items/x', 'HEAD')).toEqual([403]);
+    expect(await send('/wild/files/x/y', 'HEAD')).toEqual([403]);
+    expect(lab.u.requests.length - mark).toBe(0);
+    // Control: the GET itself is allowed.
+    expect(await send('/plaid/institutions/x', 'GET', [], lab.tokens.b)).toEqual([200]);
+    await lab.g0(mark, 1);
   });
 
   it('ROUTE-09c method-override headers cannot change the method, and are stripped before U', async () => {
@@ -296,6 +322,30 @@ describe('ROUTE: allowlist and paths', () => {
     await refused(['/wild/items/x?a=%zz', '/wild/items/x?a=%00', '/wild/items/x?a=\\', '/wild/items/x?#', '/wild/items/x?a=|'], [400], 'GET');
     expect(lab.u.requests.length - mark).toBe(2);
     await lab.g0(mark, 2);
+  });
+
+  it('ROUTE-20 a route file added at run time that claims a live prefix (or one inside it) for another upstream is refused whole: the old routes stay, E gets nothing', async () => {
+    const routes = join(lab.dir, 'routes');
+    const mark = lab.u.requests.length;
+    const evil = (name: string, prefix: string) => `name: ${name}\nprefix: ${prefix}\nupstream: ${lab.e.url}\nallow_private_addresses: true\ncredential: plaid\ninject:\n  scheme: headers\n  headers:\n    X-Leak: "{secret}"\nallow:\n  - caller: a\n    methods: [POST]\n    paths: [/transactions/get, /get]\n`;
+    try {
+      // Named to sort before plaid.yaml: were the folder accepted, these would be the first routes to match.
+      for (const [name, prefix] of [['aa', '/plaid'], ['ab', '/plaid/accounts']] as const) {
+        const before = lab.serve.output().length;
+        await writeFile(join(routes, `${name}.yaml`), evil(name, prefix));
+        lab.serve.child.kill('SIGHUP');
+        await eventually(() => lab.serve.output().slice(before).includes('route reload rejected'), 3_000, `${name} refused`);
+        expect(lab.serve.output().slice(before)).toContain('overlaps');
+        expect(await send('/plaid/accounts/get')).toEqual([200]);
+        expect(await send('/plaid/transactions/get')).toEqual([200]);
+        await rm(join(routes, `${name}.yaml`));
+      }
+    } finally {
+      await rm(join(routes, 'aa.yaml'), { force: true });
+      await rm(join(routes, 'ab.yaml'), { force: true });
+    }
+    expect(lab.e.requests.length).toBe(0);
+    await lab.g0(mark, 4);
   });
 
   it('ROUTE-16 caller b cannot reach a\'s paths, and a cannot reach b\'s, in any spelling', async () => {

@@ -74,6 +74,7 @@ describe('matchPattern', () => {
     expect(matches('/item/**', '/item/a/b/c')).toBe(true);
     expect(matches('/item/**', '/item/a/b/')).toBe(true);
     expect(matches('/item/**', '/item')).toBe(false);
+    expect(matches('/item/**', '/item/')).toBe(false);
     expect(matches('/item/**', '/itemx/a')).toBe(false);
     expect(matches('/**', '/anything/at/all')).toBe(true);
   });
