@@ -154,7 +154,8 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
     if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
       relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)));
     } else {
-      await exchange.pipeTo(res, exchange.status, relayed);
+      // A caller that stops reading gets as long as the upstream would: the route's response timeout.
+      await exchange.pipeTo(res, exchange.status, relayed, ctx.route!.responseTimeoutMs);
     }
   } catch (err) {
     exchange.discard();

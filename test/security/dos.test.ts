@@ -20,6 +20,8 @@ let lab: Lab;
 let big: Server;
 let bigPort: number;
 let bigBytesSent = 0;
+/** When the big upstream's last response closed (ms since the epoch), however it ended. */
+let bigClosedAt = 0;
 /** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
 let tlsPort: number;
 let tlsCa: string;
@@ -38,7 +40,7 @@ beforeAll(async () => {
       }
       res.end();
     };
-    res.on('close', () => undefined);
+    res.on('close', () => void (bigClosedAt = Date.now()));
     pump();
   });
   await new Promise<void>((r) => big.listen(0, '127.0.0.1', r));
@@ -82,6 +84,21 @@ inject:
   headers:
     X-Api-Key: "{secret}"
 timeouts: { connect: 2s, response: 30s }
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/stream]
+`,
+      stall: `name: stall
+prefix: /stall
+upstream: http://127.0.0.1:${bigPort}
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+timeouts: { connect: 2s, response: 2s }
 allow:
   - caller: a
     methods: [GET]
@@ -303,6 +320,33 @@ describe('DOS', () => {
     socket.destroy();
     await lab.g0();
   });
+
+  it('DOS-10b a caller that stops reading is cut off after the route\'s response timeout, and the upstream connection is let go', async () => {
+    // With back-pressure alone, a caller that never reads held its in-flight slot and a connection
+    // of the upstream's pool for as long as it liked (undici's bodyTimeout does not run while the
+    // proxy has paused the upstream): a few such callers took a whole pool.
+    bigClosedAt = 0;
+    const socket = connect(lab.port, '127.0.0.1');
+    socket.on('error', () => {});
+    await new Promise<void>((r) => socket.once('connect', () => r()));
+    socket.write(`GET /stall/stream HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\n`);
+    await new Promise<void>((r) => socket.once('data', () => r()));
+    socket.pause();
+    const t0 = Date.now();
+    while (bigClosedAt === 0 && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 100));
+    const heldMs = bigClosedAt === 0 ? Infinity : bigClosedAt - t0;
+    console.log(`DOS-10b: the upstream response was let go ${heldMs} ms after the caller stopped reading (route response timeout 2 s)`);
+    expect(heldMs, 'upstream connection released').toBeLessThan(6_000);
+    // The caller's connection is closed too: what it reads now ends before 256 MiB.
+    socket.resume();
+    const ended = await new Promise<boolean>((r) => {
+      socket.on('close', () => r(true));
+      setTimeout(() => r(false), 5_000);
+    });
+    expect(ended, 'caller connection closed').toBe(true);
+    socket.destroy();
+    await lab.g0();
+  }, 30_000);
 
   it('DOS-07 HTTP/2 is not served: h2c preface and frame attacks get 400 and a close, h2c upgrades no 101, TLS never selects h2; a burst leaves the process bounded', async () => {
     const mark = lab.u.requests.length;
