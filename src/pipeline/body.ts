@@ -3,7 +3,8 @@ import { ProxyError } from '../errors.ts';
 
 /** Does the inbound request carry a body (RFC 9112 §6.3)? */
 export function hasBody(req: IncomingMessage): boolean {
-  return req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] !== undefined && req.headers['content-length'] !== '0');
+  // Node's parser has checked the digits; "00" is as empty as "0".
+  return req.headers['transfer-encoding'] !== undefined || Number(req.headers['content-length'] ?? 0) > 0;
 }
 
 /** Refuse a declared Content-Length over the limit before reading a byte of it. */
