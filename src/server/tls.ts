@@ -76,6 +76,8 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     if (identity.serial) serialOf.set(socket, identity.serial);
     void handleRequest(req, res, getConfig(), services, undefined, identity);
   });
+  // As on the plain listener and inside tunnels: past this many header lines the request is refused (431).
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('secureConnection', (s: TLSSocket) => {
     // No renegotiation (TLS 1.2): a client-initiated one costs the server a handshake each time and buys the caller nothing.
     s.disableRenegotiation();

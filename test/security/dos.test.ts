@@ -198,6 +198,15 @@ describe('DOS', () => {
     await lab.g0();
   });
 
+  it('DOS-01e the header-count limit holds on every listener: 150 small headers get 431 on the plain and the TLS listener alike', async () => {
+    const mark = lab.u.requests.length;
+    const request = `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\n${Array.from({ length: LISTENER_LIMITS.maxHeadersCount + 50 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\nConnection: close\r\n\r\n`;
+    expect(Buffer.byteLength(request), 'well under maxHeaderSize').toBeLessThan(LISTENER_LIMITS.maxHeaderSize / 4);
+    expect(statuses(await rawRequest(lab.port, request)), 'plain').toEqual([431]);
+    expect(statuses(await tlsExchange(request)), 'tls').toEqual([431]);
+    await lab.g0(mark, 0);
+  });
+
   it('DOS-03 oversized body (max_body 64kb) with Content-Length, declared or huge: 413, nothing forwarded whole', async () => {
     const mark = lab.u.requests.length;
     const body = 'x'.repeat(64 * 1024 + 1);
