@@ -25,6 +25,8 @@ let bigClosedAt = 0;
 /** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
 let tlsPort: number;
 let tlsCa: string;
+/** The TLS listener's certificate, key and client CA files, for a test that starts its own proxy. */
+let tlsFiles: { cert: string; key: string; ca: string };
 
 beforeAll(async () => {
   // An upstream that streams up to 256 MiB, honouring back-pressure, so only the proxy can buffer it.
@@ -51,6 +53,7 @@ beforeAll(async () => {
   await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
   await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
   tlsCa = pki.caCert;
+  tlsFiles = { cert: join(tlsDir, 'server.pem'), key: join(tlsDir, 'server.key'), ca: join(tlsDir, 'client-ca.pem') };
   tlsPort = await freePort();
   lab = await startLab({
     env: { EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`, EGRESS_TLS_CERT: join(tlsDir, 'server.pem'), EGRESS_TLS_KEY: join(tlsDir, 'server.key'), EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem') },
@@ -411,4 +414,52 @@ describe('DOS', () => {
     expect(await timedB()).toBeLessThan(2_000);
     await lab.g0(mark, 1);
   }, 60_000);
+
+  it('DOS-13 a client that resets its connection while a CONNECT or an upgrade is answered does not take the process down', async () => {
+    // After 'connect' and 'upgrade' Node hands over the socket without its error listener: a reset
+    // (ECONNRESET) while the refusal or the tunnel's 200 was being written was an unhandled 'error'
+    // event, and one unauthenticated client stopped the proxy for everyone.
+    const { certs } = await makeCerts(['api.bank.test']);
+    const fwdTlsPort = await freePort();
+    const fwd = await startLab({
+      env: { EGRESS_CERTS: certs, EGRESS_TLS_LISTEN: `127.0.0.1:${fwdTlsPort}`, EGRESS_TLS_CERT: tlsFiles.cert, EGRESS_TLS_KEY: tlsFiles.key, EGRESS_CLIENT_CA: tlsFiles.ca },
+      routes: (u) => ({ bank: bankRoute(u.url) }),
+    });
+    try {
+      const requests: Record<string, string> = {
+        'CONNECT to an unlisted host': 'CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n',
+        'CONNECT without credentials': 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n',
+        'CONNECT with credentials': `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${basic('a', fwd.tokens.a)}\r\n\r\n`,
+        'WebSocket upgrade': 'GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n',
+      };
+      /** Send `bytes` (over TLS to the TLS listener when `tls`), then reset the TCP connection after `afterMs`. */
+      const reset = (tls: boolean, bytes: string, afterMs: number) => new Promise<void>((resolve) => {
+        const raw = connect(tls ? fwdTlsPort : fwd.port, '127.0.0.1');
+        raw.on('error', () => resolve());
+        const send = (socket: Socket) => {
+          socket.write(bytes);
+          setTimeout(() => {
+            raw.resetAndDestroy();
+            resolve();
+          }, afterMs);
+        };
+        raw.once('connect', () => {
+          if (!tls) return send(raw);
+          const secure = tlsConnect({ socket: raw, servername: 'localhost', ca: tlsCa }, () => send(secure));
+          secure.on('error', () => resolve());
+        });
+      });
+      for (const [what, bytes] of Object.entries(requests)) {
+        for (const afterMs of [0, 5, 50]) {
+          for (let i = 0; i < 3; i++) await reset(false, bytes, afterMs);
+          if (what === 'WebSocket upgrade') for (let i = 0; i < 3; i++) await reset(true, bytes, afterMs);
+          await new Promise((r) => setTimeout(r, 50));
+          expect(fwd.serve.child.exitCode, `${what}, reset after ${afterMs} ms: process alive`).toBeNull();
+        }
+      }
+      await fwd.g0();
+    } finally {
+      await fwd.close();
+    }
+  });
 });
