@@ -3,7 +3,7 @@ import type { HeaderMap } from '../injectors/types.ts';
 /**
  * Header hygiene, RFC 9110 §7.6.1: hop-by-hop headers and anything the Connection header lists
  * never cross the proxy; neither do the caller's token, proxy credentials, forwarding claims that a
- * caller could forge, or method overrides that would change what the allowlist approved.
+ * caller could forge, or method and target overrides that would change what the allowlist approved.
  */
 const DROP_ALWAYS = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings',
@@ -13,6 +13,9 @@ const DROP_ALWAYS = new Set([
   'forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto', 'x-forwarded-port', 'x-forwarded-prefix',
   'x-real-ip', 'via', 'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-ssl-client-s-dn', 'x-client-cert', 'x-caller-id',
   'x-http-method-override', 'x-http-method', 'x-method-override',
+  // Target overrides: IIS URL Rewrite, Zend/Laminas and older Symfony route on these instead of
+  // the request line, so the path the allowlist approved would not be the path served.
+  'x-original-url', 'x-rewrite-url', 'x-original-uri', 'x-envoy-original-path', 'x-override-url',
 ]);
 
 /** Never passed through, whatever the route says (caller_headers may not list these). */

@@ -64,4 +64,17 @@ describe('HDR findings', () => {
     expect(JSON.stringify(r2.rawHeaders)).not.toMatch(/Zm9vOmJhcg|10\.0\.0\.1/);
     await lab.g0(mark, 2);
   });
+  it('HDR-17 target-override headers (X-Original-URL, X-Rewrite-URL, X-Original-URI, X-Envoy-Original-Path, X-Override-URL) never reach U', async () => {
+    // IIS URL Rewrite, Zend/Laminas and older Symfony route on X-Original-URL / X-Rewrite-URL
+    // instead of the request line: the allowlist approved /accounts/get, the upstream would serve
+    // /item/remove with the injected credential. Like X-HTTP-Method-Override, they are dropped.
+    const mark = lab.u.requests.length;
+    const names = ['X-Original-URL', 'X-Rewrite-URL', 'X-Original-URI', 'X-Envoy-Original-Path', 'X-Override-URL', 'X_Original_URL'];
+    const raw = await send('/plaid/accounts/get', names.map((n) => `${n}: /item/remove`));
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(r.url).toBe('/accounts/get');
+    expect(JSON.stringify(r.rawHeaders), 'no target override at U').not.toContain('/item/remove');
+    await lab.g0(mark, 1);
+  });
 });
