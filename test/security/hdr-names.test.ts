@@ -77,4 +77,18 @@ describe('HDR findings', () => {
     expect(JSON.stringify(r.rawHeaders), 'no target override at U').not.toContain('/item/remove');
     await lab.g0(mark, 1);
   });
+  it('HDR-09d other client-address and client-certificate claims (True-Client-IP, X-Client-IP, CF-Connecting-IP, X-SSL-Client-Verify, …) never reach U', async () => {
+    // The same forgeable claims as X-Forwarded-For and X-SSL-Client-S-DN under the names CDNs,
+    // load balancers and TLS terminators use: an upstream that trusts one of them would take the
+    // caller's word for the client's address or verified certificate.
+    const mark = lab.u.requests.length;
+    const names = ['True-Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'Fastly-Client-IP', 'X-Originating-IP', 'X-Remote-IP', 'X-Remote-Addr', 'Client-IP',
+      'X-SSL-Client-Verify', 'X-SSL-Client-I-DN', 'X-SSL-Client-Fingerprint', 'X-Client-Verify', 'X-Client-DN'];
+    const raw = await send('/plaid/accounts/get', names.map((n) => `${n}: spoofed`));
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    const arrived = names.filter((n) => r.headers[n.toLowerCase()] !== undefined);
+    expect(arrived).toEqual([]);
+    await lab.g0(mark, 1);
+  });
 });
