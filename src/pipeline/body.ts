@@ -1,10 +1,24 @@
-import type { IncomingMessage } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ProxyError } from '../errors.ts';
 
 /** Does the inbound request carry a body (RFC 9112 §6.3)? */
 export function hasBody(req: IncomingMessage): boolean {
   // Node's parser has checked the digits; "00" is as empty as "0".
   return req.headers['transfer-encoding'] !== undefined || Number(req.headers['content-length'] ?? 0) > 0;
+}
+
+const continued = new WeakSet<ServerResponse>();
+
+/**
+ * A caller that sent `Expect: 100-continue` waits for a go-ahead before its body (RFC 9110
+ * §10.1.1): it gets it here, just before the body is read, once the request passed every check.
+ * The listeners take Node's 'checkContinue' so that no 100 goes out before the caller is known:
+ * a refused request is answered without its body ever being invited.
+ */
+export function continueBody(req: IncomingMessage, res: ServerResponse): void {
+  if (req.headers.expect?.toLowerCase() !== '100-continue' || continued.has(res)) return;
+  continued.add(res);
+  res.writeContinue();
 }
 
 /** Refuse a declared Content-Length over the limit before reading a byte of it. */

@@ -36,11 +36,14 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const open = new Map<string, number>();
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
-  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
+  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, onRequest);
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
     void handleRequest(req, res, getConfig(), services, tunnel);
-  });
+  }
+  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
+  inner.on('checkContinue', onRequest);
   inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
   inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   // This server never listens: tunnels hand it their decrypted sockets. Node starts checking
