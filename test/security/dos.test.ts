@@ -462,4 +462,77 @@ describe('DOS', () => {
       await fwd.close();
     }
   });
+  it('DOS-13b resets at every stage (before and during the TLS handshake in a tunnel, mid inner request, mid body, mid streamed answer, in absolute form, on bad bytes) leave the process up', async () => {
+    const { certs, caPem } = await makeCerts(['api.bank.test']);
+    // U streams its answer in pieces, so a reset can land while the proxy is relaying.
+    const fwd = await startLab({
+      env: { EGRESS_CERTS: certs },
+      routes: (u) => ({ bank: bankRoute(u.url) }),
+      upstream: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        let n = 0;
+        const timer = setInterval(() => {
+          res.write(Buffer.alloc(64 * 1024, 0x61));
+          if (++n >= 20) {
+            clearInterval(timer);
+            res.end();
+          }
+        }, 5);
+        res.on('close', () => clearInterval(timer));
+      },
+    });
+    const auth = basic('a', fwd.tokens.a);
+    /** Through a tunnel: reset `afterMs` after the CONNECT, after the ClientHello starts, or after `inner` is written. */
+    const viaTunnel = (stage: 'connect' | 'hello' | 'inner', inner: string, afterMs: number) => new Promise<void>((resolve) => {
+      const raw = connect(fwd.port, '127.0.0.1');
+      raw.on('error', () => resolve());
+      const resetLater = () => setTimeout(() => {
+        raw.resetAndDestroy();
+        resolve();
+      }, afterMs);
+      raw.once('connect', () => {
+        raw.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${auth}\r\n\r\n`);
+        if (stage === 'connect') return void resetLater();
+        raw.once('data', () => {
+          const secure = tlsConnect({ socket: raw, servername: 'api.bank.test', ca: caPem });
+          secure.on('error', () => resolve());
+          if (stage === 'hello') return void resetLater();
+          secure.once('secureConnect', () => {
+            secure.write(inner);
+            resetLater();
+          });
+        });
+      });
+    });
+    const plain = (bytes: string, afterMs: number) => new Promise<void>((resolve) => {
+      const socket = connect(fwd.port, '127.0.0.1', () => {
+        socket.write(bytes);
+        setTimeout(() => {
+          socket.resetAndDestroy();
+          resolve();
+        }, afterMs);
+      });
+      socket.on('error', () => resolve());
+    });
+    const token = `X-Egress-Token: ${fwd.tokens.a}`;
+    try {
+      for (const afterMs of [0, 2, 10, 40]) {
+        await viaTunnel('connect', '', afterMs);
+        await viaTunnel('hello', '', afterMs);
+        await viaTunnel('inner', 'GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n', afterMs);
+        await viaTunnel('inner', 'POST /accounts HTTP/1.1\r\nHost: api.bank.test\r\nContent-Length: 100000\r\n\r\nabc', afterMs);
+        await plain(`GET /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\n\r\n`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nContent-Length: 100000\r\n\r\nabc`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n`, afterMs);
+        await plain(`GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${auth}\r\n\r\n`, afterMs);
+        await plain('GARBAGE\r\n\r\n', afterMs);
+        await new Promise((r) => setTimeout(r, 30));
+        expect(fwd.serve.child.exitCode, `resets after ${afterMs} ms: process alive`).toBeNull();
+      }
+      await fwd.g0();
+    } finally {
+      await fwd.close();
+    }
+  }, 30_000);
 });
