@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { constants, randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import { isIP, type Socket } from 'node:net';
@@ -55,7 +55,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     const leaf = minter.leaf(host);
     let known = contexts.get(host);
     if (known?.leaf !== leaf) {
-      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2' }) };
+      // No renegotiation (TLS 1.2): each one would be a full handshake the caller makes the proxy run.
+      // OpenSSL refuses it here; disableRenegotiation() (the TLS listener's way) does nothing on a
+      // TLSSocket no tls.Server owns, and neither does Node's limit of three per ten minutes.
+      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2', secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
       contexts.set(host, known);
     }
     return known.context;
