@@ -1,4 +1,4 @@
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { createServer, type Server } from 'node:http';
 import { connect as h2connect } from 'node:http2';
@@ -30,7 +30,18 @@ let tlsFiles: { cert: string; key: string; ca: string };
 
 beforeAll(async () => {
   // An upstream that streams up to 256 MiB, honouring back-pressure, so only the proxy can buffer it.
-  big = createServer((_req, res) => {
+  big = createServer((req, res) => {
+    if (req.url === '/chunks') {
+      // How many pieces the proxy sent the body in.
+      let pieces = 0;
+      let bytes = 0;
+      req.on('data', (d: Buffer) => {
+        pieces++;
+        bytes += d.length;
+      });
+      req.on('end', () => res.end(JSON.stringify({ pieces, bytes })));
+      return;
+    }
     res.writeHead(200, { 'content-type': 'application/octet-stream' });
     const chunk = Buffer.alloc(64 * 1024, 0x61);
     let sent = 0;
@@ -106,6 +117,9 @@ allow:
   - caller: a
     methods: [GET]
     paths: [/stream]
+  - caller: b
+    methods: [POST]
+    paths: [/chunks]
 `,
     }),
   });
@@ -116,6 +130,12 @@ afterAll(async () => {
   big?.closeAllConnections();
   await new Promise((r) => big?.close(r));
 });
+
+/** CPU time (user + system) a process has used, in ms, from /proc (clock ticks of 10 ms). */
+async function cpuMs(pid: number): Promise<number> {
+  const fields = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
 
 async function timedB(): Promise<number> {
   const t0 = performance.now();
@@ -200,6 +220,24 @@ describe('DOS', () => {
     expect(statuses(raw)).toEqual([431]);
     await lab.g0();
   });
+
+  it('DOS-14 a chunked body written one byte per chunk is sent upstream in a few large pieces, not 100,000 tiny ones', async () => {
+    // Each chunk used to go through the proxy and out to the upstream on its own: a 600 kB upload
+    // of 1-byte chunks cost the proxy some ten times the CPU Node's parser spends on it, and made
+    // the upstream parse every chunk too.
+    const count = 100_000;
+    const body = `${'1\r\nx\r\n'.repeat(count)}0\r\n\r\n`;
+    const before = await cpuMs(lab.serve.child.pid!);
+    const t0 = performance.now();
+    const answer = await rawRequest(lab.port, `POST /stall/chunks HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`, 2_000);
+    const spent = (await cpuMs(lab.serve.child.pid!)) - before;
+    expect(statuses(answer)).toEqual([200]);
+    const { pieces, bytes } = JSON.parse(answer.slice(answer.indexOf('{'), answer.lastIndexOf('}') + 1)) as { pieces: number; bytes: number };
+    console.log(`DOS-14: ${count} one-byte chunks reached the upstream in ${pieces} pieces; the proxy spent ${spent} ms of CPU (${Math.round(performance.now() - t0)} ms wall)`);
+    expect(bytes).toBe(count);
+    expect(pieces, 'pieces at the upstream').toBeLessThan(count / 100);
+    await lab.g0();
+  }, 30_000);
 
   it('DOS-01e the header-count limit holds on every listener: 150 small headers get 431 on the plain and the TLS listener alike', async () => {
     const mark = lab.u.requests.length;
