@@ -130,7 +130,7 @@ export const routeFileSchema = z.strictObject({
     const lower = name.toLowerCase();
     const scheme = claimedBy.get(lower);
     if (scheme) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is set by the "${scheme}" injection: a caller can never pass or override it` });
-    else if (removedByProxy(lower)) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is always removed by the proxy (hop-by-hop, proxy or forwarding header)` });
+    else if (removedByProxy(lower)) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is always removed by the proxy (hop-by-hop, proxy, forwarding or override header)` });
   });
 });
 

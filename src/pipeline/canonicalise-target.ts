@@ -1,15 +1,25 @@
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
+import { hasBody } from './body.ts';
 import { parseTarget } from './target.ts';
 
 /**
+ * Methods whose content has no defined meaning (RFC 9110 §9.3.1, §9.3.2) or is forbidden (§9.3.8).
+ * An upstream that ignores a GET's content reads it as the next request on its connection, and the
+ * proxy shares upstream connections between callers (CL.0 desync): such content is refused.
+ */
+const NO_CONTENT_METHODS = new Set(['GET', 'HEAD', 'TRACE']);
+
+/**
  * Refuse unsafe targets before anything else reads them. Node keeps absolute-form targets in
- * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines.
+ * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines
+ * and content on GET, HEAD and TRACE.
  */
 export function canonicaliseTarget(ctx: RequestContext): void {
   const raw = ctx.req.url ?? '';
   const hostLines = countHeader(ctx.req.rawHeaders, 'host');
   if (hostLines > 1) throw new ProxyError('bad_request', 'Duplicate Host header.');
+  if (NO_CONTENT_METHODS.has(ctx.req.method ?? '') && hasBody(ctx.req)) throw new ProxyError('bad_request', `A ${ctx.req.method} request cannot carry content.`);
   if (ctx.forward) {
     // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that host only.
     const host = (ctx.req.headers.host ?? '').toLowerCase();

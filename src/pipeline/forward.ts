@@ -5,7 +5,7 @@ import { ProxyError, upstreamFailure } from '../errors.ts';
 import type { OutboundRequest } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
-import { checkDeclaredLength, hasBody, limitBody } from './body.ts';
+import { checkDeclaredLength, continueBody, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
 import { open } from './resolve-credential.ts';
@@ -80,6 +80,7 @@ function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
     headers.set('content-length', [String(out.body.length)]);
   } else if (hasBody(req)) {
     checkDeclaredLength(req, route.maxBody);
+    continueBody(req, ctx.res);
     const declared = req.headers['content-length'];
     if (declared !== undefined && req.headers['transfer-encoding'] === undefined) {
       // A declared length within max_body: Node's parser delivers exactly that many bytes, so the
@@ -163,7 +164,8 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
     if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
       relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)), redact);
     } else {
-      await exchange.pipeTo(res, exchange.status, relayed);
+      // A caller that stops reading gets as long as the upstream would: the route's response timeout.
+      await exchange.pipeTo(res, exchange.status, relayed, ctx.route!.responseTimeoutMs);
     }
   } catch (err) {
     exchange.discard();

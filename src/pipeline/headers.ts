@@ -3,7 +3,7 @@ import type { HeaderMap } from '../injectors/types.ts';
 /**
  * Header hygiene, RFC 9110 §7.6.1: hop-by-hop headers and anything the Connection header lists
  * never cross the proxy; neither do the caller's token, proxy credentials, forwarding claims that a
- * caller could forge, or method overrides that would change what the allowlist approved.
+ * caller could forge, or method and target overrides that would change what the allowlist approved.
  */
 const DROP_ALWAYS = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings',
@@ -12,12 +12,26 @@ const DROP_ALWAYS = new Set([
   'x-egress-token',
   'forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto', 'x-forwarded-port', 'x-forwarded-prefix',
   'x-real-ip', 'via', 'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-ssl-client-s-dn', 'x-client-cert', 'x-caller-id',
+  // The client's address and verified certificate under the names CDNs, load balancers and TLS terminators use.
+  'true-client-ip', 'x-client-ip', 'x-cluster-client-ip', 'cf-connecting-ip', 'fastly-client-ip', 'x-originating-ip',
+  'x-remote-ip', 'x-remote-addr', 'client-ip', 'x-client-verify', 'x-client-dn',
   'x-http-method-override', 'x-http-method', 'x-method-override',
+  // Target overrides: IIS URL Rewrite, Zend/Laminas and older Symfony route on these instead of
+  // the request line, so the path the allowlist approved would not be the path served.
+  'x-original-url', 'x-rewrite-url', 'x-original-uri', 'x-envoy-original-path', 'x-override-url',
 ]);
+
+/** Whole families of forwarding and client-certificate claims (x-forwarded-uri, x-ssl-client-verify, …). */
+const DROP_PREFIXES = ['x-forwarded-', 'x-ssl-client-'];
+
+/** A lower-cased name with "_" folded to "-" that is always dropped. */
+function alwaysDropped(folded: string): boolean {
+  return DROP_ALWAYS.has(folded) || DROP_PREFIXES.some((prefix) => folded.startsWith(prefix));
+}
 
 /** Never passed through, whatever the route says (caller_headers may not list these). */
 export function removedByProxy(name: string): boolean {
-  return DROP_ALWAYS.has(name.toLowerCase());
+  return alwaysDropped(name.toLowerCase().replaceAll('_', '-'));
 }
 
 /**
@@ -56,9 +70,9 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = rawHeaders[i]!.toLowerCase();
     // Compare the name as upstreams may read it: CGI, WSGI and PHP servers fold "_" into "-"
-    // (PLAID_SECRET and PLAID-SECRET both become HTTP_PLAID_SECRET); x-forwarded-* goes as a family.
+    // (PLAID_SECRET and PLAID-SECRET both become HTTP_PLAID_SECRET); x-forwarded-* and x-ssl-client-* go as families.
     const folded = name.replaceAll('_', '-');
-    if (DROP_ALWAYS.has(folded) || folded.startsWith('x-forwarded-') || listed.has(name) || listed.has(folded) || claimed.has(folded)) continue;
+    if (alwaysDropped(folded) || listed.has(name) || listed.has(folded) || claimed.has(folded)) continue;
     if (callerHeaders && !STANDARD_CALLER_HEADERS.has(name) && !callerHeaders.has(name)) continue;
     const values = out.get(name);
     if (values) values.push(rawHeaders[i + 1]!);

@@ -1,7 +1,7 @@
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
-import { hasBody, readBody } from './body.ts';
+import { continueBody, hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
 import { needlesOf } from './redact.ts';
 
@@ -25,7 +25,10 @@ export function inject(ctx: RequestContext): void | Promise<void> {
     return;
   }
   return (async () => {
-    if (needsBody) ctx.body = await readBody(ctx.req, route.maxBody);
+    if (needsBody) {
+      continueBody(ctx.req, ctx.res);
+      ctx.body = await readBody(ctx.req, route.maxBody);
+    }
     ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
   })();
 }

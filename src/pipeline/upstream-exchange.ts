@@ -36,6 +36,8 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
   #failure: Error | undefined;
   #sink: ServerResponse | undefined;
   #waitingForDrain = false;
+  /** How long the caller may leave its socket full before the relay is given up (0: no limit). */
+  #stallMs = 0;
   /** The pending pipeTo/readAll: told when the body ends or fails. */
   #onSettle: ((err?: Error) => void) | undefined;
 
@@ -83,12 +85,8 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     const sink = this.#sink;
     if (sink) {
       if (!sink.write(chunk) && !this.#waitingForDrain) {
-        this.#waitingForDrain = true;
         controller.pause();
-        sink.once('drain', () => {
-          this.#waitingForDrain = false;
-          controller.resume();
-        });
+        this.#awaitDrain(sink);
       }
       return;
     }
@@ -119,6 +117,26 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#fail(err);
   }
 
+  /**
+   * The caller's socket is full: the upstream stays paused until it drains. A caller that stops
+   * reading would hold this exchange, its in-flight slot and a connection of the upstream's pool
+   * for good (undici's bodyTimeout does not run while the upstream is paused), so the wait is
+   * bounded like the upstream's own silence: past `stallMs` both sides are cut.
+   */
+  #awaitDrain(sink: ServerResponse): void {
+    this.#waitingForDrain = true;
+    const timer = this.#stallMs > 0 ? setTimeout(() => {
+      const err = new Error('the caller did not read the response within the route deadline');
+      this.#fail(err);
+      if (!this.#ended) this.abort(err);
+    }, this.#stallMs) : undefined;
+    sink.once('drain', () => {
+      clearTimeout(timer);
+      this.#waitingForDrain = false;
+      this.#controller?.resume();
+    });
+  }
+
   #fail(err: Error): void {
     if (this.#failure) return;
     this.#failure = err;
@@ -130,9 +148,11 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
 
   /**
    * Relay the status, `headers` and the body to the caller as it streams. Settles when the caller's
-   * response has finished (resolve), or when either side fails or closes first (reject).
+   * response has finished (resolve), or when either side fails or closes first (reject), or when
+   * the caller leaves its socket full for `stallMs` (reject).
    */
-  pipeTo(res: ServerResponse, status: number, headers: readonly string[]): Promise<void> {
+  pipeTo(res: ServerResponse, status: number, headers: readonly string[], stallMs = 0): Promise<void> {
+    this.#stallMs = stallMs;
     return new Promise<void>((resolve, reject) => {
       let settled = false;
       const settle = (err?: Error) => {
@@ -196,11 +216,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
       let full = false;
       for (const chunk of held) full = !res.write(chunk) || full;
       if (full) {
-        this.#waitingForDrain = true;
-        res.once('drain', () => {
-          this.#waitingForDrain = false;
-          this.#controller?.resume();
-        });
+        this.#awaitDrain(res);
       } else {
         this.#controller?.resume();
       }

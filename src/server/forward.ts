@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { constants, randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import { isIP, type Socket } from 'node:net';
@@ -35,11 +35,14 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const open = new Map<string, number>();
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
-  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, (req: IncomingMessage, res: ServerResponse) => {
+  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, onRequest);
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
     void handleRequest(req, res, getConfig(), services, tunnel);
-  });
+  }
+  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
+  inner.on('checkContinue', onRequest);
   inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
   inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   // This server never listens: tunnels hand it their decrypted sockets. Node starts checking
@@ -51,7 +54,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     const leaf = minter.leaf(host);
     let known = contexts.get(host);
     if (known?.leaf !== leaf) {
-      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2' }) };
+      // No renegotiation (TLS 1.2): each one would be a full handshake the caller makes the proxy run.
+      // OpenSSL refuses it here; disableRenegotiation() (the TLS listener's way) does nothing on a
+      // TLSSocket no tls.Server owns, and neither does Node's limit of three per ten minutes.
+      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2', secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
       contexts.set(host, known);
     }
     return known.context;

@@ -61,6 +61,10 @@ const LINGER_MS = 1_000;
  */
 export function answerAndClose(socket: import('node:stream').Duplex, response: string): void {
   lingering.add(socket);
+  // A peer that resets while it is answered is done: the error is not ours to raise. (After
+  // 'connect' and 'upgrade' Node hands the socket over without its own error listener, and an
+  // unhandled 'error' event would stop the process.)
+  socket.on('error', () => socket.destroy());
   const timer = setTimeout(() => socket.destroy(), LINGER_MS);
   timer.unref();
   socket.once('close', () => clearTimeout(timer));

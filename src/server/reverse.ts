@@ -35,10 +35,13 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
       // Node checks the header and request timeouts on this interval (default 30 s): check twice a second.
       connectionsCheckingInterval: 500,
     },
-    (req: IncomingMessage, res: ServerResponse) => {
-      void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
-    },
+    onRequest,
   );
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
+    void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
+  }
+  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
+  server.on('checkContinue', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
 
   // Protocol switches and tunnels are not API calls: refuse them with a proxy error.

@@ -72,12 +72,17 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
     insecureHTTPParser: false,
     joinDuplicateHeaders: false,
-  }, (req: IncomingMessage, res: ServerResponse) => {
+  }, onRequest);
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket as TLSSocket;
     const identity = certIdentity(socket, caFingerprint, revoked);
     if (identity.serial) serialOf.set(socket, identity.serial);
     void handleRequest(req, res, getConfig(), services, undefined, identity);
-  });
+  }
+  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
+  server.on('checkContinue', onRequest);
+  // As on the plain listener and inside tunnels: past this many header lines the request is refused (431).
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('secureConnection', (s: TLSSocket) => {
     // No renegotiation (TLS 1.2): a client-initiated one costs the server a handshake each time and buys the caller nothing.
     s.disableRenegotiation();

@@ -20,13 +20,28 @@ let lab: Lab;
 let big: Server;
 let bigPort: number;
 let bigBytesSent = 0;
+/** When the big upstream's last response closed (ms since the epoch), however it ended. */
+let bigClosedAt = 0;
 /** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
 let tlsPort: number;
 let tlsCa: string;
+/** The TLS listener's certificate, key and client CA files, for a test that starts its own proxy. */
+let tlsFiles: { cert: string; key: string; ca: string };
 
 beforeAll(async () => {
   // An upstream that streams up to 256 MiB, honouring back-pressure, so only the proxy can buffer it.
-  big = createServer((_req, res) => {
+  big = createServer((req, res) => {
+    if (req.url === '/chunks') {
+      // How many pieces the proxy sent the body in.
+      let pieces = 0;
+      let bytes = 0;
+      req.on('data', (d: Buffer) => {
+        pieces++;
+        bytes += d.length;
+      });
+      req.on('end', () => res.end(JSON.stringify({ pieces, bytes })));
+      return;
+    }
     res.writeHead(200, { 'content-type': 'application/octet-stream' });
     const chunk = Buffer.alloc(64 * 1024, 0x61);
     let sent = 0;
@@ -38,7 +53,7 @@ beforeAll(async () => {
       }
       res.end();
     };
-    res.on('close', () => undefined);
+    res.on('close', () => void (bigClosedAt = Date.now()));
     pump();
   });
   await new Promise<void>((r) => big.listen(0, '127.0.0.1', r));
@@ -49,6 +64,7 @@ beforeAll(async () => {
   await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
   await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
   tlsCa = pki.caCert;
+  tlsFiles = { cert: join(tlsDir, 'server.pem'), key: join(tlsDir, 'server.key'), ca: join(tlsDir, 'client-ca.pem') };
   tlsPort = await freePort();
   lab = await startLab({
     env: { EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`, EGRESS_TLS_CERT: join(tlsDir, 'server.pem'), EGRESS_TLS_KEY: join(tlsDir, 'server.key'), EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem') },
@@ -87,6 +103,24 @@ allow:
     methods: [GET]
     paths: [/stream]
 `,
+      stall: `name: stall
+prefix: /stall
+upstream: http://127.0.0.1:${bigPort}
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+timeouts: { connect: 2s, response: 2s }
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/stream]
+  - caller: b
+    methods: [POST]
+    paths: [/chunks]
+`,
     }),
   });
 }, 30_000);
@@ -96,6 +130,12 @@ afterAll(async () => {
   big?.closeAllConnections();
   await new Promise((r) => big?.close(r));
 });
+
+/** CPU time (user + system) a process has used, in ms, from /proc (clock ticks of 10 ms). */
+async function cpuMs(pid: number): Promise<number> {
+  const fields = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
 
 async function timedB(): Promise<number> {
   const t0 = performance.now();
@@ -179,6 +219,33 @@ describe('DOS', () => {
     const raw = await rawRequest(lab.port, `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nX-Big: ${'a'.repeat(17 * 1024)}\r\n\r\n`);
     expect(statuses(raw)).toEqual([431]);
     await lab.g0();
+  });
+
+  it('DOS-14 a chunked body written one byte per chunk is sent upstream in a few large pieces, not 100,000 tiny ones', async () => {
+    // Each chunk used to go through the proxy and out to the upstream on its own: a 600 kB upload
+    // of 1-byte chunks cost the proxy some ten times the CPU Node's parser spends on it, and made
+    // the upstream parse every chunk too.
+    const count = 100_000;
+    const body = `${'1\r\nx\r\n'.repeat(count)}0\r\n\r\n`;
+    const before = await cpuMs(lab.serve.child.pid!);
+    const t0 = performance.now();
+    const answer = await rawRequest(lab.port, `POST /stall/chunks HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`, 2_000);
+    const spent = (await cpuMs(lab.serve.child.pid!)) - before;
+    expect(statuses(answer)).toEqual([200]);
+    const { pieces, bytes } = JSON.parse(answer.slice(answer.indexOf('{'), answer.lastIndexOf('}') + 1)) as { pieces: number; bytes: number };
+    console.log(`DOS-14: ${count} one-byte chunks reached the upstream in ${pieces} pieces; the proxy spent ${spent} ms of CPU (${Math.round(performance.now() - t0)} ms wall)`);
+    expect(bytes).toBe(count);
+    expect(pieces, 'pieces at the upstream').toBeLessThan(count / 100);
+    await lab.g0();
+  }, 30_000);
+
+  it('DOS-01e the header-count limit holds on every listener: 150 small headers get 431 on the plain and the TLS listener alike', async () => {
+    const mark = lab.u.requests.length;
+    const request = `GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\n${Array.from({ length: LISTENER_LIMITS.maxHeadersCount + 50 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\nConnection: close\r\n\r\n`;
+    expect(Buffer.byteLength(request), 'well under maxHeaderSize').toBeLessThan(LISTENER_LIMITS.maxHeaderSize / 4);
+    expect(statuses(await rawRequest(lab.port, request)), 'plain').toEqual([431]);
+    expect(statuses(await tlsExchange(request)), 'tls').toEqual([431]);
+    await lab.g0(mark, 0);
   });
 
   it('DOS-03 oversized body (max_body 64kb) with Content-Length, declared or huge: 413, nothing forwarded whole', async () => {
@@ -304,7 +371,7 @@ describe('DOS', () => {
     await lab.g0();
   });
 
-  it('DOS-10b a caller that pipelines without reading loses the connection once 64 answers wait behind the first; the upstream streams are released', async () => {
+  it('DOS-10c a caller that pipelines without reading loses the connection once 64 answers wait behind the first; the upstream streams are released', async () => {
     bigBytesSent = 0;
     const socket = connect(lab.port, '127.0.0.1');
     socket.on('error', () => {});
@@ -327,6 +394,33 @@ describe('DOS', () => {
     expect(audit).toContain('"reason":"pipeline_overflow"');
     await lab.g0();
   });
+
+  it('DOS-10b a caller that stops reading is cut off after the route\'s response timeout, and the upstream connection is let go', async () => {
+    // With back-pressure alone, a caller that never reads held its in-flight slot and a connection
+    // of the upstream's pool for as long as it liked (undici's bodyTimeout does not run while the
+    // proxy has paused the upstream): a few such callers took a whole pool.
+    bigClosedAt = 0;
+    const socket = connect(lab.port, '127.0.0.1');
+    socket.on('error', () => {});
+    await new Promise<void>((r) => socket.once('connect', () => r()));
+    socket.write(`GET /stall/stream HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\n`);
+    await new Promise<void>((r) => socket.once('data', () => r()));
+    socket.pause();
+    const t0 = Date.now();
+    while (bigClosedAt === 0 && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 100));
+    const heldMs = bigClosedAt === 0 ? Infinity : bigClosedAt - t0;
+    console.log(`DOS-10b: the upstream response was let go ${heldMs} ms after the caller stopped reading (route response timeout 2 s)`);
+    expect(heldMs, 'upstream connection released').toBeLessThan(6_000);
+    // The caller's connection is closed too: what it reads now ends before 256 MiB.
+    socket.resume();
+    const ended = await new Promise<boolean>((r) => {
+      socket.on('close', () => r(true));
+      setTimeout(() => r(false), 5_000);
+    });
+    expect(ended, 'caller connection closed').toBe(true);
+    socket.destroy();
+    await lab.g0();
+  }, 30_000);
 
   it('DOS-07 HTTP/2 is not served: h2c preface and frame attacks get 400 and a close, h2c upgrades no 101, TLS never selects h2; a burst leaves the process bounded', async () => {
     const mark = lab.u.requests.length;
@@ -382,4 +476,125 @@ describe('DOS', () => {
     expect(await timedB()).toBeLessThan(2_000);
     await lab.g0(mark, 1);
   }, 60_000);
+
+  it('DOS-13 a client that resets its connection while a CONNECT or an upgrade is answered does not take the process down', async () => {
+    // After 'connect' and 'upgrade' Node hands over the socket without its error listener: a reset
+    // (ECONNRESET) while the refusal or the tunnel's 200 was being written was an unhandled 'error'
+    // event, and one unauthenticated client stopped the proxy for everyone.
+    const { certs } = await makeCerts(['api.bank.test']);
+    const fwdTlsPort = await freePort();
+    const fwd = await startLab({
+      env: { EGRESS_CERTS: certs, EGRESS_TLS_LISTEN: `127.0.0.1:${fwdTlsPort}`, EGRESS_TLS_CERT: tlsFiles.cert, EGRESS_TLS_KEY: tlsFiles.key, EGRESS_CLIENT_CA: tlsFiles.ca },
+      routes: (u) => ({ bank: bankRoute(u.url) }),
+    });
+    try {
+      const requests: Record<string, string> = {
+        'CONNECT to an unlisted host': 'CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n',
+        'CONNECT without credentials': 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n',
+        'CONNECT with credentials': `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${basic('a', fwd.tokens.a)}\r\n\r\n`,
+        'WebSocket upgrade': 'GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n',
+      };
+      /** Send `bytes` (over TLS to the TLS listener when `tls`), then reset the TCP connection after `afterMs`. */
+      const reset = (tls: boolean, bytes: string, afterMs: number) => new Promise<void>((resolve) => {
+        const raw = connect(tls ? fwdTlsPort : fwd.port, '127.0.0.1');
+        raw.on('error', () => resolve());
+        const send = (socket: Socket) => {
+          socket.write(bytes);
+          setTimeout(() => {
+            raw.resetAndDestroy();
+            resolve();
+          }, afterMs);
+        };
+        raw.once('connect', () => {
+          if (!tls) return send(raw);
+          const secure = tlsConnect({ socket: raw, servername: 'localhost', ca: tlsCa }, () => send(secure));
+          secure.on('error', () => resolve());
+        });
+      });
+      for (const [what, bytes] of Object.entries(requests)) {
+        for (const afterMs of [0, 5, 50]) {
+          for (let i = 0; i < 3; i++) await reset(false, bytes, afterMs);
+          if (what === 'WebSocket upgrade') for (let i = 0; i < 3; i++) await reset(true, bytes, afterMs);
+          await new Promise((r) => setTimeout(r, 50));
+          expect(fwd.serve.child.exitCode, `${what}, reset after ${afterMs} ms: process alive`).toBeNull();
+        }
+      }
+      await fwd.g0();
+    } finally {
+      await fwd.close();
+    }
+  });
+  it('DOS-13b resets at every stage (before and during the TLS handshake in a tunnel, mid inner request, mid body, mid streamed answer, in absolute form, on bad bytes) leave the process up', async () => {
+    const { certs, caPem } = await makeCerts(['api.bank.test']);
+    // U streams its answer in pieces, so a reset can land while the proxy is relaying.
+    const fwd = await startLab({
+      env: { EGRESS_CERTS: certs },
+      routes: (u) => ({ bank: bankRoute(u.url) }),
+      upstream: (_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        let n = 0;
+        const timer = setInterval(() => {
+          res.write(Buffer.alloc(64 * 1024, 0x61));
+          if (++n >= 20) {
+            clearInterval(timer);
+            res.end();
+          }
+        }, 5);
+        res.on('close', () => clearInterval(timer));
+      },
+    });
+    const auth = basic('a', fwd.tokens.a);
+    /** Through a tunnel: reset `afterMs` after the CONNECT, after the ClientHello starts, or after `inner` is written. */
+    const viaTunnel = (stage: 'connect' | 'hello' | 'inner', inner: string, afterMs: number) => new Promise<void>((resolve) => {
+      const raw = connect(fwd.port, '127.0.0.1');
+      raw.on('error', () => resolve());
+      const resetLater = () => setTimeout(() => {
+        raw.resetAndDestroy();
+        resolve();
+      }, afterMs);
+      raw.once('connect', () => {
+        raw.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${auth}\r\n\r\n`);
+        if (stage === 'connect') return void resetLater();
+        raw.once('data', () => {
+          const secure = tlsConnect({ socket: raw, servername: 'api.bank.test', ca: caPem });
+          secure.on('error', () => resolve());
+          if (stage === 'hello') return void resetLater();
+          secure.once('secureConnect', () => {
+            secure.write(inner);
+            resetLater();
+          });
+        });
+      });
+    });
+    const plain = (bytes: string, afterMs: number) => new Promise<void>((resolve) => {
+      const socket = connect(fwd.port, '127.0.0.1', () => {
+        socket.write(bytes);
+        setTimeout(() => {
+          socket.resetAndDestroy();
+          resolve();
+        }, afterMs);
+      });
+      socket.on('error', () => resolve());
+    });
+    const token = `X-Egress-Token: ${fwd.tokens.a}`;
+    try {
+      for (const afterMs of [0, 2, 10, 40]) {
+        await viaTunnel('connect', '', afterMs);
+        await viaTunnel('hello', '', afterMs);
+        await viaTunnel('inner', 'GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n', afterMs);
+        await viaTunnel('inner', 'POST /accounts HTTP/1.1\r\nHost: api.bank.test\r\nContent-Length: 100000\r\n\r\nabc', afterMs);
+        await plain(`GET /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\n\r\n`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nContent-Length: 100000\r\n\r\nabc`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n`, afterMs);
+        await plain(`POST /bank/accounts HTTP/1.1\r\nHost: p\r\n${token}\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n`, afterMs);
+        await plain(`GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${auth}\r\n\r\n`, afterMs);
+        await plain('GARBAGE\r\n\r\n', afterMs);
+        await new Promise((r) => setTimeout(r, 30));
+        expect(fwd.serve.child.exitCode, `resets after ${afterMs} ms: process alive`).toBeNull();
+      }
+      await fwd.g0();
+    } finally {
+      await fwd.close();
+    }
+  }, 30_000);
 });

@@ -64,4 +64,31 @@ describe('HDR findings', () => {
     expect(JSON.stringify(r2.rawHeaders)).not.toMatch(/Zm9vOmJhcg|10\.0\.0\.1/);
     await lab.g0(mark, 2);
   });
+  it('HDR-17 target-override headers (X-Original-URL, X-Rewrite-URL, X-Original-URI, X-Envoy-Original-Path, X-Override-URL) never reach U', async () => {
+    // IIS URL Rewrite, Zend/Laminas and older Symfony route on X-Original-URL / X-Rewrite-URL
+    // instead of the request line: the allowlist approved /accounts/get, the upstream would serve
+    // /item/remove with the injected credential. Like X-HTTP-Method-Override, they are dropped.
+    const mark = lab.u.requests.length;
+    const names = ['X-Original-URL', 'X-Rewrite-URL', 'X-Original-URI', 'X-Envoy-Original-Path', 'X-Override-URL', 'X_Original_URL'];
+    const raw = await send('/plaid/accounts/get', names.map((n) => `${n}: /item/remove`));
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    expect(r.url).toBe('/accounts/get');
+    expect(JSON.stringify(r.rawHeaders), 'no target override at U').not.toContain('/item/remove');
+    await lab.g0(mark, 1);
+  });
+  it('HDR-09d other client-address and client-certificate claims (True-Client-IP, X-Client-IP, CF-Connecting-IP, X-SSL-Client-Verify, …) never reach U', async () => {
+    // The same forgeable claims as X-Forwarded-For and X-SSL-Client-S-DN under the names CDNs,
+    // load balancers and TLS terminators use: an upstream that trusts one of them would take the
+    // caller's word for the client's address or verified certificate.
+    const mark = lab.u.requests.length;
+    const names = ['True-Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'Fastly-Client-IP', 'X-Originating-IP', 'X-Remote-IP', 'X-Remote-Addr', 'Client-IP',
+      'X-SSL-Client-Verify', 'X-SSL-Client-I-DN', 'X-SSL-Client-Fingerprint', 'X-Client-Verify', 'X-Client-DN'];
+    const raw = await send('/plaid/accounts/get', names.map((n) => `${n}: spoofed`));
+    expect(statuses(raw)).toEqual([200]);
+    const r = lab.u.requests.at(-1)!;
+    const arrived = names.filter((n) => r.headers[n.toLowerCase()] !== undefined);
+    expect(arrived).toEqual([]);
+    await lab.g0(mark, 1);
+  });
 });

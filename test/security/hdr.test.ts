@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CANARY, CLIENT_ID, rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { RawConnection } from './raw-socket.ts';
 
 /**
  * HDR: header hygiene and injection. The standard plaid route injects PLAID-CLIENT-ID and
@@ -342,6 +343,30 @@ describe('HDR: header hygiene and injection', () => {
     expect(Buffer.from(String(r.headers['x-a']), 'latin1').equals(Buffer.from('caf\xe9 \xff\x80', 'utf8'))).toBe(true);
     expect(count(r.rawHeaders, 'authorization')).toBe(1);
     noStack(raw);
+    await lab.g0(mark, 1);
+  });
+  it('HDR-18 Expect: 100-continue: no 100 Continue before the request is authenticated and allowed; an allowed one gets it and its body reaches U', async () => {
+    // Node answers 100 Continue by itself as soon as the head arrives: a caller with no token, or
+    // on a path it may not use, was invited to send its body before the 401/403.
+    const mark = lab.u.requests.length;
+    const head = (path: string, token: string | undefined) => `POST ${path} HTTP/1.1\r\nHost: p\r\n${token ? `X-Egress-Token: ${token}\r\n` : ''}Expect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n`;
+    for (const [label, path, token, status] of [['no token', '/plaid/accounts/get', undefined, 401], ['forbidden path', '/plaid/item/remove', lab.tokens.a, 403]] as const) {
+      const conn = await RawConnection.open(lab.port);
+      const answer = await conn.exchange(head(path, token));
+      conn.close();
+      lab.seen(answer);
+      expect(statuses(answer), label).toEqual([status]);
+    }
+    expect(lab.u.requests.length - mark).toBe(0);
+    const conn = await RawConnection.open(lab.port);
+    const interim = await conn.exchange(head('/plaid/accounts/get', lab.tokens.a));
+    expect(statuses(interim), 'allowed: 100 Continue, then the body is read').toEqual([100]);
+    const final = await conn.exchange('{}');
+    conn.close();
+    lab.seen(final);
+    expect(statuses(final)).toEqual([200]);
+    expect(lab.u.requests.length - mark).toBe(1);
+    expect(lab.u.requests.at(-1)!.body.toString()).toBe('{}');
     await lab.g0(mark, 1);
   });
 });

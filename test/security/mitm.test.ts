@@ -228,6 +228,33 @@ describe('MITM', () => {
     for (const n of needles) expect(texts.some((t) => t.includes(n)), n).toBe(false);
     await lab.g0();
   });
+
+  it('MITM-07 a TLS 1.2 renegotiation inside a tunnel is refused, as on the TLS listener; the next tunnel is served', async () => {
+    // The TLS listener refuses renegotiation; the tunnels' TLS sockets took every one, without even
+    // Node's limit of three per ten minutes: a caller could make the proxy run full handshakes
+    // again and again on one tunnel.
+    const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+    expect(t.status).toBe(200);
+    const tls = tlsConnect({ socket: t.socket, servername: 'api.bank.test', ca: caPem, maxVersion: 'TLSv1.2' });
+    await new Promise<void>((resolve, reject) => tls.once('secureConnect', resolve).once('error', reject));
+    expect(tls.getProtocol()).toBe('TLSv1.2');
+    const outcome = await new Promise<string>((resolve) => {
+      tls.on('error', () => {});
+      tls.on('data', () => {});
+      tls.once('close', () => resolve('closed'));
+      // A renegotiation the proxy took would call back without an error and keep the tunnel.
+      tls.renegotiate({ rejectUnauthorized: true }, (err) => {
+        if (!err) resolve('renegotiated');
+      });
+      tls.write('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\n\r\n');
+      setTimeout(() => resolve('not renegotiated'), 3_000).unref();
+    });
+    tls.destroy();
+    expect(outcome).not.toBe('renegotiated');
+    const out = await inner('GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n');
+    expect(out.split('\r\n')[0]).toBe('HTTP/1.1 200 OK');
+    await lab.g0();
+  });
 });
 
 /** Forward mode with two listed hosts (the main lab's CA is constrained to api.bank.test alone: MITM-05). */

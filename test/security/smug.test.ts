@@ -332,6 +332,25 @@ describe('SMUG: request framing', () => {
       await expect400Closed(bytes, label);
     }
   });
+
+  it('SMUG-19 content on GET, HEAD or TRACE (Content-Length or chunked) → 400, closed; it never rides to U on a pooled connection', async () => {
+    // An upstream that ignores the content of a GET (CL.0, RFC 9110 §9.3.1) would read it as the
+    // next request on a connection the proxy shares between callers: the prefix of a request that
+    // swallows the next caller's credentials. So the content is refused, not forwarded.
+    const get = (method: string) => `${method} /plaid/institutions/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.b}\r\n`;
+    const prefix = 'GET /plaid/item/remove HTTP/1.1\r\nX-Ignore: ';
+    for (const method of ['GET', 'HEAD', 'TRACE']) {
+      await expect400Closed(`${get(method)}Content-Length: ${prefix.length}\r\n\r\n${prefix}`, `${method} with Content-Length`);
+      await expect400Closed(`${get(method)}Transfer-Encoding: chunked\r\n\r\n${prefix.length.toString(16)}\r\n${prefix}\r\n0\r\n\r\n`, `${method} chunked`);
+    }
+    // An empty body is no body: Content-Length: 0 (or 00) on a GET is still served (control).
+    for (const length of ['0', '00']) {
+      const mark = lab.u.requests.length;
+      const { data } = await rawExchange(lab.port, `${get('GET')}Content-Length: ${length}\r\nConnection: close\r\n\r\n`);
+      expect(statuses(data), `Content-Length: ${length}`).toEqual([200]);
+      expect(lab.u.requests.length - mark).toBe(1);
+    }
+  });
 });
 
 /**

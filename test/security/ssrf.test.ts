@@ -1,13 +1,20 @@
+import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
+import { TUNNEL_LIMITS } from '../../src/server/forward.ts';
 import { bankRoute, basic, connectTunnel, makeCerts, percentile } from './sec-helpers.ts';
+
+const TUNNELS_PER_CALLER = TUNNEL_LIMITS.perCaller;
 
 /** SSRF: the forward proxy (CONNECT and absolute-form) only ever reaches hosts a route names, on its port. */
 let lab: Lab;
 let authA: string;
+let caPem: string;
 
 beforeAll(async () => {
-  const { certs } = await makeCerts(['api.bank.test', 'api.other.test']);
+  const made = await makeCerts(['api.bank.test', 'api.other.test']);
+  const certs = made.certs;
+  caPem = made.caPem;
   lab = await startLab({
     env: { EGRESS_CERTS: certs },
     routes: (u) => ({
@@ -204,6 +211,47 @@ describe('SSRF', () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(await status('api.bank.test:443')).toBe(200);
     await lab.g0(mark, 20);
+  }, 30_000);
+
+  it('SSRF-11b a tunnel that ends at any stage (reset or FIN, before or during the handshake, mid request) gives its slot back: 70 of each in a row all open', async () => {
+    const mark = lab.u.requests.length;
+    const stages = ['after 200', 'during handshake', 'mid request'] as const;
+    for (const stage of stages) {
+      for (const how of ['reset', 'fin'] as const) {
+        const got: number[] = [];
+        for (let i = 0; i < TUNNELS_PER_CALLER + 6; i++) {
+          const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+          got.push(t.status);
+          const end = () => (how === 'reset' ? t.socket.resetAndDestroy() : t.socket.end());
+          if (t.status !== 200 || stage === 'after 200') {
+            end();
+            continue;
+          }
+          await new Promise<void>((resolve) => {
+            const tls = tlsConnect({ socket: t.socket, servername: 'api.bank.test', ca: caPem });
+            tls.on('error', () => resolve());
+            if (stage === 'during handshake') {
+              setImmediate(() => {
+                end();
+                resolve();
+              });
+              return;
+            }
+            tls.once('secureConnect', () => {
+              tls.write('POST /accounts HTTP/1.1\r\nHost: api.bank.test\r\nContent-Length: 1000\r\n\r\nabc');
+              setTimeout(() => {
+                end();
+                resolve();
+              }, 5);
+            });
+          });
+        }
+        await new Promise((r) => setTimeout(r, 50));
+        expect(got.filter((s) => s !== 200), `${stage}, ${how}: every tunnel opened`).toEqual([]);
+      }
+    }
+    expect(await status('api.bank.test:443')).toBe(200);
+    await lab.g0(mark, 0);
   }, 30_000);
 
   it('SSRF-12 absolute-form: a Host header other than the target (even another listed host) gets 421; https://, userinfo, other ports and integer IPs get 400; nothing reaches U or E', async () => {
