@@ -53,7 +53,9 @@ afterAll(async () => {
 
 /** One raw request from caller a on its own connection; the status codes it got. */
 async function send(target: string, method = 'POST', extra: string[] = [], token = lab.tokens.a): Promise<number[]> {
-  const lines = [`${method} ${target} HTTP/1.1`, 'Host: p', `X-Egress-Token: ${token}`, 'Content-Type: application/json', 'Content-Length: 2', ...extra, 'Connection: close', '', '{}'];
+  // GET, HEAD and TRACE carry no content (content on them is refused: SMUG-19).
+  const body = ['GET', 'HEAD', 'TRACE'].includes(method) ? [] : ['Content-Type: application/json', 'Content-Length: 2'];
+  const lines = [`${method} ${target} HTTP/1.1`, 'Host: p', `X-Egress-Token: ${token}`, ...body, ...extra, 'Connection: close', '', body.length ? '{}' : ''];
   const raw = await rawRequest(lab.port, lines.join('\r\n'));
   lab.seen(raw);
   return statuses(raw);
