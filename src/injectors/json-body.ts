@@ -10,6 +10,21 @@ const schema = z.strictObject({
 });
 type Options = z.output<typeof schema>;
 
+// ES2025 JSON.parse source text access (Node 22+), not yet in TypeScript's lib.
+type SourceReviver = (key: string, value: unknown, context: { source?: string }) => unknown;
+const json = JSON as unknown as {
+  parse(text: string, reviver: SourceReviver): unknown;
+  rawJSON(text: string): unknown;
+  isRawJSON(value: unknown): boolean;
+};
+
+/**
+ * Numbers keep the text the caller wrote: a 64-bit id or a decimal amount parsed into a double and
+ * written out again would change (12345678901234567890 -> 12345678901234567000, 10.10 -> 10.1).
+ */
+const keepNumberText: SourceReviver = (_key, value, context) =>
+  typeof value === 'number' && context.source !== undefined ? json.rawJSON(context.source) : value;
+
 /**
  * Credential fields merged into a top-level JSON object body (Plaid body mode). The proxy's fields
  * win over any the caller sent; Content-Length is recomputed when the request is sent.
@@ -24,11 +39,11 @@ export const jsonBodyInjector: Injector<Options> = {
     const text = request.body && request.body.length > 0 ? request.body.toString('utf8') : '{}';
     let parsed: unknown;
     try {
-      parsed = JSON.parse(text);
+      parsed = json.parse(text, keepNumberText);
     } catch {
       throw new ProxyError('bad_request', 'This route needs a JSON object body.');
     }
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed) || json.isRawJSON(parsed)) {
       throw new ProxyError('bad_request', 'This route needs a JSON object body.');
     }
     // A null-prototype copy: a "__proto__" key from the caller stays a plain key.

@@ -1,0 +1,102 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/**
+ * Credential injection probes (CRED-INJ): what each scheme sends must be exactly what the caller
+ * sent plus the credential, and a credential that cannot be sent as the provider expects is refused.
+ * The upstream checks everything with its own code.
+ */
+let upstream: Upstream;
+let proxy: TestProxy;
+const mints: { client: string; token: string }[] = [];
+let counter = 0;
+
+const CREDS = {
+  plaidbody: { client_id: 'client-456', secret: 'body_secret_CANARY_555' },
+  colon: { username: 'user:with-colon', password: 'pw_CANARY_666' },
+  tl: { client_id: 'client-1', client_secret: 'cs_CANARY_eu', us_client_id: 'client-2', us_client_secret: 'cs_CANARY_us' },
+  refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
+};
+
+function route(name: string, inject: string, extra = ''): string {
+  return `name: ${name}
+prefix: /${name}
+upstream: ${upstream.url}
+allow_private_addresses: true
+credential: ${name.replace(/-.*/, '')}
+inject:
+${inject}
+${extra}allow:
+  - caller: svc
+    methods: [GET, POST]
+    paths: [/check, /accounts]
+`;
+}
+
+const oauth = (id: string, secret: string) => `  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/connect/token
+  client_id: "${id}"
+  client_secret: "${secret}"`;
+
+beforeAll(async () => {
+  upstream = await startUpstream((req, res, body) => {
+    const json = (status: number, doc: unknown) => {
+      res.writeHead(status, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(doc));
+    };
+    if (req.url === '/connect/token') {
+      const [user, pass] = Buffer.from(String(req.headers.authorization ?? '').replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent);
+      const known: Record<string, string> = { 'client-1': 'cs_CANARY_eu', 'client-2': 'cs_CANARY_us' };
+      if (!user || known[user] !== pass) return json(401, { error: 'invalid_client', error_description: `bad secret ${pass}` });
+      const token = `at_${user}_${++counter}`;
+      mints.push({ client: user, token });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
+    if (req.url === '/accounts') {
+      const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+      return json(200, { client: mints.find((m) => m.token === bearer)?.client ?? null });
+    }
+    res.writeHead(200, { 'content-type': 'application/octet-stream' });
+    res.end(body);
+  });
+  proxy = await startTestProxy({
+    routes: {
+      plaidbody: route('plaidbody', '  scheme: json_body\n  fields:\n    client_id: "{client_id}"\n    secret: "{secret}"'),
+      colon: route('colon', '  scheme: basic'),
+      'tl-eu': route('tl-eu', oauth('{client_id}', '{client_secret}')),
+      'tl-us': route('tl-us', oauth('{us_client_id}', '{us_client_secret}')),
+      refused: route('refused', oauth('{client_id}', '{client_secret}')),
+    },
+    credentials: CREDS,
+    callers: ['svc'],
+  });
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  await upstream?.close();
+});
+
+function call(path: string, init: RequestInit = {}): Promise<Response> {
+  return fetch(`${proxy.url}${path}`, { ...init, headers: { 'x-egress-token': proxy.tokens.svc!, ...(init.headers as Record<string, string>) } });
+}
+
+describe('CRED-INJ', () => {
+  it('CRED-INJ-01 json_body keeps the caller\'s numbers as written: 64-bit ids and decimals are not rounded by re-serialisation', async () => {
+    const sent = '{"account_id":12345678901234567890,"amount":10.10,"rate":1e-7,"big":-9007199254740993}';
+    const res = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: sent });
+    expect(res.status).toBe(200);
+    const got = await res.text();
+    expect(got).toContain('"account_id":12345678901234567890');
+    expect(got).toContain('"amount":10.10');
+    expect(got).toContain('"rate":1e-7');
+    expect(got).toContain('"big":-9007199254740993');
+    const parsed = JSON.parse(got) as Record<string, unknown>;
+    expect(parsed.secret).toBe(CREDS.plaidbody.secret);
+    expect(parsed.client_id).toBe(CREDS.plaidbody.client_id);
+  });
+
+
+
+});
