@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { ProxyError } from '../errors.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
@@ -19,6 +20,11 @@ export const basicInjector: Injector<Options> = {
   inject({ request, credential, options, redact }) {
     const username = render(options.username, credential.fields);
     const password = render(options.password, credential.fields);
+    // RFC 7617 §2: the user-id cannot contain ':'. The upstream splits at the first one, so it would
+    // check a different user and password than the credential holds: refuse instead of sending that.
+    if (username.includes(':')) {
+      throw new ProxyError('credential_unavailable', "The credential's Basic user-id contains ':', which HTTP Basic cannot carry.");
+    }
     const encoded = Buffer.from(`${username}:${password}`, 'utf8').toString('base64');
     redact(password);
     redact(encoded);

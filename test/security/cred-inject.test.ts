@@ -97,6 +97,16 @@ describe('CRED-INJ', () => {
     expect(parsed.client_id).toBe(CREDS.plaidbody.client_id);
   });
 
+  it('CRED-INJ-02 basic auth with ":" in the user-id (RFC 7617 §2 forbids it) is refused with 503, nothing sent', async () => {
+    const before = upstream.requests.length;
+    const res = await call('/colon/check');
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+    const text = await res.text();
+    expect(text).not.toContain('CANARY');
+    expect(text).not.toContain('user:with-colon');
+    expect(upstream.requests.length).toBe(before);
+  });
 
 
 });
