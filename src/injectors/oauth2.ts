@@ -58,7 +58,13 @@ export const oauth2Injector: Injector<Options> = {
   templates: (options) => [options.client_id, options.client_secret],
   async prepare(args: PrepareArgs<Options>): Promise<string> {
     const { options, credential } = args;
-    const key = { credential: credential.id, version: credential.version, parts: [options.token_url, options.scope ?? '', JSON.stringify(options.extra)] };
+    // Everything that decides which client the token is minted for: two routes that share a
+    // credential and a token endpoint but name different client fields get different tokens.
+    const key = {
+      credential: credential.id,
+      version: credential.version,
+      parts: [options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field],
+    };
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
       if (refresh && options.refresh_url) {

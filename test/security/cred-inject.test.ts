@@ -108,5 +108,11 @@ describe('CRED-INJ', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
+  it('CRED-INJ-03 two routes minting from one credential and one token endpoint with different client fields get their own tokens', async () => {
+    const eu = await (await call('/tl-eu/accounts')).json() as { client: string };
+    const us = await (await call('/tl-us/accounts')).json() as { client: string };
+    expect(eu.client).toBe('client-1');
+    expect(us.client).toBe('client-2');
+  });
 
 });
