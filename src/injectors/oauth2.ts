@@ -89,7 +89,19 @@ export const oauth2Injector: Injector<Options> = {
   },
 };
 
-class TokenRejected extends Error {}
+/**
+ * The token endpoint refused the client credentials (invalid_client and friends): the credential
+ * is unusable for this route (503), and the pipeline raises the "upstream rejected the credential"
+ * alert. The endpoint's own error text is never passed on: it may quote what was sent.
+ */
+export class TokenRejected extends ProxyError {
+  readonly upstreamStatus: number;
+
+  constructor(upstreamStatus: number) {
+    super('credential_unavailable', 'The token endpoint rejected the client credentials.');
+    this.upstreamStatus = upstreamStatus;
+  }
+}
 
 async function mint(dispatcher: Dispatcher, options: Options, credential: ResolvedCredential): Promise<Minted> {
   const id = render(options.client_id, credential.fields);
@@ -136,7 +148,7 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
   }
   if (res.status === 400 || res.status === 401 || res.status === 403) {
     // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.
-    throw new TokenRejected('the token endpoint rejected the client credentials');
+    throw new TokenRejected(res.status);
   }
   if (res.status < 200 || res.status >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.status}.`);
   let doc: Record<string, unknown>;

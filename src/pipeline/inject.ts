@@ -1,3 +1,4 @@
+import { TokenRejected } from '../injectors/oauth2.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
@@ -48,15 +49,20 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
   if (route.needsPrepare) {
     const { services } = ctx;
     const previous = ctx.previous && credential.version !== ctx.previous.version ? () => open(ctx, credential.id, ctx.previous!) : undefined;
-    prepared = await Promise.all(route.injections.map(({ injector, options }) =>
-      injector.prepare?.({
-        credential,
-        previous,
-        options,
-        tokens: services.tokens,
-        dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
-        redact: (value) => void ctx.redactions.push(...needlesOf([value])),
-      })));
+    try {
+      prepared = await Promise.all(route.injections.map(({ injector, options }) =>
+        injector.prepare?.({
+          credential,
+          previous,
+          options,
+          tokens: services.tokens,
+          dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
+          redact: (value) => void ctx.redactions.push(...needlesOf([value])),
+        })));
+    } catch (err) {
+      if (err instanceof TokenRejected) services.rules.onAuthFailure(credential.id, credential.version, route.name, err.upstreamStatus);
+      throw err;
+    }
   }
   return buildOutbound(ctx, credential, nonce, prepared);
 }

@@ -115,4 +115,14 @@ describe('CRED-INJ', () => {
     expect(us.client).toBe('client-2');
   });
 
+  it('CRED-INJ-04 a token endpoint refusing the client (no previous version) is 503 credential_unavailable with an alert, its error text never relayed', async () => {
+    const res = await call('/refused/accounts');
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+    const text = await res.text();
+    expect(text).not.toContain('CANARY');
+    expect(proxy.logs()).not.toContain('cs_CANARY_wrong');
+    // Ops hear about it as they do for an API's rejection: the upstream refused the credential.
+    expect(proxy.logs()).toContain('upstream_rejected_credential');
+  });
 });
