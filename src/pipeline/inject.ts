@@ -1,3 +1,4 @@
+import { ProxyError } from '../errors.ts';
 import { TokenRejected } from '../injectors/oauth2.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
@@ -81,7 +82,26 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
   const redact = (value: string) => void ctx.redactions.push(...needlesOf([value]));
   const now = new Date();
   route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
+  checkInjectedHeaders(outbound, route.claims.headers);
   return outbound;
+}
+
+// RFC 9110 §5.5 field-value characters (HTAB, SP, VCHAR, obs-text), as the HTTP client enforces them.
+const NOT_FIELD_VALUE = /[^\t\x20-\x7e\x80-\xff]/;
+
+/**
+ * A credential (or a minted token) holding CR, LF, NUL or another control character cannot be
+ * sent in a header: refuse with credential_unavailable here, naming no value, rather than let the
+ * HTTP client fail the request as an upstream error whose message quotes the header.
+ */
+function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<string>): void {
+  for (const name of claimed) {
+    for (const value of outbound.headers.get(name) ?? []) {
+      if (NOT_FIELD_VALUE.test(value)) {
+        throw new ProxyError('credential_unavailable', `The credential cannot be sent in the ${name} header: it holds a character a header value cannot carry.`);
+      }
+    }
+  }
 }
 
 /** Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte. */

@@ -126,3 +126,30 @@ describe('CRED-INJ', () => {
     expect(proxy.logs()).toContain('upstream_rejected_credential');
   });
 });
+
+describe('CRED-INJ probes with their own proxy', () => {
+  let own: TestProxy | undefined;
+  afterAll(async () => {
+    await own?.close();
+  });
+
+  it('CRED-INJ-05 a credential value that cannot be a header value (CR LF, NUL) is refused with 503 and never logged; nothing is sent', async () => {
+    own = await startTestProxy({
+      routes: {
+        crlf: route('crlf', '  scheme: headers\n  headers:\n    X-Api-Key: "{key}"'),
+        nul: route('nul', '  scheme: bearer'),
+      },
+      credentials: { crlf: { key: 'k_CANARY_777\r\nX-Injected: yes' }, nul: { token: 't_CANARY_888\u0000tail' } },
+      callers: ['svc'],
+    });
+    const before = upstream.requests.length;
+    for (const name of ['crlf', 'nul']) {
+      const res = await fetch(`${own.url}/${name}/check`, { headers: { 'x-egress-token': own.tokens.svc! } });
+      expect(res.status).toBe(503);
+      expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+      expect(await res.text()).not.toContain('CANARY');
+    }
+    expect(upstream.requests.length).toBe(before);
+    expect(own.logs()).not.toContain('CANARY');
+  });
+});
