@@ -1,3 +1,4 @@
+import { loadRoutes } from '../config/load-routes.ts';
 import { NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
 import { UserError } from '../errors.ts';
@@ -24,7 +25,12 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
   maxArgs(p.positionals, ARGS[sub]!, USAGE);
   const settings = p.settings();
   const store = openStore(settings.store);
-  const op: ops.Operator = { store, actor: cliActor() };
+  // The routes the proxy serves from EGRESS_ROUTES: a version that would leave one of them without
+  // its fields is not made current. A folder that does not load (or is not there) skips the check.
+  const routes = sub === 'rotate' || sub === 'promote' || sub === 'rollback'
+    ? await loadRoutes(settings.routesDir).then((c) => c.routes, () => undefined)
+    : undefined;
+  const op: ops.Operator = { store, actor: cliActor(), ...(routes ? { routes: () => routes } : {}) };
   const id = () => {
     const value = requireArg(p.positionals, 0, 'credential ID');
     if (!NAME.test(value)) throw new UserError('credential IDs are lower-case letters, digits, "_" and "-" (at most 63)', EXIT.usage);

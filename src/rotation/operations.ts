@@ -17,6 +17,35 @@ export interface Operator {
   /** Who is acting: recorded in the record's history and the audit log. */
   readonly actor: string;
   readonly now?: () => Date;
+  /**
+   * The routes in force (name, credential, the fields their templates read), when known: a version
+   * is made current only if every route using the credential finds its fields in it.
+   */
+  readonly routes?: () => readonly RouteFields[];
+}
+
+export interface RouteFields {
+  readonly name: string;
+  readonly credential: string;
+  readonly fields: readonly string[];
+}
+
+/**
+ * A version missing a field a route sends would turn every request on that route into a 503 the
+ * moment it became current (a typo in a rotation file is an outage, and the previous version in
+ * grace is no help: resolution stops at the current one). Refuse the change instead; nothing moves.
+ */
+function checkRoutesServed(op: Operator, before: CredentialRecord, after: CredentialRecord): CredentialRecord {
+  const current = after.versions.find((v) => v.state === 'current');
+  // Only a version that becomes current here: staging leaves the current one as it was.
+  if (!current || !op.routes || before.versions.some((v) => v.state === 'current' && v.version === current.version)) return after;
+  const gaps = op.routes()
+    .filter((r) => r.credential === after.id)
+    .map((r) => ({ route: r.name, missing: r.fields.filter((f) => !current.fields.includes(f)) }))
+    .filter((g) => g.missing.length > 0);
+  if (gaps.length === 0) return after;
+  const what = gaps.map((g) => `route "${g.route}" needs ${g.missing.map((f) => `"${f}"`).join(', ')}`).join('; ');
+  throw new StateError(`version ${current.version} of "${after.id}" would become current without fields its routes send (${what}); nothing was changed`);
 }
 
 function by(op: Operator): t.Actor {
@@ -47,17 +76,17 @@ export async function putCredential(op: Operator, keyring: Keyring, id: string, 
 export async function rotateCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues, options: { stage: boolean; graceMs: number }): Promise<CredentialRecord> {
   const before = await credential(op, id);
   checkCertificateFields(fields, by(op).now);
-  return save(op, before, t.rotate(before, keyring, fields, options, by(op)));
+  return save(op, before, checkRoutesServed(op, before, t.rotate(before, keyring, fields, options, by(op))));
 }
 
 export async function promoteCredential(op: Operator, id: string, graceMs: number): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  return save(op, before, t.promote(before, { graceMs }, by(op)));
+  return save(op, before, checkRoutesServed(op, before, t.promote(before, { graceMs }, by(op))));
 }
 
 export async function rollbackCredential(op: Operator, id: string): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  return save(op, before, t.rollback(before, by(op)));
+  return save(op, before, checkRoutesServed(op, before, t.rollback(before, by(op))));
 }
 
 export async function revokeCredential(op: Operator, id: string, version: number | undefined): Promise<CredentialRecord> {

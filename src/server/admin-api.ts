@@ -20,6 +20,8 @@ export interface AdminApiDeps {
   readonly store: StoreView;
   readonly keys: KeyringFile;
   readonly audit: AuditLog;
+  /** The routes in force, so a rotation that would leave one without its fields is refused. */
+  readonly routes?: () => readonly ops.RouteFields[];
 }
 
 const MAX_BODY = 128 * 1024;
@@ -49,7 +51,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     const name = adminName(req, deps.store, 'bearer');
     if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     actor = `admin:${name}`;
-    const op: ops.Operator = { store: deps.store.backend, actor };
+    const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
     const result = await route(req, segments, op, deps);
     // The API's answer reflects the change at once; the proxy's own view follows within a second.
     void deps.store.refresh();
