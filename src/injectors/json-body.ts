@@ -18,6 +18,8 @@ const json = JSON as unknown as {
   isRawJSON(value: unknown): boolean;
 };
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
 /**
  * Numbers keep the text the caller wrote: a 64-bit id or a decimal amount parsed into a double and
  * written out again would change (12345678901234567890 -> 12345678901234567000, 10.10 -> 10.1).
@@ -36,7 +38,16 @@ export const jsonBodyInjector: Injector<Options> = {
   claims: (options) => ({ headers: [], query: [], bodyFields: Object.keys(options.fields) }),
   templates: (options) => Object.values(options.fields),
   inject({ request, credential, options, redact }) {
-    const text = request.body && request.body.length > 0 ? request.body.toString('utf8') : '{}';
+    let text = '{}';
+    if (request.body && request.body.length > 0) {
+      // RFC 8259 §8.1: JSON between systems is UTF-8. Other bytes would be replaced by U+FFFD and
+      // sent on silently changed (a Latin-1 "é" in a name); refuse them instead.
+      try {
+        text = UTF8.decode(request.body);
+      } catch {
+        throw new ProxyError('bad_request', 'This route needs a JSON object body in UTF-8.');
+      }
+    }
     let parsed: unknown;
     try {
       parsed = json.parse(text, keepNumberText);

@@ -97,6 +97,18 @@ describe('CRED-INJ', () => {
     expect(parsed.client_id).toBe(CREDS.plaidbody.client_id);
   });
 
+  it('CRED-INJ-06 json_body refuses a body that is not UTF-8 (400, nothing sent) instead of sending it on with U+FFFD in place', async () => {
+    const before = upstream.requests.length;
+    const latin1 = Buffer.concat([Buffer.from('{"name":"caf'), Buffer.from([0xe9]), Buffer.from('"}')]);
+    const res = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json; charset=iso-8859-1' }, body: latin1 });
+    expect(res.status).toBe(400);
+    expect(res.headers.get('x-egress-error')).toBe('bad_request');
+    expect(upstream.requests.length).toBe(before);
+    const ok = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: Buffer.from('{"name":"café ☕"}', 'utf8') });
+    expect(ok.status).toBe(200);
+    expect((JSON.parse(await ok.text()) as { name: string }).name).toBe('café ☕');
+  });
+
   it('CRED-INJ-02 basic auth with ":" in the user-id (RFC 7617 §2 forbids it) is refused with 503, nothing sent', async () => {
     const before = upstream.requests.length;
     const res = await call('/colon/check');
