@@ -95,8 +95,10 @@ const NOT_FIELD_VALUE = /[^\t\x20-\x7e\x80-\xff]/;
  * HTTP client fail the request as an upstream error whose message quotes the header.
  */
 function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<string>): void {
-  for (const name of claimed) {
-    for (const value of outbound.headers.get(name) ?? []) {
+  // Claimed names are folded ("_" as "-"); the injectors set them as configured.
+  for (const [name, values] of outbound.headers) {
+    if (!claimed.has(name.replaceAll('_', '-'))) continue;
+    for (const value of values) {
       if (NOT_FIELD_VALUE.test(value)) {
         throw new ProxyError('credential_unavailable', `The credential cannot be sent in the ${name} header: it holds a character a header value cannot carry.`);
       }

@@ -150,12 +150,13 @@ describe('CRED-INJ probes with their own proxy', () => {
       routes: {
         crlf: route('crlf', '  scheme: headers\n  headers:\n    X-Api-Key: "{key}"'),
         nul: route('nul', '  scheme: bearer'),
+        under: route('under', '  scheme: headers\n  headers:\n    X_Api_Key: "{key}"'),
       },
-      credentials: { crlf: { key: 'k_CANARY_777\r\nX-Injected: yes' }, nul: { token: 't_CANARY_888\u0000tail' } },
+      credentials: { crlf: { key: 'k_CANARY_777\r\nX-Injected: yes' }, nul: { token: 't_CANARY_888\u0000tail' }, under: { key: 'k_CANARY_999\ntail' } },
       callers: ['svc'],
     });
     const before = upstream.requests.length;
-    for (const name of ['crlf', 'nul']) {
+    for (const name of ['crlf', 'nul', 'under']) {
       const res = await fetch(`${own.url}/${name}/check`, { headers: { 'x-egress-token': own.tokens.svc! } });
       expect(res.status).toBe(503);
       expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
