@@ -81,8 +81,8 @@ const PRESET_TABLE = {
     route: {
       upstream: 'https://api.kraken.com',
       inject: { scheme: 'kraken' },
-      // Kraken reports "EAPI:Invalid key" inside an HTTP 200 body, which auth_failure (a 4xx/5xx
-      // status, then a body match) cannot express: no auth_failure, so no fallback to a previous key.
+      // Kraken reports a key it does not know as "EAPI:Invalid key" inside an HTTP 200 body.
+      auth_failure: { status: [200], body_contains: 'EAPI:Invalid key' },
       replay_safe: [
         'POST /0/private/Balance', 'POST /0/private/BalanceEx', 'POST /0/private/TradeBalance', 'POST /0/private/OpenOrders',
         'POST /0/private/ClosedOrders', 'POST /0/private/QueryOrders', 'POST /0/private/TradesHistory',

@@ -102,9 +102,10 @@ export const routeFileSchema = z.strictObject({
   upstream_rate: rateLimit.optional(),
   /** How the upstream says "this key is rejected" (default: status 401). */
   auth_failure: z.strictObject({
-    status: z.array(z.number().int().min(400).max(599)).min(1),
+    // A 2xx is allowed with body_contains: Kraken reports "EAPI:Invalid key" inside an HTTP 200.
+    status: z.array(z.number().int().min(200).max(599).refine((n) => n < 300 || n >= 400, 'a redirect status cannot be an auth failure')).min(1),
     body_contains: z.string().min(1).max(256).optional(),
-  }).optional(),
+  }).refine((a) => a.body_contains !== undefined || a.status.every((n) => n >= 400), { message: 'a 2xx status is an auth failure only with body_contains', path: ['status'] }).optional(),
   /** Requests besides GET and HEAD that may be sent again with the previous key. */
   replay_safe: z.array(replaySafeEntry).default([]),
   allow: z.array(allowRuleSchema).default([]),

@@ -148,6 +148,17 @@ async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boo
   const { exchange } = attempt;
   if (!rule.statuses.has(exchange.status)) return false;
   if (!rule.bodyContains) return true;
+  if (exchange.status < 300) {
+    // A success status (Kraken's 200 with "EAPI:Invalid key"): a short body is looked at and left
+    // in place for the relay; a longer one is an answer, not a rejection, and streams on.
+    const peeked = await exchange.peek();
+    if (peeked === undefined) return false;
+    try {
+      return decodeBody(peeked, headerValue(exchange.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
+    } catch {
+      return false;
+    }
+  }
   attempt.raw = await exchange.readAll(MAX_INSPECTED_ERROR_BODY);
   return decodeBody(attempt.raw, headerValue(exchange.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
 }

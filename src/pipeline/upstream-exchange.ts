@@ -40,6 +40,8 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
   #stallMs = 0;
   /** The pending pipeTo/readAll: told when the body ends or fails. */
   #onSettle: ((err?: Error) => void) | undefined;
+  /** The pending peek: told of every held chunk and of the end. */
+  #onHeld: (() => void) | undefined;
 
   constructor() {
     this.head = new Promise((resolve, reject) => {
@@ -92,6 +94,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
     this.#held.push(chunk);
     this.#heldBytes += chunk.length;
+    this.#onHeld?.();
     if (this.#readLimit > 0) {
       if (this.#heldBytes > this.#readLimit) {
         const err = new ProxyError('upstream_error', 'The upstream error body is too large to inspect.');
@@ -105,6 +108,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
 
   onResponseEnd(): void {
     this.#ended = true;
+    this.#onHeld?.();
     if (this.#sink) this.#sink.end();
     else this.#onSettle?.();
   }
@@ -142,6 +146,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#failure = err;
     this.#held = [];
     this.#onSettle?.(err);
+    this.#onHeld?.();
   }
 
   // ---- what the proxy does with the body ----------------------------------------------------
@@ -242,6 +247,30 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
       this.#readLimit = limit;
       this.#onSettle = done;
       this.#controller?.resume();
+    });
+  }
+
+  /**
+   * The whole body when it ends within HOLD_BYTES, without taking it: a later pipeTo or readAll
+   * still gets every byte. Undefined when the body is longer (the upstream is then paused until
+   * one of those reads on) or fails. For a success status that may still carry an auth failure
+   * (Kraken's HTTP 200 "EAPI:Invalid key"): such a rejection is short, a longer body is not one.
+   */
+  peek(): Promise<Buffer | undefined> {
+    return new Promise<Buffer | undefined>((resolve) => {
+      let waiting = true;
+      const done = (body: Buffer | undefined) => {
+        waiting = false;
+        this.#onHeld = undefined;
+        resolve(body);
+      };
+      const check = () => {
+        if (this.#failure || this.#heldBytes > HOLD_BYTES) done(undefined);
+        else if (this.#ended) done(Buffer.concat(this.#held, this.#heldBytes));
+      };
+      this.#onHeld = check;
+      check();
+      if (waiting) this.#controller?.resume();
     });
   }
 
