@@ -16,6 +16,15 @@ const url = z.string().refine((text) => {
   }
 }, 'an http(s) URL without credentials or fragment');
 
+/**
+ * The longest an access token is cached, whatever expires_in says (a day: GoCardless's 86,400 s,
+ * the longest in use), and a refresh token (90 days). An absurd lifetime (1e308 s) would otherwise
+ * keep a token for good and could not be shared through Redis (no PX that long), so every instance
+ * minted its own.
+ */
+const MAX_TOKEN_LIFETIME_S = 86_400;
+const MAX_REFRESH_LIFETIME_S = 90 * 86_400;
+
 /** A token response is a small JSON document; a larger answer is refused, not held. */
 const MAX_TOKEN_RESPONSE = 256 * 1024;
 
@@ -164,8 +173,8 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
   const refreshExpires = options.refresh_expires_field ? Number(doc[options.refresh_expires_field]) : undefined;
   return {
     token,
-    expiresInMs: (Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : 3600) * 1000,
+    expiresInMs: Math.min(Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : 3600, MAX_TOKEN_LIFETIME_S) * 1000,
     ...(typeof refresh === 'string' && refresh ? { refreshToken: refresh } : {}),
-    ...(refreshExpires && Number.isFinite(refreshExpires) ? { refreshExpiresInMs: refreshExpires * 1000 } : {}),
+    ...(refreshExpires && Number.isFinite(refreshExpires) ? { refreshExpiresInMs: Math.min(refreshExpires, MAX_REFRESH_LIFETIME_S) * 1000 } : {}),
   };
 }

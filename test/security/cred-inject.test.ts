@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
@@ -52,6 +53,13 @@ beforeAll(async () => {
       const token = `at_${user}_${++counter}`;
       mints.push({ client: user, token });
       return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
+    if (req.url === '/connect/token-huge') {
+      const token = `at_huge_${++counter}`;
+      mints.push({ client: 'huge', token });
+      // A lifetime no token has: 1e308 seconds.
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end(`{"access_token":"${token}","token_type":"Bearer","expires_in":1e308}`);
     }
     if (req.url === '/accounts') {
       const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
@@ -164,5 +172,29 @@ describe('CRED-INJ probes with their own proxy', () => {
     }
     expect(upstream.requests.length).toBe(before);
     expect(own.logs()).not.toContain('CANARY');
+  });
+});
+
+describe('CRED-INJ oauth2 lifetimes', () => {
+  let redis: TestRedis | undefined;
+  const running: TestProxy[] = [];
+  afterAll(async () => {
+    for (const p of running) await p.close();
+    await redis?.destroy();
+  });
+
+  it('CRED-INJ-07 an absurd expires_in (1e308 s) is capped: the token is still shared through Redis, one mint for two instances', async () => {
+    redis = await TestRedis.create();
+    const store = `${redis.url}/6`;
+    const dir = await makeTempDir('egress-huge-');
+    const routes = { huge: route('huge', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-huge`) };
+    const { tokens } = await seedDataDir(dir, { routes, credentials: { huge: { client_id: 'c', client_secret: 'cs_CANARY_huge' } }, callers: ['svc'], store });
+    for (let i = 0; i < 2; i++) running.push(await startTestProxy({ routes: {}, dir, store }));
+    const before = mints.filter((m) => m.client === 'huge').length;
+    for (const p of running) {
+      const res = await fetch(`${p.url}/huge/accounts`, { headers: { 'x-egress-token': tokens.svc! } });
+      expect(res.status).toBe(200);
+    }
+    expect(mints.filter((m) => m.client === 'huge').length - before).toBe(1);
   });
 });
