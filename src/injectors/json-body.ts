@@ -59,6 +59,11 @@ export const jsonBodyInjector: Injector<Options> = {
     }
     // A null-prototype copy: a "__proto__" key from the caller stays a plain key.
     const body: Record<string, unknown> = Object.assign(Object.create(null), parsed);
+    // Decoders that match keys without regard to case (Go's encoding/json, Jackson with
+    // ACCEPT_CASE_INSENSITIVE_PROPERTIES) take the last of "secret" and "SECRET": a caller copy in
+    // another case is dropped, and the proxy's fields go last.
+    const claimed = new Set(Object.keys(options.fields).map((n) => n.toLowerCase()));
+    for (const key of Object.keys(body)) if (claimed.has(key.toLowerCase())) delete body[key];
     for (const [name, template] of Object.entries(options.fields)) {
       const value = render(template, credential.fields);
       redact(value);

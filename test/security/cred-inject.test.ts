@@ -117,6 +117,18 @@ describe('CRED-INJ', () => {
     expect((JSON.parse(await ok.text()) as { name: string }).name).toBe('café ☕');
   });
 
+  it('CRED-INJ-08 json_body: caller copies of the proxy fields in another case are dropped, so a case-insensitive decoder cannot pick the caller value', async () => {
+    const res = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"secret":"x","SECRET":"mine","client_id":"c","Client_ID":"evil","access_token":"a"}' });
+    expect(res.status).toBe(200);
+    const parsed = JSON.parse(await res.text()) as Record<string, unknown>;
+    // As Go's encoding/json reads it: the last key matching without regard to case wins.
+    const goRead = (field: string) => Object.entries(parsed).filter(([k]) => k.toLowerCase() === field).at(-1)?.[1];
+    expect(goRead('secret')).toBe(CREDS.plaidbody.secret);
+    expect(goRead('client_id')).toBe(CREDS.plaidbody.client_id);
+    expect(Object.keys(parsed).filter((k) => ['secret', 'client_id'].includes(k.toLowerCase()))).toEqual(['client_id', 'secret']);
+    expect(parsed.access_token).toBe('a');
+  });
+
   it('CRED-INJ-02 basic auth with ":" in the user-id (RFC 7617 §2 forbids it) is refused with 503, nothing sent', async () => {
     const before = upstream.requests.length;
     const res = await call('/colon/check');
