@@ -1,0 +1,85 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/**
+ * FLT-07d: on a token-broker route (oauth2_client_credentials) the fallback happens when minting
+ * (providers.md §3.2: "fall back at token-minting time, not on the business call"). An API that
+ * refuses an access token (revoked early, say) while a previous version is in grace gets one
+ * replay with a token freshly minted from the current version, not a token of the previous one.
+ */
+let upstream: Upstream;
+let proxy: TestProxy;
+const issued = new Map<string, string>();
+const mints: string[] = [];
+let counter = 0;
+
+beforeAll(async () => {
+  upstream = await startUpstream((req, res, body) => {
+    const json = (status: number, doc: unknown) => {
+      res.writeHead(status, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(doc));
+    };
+    if (req.url === '/connect/token') {
+      const form = new URLSearchParams(body.toString());
+      const secret = form.get('client_secret') ?? '';
+      if (!['cs_CANARY_v1', 'cs_CANARY_v2'].includes(secret)) return json(401, { error: 'invalid_client' });
+      mints.push(secret);
+      const token = `at_${++counter}`;
+      issued.set(token, secret);
+      return json(200, { access_token: token, expires_in: 3600 });
+    }
+    const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+    if (req.url === '/revoke') {
+      issued.delete(bearer);
+      return json(200, {});
+    }
+    return json(issued.has(bearer) ? 200 : 401, { minted_by: issued.get(bearer) ?? null });
+  });
+  proxy = await startTestProxy({
+    routes: {
+      bank: `name: bank
+prefix: /bank
+upstream: ${upstream.url}
+allow_private_addresses: true
+credential: bank
+inject:
+  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/connect/token
+  client_auth: body
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`,
+    },
+    credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } },
+    callers: ['svc'],
+  });
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  await upstream?.close();
+});
+
+const get = () => fetch(`${proxy.url}/bank/accounts`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+
+describe('FLT-07d token-broker routes fall back when minting, not on the API call', () => {
+  it('a token the API refuses during grace is replaced by one minted from the current version; no fallback is counted', async () => {
+    const env = envFor(proxy.dir);
+    expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_CANARY_v2' }))).code).toBe(0);
+    await eventually(async () => ((await (await get()).json()) as { minted_by: string }).minted_by === 'cs_CANARY_v2', 3_000, 'a token from version 2');
+    // The provider revokes that token early.
+    await fetch(`${upstream.url}/revoke`, { headers: { authorization: String(upstream.requests.at(-1)!.headers.authorization) } });
+    const before = mints.length;
+    const res = await get();
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { minted_by: string }).minted_by).toBe('cs_CANARY_v2');
+    expect(mints.slice(before)).toEqual(['cs_CANARY_v2']);
+    expect(proxy.logs()).not.toContain('current_key_rejected');
+    const audit = await proxy.auditText();
+    expect(audit).not.toContain('fallback_previous_version');
+  });
+});
