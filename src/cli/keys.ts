@@ -65,8 +65,9 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       }
       case 'revoke': {
         const raw = p.values.version;
+        // Digits only: Number() also reads "0x2", "1e1" and " 3 ", and a revoke cannot be undone.
+        if (typeof raw === 'string' && !/^[1-9][0-9]{0,14}$/.test(raw)) throw new UserError('--version must be a version number', EXIT.usage);
         const version = typeof raw === 'string' ? Number(raw) : undefined;
-        if (version !== undefined && (!Number.isSafeInteger(version) || version < 1)) throw new UserError('--version must be a version number', EXIT.usage);
         const record = await ops.revokeCredential(op, id(), version);
         return shown(record, `revoked ${version === undefined ? 'the current version' : `version ${version}`} of "${record.id}" and destroyed its ciphertext`);
       }

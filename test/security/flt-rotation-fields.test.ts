@@ -85,3 +85,14 @@ describe('FLT-17 a version missing a routed field never becomes current', () => 
     expect(await get()).toBe(200);
   });
 });
+
+describe('FLT-18 revoke takes a version number as written', () => {
+  it('"0x3", "3e0", "+3" and " 3" are usage errors (exit 2), nothing is revoked; "1" works', async () => {
+    for (const text of ['0x3', '3e0', '+3', ' 3', '3.0', '03']) {
+      const res = await runCli(['keys', 'revoke', 'plaid', '--version', text], env);
+      expect(res.code).toBe(2);
+    }
+    expect((await versions()).versions.find((v) => v.version === 3)?.state).toBe('current');
+    expect((await runCli(['keys', 'revoke', 'plaid', '--version', '1'], env)).code).toBe(0);
+  });
+});
