@@ -1,0 +1,55 @@
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, makeTempDir } from '../helpers/proxy.ts';
+import { freePort, TestRedis } from '../helpers/redis.ts';
+
+// A Redis password as generated ones look: base64 with "/" and "+", and an "@" typed unencoded.
+// Every piece between those characters is marked, so a piece that leaks is found.
+const PASSWORD = 'pwA_CANARY/pwB_CANARY+pwC_CANARY@pwD_CANARY';
+
+let redis: TestRedis;
+let dir: string;
+
+beforeAll(async () => {
+  redis = await TestRedis.create();
+  const admin = redis.client();
+  await admin.config('SET', 'requirepass', PASSWORD);
+  admin.disconnect();
+  dir = await makeTempDir('egress-store-url-');
+  await mkdir(join(dir, 'routes'));
+  const init = await runCli(['master-key', 'init'], envFor(dir));
+  expect(init.code).toBe(0);
+});
+
+afterAll(async () => {
+  await redis?.destroy();
+});
+
+describe('a Redis password in EGRESS_STORE', () => {
+  it('with "/", "+" and "@" in it, authenticates and appears nowhere in the output', async () => {
+    for (const store of [`redis://:${PASSWORD}@127.0.0.1:${redis.port}/0`, `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/0`]) {
+      const list = await runCli(['keys', 'list', '--json'], envFor(dir, { EGRESS_STORE: store }));
+      expect(list.stdout + list.stderr).not.toContain('CANARY');
+      expect(list.code, list.stderr).toBe(0);
+    }
+  });
+
+  it('is masked whole in the message when the store is unreachable', async () => {
+    const port = await freePort();
+    const failed = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://:${PASSWORD}@127.0.0.1:${port}/0` }));
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toContain(`redis://:***@127.0.0.1:${port}/0`);
+    expect(failed.stdout + failed.stderr).not.toContain('CANARY');
+  });
+
+  it('is not quoted by the message for a URL that does not parse', async () => {
+    for (const store of [`redis://:${PASSWORD}@127.0.0.1:${redis.port},:x/0`, `redis://:pw%E0_CANARY@127.0.0.1:${redis.port}/0`]) {
+      const bad = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
+      expect(bad.code).toBe(1);
+      expect(bad.stderr).toContain('EGRESS_STORE');
+      expect(bad.stdout + bad.stderr).not.toContain('CANARY');
+    }
+  });
+});
