@@ -3,6 +3,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError, errorCode, upstreamFailure } from '../errors.ts';
 import { loggableHeaders } from '../observe/log.ts';
+import { REDACTED } from '../secret.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
@@ -159,8 +160,15 @@ function finish(ctx: RequestContext): void {
   }
 }
 
-/** For a target that failed to parse: the path part only (never the query), bounded. */
+/**
+ * For a target that failed to parse: the path part only (never the query), bounded. An absolute-
+ * form or scheme-relative target may carry credentials as userinfo (`http://caller:token@host/`):
+ * everything up to its last "@" is replaced, since an unencoded "/" in a password moves where the
+ * authority seems to end.
+ */
 function auditablePath(url: string | undefined): string {
-  const path = (url ?? '').split('?', 1)[0]!;
+  let path = (url ?? '').split('?', 1)[0]!;
+  const authority = /^(?:[A-Za-z][A-Za-z0-9+.-]*:)?\/\//.exec(path);
+  if (authority && path.includes('@', authority[0].length)) path = `${authority[0]}${REDACTED}@${path.slice(path.lastIndexOf('@') + 1)}`;
   return path.length > 256 ? `${path.slice(0, 256)}…` : path;
 }
