@@ -72,7 +72,8 @@ export async function readFieldsInput(values: Parsed['values'], stdin: () => Pro
     try {
       text = await readFile(file, 'utf8');
     } catch (err) {
-      throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      // The file's name is not repeated: what was typed here may be the secret, or the fields themselves.
+      throw new UserError(`cannot read the --from-file file (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
   } else {
     text = await stdin();

@@ -71,6 +71,24 @@ describe('keys', () => {
     expect((await runCli(['keys', 'show', 'nope'], env)).code).toBe(1);
   });
 
+  it('does not echo a value typed where a file name or an ID belongs (a secret, or the fields themselves)', async () => {
+    const typed = [
+      ['keys', 'put', 'k3', '--from-file', `{"secret":"${SECRET}"}`],
+      ['keys', 'rotate', 'k1', '--from-file', SECRET],
+      ['keys', 'put', 'k3', `--from-file=${SECRET}`, '--json'],
+      ['keys', 'show', SECRET],
+      ['keys', 'show', SECRET, '--json'],
+    ];
+    for (const args of typed) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).not.toBe(0);
+      expect(res.stdout + res.stderr, args.join(' ')).not.toContain(SECRET);
+    }
+    const missing = await runCli(['keys', 'put', 'k3', '--from-file', join(dir, 'no-such.json')], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain('ENOENT');
+  });
+
   it('without a keyring, put fails with a clear message and stores nothing', async () => {
     const other = envFor(await makeTempDir());
     const res = await runCli(['keys', 'put', 'k', '--from-stdin'], other, '{"secret":"abcdef"}');
