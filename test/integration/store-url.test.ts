@@ -53,3 +53,21 @@ describe('a Redis password in EGRESS_STORE', () => {
     }
   });
 });
+
+describe('a password on the command line', () => {
+  it('is refused in --store and --alert-webhook (argv is readable by every user), without quoting it', async () => {
+    const runs = [
+      await runCli(['keys', 'list', '--store', `redis://:${PASSWORD}@127.0.0.1:${redis.port}/0`], envFor(dir)),
+      await runCli(['serve', '--store', `redis-sentinel://app:pw_CANARY@127.0.0.1:1/mymaster`], envFor(dir)),
+      await runCli(['serve', '--alert-webhook', 'https://alerts:pw_CANARY@hooks.example/egress'], envFor(dir)),
+    ];
+    for (const run of runs) {
+      expect(run.code).toBe(2);
+      expect(run.stderr).toMatch(/EGRESS_STORE|EGRESS_ALERT_WEBHOOK/);
+      expect(run.stdout + run.stderr).not.toContain('CANARY');
+    }
+    // Without a password a flag is fine; with one, the environment variable is the way.
+    expect((await runCli(['keys', 'list', '--store', `redis://127.0.0.1:${redis.port}/0`], envFor(dir))).stderr).not.toContain('command line');
+    expect((await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://:${PASSWORD}@127.0.0.1:${redis.port}/0` }))).code).toBe(0);
+  });
+});
