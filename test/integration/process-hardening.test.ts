@@ -24,6 +24,30 @@ describe('process hardening', () => {
     expect(res.stderr).toContain('insecure-http-parser');
   });
 
+  it('refuses to serve with an inspector or heap snapshots on (NODE_OPTIONS or Node flags): either reads every decrypted credential', async () => {
+    const dir = await dataDir();
+    const attempts: [string[], string][] = [
+      [[], '--inspect=127.0.0.1:0'],
+      [[], '--heapsnapshot-signal=SIGUSR2'],
+      [[], '--heapsnapshot-near-heap-limit=1'],
+      [['--inspect=127.0.0.1:0'], ''],
+      [['--heapsnapshot-signal=SIGUSR2'], ''],
+    ];
+    for (const [nodeFlags, nodeOptions] of attempts) {
+      const child = spawn(process.execPath, [...nodeFlags, BIN, 'serve'], { cwd: ROOT, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...envFor(dir), ...(nodeOptions ? { NODE_OPTIONS: nodeOptions } : {}) }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      const timer = setTimeout(() => child.kill('SIGKILL'), 8_000);
+      const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+      clearTimeout(timer);
+      const what = [...nodeFlags, nodeOptions].join(' ');
+      expect(code, `${what}:\n${out}`).toBe(1);
+      expect(out, what).toMatch(/refusing to serve with --(inspect|heapsnapshot)/);
+      expect(out, what).not.toContain('egress-proxy listening');
+    }
+  });
+
   it('SIGUSR1 opens no inspector and does not end the process (--disable-sigusr1)', async () => {
     const serve = await startServe(envFor(await dataDir()));
     try {
