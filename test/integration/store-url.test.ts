@@ -1,7 +1,7 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 import { freePort, TestRedis } from '../helpers/redis.ts';
 
@@ -69,5 +69,27 @@ describe('a password on the command line', () => {
     // Without a password a flag is fine; with one, the environment variable is the way.
     expect((await runCli(['keys', 'list', '--store', `redis://127.0.0.1:${redis.port}/0`], envFor(dir))).stderr).not.toContain('command line');
     expect((await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://:${PASSWORD}@127.0.0.1:${redis.port}/0` }))).code).toBe(0);
+  });
+});
+
+describe('the admin API while the store cannot be read', () => {
+  it('answers 503 store_unavailable to a presented token, not 401 as if the token were wrong', async () => {
+    const store = `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/0`;
+    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], envFor(dir, { EGRESS_STORE: store }));
+    expect(created.code, created.stderr).toBe(0);
+    const token = (JSON.parse(created.stdout) as { token: string }).token;
+    await redis.stop();
+    const serve = await startServe(envFor(dir, { EGRESS_STORE: store }));
+    try {
+      const res = await fetch(`${serve.admin}/v1/credentials`, { headers: { authorization: `Bearer ${token}` } });
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
+      // Without a token it is still a 401: nothing about the store is told to an anonymous client.
+      expect((await fetch(`${serve.admin}/v1/credentials`)).status).toBe(401);
+      expect(serve.output()).not.toContain('CANARY');
+    } finally {
+      await serve.stop();
+      await redis.start();
+    }
   });
 });
