@@ -73,7 +73,7 @@ describe('a password on the command line', () => {
 });
 
 describe('the admin API while the store cannot be read', () => {
-  it('answers 503 store_unavailable to a presented token, not 401 as if the token were wrong', async () => {
+  it('answers 503 store_unavailable to a presented token, on the API and the status page, not 401 as if the token were wrong', async () => {
     const store = `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/0`;
     const created = await runCli(['admin-token', 'create', 'rotator', '--json'], envFor(dir, { EGRESS_STORE: store }));
     expect(created.code, created.stderr).toBe(0);
@@ -84,6 +84,9 @@ describe('the admin API while the store cannot be read', () => {
       const res = await fetch(`${serve.admin}/v1/credentials`, { headers: { authorization: `Bearer ${token}` } });
       expect(res.status).toBe(503);
       expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
+      const page = await fetch(`${serve.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${token}`).toString('base64')}` } });
+      expect(page.status).toBe(503);
+      expect(page.headers.get('www-authenticate')).toBeNull();
       // Without a token it is still a 401: nothing about the store is told to an anonymous client.
       expect((await fetch(`${serve.admin}/v1/credentials`)).status).toBe(401);
       expect(serve.output()).not.toContain('CANARY');
