@@ -181,6 +181,17 @@ allow:
     expect(json.errors[0]!.line).toBe(8);
   });
 
+  it('check points at a bad template without repeating it (a literal there may be a key pasted in by mistake)', async () => {
+    const route = (value: string) => `name: tpl\nprefix: /tpl\nupstream: https://x.example\ncredential: c\ninject:\n  scheme: headers\n  headers:\n    X-Key: "${value}"\nallow:\n  - caller: a\n    methods: [GET]\n    paths: [/x]\n`;
+    for (const value of [`${SECRET}{`, `${SECRET}}`, `{secret}${SECRET}{ bad }`]) {
+      await writeFile(join(dir, 'routes', 'tpl.yaml'), route(value));
+      const res = await runCli(['routes', 'check'], env);
+      expect(res.code).toBe(1);
+      expect(res.stdout).toMatch(/tpl\.yaml:8:\d+: inject\.headers\.X-Key: .*character \d+/);
+      expect(res.stdout + res.stderr).not.toContain(SECRET);
+    }
+  });
+
   it('the shipped example routes load cleanly', async () => {
     const res = await runCli(['routes', 'check', join(ROOT, 'routes')], env);
     expect(res.code).toBe(0);
