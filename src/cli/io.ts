@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { userInfo } from 'node:os';
+import { text } from 'node:stream/consumers';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { loadSettings, SETTINGS, type SettingName, type Settings } from '../config/settings.ts';
 import { UserError } from '../errors.ts';
@@ -72,7 +73,8 @@ export async function readFieldsInput(values: Parsed['values'], stdin: () => Pro
     try {
       text = await readFile(file, 'utf8');
     } catch (err) {
-      throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      // The file's name is not repeated: what was typed here may be the secret, or the fields themselves.
+      throw new UserError(`cannot read the --from-file file (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
   } else {
     text = await stdin();
@@ -86,6 +88,43 @@ export async function readFieldsInput(values: Parsed['values'], stdin: () => Pro
   const checked = validateFields(parsed);
   if (!checked.ok) throw new UserError(checked.message);
   return checked.fields;
+}
+
+/**
+ * Standard input for --from-stdin. From a pipe or a file, all of it. From a terminal, read with
+ * echo off (raw mode), so typed or pasted fields do not stay on the screen, in its scrollback or in
+ * a session recording: Ctrl-D ends the input, Ctrl-C cancels, Backspace removes a character.
+ */
+export async function readStdin(stdin: NodeJS.ReadStream = process.stdin, prompt: NodeJS.WritableStream = process.stderr): Promise<string> {
+  if (!stdin.isTTY) return text(stdin);
+  prompt.write('credential fields as a JSON object, then Ctrl-D (not shown as you type): ');
+  stdin.setRawMode(true);
+  stdin.setEncoding('utf8');
+  try {
+    return await new Promise<string>((resolveInput, reject) => {
+      let input = '';
+      const onData = (chunk: string) => {
+        for (const ch of chunk) {
+          if (ch === '\x04') return done(() => resolveInput(input));
+          if (ch === '\x03') return done(() => reject(new UserError('cancelled')));
+          if (ch === '\x7f' || ch === '\b') input = [...input].slice(0, -1).join('');
+          else input += ch === '\r' ? '\n' : ch;
+        }
+      };
+      const onEnd = () => done(() => resolveInput(input));
+      const done = (settle: () => void) => {
+        stdin.off('data', onData);
+        stdin.off('end', onEnd);
+        settle();
+      };
+      stdin.on('data', onData);
+      stdin.on('end', onEnd);
+    });
+  } finally {
+    stdin.setRawMode(false);
+    stdin.pause();
+    prompt.write('\n');
+  }
 }
 
 /** Refuse extra positionals: a value typed where it does not belong (a secret in argv) must not pass silently. */

@@ -84,7 +84,8 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
         return ok(damaged.length ? `${text}\ndamaged records (fail closed): ${damaged.join(', ')}` : text, { credentials: list, damaged });
       }
       case 'show': {
-        const credentialId = requireArg(p.positionals, 0, 'credential ID');
+        // Checked like every other subcommand's ID, so a value typed here (a secret) is not printed back.
+        const credentialId = id();
         const snapshot = await store.load();
         const record = snapshot.credentials.get(credentialId);
         if (!record) return fail(snapshot.damaged.has(`credential:${credentialId}`) ? `credential "${credentialId}" is damaged in the store` : `no credential "${credentialId}"`, { error: 'not_found', id: credentialId });

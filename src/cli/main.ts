@@ -1,6 +1,5 @@
-import { text } from 'node:stream/consumers';
 import { ConflictError, UserError } from '../errors.ts';
-import { EXIT, type Outcome } from './io.ts';
+import { EXIT, readStdin, type Outcome } from './io.ts';
 
 const HELP = `egress: an egress proxy that holds provider credentials for the services that call through it
 
@@ -23,7 +22,7 @@ Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 us
 // Loaded on demand: a rotation script running `egress keys …` should not pay for the HTTP stack.
 const COMMANDS: Readonly<Record<string, (args: readonly string[]) => Promise<Outcome>>> = {
   routes: async (args) => (await import('./routes.ts')).routes(args),
-  keys: async (args) => (await import('./keys.ts')).keys(args, () => text(process.stdin)),
+  keys: async (args) => (await import('./keys.ts')).keys(args, () => readStdin()),
   callers: async (args) => (await import('./callers.ts')).tokens('caller', args),
   'admin-token': async (args) => (await import('./callers.ts')).tokens('admin', args),
   'master-key': async (args) => (await import('./master-key.ts')).masterKey(args),

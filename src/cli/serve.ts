@@ -7,6 +7,13 @@ export async function serve(args: readonly string[]): Promise<number> {
   // The lenient parser is what request smuggling needs (RFC 9112 §11.2): never run with it.
   const flags = `${process.execArgv.join(' ')} ${process.env.NODE_OPTIONS ?? ''}`;
   if (/--insecure-http-parser\b/.test(flags)) throw new UserError('refusing to serve with --insecure-http-parser (it lets requests be smuggled past the allowlist)');
+  // An inspector or a heap snapshot reads every decrypted credential (as --disable-sigusr1 keeps
+  // the inspector signal off): a debugging flag left in NODE_OPTIONS must not start a proxy.
+  const exposing = /(?:^|\s)(--inspect(?:-brk|-wait)?|--heapsnapshot-signal|--heapsnapshot-near-heap-limit)(?:[=\s]|$)/.exec(flags)?.[1];
+  if (exposing) throw new UserError(`refusing to serve with ${exposing} (it exposes the process memory, and every decrypted credential in it)`);
+  // A diagnostic report (--report-on-signal, --report-uncaught-exception, …) copies the environment,
+  // and EGRESS_STORE or EGRESS_ALERT_WEBHOOK may carry a password: reports leave it out.
+  process.report.excludeEnv = true;
   const p = parse(args);
   maxArgs(p.positionals, 0, 'usage: egress serve [--listen HOST:PORT] [--reuse-port true] [--admin-listen HOST:PORT] [--routes DIR] [--store URL] …');
   // The signal handlers go in before anything listens: a SIGTERM sent as soon as the listening line

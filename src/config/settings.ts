@@ -83,6 +83,13 @@ export function parseHostPort(text: string, what: string): HostPort {
 
 export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<SettingName, string>> = {}): Settings {
   const get = (name: SettingName): string | undefined => flags[name] ?? nonEmpty(env[SETTINGS[name].env]) ?? SETTINGS[name].default;
+  // Secrets never come from argv, which every user of the machine can read (ps, /proc/PID/cmdline).
+  if (flags.store !== undefined && /^(?:rediss?|redis-sentinel|redis-cluster):\/\/[^@]*:[^]*@/.test(flags.store)) {
+    throw new UserError('--store carries a password, and the command line is readable by every user of the machine: set EGRESS_STORE instead, or give the password with ?password_file=PATH', 2);
+  }
+  if (flags.alertWebhook !== undefined && URL.parse(flags.alertWebhook)?.password) {
+    throw new UserError('--alert-webhook carries a password, and the command line is readable by every user of the machine: set EGRESS_ALERT_WEBHOOK instead', 2);
+  }
   const tls = get('tlsListen');
   const logLevel = get('logLevel')!;
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) throw new UserError(`EGRESS_LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}`, 2);

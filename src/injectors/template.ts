@@ -24,14 +24,15 @@ export function compileTemplate(source: string): Template {
     } else if (ch === '{') {
       const end = source.indexOf('}', i);
       const name = end === -1 ? '' : source.slice(i + 1, end);
-      if (!FIELD.test(name)) throw new Error(`bad placeholder at character ${i + 1} of "${source}": expected {field_name}`);
+      // The template is not quoted: the error reaches /readyz and logs, and a literal part may be a key pasted in by mistake.
+      if (!FIELD.test(name)) throw new Error(`bad placeholder at character ${i + 1} of the template: expected {field_name}, or {{ for a literal "{"`);
       if (literal) parts.push(literal);
       literal = '';
       parts.push({ field: name });
       if (!fields.includes(name)) fields.push(name);
       i = end;
     } else if (ch === '}') {
-      throw new Error(`unmatched "}" at character ${i + 1} of "${source}"`);
+      throw new Error(`unmatched "}" at character ${i + 1} of the template (write }} for a literal "}")`);
     } else {
       literal += ch;
     }

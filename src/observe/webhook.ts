@@ -16,6 +16,8 @@ const FIRST_BACKOFF_MS = 500;
  */
 export class WebhookSink {
   readonly #url: URL;
+  /** Basic credentials from the URL's user name and password (a receiver behind basic auth); never logged. */
+  readonly #authorization: Record<string, string>;
   readonly #secret: Buffer;
   readonly #log: Logger;
   readonly #agent = new Agent({ connect: { timeout: 3_000 }, headersTimeout: 5_000, bodyTimeout: 5_000 });
@@ -25,6 +27,9 @@ export class WebhookSink {
 
   constructor(url: string, secret: Buffer, log: Logger) {
     this.#url = new URL(url);
+    // Sent as the origin and path only, so the userinfo would otherwise be dropped without a word.
+    const { username, password } = this.#url;
+    this.#authorization = username || password ? { authorization: `Basic ${Buffer.from(`${percentDecoded(username)}:${percentDecoded(password)}`).toString('base64')}` } : {};
     this.#secret = secret;
     this.#log = log;
   }
@@ -60,7 +65,7 @@ export class WebhookSink {
           origin: this.#url.origin,
           path: `${this.#url.pathname}${this.#url.search}`,
           method: 'POST',
-          headers: { 'content-type': 'application/json', [SIGNATURE_HEADER]: `t=${t},v1=${signature}` },
+          headers: { ...this.#authorization, 'content-type': 'application/json', [SIGNATURE_HEADER]: `t=${t},v1=${signature}` },
           body,
         }).head;
         res.discard();
@@ -78,4 +83,15 @@ export class WebhookSink {
     this.#closed = true;
     await this.#agent.close().catch(() => {});
   }
+}
+
+/** A URL's user name or password as typed: each run of %XX escapes decoded, a "%" that starts none kept (as the URL parser keeps it). */
+function percentDecoded(text: string): string {
+  return text.replace(/(?:%[0-9A-Fa-f]{2})+/g, (run) => {
+    try {
+      return decodeURIComponent(run);
+    } catch {
+      return run;
+    }
+  });
 }

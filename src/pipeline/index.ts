@@ -3,6 +3,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { ProxyError, errorCode, upstreamFailure } from '../errors.ts';
 import { loggableHeaders } from '../observe/log.ts';
+import { REDACTED } from '../secret.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
@@ -127,30 +128,28 @@ function finish(ctx: RequestContext): void {
   }
   const status = ctx.res.headersSent ? ctx.res.statusCode : 0;
   const route = ctx.route?.name ?? 'none';
-  const { audit, metrics, log } = ctx.services;
+  const { metrics, log } = ctx.services;
   if (log.isLevelEnabled('debug')) {
     // Headers only through the allowlist: tokens and credentials never reach the log.
     log.debug({ request_id: ctx.id, caller: ctx.caller, route: ctx.route?.name, method: ctx.req.method, status, decision: ctx.decision, reason: ctx.reason, headers: loggableHeaders(ctx.req.headers) }, 'request');
   }
   if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
   if (ctx.credential && ctx.upstreamStatus !== undefined) ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
-  ctx.services.rules.onRequest({ caller: ctx.caller ?? null, remote: ctx.remote, route: ctx.route?.name ?? null, decision: ctx.decision, reason: ctx.reason, credential: ctx.credential?.id ?? null });
-  audit.request({
+  recordOutcome(ctx.services, {
     requestId: ctx.id,
     caller: ctx.caller ?? null,
+    remote: ctx.remote,
     route: ctx.route?.name ?? null,
     method: ctx.req.method ?? '',
     path: ctx.target?.path ?? auditablePath(ctx.req.url),
     decision: ctx.decision,
     reason: ctx.reason,
+    status,
     upstreamStatus: ctx.upstreamStatus ?? null,
     durationMs: Math.round(total * 1000) / 1000,
     credential: ctx.credential?.id ?? null,
     credentialVersion: ctx.credential?.version ?? null,
   });
-  if (ctx.reason === 'rate_limited') metrics.rateLimited.inc({ route });
-  ctx.services.activity.record(ctx.decision === 'deny');
-  metrics.requests.inc({ route, caller: ctx.caller ?? 'unknown', decision: ctx.decision, status_class: statusClass(status) });
   if (ctx.upstreamMs !== undefined) {
     metrics.upstream.observe({ route }, ctx.upstreamMs / 1000);
     metrics.proxyAdded.observe({ route }, Math.max(0, total - ctx.upstreamMs) / 1000);
@@ -159,8 +158,55 @@ function finish(ctx: RequestContext): void {
   }
 }
 
-/** For a target that failed to parse: the path part only (never the query), bounded. */
+/** What a finished request records, whether it went through the steps or was a CONNECT refused at the door. */
+export interface Outcome {
+  readonly requestId: string;
+  readonly caller: string | null;
+  readonly remote: string;
+  readonly route: string | null;
+  readonly method: string;
+  readonly path: string;
+  readonly decision: RequestContext['decision'];
+  readonly reason: string;
+  /** The status answered (0 when nothing was). */
+  readonly status: number;
+  readonly upstreamStatus: number | null;
+  readonly durationMs: number;
+  readonly credential: string | null;
+  readonly credentialVersion: number | null;
+}
+
+/** The alert rules, the audit line and the request metrics for one outcome. */
+export function recordOutcome(services: Services, o: Outcome): void {
+  const route = o.route ?? 'none';
+  services.rules.onRequest({ caller: o.caller, remote: o.remote, route: o.route, decision: o.decision, reason: o.reason, credential: o.credential });
+  services.audit.request({
+    requestId: o.requestId,
+    caller: o.caller,
+    route: o.route,
+    method: o.method,
+    path: o.path,
+    decision: o.decision,
+    reason: o.reason,
+    upstreamStatus: o.upstreamStatus,
+    durationMs: o.durationMs,
+    credential: o.credential,
+    credentialVersion: o.credentialVersion,
+  });
+  if (o.reason === 'rate_limited') services.metrics.rateLimited.inc({ route });
+  services.activity.record(o.decision === 'deny');
+  services.metrics.requests.inc({ route, caller: o.caller ?? 'unknown', decision: o.decision, status_class: statusClass(o.status) });
+}
+
+/**
+ * For a target that failed to parse: the path part only (never the query), bounded. An absolute-
+ * form or scheme-relative target may carry credentials as userinfo (`http://caller:token@host/`):
+ * everything up to its last "@" is replaced, since an unencoded "/" in a password moves where the
+ * authority seems to end.
+ */
 function auditablePath(url: string | undefined): string {
-  const path = (url ?? '').split('?', 1)[0]!;
+  let path = (url ?? '').split('?', 1)[0]!;
+  const authority = /^(?:[A-Za-z][A-Za-z0-9+.-]*:)?\/\//.exec(path);
+  if (authority && path.includes('@', authority[0].length)) path = `${authority[0]}${REDACTED}@${path.slice(path.lastIndexOf('@') + 1)}`;
   return path.length > 256 ? `${path.slice(0, 256)}…` : path;
 }

@@ -48,6 +48,9 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
+    // Without a readable store no token can be checked: that is our failure, and a rotation script
+    // told 401 would conclude its token is wrong (as the proxy answers callers 503, not 401).
+    if (bearerToken(req.headers.authorization) && !deps.store.usable()) throw new HttpError(503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; retry shortly.');
     const name = adminName(req, deps.store, 'bearer');
     if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     actor = `admin:${name}`;

@@ -3,6 +3,7 @@ import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
+import { tokenFromAuthorization } from './proxy-auth.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -22,6 +23,8 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
   if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
   if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
+    // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
+    if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });
     if (!adminName(req, api.store, 'bearer-or-basic')) {
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });

@@ -8,9 +8,10 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
-import { handleRequest } from '../pipeline/index.ts';
+import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
+import { REDACTED } from '../secret.ts';
 import { LISTENER_LIMITS } from './reverse.ts';
 import { AMBIGUOUS, answerAndClose, proxyAuthorizationToken } from './proxy-auth.ts';
 
@@ -64,31 +65,43 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   };
 
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
+    const startedAt = performance.now();
     const raw = req.url ?? '';
     // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
     const match = /^([^:[\]\s%]+|\[[0-9a-fA-F:.]+\]):([1-9]\d{0,4})$/.exec(raw);
-    if (!match) return refuse(socket, 400, 'bad_request', 'CONNECT needs host:port.');
+    let caller: string | null = null;
+    // A refused CONNECT is audited, counted and seen by the alert rules (unknown tokens, denied
+    // spikes) like a refused request. The target is recorded only as a host and port: an "@" in it
+    // may follow a token.
+    const deny = (status: number, code: string, message: string, route: string | null = null): void => {
+      const requestId = refuse(socket, status, code, message);
+      const at = raw.lastIndexOf('@');
+      const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
+      recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
+    };
+    if (!match) return deny(400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);
-    if (isIP(rawHost.replace(/^\[|\]$/g, '')) !== 0) return refuse(socket, 403, 'route_forbidden', 'Tunnels to IP addresses are not allowed; use the host name a route names.');
+    if (isIP(rawHost.replace(/^\[|\]$/g, '')) !== 0) return deny(403, 'route_forbidden', 'Tunnels to IP addresses are not allowed; use the host name a route names.');
     // Exact match after IDNA to ASCII and lower-casing; a trailing dot is not the same host (SSRF-09).
     const host = domainToASCII(rawHost).toLowerCase();
     // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
     const token = proxyAuthorizationToken(req);
-    if (token === AMBIGUOUS) return refuse(socket, 407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    if (!token || !services.store.usable()) return refuse(socket, 407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    if (token === AMBIGUOUS) return deny(407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
+    if (!token || !services.store.usable()) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
     const found = services.store.identifyCaller(token);
-    if (!found.caller) return refuse(socket, 407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+    if (!found.caller) return deny(407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+    const name = found.caller;
+    caller = name;
     const route = host ? findRouteByHost(getConfig(), host) : undefined;
-    if (!route || !route.connectPorts.has(port)) return refuse(socket, 403, 'route_forbidden', 'No route intercepts this host and port.');
-    const caller = found.caller;
-    const count = open.get(caller) ?? 0;
-    if (count >= TUNNEL_LIMITS.perCaller) return refuse(socket, 429, 'rate_limited', 'Too many open tunnels for this caller.');
-    open.set(caller, count + 1);
+    if (!route || !route.connectPorts.has(port)) return deny(403, 'route_forbidden', 'No route intercepts this host and port.', route?.name ?? null);
+    const count = open.get(name) ?? 0;
+    if (count >= TUNNEL_LIMITS.perCaller) return deny(429, 'rate_limited', 'Too many open tunnels for this caller.', route.name);
+    open.set(name, count + 1);
     const release = () => {
-      const n = (open.get(caller) ?? 1) - 1;
-      if (n <= 0) open.delete(caller);
-      else open.set(caller, n);
+      const n = (open.get(name) ?? 1) - 1;
+      if (n <= 0) open.delete(name);
+      else open.set(name, n);
     };
 
     socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
@@ -114,10 +127,12 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   };
 }
 
-function refuse(socket: Duplex, status: number, code: string, message: string): void {
+/** Answer a CONNECT with a proxy error and close; returns the request id it carried. */
+function refuse(socket: Duplex, status: number, code: string, message: string): string {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code, message, request_id: id } });
   const reason = { 400: 'Bad Request', 403: 'Forbidden', 407: 'Proxy Authentication Required', 429: 'Too Many Requests' }[status] ?? 'Error';
   const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : '';
   answerAndClose(socket, `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  return id;
 }

@@ -140,7 +140,9 @@ export function describeCredential(record: CredentialRecord, now: Date, lastUse:
       state: v.state,
       fields: v.fields,
       created_at: v.created_at,
-      age_days: Math.floor((now.getTime() - Date.parse(v.created_at)) / 86_400_000),
+      // Never below 0: the answer to a write is described with the time the request came in, just
+      // before the version's created_at, and another instance's clock may run a little ahead.
+      age_days: Math.max(0, Math.floor((now.getTime() - Date.parse(v.created_at)) / 86_400_000)),
       ...(v.activated_at ? { activated_at: v.activated_at } : {}),
       ...(v.grace_until ? { grace_until: v.grace_until } : {}),
       ...(v.retired_at ? { retired_at: v.retired_at } : {}),

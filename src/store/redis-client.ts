@@ -72,7 +72,10 @@ const COMMON: RedisOptions = {
  * file instead of the URL.
  */
 export function parseRedisUrl(spec: string): RedisSpec {
-  const match = /^(redis|rediss|redis-sentinel|redis-cluster):\/\/(?:([^@/]*)@)?([^/?]+)(\/[^?]*)?(?:\?(.*))?$/.exec(spec);
+  // The userinfo runs to the last "@": a password is often base64 ("/", "+") and is not always
+  // percent-encoded, and no host, database number or master name holds an "@". Cut at the first
+  // "/" instead, a password's tail became the host and its head was quoted in errors and logs.
+  const match = /^(redis|rediss|redis-sentinel|redis-cluster):\/\/(?:(.*)@)?([^/?@]+)(\/[^?@]*)?(?:\?([^@]*))?$/.exec(spec);
   if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0');
   const [, scheme, userinfo, hostList, path, query] = match;
   const params = new URLSearchParams(query ?? '');
@@ -80,8 +83,8 @@ export function parseRedisUrl(spec: string): RedisSpec {
   let password: string | undefined;
   if (userinfo) {
     const colon = userinfo.indexOf(':');
-    username = decodeURIComponent(colon === -1 ? userinfo : userinfo.slice(0, colon)) || undefined;
-    password = colon === -1 ? undefined : decodeURIComponent(userinfo.slice(colon + 1));
+    username = decodeUserinfo(colon === -1 ? userinfo : userinfo.slice(0, colon)) || undefined;
+    password = colon === -1 ? undefined : decodeUserinfo(userinfo.slice(colon + 1));
   }
   const passwordFile = params.get('password_file');
   if (passwordFile) {
@@ -93,7 +96,8 @@ export function parseRedisUrl(spec: string): RedisSpec {
   }
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
-    if (!m) throw new UserError(`EGRESS_STORE has a bad host "${h}"`);
+    // Not quoted: in a URL that does not parse, what looks like a host may be part of the password.
+    if (!m) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT, or HOST:PORT,HOST:PORT for Sentinel and Cluster');
     return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379)) };
   });
   const db = Number(scheme === 'redis-sentinel' ? (params.get('db') ?? 0) : (path?.slice(1) || 0));
@@ -116,5 +120,14 @@ export function parseRedisUrl(spec: string): RedisSpec {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
       return { description, connect: () => new (ioredis().Cluster)(hosts, options) };
     }
+  }
+}
+
+/** A user name or password as written in the URL, percent-escapes decoded; a malformed escape is refused without quoting it. */
+function decodeUserinfo(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    throw new UserError('EGRESS_STORE has a malformed %-escape in its user name or password (write "%" as %25)');
   }
 }

@@ -112,4 +112,12 @@ describe('admin API', () => {
     const list = await api('GET', '/callers');
     expect(list.text).not.toContain(token.slice(4));
   });
+
+  it('a credential it has just created or rotated is 0 days old, not -1', async () => {
+    const created = await api('POST', '/credentials', { id: 'fresh', fields: { token: 'tok_fresh_1234' } });
+    expect(created.status).toBe(201);
+    const rotated = await api('POST', '/credentials/fresh/versions', { fields: { token: 'tok_fresh_5678' }, grace: '1h' });
+    expect(rotated.status).toBe(201);
+    for (const answer of [created, rotated]) for (const v of answer.json.versions as { age_days: number }[]) expect(v.age_days).toBe(0);
+  });
 });

@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { rawRequest } from '../helpers/raw.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -16,7 +16,7 @@ const WEBHOOK_SECRET = 'whsec_test_0123456789abcdef';
 let upstream: Upstream;
 let receiver: Server;
 let receiverUrl: string;
-const received: { body: string; signature: string; ok: boolean }[] = [];
+const received: { body: string; signature: string; ok: boolean; authorization: string | undefined }[] = [];
 let failNext = 0;
 let proxy: TestProxy | undefined;
 
@@ -35,7 +35,7 @@ beforeAll(async () => {
       const v1 = /v1=([0-9a-f]+)/.exec(header)?.[1] ?? '';
       const expected = createHmac('sha256', WEBHOOK_SECRET).update(`${t}.${body}`).digest();
       const ok = v1.length === 64 && timingSafeEqual(Buffer.from(v1, 'hex'), expected) && Math.abs(Date.now() / 1000 - Number(t)) < 300;
-      received.push({ body, signature: header, ok });
+      received.push({ body, signature: header, ok, authorization: req.headers.authorization });
       if (failNext > 0) {
         failNext--;
         res.writeHead(500);
@@ -198,6 +198,29 @@ describe('the webhook', () => {
     expect(payload).toMatchObject({ id: 'unknown_token', severity: 'warning', subject: '127.0.0.1' });
     expect(received.map((r) => r.body).join('')).not.toContain(SECRET);
     expect(received.map((r) => r.body).join('')).not.toContain(WEBHOOK_SECRET);
+  });
+
+  it('a user name and password in the webhook URL are sent as Basic credentials, and logged nowhere', async () => {
+    received.length = 0;
+    const dir = await makeTempDir('egress-hook-auth-');
+    await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    await writeFile(join(dir, 'webhook.secret'), WEBHOOK_SECRET, { mode: 0o600 });
+    const password = 'pw_CANARY_hook/+:%';
+    const url = new URL(receiverUrl);
+    url.username = 'alerts';
+    url.password = password;
+    const serve = await startServe(envFor(dir, { EGRESS_ALERT_WEBHOOK: url.href, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret'), EGRESS_LOG_LEVEL: 'trace' }));
+    try {
+      for (let i = 0; i < 10; i++) await fetch(`${serve.url}/api/ok`, { headers: { 'x-egress-token': `egt_${'y'.repeat(42)}${i}` } });
+      await eventually(() => received.length >= 1, 5_000, 'the delivery');
+      expect(received[0]!.ok).toBe(true);
+      expect(received[0]!.authorization).toBe(`Basic ${Buffer.from(`alerts:${password}`).toString('base64')}`);
+      expect(serve.output()).toContain('unknown_token');
+      expect(serve.output()).not.toContain('CANARY');
+      expect(received[0]!.body).not.toContain('CANARY');
+    } finally {
+      await serve.stop();
+    }
   });
 
   it('a webhook without a 0600 secret file refuses to start', async () => {

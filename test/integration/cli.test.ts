@@ -1,7 +1,8 @@
+import { spawn } from 'node:child_process';
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { ROOT, runCli } from '../helpers/cli.ts';
+import { BIN, ROOT, runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 
 const SECRET = 'sk_test_CANARY_cli_5e7b';
@@ -71,6 +72,47 @@ describe('keys', () => {
     expect((await runCli(['keys', 'show', 'nope'], env)).code).toBe(1);
   });
 
+  it('does not echo a value typed where a file name or an ID belongs (a secret, or the fields themselves)', async () => {
+    const typed = [
+      ['keys', 'put', 'k3', '--from-file', `{"secret":"${SECRET}"}`],
+      ['keys', 'rotate', 'k1', '--from-file', SECRET],
+      ['keys', 'put', 'k3', `--from-file=${SECRET}`, '--json'],
+      ['keys', 'show', SECRET],
+      ['keys', 'show', SECRET, '--json'],
+    ];
+    for (const args of typed) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).not.toBe(0);
+      expect(res.stdout + res.stderr, args.join(' ')).not.toContain(SECRET);
+    }
+    const missing = await runCli(['keys', 'put', 'k3', '--from-file', join(dir, 'no-such.json')], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain('ENOENT');
+  });
+
+  it('--from-stdin on a terminal does not echo what is typed or pasted', async () => {
+    // `script` gives the CLI a pseudo-terminal; its transcript is what the terminal showed.
+    const command = [process.execPath, BIN, 'keys', 'put', 'typed', '--from-stdin'].map((a) => `'${a}'`).join(' ');
+    const child = spawn('script', ['-qec', command, '/dev/null'], { cwd: ROOT, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let shown = '';
+    child.stdout!.on('data', (d: Buffer) => (shown += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (shown += d.toString()));
+    const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    // Typed once the CLI is reading: a terminal in line mode echoes it at once, whoever reads it.
+    await new Promise((r) => setTimeout(r, 1_000));
+    child.stdin!.write(`{"client_id": "c", "secret": "${SECRET}x"}\n`);
+    await new Promise((r) => setTimeout(r, 300));
+    child.stdin!.write('\x04');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    const code = await exited;
+    clearTimeout(timer);
+    expect(code, shown).toBe(0);
+    expect(shown).toContain('stored credential "typed"');
+    expect(shown).not.toContain(SECRET);
+    const show = await runCli(['keys', 'show', 'typed', '--json'], env);
+    expect(JSON.parse(show.stdout)).toMatchObject({ versions: [{ fields: ['client_id', 'secret'] }] });
+  });
+
   it('without a keyring, put fails with a clear message and stores nothing', async () => {
     const other = envFor(await makeTempDir());
     const res = await runCli(['keys', 'put', 'k', '--from-stdin'], other, '{"secret":"abcdef"}');
@@ -137,6 +179,17 @@ allow:
     const json = JSON.parse((await runCli(['routes', 'check', '--json'], env)).stdout) as { ok: boolean; errors: { line: number }[] };
     expect(json.ok).toBe(false);
     expect(json.errors[0]!.line).toBe(8);
+  });
+
+  it('check points at a bad template without repeating it (a literal there may be a key pasted in by mistake)', async () => {
+    const route = (value: string) => `name: tpl\nprefix: /tpl\nupstream: https://x.example\ncredential: c\ninject:\n  scheme: headers\n  headers:\n    X-Key: "${value}"\nallow:\n  - caller: a\n    methods: [GET]\n    paths: [/x]\n`;
+    for (const value of [`${SECRET}{`, `${SECRET}}`, `{secret}${SECRET}{ bad }`]) {
+      await writeFile(join(dir, 'routes', 'tpl.yaml'), route(value));
+      const res = await runCli(['routes', 'check'], env);
+      expect(res.code).toBe(1);
+      expect(res.stdout).toMatch(/tpl\.yaml:8:\d+: inject\.headers\.X-Key: .*character \d+/);
+      expect(res.stdout + res.stderr).not.toContain(SECRET);
+    }
   });
 
   it('the shipped example routes load cleanly', async () => {

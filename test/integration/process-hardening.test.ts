@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { copyFile, mkdir, readFile, readdir, symlink } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, readdir, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, ROOT, runCli, startServe, watchServe } from '../helpers/cli.ts';
@@ -22,6 +22,57 @@ describe('process hardening', () => {
     const res = await runCli(['serve'], { ...envFor(dir), NODE_OPTIONS: '--insecure-http-parser' });
     expect(res.code).toBe(1);
     expect(res.stderr).toContain('insecure-http-parser');
+  });
+
+  it('refuses to serve with an inspector or heap snapshots on (NODE_OPTIONS or Node flags): either reads every decrypted credential', async () => {
+    const dir = await dataDir();
+    const attempts: [string[], string][] = [
+      [[], '--inspect=127.0.0.1:0'],
+      [[], '--heapsnapshot-signal=SIGUSR2'],
+      [[], '--heapsnapshot-near-heap-limit=1'],
+      [['--inspect=127.0.0.1:0'], ''],
+      [['--heapsnapshot-signal=SIGUSR2'], ''],
+    ];
+    for (const [nodeFlags, nodeOptions] of attempts) {
+      const child = spawn(process.execPath, [...nodeFlags, BIN, 'serve'], { cwd: ROOT, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...envFor(dir), ...(nodeOptions ? { NODE_OPTIONS: nodeOptions } : {}) }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      const timer = setTimeout(() => child.kill('SIGKILL'), 8_000);
+      const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+      clearTimeout(timer);
+      const what = [...nodeFlags, nodeOptions].join(' ');
+      expect(code, `${what}:\n${out}`).toBe(1);
+      expect(out, what).toMatch(/refusing to serve with --(inspect|heapsnapshot)/);
+      expect(out, what).not.toContain('egress-proxy listening');
+    }
+  });
+
+  it('a diagnostic report (here --report-on-signal) leaves out the environment, which may hold the Redis or webhook password', async () => {
+    const dir = await dataDir();
+    const reports = join(dir, 'reports');
+    await mkdir(reports);
+    await writeFile(join(dir, 'hook.secret'), 'whsec_0123456789abcdef', { mode: 0o600 });
+    const serve = await startServe({
+      ...envFor(dir),
+      EGRESS_ALERT_WEBHOOK: 'http://alerts:pw_CANARY_report@127.0.0.1:9/hook',
+      EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'hook.secret'),
+      NODE_OPTIONS: `--report-on-signal --report-signal=SIGUSR2 --report-directory=${reports}`,
+    });
+    try {
+      serve.child.kill('SIGUSR2');
+      let files: string[] = [];
+      for (let i = 0; i < 50 && files.length === 0; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        files = (await readdir(reports)).filter((f) => f.endsWith('.json'));
+      }
+      expect(files).toHaveLength(1);
+      const report = await readFile(join(reports, files[0]!), 'utf8');
+      expect(report).toContain('"header"');
+      expect(report).not.toContain('CANARY');
+    } finally {
+      await serve.stop('SIGTERM');
+    }
   });
 
   it('SIGUSR1 opens no inspector and does not end the process (--disable-sigusr1)', async () => {

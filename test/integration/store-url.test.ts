@@ -1,0 +1,98 @@
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli, startServe } from '../helpers/cli.ts';
+import { envFor, makeTempDir } from '../helpers/proxy.ts';
+import { freePort, TestRedis } from '../helpers/redis.ts';
+
+// A Redis password as generated ones look: base64 with "/" and "+", and an "@" typed unencoded.
+// Every piece between those characters is marked, so a piece that leaks is found.
+const PASSWORD = 'pwA_CANARY/pwB_CANARY+pwC_CANARY@pwD_CANARY';
+
+let redis: TestRedis;
+let dir: string;
+
+beforeAll(async () => {
+  redis = await TestRedis.create();
+  const admin = redis.client();
+  await admin.config('SET', 'requirepass', PASSWORD);
+  admin.disconnect();
+  dir = await makeTempDir('egress-store-url-');
+  await mkdir(join(dir, 'routes'));
+  const init = await runCli(['master-key', 'init'], envFor(dir));
+  expect(init.code).toBe(0);
+});
+
+afterAll(async () => {
+  await redis?.destroy();
+});
+
+describe('a Redis password in EGRESS_STORE', () => {
+  it('with "/", "+" and "@" in it, authenticates and appears nowhere in the output', async () => {
+    for (const store of [`redis://:${PASSWORD}@127.0.0.1:${redis.port}/0`, `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/0`]) {
+      const list = await runCli(['keys', 'list', '--json'], envFor(dir, { EGRESS_STORE: store }));
+      expect(list.stdout + list.stderr).not.toContain('CANARY');
+      expect(list.code, list.stderr).toBe(0);
+    }
+  });
+
+  it('is masked whole in the message when the store is unreachable', async () => {
+    const port = await freePort();
+    const failed = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://:${PASSWORD}@127.0.0.1:${port}/0` }));
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toContain(`redis://:***@127.0.0.1:${port}/0`);
+    expect(failed.stdout + failed.stderr).not.toContain('CANARY');
+  });
+
+  it('is not quoted by the message for a URL that does not parse', async () => {
+    for (const store of [`redis://:${PASSWORD}@127.0.0.1:${redis.port},:x/0`, `redis://:pw%E0_CANARY@127.0.0.1:${redis.port}/0`]) {
+      const bad = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
+      expect(bad.code).toBe(1);
+      expect(bad.stderr).toContain('EGRESS_STORE');
+      expect(bad.stdout + bad.stderr).not.toContain('CANARY');
+    }
+  });
+});
+
+describe('a password on the command line', () => {
+  it('is refused in --store and --alert-webhook (argv is readable by every user), without quoting it', async () => {
+    const runs = [
+      await runCli(['keys', 'list', '--store', `redis://:${PASSWORD}@127.0.0.1:${redis.port}/0`], envFor(dir)),
+      await runCli(['serve', '--store', `redis-sentinel://app:pw_CANARY@127.0.0.1:1/mymaster`], envFor(dir)),
+      await runCli(['serve', '--alert-webhook', 'https://alerts:pw_CANARY@hooks.example/egress'], envFor(dir)),
+    ];
+    for (const run of runs) {
+      expect(run.code).toBe(2);
+      expect(run.stderr).toMatch(/EGRESS_STORE|EGRESS_ALERT_WEBHOOK/);
+      expect(run.stdout + run.stderr).not.toContain('CANARY');
+    }
+    // Without a password a flag is fine; with one, the environment variable is the way.
+    expect((await runCli(['keys', 'list', '--store', `redis://127.0.0.1:${redis.port}/0`], envFor(dir))).stderr).not.toContain('command line');
+    expect((await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://:${PASSWORD}@127.0.0.1:${redis.port}/0` }))).code).toBe(0);
+  });
+});
+
+describe('the admin API while the store cannot be read', () => {
+  it('answers 503 store_unavailable to a presented token, on the API and the status page, not 401 as if the token were wrong', async () => {
+    const store = `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/0`;
+    const created = await runCli(['admin-token', 'create', 'rotator', '--json'], envFor(dir, { EGRESS_STORE: store }));
+    expect(created.code, created.stderr).toBe(0);
+    const token = (JSON.parse(created.stdout) as { token: string }).token;
+    await redis.stop();
+    const serve = await startServe(envFor(dir, { EGRESS_STORE: store }));
+    try {
+      const res = await fetch(`${serve.admin}/v1/credentials`, { headers: { authorization: `Bearer ${token}` } });
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
+      const page = await fetch(`${serve.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${token}`).toString('base64')}` } });
+      expect(page.status).toBe(503);
+      expect(page.headers.get('www-authenticate')).toBeNull();
+      // Without a token it is still a 401: nothing about the store is told to an anonymous client.
+      expect((await fetch(`${serve.admin}/v1/credentials`)).status).toBe(401);
+      expect(serve.output()).not.toContain('CANARY');
+    } finally {
+      await serve.stop();
+      await redis.start();
+    }
+  });
+});
