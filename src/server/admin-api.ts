@@ -61,9 +61,15 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     send(res, result.status ?? 200, result.body);
   } catch (err) {
     const e = toHttpError(err);
-    deps.audit.admin({ actor, action, target: segments.slice(0, 2).join(':') || 'v1', decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
+    // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
+    deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
     send(res, e.status, { error: { code: e.code, message: e.message } });
   }
+}
+
+/** A value from the request path as the audit line keeps it: at most 128 characters. */
+function bounded(text: string): string {
+  return text.length > 128 ? `${text.slice(0, 128)}…` : text;
 }
 
 async function route(req: IncomingMessage, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {

@@ -52,6 +52,14 @@ describe('admin API', () => {
     expect(audit).toMatch(/"kind":"admin".*"decision":"deny","reason":"admin_unauthenticated"/);
   });
 
+  it('an unauthenticated request with a long path is audited with its action and target bounded', async () => {
+    const long = 'A'.repeat(6_000);
+    expect((await api('GET', `/${long}/x/${long}`, undefined, null)).status).toBe(401);
+    await eventually(async () => (await proxy.auditText()).includes('"kind":"admin"') && (await proxy.auditText()).includes('AAAAAAAA'), 2_000, 'the audit line');
+    const line = (await proxy.auditText()).split('\n').find((l) => l.includes('AAAAAAAA'))!;
+    expect(line.length, 'audit line length').toBeLessThan(1_024);
+  });
+
   it('stages, promotes, rolls back and revokes a credential; values go in, never come out', async () => {
     const staged = await api('POST', '/credentials/key/versions', { fields: { token: V2 }, stage: true });
     expect(staged.status).toBe(201);
