@@ -26,7 +26,8 @@ interface Usage {
  *  - current_key_rejected: repeated fallbacks to the previous version (the new key does not work)
  *  - upstream_rejected_credential: the upstream rejects a key and there is nothing to fall back to
  *  - denied_spike: one caller's refused requests spike
- *  - unknown_token: unknown tokens from one address (brute force, or a service on an old token)
+ *  - unknown_token: unknown tokens from one address, an IPv6 /64 counting as one (brute force,
+ *    or a service on an old token)
  *  - retired_credential_used: an expired or revoked caller token is still presented
  *  - credential_max_age: a current credential version is older than its maximum age
  *  - unusual_usage: a caller uses a credential far above its own weighted baseline
@@ -71,9 +72,10 @@ export class AlertRules {
 
   onRequest(facts: RequestFacts, now = performance.now()): void {
     if (facts.reason === 'caller_unauthenticated') {
-      const n = this.#unknown.hit(facts.remote, now);
+      const remote = addressGroup(facts.remote);
+      const n = this.#unknown.hit(remote, now);
       if (n >= this.#settings.unknown_token.count) {
-        this.#alerts.raise('unknown_token', 'warning', facts.remote, 'unknown caller tokens from one address', { remote: facts.remote, attempts: n, window_ms: this.#settings.unknown_token.window });
+        this.#alerts.raise('unknown_token', 'warning', remote, 'unknown caller tokens from one address', { remote, attempts: n, window_ms: this.#settings.unknown_token.window });
       }
       return;
     }
@@ -124,4 +126,22 @@ export class AlertRules {
       }
     }
   }
+}
+
+/**
+ * The address unknown tokens are counted against. An IPv6 host is usually given a whole /64 and
+ * can send each guess from another address in it, so IPv6 is counted by its /64
+ * ("2001:db8:1:2::/64"); IPv4, also written IPv4-mapped, by the address.
+ */
+export function addressGroup(remote: string): string {
+  if (!remote.includes(':')) return remote;
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(remote);
+  if (mapped) return mapped[1]!;
+  const address = remote.split('%', 1)[0]!.toLowerCase();
+  const [head, tail] = address.split('::') as [string, string | undefined];
+  const before = head ? head.split(':') : [];
+  const after = tail ? tail.split(':') : [];
+  const groups = tail === undefined ? before : [...before, ...Array<string>(8 - before.length - after.length).fill('0'), ...after];
+  if (groups.length !== 8 || !groups.every((g) => /^[0-9a-f]{1,4}$/.test(g))) return remote;
+  return `${groups.slice(0, 4).map((g) => g.replace(/^0+(?=.)/, '')).join(':')}::/64`;
 }

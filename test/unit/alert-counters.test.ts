@@ -1,5 +1,7 @@
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { AlertRules, addressGroup } from '../../src/observe/alert-rules.ts';
+import { defaultAlertSettings } from '../../src/observe/alert-settings.ts';
 import { Alerts, WindowCounter } from '../../src/observe/alerts.ts';
 import { createLogger } from '../../src/observe/log.ts';
 import { Metrics } from '../../src/observe/metrics.ts';
@@ -62,5 +64,31 @@ describe('Alerts cool-downs', () => {
     expect(alerts.recent().at(-1)).toMatchObject({ subject: '10.0.0.0', repeats_suppressed: 0 });
     await new Promise((r) => setTimeout(r, 50));
     expect(lines).toBeGreaterThan(10_000);
+  });
+});
+
+describe('unknown_token counts an IPv6 /64 as one address', () => {
+  const rules = () => new AlertRules(new Alerts(createLogger('silent', new Writable({ write: (_c, _e, done) => done() })), new Metrics(), 5 * 60_000), defaultAlertSettings());
+  const refused = (remote: string) => ({ caller: null, remote, route: null, decision: 'deny', reason: 'caller_unauthenticated', credential: null });
+
+  it('ten unknown tokens, each from another address of one /64, raise the alert for that /64', () => {
+    const r = rules();
+    for (let i = 1; i <= 10; i++) r.onRequest(refused(`2001:db8:1:2:${i.toString(16)}::${i}`), 1_000 + i);
+    expect(r.alerts.recent().map((a) => [a.id, a.subject])).toEqual([['unknown_token', '2001:db8:1:2::/64']]);
+  });
+
+  it('other /64s, IPv4 and IPv4-mapped addresses are counted apart, and one address in any spelling is one', () => {
+    expect(addressGroup('2001:0db8:0001:0002:0000:0000:0000:0001')).toBe('2001:db8:1:2::/64');
+    expect(addressGroup('2001:db8:1:2::1')).toBe('2001:db8:1:2::/64');
+    expect(addressGroup('2001:DB8:1:2::ffff')).toBe('2001:db8:1:2::/64');
+    expect(addressGroup('::1')).toBe('0:0:0:0::/64');
+    expect(addressGroup('fe80::1%eth0')).toBe('fe80:0:0:0::/64');
+    expect(addressGroup('::ffff:10.1.2.3')).toBe('10.1.2.3');
+    expect(addressGroup('10.1.2.3')).toBe('10.1.2.3');
+    expect(addressGroup('unknown')).toBe('unknown');
+    const r = rules();
+    for (let i = 1; i <= 9; i++) r.onRequest(refused(`2001:db8:1:${i.toString(16)}::1`), 1_000 + i);
+    for (let i = 1; i <= 9; i++) r.onRequest(refused(`10.0.0.${i}`), 2_000 + i);
+    expect(r.alerts.recent()).toEqual([]);
   });
 });
