@@ -130,4 +130,24 @@ describe('RedisRateLimiter batches', () => {
     expect(results.filter((r) => r.allowed).length).toBe(100);
     expect(results.slice(0, 100).every((r) => r.allowed)).toBe(true);
   });
+  it('a bucket value no limit can reach (a huge number, set by hand without a TTL) counts as a spent bucket that refills, not a route closed for good', async () => {
+    const bucket: Bucket = { key: ['upstream'], limit: { rate: { count: 10, periodMs: 1_000 } }, policy: 'upstream' };
+    for (const [n, value] of ['1e308', '99999999999999999999', '1e999'].entries()) {
+      const scope = `far-future-${n}`;
+      const key = `egress:rl:{${scope}}:${JSON.stringify(bucket.key)}`;
+      await client.set(key, value);
+      const refused = await limiter.check(scope, [bucket]);
+      expect(refused.allowed, value).toBe(false);
+      // At most one interval to wait, as for a bucket just emptied; and the key expires again.
+      if (!refused.allowed) {
+        expect(refused.retryAfterMs, value).toBeGreaterThan(0);
+        expect(refused.retryAfterMs, value).toBeLessThanOrEqual(100);
+      }
+      const ttl = await client.pttl(key);
+      expect(ttl, value).toBeGreaterThan(0);
+      expect(ttl, value).toBeLessThanOrEqual(2_000);
+      await new Promise((r) => setTimeout(r, 150));
+      expect((await limiter.check(scope, [bucket])).allowed, value).toBe(true);
+    }
+  });
 });
