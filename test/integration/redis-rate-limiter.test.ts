@@ -150,4 +150,17 @@ describe('RedisRateLimiter batches', () => {
       expect((await limiter.check(scope, [bucket])).allowed, value).toBe(true);
     }
   });
+
+  it('a bucket value that is not a number in Lua either (NaN) counts as an empty bucket and is overwritten, instead of failing every check of the route', async () => {
+    const bucket: Bucket = { key: ['upstream'], limit: { rate: { count: 10, periodMs: 1_000 } }, policy: 'upstream' };
+    for (const [n, value] of ['NaN', 'nan', '-nan'].entries()) {
+      const scope = `not-a-number-${n}`;
+      const key = `egress:rl:{${scope}}:${JSON.stringify(bucket.key)}`;
+      await client.set(key, value);
+      expect((await limiter.check(scope, [bucket])).allowed, value).toBe(true);
+      // Decided in Redis (not by the per-instance fallback): the value is a time again, with an expiry.
+      expect(Number.isFinite(Number(await client.get(key))), value).toBe(true);
+      expect(await client.pttl(key), value).toBeGreaterThan(0);
+    }
+  });
 });
