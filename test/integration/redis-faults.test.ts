@@ -246,4 +246,24 @@ describe('Redis faults', () => {
       c.disconnect();
     }
   });
+  it('frozen under a connected proxy: the admin API answers 503 store_unavailable (not 500) for a read and a write, and leaks nothing', async () => {
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const admin = await startWithAdminToken(env);
+    redis.freeze();
+    try {
+      const headers = { authorization: `Bearer ${admin}`, 'content-type': 'application/json' };
+      const list = await fetch(`${proxy!.admin}/v1/callers`, { headers });
+      const listBody = (await list.json()) as { error: { code: string; message: string } };
+      expect(list.status).toBe(503);
+      expect(listBody.error.code).toBe('store_unavailable');
+      expect(listBody.error.message).toContain('did not answer');
+      const add = await fetch(`${proxy!.admin}/v1/callers`, { method: 'POST', headers, body: JSON.stringify({ name: 'robot' }) });
+      const addText = await add.text();
+      expect(add.status).toBe(503);
+      expect(JSON.parse(addText)).toMatchObject({ error: { code: 'store_unavailable' } });
+      expect(addText).not.toContain(admin);
+    } finally {
+      redis.thaw();
+    }
+  });
 });
