@@ -163,4 +163,24 @@ describe('RedisRateLimiter batches', () => {
       expect(await client.pttl(key), value).toBeGreaterThan(0);
     }
   });
+  it('a pause message from Redis longer than any upstream can ask for (1e999 parses as Infinity) is capped at the hour a Retry-After gets, not kept for good', async () => {
+    const publisher = await connected();
+    try {
+      const bucket = upstreamBucket(1000);
+      expect((await limiter.check('paused-for-good', [bucket])).allowed).toBe(true);
+      await publisher.publish('egress:ratelimit:pause', '{"scope":"paused-for-good","ms":1e999}');
+      let check = await limiter.check('paused-for-good', [bucket]);
+      for (let i = 0; i < 40 && check.allowed; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        check = await limiter.check('paused-for-good', [bucket]);
+      }
+      expect(check.allowed).toBe(false);
+      if (!check.allowed) {
+        expect(check.retryAfterMs).toBeGreaterThan(0);
+        expect(check.retryAfterMs).toBeLessThanOrEqual(3_600_000);
+      }
+    } finally {
+      publisher.disconnect();
+    }
+  });
 });
