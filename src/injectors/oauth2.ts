@@ -1,6 +1,6 @@
 import type { Dispatcher } from 'undici';
 import { z } from 'zod';
-import { ProxyError } from '../errors.ts';
+import { errorCode, ProxyError, upstreamFailure } from '../errors.ts';
 import type { Secret } from '../secret.ts';
 import type { Minted } from '../pipeline/token-broker.ts';
 import { dispatchExchange, type UpstreamExchange } from '../pipeline/upstream-exchange.ts';
@@ -146,7 +146,9 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
       headersTimeout: 10_000,
       bodyTimeout: 10_000,
     }).head;
-  } catch {
+  } catch (err) {
+    // A name that resolved to an address the route may not reach is refused as the upstream's would be (403), not an outage.
+    if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
     throw new ProxyError('credential_unavailable', 'The token endpoint could not be reached.');
   }
   let text: string;

@@ -10,6 +10,7 @@ import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
 import { open } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
+import { MAX_PAUSE_MS } from './rate-limiter.ts';
 
 /** Error and redirect bodies up to this size are inspected for echoed secrets; a larger one is refused (502). */
 export const MAX_INSPECTED_ERROR_BODY = 1024 * 1024;
@@ -253,12 +254,12 @@ function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
   throw new ProxyError('upstream_error', 'The upstream error body uses an encoding the proxy cannot inspect.');
 }
 
-/** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at an hour; 0 when absent or unusable. */
+/** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at MAX_PAUSE_MS (an hour); 0 when absent or unusable. */
 export function retryAfterMs(value: string | undefined, now = Date.now()): number {
   if (!value) return 0;
   const trimmed = value.trim();
   const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(trimmed) - now;
-  return Number.isFinite(ms) && ms > 0 ? Math.min(ms, 3_600_000) : 0;
+  return Number.isFinite(ms) && ms > 0 ? Math.min(ms, MAX_PAUSE_MS) : 0;
 }
 
 function headerValue(value: string | string[] | undefined): string | undefined {

@@ -37,6 +37,9 @@ export function burstOf(limit: RateLimitOptions): number {
   return limit.burst ?? limit.rate.count;
 }
 
+/** The longest pause a route takes after an upstream 429 (its Retry-After, or one broadcast through Redis). */
+export const MAX_PAUSE_MS = 3_600_000;
+
 /** The answer for every allowed request: nothing about it varies. */
 const ALLOWED: RateCheck = Object.freeze({ allowed: true });
 
@@ -81,6 +84,7 @@ export class MemoryRateLimiter implements RateLimiter {
   }
 
   pause(scope: string, ms: number, now = performance.now()): void {
-    this.#paused.set(scope, Math.max(this.#paused.get(scope) ?? 0, now + ms));
+    if (!(ms > 0)) return;
+    this.#paused.set(scope, Math.max(this.#paused.get(scope) ?? 0, now + Math.min(ms, MAX_PAUSE_MS)));
   }
 }

@@ -6,8 +6,9 @@ import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, ty
  * GCRA in one Lua script on Redis's own clock (TIME), so every instance draws from the same buckets
  * and clock skew between instances does not matter. One call decides a batch of requests, in
  * order, each as if alone: all of a request's buckets or none, and a later request in the batch
- * sees what the earlier ones spent. A value that is not a number (garbage, a wrong type) counts as
- * an empty bucket and is overwritten.
+ * sees what the earlier ones spent. A value that is not a number (garbage, a wrong type, NaN) counts as
+ * an empty bucket and is overwritten; one later than the bucket allows (set by hand, or a limit
+ * lowered since) counts as a spent bucket and is written back as one, with its expiry, so it refills.
  * ARGV: the number of requests, then for each its bucket count and (interval, burst) per bucket;
  * KEYS: every request's buckets, in the same order.
  * Returns four numbers per request: {allowed, refusing bucket index (1-based), retry ms, reset ms}.
@@ -30,7 +31,11 @@ for r = 1, tonumber(ARGV[1]) do
     local burst = tonumber(ARGV[a + i * 2 + 1])
     local tat = tats[key]
     if tat == nil then tat = tonumber(redis.pcall('GET', key)) end
-    if not tat or tat < now then tat = now end
+    if not tat or tat ~= tat or tat < now then tat = now end
+    if tat > now + burst * interval then
+      tat = now + burst * interval
+      tats[key] = tat
+    end
     local n = tat + interval
     local allow_at = n - burst * interval
     if now < allow_at then

@@ -75,6 +75,9 @@ end
 return 1
 `;
 
+/** ioredis's errors for a command that got no answer: the command timeout, a dropped or unwritable connection. */
+const UNANSWERED = /^(Command timed out|Connection is closed|Stream isn't writeable)/;
+
 /** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
 const POLL_MS = 500;
 
@@ -119,9 +122,28 @@ export class RedisStore implements StoreBackend {
     }
   }
 
-  async load(): Promise<StoreSnapshot> {
+  /**
+   * A command Redis did not answer (the command timeout passed, the connection dropped) as a
+   * StoreUnavailableError that says what it means for the data: a write with no answer may have
+   * been applied. Anything else as it is.
+   */
+  #unanswered(err: unknown, write: boolean): unknown {
+    if (!(err instanceof Error) || !UNANSWERED.test(err.message)) return err;
+    const what = write ? 'the write may or may not have been applied; read it back before trying again' : 'nothing was read';
+    return new StoreUnavailableError(`the store ${this.description} did not answer (${err.message.split('\n')[0]!.replace(/\.$/, '').slice(0, 80)}): ${what}`);
+  }
+
+  async #command<T>(write: boolean, run: () => Promise<T>): Promise<T> {
     await this.#ready();
-    const result = (await evalScript(this.client, LOAD_SCRIPT, [KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version], [KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin')])) as [string[], string[], string[], string];
+    try {
+      return await run();
+    } catch (err) {
+      throw this.#unanswered(err, write);
+    }
+  }
+
+  async load(): Promise<StoreSnapshot> {
+    const result = (await this.#command(false, () => evalScript(this.client, LOAD_SCRIPT, [KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version], [KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin')]))) as [string[], string[], string[], string];
     return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]), admins: decodePairs(result[2]) });
   }
 
@@ -136,7 +158,7 @@ export class RedisStore implements StoreBackend {
       if (err instanceof Error && err.message.startsWith('READONLY')) throw new StoreUnavailableError(`the store ${this.description} is a read-only replica (READONLY): writes go to the primary; nothing was written`);
       // Out of memory under maxmemory with noeviction: Redis refuses every write.
       if (err instanceof Error && err.message.startsWith('OOM')) throw new StoreUnavailableError(`the store ${this.description} is out of memory (Redis maxmemory reached, OOM): nothing was written; free memory or raise maxmemory`);
-      throw err;
+      throw this.#unanswered(err, true);
     }
     const [ok, found] = reply as [number, number];
     if (ok === 1) return;
@@ -145,24 +167,21 @@ export class RedisStore implements StoreBackend {
   }
 
   async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
-    await this.#ready();
     const byCredential = new Map<string, string[]>();
     for (const e of entries) {
       const args = byCredential.get(e.credential) ?? [];
       args.push(`${e.version}|${e.caller}`, e.at);
       byCredential.set(e.credential, args);
     }
-    await Promise.all([...byCredential].map(([id, args]) => evalScript(this.client, USAGE_SCRIPT, [KEYS.usage(id)], args)));
+    await this.#command(true, () => Promise.all([...byCredential].map(([id, args]) => evalScript(this.client, USAGE_SCRIPT, [KEYS.usage(id)], args))));
   }
 
   async readUsage(credential: string): Promise<UsageEntry[]> {
-    await this.#ready();
-    return decodeUsage(credential, await this.client.hgetall(KEYS.usage(credential)));
+    return decodeUsage(credential, await this.#command(false, () => this.client.hgetall(KEYS.usage(credential))));
   }
 
   async now(): Promise<number> {
-    await this.#ready();
-    const [seconds, micros] = (await this.client.time()).map(Number);
+    const [seconds, micros] = (await this.#command(false, () => this.client.time())).map(Number);
     return seconds! * 1000 + Math.floor(micros! / 1000);
   }
 

@@ -6,6 +6,14 @@ import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified, type PresentedToken }
 import type { CallerRecord, CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
+/**
+ * After a failed read, how soon the view reads again by itself. Backends report changes, and a
+ * read can fail while nothing changes (a reply past the command timeout, a damaged index): the
+ * view would otherwise serve stale records until the bound and then refuse everyone, with the
+ * store long readable again, until the next write.
+ */
+const RETRY_MS = 1_000;
+
 export interface StoreViewOptions {
   /** How long cached records keep serving while the store cannot be read. */
   readonly maxStaleMs: number;
@@ -37,6 +45,8 @@ export class StoreView {
   #unwatch: (() => void) | undefined;
   #refreshing: Promise<void> | undefined;
   #again = false;
+  #retry: NodeJS.Timeout | undefined;
+  #closed = false;
   readonly #rollbacksReported = new Set<string>();
   /**
    * The newest revision seen of every record, by kind and key, kept across reads: also while a
@@ -80,6 +90,13 @@ export class StoreView {
           this.#lastError = reason;
         }
       } while (this.#again);
+      if (this.#lastError !== undefined && !this.#closed && this.#retry === undefined) {
+        this.#retry = setTimeout(() => {
+          this.#retry = undefined;
+          void this.refresh();
+        }, RETRY_MS);
+        this.#retry.unref();
+      }
     })().finally(() => {
       this.#refreshing = undefined;
     });
@@ -176,6 +193,8 @@ export class StoreView {
   }
 
   async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#retry);
     this.#unwatch?.();
     await this.backend.close();
   }

@@ -15,6 +15,8 @@ beforeAll(async () => {
       named: route('named', `http://localhost:${upstream.port}`),
       metadata: route('metadata', 'http://169.254.169.254'),
       allowed: route('allowed', upstream.url, 'allow_private_addresses: true\n'),
+      tokenname: `name: tokenname\nprefix: /tokenname\nupstream: https://api.example.test\ncredential: key\ninject:\n  scheme: oauth2_client_credentials\n  token_url: http://localhost:${upstream.port}/token\n  client_id: "{token}"\n  client_secret: "{token}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
+      mapped: route('mapped', `http://[::ffff:127.0.0.1]:${upstream.port}`),
       token: `name: token\nprefix: /token\nupstream: https://api.example.test\ncredential: key\ninject:\n  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/token\n  client_id: "{token}"\n  client_secret: "{token}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
     },
     credentials: { key: { token: 'tok_ssrf_CANARY_1234' } },
@@ -35,6 +37,8 @@ describe('private addresses', () => {
     ['a name that resolves to loopback (checked on the address dialled)', '/named/x'],
     ['the cloud metadata address', '/metadata/x'],
     ['a token endpoint on loopback', '/token/x'],
+    ['a token endpoint whose name resolves to loopback', '/tokenname/x'],
+    ['loopback as an IPv4-mapped IPv6 literal', '/mapped/x'],
   ])('refuses %s with 403, every time, and nothing is sent', async (_what, path) => {
     const before = upstream.requests.length;
     for (let i = 0; i < 2; i++) {

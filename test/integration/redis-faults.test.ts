@@ -227,4 +227,43 @@ describe('Redis faults', () => {
     expect(keys.length).toBeGreaterThan(0);
     expect(proxy!.logs()).not.toContain('ratelimit_degraded');
   });
+  it('a store read that fails while the version counter still answers is retried: the instance does not stay unready once Redis is right again', async () => {
+    await start({ EGRESS_STORE_MAX_STALE: '1s' });
+    expect((await timed('/a/x')).status).toBe(200);
+    const c = redis.client();
+    try {
+      // A read of the store that fails (an index of the wrong type: the load script errors, as a
+      // read past the command timeout does) on a change the version poll sees; the poll's GET
+      // keeps answering with the same counter.
+      await c.set(KEYS.index('admin'), 'not a set');
+      await c.incr(KEYS.version);
+      await eventually(async () => (await ready()).body.store.error !== undefined, 3_000, 'the read to fail');
+      // Redis is right again, repaired by hand: no write through the proxy, no change counted.
+      await c.del(KEYS.index('admin'));
+      await eventually(async () => (await ready()).status === 200, 3_000, 'ready again without another change');
+      expect((await timed('/a/x')).status).toBe(200);
+    } finally {
+      c.disconnect();
+    }
+  });
+  it('frozen under a connected proxy: the admin API answers 503 store_unavailable (not 500) for a read and a write, and leaks nothing', async () => {
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const admin = await startWithAdminToken(env);
+    redis.freeze();
+    try {
+      const headers = { authorization: `Bearer ${admin}`, 'content-type': 'application/json' };
+      const list = await fetch(`${proxy!.admin}/v1/callers`, { headers });
+      const listBody = (await list.json()) as { error: { code: string; message: string } };
+      expect(list.status).toBe(503);
+      expect(listBody.error.code).toBe('store_unavailable');
+      expect(listBody.error.message).toContain('did not answer');
+      const add = await fetch(`${proxy!.admin}/v1/callers`, { method: 'POST', headers, body: JSON.stringify({ name: 'robot' }) });
+      const addText = await add.text();
+      expect(add.status).toBe(503);
+      expect(JSON.parse(addText)).toMatchObject({ error: { code: 'store_unavailable' } });
+      expect(addText).not.toContain(admin);
+    } finally {
+      redis.thaw();
+    }
+  });
 });

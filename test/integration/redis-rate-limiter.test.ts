@@ -130,4 +130,57 @@ describe('RedisRateLimiter batches', () => {
     expect(results.filter((r) => r.allowed).length).toBe(100);
     expect(results.slice(0, 100).every((r) => r.allowed)).toBe(true);
   });
+  it('a bucket value no limit can reach (a huge number, set by hand without a TTL) counts as a spent bucket that refills, not a route closed for good', async () => {
+    const bucket: Bucket = { key: ['upstream'], limit: { rate: { count: 10, periodMs: 1_000 } }, policy: 'upstream' };
+    for (const [n, value] of ['1e308', '99999999999999999999', '1e999'].entries()) {
+      const scope = `far-future-${n}`;
+      const key = `egress:rl:{${scope}}:${JSON.stringify(bucket.key)}`;
+      await client.set(key, value);
+      const refused = await limiter.check(scope, [bucket]);
+      expect(refused.allowed, value).toBe(false);
+      // At most one interval to wait, as for a bucket just emptied; and the key expires again.
+      if (!refused.allowed) {
+        expect(refused.retryAfterMs, value).toBeGreaterThan(0);
+        expect(refused.retryAfterMs, value).toBeLessThanOrEqual(100);
+      }
+      const ttl = await client.pttl(key);
+      expect(ttl, value).toBeGreaterThan(0);
+      expect(ttl, value).toBeLessThanOrEqual(2_000);
+      await new Promise((r) => setTimeout(r, 150));
+      expect((await limiter.check(scope, [bucket])).allowed, value).toBe(true);
+    }
+  });
+
+  it('a bucket value that is not a number in Lua either (NaN) counts as an empty bucket and is overwritten, instead of failing every check of the route', async () => {
+    const bucket: Bucket = { key: ['upstream'], limit: { rate: { count: 10, periodMs: 1_000 } }, policy: 'upstream' };
+    for (const [n, value] of ['NaN', 'nan', '-nan'].entries()) {
+      const scope = `not-a-number-${n}`;
+      const key = `egress:rl:{${scope}}:${JSON.stringify(bucket.key)}`;
+      await client.set(key, value);
+      expect((await limiter.check(scope, [bucket])).allowed, value).toBe(true);
+      // Decided in Redis (not by the per-instance fallback): the value is a time again, with an expiry.
+      expect(Number.isFinite(Number(await client.get(key))), value).toBe(true);
+      expect(await client.pttl(key), value).toBeGreaterThan(0);
+    }
+  });
+  it('a pause message from Redis longer than any upstream can ask for (1e999 parses as Infinity) is capped at the hour a Retry-After gets, not kept for good', async () => {
+    const publisher = await connected();
+    try {
+      const bucket = upstreamBucket(1000);
+      expect((await limiter.check('paused-for-good', [bucket])).allowed).toBe(true);
+      await publisher.publish('egress:ratelimit:pause', '{"scope":"paused-for-good","ms":1e999}');
+      let check = await limiter.check('paused-for-good', [bucket]);
+      for (let i = 0; i < 40 && check.allowed; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        check = await limiter.check('paused-for-good', [bucket]);
+      }
+      expect(check.allowed).toBe(false);
+      if (!check.allowed) {
+        expect(check.retryAfterMs).toBeGreaterThan(0);
+        expect(check.retryAfterMs).toBeLessThanOrEqual(3_600_000);
+      }
+    } finally {
+      publisher.disconnect();
+    }
+  });
 });
