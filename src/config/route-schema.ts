@@ -29,9 +29,12 @@ const timeout = z.string().transform((text, ctx) => {
   return ms ?? 0;
 });
 
+/** Bodies are counted in bytes: a limit past this is a typo, and past 2^53 not even a whole number. */
+export const MAX_BODY_BYTES = 1024 ** 3;
 const size = z.union([z.string(), z.number()]).transform((value, ctx) => {
   const bytes = parseSize(value);
   if (bytes === undefined || bytes < 1) ctx.addIssue({ code: 'custom', message: `"${value}" is not a size like 512kb or 1mb` });
+  else if (bytes > MAX_BODY_BYTES) ctx.addIssue({ code: 'custom', message: `"${value}" is larger than the most a route may take, 1gb` });
   return bytes ?? 0;
 });
 

@@ -56,3 +56,12 @@ describe('route timeouts', () => {
     expect(await res.text()).toBe('late but fine');
   });
 });
+
+describe('route sizes', () => {
+  it('a max_body beyond what can be counted exactly is refused at its line', async () => {
+    const text = bearerRoute({ upstream: upstream.url, paths: ['/a'] }).replace('credential: key\n', 'credential: key\nmax_body: 99999999999999999999gb\n');
+    const result = await check(text);
+    expect(result.code).toBe(1);
+    expect(result.stdout + result.stderr).toMatch(/api\.yaml:\d+:\d+: max_body: /);
+  });
+});
