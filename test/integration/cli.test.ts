@@ -229,6 +229,18 @@ allow:
     expect(bad.code).toBe(1);
     expect(bad.stdout).toContain('400');
   });
+
+  it('explain judges a URL on a host a route intercepts as the forward-mode request it is', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    // Through HTTPS_PROXY the whole path is route-relative: /item/get is allowed...
+    const allow = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/item/get', '--json'], env);
+    expect(allow.code, allow.stdout).toBe(0);
+    expect(JSON.parse(allow.stdout)).toMatchObject({ decision: 'allow', mode: 'forward', path: '/item/get', upstream_url: 'https://sandbox.plaid.com/item/get' });
+    // ...and the reverse prefix is not stripped: the proxy checks /plaid/item/get, which no rule names.
+    const deny = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/plaid/item/get', '--json'], env);
+    expect(deny.code, deny.stdout).toBe(1);
+    expect(JSON.parse(deny.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward', path: '/plaid/item/get' });
+  });
 });
 
 describe('after a writer was killed', () => {
