@@ -38,6 +38,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(`${HELP}\n`);
       return command ? EXIT.ok : EXIT.usage;
     }
+    // `egress serve --help`, `egress keys put --help`: asking is not a usage error, and must not run
+    // the command (serve would start listening). Arguments after "--" are values, not flags.
+    const flags = rest.includes('--') ? rest.slice(0, rest.indexOf('--')) : rest;
+    if (flags.includes('--help') || flags.includes('-h')) {
+      process.stdout.write(`${HELP}\n`);
+      return EXIT.ok;
+    }
     if (command === 'serve') return await (await import('./serve.ts')).serve(rest);
     const run = Object.hasOwn(COMMANDS, command) ? COMMANDS[command] : undefined;
     if (!run) throw new UserError(`unknown command "${command}"\n\n${HELP}`, EXIT.usage);

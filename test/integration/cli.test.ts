@@ -270,4 +270,13 @@ describe('usage', () => {
     expect(JSON.parse(json.stdout)).toMatchObject({ error: { code: 'usage' } });
     expect((await runCli(['--help'], env)).code).toBe(0);
   });
+
+  it('--help after a command prints the usage and exits 0, and never runs the command', async () => {
+    for (const args of [['serve', '--help'], ['keys', '--help'], ['keys', 'put', 'x', '-h'], ['routes', 'check', '--help'], ['master-key', 'init', '--help']]) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).toBe(0);
+      expect(res.stdout, args.join(' ')).toContain('egress keys put ID');
+      expect(res.stderr, args.join(' ')).toBe('');
+    }
+  });
 });
