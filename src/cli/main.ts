@@ -1,4 +1,4 @@
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, NotFoundError, UserError } from '../errors.ts';
 import { EXIT, readStdin, type Outcome } from './io.ts';
 
 const HELP = `egress: an egress proxy that holds provider credentials for the services that call through it
@@ -56,7 +56,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     // Not a UserError: say what kind of failure it was (a store timeout, say), first line only, bounded.
     const detail = err instanceof Error ? `${err.name}: ${err.message.split('\n')[0]!.slice(0, 160)}` : 'error';
     const message = err instanceof UserError ? err.message : `unexpected error (${detail})`;
-    if (json) process.stdout.write(`${JSON.stringify({ error: { code: err instanceof ConflictError ? 'conflict' : code === EXIT.usage ? 'usage' : 'failure', message } })}\n`);
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: err instanceof ConflictError ? 'conflict' : err instanceof NotFoundError ? 'not_found' : code === EXIT.usage ? 'usage' : 'failure', message } })}\n`);
     process.stderr.write(`egress: ${message}\n`);
     return code;
   }

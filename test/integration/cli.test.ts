@@ -271,6 +271,14 @@ describe('usage', () => {
     expect((await runCli(['--help'], env)).code).toBe(0);
   });
 
+  it('--json errors have one shape, {"error":{"code","message"}}, for every command that finds nothing', async () => {
+    for (const args of [['keys', 'show', 'nope'], ['keys', 'promote', 'nope'], ['keys', 'rollback', 'nope'], ['callers', 'revoke', 'nope'], ['callers', 'rotate', 'nope']]) {
+      const res = await runCli([...args, '--json'], env);
+      expect(res.code, args.join(' ')).toBe(1);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'not_found', message: expect.stringContaining('nope') } });
+    }
+  });
+
   it('--help after a command prints the usage and exits 0, and never runs the command', async () => {
     for (const args of [['serve', '--help'], ['keys', '--help'], ['keys', 'put', 'x', '-h'], ['routes', 'check', '--help'], ['master-key', 'init', '--help']]) {
       const res = await runCli(args, env);
