@@ -28,6 +28,14 @@ export async function serve(args: readonly string[]): Promise<number> {
   // drain deadline bounds the exit; SIGKILL is the way to end it sooner.
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // SIGHUP's default action ends the process: a reload signal sent while start-up is still under way
+  // (a deploy that writes a route file and signals at once) is held, and run once start-up is done,
+  // as the change it announces may have come after the routes were read.
+  let hupDuringStart = false;
+  let hup = () => {
+    hupDuringStart = true;
+  };
+  process.on('SIGHUP', () => hup());
   let proxy;
   try {
     proxy = await startProxy(p.settings(), { lockAuditLog: true });
@@ -39,7 +47,8 @@ export async function serve(args: readonly string[]): Promise<number> {
     throw err;
   }
   const log = proxy.services.log;
-  process.on('SIGHUP', () => void proxy.routes.reload('SIGHUP'));
+  hup = () => void proxy.routes.reload('SIGHUP');
+  if (hupDuringStart) hup();
   return new Promise((resolveExit) => {
     let draining = false;
     stop = (signal: string) => {
