@@ -14,7 +14,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
   egress keys list | show ID | due [--max-age 90d]   metadata only, never values
   egress master-key init | status | rotate [--resume] | remove --version N
-  egress audit verify [--partial] [FILE…]        check the audit log's hash chain
+  egress audit verify [--partial] [FILE…|-]      check the audit log's hash chain
   egress certs init [--refresh]                  the forward-mode CA, limited to the hosts routes name
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;

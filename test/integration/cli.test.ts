@@ -279,6 +279,16 @@ describe('usage', () => {
     }
   });
 
+  it('audit verify with EGRESS_AUDIT_LOG=- (stdout) is a usage error naming it; "-" as FILE reads standard input', async () => {
+    const none = await runCli(['audit', 'verify'], { ...env, EGRESS_AUDIT_LOG: '-' });
+    expect(none.code).toBe(2);
+    expect(none.stderr).toContain('EGRESS_AUDIT_LOG');
+    const bad = await runCli(['audit', 'verify', '-', '--json'], env, 'not a line of the log\n');
+    expect(bad.code).toBe(1);
+    expect(JSON.parse(bad.stdout)).toMatchObject({ ok: false, firstBad: { file: '-', line: 1 } });
+    expect((await runCli(['audit', 'verify', '-'], env, '')).code).toBe(0);
+  });
+
   it('--help after a command prints the usage and exits 0, and never runs the command', async () => {
     for (const args of [['serve', '--help'], ['keys', '--help'], ['keys', 'put', 'x', '-h'], ['routes', 'check', '--help'], ['master-key', 'init', '--help']]) {
       const res = await runCli(args, env);
