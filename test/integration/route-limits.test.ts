@@ -65,3 +65,14 @@ describe('route sizes', () => {
     expect(result.stdout + result.stderr).toMatch(/api\.yaml:\d+:\d+: max_body: /);
   });
 });
+
+describe('route file names', () => {
+  it('a file ending in .YAML or .Yml is reported, not silently skipped', async () => {
+    const dir = await makeTempDir();
+    await mkdir(join(dir, 'routes'));
+    await writeFile(join(dir, 'routes', 'api.YAML'), bearerRoute({ upstream: upstream.url, paths: ['/a'] }));
+    const result = await runCli(['routes', 'check', join(dir, 'routes')], {});
+    expect(result.code).toBe(1);
+    expect(result.stdout + result.stderr).toMatch(/api\.YAML:0:0: route files end in \.yaml or \.yml/);
+  });
+});
