@@ -1,5 +1,6 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
+import { text } from 'node:stream/consumers';
 import { UserError } from '../errors.ts';
 import { verifyAudit } from '../observe/audit.ts';
 import { EXIT, fail, ok, parse, type Outcome } from './io.ts';
@@ -16,15 +17,23 @@ async function withRotated(path: string): Promise<string[]> {
   return [...rotated, path];
 }
 
-/** `egress audit verify [FILE…]`: check the audit log's hash chain; exit 1 at the first bad line. */
+/** `egress audit verify [FILE…]`: check the audit log's hash chain; exit 1 at the first bad line. `-` is standard input. */
 export async function audit(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { partial: { type: 'boolean' } });
   if (sub !== 'verify') throw new UserError('usage: egress audit verify [--partial] [FILE…]', EXIT.usage);
-  const files = p.positionals.length > 0 ? p.positionals.map((f) => resolve(f)) : await withRotated(p.settings().auditLog);
+  let files: string[];
+  if (p.positionals.length > 0) {
+    files = p.positionals.map((f) => (f === '-' ? '-' : resolve(f)));
+  } else {
+    const auditLog = p.settings().auditLog;
+    // EGRESS_AUDIT_LOG=- sends the log to stdout: there is no file here to check.
+    if (auditLog === '-') throw new UserError('EGRESS_AUDIT_LOG is "-" (stdout), so there is no file to verify: give the FILE, or "-" to read the lines from standard input', EXIT.usage);
+    files = await withRotated(auditLog);
+  }
   const result = await verifyAudit(files, async (file) => {
     try {
-      return await readFile(file, 'utf8');
+      return file === '-' ? await text(process.stdin) : await readFile(file, 'utf8');
     } catch (err) {
       throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }

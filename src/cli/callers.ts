@@ -1,9 +1,9 @@
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
-import { NotFoundError, UserError } from '../errors.ts';
+import { UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
 import { openStore } from '../store/open-store.ts';
-import { cliActor, EXIT, graceFlag, fail, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, EXIT, graceFlag, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
 
 const WORDS = {
   caller: { command: 'callers', noun: 'caller', verb: 'add' },
@@ -58,9 +58,6 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
       default:
         throw new UserError(usage, EXIT.usage);
     }
-  } catch (err) {
-    if (err instanceof NotFoundError) return fail(err.message, { error: 'not_found' });
-    throw err;
   } finally {
     await store.close();
   }

@@ -1,14 +1,14 @@
 import { loadRoutes } from '../config/load-routes.ts';
 import { NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
-import { UserError } from '../errors.ts';
+import { NotFoundError, UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
 import { currentVersion, describeCredential } from '../store/credentials.ts';
 import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import type { CredentialRecord } from '../store/records.ts';
-import { cliActor, durationFlag, EXIT, fail, graceFlag, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, durationFlag, EXIT, graceFlag, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
        egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
@@ -88,7 +88,7 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
         const credentialId = id();
         const snapshot = await store.load();
         const record = snapshot.credentials.get(credentialId);
-        if (!record) return fail(snapshot.damaged.has(`credential:${credentialId}`) ? `credential "${credentialId}" is damaged in the store` : `no credential "${credentialId}"`, { error: 'not_found', id: credentialId });
+        if (!record) throw new NotFoundError(snapshot.damaged.has(`credential:${credentialId}`) ? `credential "${credentialId}" is damaged in the store` : `no credential "${credentialId}"`);
         const lastUse = lastUseByVersion(await store.readUsage(credentialId));
         return ok(showText(record, lastUse), describeCredential(record, new Date(), lastUse));
       }

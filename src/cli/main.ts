@@ -1,4 +1,4 @@
-import { ConflictError, UserError } from '../errors.ts';
+import { ConflictError, NotFoundError, UserError } from '../errors.ts';
 import { EXIT, readStdin, type Outcome } from './io.ts';
 
 const HELP = `egress: an egress proxy that holds provider credentials for the services that call through it
@@ -14,7 +14,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
   egress keys list | show ID | due [--max-age 90d]   metadata only, never values
   egress master-key init | status | rotate [--resume] | remove --version N
-  egress audit verify [--partial] [FILE…]        check the audit log's hash chain
+  egress audit verify [--partial] [FILE…|-]      check the audit log's hash chain
   egress certs init [--refresh]                  the forward-mode CA, limited to the hosts routes name
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;
@@ -38,6 +38,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(`${HELP}\n`);
       return command ? EXIT.ok : EXIT.usage;
     }
+    // `egress serve --help`, `egress keys put --help`: asking is not a usage error, and must not run
+    // the command (serve would start listening). Arguments after "--" are values, not flags.
+    const flags = rest.includes('--') ? rest.slice(0, rest.indexOf('--')) : rest;
+    if (flags.includes('--help') || flags.includes('-h')) {
+      process.stdout.write(`${HELP}\n`);
+      return EXIT.ok;
+    }
     if (command === 'serve') return await (await import('./serve.ts')).serve(rest);
     const run = Object.hasOwn(COMMANDS, command) ? COMMANDS[command] : undefined;
     if (!run) throw new UserError(`unknown command "${command}"\n\n${HELP}`, EXIT.usage);
@@ -49,7 +56,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     // Not a UserError: say what kind of failure it was (a store timeout, say), first line only, bounded.
     const detail = err instanceof Error ? `${err.name}: ${err.message.split('\n')[0]!.slice(0, 160)}` : 'error';
     const message = err instanceof UserError ? err.message : `unexpected error (${detail})`;
-    if (json) process.stdout.write(`${JSON.stringify({ error: { code: err instanceof ConflictError ? 'conflict' : code === EXIT.usage ? 'usage' : 'failure', message } })}\n`);
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: err instanceof ConflictError ? 'conflict' : err instanceof NotFoundError ? 'not_found' : code === EXIT.usage ? 'usage' : 'failure', message } })}\n`);
     process.stderr.write(`egress: ${message}\n`);
     return code;
   }

@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import { findRoute } from '../config/compile-routes.ts';
+import { findRoute, findRouteByHost } from '../config/compile-routes.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { routeJsonSchema } from '../config/route-schema.ts';
@@ -60,9 +60,13 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     if (err instanceof ProxyError) return fail(`DENY 400 bad_request: ${err.detail ?? err.message}`, { decision: 'deny', status: 400, code: err.code, reason: err.detail });
     throw err;
   }
-  const route = findRoute(config, target.segments);
+  // A URL on a host a route intercepts is a forward-mode request (HTTPS_PROXY): as in match-route,
+  // the host picks the route and the whole path is the route-relative path, with no prefix.
+  const host = authority ? /^https?:\/\/(?:[^@/]*@)?([^:/?#]+)/i.exec(authority[0])?.[1]?.toLowerCase() : undefined;
+  const forwardRoute = host ? findRouteByHost(config, host) : undefined;
+  const route = forwardRoute ?? findRoute(config, target.segments);
   if (!route) return fail(`DENY 404 route_not_found: no route prefix owns ${target.path}`, { decision: 'deny', status: 404, code: 'route_not_found', path: target.path });
-  const rest = target.segments.slice(route.prefixSegments.length);
+  const rest = forwardRoute ? target.segments : target.segments.slice(route.prefixSegments.length);
   const relative = rest.length === 0 ? [''] : rest;
   const decision = decide(route, caller, method, relative);
   const query = removeParams(target.query, route.claims.query);
@@ -76,6 +80,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     file: route.file,
     caller,
     method,
+    mode: forwardRoute ? 'forward' : 'reverse',
     path: `/${relative.join('/')}`,
     rule: decision.rule ? { index: decision.rule.index, methods: [...decision.rule.methods], paths: decision.rule.paths.map((x) => x.source) } : null,
     reason: decision.reason,
@@ -97,7 +102,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     `  auth failure: status ${[...route.authFailure.statuses].join('/')}${route.authFailure.bodyContains ? ` with body containing "${route.authFailure.bodyContains}"` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
   ].join('\n');
   const text = decision.rule
-    ? `ALLOW  route "${route.name}" (${route.file})\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n${details}`
-    : `DENY 403 route_forbidden  route "${route.name}" (${route.file})\n  ${decision.reason}`;
+    ? `ALLOW  route "${route.name}" (${route.file})${forwardRoute ? ', forward mode' : ''}\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n${details}`
+    : `DENY 403 route_forbidden  route "${route.name}" (${route.file})${forwardRoute ? ', forward mode' : ''}\n  ${decision.reason}`;
   return decision.rule ? ok(text, data) : fail(text, data);
 }

@@ -22,8 +22,20 @@ export async function serve(args: readonly string[]): Promise<number> {
   let stop = (signal: string) => {
     requested ??= signal;
   };
-  process.once('SIGTERM', () => stop('SIGTERM'));
-  process.once('SIGINT', () => stop('SIGINT'));
+  // Handlers stay installed while draining: a second SIGTERM (a process-group kill under `npm start`
+  // delivers one from the group and one forwarded by npm) would otherwise take the default action
+  // and kill the process mid-drain, cutting in-flight requests and losing their audit lines. The
+  // drain deadline bounds the exit; SIGKILL is the way to end it sooner.
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  // SIGHUP's default action ends the process: a reload signal sent while start-up is still under way
+  // (a deploy that writes a route file and signals at once) is held, and run once start-up is done,
+  // as the change it announces may have come after the routes were read.
+  let hupDuringStart = false;
+  let hup = () => {
+    hupDuringStart = true;
+  };
+  process.on('SIGHUP', () => hup());
   let proxy;
   try {
     proxy = await startProxy(p.settings(), { lockAuditLog: true });
@@ -35,9 +47,13 @@ export async function serve(args: readonly string[]): Promise<number> {
     throw err;
   }
   const log = proxy.services.log;
-  process.on('SIGHUP', () => void proxy.routes.reload('SIGHUP'));
+  hup = () => void proxy.routes.reload('SIGHUP');
+  if (hupDuringStart) hup();
   return new Promise((resolveExit) => {
+    let draining = false;
     stop = (signal: string) => {
+      if (draining) return void log.info({ signal }, 'already draining; the drain deadline bounds the exit');
+      draining = true;
       log.info({ signal }, 'draining and shutting down');
       void proxy.close().then(() => resolveExit(0));
     };

@@ -37,13 +37,18 @@ const ROUTE_FILE = /\.ya?ml$/;
  */
 export async function loadRoutes(dir: string): Promise<CompiledConfig> {
   const root = resolve(dir);
-  let names: string[];
+  let entries: string[];
   try {
-    names = (await readdir(root)).filter((n) => ROUTE_FILE.test(n) && !n.startsWith('.')).sort();
+    entries = (await readdir(root)).filter((n) => !n.startsWith('.')).sort();
   } catch (err) {
     throw new ConfigError([{ file: root, line: 0, col: 0, message: `cannot read the routes folder (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
   }
+  const names = entries.filter((n) => ROUTE_FILE.test(n));
   const problems: ConfigProblem[] = [];
+  // "stripe.YAML" is meant as a route file: skipped silently, its route would just be missing.
+  for (const n of entries) {
+    if (!ROUTE_FILE.test(n) && /\.ya?ml$/i.test(n)) problems.push({ file: join(root, n), line: 0, col: 0, message: 'route files end in .yaml or .yml, in lower case: rename it, or it is not loaded' });
+  }
   const routes: CompiledRoute[] = [];
   for (const name of names) {
     const file = join(root, name);

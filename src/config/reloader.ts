@@ -1,4 +1,4 @@
-import { watch, type FSWatcher } from 'node:fs';
+import { statSync, watch, type FSWatcher } from 'node:fs';
 import type { Logger } from '../observe/log.ts';
 import type { CompiledConfig } from './compile-routes.ts';
 import { ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
@@ -19,6 +19,9 @@ export class RouteReloader {
   #config: CompiledConfig;
   #lastError: { at: string; errors: readonly string[] } | undefined;
   #watcher: FSWatcher | undefined;
+  /** The folder the watcher is on (device and inode), to notice the path now naming another folder. */
+  #watched: string | undefined;
+  #identityCheck: NodeJS.Timeout | undefined;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<ReloadOutcome> | undefined;
   #again = false;
@@ -43,8 +46,28 @@ export class RouteReloader {
     };
   }
 
-  /** Watch the folder; editors write in several steps, so changes are debounced. */
-  watch(debounceMs = 150): void {
+  /**
+   * Watch the folder; editors write in several steps, so changes are debounced. A watch follows the
+   * folder, not its path: a deploy that moves a new folder into place (mv routes.new routes, or a
+   * symlink swapped to a new release) would leave it on the old one, and later edits would never
+   * reload. The path is checked every second, and the watch moves to the folder it now names.
+   */
+  watch(debounceMs = 150, identityCheckMs = 1_000): void {
+    this.#arm(debounceMs);
+    this.#identityCheck = setInterval(() => {
+      if (identityOf(this.dir) === this.#watched) return;
+      this.#arm(debounceMs);
+      void this.reload('folder replaced');
+    }, identityCheckMs);
+    this.#identityCheck.unref();
+  }
+
+  #arm(debounceMs: number): void {
+    this.#watcher?.close();
+    this.#watcher = undefined;
+    this.#watched = identityOf(this.dir);
+    // Nothing to watch until the folder is back; the identity check arms the watch when it is.
+    if (this.#watched === undefined) return;
     try {
       this.#watcher = watch(this.dir, { persistent: false }, () => {
         clearTimeout(this.#timer);
@@ -94,6 +117,17 @@ export class RouteReloader {
 
   close(): void {
     clearTimeout(this.#timer);
+    clearInterval(this.#identityCheck);
     this.#watcher?.close();
+  }
+}
+
+/** "device:inode" of the folder a path names now, or undefined when there is none. */
+function identityOf(dir: string): string | undefined {
+  try {
+    const info = statSync(dir, { bigint: true });
+    return info.isDirectory() ? `${info.dev}:${info.ino}` : undefined;
+  } catch {
+    return undefined;
   }
 }

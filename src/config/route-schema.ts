@@ -17,15 +17,24 @@ export const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'O
 // is byte for byte what is matched.
 const SEGMENT = /^(?!\.{1,2}$)[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
 
-const duration = z.string().transform((text, ctx) => {
+/**
+ * A deadline: at least 1 ms, at most a day. Zero would switch the deadline off (undici reads 0 as
+ * "no timeout"), and past 2^31-1 ms a Node timer fires at once instead (TimeoutOverflowWarning).
+ */
+export const MAX_TIMEOUT_MS = 86_400_000;
+const timeout = z.string().transform((text, ctx) => {
   const ms = parseDuration(text);
   if (ms === undefined) ctx.addIssue({ code: 'custom', message: `"${text}" is not a duration like 500ms, 5s, 2m` });
+  else if (ms < 1 || ms > MAX_TIMEOUT_MS) ctx.addIssue({ code: 'custom', message: `"${text}" must be at least 1ms and at most 24h (0 would mean no deadline)` });
   return ms ?? 0;
 });
 
+/** Bodies are counted in bytes: a limit past this is a typo, and past 2^53 not even a whole number. */
+export const MAX_BODY_BYTES = 1024 ** 3;
 const size = z.union([z.string(), z.number()]).transform((value, ctx) => {
   const bytes = parseSize(value);
   if (bytes === undefined || bytes < 1) ctx.addIssue({ code: 'custom', message: `"${value}" is not a size like 512kb or 1mb` });
+  else if (bytes > MAX_BODY_BYTES) ctx.addIssue({ code: 'custom', message: `"${value}" is larger than the most a route may take, 1gb` });
   return bytes ?? 0;
 });
 
@@ -88,7 +97,7 @@ export const routeFileSchema = z.strictObject({
   upstream,
   credential: z.string().regex(NAME, 'credential ids are lower-case letters, digits, "_" and "-"'),
   inject: z.union([injectOne, z.array(injectOne).min(1)]),
-  timeouts: z.strictObject({ connect: duration.optional(), response: duration.optional() }).optional(),
+  timeouts: z.strictObject({ connect: timeout.optional(), response: timeout.optional() }).optional(),
   upstream_ca: z.string().min(1).optional(),
   /** Forward mode: the hosts whose CONNECT tunnels this route intercepts (default: the upstream's host). */
   hosts: z.array(z.string()

@@ -141,7 +141,8 @@ function sizeSetting(text: string, what: string): number {
 }
 
 function countSetting(text: string, what: string): number {
-  const n = Number(text);
+  // Digits only: Number() would also take "0x10", "1e2", " 5" and "5.0".
+  const n = /^\d{1,4}$/.test(text) ? Number(text) : Number.NaN;
   if (!Number.isSafeInteger(n) || n < 1 || n > 1000) throw new UserError(`${what} must be a whole number from 1 to 1000`, 2);
   return n;
 }

@@ -5,13 +5,16 @@ import { parseRedisUrl } from './redis-client.ts';
 import { RedisStore } from './redis-store.ts';
 import type { StoreBackend } from './types.ts';
 
-/** `file:PATH` -> the file backend; `redis://…` and friends -> the Redis backend. */
+/**
+ * `file:PATH` -> the file backend; `redis://…` and friends -> the Redis backend. A malformed value
+ * is a usage error (exit 2), as every other malformed EGRESS_* setting is.
+ */
 export function openStore(spec: string): StoreBackend {
   if (spec.startsWith('file:')) {
     const path = spec.slice('file:'.length);
-    if (!path) throw new UserError('EGRESS_STORE "file:" needs a path, e.g. file:./data/store.json');
+    if (!path) throw new UserError('EGRESS_STORE "file:" needs a path, e.g. file:./data/store.json', 2);
     return new FileStore(resolve(path));
   }
   if (/^(rediss?|redis-sentinel|redis-cluster):\/\//.test(spec)) return new RedisStore(parseRedisUrl(spec));
-  throw new UserError(`EGRESS_STORE must be file:PATH, redis://…, rediss://…, redis-sentinel://… or redis-cluster://… (got a value starting "${spec.slice(0, 8)}")`);
+  throw new UserError(`EGRESS_STORE must be file:PATH, redis://…, rediss://…, redis-sentinel://… or redis-cluster://… (got a value starting "${spec.slice(0, 8)}")`, 2);
 }

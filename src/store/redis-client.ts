@@ -76,7 +76,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
   // percent-encoded, and no host, database number or master name holds an "@". Cut at the first
   // "/" instead, a password's tail became the host and its head was quoted in errors and logs.
   const match = /^(redis|rediss|redis-sentinel|redis-cluster):\/\/(?:(.*)@)?([^/?@]+)(\/[^?@]*)?(?:\?([^@]*))?$/.exec(spec);
-  if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0');
+  if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0', 2);
   const [, scheme, userinfo, hostList, path, query] = match;
   const params = new URLSearchParams(query ?? '');
   let username: string | undefined;
@@ -97,11 +97,11 @@ export function parseRedisUrl(spec: string): RedisSpec {
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
     // Not quoted: in a URL that does not parse, what looks like a host may be part of the password.
-    if (!m) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT, or HOST:PORT,HOST:PORT for Sentinel and Cluster');
+    if (!m) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT, or HOST:PORT,HOST:PORT for Sentinel and Cluster', 2);
     return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379)) };
   });
   const db = Number(scheme === 'redis-sentinel' ? (params.get('db') ?? 0) : (path?.slice(1) || 0));
-  if (!Number.isInteger(db) || db < 0) throw new UserError('EGRESS_STORE database number must be a whole number');
+  if (!Number.isInteger(db) || db < 0) throw new UserError('EGRESS_STORE database number must be a whole number', 2);
   const auth = { ...(username ? { username } : {}), ...(password ? { password } : {}) };
   const description = `${scheme}://${password ? `${username ?? ''}:***@` : ''}${hostList}${path ?? ''}`;
   const tls = scheme === 'rediss' || params.get('tls') === 'true' ? { tls: {} } : {};
@@ -128,6 +128,6 @@ function decodeUserinfo(text: string): string {
   try {
     return decodeURIComponent(text);
   } catch {
-    throw new UserError('EGRESS_STORE has a malformed %-escape in its user name or password (write "%" as %25)');
+    throw new UserError('EGRESS_STORE has a malformed %-escape in its user name or password (write "%" as %25)', 2);
   }
 }

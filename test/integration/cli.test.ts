@@ -229,6 +229,18 @@ allow:
     expect(bad.code).toBe(1);
     expect(bad.stdout).toContain('400');
   });
+
+  it('explain judges a URL on a host a route intercepts as the forward-mode request it is', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    // Through HTTPS_PROXY the whole path is route-relative: /item/get is allowed...
+    const allow = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/item/get', '--json'], env);
+    expect(allow.code, allow.stdout).toBe(0);
+    expect(JSON.parse(allow.stdout)).toMatchObject({ decision: 'allow', mode: 'forward', path: '/item/get', upstream_url: 'https://sandbox.plaid.com/item/get' });
+    // ...and the reverse prefix is not stripped: the proxy checks /plaid/item/get, which no rule names.
+    const deny = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/plaid/item/get', '--json'], env);
+    expect(deny.code, deny.stdout).toBe(1);
+    expect(JSON.parse(deny.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward', path: '/plaid/item/get' });
+  });
 });
 
 describe('after a writer was killed', () => {
@@ -257,5 +269,32 @@ describe('usage', () => {
     expect(json.code).toBe(2);
     expect(JSON.parse(json.stdout)).toMatchObject({ error: { code: 'usage' } });
     expect((await runCli(['--help'], env)).code).toBe(0);
+  });
+
+  it('--json errors have one shape, {"error":{"code","message"}}, for every command that finds nothing', async () => {
+    for (const args of [['keys', 'show', 'nope'], ['keys', 'promote', 'nope'], ['keys', 'rollback', 'nope'], ['callers', 'revoke', 'nope'], ['callers', 'rotate', 'nope']]) {
+      const res = await runCli([...args, '--json'], env);
+      expect(res.code, args.join(' ')).toBe(1);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'not_found', message: expect.stringContaining('nope') } });
+    }
+  });
+
+  it('audit verify with EGRESS_AUDIT_LOG=- (stdout) is a usage error naming it; "-" as FILE reads standard input', async () => {
+    const none = await runCli(['audit', 'verify'], { ...env, EGRESS_AUDIT_LOG: '-' });
+    expect(none.code).toBe(2);
+    expect(none.stderr).toContain('EGRESS_AUDIT_LOG');
+    const bad = await runCli(['audit', 'verify', '-', '--json'], env, 'not a line of the log\n');
+    expect(bad.code).toBe(1);
+    expect(JSON.parse(bad.stdout)).toMatchObject({ ok: false, firstBad: { file: '-', line: 1 } });
+    expect((await runCli(['audit', 'verify', '-'], env, '')).code).toBe(0);
+  });
+
+  it('--help after a command prints the usage and exits 0, and never runs the command', async () => {
+    for (const args of [['serve', '--help'], ['keys', '--help'], ['keys', 'put', 'x', '-h'], ['routes', 'check', '--help'], ['master-key', 'init', '--help']]) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).toBe(0);
+      expect(res.stdout, args.join(' ')).toContain('egress keys put ID');
+      expect(res.stderr, args.join(' ')).toBe('');
+    }
   });
 });

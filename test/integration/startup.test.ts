@@ -99,9 +99,21 @@ describe('start-up refuses what it must', () => {
 
   it('a store URL it does not support, and a bad listen address', async () => {
     const { env } = await seeded();
+    // A malformed setting is a usage error (2), like every other EGRESS_* value: a script can tell
+    // "fix the configuration" from a failure worth retrying (1).
     const other = await runCli(['serve'], { ...env, EGRESS_STORE: 'memcached://127.0.0.1:1' });
-    expect(other.code).toBe(1);
+    expect(other.code).toBe(2);
     expect(other.stderr).toContain('EGRESS_STORE must be file:PATH, redis://');
+    for (const store of ['file:', 'redis://', 'redis://127.0.0.1:6379/x']) {
+      const bad = await runCli(['keys', 'list'], { ...env, EGRESS_STORE: store });
+      expect(bad.code, store).toBe(2);
+      expect(bad.stderr, store).toContain('EGRESS_STORE');
+    }
+    for (const [name, value] of [['EGRESS_CALLER_MAX_IN_FLIGHT', '0x10'], ['EGRESS_AUDIT_KEEP', '1e2'], ['EGRESS_AUDIT_KEEP', ' 5']] as const) {
+      const count = await runCli(['serve'], { ...env, [name]: value });
+      expect(count.code, `${name}=${value}`).toBe(2);
+      expect(count.stderr).toContain(name);
+    }
     const stale = await runCli(['serve'], { ...env, EGRESS_STORE_MAX_STALE: 'forever' });
     expect(stale.code).toBe(2);
     const listen = await runCli(['serve'], { ...env, EGRESS_LISTEN: 'nonsense' });

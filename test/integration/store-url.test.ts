@@ -47,7 +47,7 @@ describe('a Redis password in EGRESS_STORE', () => {
   it('is not quoted by the message for a URL that does not parse', async () => {
     for (const store of [`redis://:${PASSWORD}@127.0.0.1:${redis.port},:x/0`, `redis://:pw%E0_CANARY@127.0.0.1:${redis.port}/0`]) {
       const bad = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
-      expect(bad.code).toBe(1);
+      expect(bad.code).toBe(2);
       expect(bad.stderr).toContain('EGRESS_STORE');
       expect(bad.stdout + bad.stderr).not.toContain('CANARY');
     }
