@@ -83,10 +83,15 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const audit = new AuditLog(settings.auditLog, log, { maxBytes: settings.auditMaxBytes, keep: settings.auditKeep, alsoStdout: settings.auditStdout });
   await audit.open();
   const sweeper = new GraceSweeper(backend, log, metrics, `proxy:${hostname()}:${process.pid}`, () => void store.refresh());
+  // OAuth2 tokens are shared by every instance through Redis when the store is Redis.
+  const tokens = new TokenBroker(log, backend instanceof RedisStore ? new SharedTokens(backend.client, keys) : undefined);
   store.onChange((previous, next) => {
     auditHistory(audit, previous, next);
     sweeper.schedule(next);
-    dispatchers.retainVersions(liveVersions(next));
+    // A version revoked or retired since loses its TLS pools and the tokens minted with it.
+    const live = liveVersions(next);
+    dispatchers.retainVersions(live);
+    tokens.retainVersions(live);
   });
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
@@ -94,12 +99,6 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
-  // OAuth2 tokens are shared by every instance through Redis when the store is Redis.
-  const tokens = new TokenBroker(log, backend instanceof RedisStore ? new SharedTokens(backend.client, keys) : undefined);
-  // Tokens minted with a version that is revoked or retired since are dropped, as its TLS pools are.
-  const loaded = store.snapshot();
-  if (loaded) tokens.retainVersions(liveVersions(loaded));
-  store.onChange((_previous, next) => tokens.retainVersions(liveVersions(next)));
   const activity = new Activity();
   const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log };
   metrics.bindStore(store);
