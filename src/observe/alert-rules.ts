@@ -14,6 +14,9 @@ export interface RequestFacts {
   readonly credential: string | null;
 }
 
+/** The subject of the unknown_token alert counted over every address. */
+export const ALL_ADDRESSES = 'all addresses';
+
 interface Usage {
   bucketStart: number;
   count: number;
@@ -27,7 +30,8 @@ interface Usage {
  *  - upstream_rejected_credential: the upstream rejects a key and there is nothing to fall back to
  *  - denied_spike: one caller's refused requests spike
  *  - unknown_token: unknown tokens from one address, an IPv6 /64 counting as one (brute force,
- *    or a service on an old token)
+ *    or a service on an old token), or from all addresses together (guessing spread over many
+ *    addresses, each under the per-address count; subject ALL_ADDRESSES)
  *  - retired_credential_used: an expired or revoked caller token is still presented
  *  - credential_max_age: a current credential version is older than its maximum age
  *  - unusual_usage: a caller uses a credential far above its own weighted baseline
@@ -39,6 +43,7 @@ export class AlertRules {
   readonly #fallbacks: WindowCounter;
   readonly #denied: WindowCounter;
   readonly #unknown: WindowCounter;
+  readonly #unknownAll: WindowCounter;
   readonly #usage = new Map<string, Usage>();
   readonly #alpha: number;
 
@@ -48,6 +53,7 @@ export class AlertRules {
     this.#fallbacks = new WindowCounter(settings.fallback.window);
     this.#denied = new WindowCounter(settings.denied_spike.window);
     this.#unknown = new WindowCounter(settings.unknown_token.window);
+    this.#unknownAll = new WindowCounter(settings.unknown_token.window);
     // Per-bucket smoothing factor for an exponentially weighted mean with the configured half-life.
     this.#alpha = 1 - 2 ** (-settings.unusual_usage.bucket / settings.unusual_usage.half_life);
   }
@@ -73,9 +79,17 @@ export class AlertRules {
   onRequest(facts: RequestFacts, now = performance.now()): void {
     if (facts.reason === 'caller_unauthenticated') {
       const remote = addressGroup(facts.remote);
+      const rule = this.#settings.unknown_token;
       const n = this.#unknown.hit(remote, now);
-      if (n >= this.#settings.unknown_token.count) {
-        this.#alerts.raise('unknown_token', 'warning', remote, 'unknown caller tokens from one address', { remote, attempts: n, window_ms: this.#settings.unknown_token.window });
+      if (n >= rule.count) {
+        this.#alerts.raise('unknown_token', 'warning', remote, 'unknown caller tokens from one address', { remote, attempts: n, window_ms: rule.window });
+        return;
+      }
+      // Only attempts under their address's own count add up here (one loud address has its own
+      // alert), in a counter of their own: the per-address one starts afresh past its key bound.
+      const all = this.#unknownAll.hit(ALL_ADDRESSES, now);
+      if (all >= rule.total) {
+        this.#alerts.raise('unknown_token', 'warning', ALL_ADDRESSES, 'unknown caller tokens from many addresses, each under its own count', { attempts: all, window_ms: rule.window });
       }
       return;
     }

@@ -24,8 +24,11 @@ export const alertSettingsSchema = z.strictObject({
   fallback: windowRule(3, '1m'),
   /** Requests refused (403/404/400/413/429) for one caller. */
   denied_spike: windowRule(20, '1m'),
-  /** Unknown, expired or revoked tokens from one address: brute force or a forgotten rotation. */
-  unknown_token: windowRule(10, '1m'),
+  /**
+   * Unknown, expired or revoked tokens from one address (count), and from all addresses together
+   * (total): brute force or a forgotten rotation, and guessing spread over many addresses.
+   */
+  unknown_token: z.strictObject({ count: z.number().int().min(1).default(10), total: z.number().int().min(1).default(100), window: duration('1m') }).prefault({}),
   credential_max_age: z.strictObject({ default: duration('90d'), credentials: z.record(z.string(), z.string()).default({}) }).prefault({}),
   /** A caller's rate of use of a credential far above its own exponentially weighted baseline. */
   unusual_usage: z.strictObject({

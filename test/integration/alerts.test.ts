@@ -1,5 +1,5 @@
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { createServer, type Server } from 'node:http';
+import { createServer, request, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -116,6 +116,21 @@ describe('alert rules', () => {
     expect(alertIds()).toEqual(['unknown_token']);
     const alert = proxy!.services().rules.alerts.recent()[0]!;
     expect(alert.subject).toBe('127.0.0.1');
+  });
+
+  it('unknown_token over all addresses: unknown tokens from several addresses, each under its own count', async () => {
+    await start({ alerts: 'unknown_token: { count: 10, total: 5, window: 1m }\n' });
+    const fromAddress = (localAddress: string) => new Promise<number>((resolve, reject) => {
+      const url = new URL(`${proxy!.url}/api/ok`);
+      request({ host: url.hostname, port: url.port, path: url.pathname, localAddress, agent: false, headers: { 'x-egress-token': `egt_${'y'.repeat(43)}` } }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      }).on('error', reject).end();
+    });
+    for (const last of [2, 3, 4, 5]) expect(await fromAddress(`127.0.0.${last}`)).toBe(401);
+    expect(alertIds()).toEqual([]);
+    expect(await fromAddress('127.0.0.6')).toBe(401);
+    expect(proxy!.services().rules.alerts.recent().map((a) => [a.id, a.subject, a.facts.attempts])).toEqual([['unknown_token', 'all addresses', 5]]);
   });
 
   it('retired_credential_used: a token that was rotated out or revoked is still presented', async () => {

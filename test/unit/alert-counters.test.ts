@@ -1,7 +1,7 @@
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { AlertRules, addressGroup } from '../../src/observe/alert-rules.ts';
-import { defaultAlertSettings } from '../../src/observe/alert-settings.ts';
+import { ALL_ADDRESSES, AlertRules, addressGroup } from '../../src/observe/alert-rules.ts';
+import { alertSettingsSchema, defaultAlertSettings } from '../../src/observe/alert-settings.ts';
 import { Alerts, WindowCounter } from '../../src/observe/alerts.ts';
 import { createLogger } from '../../src/observe/log.ts';
 import { Metrics } from '../../src/observe/metrics.ts';
@@ -90,5 +90,40 @@ describe('unknown_token counts an IPv6 /64 as one address', () => {
     for (let i = 1; i <= 9; i++) r.onRequest(refused(`2001:db8:1:${i.toString(16)}::1`), 1_000 + i);
     for (let i = 1; i <= 9; i++) r.onRequest(refused(`10.0.0.${i}`), 2_000 + i);
     expect(r.alerts.recent()).toEqual([]);
+  });
+});
+
+describe('unknown_token over all addresses', () => {
+  const rules = (alerts = '') => new AlertRules(new Alerts(createLogger('silent', new Writable({ write: (_c, _e, done) => done() })), new Metrics(), 5 * 60_000), alerts ? alertSettingsSchema.parse(alerts) : defaultAlertSettings());
+  const refused = (remote: string) => ({ caller: null, remote, route: null, decision: 'deny', reason: 'caller_unauthenticated', credential: null });
+
+  it('100 unknown tokens in a minute from 100 addresses, each under its own count, raise it once for all addresses', () => {
+    const r = rules();
+    for (let i = 1; i <= 99; i++) r.onRequest(refused(`198.51.${i >> 8}.${i & 255}`), 1_000 + i * 500);
+    expect(r.alerts.recent()).toEqual([]);
+    r.onRequest(refused('203.0.113.7'), 51_000);
+    expect(r.alerts.recent().map((a) => [a.id, a.subject])).toEqual([['unknown_token', ALL_ADDRESSES]]);
+    expect(r.alerts.recent()[0]!.facts).toEqual({ attempts: 100, window_ms: MINUTE });
+  });
+
+  it('the same attempts spread over more than the window do not', () => {
+    const r = rules();
+    // 200 attempts, one every 0.7 s: at most 86 inside any minute.
+    for (let i = 1; i <= 200; i++) r.onRequest(refused(`198.51.${i >> 8}.${i & 255}`), i * 700);
+    expect(r.alerts.recent()).toEqual([]);
+  });
+
+  it('one loud address has its own alert and does not also raise the total', () => {
+    const r = rules();
+    for (let i = 0; i < 150; i++) r.onRequest(refused('192.0.2.9'), 1_000 + i);
+    expect(r.alerts.recent().map((a) => a.subject)).toEqual(['192.0.2.9']);
+  });
+
+  it('EGRESS_ALERTS sets the total; it must be a whole number of at least 1', () => {
+    const r = rules({ unknown_token: { total: 3 } } as never);
+    for (const remote of ['192.0.2.1', '192.0.2.2', '192.0.2.3']) r.onRequest(refused(remote), 1_000);
+    expect(r.alerts.recent().map((a) => a.subject)).toEqual([ALL_ADDRESSES]);
+    expect(() => alertSettingsSchema.parse({ unknown_token: { total: 0 } })).toThrow();
+    expect(() => alertSettingsSchema.parse({ unknown_token: { total: 2.5 } })).toThrow();
   });
 });
