@@ -158,19 +158,27 @@ async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boo
   const { exchange } = attempt;
   if (!rule.statuses.has(exchange.status)) return false;
   if (!rule.bodyContains) return true;
+  const encoding = headerValue(exchange.headers['content-encoding']);
   if (exchange.status < 300) {
     // A success status (Kraken's 200 with "EAPI:Invalid key"): a short body is looked at and left
     // in place for the relay; a longer one is an answer, not a rejection, and streams on.
     const peeked = await exchange.peek();
-    if (peeked === undefined) return false;
-    try {
-      return decodeBody(peeked, headerValue(exchange.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
-    } catch {
-      return false;
-    }
+    return peeked !== undefined && mentions(peeked, encoding, rule.bodyContains);
   }
   attempt.raw = await exchange.readAll(MAX_INSPECTED_ERROR_BODY);
-  return decodeBody(attempt.raw, headerValue(exchange.headers['content-encoding'])).toString('utf8').includes(rule.bodyContains);
+  return mentions(attempt.raw, encoding, rule.bodyContains);
+}
+
+/**
+ * Does the decoded body contain the text? A body that does not decode says nothing: a success
+ * streams on as it is, and an error body is refused by the relay, which decodes it again (502).
+ */
+function mentions(raw: Buffer, encoding: string | undefined, text: string): boolean {
+  try {
+    return decodeBody(raw, encoding).toString('utf8').includes(text);
+  } catch {
+    return false;
+  }
 }
 
 async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {

@@ -18,6 +18,12 @@ beforeAll(async () => {
   // A Plaid-like upstream: every call is a POST, a bad key is 400 INVALID_API_KEYS (it echoes the key).
   upstream = await startUpstream((req, res) => {
     const key = String(req.headers['plaid-secret']);
+    if (req.url === '/broken-gzip') {
+      // Labelled gzip, and not: the rejection text cannot be found without decoding it.
+      res.writeHead(400, { 'content-type': 'application/json', 'content-encoding': 'gzip' });
+      res.end(`{"error_code":"INVALID_API_KEYS","key":"${key}"}`);
+      return;
+    }
     if (accepted.has(key)) {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ ok: true, key_tail: key.slice(-4) }));
@@ -50,7 +56,7 @@ replay_safe: [POST /accounts/get]
 allow:
   - caller: svc
     methods: [GET, POST]
-    paths: [/accounts/get, /transfer/create, /status]
+    paths: [/accounts/get, /transfer/create, /status, /broken-gzip]
 `;
 
 async function start(store?: string): Promise<{ env: Record<string, string> }> {
@@ -94,6 +100,22 @@ describe('fallback to the previous version', () => {
     expect(audit).toMatch(/"path":"\/plaid\/accounts\/get".*"credential_version":1/);
     // The CLI change itself is audited by the running proxy, with its actor.
     expect(audit).toMatch(/"kind":"admin","actor":"cli:[^"]+","action":"credential.rotate"/);
+  });
+
+  it('an auth_failure status whose body does not decode is not a rejection: no replay, no alert, 502 without the body', async () => {
+    accepted = new Set([OLD]);
+    const { env } = await start();
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: NEW }))).code).toBe(0);
+    await eventually(async () => (await call('GET', '/status')).status === 200 && upstream.requests.at(-2)?.headers['plaid-secret'] === NEW, 2_000, 'the proxy to use the new key');
+    const fallbacks = proxy!.logs().split('"alert":"current_key_rejected"').length;
+    const before = upstream.requests.length;
+    const res = await call('GET', '/broken-gzip');
+    expect(res.status).toBe(502);
+    const text = await res.text();
+    expect(text).not.toContain(NEW);
+    expect(text).not.toContain('INVALID_API_KEYS');
+    expect(upstream.requests.slice(before).map((r) => r.headers['plaid-secret'])).toEqual([NEW]);
+    expect(proxy!.logs().split('"alert":"current_key_rejected"').length).toBe(fallbacks);
   });
 
   it('no fallback without a previous version in grace (cutover): the rejection passes through', async () => {
