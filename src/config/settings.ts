@@ -2,6 +2,7 @@ import { resolve } from 'node:path';
 import { UserError } from '../errors.ts';
 import { LOG_LEVELS } from '../observe/log.ts';
 import { parseDuration, parseSize } from './units.ts';
+import { decodeUserinfo } from './userinfo.ts';
 
 /**
  * Process settings: each from an environment variable, or the matching `egress serve` flag
@@ -125,13 +126,17 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
 
 function webhookUrl(text: string | undefined): string | undefined {
   if (text === undefined) return undefined;
+  let url: URL | undefined;
   try {
-    const url = new URL(text);
-    if (url.protocol === 'https:' || url.protocol === 'http:') return text;
+    url = new URL(text);
   } catch {
-    // fall through
+    // below
   }
-  throw new UserError('EGRESS_ALERT_WEBHOOK must be an http(s) URL', 2);
+  if (url?.protocol !== 'https:' && url?.protocol !== 'http:') throw new UserError('EGRESS_ALERT_WEBHOOK must be an http(s) URL', 2);
+  // Sent as Basic credentials: a malformed escape is refused here, not at the first alert.
+  decodeUserinfo(url.username, 'EGRESS_ALERT_WEBHOOK');
+  decodeUserinfo(url.password, 'EGRESS_ALERT_WEBHOOK');
+  return text;
 }
 
 function sizeSetting(text: string, what: string): number {

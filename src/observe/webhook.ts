@@ -1,6 +1,7 @@
 import { createHmac } from 'node:crypto';
 import { Agent } from '../pipeline/undici.ts';
 import { dispatchExchange } from '../pipeline/upstream-exchange.ts';
+import { decodeUserinfo } from '../config/userinfo.ts';
 import type { Logger } from './log.ts';
 
 export const SIGNATURE_HEADER = 'x-egress-signature';
@@ -29,7 +30,7 @@ export class WebhookSink {
     this.#url = new URL(url);
     // Sent as the origin and path only, so the userinfo would otherwise be dropped without a word.
     const { username, password } = this.#url;
-    this.#authorization = username || password ? { authorization: `Basic ${Buffer.from(`${percentDecoded(username)}:${percentDecoded(password)}`).toString('base64')}` } : {};
+    this.#authorization = username || password ? { authorization: `Basic ${Buffer.from(`${decodeUserinfo(username, 'EGRESS_ALERT_WEBHOOK')}:${decodeUserinfo(password, 'EGRESS_ALERT_WEBHOOK')}`).toString('base64')}` } : {};
     this.#secret = secret;
     this.#log = log;
   }
@@ -85,13 +86,3 @@ export class WebhookSink {
   }
 }
 
-/** A URL's user name or password as typed: each run of %XX escapes decoded, a "%" that starts none kept (as the URL parser keeps it). */
-function percentDecoded(text: string): string {
-  return text.replace(/(?:%[0-9A-Fa-f]{2})+/g, (run) => {
-    try {
-      return decodeURIComponent(run);
-    } catch {
-      return run;
-    }
-  });
-}

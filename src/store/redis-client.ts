@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import type { Cluster, ClusterOptions, Redis, RedisOptions } from 'ioredis';
+import { decodeUserinfo } from '../config/userinfo.ts';
 import { UserError } from '../errors.ts';
 
 const require = createRequire(import.meta.url);
@@ -83,8 +84,8 @@ export function parseRedisUrl(spec: string): RedisSpec {
   let password: string | undefined;
   if (userinfo) {
     const colon = userinfo.indexOf(':');
-    username = decodeUserinfo(colon === -1 ? userinfo : userinfo.slice(0, colon)) || undefined;
-    password = colon === -1 ? undefined : decodeUserinfo(userinfo.slice(colon + 1));
+    username = decodeUserinfo(colon === -1 ? userinfo : userinfo.slice(0, colon), 'EGRESS_STORE') || undefined;
+    password = colon === -1 ? undefined : decodeUserinfo(userinfo.slice(colon + 1), 'EGRESS_STORE');
   }
   const passwordFile = params.get('password_file');
   if (passwordFile) {
@@ -123,11 +124,3 @@ export function parseRedisUrl(spec: string): RedisSpec {
   }
 }
 
-/** A user name or password as written in the URL, percent-escapes decoded; a malformed escape is refused without quoting it. */
-function decodeUserinfo(text: string): string {
-  try {
-    return decodeURIComponent(text);
-  } catch {
-    throw new UserError('EGRESS_STORE has a malformed %-escape in its user name or password (write "%" as %25)', 2);
-  }
-}

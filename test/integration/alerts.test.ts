@@ -223,7 +223,8 @@ describe('the webhook', () => {
     const password = 'pw_CANARY_hook/+:%';
     const url = new URL(receiverUrl);
     url.username = 'alerts';
-    url.password = password;
+    // The URL setter leaves "%" as it is; a "%" of the password itself is written %25.
+    url.password = encodeURIComponent(password);
     const serve = await startServe(envFor(dir, { EGRESS_ALERT_WEBHOOK: url.href, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret'), EGRESS_LOG_LEVEL: 'trace' }));
     try {
       for (let i = 0; i < 10; i++) await fetch(`${serve.url}/api/ok`, { headers: { 'x-egress-token': `egt_${'y'.repeat(42)}${i}` } });
@@ -236,6 +237,17 @@ describe('the webhook', () => {
     } finally {
       await serve.stop();
     }
+  });
+
+  it('a malformed %-escape in the webhook URL\'s password is refused at start (exit 2), without quoting it', async () => {
+    const dir = await makeTempDir('egress-hook-escape-');
+    await seedDataDir(dir, { routes: { api: ROUTE() }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+    await writeFile(join(dir, 'webhook.secret'), WEBHOOK_SECRET, { mode: 0o600 });
+    const hook = receiverUrl.replace('http://', 'http://alerts:pw_CANARY_%zz@');
+    const result = await runCli(['serve'], envFor(dir, { EGRESS_ALERT_WEBHOOK: hook, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret') }));
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain('EGRESS_ALERT_WEBHOOK has a malformed %-escape in its user name or password (write "%" as %25)');
+    expect(result.stdout + result.stderr).not.toContain('CANARY');
   });
 
   it('a webhook without a 0600 secret file refuses to start', async () => {
