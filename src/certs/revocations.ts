@@ -1,8 +1,9 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
-import { mkdir, open, readFile, rename } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { UserError } from '../errors.ts';
 import { withFileLock } from '../store/lock-file.ts';
+import { replaceFile } from '../store/temp-files.ts';
 
 /** Revoked caller certificates: serial numbers (lower-case hex) in certs/revoked.json. */
 export const REVOKED_FILE = 'revoked.json';
@@ -59,23 +60,10 @@ export async function addRevoked(certsDir: string, serials: readonly string[], c
     const doc = await readRevoked(certsDir);
     const now = new Date().toISOString();
     for (const s of serials) doc.serials[s.toLowerCase()] = { caller, revoked_at: now };
-    await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`);
+    await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`, 0o644);
   });
 }
 
-/** Replace a file whole: a temp file beside it (0644), fsync, rename. Readers see the old or the new text. */
-export async function replaceFile(path: string, text: string): Promise<void> {
-  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
-  const tmp = `${path}.${process.pid}.tmp`;
-  const handle = await open(tmp, 'w', 0o644);
-  try {
-    await handle.writeFile(text);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  await rename(tmp, path);
-}
 
 /**
  * The listener's live view of revoked serials, re-read on change (and polled, in case a watch is

@@ -1,9 +1,10 @@
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
-import { addRevoked, CERTS_LOCK, replaceFile } from '../certs/revocations.ts';
+import { addRevoked, CERTS_LOCK } from '../certs/revocations.ts';
 import { withFileLock } from '../store/lock-file.ts';
+import { replaceFile } from '../store/temp-files.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
 import { openStore } from '../store/open-store.ts';
@@ -27,7 +28,7 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     const name = requireArg(p.positionals, 0, 'caller NAME');
     if (!CALLER_NAME.test(name)) throw new UserError('caller names are lower-case letters, digits, ".", "_" and "-"', EXIT.usage);
     const issuedPath = join(settings.certsDir, ISSUED);
-    const readIssued = async () => JSON.parse(await readFile(issuedPath, 'utf8').catch(() => '{}')) as Record<string, string[]>;
+    const readIssued = () => readIssuedSerials(issuedPath);
     if (sub === 'revoke-caller') {
       const issued = await readIssued();
       const serials = Object.hasOwn(issued, name) ? issued[name]! : [];
@@ -46,17 +47,18 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
       await store.close();
     }
     const issuedCert = issueCallerCertificate(ca, name);
-    const dir = join(settings.certsDir, 'callers');
-    await mkdir(dir, { recursive: true, mode: 0o700 });
-    await writeFile(join(dir, `${name}.pem`), issuedCert.certPem, { mode: 0o644 });
-    await writeFile(join(dir, `${name}.key`), issuedCert.keyPem, { mode: 0o600 });
+    // The serial is recorded before the certificate is written anywhere: one written first, and
+    // then not recorded (issued.json unreadable, a full disk), could never be revoked.
     // Read and written under its lock: two issue-caller runs at once each wrote back what they had
     // read, and one certificate's serial was lost (revoke-caller could then never revoke it).
     await withFileLock(issuedPath, CERTS_LOCK, async () => {
       const issued = await readIssued();
       issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
-      await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`);
+      await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644);
     });
+    const dir = join(settings.certsDir, 'callers');
+    await replaceFile(join(dir, `${name}.pem`), issuedCert.certPem, 0o644);
+    await replaceFile(join(dir, `${name}.key`), issuedCert.keyPem, 0o600);
     return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
   }
   if (sub !== 'init') throw new UserError(USAGE, EXIT.usage);
@@ -68,4 +70,28 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
   await writeCa(settings.certsDir, createCa(hosts), p.values.refresh === true);
   const cert = join(settings.certsDir, CA_FILES.cert);
   return ok(`${p.values.refresh ? 're-issued' : 'created'} the forward-mode CA ${cert} (key ${join(settings.certsDir, CA_FILES.key)}, mode 0600)\npermitted hosts: ${[...hosts, 'localhost'].join(', ')}\nservices trust ${cert}; restart the proxy to use it`, { cert, hosts: [...hosts, 'localhost'] });
+}
+
+/**
+ * The serials issued to each caller; empty when the file does not exist (nothing issued yet). A
+ * file that exists but cannot be read as that is an error: read as empty, the next write would drop
+ * every serial in it, and revoke-caller could never revoke those certificates.
+ */
+async function readIssuedSerials(path: string): Promise<Record<string, string[]>> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return Object.create(null) as Record<string, string[]>;
+    throw new UserError(`${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}): which certificates were issued to which caller is unknown`);
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch {
+    doc = undefined;
+  }
+  const valid = typeof doc === 'object' && doc !== null && !Array.isArray(doc) && Object.values(doc).every((serials) => Array.isArray(serials) && serials.every((s) => typeof s === 'string'));
+  if (!valid) throw new UserError(`${path} is damaged (not a list of issued serials): which certificates were issued to which caller is unknown; restore it from a backup`);
+  return Object.assign(Object.create(null), doc) as Record<string, string[]>;
 }

@@ -1,5 +1,38 @@
-import { readdir, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, open, readdir, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+
+let replaces = 0;
+
+/**
+ * Replace a file whole, so that a reader, and the file after a crash or a power cut, has the old
+ * text or the new one, never a part: a hidden temp file beside it (`mode`), fsync, rename,
+ * directory fsync. A failure before the rename removes the temp file and leaves the file as it was;
+ * a temp file a killed writer left is removed by the next replace of the same file.
+ */
+export async function replaceFile(path: string, text: string, mode: number): Promise<void> {
+  const dir = dirname(path);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  await removeStaleTemps(dir, basename(path));
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${++replaces}.tmp`);
+  let handle: FileHandle | undefined = await open(tmp, 'wx', mode);
+  try {
+    await handle.writeFile(text);
+    await handle.sync();
+    await handle.close();
+    handle = undefined;
+    await rename(tmp, path);
+  } catch (err) {
+    await handle?.close().catch(() => {});
+    await unlink(tmp).catch(() => {});
+    throw err;
+  }
+  const folder = await open(dir, 'r');
+  try {
+    await folder.sync();
+  } finally {
+    await folder.close();
+  }
+}
 
 /**
  * A writer killed between writing its temp file and renaming it leaves the temp file behind: a

@@ -1,0 +1,65 @@
+import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { beforeEach, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+
+/**
+ * certs/issued.json and certs/revoked.json: what `certs issue-caller` and `revoke-caller` write.
+ * A serial that is not recorded can never be revoked, so the record comes first and is never
+ * rebuilt from nothing.
+ */
+let dir: string;
+let certs: string;
+let env: Record<string, string>;
+
+beforeEach(async () => {
+  dir = await makeTempDir('egress-certs-files-');
+  await seedDataDir(dir, { routes: {}, callers: ['svc', 'other'] });
+  certs = join(dir, 'certs');
+  env = envFor(dir, { EGRESS_CERTS: certs });
+  expect((await runCli(['certs', 'init'], env)).code).toBe(0);
+});
+
+const exists = (path: string) => stat(path).then(() => true, () => false);
+
+describe('issue-caller', () => {
+  it('with issued.json unreadable (a folder in its place): refused, and no certificate is written that could never be revoked', async () => {
+    await mkdir(join(certs, 'issued.json', 'x'), { recursive: true });
+    const result = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('issued.json cannot be read (EISDIR): which certificates were issued to which caller is unknown');
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+    expect(await exists(join(certs, 'callers', 'svc.key'))).toBe(false);
+  });
+
+  it('with issued.json damaged: refused, the file is left as it was for a restore, and no certificate is written', async () => {
+    expect((await runCli(['certs', 'issue-caller', 'other'], env)).code).toBe(0);
+    const damaged = '{"other": ["0a1b2c"], "svc": 7';
+    await writeFile(join(certs, 'issued.json'), damaged);
+    for (const sub of ['issue-caller', 'revoke-caller']) {
+      const result = await runCli(['certs', sub, 'svc'], env);
+      expect(result.code, sub).toBe(1);
+      expect(result.stderr, sub).toContain('issued.json is damaged (not a list of issued serials)');
+    }
+    expect(await readFile(join(certs, 'issued.json'), 'utf8')).toBe(damaged);
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  });
+
+  it('writes its files whole through hidden temp files, removes those a killed writer left, and leaves none behind', async () => {
+    // Left by writers killed between writing and renaming (pid 999999 is not running).
+    await mkdir(join(certs, 'callers'), { recursive: true });
+    const stale = [join(certs, '.issued.json.999999.1.tmp'), join(certs, '.revoked.json.999999.1.tmp'), join(certs, 'callers', '.svc.key.999999.1.tmp')];
+    for (const path of stale) await writeFile(path, 'half a file');
+    const issued = await runCli(['certs', 'issue-caller', 'svc', '--json'], env);
+    expect(issued.code, issued.stderr).toBe(0);
+    const serial = (JSON.parse(issued.stdout) as { serial: string }).serial.toLowerCase();
+    expect(JSON.parse(await readFile(join(certs, 'issued.json'), 'utf8'))).toEqual({ svc: [serial] });
+    expect((await stat(join(certs, 'callers', 'svc.key'))).mode & 0o777).toBe(0o600);
+    expect(await readFile(join(certs, 'callers', 'svc.pem'), 'utf8')).toMatch(/^-----BEGIN CERTIFICATE-----/);
+    expect((await runCli(['certs', 'revoke-caller', 'svc'], env)).code).toBe(0);
+    expect(Object.keys((JSON.parse(await readFile(join(certs, 'revoked.json'), 'utf8')) as { serials: object }).serials)).toEqual([serial]);
+    const left = [...(await readdir(certs)), ...(await readdir(join(certs, 'callers')))].filter((name) => name.endsWith('.tmp'));
+    expect(left).toEqual([]);
+  });
+});
