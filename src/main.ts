@@ -118,7 +118,8 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // Forward mode is on when the CA exists (egress certs init).
   const ca = await readCa(settings.certsDir);
   const minter = ca ? new LeafMinter(ca) : undefined;
-  const proxy = createReverseServer(() => routes.config, services, minter ? createForwardHandler(() => routes.config, services, minter) : undefined);
+  const forward = minter ? createForwardHandler(() => routes.config, services, minter) : undefined;
+  const proxy = createReverseServer(() => routes.config, services, forward?.onConnect);
   if (ca) log.info({ certs: settings.certsDir }, 'forward mode on: CONNECT to hosts the routes name is intercepted with the CA in EGRESS_CERTS');
   const admin = createAdminServer({
     readiness: () => {
@@ -162,12 +163,14 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {
         proxy.closeIdleConnections();
+        forward?.closeIdleConnections();
         admin.closeIdleConnections();
         tls?.server.closeIdleConnections();
       }, 50);
       const timer = setTimeout(() => {
         log.warn('drain deadline passed; closing the remaining connections');
         proxy.closeAllConnections();
+        forward?.closeAllConnections();
         admin.closeAllConnections();
         tls?.server.closeAllConnections();
       }, deadlineMs);

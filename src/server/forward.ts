@@ -31,7 +31,19 @@ interface Tunnel {
  * reverse mode. Anything else gets an answer without a connection being opened: there are no blind
  * tunnels.
  */
-export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter) {
+export interface ForwardHandler {
+  /** The reverse listener's 'connect' handler. */
+  readonly onConnect: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
+  /**
+   * For a drain: close the tunnels' connections with no request in flight, or every one. Tunnels
+   * are not the listener's connections any more, so its own closeIdleConnections does not see
+   * them, and an idle keep-alive connection inside one held the drain until it timed out.
+   */
+  closeIdleConnections(): void;
+  closeAllConnections(): void;
+}
+
+export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter): ForwardHandler {
   const tunnels = new WeakMap<Socket, Tunnel>();
   const open = new Map<string, number>();
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
@@ -64,7 +76,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     return known.context;
   };
 
-  return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
+  const onConnect = (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     const startedAt = performance.now();
     const raw = req.url ?? '';
     // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
@@ -124,6 +136,11 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     });
     tunnels.set(tls, { host, port, token });
     inner.emit('connection', tls);
+  };
+  return {
+    onConnect,
+    closeIdleConnections: () => inner.closeIdleConnections(),
+    closeAllConnections: () => inner.closeAllConnections(),
   };
 }
 

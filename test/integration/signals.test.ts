@@ -1,9 +1,12 @@
 import { readFile } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { startServe, type ServeProcess } from '../helpers/cli.ts';
+import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { bearerRoute } from '../helpers/routes.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** `egress serve` under repeated and mixed signals while it drains. */
@@ -43,4 +46,77 @@ describe('signals while draining', () => {
     const audit = await readFile(join(dir, 'audit.log'), 'utf8');
     expect(audit).toContain('/slow');
   }, 20_000);
+});
+
+describe('forward-mode tunnels while draining', () => {
+  let serve: ServeProcess | undefined;
+  let tlsUpstream: Upstream | undefined;
+  afterEach(async () => {
+    serve?.child.kill('SIGKILL');
+    serve = undefined;
+    await tlsUpstream?.close();
+    tlsUpstream = undefined;
+  });
+
+  /** `serve` in forward mode for api.bank.test, its upstream slow on /slow; a tunnel with one keep-alive TLS connection inside. */
+  async function tunnel(): Promise<{ send: (path: string) => Promise<string>; socket: Socket; tls: TLSSocket; dir: string }> {
+    const pki = makeTestPki();
+    tlsUpstream = await startUpstream((req, res) => void setTimeout(() => res.end('tunnel ok'), req.url === '/slow' ? 800 : 0), { key: pki.serverKey, cert: pki.serverCert });
+    const dir = await makeTempDir('egress-drain-tunnel-');
+    const route = `name: bank\nprefix: /bank\nupstream: ${tlsUpstream.url}\nupstream_ca: ./server-ca.pem\nallow_private_addresses: true\nhosts: [api.bank.test]\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/fast, /slow]\n`;
+    const { tokens } = await seedDataDir(dir, { routes: { bank: route }, files: { 'server-ca.pem': pki.caCert }, credentials: { key: { secret: 'sk_drain_tunnel_1234' } }, callers: ['svc'] });
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    expect((await runCli(['certs', 'init'], env)).code).toBe(0);
+    const caPem = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
+    serve = await startServe(env);
+    const port = Number(new URL(serve.url).port);
+    const socket = connect(port, '127.0.0.1');
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    socket.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:${tokens.svc!}`).toString('base64')}\r\n\r\n`);
+    const head = await new Promise<string>((resolve) => socket.once('data', (d: Buffer) => resolve(d.toString('latin1'))));
+    expect(head).toMatch(/^HTTP\/1\.1 200/);
+    const tls = tlsConnect({ socket, servername: 'api.bank.test', ca: caPem });
+    await new Promise<void>((resolve, reject) => tls.once('secureConnect', resolve).once('error', reject));
+    tls.on('error', () => {});
+    const send = (path: string) => new Promise<string>((resolve) => {
+      let buf = '';
+      const onData = (d: Buffer) => {
+        buf += d.toString();
+        const end = buf.indexOf('\r\n\r\n');
+        const length = Number(/content-length: (\d+)/i.exec(buf)?.[1] ?? -1);
+        if (end !== -1 && length >= 0 && buf.length >= end + 4 + length) {
+          tls.off('data', onData);
+          resolve(buf);
+        }
+      };
+      tls.on('data', onData);
+      tls.write(`GET ${path} HTTP/1.1\r\nHost: api.bank.test\r\n\r\n`);
+    });
+    return { send, socket, tls, dir };
+  }
+
+  it('an idle keep-alive connection inside a tunnel does not hold the drain to its deadline', async () => {
+    const t = await tunnel();
+    expect(await t.send('/fast')).toMatch(/^HTTP\/1\.1 200[^]*tunnel ok$/);
+    const started = performance.now();
+    const code = await serve!.stop('SIGTERM');
+    expect(code).toBe(0);
+    // The drain deadline is 10 s; an idle connection is closed within the drain's sweep.
+    expect(performance.now() - started).toBeLessThan(3_000);
+    await new Promise<void>((resolve) => (t.socket.destroyed ? resolve() : t.socket.once('close', () => resolve())));
+  }, 30_000);
+
+  it('a request in flight inside a tunnel is answered before the process exits, and its audit line is written', async () => {
+    const t = await tunnel();
+    expect(await t.send('/fast')).toMatch(/tunnel ok$/);
+    const answer = t.send('/slow');
+    await new Promise((r) => setTimeout(r, 200));
+    const started = performance.now();
+    const exited = serve!.stop('SIGTERM');
+    expect(await answer).toMatch(/^HTTP\/1\.1 200[^]*tunnel ok$/);
+    expect(await exited).toBe(0);
+    // Once answered, the connection is idle and closed: the exit does not wait for the deadline.
+    expect(performance.now() - started).toBeLessThan(3_000);
+    expect(await readFile(join(t.dir, 'audit.log'), 'utf8')).toContain("/slow");
+  }, 30_000);
 });
