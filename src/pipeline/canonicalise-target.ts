@@ -12,14 +12,17 @@ const NO_CONTENT_METHODS = new Set(['GET', 'HEAD', 'TRACE']);
 
 /**
  * Refuse unsafe targets before anything else reads them. Node keeps absolute-form targets in
- * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines
- * and content on GET, HEAD and TRACE.
+ * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines,
+ * content on GET, HEAD and TRACE, and Transfer-Encoding on HTTP/1.0.
  */
 export function canonicaliseTarget(ctx: RequestContext): void {
   const raw = ctx.req.url ?? '';
   const hostLines = countHeader(ctx.req.rawHeaders, 'host');
   if (hostLines > 1) throw new ProxyError('bad_request', 'Duplicate Host header.');
   if (NO_CONTENT_METHODS.has(ctx.req.method ?? '') && hasBody(ctx.req)) throw new ProxyError('bad_request', `A ${ctx.req.method} request cannot carry content.`);
+  // Faulty framing (RFC 9112 §6.1): HTTP/1.0 has no transfer codings, so a recipient of the same
+  // bytes may read the chunks as the body and then as requests.
+  if (ctx.req.httpVersionMinor === 0 && ctx.req.headers['transfer-encoding'] !== undefined) throw new ProxyError('bad_request', 'An HTTP/1.0 request cannot use Transfer-Encoding.');
   if (ctx.forward) {
     // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that host only.
     const host = (ctx.req.headers.host ?? '').toLowerCase();

@@ -322,6 +322,18 @@ describe('SMUG: request framing', () => {
     }
   });
 
+  it('SMUG-15c Transfer-Encoding on an HTTP/1.0 request is faulty framing (RFC 9112 §6.1) → 400, closed; nothing reaches U', async () => {
+    // An HTTP/1.0 recipient may not know chunked and read the chunks as the body and then as requests.
+    const head = HEAD().replace('HTTP/1.1', 'HTTP/1.0');
+    for (const [label, bytes] of [
+      ['HTTP/1.0 chunked', `${head}Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['HTTP/1.0 keep-alive chunked', `${head}Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+      ['HTTP/1.0 chunked with Content-Length', `${head}Transfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
+    ] as const) {
+      await expect400Closed(bytes, label);
+    }
+  });
+
   it('SMUG-15b chunked listed twice, chunked then identity, identity alone, framing fields in a trailer → 400, closed', async () => {
     for (const [label, bytes] of [
       ['chunked, chunked', `${HEAD()}Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`],
