@@ -21,7 +21,9 @@ async function wrapCounts(store: StoreBackend): Promise<Map<number, number>> {
  * rotate: (1) the keyring file gains a new active key, atomically; (2) every data key is re-wrapped
  * with it, one record at a time, each write atomic. A crash at any point leaves every record
  * wrapped by a key the keyring still holds; running rotate again finishes the re-wrap. rotate and
- * remove hold the keyring's writer lock from their first read to their last write.
+ * remove hold the keyring's writer lock from their first read to their last write. Record writers
+ * do not take that lock: they read the keyring when they start, and the store refuses a data key
+ * wrapped below the floor that rotate and remove raise (store/kek-floor.ts).
  */
 export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
@@ -57,6 +59,9 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
             keyring = keyring.withNewKey(new Date());
             await writeKeyring(settings.masterKeyFile, keyring);
           }
+          // Before the re-wrap reads the records: a writer that wrapped with an older key and
+          // commits after this is refused, so none slips in behind the re-wrap.
+          await store.raiseKekFloor(keyring.active);
           const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
           const wraps = await wrapCounts(store);
           const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
@@ -74,6 +79,8 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
         const store = openStore(settings.store);
         try {
+          // Before the count (a store last rotated without the floor): no write after it can wrap with `version`.
+          await store.raiseKekFloor(keyring.active);
           const wraps = (await wrapCounts(store)).get(version) ?? 0;
           if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
           await writeKeyring(settings.masterKeyFile, keyring.without(version));

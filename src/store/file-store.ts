@@ -2,6 +2,7 @@ import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import { mkdir, open, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
+import { belowFloorError, newWrapBelow } from './kek-floor.ts';
 import { acquireLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
@@ -17,6 +18,8 @@ interface FileDocument {
   admins: Record<string, unknown>;
   /** credential id -> "version|caller" -> ISO time of last use */
   usage?: Record<string, Record<string, string>>;
+  /** The lowest master key version a new data key may be wrapped by (kek-floor.ts). */
+  kek_floor?: number;
 }
 
 const TABLE = { credential: 'credentials', caller: 'callers', admin: 'admins' } as const satisfies Record<RecordKind, keyof FileDocument>;
@@ -67,7 +70,18 @@ export class FileStore implements StoreBackend {
       if (revision !== expectedRevision) {
         throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${revision}, expected ${expectedRevision}); re-read and try again`);
       }
+      const below = doc.kek_floor === undefined ? undefined : newWrapBelow(existing, record, doc.kek_floor);
+      if (below !== undefined) throw belowFloorError(key, below, doc.kek_floor!);
       table[key] = record;
+      await this.#write(doc);
+    });
+  }
+
+  async raiseKekFloor(version: number): Promise<void> {
+    await this.#withLock(async () => {
+      const doc = await this.#read();
+      if ((doc.kek_floor ?? 0) >= version) return;
+      doc.kek_floor = version;
       await this.#write(doc);
     });
   }
@@ -144,7 +158,14 @@ export class FileStore implements StoreBackend {
     if (!d || d.format !== FORMAT || typeof d.credentials !== 'object' || typeof d.callers !== 'object' || !d.credentials || !d.callers) {
       throw new UserError(`store ${this.path} is not an egress store (format "${FORMAT}")`);
     }
-    return { format: FORMAT, credentials: nullProto(d.credentials), callers: nullProto(d.callers), admins: nullProto(d.admins ?? {}), usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>> };
+    return {
+      format: FORMAT,
+      credentials: nullProto(d.credentials),
+      callers: nullProto(d.callers),
+      admins: nullProto(d.admins ?? {}),
+      usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>>,
+      ...(Number.isSafeInteger(d.kek_floor) ? { kek_floor: d.kek_floor } : {}),
+    };
   }
 
   /** A filesystem error before the new file is in place (read-only, full, no such folder): the store is as it was. */

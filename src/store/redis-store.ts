@@ -3,6 +3,7 @@ import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
 import { evalScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
+import { belowFloorError } from './kek-floor.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
 
 /**
@@ -15,26 +16,52 @@ export const KEYS = Object.freeze({
   recordPrefix: (kind: RecordKind) => `egress:{egress}:${kind}:`,
   index: (kind: RecordKind) => `egress:{egress}:index:${kind}`,
   version: 'egress:{egress}:version',
+  /** The lowest master key version a new data key may be wrapped by (kek-floor.ts). */
+  kekFloor: 'egress:{egress}:kek-floor',
   usage: (id: string) => `egress:{egress}:usage:${id}`,
   channel: 'egress:store:changes',
 });
 
 /**
- * Compare-and-set one record: write only when its stored revision is the one the writer read.
- * Everything that can fail goes before the record is written (a script is not rolled back: a
- * failure after the SET left the record changed, the writer told it failed, and no instance told
- * of the change). A change counter edited by hand (not an integer, or another type) is started
- * again from the server's clock, so every watcher sees it change.
+ * Compare-and-set one record: write only when its stored revision is the one the writer read, and
+ * it wraps no new data key below the store's master key floor (kek-floor.ts: newWrapBelow, the
+ * same rule). Everything that can fail goes before the record is written (a script is not rolled
+ * back: a failure after the SET left the record changed, the writer told it failed, and no
+ * instance told of the change). A change counter edited by hand (not an integer, or another type)
+ * is started again from the server's clock, so every watcher sees it change.
  */
 const PUT_SCRIPT = `
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' and cur.err then return {-2, 0} end
 local rev = 0
+local stored
 if cur then
   local ok, doc = pcall(cjson.decode, cur)
-  if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']) else rev = -1 end
+  if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']); stored = doc else rev = -1 end
 end
 if rev ~= tonumber(ARGV[2]) then return {0, rev} end
+local floor = redis.pcall('GET', KEYS[4])
+floor = type(floor) == 'string' and tonumber(floor)
+if floor then
+  local function wraps(record)
+    local out = {}
+    if type(record) == 'table' and type(record['versions']) == 'table' then
+      for _, v in ipairs(record['versions']) do
+        local d = type(v) == 'table' and v['dek']
+        if type(d) == 'table' then
+          out[#out + 1] = {v['kek'], tostring(v['version']) .. ':' .. tostring(v['kek']) .. ':' .. tostring(d['nonce']) .. ':' .. tostring(d['ct']) .. ':' .. tostring(d['tag'])}
+        end
+      end
+    end
+    return out
+  end
+  local held = {}
+  for _, w in ipairs(wraps(stored)) do held[w[2]] = true end
+  for _, w in ipairs(wraps(cjson.decode(ARGV[1]))) do
+    local kek = tonumber(w[1])
+    if not held[w[2]] and (not kek or kek < floor) then return {-3, kek or 0, floor} end
+  end
+end
 local v = redis.pcall('INCR', KEYS[3])
 if type(v) == 'table' and v.err then
   local t = redis.call('TIME')
@@ -45,6 +72,14 @@ redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[4], v)
 return {1, v}
+`;
+
+/** The floor only rises; a value edited by hand (not a number, another type) counts as no floor. */
+const RAISE_FLOOR_SCRIPT = `
+local cur = redis.pcall('GET', KEYS[1])
+local floor = type(cur) == 'string' and tonumber(cur) or 0
+if tonumber(ARGV[1]) > floor then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
 `;
 
 /** One consistent snapshot of every record, in one round trip. Wrong-typed or missing values are marked. */
@@ -152,18 +187,33 @@ export class RedisStore implements StoreBackend {
     await this.#ready();
     let reply: unknown;
     try {
-      reply = await evalScript(this.client, PUT_SCRIPT, [KEYS.record(kind, key), KEYS.index(kind), KEYS.version], [JSON.stringify(record), String(expectedRevision), key, KEYS.channel]);
+      reply = await evalScript(this.client, PUT_SCRIPT, [KEYS.record(kind, key), KEYS.index(kind), KEYS.version, KEYS.kekFloor], [JSON.stringify(record), String(expectedRevision), key, KEYS.channel]);
     } catch (err) {
-      // A replica (a failover in progress, or EGRESS_STORE pointing at the wrong node) refuses writes.
-      if (err instanceof Error && err.message.startsWith('READONLY')) throw new StoreUnavailableError(`the store ${this.description} is a read-only replica (READONLY): writes go to the primary; nothing was written`);
-      // Out of memory under maxmemory with noeviction: Redis refuses every write.
-      if (err instanceof Error && err.message.startsWith('OOM')) throw new StoreUnavailableError(`the store ${this.description} is out of memory (Redis maxmemory reached, OOM): nothing was written; free memory or raise maxmemory`);
-      throw this.#unanswered(err, true);
+      throw this.#writeRefused(err);
     }
-    const [ok, found] = reply as [number, number];
+    const [ok, found, floor] = reply as [number, number, number?];
     if (ok === 1) return;
+    if (ok === -3) throw belowFloorError(key, found, floor!);
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
     throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);
+  }
+
+  async raiseKekFloor(version: number): Promise<void> {
+    await this.#ready();
+    try {
+      await evalScript(this.client, RAISE_FLOOR_SCRIPT, [KEYS.kekFloor], [String(version)]);
+    } catch (err) {
+      throw this.#writeRefused(err);
+    }
+  }
+
+  /** A write's error, saying plainly when Redis refuses every write. */
+  #writeRefused(err: unknown): unknown {
+    // A replica (a failover in progress, or EGRESS_STORE pointing at the wrong node) refuses writes.
+    if (err instanceof Error && err.message.startsWith('READONLY')) return new StoreUnavailableError(`the store ${this.description} is a read-only replica (READONLY): writes go to the primary; nothing was written`);
+    // Out of memory under maxmemory with noeviction: Redis refuses every write.
+    if (err instanceof Error && err.message.startsWith('OOM')) return new StoreUnavailableError(`the store ${this.description} is out of memory (Redis maxmemory reached, OOM): nothing was written; free memory or raise maxmemory`);
+    return this.#unanswered(err, true);
   }
 
   async recordUsage(entries: readonly UsageEntry[]): Promise<void> {

@@ -22,12 +22,18 @@ export type RecordOf<K extends RecordKind> = K extends 'credential' ? Credential
 
 /**
  * A backend holds ciphertext records. Writes are compare-and-set on the record's revision:
- * `expectedRevision` 0 means "must not exist yet". A lost race throws ConflictError.
+ * `expectedRevision` 0 means "must not exist yet". A lost race throws ConflictError, and so does a
+ * data key wrapped by a master key version below the store's floor.
  */
 export interface StoreBackend {
   readonly description: string;
   load(): Promise<StoreSnapshot>;
   put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void>;
+  /**
+   * From now on, refuse (ConflictError) a put that wraps a new data key with a master key version
+   * below `version` (see kek-floor.ts). The floor only rises; a lower `version` changes nothing.
+   */
+  raiseKekFloor(version: number): Promise<void>;
   /** Merge last-use times, keeping the latest per (credential, version, caller). Not compare-and-set: usage is a hint. */
   recordUsage(entries: readonly UsageEntry[]): Promise<void>;
   readUsage(credential: string): Promise<UsageEntry[]>;

@@ -1,11 +1,15 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { randomBytes } from 'node:crypto';
 import { ConflictError } from '../../src/errors.ts';
+import { revoke, rotate } from '../../src/rotation/transitions.ts';
+import { newCredentialRecord } from '../../src/store/credentials.ts';
+import { Keyring } from '../../src/store/keyring.ts';
 import { FileStore } from '../../src/store/file-store.ts';
 import { openStore } from '../../src/store/open-store.ts';
 import { KEYS } from '../../src/store/redis-store.ts';
-import type { CallerRecord } from '../../src/store/records.ts';
+import type { CallerRecord, CredentialRecord } from '../../src/store/records.ts';
 import type { StoreBackend } from '../../src/store/types.ts';
 import { eventually, makeTempDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
@@ -121,6 +125,40 @@ describe.each(backends)('%s store', (_name, make) => {
       stop();
       await writer.close();
       await reader.close();
+    }
+  });
+
+  it('after raiseKekFloor(2), a data key newly wrapped by key 1 is refused and nothing is written; wraps the stored record already holds, and new ones by key 2, are written; the floor only rises', async () => {
+    const keyring1 = new Keyring(1, [{ version: 1, createdAt: '', key: randomBytes(32) }]);
+    const keyring2 = keyring1.withNewKey(new Date());
+    const by = { actor: 'test', now: new Date() };
+    const store = make().open();
+    try {
+      const held = newCredentialRecord(keyring1, 'held', { secret: 'a' }, by.now);
+      await store.put('credential', held, 0);
+      await store.raiseKekFloor(2);
+      const kept = (): Promise<CredentialRecord | undefined> => store.load().then((s) => s.credentials.get('held'));
+
+      // A new credential, and a new version of an existing one, wrapped by key 1.
+      await expect(store.put('credential', newCredentialRecord(keyring1, 'late', { secret: 'b' }, by.now), 0)).rejects.toThrow(ConflictError);
+      await expect(store.put('credential', rotate(held, keyring1, { secret: 'c' }, { stage: true, graceMs: 0 }, by), 1)).rejects.toThrow(/master key version 1.*version 2/);
+      expect((await store.load()).credentials.has('late')).toBe(false);
+      expect(await kept()).toEqual(held);
+
+      // Version 1 keeps its key-1 wrap through a rotation wrapped by key 2, and through a revoke.
+      const staged = rotate(held, keyring2, { secret: 'c' }, { stage: true, graceMs: 0 }, by);
+      await store.put('credential', staged, 1);
+      const revoked = revoke(staged, 2, by);
+      await store.put('credential', revoked, 2);
+      expect(await kept()).toEqual(revoked);
+      await store.put('credential', newCredentialRecord(keyring2, 'late', { secret: 'b' }, by.now), 0);
+
+      // Lowering is ignored; callers hold no data keys and are not affected.
+      await store.raiseKekFloor(1);
+      await expect(store.put('credential', newCredentialRecord(keyring1, 'later', { secret: 'd' }, by.now), 0)).rejects.toThrow(ConflictError);
+      await store.put('caller', caller('svc', 1), 0);
+    } finally {
+      await store.close();
     }
   });
 
