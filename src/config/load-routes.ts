@@ -33,9 +33,11 @@ const ROUTE_FILE = /\.ya?ml$/;
 
 /**
  * Load a folder of route files. Every file is checked and every problem reported; any problem
- * rejects the folder whole, so a caller keeps its last good configuration.
+ * rejects the folder whole, so a caller keeps its last good configuration. `named` collects the
+ * files the routes name (upstream_ca), resolved, also those that could not be read: the reloader
+ * watches them.
  */
-export async function loadRoutes(dir: string): Promise<CompiledConfig> {
+export async function loadRoutes(dir: string, named = new Set<string>()): Promise<CompiledConfig> {
   const root = resolve(dir);
   let entries: string[];
   try {
@@ -52,13 +54,13 @@ export async function loadRoutes(dir: string): Promise<CompiledConfig> {
   const routes: CompiledRoute[] = [];
   for (const name of names) {
     const file = join(root, name);
-    const result = await loadRouteFile(file);
+    const result = await loadRouteFile(file, named);
     if ('problems' in result) problems.push(...result.problems);
     else routes.push(result.route);
   }
   for (const p of crossCheck(routes)) problems.push({ file: p.file, line: 1, col: 1, message: p.message });
   if (problems.length > 0) throw new ConfigError(problems);
-  return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), loadedAt: new Date() });
+  return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), namedFiles: Object.freeze([...named].sort()), loadedAt: new Date() });
 }
 
 /** A route file (or a CA file it names) larger than this is refused, not read. */
@@ -81,7 +83,7 @@ export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES):
   }
 }
 
-export async function loadRouteFile(file: string): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+export async function loadRouteFile(file: string, named?: Set<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
   let text: string;
   try {
     text = await readRegularFile(file);
@@ -90,7 +92,11 @@ export async function loadRouteFile(file: string): Promise<{ route: CompiledRout
     const why = code === 'ENOTREGULAR' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_ROUTE_FILE_BYTES / 1024 / 1024} MiB` : (code ?? 'error');
     return { problems: [{ file, line: 0, col: 0, message: `cannot read (${why})` }] };
   }
-  return parseRouteText(text, file, async (caPath) => readRegularFile(resolve(dirname(file), caPath)));
+  return parseRouteText(text, file, async (caPath) => {
+    const path = resolve(dirname(file), caPath);
+    named?.add(path);
+    return readRegularFile(path);
+  });
 }
 
 /**

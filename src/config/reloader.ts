@@ -1,7 +1,7 @@
-import { statSync, watch, type FSWatcher } from 'node:fs';
 import type { Logger } from '../observe/log.ts';
 import type { CompiledConfig } from './compile-routes.ts';
 import { ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
+import { PathWatch } from './path-watch.ts';
 
 export interface ReloadOutcome {
   readonly ok: boolean;
@@ -18,9 +18,10 @@ export class RouteReloader {
   readonly #onSwap: (config: CompiledConfig, ok: boolean) => void;
   #config: CompiledConfig;
   #lastError: { at: string; errors: readonly string[] } | undefined;
-  #watcher: FSWatcher | undefined;
-  /** The folder the watcher is on (device and inode), to notice the path now naming another folder. */
-  #watched: string | undefined;
+  #folder: PathWatch | undefined;
+  /** Watches on the files the routes name, by resolved path. */
+  readonly #files = new Map<string, PathWatch>();
+  #debounceMs = 150;
   #identityCheck: NodeJS.Timeout | undefined;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<ReloadOutcome> | undefined;
@@ -47,35 +48,45 @@ export class RouteReloader {
   }
 
   /**
-   * Watch the folder; editors write in several steps, so changes are debounced. A watch follows the
-   * folder, not its path: a deploy that moves a new folder into place (mv routes.new routes, or a
-   * symlink swapped to a new release) would leave it on the old one, and later edits would never
-   * reload. The path is checked every second, and the watch moves to the folder it now names.
+   * Watch the folder, and the files the routes name (upstream_ca), which may live outside it: a CA
+   * bundle renewed at its path is trusted without a SIGHUP. Editors write in several steps, so
+   * changes are debounced. Every second each path is checked for naming something new (a folder
+   * or file moved into place, a swapped symlink, a file back after vanishing): the watch moves to
+   * it, with a reload.
    */
   watch(debounceMs = 150, identityCheckMs = 1_000): void {
-    this.#arm(debounceMs);
+    this.#debounceMs = debounceMs;
+    this.#folder = new PathWatch(this.dir, 'folder', () => this.#changed(), this.#log);
+    this.#watchFiles(this.#config.namedFiles);
     this.#identityCheck = setInterval(() => {
-      if (identityOf(this.dir) === this.#watched) return;
-      this.#arm(debounceMs);
-      void this.reload('folder replaced');
+      if (this.#folder!.moved()) void this.reload('folder replaced');
+      let replaced = false;
+      for (const file of this.#files.values()) replaced = file.moved() || replaced;
+      if (replaced) void this.reload('file replaced');
     }, identityCheckMs);
     this.#identityCheck.unref();
   }
 
-  #arm(debounceMs: number): void {
-    this.#watcher?.close();
-    this.#watcher = undefined;
-    this.#watched = identityOf(this.dir);
-    // Nothing to watch until the folder is back; the identity check arms the watch when it is.
-    if (this.#watched === undefined) return;
-    try {
-      this.#watcher = watch(this.dir, { persistent: false }, () => {
-        clearTimeout(this.#timer);
-        this.#timer = setTimeout(() => void this.reload('change'), debounceMs);
-      });
-      this.#watcher.on('error', (err: NodeJS.ErrnoException) => this.#log.warn({ code: err.code }, 'route folder watch failed; SIGHUP still reloads'));
-    } catch (err) {
-      this.#log.warn({ code: (err as NodeJS.ErrnoException).code }, 'cannot watch the route folder; SIGHUP still reloads');
+  #changed(): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => void this.reload('change'), this.#debounceMs);
+  }
+
+  /**
+   * Watch exactly these files. After a reload they are those of the live configuration and those
+   * the attempt named: a file that vanished or turned invalid is still watched, and a reload
+   * follows when it is fixed; so is a new path that an edit named before the file was there.
+   */
+  #watchFiles(paths: Iterable<string>): void {
+    if (!this.#folder) return;
+    const wanted = new Set(paths);
+    for (const [path, watch] of this.#files) {
+      if (wanted.has(path)) continue;
+      watch.close();
+      this.#files.delete(path);
+    }
+    for (const path of wanted) {
+      if (!this.#files.has(path)) this.#files.set(path, new PathWatch(path, 'file', () => this.#changed(), this.#log));
     }
   }
 
@@ -99,18 +110,21 @@ export class RouteReloader {
   }
 
   async #reloadOnce(trigger: string): Promise<ReloadOutcome> {
+    const named = new Set<string>();
     try {
-      const next = await loadRoutes(this.dir);
+      const next = await loadRoutes(this.dir, named);
       this.#config = next;
       this.#lastError = undefined;
       this.#log.info({ trigger, routes: next.routes.map((r) => r.name) }, 'routes reloaded');
       this.#onSwap(next, true);
+      this.#watchFiles(next.namedFiles);
       return { ok: true, errors: [] };
     } catch (err) {
       const errors = err instanceof ConfigError ? err.problems.map(formatProblem) : [(err as Error).message];
       this.#lastError = { at: new Date().toISOString(), errors };
       this.#log.error({ trigger, errors }, 'route reload rejected; the last good configuration stays live');
       this.#onSwap(this.#config, false);
+      this.#watchFiles([...this.#config.namedFiles, ...named]);
       return { ok: false, errors };
     }
   }
@@ -118,16 +132,10 @@ export class RouteReloader {
   close(): void {
     clearTimeout(this.#timer);
     clearInterval(this.#identityCheck);
-    this.#watcher?.close();
-  }
-}
-
-/** "device:inode" of the folder a path names now, or undefined when there is none. */
-function identityOf(dir: string): string | undefined {
-  try {
-    const info = statSync(dir, { bigint: true });
-    return info.isDirectory() ? `${info.dev}:${info.ino}` : undefined;
-  } catch {
-    return undefined;
+    this.#folder?.close();
+    // No watch is made after this, by a reload still running either (#watchFiles checks #folder).
+    this.#folder = undefined;
+    for (const file of this.#files.values()) file.close();
+    this.#files.clear();
   }
 }

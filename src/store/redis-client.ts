@@ -31,18 +31,83 @@ const scriptShas = new Map<string, string>();
  * script on every call, which on the rate limiter's one-call-per-request path cost as much as the
  * script itself.
  */
-export async function evalScript(client: RedisConnection, script: string, keys: readonly string[], args: readonly string[]): Promise<unknown> {
+export function evalScript(client: RedisConnection, script: string, keys: readonly string[], args: readonly string[]): Promise<unknown> {
+  return run(client, script, keys, args, false);
+}
+
+/** A script that only reads: as written, and with the `no-writes` flag for servers that take flags. */
+export interface ReadScript {
+  readonly plain: string;
+  readonly flagged: string;
+}
+
+export function readScript(body: string): ReadScript {
+  return Object.freeze({ plain: body, flagged: `#!lua flags=no-writes\n${body}` });
+}
+
+/**
+ * Run a script that only reads. Redis takes a script without flags for one that may write: during
+ * a write pause (`CLIENT PAUSE WRITE`, which FAILOVER and managed failovers issue) it holds the
+ * call until the pause ends, past the command timeout, so a read failed as if Redis were down.
+ * On Redis 7 and later the script carries `#!lua flags=no-writes` and goes by EVALSHA_RO / EVAL_RO,
+ * which are never held: an EVALSHA of a script the server does not have yet (after a restart or a
+ * failover) is judged before the script is found, as a possible write, and held until the pause
+ * ends only to answer NOSCRIPT. Older servers reject the flag line and lack the *_RO commands:
+ * they get the script as written, as before.
+ */
+export async function evalReadScript(client: RedisConnection, script: ReadScript, keys: readonly string[], args: readonly string[]): Promise<unknown> {
+  return (await takesScriptFlags(client)) ? run(client, script.flagged, keys, args, true) : run(client, script.plain, keys, args, false);
+}
+
+async function run(client: RedisConnection, script: string, keys: readonly string[], args: readonly string[], readOnly: boolean): Promise<unknown> {
   let sha = scriptShas.get(script);
   if (!sha) {
     sha = createHash('sha1').update(script, 'utf8').digest('hex');
     scriptShas.set(script, sha);
   }
   try {
-    return await client.evalsha(sha, keys.length, ...keys, ...args);
+    return await (readOnly ? client.evalsha_ro(sha, keys.length, ...keys, ...args) : client.evalsha(sha, keys.length, ...keys, ...args));
   } catch (err) {
     if (!(err instanceof Error) || !err.message.startsWith('NOSCRIPT')) throw err;
-    return client.eval(script, keys.length, ...keys, ...args);
+    return readOnly ? client.eval_ro(script, keys.length, ...keys, ...args) : client.eval(script, keys.length, ...keys, ...args);
   }
+}
+
+/** Per connection: whether its server takes script flags. Forgotten when it reconnects, which may reach another server. */
+const scriptFlags = new WeakMap<RedisConnection, Promise<boolean>>();
+const forgetOnReconnect = new WeakSet<RedisConnection>();
+
+/**
+ * Whether the server takes script flags (Redis 7 and later), asked once per connection with HELLO,
+ * whose reply carries the server's version and which every user may send (INFO needs @dangerous).
+ * A server that refuses HELLO is older: Redis 5 has none, 6.0 wants the protocol version.
+ * A connection that did not answer is asked again on the next read.
+ */
+export function takesScriptFlags(client: RedisConnection): Promise<boolean> {
+  let known = scriptFlags.get(client);
+  if (known) return known;
+  if (!forgetOnReconnect.has(client)) {
+    forgetOnReconnect.add(client);
+    client.on('ready', () => scriptFlags.delete(client));
+  }
+  known = client.hello().then(
+    (reply) => serverMajorVersion(reply) >= 7,
+    (err: unknown) => {
+      if (err instanceof Error && err.name === 'ReplyError') return false;
+      scriptFlags.delete(client);
+      throw err;
+    },
+  );
+  scriptFlags.set(client, known);
+  return known;
+}
+
+/** The major version in a HELLO reply (`['server', 'redis', 'version', '7.0.15', …]`); 0 when it has none. */
+export function serverMajorVersion(reply: unknown): number {
+  if (!Array.isArray(reply)) return 0;
+  const at = reply.indexOf('version');
+  const major = at === -1 ? NaN : parseInt(String(reply[at + 1]), 10);
+  return Number.isInteger(major) ? major : 0;
 }
 
 export interface RedisSpec {

@@ -1,7 +1,7 @@
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
-import { evalScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
+import { evalReadScript, evalScript, readScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
 import { belowFloorError } from './kek-floor.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
@@ -82,8 +82,11 @@ if tonumber(ARGV[1]) > floor then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 `;
 
-/** One consistent snapshot of every record, in one round trip. Wrong-typed or missing values are marked. */
-const LOAD_SCRIPT = `
+/**
+ * One consistent snapshot of every record, in one round trip. Wrong-typed or missing values are
+ * marked. It writes nothing: run as a read, a write pause does not hold it (see evalReadScript).
+ */
+const LOAD_SCRIPT = readScript(`
 local out = {}
 for i = 1, 3 do
   local items = {}
@@ -99,7 +102,7 @@ local v = redis.pcall('GET', KEYS[4])
 if type(v) ~= 'string' then v = '0' end
 out[#out + 1] = v
 return out
-`;
+`);
 
 /** Keep the later of the stored and the given time for each "version|caller" field. */
 const USAGE_SCRIPT = `
@@ -178,7 +181,7 @@ export class RedisStore implements StoreBackend {
   }
 
   async load(): Promise<StoreSnapshot> {
-    const result = (await this.#command(false, () => evalScript(this.client, LOAD_SCRIPT, [KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version], [KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin')]))) as [string[], string[], string[], string];
+    const result = (await this.#command(false, () => evalReadScript(this.client, LOAD_SCRIPT, [KEYS.index('credential'), KEYS.index('caller'), KEYS.index('admin'), KEYS.version], [KEYS.recordPrefix('credential'), KEYS.recordPrefix('caller'), KEYS.recordPrefix('admin')]))) as [string[], string[], string[], string];
     return toSnapshot({ credentials: decodePairs(result[0]), callers: decodePairs(result[1]), admins: decodePairs(result[2]) });
   }
 

@@ -13,15 +13,18 @@ import { Redis, type RedisOptions } from 'ioredis';
 export class TestRedis {
   readonly port: number;
   readonly dir: string;
+  /** More redis-server arguments (e.g. a renamed command). */
+  readonly #args: readonly string[];
   #child: ChildProcess | undefined;
 
-  private constructor(port: number, dir: string) {
+  private constructor(port: number, dir: string, args: readonly string[]) {
     this.port = port;
     this.dir = dir;
+    this.#args = args;
   }
 
-  static async create(options: { start?: boolean } = {}): Promise<TestRedis> {
-    const redis = new TestRedis(await freePort(), await mkdtemp(join(tmpdir(), 'egress-redis-')));
+  static async create(options: { start?: boolean; args?: readonly string[] } = {}): Promise<TestRedis> {
+    const redis = new TestRedis(await freePort(), await mkdtemp(join(tmpdir(), 'egress-redis-')), options.args ?? []);
     if (options.start !== false) await redis.start();
     return redis;
   }
@@ -31,7 +34,7 @@ export class TestRedis {
   }
 
   async start(): Promise<void> {
-    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--appendfsync', 'always', '--save', '', '--protected-mode', 'no', '--loglevel', 'warning'], { stdio: 'ignore' });
+    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--appendfsync', 'always', '--save', '', '--protected-mode', 'no', '--loglevel', 'warning', ...this.#args], { stdio: 'ignore' });
     this.#child = child;
     const deadline = Date.now() + 10_000;
     for (;;) {

@@ -1,5 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { KEYS } from '../../src/store/redis-store.ts';
+import { parseRedisUrl, takesScriptFlags } from '../../src/store/redis-client.ts';
+import { KEYS, RedisStore } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis, freePort } from '../helpers/redis.ts';
@@ -264,6 +265,54 @@ describe('Redis faults', () => {
       expect(addText).not.toContain(admin);
     } finally {
       redis.thaw();
+    }
+  });
+  it('a write pause (CLIENT PAUSE WRITE, as FAILOVER makes) holds no store read: the store reads and the admin API lists while a write waits', async () => {
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const admin = await startWithAdminToken(env);
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    const c = redis.client();
+    const writer = redis.client();
+    try {
+      await store.load();
+      // A server that has not seen the read script yet, as after a restart or a failover.
+      await c.script('FLUSH');
+      await c.call('CLIENT', 'PAUSE', '20000', 'WRITE');
+      let written = false;
+      const write = writer.set('egress:test:during-pause', '1').then(() => {
+        written = true;
+      });
+      const snapshot = await store.load();
+      expect(snapshot.credentials.has('cred-a')).toBe(true);
+      const list = await fetch(`${proxy!.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } });
+      expect(list.status).toBe(200);
+      expect(((await list.json()) as { callers: { name: string }[] }).callers.map((x) => x.name)).toContain('svc');
+      // The pause was in force throughout: the write is still held.
+      expect(written).toBe(false);
+      await c.call('CLIENT', 'UNPAUSE');
+      await write;
+    } finally {
+      await c.call('CLIENT', 'UNPAUSE').catch(() => {});
+      c.disconnect();
+      writer.disconnect();
+      await store.close();
+    }
+  });
+  it('a server that refuses HELLO (Redis 6.0 and older) gets the read script as written, by EVALSHA and EVAL, and reads work', async () => {
+    const old = await TestRedis.create({ args: ['--rename-command', 'HELLO', ''] });
+    const store = new RedisStore(parseRedisUrl(old.url));
+    const c = old.client();
+    try {
+      const snapshot = await store.load();
+      expect(snapshot.credentials.size).toBe(0);
+      expect(await takesScriptFlags(store.client)).toBe(false);
+      const stats = (await c.info('commandstats')) as string;
+      expect(stats).toMatch(/cmdstat_eval:/);
+      expect(stats).not.toMatch(/cmdstat_eval(sha)?_ro:/);
+    } finally {
+      c.disconnect();
+      await store.close();
+      await old.destroy();
     }
   });
 });

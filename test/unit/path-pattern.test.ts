@@ -137,7 +137,7 @@ function buildRoute(spec: { prefix: string; basePath: string; rules: { methods: 
 /** A request context with just what match-route, authorize and inject read. */
 function contextFor(route: CompiledRoute, target: Target, method: string): RequestContext {
   return {
-    config: { routes: [route], files: [route.file], loadedAt: new Date(0) },
+    config: { routes: [route], files: [route.file], namedFiles: [], loadedAt: new Date(0) },
     target,
     caller: 'svc',
     req: { method, rawHeaders: ['Authorization', 'Bearer attacker'], headers: {} },
