@@ -25,3 +25,28 @@ inject:
 allow:
 ${rules.join('')}`;
 }
+
+export interface ApiKeyRouteOptions extends Partial<BearerRouteOptions> {
+  readonly upstream: string;
+  /** The route's name and prefix (/name). */
+  readonly name?: string;
+  readonly credential?: string;
+  /** Lines that go after `credential:` (upstream_ca, hosts, limits), each ending in a newline. */
+  readonly extra?: string;
+}
+
+/** A route that sends field `secret` of its credential (`key`) as `X-Api-Key`; `api` on /api, GET /x for svc by default. */
+export function apiKeyRoute({ upstream, name = 'api', credential = 'key', extra = '', paths = ['/x'], callers = ['svc'], methods = ['GET'] }: ApiKeyRouteOptions): string {
+  const rules = callers.map((caller) => `  - caller: ${caller}\n    methods: [${methods.join(', ')}]\n    paths: [${paths.join(', ')}]\n`);
+  return `name: ${name}
+prefix: /${name}
+upstream: ${upstream}
+allow_private_addresses: true
+credential: ${credential}
+${extra}inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+${rules.join('')}`;
+}

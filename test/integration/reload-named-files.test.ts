@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { apiKeyRoute } from '../helpers/routes.ts';
 import { makeTestPki, type TestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -27,21 +28,7 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-const route = (caPath: string) => `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-upstream_ca: ${caPath}
-credential: key
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/x]
-`;
+const route = (caPath: string) => apiKeyRoute({ upstream: upstream.url, extra: `upstream_ca: ${caPath}\n` });
 
 describe('a CA file outside the routes folder', () => {
   let serve: ServeProcess | undefined;

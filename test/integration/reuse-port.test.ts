@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { apiKeyRoute } from '../helpers/routes.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -26,20 +27,7 @@ beforeAll(async () => {
   dir = await makeTempDir('egress-reuse-');
   ({ tokens: { svc: token } } = await seedDataDir(dir, {
     routes: {
-      api: `name: api
-prefix: /api
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: key
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/x]
-`,
+      api: apiKeyRoute({ upstream: upstream.url }),
     },
     credentials: { key: { secret: SECRET } },
     callers: ['svc'],

@@ -2,6 +2,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { apiKeyRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 const SECRET_A = 'sk_live_CANARY_aaaa1111';
@@ -9,23 +10,7 @@ const SECRET_B = 'sk_live_CANARY_bbbb2222';
 let upstream: Upstream;
 let proxy: TestProxy;
 
-const route = (name: string, credential: string) => `name: ${name}
-prefix: /${name}
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: ${credential}
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/x]
-  - caller: late
-    methods: [GET]
-    paths: [/x]
-`;
+const route = (name: string, credential: string) => apiKeyRoute({ upstream: upstream.url, name, credential, callers: ['svc', 'late'] });
 
 beforeAll(async () => {
   upstream = await startUpstream();

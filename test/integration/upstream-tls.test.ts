@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { apiKeyRoute } from '../helpers/routes.ts';
 import { makeTestPki, type TestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -22,20 +23,7 @@ beforeAll(async () => {
   const foreign = makeTestPki({ commonName: 'some other CA' });
   otherCa = await startUpstream(undefined, { key: foreign.serverKey, cert: foreign.serverCert });
 
-  const route = (name: string, url: string, ca: boolean, caFile = 'test-ca.pem') => `name: ${name}
-prefix: /${name}
-upstream: ${url}
-allow_private_addresses: true
-credential: key
-${ca ? `upstream_ca: ./${caFile}\n` : ''}inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/x]
-`;
+  const route = (name: string, url: string, ca: boolean, caFile = 'test-ca.pem') => apiKeyRoute({ upstream: url, name, extra: ca ? `upstream_ca: ./${caFile}\n` : '' });
   proxy = await startTestProxy({
     routes: {
       good: route('good', good.url, true),

@@ -10,6 +10,7 @@ import { BIN, collect, runCli, startServe } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { forms } from './lab.ts';
+import { unopenable } from './sec-helpers.ts';
 
 /**
  * FLT-13c/d: a credential written while the master key is rotated and its old version removed.
@@ -25,28 +26,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await redis?.destroy();
 });
-
-/** Every data key in the store that the keyring at `keyPath` cannot unwrap, as "id vN (kek K)". */
-async function unopenable(storeSpec: string, keyPath: string): Promise<string[]> {
-  const keyring = await readKeyring(keyPath);
-  const store = openStore(storeSpec);
-  const lost: string[] = [];
-  try {
-    for (const record of (await store.load()).credentials.values()) {
-      for (const v of record.versions) {
-        if (!v.dek) continue;
-        try {
-          openVersion(keyring, record.id, v);
-        } catch {
-          lost.push(`${record.id} v${v.version} (kek ${v.kek})`);
-        }
-      }
-    }
-  } finally {
-    await store.close();
-  }
-  return lost;
-}
 
 async function credentialIds(storeSpec: string): Promise<string[]> {
   const store = openStore(storeSpec);

@@ -10,7 +10,7 @@ import { asA, CANARY, forms, startLab, type Lab } from './lab.ts';
 import { openVersion } from '../../src/store/credentials.ts';
 import { readKeyring } from '../../src/store/keyring.ts';
 import { openStore } from '../../src/store/open-store.ts';
-import { faultRoute } from './sec-helpers.ts';
+import { faultRoute, unopenable } from './sec-helpers.ts';
 
 /** FLT: faults in Redis, the file system and route writes leave the proxy up and fail closed or documented. */
 let u: Upstream;
@@ -361,20 +361,7 @@ describe('FLT', () => {
         const runs = await Promise.all(Array.from({ length: 6 }, () => runCli(['master-key', 'rotate'], env)));
         for (const r of runs) expect([0, 3], r.stderr).toContain(r.code);
         // Every version with ciphertext opens with the keyring now on disk: no data key was wrapped by a key that was then lost.
-        const keyring = await readKeyring(join(lab.dir, 'master.key'));
-        const store = openStore(`file:${join(lab.dir, 'store.json')}`);
-        const lost: string[] = [];
-        for (const record of (await store.load()).credentials.values()) {
-          for (const v of record.versions) {
-            if (!v.dek) continue;
-            try {
-              openVersion(keyring, record.id, v);
-            } catch {
-              lost.push(`${record.id} v${v.version} (kek ${v.kek})`);
-            }
-          }
-        }
-        await store.close();
+        const lost = await unopenable(`file:${join(lab.dir, 'store.json')}`, join(lab.dir, 'master.key'));
         expect(lost, `round ${round}`).toEqual([]);
       }
       // And the proxy, which re-reads the keyring, still sends the credential.

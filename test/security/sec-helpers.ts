@@ -3,6 +3,9 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect, type PeerCertificate, type TLSSocket } from 'node:tls';
 import { expect } from 'vitest';
+import { openVersion } from '../../src/store/credentials.ts';
+import { readKeyring } from '../../src/store/keyring.ts';
+import { openStore } from '../../src/store/open-store.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 
@@ -133,4 +136,26 @@ export async function rssKb(pid: number): Promise<number> {
 export function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
+}
+
+/** Every data key in the store that the keyring at `keyPath` cannot unwrap, as "id vN (kek K)". */
+export async function unopenable(storeSpec: string, keyPath: string): Promise<string[]> {
+  const keyring = await readKeyring(keyPath);
+  const store = openStore(storeSpec);
+  const lost: string[] = [];
+  try {
+    for (const record of (await store.load()).credentials.values()) {
+      for (const v of record.versions) {
+        if (!v.dek) continue;
+        try {
+          openVersion(keyring, record.id, v);
+        } catch {
+          lost.push(`${record.id} v${v.version} (kek ${v.kek})`);
+        }
+      }
+    }
+  } finally {
+    await store.close();
+  }
+  return lost;
 }
