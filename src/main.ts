@@ -36,6 +36,7 @@ import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
 import { openStore } from './store/open-store.ts';
 import { StoreView } from './store/store-view.ts';
 import type { StoreSnapshot } from './store/types.ts';
+import { laterIncarnation } from './store/records.ts';
 import { GraceSweeper } from './rotation/sweeper.ts';
 import { auditHistory } from './rotation/history-audit.ts';
 import { hostname } from 'node:os';
@@ -88,6 +89,10 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   store.onChange((previous, next) => {
     auditHistory(audit, previous, next);
     sweeper.schedule(next);
+    for (const id of recreatedCredentials(previous, next)) {
+      dispatchers.forgetCredential(id);
+      tokens.forgetCredential(id);
+    }
     // A version revoked or retired since loses its TLS pools and the tokens minted with it.
     const live = liveVersions(next);
     dispatchers.retainVersions(live);
@@ -262,6 +267,17 @@ async function listen(server: Server, host: string, port: number, setting: strin
 
 function closeServer(server: Server): Promise<void> {
   return new Promise((resolveClose) => server.close(() => resolveClose()));
+}
+
+/**
+ * Credentials that are a later incarnation than before (created again after the store lost them):
+ * their version numbers start over, so what was made with the old numbers must go.
+ */
+function recreatedCredentials(previous: StoreSnapshot | undefined, next: StoreSnapshot): string[] {
+  return [...next.credentials].filter(([id, record]) => {
+    const before = previous?.credentials.get(id);
+    return before !== undefined && laterIncarnation(record, before);
+  }).map(([id]) => id);
 }
 
 /** Credential versions that may still be used ("id\0version"): pending, current and previous. */

@@ -53,6 +53,21 @@ export class Dispatchers {
   readonly #versioned = new Map<string, string>();
 
   /**
+   * Drain and close every pool of one credential, whatever the version: a credential created again
+   * (after the store lost it) numbers its versions from 1 again, and its version 1 is not the
+   * certificate that the lost record's version 1 pool presents.
+   */
+  forgetCredential(id: string): void {
+    for (const [key, version] of this.#versioned) {
+      if (version.slice(0, version.lastIndexOf('\u0000')) !== id) continue;
+      const pool = this.#pools.get(key);
+      this.#pools.delete(key);
+      this.#versioned.delete(key);
+      void pool?.close().catch(() => {});
+    }
+  }
+
+  /**
    * A pool for `origin` (the upstream, or a token endpoint beside it) with the route's CA, connect
    * timeout and address policy: unless the route allows private addresses, an IP-literal host is
    * checked here and a name is resolved by guardedLookup, which connects only to the address it checked.

@@ -114,6 +114,19 @@ export class TokenBroker {
     }
   }
 
+  /**
+   * Forget every token of one credential, here and in Redis: a credential created again (after the
+   * store lost it) numbers its versions from 1 again, and a token minted with the lost record's
+   * version 1 is not one of the new version 1.
+   */
+  forgetCredential(credential: string): void {
+    for (const id of this.#local.keys()) {
+      if (this.#credentialOf.get(id) !== credential) continue;
+      this.#local.delete(id);
+      void this.#shared?.remove(id, credential).catch(() => {});
+    }
+  }
+
   #isLive(credential: string, entry: Entry): boolean {
     return this.#live === undefined || this.#live.has(`${credential}\u0000${entry.mintedBy}`);
   }

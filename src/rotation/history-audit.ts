@@ -1,5 +1,5 @@
 import type { AuditLog } from '../observe/audit.ts';
-import type { CallerRecord, CredentialRecord, HistoryEntry } from '../store/records.ts';
+import { compareCopies, type CallerRecord, type CredentialRecord, type HistoryEntry } from '../store/records.ts';
 import type { StoreSnapshot } from '../store/types.ts';
 
 /**
@@ -17,7 +17,9 @@ export function auditHistory(audit: AuditLog, previous: StoreSnapshot | undefine
   for (const [kind, before, after] of tables) {
     for (const [key, record] of after) {
       const old = before.get(key);
-      if (old && old.revision >= record.revision) continue;
+      // A record created again after the store lost it starts over at revision 1: a later
+      // incarnation, whose history is new even at a revision already seen.
+      if (old && compareCopies(record, old) <= 0) continue;
       for (const entry of newEntries(old?.history ?? [], record.history ?? [])) {
         audit.admin({
           actor: entry.actor,

@@ -144,10 +144,14 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
   if (existing && !existing.revoked_at) throw new StateError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
   const token = generateToken(PREFIX[kind]);
   const now = by(op).now.toISOString();
+  // A name added again is a new incarnation of its record (created_at: the certificates issued
+  // before it stop identifying anyone), and must be later than the revoked one even when this
+  // host's clock is behind the one that added it first: instances keep the later incarnation.
+  const later = new Date(existing ? Date.parse(existing.created_at) + 1 : Number.NaN);
   const record: CallerRecord = {
     name,
     revision: (existing?.revision ?? 0) + 1,
-    created_at: now,
+    created_at: later.getTime() > Date.parse(now) ? later.toISOString() : now,
     updated_at: now,
     tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now }],
     history: [...(existing?.history ?? []), entry(op, 'add')].slice(-100),

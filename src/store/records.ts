@@ -80,6 +80,33 @@ export const callerRecordSchema = z.strictObject({
   history: z.array(historyEntrySchema).optional(),
 });
 
+/**
+ * A record's created_at as epoch ms; NaN unless it is an ISO 8601 UTC time as the proxy writes it
+ * (a hand-edited date must not decide which of two copies is newer).
+ */
+function createdMs(record: { readonly created_at: string }): number {
+  return /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?Z$/.test(record.created_at) ? Date.parse(record.created_at) : Number.NaN;
+}
+
+/**
+ * Which of two copies of one record (same kind and key) is newer: negative when `a` is older than
+ * `b`, 0 when neither is (one incarnation, one revision), positive when newer. Copies are ordered by incarnation, then
+ * by revision. A record made afresh starts again at revision 1 (`keys put`, `callers add` after
+ * the store lost its data) with a later created_at: it is a new incarnation, newer than any
+ * revision of the record it replaces. A copy of an older incarnation (an earlier created_at), or
+ * of this one at a lower revision (a backup, a replayed write), is older. When either created_at
+ * is not a time, only revisions are compared.
+ */
+export function compareCopies(a: { readonly created_at: string; readonly revision: number }, b: { readonly created_at: string; readonly revision: number }): number {
+  const incarnation = createdMs(a) - createdMs(b);
+  return incarnation !== 0 && !Number.isNaN(incarnation) ? incarnation : a.revision - b.revision;
+}
+
+/** `a` is a later incarnation of the record than `b` (see compareCopies). */
+export function laterIncarnation(a: { readonly created_at: string }, b: { readonly created_at: string }): boolean {
+  return createdMs(a) > createdMs(b);
+}
+
 export type CredentialVersionRecord = z.infer<typeof credentialVersionSchema>;
 export type CredentialRecord = z.infer<typeof credentialRecordSchema>;
 export type CallerToken = z.infer<typeof callerTokenSchema>;

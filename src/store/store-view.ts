@@ -3,7 +3,7 @@ import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Alerts } from '../observe/alerts.ts';
 import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified, type PresentedToken } from './callers.ts';
-import type { CallerRecord, CredentialRecord } from './records.ts';
+import { compareCopies, laterIncarnation, type CallerRecord, type CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
 /**
@@ -27,9 +27,9 @@ export interface StoreViewOptions {
  * reports a change. Decryption happens per request, at the edge, and nothing decrypted is kept.
  *
  * Two protections sit here, for every backend: a record never goes back to a lower revision than
- * one this instance has seen (a restored old copy or a replayed write cannot resurrect a revoked
- * token or an old key), and when the store cannot be read, cached records serve for a bounded time
- * only.
+ * one this instance has seen, nor to an earlier incarnation (a restored old copy or a replayed
+ * write cannot resurrect a revoked token or an old key), and when the store cannot be read, cached
+ * records serve for a bounded time only.
  */
 export class StoreView {
   readonly backend: StoreBackend;
@@ -49,8 +49,8 @@ export class StoreView {
   #closed = false;
   readonly #rollbacksReported = new Set<string>();
   /**
-   * The newest revision seen of every record, by kind and key, kept across reads: also while a
-   * record is damaged or gone, so that restoring an older copy afterwards is still a rollback.
+   * The newest copy seen of every record (compareCopies), by kind and key, kept across reads: also
+   * while a record is damaged or gone, so that restoring an older copy afterwards is still a rollback.
    */
   readonly #newest = { credential: new Map<string, CredentialRecord>(), caller: new Map<string, CallerRecord>(), admin: new Map<string, CallerRecord>() };
   readonly #listeners: ((previous: StoreSnapshot | undefined, next: StoreSnapshot) => void)[] = [];
@@ -125,23 +125,45 @@ export class StoreView {
   }
 
   /**
-   * Rollback protection: a record that went back in revision, or vanished, keeps the newest
-   * version seen (a damaged one fails closed meanwhile). `newest` is updated with what is kept.
+   * Rollback protection: a record that went back, or vanished, keeps the newest copy seen (a
+   * damaged one fails closed meanwhile). Copies are ordered by incarnation (created_at), then
+   * revision (compareCopies): a record made afresh after the store lost its data starts again at
+   * revision 1 and must still replace the copy kept here, or a caller added again and revoked
+   * would never be revoked on a running instance. `newest` is updated with what is kept.
    */
   #keepNewer<R extends CredentialRecord | CallerRecord>(kind: string, newest: Map<string, R>, next: Map<string, R>, damaged: ReadonlyMap<string, string>): void {
-    for (const [key, now] of next) if (!newest.has(key) || now.revision >= newest.get(key)!.revision) newest.set(key, now);
+    for (const [key, now] of next) {
+      const kept = newest.get(key);
+      if (kept !== undefined && compareCopies(now, kept) < 0) continue;
+      // Only what revisions alone would have refused is news: `callers add` of a revoked name makes a
+      // new incarnation too, at a higher revision, and is an ordinary change.
+      if (kept !== undefined && now.revision <= kept.revision && laterIncarnation(now, kept)) this.#newIncarnation(`${kind}:${key}`, kept, now);
+      newest.set(key, now);
+    }
     for (const [key, old] of newest) {
       if (damaged.has(`${kind}:${key}`)) continue;
       const now = next.get(key);
       if (now === old) continue;
       next.set(key, old);
-      const id = `${kind}:${key}:${now?.revision ?? 'gone'}`;
+      const id = JSON.stringify([kind, key, old.created_at, now ? [now.created_at, now.revision] : 'gone']);
       if (!this.#rollbacksReported.has(id)) {
         this.#rollbacksReported.add(id);
-        this.#log.error({ record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null }, 'store went back to an older revision of a record; keeping the newest one seen');
-        this.#alerts?.raise('store_rollback', 'critical', `${kind}:${key}`, 'the store went back to an older revision of a record', { record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null });
+        const facts = { record: `${kind}:${key}`, seen_revision: old.revision, store_revision: now?.revision ?? null, seen_created_at: old.created_at, store_created_at: now?.created_at ?? null };
+        this.#log.error(facts, 'store went back to an older revision of a record; keeping the newest one seen');
+        this.#alerts?.raise('store_rollback', 'critical', `${kind}:${key}`, 'the store went back to an older revision of a record', facts);
       }
     }
+  }
+
+  /**
+   * A record created again (after the store lost it, most likely) replaces the copy kept here
+   * although its revision is not higher. Said loudly: it is also what a writer that forged a
+   * later created_at would look like.
+   */
+  #newIncarnation(record: string, kept: CredentialRecord | CallerRecord, now: CredentialRecord | CallerRecord): void {
+    const facts = { record, seen_revision: kept.revision, store_revision: now.revision, seen_created_at: kept.created_at, store_created_at: now.created_at };
+    this.#log.warn(facts, 'store holds a record created again (a new incarnation, its revisions start over); it replaces the one seen');
+    this.#alerts?.raise('store_new_incarnation', 'warning', record, 'a store record was created again and replaces the one seen', facts);
   }
 
   /** Called after every read of the store with the view before and after it. */

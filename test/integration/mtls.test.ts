@@ -1,3 +1,4 @@
+import { rename, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { TLSSocket } from 'node:tls';
@@ -116,6 +117,29 @@ describe('mtls', () => {
     expect(rotated.code).toBe(0);
     expect(rotated.stdout + rotated.stderr).not.toContain('PRIVATE KEY');
     await eventually(async () => ((await (await get('/teller/accounts')).json()) as { cn: string }).cn === 'egress-client-v2', 2_000, 'the new certificate');
+  });
+
+  it('a certificate put again after the store lost its data is presented, not the one of the lost record\'s version 1', async () => {
+    const own = await startTestProxy({
+      routes: { teller: `name: teller\npreset: teller\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nupstream_ca: ./server-ca.pem\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n` },
+      files: { 'server-ca.pem': serverCa },
+      credentials: { 'teller-cert': { certificate: v1.cert, private_key: v1.key } },
+      callers: ['svc'],
+    });
+    try {
+      const cn = async () => ((await (await fetch(`${own.url}/teller/accounts`, { headers: { 'x-egress-token': own.tokens.svc! } })).json()) as { cn: string }).cn;
+      expect(await cn()).toBe('egress-client-v1');
+      // The store file is replaced by an empty one, and the credential put again: version 1 once more.
+      await writeFile(`${own.storePath}.fresh`, JSON.stringify({ format: 'egress-store/1', credentials: {}, callers: {}, admins: {} }));
+      await rename(`${own.storePath}.fresh`, own.storePath);
+      await eventually(() => own.logs().includes('store_rollback'), 3_000, 'the record seen gone');
+      const again = issueClient(clientCa, 'egress-client-again');
+      const put = await runCli(['keys', 'put', 'teller-cert', '--from-stdin'], envFor(own.dir), JSON.stringify({ certificate: again.cert, private_key: again.key }));
+      expect(put.code, put.stderr).toBe(0);
+      await eventually(async () => (await cn()) === 'egress-client-again', 3_000, 'the certificate put again');
+    } finally {
+      await own.close();
+    }
   });
 
   it('refuses certificate material when it is stored: expired, not yet valid, a key that does not match, a bad passphrase', async () => {

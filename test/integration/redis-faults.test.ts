@@ -170,6 +170,33 @@ describe('Redis faults', () => {
     expect(proxy!.logs()).toContain('store_rollback');
   });
 
+  it('rollback protection: a copy of an earlier incarnation is not accepted, whatever its revision; adding a revoked caller again is an ordinary change', async () => {
+    await start();
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const c = redis.client();
+    const key = KEYS.record('caller', 'svc');
+    const first = JSON.parse((await c.get(key))!) as { revision: number; created_at: string };
+    expect((await runCli(['callers', 'revoke', 'svc'], env)).code).toBe(0);
+    // The seeded record and the one added again must not share a millisecond.
+    await new Promise((r) => setTimeout(r, 5));
+    const added = await runCli(['callers', 'add', 'svc', '--json'], env);
+    expect(added.code, added.stderr).toBe(0);
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    const call = async (t: string) => (await fetch(`${proxy!.url}/a/x`, { headers: { 'x-egress-token': t } })).status;
+    await eventually(async () => (await call(token)) === 200, 3_000, 'the caller added again');
+    const second = JSON.parse((await c.get(key))!) as { revision: number; created_at: string };
+    expect(second.revision).toBe(3);
+    expect(second.created_at > first.created_at).toBe(true);
+    // Someone restores the first incarnation's record, with a revision above every one seen.
+    await c.set(key, JSON.stringify({ ...first, revision: 99 }));
+    await c.incr(KEYS.version);
+    c.disconnect();
+    await eventually(() => proxy!.logs().includes('store_rollback'), 3_000, 'store_rollback alert');
+    expect(await call(tokens.svc!)).toBe(401);
+    expect(await call(token)).toBe(200);
+    expect(proxy!.logs()).not.toContain('store_new_incarnation');
+  });
+
   it('a replica (READONLY) takes no write: the CLI and the admin API say so (exit 1, 503 store_unavailable), nothing is written, requests go on', async () => {
     const env = envFor(dir, { EGRESS_STORE: redis.url });
     const admin = await startWithAdminToken(env);
