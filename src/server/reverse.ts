@@ -1,4 +1,4 @@
-import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import { STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Duplex } from 'node:stream';
 import { randomUUID } from 'node:crypto';
@@ -54,9 +54,10 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
 
 /**
  * A request Node's parser refused (bad syntax, headers over the limit, too slow): a 400, 431 or
- * 408 with a lingering close. Both listeners use it.
+ * 408 with a lingering close. Both listeners use it; `instead` answers with another error (the TLS
+ * listener's refused certificate).
  */
-export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, instead?: ProxyError): void {
   const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
   const timeout = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
   if (isLingering(socket)) return;
@@ -64,13 +65,14 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): v
     socket.destroy();
     return;
   }
-  const status = tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
-  const body = JSON.stringify({ error: { code: 'bad_request', message: 'The request could not be parsed.', request_id: randomUUID() } });
+  const status = instead ? `${instead.status} ${STATUS_CODES[instead.status]}` : tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
+  const code = instead?.code ?? 'bad_request';
+  const body = JSON.stringify({ error: { code, message: instead?.message ?? 'The request could not be parsed.', request_id: randomUUID() } });
   // Bytes that do not parse, behind a request still being answered: that answer goes out first,
   // then this one (answered straight away, the caller would pair the 400 with the earlier request,
   // which may well have reached the upstream). Nothing after the bad bytes is processed.
   markClosing(socket);
-  afterInFlight(socket, () => answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: bad_request\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
+  afterInFlight(socket, () => answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
 }
 
 /**

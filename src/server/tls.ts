@@ -1,10 +1,12 @@
 import { X509Certificate } from 'node:crypto';
 import { createServer, type Server } from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { TLSSocket } from 'node:tls';
+import type { Duplex } from 'node:stream';
+import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
+import { ProxyError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { LISTENER_LIMITS, answerClientError, refuseUpgrade } from './reverse.ts';
@@ -90,7 +92,14 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     s.once('close', () => sockets.delete(s));
   });
   server.on('tlsClientError', (_err: Error, s: TLSSocket) => s.destroy());
-  server.on('clientError', answerClientError);
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    // A client certificate whose signature does not verify (one from an earlier CA of the same
+    // name, before `certs init --refresh`) leaves an OpenSSL error behind that Node raises at the
+    // first read, before any request is parsed: the caller is told its certificate was refused
+    // (401, with the reason), as for any other refused certificate, not that its request did not parse.
+    const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, caFingerprint, revoked).refused : undefined;
+    answerClientError(err, socket, refused ? new ProxyError('caller_unauthenticated', `Client certificate refused: ${refused}.`) : undefined);
+  });
   // Without an 'upgrade' listener Node runs an Upgrade request as a plain one; refuse it as the plain listener does.
   server.on('upgrade', refuseUpgrade);
   return { server, close: () => revoked.close() };

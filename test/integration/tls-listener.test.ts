@@ -1,6 +1,8 @@
+import { execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import forge from 'node-forge';
 import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -12,6 +14,7 @@ import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** The TLS listener: callers identified by a client certificate from the egress CA. */
+const run = promisify(execFile);
 const SECRET = 'sk_mtls_caller_CANARY_77';
 let upstream: Upstream;
 let proxy: TestProxy;
@@ -149,6 +152,38 @@ describe('TLS listener with client certificates', () => {
     const before = upstream.requests.length;
     expect([0, 401]).toContain(await call('/api/x', { cert: viaRogue.certPem + rogue.certPem, key: viaRogue.keyPem }).catch(() => 0));
     expect([0, 401]).toContain(await call('/api/x', { cert: viaInter.certPem + inter.certPem, key: viaInter.keyPem }).catch(() => 0));
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-08d a certificate from an earlier egress CA (same name, another key: issued before `certs init --refresh`) is 401 with the reason, not a 400 parse error', async () => {
+    // OpenSSL finds the issuer by name and the signature does not verify; the error it leaves
+    // behind surfaced at the first read of the request (with curl's timing), which Node reported
+    // as an unparsable request: a 400 that named neither the certificate nor the reason.
+    const earlier = issue({ ca: true, selfSigned: true, subject: caSubject() });
+    const leaf = issue({ sans: [id('svc')], signer: earlier });
+    const files = { cert: join(dir, 'earlier-ca-leaf.pem'), key: join(dir, 'earlier-ca-leaf.key'), ca: join(dir, 'server-ca-for-curl.pem') };
+    await writeFile(files.cert, leaf.certPem);
+    await writeFile(files.key, leaf.keyPem, { mode: 0o600 });
+    await writeFile(files.ca, serverCa);
+    const before = upstream.requests.length;
+    for (const version of [['--tlsv1.3'], ['--tlsv1.2', '--tls-max', '1.2']]) {
+      for (const token of [[], ['-H', `x-egress-token: ${svcToken}`]]) {
+        const { stdout } = await run('curl', ['-sS', '-i', ...version, ...token, '--cacert', files.ca, '--cert', files.cert, '--key', files.key, `${url}/api/x`], { timeout: 10_000 });
+        const label = `${version.join(' ')} ${token.length ? 'with a valid token' : ''}`;
+        expect(stdout, label).toMatch(/^HTTP\/1\.1 401 /);
+        expect(stdout, label).toMatch(/x-egress-error: caller_unauthenticated/);
+        expect(stdout, label).toContain('certificate not accepted (CERT_SIGNATURE_FAILURE)');
+      }
+    }
+    // The same certificate through undici, whose timing never showed it.
+    const dispatcher = new Agent({ connect: { ca: serverCa, cert: leaf.certPem, key: leaf.keyPem } });
+    try {
+      const res = await request(`${url}/api/x`, { dispatcher });
+      await res.body.dump();
+      expect(res.statusCode).toBe(401);
+    } finally {
+      await dispatcher.close();
+    }
     expect(upstream.requests.length).toBe(before);
   });
 
