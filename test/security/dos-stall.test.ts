@@ -1,7 +1,11 @@
-import { readFile, readdir, readlink } from 'node:fs/promises';
+import { readFile, readdir, readlink, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeTempDir } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 import { startLab, type Lab } from './lab.ts';
 
 /**
@@ -18,10 +22,26 @@ const MAX_IN_FLIGHT = 48;
 const ERROR_BODY = 1_000_000;
 /** A 2xx small enough to be collected whole before it is relayed (see HOLD_BYTES). */
 const SMALL_OK = 48 * 1024;
+/** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
+let tlsPort: number;
+let tlsCa: string;
 
 beforeAll(async () => {
+  const pki = makeTestPki();
+  const tlsDir = await makeTempDir('egress-stall-tls-');
+  await writeFile(join(tlsDir, 'server.pem'), pki.serverCert);
+  await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
+  await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
+  tlsCa = pki.caCert;
+  tlsPort = await freePort();
   lab = await startLab({
-    env: { EGRESS_CALLER_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT) },
+    env: {
+      EGRESS_CALLER_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT),
+      EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`,
+      EGRESS_TLS_CERT: join(tlsDir, 'server.pem'),
+      EGRESS_TLS_KEY: join(tlsDir, 'server.key'),
+      EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem'),
+    },
     upstream: (req, res) => {
       if (req.url === '/err') {
         // A provider error that quotes the key it was sent: the proxy reads it whole and redacts it.
@@ -92,14 +112,16 @@ interface Stalled {
   readonly sentAt: number;
 }
 
-/** Open a connection to `port`, pipeline `requests` on it and never read an answer. */
-async function neverRead(port: number, requests: string): Promise<Stalled> {
-  const socket = connect(port, '127.0.0.1');
-  socket.on('error', () => {});
-  await new Promise<void>((r) => socket.once('connect', () => r()));
-  socket.pause();
-  socket.write(requests);
-  return { socket, sentAt: performance.now() };
+/** Open a connection to `port` (over TLS with `tls`), pipeline `requests` on it and never read an answer. */
+async function neverRead(port: number, requests: string, tls = false): Promise<Stalled> {
+  let socket: Socket;
+  await new Promise<void>((r) => {
+    socket = tls ? tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tlsCa }, r) : connect(port, '127.0.0.1', r);
+  });
+  socket!.on('error', () => {});
+  socket!.pause();
+  socket!.write(requests);
+  return { socket: socket!, sentAt: performance.now() };
 }
 
 /** Ms from the requests until the proxy let go of the connection (Infinity when it still holds it after `withinMs`). */
@@ -191,6 +213,25 @@ describe('DOS: answers the caller never reads', () => {
     stalled.socket.destroy();
     const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/ok' && l.caller === 'a');
     expect(lines.length, 'audited 2xx requests').toBe(oks);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await allSlotsFree();
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10g the same on the TLS listener: redacted error bodies nobody reads cost the connection after the route\'s response timeout', async () => {
+    const before = (await auditLines()).length;
+    const count = 8;
+    const stalled = await neverRead(tlsPort, get('/stall/err', lab.tokens.a).repeat(count), true);
+    await otherCallerAnswered();
+    const held = await heldFor(tlsPort, stalled, 15_000);
+    console.log(`DOS-10g: the TLS listener let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
+    expect(held, 'ms the TLS listener held the connection').toBeLessThan(8_000);
+    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(1_500);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the caller sees its connection closed').toBe(true);
+    stalled.socket.destroy();
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/err');
+    expect(lines.length, 'audited requests').toBe(count);
     expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
     await allSlotsFree();
     await lab.g0();
