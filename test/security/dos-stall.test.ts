@@ -7,6 +7,7 @@ import { makeTempDir } from '../helpers/proxy.ts';
 import { freePort } from '../helpers/redis.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startLab, type Lab } from './lab.ts';
+import { BANK_HOST, bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel } from './sec-helpers.ts';
 
 /**
  * DOS-10d..f: answers the caller never reads. A23e7b2 (DOS-10b) bounded a streamed body's wait for
@@ -25,6 +26,8 @@ const SMALL_OK = 48 * 1024;
 /** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
 let tlsPort: number;
 let tlsCa: string;
+/** The forward-mode CA (EGRESS_CERTS), for tunnels to the bank route's host. */
+let forwardCa: string;
 
 beforeAll(async () => {
   const pki = makeTestPki();
@@ -34,6 +37,8 @@ beforeAll(async () => {
   await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
   tlsCa = pki.caCert;
   tlsPort = await freePort();
+  const forward = await makeCerts([BANK_HOST]);
+  forwardCa = forward.caPem;
   lab = await startLab({
     env: {
       EGRESS_CALLER_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT),
@@ -41,6 +46,7 @@ beforeAll(async () => {
       EGRESS_TLS_CERT: join(tlsDir, 'server.pem'),
       EGRESS_TLS_KEY: join(tlsDir, 'server.key'),
       EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem'),
+      EGRESS_CERTS: forward.certs,
     },
     upstream: (req, res) => {
       if (req.url === '/err') {
@@ -60,6 +66,8 @@ beforeAll(async () => {
       res.end(JSON.stringify({ method: req.method, url: req.url }));
     },
     routes: (u) => ({
+      // Forward mode (CONNECT api.bank.test:443), response timeout 3 s.
+      bank: bankRoute(u.url).replace('paths: [/accounts]', 'paths: [/accounts, /err]'),
       stall: `name: stall
 prefix: /stall
 upstream: ${u.url}
@@ -234,6 +242,30 @@ describe('DOS: answers the caller never reads', () => {
     expect(lines.length, 'audited requests').toBe(count);
     expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
     await allSlotsFree();
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10h the same inside a forward-mode tunnel: the tunnel and the caller\'s connection are cut after the route\'s response timeout', async () => {
+    const before = (await auditLines()).length;
+    const count = 8;
+    const tunnel = await connectTunnel(lab.port, `${BANK_HOST}:443`, basic('a', lab.tokens.a));
+    expect(tunnel.status).toBe(200);
+    const tls = await tlsInTunnel(tunnel.socket, BANK_HOST, forwardCa);
+    tls.on('error', () => {});
+    tls.pause();
+    tls.write(`GET /err HTTP/1.1\r\nHost: ${BANK_HOST}\r\n\r\n`.repeat(count));
+    const sentAt = performance.now();
+    await otherCallerAnswered();
+    const held = await heldFor(lab.port, { socket: tunnel.socket, sentAt }, 15_000);
+    console.log(`DOS-10h: the proxy let go of the tunnel ${Math.round(held)} ms after the requests (route response timeout 3 s)`);
+    expect(held, 'ms the proxy held the tunnel').toBeLessThan(10_000);
+    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(2_500);
+    const read = await drain(tls, 5_000);
+    expect(read.closed, 'the caller sees its tunnel closed').toBe(true);
+    tls.destroy();
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'bank' && String(l.path).endsWith('/err'));
+    expect(lines.length, 'audited requests').toBe(count);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
     await lab.g0();
   }, 40_000);
 
