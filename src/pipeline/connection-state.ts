@@ -1,7 +1,8 @@
 /**
  * What the proxy knows about a caller's connection across the requests pipelined on it: how many
- * of them are still being answered, and whether it is closing (RFC 9112 §9.6: after a response
- * that closes the connection, or a request that asked to, no later request on it is processed).
+ * of them are still being answered, whether it is closing (RFC 9112 §9.6: after a response
+ * that closes the connection, or a request that asked to, no later request on it is processed),
+ * and whether the caller is taking what is written to it (watchStall).
  * Kept on the socket itself, one small object per connection: the request path touches it twice
  * per request, and a WeakMap per fact cost more there.
  */
@@ -14,6 +15,10 @@ interface ConnectionState {
   latest: { readonly complete: boolean } | undefined;
   /** Run when the last request in flight is answered. */
   whenIdle: (() => void) | undefined;
+  /** While bytes written to the caller wait for it to take them (see watchStall). */
+  stall: Stall | undefined;
+  /** The connection was cut because the caller did not take what was written to it. */
+  stalled: boolean;
 }
 
 const STATE = Symbol('egress.connection');
@@ -23,7 +28,7 @@ type Carrier = { [STATE]?: ConnectionState };
 // A request's socket is null once the connection is gone: there is nothing to note then.
 function stateOf(socket: object): ConnectionState {
   const carrier = socket as Carrier;
-  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined });
+  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined, stall: undefined, stalled: false });
 }
 
 export function markClosing(socket: object | null): void {
@@ -91,4 +96,116 @@ export function afterInFlight(socket: object, fn: () => void): void {
   const state = stateOf(socket);
   if (state.inFlight === 0 || state.latest?.complete === false) fn();
   else state.whenIdle = fn;
+}
+
+/**
+ * How long a caller may leave an answer that is not tied to a route unread (refused before a route
+ * was known, or from the admin listener): 30 s, the default route response timeout (DEFAULTS in
+ * compile-routes.ts, not imported: the route compiler's imports lead back here).
+ */
+export const ANSWER_STALL_MS = 30_000;
+
+interface Stall {
+  readonly timer: NodeJS.Timeout;
+  readonly ms: number;
+  /** What the caller had taken at the last check, and since when that has not moved. */
+  taken: number;
+  since: number;
+  /** Answers written whole that wait to be taken (answerTaken). */
+  waiting: number;
+}
+
+/** The caller's socket, as far as the watch needs it. */
+interface CallerSocket {
+  readonly writableLength: number;
+  readonly bytesWritten: number | undefined;
+  readonly destroyed: boolean;
+  destroy(): void;
+}
+
+/**
+ * Bound how long the caller may leave bytes written to it unread. A caller that never reads, with
+ * its kernel buffers full, would otherwise hold the connection and every byte waiting on it for
+ * good: a streamed body (undici's bodyTimeout does not run while the upstream is paused for the
+ * caller), an error body read whole to be redacted (up to 1 MiB), answers pipelined behind it.
+ *
+ * Called only when a write did not go out at once (write() returned false, or an answer was ended
+ * and its bytes are still waiting), so an answer the kernel takes at once costs no timer. One watch
+ * per connection: a check every quarter of `ms` while anything waits. When the caller has taken
+ * none of it for `ms` (no write to its socket completed), the connection is destroyed: the answers
+ * on it close, their requests are audited as aborted/caller_stalled, and what they held is let go.
+ */
+export function watchStall(socket: object, ms: number): void {
+  const state = stateOf(socket);
+  if (state.stall) return;
+  const caller = socket as CallerSocket;
+  const timer = setTimeout(checkStall, Math.max(ms / 4, 10), caller, state);
+  // The connection keeps the process alive, not its watch.
+  timer.unref();
+  state.stall = { timer, ms, taken: taken(caller), since: performance.now(), waiting: 0 };
+}
+
+/** Bytes the caller's kernel has taken: everything written, less what still waits in the socket. */
+function taken(socket: CallerSocket): number {
+  return (socket.bytesWritten ?? 0) - socket.writableLength;
+}
+
+function checkStall(socket: CallerSocket, state: ConnectionState): void {
+  const stall = state.stall!;
+  if (socket.destroyed) {
+    state.stall = undefined;
+    return;
+  }
+  const now = performance.now();
+  const took = taken(socket);
+  if (socket.writableLength === 0) {
+    // Nothing waits in the socket: the caller has taken everything so far.
+    if (stall.waiting === 0) {
+      state.stall = undefined;
+      return;
+    }
+    // Answers still wait, queued behind one that is not written yet: the proxy holds them up, not the caller.
+    stall.since = now;
+  } else if (took !== stall.taken) {
+    stall.since = now;
+  } else if (now - stall.since >= stall.ms) {
+    state.stall = undefined;
+    state.stalled = true;
+    state.closing = true;
+    socket.destroy();
+    return;
+  }
+  stall.taken = took;
+  stall.timer.refresh();
+}
+
+interface WrittenAnswer {
+  on(event: 'finish' | 'close', listener: () => void): unknown;
+  off(event: 'finish' | 'close', listener: () => void): unknown;
+}
+
+/**
+ * For an answer ended while its bytes still wait (the caller's socket is full, or it is queued
+ * behind another): settles when the caller has taken it all ('finish') or the connection closed,
+ * which watchStall makes happen within about `ms` of the caller taking nothing.
+ */
+export function answerTaken(socket: object, res: WrittenAnswer, ms: number): Promise<void> {
+  watchStall(socket, ms);
+  const stall = stateOf(socket).stall!;
+  stall.waiting++;
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      res.off('finish', done);
+      res.off('close', done);
+      stall.waiting--;
+      resolve();
+    };
+    res.on('finish', done);
+    res.on('close', done);
+  });
+}
+
+/** Was the connection cut by watchStall? */
+export function wasStalled(socket: object | null): boolean {
+  return socket !== null && (socket as Carrier)[STATE]?.stalled === true;
 }

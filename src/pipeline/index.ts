@@ -7,7 +7,7 @@ import { REDACTED } from '../secret.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
-import { isClosing, markClosing, requestAnswered, requestStarted } from './connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, isClosing, markClosing, requestAnswered, requestStarted, wasStalled } from './connection-state.ts';
 import type { RequestContext, Step } from './context.ts';
 import { forward } from './forward.ts';
 import { identifyCaller } from './identify-caller.ts';
@@ -91,6 +91,10 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     ctx.reason = error.code;
     sendError(res, ctx.id, error);
   } finally {
+    // An answer the caller's socket did not take at once keeps its request in flight (the caller's
+    // slot, the audit line) until the caller reads it, or loses the connection for not reading it
+    // within the route's response timeout. One check per request; a timer only when it waits.
+    if (res.writableEnded && res.writableLength > 0 && !res.destroyed && socket) await answerTaken(socket, res, ctx.route?.responseTimeoutMs ?? ANSWER_STALL_MS);
     try {
       finish(ctx);
     } catch (err) {
@@ -124,7 +128,8 @@ function finish(ctx: RequestContext): void {
   const total = performance.now() - ctx.startedAt;
   if (ctx.decision === 'allow' && callerGone(ctx)) {
     ctx.decision = 'aborted';
-    ctx.reason = 'caller_closed';
+    // Hung up, or cut off for leaving its answer unread (watchStall).
+    ctx.reason = wasStalled(ctx.req.socket) ? 'caller_stalled' : 'caller_closed';
   }
   const status = ctx.res.headersSent ? ctx.res.statusCode : 0;
   const route = ctx.route?.name ?? 'none';

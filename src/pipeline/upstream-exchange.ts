@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders, ServerResponse } from 'node:http';
 import type { Dispatcher } from 'undici';
 import { ProxyError } from '../errors.ts';
+import { answerTaken, watchStall } from './connection-state.ts';
 
 /** Body bytes held while nobody reads them yet (between the response head and relay); past this the upstream is paused. */
 const HOLD_BYTES = 64 * 1024;
@@ -36,7 +37,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
   #failure: Error | undefined;
   #sink: ServerResponse | undefined;
   #waitingForDrain = false;
-  /** How long the caller may leave its socket full before the relay is given up (0: no limit). */
+  /** How long the caller may leave its socket full before its connection is cut (0: no limit). */
   #stallMs = 0;
   /** The pending pipeTo/readAll: told when the body ends or fails. */
   #onSettle: ((err?: Error) => void) | undefined;
@@ -109,8 +110,14 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
   onResponseEnd(): void {
     this.#ended = true;
     this.#onHeld?.();
-    if (this.#sink) this.#sink.end();
-    else this.#onSettle?.();
+    const sink = this.#sink;
+    if (sink) {
+      sink.end();
+      // The end of the body may still wait in the caller's socket: the relay settles at 'finish'.
+      if (sink.writableLength > 0) this.#watchCaller(sink, true);
+    } else {
+      this.#onSettle?.();
+    }
   }
 
   onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
@@ -125,20 +132,28 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
    * The caller's socket is full: the upstream stays paused until it drains. A caller that stops
    * reading would hold this exchange, its in-flight slot and a connection of the upstream's pool
    * for good (undici's bodyTimeout does not run while the upstream is paused), so the wait is
-   * bounded like the upstream's own silence: past `stallMs` both sides are cut.
+   * bounded like the upstream's own silence: past `stallMs` with nothing taken, the caller's
+   * connection is cut, the relay fails with it ('close') and the upstream is aborted.
    */
   #awaitDrain(sink: ServerResponse): void {
     this.#waitingForDrain = true;
-    const timer = this.#stallMs > 0 ? setTimeout(() => {
-      const err = new Error('the caller did not read the response within the route deadline');
-      this.#fail(err);
-      if (!this.#ended) this.abort(err);
-    }, this.#stallMs) : undefined;
+    this.#watchCaller(sink, false);
     sink.once('drain', () => {
-      clearTimeout(timer);
       this.#waitingForDrain = false;
       this.#controller?.resume();
     });
+  }
+
+  /**
+   * Bytes wait in the caller's socket: bound how long, with the watch every answer uses. An ended
+   * answer is waited for like any other (answerTaken); the pipeTo pending on it settles at its
+   * 'finish' or 'close' by itself.
+   */
+  #watchCaller(sink: ServerResponse, ended: boolean): void {
+    const socket = sink.req?.socket;
+    if (this.#stallMs === 0 || !socket) return;
+    if (ended) void answerTaken(socket, sink, this.#stallMs);
+    else watchStall(socket, this.#stallMs);
   }
 
   #fail(err: Error): void {
@@ -154,7 +169,7 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
   /**
    * Relay the status, `headers` and the body to the caller as it streams. Settles when the caller's
    * response has finished (resolve), or when either side fails or closes first (reject), or when
-   * the caller leaves its socket full for `stallMs` (reject).
+   * the caller leaves its socket full for `stallMs` and loses the connection (reject).
    */
   pipeTo(res: ServerResponse, status: number, headers: readonly string[], stallMs = 0): Promise<void> {
     this.#stallMs = stallMs;
@@ -211,6 +226,8 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
           for (const chunk of held) res.write(chunk);
           res.end();
         }
+        // Not all of it went out at once (the caller is not reading): 'finish' waits on the caller.
+        if (res.writableLength > 0) this.#watchCaller(res, true);
         return;
       }
       // Still streaming: upstream failures fail the relay, and its end ends the caller's response.

@@ -4,6 +4,7 @@ import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
+import { ANSWER_STALL_MS, answerTaken } from '../pipeline/connection-state.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -15,6 +16,10 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     void route(req, res, readiness, metrics, api, status).catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
+    }).then(() => {
+      // As on the proxy listeners: an answer left unread (a client that pipelines /metrics and
+      // never reads holds every answer) costs the connection after ANSWER_STALL_MS.
+      if (res.writableEnded && res.writableLength > 0 && !res.destroyed) void answerTaken(req.socket, res, ANSWER_STALL_MS);
     });
   });
 }

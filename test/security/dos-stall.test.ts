@@ -1,0 +1,289 @@
+import { readFile, readdir, readlink, writeFile } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeTempDir } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
+import { makeTestPki } from '../helpers/tls.ts';
+import { startLab, type Lab } from './lab.ts';
+import { BANK_HOST, bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel } from './sec-helpers.ts';
+
+/**
+ * DOS-10d..f: answers the caller never reads. A23e7b2 (DOS-10b) bounded a streamed body's wait for
+ * 'drain'; these are the answers written in one go: a redacted upstream error body (up to 1 MiB),
+ * a small 2xx collected whole before it is sent, the admin listener's answers. The loopback kernel
+ * takes about 4 MiB of a connection nobody reads, so each case first fills it with answers the
+ * caller pipelines and never reads; what is left sits in the proxy.
+ */
+let lab: Lab;
+/** Caller a may have this many requests in flight (EGRESS_CALLER_MAX_IN_FLIGHT). */
+const MAX_IN_FLIGHT = 48;
+/** Just under the 1 MiB the proxy reads of an error body to redact it. */
+const ERROR_BODY = 1_000_000;
+/** A 2xx small enough to be collected whole before it is relayed (see HOLD_BYTES). */
+const SMALL_OK = 48 * 1024;
+/** The TLS listener (EGRESS_TLS_LISTEN) and the CA its certificate chains to. */
+let tlsPort: number;
+let tlsCa: string;
+/** The forward-mode CA (EGRESS_CERTS), for tunnels to the bank route's host. */
+let forwardCa: string;
+
+beforeAll(async () => {
+  const pki = makeTestPki();
+  const tlsDir = await makeTempDir('egress-stall-tls-');
+  await writeFile(join(tlsDir, 'server.pem'), pki.serverCert);
+  await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
+  await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
+  tlsCa = pki.caCert;
+  tlsPort = await freePort();
+  const forward = await makeCerts([BANK_HOST]);
+  forwardCa = forward.caPem;
+  lab = await startLab({
+    env: {
+      EGRESS_CALLER_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT),
+      EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`,
+      EGRESS_TLS_CERT: join(tlsDir, 'server.pem'),
+      EGRESS_TLS_KEY: join(tlsDir, 'server.key'),
+      EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem'),
+      EGRESS_CERTS: forward.certs,
+    },
+    upstream: (req, res) => {
+      if (req.url === '/err') {
+        // A provider error that quotes the key it was sent: the proxy reads it whole and redacts it.
+        const body = `${'e'.repeat(ERROR_BODY - 200)} key=${String(req.headers['x-api-key'])}`;
+        res.writeHead(400, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+        return void res.end(body);
+      }
+      if (req.url === '/ok') {
+        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': SMALL_OK });
+        return void res.end(Buffer.alloc(SMALL_OK, 0x6f));
+      }
+      if (req.url === '/slow') {
+        return void setTimeout(() => res.end('{"ok":true}'), 300);
+      }
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ method: req.method, url: req.url }));
+    },
+    routes: (u) => ({
+      // Forward mode (CONNECT api.bank.test:443), response timeout 3 s.
+      bank: bankRoute(u.url).replace('paths: [/accounts]', 'paths: [/accounts, /err]'),
+      stall: `name: stall
+prefix: /stall
+upstream: ${u.url}
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+timeouts: { connect: 2s, response: 2s }
+allow:
+  - caller: a
+    methods: [GET]
+    paths: [/err, /ok, /slow]
+  - caller: b
+    methods: [GET]
+    paths: [/ok]
+`,
+    }),
+  });
+}, 30_000);
+
+afterAll(async () => {
+  await lab?.close();
+});
+
+/**
+ * Does process `pid` still hold its end of the TCP connection between its `port` and the peer's
+ * `peerPort`? Read from /proc: the connection's socket inode, then the process's descriptors.
+ */
+async function holdsConnection(pid: number, port: number, peerPort: number): Promise<boolean> {
+  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
+  let inode: string | undefined;
+  for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    const rows = (await readFile(file, 'utf8').catch(() => '')).split('\n').slice(1);
+    for (const row of rows) {
+      const f = row.trim().split(/\s+/);
+      if (f.length > 9 && f[1]!.endsWith(`:${hex(port)}`) && f[2]!.endsWith(`:${hex(peerPort)}`) && f[9] !== '0') inode = f[9];
+    }
+  }
+  if (!inode) return false;
+  const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+  const links = await Promise.all(fds.map((fd) => readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')));
+  return links.includes(`socket:[${inode}]`);
+}
+
+interface Stalled {
+  readonly socket: Socket;
+  /** When the requests were sent (performance.now()). */
+  readonly sentAt: number;
+}
+
+/** Open a connection to `port` (over TLS with `tls`), pipeline `requests` on it and never read an answer. */
+async function neverRead(port: number, requests: string, tls = false): Promise<Stalled> {
+  let socket: Socket;
+  await new Promise<void>((r) => {
+    socket = tls ? tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tlsCa }, r) : connect(port, '127.0.0.1', r);
+  });
+  socket!.on('error', () => {});
+  socket!.pause();
+  socket!.write(requests);
+  return { socket: socket!, sentAt: performance.now() };
+}
+
+/** Ms from the requests until the proxy let go of the connection (Infinity when it still holds it after `withinMs`). */
+async function heldFor(port: number, stalled: Stalled, withinMs: number): Promise<number> {
+  const pid = lab.serve.child.pid!;
+  // The proxy must have taken the connection first.
+  expect(await holdsConnection(pid, port, stalled.socket.localPort!), 'the proxy holds the connection').toBe(true);
+  while (performance.now() - stalled.sentAt < withinMs) {
+    if (!(await holdsConnection(pid, port, stalled.socket.localPort!))) return performance.now() - stalled.sentAt;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return Infinity;
+}
+
+/** What the caller can still read, and whether the connection ends (it was closed) within `ms`. */
+function drain(socket: Socket, ms: number): Promise<{ bytes: number; closed: boolean }> {
+  return new Promise((resolve) => {
+    let bytes = 0;
+    socket.on('data', (d: Buffer) => void (bytes += d.length));
+    const timer = setTimeout(() => resolve({ bytes, closed: false }), ms);
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve({ bytes, closed: true });
+    });
+    socket.resume();
+  });
+}
+
+async function auditLines(): Promise<Record<string, unknown>[]> {
+  await new Promise((r) => setTimeout(r, 50));
+  const text = await readFile(join(lab.dir, 'audit.log'), 'utf8').catch(() => '');
+  return text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+/** Every request of caller a can be in flight at once again: none of its slots was kept by a cut connection. */
+async function allSlotsFree(): Promise<void> {
+  const answers = await Promise.all(Array.from({ length: MAX_IN_FLIGHT }, () => fetch(`${lab.url}/stall/slow`, { headers: { 'x-egress-token': lab.tokens.a } }).then(async (r) => (await r.text(), r.status))));
+  expect(answers.filter((s) => s !== 200), 'requests refused (slots still held)').toEqual([]);
+}
+
+async function otherCallerAnswered(): Promise<void> {
+  const t0 = performance.now();
+  const r = await fetch(`${lab.url}/stall/ok`, { headers: { 'x-egress-token': lab.tokens.b } });
+  expect((await r.arrayBuffer()).byteLength).toBe(SMALL_OK);
+  expect(r.status).toBe(200);
+  expect(performance.now() - t0, 'ms for another caller\'s answer').toBeLessThan(2_000);
+}
+
+const get = (path: string, token: string) => `GET ${path} HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${token}\r\n\r\n`;
+
+describe('DOS: answers the caller never reads', () => {
+  it('DOS-10d a caller that never reads large redacted error bodies loses the connection after the route\'s response timeout; every request is audited and its slot freed', async () => {
+    const before = (await auditLines()).length;
+    const count = 8;
+    // 8 MB of answers: the kernel takes about half, the rest waits in the proxy.
+    const stalled = await neverRead(lab.port, get('/stall/err', lab.tokens.a).repeat(count));
+    await otherCallerAnswered();
+    const held = await heldFor(lab.port, stalled, 15_000);
+    console.log(`DOS-10d: the proxy let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
+    expect(held, 'ms the proxy held the connection').toBeLessThan(8_000);
+    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(1_500);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the caller sees its connection closed').toBe(true);
+    expect(read.bytes, 'bytes the caller could still read').toBeLessThan(count * ERROR_BODY);
+    stalled.socket.destroy();
+    // Nothing of the connection is left in flight: every request has its audit line, the ones
+    // whose answers never left as aborted/caller_stalled; and caller a has all its slots.
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/err');
+    expect(lines.length, 'audited requests').toBe(count);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await allSlotsFree();
+    const metrics = await (await fetch(`${lab.admin}/metrics`)).text();
+    expect(metrics).toMatch(/egress_requests_total\{[^}]*route="stall"[^}]*decision="aborted"[^}]*\} [1-9]/);
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10e a 2xx collected whole and sent in one write is bounded the same way: the requests waiting on it do not stay in flight', async () => {
+    const before = (await auditLines()).length;
+    // Three error bodies fill most of what the kernel takes; the small 2xx answers behind them do not fit.
+    const oks = 30;
+    const stalled = await neverRead(lab.port, get('/stall/err', lab.tokens.a).repeat(3) + get('/stall/ok', lab.tokens.a).repeat(oks));
+    await otherCallerAnswered();
+    const held = await heldFor(lab.port, stalled, 15_000);
+    console.log(`DOS-10e: the proxy let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
+    expect(held, 'ms the proxy held the connection').toBeLessThan(8_000);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the caller sees its connection closed').toBe(true);
+    expect(read.bytes, 'bytes the caller could still read').toBeLessThan(3 * ERROR_BODY + oks * SMALL_OK);
+    stalled.socket.destroy();
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/ok' && l.caller === 'a');
+    expect(lines.length, 'audited 2xx requests').toBe(oks);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await allSlotsFree();
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10g the same on the TLS listener: redacted error bodies nobody reads cost the connection after the route\'s response timeout', async () => {
+    const before = (await auditLines()).length;
+    const count = 8;
+    const stalled = await neverRead(tlsPort, get('/stall/err', lab.tokens.a).repeat(count), true);
+    await otherCallerAnswered();
+    const held = await heldFor(tlsPort, stalled, 15_000);
+    console.log(`DOS-10g: the TLS listener let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
+    expect(held, 'ms the TLS listener held the connection').toBeLessThan(8_000);
+    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(1_500);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the caller sees its connection closed').toBe(true);
+    stalled.socket.destroy();
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/err');
+    expect(lines.length, 'audited requests').toBe(count);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await allSlotsFree();
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10h the same inside a forward-mode tunnel: the tunnel and the caller\'s connection are cut after the route\'s response timeout', async () => {
+    const before = (await auditLines()).length;
+    const count = 8;
+    const tunnel = await connectTunnel(lab.port, `${BANK_HOST}:443`, basic('a', lab.tokens.a));
+    expect(tunnel.status).toBe(200);
+    const tls = await tlsInTunnel(tunnel.socket, BANK_HOST, forwardCa);
+    tls.on('error', () => {});
+    tls.pause();
+    tls.write(`GET /err HTTP/1.1\r\nHost: ${BANK_HOST}\r\n\r\n`.repeat(count));
+    const sentAt = performance.now();
+    await otherCallerAnswered();
+    const held = await heldFor(lab.port, { socket: tunnel.socket, sentAt }, 15_000);
+    console.log(`DOS-10h: the proxy let go of the tunnel ${Math.round(held)} ms after the requests (route response timeout 3 s)`);
+    expect(held, 'ms the proxy held the tunnel').toBeLessThan(10_000);
+    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(2_500);
+    const read = await drain(tls, 5_000);
+    expect(read.closed, 'the caller sees its tunnel closed').toBe(true);
+    tls.destroy();
+    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'bank' && String(l.path).endsWith('/err'));
+    expect(lines.length, 'audited requests').toBe(count);
+    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await lab.g0();
+  }, 40_000);
+
+  it('DOS-10f the admin listener: a caller that pipelines /metrics and never reads loses the connection after 30 s', async () => {
+    const adminPort = Number(new URL(lab.admin).port);
+    // Each answer is a few KiB; a thousand of them are more than the kernel takes.
+    const stalled = await neverRead(adminPort, 'GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n'.repeat(1_000));
+    // The listener still answers others meanwhile.
+    expect((await fetch(`${lab.admin}/healthz`)).status).toBe(200);
+    // The limit runs from the last byte the caller took, checked every quarter of it, and the
+    // thousand answers take the listener a while to render: allow twice the limit.
+    const held = await heldFor(adminPort, stalled, 70_000);
+    console.log(`DOS-10f: the admin listener let go of the connection ${Math.round(held)} ms after the requests (limit 30 s)`);
+    expect(held, 'ms the admin listener held the connection').toBeLessThan(60_000);
+    expect(held, 'not before the limit').toBeGreaterThan(25_000);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the caller sees its connection closed').toBe(true);
+    stalled.socket.destroy();
+    await lab.g0();
+  }, 120_000);
+});
