@@ -68,11 +68,13 @@ export const oauth2Injector: Injector<Options> = {
   async prepare(args: PrepareArgs<Options>): Promise<string> {
     const { options, credential } = args;
     // Everything that decides which client the token is minted for: two routes that share a
-    // credential and a token endpoint but name different client fields get different tokens.
+    // credential and a token endpoint but name different client fields get different tokens. The
+    // version's created_at too: a mint with the lost record's version 1 that ends after the key was
+    // put again (and its tokens dropped) is not cached as a token of the new version 1.
     const key = {
       credential: credential.id,
       version: credential.version,
-      parts: [options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field],
+      parts: [credential.createdAt ?? '', options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field],
     };
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);

@@ -26,6 +26,11 @@ export interface OutboundRequest {
 export interface ResolvedCredential {
   readonly id: string;
   readonly version: number;
+  /**
+   * The version's created_at: with the id and number it names this version, not the version of the
+   * same number of a record the store lost (a credential put again numbers its versions from 1).
+   */
+  readonly createdAt?: string;
   readonly fields: ReadonlyMap<string, Secret>;
 }
 

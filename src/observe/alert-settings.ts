@@ -26,9 +26,12 @@ export const alertSettingsSchema = z.strictObject({
   denied_spike: windowRule(20, '1m'),
   /**
    * Unknown, expired or revoked tokens from one address (count), and from all addresses together
-   * (total): brute force or a forgotten rotation, and guessing spread over many addresses.
+   * (total): brute force or a forgotten rotation, and guessing spread over many addresses. total
+   * defaults to ten times count (100): a file that raised count for one busy address, written
+   * before there was a total, must not have that address alert at 100 as "all addresses".
    */
-  unknown_token: z.strictObject({ count: z.number().int().min(1).default(10), total: z.number().int().min(1).default(100), window: duration('1m') }).prefault({}),
+  unknown_token: z.strictObject({ count: z.number().int().min(1).default(10), total: z.number().int().min(1).optional(), window: duration('1m') }).prefault({})
+    .transform((rule) => ({ ...rule, total: rule.total ?? rule.count * 10 })),
   credential_max_age: z.strictObject({ default: duration('90d'), credentials: z.record(z.string(), z.string()).default({}) }).prefault({}),
   /** A caller's rate of use of a credential far above its own exponentially weighted baseline. */
   unusual_usage: z.strictObject({

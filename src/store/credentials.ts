@@ -98,7 +98,7 @@ export function openVersion(keyring: Keyring, id: string, v: CredentialVersionRe
   for (const [name, value] of Object.entries(parsed as Record<string, unknown>)) {
     if (typeof value === 'string') fields.set(name, new Secret(value));
   }
-  return { id, version: v.version, fields };
+  return { id, version: v.version, createdAt: v.created_at, fields };
 }
 
 /** The version's data key, unwrapped (caller zeroes it). Throws IntegrityError on any mismatch. */

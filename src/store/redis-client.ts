@@ -56,7 +56,24 @@ export function readScript(body: string): ReadScript {
  * they get the script as written, as before.
  */
 export async function evalReadScript(client: RedisConnection, script: ReadScript, keys: readonly string[], args: readonly string[]): Promise<unknown> {
-  return (await takesScriptFlags(client)) ? run(client, script.flagged, keys, args, true) : run(client, script.plain, keys, args, false);
+  if (await takesScriptFlags(client)) {
+    try {
+      return await run(client, script.flagged, keys, args, true);
+    } catch (err) {
+      // A server that says it is Redis 7 and refuses the *_RO commands: in a Cluster, HELLO may
+      // reach an upgraded node while the store's slot is on one not upgraded yet; an ACL may list
+      // the commands the store used before. The script as written reads as it did then, on this
+      // connection until it reconnects.
+      if (!refusedCommand(err)) throw err;
+      scriptFlags.set(client, Promise.resolve(false));
+    }
+  }
+  return run(client, script.plain, keys, args, false);
+}
+
+/** The server does not know the command (renamed away, too old) or the user may not run it. */
+function refusedCommand(err: unknown): boolean {
+  return err instanceof Error && err.name === 'ReplyError' && (err.message.startsWith('ERR unknown command') || err.message.startsWith('NOPERM'));
 }
 
 async function run(client: RedisConnection, script: string, keys: readonly string[], args: readonly string[], readOnly: boolean): Promise<unknown> {

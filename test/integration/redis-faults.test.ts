@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { parseRedisUrl, takesScriptFlags } from '../../src/store/redis-client.ts';
+import { parseRedisUrl, serverMajorVersion, takesScriptFlags } from '../../src/store/redis-client.ts';
 import { KEYS, RedisStore } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -340,6 +340,29 @@ describe('Redis faults', () => {
       c.disconnect();
       await store.close();
       await old.destroy();
+    }
+  });
+  it('a Redis 7 that refuses EVALSHA_RO and EVAL_RO (a Cluster node not upgraded yet behind an upgraded one, an ACL that lists the commands the store used before) still reads, by EVALSHA and EVAL', async () => {
+    for (const [what, args, user] of [
+      ['the commands renamed away', ['--rename-command', 'EVALSHA_RO', '', '--rename-command', 'EVAL_RO', ''], ''],
+      ['an ACL without them', [], 'egress:pw@'],
+    ] as const) {
+      const server = await TestRedis.create({ args });
+      const c = server.client();
+      if (user) await c.call('ACL', 'SETUSER', 'egress', 'on', '>pw', '~*', '&*', '+@all', '-evalsha_ro', '-eval_ro');
+      await c.set(KEYS.version, '1');
+      const store = new RedisStore(parseRedisUrl(server.url.replace('redis://', `redis://${user}`)));
+      try {
+        const snapshot = await store.load().catch((err: Error) => err);
+        expect(snapshot instanceof Error ? snapshot.message : 'read', what).toBe('read');
+        expect((await store.load()).credentials.size, what).toBe(0);
+        // The server says it is Redis 7 or later: the read went the old way because it was refused.
+        expect(serverMajorVersion(await c.hello()), what).toBeGreaterThanOrEqual(7);
+      } finally {
+        c.disconnect();
+        await store.close();
+        await server.destroy();
+      }
     }
   });
 });
