@@ -40,11 +40,16 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
       const store = openStore(settings.store);
       try {
         const wraps = await wrapCounts(store);
+        const floor = await store.kekFloor();
         const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
         const missing = [...wraps.keys()].filter((k) => keyring.get(k) === undefined);
         const rows = [['VERSION', 'ACTIVE', 'CREATED', 'WRAPS'], ...versions.map((v) => [String(v.version), v.active ? 'yes' : '', v.createdAt, String(v.wraps)])];
-        const warn = missing.length ? `\nrecords wrapped by key versions missing from the keyring: ${missing.join(', ')}` : '';
-        return { code: missing.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${warn}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing } };
+        const warnings = [
+          ...(missing.length ? [`records wrapped by key versions missing from the keyring: ${missing.join(', ')}`] : []),
+          ...(floor > keyring.active ? [olderCopy(settings.masterKeyFile, floor, keyring.active)] : []),
+        ];
+        const floorLine = floor > 0 ? `\nthe store takes new data keys wrapped by key version ${floor} or later` : '';
+        return { code: warnings.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${floorLine}${warnings.map((w) => `\n${w}`).join('')}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing, kek_floor: floor } };
       } finally {
         await store.close();
       }
@@ -54,6 +59,10 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         let keyring = await readKeyring(settings.masterKeyFile);
         const store = openStore(settings.store);
         try {
+          // Before a key is added: with an older copy of the master key file, every attempt would
+          // add a key and then fail, and the keys added would never be used.
+          const floor = await store.kekFloor();
+          if (floor > keyring.active) throw new UserError(`${olderCopy(settings.masterKeyFile, floor, keyring.active)}; nothing was changed`);
           // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
           if (p.values.resume !== true) {
             keyring = keyring.withNewKey(new Date());
@@ -79,6 +88,8 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
         const store = openStore(settings.store);
         try {
+          const floor = await store.kekFloor();
+          if (floor > keyring.active) throw new UserError(`${olderCopy(settings.masterKeyFile, floor, keyring.active)}; nothing was changed`);
           // Before the count (a store last rotated without the floor): no write after it can wrap with `version`.
           await store.raiseKekFloor(keyring.active);
           const wraps = (await wrapCounts(store)).get(version) ?? 0;
@@ -93,4 +104,9 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
     default:
       throw new UserError(USAGE, EXIT.usage);
   }
+}
+
+/** The store was rotated past this master key file: it is an older copy (or the store's floor was edited by hand). */
+function olderCopy(file: string, floor: number, active: number): string {
+  return `the store takes new data keys from master key version ${floor} on, but the newest key in ${file} is version ${active}: this file is an older copy of the master key (use the current one), or the store's floor (kek_floor) was edited by hand`;
 }

@@ -86,6 +86,10 @@ export class FileStore implements StoreBackend {
     });
   }
 
+  async kekFloor(): Promise<number> {
+    return (await this.#read()).kek_floor ?? 0;
+  }
+
   async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
     if (entries.length === 0) return;
     await this.#withLock(async () => {

@@ -42,7 +42,8 @@ end
 if rev ~= tonumber(ARGV[2]) then return {0, rev} end
 local floor = redis.pcall('GET', KEYS[4])
 floor = type(floor) == 'string' and tonumber(floor)
-if floor then
+-- NaN (tonumber takes "nan") compares false with everything: no floor, as for any value not a number.
+if floor and floor == floor then
   local function wraps(record)
     local out = {}
     if type(record) == 'table' and type(record['versions']) == 'table' then
@@ -78,6 +79,7 @@ return {1, v}
 const RAISE_FLOOR_SCRIPT = `
 local cur = redis.pcall('GET', KEYS[1])
 local floor = type(cur) == 'string' and tonumber(cur) or 0
+if floor ~= floor then floor = 0 end
 if tonumber(ARGV[1]) > floor then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 `;
@@ -199,6 +201,18 @@ export class RedisStore implements StoreBackend {
     if (ok === -3) throw belowFloorError(key, found, floor!);
     if (ok === -2) throw new UserError(`${kind} "${key}" is stored under a Redis key of the wrong type; remove ${KEYS.record(kind, key)} by hand`);
     throw new ConflictError(`${kind} "${key}" was changed by another writer (revision ${found}, expected ${expectedRevision}); re-read and try again`);
+  }
+
+  async kekFloor(): Promise<number> {
+    await this.#ready();
+    let value: string | null;
+    try {
+      value = await this.client.get(KEYS.kekFloor);
+    } catch (err) {
+      throw this.#unanswered(err, false);
+    }
+    const floor = Number(value);
+    return value !== null && /^\d+$/.test(value.trim()) && Number.isSafeInteger(floor) ? floor : 0;
   }
 
   async raiseKekFloor(version: number): Promise<void> {

@@ -34,6 +34,8 @@ export interface StoreBackend {
    * below `version` (see kek-floor.ts). The floor only rises; a lower `version` changes nothing.
    */
   raiseKekFloor(version: number): Promise<void>;
+  /** The floor now: 0 when there is none (never raised, or edited by hand into something that is not a whole number). */
+  kekFloor(): Promise<number>;
   /** Merge last-use times, keeping the latest per (credential, version, caller). Not compare-and-set: usage is a hint. */
   recordUsage(entries: readonly UsageEntry[]): Promise<void>;
   readUsage(credential: string): Promise<UsageEntry[]>;

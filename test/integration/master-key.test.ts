@@ -419,3 +419,68 @@ describe('master-key rotate with a Redis store', () => {
     verifyAll(await load(redis.url), await readKeyring(keyPath), expected);
   });
 });
+
+describe('the store\'s master key floor seen by master-key', () => {
+  let redis: TestRedis;
+  beforeAll(async () => {
+    redis = await TestRedis.create();
+  });
+  afterAll(async () => {
+    await redis?.destroy();
+  });
+
+  it('with an older copy of the master key file (the store\'s floor above its newest key): rotate and remove change nothing and say so; status shows the floor and exits 1', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const storePath = join(dir, 'store.json');
+    const keyring = await createKeyring(keyPath);
+    const { records } = makeRecords(keyring, 3, false);
+    await writeStoreFile(storePath, records);
+    expect((await runCli(['master-key', 'rotate'], env)).code).toBe(0);
+    // A host that still has the file as it was after the first rotation.
+    const older = join(dir, 'older.key');
+    await writeKeyring(older, await readKeyring(keyPath));
+    expect((await runCli(['master-key', 'rotate'], env)).code).toBe(0);
+    const olderEnv = envFor(dir, { EGRESS_MASTER_KEY_FILE: older });
+    const before = await readFile(older, 'utf8');
+    for (const args of [['master-key', 'rotate'], ['master-key', 'remove', '--version', '1']]) {
+      const res = await runCli(args, olderEnv);
+      expect(res.code, args.join(' ')).toBe(1);
+      expect(res.stderr).toContain(`the store takes new data keys from master key version 3 on, but the newest key in ${older} is version 2: this file is an older copy`);
+      expect(res.stderr).toContain('nothing was changed');
+    }
+    // Every attempt used to add a key version that nothing would ever use.
+    expect(await readFile(older, 'utf8')).toBe(before);
+    const shown = await runCli(['master-key', 'status', '--json'], olderEnv);
+    expect(shown.code).toBe(1);
+    expect(JSON.parse(shown.stdout)).toMatchObject({ kek_floor: 3 });
+    const current = await runCli(['master-key', 'status'], env);
+    expect(current.code, current.stderr).toBe(0);
+    expect(current.stdout).toContain('the store takes new data keys wrapped by key version 3 or later');
+  });
+
+  it('a Redis floor edited by hand into "nan" does not switch the floor off for good: rotate raises it again', async () => {
+    const dir = await tempDir();
+    const db = 5;
+    const store = `${redis.url}/${db}`;
+    const env = envFor(dir, { EGRESS_STORE: store });
+    const keyring = await createKeyring(join(dir, 'master.key'));
+    const admin = redis.client({ db });
+    try {
+      await admin.flushdb();
+      const backend = openStore(store);
+      try {
+        for (const r of makeRecords(keyring, 2, false).records) await backend.put('credential', r, 0);
+      } finally {
+        await backend.close();
+      }
+      await admin.set('egress:{egress}:kek-floor', 'nan');
+      expect((await runCli(['master-key', 'rotate'], env)).code).toBe(0);
+      expect(await admin.get('egress:{egress}:kek-floor')).toBe('2');
+      expect(JSON.parse((await runCli(['master-key', 'status', '--json'], env)).stdout)).toMatchObject({ kek_floor: 2 });
+    } finally {
+      admin.disconnect();
+    }
+  });
+});
