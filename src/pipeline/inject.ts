@@ -5,7 +5,7 @@ import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { continueBody, hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
-import { needlesOf } from './redact.ts';
+import { echoForms, needlesOf } from './redact.ts';
 
 /**
  * A body of a declared length up to this is read before the request goes upstream, so that it
@@ -58,7 +58,7 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
           options,
           tokens: services.tokens,
           dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
-          redact: (value) => void ctx.redactions.push(...needlesOf([value])),
+          redact: redactor(ctx),
         })));
     } catch (err) {
       if (err instanceof TokenRejected) services.rules.onAuthFailure(credential.id, credential.version, route.name, err.upstreamStatus);
@@ -79,11 +79,27 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
     headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers, route.callerHeaders),
     body: ctx.body,
   };
-  const redact = (value: string) => void ctx.redactions.push(...needlesOf([value]));
+  const redact = redactor(ctx);
   const now = new Date();
   route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
   checkInjectedHeaders(outbound, route.claims.headers);
   return outbound;
+}
+
+/**
+ * Register a value that goes upstream for redaction in every form an upstream might echo it, as
+ * the credential's own fields are (resolve-credential.ts). A value made for this request (an
+ * access token, a signature, a JWT) is as good as the secret it comes from while it is valid: an
+ * upstream that quotes it percent-encoded in a Location or JSON-escaped ("/" as "\/") in an error
+ * body must not hand it to the caller. A value already registered (a field sent as it is stored)
+ * costs one lookup.
+ */
+function redactor(ctx: RequestContext): (value: string) => void {
+  return (value) => {
+    const raw = needlesOf([value]);
+    if (raw.length === 0 || ctx.redactions.includes(raw[0]!)) return;
+    for (const needle of needlesOf(echoForms(value))) if (!ctx.redactions.includes(needle)) ctx.redactions.push(needle);
+  };
 }
 
 // RFC 9110 §5.5 field-value characters (HTAB, SP, VCHAR, obs-text), as the HTTP client enforces them.

@@ -18,6 +18,8 @@ const CREDS = {
   colon: { username: 'user:with-colon', password: 'pw_CANARY_666' },
   tl: { client_id: 'client-1', client_secret: 'cs_CANARY_eu', us_client_id: 'client-2', us_client_secret: 'cs_CANARY_us' },
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
+  opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
+  kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
 
 function route(name: string, inject: string, extra = ''): string {
@@ -31,7 +33,7 @@ ${inject}
 ${extra}allow:
   - caller: svc
     methods: [GET, POST]
-    paths: [/check, /accounts]
+    paths: [/check, /accounts, /echo-auth]
 `;
 }
 
@@ -61,6 +63,19 @@ beforeAll(async () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       return res.end(`{"access_token":"${token}","token_type":"Bearer","expires_in":1e308}`);
     }
+    if (req.url === '/connect/token-opaque') {
+      // An opaque token (not a JWT) with "/" and "+", as many authorization servers hand out.
+      const token = `at/CANARY+opaque_${++counter}==`;
+      mints.push({ client: 'opaque', token });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
+    if (req.url === '/echo-auth') {
+      // An upstream quoting what it got, as a PHP backend writes JSON ("/" as "\/"), and a
+      // redirect carrying it percent-encoded in the Location's query.
+      const auth = String(req.headers.authorization ?? req.headers['api-sign'] ?? '').replace(/^Bearer /, '');
+      res.writeHead(302, { location: `/login?from=${encodeURIComponent(auth)}`, 'content-type': 'application/json' });
+      return res.end(JSON.stringify({ error: 'session expired', got: auth }).replaceAll('/', '\\/'));
+    }
     if (req.url === '/accounts') {
       const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
       return json(200, { client: mints.find((m) => m.token === bearer)?.client ?? null });
@@ -75,6 +90,8 @@ beforeAll(async () => {
       'tl-eu': route('tl-eu', oauth('{client_id}', '{client_secret}')),
       'tl-us': route('tl-us', oauth('{us_client_id}', '{us_client_secret}')),
       refused: route('refused', oauth('{client_id}', '{client_secret}')),
+      opaque: route('opaque', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-opaque`),
+      kraken: route('kraken', '  scheme: kraken'),
     },
     credentials: CREDS,
     callers: ['svc'],
@@ -156,6 +173,28 @@ describe('CRED-INJ', () => {
     expect(proxy.logs()).not.toContain('cs_CANARY_wrong');
     // Ops hear about it as they do for an API's rejection: the upstream refused the credential.
     expect(proxy.logs()).toContain('upstream_rejected_credential');
+  });
+});
+
+describe('CRED-INJ derived values', () => {
+  it('CRED-INJ-09 a minted token or a signature echoed JSON-escaped or percent-encoded in a redirect is redacted, not only its raw form', async () => {
+    const res = await call('/opaque/echo-auth', { redirect: 'manual' });
+    expect(res.status).toBe(302);
+    const token = mints.filter((m) => m.client === 'opaque').at(-1)!.token;
+    const location = res.headers.get('location') ?? '';
+    const body = await res.text();
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe(`Bearer ${token}`);
+    for (const text of [location, body]) {
+      expect(text).not.toContain('CANARY');
+      expect(text).toContain('[REDACTED]');
+    }
+    // Kraken's API-Sign is base64: "/" and "+" in nearly every signature.
+    const signed = await call('/kraken/echo-auth', { method: 'POST', redirect: 'manual', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: 'pair=XBTUSD' });
+    expect(signed.status).toBe(302);
+    const sign = String(upstream.requests.at(-1)!.headers['api-sign']);
+    const forms = [encodeURIComponent(sign), JSON.stringify(sign).slice(1, -1).replaceAll('/', '\\/')];
+    const seen = `${signed.headers.get('location') ?? ''}\n${await signed.text()}`;
+    for (const form of forms) expect(seen.toLowerCase()).not.toContain(form.toLowerCase());
   });
 });
 
