@@ -122,20 +122,31 @@ function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<st
   }
 }
 
-/** Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte. */
+/**
+ * Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte.
+ * A copy is any name a server framework may read as the claimed one: decoded ("+" as space),
+ * in any letter case (ASP.NET matches query names without regard to case and binds the first
+ * value), with a "[...]" suffix (qs, PHP and Rack read "api_key[]" and "api_key[0]" as api_key),
+ * or behind a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too).
+ */
 export function removeParams(query: string, claimed: ReadonlySet<string>): string {
   if (!query || claimed.size === 0) return query;
+  const owned = new Set([...claimed].map((name) => name.toLowerCase()));
   return query
     .split('&')
-    .filter((pair) => {
-      const rawName = pair.split('=', 1)[0]!;
-      let name: string;
-      try {
-        name = decodeURIComponent(rawName.replace(/\+/g, ' '));
-      } catch {
-        name = rawName;
-      }
-      return !claimed.has(name);
-    })
+    .filter((pair) => !pair.split(';').some((piece) => owned.has(paramName(piece))))
     .join('&');
+}
+
+/** A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]" suffix. */
+function paramName(piece: string): string {
+  const rawName = piece.split('=', 1)[0]!;
+  let name: string;
+  try {
+    name = decodeURIComponent(rawName.replace(/\+/g, ' '));
+  } catch {
+    name = rawName;
+  }
+  const bracket = name.indexOf('[');
+  return (bracket > 0 ? name.slice(0, bracket) : name).toLowerCase();
 }

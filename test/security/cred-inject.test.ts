@@ -19,6 +19,7 @@ const CREDS = {
   tl: { client_id: 'client-1', client_secret: 'cs_CANARY_eu', us_client_id: 'client-2', us_client_secret: 'cs_CANARY_us' },
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
   opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
+  keyed: { key: 'qk_CANARY_1010' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
 
@@ -92,6 +93,7 @@ beforeAll(async () => {
       refused: route('refused', oauth('{client_id}', '{client_secret}')),
       opaque: route('opaque', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-opaque`),
       kraken: route('kraken', '  scheme: kraken'),
+      keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
     callers: ['svc'],
@@ -195,6 +197,21 @@ describe('CRED-INJ derived values', () => {
     const forms = [encodeURIComponent(sign), JSON.stringify(sign).slice(1, -1).replaceAll('/', '\\/')];
     const seen = `${signed.headers.get('location') ?? ''}\n${await signed.text()}`;
     for (const form of forms) expect(seen.toLowerCase()).not.toContain(form.toLowerCase());
+  });
+});
+
+describe('CRED-INJ query parameter pollution', () => {
+  it('CRED-INJ-10 caller copies of a query credential in another case, with a [] suffix or after ";" are dropped: no parser can pick the caller value', async () => {
+    const forged = ['API_KEY=evil1', 'api_key%5B%5D=evil2', 'Api_Key%5B0%5D=evil3', 'x=1;api_key=evil4', 'api_key%5Bk%5D=evil5'];
+    const res = await call(`/keyed/check?${forged.join('&')}&q=kept%20as%20sent`);
+    expect(res.status).toBe(200);
+    const sent = upstream.requests.at(-1)!.url;
+    expect(sent).not.toContain('evil');
+    // As the frameworks read it: ASP.NET matches names without regard to case and takes the first,
+    // qs, PHP and Rack read "name[]" and "name[k]" as the name, older Python and Rack split on ";".
+    const names = sent.split('?')[1]!.split(/[&;]/).map((pair) => decodeURIComponent(pair.split('=')[0]!).toLowerCase().replace(/\[.*$/, ''));
+    expect(names.filter((n) => n === 'api_key')).toHaveLength(1);
+    expect(sent).toBe(`/check?q=kept%20as%20sent&api_key=${CREDS.keyed.key}`);
   });
 });
 
