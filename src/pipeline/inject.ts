@@ -59,6 +59,7 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
           tokens: services.tokens,
           dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
           redact: redactor(ctx),
+          deadlineMs: route.responseTimeoutMs,
         })));
     } catch (err) {
       if (err instanceof TokenRejected) services.rules.onAuthFailure(credential.id, credential.version, route.name, err.upstreamStatus);

@@ -20,6 +20,7 @@ const CREDS = {
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
   opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
   keyed: { key: 'qk_CANARY_1010' },
+  slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
 
@@ -70,6 +71,16 @@ beforeAll(async () => {
       mints.push({ client: 'opaque', token });
       return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
     }
+    if (req.url === '/connect/token-slow') {
+      // A token endpoint that answers at once and then trickles its body, a byte at a time, well
+      // inside any per-read timeout: the answer never ends.
+      mints.push({ client: 'slow', token: '' });
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.write('{"access_token":"');
+      const drip = setInterval(() => res.write('a'), 200);
+      res.on('close', () => clearInterval(drip));
+      return;
+    }
     if (req.url === '/echo-auth') {
       // An upstream quoting what it got, as a PHP backend writes JSON ("/" as "\/"), and a
       // redirect carrying it percent-encoded in the Location's query.
@@ -93,6 +104,7 @@ beforeAll(async () => {
       refused: route('refused', oauth('{client_id}', '{client_secret}')),
       opaque: route('opaque', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-opaque`),
       kraken: route('kraken', '  scheme: kraken'),
+      slow: route('slow', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-slow`, 'timeouts: { response: 1s }\n'),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
@@ -197,6 +209,18 @@ describe('CRED-INJ derived values', () => {
     const forms = [encodeURIComponent(sign), JSON.stringify(sign).slice(1, -1).replaceAll('/', '\\/')];
     const seen = `${signed.headers.get('location') ?? ''}\n${await signed.text()}`;
     for (const form of forms) expect(seen.toLowerCase()).not.toContain(form.toLowerCase());
+  });
+});
+
+describe('CRED-INJ oauth2 token endpoint', () => {
+  it('CRED-INJ-11 a token endpoint that trickles its answer is given up at the route deadline (503), not waited on for good', async () => {
+    const before = upstream.requests.filter((r) => r.url === '/accounts').length;
+    const started = Date.now();
+    const res = await call('/slow/accounts', { signal: AbortSignal.timeout(8_000) });
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(Date.now() - started).toBeLessThan(4_000);
+    expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
   });
 });
 
