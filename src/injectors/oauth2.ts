@@ -35,6 +35,8 @@ const TOKEN_DEADLINE_MS = 10_000;
 /** A token response is a small JSON document; a larger answer is refused, not held. */
 const MAX_TOKEN_RESPONSE = 256 * 1024;
 
+const TOKEN_TEXT = /^[\x21-\x7e]+$/;
+
 const fieldName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,63}$/);
 
 const schema = z.strictObject({
@@ -189,6 +191,10 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
   const token = doc[options.token_field];
   const expiresIn = Number(doc[options.expires_field] ?? 3600);
   if (typeof token !== 'string' || !token) throw new ProxyError('credential_unavailable', `The token endpoint's answer has no "${options.token_field}".`);
+  // A Bearer token is visible ASCII (RFC 6750 §2.1 b64token is narrower still). Refused here, it is
+  // not cached: one bad answer (CR LF, a space, a control byte) would otherwise fail every request
+  // of the route until its expires_in ran out, up to a day.
+  if (!TOKEN_TEXT.test(token)) throw new ProxyError('credential_unavailable', `The token endpoint's "${options.token_field}" holds a character a Bearer token cannot carry.`);
   const refresh = options.refresh_field ? doc[options.refresh_field] : undefined;
   const refreshExpires = options.refresh_expires_field ? Number(doc[options.refresh_expires_field]) : undefined;
   return {

@@ -20,6 +20,7 @@ const CREDS = {
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
   opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
   keyed: { key: 'qk_CANARY_1010' },
+  crlf: { client_id: 'client-crlf', client_secret: 'cs_CANARY_crlf' },
   slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
@@ -71,6 +72,13 @@ beforeAll(async () => {
       mints.push({ client: 'opaque', token });
       return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
     }
+    if (req.url === '/connect/token-crlf') {
+      // The first answer carries a token no header can hold; the endpoint answers properly after.
+      const n = ++counter;
+      const token = mints.some((m) => m.client === 'crlf') ? `at_crlf_good_${n}` : `at_CANARY_crlf_${n}\r\nX-Injected: yes`;
+      mints.push({ client: 'crlf', token });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
     if (req.url === '/connect/token-slow') {
       // A token endpoint that answers at once and then trickles its body, a byte at a time, well
       // inside any per-read timeout: the answer never ends.
@@ -105,6 +113,7 @@ beforeAll(async () => {
       opaque: route('opaque', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-opaque`),
       kraken: route('kraken', '  scheme: kraken'),
       slow: route('slow', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-slow`, 'timeouts: { response: 1s }\n'),
+      crlf: route('crlf', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-crlf`),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
@@ -221,6 +230,22 @@ describe('CRED-INJ oauth2 token endpoint', () => {
     expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
     expect(Date.now() - started).toBeLessThan(4_000);
     expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
+  });
+});
+
+describe('CRED-INJ oauth2 token shape', () => {
+  it('CRED-INJ-12 a minted token that cannot be a header value (CR LF) is refused (503) and not kept: the next request mints afresh', async () => {
+    const before = upstream.requests.filter((r) => r.url === '/accounts').length;
+    const refused = await call('/crlf/accounts');
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(await refused.text()).not.toContain('CANARY');
+    expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
+    const ok = await call('/crlf/accounts');
+    expect(ok.status).toBe(200);
+    expect(mints.filter((m) => m.client === 'crlf')).toHaveLength(2);
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe(`Bearer ${mints.filter((m) => m.client === 'crlf')[1]!.token}`);
+    expect(proxy.logs()).not.toContain('at_CANARY_crlf');
   });
 });
 
