@@ -86,7 +86,8 @@ export const oauth2Injector: Injector<Options> = {
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
       if (refresh && options.refresh_url) {
-        const refreshed = await call(dispatcher, options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options, args.deadlineMs).catch(() => undefined);
+        // The refresh endpoint's own origin: a pool is bound to one, and only the path would change.
+        const refreshed = await call(args.dispatcherFor(new URL(options.refresh_url).origin), options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options, args.deadlineMs).catch(() => undefined);
         if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy };
       }
       try {

@@ -79,6 +79,10 @@ beforeAll(async () => {
       mints.push({ client: 'crlf', token });
       return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
     }
+    if (req.url === '/connect/token-gc') {
+      // GoCardless style: a short-lived access token and a refresh token, in a JSON answer.
+      return json(200, { access: `at_gc_${++counter}`, access_expires: 1, refresh: 'rt_CANARY_1', refresh_expires: 600 });
+    }
     if (req.url === '/connect/token-slow') {
       // A token endpoint that answers at once and then trickles its body, a byte at a time, well
       // inside any per-read timeout: the answer never ends.
@@ -246,6 +250,41 @@ describe('CRED-INJ oauth2 token shape', () => {
     expect(mints.filter((m) => m.client === 'crlf')).toHaveLength(2);
     expect(upstream.requests.at(-1)!.headers.authorization).toBe(`Bearer ${mints.filter((m) => m.client === 'crlf')[1]!.token}`);
     expect(proxy.logs()).not.toContain('at_CANARY_crlf');
+  });
+});
+
+describe('CRED-INJ oauth2 refresh endpoint on its own origin', () => {
+  let refresher: Upstream | undefined;
+  let own: TestProxy | undefined;
+  afterAll(async () => {
+    await own?.close();
+    await refresher?.close();
+  });
+
+  it('CRED-INJ-13 a refresh_url on another origin than token_url gets the refresh token; the token endpoint\'s host never does', async () => {
+    let n = 0;
+    refresher = await startUpstream((req, res, body) => {
+      const doc = JSON.parse(body.toString()) as { refresh?: string };
+      res.writeHead(doc.refresh === 'rt_CANARY_1' ? 200 : 401, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ access: `at_refreshed_${++n}`, access_expires: 3600 }));
+    });
+    const gc = `  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/connect/token-gc
+  refresh_url: ${refresher.url}/token/refresh/
+  client_auth: json
+  token_field: access
+  expires_field: access_expires
+  refresh_field: refresh
+  refresh_expires_field: refresh_expires`;
+    own = await startTestProxy({ routes: { gc: route('gc', gc) }, credentials: { gc: { client_id: 'gc-id', client_secret: 'gc_CANARY_secret' } }, callers: ['svc'] });
+    const get = () => fetch(`${own!.url}/gc/accounts`, { headers: { 'x-egress-token': own!.tokens.svc! } });
+    expect((await get()).status).toBe(200);
+    const mark = upstream.requests.length;
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect((await get()).status).toBe(200);
+    expect(refresher.requests.map((r) => r.url)).toEqual(['/token/refresh/']);
+    expect(upstream.requests.slice(mark).map((r) => r.url)).not.toContain('/token/refresh/');
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe('Bearer at_refreshed_1');
   });
 });
 
