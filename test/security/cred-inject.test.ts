@@ -35,7 +35,7 @@ inject:
 ${inject}
 ${extra}allow:
   - caller: svc
-    methods: [GET, POST]
+    methods: [GET, HEAD, POST]
     paths: [/check, /accounts, /echo-auth]
 `;
 }
@@ -285,6 +285,22 @@ describe('CRED-INJ oauth2 refresh endpoint on its own origin', () => {
     expect(refresher.requests.map((r) => r.url)).toEqual(['/token/refresh/']);
     expect(upstream.requests.slice(mark).map((r) => r.url)).not.toContain('/token/refresh/');
     expect(upstream.requests.at(-1)!.headers.authorization).toBe('Bearer at_refreshed_1');
+  });
+});
+
+describe('CRED-INJ bodies on methods without content', () => {
+  it('CRED-INJ-14 json_body refuses GET and HEAD (400) rather than send them with a body holding the credential', async () => {
+    // A server that ignores a GET's content reads it as the start of the next request on the
+    // connection: the proxy refuses such content from callers, and must not make it itself.
+    const before = upstream.requests.length;
+    for (const method of ['GET', 'HEAD']) {
+      const res = await call('/plaidbody/check', { method });
+      expect(res.status, method).toBe(400);
+      expect(res.headers.get('x-egress-error')).toBe('bad_request');
+    }
+    expect(upstream.requests.length).toBe(before);
+    const post = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":1}' });
+    expect(post.status).toBe(200);
   });
 });
 
