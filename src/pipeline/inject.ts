@@ -58,7 +58,7 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
           options,
           tokens: services.tokens,
           dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
-          redact: redactor(ctx),
+          redact: redactor(ctx, true),
           deadlineMs: route.responseTimeoutMs,
         })));
     } catch (err) {
@@ -91,16 +91,31 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
  * Register a value that goes upstream for redaction in every form an upstream might echo it, as
  * the credential's own fields are (resolve-credential.ts). A value made for this request (an
  * access token, a signature, a JWT) is as good as the secret it comes from while it is valid: an
- * upstream that quotes it percent-encoded in a Location or JSON-escaped ("/" as "\/") in an error
+ * upstream that quotes it percent-encoded in a Location or JSON-escaped ("/" as "\\/") in an error
  * body must not hand it to the caller. A value already registered (a field sent as it is stored)
- * costs one lookup.
+ * costs one lookup; a fetched value (an access token, sent on every request of its lifetime) has
+ * its forms made once (`reused`).
  */
-function redactor(ctx: RequestContext): (value: string) => void {
+function redactor(ctx: RequestContext, reused = false): (value: string) => void {
   return (value) => {
     const raw = needlesOf([value]);
     if (raw.length === 0 || ctx.redactions.includes(raw[0]!)) return;
-    for (const needle of needlesOf(echoForms(value))) if (!ctx.redactions.includes(needle)) ctx.redactions.push(needle);
+    for (const needle of reused ? reusedEchoes(value) : needlesOf(echoForms(value))) if (!ctx.redactions.includes(needle)) ctx.redactions.push(needle);
   };
+}
+
+/** Echo needles of the fetched values in use, by value; bounded (a token lives an hour or a day, a few are live at once). */
+const fetchedEchoes = new Map<string, readonly string[]>();
+const MAX_FETCHED_ECHOES = 256;
+
+function reusedEchoes(value: string): readonly string[] {
+  let needles = fetchedEchoes.get(value);
+  if (!needles) {
+    needles = needlesOf(echoForms(value));
+    if (fetchedEchoes.size >= MAX_FETCHED_ECHOES) fetchedEchoes.clear();
+    fetchedEchoes.set(value, needles);
+  }
+  return needles;
 }
 
 // RFC 9110 §5.5 field-value characters (HTAB, SP, VCHAR, obs-text), as the HTTP client enforces them.
