@@ -183,12 +183,15 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
     throw new TokenRejected(res.status);
   }
   if (res.status < 200 || res.status >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.status}.`);
-  let doc: Record<string, unknown>;
+  let parsed: unknown;
   try {
-    doc = JSON.parse(text) as Record<string, unknown>;
+    parsed = JSON.parse(text);
   } catch {
     throw new ProxyError('credential_unavailable', 'The token endpoint did not answer JSON.');
   }
+  // RFC 6749 §5.1: the answer is a JSON object; null would fail the field lookups below.
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ProxyError('credential_unavailable', 'The token endpoint did not answer a JSON object.');
+  const doc = parsed as Record<string, unknown>;
   const token = doc[options.token_field];
   const expiresIn = Number(doc[options.expires_field] ?? 3600);
   if (typeof token !== 'string' || !token) throw new ProxyError('credential_unavailable', `The token endpoint's answer has no "${options.token_field}".`);

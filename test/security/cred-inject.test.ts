@@ -20,6 +20,7 @@ const CREDS = {
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
   opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
   keyed: { key: 'qk_CANARY_1010' },
+  nulltoken: { client_id: 'client-null', client_secret: 'cs_CANARY_null' },
   crlf: { client_id: 'client-crlf', client_secret: 'cs_CANARY_crlf' },
   slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
@@ -83,6 +84,11 @@ beforeAll(async () => {
       // GoCardless style: a short-lived access token and a refresh token, in a JSON answer.
       return json(200, { access: `at_gc_${++counter}`, access_expires: 1, refresh: 'rt_CANARY_1', refresh_expires: 600 });
     }
+    if (req.url === '/connect/token-null') {
+      // JSON, but not an object.
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end('null');
+    }
     if (req.url === '/connect/token-slow') {
       // A token endpoint that answers at once and then trickles its body, a byte at a time, well
       // inside any per-read timeout: the answer never ends.
@@ -118,6 +124,7 @@ beforeAll(async () => {
       kraken: route('kraken', '  scheme: kraken'),
       slow: route('slow', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-slow`, 'timeouts: { response: 1s }\n'),
       crlf: route('crlf', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-crlf`),
+      nulltoken: route('nulltoken', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-null`),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
@@ -285,6 +292,14 @@ describe('CRED-INJ oauth2 refresh endpoint on its own origin', () => {
     expect(refresher.requests.map((r) => r.url)).toEqual(['/token/refresh/']);
     expect(upstream.requests.slice(mark).map((r) => r.url)).not.toContain('/token/refresh/');
     expect(upstream.requests.at(-1)!.headers.authorization).toBe('Bearer at_refreshed_1');
+  });
+});
+
+describe('CRED-INJ answers and bodies of the wrong shape', () => {
+  it('CRED-INJ-15 a token endpoint answering JSON that is not an object (null) is 503 credential_unavailable, not a 500', async () => {
+    const res = await call('/nulltoken/accounts');
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
   });
 });
 
