@@ -21,6 +21,7 @@ const CREDS = {
   opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
   keyed: { key: 'qk_CANARY_1010' },
   nulltoken: { client_id: 'client-null', client_secret: 'cs_CANARY_null' },
+  snap: { client_id: 'snap-client', consumer_key: 'ck_CANARY_snap' },
   crlf: { client_id: 'client-crlf', client_secret: 'cs_CANARY_crlf' },
   slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
@@ -125,6 +126,7 @@ beforeAll(async () => {
       slow: route('slow', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-slow`, 'timeouts: { response: 1s }\n'),
       crlf: route('crlf', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-crlf`),
       nulltoken: route('nulltoken', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-null`),
+      snap: route('snap', '  scheme: snaptrade'),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
@@ -300,6 +302,16 @@ describe('CRED-INJ answers and bodies of the wrong shape', () => {
     const res = await call('/nulltoken/accounts');
     expect(res.status).toBe(503);
     expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+  });
+
+  it('CRED-INJ-16 a SnapTrade JSON body nested too deeply to sign is refused with 400 (nothing sent), not a 500', async () => {
+    const before = upstream.requests.length;
+    const depth = 200_000;
+    const res = await call('/snap/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: `{"a":${'['.repeat(depth)}${']'.repeat(depth)}}` });
+    expect(res.status).toBe(400);
+    expect(res.headers.get('x-egress-error')).toBe('bad_request');
+    expect(upstream.requests.length).toBe(before);
+    expect((await call('/snap/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":[[1]]}' })).status).toBe(200);
   });
 });
 
