@@ -122,7 +122,10 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     needsNonce: injections.some(({ injector, options }) => (typeof injector.needsNonce === 'function' ? injector.needsNonce(options) : injector.needsNonce === true)),
     needsPrepare: injections.some((i) => i.injector.prepare !== undefined),
     clientCertificate: injections.find((i) => i.injector.clientCertificate !== undefined),
-    extraOrigins: Object.freeze(injections.flatMap((i) => ('token_url' in i.options && typeof i.options.token_url === 'string' ? [new URL(i.options.token_url).origin] : []))),
+    extraOrigins: Object.freeze([...new Set(injections.flatMap((i) => ['token_url', 'refresh_url'].flatMap((field) => {
+      const url = (i.options as Record<string, unknown>)[field];
+      return typeof url === 'string' ? [new URL(url).origin] : [];
+    })))]),
     connectTimeoutMs: raw.timeouts?.connect ?? DEFAULTS.connectTimeoutMs,
     responseTimeoutMs: raw.timeouts?.response ?? DEFAULTS.responseTimeoutMs,
     upstreamCa,

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { NO_CONTENT_METHODS } from '../pipeline/body.ts';
 import { render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
@@ -38,6 +39,8 @@ export const jsonBodyInjector: Injector<Options> = {
   claims: (options) => ({ headers: [], query: [], bodyFields: Object.keys(options.fields) }),
   templates: (options) => Object.values(options.fields),
   inject({ request, credential, options, redact }) {
+    // The credential travels in the body: a method without content cannot carry it (see NO_CONTENT_METHODS).
+    if (NO_CONTENT_METHODS.has(request.method.toUpperCase())) throw new ProxyError('bad_request', `This route sends its credential in a JSON body, which a ${request.method} request cannot carry.`);
     let text = '{}';
     if (request.body && request.body.length > 0) {
       // RFC 8259 §8.1: JSON between systems is UTF-8. Other bytes would be replaced by U+FFFD and

@@ -25,8 +25,17 @@ const url = z.string().refine((text) => {
 const MAX_TOKEN_LIFETIME_S = 86_400;
 const MAX_REFRESH_LIFETIME_S = 90 * 86_400;
 
+/**
+ * The most a token request may take, head and body together. undici's headersTimeout and
+ * bodyTimeout bound each wait, not the whole: an endpoint that trickles its answer a byte at a
+ * time would hold every request of the route (they share one mint) for as long as it liked.
+ */
+const TOKEN_DEADLINE_MS = 10_000;
+
 /** A token response is a small JSON document; a larger answer is refused, not held. */
 const MAX_TOKEN_RESPONSE = 256 * 1024;
+
+const TOKEN_TEXT = /^[\x21-\x7e]+$/;
 
 const fieldName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,63}$/);
 
@@ -79,15 +88,16 @@ export const oauth2Injector: Injector<Options> = {
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
       if (refresh && options.refresh_url) {
-        const refreshed = await call(dispatcher, options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options).catch(() => undefined);
+        // The refresh endpoint's own origin: a pool is bound to one, and only the path would change.
+        const refreshed = await call(args.dispatcherFor(new URL(options.refresh_url).origin), options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options, args.deadlineMs).catch(() => undefined);
         if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy };
       }
       try {
-        return await mint(dispatcher, options, credential);
+        return await mint(dispatcher, options, credential, args.deadlineMs);
       } catch (err) {
         if (!(err instanceof TokenRejected) || !args.previous) throw err;
         const previous = args.previous();
-        return { ...(await mint(dispatcher, options, previous)), mintedBy: previous.version };
+        return { ...(await mint(dispatcher, options, previous, args.deadlineMs)), mintedBy: previous.version };
       }
     });
     const value = token.reveal();
@@ -114,7 +124,7 @@ export class TokenRejected extends ProxyError {
   }
 }
 
-async function mint(dispatcher: Dispatcher, options: Options, credential: ResolvedCredential): Promise<Minted> {
+async function mint(dispatcher: Dispatcher, options: Options, credential: ResolvedCredential, deadlineMs: number): Promise<Minted> {
   const id = render(options.client_id, credential.fields);
   const secret = render(options.client_secret, credential.fields);
   const fields: Record<string, string> = { ...options.extra };
@@ -128,51 +138,69 @@ async function mint(dispatcher: Dispatcher, options: Options, credential: Resolv
     fields[options.id_field] = id;
     fields[options.secret_field] = secret;
   }
-  return call(dispatcher, options.token_url, options.client_auth === 'json' ? 'json' : 'form', fields, basic, options);
+  return call(dispatcher, options.token_url, options.client_auth === 'json' ? 'json' : 'form', fields, basic, options, deadlineMs);
 }
 
-async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | 'json', fields: Record<string, string>, basic: string | undefined, options: Options): Promise<Minted> {
+async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | 'json', fields: Record<string, string>, basic: string | undefined, options: Options, deadlineMs: number): Promise<Minted> {
   const u = new URL(target);
   const body = encoding === 'json' ? JSON.stringify(fields) : new URLSearchParams(fields).toString();
+  const limitMs = Math.min(TOKEN_DEADLINE_MS, deadlineMs);
+  const exchange = dispatchExchange(dispatcher, {
+    method: 'POST',
+    path: `${u.pathname}${u.search}`,
+    headers: {
+      'content-type': encoding === 'json' ? 'application/json' : 'application/x-www-form-urlencoded',
+      accept: 'application/json',
+      ...(basic ? { authorization: `Basic ${basic}` } : {}),
+    },
+    body,
+    headersTimeout: limitMs,
+    bodyTimeout: limitMs,
+  });
+  let late = false;
+  const timer = setTimeout(() => {
+    late = true;
+    exchange.abort(new Error('the token endpoint did not answer in time'));
+  }, limitMs);
   let res: UpstreamExchange;
-  try {
-    res = await dispatchExchange(dispatcher, {
-      method: 'POST',
-      path: `${u.pathname}${u.search}`,
-      headers: {
-        'content-type': encoding === 'json' ? 'application/json' : 'application/x-www-form-urlencoded',
-        accept: 'application/json',
-        ...(basic ? { authorization: `Basic ${basic}` } : {}),
-      },
-      body,
-      headersTimeout: 10_000,
-      bodyTimeout: 10_000,
-    }).head;
-  } catch (err) {
-    // A name that resolved to an address the route may not reach is refused as the upstream's would be (403), not an outage.
-    if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
-    throw new ProxyError('credential_unavailable', 'The token endpoint could not be reached.');
-  }
   let text: string;
   try {
-    text = (await res.readAll(MAX_TOKEN_RESPONSE)).toString('utf8');
-  } catch {
-    throw new ProxyError('credential_unavailable', `The token endpoint's answer was cut short or is over ${MAX_TOKEN_RESPONSE / 1024} KiB.`);
+    try {
+      res = await exchange.head;
+    } catch (err) {
+      // A name that resolved to an address the route may not reach is refused as the upstream's would be (403), not an outage.
+      if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
+      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : 'The token endpoint could not be reached.');
+    }
+    try {
+      text = (await res.readAll(MAX_TOKEN_RESPONSE)).toString('utf8');
+    } catch {
+      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : `The token endpoint's answer was cut short or is over ${MAX_TOKEN_RESPONSE / 1024} KiB.`);
+    }
+  } finally {
+    clearTimeout(timer);
   }
   if (res.status === 400 || res.status === 401 || res.status === 403) {
     // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.
     throw new TokenRejected(res.status);
   }
   if (res.status < 200 || res.status >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.status}.`);
-  let doc: Record<string, unknown>;
+  let parsed: unknown;
   try {
-    doc = JSON.parse(text) as Record<string, unknown>;
+    parsed = JSON.parse(text);
   } catch {
     throw new ProxyError('credential_unavailable', 'The token endpoint did not answer JSON.');
   }
+  // RFC 6749 §5.1: the answer is a JSON object; null would fail the field lookups below.
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ProxyError('credential_unavailable', 'The token endpoint did not answer a JSON object.');
+  const doc = parsed as Record<string, unknown>;
   const token = doc[options.token_field];
   const expiresIn = Number(doc[options.expires_field] ?? 3600);
   if (typeof token !== 'string' || !token) throw new ProxyError('credential_unavailable', `The token endpoint's answer has no "${options.token_field}".`);
+  // A Bearer token is visible ASCII (RFC 6750 §2.1 b64token is narrower still). Refused here, it is
+  // not cached: one bad answer (CR LF, a space, a control byte) would otherwise fail every request
+  // of the route until its expires_in ran out, up to a day.
+  if (!TOKEN_TEXT.test(token)) throw new ProxyError('credential_unavailable', `The token endpoint's "${options.token_field}" holds a character a Bearer token cannot carry.`);
   const refresh = options.refresh_field ? doc[options.refresh_field] : undefined;
   const refreshExpires = options.refresh_expires_field ? Number(doc[options.refresh_expires_field]) : undefined;
   return {

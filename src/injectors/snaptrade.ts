@@ -56,7 +56,14 @@ export const snaptradeInjector: Injector<Options> = {
         throw new ProxyError('bad_request', 'This route signs a JSON body; the body is not JSON.');
       }
     }
-    const message = canonicalJson({ content, path: request.path, query: request.query });
+    let message: string;
+    try {
+      message = canonicalJson({ content, path: request.path, query: request.query });
+    } catch (err) {
+      // JSON.parse takes nesting that the recursive serialisation cannot (RangeError): refuse it.
+      if (err instanceof RangeError) throw new ProxyError('bad_request', 'This route signs a JSON body; the body nests too deeply to sign.');
+      throw err;
+    }
     const signature = createHmac('sha256', encodeURI(consumerKey)).update(message, 'utf8').digest('base64');
     redact(clientId);
     redact(consumerKey);

@@ -71,6 +71,8 @@ export interface PrepareArgs<O> {
   /** A verified-TLS keep-alive pool for another origin of this route (a token endpoint). */
   readonly dispatcherFor: (origin: string) => Dispatcher;
   readonly redact: (value: string) => void;
+  /** The route's response deadline: a fetch made for this request (a token endpoint) gives up by then. */
+  readonly deadlineMs: number;
 }
 
 /**

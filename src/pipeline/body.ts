@@ -1,6 +1,13 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ProxyError } from '../errors.ts';
 
+/**
+ * Methods whose content has no defined meaning (RFC 9110 §9.3.1, §9.3.2) or is forbidden (§9.3.8).
+ * An upstream that ignores a GET's content reads it as the next request on its connection, and the
+ * proxy shares upstream connections between callers (CL.0 desync): such content is never sent.
+ */
+export const NO_CONTENT_METHODS: ReadonlySet<string> = new Set(['GET', 'HEAD', 'TRACE']);
+
 /** Does the inbound request carry a body (RFC 9112 §6.3)? */
 export function hasBody(req: IncomingMessage): boolean {
   // Node's parser has checked the digits; "00" is as empty as "0".

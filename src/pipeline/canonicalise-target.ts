@@ -1,14 +1,7 @@
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
-import { hasBody } from './body.ts';
+import { hasBody, NO_CONTENT_METHODS } from './body.ts';
 import { parseTarget } from './target.ts';
-
-/**
- * Methods whose content has no defined meaning (RFC 9110 §9.3.1, §9.3.2) or is forbidden (§9.3.8).
- * An upstream that ignores a GET's content reads it as the next request on its connection, and the
- * proxy shares upstream connections between callers (CL.0 desync): such content is refused.
- */
-const NO_CONTENT_METHODS = new Set(['GET', 'HEAD', 'TRACE']);
 
 /**
  * Refuse unsafe targets before anything else reads them. Node keeps absolute-form targets in

@@ -23,11 +23,15 @@ export class Dispatchers {
 
   /**
    * The pool for a route whose scheme presents a TLS client certificate (mtls): one per credential
-   * version, so a rotation moves new requests to the new certificate while the old pool drains.
+   * version and certificate fields, so a rotation moves new requests to the new certificate while
+   * the old pool drains.
    */
   forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
     const injection = route.clientCertificate!;
-    const key = JSON.stringify([this.#routeKey(route), credential.id, credential.version]);
+    // The fields the certificate is taken from are part of the key: two routes to one origin may
+    // read two certificates from one credential (paper and live), and must not share a pool.
+    const fields = injection.injector.templates(injection.options).map((t) => t.source);
+    const key = JSON.stringify([this.#routeKey(route), credential.id, credential.version, fields]);
     let pool = this.#pools.get(key);
     if (!pool) {
       const material = injection.injector.clientCertificate!(injection.options, credential);

@@ -5,7 +5,7 @@ import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { continueBody, hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
-import { needlesOf } from './redact.ts';
+import { echoForms, needlesOf } from './redact.ts';
 
 /**
  * A body of a declared length up to this is read before the request goes upstream, so that it
@@ -58,7 +58,8 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
           options,
           tokens: services.tokens,
           dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
-          redact: (value) => void ctx.redactions.push(...needlesOf([value])),
+          redact: redactor(ctx, true),
+          deadlineMs: route.responseTimeoutMs,
         })));
     } catch (err) {
       if (err instanceof TokenRejected) services.rules.onAuthFailure(credential.id, credential.version, route.name, err.upstreamStatus);
@@ -79,11 +80,42 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
     headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers, route.callerHeaders),
     body: ctx.body,
   };
-  const redact = (value: string) => void ctx.redactions.push(...needlesOf([value]));
+  const redact = redactor(ctx);
   const now = new Date();
   route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
   checkInjectedHeaders(outbound, route.claims.headers);
   return outbound;
+}
+
+/**
+ * Register a value that goes upstream for redaction in every form an upstream might echo it, as
+ * the credential's own fields are (resolve-credential.ts). A value made for this request (an
+ * access token, a signature, a JWT) is as good as the secret it comes from while it is valid: an
+ * upstream that quotes it percent-encoded in a Location or JSON-escaped ("/" as "\\/") in an error
+ * body must not hand it to the caller. A value already registered (a field sent as it is stored)
+ * costs one lookup; a fetched value (an access token, sent on every request of its lifetime) has
+ * its forms made once (`reused`).
+ */
+function redactor(ctx: RequestContext, reused = false): (value: string) => void {
+  return (value) => {
+    const raw = needlesOf([value]);
+    if (raw.length === 0 || ctx.redactions.includes(raw[0]!)) return;
+    for (const needle of reused ? reusedEchoes(value) : needlesOf(echoForms(value))) if (!ctx.redactions.includes(needle)) ctx.redactions.push(needle);
+  };
+}
+
+/** Echo needles of the fetched values in use, by value; bounded (a token lives an hour or a day, a few are live at once). */
+const fetchedEchoes = new Map<string, readonly string[]>();
+const MAX_FETCHED_ECHOES = 256;
+
+function reusedEchoes(value: string): readonly string[] {
+  let needles = fetchedEchoes.get(value);
+  if (!needles) {
+    needles = needlesOf(echoForms(value));
+    if (fetchedEchoes.size >= MAX_FETCHED_ECHOES) fetchedEchoes.clear();
+    fetchedEchoes.set(value, needles);
+  }
+  return needles;
 }
 
 // RFC 9110 §5.5 field-value characters (HTAB, SP, VCHAR, obs-text), as the HTTP client enforces them.
@@ -106,20 +138,31 @@ function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<st
   }
 }
 
-/** Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte. */
+/**
+ * Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte.
+ * A copy is any name a server framework may read as the claimed one: decoded ("+" as space),
+ * in any letter case (ASP.NET matches query names without regard to case and binds the first
+ * value), with a "[...]" suffix (qs, PHP and Rack read "api_key[]" and "api_key[0]" as api_key),
+ * or behind a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too).
+ */
 export function removeParams(query: string, claimed: ReadonlySet<string>): string {
   if (!query || claimed.size === 0) return query;
+  const owned = new Set([...claimed].map((name) => name.toLowerCase()));
   return query
     .split('&')
-    .filter((pair) => {
-      const rawName = pair.split('=', 1)[0]!;
-      let name: string;
-      try {
-        name = decodeURIComponent(rawName.replace(/\+/g, ' '));
-      } catch {
-        name = rawName;
-      }
-      return !claimed.has(name);
-    })
+    .filter((pair) => !pair.split(';').some((piece) => owned.has(paramName(piece))))
     .join('&');
+}
+
+/** A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]" suffix. */
+function paramName(piece: string): string {
+  const rawName = piece.split('=', 1)[0]!;
+  let name: string;
+  try {
+    name = decodeURIComponent(rawName.replace(/\+/g, ' '));
+  } catch {
+    name = rawName;
+  }
+  const bracket = name.indexOf('[');
+  return (bracket > 0 ? name.slice(0, bracket) : name).toLowerCase();
 }

@@ -74,6 +74,13 @@ function replace(text: string, lower: string, needles: readonly string[]): strin
   return out + text.slice(kept);
 }
 
+/** `\\uXXXX` of each ASCII code unit, made once: tokens and signatures are escaped on every request. */
+const ASCII_ESCAPES = Array.from({ length: 128 }, (_, c) => `\\u${c.toString(16).padStart(4, '0')}`);
+
+function unicodeEscape(code: number): string {
+  return code < 128 ? ASCII_ESCAPES[code]! : `\\u${code.toString(16).padStart(4, '0')}`;
+}
+
 const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 
 /**
@@ -93,7 +100,7 @@ export function echoForms(value: string): string[] {
   const bytes = Buffer.from(value, 'utf8');
   const base64 = bytes.toString('base64');
   let unicodeEscaped = '';
-  for (let i = 0; i < value.length; i++) unicodeEscaped += `\\u${value.charCodeAt(i).toString(16).padStart(4, '0')}`;
+  for (let i = 0; i < value.length; i++) unicodeEscaped += unicodeEscape(value.charCodeAt(i));
   const forms = new Set([
     value,
     percent,

@@ -67,17 +67,23 @@ beforeAll(async () => {
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   upstreamUrl = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
   v1 = issueClient(clientCa, 'egress-client-v1');
+  const paper = issueClient(clientCa, 'egress-client-paper');
+  const live = issueClient(clientCa, 'egress-client-live');
   const p12Client = issueClient(clientCa, 'egress-client-p12');
   proxy = await startTestProxy({
     routes: {
       teller: `name: teller\npreset: teller\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nupstream_ca: ./server-ca.pem\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
       bundle: `name: bundle\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /bundle\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: mtls\n  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      // One credential holding two certificates, each route presenting its own, to one origin.
+      paper: `name: paper\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /paper\nupstream_ca: ./server-ca.pem\ncredential: pair\ninject:\n  scheme: mtls\n  certificate: "{paper_cert}"\n  private_key: "{paper_key}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
+      live: `name: live\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /live\nupstream_ca: ./server-ca.pem\ncredential: pair\ninject:\n  scheme: mtls\n  certificate: "{live_cert}"\n  private_key: "{live_key}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
       nocert: `name: nocert\nupstream: ${upstreamUrl}\nallow_private_addresses: true\nprefix: /nocert\nupstream_ca: ./server-ca.pem\ncredential: bundle\ninject:\n  scheme: bearer\n  token: "{passphrase}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/accounts]\n`,
     },
     files: { 'server-ca.pem': serverCa },
     credentials: {
       'teller-cert': { certificate: v1.cert, private_key: v1.key },
       bundle: { pkcs12: pkcs12(p12Client, 'correct horse'), passphrase: 'correct horse' },
+      pair: { paper_cert: paper.cert, paper_key: paper.key, live_cert: live.cert, live_key: live.key },
     },
     callers: ['svc'],
   });
@@ -102,6 +108,15 @@ describe('mtls', () => {
     const res = await get('/bundle/accounts');
     expect(res.status).toBe(200);
     expect(seen.at(-1)!.cn).toBe('egress-client-p12');
+  });
+
+  it('two routes to one origin with one credential present each its own certificate, not the first one used', async () => {
+    expect((await get('/paper/accounts')).status).toBe(200);
+    expect(seen.at(-1)!.cn).toBe('egress-client-paper');
+    expect((await get('/live/accounts')).status).toBe(200);
+    expect(seen.at(-1)!.cn).toBe('egress-client-live');
+    expect((await get('/paper/accounts')).status).toBe(200);
+    expect(seen.at(-1)!.cn).toBe('egress-client-paper');
   });
 
   it('without a client certificate the upstream refuses the handshake: 502, nothing served', async () => {

@@ -18,6 +18,13 @@ const CREDS = {
   colon: { username: 'user:with-colon', password: 'pw_CANARY_666' },
   tl: { client_id: 'client-1', client_secret: 'cs_CANARY_eu', us_client_id: 'client-2', us_client_secret: 'cs_CANARY_us' },
   refused: { client_id: 'client-1', client_secret: 'cs_CANARY_wrong' },
+  opaque: { client_id: 'client-9', client_secret: 'cs_CANARY_opaque' },
+  keyed: { key: 'qk_CANARY_1010' },
+  nulltoken: { client_id: 'client-null', client_secret: 'cs_CANARY_null' },
+  snap: { client_id: 'snap-client', consumer_key: 'ck_CANARY_snap' },
+  crlf: { client_id: 'client-crlf', client_secret: 'cs_CANARY_crlf' },
+  slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
+  kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
 
 function route(name: string, inject: string, extra = ''): string {
@@ -30,8 +37,8 @@ inject:
 ${inject}
 ${extra}allow:
   - caller: svc
-    methods: [GET, POST]
-    paths: [/check, /accounts]
+    methods: [GET, HEAD, POST]
+    paths: [/check, /accounts, /echo-auth]
 `;
 }
 
@@ -61,6 +68,45 @@ beforeAll(async () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       return res.end(`{"access_token":"${token}","token_type":"Bearer","expires_in":1e308}`);
     }
+    if (req.url === '/connect/token-opaque') {
+      // An opaque token (not a JWT) with "/" and "+", as many authorization servers hand out.
+      const token = `at/CANARY+opaque_${++counter}==`;
+      mints.push({ client: 'opaque', token });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
+    if (req.url === '/connect/token-crlf') {
+      // The first answer carries a token no header can hold; the endpoint answers properly after.
+      const n = ++counter;
+      const token = mints.some((m) => m.client === 'crlf') ? `at_crlf_good_${n}` : `at_CANARY_crlf_${n}\r\nX-Injected: yes`;
+      mints.push({ client: 'crlf', token });
+      return json(200, { access_token: token, token_type: 'Bearer', expires_in: 3600 });
+    }
+    if (req.url === '/connect/token-gc') {
+      // GoCardless style: a short-lived access token and a refresh token, in a JSON answer.
+      return json(200, { access: `at_gc_${++counter}`, access_expires: 1, refresh: 'rt_CANARY_1', refresh_expires: 600 });
+    }
+    if (req.url === '/connect/token-null') {
+      // JSON, but not an object.
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end('null');
+    }
+    if (req.url === '/connect/token-slow') {
+      // A token endpoint that answers at once and then trickles its body, a byte at a time, well
+      // inside any per-read timeout: the answer never ends.
+      mints.push({ client: 'slow', token: '' });
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.write('{"access_token":"');
+      const drip = setInterval(() => res.write('a'), 200);
+      res.on('close', () => clearInterval(drip));
+      return;
+    }
+    if (req.url === '/echo-auth') {
+      // An upstream quoting what it got, as a PHP backend writes JSON ("/" as "\/"), and a
+      // redirect carrying it percent-encoded in the Location's query.
+      const auth = String(req.headers.authorization ?? req.headers['api-sign'] ?? '').replace(/^Bearer /, '');
+      res.writeHead(302, { location: `/login?from=${encodeURIComponent(auth)}`, 'content-type': 'application/json' });
+      return res.end(JSON.stringify({ error: 'session expired', got: auth }).replaceAll('/', '\\/'));
+    }
     if (req.url === '/accounts') {
       const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
       return json(200, { client: mints.find((m) => m.token === bearer)?.client ?? null });
@@ -75,6 +121,13 @@ beforeAll(async () => {
       'tl-eu': route('tl-eu', oauth('{client_id}', '{client_secret}')),
       'tl-us': route('tl-us', oauth('{us_client_id}', '{us_client_secret}')),
       refused: route('refused', oauth('{client_id}', '{client_secret}')),
+      opaque: route('opaque', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-opaque`),
+      kraken: route('kraken', '  scheme: kraken'),
+      slow: route('slow', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-slow`, 'timeouts: { response: 1s }\n'),
+      crlf: route('crlf', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-crlf`),
+      nulltoken: route('nulltoken', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-null`),
+      snap: route('snap', '  scheme: snaptrade'),
+      keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
     },
     credentials: CREDS,
     callers: ['svc'],
@@ -156,6 +209,140 @@ describe('CRED-INJ', () => {
     expect(proxy.logs()).not.toContain('cs_CANARY_wrong');
     // Ops hear about it as they do for an API's rejection: the upstream refused the credential.
     expect(proxy.logs()).toContain('upstream_rejected_credential');
+  });
+});
+
+describe('CRED-INJ derived values', () => {
+  it('CRED-INJ-09 a minted token or a signature echoed JSON-escaped or percent-encoded in a redirect is redacted, not only its raw form', async () => {
+    const res = await call('/opaque/echo-auth', { redirect: 'manual' });
+    expect(res.status).toBe(302);
+    const token = mints.filter((m) => m.client === 'opaque').at(-1)!.token;
+    const location = res.headers.get('location') ?? '';
+    const body = await res.text();
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe(`Bearer ${token}`);
+    for (const text of [location, body]) {
+      expect(text).not.toContain('CANARY');
+      expect(text).toContain('[REDACTED]');
+    }
+    // Kraken's API-Sign is base64: "/" and "+" in nearly every signature.
+    const signed = await call('/kraken/echo-auth', { method: 'POST', redirect: 'manual', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: 'pair=XBTUSD' });
+    expect(signed.status).toBe(302);
+    const sign = String(upstream.requests.at(-1)!.headers['api-sign']);
+    const forms = [encodeURIComponent(sign), JSON.stringify(sign).slice(1, -1).replaceAll('/', '\\/')];
+    const seen = `${signed.headers.get('location') ?? ''}\n${await signed.text()}`;
+    for (const form of forms) expect(seen.toLowerCase()).not.toContain(form.toLowerCase());
+  });
+});
+
+describe('CRED-INJ oauth2 token endpoint', () => {
+  it('CRED-INJ-11 a token endpoint that trickles its answer is given up at the route deadline (503), not waited on for good', async () => {
+    const before = upstream.requests.filter((r) => r.url === '/accounts').length;
+    const started = Date.now();
+    const res = await call('/slow/accounts', { signal: AbortSignal.timeout(8_000) });
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(Date.now() - started).toBeLessThan(4_000);
+    expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
+  });
+});
+
+describe('CRED-INJ oauth2 token shape', () => {
+  it('CRED-INJ-12 a minted token that cannot be a header value (CR LF) is refused (503) and not kept: the next request mints afresh', async () => {
+    const before = upstream.requests.filter((r) => r.url === '/accounts').length;
+    const refused = await call('/crlf/accounts');
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(await refused.text()).not.toContain('CANARY');
+    expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
+    const ok = await call('/crlf/accounts');
+    expect(ok.status).toBe(200);
+    expect(mints.filter((m) => m.client === 'crlf')).toHaveLength(2);
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe(`Bearer ${mints.filter((m) => m.client === 'crlf')[1]!.token}`);
+    expect(proxy.logs()).not.toContain('at_CANARY_crlf');
+  });
+});
+
+describe('CRED-INJ oauth2 refresh endpoint on its own origin', () => {
+  let refresher: Upstream | undefined;
+  let own: TestProxy | undefined;
+  afterAll(async () => {
+    await own?.close();
+    await refresher?.close();
+  });
+
+  it('CRED-INJ-13 a refresh_url on another origin than token_url gets the refresh token; the token endpoint\'s host never does', async () => {
+    let n = 0;
+    refresher = await startUpstream((req, res, body) => {
+      const doc = JSON.parse(body.toString()) as { refresh?: string };
+      res.writeHead(doc.refresh === 'rt_CANARY_1' ? 200 : 401, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ access: `at_refreshed_${++n}`, access_expires: 3600 }));
+    });
+    const gc = `  scheme: oauth2_client_credentials
+  token_url: ${upstream.url}/connect/token-gc
+  refresh_url: ${refresher.url}/token/refresh/
+  client_auth: json
+  token_field: access
+  expires_field: access_expires
+  refresh_field: refresh
+  refresh_expires_field: refresh_expires`;
+    own = await startTestProxy({ routes: { gc: route('gc', gc) }, credentials: { gc: { client_id: 'gc-id', client_secret: 'gc_CANARY_secret' } }, callers: ['svc'] });
+    const get = () => fetch(`${own!.url}/gc/accounts`, { headers: { 'x-egress-token': own!.tokens.svc! } });
+    expect((await get()).status).toBe(200);
+    const mark = upstream.requests.length;
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect((await get()).status).toBe(200);
+    expect(refresher.requests.map((r) => r.url)).toEqual(['/token/refresh/']);
+    expect(upstream.requests.slice(mark).map((r) => r.url)).not.toContain('/token/refresh/');
+    expect(upstream.requests.at(-1)!.headers.authorization).toBe('Bearer at_refreshed_1');
+  });
+});
+
+describe('CRED-INJ answers and bodies of the wrong shape', () => {
+  it('CRED-INJ-15 a token endpoint answering JSON that is not an object (null) is 503 credential_unavailable, not a 500', async () => {
+    const res = await call('/nulltoken/accounts');
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-egress-error')).toBe('credential_unavailable');
+  });
+
+  it('CRED-INJ-16 a SnapTrade JSON body nested too deeply to sign is refused with 400 (nothing sent), not a 500', async () => {
+    const before = upstream.requests.length;
+    const depth = 200_000;
+    const res = await call('/snap/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: `{"a":${'['.repeat(depth)}${']'.repeat(depth)}}` });
+    expect(res.status).toBe(400);
+    expect(res.headers.get('x-egress-error')).toBe('bad_request');
+    expect(upstream.requests.length).toBe(before);
+    expect((await call('/snap/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":[[1]]}' })).status).toBe(200);
+  });
+});
+
+describe('CRED-INJ bodies on methods without content', () => {
+  it('CRED-INJ-14 json_body refuses GET and HEAD (400) rather than send them with a body holding the credential', async () => {
+    // A server that ignores a GET's content reads it as the start of the next request on the
+    // connection: the proxy refuses such content from callers, and must not make it itself.
+    const before = upstream.requests.length;
+    for (const method of ['GET', 'HEAD']) {
+      const res = await call('/plaidbody/check', { method });
+      expect(res.status, method).toBe(400);
+      expect(res.headers.get('x-egress-error')).toBe('bad_request');
+    }
+    expect(upstream.requests.length).toBe(before);
+    const post = await call('/plaidbody/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":1}' });
+    expect(post.status).toBe(200);
+  });
+});
+
+describe('CRED-INJ query parameter pollution', () => {
+  it('CRED-INJ-10 caller copies of a query credential in another case, with a [] suffix or after ";" are dropped: no parser can pick the caller value', async () => {
+    const forged = ['API_KEY=evil1', 'api_key%5B%5D=evil2', 'Api_Key%5B0%5D=evil3', 'x=1;api_key=evil4', 'api_key%5Bk%5D=evil5'];
+    const res = await call(`/keyed/check?${forged.join('&')}&q=kept%20as%20sent`);
+    expect(res.status).toBe(200);
+    const sent = upstream.requests.at(-1)!.url;
+    expect(sent).not.toContain('evil');
+    // As the frameworks read it: ASP.NET matches names without regard to case and takes the first,
+    // qs, PHP and Rack read "name[]" and "name[k]" as the name, older Python and Rack split on ";".
+    const names = sent.split('?')[1]!.split(/[&;]/).map((pair) => decodeURIComponent(pair.split('=')[0]!).toLowerCase().replace(/\[.*$/, ''));
+    expect(names.filter((n) => n === 'api_key')).toHaveLength(1);
+    expect(sent).toBe(`/check?q=kept%20as%20sent&api_key=${CREDS.keyed.key}`);
   });
 });
 
