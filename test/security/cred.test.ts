@@ -148,8 +148,10 @@ describe('CRED', () => {
   });
 
   it('CRED-03b the record id changed (plaid\'s record filed under bank) fails closed', async () => {
+    // Filed as bank's own incarnation (bank's created_at): a copy of an earlier incarnation is not
+    // even read as bank's record (rollback protection keeps the one seen, with store_rollback).
     await tamper((d) => {
-      d.credentials.bank = { ...d.credentials.plaid!, id: 'bank' };
+      d.credentials.bank = { ...d.credentials.plaid!, id: 'bank', created_at: d.credentials.bank!.created_at };
     }, 'bank');
   });
 
