@@ -51,14 +51,16 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     // then not recorded (issued.json unreadable, a full disk), could never be revoked.
     // Read and written under its lock: two issue-caller runs at once each wrote back what they had
     // read, and one certificate's serial was lost (revoke-caller could then never revoke it).
+    // The certificate and key are written under the same lock: two runs for one name at once could
+    // otherwise leave one run's certificate beside the other's key.
+    const dir = join(settings.certsDir, 'callers');
     await withFileLock(issuedPath, CERTS_LOCK, async () => {
       const issued = await readIssued();
       issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
       await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644);
+      await replaceFile(join(dir, `${name}.pem`), issuedCert.certPem, 0o644);
+      await replaceFile(join(dir, `${name}.key`), issuedCert.keyPem, 0o600);
     });
-    const dir = join(settings.certsDir, 'callers');
-    await replaceFile(join(dir, `${name}.pem`), issuedCert.certPem, 0o644);
-    await replaceFile(join(dir, `${name}.key`), issuedCert.keyPem, 0o600);
     return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
   }
   if (sub !== 'init') throw new UserError(USAGE, EXIT.usage);

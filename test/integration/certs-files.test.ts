@@ -63,3 +63,17 @@ describe('issue-caller', () => {
     expect(left).toEqual([]);
   });
 });
+
+describe('issue-caller run several times at once for one name', () => {
+  it('leaves a certificate and a key that belong together, and records every serial', async () => {
+    const runs = await Promise.all(Array.from({ length: 6 }, () => runCli(['certs', 'issue-caller', 'svc', '--json'], env)));
+    for (const r of runs) expect(r.code, r.stderr).toBe(0);
+    const { X509Certificate, createPrivateKey, createPublicKey } = await import('node:crypto');
+    const cert = new X509Certificate(await readFile(join(certs, 'callers', 'svc.pem'), 'utf8'));
+    const key = createPrivateKey(await readFile(join(certs, 'callers', 'svc.key'), 'utf8'));
+    expect(cert.checkPrivateKey(key)).toBe(true);
+    expect(createPublicKey(key).export({ format: 'pem', type: 'spki' })).toBe(cert.publicKey.export({ format: 'pem', type: 'spki' }));
+    const serials = runs.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
+    expect(new Set((JSON.parse(await readFile(join(certs, 'issued.json'), 'utf8')) as { svc: string[] }).svc)).toEqual(new Set(serials));
+  }, 60_000);
+});
