@@ -48,6 +48,8 @@ export interface CompiledRoute {
   /** Credential fields the templates need: checked before a request is sent. */
   readonly fields: readonly string[];
   readonly needsBody: boolean;
+  /** strip_body_fields, lower-cased; undefined when none. */
+  readonly stripBodyFields: ReadonlySet<string> | undefined;
   /** An injector signs with a nonce: the pipeline fetches one per request. */
   readonly needsNonce: boolean;
   /** The injection that presents an upstream TLS client certificate (mtls), if any. */
@@ -118,7 +120,8 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     claims: Object.freeze(claims),
     callerHeaders: raw.caller_headers ? new Set(raw.caller_headers.map((h) => h.toLowerCase())) : undefined,
     fields: Object.freeze([...new Set(templates.flatMap((t) => t.fields))]),
-    needsBody: injections.some((i) => i.injector.needsBody),
+    needsBody: raw.strip_body_fields !== undefined || injections.some((i) => i.injector.needsBody),
+    stripBodyFields: raw.strip_body_fields ? new Set(raw.strip_body_fields.map((f) => f.toLowerCase())) : undefined,
     needsNonce: injections.some(({ injector, options }) => (typeof injector.needsNonce === 'function' ? injector.needsNonce(options) : injector.needsNonce === true)),
     needsPrepare: injections.some((i) => i.injector.prepare !== undefined),
     clientCertificate: injections.find((i) => i.injector.clientCertificate !== undefined),

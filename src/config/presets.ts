@@ -15,6 +15,7 @@ export interface Preset {
     readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string };
     readonly replay_safe?: readonly string[];
     readonly caller_headers?: readonly string[];
+    readonly strip_body_fields?: readonly string[];
   };
 }
 
@@ -41,6 +42,8 @@ const PRESET_TABLE = {
     route: {
       upstream: 'https://production.plaid.com',
       inject: { scheme: 'headers', headers: { 'PLAID-CLIENT-ID': '{client_id}', 'PLAID-SECRET': '{secret}' } },
+      // Plaid reads them from the headers or the body (providers.md): a caller's body copy goes.
+      strip_body_fields: ['client_id', 'secret'],
       // Branch on error_code, not the status: a rejected key is 400 INVALID_API_KEYS.
       auth_failure: { status: [400, 401], body_contains: 'INVALID_API_KEYS' },
       // Read-only POSTs: safe to send again with the previous secret.

@@ -125,6 +125,12 @@ export const routeFileSchema = z.strictObject({
    * can never be listed: the credential's headers are always the proxy's.
    */
   caller_headers: z.array(z.string().regex(HEADER_NAME, 'not a valid header name')).optional(),
+  /**
+   * Top-level JSON body fields a caller may not send, in any case: removed before the request goes
+   * upstream. For a provider that takes its credential from the headers or the body (Plaid): the
+   * body's copy must not be the caller's. A body that is not a JSON object is refused (400).
+   */
+  strip_body_fields: z.array(z.string().min(1).max(128)).min(1).optional(),
 }).superRefine((route, ctx) => {
   const injections = Array.isArray(route.inject) ? route.inject : [route.inject];
   const claimedBy = new Map<string, string>();

@@ -41,32 +41,11 @@ export const jsonBodyInjector: Injector<Options> = {
   inject({ request, credential, options, redact }) {
     // The credential travels in the body: a method without content cannot carry it (see NO_CONTENT_METHODS).
     if (NO_CONTENT_METHODS.has(request.method.toUpperCase())) throw new ProxyError('bad_request', `This route sends its credential in a JSON body, which a ${request.method} request cannot carry.`);
-    let text = '{}';
-    if (request.body && request.body.length > 0) {
-      // RFC 8259 §8.1: JSON between systems is UTF-8. Other bytes would be replaced by U+FFFD and
-      // sent on silently changed (a Latin-1 "é" in a name); refuse them instead.
-      try {
-        text = UTF8.decode(request.body);
-      } catch {
-        throw new ProxyError('bad_request', 'This route needs a JSON object body in UTF-8.');
-      }
-    }
-    let parsed: unknown;
-    try {
-      parsed = json.parse(text, keepNumberText);
-    } catch {
-      throw new ProxyError('bad_request', 'This route needs a JSON object body.');
-    }
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed) || json.isRawJSON(parsed)) {
-      throw new ProxyError('bad_request', 'This route needs a JSON object body.');
-    }
-    // A null-prototype copy: a "__proto__" key from the caller stays a plain key.
-    const body: Record<string, unknown> = Object.assign(Object.create(null), parsed);
+    const body = jsonObjectBody(request.body) ?? (Object.create(null) as Record<string, unknown>);
     // Decoders that match keys without regard to case (Go's encoding/json, Jackson with
     // ACCEPT_CASE_INSENSITIVE_PROPERTIES) take the last of "secret" and "SECRET": a caller copy in
     // another case is dropped, and the proxy's fields go last.
-    const claimed = new Set(Object.keys(options.fields).map((n) => n.toLowerCase()));
-    for (const key of Object.keys(body)) if (claimed.has(key.toLowerCase())) delete body[key];
+    dropFields(body, new Set(Object.keys(options.fields).map((n) => n.toLowerCase())));
     for (const [name, template] of Object.entries(options.fields)) {
       const value = render(template, credential.fields);
       redact(value);
@@ -77,3 +56,40 @@ export const jsonBodyInjector: Injector<Options> = {
     request.headers.set('content-type', ['application/json']);
   },
 };
+
+/**
+ * A request body as a JSON object (a null-prototype copy: a "__proto__" key stays a plain key, and
+ * numbers keep their text); undefined when there is no body. Anything else is a 400.
+ */
+export function jsonObjectBody(raw: Buffer | undefined): Record<string, unknown> | undefined {
+  if (!raw || raw.length === 0) return undefined;
+  let text: string;
+  try {
+    // RFC 8259 §8.1: JSON between systems is UTF-8. Other bytes would be replaced by U+FFFD and
+    // sent on silently changed (a Latin-1 "é" in a name); refuse them instead.
+    text = UTF8.decode(raw);
+  } catch {
+    throw new ProxyError('bad_request', 'This route needs a JSON object body in UTF-8.');
+  }
+  let parsed: unknown;
+  try {
+    parsed = json.parse(text, keepNumberText);
+  } catch {
+    throw new ProxyError('bad_request', 'This route needs a JSON object body.');
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed) || json.isRawJSON(parsed)) {
+    throw new ProxyError('bad_request', 'This route needs a JSON object body.');
+  }
+  return Object.assign(Object.create(null), parsed) as Record<string, unknown>;
+}
+
+/** Remove the top-level fields whose lower-cased names are in `lowerNames`; whether any was there. */
+export function dropFields(body: Record<string, unknown>, lowerNames: ReadonlySet<string>): boolean {
+  let dropped = false;
+  for (const key of Object.keys(body)) {
+    if (!lowerNames.has(key.toLowerCase())) continue;
+    delete body[key];
+    dropped = true;
+  }
+  return dropped;
+}

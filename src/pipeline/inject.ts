@@ -1,5 +1,6 @@
 import { ProxyError } from '../errors.ts';
 import { TokenRejected } from '../injectors/oauth2.ts';
+import { dropFields, jsonObjectBody } from '../injectors/json-body.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
@@ -80,11 +81,21 @@ export function buildOutbound(ctx: RequestContext, credential: ResolvedCredentia
     headers: outboundHeaders(ctx.req.rawHeaders, route.claims.headers, route.callerHeaders),
     body: ctx.body,
   };
+  if (route.stripBodyFields) stripBodyFields(outbound, route.stripBodyFields);
   const redact = redactor(ctx);
   const now = new Date();
   route.injections.forEach(({ injector, options }, i) => injector.inject({ request: outbound, credential, options, redact, now, nonce, prepared: prepared?.[i] }));
   checkInjectedHeaders(outbound, route.claims.headers);
   return outbound;
+}
+
+/**
+ * strip_body_fields: the caller's copies of fields the provider also reads its credential from
+ * (Plaid's body client_id and secret) are removed. The body is sent as it came when it holds none.
+ */
+function stripBodyFields(outbound: OutboundRequest, lowerNames: ReadonlySet<string>): void {
+  const body = jsonObjectBody(outbound.body);
+  if (body && dropFields(body, lowerNames)) outbound.body = Buffer.from(JSON.stringify(body), 'utf8');
 }
 
 /**

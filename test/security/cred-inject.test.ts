@@ -128,6 +128,7 @@ beforeAll(async () => {
       nulltoken: route('nulltoken', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-null`),
       snap: route('snap', '  scheme: snaptrade'),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
+      plaidpre: `name: plaidpre\npreset: plaid\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: plaidbody\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/check]\n`,
     },
     credentials: CREDS,
     callers: ['svc'],
@@ -312,6 +313,33 @@ describe('CRED-INJ answers and bodies of the wrong shape', () => {
     expect(res.headers.get('x-egress-error')).toBe('bad_request');
     expect(upstream.requests.length).toBe(before);
     expect((await call('/snap/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"a":[[1]]}' })).status).toBe(200);
+  });
+});
+
+describe('CRED-INJ the plaid preset and a caller\'s body credentials', () => {
+  it('CRED-INJ-17 client_id and secret a caller puts in the body (any case, escaped, repeated) are removed; the rest of the body is sent as written; a body that is not a JSON object is 400', async () => {
+    // Plaid takes client_id and secret from the headers or the body (providers.md): a caller's body
+    // copy could be read instead of the proxy's headers, and a wrong one would look like the key
+    // being rejected (a fallback to the previous key, a critical alert).
+    const before = upstream.requests.length;
+    const sent = '{"client_id":"callers-id","SECRET":"callers_secret_1","secret":"callers_secret_2","\\u0073ecret":"callers_secret_3","access_token":"access-sandbox-1","count":12345678901234567890,"options":{"secret":"nested stays"}}';
+    const res = await call('/plaidpre/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: sent });
+    expect(res.status).toBe(200);
+    const got = upstream.requests.at(-1)!;
+    expect(JSON.parse(got.body.toString())).toEqual({ access_token: 'access-sandbox-1', count: 12345678901234567890, options: { secret: 'nested stays' } });
+    expect(got.body.toString()).toContain('"count":12345678901234567890');
+    expect(got.body.toString()).not.toMatch(/callers/);
+    expect(got.headers['plaid-client-id']).toBe(CREDS.plaidbody.client_id);
+    expect(got.headers['plaid-secret']).toBe(CREDS.plaidbody.secret);
+    // A body without them goes on byte for byte.
+    const plain = '{ "access_token" : "access-sandbox-2",\n  "cursor": null }';
+    expect((await call('/plaidpre/check', { method: 'POST', headers: { 'content-type': 'application/json' }, body: plain })).status).toBe(200);
+    expect(upstream.requests.at(-1)!.body.toString()).toBe(plain);
+    // Not a JSON object: refused, nothing sent.
+    const mark = upstream.requests.length;
+    for (const body of ['client_id=callers-id&secret=x', '[{"secret":"x"}]']) expect((await call('/plaidpre/check', { method: 'POST', body })).status).toBe(400);
+    expect(upstream.requests.length).toBe(mark);
+    expect(upstream.requests.length - before).toBe(2);
   });
 });
 
