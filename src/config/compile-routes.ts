@@ -146,11 +146,16 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
   });
 }
 
+/** Query parameters frameworks read as the request's method (Laravel, Symfony, Rails: `_method`). */
+const METHOD_OVERRIDE_PARAMS = ['_method'];
+
 function mergeClaims(all: readonly Claims[]): CompiledRoute['claims'] {
   return {
     // Folded as upstreams may read them ("_" and "-" alike): outboundHeaders compares folded names.
     headers: new Set(all.flatMap((c) => c.headers.map((h) => h.toLowerCase().replaceAll('_', '-')))),
-    query: new Set(all.flatMap((c) => c.query)),
+    // A method-override parameter is claimed by every route, as the override headers are removed:
+    // a caller allowed to POST must not have a framework run the request as a DELETE.
+    query: new Set([...all.flatMap((c) => c.query), ...METHOD_OVERRIDE_PARAMS]),
     bodyFields: new Set(all.flatMap((c) => c.bodyFields)),
   };
 }

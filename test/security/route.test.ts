@@ -236,6 +236,17 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 1);
   });
 
+  it('ROUTE-09e a method-override query parameter (_method, as Laravel, Symfony and Rails read it) is removed before U, in any spelling', async () => {
+    const mark = lab.u.requests.length;
+    for (const query of ['_method=DELETE', '_METHOD=delete', '_method%5B%5D=DELETE', 'x=1;_method=DELETE', '%5Fmethod=DELETE']) {
+      expect(await send(`/plaid/accounts/get?keep=1&${query}`), query).toEqual([200]);
+      const r = lab.u.requests.at(-1)!;
+      expect(r.method, query).toBe('POST');
+      expect(r.url, query).toBe('/accounts/get?keep=1');
+    }
+    await lab.g0(mark, 5);
+  });
+
   it('ROUTE-11 case: matching is case-sensitive', async () => {
     const mark = lab.u.requests.length;
     await refused(['/PLAID/Transactions/get', '/Plaid/accounts/get', '/plaid/Accounts/get', '/plaid/ACCOUNTS/GET', '/plaid/accounts/Get', '/pl%41id/accounts/get'], [403, 404]);
