@@ -5,4 +5,4 @@
  * compiled for nothing, 13 MB resident in a bare process. Type-only imports of node:http are
  * erased and cost nothing.
  */
-export const { createServer } = process.getBuiltinModule('node:http');
+export const { createServer, STATUS_CODES } = process.getBuiltinModule('node:http');

@@ -1,5 +1,5 @@
-import { STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { createServer } from './http.ts';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import { STATUS_CODES, createServer } from './http.ts';
 import type { Duplex } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
