@@ -4,6 +4,7 @@ import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
+import { answerClientError, LISTENER_LIMITS } from './reverse.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -11,12 +12,25 @@ export interface ReadinessSource {
 
 /** The admin listener: liveness, readiness with its reasons, Prometheus metrics, and the admin API under /v1/. */
 export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Server {
-  return createServer({ headersTimeout: 10_000, requestTimeout: 30_000 }, (req: IncomingMessage, res: ServerResponse) => {
+  // The proxy listener's limits: this port is open to anyone who reaches it, before any token. Node
+  // checks the timeouts only every connectionsCheckingInterval (30 s by default), which let a
+  // dribbled header hold a connection for up to 40 s instead of 10.
+  const server = createServer({
+    headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
+    requestTimeout: 30_000,
+    keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
+    maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
+    insecureHTTPParser: false,
+    connectionsCheckingInterval: 500,
+  }, (req: IncomingMessage, res: ServerResponse) => {
     void route(req, res, readiness, metrics, api, status).catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
     });
   });
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+  server.on('clientError', answerClientError);
+  return server;
 }
 
 async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
