@@ -81,7 +81,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     if (!id) {
       if (method === 'GET') return { body: { credentials: [...(await op.store.load()).credentials.values()].map((r) => describeCredential(r, now)) } };
       if (method === 'POST') {
-        const body = await readJson(req);
+        const body = await readJson(req, ['id', 'fields']);
         const newId = stringField(body, 'id');
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
@@ -94,9 +94,12 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
       return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
     }
     if (method !== 'POST') throw notAllowed();
-    const body = await readJson(req);
+    const known = CREDENTIAL_VERBS.get(verb ?? '');
+    if (!known) throw notFound();
+    const body = await readJson(req, known);
     switch (verb) {
       case 'versions':
+        if (body.stage !== undefined && typeof body.stage !== 'boolean') throw new HttpError(400, 'bad_request', 'stage must be true or false');
         return { status: 201, body: describeCredential(await ops.rotateCredential(op, deps.keys.current, id, fields(body), { stage: body.stage === true, graceMs: grace(body) }), now) };
       case 'promote':
         return { body: describeCredential(await ops.promoteCredential(op, id, grace(body)), now) };
@@ -118,7 +121,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
         return { body: { callers: list } };
       }
       if (method === 'POST') {
-        const name = stringField(await readJson(req), 'name');
+        const name = stringField(await readJson(req, ['name']), 'name');
         if (!CALLER_NAME.test(name)) throw new HttpError(400, 'bad_request', 'name: lower-case letters, digits, ".", "_" and "-"');
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
@@ -126,7 +129,8 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
       throw notAllowed();
     }
     if (method !== 'POST') throw notAllowed();
-    const body = await readJson(req);
+    if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
+    const body = await readJson(req, verb === 'rotate' ? ['grace'] : []);
     if (verb === 'rotate') {
       const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
       return { body: { caller: record.name, token } };
@@ -171,7 +175,30 @@ function notAllowed(): HttpError {
   return new HttpError(405, 'method_not_allowed', 'Method not allowed on this endpoint.');
 }
 
-async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+/** The body fields each credential verb takes. */
+const CREDENTIAL_VERBS: ReadonlyMap<string, readonly string[]> = new Map([
+  ['versions', ['fields', 'stage', 'grace']],
+  ['promote', ['grace']],
+  ['rollback', []],
+  ['revoke', ['version']],
+]);
+
+/**
+ * The request's JSON object, with no field but `known`: a misspelt field must not leave its
+ * default in force ({"Version": 2} would revoke the current version, {"stag": true} put a new key
+ * live). The message names the field only when its name cannot be a value pasted in the wrong place.
+ */
+async function readJson(req: IncomingMessage, known: readonly string[]): Promise<Record<string, unknown>> {
+  const body = await readJsonObject(req);
+  for (const key of Object.keys(body)) {
+    if (known.includes(key)) continue;
+    const name = /^[A-Za-z][A-Za-z0-9_-]{0,31}$/.test(key) ? `"${key}"` : '(name not shown)';
+    throw new HttpError(400, 'bad_request', `unknown field ${name}; this endpoint takes ${known.length ? known.map((k) => `"${k}"`).join(', ') : 'no fields'}`);
+  }
+  return body;
+}
+
+async function readJsonObject(req: IncomingMessage): Promise<Record<string, unknown>> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req) {
