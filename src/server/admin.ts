@@ -40,6 +40,8 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
     if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });
     if (!adminName(req, api.store, 'bearer-or-basic')) {
+      // Audited like a refused API request: guesses at the page's password show in the audit log too.
+      api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }

@@ -1,5 +1,9 @@
 import { connect } from 'node:net';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
 
 /**
@@ -42,4 +46,26 @@ describe('DOS: the admin listener', () => {
     expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 408 Request Timeout');
     await lab.g0();
   }, 60_000);
+});
+
+const auditLines = async (on: Lab) => (await readFile(join(on.dir, 'audit.log'), 'utf8').catch(() => '')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+
+describe('AUTH: the status page', () => {
+  it('AUTH-14 a refused request for the status page is audited, as a refused admin API request is', async () => {
+    const created = await runCli(['admin-token', 'create', 'ops', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const before = (await auditLines(lab)).length;
+    // Guessing the password of the page's Basic prompt, as a browser would send it.
+    const guess = `ega_${'g'.repeat(43)}`;
+    const res = await fetch(`${lab.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${guess}`).toString('base64')}` } });
+    lab.seen(await res.text());
+    expect(res.status).toBe(401);
+    await eventually(async () => (await auditLines(lab)).slice(before).some((l) => l.kind === 'admin' && l.decision === 'deny'), 2_000, 'an audit line for the refused request');
+    const line = (await auditLines(lab)).slice(before).find((l) => l.kind === 'admin' && l.decision === 'deny')!;
+    expect(line).toMatchObject({ actor: 'admin:unknown', action: 'GET /', reason: 'admin_unauthenticated' });
+    expect(JSON.stringify(line)).not.toContain(guess);
+    await lab.g0();
+  });
 });
