@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
+import type { AlertRules } from '../observe/alert-rules.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
 import { parseGrace } from '../rotation/transitions.ts';
@@ -22,6 +23,8 @@ export interface AdminApiDeps {
   readonly audit: AuditLog;
   /** The routes in force, so a rotation that would leave one without its fields is refused. */
   readonly routes?: () => readonly ops.RouteFields[];
+  /** Unknown admin tokens count toward the unknown_token alert. */
+  readonly rules?: AlertRules;
 }
 
 const MAX_BODY = 128 * 1024;
@@ -52,7 +55,10 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     // told 401 would conclude its token is wrong (as the proxy answers callers 503, not 401).
     if (bearerToken(req.headers.authorization) && !deps.store.usable()) throw new HttpError(503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; retry shortly.');
     const name = adminName(req, deps.store, 'bearer');
-    if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+    if (!name) {
+      if (bearerToken(req.headers.authorization)) deps.rules?.onUnknownAdminToken(req.socket.remoteAddress ?? 'unknown');
+      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+    }
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
     const result = await route(req, segments, op, deps);

@@ -42,6 +42,7 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
     if (!adminName(req, api.store, 'bearer-or-basic')) {
       // Audited like a refused API request: guesses at the page's password show in the audit log too.
       api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
+      if (tokenFromAuthorization(req.headers.authorization)) api.rules?.onUnknownAdminToken(req.socket.remoteAddress ?? 'unknown');
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }

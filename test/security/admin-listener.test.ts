@@ -69,3 +69,23 @@ describe('AUTH: the status page', () => {
     await lab.g0();
   });
 });
+
+describe('AUTH: guessing admin tokens', () => {
+  it('AUTH-15 unknown admin tokens from one address raise the unknown_token alert, as unknown caller tokens do', async () => {
+    const guesses = Array.from({ length: 10 }, (_, i) => `ega_${'u'.repeat(42)}${i}`);
+    for (const [i, guess] of guesses.entries()) {
+      // The API and the status page's Basic prompt both count.
+      const res = i % 2
+        ? await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${guess}` } })
+        : await fetch(`${lab.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${guess}`).toString('base64')}` } });
+      lab.seen(await res.text());
+      expect(res.status).toBe(401);
+    }
+    await eventually(() => lab.serve.output().includes('"alert":"unknown_token"'), 3_000, 'the unknown_token alert');
+    const alert = lab.serve.output().split('\n').find((l) => l.includes('"alert":"unknown_token"'))!;
+    expect(JSON.parse(alert)).toMatchObject({ severity: 'warning', subject: '127.0.0.1', listener: 'admin' });
+    for (const guess of guesses) expect(lab.serve.output()).not.toContain(guess.slice(4));
+    expect(await fetch(`${lab.admin}/metrics`).then((r) => r.text())).toMatch(/egress_alerts_total\{alert="unknown_token",severity="warning"\} 1/);
+    await lab.g0();
+  });
+});
