@@ -5,6 +5,7 @@ import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, LISTENER_LIMITS } from './reverse.ts';
+import { requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -23,10 +24,15 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     insecureHTTPParser: false,
     connectionsCheckingInterval: 500,
   }, (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket;
+    // A client that pipelines requests and does not read the answers has every one of them rendered
+    // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
+    // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
+    if (!requestStarted(socket, req, res)) return;
     void route(req, res, readiness, metrics, api, status).catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
-    });
+    }).finally(() => requestAnswered(socket));
   });
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);

@@ -89,3 +89,33 @@ describe('AUTH: guessing admin tokens', () => {
     await lab.g0();
   });
 });
+
+describe('DOS: pipelined requests on the admin listener', () => {
+  it('DOS-15 clients that pipeline GET /metrics and never read the answers are cut, and /healthz stays quick', async () => {
+    // Its own process: the attack costs memory the other tests should not inherit.
+    const own = await startLab();
+    try {
+      const port = Number(new URL(own.admin).port);
+      const request = 'GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n';
+      const sockets = Array.from({ length: 20 }, () => {
+        const socket = connect(port, '127.0.0.1');
+        socket.on('error', () => {});
+        socket.pause();
+        // What Node reads in one go: some 1,800 requests, each a registry walk and 10 kB of answer.
+        socket.write(request.repeat(Math.floor(65_536 / request.length)));
+        return socket;
+      });
+      await new Promise((r) => setTimeout(r, 3_000));
+      const t0 = performance.now();
+      const health = await fetch(`${own.admin}/healthz`, { signal: AbortSignal.timeout(10_000) }).then((r) => r.status, () => 0);
+      const ms = performance.now() - t0;
+      for (const socket of sockets) socket.destroy();
+      expect(health).toBe(200);
+      // Before: every pipelined request was rendered and held; /healthz waited 80 s behind them.
+      expect(ms, 'ms for /healthz during the attack').toBeLessThan(2_000);
+      await own.g0();
+    } finally {
+      await own.close();
+    }
+  }, 60_000);
+});
