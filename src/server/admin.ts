@@ -29,6 +29,8 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
     // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
     if (!requestStarted(socket, req, res)) return;
+    // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
+    res.setHeader('x-content-type-options', 'nosniff');
     void route(req, res, readiness, metrics, api, status).catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();

@@ -119,3 +119,27 @@ describe('DOS: pipelined requests on the admin listener', () => {
     }
   }, 60_000);
 });
+
+describe('RESP: what the admin listener answers with', () => {
+  it('RESP-09 every admin answer says nosniff, and the status page may not be framed by anyone (CSP frame-ancestors)', async () => {
+    const created = await runCli(['admin-token', 'create', 'headers', '--json'], envFor(lab.dir));
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const bearer = { authorization: `Bearer ${admin}` };
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: bearer }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const answers = await Promise.all([
+      fetch(`${lab.admin}/healthz`), fetch(`${lab.admin}/readyz`), fetch(`${lab.admin}/metrics`), fetch(`${lab.admin}/nothing`),
+      fetch(`${lab.admin}/v1/callers`), fetch(`${lab.admin}/v1/callers`, { headers: bearer }), fetch(`${lab.admin}/`), fetch(`${lab.admin}/`, { headers: bearer }),
+    ]);
+    for (const res of answers) {
+      lab.seen(await res.text());
+      expect(res.headers.get('x-content-type-options'), res.url).toBe('nosniff');
+      expect(res.headers.get('access-control-allow-origin'), res.url).toBeNull();
+    }
+    const page = answers.at(-1)!;
+    expect(page.status).toBe(200);
+    expect(page.headers.get('x-frame-options')).toBe('DENY');
+    expect(page.headers.get('content-security-policy')).toMatch(/frame-ancestors 'none'/);
+    expect(page.headers.get('cache-control')).toBe('no-store');
+    await lab.g0();
+  });
+});
