@@ -65,6 +65,9 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     // The API's answer reflects the change at once; the proxy's own view follows within a second.
     void deps.store.refresh();
     send(res, result.status ?? 200, result.body);
+    // Changes are audited from the record's history, on every instance; a read changes nothing
+    // there, and what a token was used to look at is audited here.
+    if (req.method === 'GET') deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
   } catch (err) {
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.

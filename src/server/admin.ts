@@ -47,14 +47,17 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
   if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
     if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });
-    if (!adminName(req, api.store, 'bearer-or-basic')) {
+    const name = adminName(req, api.store, 'bearer-or-basic');
+    if (!name) {
       // Audited like a refused API request: guesses at the page's password show in the audit log too.
       api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
       if (tokenFromAuthorization(req.headers.authorization)) api.rules?.onUnknownAdminToken(req.socket.remoteAddress ?? 'unknown');
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }
-    return handleStatusPage(req, res, status);
+    await handleStatusPage(req, res, status);
+    api.audit.admin({ actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
+    return;
   }
   if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
   if (path === '/healthz') return json(res, 200, { status: 'ok' });

@@ -143,3 +143,29 @@ describe('RESP: what the admin listener answers with', () => {
     await lab.g0();
   });
 });
+
+describe('AUTH: what an admin token was used for', () => {
+  it('AUTH-16 reads with an admin token (API lists and shows, the status page) leave an audit line naming the token', async () => {
+    const created = await runCli(['admin-token', 'create', 'reader', '--json'], envFor(lab.dir));
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const bearer = { authorization: `Bearer ${admin}` };
+    await eventually(async () => (await fetch(`${lab.admin}/healthz`).then((r) => r.status)) === 200 && (await fetch(`${lab.admin}/v1/callers`, { headers: bearer }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const before = (await auditLines(lab)).length;
+    for (const path of ['/v1/credentials', '/v1/credentials/plaid', '/v1/callers', '/']) {
+      const res = await fetch(`${lab.admin}${path}`, { headers: bearer });
+      lab.seen(await res.text());
+      expect(res.status, path).toBe(200);
+    }
+    await eventually(async () => (await auditLines(lab)).slice(before).some((l) => l.actor === 'admin:reader' && l.action === 'GET /'), 2_000, 'the audit lines');
+    // The last four: the wait for the token above may have left a line of its own just after `before`.
+    const lines = (await auditLines(lab)).slice(before).filter((l) => l.actor === 'admin:reader').slice(-4);
+    expect(lines.map((l) => [l.action, l.target, l.decision, l.reason])).toEqual([
+      ['GET /v1/credentials', 'credentials', 'allow', 'read'],
+      ['GET /v1/credentials/:id', 'credentials:plaid', 'allow', 'read'],
+      ['GET /v1/callers', 'callers', 'allow', 'read'],
+      ['GET /', 'status-page', 'allow', 'read'],
+    ]);
+    expect(JSON.stringify(lines)).not.toContain(admin.slice(4));
+    await lab.g0();
+  });
+});
