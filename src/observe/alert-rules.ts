@@ -73,6 +73,11 @@ export class AlertRules {
     this.#alerts.raise('upstream_rejected_credential', 'critical', credential, 'upstream rejected the credential and no previous version is in grace', { credential, version, route, status });
   }
 
+  /** An admin token that expired or was revoked, presented to the admin listener: a leaked one, or a forgotten script. */
+  onRetiredAdminToken(name: string, remote: string): void {
+    this.#alerts.raise('retired_credential_used', 'warning', `admin:${name}`, 'an expired or revoked admin token was presented', { admin_token: name, remote });
+  }
+
   /** A token presented to the admin listener (API or status page) that is no live admin token. */
   onUnknownAdminToken(remote: string, now = performance.now()): void {
     this.#unknownToken(remote, 'admin', now);

@@ -23,7 +23,7 @@ export interface AdminApiDeps {
   readonly audit: AuditLog;
   /** The routes in force, so a rotation that would leave one without its fields is refused. */
   readonly routes?: () => readonly ops.RouteFields[];
-  /** Unknown admin tokens count toward the unknown_token alert. */
+  /** Unknown admin tokens count toward unknown_token; revoked or expired ones raise retired_credential_used. */
   readonly rules?: AlertRules;
 }
 
@@ -56,7 +56,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     if (bearerToken(req.headers.authorization) && !deps.store.usable()) throw new HttpError(503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; retry shortly.');
     const name = adminName(req, deps.store, 'bearer');
     if (!name) {
-      if (bearerToken(req.headers.authorization)) deps.rules?.onUnknownAdminToken(req.socket.remoteAddress ?? 'unknown');
+      refusedAdminToken(req, bearerToken(req.headers.authorization), deps);
       throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
     }
     actor = `admin:${name}`;
@@ -164,6 +164,18 @@ export function adminName(req: IncomingMessage, store: StoreView, schemes: 'bear
   const header = req.headers.authorization;
   const token = schemes === 'bearer' ? bearerToken(header) : tokenFromAuthorization(header);
   return token && store.usable() ? store.identifyAdmin(token) : undefined;
+}
+
+/**
+ * A token presented to the admin listener that opened nothing: an admin token that expired or was
+ * revoked raises retired_credential_used, anything else counts toward unknown_token.
+ */
+export function refusedAdminToken(req: IncomingMessage, token: string | undefined, deps: Pick<AdminApiDeps, 'store' | 'rules'>): void {
+  if (!token || !deps.rules) return;
+  const remote = req.socket.remoteAddress ?? 'unknown';
+  const retired = deps.store.lookupAdmin(token).retired;
+  if (retired) deps.rules.onRetiredAdminToken(retired, remote);
+  else deps.rules.onUnknownAdminToken(remote);
 }
 
 function toHttpError(err: unknown): HttpError {

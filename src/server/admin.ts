@@ -1,7 +1,7 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
+import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, LISTENER_LIMITS } from './reverse.ts';
@@ -51,7 +51,7 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
     if (!name) {
       // Audited like a refused API request: guesses at the page's password show in the audit log too.
       api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
-      if (tokenFromAuthorization(req.headers.authorization)) api.rules?.onUnknownAdminToken(req.socket.remoteAddress ?? 'unknown');
+      refusedAdminToken(req, tokenFromAuthorization(req.headers.authorization), api);
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }

@@ -169,3 +169,19 @@ describe('AUTH: what an admin token was used for', () => {
     await lab.g0();
   });
 });
+
+describe('AUTH: a revoked admin token presented again', () => {
+  it('AUTH-17 raises retired_credential_used naming the admin token, as a revoked caller token does', async () => {
+    const env = envFor(lab.dir);
+    const admin = (JSON.parse((await runCli(['admin-token', 'create', 'gone', '--json'], env)).stdout) as { token: string }).token;
+    const list = () => fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (lab.seen(await r.text()), r.status));
+    await eventually(async () => (await list()) === 200, 3_000, 'the admin token known');
+    expect((await runCli(['admin-token', 'revoke', 'gone'], env)).code).toBe(0);
+    await eventually(async () => (await list()) === 401, 3_000, 'the admin token revoked');
+    await eventually(() => lab.serve.output().includes('"alert":"retired_credential_used"'), 3_000, 'the retired_credential_used alert');
+    const alert = JSON.parse(lab.serve.output().split('\n').find((l) => l.includes('"alert":"retired_credential_used"'))!) as Record<string, unknown>;
+    expect(alert).toMatchObject({ severity: 'warning', subject: 'admin:gone', admin_token: 'gone', remote: '127.0.0.1' });
+    expect(lab.serve.output()).not.toContain(admin.slice(4));
+    await lab.g0();
+  });
+});
