@@ -90,6 +90,22 @@ describe('AUTH: guessing admin tokens', () => {
   });
 });
 
+describe('DOS: idle connections on the admin listener', () => {
+  it('DOS-09b connections that never send a byte are closed within 14 s, not kept for ever', async () => {
+    const port = Number(new URL(lab.admin).port);
+    const started = Date.now();
+    const lifetimes = await Promise.all(Array.from({ length: 50 }, () => new Promise<number>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.on('close', () => resolve(Date.now() - started));
+      setTimeout(() => (socket.destroy(), resolve(Number.POSITIVE_INFINITY)), 30_000);
+    })));
+    // 10 s without a byte, and slack on a loaded 2-core machine.
+    expect(Math.max(...lifetimes), 'ms until the last idle connection was closed').toBeLessThan(14_000);
+    await lab.g0();
+  }, 60_000);
+});
+
 describe('DOS: pipelined requests on the admin listener', () => {
   it('DOS-15 clients that pipeline GET /metrics and never read the answers are cut, and /healthz stays quick', async () => {
     // Its own process: the attack costs memory the other tests should not inherit.
