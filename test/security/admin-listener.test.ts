@@ -128,7 +128,8 @@ describe('DOS: pipelined requests on the admin listener', () => {
       for (const socket of sockets) socket.destroy();
       expect(health).toBe(200);
       // Before: every pipelined request was rendered and held; /healthz waited 80 s behind them.
-      expect(ms, 'ms for /healthz during the attack').toBeLessThan(2_000);
+      // Now milliseconds; 5 s leaves room for a 2-core machine busy with other work.
+      expect(ms, 'ms for /healthz during the attack').toBeLessThan(5_000);
       await own.g0();
     } finally {
       await own.close();
