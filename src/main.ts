@@ -132,7 +132,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       metrics.storeReachable.set(s.reachable ? 1 : 0);
       return { ready: s.reachable && s.usable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
     },
-  }, metrics, { store, keys, audit, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config });
+  }, metrics, { store, keys, audit, rules, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config });
 
   // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
   let tls: Awaited<ReturnType<typeof createTlsServer>> | undefined;

@@ -73,25 +73,41 @@ export class AlertRules {
     this.#alerts.raise('upstream_rejected_credential', 'critical', credential, 'upstream rejected the credential and no previous version is in grace', { credential, version, route, status });
   }
 
+  /** An admin token that expired or was revoked, presented to the admin listener: a leaked one, or a forgotten script. */
+  onRetiredAdminToken(name: string, remote: string): void {
+    this.#alerts.raise('retired_credential_used', 'warning', `admin:${name}`, 'an expired or revoked admin token was presented', { admin_token: name, remote });
+  }
+
+  /** A token presented to the admin listener (API or status page) that is no live admin token. */
+  onUnknownAdminToken(remote: string, now = performance.now()): void {
+    this.#unknownToken(remote, 'admin', now);
+  }
+
+  /** Caller and admin tokens count together: guessing either from one address is the same alarm. */
+  #unknownToken(address: string, kind: 'caller' | 'admin', now: number): void {
+    const remote = addressGroup(address);
+    const rule = this.#settings.unknown_token;
+    const where: Record<string, string> = kind === 'admin' ? { listener: 'admin' } : {};
+    const n = this.#unknown.hit(remote, now);
+    if (n >= rule.count) {
+      this.#alerts.raise('unknown_token', 'warning', remote, `unknown ${kind} tokens from one address`, { remote, attempts: n, window_ms: rule.window, ...where });
+      return;
+    }
+    // Only attempts under their address's own count add up here (one loud address has its own
+    // alert), in a counter of their own: the per-address one starts afresh past its key bound.
+    const all = this.#unknownAll.hit(ALL_ADDRESSES, now);
+    if (all >= rule.total) {
+      this.#alerts.raise('unknown_token', 'warning', ALL_ADDRESSES, `unknown ${kind} tokens from many addresses, each under its own count`, { attempts: all, window_ms: rule.window, ...where });
+    }
+  }
+
   onRetiredToken(caller: string, remote: string): void {
     this.#alerts.raise('retired_credential_used', 'warning', caller, 'an expired or revoked caller token was presented', { caller, remote });
   }
 
   onRequest(facts: RequestFacts, now = performance.now()): void {
     if (facts.reason === 'caller_unauthenticated') {
-      const remote = addressGroup(facts.remote);
-      const rule = this.#settings.unknown_token;
-      const n = this.#unknown.hit(remote, now);
-      if (n >= rule.count) {
-        this.#alerts.raise('unknown_token', 'warning', remote, 'unknown caller tokens from one address', { remote, attempts: n, window_ms: rule.window });
-        return;
-      }
-      // Only attempts under their address's own count add up here (one loud address has its own
-      // alert), in a counter of their own: the per-address one starts afresh past its key bound.
-      const all = this.#unknownAll.hit(ALL_ADDRESSES, now);
-      if (all >= rule.total) {
-        this.#alerts.raise('unknown_token', 'warning', ALL_ADDRESSES, 'unknown caller tokens from many addresses, each under its own count', { attempts: all, window_ms: rule.window });
-      }
+      this.#unknownToken(facts.remote, 'caller', now);
       return;
     }
     if (facts.decision === 'deny' && facts.caller) {

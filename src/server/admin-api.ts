@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
+import type { AlertRules } from '../observe/alert-rules.ts';
 import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
 import { parseGrace } from '../rotation/transitions.ts';
@@ -22,6 +23,8 @@ export interface AdminApiDeps {
   readonly audit: AuditLog;
   /** The routes in force, so a rotation that would leave one without its fields is refused. */
   readonly routes?: () => readonly ops.RouteFields[];
+  /** Unknown admin tokens count toward unknown_token; revoked or expired ones raise retired_credential_used. */
+  readonly rules?: AlertRules;
 }
 
 const MAX_BODY = 128 * 1024;
@@ -52,13 +55,19 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     // told 401 would conclude its token is wrong (as the proxy answers callers 503, not 401).
     if (bearerToken(req.headers.authorization) && !deps.store.usable()) throw new HttpError(503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; retry shortly.');
     const name = adminName(req, deps.store, 'bearer');
-    if (!name) throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+    if (!name) {
+      refusedAdminToken(req, bearerToken(req.headers.authorization), deps);
+      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+    }
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
     const result = await route(req, segments, op, deps);
     // The API's answer reflects the change at once; the proxy's own view follows within a second.
     void deps.store.refresh();
     send(res, result.status ?? 200, result.body);
+    // Changes are audited from the record's history, on every instance; a read changes nothing
+    // there, and what a token was used to look at is audited here.
+    if (req.method === 'GET') deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
   } catch (err) {
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
@@ -81,7 +90,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     if (!id) {
       if (method === 'GET') return { body: { credentials: [...(await op.store.load()).credentials.values()].map((r) => describeCredential(r, now)) } };
       if (method === 'POST') {
-        const body = await readJson(req);
+        const body = await readJson(req, ['id', 'fields']);
         const newId = stringField(body, 'id');
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
@@ -94,9 +103,12 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
       return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
     }
     if (method !== 'POST') throw notAllowed();
-    const body = await readJson(req);
+    const known = CREDENTIAL_VERBS.get(verb ?? '');
+    if (!known) throw notFound();
+    const body = await readJson(req, known);
     switch (verb) {
       case 'versions':
+        if (body.stage !== undefined && typeof body.stage !== 'boolean') throw new HttpError(400, 'bad_request', 'stage must be true or false');
         return { status: 201, body: describeCredential(await ops.rotateCredential(op, deps.keys.current, id, fields(body), { stage: body.stage === true, graceMs: grace(body) }), now) };
       case 'promote':
         return { body: describeCredential(await ops.promoteCredential(op, id, grace(body)), now) };
@@ -118,7 +130,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
         return { body: { callers: list } };
       }
       if (method === 'POST') {
-        const name = stringField(await readJson(req), 'name');
+        const name = stringField(await readJson(req, ['name']), 'name');
         if (!CALLER_NAME.test(name)) throw new HttpError(400, 'bad_request', 'name: lower-case letters, digits, ".", "_" and "-"');
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
@@ -126,7 +138,8 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
       throw notAllowed();
     }
     if (method !== 'POST') throw notAllowed();
-    const body = await readJson(req);
+    if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
+    const body = await readJson(req, verb === 'rotate' ? ['grace'] : []);
     if (verb === 'rotate') {
       const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
       return { body: { caller: record.name, token } };
@@ -153,6 +166,18 @@ export function adminName(req: IncomingMessage, store: StoreView, schemes: 'bear
   return token && store.usable() ? store.identifyAdmin(token) : undefined;
 }
 
+/**
+ * A token presented to the admin listener that opened nothing: an admin token that expired or was
+ * revoked raises retired_credential_used, anything else counts toward unknown_token.
+ */
+export function refusedAdminToken(req: IncomingMessage, token: string | undefined, deps: Pick<AdminApiDeps, 'store' | 'rules'>): void {
+  if (!token || !deps.rules) return;
+  const remote = req.socket.remoteAddress ?? 'unknown';
+  const retired = deps.store.lookupAdmin(token).retired;
+  if (retired) deps.rules.onRetiredAdminToken(retired, remote);
+  else deps.rules.onUnknownAdminToken(remote);
+}
+
 function toHttpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
   if (err instanceof ConflictError) return new HttpError(409, 'conflict', err.message);
@@ -171,7 +196,30 @@ function notAllowed(): HttpError {
   return new HttpError(405, 'method_not_allowed', 'Method not allowed on this endpoint.');
 }
 
-async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+/** The body fields each credential verb takes. */
+const CREDENTIAL_VERBS: ReadonlyMap<string, readonly string[]> = new Map([
+  ['versions', ['fields', 'stage', 'grace']],
+  ['promote', ['grace']],
+  ['rollback', []],
+  ['revoke', ['version']],
+]);
+
+/**
+ * The request's JSON object, with no field but `known`: a misspelt field must not leave its
+ * default in force ({"Version": 2} would revoke the current version, {"stag": true} put a new key
+ * live). The message names the field only when its name cannot be a value pasted in the wrong place.
+ */
+async function readJson(req: IncomingMessage, known: readonly string[]): Promise<Record<string, unknown>> {
+  const body = await readJsonObject(req);
+  for (const key of Object.keys(body)) {
+    if (known.includes(key)) continue;
+    const name = /^[A-Za-z][A-Za-z0-9_-]{0,31}$/.test(key) ? `"${key}"` : '(name not shown)';
+    throw new HttpError(400, 'bad_request', `unknown field ${name}; this endpoint takes ${known.length ? known.map((k) => `"${k}"`).join(', ') : 'no fields'}`);
+  }
+  return body;
+}
+
+async function readJsonObject(req: IncomingMessage): Promise<Record<string, unknown>> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req) {

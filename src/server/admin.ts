@@ -1,10 +1,12 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, handleAdminApi, type AdminApiDeps } from './admin-api.ts';
+import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
-import { ANSWER_STALL_MS, answerTaken } from '../pipeline/connection-state.ts';
+import { answerClientError, LISTENER_LIMITS } from './reverse.ts';
+import { ANSWER_STALL_MS, answerTaken, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -12,16 +14,44 @@ export interface ReadinessSource {
 
 /** The admin listener: liveness, readiness with its reasons, Prometheus metrics, and the admin API under /v1/. */
 export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Server {
-  return createServer({ headersTimeout: 10_000, requestTimeout: 30_000 }, (req: IncomingMessage, res: ServerResponse) => {
+  // The proxy listener's limits: this port is open to anyone who reaches it, before any token. Node
+  // checks the timeouts only every connectionsCheckingInterval (30 s by default), which let a
+  // dribbled header hold a connection for up to 40 s instead of 10.
+  const server = createServer({
+    headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
+    requestTimeout: 30_000,
+    keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
+    maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
+    insecureHTTPParser: false,
+    connectionsCheckingInterval: 500,
+  }, (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket;
+    // A client that pipelines requests and does not read the answers has every one of them rendered
+    // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
+    // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
+    if (!requestStarted(socket, req, res)) return;
+    socket.setTimeout(0);
+    // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
+    res.setHeader('x-content-type-options', 'nosniff');
     void route(req, res, readiness, metrics, api, status).catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
-    }).then(() => {
+    }).then(async () => {
       // As on the proxy listeners: an answer left unread (a client that pipelines /metrics and
-      // never reads holds every answer) costs the connection after ANSWER_STALL_MS.
-      if (res.writableEnded && res.writableLength > 0 && !res.destroyed) void answerTaken(req.socket, res, ANSWER_STALL_MS);
-    });
+      // never reads holds every answer) costs the connection after ANSWER_STALL_MS, and counts as
+      // waiting until then.
+      if (res.writableEnded && res.writableLength > 0 && !res.destroyed) await answerTaken(socket, res, ANSWER_STALL_MS);
+    }).finally(() => requestAnswered(socket));
   });
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+  server.on('clientError', answerClientError);
+  // Node's header timeout starts with a request's first byte: a connection that sends nothing at all
+  // was kept for ever (each one a file descriptor of the whole process). Silent this long before its
+  // first request, it is closed (Node's handler of the socket's timeout destroys it). Between
+  // requests keepAliveTimeout does the same; during one, this timer is off (a status page that
+  // waits on a slow store is not cut).
+  server.on('connection', (socket: Socket) => socket.setTimeout(LISTENER_LIMITS.headersTimeoutMs));
+  return server;
 }
 
 async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
@@ -30,11 +60,17 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
   if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
     if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });
-    if (!adminName(req, api.store, 'bearer-or-basic')) {
+    const name = adminName(req, api.store, 'bearer-or-basic');
+    if (!name) {
+      // Audited like a refused API request: guesses at the page's password show in the audit log too.
+      api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
+      refusedAdminToken(req, tokenFromAuthorization(req.headers.authorization), api);
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
     }
-    return handleStatusPage(req, res, status);
+    await handleStatusPage(req, res, status);
+    api.audit.admin({ actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
+    return;
   }
   if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
   if (path === '/healthz') return json(res, 200, { status: 'ok' });

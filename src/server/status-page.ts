@@ -108,8 +108,9 @@ export async function handleStatusPage(_req: IncomingMessage, res: ServerRespons
     'content-type': 'text/html; charset=utf-8',
     'content-length': Buffer.byteLength(html),
     'cache-control': 'no-store',
-    // Nothing on the page runs or loads anything.
-    'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'",
+    // Nothing on the page runs or loads anything, and no other page may frame it (clickjacking):
+    // frame-ancestors, base-uri and form-action are not covered by default-src.
+    'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     'x-frame-options': 'DENY',
   });
   res.end(html);

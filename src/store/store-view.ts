@@ -198,6 +198,11 @@ export class StoreView {
     return this.#admins.identify(token);
   }
 
+  /** As identifyAdmin, and also tells when the token is one that expired or was revoked. */
+  lookupAdmin(token: string): Identified {
+    return this.#admins.lookup(token);
+  }
+
   snapshot(): StoreSnapshot | undefined {
     return this.#snapshot;
   }

@@ -121,6 +121,33 @@ describe('admin API', () => {
     expect(list.text).not.toContain(token.slice(4));
   });
 
+  it('refuses a body with a key it does not know or a value of the wrong type, and changes nothing', async () => {
+    // A typo must not fall back to the default: {"Version": 2} revoked the current key at once,
+    // {"stage": "true"} put the new key live instead of staging it, {"grce": "1h"} gave 24 h.
+    expect((await api('POST', '/credentials', { id: 'strict', fields: { token: 'tok_strict_1111' } })).status).toBe(201);
+    const states = async () => ((await api('GET', '/credentials/strict')).json.versions as { state: string }[]).map((v) => v.state);
+    const refused = [
+      await api('POST', '/credentials/strict/revoke', { Version: 2 }),
+      await api('POST', '/credentials/strict/versions', { fields: { token: 'tok_strict_2222' }, stage: 'true' }),
+      await api('POST', '/credentials/strict/versions', { fields: { token: 'tok_strict_3333' }, stag: true }),
+      await api('POST', '/credentials/strict/rollback', { version: 1 }),
+      await api('POST', '/credentials', { id: 'strict2', fields: { token: 'tok_strict_4444' }, stage: true }),
+      await api('POST', '/callers', { name: 'strict-caller', grace: '1h' }),
+      await api('POST', '/callers/svc/revoke', { grace: '1h' }),
+    ];
+    for (const r of refused) {
+      expect(r.status, r.text).toBe(400);
+      expect(r.text).not.toMatch(/tok_strict/);
+    }
+    expect(refused[0]!.json).toMatchObject({ error: { code: 'bad_request', message: expect.stringContaining('"Version"') } });
+    expect(refused[1]!.json).toMatchObject({ error: { message: expect.stringContaining('stage') } });
+    expect(await states()).toEqual(['current']);
+    expect((await api('GET', '/credentials/strict2')).status).toBe(404);
+    expect((await api('GET', '/callers')).text).not.toContain('strict-caller');
+    const svc = (await api('GET', '/callers')).json.callers as { name: string; revoked_at: string | null }[];
+    expect(svc.find((c) => c.name === 'svc')?.revoked_at).toBeNull();
+  });
+
   it('a credential it has just created or rotated is 0 days old, not -1', async () => {
     const created = await api('POST', '/credentials', { id: 'fresh', fields: { token: 'tok_fresh_1234' } });
     expect(created.status).toBe(201);

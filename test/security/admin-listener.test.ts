@@ -1,0 +1,204 @@
+import { connect } from 'node:net';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually } from '../helpers/proxy.ts';
+import { startLab, type Lab } from './lab.ts';
+
+/**
+ * The admin listener (health, metrics, the admin API and the status page) under the same attacks
+ * as the proxy listener: it is reachable by anything that reaches its port, before any token.
+ */
+let lab: Lab;
+beforeAll(async () => {
+  lab = await startLab();
+}, 30_000);
+afterAll(async () => {
+  await lab?.close();
+});
+
+/** How long the admin listener keeps a connection that dribbles header lines, one a second, without end. */
+async function dribbledHeaderLifetime(port: number): Promise<{ ms: number; answer: string }> {
+  const started = Date.now();
+  const socket = connect(port, '127.0.0.1');
+  socket.on('error', () => {});
+  let answer = '';
+  socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+  socket.write('GET /healthz HTTP/1.1\r\nHost: admin\r\n');
+  const timer = setInterval(() => socket.writable && socket.write('X-a: b\r\n'), 1_000);
+  const ms = await new Promise<number>((resolve) => {
+    socket.once('close', () => resolve(Date.now() - started));
+    setTimeout(() => resolve(Date.now() - started), 45_000);
+  });
+  clearInterval(timer);
+  socket.destroy();
+  return { ms, answer };
+}
+
+describe('DOS: the admin listener', () => {
+  it('DOS-01e a dribbled header on the admin listener is cut within 14 s with a 408, as on the proxy listener', async () => {
+    // Not right at a checking-interval boundary.
+    await new Promise((r) => setTimeout(r, 3_000));
+    const { ms, answer } = await dribbledHeaderLifetime(Number(new URL(lab.admin).port));
+    // 10 s header timeout + 0.5 s check interval + 1 s lingering close + slack on a loaded 2-core machine.
+    expect(ms, 'ms until the admin listener closed the slow connection').toBeLessThan(14_000);
+    expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 408 Request Timeout');
+    await lab.g0();
+  }, 60_000);
+});
+
+const auditLines = async (on: Lab) => (await readFile(join(on.dir, 'audit.log'), 'utf8').catch(() => '')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+
+describe('AUTH: the status page', () => {
+  it('AUTH-14 a refused request for the status page is audited, as a refused admin API request is', async () => {
+    const created = await runCli(['admin-token', 'create', 'ops', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const before = (await auditLines(lab)).length;
+    // Guessing the password of the page's Basic prompt, as a browser would send it.
+    const guess = `ega_${'g'.repeat(43)}`;
+    const res = await fetch(`${lab.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${guess}`).toString('base64')}` } });
+    lab.seen(await res.text());
+    expect(res.status).toBe(401);
+    await eventually(async () => (await auditLines(lab)).slice(before).some((l) => l.kind === 'admin' && l.decision === 'deny'), 2_000, 'an audit line for the refused request');
+    const line = (await auditLines(lab)).slice(before).find((l) => l.kind === 'admin' && l.decision === 'deny')!;
+    expect(line).toMatchObject({ actor: 'admin:unknown', action: 'GET /', reason: 'admin_unauthenticated' });
+    expect(JSON.stringify(line)).not.toContain(guess);
+    await lab.g0();
+  });
+});
+
+describe('AUTH: guessing admin tokens', () => {
+  it('AUTH-15 unknown admin tokens from one address raise the unknown_token alert, as unknown caller tokens do', async () => {
+    const guesses = Array.from({ length: 10 }, (_, i) => `ega_${'u'.repeat(42)}${i}`);
+    for (const [i, guess] of guesses.entries()) {
+      // The API and the status page's Basic prompt both count.
+      const res = i % 2
+        ? await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${guess}` } })
+        : await fetch(`${lab.admin}/`, { headers: { authorization: `Basic ${Buffer.from(`ops:${guess}`).toString('base64')}` } });
+      lab.seen(await res.text());
+      expect(res.status).toBe(401);
+    }
+    await eventually(() => lab.serve.output().includes('"alert":"unknown_token"'), 3_000, 'the unknown_token alert');
+    const alert = lab.serve.output().split('\n').find((l) => l.includes('"alert":"unknown_token"'))!;
+    expect(JSON.parse(alert)).toMatchObject({ severity: 'warning', subject: '127.0.0.1', listener: 'admin' });
+    for (const guess of guesses) expect(lab.serve.output()).not.toContain(guess.slice(4));
+    expect(await fetch(`${lab.admin}/metrics`).then((r) => r.text())).toMatch(/egress_alerts_total\{alert="unknown_token",severity="warning"\} 1/);
+    await lab.g0();
+  });
+});
+
+describe('DOS: idle connections on the admin listener', () => {
+  it('DOS-09b connections that never send a byte are closed within 14 s, not kept for ever', async () => {
+    const port = Number(new URL(lab.admin).port);
+    const started = Date.now();
+    const lifetimes = await Promise.all(Array.from({ length: 50 }, () => new Promise<number>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.on('close', () => resolve(Date.now() - started));
+      setTimeout(() => (socket.destroy(), resolve(Number.POSITIVE_INFINITY)), 30_000);
+    })));
+    // 10 s without a byte, and slack on a loaded 2-core machine.
+    expect(Math.max(...lifetimes), 'ms until the last idle connection was closed').toBeLessThan(14_000);
+    await lab.g0();
+  }, 60_000);
+});
+
+describe('DOS: pipelined requests on the admin listener', () => {
+  it('DOS-15 clients that pipeline GET /metrics and never read the answers are cut, and /healthz stays quick', async () => {
+    // Its own process: the attack costs memory the other tests should not inherit.
+    const own = await startLab();
+    try {
+      const port = Number(new URL(own.admin).port);
+      const request = 'GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n';
+      const sockets = Array.from({ length: 20 }, () => {
+        const socket = connect(port, '127.0.0.1');
+        socket.on('error', () => {});
+        socket.pause();
+        // What Node reads in one go: some 1,800 requests, each a registry walk and 10 kB of answer.
+        socket.write(request.repeat(Math.floor(65_536 / request.length)));
+        return socket;
+      });
+      await new Promise((r) => setTimeout(r, 3_000));
+      const t0 = performance.now();
+      const health = await fetch(`${own.admin}/healthz`, { signal: AbortSignal.timeout(10_000) }).then((r) => r.status, () => 0);
+      const ms = performance.now() - t0;
+      for (const socket of sockets) socket.destroy();
+      expect(health).toBe(200);
+      // Before: every pipelined request was rendered and held; /healthz waited 80 s behind them.
+      // Now milliseconds; 5 s leaves room for a 2-core machine busy with other work.
+      expect(ms, 'ms for /healthz during the attack').toBeLessThan(5_000);
+      await own.g0();
+    } finally {
+      await own.close();
+    }
+  }, 60_000);
+});
+
+describe('RESP: what the admin listener answers with', () => {
+  it('RESP-09 every admin answer says nosniff, and the status page may not be framed by anyone (CSP frame-ancestors)', async () => {
+    const created = await runCli(['admin-token', 'create', 'headers', '--json'], envFor(lab.dir));
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const bearer = { authorization: `Bearer ${admin}` };
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: bearer }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const answers = await Promise.all([
+      fetch(`${lab.admin}/healthz`), fetch(`${lab.admin}/readyz`), fetch(`${lab.admin}/metrics`), fetch(`${lab.admin}/nothing`),
+      fetch(`${lab.admin}/v1/callers`), fetch(`${lab.admin}/v1/callers`, { headers: bearer }), fetch(`${lab.admin}/`), fetch(`${lab.admin}/`, { headers: bearer }),
+    ]);
+    for (const res of answers) {
+      lab.seen(await res.text());
+      expect(res.headers.get('x-content-type-options'), res.url).toBe('nosniff');
+      expect(res.headers.get('access-control-allow-origin'), res.url).toBeNull();
+    }
+    const page = answers.at(-1)!;
+    expect(page.status).toBe(200);
+    expect(page.headers.get('x-frame-options')).toBe('DENY');
+    expect(page.headers.get('content-security-policy')).toMatch(/frame-ancestors 'none'/);
+    expect(page.headers.get('cache-control')).toBe('no-store');
+    await lab.g0();
+  });
+});
+
+describe('AUTH: what an admin token was used for', () => {
+  it('AUTH-16 reads with an admin token (API lists and shows, the status page) leave an audit line naming the token', async () => {
+    const created = await runCli(['admin-token', 'create', 'reader', '--json'], envFor(lab.dir));
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    const bearer = { authorization: `Bearer ${admin}` };
+    await eventually(async () => (await fetch(`${lab.admin}/healthz`).then((r) => r.status)) === 200 && (await fetch(`${lab.admin}/v1/callers`, { headers: bearer }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const before = (await auditLines(lab)).length;
+    for (const path of ['/v1/credentials', '/v1/credentials/plaid', '/v1/callers', '/']) {
+      const res = await fetch(`${lab.admin}${path}`, { headers: bearer });
+      lab.seen(await res.text());
+      expect(res.status, path).toBe(200);
+    }
+    await eventually(async () => (await auditLines(lab)).slice(before).some((l) => l.actor === 'admin:reader' && l.action === 'GET /'), 2_000, 'the audit lines');
+    // The last four: the wait for the token above may have left a line of its own just after `before`.
+    const lines = (await auditLines(lab)).slice(before).filter((l) => l.actor === 'admin:reader').slice(-4);
+    expect(lines.map((l) => [l.action, l.target, l.decision, l.reason])).toEqual([
+      ['GET /v1/credentials', 'credentials', 'allow', 'read'],
+      ['GET /v1/credentials/:id', 'credentials:plaid', 'allow', 'read'],
+      ['GET /v1/callers', 'callers', 'allow', 'read'],
+      ['GET /', 'status-page', 'allow', 'read'],
+    ]);
+    expect(JSON.stringify(lines)).not.toContain(admin.slice(4));
+    await lab.g0();
+  });
+});
+
+describe('AUTH: a revoked admin token presented again', () => {
+  it('AUTH-17 raises retired_credential_used naming the admin token, as a revoked caller token does', async () => {
+    const env = envFor(lab.dir);
+    const admin = (JSON.parse((await runCli(['admin-token', 'create', 'gone', '--json'], env)).stdout) as { token: string }).token;
+    const list = () => fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (lab.seen(await r.text()), r.status));
+    await eventually(async () => (await list()) === 200, 3_000, 'the admin token known');
+    expect((await runCli(['admin-token', 'revoke', 'gone'], env)).code).toBe(0);
+    await eventually(async () => (await list()) === 401, 3_000, 'the admin token revoked');
+    await eventually(() => lab.serve.output().includes('"alert":"retired_credential_used"'), 3_000, 'the retired_credential_used alert');
+    const alert = JSON.parse(lab.serve.output().split('\n').find((l) => l.includes('"alert":"retired_credential_used"'))!) as Record<string, unknown>;
+    expect(alert).toMatchObject({ severity: 'warning', subject: 'admin:gone', admin_token: 'gone', remote: '127.0.0.1' });
+    expect(lab.serve.output()).not.toContain(admin.slice(4));
+    await lab.g0();
+  });
+});
