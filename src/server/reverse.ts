@@ -1,5 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { STATUS_CODES, createServer } from './http.ts';
+import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
@@ -49,7 +50,22 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
   // Forward mode needs the CA (egress certs init); without it there are no tunnels at all.
   server.on('connect', onConnect ?? ((_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'Forward mode is off: no CA in EGRESS_CERTS (run "egress certs init").'))));
   server.on('clientError', answerClientError);
+  server.on('connection', closeIfSilent);
   return server;
+}
+
+/**
+ * Node's header timeout starts with a request's first byte: a connection that sends nothing at all
+ * was kept for good, each one a file descriptor of the whole process (DOS-09). One that has sent
+ * no byte when the header timeout has passed is closed. One timer per connection, none per request.
+ */
+export function closeIfSilent(socket: Socket): void {
+  const read = socket.bytesRead;
+  const timer = setTimeout(() => {
+    if (socket.bytesRead === read) socket.destroy();
+  }, LISTENER_LIMITS.headersTimeoutMs);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
 }
 
 /**

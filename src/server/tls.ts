@@ -9,7 +9,7 @@ import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
-import { LISTENER_LIMITS, answerClientError, refuseUpgrade } from './reverse.ts';
+import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseUpgrade } from './reverse.ts';
 
 /** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD). */
 const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
@@ -88,6 +88,8 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   server.on('secureConnection', (s: TLSSocket) => {
     // No renegotiation (TLS 1.2): a client-initiated one costs the server a handshake each time and buys the caller nothing.
     s.disableRenegotiation();
+    // After its handshake, as on the plain listener: a caller that then sends nothing is let go.
+    closeIfSilent(s);
     sockets.add(s);
     s.once('close', () => sockets.delete(s));
   });

@@ -295,3 +295,31 @@ describe('DOS: answers the caller never reads', () => {
     await lab.g0();
   }, 120_000);
 });
+
+describe('DOS-09c silent connections', () => {
+  it('a connection that never sends a byte is closed after about 10 s, on the plain listener and on the TLS listener after its handshake', async () => {
+    const closedAfter = (socket: Socket, since: number) => new Promise<number>((resolve) => {
+      const timer = setTimeout(() => resolve(Infinity), 30_000);
+      socket.on('error', () => {});
+      socket.once('close', () => {
+        clearTimeout(timer);
+        resolve(performance.now() - since);
+      });
+    });
+    const plain = connect(lab.port, '127.0.0.1');
+    await new Promise<void>((r) => plain.once('connect', () => r()));
+    const plainClosed = closedAfter(plain, performance.now());
+    const tls = tlsConnect({ host: '127.0.0.1', port: tlsPort, servername: 'localhost', ca: tlsCa });
+    await new Promise<void>((r) => tls.once('secureConnect', () => r()));
+    const tlsClosed = closedAfter(tls, performance.now());
+    const [p, t] = await Promise.all([plainClosed, tlsClosed]);
+    console.log(`DOS-09c: silent connections closed after ${Math.round(p)} ms (plain), ${Math.round(t)} ms (TLS)`);
+    for (const [label, ms] of [['plain', p], ['TLS', t]] as const) {
+      expect(ms, `${label}: closed`).toBeLessThan(20_000);
+      expect(ms, `${label}: not before the header timeout`).toBeGreaterThan(9_000);
+    }
+    // A connection that sends its request slowly is not cut by this: the header timeout rules it.
+    expect((await fetch(`${lab.url}/stall/slow`, { headers: { 'x-egress-token': lab.tokens.a } })).status).toBe(200);
+    await lab.g0();
+  }, 60_000);
+});
