@@ -117,8 +117,11 @@ allow:
     }
   }, 60_000);
 
-  it('a key put again is not mistaken for the lost one: OAuth2 tokens minted with the lost key\'s version 1 are not sent for the new version 1', async () => {
-    // The token endpoint says which client secret minted each token; the API echoes it back.
+  /**
+   * An OAuth2 route on a token endpoint that says which client secret minted each token (`gate`
+   * may hold a mint's answer), an API that echoes it, and one `serve` on the `backend` store.
+   */
+  async function startMintLab(backend: 'redis' | 'file', gate: (answer: () => void) => void = (answer) => answer()) {
     const mintedWith = new Map<string, string>();
     upstream = await startUpstream((req, res) => {
       const json = (doc: unknown) => {
@@ -127,81 +130,18 @@ allow:
       };
       if (req.url === '/connect/token') {
         const secret = Buffer.from(String(req.headers.authorization).replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent)[1]!;
-        const token = `at_${mintedWith.size + 1}`;
-        mintedWith.set(token, secret);
-        return json({ access_token: token, token_type: 'Bearer', expires_in: 3600 });
-      }
-      json({ minted_with: mintedWith.get(String(req.headers.authorization).replace(/^Bearer /, '')) ?? null });
-    });
-    dir = await makeTempDir('egress-data-loss-');
-    if (backend === 'redis') redis = await TestRedis.create();
-    const store = redis ? redis.url : `file:${join(dir, 'store.json')}`;
-    const route = `name: bank
-prefix: /bank
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: bank
-inject:
-  scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`;
-    const { tokens } = await seedDataDir(dir, { routes: { bank: route }, credentials: { bank: { client_id: 'client-1', client_secret: OLD } }, callers: ['svc'], store });
-    const env = envFor(dir, { EGRESS_STORE: store });
-    await new Promise((r) => setTimeout(r, 5));
-    const serve = await startServe(env);
-    serves.push(serve);
-    const mintedWithNow = async () => {
-      const res = await fetch(`${serve.url}/bank/accounts`, { headers: { 'x-egress-token': tokens.svc! } });
-      expect(res.status).toBe(200);
-      return ((await res.json()) as { minted_with: string | null }).minted_with;
-    };
-    expect(await mintedWithNow()).toBe(OLD);
-
-    if (redis) {
-      const c = redis.client();
-      await c.flushall();
-      c.disconnect();
-    } else {
-      await writeFile(join(dir, 'fresh-store.json'), JSON.stringify({ format: 'egress-store/1', credentials: {}, callers: {}, admins: {} }));
-      await rename(join(dir, 'fresh-store.json'), join(dir, 'store.json'));
-    }
-    await eventually(() => serve.output().includes('store_rollback'), 5_000, 'the records seen gone');
-    expect((await runCli(['keys', 'put', 'bank', '--from-stdin'], env, JSON.stringify({ client_id: 'client-1', client_secret: NEW }))).code).toBe(0);
-    await eventually(async () => (await mintedWithNow()) === NEW, 5_000, 'a token minted with the key put again');
-    for (const secret of [OLD, NEW, ...mintedWith.keys()]) expect(serve.output()).not.toContain(secret);
-  }, 60_000);
-
-  it('a token minted with the lost key while the key is put again is not kept for the new version 1', async () => {
-    // The token endpoint holds its answers while `held` is set; it says which secret minted each token.
-    const mintedWith = new Map<string, string>();
-    let held: (() => void)[] | undefined;
-    let minting = 0;
-    upstream = await startUpstream((req, res) => {
-      const json = (doc: unknown) => {
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify(doc));
-      };
-      if (req.url === '/connect/token') {
-        const secret = Buffer.from(String(req.headers.authorization).replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent)[1]!;
-        const answer = () => {
+        return gate(() => {
           const token = `at_${mintedWith.size + 1}`;
           mintedWith.set(token, secret);
           json({ access_token: token, token_type: 'Bearer', expires_in: 3600 });
-        };
-        minting++;
-        if (held) held.push(answer);
-        else answer();
-        return;
+        });
       }
       json({ minted_with: mintedWith.get(String(req.headers.authorization).replace(/^Bearer /, '')) ?? null });
     });
-    dir = await makeTempDir('egress-data-loss-');
+    const folder = await makeTempDir('egress-data-loss-');
+    dir = folder;
     if (backend === 'redis') redis = await TestRedis.create();
-    const store = redis ? redis.url : `file:${join(dir, 'store.json')}`;
+    const store = redis ? redis.url : `file:${join(folder, 'store.json')}`;
     const route = `name: bank
 prefix: /bank
 upstream: ${upstream.url}
@@ -215,37 +155,63 @@ allow:
     methods: [GET]
     paths: [/accounts]
 `;
-    const { tokens } = await seedDataDir(dir, { routes: { bank: route }, credentials: { bank: { client_id: 'client-1', client_secret: OLD } }, callers: ['svc'], store });
-    const env = envFor(dir, { EGRESS_STORE: store });
+    const { tokens } = await seedDataDir(folder, { routes: { bank: route }, credentials: { bank: { client_id: 'client-1', client_secret: OLD } }, callers: ['svc'], store });
+    const env = envFor(folder, { EGRESS_STORE: store });
     await new Promise((r) => setTimeout(r, 5));
     const serve = await startServe(env);
     serves.push(serve);
+    /** Which secret minted the token the proxy sends now. */
     const mintedWithNow = async () => {
       const res = await fetch(`${serve.url}/bank/accounts`, { headers: { 'x-egress-token': tokens.svc! } });
       expect(res.status).toBe(200);
       return ((await res.json()) as { minted_with: string | null }).minted_with;
     };
+    /** The store loses its data (FLUSHALL, or a fresh store file); the instance keeps what it saw. */
+    const loseData = async () => {
+      if (redis) {
+        const c = redis.client();
+        await c.flushall();
+        c.disconnect();
+      } else {
+        await writeFile(join(folder, 'fresh-store.json'), JSON.stringify({ format: 'egress-store/1', credentials: {}, callers: {}, admins: {} }));
+        await rename(join(folder, 'fresh-store.json'), join(folder, 'store.json'));
+      }
+      await eventually(() => serve.output().includes('store_rollback'), 5_000, 'the records seen gone');
+    };
+    const putAgain = async () => expect((await runCli(['keys', 'put', 'bank', '--from-stdin'], env, JSON.stringify({ client_id: 'client-1', client_secret: NEW }))).code).toBe(0);
+    return { mintedWith, serve, mintedWithNow, loseData, putAgain };
+  }
 
-    if (redis) {
-      const c = redis.client();
-      await c.flushall();
-      c.disconnect();
-    } else {
-      await writeFile(join(dir, 'fresh-store.json'), JSON.stringify({ format: 'egress-store/1', credentials: {}, callers: {}, admins: {} }));
-      await rename(join(dir, 'fresh-store.json'), join(dir, 'store.json'));
-    }
-    await eventually(() => serve.output().includes('store_rollback'), 5_000, 'the records seen gone');
+  it('a key put again is not mistaken for the lost one: OAuth2 tokens minted with the lost key\'s version 1 are not sent for the new version 1', async () => {
+    const lab = await startMintLab(backend);
+    expect(await lab.mintedWithNow()).toBe(OLD);
+    await lab.loseData();
+    await lab.putAgain();
+    await eventually(async () => (await lab.mintedWithNow()) === NEW, 5_000, 'a token minted with the key put again');
+    for (const secret of [OLD, NEW, ...lab.mintedWith.keys()]) expect(lab.serve.output()).not.toContain(secret);
+  }, 60_000);
+
+  it('a token minted with the lost key while the key is put again is not kept for the new version 1', async () => {
+    // The token endpoint holds its answers while `held` is set.
+    let held: (() => void)[] | undefined;
+    let minting = 0;
+    const lab = await startMintLab(backend, (answer) => {
+      minting++;
+      if (held) held.push(answer);
+      else answer();
+    });
+    await lab.loseData();
     // A request on the kept record is minting with the lost secret when the key is put again.
     held = [];
-    const inFlight = mintedWithNow();
+    const inFlight = lab.mintedWithNow();
     await eventually(() => minting === 1, 5_000, 'the mint with the lost secret under way');
-    expect((await runCli(['keys', 'put', 'bank', '--from-stdin'], env, JSON.stringify({ client_id: 'client-1', client_secret: NEW }))).code).toBe(0);
-    await eventually(() => serve.output().includes('store_new_incarnation'), 5_000, 'the key put again seen');
+    await lab.putAgain();
+    await eventually(() => lab.serve.output().includes('store_new_incarnation'), 5_000, 'the key put again seen');
     const answers = held;
     held = undefined;
     for (const answer of answers) answer();
     expect(await inFlight).toBe(OLD);
-    expect(await mintedWithNow()).toBe(NEW);
-    for (const secret of [OLD, NEW, ...mintedWith.keys()]) expect(serve.output()).not.toContain(secret);
+    expect(await lab.mintedWithNow()).toBe(NEW);
+    for (const secret of [OLD, NEW, ...lab.mintedWith.keys()]) expect(lab.serve.output()).not.toContain(secret);
   }, 60_000);
 });
