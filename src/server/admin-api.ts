@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
+import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AlertRules } from '../observe/alert-rules.ts';
@@ -161,6 +162,9 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
  * /v1/credentials/ID/revoke included.
  */
 export function adminName(req: IncomingMessage, store: StoreView, schemes: 'bearer' | 'bearer-or-basic'): string | undefined {
+  // Node keeps the first of two Authorization lines: which one counts would depend on the order a
+  // client or a proxy in between wrote them. Two are refused, as two caller tokens are.
+  if (countHeader(req.rawHeaders, 'authorization') > 1) return undefined;
   const header = req.headers.authorization;
   const token = schemes === 'bearer' ? bearerToken(header) : tokenFromAuthorization(header);
   return token && store.usable() ? store.identifyAdmin(token) : undefined;

@@ -202,3 +202,29 @@ describe('AUTH: a revoked admin token presented again', () => {
     await lab.g0();
   });
 });
+
+describe('AUTH: two Authorization headers', () => {
+  it('AUTH-18 two Authorization headers are refused (401) on the admin API and the status page, whichever comes first, as two caller tokens are on the proxy listener', async () => {
+    const created = await runCli(['admin-token', 'create', 'twice', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const status = (path: string, lines: string[]) => new Promise<number>((resolve, reject) => {
+      const socket = connect(port, '127.0.0.1', () => socket.write(`GET ${path} HTTP/1.1\r\nHost: admin\r\n${lines.map((l) => `${l}\r\n`).join('')}Connection: close\r\n\r\n`));
+      let answer = '';
+      socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+      socket.on('end', () => resolve(Number(answer.slice(9, 12))));
+      socket.on('error', reject);
+    });
+    const good = `Authorization: Bearer ${admin}`;
+    const other = 'Authorization: Bearer ega_not_a_real_token_0000000000000000000000';
+    for (const path of ['/v1/callers', '/']) {
+      expect(await status(path, [good]), `${path}: one header`).toBe(200);
+      expect(await status(path, [good, other]), `${path}: valid, then another`).toBe(401);
+      expect(await status(path, [other, good]), `${path}: another, then valid`).toBe(401);
+      expect(await status(path, [good, good]), `${path}: the same twice`).toBe(401);
+    }
+    await lab.g0();
+  });
+});
