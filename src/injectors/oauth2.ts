@@ -76,14 +76,15 @@ export const oauth2Injector: Injector<Options> = {
   templates: (options) => [options.client_id, options.client_secret],
   async prepare(args: PrepareArgs<Options>): Promise<string> {
     const { options, credential } = args;
-    // Everything that decides which client the token is minted for: two routes that share a
-    // credential and a token endpoint but name different client fields get different tokens. The
+    // Everything that decides which client the token is minted for, and which part of the answer
+    // is the token: two routes that share a credential and a token endpoint but name different
+    // client fields, or read another field of the answer, get their own tokens. The
     // version's created_at too: a mint with the lost record's version 1 that ends after the key was
     // put again (and its tokens dropped) is not cached as a token of the new version 1.
     const key = {
       credential: credential.id,
       version: credential.version,
-      parts: [credential.createdAt ?? '', options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field],
+      parts: [credential.createdAt ?? '', options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field, options.token_field, options.expires_field, options.refresh_field ?? '', options.refresh_expires_field ?? '', options.refresh_url ?? ''],
     };
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);

@@ -24,6 +24,7 @@ const CREDS = {
   snap: { client_id: 'snap-client', consumer_key: 'ck_CANARY_snap' },
   crlf: { client_id: 'client-crlf', client_secret: 'cs_CANARY_crlf' },
   slow: { client_id: 'client-slow', client_secret: 'cs_CANARY_slow' },
+  two: { client_id: 'client-two', client_secret: 'cs_CANARY_two' },
   kraken: { api_key: 'kraken-key', api_secret: Buffer.from('kraken_CANARY_secret_bytes').toString('base64') },
 };
 
@@ -85,6 +86,12 @@ beforeAll(async () => {
       // GoCardless style: a short-lived access token and a refresh token, in a JSON answer.
       return json(200, { access: `at_gc_${++counter}`, access_expires: 1, refresh: 'rt_CANARY_1', refresh_expires: 600 });
     }
+    if (req.url === '/connect/token-two') {
+      // One answer, two tokens: which one a route sends is its token_field.
+      const n = ++counter;
+      mints.push({ client: 'two-access', token: `at_two_${n}` }, { client: 'two-other', token: `ot_two_${n}` });
+      return json(200, { access_token: `at_two_${n}`, other_token: `ot_two_${n}`, token_type: 'Bearer', expires_in: 3600 });
+    }
     if (req.url === '/connect/token-null') {
       // JSON, but not an object.
       res.writeHead(200, { 'content-type': 'application/json' });
@@ -128,6 +135,8 @@ beforeAll(async () => {
       nulltoken: route('nulltoken', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-null`),
       snap: route('snap', '  scheme: snaptrade'),
       keyed: route('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
+      'two-a': route('two-a', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-two`),
+      'two-b': route('two-b', `  scheme: oauth2_client_credentials\n  token_url: ${upstream.url}/connect/token-two\n  token_field: other_token`),
       plaidpre: `name: plaidpre\npreset: plaid\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: plaidbody\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/check]\n`,
     },
     credentials: CREDS,
@@ -295,6 +304,15 @@ describe('CRED-INJ oauth2 refresh endpoint on its own origin', () => {
     expect(refresher.requests.map((r) => r.url)).toEqual(['/token/refresh/']);
     expect(upstream.requests.slice(mark).map((r) => r.url)).not.toContain('/token/refresh/');
     expect(upstream.requests.at(-1)!.headers.authorization).toBe('Bearer at_refreshed_1');
+  });
+});
+
+describe('CRED-INJ oauth2 routes reading other fields of one token answer', () => {
+  it('CRED-INJ-18 two routes on one credential and token endpoint with different token_field send their own token, not one cached token', async () => {
+    const clientOf = async (path: string) => ((await (await call(path)).json()) as { client: string | null }).client;
+    expect(await clientOf('/two-a/accounts')).toBe('two-access');
+    expect(await clientOf('/two-b/accounts')).toBe('two-other');
+    expect(await clientOf('/two-a/accounts')).toBe('two-access');
   });
 });
 
