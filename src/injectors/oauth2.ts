@@ -4,7 +4,7 @@ import { errorCode, ProxyError, upstreamFailure } from '../errors.ts';
 import type { Secret } from '../secret.ts';
 import type { Minted } from '../pipeline/token-broker.ts';
 import { dispatchExchange, type UpstreamExchange } from '../pipeline/upstream-exchange.ts';
-import { compileTemplate, render, templateString } from './template.ts';
+import { compileTemplate, render, templateString, type Template } from './template.ts';
 import type { Injector, PrepareArgs, ResolvedCredential } from './types.ts';
 
 const url = z.string().refine((text) => {
@@ -31,6 +31,25 @@ const MAX_REFRESH_LIFETIME_S = 90 * 86_400;
  * time would hold every request of the route (they share one mint) for as long as it liked.
  */
 const TOKEN_DEADLINE_MS = 10_000;
+
+/**
+ * A route's options as one string, templates by their source: all of them, so an option added
+ * later is part of the token cache key without being listed. Made once per route (the compiled
+ * options object), not per request.
+ */
+const optionsKeys = new WeakMap<object, string>();
+function optionsKey(options: object): string {
+  let key = optionsKeys.get(options);
+  if (key === undefined) {
+    key = JSON.stringify(options, (_name, value: unknown) => (isTemplate(value) ? value.source : value));
+    optionsKeys.set(options, key);
+  }
+  return key;
+}
+
+function isTemplate(value: unknown): value is Template {
+  return typeof value === 'object' && value !== null && 'source' in value && 'parts' in value && 'fields' in value;
+}
 
 /** A token response is a small JSON document; a larger answer is refused, not held. */
 const MAX_TOKEN_RESPONSE = 256 * 1024;
@@ -76,16 +95,11 @@ export const oauth2Injector: Injector<Options> = {
   templates: (options) => [options.client_id, options.client_secret],
   async prepare(args: PrepareArgs<Options>): Promise<string> {
     const { options, credential } = args;
-    // Everything that decides which client the token is minted for, and which part of the answer
-    // is the token: two routes that share a credential and a token endpoint but name different
-    // client fields, or read another field of the answer, get their own tokens. The
+    // Every option (optionsKey): two routes that share a credential and a token endpoint but differ
+    // in anything (client fields, which field of the answer is the token) get their own tokens. The
     // version's created_at too: a mint with the lost record's version 1 that ends after the key was
     // put again (and its tokens dropped) is not cached as a token of the new version 1.
-    const key = {
-      credential: credential.id,
-      version: credential.version,
-      parts: [credential.createdAt ?? '', options.token_url, options.scope ?? '', JSON.stringify(options.extra), options.client_auth, options.client_id.source, options.client_secret.source, options.id_field, options.secret_field, options.token_field, options.expires_field, options.refresh_field ?? '', options.refresh_expires_field ?? '', options.refresh_url ?? ''],
-    };
+    const key = { credential: credential.id, version: credential.version, parts: [credential.createdAt ?? '', optionsKey(options)] };
     const token: Secret = await args.tokens.token(key, async (refresh) => {
       const dispatcher = args.dispatcherFor(new URL(options.token_url).origin);
       if (refresh && options.refresh_url) {
