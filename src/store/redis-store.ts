@@ -204,13 +204,7 @@ export class RedisStore implements StoreBackend {
   }
 
   async kekFloor(): Promise<number> {
-    await this.#ready();
-    let value: string | null;
-    try {
-      value = await this.client.get(KEYS.kekFloor);
-    } catch (err) {
-      throw this.#unanswered(err, false);
-    }
+    const value = await this.#command(false, () => this.client.get(KEYS.kekFloor));
     const floor = Number(value);
     return value !== null && /^\d+$/.test(value.trim()) && Number.isSafeInteger(floor) ? floor : 0;
   }
