@@ -1,11 +1,10 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
-import { answerClientError, LISTENER_LIMITS } from './reverse.ts';
+import { answerClientError, closeIfSilent, LISTENER_LIMITS } from './reverse.ts';
 import { ANSWER_STALL_MS, answerTaken, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 
 export interface ReadinessSource {
@@ -30,7 +29,6 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
     // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
     if (!requestStarted(socket, req, res)) return;
-    socket.setTimeout(0);
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
     void route(req, res, readiness, metrics, api, status).catch(() => {
@@ -45,12 +43,10 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   });
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);
-  // Node's header timeout starts with a request's first byte: a connection that sends nothing at all
-  // was kept for ever (each one a file descriptor of the whole process). Silent this long before its
-  // first request, it is closed (Node's handler of the socket's timeout destroys it). Between
-  // requests keepAliveTimeout does the same; during one, this timer is off (a status page that
-  // waits on a slow store is not cut).
-  server.on('connection', (socket: Socket) => socket.setTimeout(LISTENER_LIMITS.headersTimeoutMs));
+  // A connection that sends nothing at all is closed as on the proxy listeners; between requests
+  // keepAliveTimeout does the same, and a request in progress (a status page that waits on a slow
+  // store) is not cut.
+  server.on('connection', closeIfSilent);
   return server;
 }
 
