@@ -12,6 +12,7 @@ import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { REDACTED } from '../secret.ts';
+import { STATUS_CODES } from './http.ts';
 import { LISTENER_LIMITS } from './reverse.ts';
 import { AMBIGUOUS, answerAndClose, proxyAuthorizationToken } from './proxy-auth.ts';
 
@@ -148,7 +149,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
 function refuse(socket: Duplex, status: number, code: string, message: string): string {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code, message, request_id: id } });
-  const reason = { 400: 'Bad Request', 403: 'Forbidden', 407: 'Proxy Authentication Required', 429: 'Too Many Requests' }[status] ?? 'Error';
+  const reason = STATUS_CODES[status] ?? 'Error';
   const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : '';
   answerAndClose(socket, `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   return id;

@@ -116,5 +116,5 @@ export function refuseUpgrade(_req: IncomingMessage, socket: Duplex): void {
 function refuseRaw(socket: Duplex, error: ProxyError): void {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code: error.code, message: error.message, request_id: id } });
-  answerAndClose(socket, `HTTP/1.1 ${error.status} ${error.status === 400 ? 'Bad Request' : 'Forbidden'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  answerAndClose(socket, `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
 }
