@@ -28,13 +28,25 @@ interface RevokedDoc {
  * exists but cannot be read as a list throws: treated as empty, it would lift every revocation.
  */
 export async function readRevoked(certsDir: string): Promise<RevokedDoc> {
-  const path = join(certsDir, REVOKED_FILE);
+  const doc = await readCertsList(join(certsDir, REVOKED_FILE), { list: 'a revocation list', unknown: 'which caller certificates are revoked' }, (d) => {
+    const serials = (d as Partial<RevokedDoc> | undefined)?.serials;
+    return typeof serials === 'object' && serials !== null && !Array.isArray(serials);
+  });
+  return { serials: Object.assign(Object.create(null), (doc as RevokedDoc | undefined)?.serials) as RevokedDoc['serials'] };
+}
+
+/**
+ * One of the certificate lists in EGRESS_CERTS (revoked.json, issued.json), parsed; undefined when
+ * the file does not exist. One that exists but cannot be read, or is not `valid`, throws, naming
+ * what is unknown without it: read as empty, the next write would drop everything in it.
+ */
+export async function readCertsList(path: string, what: { readonly list: string; readonly unknown: string }, valid: (doc: unknown) => boolean): Promise<unknown> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { serials: Object.create(null) as RevokedDoc['serials'] };
-    throw new UserError(`${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}): which caller certificates are revoked is unknown`);
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new UserError(`${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}): ${what.unknown} is unknown`);
   }
   let doc: unknown;
   try {
@@ -42,11 +54,8 @@ export async function readRevoked(certsDir: string): Promise<RevokedDoc> {
   } catch {
     doc = undefined;
   }
-  const serials = (doc as Partial<RevokedDoc> | undefined)?.serials;
-  if (typeof serials !== 'object' || serials === null || Array.isArray(serials)) {
-    throw new UserError(`${path} is damaged (not a revocation list): which caller certificates are revoked is unknown; restore it from a backup`);
-  }
-  return { serials: Object.assign(Object.create(null), serials) as RevokedDoc['serials'] };
+  if (!valid(doc)) throw new UserError(`${path} is damaged (not ${what.list}): ${what.unknown} is unknown; restore it from a backup`);
+  return doc;
 }
 
 /**

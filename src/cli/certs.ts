@@ -1,8 +1,7 @@
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
-import { readFile } from 'node:fs/promises';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
-import { addRevoked, CERTS_LOCK } from '../certs/revocations.ts';
+import { addRevoked, CERTS_LOCK, readCertsList } from '../certs/revocations.ts';
 import { withFileLock } from '../store/lock-file.ts';
 import { replaceFile } from '../store/temp-files.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
@@ -80,20 +79,7 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
  * every serial in it, and revoke-caller could never revoke those certificates.
  */
 async function readIssuedSerials(path: string): Promise<Record<string, string[]>> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return Object.create(null) as Record<string, string[]>;
-    throw new UserError(`${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}): which certificates were issued to which caller is unknown`);
-  }
-  let doc: unknown;
-  try {
-    doc = JSON.parse(text);
-  } catch {
-    doc = undefined;
-  }
-  const valid = typeof doc === 'object' && doc !== null && !Array.isArray(doc) && Object.values(doc).every((serials) => Array.isArray(serials) && serials.every((s) => typeof s === 'string'));
-  if (!valid) throw new UserError(`${path} is damaged (not a list of issued serials): which certificates were issued to which caller is unknown; restore it from a backup`);
+  const doc = await readCertsList(path, { list: 'a list of issued serials', unknown: 'which certificates were issued to which caller' }, (d) =>
+    typeof d === 'object' && d !== null && !Array.isArray(d) && Object.values(d).every((serials) => Array.isArray(serials) && serials.every((s) => typeof s === 'string')));
   return Object.assign(Object.create(null), doc) as Record<string, string[]>;
 }
