@@ -50,3 +50,20 @@ ${extra}inject:
 allow:
 ${rules.join('')}`;
 }
+
+/** `bank` on /bank: credential `bank` as an OAuth2 client-credentials token from `${upstream}/connect/token`; `options` adds inject lines (two-space indented, newline-ended). GET /accounts for svc. */
+export function oauth2Route(upstream: string, options = ''): string {
+  return `name: bank
+prefix: /bank
+upstream: ${upstream}
+allow_private_addresses: true
+credential: bank
+inject:
+  scheme: oauth2_client_credentials
+  token_url: ${upstream}/connect/token
+${options}allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`;
+}

@@ -1,6 +1,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { oauth2Route } from '../helpers/routes.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -78,20 +79,7 @@ afterEach(() => {
 });
 
 const ROUTES = () => ({
-  bank: `name: bank
-prefix: /bank
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: bank
-inject:
-  scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
-  scope: payments
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`,
+  bank: oauth2Route(upstream.url, '  scope: payments\n'),
   gc: `name: gc
 preset: gocardless
 upstream: ${upstream.url}

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { oauth2Route } from '../helpers/routes.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -142,19 +143,7 @@ allow:
     dir = folder;
     if (backend === 'redis') redis = await TestRedis.create();
     const store = redis ? redis.url : `file:${join(folder, 'store.json')}`;
-    const route = `name: bank
-prefix: /bank
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: bank
-inject:
-  scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`;
+    const route = oauth2Route(upstream.url);
     const { tokens } = await seedDataDir(folder, { routes: { bank: route }, credentials: { bank: { client_id: 'client-1', client_secret: OLD } }, callers: ['svc'], store });
     const env = envFor(folder, { EGRESS_STORE: store });
     await new Promise((r) => setTimeout(r, 5));

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { oauth2Route } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
@@ -39,20 +40,7 @@ beforeAll(async () => {
   });
   proxy = await startTestProxy({
     routes: {
-      bank: `name: bank
-prefix: /bank
-upstream: ${upstream.url}
-allow_private_addresses: true
-credential: bank
-inject:
-  scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
-  client_auth: body
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`,
+      bank: oauth2Route(upstream.url, '  client_auth: body\n'),
     },
     credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } },
     callers: ['svc'],
