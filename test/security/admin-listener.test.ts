@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
+import { dribbledHeaderLifetime } from './sec-helpers.ts';
 
 /**
  * The admin listener (health, metrics, the admin API and the status page) under the same attacks
@@ -18,29 +19,11 @@ afterAll(async () => {
   await lab?.close();
 });
 
-/** How long the admin listener keeps a connection that dribbles header lines, one a second, without end. */
-async function dribbledHeaderLifetime(port: number): Promise<{ ms: number; answer: string }> {
-  const started = Date.now();
-  const socket = connect(port, '127.0.0.1');
-  socket.on('error', () => {});
-  let answer = '';
-  socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
-  socket.write('GET /healthz HTTP/1.1\r\nHost: admin\r\n');
-  const timer = setInterval(() => socket.writable && socket.write('X-a: b\r\n'), 1_000);
-  const ms = await new Promise<number>((resolve) => {
-    socket.once('close', () => resolve(Date.now() - started));
-    setTimeout(() => resolve(Date.now() - started), 45_000);
-  });
-  clearInterval(timer);
-  socket.destroy();
-  return { ms, answer };
-}
-
 describe('DOS: the admin listener', () => {
   it('DOS-01e a dribbled header on the admin listener is cut within 14 s with a 408, as on the proxy listener', async () => {
     // Not right at a checking-interval boundary.
     await new Promise((r) => setTimeout(r, 3_000));
-    const { ms, answer } = await dribbledHeaderLifetime(Number(new URL(lab.admin).port));
+    const { ms, answer } = await dribbledHeaderLifetime(Number(new URL(lab.admin).port), 'GET /healthz HTTP/1.1\r\nHost: admin\r\n');
     // 10 s header timeout + 0.5 s check interval + 1 s lingering close + slack on a loaded 2-core machine.
     expect(ms, 'ms until the admin listener closed the slow connection').toBeLessThan(14_000);
     expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 408 Request Timeout');

@@ -1,8 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
-import { bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel } from './sec-helpers.ts';
+import { bankRoute, basic, connectTunnel, dribbledHeaderLifetime, makeCerts, tlsInTunnel } from './sec-helpers.ts';
 
 /**
  * DOS-01 behaviour: the README promises "the listener cuts off slow headers after 10 s". A
@@ -49,17 +48,7 @@ describe('DOS-03b / DOS-01 behaviour', () => {
     // Its own proxy: DOS-03b above kills the shared one.
     const lab = await startLab();
     await new Promise((r) => setTimeout(r, 3_000));
-    const started = Date.now();
-    const socket = connect(lab.port, '127.0.0.1');
-    socket.on('error', () => {});
-    socket.write('GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\n');
-    const timer = setInterval(() => socket.writable && socket.write('X-a: b\r\n'), 1_000);
-    const closedAfter = await new Promise<number>((resolve) => {
-      socket.once('close', () => resolve(Date.now() - started));
-      setTimeout(() => resolve(Date.now() - started), 45_000);
-    });
-    clearInterval(timer);
-    socket.destroy();
+    const { ms: closedAfter } = await dribbledHeaderLifetime(lab.port, 'GET /plaid/institutions/x HTTP/1.1\r\nHost: p\r\n');
     // 10 s header timeout + 0.5 s check interval + 1 s lingering close + slack on a loaded 2-core machine.
     expect(closedAfter, 'ms until the proxy closed the slow connection').toBeLessThan(14_000);
     try {

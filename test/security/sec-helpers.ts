@@ -159,3 +159,21 @@ export async function unopenable(storeSpec: string, keyPath: string): Promise<st
   }
   return lost;
 }
+
+/** How long a listener keeps a connection that sends `head` and then a header line a second, without end (up to 45 s), and what it answered. */
+export async function dribbledHeaderLifetime(port: number, head: string): Promise<{ ms: number; answer: string }> {
+  const started = Date.now();
+  const socket = connect(port, '127.0.0.1');
+  socket.on('error', () => {});
+  let answer = '';
+  socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+  socket.write(head);
+  const timer = setInterval(() => socket.writable && socket.write('X-a: b\r\n'), 1_000);
+  const ms = await new Promise<number>((resolve) => {
+    socket.once('close', () => resolve(Date.now() - started));
+    setTimeout(() => resolve(Date.now() - started), 45_000);
+  });
+  clearInterval(timer);
+  socket.destroy();
+  return { ms, answer };
+}
