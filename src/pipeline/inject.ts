@@ -158,12 +158,19 @@ function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<st
  */
 export function removeParams(query: string, claimed: ReadonlySet<string>): string {
   if (!query || claimed.size === 0) return query;
-  const owned = new Set([...claimed].map((name) => name.toLowerCase()));
+  let owned = lowerCased.get(claimed);
+  if (!owned) {
+    owned = new Set([...claimed].map((name) => name.toLowerCase()));
+    lowerCased.set(claimed, owned);
+  }
   return query
     .split('&')
     .filter((pair) => !pair.split(';').some((piece) => owned.has(paramName(piece))))
     .join('&');
 }
+
+/** A route's claimed parameter names, lower-cased once (every route claims one at least: `_method`). */
+const lowerCased = new WeakMap<ReadonlySet<string>, ReadonlySet<string>>();
 
 /** A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]" suffix. */
 function paramName(piece: string): string {
