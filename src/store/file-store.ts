@@ -3,7 +3,7 @@ import { mkdir, open, readFile, rename, stat, unlink, type FileHandle } from 'no
 import { basename, dirname, join } from 'node:path';
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import { belowFloorError, newWrapBelow } from './kek-floor.ts';
-import { acquireLock } from './lock-file.ts';
+import { acquireLock, type HeldLock } from './lock-file.ts';
 import { removeStaleTemps } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
@@ -207,8 +207,9 @@ export class FileStore implements StoreBackend {
 
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
+    let held: HeldLock;
     try {
-      await acquireLock(lock, { waitMs: LOCK_WAIT_MS, staleMs: LOCK_STALE_MS, what: `store ${this.path}` });
+      held = await acquireLock(lock, { waitMs: LOCK_WAIT_MS, staleMs: LOCK_STALE_MS, what: `store ${this.path}` });
     } catch (err) {
       throw this.#unchanged(err);
     }
@@ -216,7 +217,7 @@ export class FileStore implements StoreBackend {
       await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
       return await fn();
     } finally {
-      await unlink(lock).catch(() => {});
+      await held.release();
     }
   }
 }

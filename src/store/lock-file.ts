@@ -1,5 +1,6 @@
-import { randomInt } from 'node:crypto';
-import { link, mkdir, open, readFile, stat, unlink, writeFile } from 'node:fs/promises';
+import { createHash, randomBytes, randomInt } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { link, mkdir, readdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError } from '../errors.ts';
@@ -7,7 +8,23 @@ import { ConflictError } from '../errors.ts';
 /**
  * Lock files with their holder's identity in them, shared by the file store's writer lock, the
  * keyring's, revoked.json's and issued.json's writer locks, and the audit log's one-writer lock.
+ *
+ * A lock holds `<pid> <start time> <tag>`: the holder's pid, its start time (Linux; `-` elsewhere),
+ * which tells a pid reused by another program from the holder, and a random tag, which makes every
+ * claim's content unique. A lock whose holder is gone is taken over (see takeOverLock), and the
+ * unique content is what lets that happen without ever removing a live holder's lock.
  */
+
+export interface Holder {
+  readonly pid: number;
+  /** Process start time in clock ticks since boot (/proc/<pid>/stat field 22), when known. */
+  readonly start: string | undefined;
+}
+
+/** The content this process writes into a lock it claims: unique to this claim. */
+export function lockContent(): string {
+  return `${process.pid} ${startTime(process.pid) ?? '-'} ${randomBytes(8).toString('hex')}\n`;
+}
 
 /**
  * Create `lock` holding `content`, or report that it exists (false). The content is written aside
@@ -31,29 +48,113 @@ export async function claimLock(lock: string, content: string): Promise<boolean>
   }
 }
 
+export interface TakeOverOptions {
+  /** A lock older than this is taken over even if its holder's pid answers (a pid reused, another host). */
+  readonly staleMs: number;
+  /** A lock naming this process's pid is a previous run's (a container's pid 1 comes back as pid 1). */
+  readonly ownPidIsPrevious?: boolean;
+  /** A lock naming no holder (content no egress process writes) is gone, not left to go stale. */
+  readonly unreadableIsGone?: boolean;
+}
+
 /**
- * Remove a dead holder's lock, one claimant at a time: the claimant that creates `<lock>.steal`
- * first asks `holderGone` again (the lock may meanwhile be a new, live holder's) and removes it
- * only if it still is. Only a steal-file holder removes a lock, so two claimants cannot each
- * remove the other's fresh lock. A steal file left by a crashed claimant is removed once older
- * than `stealStaleMs`.
+ * Remove `lock` if its holder is gone; true when this call removed it. Only the claimant that
+ * creates `<lock>.steal-<digest of the dead lock's content>` may remove that lock, and it removes
+ * it only if the lock still holds exactly that content. Every claim's content is unique, so a lock
+ * claimed afresh in the meantime (by a live holder) has other content and stays, and two claimants
+ * can never each remove the other's fresh lock.
+ *
+ * A claimant killed while holding a steal file leaves it behind; that file is a lock like any other
+ * and is taken over the same way (its own steal file), so a crash at any moment blocks nobody.
  */
-export async function takeOverLock(lock: string, holderGone: () => Promise<boolean>, stealStaleMs: number): Promise<void> {
-  const steal = `${lock}.steal`;
-  let handle;
-  try {
-    handle = await open(steal, 'wx', 0o600);
-  } catch {
-    const age = await stat(steal).then((s) => Date.now() - s.mtimeMs, () => 0);
-    if (age > stealStaleMs) await unlink(steal).catch(() => {});
-    return;
+export async function takeOverLock(lock: string, options: TakeOverOptions): Promise<boolean> {
+  const text = await readFile(lock, 'utf8').catch(() => undefined);
+  if (text === undefined || !(await contentGone(lock, text, options))) return false;
+  const steal = stealPath(lock, text);
+  if (!(await claimLock(steal, lockContent()))) {
+    // Another claimant is taking it over, or died doing so: then its steal file goes the same way.
+    await takeOverLock(steal, { staleMs: options.staleMs });
+    return false;
   }
   try {
-    await handle.close();
-    if (await holderGone()) await unlink(lock).catch(() => {});
+    if ((await readFile(lock, 'utf8').catch(() => undefined)) !== text) return false;
+    await unlink(lock);
+    return true;
+  } catch {
+    return false;
   } finally {
     await unlink(steal).catch(() => {});
   }
+}
+
+/** The steal file that guards the removal of `lock` while it holds `content`. */
+export function stealPath(lock: string, content: string): string {
+  return `${lock}.steal-${createHash('sha256').update(content).digest('hex').slice(0, 16)}`;
+}
+
+/**
+ * Remove the steal files of `lock` that claimants killed mid take-over left behind. Each names a
+ * lock content that is gone for good; a live claimant that still holds one only finds that the lock
+ * it meant to remove is no longer there.
+ */
+export async function removeDeadSteals(lock: string): Promise<void> {
+  const dir = dirname(lock);
+  const prefix = `${basename(lock)}.steal-`;
+  const names = await readdir(dir).catch(() => [] as string[]);
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const path = join(dir, name);
+    const text = await readFile(path, 'utf8').catch(() => undefined);
+    const holder = text === undefined ? undefined : parseHolder(text);
+    if (holder && !holderAlive(holder)) await unlink(path).catch(() => {});
+  }
+}
+
+/** A lock that is released only while it still holds this claim's content. */
+export interface HeldLock {
+  readonly path: string;
+  readonly content: string;
+  /** Remove the lock if it is still this claim's (a lock taken over as stale is another's now). Idempotent. */
+  release(): Promise<void>;
+}
+
+export interface AcquireOptions {
+  /** Wait this long for a live holder, then throw a ConflictError naming `what`. */
+  readonly waitMs: number;
+  readonly staleMs: number;
+  readonly what: string;
+}
+
+/**
+ * Take `lock`, waiting for a live holder. A writer killed mid-write leaves its lock behind: if its
+ * process is gone, the lock is taken over at once instead of after it goes stale.
+ */
+export async function acquireLock(lock: string, { waitMs, staleMs, what }: AcquireOptions): Promise<HeldLock> {
+  await mkdir(dirname(lock), { recursive: true, mode: 0o700 });
+  const deadline = Date.now() + waitMs;
+  const content = lockContent();
+  for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+    if (await claimLock(lock, content)) {
+      await removeDeadSteals(lock);
+      return heldLock(lock, content);
+    }
+    if (await takeOverLock(lock, { staleMs })) continue;
+    if (Date.now() > deadline) throw new ConflictError(`${what} is locked by another writer (${lock})`);
+    await sleep(delay + randomInt(delay));
+  }
+}
+
+export function heldLock(lock: string, content: string): HeldLock {
+  let released = false;
+  return {
+    path: lock,
+    content,
+    release: async () => {
+      if (released) return;
+      released = true;
+      if ((await readFile(lock, 'utf8').catch(() => undefined)) === content) await unlink(lock).catch(() => {});
+    },
+  };
 }
 
 /**
@@ -61,61 +162,56 @@ export async function takeOverLock(lock: string, holderGone: () => Promise<boole
  * `lockFailed` may turn a file-system error from taking the lock into a plainer one.
  */
 export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: () => Promise<T>): Promise<T> {
-  const lock = `${path}.lock`;
+  let held: HeldLock;
   try {
-    await acquireLock(lock, options);
+    held = await acquireLock(`${path}.lock`, options);
   } catch (err) {
     throw options.lockFailed ? options.lockFailed(err) : err;
   }
   try {
     return await fn();
   } finally {
-    await unlink(lock).catch(() => {});
+    await held.release();
   }
 }
 
-export interface AcquireOptions {
-  /** Wait this long for a live holder, then throw a ConflictError naming `what`. */
-  readonly waitMs: number;
-  /** A lock older than this is taken over even if its holder's pid answers (a pid reused, another host). */
-  readonly staleMs: number;
-  readonly what: string;
+/** The holder a lock's content names; undefined when it names none (a lock from no version of egress). */
+export function parseHolder(text: string): Holder | undefined {
+  // `<pid>` alone is the store lock of earlier versions; `<pid> <start>` the audit lock's.
+  const match = /^(\d+)(?: (\d+|-))?(?: [0-9a-f]+)?\n?$/.exec(text);
+  if (!match) return undefined;
+  const pid = Number(match[1]);
+  return Number.isSafeInteger(pid) && pid > 0 ? { pid, start: match[2] === undefined || match[2] === '-' ? undefined : match[2] } : undefined;
 }
 
-/**
- * Take `lock` (its content: this process's pid), waiting for a live holder. A writer killed
- * mid-write leaves its lock behind: if its process is gone, the lock is taken over at once (one
- * waiter at a time: see takeOverLock) instead of after it goes stale.
- */
-export async function acquireLock(lock: string, { waitMs, staleMs, what }: AcquireOptions): Promise<void> {
-  await mkdir(dirname(lock), { recursive: true, mode: 0o700 });
-  const deadline = Date.now() + waitMs;
-  const gone = () => writerGone(lock, staleMs);
-  for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
-    if (await claimLock(lock, String(process.pid))) return;
-    if (await gone()) {
-      await takeOverLock(lock, gone, staleMs);
-      continue;
-    }
-    if (Date.now() > deadline) throw new ConflictError(`${what} is locked by another writer (${lock})`);
-    await sleep(delay);
-  }
-}
-
-/** The lock is stale, or its writer's process is gone (a lock younger than 100 ms is still being made). */
-async function writerGone(lock: string, staleMs: number): Promise<boolean> {
-  const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
-  return age > staleMs || (age > 100 && !(await holderAlive(lock)));
-}
-
-/** Is the process that wrote this lock file (its pid is the content) still running on this machine? */
-async function holderAlive(lock: string): Promise<boolean> {
-  const pid = Number(await readFile(lock, 'utf8').catch(() => ''));
-  if (!Number.isSafeInteger(pid) || pid <= 0) return true; // Half-written: give its writer a moment.
+/** Is this holder's process still running on this machine (and the same process, where start times are known)? */
+export function holderAlive(holder: Holder): boolean {
   try {
-    process.kill(pid, 0);
-    return true;
+    process.kill(holder.pid, 0);
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  const start = startTime(holder.pid);
+  return holder.start === undefined || start === undefined || start === holder.start;
+}
+
+/** Has the holder of a lock with this content gone (or the lock gone stale)? */
+async function contentGone(lock: string, text: string, { staleMs, ownPidIsPrevious = false, unreadableIsGone = false }: TakeOverOptions): Promise<boolean> {
+  const age = await stat(lock).then((s) => Date.now() - s.mtimeMs, () => 0);
+  if (age > staleMs) return true;
+  const holder = parseHolder(text);
+  if (!holder) return unreadableIsGone;
+  if (ownPidIsPrevious && holder.pid === process.pid) return true;
+  return !holderAlive(holder);
+}
+
+/** Start time of a process in clock ticks since boot (Linux /proc); undefined elsewhere. */
+export function startTime(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may contain spaces and parentheses): state is field 3, starttime 22.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
   }
 }

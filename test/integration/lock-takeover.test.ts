@@ -1,0 +1,91 @@
+import { spawnSync } from 'node:child_process';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { lockAuditLog } from '../../src/observe/audit-lock.ts';
+import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
+import { lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, makeTempDir } from '../helpers/proxy.ts';
+
+/** The pid of a process that has exited: what a SIGKILLed writer's lock names. */
+const deadPid = () => spawnSync('true').pid!;
+
+/**
+ * What a writer killed while holding `lock` leaves, and a second writer that found that lock's holder
+ * gone and was killed in the middle of taking it over: the lock and that claimant's steal file.
+ */
+async function leftByTwoKills(lock: string): Promise<string> {
+  const content = `${deadPid()} - 0123456789abcdef\n`;
+  await writeFile(lock, content, { mode: 0o600 });
+  await writeFile(stealPath(lock, content), `${deadPid()} - fedcba9876543210\n`, { mode: 0o600 });
+  return content;
+}
+
+const lockFiles = async (dir: string) => (await readdir(dir)).filter((name) => name.includes('.lock'));
+
+describe('a claimant killed while taking over a dead writer\'s lock', () => {
+  it('keyring: master-key rotate still runs at once, and leaves no lock or steal file behind', async () => {
+    const dir = await makeTempDir('egress-steal-keyring-');
+    const env = envFor(dir);
+    const keyPath = env.EGRESS_MASTER_KEY_FILE!;
+    await createKeyring(keyPath);
+    await leftByTwoKills(`${keyPath}.lock`);
+    const started = Date.now();
+    const rotated = await runCli(['master-key', 'rotate'], env);
+    expect(rotated.code, rotated.stderr).toBe(0);
+    // The lock wait is 30 s; a left steal file used to block (and spin) until it went stale (1 hour).
+    expect(Date.now() - started).toBeLessThan(10_000);
+    expect((await readKeyring(keyPath)).active).toBe(2);
+    expect(await lockFiles(dir)).toEqual([]);
+  }, 20_000);
+
+  it('file store: keys put still writes at once', async () => {
+    const dir = await makeTempDir('egress-steal-store-');
+    const env = envFor(dir);
+    await createKeyring(env.EGRESS_MASTER_KEY_FILE!);
+    const storePath = env.EGRESS_STORE!.replace(/^file:/, '');
+    await leftByTwoKills(`${storePath}.lock`);
+    const put = await runCli(['keys', 'put', 'k', '--from-stdin'], env, JSON.stringify({ token: 'tok_steal_test' }));
+    expect(put.code, put.stderr).toBe(0);
+    expect(JSON.parse(await readFile(storePath, 'utf8')).credentials).toHaveProperty('k');
+    expect(await lockFiles(dir)).toEqual([]);
+  }, 20_000);
+
+  it('audit log: the next instance takes the lock', async () => {
+    const dir = await makeTempDir('egress-steal-audit-');
+    const audit = join(dir, 'audit.log');
+    await leftByTwoKills(`${audit}.lock`);
+    const lock = await lockAuditLog(audit);
+    expect(lock).toBeDefined();
+    expect((await readFile(`${audit}.lock`, 'utf8')).split(' ')[0]).toBe(String(process.pid));
+    await lock!.release();
+    expect(await lockFiles(dir)).toEqual([]);
+  });
+});
+
+describe('takeOverLock', () => {
+  it('leaves a lock alone while a live claimant takes it over, and removes it only with the content it judged dead', async () => {
+    const dir = await makeTempDir('egress-steal-unit-');
+    const lock = join(dir, 'x.lock');
+    const dead = `${deadPid()} - 00\n`;
+    await writeFile(lock, dead);
+    // A live claimant (this process) holds the steal file: another waits.
+    await writeFile(stealPath(lock, dead), lockContent());
+    expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(false);
+    expect(await readFile(lock, 'utf8')).toBe(dead);
+
+    // The lock changes hands to a live holder; the old steal file is left by its (dead) claimant.
+    const live = lockContent();
+    await writeFile(stealPath(lock, dead), `${deadPid()} - 01\n`);
+    await writeFile(lock, live);
+    expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(false);
+    expect(await readFile(lock, 'utf8')).toBe(live);
+
+    // Its holder gone, the lock is removed once.
+    await writeFile(lock, `${deadPid()} - 02\n`);
+    expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(true);
+    expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(false);
+    expect((await readdir(dir)).filter((name) => name === 'x.lock')).toEqual([]);
+  });
+});
