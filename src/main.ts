@@ -164,6 +164,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       sweeper.close();
       clearInterval(ageCheck);
       tls?.close();
+      forward?.refuseNew();
       const drained = Promise.all([closeServer(proxy), closeServer(admin), ...(tls ? [closeServer(tls.server)] : [])]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {

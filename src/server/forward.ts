@@ -8,12 +8,13 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
+import { afterInFlight } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { REDACTED } from '../secret.ts';
 import { STATUS_CODES } from './http.ts';
-import { LISTENER_LIMITS } from './reverse.ts';
+import { LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, answerAndClose, proxyAuthorizationToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
@@ -42,6 +43,8 @@ export interface ForwardHandler {
    */
   closeIdleConnections(): void;
   closeAllConnections(): void;
+  /** For a drain: from now on a CONNECT is answered 503 (shutting_down), never given a tunnel the drain would cut. */
+  refuseNew(): void;
 }
 
 export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter): ForwardHandler {
@@ -57,7 +60,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   inner.on('checkContinue', onRequest);
-  inner.on('upgrade', (_req: IncomingMessage, socket: Duplex) => socket.destroy());
+  inner.on('upgrade', refuseUpgrade);
+  inner.on('connect', refuseConnect);
   inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   // This server never listens: tunnels hand it their decrypted sockets. Node starts checking
   // headersTimeout and requestTimeout when a server emits 'listening', so without this a slow
@@ -77,8 +81,15 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     return known.context;
   };
 
+  let refusing = false;
+  // A CONNECT pipelined behind a request still being answered: Node hands the socket over at once,
+  // and an answer written now would go out before (or, as a tunnel, in the middle of) that
+  // request's. It is handled once the requests before it are answered.
   const onConnect = (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     const startedAt = performance.now();
+    afterInFlight(socket, () => (socket.destroyed ? undefined : connectNow(req, socket, head, startedAt)));
+  };
+  const connectNow = (req: IncomingMessage, socket: Duplex, head: Buffer, startedAt: number): void => {
     const raw = req.url ?? '';
     // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
     const match = /^([^:[\]\s%]+|\[[0-9a-fA-F:.]+\]):([1-9]\d{0,4})$/.exec(raw);
@@ -92,6 +103,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
       recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
     };
+    if (refusing) return deny(503, 'shutting_down', 'The proxy is shutting down; connect to another instance.');
     if (!match) return deny(400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);
@@ -142,6 +154,9 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     onConnect,
     closeIdleConnections: () => inner.closeIdleConnections(),
     closeAllConnections: () => inner.closeAllConnections(),
+    refuseNew: () => {
+      refusing = true;
+    },
   };
 }
 

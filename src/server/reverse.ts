@@ -113,7 +113,23 @@ export function refuseUpgrade(_req: IncomingMessage, socket: Duplex): void {
   refuseRaw(socket, new ProxyError('bad_request', 'Protocol upgrades are not proxied.'));
 }
 
+/** A CONNECT where no tunnels are made (the TLS listener, inside a tunnel): a 400 and close, not Node's bare close that also cut answers before it. */
+export function refuseConnect(_req: IncomingMessage, socket: Duplex): void {
+  refuseRaw(socket, new ProxyError('bad_request', 'CONNECT is only served on the plain listener (EGRESS_LISTEN).'));
+}
+
+/**
+ * Node hands over the socket of an upgrade or CONNECT at once, also when it was pipelined behind a
+ * request still being answered: the refusal waits for that answer (written now, it would come
+ * first, and its close would cut the earlier request's answer, which may already have reached the
+ * upstream).
+ */
 function refuseRaw(socket: Duplex, error: ProxyError): void {
+  markClosing(socket);
+  afterInFlight(socket, () => answerRaw(socket, error));
+}
+
+function answerRaw(socket: Duplex, error: ProxyError): void {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code: error.code, message: error.message, request_id: id } });
   answerAndClose(socket, `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);

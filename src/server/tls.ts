@@ -9,7 +9,7 @@ import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
-import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseUpgrade } from './reverse.ts';
+import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
 
 /** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD). */
 const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
@@ -104,5 +104,6 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   });
   // Without an 'upgrade' listener Node runs an Upgrade request as a plain one; refuse it as the plain listener does.
   server.on('upgrade', refuseUpgrade);
+  server.on('connect', refuseConnect);
   return { server, close: () => revoked.close() };
 }

@@ -58,8 +58,8 @@ describe('forward-mode tunnels while draining', () => {
     tlsUpstream = undefined;
   });
 
-  /** `serve` in forward mode for api.bank.test, its upstream slow on /slow; a tunnel with one keep-alive TLS connection inside. */
-  async function tunnel(): Promise<{ send: (path: string) => Promise<string>; socket: Socket; tls: TLSSocket; dir: string }> {
+  /** `serve` in forward mode for api.bank.test (also reverse mode under /bank), its upstream slow on /slow. */
+  async function forwardServe(): Promise<{ port: number; proxyAuthorization: string; token: string; caPem: string; dir: string }> {
     const pki = makeTestPki();
     tlsUpstream = await startUpstream((req, res) => void setTimeout(() => res.end('tunnel ok'), req.url === '/slow' ? 800 : 0), { key: pki.serverKey, cert: pki.serverCert });
     const dir = await makeTempDir('egress-drain-tunnel-');
@@ -69,10 +69,16 @@ describe('forward-mode tunnels while draining', () => {
     expect((await runCli(['certs', 'init'], env)).code).toBe(0);
     const caPem = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
     serve = await startServe(env);
-    const port = Number(new URL(serve.url).port);
+    const proxyAuthorization = `Basic ${Buffer.from(`svc:${tokens.svc!}`).toString('base64')}`;
+    return { port: Number(new URL(serve.url).port), proxyAuthorization, token: tokens.svc!, caPem, dir };
+  }
+
+  /** A tunnel with one keep-alive TLS connection inside. */
+  async function tunnel(): Promise<{ send: (path: string) => Promise<string>; socket: Socket; tls: TLSSocket; dir: string }> {
+    const { port, proxyAuthorization, caPem, dir } = await forwardServe();
     const socket = connect(port, '127.0.0.1');
     await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
-    socket.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:${tokens.svc!}`).toString('base64')}\r\n\r\n`);
+    socket.write(`CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${proxyAuthorization}\r\n\r\n`);
     const head = await new Promise<string>((resolve) => socket.once('data', (d: Buffer) => resolve(d.toString('latin1'))));
     expect(head).toMatch(/^HTTP\/1\.1 200/);
     const tls = tlsConnect({ socket, servername: 'api.bank.test', ca: caPem });
@@ -118,5 +124,26 @@ describe('forward-mode tunnels while draining', () => {
     // Once answered, the connection is idle and closed: the exit does not wait for the deadline.
     expect(performance.now() - started).toBeLessThan(3_000);
     expect(await readFile(join(t.dir, 'audit.log'), 'utf8')).toContain("/slow");
+  }, 30_000);
+
+  it('a CONNECT that arrives during the drain (pipelined behind a request in flight) is refused with 503, not answered 200 and then cut', async () => {
+    const { port, proxyAuthorization, token } = await forwardServe();
+    const socket = connect(port, '127.0.0.1');
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    let received = '';
+    socket.on('data', (d: Buffer) => (received += d.toString('latin1')));
+    socket.on('error', () => {});
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    socket.write(`GET /bank/slow HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${token}\r\n\r\nCONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${proxyAuthorization}\r\n\r\n`);
+    await new Promise((r) => setTimeout(r, 200));
+    const exited = serve!.stop('SIGTERM');
+    await closed;
+    expect(await exited).toBe(0);
+    const answers = received.split(/(?=HTTP\/1\.1 )/);
+    expect(answers[0]).toMatch(/^HTTP\/1\.1 200[^]*tunnel ok$/);
+    expect(answers.length, received).toBe(2);
+    expect(answers[1]).toMatch(/^HTTP\/1\.1 503 /);
+    expect(answers[1]).toMatch(/x-egress-error: shutting_down/i);
+    expect(answers[1]).toMatch(/connection: close/i);
   }, 30_000);
 });

@@ -429,6 +429,24 @@ describe('SMUG: requests behind a closing answer', () => {
       expect(closed).toBe(true);
     }
   });
+
+  it('SMUG-13b a protocol upgrade or a CONNECT behind a request in flight: its answer comes first, whole, then the refusal, then the close', async () => {
+    const behind = {
+      websocket: ['GET /any/ws HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n', 400],
+      h2c: ['GET /any/h2 HTTP/1.1\r\nHost: p\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n', 400],
+      // This lab has no CA: forward mode is off.
+      connect: ['CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n', 403],
+    } as const;
+    for (const [label, [bytes, status]] of Object.entries(behind)) {
+      const mark = slow.u.requests.length;
+      const { data, closed } = await rawExchange(slow.port, `POST /any/slow HTTP/1.1\r\nHost: p\r\n${A()}Content-Length: 2\r\n\r\n{}${bytes}`, 1_500);
+      slow.seen(data);
+      expect(slow.u.requests.slice(mark).map((r) => r.url), label).toEqual(['/slow']);
+      expect(statuses(data), label).toEqual([200, status]);
+      expect(data, label).toMatch(/\{"url":"\/slow"\}(?:\r\n0\r\n\r\n)?HTTP\/1\.1 /);
+      expect(closed, label).toBe(true);
+    }
+  });
 });
 
 
