@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from '../observe/log.ts';
 import { Secret } from '../secret.ts';
-import { aad, open, seal, type Sealed } from '../store/crypto.ts';
+import { IntegrityError, open, seal, type Sealed } from '../store/crypto.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
 import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 
@@ -80,7 +80,12 @@ export class TokenBroker {
     const now = Date.now();
     let entry = this.#local.get(id);
     if (!entry && this.#shared) {
-      entry = await this.#shared.read(id, key).catch(() => undefined);
+      entry = await this.#shared.read(id, key).catch((err: unknown) => {
+        // Redis unreachable: minted here (mintOnce). A document that does not open: minted afresh
+        // and written over it. Either way a miss, never the caller's error; the log names no value.
+        if (err instanceof IntegrityError) this.#log.warn({ credential: key.credential }, 'the OAuth2 token shared in Redis does not open (altered, moved from another key, or sealed by an earlier release); minting a new one');
+        return undefined;
+      });
       if (entry) this.#local.set(id, entry);
     }
     // A token from a version that was revoked or retired since (another instance's, say) is not used, nor refreshed.
@@ -167,9 +172,31 @@ function errorText(err: unknown): string {
 const LOCK_MS = 10_000;
 const WAIT_STEP_MS = 50;
 
+/** A token as Redis keeps it: the tokens sealed, the rest in the clear but bound to them (tokenAad). */
+interface SharedDoc {
+  readonly kek: number;
+  readonly sealed: Sealed;
+  readonly refresh?: Sealed;
+  readonly expiresAt: number;
+  readonly refreshAt: number;
+  readonly refreshExpiresAt: number;
+  readonly mintedBy: number;
+}
+
+/**
+ * Associated data of a token sealed in Redis, a JSON tuple as crypto.ts's aad: the cache id (the
+ * credential, its version and every route option that shapes the token), so whoever can write
+ * Redis cannot file one scope's token under another scope's key; and every other field of the
+ * document, so none can be changed either (mintedBy relabelled would keep a token minted with a
+ * revoked version in use). Its purpose, "oauth-token", is none of the store's.
+ */
+function tokenAad(kind: 'access' | 'refresh', id: string, key: TokenKey, doc: Omit<SharedDoc, 'sealed' | 'refresh'>): Buffer {
+  return Buffer.from(JSON.stringify(['egress-proxy/v1', 'oauth-token', kind, key.credential, key.version, id, doc.kek, doc.mintedBy, doc.expiresAt, doc.refreshAt, doc.refreshExpiresAt]), 'utf8');
+}
+
 /**
  * The Redis side of the broker: the token sealed with the active KEK (AES-256-GCM, associated data
- * naming the credential and version), and a lock (SET NX PX) so that one instance mints while the
+ * naming its cache id: tokenAad), and a lock (SET NX PX) so that one instance mints while the
  * others wait for its result.
  */
 export class SharedTokens {
@@ -185,28 +212,37 @@ export class SharedTokens {
     return `egress:oauth:{${credential}}:${id}`;
   }
 
+  /**
+   * The token filed under this cache id; undefined when there is none, it has expired or its
+   * key-encryption key is gone. A document that does not open (altered, moved from another cache
+   * id, or sealed by a release whose associated data named no cache id) throws IntegrityError: to
+   * the broker it is a cache miss like the others.
+   */
   async read(id: string, key: TokenKey): Promise<Entry | undefined> {
     const raw = await this.#client.get(this.#key(id, key.credential));
     if (!raw) return undefined;
-    const doc = JSON.parse(raw) as { kek: number; sealed: Sealed; expiresAt: number; refreshAt: number; refreshExpiresAt: number; refresh?: Sealed; mintedBy?: number };
+    let doc: SharedDoc;
+    try {
+      doc = JSON.parse(raw) as SharedDoc;
+    } catch {
+      throw new IntegrityError('shared token');
+    }
+    if (typeof doc !== 'object' || doc === null) throw new IntegrityError('shared token');
     const kek = this.#keys.current.get(doc.kek);
     if (!kek || Date.now() >= doc.expiresAt) return undefined;
-    const token = open(kek, doc.sealed, aad('fields', `oauth:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8');
-    const refresh = doc.refresh ? open(kek, doc.refresh, aad('fields', `oauth-refresh:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8') : undefined;
-    return { mintedBy: Number.isSafeInteger(doc.mintedBy) ? doc.mintedBy! : key.version, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
+    const token = open(kek, doc.sealed, tokenAad('access', id, key, doc), 'shared token').toString('utf8');
+    const refresh = doc.refresh ? open(kek, doc.refresh, tokenAad('refresh', id, key, doc), 'shared token').toString('utf8') : undefined;
+    return { mintedBy: doc.mintedBy, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
   }
 
   async #write(id: string, key: TokenKey, entry: Entry): Promise<void> {
     const keyring = this.#keys.current;
     const kek = keyring.get(keyring.active)!;
-    const doc = {
-      kek: keyring.active,
-      sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), aad('fields', `oauth:${key.credential}`, key.version, keyring.active)),
-      ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), aad('fields', `oauth-refresh:${key.credential}`, key.version, keyring.active)) } : {}),
-      expiresAt: entry.expiresAt,
-      refreshAt: entry.refreshAt,
-      refreshExpiresAt: entry.refreshExpiresAt,
-      mintedBy: entry.mintedBy,
+    const fields = { kek: keyring.active, expiresAt: entry.expiresAt, refreshAt: entry.refreshAt, refreshExpiresAt: entry.refreshExpiresAt, mintedBy: entry.mintedBy };
+    const doc: SharedDoc = {
+      ...fields,
+      sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), tokenAad('access', id, key, fields)),
+      ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), tokenAad('refresh', id, key, fields)) } : {}),
     };
     const ttl = Math.max(entry.expiresAt, entry.refreshExpiresAt) - Date.now();
     if (ttl > 0) await this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl);
