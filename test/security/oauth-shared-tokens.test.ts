@@ -2,20 +2,24 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { aad, seal } from '../../src/store/crypto.ts';
 import { readKeyring } from '../../src/store/keyring.ts';
-import { makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
- * OAuth2 tokens shared through Redis: what whoever can write Redis can make of them. A token
- * endpoint that counts its mints; an API that knows which scope each token was minted for; two
- * routes on one credential that differ only in scope.
+ * OAuth2 tokens shared through Redis: what a caller who can provoke 401s, or whoever can write
+ * Redis, can make of them. A token endpoint that counts its mints; an API that knows which scope
+ * each token was minted for; two routes on one credential that differ only in scope.
  */
 let upstream: Upstream;
 let redis: TestRedis;
 /** Scope of every token minted, by token. */
 const scopeOf = new Map<string, string>();
 const mints: string[] = [];
+/** The client secret of the last mint. */
+let lastSecret = '';
+const revoked = new Set<string>();
 let counter = 0;
 const proxies: TestProxy[] = [];
 
@@ -29,17 +33,21 @@ beforeAll(async () => {
     const url = req.url ?? '';
     if (url === '/connect/token') {
       const form = new URLSearchParams(body.toString());
-      if (form.get('client_secret') !== 'cs_CANARY_oauth') return json(401, { error: 'invalid_client' });
+      const secret = form.get('client_secret') ?? '';
+      if (secret !== 'cs_CANARY_oauth' && secret !== 'cs_CANARY_oauth_2') return json(401, { error: 'invalid_client' });
       const scope = form.get('scope') ?? '';
       mints.push(scope);
+      lastSecret = secret;
       const token = `at_CANARY_${scope}_${++counter}`;
       scopeOf.set(token, scope);
       return json(200, { access_token: token, expires_in: 3600 });
     }
     const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+    // A path this API answers 401 whatever token comes with it.
+    if (url.endsWith('/locked')) return json(401, { error: 'invalid_token' });
     // /<scope>/accounts takes only a live token of that scope.
     const scope = url.split('/')[1];
-    return json(scopeOf.get(bearer) === scope ? 200 : 401, { scope: scopeOf.get(bearer) ?? null });
+    return json(scopeOf.get(bearer) === scope && !revoked.has(bearer) ? 200 : 401, { scope: scopeOf.get(bearer) ?? null });
   });
 });
 
@@ -63,10 +71,10 @@ inject:
 allow:
   - caller: svc
     methods: [GET]
-    paths: [/accounts]
+    paths: [/accounts, /locked]
 `;
 
-/** A data folder on Redis database `db` (each test its own: no token or lock of another test). */
+/** A data folder on Redis database `db` (each test its own: no token, lock or window of another test). */
 async function seed(db: number): Promise<{ dir: string; store: string; token: string }> {
   const dir = await makeTempDir('egress-oauth-shared-');
   const store = `${redis.url}/${db}`;
@@ -94,6 +102,66 @@ function expectNoTokenIn(text: string): void {
   for (const t of scopeOf.keys()) expect(text).not.toContain(t);
   expect(text).not.toContain('cs_CANARY_oauth');
 }
+
+describe('DOS: upstream 401s and the token endpoint', () => {
+  it('DOS-16 50 requests to a path the API always answers 401, across two instances sharing Redis, cause one mint, not one per request', async () => {
+    const { dir, store, token } = await seed(3);
+    const a = await instance(dir, store);
+    const b = await instance(dir, store);
+    expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+    expect((await get(b, '/reader/accounts', token)).status).toBe(200);
+    expect(mints).toContain('read');
+    const before = mints.length;
+    for (let i = 0; i < 50; i++) expect((await get(i % 2 ? b : a, '/reader/locked', token)).status).toBe(401);
+    // The first 401 drops the token (it may be revoked) and one new one is minted; the other 49
+    // within the minute keep the new one.
+    expect(mints.length - before).toBe(1);
+    // The token kept is good: the rest of the API works, with no further mint.
+    expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+    expect((await get(b, '/reader/accounts', token)).status).toBe(200);
+    expect(mints.length - before).toBe(1);
+    expectNoTokenIn(a.logs() + b.logs());
+  });
+
+  it('DOS-16b an instance still holding a token another instance has replaced takes the replacement on its 401: the replacement is not dropped, nothing more is minted', async () => {
+    const { dir, store, token } = await seed(4);
+    const a = await instance(dir, store);
+    const b = await instance(dir, store);
+    const mark = upstream.requests.length;
+    expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+    expect((await get(b, '/reader/accounts', token)).status).toBe(200);
+    const [first] = sentTo('/read/accounts', mark);
+    // The provider revokes the token early: a drops it on the first 401 and mints a replacement.
+    revoked.add(first!);
+    const before = mints.length;
+    expect((await get(a, '/reader/accounts', token)).status).toBe(401);
+    expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+    expect(mints.length - before).toBe(1);
+    // b still holds the revoked token: one 401, then the replacement from Redis.
+    expect((await get(b, '/reader/accounts', token)).status).toBe(401);
+    expect((await get(b, '/reader/accounts', token)).status).toBe(200);
+    expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+    expect(mints.length - before).toBe(1);
+    expect(new Set(sentTo('/read/accounts', mark)).size).toBe(2);
+  });
+
+  it('DOS-16c one instance on the file store, in a rotation grace: the first 401 drops the token and replays once with a new one; the next 49 are relayed as they are, no replay, no mint', async () => {
+    const proxy = await startTestProxy({ routes: { reader: route('reader', 'read') }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_oauth' } }, callers: ['svc'] });
+    proxies.push(proxy);
+    const token = proxy.tokens.svc!;
+    const rotate = await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], envFor(proxy.dir), JSON.stringify({ client_id: 'c', client_secret: 'cs_CANARY_oauth_2' }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    await eventually(async () => (await get(proxy, '/reader/accounts', token)).status === 200 && lastSecret === 'cs_CANARY_oauth_2', 3_000, 'a token from version 2');
+    const before = mints.length;
+    const mark = upstream.requests.length;
+    for (let i = 0; i < 50; i++) expect((await get(proxy, '/reader/locked', token)).status).toBe(401);
+    expect(mints.length - before).toBe(1);
+    expect(sentTo('/read/locked', mark)).toHaveLength(51);
+    expect((await get(proxy, '/reader/accounts', token)).status).toBe(200);
+    expect(mints.length - before).toBe(1);
+    expectNoTokenIn(proxy.logs());
+  });
+});
 
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
   it('CRED-16 two cache keys of one credential version with their Redis values swapped: neither token is used for the other scope; each is a cache miss and minted afresh', async () => {
