@@ -2,7 +2,7 @@ import type { z } from 'zod';
 import type { Secret } from '../secret.ts';
 import type { Template } from './template.ts';
 import type { Dispatcher } from 'undici';
-import type { TokenBroker } from '../pipeline/token-broker.ts';
+import type { TokenSource } from '../pipeline/token-broker.ts';
 import type { ClientCertificate } from '../store/tls-material.ts';
 
 /** Outbound headers keyed by lower-case name; a Map, so `__proto__` is just another name. */
@@ -67,7 +67,7 @@ export interface PrepareArgs<O> {
   /** The previous version inside its grace, decrypted on demand: a token endpoint may be retried with it. */
   readonly previous: (() => ResolvedCredential) | undefined;
   readonly options: O;
-  readonly tokens: TokenBroker;
+  readonly tokens: TokenSource;
   /** A verified-TLS keep-alive pool for another origin of this route (a token endpoint). */
   readonly dispatcherFor: (origin: string) => Dispatcher;
   readonly redact: (value: string) => void;

@@ -4,6 +4,7 @@ import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts'
 import type { CredentialVersionRecord } from '../store/records.ts';
 import type { Decision } from '../observe/audit.ts';
 import type { Services } from './services.ts';
+import type { FetchedToken } from './token-broker.ts';
 import type { Target } from './target.ts';
 
 /** One request's state as it moves through the steps. Steps read and write it; nothing else does. */
@@ -40,6 +41,8 @@ export interface RequestContext {
   /** Set when the response came from a second try with the previous version. */
   fellBack?: boolean;
   outbound?: OutboundRequest;
+  /** The tokens the outbound request carries (an OAuth2 access token), with their keys: dropped if the upstream refuses it. */
+  fetched?: readonly FetchedToken[];
   /** Every value that went upstream as a credential, as the redactor's needles (needlesOf): redacted if the upstream echoes it. */
   readonly redactions: string[];
   upstreamStatus?: number;

@@ -39,17 +39,21 @@ export async function forward(ctx: RequestContext): Promise<void> {
       const credential = ctx.credential!.id;
       const version = String(ctx.credential!.version);
       ctx.services.metrics.authFailures.inc({ credential, version });
-      // A fetched credential (an OAuth2 token) the upstream refuses is dropped: the next request mints a new one.
-      if (route.needsPrepare) ctx.services.tokens.invalidateCredential(credential, ctx.credential!.version);
+      // A fetched credential (an OAuth2 token) the upstream refuses is dropped, so the next request
+      // mints a new one: that token only, and once a minute at most per token key (token-broker.ts).
+      const replaced = route.needsPrepare && (await ctx.services.tokens.refused(ctx.fetched ?? []));
       if (ctx.replayable && ctx.previous && route.needsPrepare && !route.clientCertificate) {
         // A token broker's route falls back when minting (the token endpoint is safe to retry),
         // not here (providers.md §3.2): the refused token was dropped above, so the replay goes
         // with a token minted afresh from the current version, and the broker turns to the
-        // previous version only if the token endpoint refuses the current one.
-        attempt.exchange.discard();
-        const outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
-        attempt = startExchange(ctx, outbound);
-        await received(ctx, attempt);
+        // previous version only if the token endpoint refuses the current one. A token the
+        // broker kept (refused again within its minute) would go as it went: no replay then.
+        if (replaced) {
+          attempt.exchange.discard();
+          const outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
+          attempt = startExchange(ctx, outbound);
+          await received(ctx, attempt);
+        }
       } else if (ctx.replayable && ctx.previous) {
         attempt.exchange.discard();
         const previous = open(ctx, credential, ctx.previous);

@@ -6,6 +6,7 @@ import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { continueBody, hasBody, readBody } from './body.ts';
 import { open } from './resolve-credential.ts';
+import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
 
 /**
@@ -51,13 +52,23 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
   if (route.needsPrepare) {
     const { services } = ctx;
     const previous = ctx.previous && credential.version !== ctx.previous.version ? () => open(ctx, credential.id, ctx.previous!) : undefined;
+    // Each token handed out is noted with its key: if the upstream refuses it, forward drops that one.
+    const fetched: FetchedToken[] = [];
+    ctx.fetched = fetched;
+    const tokens: TokenSource = {
+      token: async (key, mint) => {
+        const token = await services.tokens.token(key, mint);
+        fetched.push({ key, token });
+        return token;
+      },
+    };
     try {
       prepared = await Promise.all(route.injections.map(({ injector, options }) =>
         injector.prepare?.({
           credential,
           previous,
           options,
-          tokens: services.tokens,
+          tokens,
           dispatcherFor: (origin) => services.dispatchers.forOrigin(origin, route),
           redact: redactor(ctx, true),
           deadlineMs: route.responseTimeoutMs,

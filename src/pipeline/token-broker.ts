@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from '../observe/log.ts';
 import { Secret } from '../secret.ts';
-import { aad, open, seal, type Sealed } from '../store/crypto.ts';
+import { IntegrityError, open, seal, type Sealed } from '../store/crypto.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
 import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 
@@ -34,6 +34,31 @@ export interface TokenKey {
 
 export type Mint = (previous: { refreshToken: string; mintedBy: number } | undefined) => Promise<Minted>;
 
+/** What an injector's `prepare` sees of the broker. */
+export interface TokenSource {
+  token(key: TokenKey, mint: Mint): Promise<Secret>;
+}
+
+/** A token handed out for a request, with its key: what the request names if the upstream refuses it. */
+export interface FetchedToken {
+  readonly key: TokenKey;
+  readonly token: Secret;
+}
+
+/**
+ * A token is dropped for an upstream refusal (the route's auth_failure) at most once in this time
+ * per cache key: across instances when the store is Redis, per instance otherwise (or while Redis
+ * cannot be asked). The first refusal drops it at once, so a token the provider revoked early is
+ * replaced on the next request. A caller who can make the upstream refuse (a path it always
+ * answers 401, a resource the token may not see) would otherwise have a token minted for every
+ * such request, and could get the client credentials throttled or locked at the token endpoint.
+ * A minute bounds that to one mint a minute per key, 30 times the normal rate of the shortest
+ * lifetimes in use (Tink's and Schwab's 1,800 s) at worst, rather than the rate of the caller's
+ * requests; the cost is that a token refused again within the minute of a drop (a second early
+ * revocation) is kept, and fails requests, for the rest of that minute.
+ */
+const REFUSED_DROP_MS = 60_000;
+
 /** Tokens are refreshed at 70-80% of their life: jitter spreads instances so they do not all refresh together. */
 function schedule(now: number, m: Minted, key: TokenKey): Entry {
   const life = Math.max(1_000, m.expiresInMs);
@@ -55,8 +80,8 @@ function schedule(now: number, m: Minted, key: TokenKey): Entry {
  */
 export class TokenBroker {
   readonly #local = new Map<string, Entry>();
-  /** Cache ids by credential version, to drop every token of a version the upstream refused. */
-  readonly #byVersion = new Map<string, Set<string>>();
+  /** When this instance last dropped a token of each cache id for a refusal (REFUSED_DROP_MS). */
+  readonly #droppedAt = new Map<string, number>();
   /** The credential of each cache id. */
   readonly #credentialOf = new Map<string, string>();
   readonly #inflight = new Map<string, Promise<Entry>>();
@@ -72,15 +97,16 @@ export class TokenBroker {
 
   async token(key: TokenKey, mint: Mint): Promise<Secret> {
     const id = cacheId(key);
-    const versionKey = JSON.stringify([key.credential, key.version]);
-    const ids = this.#byVersion.get(versionKey) ?? new Set<string>();
-    ids.add(id);
-    this.#byVersion.set(versionKey, ids);
     this.#credentialOf.set(id, key.credential);
     const now = Date.now();
     let entry = this.#local.get(id);
     if (!entry && this.#shared) {
-      entry = await this.#shared.read(id, key).catch(() => undefined);
+      entry = await this.#shared.read(id, key).catch((err: unknown) => {
+        // Redis unreachable: minted here (mintOnce). A document that does not open: minted afresh
+        // and written over it. Either way a miss, never the caller's error; the log names no value.
+        if (err instanceof IntegrityError) this.#log.warn({ credential: key.credential }, 'the OAuth2 token shared in Redis does not open (altered, moved from another key, or sealed by an earlier release); minting a new one');
+        return undefined;
+      });
       if (entry) this.#local.set(id, entry);
     }
     // A token from a version that was revoked or retired since (another instance's, say) is not used, nor refreshed.
@@ -131,14 +157,43 @@ export class TokenBroker {
     return this.#live === undefined || this.#live.has(`${credential}\u0000${entry.mintedBy}`);
   }
 
-  /** Forget every token minted for this credential version (the upstream refused one), here and in Redis. */
-  invalidateCredential(credential: string, version: number): void {
-    const ids = this.#byVersion.get(JSON.stringify([credential, version]));
-    for (const id of ids ?? []) {
-      this.#local.delete(id);
-      void this.#shared?.remove(id, credential).catch(() => {});
+  /**
+   * The upstream refused a request that carried these tokens: drop each, here and in Redis, so the
+   * next request mints afresh. Only the token that was refused goes, never one another request or
+   * instance has put in its place since; and at most once per REFUSED_DROP_MS per cache key.
+   * Resolves true when the next request would carry another token for some key (a replay is
+   * worth sending), false when every refused token is kept.
+   */
+  async refused(fetched: readonly FetchedToken[]): Promise<boolean> {
+    let replaced = false;
+    for (const { key, token } of fetched) if (await this.#refusedOne(key, token)) replaced = true;
+    return replaced;
+  }
+
+  async #refusedOne(key: TokenKey, token: Secret): Promise<boolean> {
+    const id = cacheId(key);
+    if (this.#replacedHere(id, token)) return true;
+    // Redis unreachable (undefined): as without Redis.
+    const there = this.#shared ? await this.#shared.dropRefused(id, key, token, REFUSED_DROP_MS).catch(() => undefined) : undefined;
+    if (this.#replacedHere(id, token)) return true;
+    if (there === 'kept') return false;
+    if (there === 'dropped') {
+      this.#droppedAt.set(id, Date.now());
+    } else if (there !== 'newer') {
+      // Redis holds no token for the key, or there is no Redis to ask: this instance's window decides.
+      if (!this.#local.has(id)) return true;
+      const last = this.#droppedAt.get(id);
+      if (last !== undefined && Date.now() - last < REFUSED_DROP_MS) return false;
+      this.#droppedAt.set(id, Date.now());
     }
-    ids?.clear();
+    this.#local.delete(id);
+    return true;
+  }
+
+  /** This instance holds another token for the key than the one refused: it was replaced already. */
+  #replacedHere(id: string, token: Secret): boolean {
+    const entry = this.#local.get(id);
+    return entry !== undefined && !sameToken(entry.token, token);
   }
 
   #refresh(id: string, key: TokenKey, mint: Mint, old: Entry | undefined): Promise<Entry> {
@@ -160,6 +215,10 @@ function cacheId(key: TokenKey): string {
   return createHash('sha256').update(JSON.stringify([key.credential, key.version, ...key.parts])).digest('hex').slice(0, 32);
 }
 
+function sameToken(a: Secret, b: Secret): boolean {
+  return a === b || a.reveal() === b.reveal();
+}
+
 function errorText(err: unknown): string {
   return err instanceof Error ? err.message.slice(0, 200) : 'error';
 }
@@ -167,9 +226,40 @@ function errorText(err: unknown): string {
 const LOCK_MS = 10_000;
 const WAIT_STEP_MS = 50;
 
+/** KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. */
+const DROP_REFUSED = `
+local doc = redis.call('GET', KEYS[1])
+if not doc then return 'absent' end
+if doc ~= ARGV[1] then return 'newer' end
+if not redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'NX') then return 'kept' end
+redis.call('DEL', KEYS[1])
+return 'dropped'`;
+
+/** A token as Redis keeps it: the tokens sealed, the rest in the clear but bound to them (tokenAad). */
+interface SharedDoc {
+  readonly kek: number;
+  readonly sealed: Sealed;
+  readonly refresh?: Sealed;
+  readonly expiresAt: number;
+  readonly refreshAt: number;
+  readonly refreshExpiresAt: number;
+  readonly mintedBy: number;
+}
+
+/**
+ * Associated data of a token sealed in Redis, a JSON tuple as crypto.ts's aad: the cache id (the
+ * credential, its version and every route option that shapes the token), so whoever can write
+ * Redis cannot file one scope's token under another scope's key; and every other field of the
+ * document, so none can be changed either (mintedBy relabelled would keep a token minted with a
+ * revoked version in use). Its purpose, "oauth-token", is none of the store's.
+ */
+function tokenAad(kind: 'access' | 'refresh', id: string, key: TokenKey, doc: Omit<SharedDoc, 'sealed' | 'refresh'>): Buffer {
+  return Buffer.from(JSON.stringify(['egress-proxy/v1', 'oauth-token', kind, key.credential, key.version, id, doc.kek, doc.mintedBy, doc.expiresAt, doc.refreshAt, doc.refreshExpiresAt]), 'utf8');
+}
+
 /**
  * The Redis side of the broker: the token sealed with the active KEK (AES-256-GCM, associated data
- * naming the credential and version), and a lock (SET NX PX) so that one instance mints while the
+ * naming its cache id: tokenAad), and a lock (SET NX PX) so that one instance mints while the
  * others wait for its result.
  */
 export class SharedTokens {
@@ -185,28 +275,40 @@ export class SharedTokens {
     return `egress:oauth:{${credential}}:${id}`;
   }
 
+  /**
+   * The token filed under this cache id; undefined when there is none, it has expired or its
+   * key-encryption key is gone. A document that does not open (altered, moved from another cache
+   * id, or sealed by a release whose associated data named no cache id) throws IntegrityError: to
+   * the broker it is a cache miss like the others.
+   */
   async read(id: string, key: TokenKey): Promise<Entry | undefined> {
     const raw = await this.#client.get(this.#key(id, key.credential));
-    if (!raw) return undefined;
-    const doc = JSON.parse(raw) as { kek: number; sealed: Sealed; expiresAt: number; refreshAt: number; refreshExpiresAt: number; refresh?: Sealed; mintedBy?: number };
+    return raw ? this.#open(id, key, raw) : undefined;
+  }
+
+  #open(id: string, key: TokenKey, raw: string): Entry | undefined {
+    let doc: SharedDoc;
+    try {
+      doc = JSON.parse(raw) as SharedDoc;
+    } catch {
+      throw new IntegrityError('shared token');
+    }
+    if (typeof doc !== 'object' || doc === null) throw new IntegrityError('shared token');
     const kek = this.#keys.current.get(doc.kek);
     if (!kek || Date.now() >= doc.expiresAt) return undefined;
-    const token = open(kek, doc.sealed, aad('fields', `oauth:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8');
-    const refresh = doc.refresh ? open(kek, doc.refresh, aad('fields', `oauth-refresh:${key.credential}`, key.version, doc.kek), 'shared token').toString('utf8') : undefined;
-    return { mintedBy: Number.isSafeInteger(doc.mintedBy) ? doc.mintedBy! : key.version, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
+    const token = open(kek, doc.sealed, tokenAad('access', id, key, doc), 'shared token').toString('utf8');
+    const refresh = doc.refresh ? open(kek, doc.refresh, tokenAad('refresh', id, key, doc), 'shared token').toString('utf8') : undefined;
+    return { mintedBy: doc.mintedBy, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
   }
 
   async #write(id: string, key: TokenKey, entry: Entry): Promise<void> {
     const keyring = this.#keys.current;
     const kek = keyring.get(keyring.active)!;
-    const doc = {
-      kek: keyring.active,
-      sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), aad('fields', `oauth:${key.credential}`, key.version, keyring.active)),
-      ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), aad('fields', `oauth-refresh:${key.credential}`, key.version, keyring.active)) } : {}),
-      expiresAt: entry.expiresAt,
-      refreshAt: entry.refreshAt,
-      refreshExpiresAt: entry.refreshExpiresAt,
-      mintedBy: entry.mintedBy,
+    const fields = { kek: keyring.active, expiresAt: entry.expiresAt, refreshAt: entry.refreshAt, refreshExpiresAt: entry.refreshExpiresAt, mintedBy: entry.mintedBy };
+    const doc: SharedDoc = {
+      ...fields,
+      sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), tokenAad('access', id, key, fields)),
+      ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), tokenAad('refresh', id, key, fields)) } : {}),
     };
     const ttl = Math.max(entry.expiresAt, entry.refreshExpiresAt) - Date.now();
     if (ttl > 0) await this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl);
@@ -234,6 +336,29 @@ export class SharedTokens {
       // Release only our own lock.
       await evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner]).catch(() => {});
     }
+  }
+
+  /**
+   * The upstream refused `token`: delete it from Redis if it is still the token filed under this
+   * cache id and no refusal has dropped one there in the last `windowMs` ("dropped"); "kept" if
+   * one has; "newer" when another token is filed there; "absent" when none is (or none that
+   * opens). The check and the delete are one script, on the document as read: a token written
+   * in between is not deleted.
+   */
+  async dropRefused(id: string, key: TokenKey, token: Secret, windowMs: number): Promise<'dropped' | 'kept' | 'newer' | 'absent'> {
+    const docKey = this.#key(id, key.credential);
+    const raw = await this.#client.get(docKey);
+    if (!raw) return 'absent';
+    let held: Entry | undefined;
+    try {
+      held = this.#open(id, key, raw);
+    } catch {
+      return 'absent';
+    }
+    if (!held) return 'absent';
+    if (!sameToken(held.token, token)) return 'newer';
+    const outcome = await evalScript(this.#client, DROP_REFUSED, [docKey, `${docKey}:refused`], [raw, String(windowMs)]);
+    return outcome === 'dropped' || outcome === 'kept' || outcome === 'newer' ? outcome : 'absent';
   }
 
   async remove(id: string, credential: string): Promise<void> {
