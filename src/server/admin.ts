@@ -23,7 +23,8 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
     insecureHTTPParser: false,
     connectionsCheckingInterval: 500,
-  }, (req: IncomingMessage, res: ServerResponse) => {
+  }, onRequest);
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket;
     // A client that pipelines requests and does not read the answers has every one of them rendered
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
@@ -40,7 +41,11 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
       // waiting until then.
       if (res.writableEnded && res.writableLength > 0 && !res.destroyed) await answerTaken(socket, res, ANSWER_STALL_MS);
     }).finally(() => requestAnswered(socket));
-  });
+  }
+  // Expect: 100-continue is answered by the admin API once the token, the route, the method and the
+  // declared body have passed (continueBody), not by Node at once: a refused client is never invited
+  // to send its body, which may carry a credential's secret values.
+  server.on('checkContinue', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);
   // A connection that sends nothing at all is closed as on the proxy listeners; between requests

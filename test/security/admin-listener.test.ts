@@ -5,6 +5,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
+import { statuses } from '../helpers/raw.ts';
+import { RawConnection } from './raw-socket.ts';
 import { dribbledHeaderLifetime } from './sec-helpers.ts';
 
 /**
@@ -208,6 +210,49 @@ describe('AUTH: two Authorization headers', () => {
       expect(await status(path, [other, good]), `${path}: another, then valid`).toBe(401);
       expect(await status(path, [good, good]), `${path}: the same twice`).toBe(401);
     }
+    await lab.g0();
+  });
+});
+
+describe('HDR: Expect: 100-continue on the admin API', () => {
+  it('HDR-18b no 100 Continue before the admin token, the route, the method and the declared body are checked; an authorised request gets it, then its answer', async () => {
+    // Node answers 100 Continue by itself as soon as the head arrives: a client with a wrong or no
+    // admin token was invited to send its body (a credential's secret values) before the 401.
+    const created = await runCli(['admin-token', 'create', 'continue', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const body = JSON.stringify({ name: 'continued' });
+    const head = (method: string, path: string, token: string | undefined, extra: { length?: number; type?: string } = {}) =>
+      `${method} ${path} HTTP/1.1\r\nHost: admin\r\n${token ? `Authorization: Bearer ${token}\r\n` : ''}Expect: 100-continue\r\nContent-Type: ${extra.type ?? 'application/json'}\r\nContent-Length: ${extra.length ?? body.length}\r\n\r\n`;
+    const refused = [
+      ['wrong token', head('POST', '/v1/callers', `ega_${'w'.repeat(43)}`), 401],
+      ['no token', head('POST', '/v1/callers', undefined), 401],
+      ['unknown route', head('POST', '/v1/nothing', admin), 404],
+      ['unknown verb', head('POST', '/v1/credentials/plaid/destroy', admin), 404],
+      ['wrong method', head('PUT', '/v1/callers', admin), 405],
+      ['declared body over 128 KiB', head('POST', '/v1/callers', admin, { length: 200_000 }), 413],
+      ['not JSON', head('POST', '/v1/callers', admin, { type: 'text/plain' }), 415],
+    ] as const;
+    for (const [label, request, status] of refused) {
+      const conn = await RawConnection.open(port);
+      const answer = await conn.exchange(request);
+      const closed = conn.closed;
+      conn.close();
+      lab.seen(answer);
+      expect(statuses(answer), label).toEqual([status]);
+      // The body was never invited: whatever the client sends next is not read as a request.
+      expect(closed, `${label}: connection closed`).toBe(true);
+    }
+    const conn = await RawConnection.open(port);
+    const interim = await conn.exchange(head('POST', '/v1/callers', admin));
+    expect(statuses(interim), 'authorised: 100 Continue, then the body is read').toEqual([100]);
+    const final = await conn.exchange(body);
+    conn.close();
+    lab.seen(final);
+    expect(statuses(final)).toEqual([201]);
+    expect(final).toContain('"caller":"continued"');
     await lab.g0();
   });
 });
