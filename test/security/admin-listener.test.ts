@@ -91,6 +91,69 @@ describe('DOS: idle connections on the admin listener', () => {
   }, 60_000);
 });
 
+describe('DOS: too many connections to the admin listener', () => {
+  it('DOS-09d past 64 connections each request is answered 503 and its connection closed, past 128 new ones are closed unanswered; the 64 keep working, and once they close new ones are served', async () => {
+    // Its own process: nothing else (no fetch keep-alive pool) holds connections to its admin port.
+    const own = await startLab();
+    const opened: RawConnection[] = [];
+    try {
+      const port = Number(new URL(own.admin).port);
+      const get = (path: string) => `GET ${path} HTTP/1.1\r\nHost: admin\r\n\r\n`;
+      const connections = async (n: number) => {
+        const list = await Promise.all(Array.from({ length: n }, () => RawConnection.open(port)));
+        opened.push(...list);
+        return list;
+      };
+      // 64 monitoring clients, each on a keep-alive connection.
+      const served = await connections(64);
+      const first = await Promise.all(served.map((c) => c.exchange(get('/healthz'), 100)));
+      expect(first.map((a) => statuses(a)[0]), 'the first 64 connections are served').toEqual(first.map(() => 200));
+      // 64 more are taken, to be told why they are refused.
+      const refused = await connections(64);
+      // Past those, a connection is closed as it is accepted: no descriptor is held for it.
+      const dropped = await Promise.all(Array.from({ length: 5 }, () => new Promise<{ bytes: number; closed: boolean }>((resolve) => {
+        const socket = connect(port, '127.0.0.1');
+        let bytes = 0;
+        socket.on('data', (d: Buffer) => void (bytes += d.length));
+        socket.on('error', () => {});
+        const timer = setTimeout(() => (socket.destroy(), resolve({ bytes, closed: false })), 3_000);
+        socket.once('close', () => (clearTimeout(timer), resolve({ bytes, closed: true })));
+      })));
+      expect(dropped, 'connections past 128: closed at once, unanswered').toEqual(dropped.map(() => ({ bytes: 0, closed: true })));
+      const answers = await Promise.all(refused.map((c) => c.exchange(get('/metrics'), 100)));
+      for (const answer of answers) {
+        own.seen(answer);
+        expect(statuses(answer), 'a connection past 64').toEqual([503]);
+        expect(answer).toMatch(/\r\nretry-after: 1\r\n/i);
+        expect(answer).toMatch(/\r\nConnection: close\r\n/i);
+        expect(answer).toContain('"code":"too_many_connections"');
+      }
+      expect(refused.every((c) => c.closed), 'refused connections are closed after their answer').toBe(true);
+      // The 64 served connections still work: /metrics for monitoring.
+      const again = await Promise.all(served.map((c) => c.exchange(get('/metrics'), 100)));
+      expect(again.map((a) => statuses(a)[0]), 'the first 64 connections still served').toEqual(again.map(() => 200));
+      for (const c of served) c.close();
+      // Once they have closed, new connections are served again, all 64 of them.
+      await eventually(async () => {
+        const probe = await RawConnection.open(port);
+        const status = statuses(await probe.exchange(get('/healthz'), 100))[0];
+        probe.close();
+        return status === 200;
+      }, 3_000, 'a new connection served');
+      await new Promise((r) => setTimeout(r, 200));
+      const fresh = await connections(64);
+      const later = await Promise.all(fresh.map((c) => c.exchange(get('/healthz'), 100)));
+      expect(later.map((a) => statuses(a)[0]), 'new connections after the first closed').toEqual(later.map(() => 200));
+      for (const c of fresh) c.close();
+      expect((await fetch(`${own.admin}/metrics`)).status).toBe(200);
+      await own.g0();
+    } finally {
+      for (const c of opened) c.close();
+      await own.close();
+    }
+  }, 60_000);
+});
+
 describe('DOS: pipelined requests on the admin listener', () => {
   it('DOS-15 clients that pipeline GET /metrics and never read the answers are cut, and /healthz stays quick', async () => {
     // Its own process: the attack costs memory the other tests should not inherit.
