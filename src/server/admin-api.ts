@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
+import { continueBody, hasBody } from '../pipeline/body.ts';
 import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
@@ -62,7 +63,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     }
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
-    const result = await route(req, segments, op, deps);
+    const result = await route(req, res, segments, op, deps);
     // The API's answer reflects the change at once; the proxy's own view follows within a second.
     void deps.store.refresh();
     send(res, result.status ?? 200, result.body);
@@ -82,7 +83,7 @@ function bounded(text: string): string {
   return text.length > 128 ? `${text.slice(0, 128)}…` : text;
 }
 
-async function route(req: IncomingMessage, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
+async function route(req: IncomingMessage, res: ServerResponse, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
   const [collection, id, verb, ...extra] = s;
   const method = req.method ?? '';
   if (extra.length > 0) throw notFound();
@@ -91,7 +92,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     if (!id) {
       if (method === 'GET') return { body: { credentials: [...(await op.store.load()).credentials.values()].map((r) => describeCredential(r, now)) } };
       if (method === 'POST') {
-        const body = await readJson(req, ['id', 'fields']);
+        const body = await readJson(req, res, ['id', 'fields']);
         const newId = stringField(body, 'id');
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
@@ -106,7 +107,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     if (method !== 'POST') throw notAllowed();
     const known = CREDENTIAL_VERBS.get(verb ?? '');
     if (!known) throw notFound();
-    const body = await readJson(req, known);
+    const body = await readJson(req, res, known);
     switch (verb) {
       case 'versions':
         if (body.stage !== undefined && typeof body.stage !== 'boolean') throw new HttpError(400, 'bad_request', 'stage must be true or false');
@@ -131,7 +132,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
         return { body: { callers: list } };
       }
       if (method === 'POST') {
-        const name = stringField(await readJson(req, ['name']), 'name');
+        const name = stringField(await readJson(req, res, ['name']), 'name');
         if (!CALLER_NAME.test(name)) throw new HttpError(400, 'bad_request', 'name: lower-case letters, digits, ".", "_" and "-"');
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
@@ -140,7 +141,7 @@ async function route(req: IncomingMessage, s: readonly string[], op: ops.Operato
     }
     if (method !== 'POST') throw notAllowed();
     if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
-    const body = await readJson(req, verb === 'rotate' ? ['grace'] : []);
+    const body = await readJson(req, res, verb === 'rotate' ? ['grace'] : []);
     if (verb === 'rotate') {
       const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
       return { body: { caller: record.name, token } };
@@ -213,8 +214,8 @@ const CREDENTIAL_VERBS: ReadonlyMap<string, readonly string[]> = new Map([
  * default in force ({"Version": 2} would revoke the current version, {"stag": true} put a new key
  * live). The message names the field only when its name cannot be a value pasted in the wrong place.
  */
-async function readJson(req: IncomingMessage, known: readonly string[]): Promise<Record<string, unknown>> {
-  const body = await readJsonObject(req);
+async function readJson(req: IncomingMessage, res: ServerResponse, known: readonly string[]): Promise<Record<string, unknown>> {
+  const body = await readJsonObject(req, res);
   for (const key of Object.keys(body)) {
     if (known.includes(key)) continue;
     const name = /^[A-Za-z][A-Za-z0-9_-]{0,31}$/.test(key) ? `"${key}"` : '(name not shown)';
@@ -223,16 +224,20 @@ async function readJson(req: IncomingMessage, known: readonly string[]): Promise
   return body;
 }
 
-async function readJsonObject(req: IncomingMessage): Promise<Record<string, unknown>> {
+async function readJsonObject(req: IncomingMessage, res: ServerResponse): Promise<Record<string, unknown>> {
+  // What can be refused from the head is refused before a client that sent Expect: 100-continue
+  // is told to send its body (RFC 9110 §10.1.1).
+  if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) throw tooLarge();
+  if (hasBody(req) && !(req.headers['content-type'] ?? '').startsWith('application/json')) throw new HttpError(415, 'unsupported_media_type', 'Send JSON with Content-Type: application/json.');
+  continueBody(req, res);
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req) {
     size += (chunk as Buffer).length;
-    if (size > MAX_BODY) throw new HttpError(413, 'body_too_large', 'Admin request bodies are limited to 128 KiB.');
+    if (size > MAX_BODY) throw tooLarge();
     chunks.push(chunk as Buffer);
   }
   if (size === 0) return {};
-  if (!(req.headers['content-type'] ?? '').startsWith('application/json')) throw new HttpError(415, 'unsupported_media_type', 'Send JSON with Content-Type: application/json.');
   try {
     const parsed: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
@@ -240,6 +245,10 @@ async function readJsonObject(req: IncomingMessage): Promise<Record<string, unkn
   } catch {
     throw new HttpError(400, 'bad_request', 'The body is not a JSON object.');
   }
+}
+
+function tooLarge(): HttpError {
+  return new HttpError(413, 'body_too_large', 'Admin request bodies are limited to 128 KiB.');
 }
 
 function stringField(body: Record<string, unknown>, name: string): string {

@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
@@ -10,6 +11,13 @@ import { ANSWER_STALL_MS, answerTaken, requestAnswered, requestStarted } from '.
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
 }
+
+/**
+ * Connections the admin listener serves at once. Its port is open before any token, and every
+ * connection is a file descriptor of the whole process, which the proxy listeners and their
+ * upstream connections need too; monitoring, the status page and rotation scripts use a handful.
+ */
+export const ADMIN_LIMITS = Object.freeze({ maxConnections: 64 });
 
 /** The admin listener: liveness, readiness with its reasons, Prometheus metrics, and the admin API under /v1/. */
 export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Server {
@@ -23,7 +31,21 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
     insecureHTTPParser: false,
     connectionsCheckingInterval: 500,
-  }, (req: IncomingMessage, res: ServerResponse) => {
+  }, onRequest);
+  // Connections past ADMIN_LIMITS.maxConnections are still taken, so that their clients are told
+  // why: each request on one is answered 503 and the connection closed. Past twice as many, Node
+  // closes a new connection as it accepts it, unanswered: refused connections that send nothing
+  // cannot hold descriptors without bound either.
+  const served = new WeakSet<Socket>();
+  let open = 0;
+  server.maxConnections = 2 * ADMIN_LIMITS.maxConnections;
+  server.on('connection', (socket: Socket) => {
+    if (open >= ADMIN_LIMITS.maxConnections) return;
+    open++;
+    served.add(socket);
+    socket.once('close', () => open--);
+  });
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket;
     // A client that pipelines requests and does not read the answers has every one of them rendered
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
@@ -31,7 +53,8 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     if (!requestStarted(socket, req, res)) return;
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
-    void route(req, res, readiness, metrics, api, status).catch(() => {
+    const answer = served.has(socket) ? route(req, res, readiness, metrics, api, status) : refuseConnection(res);
+    void answer.catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
     }).then(async () => {
@@ -40,7 +63,11 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
       // waiting until then.
       if (res.writableEnded && res.writableLength > 0 && !res.destroyed) await answerTaken(socket, res, ANSWER_STALL_MS);
     }).finally(() => requestAnswered(socket));
-  });
+  }
+  // Expect: 100-continue is answered by the admin API once the token, the route, the method and the
+  // declared body have passed (continueBody), not by Node at once: a refused client is never invited
+  // to send its body, which may carry a credential's secret values.
+  server.on('checkContinue', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);
   // A connection that sends nothing at all is closed as on the proxy listeners; between requests
@@ -81,6 +108,13 @@ async function route(req: IncomingMessage, res: ServerResponse, readiness: Readi
     return;
   }
   return json(res, 404, { error: { code: 'not_found', message: 'No such admin endpoint.' } });
+}
+
+/** A request on a connection past ADMIN_LIMITS.maxConnections: 503, and the connection closed. */
+async function refuseConnection(res: ServerResponse): Promise<void> {
+  res.shouldKeepAlive = false;
+  res.setHeader('retry-after', '1');
+  json(res, 503, { error: { code: 'too_many_connections', message: `The admin listener serves at most ${ADMIN_LIMITS.maxConnections} connections at once; retry when one has closed.` } });
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {

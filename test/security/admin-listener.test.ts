@@ -5,6 +5,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
+import { statuses } from '../helpers/raw.ts';
+import { RawConnection } from './raw-socket.ts';
 import { dribbledHeaderLifetime } from './sec-helpers.ts';
 
 /**
@@ -86,6 +88,69 @@ describe('DOS: idle connections on the admin listener', () => {
     // 10 s without a byte, and slack on a loaded 2-core machine.
     expect(Math.max(...lifetimes), 'ms until the last idle connection was closed').toBeLessThan(14_000);
     await lab.g0();
+  }, 60_000);
+});
+
+describe('DOS: too many connections to the admin listener', () => {
+  it('DOS-09d past 64 connections each request is answered 503 and its connection closed, past 128 new ones are closed unanswered; the 64 keep working, and once they close new ones are served', async () => {
+    // Its own process: nothing else (no fetch keep-alive pool) holds connections to its admin port.
+    const own = await startLab();
+    const opened: RawConnection[] = [];
+    try {
+      const port = Number(new URL(own.admin).port);
+      const get = (path: string) => `GET ${path} HTTP/1.1\r\nHost: admin\r\n\r\n`;
+      const connections = async (n: number) => {
+        const list = await Promise.all(Array.from({ length: n }, () => RawConnection.open(port)));
+        opened.push(...list);
+        return list;
+      };
+      // 64 monitoring clients, each on a keep-alive connection.
+      const served = await connections(64);
+      const first = await Promise.all(served.map((c) => c.exchange(get('/healthz'), 100)));
+      expect(first.map((a) => statuses(a)[0]), 'the first 64 connections are served').toEqual(first.map(() => 200));
+      // 64 more are taken, to be told why they are refused.
+      const refused = await connections(64);
+      // Past those, a connection is closed as it is accepted: no descriptor is held for it.
+      const dropped = await Promise.all(Array.from({ length: 5 }, () => new Promise<{ bytes: number; closed: boolean }>((resolve) => {
+        const socket = connect(port, '127.0.0.1');
+        let bytes = 0;
+        socket.on('data', (d: Buffer) => void (bytes += d.length));
+        socket.on('error', () => {});
+        const timer = setTimeout(() => (socket.destroy(), resolve({ bytes, closed: false })), 3_000);
+        socket.once('close', () => (clearTimeout(timer), resolve({ bytes, closed: true })));
+      })));
+      expect(dropped, 'connections past 128: closed at once, unanswered').toEqual(dropped.map(() => ({ bytes: 0, closed: true })));
+      const answers = await Promise.all(refused.map((c) => c.exchange(get('/metrics'), 100)));
+      for (const answer of answers) {
+        own.seen(answer);
+        expect(statuses(answer), 'a connection past 64').toEqual([503]);
+        expect(answer).toMatch(/\r\nretry-after: 1\r\n/i);
+        expect(answer).toMatch(/\r\nConnection: close\r\n/i);
+        expect(answer).toContain('"code":"too_many_connections"');
+      }
+      expect(refused.every((c) => c.closed), 'refused connections are closed after their answer').toBe(true);
+      // The 64 served connections still work: /metrics for monitoring.
+      const again = await Promise.all(served.map((c) => c.exchange(get('/metrics'), 100)));
+      expect(again.map((a) => statuses(a)[0]), 'the first 64 connections still served').toEqual(again.map(() => 200));
+      for (const c of served) c.close();
+      // Once they have closed, new connections are served again, all 64 of them.
+      await eventually(async () => {
+        const probe = await RawConnection.open(port);
+        const status = statuses(await probe.exchange(get('/healthz'), 100))[0];
+        probe.close();
+        return status === 200;
+      }, 3_000, 'a new connection served');
+      await new Promise((r) => setTimeout(r, 200));
+      const fresh = await connections(64);
+      const later = await Promise.all(fresh.map((c) => c.exchange(get('/healthz'), 100)));
+      expect(later.map((a) => statuses(a)[0]), 'new connections after the first closed').toEqual(later.map(() => 200));
+      for (const c of fresh) c.close();
+      expect((await fetch(`${own.admin}/metrics`)).status).toBe(200);
+      await own.g0();
+    } finally {
+      for (const c of opened) c.close();
+      await own.close();
+    }
   }, 60_000);
 });
 
@@ -208,6 +273,49 @@ describe('AUTH: two Authorization headers', () => {
       expect(await status(path, [other, good]), `${path}: another, then valid`).toBe(401);
       expect(await status(path, [good, good]), `${path}: the same twice`).toBe(401);
     }
+    await lab.g0();
+  });
+});
+
+describe('HDR: Expect: 100-continue on the admin API', () => {
+  it('HDR-18b no 100 Continue before the admin token, the route, the method and the declared body are checked; an authorised request gets it, then its answer', async () => {
+    // Node answers 100 Continue by itself as soon as the head arrives: a client with a wrong or no
+    // admin token was invited to send its body (a credential's secret values) before the 401.
+    const created = await runCli(['admin-token', 'create', 'continue', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const body = JSON.stringify({ name: 'continued' });
+    const head = (method: string, path: string, token: string | undefined, extra: { length?: number; type?: string } = {}) =>
+      `${method} ${path} HTTP/1.1\r\nHost: admin\r\n${token ? `Authorization: Bearer ${token}\r\n` : ''}Expect: 100-continue\r\nContent-Type: ${extra.type ?? 'application/json'}\r\nContent-Length: ${extra.length ?? body.length}\r\n\r\n`;
+    const refused = [
+      ['wrong token', head('POST', '/v1/callers', `ega_${'w'.repeat(43)}`), 401],
+      ['no token', head('POST', '/v1/callers', undefined), 401],
+      ['unknown route', head('POST', '/v1/nothing', admin), 404],
+      ['unknown verb', head('POST', '/v1/credentials/plaid/destroy', admin), 404],
+      ['wrong method', head('PUT', '/v1/callers', admin), 405],
+      ['declared body over 128 KiB', head('POST', '/v1/callers', admin, { length: 200_000 }), 413],
+      ['not JSON', head('POST', '/v1/callers', admin, { type: 'text/plain' }), 415],
+    ] as const;
+    for (const [label, request, status] of refused) {
+      const conn = await RawConnection.open(port);
+      const answer = await conn.exchange(request);
+      const closed = conn.closed;
+      conn.close();
+      lab.seen(answer);
+      expect(statuses(answer), label).toEqual([status]);
+      // The body was never invited: whatever the client sends next is not read as a request.
+      expect(closed, `${label}: connection closed`).toBe(true);
+    }
+    const conn = await RawConnection.open(port);
+    const interim = await conn.exchange(head('POST', '/v1/callers', admin));
+    expect(statuses(interim), 'authorised: 100 Continue, then the body is read').toEqual([100]);
+    const final = await conn.exchange(body);
+    conn.close();
+    lab.seen(final);
+    expect(statuses(final)).toEqual([201]);
+    expect(final).toContain('"caller":"continued"');
     await lab.g0();
   });
 });

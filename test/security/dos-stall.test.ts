@@ -3,7 +3,8 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeTempDir } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir } from '../helpers/proxy.ts';
 import { freePort } from '../helpers/redis.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startLab, type Lab } from './lab.ts';
@@ -272,7 +273,7 @@ describe('DOS: answers the caller never reads', () => {
   it('DOS-10f the admin listener: a caller that pipelines /metrics and never reads loses the connection (64 answers waiting, or 30 s without taking a byte)', async () => {
     const adminPort = Number(new URL(lab.admin).port);
     // Each answer is a few KiB; a thousand of them are more than the kernel takes. The pipelining
-    // cap (64 answers waiting, DOS-15) is reached before the 30 s stall limit.
+    // cap (64 answers waiting, DOS-15) is reached before the 30 s stall limit (DOS-10i reaches that).
     const stalled = await neverRead(adminPort, 'GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n'.repeat(1_000));
     // The listener still answers others meanwhile.
     expect((await fetch(`${lab.admin}/healthz`)).status).toBe(200);
@@ -290,6 +291,42 @@ describe('DOS: answers the caller never reads', () => {
     console.log(`DOS-10f: the admin listener let go of the connection ${Math.round(held)} ms after the requests`);
     expect(closed, 'the caller sees its connection closed').toBe(true);
     expect(held, 'ms the admin listener held the connection').toBeLessThan(60_000);
+    stalled.socket.destroy();
+    expect((await fetch(`${lab.admin}/healthz`)).status).toBe(200);
+    await lab.g0();
+  }, 120_000);
+
+  it('DOS-10i the admin listener\'s stall limit itself: large admin answers, fewer than the pipelining cap, left unread cost the connection after 30 s, and not before', async () => {
+    const env = envFor(lab.dir);
+    const admin = (JSON.parse((await runCli(['admin-token', 'create', 'stall', '--json'], env)).stdout) as { token: string }).token;
+    // GET /v1/credentials lists every credential with its field names: three credentials of 2,000
+    // 64-character field names make each answer about 400 kB. 32 of them (13 MB) are far more than
+    // the loopback kernel takes of a connection nobody reads (about 4 MiB), and at most 31 wait
+    // behind the one being sent: the pipelining cap (64, DOS-10f) never cuts here.
+    const fieldsFile = join(lab.dir, 'many-fields.json');
+    await writeFile(fieldsFile, JSON.stringify(Object.fromEntries(Array.from({ length: 2_000 }, (_, i) => [`f${String(i).padStart(5, '0')}_${'n'.repeat(57)}`, 'v']))), { mode: 0o600 });
+    for (const id of ['wide-1', 'wide-2', 'wide-3']) expect((await runCli(['keys', 'put', id, '--from-file', fieldsFile], env)).code).toBe(0);
+    const list = () => fetch(`${lab.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => ({ status: r.status, bytes: (await r.arrayBuffer()).byteLength }));
+    await eventually(async () => (await list()).status === 200, 3_000, 'the admin token known');
+    await eventually(async () => (await list()).bytes > 390_000, 3_000, 'the credentials listed');
+    const answer = (await list()).bytes;
+    const count = 32;
+    const adminPort = Number(new URL(lab.admin).port);
+    const stalled = await neverRead(adminPort, `GET /v1/credentials HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${admin}\r\n\r\n`.repeat(count));
+    // The listener answers others meanwhile.
+    expect((await fetch(`${lab.admin}/healthz`)).status).toBe(200);
+    const held = await heldFor(adminPort, stalled, 60_000);
+    console.log(`DOS-10i: the admin listener let go of the connection ${Math.round(held)} ms after ${count} requests for ${(count * answer / 1e6).toFixed(1)} MB of answers (stall limit 30 s)`);
+    // 30 s without a byte taken, found by a check every 7.5 s. The watch usually starts while the
+    // kernel is still taking its 4 MiB (a later answer, rendered first, waits behind one not yet
+    // written): its first check counts that as progress and starts the 30 s over, so 37.5 s is
+    // usual, and a second restart has been seen once. Not before 30 s: neither the pipelining cap
+    // nor anything else cut it.
+    expect(held, 'ms the admin listener held the connection').toBeLessThan(55_000);
+    expect(held, 'not before the stall limit').toBeGreaterThan(29_000);
+    const read = await drain(stalled.socket, 5_000);
+    expect(read.closed, 'the client sees its connection closed').toBe(true);
+    expect(read.bytes, 'bytes the client could still read').toBeLessThan(count * answer);
     stalled.socket.destroy();
     expect((await fetch(`${lab.admin}/healthz`)).status).toBe(200);
     await lab.g0();
