@@ -14,6 +14,7 @@ export const ERRORS = {
   upstream_error: { status: 502, message: 'The upstream could not be reached or answered badly.' },
   credential_unavailable: { status: 503, message: 'No usable credential is available for this route.' },
   shutting_down: { status: 503, message: 'The proxy is shutting down.' },
+  too_many_connections: { status: 503, message: 'The proxy has as many caller connections open as it serves (EGRESS_MAX_CONNECTIONS); retry when one has closed.' },
   upstream_timeout: { status: 504, message: 'The upstream did not answer within the route deadline.' },
   internal_error: { status: 500, message: 'The proxy failed to handle this request.' },
 } as const;

@@ -26,6 +26,7 @@ import { SharedTokens, TokenBroker } from './pipeline/token-broker.ts';
 import { RedisStore } from './store/redis-store.ts';
 import type { Services } from './pipeline/services.ts';
 import { createAdminServer } from './server/admin.ts';
+import { ConnectionCap } from './server/connection-cap.ts';
 import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
 import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
@@ -125,6 +126,15 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const minter = ca ? new LeafMinter(ca) : undefined;
   const forward = minter ? createForwardHandler(() => routes.config, services, minter) : undefined;
   const proxy = createReverseServer(() => routes.config, services, forward?.onConnect);
+  let overCapLogged = 0;
+  const cap = new ConnectionCap(settings.maxConnections, (listener, outcome) => {
+    metrics.connectionsOverCap.inc({ listener, outcome });
+    // Once a minute at most: a flood must not flood the log too.
+    if (Date.now() - overCapLogged < 60_000) return;
+    overCapLogged = Date.now();
+    log.warn({ listener, max_connections: settings.maxConnections }, 'caller connections past EGRESS_MAX_CONNECTIONS are refused (egress_connections_over_cap_total counts them)');
+  });
+  cap.attach(proxy, 'plain', 'connection');
   if (ca) log.info({ certs: settings.certsDir }, 'forward mode on: CONNECT to hosts the routes name is intercepted with the CA in EGRESS_CERTS');
   const admin = createAdminServer({
     readiness: () => {
@@ -147,6 +157,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       certsDir: settings.certsDir,
       onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);
+    cap.attach(tls.server, 'tls', 'secureConnection');
     await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port, 'EGRESS_TLS_LISTEN', settings.reusePort);
   }
   await listen(proxy, settings.listen.host, settings.listen.port, 'EGRESS_LISTEN', settings.reusePort);

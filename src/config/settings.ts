@@ -44,6 +44,8 @@ export interface Settings {
   readonly storeMaxStaleMs: number;
   /** Requests of one caller being answered at once, at most; more are refused with 429. */
   readonly callerMaxInFlight: number;
+  /** Caller connections of the proxy listeners together (see ConnectionCap). */
+  readonly maxConnections: number;
   /** True when store and master key file are both the defaults (first-run key creation applies). */
   readonly defaultPaths: boolean;
 }
@@ -71,6 +73,8 @@ export const SETTINGS = {
   storeMaxStale: { env: 'EGRESS_STORE_MAX_STALE', flag: 'store-max-stale', default: '5m' },
   // Half of an upstream's 256 connections: one caller's slow requests cannot take them all.
   callerMaxInFlight: { env: 'EGRESS_CALLER_MAX_IN_FLIGHT', flag: 'caller-max-in-flight', default: '128' },
+  // Idle keep-alive connections of a few hundred callers' pools; a flood past it costs a bounded amount.
+  maxConnections: { env: 'EGRESS_MAX_CONNECTIONS', flag: 'max-connections', default: '2048' },
 } as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -120,6 +124,7 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
     logLevel,
     storeMaxStaleMs: durationSetting(get('storeMaxStale')!, 'EGRESS_STORE_MAX_STALE'),
     callerMaxInFlight: countSetting(get('callerMaxInFlight')!, 'EGRESS_CALLER_MAX_IN_FLIGHT'),
+    maxConnections: countSetting(get('maxConnections')!, 'EGRESS_MAX_CONNECTIONS', 100_000),
     defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
   };
 }
@@ -145,10 +150,10 @@ function sizeSetting(text: string, what: string): number {
   return bytes;
 }
 
-function countSetting(text: string, what: string): number {
+function countSetting(text: string, what: string, max = 1000): number {
   // Digits only: Number() would also take "0x10", "1e2", " 5" and "5.0".
-  const n = /^\d{1,4}$/.test(text) ? Number(text) : Number.NaN;
-  if (!Number.isSafeInteger(n) || n < 1 || n > 1000) throw new UserError(`${what} must be a whole number from 1 to 1000`, 2);
+  const n = /^\d{1,6}$/.test(text) ? Number(text) : Number.NaN;
+  if (!Number.isSafeInteger(n) || n < 1 || n > max) throw new UserError(`${what} must be a whole number from 1 to ${max}`, 2);
   return n;
 }
 

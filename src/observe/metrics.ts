@@ -65,6 +65,13 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly connectionsOverCap = new Counter({
+    name: 'egress_connections_over_cap_total',
+    help: 'Caller connections past EGRESS_MAX_CONNECTIONS, by listener: answered 503 too_many_connections, or closed as accepted (past twice the cap).',
+    labelNames: ['listener', 'outcome'] as const,
+    registers: [this.registry],
+  });
+
   readonly alerts = new Counter({
     name: 'egress_alerts_total',
     help: 'Alerts raised, by alert id and severity (repeats inside the cool-down are not counted).',

@@ -19,6 +19,8 @@ interface ConnectionState {
   stall: Stall | undefined;
   /** The connection was cut because the caller did not take what was written to it. */
   stalled: boolean;
+  /** Taken past the proxy listeners' connection cap: its requests are refused (see ConnectionCap). */
+  overCap: boolean;
 }
 
 const STATE = Symbol('egress.connection');
@@ -28,11 +30,19 @@ type Carrier = { [STATE]?: ConnectionState };
 // A request's socket is null once the connection is gone: there is nothing to note then.
 function stateOf(socket: object): ConnectionState {
   const carrier = socket as Carrier;
-  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined, stall: undefined, stalled: false });
+  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined, stall: undefined, stalled: false, overCap: false });
 }
 
 export function markClosing(socket: object | null): void {
   if (socket) stateOf(socket).closing = true;
+}
+
+export function markOverCap(socket: object): void {
+  stateOf(socket).overCap = true;
+}
+
+export function isOverCap(socket: object | null): boolean {
+  return socket !== null && (socket as Carrier)[STATE]?.overCap === true;
 }
 
 export function isClosing(socket: object | null): boolean {

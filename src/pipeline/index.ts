@@ -7,7 +7,7 @@ import { REDACTED } from '../secret.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
-import { ANSWER_STALL_MS, answerTaken, isClosing, markClosing, requestAnswered, requestStarted, wasStalled } from './connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, isClosing, isOverCap, markClosing, requestAnswered, requestStarted, wasStalled } from './connection-state.ts';
 import type { RequestContext, Step } from './context.ts';
 import { forward } from './forward.ts';
 import { identifyCaller } from './identify-caller.ts';
@@ -71,6 +71,12 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     holdsSlot: false,
   };
   try {
+    if (isOverCap(socket)) {
+      // Its connection was taken past the cap to say so: one answer, then the close.
+      res.shouldKeepAlive = false;
+      markClosing(socket);
+      throw new ProxyError('too_many_connections', undefined, { headers: { 'retry-after': '1' } });
+    }
     if (closing || overflow) {
       ctx.decision = 'aborted';
       ctx.reason = overflow ? 'pipeline_overflow' : 'connection_closing';

@@ -8,7 +8,7 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
-import { afterInFlight } from '../pipeline/connection-state.ts';
+import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
@@ -104,6 +104,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
     };
     if (refusing) return deny(503, 'shutting_down', 'The proxy is shutting down; connect to another instance.');
+    if (isOverCap(socket)) return deny(503, 'too_many_connections', 'The proxy has as many caller connections open as it serves (EGRESS_MAX_CONNECTIONS); retry when one has closed.');
     if (!match) return deny(400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);
@@ -165,7 +166,7 @@ function refuse(socket: Duplex, status: number, code: string, message: string): 
   const id = randomUUID();
   const body = JSON.stringify({ error: { code, message, request_id: id } });
   const reason = STATUS_CODES[status] ?? 'Error';
-  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : '';
+  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : status === 503 ? 'retry-after: 1\r\n' : '';
   answerAndClose(socket, `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   return id;
 }
