@@ -5,7 +5,7 @@ import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
-import { answerClientError, closeIfSilent, LISTENER_LIMITS } from './reverse.ts';
+import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
 import { ANSWER_STALL_MS, answerTaken, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 
 export interface ReadinessSource {
@@ -70,6 +70,8 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   server.on('checkContinue', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);
+  // No tunnels here: a 400 once the answers before it are out (Node's own close cut those too).
+  server.on('connect', refuseConnect);
   // A connection that sends nothing at all is closed as on the proxy listeners; between requests
   // keepAliveTimeout does the same, and a request in progress (a status page that waits on a slow
   // store) is not cut.

@@ -6,7 +6,7 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
 import { statuses } from '../helpers/raw.ts';
-import { RawConnection } from './raw-socket.ts';
+import { RawConnection, rawExchange } from './raw-socket.ts';
 import { dribbledHeaderLifetime } from './sec-helpers.ts';
 
 /**
@@ -31,6 +31,14 @@ describe('DOS: the admin listener', () => {
     expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 408 Request Timeout');
     await lab.g0();
   }, 60_000);
+
+  it('SMUG-13c a CONNECT pipelined behind admin requests: their answers come first, then a 400, then the close', async () => {
+    const { data, closed } = await rawExchange(Number(new URL(lab.admin).port), 'GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\nGET /readyz HTTP/1.1\r\nHost: admin\r\n\r\nCONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n', 1_000);
+    expect(statuses(data)).toEqual([200, 200, 400]);
+    expect(data).toMatch(/x-egress-error: bad_request/i);
+    expect(closed).toBe(true);
+    await lab.g0();
+  });
 });
 
 const auditLines = async (on: Lab) => (await readFile(join(on.dir, 'audit.log'), 'utf8').catch(() => '')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
