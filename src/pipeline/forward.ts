@@ -100,9 +100,7 @@ function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
       // A declared length within max_body: Node's parser delivers exactly that many bytes, so the
       // request itself is the body (no counting stream in between).
       headers.set('content-length', [declared]);
-      // Most bodies are in by now (they came with the head): handed to undici whole, head and body
-      // go out in one write instead of a write per chunk and a wait for the stream's end.
-      body = req.complete && req.readableLength === Number(declared) ? req.read() as Buffer : req;
+      body = req;
     } else {
       body = Readable.from(limitBody(req, route.maxBody, () => {
         tooLarge = true;
