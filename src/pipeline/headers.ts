@@ -63,6 +63,11 @@ function connectionListed(rawHeaders: readonly string[]): Set<string> {
  * The caller's headers as they may go upstream, minus everything the injectors claim. With
  * `callerHeaders` (the route's caller_headers, lower-cased) only the standard set and those pass;
  * without it, every header that is not dropped above passes. Claimed headers go either way.
+ *
+ * The caller's `Authorization` passes only where the route lists it (Teller's enrollment token is
+ * the caller's own): every route attaches a credential, and a caller credential beside it, on a
+ * route whose scheme puts the key elsewhere (Plaid's headers, a query key), left the upstream two
+ * to choose from (HDR-01).
  */
 export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>, callerHeaders?: ReadonlySet<string>): HeaderMap {
   const listed = connectionListed(rawHeaders);
@@ -73,6 +78,7 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
     // (PLAID_SECRET and PLAID-SECRET both become HTTP_PLAID_SECRET); x-forwarded-* and x-ssl-client-* go as families.
     const folded = name.replaceAll('_', '-');
     if (alwaysDropped(folded) || listed.has(name) || listed.has(folded) || claimed.has(folded)) continue;
+    if (folded === 'authorization' && callerHeaders?.has('authorization') !== true) continue;
     if (callerHeaders && !STANDARD_CALLER_HEADERS.has(name) && !callerHeaders.has(name)) continue;
     const values = out.get(name);
     if (values) values.push(rawHeaders[i + 1]!);

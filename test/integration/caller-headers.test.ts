@@ -84,10 +84,12 @@ describe('caller_headers', () => {
     expect(h['x-api-key']).toBe(KEY);
   });
 
-  it('without the key every caller header passes, as before; the credential header is still the proxy\'s', async () => {
+  it('without the key every caller header but Authorization passes; the credential header is still the proxy\'s', async () => {
     const h = await send('open');
     expect(h['x-custom']).toBe('vendor value');
     expect(h['x-teller-user-token']).toBe('user-token-1');
+    // All but the caller's Authorization: only a route that lists it lets a caller credential through.
+    expect(h.authorization).toBeUndefined();
     expect(h['x-api-key']).toBe(KEY);
   });
 

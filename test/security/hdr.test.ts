@@ -64,6 +64,19 @@ describe('HDR: header hygiene and injection', () => {
     await lab.g0(mark, 1);
   });
 
+  it('HDR-01c caller Authorization on the plaid route (its key goes in other headers): U sees none, only the injected key', async () => {
+    const mark = lab.u.requests.length;
+    for (const line of ['Authorization: Bearer attacker', 'authorization: Basic YXR0YWNrZXI6eA==', 'AUTHORIZATION: attacker']) {
+      const raw = await send('/plaid/accounts/get', [line, 'Content-Type: application/json'], '{}');
+      expect(statuses(raw), line).toEqual([200]);
+      const r = lab.u.requests.at(-1)!;
+      expect(count(r.rawHeaders, 'authorization'), line).toBe(0);
+      expect(r.headers['plaid-secret']).toBe(CANARY);
+      expect(JSON.stringify(r.rawHeaders), line).not.toMatch(/attacker|YXR0YWNrZXI6eA/);
+    }
+    await lab.g0(mark, 3);
+  });
+
   it('HDR-01b caller copies of injected PLAID-SECRET / PLAID-CLIENT-ID never arrive', async () => {
     const mark = lab.u.requests.length;
     const raw = await send('/plaid/accounts/get', ['PLAID-SECRET: attacker-secret', 'plaid-client-id: attacker-id', 'Content-Type: application/json'], '{}');
