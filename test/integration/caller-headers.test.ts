@@ -6,7 +6,8 @@ import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 /**
  * caller_headers: a route that lists them lets through only the standard content and negotiation
  * headers plus those; a route without the key lets every caller header through (hop-by-hop, proxy
- * and claimed ones aside), as before. The credential's own headers are never the caller's.
+ * and claimed ones aside) but Authorization, which only a route that lists it lets through. The
+ * credential's own headers are never the caller's.
  */
 const KEY = 'key_CANARY_caller_headers';
 let upstream: Upstream;
