@@ -93,15 +93,22 @@ export function stealPath(lock: string, content: string): string {
 }
 
 /**
- * Remove the steal files of `lock` that claimants killed mid take-over left behind. Each names a
- * lock content that is gone for good; a live claimant that still holds one only finds that the lock
- * it meant to remove is no longer there.
+ * Remove the steal files of `lock` that claimants killed mid take-over left behind, and their
+ * claim files (`.<steal>.<pid>.<n>.tmp`, left by one killed between writing and linking). Each
+ * names a lock content that is gone for good; a live claimant that still holds one only finds that
+ * the lock it meant to remove is no longer there.
  */
 export async function removeDeadSteals(lock: string): Promise<void> {
   const dir = dirname(lock);
   const prefix = `${basename(lock)}.steal-`;
   const names = await readdir(dir).catch(() => [] as string[]);
   for (const name of names) {
+    const claim = name.startsWith(`.${prefix}`) ? /\.(\d+)\.\d+\.tmp$/.exec(name) : null;
+    if (claim) {
+      const pid = Number(claim[1]);
+      if (pid !== process.pid && !holderAlive({ pid, start: undefined })) await unlink(join(dir, name)).catch(() => {});
+      continue;
+    }
     if (!name.startsWith(prefix)) continue;
     const path = join(dir, name);
     const text = await readFile(path, 'utf8').catch(() => undefined);

@@ -1,6 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { lockAuditLog } from '../../src/observe/audit-lock.ts';
 import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
@@ -18,7 +18,10 @@ const deadPid = () => spawnSync('true').pid!;
 async function leftByTwoKills(lock: string): Promise<string> {
   const content = `${deadPid()} - 0123456789abcdef\n`;
   await writeFile(lock, content, { mode: 0o600 });
-  await writeFile(stealPath(lock, content), `${deadPid()} - fedcba9876543210\n`, { mode: 0o600 });
+  const steal = stealPath(lock, content);
+  await writeFile(steal, `${deadPid()} - fedcba9876543210\n`, { mode: 0o600 });
+  // And a third claimant, killed between writing its claim on the steal file and linking it.
+  await writeFile(join(dirname(steal), `.${basename(steal)}.${deadPid()}.1765000000000123.tmp`), `${deadPid()} - 00\n`, { mode: 0o600 });
   return content;
 }
 
