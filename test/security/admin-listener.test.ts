@@ -6,7 +6,7 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
 import { statuses } from '../helpers/raw.ts';
-import { RawConnection, rawExchange } from './raw-socket.ts';
+import { closedAtAccept, RawConnection, rawExchange, servedBatch } from './raw-socket.ts';
 import { dribbledHeaderLifetime } from './sec-helpers.ts';
 
 /**
@@ -114,21 +114,14 @@ describe('DOS: too many connections to the admin listener', () => {
       };
       // 64 monitoring clients, each on a keep-alive connection.
       const served = await connections(64);
-      const first = await Promise.all(served.map((c) => c.exchange(get('/healthz'), 100)));
+      const first = await Promise.all(served.map((c) => c.request(get('/healthz'))));
       expect(first.map((a) => statuses(a)[0]), 'the first 64 connections are served').toEqual(first.map(() => 200));
       // 64 more are taken, to be told why they are refused.
       const refused = await connections(64);
       // Past those, a connection is closed as it is accepted: no descriptor is held for it.
-      const dropped = await Promise.all(Array.from({ length: 5 }, () => new Promise<{ bytes: number; closed: boolean }>((resolve) => {
-        const socket = connect(port, '127.0.0.1');
-        let bytes = 0;
-        socket.on('data', (d: Buffer) => void (bytes += d.length));
-        socket.on('error', () => {});
-        const timer = setTimeout(() => (socket.destroy(), resolve({ bytes, closed: false })), 3_000);
-        socket.once('close', () => (clearTimeout(timer), resolve({ bytes, closed: true })));
-      })));
+      const dropped = await closedAtAccept(port, 5);
       expect(dropped, 'connections past 128: closed at once, unanswered').toEqual(dropped.map(() => ({ bytes: 0, closed: true })));
-      const answers = await Promise.all(refused.map((c) => c.exchange(get('/metrics'), 100)));
+      const answers = await Promise.all(refused.map((c) => c.request(get('/metrics'))));
       for (const answer of answers) {
         own.seen(answer);
         expect(statuses(answer), 'a connection past 64').toEqual([503]);
@@ -138,21 +131,13 @@ describe('DOS: too many connections to the admin listener', () => {
       }
       expect(refused.every((c) => c.closed), 'refused connections are closed after their answer').toBe(true);
       // The 64 served connections still work: /metrics for monitoring.
-      const again = await Promise.all(served.map((c) => c.exchange(get('/metrics'), 100)));
+      const again = await Promise.all(served.map((c) => c.request(get('/metrics'))));
       expect(again.map((a) => statuses(a)[0]), 'the first 64 connections still served').toEqual(again.map(() => 200));
       for (const c of served) c.close();
       // Once they have closed, new connections are served again, all 64 of them.
-      await eventually(async () => {
-        const probe = await RawConnection.open(port);
-        const status = statuses(await probe.exchange(get('/healthz'), 100))[0];
-        probe.close();
-        return status === 200;
-      }, 3_000, 'a new connection served');
-      await new Promise((r) => setTimeout(r, 200));
-      const fresh = await connections(64);
-      const later = await Promise.all(fresh.map((c) => c.exchange(get('/healthz'), 100)));
-      expect(later.map((a) => statuses(a)[0]), 'new connections after the first closed').toEqual(later.map(() => 200));
-      for (const c of fresh) c.close();
+      const fresh = await servedBatch(port, 64, get('/healthz'));
+      opened.push(...fresh.connections);
+      for (const c of fresh.connections) c.close();
       // Once the server has seen them close (a moment after the client has), monitoring is served again.
       await eventually(async () => (await fetch(`${own.admin}/metrics`)).status === 200, 3_000, '/metrics served once the connections closed');
       await own.g0();

@@ -1,11 +1,10 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { connect } from 'node:net';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { eventually } from '../helpers/proxy.ts';
-import { RawConnection } from './raw-socket.ts';
+import { closedAtAccept, RawConnection, servedBatch } from './raw-socket.ts';
 import { bankRoute, basic, connectTunnel, dribbledHeaderLifetime, makeCerts, tlsInTunnel } from './sec-helpers.ts';
 
 /**
@@ -144,22 +143,15 @@ describe('DOS-09e the proxy listeners\' connection cap (EGRESS_MAX_CONNECTIONS)'
         return list;
       };
       const served = await connections(CAP);
-      const first = await Promise.all(served.map((c) => c.exchange(post, 100)));
+      const first = await Promise.all(served.map((c) => c.request(post)));
       expect(first.map((a) => statuses(a)[0]), 'connections within the cap are served').toEqual(first.map(() => 200));
       const mark = lab.u.requests.length;
       const refused = await connections(CAP);
       // Past twice the cap a connection is closed as it is accepted.
-      const dropped = await Promise.all(Array.from({ length: 3 }, () => new Promise<{ bytes: number; closed: boolean }>((resolve) => {
-        const socket = connect(lab.port, '127.0.0.1');
-        let bytes = 0;
-        socket.on('data', (d: Buffer) => void (bytes += d.length));
-        socket.on('error', () => {});
-        const timer = setTimeout(() => (socket.destroy(), resolve({ bytes, closed: false })), 3_000);
-        socket.once('close', () => (clearTimeout(timer), resolve({ bytes, closed: true })));
-      })));
+      const dropped = await closedAtAccept(lab.port, 3);
       expect(dropped, 'connections past twice the cap: closed at once, unanswered').toEqual(dropped.map(() => ({ bytes: 0, closed: true })));
       const connect_ = `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${basic('a', lab.tokens.a)}\r\n\r\n`;
-      const answers = await Promise.all(refused.map((c, i) => c.exchange(i === 0 ? connect_ : post, 100)));
+      const answers = await Promise.all(refused.map((c, i) => c.request(i === 0 ? connect_ : post)));
       for (const answer of answers) {
         lab.seen(answer);
         expect(statuses(answer), 'a connection past the cap').toEqual([503]);
@@ -170,25 +162,19 @@ describe('DOS-09e the proxy listeners\' connection cap (EGRESS_MAX_CONNECTIONS)'
       expect(refused.every((c) => c.closed), 'refused connections are closed after their answer').toBe(true);
       expect(lab.u.requests.length, 'nothing from a refused connection reached the upstream').toBe(mark);
       // The served connections still work.
-      const again = await Promise.all(served.map((c) => c.exchange(post, 100)));
+      const again = await Promise.all(served.map((c) => c.request(post)));
       expect(again.map((a) => statuses(a)[0]), 'served connections still served').toEqual(again.map(() => 200));
       for (const c of served) c.close();
-      await eventually(async () => {
-        const probe = await RawConnection.open(lab.port);
-        const status = statuses(await probe.exchange(post, 100))[0];
-        probe.close();
-        return status === 200;
-      }, 3_000, 'a new connection served');
-      await new Promise((r) => setTimeout(r, 200));
-      const fresh = await connections(CAP);
-      const later = await Promise.all(fresh.map((c) => c.exchange(post, 100)));
-      expect(later.map((a) => statuses(a)[0]), 'new connections once the first closed').toEqual(later.map(() => 200));
-      for (const c of fresh) c.close();
+      // Once they have closed, CAP new connections are served again.
+      const fresh = await servedBatch(lab.port, CAP, post);
+      opened.push(...fresh.connections);
+      for (const c of fresh.connections) c.close();
+      const refusals = CAP + fresh.refused;
 
       const metrics = await (await fetch(`${lab.admin}/metrics`)).text();
-      expect(metrics).toMatch(new RegExp(`egress_connections_over_cap_total\\{listener="plain",outcome="answered"\\} ${CAP}\\b`));
+      expect(metrics).toMatch(new RegExp(`egress_connections_over_cap_total\\{listener="plain",outcome="answered"\\} ${refusals}\\b`));
       expect(Number(/egress_connections_over_cap_total\{listener="plain",outcome="closed"\} (\d+)/.exec(metrics)?.[1])).toBeGreaterThanOrEqual(3);
-      await eventually(async () => ((await readFile(join(lab.dir, 'audit.log'), 'utf8')).match(/"reason":"too_many_connections"/g) ?? []).length === CAP, 3_000, 'each refusal audited');
+      await eventually(async () => ((await readFile(join(lab.dir, 'audit.log'), 'utf8')).match(/"reason":"too_many_connections"/g) ?? []).length === refusals, 3_000, 'each refusal audited');
       await lab.g0();
     } finally {
       for (const c of opened) c.close();
