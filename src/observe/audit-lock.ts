@@ -1,10 +1,9 @@
 import { randomInt } from 'node:crypto';
 import { readFileSync, unlinkSync } from 'node:fs';
 import { mkdir, readFile, stat } from 'node:fs/promises';
-import { basename, dirname } from 'node:path';
+import { dirname } from 'node:path';
 import { UserError } from '../errors.ts';
-import { claimLock, heldLock, holderAlive, lockContent, parseHolder, removeDeadSteals, takeOverLock } from '../store/lock-file.ts';
-import { removeStaleTemps } from '../store/temp-files.ts';
+import { claimLock, heldLock, holderAlive, lockContent, parseHolder, removeDeadClaims, takeOverLock } from '../store/lock-file.ts';
 
 /**
  * One writer per audit file. Each line carries the hash of the line before it, so two processes
@@ -45,9 +44,8 @@ export async function lockAuditLog(auditLog: string): Promise<AuditLock | undefi
   const deadline = Date.now() + ACQUIRE_MS;
   for (let attempt = 0; attempt < 1000 && Date.now() < deadline; attempt++) {
     if (await claimLock(lock, content)) {
-      // A claimant killed between writing its claim and linking it leaves the claim behind.
-      await removeStaleTemps(dirname(lock), basename(lock));
-      await removeDeadSteals(lock);
+      // Claims and steal files left by claimants killed on the way.
+      await removeDeadClaims(lock);
       return held(lock, content);
     }
     const text = await readFile(lock, 'utf8').catch(() => undefined);

@@ -1,10 +1,10 @@
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
-import { mkdir, open, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { readFile, rename, stat } from 'node:fs/promises';
+import { basename, dirname } from 'node:path';
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import { belowFloorError, newWrapBelow } from './kek-floor.ts';
 import { acquireLock, type HeldLock } from './lock-file.ts';
-import { removeStaleTemps } from './temp-files.ts';
+import { replaceFile } from './temp-files.ts';
 import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 import { callerRecordSchema, credentialRecordSchema } from './records.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
@@ -179,30 +179,7 @@ export class FileStore implements StoreBackend {
   }
 
   async #write(doc: FileDocument): Promise<void> {
-    const dir = dirname(this.path);
-    const tmp = join(dir, `.${basename(this.path)}.${process.pid}.${Date.now()}.tmp`);
-    let handle: FileHandle | undefined;
-    let made = false;
-    try {
-      await mkdir(dir, { recursive: true, mode: 0o700 });
-      handle = await open(tmp, 'wx', 0o600);
-      made = true;
-      await handle.writeFile(`${JSON.stringify(doc, null, 2)}\n`);
-      await handle.sync();
-      await handle.close();
-      handle = undefined;
-      await rename(tmp, this.path);
-    } catch (err) {
-      await handle?.close().catch(() => {});
-      if (made) await unlink(tmp).catch(() => {});
-      throw this.#unchanged(err);
-    }
-    const dirHandle = await open(dir, 'r');
-    try {
-      await dirHandle.sync();
-    } finally {
-      await dirHandle.close();
-    }
+    await replaceFile(this.path, `${JSON.stringify(doc, null, 2)}\n`, 0o600, (err) => this.#unchanged(err));
   }
 
   async #withLock<T>(fn: () => Promise<T>): Promise<T> {
@@ -214,7 +191,6 @@ export class FileStore implements StoreBackend {
       throw this.#unchanged(err);
     }
     try {
-      await removeStaleTemps(dirname(this.path), basename(this.path), basename(lock));
       return await fn();
     } finally {
       await held.release();

@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open as openFile, readFile, rename, stat, unlink } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { mkdir, open as openFile, readFile, rename, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
 import { withFileLock } from './lock-file.ts';
-import { removeStaleTemps } from './temp-files.ts';
+import { replaceFile } from './temp-files.ts';
 
 /**
  * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
@@ -86,25 +86,7 @@ const KEYRING_LOCK_STALE_MS = 60 * 60_000;
 
 /** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
 export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {
-  await removeStaleTemps(dirname(path), basename(path));
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  const handle = await openFile(tmp, 'wx', 0o600);
-  try {
-    await handle.writeFile(keyring.serialize());
-    await handle.sync();
-  } catch (err) {
-    await handle.close();
-    await unlink(tmp).catch(() => {});
-    throw new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`);
-  }
-  await handle.close();
-  await rename(tmp, path);
-  const dir = await openFile(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
+  await replaceFile(path, keyring.serialize(), 0o600, (err) => new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`));
 }
 
 const FORMAT = 'egress-keyring/1';

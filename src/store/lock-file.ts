@@ -29,7 +29,7 @@ export function lockContent(): string {
 /**
  * Create `lock` holding `content`, or report that it exists (false). The content is written aside
  * and linked into place, which fails if a lock exists: a claimant killed at any moment never leaves
- * an empty lock (only a stray claim file, which removeStaleTemps clears).
+ * an empty lock (only a stray claim file, which removeDeadClaims clears).
  */
 export async function claimLock(lock: string, content: string): Promise<boolean> {
   const claim = join(dirname(lock), `.${basename(lock)}.${process.pid}.${Date.now()}${randomInt(1e9)}.tmp`);
@@ -93,17 +93,18 @@ export function stealPath(lock: string, content: string): string {
 }
 
 /**
- * Remove the steal files of `lock` that claimants killed mid take-over left behind, and their
- * claim files (`.<steal>.<pid>.<n>.tmp`, left by one killed between writing and linking). Each
- * names a lock content that is gone for good; a live claimant that still holds one only finds that
- * the lock it meant to remove is no longer there.
+ * Remove what claimants of `lock` that are gone left behind: claim files (`.<lock>.<pid>.<n>.tmp`
+ * and `.<steal file>.<pid>.<n>.tmp`, from one killed between writing its claim and linking it), and
+ * steal files (from one killed mid take-over). A steal file names a lock content that is gone for
+ * good; a live claimant that still holds one only finds that the lock it meant to remove is no
+ * longer there. Run by whoever has just taken the lock.
  */
-export async function removeDeadSteals(lock: string): Promise<void> {
+export async function removeDeadClaims(lock: string): Promise<void> {
   const dir = dirname(lock);
   const prefix = `${basename(lock)}.steal-`;
   const names = await readdir(dir).catch(() => [] as string[]);
   for (const name of names) {
-    const claim = name.startsWith(`.${prefix}`) ? /\.(\d+)\.\d+\.tmp$/.exec(name) : null;
+    const claim = name.startsWith(`.${basename(lock)}.`) ? /\.(\d+)\.\d+\.tmp$/.exec(name) : null;
     if (claim) {
       const pid = Number(claim[1]);
       if (pid !== process.pid && !holderAlive({ pid, start: undefined })) await unlink(join(dir, name)).catch(() => {});
@@ -142,7 +143,7 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
   const content = lockContent();
   for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
     if (await claimLock(lock, content)) {
-      await removeDeadSteals(lock);
+      await removeDeadClaims(lock);
       return heldLock(lock, content);
     }
     if (await takeOverLock(lock, { staleMs })) continue;

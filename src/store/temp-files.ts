@@ -1,21 +1,26 @@
 import { mkdir, open, readdir, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { holderAlive } from './lock-file.ts';
 
 let replaces = 0;
 
 /**
  * Replace a file whole, so that a reader, and the file after a crash or a power cut, has the old
  * text or the new one, never a part: a hidden temp file beside it (`mode`), fsync, rename,
- * directory fsync. A failure before the rename removes the temp file and leaves the file as it was;
+ * directory fsync. A failure before the rename removes the temp file, leaves the file as it was,
+ * and is thrown as `unchanged` makes it (the store's and the keyring's say so in their own words);
  * a temp file a killed writer left is removed by the next replace of the same file.
  */
-export async function replaceFile(path: string, text: string, mode: number): Promise<void> {
+export async function replaceFile(path: string, text: string, mode: number, unchanged: (err: unknown) => unknown = (err) => err): Promise<void> {
   const dir = dirname(path);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  await removeStaleTemps(dir, basename(path));
   const tmp = join(dir, `.${basename(path)}.${process.pid}.${++replaces}.tmp`);
-  let handle: FileHandle | undefined = await open(tmp, 'wx', mode);
+  let handle: FileHandle | undefined;
+  let made = false;
   try {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await removeStaleTemps(dir, basename(path));
+    handle = await open(tmp, 'wx', mode);
+    made = true;
     await handle.writeFile(text);
     await handle.sync();
     await handle.close();
@@ -23,8 +28,8 @@ export async function replaceFile(path: string, text: string, mode: number): Pro
     await rename(tmp, path);
   } catch (err) {
     await handle?.close().catch(() => {});
-    await unlink(tmp).catch(() => {});
-    throw err;
+    if (made) await unlink(tmp).catch(() => {});
+    throw unchanged(err);
   }
   const folder = await open(dir, 'r');
   try {
@@ -49,16 +54,7 @@ export async function removeStaleTemps(dir: string, ...bases: string[]): Promise
   const pattern = new RegExp(`^\\.(?:${alternatives})\\.(\\d+)\\.(?:\\d+\\.)?tmp$`);
   for (const name of names) {
     const pid = Number(pattern.exec(name)?.[1]);
-    if (!pid || pid === process.pid || alive(pid)) continue;
+    if (!pid || pid === process.pid || holderAlive({ pid, start: undefined })) continue;
     await unlink(join(dir, name)).catch(() => {});
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
