@@ -1,12 +1,12 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
-import { ANSWER_STALL_MS, answerTaken, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, isOverCap, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
+import { ConnectionCap } from './connection-cap.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -35,16 +35,8 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   // Connections past ADMIN_LIMITS.maxConnections are still taken, so that their clients are told
   // why: each request on one is answered 503 and the connection closed. Past twice as many, Node
   // closes a new connection as it accepts it, unanswered: refused connections that send nothing
-  // cannot hold descriptors without bound either.
-  const served = new WeakSet<Socket>();
-  let open = 0;
-  server.maxConnections = 2 * ADMIN_LIMITS.maxConnections;
-  server.on('connection', (socket: Socket) => {
-    if (open >= ADMIN_LIMITS.maxConnections) return;
-    open++;
-    served.add(socket);
-    socket.once('close', () => open--);
-  });
+  // cannot hold descriptors without bound either. The proxy listeners' cap, with its own count.
+  new ConnectionCap(ADMIN_LIMITS.maxConnections, () => {}).attach(server, 'admin', 'connection');
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket;
     // A client that pipelines requests and does not read the answers has every one of them rendered
@@ -53,7 +45,7 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     if (!requestStarted(socket, req, res)) return;
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
-    const answer = served.has(socket) ? route(req, res, readiness, metrics, api, status) : refuseConnection(res);
+    const answer = isOverCap(socket) ? refuseConnection(res) : route(req, res, readiness, metrics, api, status);
     void answer.catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();

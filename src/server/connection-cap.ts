@@ -1,7 +1,7 @@
 import type { Server, Socket } from 'node:net';
 import { markOverCap } from '../pipeline/connection-state.ts';
 
-export type CapListener = 'plain' | 'tls';
+export type CapListener = 'plain' | 'tls' | 'admin';
 
 /**
  * One cap on the caller connections of this process's proxy listeners, the plain and the TLS one
@@ -13,7 +13,8 @@ export type CapListener = 'plain' | 'tls';
  * answered 503 too_many_connections and the connection closed. Past twice as many on a listener,
  * Node closes a new connection as it accepts it, unanswered: refused connections cannot hold
  * descriptors without bound either. TLS connections count once their handshake is done (the
- * listener's own bound covers those still shaking hands).
+ * listener's own bound covers those still shaking hands). The admin listener has a cap of its own
+ * (ADMIN_LIMITS), counted apart.
  */
 export class ConnectionCap {
   readonly limit: number;
