@@ -1,4 +1,4 @@
-import { constants, randomUUID } from 'node:crypto';
+import { constants } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import { isIP, type Socket } from 'node:net';
@@ -11,11 +11,9 @@ import type { LeafMinter } from '../certs/ca.ts';
 import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
-import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { REDACTED } from '../secret.ts';
-import { STATUS_CODES } from './http.ts';
-import { LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
-import { AMBIGUOUS, answerAndClose, proxyAuthorizationToken } from './proxy-auth.ts';
+import { answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -98,7 +96,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // spikes) like a refused request. The target is recorded only as a host and port: an "@" in it
     // may follow a token.
     const deny = (status: number, code: string, message: string, route: string | null = null): void => {
-      const requestId = refuse(socket, status, code, message);
+      const requestId = answerRawError(socket, status, code, message);
       const at = raw.lastIndexOf('@');
       const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
       recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
@@ -159,14 +157,4 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       refusing = true;
     },
   };
-}
-
-/** Answer a CONNECT with a proxy error and close; returns the request id it carried. */
-function refuse(socket: Duplex, status: number, code: string, message: string): string {
-  const id = randomUUID();
-  const body = JSON.stringify({ error: { code, message, request_id: id } });
-  const reason = STATUS_CODES[status] ?? 'Error';
-  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : status === 503 ? 'retry-after: 1\r\n' : '';
-  answerAndClose(socket, `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
-  return id;
 }

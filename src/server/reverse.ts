@@ -81,14 +81,25 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, in
     socket.destroy();
     return;
   }
-  const status = instead ? `${instead.status} ${STATUS_CODES[instead.status]}` : tooLarge ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
-  const code = instead?.code ?? 'bad_request';
-  const body = JSON.stringify({ error: { code, message: instead?.message ?? 'The request could not be parsed.', request_id: randomUUID() } });
+  const status = instead?.status ?? (tooLarge ? 431 : timeout ? 408 : 400);
   // Bytes that do not parse, behind a request still being answered: that answer goes out first,
   // then this one (answered straight away, the caller would pair the 400 with the earlier request,
   // which may well have reached the upstream). Nothing after the bad bytes is processed.
   markClosing(socket);
-  afterInFlight(socket, () => answerAndClose(socket, `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
+  afterInFlight(socket, () => answerRawError(socket, status, instead?.code ?? 'bad_request', instead?.message ?? 'The request could not be parsed.'));
+}
+
+/**
+ * A proxy error written on a raw socket (no response object: bytes that do not parse, an upgrade,
+ * a CONNECT), then a lingering close; returns the request id it carried. A 407 names the scheme to
+ * use; a 503 here is a refusal that passes (a drain, a connection cap), retried after a second.
+ */
+export function answerRawError(socket: Duplex, status: number, code: string, message: string): string {
+  const id = randomUUID();
+  const body = JSON.stringify({ error: { code, message, request_id: id } });
+  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : status === 503 ? 'retry-after: 1\r\n' : '';
+  answerAndClose(socket, `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  return id;
 }
 
 /**
@@ -126,11 +137,5 @@ export function refuseConnect(_req: IncomingMessage, socket: Duplex): void {
  */
 function refuseRaw(socket: Duplex, error: ProxyError): void {
   markClosing(socket);
-  afterInFlight(socket, () => answerRaw(socket, error));
-}
-
-function answerRaw(socket: Duplex, error: ProxyError): void {
-  const id = randomUUID();
-  const body = JSON.stringify({ error: { code: error.code, message: error.message, request_id: id } });
-  answerAndClose(socket, `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status]}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${error.code}\r\nx-request-id: ${id}\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  afterInFlight(socket, () => void answerRawError(socket, error.status, error.code, error.message));
 }

@@ -40,6 +40,8 @@ async function expect400Closed(bytes: string, label: string): Promise<void> {
   lab.seen(data);
   expect(statuses(data), label).toEqual([400]);
   expect(closed, `${label}: connection closed`).toBe(true);
+  // Every response carries X-Request-Id, also one written on the raw socket.
+  expect(data, label).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
   expect(data, label).not.toMatch(/at .*\.(ts|js):\d+/);
   neverSmuggled(mark);
   await lab.g0(mark, 0);
