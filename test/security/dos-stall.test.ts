@@ -165,6 +165,29 @@ async function auditLines(): Promise<Record<string, unknown>[]> {
   return text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
+/**
+ * The proxy lets go of the stalled connection (`port`, the listener it came in on) within
+ * `bounds.below` ms of the requests, and not before `bounds.above`; the caller then sees it closed.
+ * Returns what the caller could still read on `reader` (the connection, or the TLS inside a tunnel).
+ */
+async function expectCut(label: string, port: number, stalled: Stalled, bounds: { readonly below: number; readonly above?: number }, reader: Socket = stalled.socket): Promise<number> {
+  const held = await heldFor(port, stalled, 15_000);
+  console.log(`${label}: let go of the connection ${Math.round(held)} ms after the requests`);
+  expect(held, `${label}: ms the connection was held`).toBeLessThan(bounds.below);
+  if (bounds.above !== undefined) expect(held, `${label}: not before the route's response timeout`).toBeGreaterThan(bounds.above);
+  const read = await drain(reader, 5_000);
+  expect(read.closed, `${label}: the caller sees its connection closed`).toBe(true);
+  reader.destroy();
+  return read.bytes;
+}
+
+/** The audit lines since `before` that `pick` selects: `count` of them, and some cut (aborted/caller_stalled). */
+async function expectAuditedCut(before: number, pick: (line: Record<string, unknown>) => boolean, count: number): Promise<void> {
+  const lines = (await auditLines()).slice(before).filter(pick);
+  expect(lines.length, 'audited requests').toBe(count);
+  expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+}
+
 /** Every request of caller a can be in flight at once again: none of its slots was kept by a cut connection. */
 async function allSlotsFree(): Promise<void> {
   const answers = await Promise.all(Array.from({ length: MAX_IN_FLIGHT }, () => fetch(`${lab.url}/stall/slow`, { headers: { 'x-egress-token': lab.tokens.a } }).then(async (r) => (await r.text(), r.status))));
@@ -188,19 +211,12 @@ describe('DOS: answers the caller never reads', () => {
     // 8 MB of answers: the kernel takes about half, the rest waits in the proxy.
     const stalled = await neverRead(lab.port, get('/stall/err', lab.tokens.a).repeat(count));
     await otherCallerAnswered();
-    const held = await heldFor(lab.port, stalled, 15_000);
-    console.log(`DOS-10d: the proxy let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
-    expect(held, 'ms the proxy held the connection').toBeLessThan(8_000);
-    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(1_500);
-    const read = await drain(stalled.socket, 5_000);
-    expect(read.closed, 'the caller sees its connection closed').toBe(true);
-    expect(read.bytes, 'bytes the caller could still read').toBeLessThan(count * ERROR_BODY);
-    stalled.socket.destroy();
+    // Route response timeout 2 s.
+    const bytes = await expectCut('DOS-10d', lab.port, stalled, { below: 8_000, above: 1_500 });
+    expect(bytes, 'bytes the caller could still read').toBeLessThan(count * ERROR_BODY);
     // Nothing of the connection is left in flight: every request has its audit line, the ones
     // whose answers never left as aborted/caller_stalled; and caller a has all its slots.
-    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/err');
-    expect(lines.length, 'audited requests').toBe(count);
-    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await expectAuditedCut(before, (l) => l.route === 'stall' && l.path === '/stall/err', count);
     await allSlotsFree();
     const metrics = await (await fetch(`${lab.admin}/metrics`)).text();
     expect(metrics).toMatch(/egress_requests_total\{[^}]*route="stall"[^}]*decision="aborted"[^}]*\} [1-9]/);
@@ -213,16 +229,9 @@ describe('DOS: answers the caller never reads', () => {
     const oks = 30;
     const stalled = await neverRead(lab.port, get('/stall/err', lab.tokens.a).repeat(3) + get('/stall/ok', lab.tokens.a).repeat(oks));
     await otherCallerAnswered();
-    const held = await heldFor(lab.port, stalled, 15_000);
-    console.log(`DOS-10e: the proxy let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
-    expect(held, 'ms the proxy held the connection').toBeLessThan(8_000);
-    const read = await drain(stalled.socket, 5_000);
-    expect(read.closed, 'the caller sees its connection closed').toBe(true);
-    expect(read.bytes, 'bytes the caller could still read').toBeLessThan(3 * ERROR_BODY + oks * SMALL_OK);
-    stalled.socket.destroy();
-    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/ok' && l.caller === 'a');
-    expect(lines.length, 'audited 2xx requests').toBe(oks);
-    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    const bytes = await expectCut('DOS-10e', lab.port, stalled, { below: 8_000 });
+    expect(bytes, 'bytes the caller could still read').toBeLessThan(3 * ERROR_BODY + oks * SMALL_OK);
+    await expectAuditedCut(before, (l) => l.route === 'stall' && l.path === '/stall/ok' && l.caller === 'a', oks);
     await allSlotsFree();
     await lab.g0();
   }, 40_000);
@@ -232,16 +241,8 @@ describe('DOS: answers the caller never reads', () => {
     const count = 8;
     const stalled = await neverRead(tlsPort, get('/stall/err', lab.tokens.a).repeat(count), true);
     await otherCallerAnswered();
-    const held = await heldFor(tlsPort, stalled, 15_000);
-    console.log(`DOS-10g: the TLS listener let go of the connection ${Math.round(held)} ms after the requests (route response timeout 2 s)`);
-    expect(held, 'ms the TLS listener held the connection').toBeLessThan(8_000);
-    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(1_500);
-    const read = await drain(stalled.socket, 5_000);
-    expect(read.closed, 'the caller sees its connection closed').toBe(true);
-    stalled.socket.destroy();
-    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'stall' && l.path === '/stall/err');
-    expect(lines.length, 'audited requests').toBe(count);
-    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    await expectCut('DOS-10g', tlsPort, stalled, { below: 8_000, above: 1_500 });
+    await expectAuditedCut(before, (l) => l.route === 'stall' && l.path === '/stall/err', count);
     await allSlotsFree();
     await lab.g0();
   }, 40_000);
@@ -257,16 +258,9 @@ describe('DOS: answers the caller never reads', () => {
     tls.write(`GET /err HTTP/1.1\r\nHost: ${BANK_HOST}\r\n\r\n`.repeat(count));
     const sentAt = performance.now();
     await otherCallerAnswered();
-    const held = await heldFor(lab.port, { socket: tunnel.socket, sentAt }, 15_000);
-    console.log(`DOS-10h: the proxy let go of the tunnel ${Math.round(held)} ms after the requests (route response timeout 3 s)`);
-    expect(held, 'ms the proxy held the tunnel').toBeLessThan(10_000);
-    expect(held, 'not before the route\'s response timeout').toBeGreaterThan(2_500);
-    const read = await drain(tls, 5_000);
-    expect(read.closed, 'the caller sees its tunnel closed').toBe(true);
-    tls.destroy();
-    const lines = (await auditLines()).slice(before).filter((l) => l.route === 'bank' && String(l.path).endsWith('/err'));
-    expect(lines.length, 'audited requests').toBe(count);
-    expect(lines.filter((l) => l.decision === 'aborted' && l.reason === 'caller_stalled').length, 'requests cut').toBeGreaterThan(0);
+    // Route response timeout 3 s.
+    await expectCut('DOS-10h', lab.port, { socket: tunnel.socket, sentAt }, { below: 10_000, above: 2_500 }, tls);
+    await expectAuditedCut(before, (l) => l.route === 'bank' && String(l.path).endsWith('/err'), count);
     await lab.g0();
   }, 40_000);
 
