@@ -32,7 +32,7 @@ export interface BenchSettings {
   readonly quick: boolean;
   /** Optional subset of targets (BENCH_TARGETS=direct,egress,...); all by default. */
   readonly targets: readonly string[] | undefined;
-  /** BENCH_LOAD: the saturation runs' load generator; undefined = wrk when it is on PATH, else autocannon. */
+  /** BENCH_LOAD: the load generator (saturation and fixed rate); undefined = wrk when it is on PATH, else autocannon. */
   readonly load: 'wrk' | 'autocannon' | undefined;
 }
 
@@ -129,11 +129,11 @@ export interface LoadJob {
   readonly body?: string;
   readonly connections: number;
   readonly durationSec: number;
-  /** Fixed offered load (autocannon overallRate), spread evenly over each second. */
+  /** Fixed offered load, requests a second: wrk's paced schedule, or autocannon's overallRate spread evenly over each second. */
   readonly overallRate?: number;
   /** Per-request timeout, seconds. */
   readonly timeoutSec: number;
-  /** Saturation jobs only: 'wrk' runs wrk instead of autocannon (see bench/load.ts). */
+  /** 'wrk' runs wrk instead of autocannon (see bench/load.ts). */
   readonly generator?: 'wrk' | 'autocannon';
 }
 

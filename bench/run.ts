@@ -10,8 +10,8 @@
  *
  * Settings (environment): BENCH_DURATION (s per scenario, default 5), BENCH_QUICK=1 (1 s runs),
  * BENCH_WARMUP (s per method per target, default 3), BENCH_CONNECTIONS (10), BENCH_RATE (fixed rate, 2000 req/s),
- * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_LOAD (the saturation runs' load
- * generator: wrk or autocannon; default wrk when it is on PATH, else autocannon), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
+ * BENCH_BODY_BYTES (2048), BENCH_ROUNDS (1; more rounds, median shown), BENCH_LOAD (the load
+ * generator, saturation and fixed rate: wrk or autocannon; default wrk when it is on PATH, else autocannon), BENCH_TARGETS (comma list of direct,egress,egress-redis,bare,hp3,nginx,
  * and the opt-in egress-x2: two egress-proxy processes on one port with EGRESS_REUSE_PORT=1, CPU and RSS summed,
  * and min: node:http + undici dispatch and nothing else, the least a Node proxy on this stack costs),
  * BENCH_KEEP_TMP=1 (keep the temp folder: route file, store, audit log, nginx config),
@@ -67,7 +67,7 @@ async function main(): Promise<number> {
   const budget = run.budget(budgetSec);
 
   const env = await environment();
-  // Saturation: wrk when it is there; fixed rate: autocannon, paced.
+  // wrk when it is there (both saturation and fixed rate); else autocannon, paced at fixed rate.
   const generator = saturationGenerator(settings.load);
   const wrkVersion = generator === 'wrk' ? await runCommand('wrk', ['-v'], { timeoutMs: 5000 }).then((r) => /wrk (\S+)/.exec(r.stdout + r.stderr)?.[1] ?? 'unknown', () => 'unknown') : undefined;
   ticksPerSecond = await clockTicksPerSecond();
@@ -136,7 +136,7 @@ async function main(): Promise<number> {
   for (const { target } of clients) say(`  ${target.label.padEnd(13)} pid ${target.processes.map((p) => p.pid).join('+').padEnd(7)} ${target.description}`);
   say(`  ${'upstream'.padEnd(13)} pid ${String(upstream.process.pid).padEnd(7)} node:http on ${upstream.origin}, 200 + small JSON only with the injected PLAID-SECRET, else 401 (counted)`);
   if (redis) say(`  ${'redis-server'.padEnd(13)} pid ${String(redis.process.pid).padEnd(7)} redis-server ${redis.version} on 127.0.0.1:${redis.port} for egress-redis (--save '' --appendonly no), stopped after the proxies`);
-  say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} ${generator === 'wrk' ? `saturation: wrk ${wrkVersion} (one thread, bench/wrk.lua); fixed rate: ` : ''}autocannon ${env.versions.autocannon} (programmatic); keep-alive connections, pipelining 1, in its own process${generator === 'wrk' ? '' : ' (wrk is not on PATH, or BENCH_LOAD=autocannon)'}`);
+  say(`  ${'load'.padEnd(13)} pid ${String(load.pid).padEnd(7)} ${generator === 'wrk' ? `wrk ${wrkVersion} (one thread, bench/wrk.lua)` : `autocannon ${env.versions.autocannon} (programmatic; wrk is not on PATH, or BENCH_LOAD=autocannon)`}; keep-alive connections, pipelining 1, in its own process`);
   say();
 
   const totals = new Map<TargetName, UpstreamStats>(clients.map((c) => [c.target.name, emptyStats()]));
@@ -163,7 +163,8 @@ async function main(): Promise<number> {
     connections: rate ? settings.rateConnections : settings.connections,
     durationSec,
     timeoutSec: 10,
-    ...(rate ? { overallRate: rate } : { generator }),
+    generator,
+    ...(rate ? { overallRate: rate } : {}),
   });
 
   // Warm-up (not recorded): JIT, connection pools, allocator.
@@ -252,7 +253,7 @@ async function main(): Promise<number> {
   }
   say();
   say(`saturation runs: ${settings.connections} keep-alive connections, each sending its next request as soon as the previous response arrives (${generator === 'wrk' ? 'wrk' : 'autocannon'}).`);
-  say(`fixed-rate runs: ${settings.rate} req/s offered over ${settings.rateConnections} keep-alive connections, each connection's quota spread evenly over the second (autocannon alone sends it as a burst at the top of each second); a target that cannot keep up gets less (see notes).`);
+  say(`fixed-rate runs: ${settings.rate} req/s offered over ${settings.rateConnections} keep-alive connections, ${generator === 'wrk' ? 'one request every 1/rate s across them (bench/wrk.lua\'s delay(): each request takes the next slot of one schedule, sent within 1 ms of it)' : 'each connection\'s quota spread evenly over the second (autocannon alone sends it as a burst at the top of each second)'}; a target that cannot keep up gets less (see notes).`);
   say('all processes share the machine\'s CPUs: the load generator, the upstream and the target compete for them, so saturation numbers are bounded by that contention, for every target alike.');
   for (const egress of egresses) {
     const audit = audits.get(egress.name);
