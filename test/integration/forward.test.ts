@@ -46,6 +46,23 @@ allow:
     methods: [GET, POST]
     paths: [/accounts]
 `,
+      // An upstream with a base path, as SimpleFIN's (https://beta-bridge.simplefin.org/simplefin).
+      sfin: `name: sfin
+prefix: /sfin
+upstream: ${upstream.url}/simplefin
+upstream_ca: ./server-ca.pem
+allow_private_addresses: true
+hosts: [simplefin.bank.test]
+credential: key
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`,
     },
     files: { 'server-ca.pem': pki.caCert },
     credentials: { key: { secret: SECRET } },
@@ -203,6 +220,29 @@ describe('forward mode', () => {
     const { rawRequest } = await import('../helpers/raw.ts');
     await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`);
     expect((await connectTunnel('api.bank.test:443')).status).toBe(200);
+  });
+
+  it('an upstream with a base path: the provider URL\'s path is checked and sent relative to that base, not doubled; a path outside it is refused', async () => {
+    const before = upstream.requests.length;
+    // Reverse mode, for comparison: /sfin/accounts goes to <upstream>/simplefin/accounts.
+    expect((await fetch(`${proxy.url}/sfin/accounts`, { headers: { 'x-egress-token': token } })).status).toBe(200);
+    // Through HTTPS_PROXY the service calls the provider's own URL, https://simplefin.bank.test/simplefin/accounts.
+    const t = await connectTunnel('simplefin.bank.test:443');
+    expect(await inTunnel(t.socket, 'simplefin.bank.test', 'simplefin.bank.test', '/simplefin/accounts')).toBe(200);
+    expect(upstream.requests.slice(before).map((r) => r.url)).toEqual(['/simplefin/accounts', '/simplefin/accounts']);
+    expect(upstream.requests.at(-1)!.headers['x-api-key']).toBe(SECRET);
+    for (const path of ['/accounts', '/simplefinx/accounts', '/other/simplefin/accounts', '/simplefin/simplefin/accounts', '/']) {
+      const denied = await connectTunnel('simplefin.bank.test:443');
+      expect(await inTunnel(denied.socket, 'simplefin.bank.test', 'simplefin.bank.test', path), path).toBe(403);
+    }
+    expect(upstream.requests.length - before).toBe(2);
+    // routes explain judges the same URL the same way.
+    const explained = await runCli(['routes', 'explain', '--caller', 'svc', '--json', 'GET', 'https://simplefin.bank.test/simplefin/accounts'], envFor(dir));
+    expect(explained.code, explained.stdout + explained.stderr).toBe(0);
+    expect(JSON.parse(explained.stdout)).toMatchObject({ decision: 'allow', mode: 'forward', path: '/accounts', upstream_url: `${upstream.url}/simplefin/accounts` });
+    const outside = await runCli(['routes', 'explain', '--caller', 'svc', '--json', 'GET', 'https://simplefin.bank.test/accounts'], envFor(dir));
+    expect(outside.code, outside.stdout + outside.stderr).toBe(1);
+    expect(JSON.parse(outside.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward' });
   });
 
   it('without a CA, CONNECT is refused outright', async () => {
