@@ -112,7 +112,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
     const token = proxyAuthorizationToken(req);
     if (token === AMBIGUOUS) return deny(407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    if (!token || !services.store.usable()) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    if (!token) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    // Without a usable store there is no telling a good token from a bad one: our failure (503, as
+    // in reverse mode), not the caller's, and not an unknown-token attempt for the alert rules.
+    if (!services.store.usable()) return deny(503, 'credential_unavailable', 'The credential store cannot be read.');
     const found = services.store.identifyCaller(token);
     if (!found.caller) return deny(407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
     const name = found.caller;

@@ -245,6 +245,26 @@ describe('forward mode', () => {
     expect(JSON.parse(outside.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward' });
   });
 
+  it('with the store unreachable, a CONNECT gets 503 credential_unavailable (as a reverse-mode request does), not a 407 that blames the caller\'s token', async () => {
+    const { freePort } = await import('../helpers/redis.ts');
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const down = await startTestProxy({ routes: {}, dir, store: `redis://127.0.0.1:${await freePort()}`, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_AUDIT_LOG: join(dir, 'audit-store-down.log') } });
+    try {
+      const auth = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`;
+      const answer = await rawRequest(down.proxy.proxyAddress.port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${auth}\r\n\r\n`);
+      expect(answer).toMatch(/^HTTP\/1\.1 503 /);
+      expect(answer).toMatch(/\r\nx-egress-error: credential_unavailable\r\n/i);
+      expect(answer).toMatch(/\r\nretry-after: 1\r\n/i);
+      expect(answer).not.toMatch(/proxy-authenticate/i);
+      // The same caller in reverse mode, for comparison.
+      const reverse = await fetch(`${down.url}/bank/accounts`, { headers: { 'x-egress-token': token } });
+      expect(reverse.status).toBe(503);
+      expect(reverse.headers.get('x-egress-error')).toBe('credential_unavailable');
+    } finally {
+      await down.close();
+    }
+  }, 20_000);
+
   it('without a CA, CONNECT is refused outright', async () => {
     const other = await makeTempDir('egress-noca-');
     await mkdir(join(other, 'certs'));
