@@ -54,6 +54,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
+    // The idle limit is for a tunnel with nothing in flight: a request waits for its upstream as
+    // long as its route allows, as in reverse mode (the first request of a tunnel was cut at 60 s).
+    // Node sets its keep-alive timeout on the socket once the answer is out.
+    req.socket.setTimeout(0);
     void handleRequest(req, res, getConfig(), services, tunnel);
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.

@@ -9,7 +9,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { makeTestPki } from '../helpers/tls.ts';
-import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { TUNNEL_LIMITS } from '../../src/server/forward.ts';
 
 /**
  * Forward mode: services keep their provider URLs and set HTTPS_PROXY; the proxy intercepts the
@@ -26,7 +27,8 @@ let port: number;
 
 beforeAll(async () => {
   const pki = makeTestPki();
-  upstream = await startUpstream(undefined, { key: pki.serverKey, cert: pki.serverCert });
+  // /slow answers after the tunnels' idle limit has passed.
+  upstream = await startUpstream((req, res, body) => (req.url === '/slow' ? setTimeout(() => echo(req, res, body), TUNNEL_LIMITS.idleMs + 2_000) : echo(req, res, body)), { key: pki.serverKey, cert: pki.serverCert });
   dir = await makeTempDir('egress-forward-');
   const seeded = await seedDataDir(dir, {
     routes: {
@@ -41,10 +43,11 @@ inject:
   scheme: headers
   headers:
     X-Api-Key: "{secret}"
+timeouts: { response: 90s }
 allow:
   - caller: svc
     methods: [GET, POST]
-    paths: [/accounts]
+    paths: [/accounts, /slow]
 `,
       // An upstream with a base path, as SimpleFIN's (https://beta-bridge.simplefin.org/simplefin).
       sfin: `name: sfin
@@ -244,6 +247,16 @@ describe('forward mode', () => {
     expect(outside.code, outside.stdout + outside.stderr).toBe(1);
     expect(JSON.parse(outside.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward' });
   });
+
+  it('a request in a tunnel waits for a slow upstream as long as its route allows: the idle limit is for a tunnel with nothing in flight', async () => {
+    const before = upstream.requests.length;
+    const t = await connectTunnel('api.bank.test:443');
+    const started = Date.now();
+    // The first request of a fresh tunnel (a new tunnel per request is what curl and many clients do).
+    expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test', '/slow').catch(() => 0)).toBe(200);
+    expect(Date.now() - started).toBeGreaterThan(TUNNEL_LIMITS.idleMs);
+    expect(upstream.requests.length - before).toBe(1);
+  }, TUNNEL_LIMITS.idleMs + 30_000);
 
   it('with the store unreachable, a CONNECT gets 503 credential_unavailable (as a reverse-mode request does), not a 407 that blames the caller\'s token', async () => {
     const { freePort } = await import('../helpers/redis.ts');
