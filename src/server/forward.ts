@@ -12,7 +12,7 @@ import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
-import { answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { answerClientError, answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
@@ -62,6 +62,9 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   inner.on('checkContinue', onRequest);
+  // Bytes that do not parse get the listeners' answer (X-Request-Id, X-Egress-Error, after any
+  // answer still owed on the tunnel), not Node's bare 400 written ahead of that answer.
+  inner.on('clientError', answerClientError);
   inner.on('upgrade', refuseUpgrade);
   inner.on('connect', refuseConnect);
   inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
