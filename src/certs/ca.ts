@@ -1,5 +1,5 @@
 import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { mkdir, open, readFile, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type Forge from 'node-forge';
 import { loadForge } from './forge.ts';
@@ -83,6 +83,13 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  // Without --refresh nothing is written if either file is there: a new key written beside an old
+  // ca.pem (left when only ca.key was removed) made a pair that does not belong together.
+  if (!overwrite) {
+    for (const name of [CA_FILES.key, CA_FILES.cert]) {
+      if (await lstat(join(dir, name)).then(() => true, () => false)) throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
+    }
+  }
   for (const [name, body, mode] of [[CA_FILES.key, files.keyPem, 0o600], [CA_FILES.cert, files.certPem, 0o644]] as const) {
     const handle = await open(join(dir, name), overwrite ? 'w' : 'wx', mode).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'EEXIST') throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);

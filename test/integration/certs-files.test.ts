@@ -1,4 +1,5 @@
-import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
@@ -76,4 +77,21 @@ describe('issue-caller run several times at once for one name', () => {
     const serials = runs.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
     expect(new Set((JSON.parse(await readFile(join(certs, 'issued.json'), 'utf8')) as { svc: string[] }).svc)).toEqual(new Set(serials));
   }, 60_000);
+});
+
+describe('the forward-mode CA files', () => {
+  const pairMatches = async () => new X509Certificate(await readFile(join(certs, 'ca.pem'), 'utf8')).checkPrivateKey(createPrivateKey(await readFile(join(certs, 'ca.key'), 'utf8')));
+
+  it('certs init with ca.pem left but ca.key gone: refused, and no new key is written beside the old certificate', async () => {
+    const oldCert = await readFile(join(certs, 'ca.pem'), 'utf8');
+    await rm(join(certs, 'ca.key'));
+    const result = await runCli(['certs', 'init'], env);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('ca.pem already exists');
+    expect(await exists(join(certs, 'ca.key'))).toBe(false);
+    expect(await readFile(join(certs, 'ca.pem'), 'utf8')).toBe(oldCert);
+    // --refresh makes a new pair that belongs together.
+    expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
+    expect(await pairMatches()).toBe(true);
+  });
 });
