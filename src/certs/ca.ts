@@ -1,4 +1,4 @@
-import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { X509Certificate, createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { lstat, mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type Forge from 'node-forge';
@@ -111,8 +111,13 @@ export async function readCa(dir: string): Promise<CaFiles | undefined> {
   const info = await stat(keyPath).catch(() => undefined);
   if (!info) return undefined;
   if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
-  const certPem = await readFile(join(dir, CA_FILES.cert), 'utf8');
-  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: loadForge().pki.certificateFromPem(certPem) };
+  const certPath = join(dir, CA_FILES.cert);
+  const certPem = await readFile(certPath, 'utf8');
+  const key = createPrivateKey(await readFile(keyPath, 'utf8'));
+  // A key from another CA (a refresh cut short, files copied from two places) would sign leaves
+  // and caller certificates that nothing trusting ca.pem can verify: refuse it here, by name.
+  if (!new X509Certificate(certPem).checkPrivateKey(key)) throw new UserError(`${keyPath} is not the key of ${certPath}; run "egress certs init --refresh" to re-issue the CA`);
+  return { certPem, key, cert: loadForge().pki.certificateFromPem(certPem) };
 }
 
 /**

@@ -1,8 +1,8 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 
 /**
@@ -94,4 +94,23 @@ describe('the forward-mode CA files', () => {
     expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
     expect(await pairMatches()).toBe(true);
   });
+
+  it('a ca.key that is not ca.pem\'s key is refused by serve and issue-caller, naming both files; nothing is issued', async () => {
+    const other = await makeTempDir('egress-other-ca-');
+    await seedDataDir(other, { routes: {} });
+    expect((await runCli(['certs', 'init'], envFor(other, { EGRESS_CERTS: join(other, 'certs') }))).code).toBe(0);
+    await copyFile(join(other, 'certs', 'ca.key'), join(certs, 'ca.key'));
+    expect(await pairMatches()).toBe(false);
+    const started = await startServe(env).then(async (s) => {
+      await s.stop();
+      return 'started';
+    }, (err: Error) => err.message);
+    expect(started).toContain('serve exited with 1');
+    expect(started).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(started).not.toContain('PRIVATE KEY');
+    const issued = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(issued.code).toBe(1);
+    expect(issued.stderr).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  }, 30_000);
 });
