@@ -38,6 +38,8 @@ function signWith(cert: Forge.pki.Certificate, key: KeyObject): void {
   cert.signature = sign('sha256', der, key).toString('binary');
 }
 
+const NAME_CONSTRAINTS_OID = '2.5.29.30';
+
 /** permittedSubtrees of dNSName entries: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }. */
 function nameConstraints(hosts: readonly string[]): Forge.asn1.Asn1 {
   const { asn1 } = loadForge();
@@ -75,7 +77,7 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
     { name: 'basicConstraints', cA: true, pathLenConstraint: 0, critical: true },
     { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
     { name: 'subjectKeyIdentifier' },
-    { id: '2.5.29.30', critical: true, value: nameConstraints(permitted) },
+    { id: NAME_CONSTRAINTS_OID, critical: true, value: nameConstraints(permitted) },
   ]);
   signWith(cert, privateKey);
   return { certPem: pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
@@ -142,6 +144,15 @@ export class LeafMinter {
     return this.#keyPem;
   }
 
+  /**
+   * Whether the CA's name constraints let it vouch for `host`. They are the hosts the routes named
+   * when the CA was made: a leaf for a host a route named later fails every client's verification
+   * until "certs init --refresh".
+   */
+  covers(host: string): boolean {
+    return dnsNamePermitted(this.#ca.cert, host);
+  }
+
   get caPem(): string {
     return this.#ca.certPem;
   }
@@ -172,6 +183,29 @@ export class LeafMinter {
   minted(): readonly string[] {
     return [...this.#cache.keys()];
   }
+}
+
+type Subtree = { readonly type: number; readonly value: unknown };
+
+/**
+ * RFC 5280 §4.2.1.10 for a dNSName: a constraint "example.com" covers it and every name below it
+ * (".example.com", OpenSSL's form, only the names below). A CA without dNSName subtrees in its
+ * permitted list is not constrained for host names.
+ */
+function dnsNamePermitted(ca: Forge.pki.Certificate, host: string): boolean {
+  const within = (base: Subtree) => {
+    const name = String(base.value).toLowerCase();
+    return name === '' || (name.startsWith('.') ? host.endsWith(name) : host === name || host.endsWith(`.${name}`));
+  };
+  for (const ext of ca.extensions as { id?: string; permittedSubtrees?: Subtree[]; excludedSubtrees?: Subtree[] }[]) {
+    if (ext.id !== NAME_CONSTRAINTS_OID) continue;
+    // forge leaves a value it cannot read unparsed; clients refuse such a CA anyway.
+    if (!ext.permittedSubtrees || !ext.excludedSubtrees) return false;
+    const permitted = ext.permittedSubtrees.filter((t) => t.type === 2);
+    if (permitted.length > 0 && !permitted.some(within)) return false;
+    if (ext.excludedSubtrees.some((t) => t.type === 2 && within(t))) return false;
+  }
+  return true;
 }
 
 /** The one identity SAN of a caller certificate: a URI naming the caller. */

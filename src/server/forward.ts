@@ -50,6 +50,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const open = new Map<string, number>();
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
+  /** Hosts already logged as outside the CA's name constraints. */
+  const uncovered = new Set<string>();
   const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
@@ -129,6 +131,14 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     caller = name;
     const route = host ? findRouteByHost(getConfig(), host) : undefined;
     if (!route || !route.connectPorts.has(port)) return deny(403, 'route_forbidden', 'No route intercepts this host and port.', route?.name ?? null);
+    if (!minter.covers(host)) {
+      // Every client would refuse the leaf; say why here, and once in the log for whoever runs the proxy.
+      if (!uncovered.has(host)) {
+        uncovered.add(host);
+        services.log.warn({ host, route: route.name }, 'a route names a host the forward-mode CA does not cover (its name constraints predate it): CONNECTs to it are refused until "egress certs init --refresh" and a restart');
+      }
+      return deny(403, 'route_forbidden', 'The forward-mode CA does not cover this host; the proxy\'s operators must run "egress certs init --refresh" and restart it.', route.name);
+    }
     const count = open.get(name) ?? 0;
     if (count >= TUNNEL_LIMITS.perCaller) return deny(429, 'rate_limited', 'Too many open tunnels for this caller.', route.name);
     open.set(name, count + 1);

@@ -7,7 +7,9 @@ import { promisify } from 'node:util';
 import { ProxyAgent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
-import { envFor, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { findRouteByHost } from '../../src/config/compile-routes.ts';
+import { rm } from 'node:fs/promises';
 import { makeTestPki } from '../helpers/tls.ts';
 import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { TUNNEL_LIMITS } from '../../src/server/forward.ts';
@@ -277,6 +279,44 @@ describe('forward mode', () => {
       await down.close();
     }
   }, 20_000);
+
+  it('a host a route names after the CA was made (outside its name constraints) is refused at CONNECT with a message saying how to fix it, not given a leaf no client accepts', async () => {
+    const file = join(dir, 'routes', 'later.yaml');
+    await writeFile(file, `name: later
+prefix: /later
+upstream: ${upstream.url}
+upstream_ca: ./server-ca.pem
+allow_private_addresses: true
+hosts: [api.later.test]
+credential: key
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`);
+    try {
+      await eventually(() => findRouteByHost(proxy.proxy.routes.config, 'api.later.test') !== undefined, 5_000, 'the reload');
+      const before = upstream.requests.length;
+      const { rawRequest } = await import('../helpers/raw.ts');
+      const answer = await rawRequest(port, `CONNECT api.later.test:443 HTTP/1.1\r\nHost: api.later.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n\r\n`);
+      expect(answer).toMatch(/^HTTP\/1\.1 403 /);
+      expect(answer).toContain('certs init --refresh');
+      expect(proxy.logs()).toContain('api.later.test');
+      expect(proxy.logs()).toContain('certs init --refresh');
+      expect(proxy.proxy.minter!.minted()).not.toContain('api.later.test');
+      // The hosts the CA covers are served as before.
+      const t = await connectTunnel('api.bank.test:443');
+      expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+      expect(upstream.requests.length - before).toBe(1);
+    } finally {
+      await rm(file);
+      await eventually(() => findRouteByHost(proxy.proxy.routes.config, 'api.later.test') === undefined, 5_000, 'the reload');
+    }
+  });
 
   it('without a CA, CONNECT is refused outright', async () => {
     const other = await makeTempDir('egress-noca-');
