@@ -1,5 +1,5 @@
-import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { mkdir, open, readFile, stat } from 'node:fs/promises';
+import { X509Certificate, createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { lstat, mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type Forge from 'node-forge';
 import { loadForge } from './forge.ts';
@@ -38,6 +38,8 @@ function signWith(cert: Forge.pki.Certificate, key: KeyObject): void {
   cert.signature = sign('sha256', der, key).toString('binary');
 }
 
+const NAME_CONSTRAINTS_OID = '2.5.29.30';
+
 /** permittedSubtrees of dNSName entries: NameConstraints ::= SEQUENCE { permittedSubtrees [0] GeneralSubtrees }. */
 function nameConstraints(hosts: readonly string[]): Forge.asn1.Asn1 {
   const { asn1 } = loadForge();
@@ -75,7 +77,7 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
     { name: 'basicConstraints', cA: true, pathLenConstraint: 0, critical: true },
     { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
     { name: 'subjectKeyIdentifier' },
-    { id: '2.5.29.30', critical: true, value: nameConstraints(permitted) },
+    { id: NAME_CONSTRAINTS_OID, critical: true, value: nameConstraints(permitted) },
   ]);
   signWith(cert, privateKey);
   return { certPem: pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
@@ -83,6 +85,13 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  // Without --refresh nothing is written if either file is there: a new key written beside an old
+  // ca.pem (left when only ca.key was removed) made a pair that does not belong together.
+  if (!overwrite) {
+    for (const name of [CA_FILES.key, CA_FILES.cert]) {
+      if (await lstat(join(dir, name)).then(() => true, () => false)) throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
+    }
+  }
   for (const [name, body, mode] of [[CA_FILES.key, files.keyPem, 0o600], [CA_FILES.cert, files.certPem, 0o644]] as const) {
     const handle = await open(join(dir, name), overwrite ? 'w' : 'wx', mode).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'EEXIST') throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
@@ -104,8 +113,13 @@ export async function readCa(dir: string): Promise<CaFiles | undefined> {
   const info = await stat(keyPath).catch(() => undefined);
   if (!info) return undefined;
   if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
-  const certPem = await readFile(join(dir, CA_FILES.cert), 'utf8');
-  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: loadForge().pki.certificateFromPem(certPem) };
+  const certPath = join(dir, CA_FILES.cert);
+  const certPem = await readFile(certPath, 'utf8');
+  const key = createPrivateKey(await readFile(keyPath, 'utf8'));
+  // A key from another CA (a refresh cut short, files copied from two places) would sign leaves
+  // and caller certificates that nothing trusting ca.pem can verify: refuse it here, by name.
+  if (!new X509Certificate(certPem).checkPrivateKey(key)) throw new UserError(`${keyPath} is not the key of ${certPath}; run "egress certs init --refresh" to re-issue the CA`);
+  return { certPem, key, cert: loadForge().pki.certificateFromPem(certPem) };
 }
 
 /**
@@ -128,6 +142,15 @@ export class LeafMinter {
 
   get keyPem(): string {
     return this.#keyPem;
+  }
+
+  /**
+   * Whether the CA's name constraints let it vouch for `host`. They are the hosts the routes named
+   * when the CA was made: a leaf for a host a route named later fails every client's verification
+   * until "certs init --refresh".
+   */
+  covers(host: string): boolean {
+    return dnsNamePermitted(this.#ca.cert, host);
   }
 
   get caPem(): string {
@@ -160,6 +183,29 @@ export class LeafMinter {
   minted(): readonly string[] {
     return [...this.#cache.keys()];
   }
+}
+
+type Subtree = { readonly type: number; readonly value: unknown };
+
+/**
+ * RFC 5280 §4.2.1.10 for a dNSName: a constraint "example.com" covers it and every name below it
+ * (".example.com", OpenSSL's form, only the names below). A CA without dNSName subtrees in its
+ * permitted list is not constrained for host names.
+ */
+function dnsNamePermitted(ca: Forge.pki.Certificate, host: string): boolean {
+  const within = (base: Subtree) => {
+    const name = String(base.value).toLowerCase();
+    return name === '' || (name.startsWith('.') ? host.endsWith(name) : host === name || host.endsWith(`.${name}`));
+  };
+  for (const ext of ca.extensions as { id?: string; permittedSubtrees?: Subtree[]; excludedSubtrees?: Subtree[] }[]) {
+    if (ext.id !== NAME_CONSTRAINTS_OID) continue;
+    // forge leaves a value it cannot read unparsed; clients refuse such a CA anyway.
+    if (!ext.permittedSubtrees || !ext.excludedSubtrees) return false;
+    const permitted = ext.permittedSubtrees.filter((t) => t.type === 2);
+    if (permitted.length > 0 && !permitted.some(within)) return false;
+    if (ext.excludedSubtrees.some((t) => t.type === 2 && within(t))) return false;
+  }
+  return true;
 }
 
 /** The one identity SAN of a caller certificate: a URI naming the caller. */

@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import { findRoute, findRouteByHost } from '../config/compile-routes.ts';
+import { findRoute, findRouteByHost, forwardSegments } from '../config/compile-routes.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { routeJsonSchema } from '../config/route-schema.ts';
@@ -66,7 +66,8 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   const forwardRoute = host ? findRouteByHost(config, host) : undefined;
   const route = forwardRoute ?? findRoute(config, target.segments);
   if (!route) return fail(`DENY 404 route_not_found: no route prefix owns ${target.path}`, { decision: 'deny', status: 404, code: 'route_not_found', path: target.path });
-  const rest = forwardRoute ? target.segments : target.segments.slice(route.prefixSegments.length);
+  const rest = forwardRoute ? forwardSegments(forwardRoute, target.segments) : target.segments.slice(route.prefixSegments.length);
+  if (!rest) return fail(`DENY 403 route_forbidden  route "${route.name}" (${route.file}), forward mode\n  ${target.path} is outside the upstream's base path ${route.basePath}`, { decision: 'deny', status: 403, code: 'route_forbidden', route: route.name, file: route.file, caller, method, mode: 'forward', path: target.path, reason: `outside the upstream's base path ${route.basePath}` });
   const relative = rest.length === 0 ? [''] : rest;
   const decision = decide(route, caller, method, relative);
   const query = removeParams(target.query, route.claims.query);

@@ -6,6 +6,7 @@ import type { Claims } from '../injectors/types.ts';
 import type { PathPattern } from './path-pattern.ts';
 import { compilePattern, hasSegmentPrefix, splitPath } from './path-pattern.ts';
 import type { RateLimitOptions, RouteFile } from './route-schema.ts';
+import { parseTarget } from '../pipeline/target.ts';
 
 /** Compiled, frozen domain objects: what the request path reads. */
 
@@ -40,6 +41,8 @@ export interface CompiledRoute {
   readonly connectPorts: ReadonlySet<number>;
   /** Upstream path prefix without a trailing "/"; usually "". */
   readonly basePath: string;
+  /** basePath as canonical path segments (empty for none): forward mode finds the route-relative path after them. */
+  readonly baseSegments: readonly string[];
   readonly credential: string;
   readonly injections: readonly Injection[];
   readonly claims: { readonly headers: ReadonlySet<string>; readonly query: ReadonlySet<string>; readonly bodyFields: ReadonlySet<string> };
@@ -115,6 +118,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     explicitHosts: raw.hosts !== undefined,
     connectPorts: new Set([443, Number(url.port || (url.protocol === 'https:' ? 443 : 80))]),
     basePath: url.pathname.replace(/\/+$/, ''),
+    baseSegments: Object.freeze(baseSegmentsOf(url.pathname.replace(/\/+$/, ''))),
     credential: raw.credential,
     injections: Object.freeze(injections),
     claims: Object.freeze(claims),
@@ -188,6 +192,29 @@ export function findRouteByHost(config: CompiledConfig, host: string): CompiledR
   if (explicit) return explicit;
   const byDefault = config.routes.filter((r) => !r.explicitHosts && r.hosts.has(host));
   return byDefault.length === 1 ? byDefault[0] : undefined;
+}
+
+/**
+ * Forward mode: a service calls the provider's own URL, base path included
+ * (https://beta-bridge.simplefin.org/simplefin/accounts), while rules, like the path sent upstream,
+ * are relative to the upstream's base path, as in reverse mode. The segments after the base path,
+ * or undefined for a path outside it (the route does not reach there).
+ */
+export function forwardSegments(route: CompiledRoute, segments: readonly string[]): readonly string[] | undefined {
+  if (route.baseSegments.length === 0) return segments;
+  if (!hasSegmentPrefix(segments, route.baseSegments)) return undefined;
+  const rest = segments.slice(route.baseSegments.length);
+  return rest.length === 0 ? [''] : rest;
+}
+
+/** A base path in the form inner request paths are compared in (parseTarget's canonical segments); as written if it has no such form. */
+function baseSegmentsOf(basePath: string): string[] {
+  if (basePath === '') return [];
+  try {
+    return [...parseTarget(basePath).segments];
+  } catch {
+    return splitPath(basePath);
+  }
 }
 
 /** The route that owns a path, matched on whole segments. Prefixes never overlap, so at most one does. */

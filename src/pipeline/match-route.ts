@@ -1,4 +1,4 @@
-import { findRoute, findRouteByHost } from '../config/compile-routes.ts';
+import { findRoute, findRouteByHost, forwardSegments } from '../config/compile-routes.ts';
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
 
@@ -6,11 +6,13 @@ import type { RequestContext } from './context.ts';
 export function matchRoute(ctx: RequestContext): void {
   const segments = ctx.target!.segments;
   if (ctx.forward) {
-    // Forward mode: the tunnel's host picks the route, and the whole path is the route-relative path.
+    // Forward mode: the tunnel's host picks the route, and the path after the upstream's base path is the route-relative path.
     const route = findRouteByHost(ctx.config, ctx.forward.host);
     if (!route) throw new ProxyError('route_forbidden', 'No route intercepts this host.');
     ctx.route = route;
-    ctx.relativeSegments = segments;
+    const relative = forwardSegments(route, segments);
+    if (!relative) throw new ProxyError('route_forbidden', "The path is outside the route's upstream base path.");
+    ctx.relativeSegments = relative;
     return;
   }
   const route = findRoute(ctx.config, segments);

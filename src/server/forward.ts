@@ -12,7 +12,7 @@ import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
-import { answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { answerClientError, answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
@@ -50,14 +50,23 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const open = new Map<string, number>();
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
+  /** Hosts already logged as outside the CA's name constraints. */
+  const uncovered = new Set<string>();
   const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();
+    // The idle limit is for a tunnel with nothing in flight: a request waits for its upstream as
+    // long as its route allows, as in reverse mode (the first request of a tunnel was cut at 60 s).
+    // Node sets its keep-alive timeout on the socket once the answer is out.
+    req.socket.setTimeout(0);
     void handleRequest(req, res, getConfig(), services, tunnel);
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   inner.on('checkContinue', onRequest);
+  // Bytes that do not parse get the listeners' answer (X-Request-Id, X-Egress-Error, after any
+  // answer still owed on the tunnel), not Node's bare 400 written ahead of that answer.
+  inner.on('clientError', answerClientError);
   inner.on('upgrade', refuseUpgrade);
   inner.on('connect', refuseConnect);
   inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
@@ -112,13 +121,24 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
     const token = proxyAuthorizationToken(req);
     if (token === AMBIGUOUS) return deny(407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    if (!token || !services.store.usable()) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    if (!token) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    // Without a usable store there is no telling a good token from a bad one: our failure (503, as
+    // in reverse mode), not the caller's, and not an unknown-token attempt for the alert rules.
+    if (!services.store.usable()) return deny(503, 'credential_unavailable', 'The credential store cannot be read.');
     const found = services.store.identifyCaller(token);
     if (!found.caller) return deny(407, 'caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
     const name = found.caller;
     caller = name;
     const route = host ? findRouteByHost(getConfig(), host) : undefined;
     if (!route || !route.connectPorts.has(port)) return deny(403, 'route_forbidden', 'No route intercepts this host and port.', route?.name ?? null);
+    if (!minter.covers(host)) {
+      // Every client would refuse the leaf; say why here, and once in the log for whoever runs the proxy.
+      if (!uncovered.has(host)) {
+        uncovered.add(host);
+        services.log.warn({ host, route: route.name }, 'a route names a host the forward-mode CA does not cover (its name constraints predate it): CONNECTs to it are refused until "egress certs init --refresh" and a restart');
+      }
+      return deny(403, 'route_forbidden', 'The forward-mode CA does not cover this host; the proxy\'s operators must run "egress certs init --refresh" and restart it.', route.name);
+    }
     const count = open.get(name) ?? 0;
     if (count >= TUNNEL_LIMITS.perCaller) return deny(429, 'rate_limited', 'Too many open tunnels for this caller.', route.name);
     open.set(name, count + 1);

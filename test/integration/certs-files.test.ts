@@ -1,7 +1,8 @@
-import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 
 /**
@@ -76,4 +77,40 @@ describe('issue-caller run several times at once for one name', () => {
     const serials = runs.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
     expect(new Set((JSON.parse(await readFile(join(certs, 'issued.json'), 'utf8')) as { svc: string[] }).svc)).toEqual(new Set(serials));
   }, 60_000);
+});
+
+describe('the forward-mode CA files', () => {
+  const pairMatches = async () => new X509Certificate(await readFile(join(certs, 'ca.pem'), 'utf8')).checkPrivateKey(createPrivateKey(await readFile(join(certs, 'ca.key'), 'utf8')));
+
+  it('certs init with ca.pem left but ca.key gone: refused, and no new key is written beside the old certificate', async () => {
+    const oldCert = await readFile(join(certs, 'ca.pem'), 'utf8');
+    await rm(join(certs, 'ca.key'));
+    const result = await runCli(['certs', 'init'], env);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('ca.pem already exists');
+    expect(await exists(join(certs, 'ca.key'))).toBe(false);
+    expect(await readFile(join(certs, 'ca.pem'), 'utf8')).toBe(oldCert);
+    // --refresh makes a new pair that belongs together.
+    expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
+    expect(await pairMatches()).toBe(true);
+  });
+
+  it('a ca.key that is not ca.pem\'s key is refused by serve and issue-caller, naming both files; nothing is issued', async () => {
+    const other = await makeTempDir('egress-other-ca-');
+    await seedDataDir(other, { routes: {} });
+    expect((await runCli(['certs', 'init'], envFor(other, { EGRESS_CERTS: join(other, 'certs') }))).code).toBe(0);
+    await copyFile(join(other, 'certs', 'ca.key'), join(certs, 'ca.key'));
+    expect(await pairMatches()).toBe(false);
+    const started = await startServe(env).then(async (s) => {
+      await s.stop();
+      return 'started';
+    }, (err: Error) => err.message);
+    expect(started).toContain('serve exited with 1');
+    expect(started).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(started).not.toContain('PRIVATE KEY');
+    const issued = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(issued.code).toBe(1);
+    expect(issued.stderr).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  }, 30_000);
 });

@@ -7,9 +7,12 @@ import { promisify } from 'node:util';
 import { ProxyAgent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
-import { envFor, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { findRouteByHost } from '../../src/config/compile-routes.ts';
+import { rm } from 'node:fs/promises';
 import { makeTestPki } from '../helpers/tls.ts';
-import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { TUNNEL_LIMITS } from '../../src/server/forward.ts';
 
 /**
  * Forward mode: services keep their provider URLs and set HTTPS_PROXY; the proxy intercepts the
@@ -26,7 +29,8 @@ let port: number;
 
 beforeAll(async () => {
   const pki = makeTestPki();
-  upstream = await startUpstream(undefined, { key: pki.serverKey, cert: pki.serverCert });
+  // /slow answers after the tunnels' idle limit has passed.
+  upstream = await startUpstream((req, res, body) => (req.url === '/slow' ? setTimeout(() => echo(req, res, body), TUNNEL_LIMITS.idleMs + 2_000) : echo(req, res, body)), { key: pki.serverKey, cert: pki.serverCert });
   dir = await makeTempDir('egress-forward-');
   const seeded = await seedDataDir(dir, {
     routes: {
@@ -41,9 +45,27 @@ inject:
   scheme: headers
   headers:
     X-Api-Key: "{secret}"
+timeouts: { response: 90s }
 allow:
   - caller: svc
     methods: [GET, POST]
+    paths: [/accounts, /slow]
+`,
+      // An upstream with a base path, as SimpleFIN's (https://beta-bridge.simplefin.org/simplefin).
+      sfin: `name: sfin
+prefix: /sfin
+upstream: ${upstream.url}/simplefin
+upstream_ca: ./server-ca.pem
+allow_private_addresses: true
+hosts: [simplefin.bank.test]
+credential: key
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: svc
+    methods: [GET]
     paths: [/accounts]
 `,
     },
@@ -203,6 +225,97 @@ describe('forward mode', () => {
     const { rawRequest } = await import('../helpers/raw.ts');
     await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`);
     expect((await connectTunnel('api.bank.test:443')).status).toBe(200);
+  });
+
+  it('an upstream with a base path: the provider URL\'s path is checked and sent relative to that base, not doubled; a path outside it is refused', async () => {
+    const before = upstream.requests.length;
+    // Reverse mode, for comparison: /sfin/accounts goes to <upstream>/simplefin/accounts.
+    expect((await fetch(`${proxy.url}/sfin/accounts`, { headers: { 'x-egress-token': token } })).status).toBe(200);
+    // Through HTTPS_PROXY the service calls the provider's own URL, https://simplefin.bank.test/simplefin/accounts.
+    const t = await connectTunnel('simplefin.bank.test:443');
+    expect(await inTunnel(t.socket, 'simplefin.bank.test', 'simplefin.bank.test', '/simplefin/accounts')).toBe(200);
+    expect(upstream.requests.slice(before).map((r) => r.url)).toEqual(['/simplefin/accounts', '/simplefin/accounts']);
+    expect(upstream.requests.at(-1)!.headers['x-api-key']).toBe(SECRET);
+    for (const path of ['/accounts', '/simplefinx/accounts', '/other/simplefin/accounts', '/simplefin/simplefin/accounts', '/']) {
+      const denied = await connectTunnel('simplefin.bank.test:443');
+      expect(await inTunnel(denied.socket, 'simplefin.bank.test', 'simplefin.bank.test', path), path).toBe(403);
+    }
+    expect(upstream.requests.length - before).toBe(2);
+    // routes explain judges the same URL the same way.
+    const explained = await runCli(['routes', 'explain', '--caller', 'svc', '--json', 'GET', 'https://simplefin.bank.test/simplefin/accounts'], envFor(dir));
+    expect(explained.code, explained.stdout + explained.stderr).toBe(0);
+    expect(JSON.parse(explained.stdout)).toMatchObject({ decision: 'allow', mode: 'forward', path: '/accounts', upstream_url: `${upstream.url}/simplefin/accounts` });
+    const outside = await runCli(['routes', 'explain', '--caller', 'svc', '--json', 'GET', 'https://simplefin.bank.test/accounts'], envFor(dir));
+    expect(outside.code, outside.stdout + outside.stderr).toBe(1);
+    expect(JSON.parse(outside.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward' });
+  });
+
+  it('a request in a tunnel waits for a slow upstream as long as its route allows: the idle limit is for a tunnel with nothing in flight', async () => {
+    const before = upstream.requests.length;
+    const t = await connectTunnel('api.bank.test:443');
+    const started = Date.now();
+    // The first request of a fresh tunnel (a new tunnel per request is what curl and many clients do).
+    expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test', '/slow').catch(() => 0)).toBe(200);
+    expect(Date.now() - started).toBeGreaterThan(TUNNEL_LIMITS.idleMs);
+    expect(upstream.requests.length - before).toBe(1);
+  }, TUNNEL_LIMITS.idleMs + 30_000);
+
+  it('with the store unreachable, a CONNECT gets 503 credential_unavailable (as a reverse-mode request does), not a 407 that blames the caller\'s token', async () => {
+    const { freePort } = await import('../helpers/redis.ts');
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const down = await startTestProxy({ routes: {}, dir, store: `redis://127.0.0.1:${await freePort()}`, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_AUDIT_LOG: join(dir, 'audit-store-down.log') } });
+    try {
+      const auth = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`;
+      const answer = await rawRequest(down.proxy.proxyAddress.port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${auth}\r\n\r\n`);
+      expect(answer).toMatch(/^HTTP\/1\.1 503 /);
+      expect(answer).toMatch(/\r\nx-egress-error: credential_unavailable\r\n/i);
+      expect(answer).toMatch(/\r\nretry-after: 1\r\n/i);
+      expect(answer).not.toMatch(/proxy-authenticate/i);
+      // The same caller in reverse mode, for comparison.
+      const reverse = await fetch(`${down.url}/bank/accounts`, { headers: { 'x-egress-token': token } });
+      expect(reverse.status).toBe(503);
+      expect(reverse.headers.get('x-egress-error')).toBe('credential_unavailable');
+    } finally {
+      await down.close();
+    }
+  }, 20_000);
+
+  it('a host a route names after the CA was made (outside its name constraints) is refused at CONNECT with a message saying how to fix it, not given a leaf no client accepts', async () => {
+    const file = join(dir, 'routes', 'later.yaml');
+    await writeFile(file, `name: later
+prefix: /later
+upstream: ${upstream.url}
+upstream_ca: ./server-ca.pem
+allow_private_addresses: true
+hosts: [api.later.test]
+credential: key
+inject:
+  scheme: headers
+  headers:
+    X-Api-Key: "{secret}"
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`);
+    try {
+      await eventually(() => findRouteByHost(proxy.proxy.routes.config, 'api.later.test') !== undefined, 5_000, 'the reload');
+      const before = upstream.requests.length;
+      const { rawRequest } = await import('../helpers/raw.ts');
+      const answer = await rawRequest(port, `CONNECT api.later.test:443 HTTP/1.1\r\nHost: api.later.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n\r\n`);
+      expect(answer).toMatch(/^HTTP\/1\.1 403 /);
+      expect(answer).toContain('certs init --refresh');
+      expect(proxy.logs()).toContain('api.later.test');
+      expect(proxy.logs()).toContain('certs init --refresh');
+      expect(proxy.proxy.minter!.minted()).not.toContain('api.later.test');
+      // The hosts the CA covers are served as before.
+      const t = await connectTunnel('api.bank.test:443');
+      expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+      expect(upstream.requests.length - before).toBe(1);
+    } finally {
+      await rm(file);
+      await eventually(() => findRouteByHost(proxy.proxy.routes.config, 'api.later.test') === undefined, 5_000, 'the reload');
+    }
   });
 
   it('without a CA, CONNECT is refused outright', async () => {

@@ -257,6 +257,31 @@ describe('MITM', () => {
   });
 });
 
+describe('MITM, requests inside a tunnel that do not parse', () => {
+  it('MITM-08 bytes that do not parse, pipelined behind an allowed request: its answer comes first, then a 400 with X-Request-Id, X-Egress-Error and a JSON body, as on the plain listener', async () => {
+    const mark = lab.u.requests.length;
+    // Answered at once, the 400 went out before the first request's answer and the tunnel was cut:
+    // the caller read "400" for a request the upstream had received.
+    const out = await inner('POST /accounts HTTP/1.1\r\nHost: api.bank.test\r\nContent-Length: 2\r\n\r\n{}GET /accounts HTTP/1.1\r\nHost : api.bank.test\r\n\r\n');
+    expect(statuses(out)).toEqual([200, 400]);
+    expect(lab.u.requests.length - mark).toBe(1);
+    const refusal = out.slice(out.indexOf('HTTP/1.1 400'));
+    expect(refusal).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+    expect(refusal).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+    expect(JSON.parse(refusal.slice(refusal.indexOf('\r\n\r\n') + 4))).toMatchObject({ error: { code: 'bad_request' } });
+    await lab.g0(mark, 1);
+  });
+
+  it('MITM-08b a header block over the limit inside a tunnel gets a 431 with X-Request-Id and X-Egress-Error', async () => {
+    const mark = lab.u.requests.length;
+    const out = await inner(`GET /accounts HTTP/1.1\r\nHost: api.bank.test\r\nX-Big: ${'a'.repeat(20 * 1024)}\r\n\r\n`);
+    expect(statuses(out)).toEqual([431]);
+    expect(out).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+    expect(out).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+    await lab.g0(mark, 0);
+  });
+});
+
 /** Forward mode with two listed hosts (the main lab's CA is constrained to api.bank.test alone: MITM-05). */
 describe('MITM, two listed hosts', () => {
   let site: Site;
