@@ -26,7 +26,7 @@ export interface CertIdentity {
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
  * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
- * SAN whose name matches its CN, and a serial that is not revoked.
+ * SAN whose name matches its CN, inside its validity period now, and a serial that is not revoked.
  */
 export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
@@ -34,6 +34,11 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
   const leaf = new X509Certificate(peer.raw);
   if (leaf.ca) return { refused: 'a CA certificate cannot be a caller identity' };
+  // OpenSSL checks the dates in a full handshake only: a keep-alive connection outlives the
+  // certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
+  const now = Date.now();
+  if (now > leaf.validToDate.getTime()) return { refused: 'the certificate has expired' };
+  if (now < leaf.validFromDate.getTime()) return { refused: 'the certificate is not yet valid' };
   const issuer = peer.issuerCertificate;
   if (!issuer || issuer === peer || issuer.fingerprint256 !== caFingerprint) return { refused: 'the certificate was not issued directly by the egress CA' };
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));

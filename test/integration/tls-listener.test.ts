@@ -8,7 +8,8 @@ import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
 import { runCli } from '../helpers/cli.ts';
-import { exchangeOn } from '../helpers/raw.ts';
+import { exchangeOn, statuses } from '../helpers/raw.ts';
+import { RawConnection } from '../security/raw-socket.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -191,6 +192,45 @@ describe('TLS listener with client certificates', () => {
     const before = upstream.requests.length;
     expect(await call('/api/x', await svcFiles(), { 'x-egress-token': `egt_${'A'.repeat(43)}` })).toBe(401);
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
+    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
+    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
+    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 2_000 });
+    const expiry = short.cert.validity.notAfter.getTime();
+    const options = { port: proxy.proxy.tlsAddress!.port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', cert: short.certPem, key: short.keyPem };
+    const open = async (extra: { session?: Buffer } = {}) => {
+      const socket = tlsConnect({ ...options, ...extra });
+      await new Promise<void>((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject));
+      return { socket, conn: RawConnection.over(socket) };
+    };
+    const req = 'GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n';
+    const before = upstream.requests.length;
+    const first = await open();
+    try {
+      expect(statuses(await first.conn.request(req))).toEqual([200]);
+      const session = first.socket.getSession();
+      expect(session).toBeDefined();
+      // Past notAfter, well inside the listener's 5 s keep-alive.
+      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
+      const after = await first.conn.request(req);
+      expect(statuses(after), 'the open connection').toEqual([401]);
+      expect(after).toContain('x-egress-error: caller_unauthenticated');
+      expect(after).toContain('expired');
+      const resumed = await open({ session: session! });
+      try {
+        expect(resumed.socket.isSessionReused(), 'the session was resumed').toBe(true);
+        const answer = await resumed.conn.request(req);
+        expect(statuses(answer), 'the resumed session').toEqual([401]);
+        expect(answer).toContain('expired');
+      } finally {
+        resumed.conn.close();
+      }
+    } finally {
+      first.conn.close();
+    }
+    expect(upstream.requests.length - before).toBe(1);
   });
 
   it('AUTH-10 protocol floor: TLS 1.0/1.1 and non-AEAD TLS 1.2 suites fail the handshake', async () => {
