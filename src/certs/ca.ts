@@ -1,4 +1,4 @@
-import { createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes, sign, X509Certificate, type KeyObject } from 'node:crypto';
 import { mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type Forge from 'node-forge';
@@ -83,6 +83,13 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  // Both or neither: a new key written beside a ca.pem that is kept (a lost key, or a host given
+  // only the public ca.pem) would sign with a key that ca.pem does not name.
+  if (!overwrite) {
+    for (const name of [CA_FILES.key, CA_FILES.cert]) {
+      if (await stat(join(dir, name)).then(() => true, () => false)) throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
+    }
+  }
   for (const [name, body, mode] of [[CA_FILES.key, files.keyPem, 0o600], [CA_FILES.cert, files.certPem, 0o644]] as const) {
     const handle = await open(join(dir, name), overwrite ? 'w' : 'wx', mode).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'EEXIST') throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
@@ -98,14 +105,36 @@ export async function writeCa(dir: string, files: { certPem: string; keyPem: str
   }
 }
 
-/** Read the CA; its key must be readable by its owner only. Undefined when there is no CA. */
+/**
+ * Read the CA; its key must be readable by its owner only, and must be the key of ca.pem (one from
+ * another CA would sign leaves and caller certificates that nobody trusting ca.pem accepts).
+ * Undefined when there is no CA.
+ */
 export async function readCa(dir: string): Promise<CaFiles | undefined> {
   const keyPath = join(dir, CA_FILES.key);
+  const certPath = join(dir, CA_FILES.cert);
   const info = await stat(keyPath).catch(() => undefined);
   if (!info) return undefined;
   if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
-  const certPem = await readFile(join(dir, CA_FILES.cert), 'utf8');
-  return { certPem, key: createPrivateKey(await readFile(keyPath, 'utf8')), cert: loadForge().pki.certificateFromPem(certPem) };
+  const read = (path: string) => readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
+    throw new UserError(`${path} cannot be read (${err.code ?? 'error'}); restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  });
+  const certPem = await read(certPath);
+  const keyPem = await read(keyPath);
+  let cert: X509Certificate;
+  let key: KeyObject;
+  try {
+    cert = new X509Certificate(certPem);
+  } catch {
+    throw new UserError(`${certPath} is not a PEM certificate; restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  }
+  try {
+    key = createPrivateKey(keyPem);
+  } catch {
+    throw new UserError(`${keyPath} is not a PEM private key; restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  }
+  if (!cert.checkPrivateKey(key)) throw new UserError(`${keyPath} does not belong to the certificate in ${certPath}; restore the pair from a backup, or run "certs init --refresh" for a new CA`);
+  return { certPem, key, cert: loadForge().pki.certificateFromPem(certPem) };
 }
 
 /**

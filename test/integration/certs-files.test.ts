@@ -1,4 +1,4 @@
-import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
@@ -76,4 +76,36 @@ describe('issue-caller run several times at once for one name', () => {
     const serials = runs.map((r) => (JSON.parse(r.stdout) as { serial: string }).serial.toLowerCase());
     expect(new Set((JSON.parse(await readFile(join(certs, 'issued.json'), 'utf8')) as { svc: string[] }).svc)).toEqual(new Set(serials));
   }, 60_000);
+});
+
+describe('certs init and the CA pair', () => {
+  it('with ca.pem kept and ca.key gone: refused, and no new key is written beside a certificate it does not belong to', async () => {
+    // What a second host that was given only the public ca.pem, or a lost key, looks like.
+    const caPem = await readFile(join(certs, 'ca.pem'), 'utf8');
+    await rm(join(certs, 'ca.key'));
+    const again = await runCli(['certs', 'init'], env);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain('ca.pem already exists');
+    expect(await exists(join(certs, 'ca.key'))).toBe(false);
+    expect(await readFile(join(certs, 'ca.pem'), 'utf8')).toBe(caPem);
+  });
+
+  it('a ca.key that does not belong to ca.pem, or a ca.pem that is gone: issue-caller says so and issues nothing', async () => {
+    // ca.pem from before a `certs init --refresh`, restored beside the new key.
+    await copyFile(join(certs, 'ca.pem'), join(dir, 'old-ca.pem'));
+    expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
+    await copyFile(join(dir, 'old-ca.pem'), join(certs, 'ca.pem'));
+    const mismatched = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(mismatched.code).toBe(1);
+    expect(mismatched.stderr).toContain('ca.key does not belong to the certificate in');
+    expect(mismatched.stderr).not.toContain('PRIVATE KEY');
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+    expect(await exists(join(certs, 'issued.json'))).toBe(false);
+    await rm(join(certs, 'ca.pem'));
+    const missing = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/ca\.pem cannot be read \(ENOENT\)/);
+    expect(missing.stderr).not.toContain('unexpected error');
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  });
 });
