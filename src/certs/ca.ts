@@ -201,7 +201,12 @@ export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
  */
 export const CALLER_CERT_BACKDATE_MS = 60_000;
 
-/** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
+/**
+ * A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name.
+ * A name with a dot has no CN: OpenSSL reads a dotted CN of a certificate without a DNS SAN as a
+ * host name and checks it against the CA's name constraints (the route hosts), so the TLS listener
+ * would refuse every certificate of a caller named `team.sync` (PERMITTED_VIOLATION).
+ */
 export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
   const { pki } = loadForge();
   const { publicPem, privateKey } = rsaKeyPair();
@@ -210,7 +215,7 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - CALLER_CERT_BACKDATE_MS);
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
-  cert.setSubject([{ name: 'commonName', value: name }]);
+  cert.setSubject(name.includes('.') ? [{ name: 'organizationName', value: 'egress-proxy caller' }] : [{ name: 'commonName', value: name }]);
   cert.setIssuer(ca.cert.subject.attributes);
   cert.setExtensions([
     { name: 'basicConstraints', cA: false, critical: true },

@@ -26,7 +26,8 @@ export interface CertIdentity {
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
  * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
- * SAN whose name matches its CN, inside its validity period now, and a serial that is not revoked.
+ * SAN whose name matches its CN (a dotted name has none), inside its validity period now, and a
+ * serial that is not revoked.
  */
 export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
@@ -44,8 +45,9 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
   if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
+  // A CN must say the same name; issue-caller leaves it out for a name with a dot (see issueCallerCertificate).
   const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
-  if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
+  if (cn !== undefined ? cn !== name : !name.includes('.')) return { refused: 'the certificate CN and identity SAN disagree' };
   const serial = serialKey(leaf.serialNumber);
   if (revoked.has(serial)) return { refused: 'the certificate is revoked', serial };
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };

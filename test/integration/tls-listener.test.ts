@@ -53,11 +53,11 @@ beforeAll(async () => {
   serverCa = pki.caCert;
   const seeded = await seedDataDir(dir, {
     routes: {
-      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n`,
+      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n  - caller: team.sync\n    methods: [GET]\n    paths: [/x]\n`,
       strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
     },
     credentials: { key: { secret: SECRET } },
-    callers: ['svc', 'zed'],
+    callers: ['svc', 'zed', 'team.sync'],
   });
   svcToken = seeded.tokens.svc!;
   await writeFile(join(dir, 'server.pem'), pki.serverCert);
@@ -186,6 +186,18 @@ describe('TLS listener with client certificates', () => {
       await dispatcher.close();
     }
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it('a caller whose name has a dot (team.sync) is identified by the certificate issue-caller gives it', async () => {
+    // The CA's name constraints (hosts the routes name) must not apply to a caller certificate's
+    // name: OpenSSL reads a dotted CN as a host name when the certificate has no DNS SAN.
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const issued = await runCli(['certs', 'issue-caller', 'team.sync'], env);
+    expect(issued.code, issued.stderr).toBe(0);
+    const files = { cert: await readFile(join(dir, 'certs', 'callers', 'team.sync.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'team.sync.key'), 'utf8') };
+    const before = upstream.requests.length;
+    expect(await call('/api/x', files)).toBe(200);
+    expect(upstream.requests.length - before).toBe(1);
   });
 
   it('AUTH-08c a valid certificate plus a bad token: the certificate does not rescue the token', async () => {
