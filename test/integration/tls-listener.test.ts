@@ -355,6 +355,26 @@ describe('TLS listener with client certificates', () => {
     await eventually(async () => (await call('/api/x', undefined, { 'x-egress-token': svcToken })) === 200, 3_000, 'the proxy serving');
   });
 
+  it('serve names the setting and the file when the listener\'s certificate, key or client CA is not what it should be', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_AUDIT_LOG: join(dir, 'audit-files.log') });
+    const garbage = join(dir, 'not-a-pem.txt');
+    await writeFile(garbage, 'not a certificate\n');
+    const otherKey = join(dir, 'other.key');
+    await writeFile(otherKey, makeTestPki().serverKey, { mode: 0o600 });
+    for (const [setting, path, message] of [
+      ['EGRESS_CLIENT_CA', garbage, `EGRESS_CLIENT_CA ${garbage} holds no PEM certificate`],
+      ['EGRESS_TLS_CERT', garbage, `EGRESS_TLS_CERT ${garbage} holds no PEM certificate`],
+      ['EGRESS_TLS_KEY', garbage, `EGRESS_TLS_KEY ${garbage} holds no PEM private key`],
+      ['EGRESS_TLS_KEY', otherKey, `EGRESS_TLS_KEY ${otherKey} does not belong to the certificate in EGRESS_TLS_CERT ${join(dir, 'server.pem')}`],
+    ] as const) {
+      const serve = await runCli(['serve'], { ...env, [setting]: path });
+      expect(serve.code, `${setting}: ${serve.stderr}`).toBe(1);
+      expect(serve.stderr).toContain(message);
+      expect(serve.stderr).not.toContain('unexpected error');
+      expect(serve.stderr + serve.stdout).not.toContain('PRIVATE KEY');
+    }
+  });
+
   it('AUTH-07f certificates issued and revoked by six CLI processes at once: every serial is recorded in issued.json, every revocation lands in revoked.json, every certificate is refused', async () => {
     const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
     const names = ['p0', 'p1', 'p2', 'p3', 'p4', 'p5'];
