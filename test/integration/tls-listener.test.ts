@@ -209,7 +209,7 @@ describe('TLS listener with client certificates', () => {
   it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
     // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
     // outlives it, and a resumed session carries over the verdict of the handshake that made it.
-    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 2_000 });
+    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
     const expiry = short.cert.validity.notAfter.getTime();
     const options = { port: proxy.proxy.tlsAddress!.port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', cert: short.certPem, key: short.keyPem };
     const open = async (extra: { session?: Buffer } = {}) => {
