@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 
 /**
  * certs/issued.json and certs/revoked.json: what `certs issue-caller` and `revoke-caller` write.
@@ -61,6 +62,20 @@ describe('issue-caller', () => {
     expect(Object.keys((JSON.parse(await readFile(join(certs, 'revoked.json'), 'utf8')) as { serials: object }).serials)).toEqual([serial]);
     const left = [...(await readdir(certs)), ...(await readdir(join(certs, 'callers')))].filter((name) => name.endsWith('.tmp'));
     expect(left).toEqual([]);
+  });
+});
+
+describe('issue-caller with EGRESS_CLIENT_CA set', () => {
+  it('refuses when EGRESS_CLIENT_CA names another CA than the one it signs with (the TLS listener would refuse the certificate), and issues when it names that one', async () => {
+    const other = join(dir, 'corp-ca.pem');
+    await writeFile(other, makeTestPki({ commonName: 'corp client CA' }).caCert);
+    const refused = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: other });
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain(`EGRESS_CLIENT_CA ${other} is not the CA in ${join(certs, 'ca.pem')}`);
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+    expect(await exists(join(certs, 'issued.json'))).toBe(false);
+    const same = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: join(certs, 'ca.pem') });
+    expect(same.code, same.stderr).toBe(0);
   });
 });
 
