@@ -25,6 +25,7 @@ let url: string;
 let caKey: forge.pki.rsa.PrivateKey;
 let caCert: forge.pki.Certificate;
 let svcToken: string;
+let seededZedToken: string;
 
 function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string }) {
   const keys = forge.pki.rsa.generateKeyPair(2048);
@@ -54,12 +55,13 @@ beforeAll(async () => {
   const seeded = await seedDataDir(dir, {
     routes: {
       api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n  - caller: team.sync\n    methods: [GET]\n    paths: [/x]\n`,
-      strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
+      strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n`,
     },
     credentials: { key: { secret: SECRET } },
     callers: ['svc', 'zed', 'team.sync'],
   });
   svcToken = seeded.tokens.svc!;
+  seededZedToken = seeded.tokens.zed!;
   await writeFile(join(dir, 'server.pem'), pki.serverCert);
   await writeFile(join(dir, 'server.key'), pki.serverKey, { mode: 0o600 });
   const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
@@ -105,6 +107,16 @@ describe('TLS listener with client certificates', () => {
     expect(await call('/api/x', undefined, { 'x-egress-token': svcToken })).toBe(200);
     expect(await call('/strict/x', undefined, { 'x-egress-token': svcToken })).toBe(403);
     expect(await call('/strict/x', await svcFiles())).toBe(200);
+  });
+
+  it('a route that requires a certificate serves a caller that presents its certificate and also sends its own token; another caller\'s token beside it is not the certificate\'s caller', async () => {
+    // Clients that set X-Egress-Token for every request (one setting for both listeners) and present a certificate.
+    const before = upstream.requests.length;
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
+    expect(upstream.requests.length - before).toBe(1);
+    // zed may use the route, but only with a certificate of its own: svc's does not make zed's token one.
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(403);
+    expect(upstream.requests.length - before).toBe(1);
   });
 
   it.each([
