@@ -30,7 +30,7 @@ import { ConnectionCap } from './server/connection-cap.ts';
 import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
 import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
-import { createTlsServer } from './server/tls.ts';
+import { checkListenerFiles, createTlsServer } from './server/tls.ts';
 import { join } from 'node:path';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
@@ -147,13 +147,17 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
   let tls: Awaited<ReturnType<typeof createTlsServer>> | undefined;
   if (settings.tlsListen) {
-    const read = (path: string, what: string) => readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
-      throw new UserError(`${what} ${path} cannot be read (${err.code ?? 'error'})`);
-    });
+    const read = async (path: string, setting: string) => ({ setting, path, pem: await readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
+      throw new UserError(`${setting} ${path} cannot be read (${err.code ?? 'error'})`);
+    }) });
+    const cert = await read(settings.tlsCert!, 'EGRESS_TLS_CERT');
+    const key = await read(settings.tlsKey!, 'EGRESS_TLS_KEY');
+    const clientCa = await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
+    checkListenerFiles(cert, key, clientCa);
     tls = await createTlsServer({
-      cert: await read(settings.tlsCert!, 'EGRESS_TLS_CERT'),
-      key: await read(settings.tlsKey!, 'EGRESS_TLS_KEY'),
-      clientCa: await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA'),
+      cert: cert.pem,
+      key: key.pem,
+      clientCa: clientCa.pem,
       certsDir: settings.certsDir,
       onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);

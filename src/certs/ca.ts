@@ -1,4 +1,4 @@
-import { X509Certificate, createPrivateKey, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes, sign, X509Certificate, type KeyObject } from 'node:crypto';
 import { lstat, mkdir, open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type Forge from 'node-forge';
@@ -85,8 +85,8 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  // Without --refresh nothing is written if either file is there: a new key written beside an old
-  // ca.pem (left when only ca.key was removed) made a pair that does not belong together.
+  // Both or neither: a new key written beside a ca.pem that is kept (a lost key, or a host given
+  // only the public ca.pem) would sign with a key that ca.pem does not name.
   if (!overwrite) {
     for (const name of [CA_FILES.key, CA_FILES.cert]) {
       if (await lstat(join(dir, name)).then(() => true, () => false)) throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
@@ -107,18 +107,35 @@ export async function writeCa(dir: string, files: { certPem: string; keyPem: str
   }
 }
 
-/** Read the CA; its key must be readable by its owner only. Undefined when there is no CA. */
+/**
+ * Read the CA; its key must be readable by its owner only, and must be the key of ca.pem (one from
+ * another CA would sign leaves and caller certificates that nobody trusting ca.pem accepts).
+ * Undefined when there is no CA.
+ */
 export async function readCa(dir: string): Promise<CaFiles | undefined> {
   const keyPath = join(dir, CA_FILES.key);
+  const certPath = join(dir, CA_FILES.cert);
   const info = await stat(keyPath).catch(() => undefined);
   if (!info) return undefined;
   if ((info.mode & 0o077) !== 0) throw new UserError(`${keyPath} is readable by group or others; run "chmod 600 ${keyPath}"`);
-  const certPath = join(dir, CA_FILES.cert);
-  const certPem = await readFile(certPath, 'utf8');
-  const key = createPrivateKey(await readFile(keyPath, 'utf8'));
-  // A key from another CA (a refresh cut short, files copied from two places) would sign leaves
-  // and caller certificates that nothing trusting ca.pem can verify: refuse it here, by name.
-  if (!new X509Certificate(certPem).checkPrivateKey(key)) throw new UserError(`${keyPath} is not the key of ${certPath}; run "egress certs init --refresh" to re-issue the CA`);
+  const read = (path: string) => readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
+    throw new UserError(`${path} cannot be read (${err.code ?? 'error'}); restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  });
+  const certPem = await read(certPath);
+  const keyPem = await read(keyPath);
+  let cert: X509Certificate;
+  let key: KeyObject;
+  try {
+    cert = new X509Certificate(certPem);
+  } catch {
+    throw new UserError(`${certPath} is not a PEM certificate; restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  }
+  try {
+    key = createPrivateKey(keyPem);
+  } catch {
+    throw new UserError(`${keyPath} is not a PEM private key; restore the CA pair from a backup, or run "certs init --refresh" for a new one`);
+  }
+  if (!cert.checkPrivateKey(key)) throw new UserError(`${keyPath} does not belong to the certificate in ${certPath}; restore the pair from a backup, or run "certs init --refresh" for a new CA`);
   return { certPem, key, cert: loadForge().pki.certificateFromPem(certPem) };
 }
 
@@ -218,7 +235,12 @@ export const CALLER_URI_PREFIX = 'spiffe://egress-proxy/caller/';
  */
 export const CALLER_CERT_BACKDATE_MS = 60_000;
 
-/** A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name. */
+/**
+ * A client certificate for an mTLS caller, signed by the CA: 90 days, one URI SAN, CN = the name.
+ * A name with a dot has no CN: OpenSSL reads a dotted CN of a certificate without a DNS SAN as a
+ * host name and checks it against the CA's name constraints (the route hosts), so the TLS listener
+ * would refuse every certificate of a caller named `team.sync` (PERMITTED_VIOLATION).
+ */
 export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date()): { certPem: string; keyPem: string; serial: string } {
   const { pki } = loadForge();
   const { publicPem, privateKey } = rsaKeyPair();
@@ -227,7 +249,7 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
   cert.serialNumber = serial();
   cert.validity.notBefore = new Date(now.getTime() - CALLER_CERT_BACKDATE_MS);
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
-  cert.setSubject([{ name: 'commonName', value: name }]);
+  cert.setSubject(name.includes('.') ? [{ name: 'organizationName', value: 'egress-proxy caller' }] : [{ name: 'commonName', value: name }]);
   cert.setIssuer(ca.cert.subject.attributes);
   cert.setExtensions([
     { name: 'basicConstraints', cA: false, critical: true },

@@ -2,6 +2,7 @@ import { CALLER_NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
 import { UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
+import { liveTokenCount } from '../store/callers.ts';
 import { openStore } from '../store/open-store.ts';
 import { cliActor, EXIT, graceFlag, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
 
@@ -49,7 +50,7 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
         const list = [...(kind === 'caller' ? snapshot.callers : snapshot.admins).values()].map((c) => ({
           name: c.name,
           created_at: c.created_at,
-          tokens: c.tokens.filter((t) => !t.expires_at || Date.parse(t.expires_at) > now).length,
+          tokens: liveTokenCount(c, now),
           revoked_at: c.revoked_at ?? null,
         }));
         const rows = [['NAME', 'CREATED', 'LIVE TOKENS', 'STATE'], ...list.map((c) => [c.name, c.created_at, String(c.tokens), c.revoked_at ? `revoked ${c.revoked_at}` : 'active'])];

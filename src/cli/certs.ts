@@ -1,3 +1,5 @@
+import { X509Certificate } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
@@ -37,6 +39,9 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     }
     const ca = await readCa(settings.certsDir);
     if (!ca) throw new UserError(`no CA in ${settings.certsDir}; run "egress certs init" first`);
+    // The TLS listener accepts only certificates issued by the CA in EGRESS_CLIENT_CA: one signed
+    // here for a listener pinned to another CA would be refused at every request.
+    if (settings.clientCa !== undefined) await sameCa(settings.clientCa, ca.certPem, join(settings.certsDir, CA_FILES.cert));
     // A certificate identifies a caller only while the store has it (and it is not revoked).
     const store = openStore(settings.store);
     try {
@@ -71,6 +76,22 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
   await writeCa(settings.certsDir, createCa(hosts), p.values.refresh === true);
   const cert = join(settings.certsDir, CA_FILES.cert);
   return ok(`${p.values.refresh ? 're-issued' : 'created'} the forward-mode CA ${cert} (key ${join(settings.certsDir, CA_FILES.key)}, mode 0600)\npermitted hosts: ${[...hosts, 'localhost'].join(', ')}\nservices trust ${cert}; restart the proxy to use it`, { cert, hosts: [...hosts, 'localhost'] });
+}
+
+/** EGRESS_CLIENT_CA (its first certificate, the one the listener pins) must be the CA issue-caller signs with. */
+async function sameCa(clientCaPath: string, caPem: string, caPath: string): Promise<void> {
+  const pem = await readFile(clientCaPath, 'utf8').catch((err: NodeJS.ErrnoException) => {
+    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} cannot be read (${err.code ?? 'error'})`);
+  });
+  let pinned: X509Certificate;
+  try {
+    pinned = new X509Certificate(pem);
+  } catch {
+    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} holds no PEM certificate`);
+  }
+  if (pinned.fingerprint256 !== new X509Certificate(caPem).fingerprint256) {
+    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} is not the CA in ${caPath} that issue-caller signs with: a TLS listener with this EGRESS_CLIENT_CA would refuse the certificate (issue caller certificates with the CA it names, or unset EGRESS_CLIENT_CA)`);
+  }
 }
 
 /**

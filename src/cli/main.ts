@@ -16,6 +16,8 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress master-key init | status | rotate [--resume] | remove --version N
   egress audit verify [--partial] [FILE…|-]      check the audit log's hash chain
   egress certs init [--refresh]                  the forward-mode CA, limited to the hosts routes name
+  egress certs issue-caller NAME                 a client certificate for a caller on the TLS listener
+  egress certs revoke-caller NAME                revoke every certificate issued to that caller
 
 Every command takes --json. Exit codes: 0 ok, 1 failure or condition found, 2 usage, 3 conflict.`;
 

@@ -103,7 +103,7 @@ export const routeFileSchema = z.strictObject({
   hosts: z.array(z.string()
     .regex(/^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$/, 'a lower-case DNS name (no trailing dot, punycode for IDNs)')
     .refine((h) => isIP(h) === 0, 'an IP address is not a host name: forward mode intercepts names only')).min(1).optional(),
-  /** Callers must prove who they are with a client certificate on the TLS listener; tokens are refused. */
+  /** Callers must prove who they are with a client certificate on the TLS listener; a token alone is refused. */
   require_client_cert: z.boolean().default(false),
   /** Let this route reach loopback and private-network upstreams (local and test upstreams only). */
   allow_private_addresses: z.boolean().default(false),

@@ -15,14 +15,16 @@ const DROP_ALWAYS = new Set([
   // The client's address and verified certificate under the names CDNs, load balancers and TLS terminators use.
   'true-client-ip', 'x-client-ip', 'x-cluster-client-ip', 'cf-connecting-ip', 'fastly-client-ip', 'x-originating-ip',
   'x-remote-ip', 'x-remote-addr', 'client-ip', 'x-client-verify', 'x-client-dn',
+  // A client certificate as TLS terminators pass it on: RFC 9440, Azure App Service, nginx configs.
+  'client-cert', 'client-cert-chain', 'x-arr-clientcert', 'x-ssl-cert', 'ssl-client-cert', 'ssl-client-verify',
   'x-http-method-override', 'x-http-method', 'x-method-override',
   // Target overrides: IIS URL Rewrite, Zend/Laminas and older Symfony route on these instead of
   // the request line, so the path the allowlist approved would not be the path served.
   'x-original-url', 'x-rewrite-url', 'x-original-uri', 'x-envoy-original-path', 'x-override-url',
 ]);
 
-/** Whole families of forwarding and client-certificate claims (x-forwarded-uri, x-ssl-client-verify, …). */
-const DROP_PREFIXES = ['x-forwarded-', 'x-ssl-client-'];
+/** Whole families of forwarding and client-certificate claims (x-forwarded-uri, x-ssl-client-verify, AWS ALB's x-amzn-mtls-clientcert-subject, …). */
+const DROP_PREFIXES = ['x-forwarded-', 'x-ssl-client-', 'x-amzn-mtls-clientcert'];
 
 /** A lower-cased name with "_" folded to "-" that is always dropped. */
 function alwaysDropped(folded: string): boolean {

@@ -45,4 +45,8 @@ export function identifyCaller(ctx: RequestContext): void {
     throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
   }
   ctx.caller = found.caller;
+  // A caller that presents its own certificate beside its token (one client setting for both
+  // listeners) has proved itself with the certificate too: a route that requires one serves it.
+  // Another caller's certificate proves nothing about this token's caller.
+  if (ctx.certificate?.caller === found.caller && store.callerActive(found.caller, ctx.certificate.notBefore)) ctx.viaCertificate = true;
 }

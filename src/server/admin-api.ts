@@ -10,6 +10,7 @@ import * as ops from '../rotation/operations.ts';
 import { parseGrace } from '../rotation/transitions.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import { describeCredential, validateFields } from '../store/credentials.ts';
+import { liveTokenCount } from '../store/callers.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
 
@@ -128,7 +129,8 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
   if (collection === 'callers') {
     if (!id) {
       if (method === 'GET') {
-        const list = [...(await op.store.load()).callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: c.tokens.length, revoked_at: c.revoked_at ?? null }));
+        const now = Date.now();
+        const list = [...(await op.store.load()).callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: liveTokenCount(c, now), revoked_at: c.revoked_at ?? null }));
         return { body: { callers: list } };
       }
       if (method === 'POST') {

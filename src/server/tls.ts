@@ -1,4 +1,4 @@
-import { X509Certificate } from 'node:crypto';
+import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { createServer, type Server } from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
@@ -6,7 +6,7 @@ import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
-import { ProxyError } from '../errors.ts';
+import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
@@ -26,7 +26,8 @@ export interface CertIdentity {
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
  * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
- * SAN whose name matches its CN, and a serial that is not revoked.
+ * SAN whose name matches its CN (a dotted name has none), inside its validity period now, and a
+ * serial that is not revoked.
  */
 export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
@@ -34,16 +35,53 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
   const leaf = new X509Certificate(peer.raw);
   if (leaf.ca) return { refused: 'a CA certificate cannot be a caller identity' };
+  // OpenSSL checks the dates in a full handshake only: a keep-alive connection outlives the
+  // certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
+  const now = Date.now();
+  if (now > leaf.validToDate.getTime()) return { refused: 'the certificate has expired' };
+  if (now < leaf.validFromDate.getTime()) return { refused: 'the certificate is not yet valid' };
   const issuer = peer.issuerCertificate;
   if (!issuer || issuer === peer || issuer.fingerprint256 !== caFingerprint) return { refused: 'the certificate was not issued directly by the egress CA' };
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
   if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
+  // A CN must say the same name; issue-caller leaves it out for a name with a dot (see issueCallerCertificate).
   const cn = /(?:^|\n)CN=([^\n]*)/.exec(leaf.subject)?.[1];
-  if (cn !== name) return { refused: 'the certificate CN and identity SAN disagree' };
+  if (cn !== undefined ? cn !== name : !name.includes('.')) return { refused: 'the certificate CN and identity SAN disagree' };
   const serial = serialKey(leaf.serialNumber);
   if (revoked.has(serial)) return { refused: 'the certificate is revoked', serial };
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
+}
+
+/** A file of the listener, as read: the setting that names it, its path, its text. */
+export interface ListenerFile {
+  readonly setting: string;
+  readonly path: string;
+  readonly pem: string;
+}
+
+/**
+ * The listener's certificate, key and client CA, checked before they are used: OpenSSL's own
+ * errors ("PEM routines::no start line", "key values mismatch") name neither the setting nor the
+ * file. Messages never quote the files.
+ */
+export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): void {
+  const certificate = (file: ListenerFile) => {
+    try {
+      return new X509Certificate(file.pem);
+    } catch {
+      throw new UserError(`${file.setting} ${file.path} holds no PEM certificate`);
+    }
+  };
+  const leaf = certificate(cert);
+  certificate(clientCa);
+  let privateKey;
+  try {
+    privateKey = createPrivateKey(key.pem);
+  } catch {
+    throw new UserError(`${key.setting} ${key.path} holds no PEM private key (an encrypted key is not supported)`);
+  }
+  if (!leaf.checkPrivateKey(privateKey)) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */

@@ -20,6 +20,11 @@ export function newTokenId(): string {
   return randomBytes(4).toString('hex');
 }
 
+/** How many of a caller's tokens still work at `now`: one whose rotation grace has ended does not. */
+export function liveTokenCount(record: CallerRecord, now = Date.now()): number {
+  return record.tokens.filter((t) => !t.expires_at || Date.parse(t.expires_at) > now).length;
+}
+
 interface IndexedToken {
   readonly hash: Buffer;
   readonly caller: string;

@@ -121,6 +121,17 @@ describe('admin API', () => {
     expect(list.text).not.toContain(token.slice(4));
   });
 
+  it('GET /v1/callers counts only tokens that still work, as `callers list` does: one whose rotation grace has ended is not one', async () => {
+    expect((await api('POST', '/callers', { name: 'lister' })).status).toBe(201);
+    expect((await api('POST', '/callers/lister/rotate', { grace: '1s' })).status).toBe(200);
+    const viaApi = async () => ((await api('GET', '/callers')).json.callers as { name: string; tokens: number }[]).find((c) => c.name === 'lister')!.tokens;
+    const viaCli = async () => (JSON.parse((await runCli(['callers', 'list', '--json'], envFor(proxy.dir))).stdout) as { callers: { name: string; tokens: number }[] }).callers.find((c) => c.name === 'lister')!.tokens;
+    expect(await viaApi()).toBe(2);
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect(await viaCli()).toBe(1);
+    expect(await viaApi()).toBe(1);
+  });
+
   it('refuses a body with a key it does not know or a value of the wrong type, and changes nothing', async () => {
     // A typo must not fall back to the default: {"Version": 2} revoked the current key at once,
     // {"stage": "true"} put the new key live instead of staging it, {"grce": "1h"} gave 24 h.

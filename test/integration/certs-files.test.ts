@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 
 /**
  * certs/issued.json and certs/revoked.json: what `certs issue-caller` and `revoke-caller` write.
@@ -65,6 +66,20 @@ describe('issue-caller', () => {
   });
 });
 
+describe('issue-caller with EGRESS_CLIENT_CA set', () => {
+  it('refuses when EGRESS_CLIENT_CA names another CA than the one it signs with (the TLS listener would refuse the certificate), and issues when it names that one', async () => {
+    const other = join(dir, 'corp-ca.pem');
+    await writeFile(other, makeTestPki({ commonName: 'corp client CA' }).caCert);
+    const refused = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: other });
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain(`EGRESS_CLIENT_CA ${other} is not the CA in ${join(certs, 'ca.pem')}`);
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+    expect(await exists(join(certs, 'issued.json'))).toBe(false);
+    const same = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: join(certs, 'ca.pem') });
+    expect(same.code, same.stderr).toBe(0);
+  });
+});
+
 describe('issue-caller run several times at once for one name', () => {
   it('leaves a certificate and a key that belong together, and records every serial', async () => {
     const runs = await Promise.all(Array.from({ length: 6 }, () => runCli(['certs', 'issue-caller', 'svc', '--json'], env)));
@@ -106,11 +121,30 @@ describe('the forward-mode CA files', () => {
       return 'started';
     }, (err: Error) => err.message);
     expect(started).toContain('serve exited with 1');
-    expect(started).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(started).toContain(`${join(certs, 'ca.key')} does not belong to the certificate in ${join(certs, 'ca.pem')}`);
     expect(started).not.toContain('PRIVATE KEY');
     const issued = await runCli(['certs', 'issue-caller', 'svc'], env);
     expect(issued.code).toBe(1);
-    expect(issued.stderr).toContain(`${join(certs, 'ca.key')} is not the key of ${join(certs, 'ca.pem')}`);
+    expect(issued.stderr).toContain(`${join(certs, 'ca.key')} does not belong to the certificate in ${join(certs, 'ca.pem')}`);
     expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
   }, 30_000);
+
+  it('a ca.key that does not belong to ca.pem, or a ca.pem that is gone: issue-caller says so and issues nothing', async () => {
+    // ca.pem from before a `certs init --refresh`, restored beside the new key.
+    await copyFile(join(certs, 'ca.pem'), join(dir, 'old-ca.pem'));
+    expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
+    await copyFile(join(dir, 'old-ca.pem'), join(certs, 'ca.pem'));
+    const mismatched = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(mismatched.code).toBe(1);
+    expect(mismatched.stderr).toContain('ca.key does not belong to the certificate in');
+    expect(mismatched.stderr).not.toContain('PRIVATE KEY');
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+    expect(await exists(join(certs, 'issued.json'))).toBe(false);
+    await rm(join(certs, 'ca.pem'));
+    const missing = await runCli(['certs', 'issue-caller', 'svc'], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/ca\.pem cannot be read \(ENOENT\)/);
+    expect(missing.stderr).not.toContain('unexpected error');
+    expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  });
 });

@@ -261,6 +261,15 @@ describe('after a writer was killed', () => {
 });
 
 describe('usage', () => {
+  it('help names every certs subcommand: issue-caller and revoke-caller as well as init', async () => {
+    for (const args of [['--help'], ['certs', '--help'], ['certs', 'issue-caller', '--help']]) {
+      const res = await runCli(args, env);
+      expect(res.code, args.join(' ')).toBe(0);
+      expect(res.stdout, args.join(' ')).toContain('egress certs issue-caller NAME');
+      expect(res.stdout, args.join(' ')).toContain('egress certs revoke-caller NAME');
+    }
+  });
+
   it('unknown commands and flags are usage errors (exit 2); help exits 0', async () => {
     expect((await runCli(['frobnicate'], env)).code).toBe(2);
     expect((await runCli(['keys', 'list', '--bogus'], env)).code).toBe(2);

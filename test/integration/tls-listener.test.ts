@@ -8,7 +8,8 @@ import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
 import { runCli } from '../helpers/cli.ts';
-import { exchangeOn } from '../helpers/raw.ts';
+import { exchangeOn, statuses } from '../helpers/raw.ts';
+import { RawConnection } from '../security/raw-socket.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -24,6 +25,7 @@ let url: string;
 let caKey: forge.pki.rsa.PrivateKey;
 let caCert: forge.pki.Certificate;
 let svcToken: string;
+let seededZedToken: string;
 
 function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string }) {
   const keys = forge.pki.rsa.generateKeyPair(2048);
@@ -52,13 +54,14 @@ beforeAll(async () => {
   serverCa = pki.caCert;
   const seeded = await seedDataDir(dir, {
     routes: {
-      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n`,
-      strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n`,
+      api: `name: api\nprefix: /api\nupstream: ${upstream.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: other\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n  - caller: team.sync\n    methods: [GET]\n    paths: [/x]\n`,
+      strict: `name: strict\nprefix: /strict\nupstream: ${upstream.url}\nallow_private_addresses: true\nrequire_client_cert: true\ncredential: key\ninject:\n  scheme: bearer\n  token: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/x]\n  - caller: zed\n    methods: [GET]\n    paths: [/x]\n`,
     },
     credentials: { key: { secret: SECRET } },
-    callers: ['svc', 'zed'],
+    callers: ['svc', 'zed', 'team.sync'],
   });
   svcToken = seeded.tokens.svc!;
+  seededZedToken = seeded.tokens.zed!;
   await writeFile(join(dir, 'server.pem'), pki.serverCert);
   await writeFile(join(dir, 'server.key'), pki.serverKey, { mode: 0o600 });
   const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
@@ -104,6 +107,16 @@ describe('TLS listener with client certificates', () => {
     expect(await call('/api/x', undefined, { 'x-egress-token': svcToken })).toBe(200);
     expect(await call('/strict/x', undefined, { 'x-egress-token': svcToken })).toBe(403);
     expect(await call('/strict/x', await svcFiles())).toBe(200);
+  });
+
+  it('a route that requires a certificate serves a caller that presents its certificate and also sends its own token; another caller\'s token beside it is not the certificate\'s caller', async () => {
+    // Clients that set X-Egress-Token for every request (one setting for both listeners) and present a certificate.
+    const before = upstream.requests.length;
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
+    expect(upstream.requests.length - before).toBe(1);
+    // zed may use the route, but only with a certificate of its own: svc's does not make zed's token one.
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(403);
+    expect(upstream.requests.length - before).toBe(1);
   });
 
   it.each([
@@ -187,10 +200,61 @@ describe('TLS listener with client certificates', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
+  it('a caller whose name has a dot (team.sync) is identified by the certificate issue-caller gives it', async () => {
+    // The CA's name constraints (hosts the routes name) must not apply to a caller certificate's
+    // name: OpenSSL reads a dotted CN as a host name when the certificate has no DNS SAN.
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
+    const issued = await runCli(['certs', 'issue-caller', 'team.sync'], env);
+    expect(issued.code, issued.stderr).toBe(0);
+    const files = { cert: await readFile(join(dir, 'certs', 'callers', 'team.sync.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'team.sync.key'), 'utf8') };
+    const before = upstream.requests.length;
+    expect(await call('/api/x', files)).toBe(200);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
   it('AUTH-08c a valid certificate plus a bad token: the certificate does not rescue the token', async () => {
     const before = upstream.requests.length;
     expect(await call('/api/x', await svcFiles(), { 'x-egress-token': `egt_${'A'.repeat(43)}` })).toBe(401);
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
+    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
+    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
+    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
+    const expiry = short.cert.validity.notAfter.getTime();
+    const options = { port: proxy.proxy.tlsAddress!.port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', cert: short.certPem, key: short.keyPem };
+    const open = async (extra: { session?: Buffer } = {}) => {
+      const socket = tlsConnect({ ...options, ...extra });
+      await new Promise<void>((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject));
+      return { socket, conn: RawConnection.over(socket) };
+    };
+    const req = 'GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n';
+    const before = upstream.requests.length;
+    const first = await open();
+    try {
+      expect(statuses(await first.conn.request(req))).toEqual([200]);
+      const session = first.socket.getSession();
+      expect(session).toBeDefined();
+      // Past notAfter, well inside the listener's 5 s keep-alive.
+      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
+      const after = await first.conn.request(req);
+      expect(statuses(after), 'the open connection').toEqual([401]);
+      expect(after).toContain('x-egress-error: caller_unauthenticated');
+      expect(after).toContain('expired');
+      const resumed = await open({ session: session! });
+      try {
+        expect(resumed.socket.isSessionReused(), 'the session was resumed').toBe(true);
+        const answer = await resumed.conn.request(req);
+        expect(statuses(answer), 'the resumed session').toEqual([401]);
+        expect(answer).toContain('expired');
+      } finally {
+        resumed.conn.close();
+      }
+    } finally {
+      first.conn.close();
+    }
+    expect(upstream.requests.length - before).toBe(1);
   });
 
   it('AUTH-10 protocol floor: TLS 1.0/1.1 and non-AEAD TLS 1.2 suites fail the handshake', async () => {
@@ -301,6 +365,26 @@ describe('TLS listener with client certificates', () => {
       await writeFile(path, good);
     }
     await eventually(async () => (await call('/api/x', undefined, { 'x-egress-token': svcToken })) === 200, 3_000, 'the proxy serving');
+  });
+
+  it('serve names the setting and the file when the listener\'s certificate, key or client CA is not what it should be', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_AUDIT_LOG: join(dir, 'audit-files.log') });
+    const garbage = join(dir, 'not-a-pem.txt');
+    await writeFile(garbage, 'not a certificate\n');
+    const otherKey = join(dir, 'other.key');
+    await writeFile(otherKey, makeTestPki().serverKey, { mode: 0o600 });
+    for (const [setting, path, message] of [
+      ['EGRESS_CLIENT_CA', garbage, `EGRESS_CLIENT_CA ${garbage} holds no PEM certificate`],
+      ['EGRESS_TLS_CERT', garbage, `EGRESS_TLS_CERT ${garbage} holds no PEM certificate`],
+      ['EGRESS_TLS_KEY', garbage, `EGRESS_TLS_KEY ${garbage} holds no PEM private key`],
+      ['EGRESS_TLS_KEY', otherKey, `EGRESS_TLS_KEY ${otherKey} does not belong to the certificate in EGRESS_TLS_CERT ${join(dir, 'server.pem')}`],
+    ] as const) {
+      const serve = await runCli(['serve'], { ...env, [setting]: path });
+      expect(serve.code, `${setting}: ${serve.stderr}`).toBe(1);
+      expect(serve.stderr).toContain(message);
+      expect(serve.stderr).not.toContain('unexpected error');
+      expect(serve.stderr + serve.stdout).not.toContain('PRIVATE KEY');
+    }
   });
 
   it('AUTH-07f certificates issued and revoked by six CLI processes at once: every serial is recorded in issued.json, every revocation lands in revoked.json, every certificate is refused', async () => {

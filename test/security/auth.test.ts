@@ -211,6 +211,27 @@ describe('AUTH: caller tokens on the plain listener', () => {
     await lab.g0(mark, 1);
   });
 
+  it('AUTH-11d the client-certificate headers TLS terminators set (RFC 9440 Client-Cert and Client-Cert-Chain, AWS, Azure, nginx) never reach U', async () => {
+    const mark = lab.u.requests.length;
+    const claimed = {
+      'client-cert': ':MIIBqDCCAU6gAwIBAgIBBzAKBggqhkjOPQQDAjA6MRswGQYDVQQKDBJMZXQncyBBdXRoZW50aWNhdGUxGzAZBgNVBAMMEkxBIEludGVybWVkaWF0ZSBDQTAeFw0y:',
+      'client-cert-chain': ':MIIB5jCCAYugAwIBAgIBFjAKBggqhkjOPQQDAjBWMQswCQYDVQQGEwJVUzEbMBkGA1UECgwSTGV0J3MgQXV0aGVudGljYXRlMSowKAYDVQQDDCFMZXQncyBBdXRoZW50aWNhdGUgUm9vdCBDQTAeFw0y:',
+      'x-amzn-mtls-clientcert': '-----BEGIN%20CERTIFICATE-----%0AMIIB-----END%20CERTIFICATE-----',
+      'x-amzn-mtls-clientcert-subject': 'CN=svc-admin',
+      'x-amzn-mtls-clientcert-leaf': '-----BEGIN%20CERTIFICATE-----%0AMIIB-----END%20CERTIFICATE-----',
+      'x-arr-clientcert': 'MIIBqDCCAU6gAwIBAgIBBzAK',
+      'x-ssl-cert': '-----BEGIN%20CERTIFICATE-----%0AMIIB',
+      'ssl-client-cert': '-----BEGIN%20CERTIFICATE-----%0AMIIB',
+      'ssl-client-verify': 'SUCCESS',
+    };
+    const res = await post(asA(lab, claimed));
+    lab.seen(await res.text());
+    expect(res.status).toBe(200);
+    const r = lab.u.requests.at(-1)!;
+    for (const name of Object.keys(claimed)) expect(r.headers[name], name).toBeUndefined();
+    await lab.g0(mark, 1);
+  });
+
   it('AUTH-11b spoofed identity headers on a route that passes caller headers still cannot change the caller', async () => {
     // The audit log names the caller that the token identified, not the one a header claims.
     const mark = lab.u.requests.length;

@@ -51,6 +51,11 @@ export class RawConnection {
     socket.on('error', () => (this.closedFlag = true));
   }
 
+  /** Drive a connection the test opened itself (a TLS connection, say), once it can be written. */
+  static over(socket: Socket): RawConnection {
+    return new RawConnection(socket);
+  }
+
   static open(port: number): Promise<RawConnection> {
     return new Promise((resolve, reject) => {
       const socket = connect(port, '127.0.0.1');
