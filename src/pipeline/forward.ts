@@ -8,7 +8,7 @@ import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, continueBody, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
-import { open } from './resolve-credential.ts';
+import { liveVersion, open } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 import { MAX_PAUSE_MS } from './rate-limiter.ts';
 
@@ -42,7 +42,12 @@ export async function forward(ctx: RequestContext): Promise<void> {
       // A fetched credential (an OAuth2 token) the upstream refuses is dropped, so the next request
       // mints a new one: that token only, and once a minute at most per token key (token-broker.ts).
       const replaced = route.needsPrepare && (await ctx.services.tokens.refused(ctx.fetched ?? []));
+      // The previous version as the store has it now: revoked, or past its grace, while the first
+      // attempt was out, it is not used (rolled back to current meanwhile, it is).
+      const previous = ctx.replayable && ctx.previous ? liveVersion(ctx, ctx.previous.version) : undefined;
       if (ctx.replayable && ctx.previous && route.needsPrepare && !route.clientCertificate) {
+        // The token broker mints with the previous version only while it is still usable.
+        ctx.previous = previous;
         // A token broker's route falls back when minting (the token endpoint is safe to retry),
         // not here (providers.md §3.2): the refused token was dropped above, so the replay goes
         // with a token minted afresh from the current version, and the broker turns to the
@@ -54,14 +59,14 @@ export async function forward(ctx: RequestContext): Promise<void> {
           attempt = startExchange(ctx, outbound);
           await received(ctx, attempt);
         }
-      } else if (ctx.replayable && ctx.previous) {
+      } else if (previous) {
         attempt.exchange.discard();
-        const previous = open(ctx, credential, ctx.previous);
-        ctx.credential = previous;
+        const opened = open(ctx, credential, previous);
+        ctx.credential = opened;
         ctx.fellBack = true;
-        ctx.services.metrics.fallbacks.inc({ credential, version: String(previous.version) });
-        ctx.services.rules.onFallback(credential, Number(version), previous.version, route.name);
-        const outbound = await buildOutboundWithNonce(ctx, previous);
+        ctx.services.metrics.fallbacks.inc({ credential, version: String(opened.version) });
+        ctx.services.rules.onFallback(credential, Number(version), opened.version, route.name);
+        const outbound = await buildOutboundWithNonce(ctx, opened);
         attempt = startExchange(ctx, outbound);
         await received(ctx, attempt);
       } else {
