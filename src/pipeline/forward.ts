@@ -8,7 +8,7 @@ import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, continueBody, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
-import { liveVersion, open } from './resolve-credential.ts';
+import { liveVersion, open, resolveCredential } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 import { MAX_PAUSE_MS } from './rate-limiter.ts';
 
@@ -32,6 +32,7 @@ export async function forward(ctx: RequestContext): Promise<void> {
   // Removed in `finally` below: `on` spares the wrapper `once` would make for every request.
   ctx.res.on('close', onClose);
   try {
+    if (!liveVersion(ctx, ctx.credential!.version)) await resolveAgain(ctx);
     attempt = startExchange(ctx, ctx.outbound!);
     await received(ctx, attempt);
     // The status decides first, without a trip through the async check, for nearly every response.
@@ -77,6 +78,21 @@ export async function forward(ctx: RequestContext): Promise<void> {
   } finally {
     ctx.res.off('close', onClose);
   }
+}
+
+/**
+ * The version resolved when the request arrived was revoked or retired before the request could
+ * go (a cutover, or the compromise path): resolve again, so it goes with the version current now,
+ * or is refused (503) when there is none. Only a body buffered for it may be sent twice, so a
+ * request that was not replay-safe then does not become so now.
+ */
+async function resolveAgain(ctx: RequestContext): Promise<void> {
+  const replayable = ctx.replayable === true;
+  ctx.previous = undefined;
+  ctx.replayable = undefined;
+  resolveCredential(ctx);
+  ctx.replayable = replayable && ctx.replayable === true;
+  ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
 }
 
 interface Attempt {

@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import { request } from 'node:http';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { KEYS } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -167,6 +168,40 @@ describe('a rejection that comes back after the previous version stopped being u
       release();
       held = undefined;
     }
+  });
+});
+
+describe('a version revoked or retired while the request was still arriving', () => {
+  // The credential is resolved when the request's head arrives; a slow body (up to the listener's
+  // request timeout) can keep it from going upstream for a long while after a revoke or a cutover.
+  it.each([
+    ['revoked, nothing current: 503, nothing sent', ['keys', 'revoke', 'plaid'], 503, []],
+    ['retired by a cutover: sent with the new current version', ['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '0'], 200, [NEW]],
+  ] as const)('the current version %s', async (_what, command, status, sent) => {
+    accepted = new Set([OLD, NEW]);
+    const { env } = await start();
+    const before = upstream.requests.length;
+    const body = '{"count":1}';
+    const answer = new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const req = request(`${proxy!.url}/plaid/transfer/create`, { method: 'POST', headers: { 'x-egress-token': proxy!.tokens.svc!, 'content-type': 'application/json', 'content-length': String(body.length) } }, (res) => {
+        let text = '';
+        res.on('data', (d: Buffer) => (text += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode!, text }));
+      });
+      req.on('error', reject);
+      req.write(body.slice(0, 4));
+      void (async () => {
+        await new Promise((r) => setTimeout(r, 300));
+        const changed = await runCli(command, env, JSON.stringify({ secret: NEW }));
+        if (changed.code !== 0) return reject(new Error(changed.stderr));
+        await eventually(() => proxy!.services().store.credential('plaid')?.versions[0]?.state !== 'current', 2_000, 'the proxy to see the change');
+        req.end(body.slice(4));
+      })().catch(reject);
+    });
+    const res = await answer;
+    expect(res.status).toBe(status);
+    if (status === 503) expect(res.text).toContain('credential_unavailable');
+    expect(upstream.requests.slice(before).map((r) => r.headers['plaid-secret'])).toEqual(sent);
   });
 });
 
