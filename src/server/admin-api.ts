@@ -128,7 +128,9 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
   if (collection === 'callers') {
     if (!id) {
       if (method === 'GET') {
-        const list = [...(await op.store.load()).callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: c.tokens.length, revoked_at: c.revoked_at ?? null }));
+        // Tokens that still work, as `callers list` counts them: one whose grace has ended is kept
+        // in the record (until the next rotation) but opens nothing.
+        const list = [...(await op.store.load()).callers.values()].map((c) => ({ name: c.name, created_at: c.created_at, tokens: c.tokens.filter((t) => !t.expires_at || Date.parse(t.expires_at) > now.getTime()).length, revoked_at: c.revoked_at ?? null }));
         return { body: { callers: list } };
       }
       if (method === 'POST') {

@@ -121,6 +121,20 @@ describe('admin API', () => {
     expect(list.text).not.toContain(token.slice(4));
   });
 
+  it('lists the tokens that still work, as the CLI does: an old token past its grace is not counted', async () => {
+    const added = await api('POST', '/callers', { name: 'graced' });
+    expect(added.status).toBe(201);
+    const old = added.json.token as string;
+    const rotated = await api('POST', '/callers/graced/rotate', { grace: '1s' });
+    expect(rotated.status).toBe(200);
+    const live = async () => ((await api('GET', '/callers')).json.callers as { name: string; tokens: number }[]).find((c) => c.name === 'graced')!.tokens;
+    expect(await live()).toBe(2);
+    await eventually(async () => (await fetch(`${proxy.url}/api/x`, { headers: { 'x-egress-token': old } })).status === 401, 3_000, 'the old token to expire');
+    expect(await live()).toBe(1);
+    const cli = JSON.parse((await runCli(['callers', 'list', '--json'], env)).stdout) as { callers: { name: string; tokens: number }[] };
+    expect(cli.callers.find((c) => c.name === 'graced')!.tokens).toBe(1);
+  });
+
   it('refuses a body with a key it does not know or a value of the wrong type, and changes nothing', async () => {
     // A typo must not fall back to the default: {"Version": 2} revoked the current key at once,
     // {"stage": "true"} put the new key live instead of staging it, {"grce": "1h"} gave 24 h.
