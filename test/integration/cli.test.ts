@@ -57,6 +57,29 @@ describe('keys', () => {
     expect(await readFile(join(dir, 'store.json'), 'utf8')).not.toContain(SECRET);
   });
 
+  it('keys due: a key rolled back to is as old as it was; --max-age is checked (exit 2 for a bad one), --json lists what is due', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    // Version 1 has been live for 100 days.
+    const storePath = join(dir, 'store.json');
+    const doc = JSON.parse(await readFile(storePath, 'utf8')) as { credentials: { plaid: { versions: { created_at: string; activated_at: string }[] } } };
+    const old = new Date(Date.now() - 100 * 86_400_000).toISOString();
+    Object.assign(doc.credentials.plaid.versions[0]!, { created_at: old, activated_at: old });
+    await writeFile(storePath, JSON.stringify(doc));
+    const due = async () => {
+      const res = await runCli(['keys', 'due', '--max-age', '90d', '--json'], env);
+      return { code: res.code, data: JSON.parse(res.stdout) as { due: { id: string; version: number; age_days: number }[] } };
+    };
+    expect(await due()).toEqual({ code: 1, data: expect.objectContaining({ due: [{ id: 'plaid', version: 1, age_days: 100 }] }) });
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: `${SECRET}-2` }))).code).toBe(0);
+    expect(await due()).toEqual({ code: 0, data: expect.objectContaining({ due: [] }) });
+    // The new key is refused by the provider: back to the old one, which is still 100 days old.
+    expect((await runCli(['keys', 'rollback', 'plaid'], env)).code).toBe(0);
+    expect(await due()).toEqual({ code: 1, data: expect.objectContaining({ due: [{ id: 'plaid', version: 1, age_days: 100 }] }) });
+    const list = JSON.parse((await runCli(['keys', 'list', '--json'], env)).stdout) as { credentials: { current_age_days: number }[] };
+    expect(list.credentials[0]!.current_age_days).toBe(100);
+    for (const bad of ['-1d', '90', '90days', '']) expect((await runCli(['keys', 'due', '--max-age', bad], env)).code, bad).toBe(2);
+  });
+
   it('refuses a second put, bad JSON, non-string fields, and values on the command line', async () => {
     await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
     const dup = await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
