@@ -80,6 +80,29 @@ describe('keys', () => {
     for (const bad of ['-1d', '90', '90days', '']) expect((await runCli(['keys', 'due', '--max-age', bad], env)).code, bad).toBe(2);
   });
 
+  it('an option the subcommand does not take is a usage error (exit 2), not ignored: "revoke --grace 24h" revokes nothing', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    expect((await runCli(['callers', 'add', 'svc'], env)).code).toBe(0);
+    for (const args of [
+      ['keys', 'revoke', 'plaid', '--grace', '24h'],
+      ['keys', 'rollback', 'plaid', '--version', '1'],
+      ['keys', 'promote', 'plaid', '--version', '2'],
+      ['keys', 'put', 'other', '--from-stdin', '--stage'],
+      ['keys', 'due', '--grace', '1h'],
+      ['callers', 'revoke', 'svc', '--grace', '1h'],
+      ['admin-token', 'revoke', 'svc', '--grace', '1h'],
+    ]) {
+      const res = await runCli([...args, '--json'], env, JSON.stringify({ secret: SECRET }));
+      expect(res.code, args.join(' ')).toBe(2);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'usage', message: expect.stringContaining(`--${args.find((a) => a.startsWith('--') && a !== '--from-stdin')!.slice(2)}`) } });
+    }
+    const show = JSON.parse((await runCli(['keys', 'show', 'plaid', '--json'], env)).stdout) as { versions: { state: string }[] };
+    expect(show.versions.map((v) => v.state)).toEqual(['current']);
+    expect((await runCli(['keys', 'show', 'other'], env)).code).toBe(1);
+    const callers = JSON.parse((await runCli(['callers', 'list', '--json'], env)).stdout) as { callers: { name: string; revoked_at: string | null }[] };
+    expect(callers.callers).toEqual([expect.objectContaining({ name: 'svc', revoked_at: null })]);
+  });
+
   it('refuses a second put, bad JSON, non-string fields, and values on the command line', async () => {
     await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
     const dup = await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
