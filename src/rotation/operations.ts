@@ -159,12 +159,16 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
   // before it stop identifying anyone), and must be later than the revoked one even when this
   // host's clock is behind the one that added it first: instances keep the later incarnation.
   const later = new Date(existing ? Date.parse(existing.created_at) + 1 : Number.NaN);
+  const revoked = existing ? [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100) : [];
   const record: CallerRecord = {
     name,
     revision: (existing?.revision ?? 0) + 1,
     created_at: later.getTime() > Date.parse(now) ? later.toISOString() : now,
     updated_at: now,
     tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now }],
+    // The revoked identity's tokens are still recognised, so one presented again raises
+    // retired_credential_used (a leaked token being tried) rather than passing as an unknown one.
+    ...(revoked.length > 0 ? { revoked_tokens: revoked } : {}),
     history: [...(existing?.history ?? []), entry(actor, 'add')].slice(-100),
   };
   await op.store.put(kind, record, existing?.revision ?? 0);
