@@ -75,7 +75,10 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       }
       case 'rollback': {
         const record = await ops.rollbackCredential(op, id());
-        return shown(record, `rolled back: version ${currentVersion(record)!.version} of "${record.id}" is current again; the rolled-back version is pending`);
+        // Rollback refuses while a version is pending, so a pending one now is the version rolled back;
+        // there is none when the current version had been revoked (the compromise path).
+        const pending = record.versions.find((v) => v.state === 'pending');
+        return shown(record, `rolled back: version ${currentVersion(record)!.version} of "${record.id}" is current again${pending ? `; version ${pending.version} is pending` : ''}`);
       }
       case 'revoke': {
         const raw = p.values.version;

@@ -103,6 +103,21 @@ describe('keys', () => {
     expect(callers.callers).toEqual([expect.objectContaining({ name: 'svc', revoked_at: null })]);
   });
 
+  it('rollback says which version went back to pending, and claims none when the current one had been revoked', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    const rotate = () => runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: `${SECRET}-2` }));
+    expect((await rotate()).code).toBe(0);
+    const first = await runCli(['keys', 'rollback', 'plaid'], env);
+    expect(first.stdout.split('\n')[0]).toBe('rolled back: version 1 of "plaid" is current again; version 2 is pending');
+    expect((await runCli(['keys', 'revoke', 'plaid', '--version', '2'], env)).code).toBe(0);
+    expect((await rotate()).code).toBe(0);
+    // The compromise path: the new current version is revoked, then the previous one brought back.
+    expect((await runCli(['keys', 'revoke', 'plaid'], env)).code).toBe(0);
+    const second = await runCli(['keys', 'rollback', 'plaid'], env);
+    expect(second.code).toBe(0);
+    expect(second.stdout.split('\n')[0]).toBe('rolled back: version 1 of "plaid" is current again');
+  });
+
   it('refuses a second put, bad JSON, non-string fields, and values on the command line', async () => {
     await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
     const dup = await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
