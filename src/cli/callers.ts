@@ -4,7 +4,7 @@ import { UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
 import { liveTokenCount } from '../store/callers.ts';
 import { openStore } from '../store/open-store.ts';
-import { cliActor, EXIT, graceFlag, maxArgs, ok, parse, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, EXIT, graceFlag, maxArgs, ok, onlyOptions, parse, requireArg, table, type Outcome } from './io.ts';
 
 const WORDS = {
   caller: { command: 'callers', noun: 'caller', verb: 'add' },
@@ -21,6 +21,7 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
   const [sub, ...rest] = args;
   const p = parse(rest, { grace: { type: 'string' } });
   maxArgs(p.positionals, sub === 'list' ? 0 : 1, usage);
+  onlyOptions(p.values, ['grace'], sub === 'rotate' ? ['grace'] : [], `${w.command} ${sub ?? ''}`.trim(), usage);
   const store = openStore(p.settings().store);
   const op: ops.Operator = { store, actor: cliActor() };
   const name = () => {

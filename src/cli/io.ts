@@ -127,6 +127,16 @@ export async function readStdin(stdin: NodeJS.ReadStream = process.stdin, prompt
   }
 }
 
+/**
+ * Refuse a command's own option given to a subcommand that does not take it: ignored, it would do
+ * what was not asked (`keys revoke ID --grace 24h` revokes at once; `keys rollback ID --version 1`
+ * rolls back to whichever version is previous).
+ */
+export function onlyOptions(values: Parsed['values'], own: readonly string[], allowed: readonly string[], command: string, usage: string): void {
+  const stray = own.find((name) => values[name] !== undefined && !allowed.includes(name));
+  if (stray) throw new UserError(`--${stray} is not an option of "${command}"\n${usage}`, EXIT.usage);
+}
+
 /** Refuse extra positionals: a value typed where it does not belong (a secret in argv) must not pass silently. */
 export function maxArgs(positionals: readonly string[], max: number, usage: string): void {
   if (positionals.length > max) throw new UserError(`unexpected argument${positionals.length - max > 1 ? 's' : ''} after the command\n${usage}`, EXIT.usage);

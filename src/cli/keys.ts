@@ -8,7 +8,7 @@ import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import type { CredentialRecord } from '../store/records.ts';
-import { cliActor, durationFlag, EXIT, graceFlag, maxArgs, ok, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
+import { cliActor, durationFlag, EXIT, graceFlag, maxArgs, ok, onlyOptions, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
        egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
@@ -17,12 +17,26 @@ const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
 
 const ARGS: Readonly<Record<string, number>> = { put: 1, rotate: 1, promote: 1, rollback: 1, revoke: 1, show: 1, list: 0, due: 0 };
 
+/** The options each subcommand takes (besides --json and the settings). */
+const OPTIONS: Readonly<Record<string, readonly string[]>> = {
+  put: ['from-file', 'from-stdin'],
+  rotate: ['from-file', 'from-stdin', 'grace', 'stage'],
+  promote: ['grace'],
+  rollback: [],
+  revoke: ['version'],
+  show: [],
+  list: [],
+  due: ['max-age'],
+};
+const OWN = ['from-file', 'from-stdin', 'grace', 'stage', 'version', 'max-age'] as const;
+
 /** `egress keys …`: credentials and their versions. Output is metadata only; values are never printed. */
 export async function keys(args: readonly string[], stdin: () => Promise<string>): Promise<Outcome> {
   const [sub, ...rest] = args;
   if (!sub || !Object.hasOwn(ARGS, sub)) throw new UserError(USAGE, EXIT.usage);
   const p = parse(rest, { 'from-file': { type: 'string' }, 'from-stdin': { type: 'boolean' }, grace: { type: 'string' }, stage: { type: 'boolean' }, version: { type: 'string' }, 'max-age': { type: 'string' } });
   maxArgs(p.positionals, ARGS[sub]!, USAGE);
+  onlyOptions(p.values, OWN, OPTIONS[sub]!, `keys ${sub}`, USAGE);
   const settings = p.settings();
   const store = openStore(settings.store);
   // The routes the proxy serves from EGRESS_ROUTES: a version that would leave one of them without
@@ -61,7 +75,10 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       }
       case 'rollback': {
         const record = await ops.rollbackCredential(op, id());
-        return shown(record, `rolled back: version ${currentVersion(record)!.version} of "${record.id}" is current again; the rolled-back version is pending`);
+        // Rollback refuses while a version is pending, so a pending one now is the version rolled back;
+        // there is none when the current version had been revoked (the compromise path).
+        const pending = record.versions.find((v) => v.state === 'pending');
+        return shown(record, `rolled back: version ${currentVersion(record)!.version} of "${record.id}" is current again${pending ? `; version ${pending.version} is pending` : ''}`);
       }
       case 'revoke': {
         const raw = p.values.version;

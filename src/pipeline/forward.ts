@@ -8,7 +8,7 @@ import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, continueBody, hasBody, limitBody } from './body.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
-import { open } from './resolve-credential.ts';
+import { liveVersion, open, resolveCredential } from './resolve-credential.ts';
 import { UpstreamExchange, dispatchExchange } from './upstream-exchange.ts';
 import { MAX_PAUSE_MS } from './rate-limiter.ts';
 
@@ -32,6 +32,7 @@ export async function forward(ctx: RequestContext): Promise<void> {
   // Removed in `finally` below: `on` spares the wrapper `once` would make for every request.
   ctx.res.on('close', onClose);
   try {
+    if (!liveVersion(ctx, ctx.credential!.version)) await resolveAgain(ctx);
     attempt = startExchange(ctx, ctx.outbound!);
     await received(ctx, attempt);
     // The status decides first, without a trip through the async check, for nearly every response.
@@ -42,7 +43,12 @@ export async function forward(ctx: RequestContext): Promise<void> {
       // A fetched credential (an OAuth2 token) the upstream refuses is dropped, so the next request
       // mints a new one: that token only, and once a minute at most per token key (token-broker.ts).
       const replaced = route.needsPrepare && (await ctx.services.tokens.refused(ctx.fetched ?? []));
+      // The previous version as the store has it now: revoked, or past its grace, while the first
+      // attempt was out, it is not used (rolled back to current meanwhile, it is).
+      const previous = ctx.replayable && ctx.previous ? liveVersion(ctx, ctx.previous.version) : undefined;
       if (ctx.replayable && ctx.previous && route.needsPrepare && !route.clientCertificate) {
+        // The token broker mints with the previous version only while it is still usable.
+        ctx.previous = previous;
         // A token broker's route falls back when minting (the token endpoint is safe to retry),
         // not here (providers.md §3.2): the refused token was dropped above, so the replay goes
         // with a token minted afresh from the current version, and the broker turns to the
@@ -54,14 +60,14 @@ export async function forward(ctx: RequestContext): Promise<void> {
           attempt = startExchange(ctx, outbound);
           await received(ctx, attempt);
         }
-      } else if (ctx.replayable && ctx.previous) {
+      } else if (previous) {
         attempt.exchange.discard();
-        const previous = open(ctx, credential, ctx.previous);
-        ctx.credential = previous;
+        const opened = open(ctx, credential, previous);
+        ctx.credential = opened;
         ctx.fellBack = true;
-        ctx.services.metrics.fallbacks.inc({ credential, version: String(previous.version) });
-        ctx.services.rules.onFallback(credential, Number(version), previous.version, route.name);
-        const outbound = await buildOutboundWithNonce(ctx, previous);
+        ctx.services.metrics.fallbacks.inc({ credential, version: String(opened.version) });
+        ctx.services.rules.onFallback(credential, Number(version), opened.version, route.name);
+        const outbound = await buildOutboundWithNonce(ctx, opened);
         attempt = startExchange(ctx, outbound);
         await received(ctx, attempt);
       } else {
@@ -72,6 +78,21 @@ export async function forward(ctx: RequestContext): Promise<void> {
   } finally {
     ctx.res.off('close', onClose);
   }
+}
+
+/**
+ * The version resolved when the request arrived was revoked or retired before the request could
+ * go (a cutover, or the compromise path): resolve again, so it goes with the version current now,
+ * or is refused (503) when there is none. Only a body buffered for it may be sent twice, so a
+ * request that was not replay-safe then does not become so now.
+ */
+async function resolveAgain(ctx: RequestContext): Promise<void> {
+  const replayable = ctx.replayable === true;
+  ctx.previous = undefined;
+  ctx.replayable = undefined;
+  resolveCredential(ctx);
+  ctx.replayable = replayable && ctx.replayable === true;
+  ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
 }
 
 interface Attempt {

@@ -5,7 +5,7 @@ import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts'
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
 import { continueBody, hasBody, readBody } from './body.ts';
-import { open } from './resolve-credential.ts';
+import { liveVersion, open } from './resolve-credential.ts';
 import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
 
@@ -51,7 +51,10 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
   let prepared: unknown[] | undefined;
   if (route.needsPrepare) {
     const { services } = ctx;
-    const previous = ctx.previous && credential.version !== ctx.previous.version ? () => open(ctx, credential.id, ctx.previous!) : undefined;
+    // The previous version as the store has it now, not as the request found it on arrival: one
+    // revoked (or past its grace) since, while the body arrived, never mints (liveVersion).
+    const live = ctx.previous && credential.version !== ctx.previous.version ? liveVersion(ctx, ctx.previous.version) : undefined;
+    const previous = live?.state === 'previous' ? () => open(ctx, credential.id, live) : undefined;
     // Each token handed out is noted with its key: if the upstream refuses it, forward drops that one.
     const fetched: FetchedToken[] = [];
     ctx.fetched = fetched;

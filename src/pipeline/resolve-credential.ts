@@ -41,6 +41,22 @@ export function resolveCredential(ctx: RequestContext): void {
 }
 
 /**
+ * The stored version with this number if it may still be used (current, or previous inside its
+ * grace), as the store has it now; undefined when it has been revoked or retired, or the record
+ * cannot be used. A request resolves its versions when its head arrives, and sends them later:
+ * after a slow body (up to the listener's request timeout), a token endpoint, or an upstream that
+ * takes its time to reject the current key. A revoke is immediate and a grace end is an end; a
+ * request that started before either must not use the version after it.
+ */
+export function liveVersion(ctx: RequestContext, version: number): CredentialVersionRecord | undefined {
+  const { store } = ctx.services;
+  const id = ctx.route!.credential;
+  if (!store.usable() || store.isDamaged('credential', id)) return undefined;
+  const stored = store.credential(id)?.versions.find((v) => v.version === version);
+  return stored && (stored.state === 'current' || inGrace(stored, new Date())) ? stored : undefined;
+}
+
+/**
  * The version opened for this request; its values (in every form an upstream might echo them) are
  * registered for redaction.
  */

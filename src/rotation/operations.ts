@@ -48,8 +48,14 @@ function checkRoutesServed(op: Operator, before: CredentialRecord, after: Creden
   throw new StateError(`version ${current.version} of "${after.id}" would become current without fields its routes send (${what}); nothing was changed`);
 }
 
-function by(op: Operator): t.Actor {
-  return { actor: op.actor, now: op.now?.() ?? new Date() };
+/**
+ * Who acts, and when: on the store's clock when it has one (Redis TIME), the clock grace ends are
+ * judged on (sweeper.ts). A writer whose own clock is an hour behind would otherwise write a
+ * 30-minute grace that ended half an hour ago, and the previous version would be retired (its
+ * ciphertext destroyed) at once; an hour ahead, the old key would stay usable an hour too long.
+ */
+async function by(op: Operator): Promise<t.Actor> {
+  return { actor: op.actor, now: op.now?.() ?? (op.store.now ? new Date(await op.store.now()) : new Date()) };
 }
 
 async function credential(op: Operator, id: string): Promise<CredentialRecord> {
@@ -67,31 +73,33 @@ async function save(op: Operator, before: CredentialRecord, after: CredentialRec
 export async function putCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues): Promise<CredentialRecord> {
   const snapshot = await op.store.load();
   if (snapshot.credentials.has(id) || snapshot.damaged.has(`credential:${id}`)) throw new StateError(`credential "${id}" already exists; a new version is a rotation ("keys rotate ${id}")`);
-  checkCertificateFields(fields, by(op).now);
-  const record = newCredentialRecord(keyring, id, fields, by(op).now, op.actor);
+  const actor = await by(op);
+  checkCertificateFields(fields, actor.now);
+  const record = newCredentialRecord(keyring, id, fields, actor.now, op.actor);
   await op.store.put('credential', record, 0);
   return record;
 }
 
 export async function rotateCredential(op: Operator, keyring: Keyring, id: string, fields: FieldValues, options: { stage: boolean; graceMs: number }): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  checkCertificateFields(fields, by(op).now);
-  return save(op, before, checkRoutesServed(op, before, t.rotate(before, keyring, fields, options, by(op))));
+  const actor = await by(op);
+  checkCertificateFields(fields, actor.now);
+  return save(op, before, checkRoutesServed(op, before, t.rotate(before, keyring, fields, options, actor)));
 }
 
 export async function promoteCredential(op: Operator, id: string, graceMs: number): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  return save(op, before, checkRoutesServed(op, before, t.promote(before, { graceMs }, by(op))));
+  return save(op, before, checkRoutesServed(op, before, t.promote(before, { graceMs }, await by(op))));
 }
 
 export async function rollbackCredential(op: Operator, id: string): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  return save(op, before, checkRoutesServed(op, before, t.rollback(before, by(op))));
+  return save(op, before, checkRoutesServed(op, before, t.rollback(before, await by(op))));
 }
 
 export async function revokeCredential(op: Operator, id: string, version: number | undefined): Promise<CredentialRecord> {
   const before = await credential(op, id);
-  return save(op, before, t.revoke(before, version, by(op)));
+  return save(op, before, t.revoke(before, version, await by(op)));
 }
 
 /**
@@ -100,8 +108,9 @@ export async function revokeCredential(op: Operator, id: string, version: number
  */
 export async function expireDue(op: Operator): Promise<string[]> {
   const retired: string[] = [];
+  const actor = await by(op);
   for (const record of (await op.store.load()).credentials.values()) {
-    const after = t.expire(record, by(op));
+    const after = t.expire(record, actor);
     if (!after) continue;
     try {
       await op.store.put('credential', after, record.revision);
@@ -116,8 +125,9 @@ export async function expireDue(op: Operator): Promise<string[]> {
 /** Re-wrap every data key with the active KEK; returns how many records changed. Safe to re-run after a crash. */
 export async function rewrapAll(op: Operator, keyring: Keyring): Promise<number> {
   let changed = 0;
+  const actor = await by(op);
   for (const record of (await op.store.load()).credentials.values()) {
-    const after = t.rewrap(record, keyring, (v) => unwrapDek(keyring, record.id, v), (dek, v) => wrapDek(keyring, record.id, v, dek), by(op));
+    const after = t.rewrap(record, keyring, (v) => unwrapDek(keyring, record.id, v), (dek, v) => wrapDek(keyring, record.id, v, dek), actor);
     if (!after) continue;
     await op.store.put('credential', after, record.revision);
     changed++;
@@ -134,8 +144,8 @@ async function named(op: Operator, kind: TokenKind, name: string): Promise<Calle
   return (kind === 'caller' ? snapshot.callers : snapshot.admins).get(name);
 }
 
-function entry(op: Operator, action: string, detail?: string) {
-  return { at: by(op).now.toISOString(), actor: op.actor, action, ...(detail ? { detail } : {}) };
+function entry(by: t.Actor, action: string, detail?: string) {
+  return { at: by.now.toISOString(), actor: by.actor, action, ...(detail ? { detail } : {}) };
 }
 
 /** A new identity with one token, printed once by the caller of this function. A revoked name can be reused. */
@@ -143,18 +153,23 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
   const existing = await named(op, kind, name);
   if (existing && !existing.revoked_at) throw new StateError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
   const token = generateToken(PREFIX[kind]);
-  const now = by(op).now.toISOString();
+  const actor = await by(op);
+  const now = actor.now.toISOString();
   // A name added again is a new incarnation of its record (created_at: the certificates issued
   // before it stop identifying anyone), and must be later than the revoked one even when this
   // host's clock is behind the one that added it first: instances keep the later incarnation.
   const later = new Date(existing ? Date.parse(existing.created_at) + 1 : Number.NaN);
+  const revoked = existing ? [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100) : [];
   const record: CallerRecord = {
     name,
     revision: (existing?.revision ?? 0) + 1,
     created_at: later.getTime() > Date.parse(now) ? later.toISOString() : now,
     updated_at: now,
     tokens: [{ id: newTokenId(), hash: hashToken(token), created_at: now }],
-    history: [...(existing?.history ?? []), entry(op, 'add')].slice(-100),
+    // The revoked identity's tokens are still recognised, so one presented again raises
+    // retired_credential_used (a leaked token being tried) rather than passing as an unknown one.
+    ...(revoked.length > 0 ? { revoked_tokens: revoked } : {}),
+    history: [...(existing?.history ?? []), entry(actor, 'add')].slice(-100),
   };
   await op.store.put(kind, record, existing?.revision ?? 0);
   return { record, token };
@@ -164,7 +179,8 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
 export async function rotateToken(op: Operator, kind: TokenKind, name: string, graceMs: number): Promise<{ record: CallerRecord; token: string }> {
   const existing = await named(op, kind, name);
   if (!existing || existing.revoked_at) throw new NotFoundError(`no active ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
-  const now = by(op).now;
+  const actor = await by(op);
+  const now = actor.now;
   const until = new Date(now.getTime() + graceMs).toISOString();
   const token = generateToken(PREFIX[kind]);
   const live = (tk: CallerRecord['tokens'][number]) => !tk.expires_at || Date.parse(tk.expires_at) > now.getTime();
@@ -177,7 +193,7 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
     updated_at: now.toISOString(),
     tokens: [...kept, { id: newTokenId(), hash: hashToken(token), created_at: now.toISOString() }],
     revoked_tokens: [...(existing.revoked_tokens ?? []), ...dropped].slice(-100),
-    history: [...(existing.history ?? []), entry(op, 'rotate', graceMs > 0 ? `old tokens valid until ${until}` : 'old tokens stopped at once')].slice(-100),
+    history: [...(existing.history ?? []), entry(actor, 'rotate', graceMs > 0 ? `old tokens valid until ${until}` : 'old tokens stopped at once')].slice(-100),
   };
   await op.store.put(kind, record, existing.revision);
   return { record, token };
@@ -188,9 +204,10 @@ export async function revokeToken(op: Operator, kind: TokenKind, name: string): 
   const existing = await named(op, kind, name);
   if (!existing) throw new NotFoundError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   if (existing.revoked_at) return existing;
-  const now = by(op).now.toISOString();
+  const actor = await by(op);
+  const now = actor.now.toISOString();
   const revokedHashes = [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100);
-  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(op, 'revoke')].slice(-100) };
+  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(actor, 'revoke')].slice(-100) };
   await op.store.put(kind, record, existing.revision);
   return record;
 }

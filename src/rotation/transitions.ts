@@ -90,8 +90,10 @@ export function rollback(record: CredentialRecord, by: Actor): CredentialRecord 
   if (find(record, 'pending')) throw new StateError(`credential "${record.id}" has a pending version; promote or revoke it before rolling back`);
   const versions = record.versions.map((v): CredentialVersionRecord => {
     if (v === previous) {
+      // It keeps the time it first went live: `keys due`, the credential_max_age alert and the age
+      // metric measure how long a key has been in use, and a rollback does not make it younger.
       const { grace_until: _g, ...rest } = v;
-      return { ...rest, state: 'current', activated_at: by.now.toISOString() };
+      return { ...rest, state: 'current', activated_at: rest.activated_at ?? by.now.toISOString() };
     }
     if (v.state === 'current') {
       const { activated_at: _a, ...rest } = v;

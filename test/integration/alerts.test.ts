@@ -148,6 +148,20 @@ describe('alert rules', () => {
     expect(alertIds()).toContain('retired_credential_used');
   });
 
+  it('retired_credential_used: a token revoked with its caller is still recognised once the name is added again', async () => {
+    const { env } = await start();
+    const old = await newToken();
+    expect((await runCli(['callers', 'revoke', 'svc'], env)).code).toBe(0);
+    // Not presented in between: the alert would be raised then, and not again within its cooldown.
+    await eventually(() => proxy!.services().store.snapshot()?.callers.get('svc')?.revoked_at !== undefined, 1_000, 'the revocation');
+    const added = await runCli(['callers', 'add', 'svc', '--json'], env);
+    expect(added.code, added.stderr).toBe(0);
+    const fresh = (JSON.parse(added.stdout) as { token: string }).token;
+    await eventually(async () => (await get('/api/ok', fresh)) === 200, 1_000, 'the caller added again');
+    expect(await get('/api/ok', old)).toBe(401);
+    expect(proxy!.services().rules.alerts.recent().map((a) => [a.id, a.subject])).toContainEqual(['retired_credential_used', 'svc']);
+  });
+
   it('upstream_rejected_credential: the upstream rejects the key and nothing can be fallen back to', async () => {
     await start();
     expect(await get('/api/reject', await newToken())).toBe(401);

@@ -57,6 +57,67 @@ describe('keys', () => {
     expect(await readFile(join(dir, 'store.json'), 'utf8')).not.toContain(SECRET);
   });
 
+  it('keys due: a key rolled back to is as old as it was; --max-age is checked (exit 2 for a bad one), --json lists what is due', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    // Version 1 has been live for 100 days.
+    const storePath = join(dir, 'store.json');
+    const doc = JSON.parse(await readFile(storePath, 'utf8')) as { credentials: { plaid: { versions: { created_at: string; activated_at: string }[] } } };
+    const old = new Date(Date.now() - 100 * 86_400_000).toISOString();
+    Object.assign(doc.credentials.plaid.versions[0]!, { created_at: old, activated_at: old });
+    await writeFile(storePath, JSON.stringify(doc));
+    const due = async () => {
+      const res = await runCli(['keys', 'due', '--max-age', '90d', '--json'], env);
+      return { code: res.code, data: JSON.parse(res.stdout) as { due: { id: string; version: number; age_days: number }[] } };
+    };
+    expect(await due()).toEqual({ code: 1, data: expect.objectContaining({ due: [{ id: 'plaid', version: 1, age_days: 100 }] }) });
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: `${SECRET}-2` }))).code).toBe(0);
+    expect(await due()).toEqual({ code: 0, data: expect.objectContaining({ due: [] }) });
+    // The new key is refused by the provider: back to the old one, which is still 100 days old.
+    expect((await runCli(['keys', 'rollback', 'plaid'], env)).code).toBe(0);
+    expect(await due()).toEqual({ code: 1, data: expect.objectContaining({ due: [{ id: 'plaid', version: 1, age_days: 100 }] }) });
+    const list = JSON.parse((await runCli(['keys', 'list', '--json'], env)).stdout) as { credentials: { current_age_days: number }[] };
+    expect(list.credentials[0]!.current_age_days).toBe(100);
+    for (const bad of ['-1d', '90', '90days', '']) expect((await runCli(['keys', 'due', '--max-age', bad], env)).code, bad).toBe(2);
+  });
+
+  it('an option the subcommand does not take is a usage error (exit 2), not ignored: "revoke --grace 24h" revokes nothing', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    expect((await runCli(['callers', 'add', 'svc'], env)).code).toBe(0);
+    for (const args of [
+      ['keys', 'revoke', 'plaid', '--grace', '24h'],
+      ['keys', 'rollback', 'plaid', '--version', '1'],
+      ['keys', 'promote', 'plaid', '--version', '2'],
+      ['keys', 'put', 'other', '--from-stdin', '--stage'],
+      ['keys', 'due', '--grace', '1h'],
+      ['callers', 'revoke', 'svc', '--grace', '1h'],
+      ['admin-token', 'revoke', 'svc', '--grace', '1h'],
+    ]) {
+      const res = await runCli([...args, '--json'], env, JSON.stringify({ secret: SECRET }));
+      expect(res.code, args.join(' ')).toBe(2);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'usage', message: expect.stringContaining(`--${args.find((a) => a.startsWith('--') && a !== '--from-stdin')!.slice(2)}`) } });
+    }
+    const show = JSON.parse((await runCli(['keys', 'show', 'plaid', '--json'], env)).stdout) as { versions: { state: string }[] };
+    expect(show.versions.map((v) => v.state)).toEqual(['current']);
+    expect((await runCli(['keys', 'show', 'other'], env)).code).toBe(1);
+    const callers = JSON.parse((await runCli(['callers', 'list', '--json'], env)).stdout) as { callers: { name: string; revoked_at: string | null }[] };
+    expect(callers.callers).toEqual([expect.objectContaining({ name: 'svc', revoked_at: null })]);
+  });
+
+  it('rollback says which version went back to pending, and claims none when the current one had been revoked', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    const rotate = () => runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: `${SECRET}-2` }));
+    expect((await rotate()).code).toBe(0);
+    const first = await runCli(['keys', 'rollback', 'plaid'], env);
+    expect(first.stdout.split('\n')[0]).toBe('rolled back: version 1 of "plaid" is current again; version 2 is pending');
+    expect((await runCli(['keys', 'revoke', 'plaid', '--version', '2'], env)).code).toBe(0);
+    expect((await rotate()).code).toBe(0);
+    // The compromise path: the new current version is revoked, then the previous one brought back.
+    expect((await runCli(['keys', 'revoke', 'plaid'], env)).code).toBe(0);
+    const second = await runCli(['keys', 'rollback', 'plaid'], env);
+    expect(second.code).toBe(0);
+    expect(second.stdout.split('\n')[0]).toBe('rolled back: version 1 of "plaid" is current again');
+  });
+
   it('refuses a second put, bad JSON, non-string fields, and values on the command line', async () => {
     await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');
     const dup = await runCli(['keys', 'put', 'k1', '--from-stdin'], env, '{"secret":"abcdef"}');

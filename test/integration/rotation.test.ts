@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import { request } from 'node:http';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { KEYS } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -10,14 +11,17 @@ const OLD = 'plaid_secret_OLD_1111';
 const NEW = 'plaid_secret_NEW_2222';
 let upstream: Upstream;
 let accepted = new Set<string>();
+/** While set, the upstream holds its answer to a request carrying this key until `release` is called. */
+let held: { key: string; release: Promise<void> } | undefined;
 let proxy: TestProxy | undefined;
 let redis: TestRedis;
 
 beforeAll(async () => {
   redis = await TestRedis.create();
   // A Plaid-like upstream: every call is a POST, a bad key is 400 INVALID_API_KEYS (it echoes the key).
-  upstream = await startUpstream((req, res) => {
+  upstream = await startUpstream(async (req, res) => {
     const key = String(req.headers['plaid-secret']);
+    if (held?.key === key) await held.release;
     if (req.url === '/broken-gzip') {
       // Labelled gzip, and not: the rejection text cannot be found without decoding it.
       res.writeHead(400, { 'content-type': 'application/json', 'content-encoding': 'gzip' });
@@ -130,6 +134,74 @@ describe('fallback to the previous version', () => {
     const versions = (JSON.parse(store) as { credentials: { plaid: { versions: { state: string; data?: unknown }[] } } }).credentials.plaid.versions;
     expect(versions.map((v) => v.state)).toEqual(['retired', 'current']);
     expect(versions[0]!.data).toBeUndefined();
+  });
+});
+
+describe('a rejection that comes back after the previous version stopped being usable', () => {
+  // The upstream may take the route's whole response timeout to reject the new key: a revoke (the
+  // compromise path) or a grace end in the meantime must stop the fallback, not be overtaken by it.
+  it.each([
+    ['revoked', ['--grace', '1h'], (env: Record<string, string>) => runCli(['keys', 'revoke', 'plaid', '--version', '1'], env).then((r) => expect(r.code, r.stderr).toBe(0))],
+    ['retired', ['--grace', '3s'], async () => {}],
+  ] as const)('the previous version %s while the first attempt was out: no replay with it, the rejection is relayed', async (state, grace, change) => {
+    accepted = new Set([OLD]);
+    const { env } = await start();
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', ...grace], env, JSON.stringify({ secret: NEW }))).code).toBe(0);
+    await eventually(() => proxy!.services().store.credential('plaid')?.versions[1]?.state === 'current', 2_000, 'the proxy to see the rotation');
+    let release!: () => void;
+    held = { key: NEW, release: new Promise<void>((r) => (release = r)) };
+    try {
+      const before = upstream.requests.length;
+      const answer = call('POST', '/accounts/get');
+      await eventually(() => upstream.requests.length > before, 2_000, 'the first attempt to reach the upstream');
+      await change(env);
+      await eventually(() => proxy!.services().store.credential('plaid')?.versions[0]?.state === state, 6_000, `version 1 ${state} in the proxy's view`);
+      release();
+      const res = await answer;
+      expect(res.status).toBe(400);
+      expect(await res.text()).toContain('INVALID_API_KEYS');
+      expect(upstream.requests.slice(before).map((r) => r.headers['plaid-secret'])).toEqual([NEW]);
+      const audit = await proxy!.auditText();
+      expect(audit).not.toContain('"reason":"fallback_previous_version"');
+      expect(await (await fetch(`${proxy!.admin}/metrics`)).text()).not.toMatch(/egress_rotation_fallbacks_total\{credential="plaid"/);
+    } finally {
+      release();
+      held = undefined;
+    }
+  });
+});
+
+describe('a version revoked or retired while the request was still arriving', () => {
+  // The credential is resolved when the request's head arrives; a slow body (up to the listener's
+  // request timeout) can keep it from going upstream for a long while after a revoke or a cutover.
+  it.each([
+    ['revoked, nothing current: 503, nothing sent', ['keys', 'revoke', 'plaid'], 503, []],
+    ['retired by a cutover: sent with the new current version', ['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '0'], 200, [NEW]],
+  ] as const)('the current version %s', async (_what, command, status, sent) => {
+    accepted = new Set([OLD, NEW]);
+    const { env } = await start();
+    const before = upstream.requests.length;
+    const body = '{"count":1}';
+    const answer = new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const req = request(`${proxy!.url}/plaid/transfer/create`, { method: 'POST', headers: { 'x-egress-token': proxy!.tokens.svc!, 'content-type': 'application/json', 'content-length': String(body.length) } }, (res) => {
+        let text = '';
+        res.on('data', (d: Buffer) => (text += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode!, text }));
+      });
+      req.on('error', reject);
+      req.write(body.slice(0, 4));
+      void (async () => {
+        await new Promise((r) => setTimeout(r, 300));
+        const changed = await runCli(command, env, JSON.stringify({ secret: NEW }));
+        if (changed.code !== 0) return reject(new Error(changed.stderr));
+        await eventually(() => proxy!.services().store.credential('plaid')?.versions[0]?.state !== 'current', 2_000, 'the proxy to see the change');
+        req.end(body.slice(4));
+      })().catch(reject);
+    });
+    const res = await answer;
+    expect(res.status).toBe(status);
+    if (status === 503) expect(res.text).toContain('credential_unavailable');
+    expect(upstream.requests.slice(before).map((r) => r.headers['plaid-secret'])).toEqual(sent);
   });
 });
 

@@ -138,6 +138,8 @@ describe('FLT-09 clock skew', () => {
     const serve = await startServe({ ...env, EGRESS_AUDIT_LOG: join(dir, 'audit-skewed.log'), ...(await skewedClock(offset)).env });
     return {
       serve,
+      dir,
+      redisUrl: redis.url,
       token: tokens.a!,
       versions: async () => (JSON.parse((await c.get('egress:{egress}:credential:c'))!) as { versions: { version: number; state: string; data?: unknown; grace_until?: string; retired_at?: string }[] }).versions,
       // The rotation is made with our (true) clock, as an operator's CLI would.
@@ -187,6 +189,38 @@ describe('FLT-09 clock skew', () => {
       expect(lateMs, 'not early').toBeGreaterThanOrEqual(0);
       expect(lateMs, 'not late').toBeLessThan(2_500);
       expect(retired.data, 'ciphertext destroyed on retirement').toBeUndefined();
+      clean(g.serve);
+    } finally {
+      await g.close();
+    }
+  }, 40_000);
+
+  it('FLT-09f grace ends are written on the store\'s clock: a CLI and an admin API an hour behind give a 30 min grace, not one that ended half an hour ago', async () => {
+    const g = await graceSetup('-1h');
+    const skewed = (await skewedClock('-1h')).env;
+    const env = envFor(g.dir, { EGRESS_STORE: g.redisUrl });
+    try {
+      expect(await skewHours(g.serve)).toBe(-1);
+      // The CLI on a host whose clock is an hour behind (a CI runner, a laptop).
+      const r = await runCli(['keys', 'rotate', 'c', '--from-stdin', '--grace', '30m'], { ...env, ...skewed }, JSON.stringify({ secret: V2_SECRET }));
+      expect(r.code, r.stderr).toBe(0);
+      // The admin API of the instance an hour behind.
+      const created = await runCli(['admin-token', 'create', 'rotator', '--json'], env);
+      expect(created.code, created.stderr).toBe(0);
+      const admin = (JSON.parse(created.stdout) as { token: string }).token;
+      await eventually(async () => (await fetch(`${g.serve.admin}/v1/credentials`, { headers: { authorization: `Bearer ${admin}` } })).status === 200, 3_000, 'the admin token');
+      await new Promise((res) => setTimeout(res, 2_000));
+      let v1 = (await g.versions()).find((v) => v.version === 1)!;
+      expect(v1.state, 'v1 is previous for 30 min, not retired at once').toBe('previous');
+      expect(Math.abs(Date.parse(v1.grace_until!) - (Date.now() + 30 * 60_000)), 'its grace ends 30 min from now').toBeLessThan(60_000);
+      const res = await fetch(`${g.serve.admin}/v1/credentials/c/versions`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: JSON.stringify({ fields: { secret: `${V2_SECRET}_3` }, grace: '30m' }) });
+      expect(res.status, await res.text()).toBe(201);
+      await new Promise((res) => setTimeout(res, 2_000));
+      const v2 = (await g.versions()).find((v) => v.version === 2)!;
+      expect(v2.state, 'v2 is previous for 30 min, not retired at once').toBe('previous');
+      expect(Math.abs(Date.parse(v2.grace_until!) - (Date.now() + 30 * 60_000)), 'its grace ends 30 min from now').toBeLessThan(60_000);
+      v1 = (await g.versions()).find((v) => v.version === 1)!;
+      expect(v1.state).toBe('retired');
       clean(g.serve);
     } finally {
       await g.close();

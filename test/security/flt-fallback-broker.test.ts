@@ -1,3 +1,4 @@
+import { request } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -69,5 +70,36 @@ describe('FLT-07d token-broker routes fall back when minting, not on the API cal
     expect(proxy.logs()).not.toContain('current_key_rejected');
     const audit = await proxy.auditText();
     expect(audit).not.toContain('fallback_previous_version');
+  });
+
+  it('a previous version revoked while the request was still arriving is not used to mint: the token endpoint never sees its secret again', async () => {
+    const route = oauth2Route(upstream.url, '  client_auth: body\n').replace('methods: [GET]', 'methods: [GET, POST]');
+    const own = await startTestProxy({ routes: { bank: route }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } }, callers: ['svc'] });
+    try {
+      const env = envFor(own.dir);
+      // Version 2's secret is one the token endpoint refuses: minting falls back to version 1.
+      expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_REFUSED_v2' }))).code).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[1]?.state === 'current', 2_000, 'the proxy to see the rotation');
+      const before = mints.length;
+      const answer = new Promise<number>((resolve, reject) => {
+        const req = request(`${own.url}/bank/accounts`, { method: 'POST', headers: { 'x-egress-token': own.tokens.svc!, 'content-type': 'application/json', 'content-length': '4' } }, (res) => {
+          res.resume();
+          res.on('end', () => resolve(res.statusCode!));
+        });
+        req.on('error', reject);
+        req.write('{}');
+        void (async () => {
+          await new Promise((r) => setTimeout(r, 300));
+          const revoked = await runCli(['keys', 'revoke', 'bank', '--version', '1'], env);
+          if (revoked.code !== 0) return reject(new Error(revoked.stderr));
+          await eventually(() => own.services().store.credential('bank')?.versions[0]?.state === 'revoked', 2_000, 'the proxy to see the revoke');
+          req.end('  ');
+        })().catch(reject);
+      });
+      expect(await answer).toBe(503);
+      expect(mints.slice(before)).toEqual([]);
+    } finally {
+      await own.close();
+    }
   });
 });
