@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { findRouteByHost } from '../../src/config/compile-routes.ts';
-import { rm } from 'node:fs/promises';
+import { apiKeyRoute } from '../helpers/routes.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { TUNNEL_LIMITS } from '../../src/server/forward.ts';
@@ -52,22 +52,7 @@ allow:
     paths: [/accounts, /slow]
 `,
       // An upstream with a base path, as SimpleFIN's (https://beta-bridge.simplefin.org/simplefin).
-      sfin: `name: sfin
-prefix: /sfin
-upstream: ${upstream.url}/simplefin
-upstream_ca: ./server-ca.pem
-allow_private_addresses: true
-hosts: [simplefin.bank.test]
-credential: key
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`,
+      sfin: apiKeyRoute({ name: 'sfin', upstream: `${upstream.url}/simplefin`, extra: 'upstream_ca: ./server-ca.pem\nhosts: [simplefin.bank.test]\n', paths: ['/accounts'] }),
     },
     files: { 'server-ca.pem': pki.caCert },
     credentials: { key: { secret: SECRET } },
@@ -282,22 +267,7 @@ describe('forward mode', () => {
 
   it('a host a route names after the CA was made (outside its name constraints) is refused at CONNECT with a message saying how to fix it, not given a leaf no client accepts', async () => {
     const file = join(dir, 'routes', 'later.yaml');
-    await writeFile(file, `name: later
-prefix: /later
-upstream: ${upstream.url}
-upstream_ca: ./server-ca.pem
-allow_private_addresses: true
-hosts: [api.later.test]
-credential: key
-inject:
-  scheme: headers
-  headers:
-    X-Api-Key: "{secret}"
-allow:
-  - caller: svc
-    methods: [GET]
-    paths: [/accounts]
-`);
+    await writeFile(file, apiKeyRoute({ name: 'later', upstream: upstream.url, extra: 'upstream_ca: ./server-ca.pem\nhosts: [api.later.test]\n', paths: ['/accounts'] }));
     try {
       await eventually(() => findRouteByHost(proxy.proxy.routes.config, 'api.later.test') !== undefined, 5_000, 'the reload');
       const before = upstream.requests.length;
