@@ -38,7 +38,11 @@ export async function audit(args: readonly string[]): Promise<Outcome> {
       throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
   }, { partial: p.values.partial === true });
-  if (result.ok) return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}`, result);
+  if (result.ok) {
+    // A line cut short by a crash is kept where it was, and the recovery line after it carries its hash.
+    const torn = result.torn?.length ? `; ${result.torn.map((t) => `${t.file}:${t.line}`).join(', ')} ${result.torn.length === 1 ? 'is a line' : 'are lines'} cut short by a crash, kept and accounted for by the recovery line after it` : '';
+    return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}${torn}`, result);
+  }
   const bad = result.firstBad!;
   return fail(`audit chain broken at ${bad.file}:${bad.line}: ${bad.reason}`, result);
 }

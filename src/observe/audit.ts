@@ -1,6 +1,6 @@
 import { hash } from 'node:crypto';
 import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
-import { mkdir, open, stat } from 'node:fs/promises';
+import { appendFile, mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { Logger } from './log.ts';
@@ -28,6 +28,9 @@ export const AUDIT = {
   credentialVersion: 'credential_version',
   action: 'action',
   target: 'target',
+  /** On a recovery line: the SHA-256 and length of the torn line just before it. */
+  tornSha256: 'torn_sha256',
+  tornBytes: 'torn_bytes',
   prev: 'prev',
 } as const;
 
@@ -136,7 +139,21 @@ export class AuditLog {
       // written at all from the start is a configuration error: no request would ever be audited.
       throw new UserError(`EGRESS_AUDIT_LOG ${this.path} cannot be written (${(err as NodeJS.ErrnoException).code ?? 'error'}): every request is audited, so the proxy does not start without it`);
     }
-    this.#prev = (await lastLineHash(this.path)) ?? (await lastLineHash(`${this.path}.1`)) ?? GENESIS;
+    // A process killed in the middle of a write leaves its last line cut short. The next line must
+    // not be glued onto it: the fragment is ended where it is and kept, and a recovery line records
+    // its hash (so verify can step over it, and still notices if it is changed), chained to the last
+    // whole line before it. Both go in one write, so a second crash cannot part them.
+    const tail = await readTail(this.path);
+    const last = tail.last ?? (await readTail(`${this.path}.1`)).last;
+    this.#prev = last === undefined ? GENESIS : lineHash(last);
+    if (tail.torn !== undefined) {
+      const tornBytes = Buffer.byteLength(tail.torn);
+      const line = JSON.stringify({ [AUDIT.time]: isoNow(), [AUDIT.kind]: 'recovery', [AUDIT.reason]: 'torn_line', [AUDIT.tornSha256]: lineHash(tail.torn), [AUDIT.tornBytes]: tornBytes, [AUDIT.prev]: this.#prev });
+      await appendFile(this.path, `\n${line}\n`);
+      this.#bytes += Buffer.byteLength(line) + 2;
+      this.#prev = lineHash(line);
+      this.#log.warn({ audit_log: this.path, torn_bytes: tornBytes }, 'the audit log ended in a line cut short (the process stopped while writing it); it is kept, and a recovery line after it continues the chain');
+    }
     this.#openStream();
   }
 
@@ -250,23 +267,26 @@ export class AuditLog {
   }
 }
 
-/** Hash of the last complete line of an existing audit file, so the chain continues across restarts. */
-async function lastLineHash(path: string): Promise<string | undefined> {
+/**
+ * The end of an existing audit file: its last complete line (so the chain continues across
+ * restarts), and the bytes after it when the file does not end in a newline (a line torn by a crash).
+ */
+async function readTail(path: string): Promise<{ last?: string; torn?: string }> {
   let size: number;
   try {
     size = (await stat(path)).size;
   } catch {
-    return undefined;
+    return {};
   }
-  if (size === 0) return undefined;
+  if (size === 0) return {};
   const handle = await open(path, 'r');
   try {
     const chunk = Math.min(size, 1024 * 1024);
     const buf = Buffer.alloc(chunk);
     await handle.read(buf, 0, chunk, size - chunk);
-    const lines = buf.toString('utf8').split('\n').filter((l) => l.length > 0);
-    const last = lines.at(-1);
-    return last ? lineHash(last) : undefined;
+    const lines = buf.toString('utf8').split('\n');
+    const end = lines.pop()!;
+    return { last: lines.filter((l) => l.length > 0).at(-1), ...(end.length > 0 ? { torn: end } : {}) };
   } finally {
     await handle.close();
   }
@@ -276,26 +296,39 @@ export interface VerifyResult {
   readonly ok: boolean;
   readonly lines: number;
   readonly firstBad?: { readonly file: string; readonly line: number; readonly reason: string };
+  /** Lines cut short by a crash, each followed by the recovery line the restarted proxy wrote. */
+  readonly torn?: readonly { readonly file: string; readonly line: number }[];
 }
 
 /**
  * Check the hash chain of one or more files, in order (a rotated file continues the chain). The
  * chain must start at the genesis hash, so removing the first line is caught too; `partial` checks
- * a later segment whose first line follows lines not given here.
+ * a later segment whose first line follows lines not given here. A line that is not JSON is allowed
+ * only as a line torn by a crash: directly followed by a recovery line that carries its hash.
  */
 export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>, options: { partial?: boolean } = {}): Promise<VerifyResult> {
   let prev: string | undefined = options.partial ? undefined : GENESIS;
   let count = 0;
+  let pendingTorn: { file: string; line: number; hash: string } | undefined;
+  const torn: { file: string; line: number }[] = [];
+  const notJson = (at: { file: string; line: number }) => ({ ok: false, lines: count, firstBad: { file: at.file, line: at.line, reason: 'not a JSON line' } });
   for (const file of files) {
     const lines = (await read(file)).split('\n');
     if (lines.at(-1) === '') lines.pop();
     for (let i = 0; i < lines.length; i++) {
       const line = lines[i]!;
-      let parsed: { prev?: unknown };
+      let parsed: { prev?: unknown; kind?: unknown; [AUDIT.tornSha256]?: unknown };
       try {
-        parsed = JSON.parse(line) as { prev?: unknown };
+        parsed = JSON.parse(line) as typeof parsed;
       } catch {
-        return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'not a JSON line' } };
+        if (pendingTorn) return notJson(pendingTorn);
+        pendingTorn = { file, line: i + 1, hash: lineHash(line) };
+        continue;
+      }
+      if (pendingTorn) {
+        if (parsed.kind !== 'recovery' || parsed[AUDIT.tornSha256] !== pendingTorn.hash) return notJson(pendingTorn);
+        torn.push({ file: pendingTorn.file, line: pendingTorn.line });
+        pendingTorn = undefined;
       }
       if (typeof parsed.prev !== 'string') return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'no prev hash' } };
       if (prev !== undefined && parsed.prev !== prev) {
@@ -306,5 +339,6 @@ export async function verifyAudit(files: readonly string[], read: (file: string)
       count++;
     }
   }
-  return { ok: true, lines: count };
+  if (pendingTorn) return { ok: false, lines: count, firstBad: { file: pendingTorn.file, line: pendingTorn.line, reason: 'the last line is incomplete (not a whole JSON line: the writer stopped in the middle of it, or the file was cut short)' } };
+  return torn.length > 0 ? { ok: true, lines: count, torn } : { ok: true, lines: count };
 }
