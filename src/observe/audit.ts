@@ -1,7 +1,8 @@
 import { hash } from 'node:crypto';
-import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, fstat, renameSync, unlinkSync, type WriteStream } from 'node:fs';
 import { appendFile, mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { promisify } from 'node:util';
 import { UserError } from '../errors.ts';
 import type { Logger } from './log.ts';
 
@@ -100,6 +101,15 @@ const FLUSH_BYTES = 64 * 1024;
 /** Buffered lines beyond this are a sign the disk stopped taking writes: drop and report, never grow without bound. */
 const MAX_BUFFERED_BYTES = 64 * 1024 * 1024;
 
+/**
+ * How often the file at EGRESS_AUDIT_LOG is compared with the one being written. A file renamed
+ * away (logrotate without copytruncate) or deleted would otherwise take every later line with it:
+ * into the rotated file (which logrotate then compresses) or into a file no name leads to.
+ */
+const MOVED_CHECK_MS = 1_000;
+
+const fstatAsync = promisify(fstat);
+
 export class AuditLog {
   readonly path: string;
   readonly #log: Logger;
@@ -113,6 +123,8 @@ export class AuditLog {
   #pending: string[] = [];
   #pendingBytes = 0;
   #flushTimer: NodeJS.Timeout | undefined;
+  #movedTimer: NodeJS.Timeout | undefined;
+  #checkingMoved = false;
 
   constructor(path: string, log: Logger, options: AuditOptions = { maxBytes: 100 * 1024 * 1024, keep: 10, alsoStdout: false }) {
     this.path = path;
@@ -155,6 +167,8 @@ export class AuditLog {
       this.#log.warn({ audit_log: this.path, torn_bytes: tornBytes }, 'the audit log ended in a line cut short (the process stopped while writing it); it is kept, and a recovery line after it continues the chain');
     }
     this.#openStream();
+    this.#movedTimer = setInterval(() => void this.#reopenIfMoved(), MOVED_CHECK_MS);
+    this.#movedTimer.unref();
   }
 
   #openStream(): void {
@@ -170,6 +184,33 @@ export class AuditLog {
       this.#failed = false;
     });
     this.#stream = stream;
+  }
+
+  /**
+   * When the file at the path is no longer the one being written (renamed away, deleted, replaced),
+   * the lines already queued go to the old file, in order, and the next ones to a new file at the
+   * path, continuing the chain: audit.log.1 and audit.log verify as one.
+   */
+  async #reopenIfMoved(): Promise<void> {
+    const stream = this.#stream as WriteStream | undefined;
+    // The descriptor is set once the stream has opened its file (not in @types/node's WriteStream).
+    const fd = (stream as { fd?: unknown } | undefined)?.fd;
+    if (this.#checkingMoved || !stream || typeof fd !== 'number') return;
+    this.#checkingMoved = true;
+    try {
+      const [writing, atPath] = await Promise.all([fstatAsync(fd), stat(this.path).catch(() => undefined)]);
+      if (this.#stream !== stream || (atPath && atPath.ino === writing.ino && atPath.dev === writing.dev)) return;
+      this.#log.warn({ audit_log: this.path }, atPath ? 'the audit log was moved away (rotated); new lines go to the new file at its path' : 'the audit log was removed; new lines go to a new file at its path');
+      this.#flush();
+      this.#stream = undefined;
+      stream.end();
+      this.#bytes = atPath?.size ?? 0;
+      this.#openStream();
+    } catch {
+      // The stream closed under the check (rotation, shutdown): nothing to compare.
+    } finally {
+      this.#checkingMoved = false;
+    }
   }
 
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
@@ -258,6 +299,7 @@ export class AuditLog {
   }
 
   async close(): Promise<void> {
+    clearInterval(this.#movedTimer);
     this.#flush();
     const stream = this.#stream;
     this.#stream = undefined;

@@ -1,12 +1,12 @@
-import { readFile, truncate, writeFile } from 'node:fs/promises';
+import { readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy } from '../helpers/proxy.ts';
 import { bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
-/** The audit file as it is on disk after the things that happen to files: a crash mid-line. */
+/** The audit file as it is on disk after the things that happen to files: a crash mid-line, logrotate, rm. */
 const SECRET = 'sk_audit_file_CANARY_6061';
 let upstream: Upstream;
 
@@ -83,5 +83,70 @@ describe('a torn last line (the process died in the middle of writing it)', () =
     const badFragment = await runCli(['audit', 'verify'], envFor(dir));
     expect(badFragment.code).toBe(1);
     expect(badFragment.stdout).toContain(`${path}:3`);
+  }, 30_000);
+});
+
+describe('the audit file moved or removed under a running proxy', () => {
+  it('renamed away with a fresh file in its place (logrotate "create"), then deleted: new lines go to a new file at EGRESS_AUDIT_LOG within a second, and the chain continues', async () => {
+    const { dir, token } = await dataDir('egress-audit-moved-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      // logrotate without copytruncate: rename, then a fresh empty file in its place ("create").
+      await rename(path, `${path}.1`);
+      await writeFile(path, '', { mode: 0o600 });
+      // Lines are written in batches a few ms after the request: any request since the rename will do.
+      let since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in the new file after the rename');
+      // Removed outright: a new file is created at the path.
+      await rm(path);
+      since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in a new file after the removal');
+      expect((await stat(path)).mode & 0o777).toBe(0o600);
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    // The last requests are in the file that replaced the removed one, not in a file nobody can open.
+    expect(await readFile(path, 'utf8')).toContain(ids.at(-1)!);
+    // The new file continues the chain of the removed one: checked from its first line as a segment.
+    const partial = await runCli(['audit', 'verify', '--partial', path], envFor(dir));
+    expect(partial.code, partial.stdout).toBe(0);
+    expect(serve.output()).not.toContain(SECRET);
+  }, 30_000);
+
+  it('renamed away: audit.log.1 and the new audit.log verify as one chain', async () => {
+    const { dir, token } = await dataDir('egress-audit-renamed-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await rename(path, `${path}.1`);
+      const since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in a new file after the rename');
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    const all = [...(await lines(`${path}.1`)), ...(await lines(path))].join('\n');
+    for (const id of ids) expect(all).toContain(id);
+    const ok = await runCli(['audit', 'verify'], envFor(dir));
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(ok.stdout).toContain(`audit chain intact: ${ids.length} lines`);
   }, 30_000);
 });
