@@ -39,9 +39,12 @@ export async function audit(args: readonly string[]): Promise<Outcome> {
     }
   }, { partial: p.values.partial === true });
   if (result.ok) {
-    // A line cut short by a crash is kept where it was, and the recovery line after it carries its hash.
-    const torn = result.torn?.length ? `; ${result.torn.map((t) => `${t.file}:${t.line}`).join(', ')} ${result.torn.length === 1 ? 'is a line' : 'are lines'} cut short by a crash, kept and accounted for by the recovery line after it` : '';
-    return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}${torn}`, result);
+    // Torn lines and lines that never reached the file are part of an intact chain: the recovery
+    // line after them accounts for them. They are named, so nobody takes the file for complete.
+    const notes: string[] = [];
+    if (result.torn?.length) notes.push(`${result.torn.map((t) => `${t.file}:${t.line}`).join(', ')}: cut short (a crash or a refused write), kept and accounted for by the recovery line after it`);
+    for (const l of result.lost ?? []) notes.push(`${l.file}:${l.line}: records ${l.lines} line${l.lines === 1 ? '' : 's'} that never reached the file (a refused write)`);
+    return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}${notes.map((n) => `\n  ${n}`).join('')}`, result);
   }
   const bad = result.firstBad!;
   return fail(`audit chain broken at ${bad.file}:${bad.line}: ${bad.reason}`, result);

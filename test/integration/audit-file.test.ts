@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -6,7 +8,7 @@ import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy } from '..
 import { bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
-/** The audit file as it is on disk after the things that happen to files: a crash mid-line, logrotate, rm. */
+/** The audit file as it is on disk after the things that happen to files: a crash mid-line, logrotate, rm, a write refused. */
 const SECRET = 'sk_audit_file_CANARY_6061';
 let upstream: Upstream;
 
@@ -148,5 +150,52 @@ describe('the audit file moved or removed under a running proxy', () => {
     const ok = await runCli(['audit', 'verify'], envFor(dir));
     expect(ok.code, ok.stdout).toBe(0);
     expect(ok.stdout).toContain(`audit chain intact: ${ids.length} lines`);
+  }, 30_000);
+});
+
+describe('writes refused for a while (a full disk, a file size limit), then taken again', () => {
+  it('the lines written afterwards continue a chain verify accepts: a recovery line ends the torn write and counts the lines lost', async () => {
+    const { dir, token } = await dataDir('egress-audit-efbig-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const pid = String(serve.child.pid);
+    const before: string[] = [];
+    const during: string[] = [];
+    const after: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) before.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      const size = (await stat(path)).size;
+      // The file may grow by a line and a half more: a later write is cut short, then refused with
+      // EFBIG, as a full disk refuses it (Node ignores SIGXFSZ). prlimit changes the running process's limit.
+      expect(spawnSync('prlimit', ['--pid', pid, `--fsize=${size + Math.floor((size / 3) * 1.5)}:unlimited`]).status).toBe(0);
+      for (let i = 0; i < 5; i++) {
+        during.push(await call(serve.url, token));
+        await new Promise((r) => setTimeout(r, 30));
+      }
+      await eventually(() => serve.output().includes('audit_write_failed'), 3_000, 'the write failure');
+      expect(spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']).status).toBe(0);
+      for (let i = 0; i < 3; i++) {
+        after.push(await call(serve.url, token));
+        await new Promise((r) => setTimeout(r, 30));
+      }
+      await eventually(async () => after.every((id) => readFileSync(path, 'utf8').includes(`"${id}"`)), 5_000, 'the lines after the failure');
+    } finally {
+      spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
+      expect(await serve.stop()).toBe(0);
+    }
+    const written = await lines(path);
+    const text = written.join('\n');
+    for (const id of [...before, ...after]) expect(text).toContain(`"${id}"`);
+    // Nothing was lost silently: the recovery line counts the requests whose lines never reached the file.
+    const recoveries = written.filter((l) => l.includes('"kind":"recovery"')).map((l) => JSON.parse(l) as { reason: string; lost_lines: number });
+    expect(recoveries.length).toBeGreaterThanOrEqual(1);
+    const lost = during.filter((id) => !written.some((l) => l.startsWith('{') && l.endsWith('}') && l.includes(`"${id}"`))).length;
+    expect(lost).toBeGreaterThan(0);
+    expect(recoveries.reduce((n, r) => n + r.lost_lines, 0)).toBe(lost);
+    const ok = await runCli(['audit', 'verify'], envFor(dir));
+    expect(ok.stdout + ok.stderr).toContain('audit chain intact');
+    expect(ok.code).toBe(0);
+    expect(serve.output()).not.toContain(SECRET);
   }, 30_000);
 });
