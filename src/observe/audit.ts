@@ -229,6 +229,8 @@ export class AuditLog {
         const lost = unconfirmed.length - (landed + 1) + this.#dropped;
         this.#prev = onDisk ?? this.#written;
         this.#bytes = tail.size + this.#pendingBytes;
+        // A folder removed under the proxy (a cleanup, a volume remounted) is made again, as at start.
+        if (tail.size === 0) await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
         await this.#writeRecovery(tail, { [AUDIT.reason]: 'write_failed', [AUDIT.lostLines]: lost });
         this.#unconfirmed = [];
         this.#dropped = 0;

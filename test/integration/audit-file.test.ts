@@ -153,6 +153,33 @@ describe('the audit file moved or removed under a running proxy', () => {
   }, 30_000);
 });
 
+describe('the audit folder removed under a running proxy', () => {
+  it('is made again (0700), and the lines continue in a new file there', async () => {
+    const { dir, token } = await dataDir('egress-audit-folder-');
+    const folder = join(dir, 'audit');
+    const path = join(folder, 'audit.log');
+    const serve = await startServe(envFor(dir, { EGRESS_AUDIT_LOG: path }));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await rm(folder, { recursive: true });
+      const since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 8_000, 'lines in a new file in the folder made again');
+      expect((await stat(folder)).mode & 0o777).toBe(0o700);
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    expect(await readFile(path, 'utf8')).toContain(ids.at(-1)!);
+    const partial = await runCli(['audit', 'verify', '--partial', path], envFor(dir));
+    expect(partial.code, partial.stdout).toBe(0);
+  }, 30_000);
+});
+
 describe('writes refused for a while (a full disk, a file size limit), then taken again', () => {
   it('the lines written afterwards continue a chain verify accepts: a recovery line ends the torn write and counts the lines lost', async () => {
     const { dir, token } = await dataDir('egress-audit-efbig-');
