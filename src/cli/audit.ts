@@ -38,7 +38,14 @@ export async function audit(args: readonly string[]): Promise<Outcome> {
       throw new UserError(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
   }, { partial: p.values.partial === true });
-  if (result.ok) return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}`, result);
+  if (result.ok) {
+    // Torn lines and lines that never reached the file are part of an intact chain: the recovery
+    // line after them accounts for them. They are named, so nobody takes the file for complete.
+    const notes: string[] = [];
+    if (result.torn?.length) notes.push(`${result.torn.map((t) => `${t.file}:${t.line}`).join(', ')}: cut short (a crash or a refused write), kept and accounted for by the recovery line after it`);
+    for (const l of result.lost ?? []) notes.push(`${l.file}:${l.line}: records ${l.lines} line${l.lines === 1 ? '' : 's'} that never reached the file (a refused write)`);
+    return ok(`audit chain intact: ${result.lines} line${result.lines === 1 ? '' : 's'}${notes.map((n) => `\n  ${n}`).join('')}`, result);
+  }
   const bad = result.firstBad!;
   return fail(`audit chain broken at ${bad.file}:${bad.line}: ${bad.reason}`, result);
 }

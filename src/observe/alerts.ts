@@ -35,7 +35,9 @@ export class Alerts {
   readonly #recent: RaisedAlert[] = [];
 
   constructor(log: Logger, metrics: Metrics, cooldownMs = 5 * 60_000, webhook?: WebhookSink) {
-    this.#log = log;
+    // Alerts always reach the operational log (SPEC): an EGRESS_LOG_LEVEL of error or fatal quiets
+    // the other warnings, not a warning alert, which may have no webhook to go to. Silent is silent.
+    this.#log = log.isLevelEnabled('warn') || log.level === 'silent' ? log : log.child({}, { level: 'warn' });
     this.#metrics = metrics;
     this.#cooldownMs = cooldownMs;
     this.#webhook = webhook;

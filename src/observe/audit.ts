@@ -1,7 +1,8 @@
 import { hash } from 'node:crypto';
-import { createWriteStream, existsSync, renameSync, unlinkSync, type WriteStream } from 'node:fs';
-import { mkdir, open, stat } from 'node:fs/promises';
+import { createWriteStream, existsSync, fstat, renameSync, unlinkSync, type WriteStream } from 'node:fs';
+import { appendFile, mkdir, open, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { promisify } from 'node:util';
 import { UserError } from '../errors.ts';
 import type { Logger } from './log.ts';
 
@@ -28,6 +29,11 @@ export const AUDIT = {
   credentialVersion: 'credential_version',
   action: 'action',
   target: 'target',
+  /** On a recovery line: lines that never reached the file (a write refused, or dropped while the disk did not keep up). */
+  lostLines: 'lost_lines',
+  /** On a recovery line: the SHA-256 and length of the torn line(s) just before it. */
+  tornSha256: 'torn_sha256',
+  tornBytes: 'torn_bytes',
   prev: 'prev',
 } as const;
 
@@ -97,19 +103,49 @@ const FLUSH_BYTES = 64 * 1024;
 /** Buffered lines beyond this are a sign the disk stopped taking writes: drop and report, never grow without bound. */
 const MAX_BUFFERED_BYTES = 64 * 1024 * 1024;
 
+/**
+ * How often the file at EGRESS_AUDIT_LOG is compared with the one being written. A file renamed
+ * away (logrotate without copytruncate) or deleted would otherwise take every later line with it:
+ * into the rotated file (which logrotate then compresses) or into a file no name leads to.
+ */
+const MOVED_CHECK_MS = 1_000;
+
+/** After a refused write, how long until the file is tried again (lines wait in memory meanwhile). */
+const RETRY_MS = 1_000;
+
+/** `,"prev":"<64 hex>"` and the newline: what a line's JSON grows by when it is chained. */
+const CHAIN_BYTES = 75;
+
+const fstatAsync = promisify(fstat);
+
 export class AuditLog {
   readonly path: string;
   readonly #log: Logger;
   readonly #options: AuditOptions;
   #prev = GENESIS;
+  /** Hash of the last line known to be in the file: where the chain resumes if the file has none. */
+  #written = GENESIS;
   #stream: WriteStream | NodeJS.WritableStream | undefined;
+  /** A write was refused: nothing goes to the file until #recover has found where it ends. */
   #failed = false;
+  /** The file's size with the queued lines: where rotation counts from. */
   #bytes = 0;
+  /** Lines dropped, never chained, while the file took nothing: counted in the next recovery line. */
   #dropped = 0;
-  /** Lines not yet handed to the file: written together, at most FLUSH_MS after the first (one write for many requests). */
+  /**
+   * Lines not yet handed to the file, as JSON without their `prev`: chained when they are written
+   * together, at most FLUSH_MS after the first (one write for many requests), so a recovery line can
+   * still go before them.
+   */
   #pending: string[] = [];
   #pendingBytes = 0;
+  /** Hashes of the lines of each write not yet confirmed, oldest first: after a refused write, the file says which landed. */
+  #unconfirmed: string[][] = [];
   #flushTimer: NodeJS.Timeout | undefined;
+  #movedTimer: NodeJS.Timeout | undefined;
+  #checkingMoved = false;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #recovering: Promise<void> | undefined;
 
   constructor(path: string, log: Logger, options: AuditOptions = { maxBytes: 100 * 1024 * 1024, keep: 10, alsoStdout: false }) {
     this.path = path;
@@ -136,23 +172,118 @@ export class AuditLog {
       // written at all from the start is a configuration error: no request would ever be audited.
       throw new UserError(`EGRESS_AUDIT_LOG ${this.path} cannot be written (${(err as NodeJS.ErrnoException).code ?? 'error'}): every request is audited, so the proxy does not start without it`);
     }
-    this.#prev = (await lastLineHash(this.path)) ?? (await lastLineHash(`${this.path}.1`)) ?? GENESIS;
+    // A process killed in the middle of a write leaves its last line cut short. The next line must
+    // not be glued onto it: the fragment is ended where it is and kept, and a recovery line records
+    // its hash (so verify can step over it, and still notices if it is changed), chained to the last
+    // whole line before it.
+    const tail = await readTail(this.path);
+    const last = tail.last ?? (await readTail(`${this.path}.1`)).last;
+    this.#prev = last === undefined ? GENESIS : lineHash(last);
+    this.#written = this.#prev;
+    this.#bytes = tail.size;
+    if (tail.torn !== undefined) {
+      await this.#writeRecovery(tail, { [AUDIT.reason]: 'torn_line' });
+      this.#log.warn({ audit_log: this.path, torn_bytes: Buffer.byteLength(tail.torn) }, 'the audit log ended in a line cut short (the process stopped while writing it); it is kept, and a recovery line after it continues the chain');
+    }
     this.#openStream();
+    this.#movedTimer = setInterval(() => void this.#reopenIfMoved(), MOVED_CHECK_MS);
+    this.#movedTimer.unref();
   }
 
   #openStream(): void {
     const stream = createWriteStream(this.path, { flags: 'a', mode: 0o600 });
     stream.on('error', (err: NodeJS.ErrnoException) => {
-      // A full disk or a removed folder is reported, never crashed on; the next line tries again.
-      if (!this.#failed) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, code: err.code }, 'audit log write failed');
+      // A full disk or a removed folder is reported, never crashed on. Requests go on; their lines
+      // wait in memory until the file takes writes again (#recover).
+      if (!this.#failed) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, code: err.code }, 'audit log write failed; lines are kept in memory and written when the file takes them again');
+      if (this.#stream !== stream) return;
       this.#failed = true;
-      if (this.#stream === stream) this.#stream = undefined;
-    });
-    stream.on('open', () => {
-      if (this.#failed) this.#log.info({ audit_log: this.path }, 'audit log writable again');
-      this.#failed = false;
+      this.#stream = undefined;
+      this.#scheduleRetry();
     });
     this.#stream = stream;
+  }
+
+  #scheduleRetry(): void {
+    if (this.#retryTimer || this.#recovering) return;
+    this.#retryTimer = setTimeout(() => void this.#recover(), RETRY_MS);
+    this.#retryTimer.unref();
+  }
+
+  /**
+   * After a refused write: find the last whole line the file holds, count the lines that did not
+   * reach it (and those dropped meanwhile), and write a recovery line chained to that last line,
+   * naming the loss and any torn line; then the waiting lines follow. Without it the first line
+   * after the failure would point at a line that is not there, and verify would report tampering
+   * and check nothing after it.
+   */
+  #recover(): Promise<void> {
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#recovering ??= (async () => {
+      try {
+        const tail = await readTail(this.path);
+        const onDisk = tail.last === undefined ? undefined : lineHash(tail.last);
+        const unconfirmed = this.#unconfirmed.flat();
+        const landed = onDisk === undefined ? -1 : unconfirmed.lastIndexOf(onDisk);
+        const lost = unconfirmed.length - (landed + 1) + this.#dropped;
+        this.#prev = onDisk ?? this.#written;
+        this.#bytes = tail.size + this.#pendingBytes;
+        // A folder removed under the proxy (a cleanup, a volume remounted) is made again, as at start.
+        if (tail.size === 0) await mkdir(dirname(this.path), { recursive: true, mode: 0o700 });
+        await this.#writeRecovery(tail, { [AUDIT.reason]: 'write_failed', [AUDIT.lostLines]: lost });
+        this.#unconfirmed = [];
+        this.#dropped = 0;
+        this.#failed = false;
+        this.#log.info({ audit_log: this.path, lost_lines: lost }, 'audit log writable again');
+        this.#openStream();
+        this.#flush();
+      } catch {
+        // Still refused: the lines keep waiting (up to MAX_BUFFERED_BYTES), and the file is tried again.
+      } finally {
+        this.#recovering = undefined;
+      }
+      if (this.#failed) this.#scheduleRetry();
+    })();
+    return this.#recovering;
+  }
+
+  /** One write: the end of a torn line, if any, and a recovery line chained to the last whole line (this.#prev). */
+  async #writeRecovery(tail: Tail, fields: Record<string, unknown>): Promise<void> {
+    const torn = tail.torn === undefined ? {} : { [AUDIT.tornSha256]: lineHash(tail.torn), [AUDIT.tornBytes]: Buffer.byteLength(tail.torn) };
+    const line = JSON.stringify({ [AUDIT.time]: isoNow(), [AUDIT.kind]: 'recovery', ...fields, ...torn, [AUDIT.prev]: this.#prev });
+    const text = `${tail.torn !== undefined && !tail.tornEnded ? '\n' : ''}${line}\n`;
+    await appendFile(this.path, text, { mode: 0o600 });
+    this.#prev = lineHash(line);
+    this.#written = this.#prev;
+    this.#bytes += Buffer.byteLength(text);
+  }
+
+  /**
+   * When the file at the path is no longer the one being written (renamed away, deleted, replaced),
+   * the lines already queued go to the old file, in order, and the next ones to a new file at the
+   * path, continuing the chain: audit.log.1 and audit.log verify as one.
+   */
+  async #reopenIfMoved(): Promise<void> {
+    const stream = this.#stream as WriteStream | undefined;
+    // The descriptor is set once the stream has opened its file (not in @types/node's WriteStream).
+    const fd = (stream as { fd?: unknown } | undefined)?.fd;
+    if (this.#checkingMoved || !stream || typeof fd !== 'number') return;
+    this.#checkingMoved = true;
+    try {
+      const [writing, atPath] = await Promise.all([fstatAsync(fd), stat(this.path).catch(() => undefined)]);
+      if (this.#stream !== stream || (atPath && atPath.ino === writing.ino && atPath.dev === writing.dev)) return;
+      this.#log.warn({ audit_log: this.path }, atPath ? 'the audit log was moved away (rotated); new lines go to the new file at its path' : 'the audit log was removed; new lines go to a new file at its path');
+      this.#flush();
+      this.#stream = undefined;
+      stream.end();
+      this.#bytes = atPath?.size ?? 0;
+      this.#openStream();
+    } catch {
+      // The stream closed under the check (rotation, shutdown): nothing to compare.
+    } finally {
+      this.#checkingMoved = false;
+    }
   }
 
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
@@ -205,43 +336,69 @@ export class AuditLog {
   }
 
   #append(fields: Record<string, unknown>): void {
-    fields[AUDIT.prev] = this.#prev;
-    const line = JSON.stringify(fields);
-    const text = `${line}\n`;
-    const bytes = Buffer.byteLength(text);
+    const body = JSON.stringify(fields);
+    const bytes = Buffer.byteLength(body) + CHAIN_BYTES;
     if (this.path !== '-') {
-      if (!this.#stream) this.#openStream();
       const buffered = ((this.#stream as WriteStream | undefined)?.writableLength ?? 0) + this.#pendingBytes;
       if (buffered > MAX_BUFFERED_BYTES) {
-        // The disk is not keeping up (or is full): report and drop rather than block requests or exhaust memory.
+        // The disk is not keeping up (or is full): report and drop rather than block requests or
+        // exhaust memory. Dropped lines are never chained; the next recovery line counts them.
         if (this.#dropped++ % 1000 === 0) this.#log.error({ alert: 'audit_write_failed', dropped: this.#dropped }, 'audit log is not accepting writes; lines are being dropped');
         return;
       }
-      if (this.#bytes > 0 && this.#bytes + bytes > this.#options.maxBytes) this.#rotate();
+      if (!this.#failed && this.#bytes > 0 && this.#bytes + bytes > this.#options.maxBytes) this.#rotate();
       this.#bytes += bytes;
     }
-    this.#prev = lineHash(line);
-    this.#pending.push(text);
+    this.#pending.push(body);
     this.#pendingBytes += bytes;
     if (this.#pendingBytes >= FLUSH_BYTES) this.#flush();
     else this.#flushTimer ??= setTimeout(() => this.#flush(), FLUSH_MS);
   }
 
-  /** Write the queued lines, in order, as one write. */
+  /** Chain the queued lines and write them, in order, as one write. */
   #flush(): void {
     clearTimeout(this.#flushTimer);
     this.#flushTimer = undefined;
+    if (this.path !== '-' && (this.#failed || !this.#stream)) return this.#scheduleRetry();
+    if (this.#dropped > 0) {
+      // Dropped while the disk was slow, though no write was refused: said where they would have been.
+      this.#pending.unshift(JSON.stringify({ [AUDIT.time]: isoNow(), [AUDIT.kind]: 'recovery', [AUDIT.reason]: 'lines_dropped', [AUDIT.lostLines]: this.#dropped }));
+      this.#dropped = 0;
+    }
     if (this.#pending.length === 0) return;
-    const text = this.#pending.length === 1 ? this.#pending[0]! : this.#pending.join('');
+    const hashes: string[] = [];
+    let text = '';
+    for (const body of this.#pending) {
+      // The same bytes as JSON.stringify with `prev` as the last field: the hash is hex, nothing to escape.
+      const line = `${body.slice(0, -1)},"${AUDIT.prev}":"${this.#prev}"}`;
+      this.#prev = lineHash(line);
+      hashes.push(this.#prev);
+      text += `${line}\n`;
+    }
     this.#pending = [];
     this.#pendingBytes = 0;
     if (this.#options.alsoStdout && this.path !== '-') process.stdout.write(text);
-    if (this.path !== '-' && !this.#stream) this.#openStream();
-    this.#stream?.write(text);
+    if (this.path === '-') {
+      this.#stream?.write(text);
+      return;
+    }
+    this.#unconfirmed.push(hashes);
+    this.#stream!.write(text, (err) => {
+      const i = err ? -1 : this.#unconfirmed.indexOf(hashes);
+      if (i < 0) return;
+      this.#unconfirmed.splice(0, i + 1);
+      this.#written = hashes.at(-1)!;
+    });
   }
 
   async close(): Promise<void> {
+    clearInterval(this.#movedTimer);
+    // Lines waiting for a file that refused them get one last try.
+    if (this.#failed) await this.#recover();
+    clearTimeout(this.#retryTimer);
     this.#flush();
+    clearTimeout(this.#retryTimer);
+    if (this.#failed && this.#pending.length > 0) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, lines: this.#pending.length }, 'audit lines could not be written before exit');
     const stream = this.#stream;
     this.#stream = undefined;
     if (stream && stream !== process.stdout && 'close' in stream) {
@@ -250,25 +407,61 @@ export class AuditLog {
   }
 }
 
-/** Hash of the last complete line of an existing audit file, so the chain continues across restarts. */
-async function lastLineHash(path: string): Promise<string | undefined> {
+interface Tail {
+  readonly size: number;
+  /** The last whole line (a JSON object), where the chain continues. */
+  readonly last?: string;
+  /**
+   * What follows it when that is not whole lines: a line cut short (a crash, a refused write), or
+   * several, such as one already ended by a recovery attempt that was refused in turn; without the
+   * final newline. verify sees these as the non-JSON lines before a recovery line.
+   */
+  readonly torn?: string;
+  /** The torn part already ends in a newline. */
+  readonly tornEnded?: boolean;
+}
+
+/** The end of an existing audit file: its last whole line (so the chain continues across restarts) and any torn line after it. */
+async function readTail(path: string): Promise<Tail> {
   let size: number;
   try {
     size = (await stat(path)).size;
   } catch {
-    return undefined;
+    return { size: 0 };
   }
-  if (size === 0) return undefined;
+  if (size === 0) return { size };
   const handle = await open(path, 'r');
   try {
     const chunk = Math.min(size, 1024 * 1024);
     const buf = Buffer.alloc(chunk);
     await handle.read(buf, 0, chunk, size - chunk);
-    const lines = buf.toString('utf8').split('\n').filter((l) => l.length > 0);
-    const last = lines.at(-1);
-    return last ? lineHash(last) : undefined;
+    const lines = buf.toString('utf8').split('\n');
+    // The last element is what follows the last newline: "" when the file ends in one.
+    let end = lines.length - 1;
+    let last: string | undefined;
+    for (let i = lines.length - 2; i >= 0; i--) {
+      if (isChainedLine(lines[i]!)) {
+        last = lines[i];
+        end = i;
+        break;
+      }
+    }
+    const rest = lines.slice(end + 1).join('\n');
+    const found = last !== undefined ? { last } : {};
+    if (rest === '') return { size, ...found };
+    const tornEnded = rest.endsWith('\n');
+    return { size, ...found, torn: tornEnded ? rest.slice(0, -1) : rest, tornEnded };
   } finally {
     await handle.close();
+  }
+}
+
+function isChainedLine(line: string): boolean {
+  if (!line.startsWith('{')) return false;
+  try {
+    return typeof (JSON.parse(line) as { prev?: unknown }).prev === 'string';
+  } catch {
+    return false;
   }
 }
 
@@ -276,35 +469,57 @@ export interface VerifyResult {
   readonly ok: boolean;
   readonly lines: number;
   readonly firstBad?: { readonly file: string; readonly line: number; readonly reason: string };
+  /** Lines cut short (a crash, a refused write), each accounted for by the recovery line after it. */
+  readonly torn?: readonly { readonly file: string; readonly line: number }[];
+  /** Recovery lines that record lines which never reached the file, and how many. */
+  readonly lost?: readonly { readonly file: string; readonly line: number; readonly lines: number }[];
 }
 
 /**
  * Check the hash chain of one or more files, in order (a rotated file continues the chain). The
  * chain must start at the genesis hash, so removing the first line is caught too; `partial` checks
- * a later segment whose first line follows lines not given here.
+ * a later segment whose first line follows lines not given here. Lines that are not JSON are
+ * allowed only as torn lines: directly followed by a recovery line that carries their hash.
  */
 export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>, options: { partial?: boolean } = {}): Promise<VerifyResult> {
   let prev: string | undefined = options.partial ? undefined : GENESIS;
   let count = 0;
+  /** Consecutive lines that are not JSON, waiting for the recovery line that accounts for them. */
+  let run: { file: string; line: number; text: string[] } | undefined;
+  const torn: { file: string; line: number }[] = [];
+  const lost: { file: string; line: number; lines: number }[] = [];
+  const bad = (file: string, line: number, reason: string): VerifyResult => ({ ok: false, lines: count, firstBad: { file, line, reason } });
   for (const file of files) {
     const lines = (await read(file)).split('\n');
     if (lines.at(-1) === '') lines.pop();
     for (let i = 0; i < lines.length; i++) {
       const line = lines[i]!;
-      let parsed: { prev?: unknown };
+      let parsed: Record<string, unknown>;
       try {
-        parsed = JSON.parse(line) as { prev?: unknown };
+        parsed = JSON.parse(line) as Record<string, unknown>;
       } catch {
-        return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'not a JSON line' } };
+        if (run) run.text.push(line);
+        else run = { file, line: i + 1, text: [line] };
+        continue;
       }
-      if (typeof parsed.prev !== 'string') return { ok: false, lines: count, firstBad: { file, line: i + 1, reason: 'no prev hash' } };
-      if (prev !== undefined && parsed.prev !== prev) {
-        const reason = count === 0 ? 'the chain does not start at the genesis hash (lines were removed from the start; use --partial for a later segment)' : 'prev hash does not match the line before (a line was edited, removed or reordered)';
-        return { ok: false, lines: count, firstBad: { file, line: i + 1, reason } };
+      const recovery = parsed[AUDIT.kind] === 'recovery';
+      if (run) {
+        if (!recovery || parsed[AUDIT.tornSha256] !== lineHash(run.text.join('\n'))) return bad(run.file, run.line, 'not a JSON line');
+        torn.push({ file: run.file, line: run.line });
+        run = undefined;
+      } else if (recovery && parsed[AUDIT.tornSha256] !== undefined) {
+        return bad(file, i + 1, 'the torn line this recovery line accounts for is missing (removed)');
       }
+      if (typeof parsed[AUDIT.prev] !== 'string') return bad(file, i + 1, 'no prev hash');
+      if (prev !== undefined && parsed[AUDIT.prev] !== prev) {
+        return bad(file, i + 1, count === 0 ? 'the chain does not start at the genesis hash (lines were removed from the start; use --partial for a later segment)' : 'prev hash does not match the line before (a line was edited, removed or reordered)');
+      }
+      const lostLines = parsed[AUDIT.lostLines];
+      if (recovery && typeof lostLines === 'number' && lostLines > 0) lost.push({ file, line: i + 1, lines: lostLines });
       prev = lineHash(line);
       count++;
     }
   }
-  return { ok: true, lines: count };
+  if (run) return bad(run.file, run.line, 'the last line is incomplete (not a whole JSON line: the writer stopped in the middle of it, or the file was cut short)');
+  return { ok: true, lines: count, ...(torn.length > 0 ? { torn } : {}), ...(lost.length > 0 ? { lost } : {}) };
 }

@@ -220,6 +220,21 @@ describe('alert rules', () => {
   }
 });
 
+describe('alerts in the operational log', () => {
+  it('are logged at EGRESS_LOG_LEVEL=error too: a warning alert is not filtered out with the other warnings', async () => {
+    await start();
+    await proxy!.close();
+    proxy = await startTestProxy({ routes: {}, dir: proxy!.dir, env: { EGRESS_LOG_LEVEL: 'error' } });
+    for (let i = 0; i < 10; i++) expect(await get('/api/ok', `egt_${'q'.repeat(42)}${i}`)).toBe(401);
+    expect(alertIds()).toEqual(['unknown_token']);
+    const line = proxy.logs().split('\n').find((l) => l.includes('"alert":"unknown_token"'));
+    expect(line, proxy.logs()).toBeDefined();
+    expect(JSON.parse(line!)).toMatchObject({ severity: 'warning', subject: '127.0.0.1', attempts: 10 });
+    // Everything else stays at the level asked for.
+    expect(proxy.logs()).not.toContain('egress-proxy listening');
+  });
+});
+
 describe('the webhook', () => {
   it('receives alerts as signed JSON, retried after a failure; no secret in them', async () => {
     received.length = 0;

@@ -175,3 +175,25 @@ describe('verifyAudit detects tampering', () => {
     expect(result.firstBad).toMatchObject({ file: path, line: 2 });
   });
 });
+
+describe('torn lines and recovery lines', () => {
+  const recovery = (torn: string, prev: string, extra: object = {}) => JSON.stringify({ time: 't', kind: 'recovery', reason: 'write_failed', ...extra, torn_sha256: lineHash(torn), torn_bytes: torn.length, prev });
+
+  it('lines cut short are accepted only before the recovery line that carries their hash, which continues the chain', async () => {
+    const { lines } = await writeChain(3);
+    const fragment = lines[2]!.slice(0, 40);
+    const good = [lines[0]!, lines[1]!, fragment, recovery(fragment, lineHash(lines[1]!), { lost_lines: 1 })];
+    expect(await verifyText(join1(good))).toEqual({ ok: true, lines: 3, torn: [{ file: 'audit.log', line: 3 }], lost: [{ file: 'audit.log', line: 4, lines: 1 }] });
+    // Two in a row (a recovery attempt refused in turn): one hash over both.
+    const two = [lines[0]!, fragment, '{"time":"t","kin', recovery(`${fragment}\n{"time":"t","kin`, lineHash(lines[0]!))];
+    expect((await verifyText(join1(two))).ok).toBe(true);
+    // The fragment changed, or removed from before its recovery line: caught.
+    const changed = [...good];
+    changed[2] = `${fragment.slice(0, -1)}X`;
+    expect((await verifyText(join1(changed))).firstBad).toMatchObject({ line: 3, reason: 'not a JSON line' });
+    const removed = [lines[0]!, lines[1]!, good[3]!];
+    expect((await verifyText(join1(removed))).firstBad).toMatchObject({ line: 3, reason: expect.stringContaining('missing') });
+    // A fragment at the very end is a file cut short.
+    expect((await verifyText(join1([lines[0]!, fragment]))).firstBad).toMatchObject({ line: 2, reason: expect.stringContaining('the last line is incomplete') });
+  });
+});

@@ -1,0 +1,228 @@
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCli, startServe } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy } from '../helpers/proxy.ts';
+import { bearerRoute } from '../helpers/routes.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/** The audit file as it is on disk after the things that happen to files: a crash mid-line, logrotate, rm, a write refused. */
+const SECRET = 'sk_audit_file_CANARY_6061';
+let upstream: Upstream;
+
+beforeAll(async () => {
+  upstream = await startUpstream((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end('{}');
+  });
+});
+afterAll(async () => {
+  await upstream?.close();
+});
+
+async function dataDir(prefix: string): Promise<{ dir: string; token: string }> {
+  const dir = await makeTempDir(prefix);
+  const { tokens } = await seedDataDir(dir, { routes: { api: bearerRoute({ upstream: upstream.url, paths: ['/ok'] }) }, credentials: { key: { token: SECRET } }, callers: ['svc'] });
+  return { dir, token: tokens.svc! };
+}
+
+/** One request through the proxy; its request id (the audit line names it). */
+async function call(base: string, token: string): Promise<string> {
+  const res = await fetch(`${base}/api/ok`, { headers: { 'x-egress-token': token } });
+  await res.text();
+  expect(res.status).toBe(200);
+  return res.headers.get('x-request-id')!;
+}
+
+const lines = async (path: string) => (await readFile(path, 'utf8').catch(() => '')).split('\n').filter((l) => l !== '');
+
+describe('a torn last line (the process died in the middle of writing it)', () => {
+  it('a proxy restarted on it keeps the chain verifiable: verify names the torn line and still checks every line after it', async () => {
+    const { dir, token } = await dataDir('egress-audit-torn-');
+    const path = join(dir, 'audit.log');
+    let proxy = await startTestProxy({ routes: {}, dir });
+    for (let i = 0; i < 3; i++) await call(proxy.url, token);
+    await proxy.close();
+    // What a SIGKILL or a power cut during the last write leaves on disk: the last line cut short.
+    const before = await readFile(path, 'utf8');
+    const cut = before.length - Math.floor((before.length - before.lastIndexOf('\n', before.length - 2)) / 2);
+    await truncate(path, Buffer.byteLength(before.slice(0, cut)));
+    expect((await readFile(path, 'utf8')).endsWith('\n')).toBe(false);
+    // Before a restart the tear is the end of the file: reported there, after every line before it was checked.
+    const torn = await runCli(['audit', 'verify'], envFor(dir));
+    expect(torn.code).toBe(1);
+    expect(torn.stdout).toContain(`${path}:3: the last line is incomplete`);
+
+    proxy = await startTestProxy({ routes: {}, dir });
+    const after = [];
+    for (let i = 0; i < 3; i++) after.push(await call(proxy.url, token));
+    await proxy.close();
+    const written = await lines(path);
+    // The torn fragment is kept on a line of its own; the lines after it are whole JSON lines.
+    expect(written[2]!.endsWith('}')).toBe(false);
+    for (const line of written.slice(3)) expect(() => JSON.parse(line) as unknown).not.toThrow();
+    for (const id of after) expect(written.join('\n')).toContain(id);
+
+    const ok = await runCli(['audit', 'verify'], envFor(dir));
+    expect(ok.stdout + ok.stderr).toContain('audit chain intact');
+    expect(ok.stdout).toContain(`${path}:3`);
+    expect(ok.code).toBe(0);
+
+    // Verify is still useful after the tear: an edit to a later line is found, where it is.
+    const edited = [...written];
+    edited[5] = edited[5]!.replace('"decision":"allow"', '"decision":"deny"');
+    await writeFile(path, `${edited.join('\n')}\n`);
+    const bad = await runCli(['audit', 'verify'], envFor(dir));
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toContain(`${path}:7`);
+
+    // The torn fragment is covered by the chain too: it cannot be swapped for another one.
+    const swapped = [...written];
+    swapped[2] = `${swapped[2]!.slice(0, -3)}xyz`;
+    await writeFile(path, `${swapped.join('\n')}\n`);
+    const badFragment = await runCli(['audit', 'verify'], envFor(dir));
+    expect(badFragment.code).toBe(1);
+    expect(badFragment.stdout).toContain(`${path}:3`);
+  }, 30_000);
+});
+
+describe('the audit file moved or removed under a running proxy', () => {
+  it('renamed away with a fresh file in its place (logrotate "create"), then deleted: new lines go to a new file at EGRESS_AUDIT_LOG within a second, and the chain continues', async () => {
+    const { dir, token } = await dataDir('egress-audit-moved-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      // logrotate without copytruncate: rename, then a fresh empty file in its place ("create").
+      await rename(path, `${path}.1`);
+      await writeFile(path, '', { mode: 0o600 });
+      // Lines are written in batches a few ms after the request: any request since the rename will do.
+      let since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in the new file after the rename');
+      // Removed outright: a new file is created at the path.
+      await rm(path);
+      since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in a new file after the removal');
+      expect((await stat(path)).mode & 0o777).toBe(0o600);
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    // The last requests are in the file that replaced the removed one, not in a file nobody can open.
+    expect(await readFile(path, 'utf8')).toContain(ids.at(-1)!);
+    // The new file continues the chain of the removed one: checked from its first line as a segment.
+    const partial = await runCli(['audit', 'verify', '--partial', path], envFor(dir));
+    expect(partial.code, partial.stdout).toBe(0);
+    expect(serve.output()).not.toContain(SECRET);
+  }, 30_000);
+
+  it('renamed away: audit.log.1 and the new audit.log verify as one chain', async () => {
+    const { dir, token } = await dataDir('egress-audit-renamed-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await rename(path, `${path}.1`);
+      const since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 5_000, 'lines in a new file after the rename');
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    const all = [...(await lines(`${path}.1`)), ...(await lines(path))].join('\n');
+    for (const id of ids) expect(all).toContain(id);
+    const ok = await runCli(['audit', 'verify'], envFor(dir));
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(ok.stdout).toContain(`audit chain intact: ${ids.length} lines`);
+  }, 30_000);
+});
+
+describe('the audit folder removed under a running proxy', () => {
+  it('is made again (0700), and the lines continue in a new file there', async () => {
+    const { dir, token } = await dataDir('egress-audit-folder-');
+    const folder = join(dir, 'audit');
+    const path = join(folder, 'audit.log');
+    const serve = await startServe(envFor(dir, { EGRESS_AUDIT_LOG: path }));
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await rm(folder, { recursive: true });
+      const since = ids.length;
+      await eventually(async () => {
+        ids.push(await call(serve.url, token));
+        const text = await readFile(path, 'utf8').catch(() => '');
+        return ids.slice(since).some((id) => text.includes(id));
+      }, 8_000, 'lines in a new file in the folder made again');
+      expect((await stat(folder)).mode & 0o777).toBe(0o700);
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    expect(await readFile(path, 'utf8')).toContain(ids.at(-1)!);
+    const partial = await runCli(['audit', 'verify', '--partial', path], envFor(dir));
+    expect(partial.code, partial.stdout).toBe(0);
+  }, 30_000);
+});
+
+describe('writes refused for a while (a full disk, a file size limit), then taken again', () => {
+  it('the lines written afterwards continue a chain verify accepts: a recovery line ends the torn write and counts the lines lost', async () => {
+    const { dir, token } = await dataDir('egress-audit-efbig-');
+    const path = join(dir, 'audit.log');
+    const serve = await startServe(envFor(dir));
+    const pid = String(serve.child.pid);
+    const before: string[] = [];
+    const during: string[] = [];
+    const after: string[] = [];
+    try {
+      for (let i = 0; i < 3; i++) before.push(await call(serve.url, token));
+      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      const size = (await stat(path)).size;
+      // The file may grow by a line and a half more: a later write is cut short, then refused with
+      // EFBIG, as a full disk refuses it (Node ignores SIGXFSZ). prlimit changes the running process's limit.
+      expect(spawnSync('prlimit', ['--pid', pid, `--fsize=${size + Math.floor((size / 3) * 1.5)}:unlimited`]).status).toBe(0);
+      for (let i = 0; i < 5; i++) {
+        during.push(await call(serve.url, token));
+        await new Promise((r) => setTimeout(r, 30));
+      }
+      await eventually(() => serve.output().includes('audit_write_failed'), 3_000, 'the write failure');
+      expect(spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']).status).toBe(0);
+      for (let i = 0; i < 3; i++) {
+        after.push(await call(serve.url, token));
+        await new Promise((r) => setTimeout(r, 30));
+      }
+      await eventually(async () => after.every((id) => readFileSync(path, 'utf8').includes(`"${id}"`)), 5_000, 'the lines after the failure');
+    } finally {
+      spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
+      expect(await serve.stop()).toBe(0);
+    }
+    const written = await lines(path);
+    const text = written.join('\n');
+    for (const id of [...before, ...after]) expect(text).toContain(`"${id}"`);
+    // Nothing was lost silently: the recovery line counts the requests whose lines never reached the file.
+    const recoveries = written.filter((l) => l.includes('"kind":"recovery"')).map((l) => JSON.parse(l) as { reason: string; lost_lines: number });
+    expect(recoveries.length).toBeGreaterThanOrEqual(1);
+    const lost = during.filter((id) => !written.some((l) => l.startsWith('{') && l.endsWith('}') && l.includes(`"${id}"`))).length;
+    expect(lost).toBeGreaterThan(0);
+    expect(recoveries.reduce((n, r) => n + r.lost_lines, 0)).toBe(lost);
+    const ok = await runCli(['audit', 'verify'], envFor(dir));
+    expect(ok.stdout + ok.stderr).toContain('audit chain intact');
+    expect(ok.code).toBe(0);
+    expect(serve.output()).not.toContain(SECRET);
+  }, 30_000);
+});
