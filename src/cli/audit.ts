@@ -2,7 +2,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { text } from 'node:stream/consumers';
 import { UserError } from '../errors.ts';
-import { verifyAudit } from '../observe/audit.ts';
+import { verifyAudit } from '../observe/audit-read.ts';
 import { EXIT, fail, ok, parse, type Outcome } from './io.ts';
 
 /** The audit log and its rotated files (audit.log.N … audit.log.1, audit.log), oldest first. */

@@ -2,7 +2,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { RequestAudit } from '../../src/observe/audit.ts';
-import { AuditLog, GENESIS, lineHash, verifyAudit } from '../../src/observe/audit.ts';
+import { AuditLog, GENESIS, lineHash } from '../../src/observe/audit.ts';
+import { verifyAudit } from '../../src/observe/audit-read.ts';
 import type { Logger } from '../../src/observe/log.ts';
 import { useTempDirs } from '../helpers/temp-dir.ts';
 
