@@ -154,6 +154,35 @@ const COMMON: RedisOptions = {
  * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
  * file instead of the URL.
  */
+/**
+ * The query parameters each form takes. Any other is refused rather than ignored: `?tls=1` or
+ * `?ssl=true` connected in the clear (password and ciphertext with it), a misspelt `password_file`
+ * connected without the password, and `?db=5` on redis:// used database 0. Named in the message,
+ * never quoted with its value (which may be a password in a URL written the wrong way).
+ */
+const PARAMS: Readonly<Record<string, readonly string[]>> = {
+  redis: ['password_file', 'tls'],
+  rediss: ['password_file', 'tls'],
+  'redis-sentinel': ['password_file', 'tls', 'db'],
+  'redis-cluster': ['password_file', 'tls'],
+};
+
+function checkParams(scheme: string, params: URLSearchParams, path: string | undefined): void {
+  for (const name of new Set(params.keys())) {
+    const printable = /^[a-z_]{1,32}$/i.test(name) ? `"${name}"` : 'a parameter';
+    if (!PARAMS[scheme]!.includes(name)) {
+      const hint = name === 'db' ? ` (give the database as the path: ${scheme}://host:6379/N)` : '';
+      throw new UserError(`EGRESS_STORE has ${printable}, which a ${scheme}:// URL does not take${hint}; it takes ${PARAMS[scheme]!.join(', ')}`, 2);
+    }
+    if (params.getAll(name).length > 1) throw new UserError(`EGRESS_STORE gives ${printable} more than once`, 2);
+  }
+  const tls = params.get('tls');
+  if (tls !== null && tls !== 'true' && tls !== 'false') throw new UserError('EGRESS_STORE "tls" is true or false', 2);
+  if (tls === 'false' && scheme === 'rediss') throw new UserError('EGRESS_STORE is rediss:// (always TLS) with "tls" false: use redis:// for a connection in the clear', 2);
+  // A Cluster has database 0 only; the path was ignored, and the store went to database 0.
+  if (scheme === 'redis-cluster' && path !== undefined && path !== '/' && path !== '/0') throw new UserError('EGRESS_STORE: a redis-cluster:// URL names no database (a Cluster has database 0 only)', 2);
+}
+
 export function parseRedisUrl(spec: string): RedisSpec {
   // The userinfo runs to the last "@": a password is often base64 ("/", "+") and is not always
   // percent-encoded, and no host, database number or master name holds an "@". Cut at the first
@@ -162,6 +191,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
   if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0', 2);
   const [, scheme, userinfo, hostList, path, query] = match;
   const params = new URLSearchParams(query ?? '');
+  checkParams(scheme!, params, path);
   let username: string | undefined;
   let password: string | undefined;
   if (userinfo) {

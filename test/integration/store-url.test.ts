@@ -54,6 +54,33 @@ describe('a Redis password in EGRESS_STORE', () => {
   });
 });
 
+describe('EGRESS_STORE parameters', () => {
+  it('a parameter the scheme does not take, or tls that is not true or false, is a usage error naming it (exit 2) and nothing is read or written in the clear', async () => {
+    const base = `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}`;
+    const runs = [
+      // A TLS intent that was ignored: the connection went in the clear, password and all.
+      [`${base}/0?tls=1`, 'tls'],
+      [`${base}/0?tls=yes_CANARY`, 'tls'],
+      [`${base}/0?ssl=true`, 'ssl'],
+      // A database given where this scheme does not read it: the store went to database 0.
+      [`${base}?db=5`, 'db'],
+      // A misspelt password_file: the password was silently not read.
+      [`redis://127.0.0.1:${redis.port}/0?passwordfile=/nonexistent`, 'passwordfile'],
+      [`redis-cluster://127.0.0.1:${redis.port}/3`, 'database'],
+    ] as const;
+    for (const [store, named] of runs) {
+      const res = await runCli(['callers', 'add', 'param-probe', '--json'], envFor(dir, { EGRESS_STORE: store }));
+      expect(res.code, store).toBe(2);
+      expect(res.stderr, store).toContain('EGRESS_STORE');
+      expect(res.stderr, store).toContain(named);
+      expect(res.stdout + res.stderr, store).not.toContain('CANARY');
+    }
+    const c = redis.client({ password: PASSWORD });
+    expect(await c.get('egress:{egress}:caller:param-probe')).toBeNull();
+    c.disconnect();
+  });
+});
+
 describe('a password on the command line', () => {
   it('is refused in --store and --alert-webhook (argv is readable by every user), without quoting it', async () => {
     const runs = [
