@@ -227,7 +227,10 @@ export function parseRedisUrl(spec: string): RedisSpec {
     case 'redis-sentinel': {
       const name = path?.slice(1);
       if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
+      // ioredis takes `tls` in Sentinel mode for nothing unless told: the primary was reached in the
+      // clear, and the sentinels always were. With TLS asked for, both go over TLS.
+      const sentinelTls = 'tls' in tls ? { enableTLSForSentinelMode: true, sentinelTLS: {} } : {};
+      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinels: hosts, name, db }) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
