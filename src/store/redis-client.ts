@@ -230,7 +230,9 @@ export function parseRedisUrl(spec: string): RedisSpec {
       // ioredis takes `tls` in Sentinel mode for nothing unless told: the primary was reached in the
       // clear, and the sentinels always were. With TLS asked for, both go over TLS.
       const sentinelTls = 'tls' in tls ? { enableTLSForSentinelMode: true, sentinelTLS: {} } : {};
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinels: hosts, name, db }) };
+      // A sentinel that takes the connection and never answers (a hung host) held the connection
+      // for good without a bound of its own: the next sentinel was never asked.
+      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db }) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };

@@ -113,6 +113,23 @@ describe('Redis Sentinel', () => {
     }
   }, 40_000);
 
+  it('a sentinel that takes the connection and never answers (a hung host, SIGSTOP) does not hold the store: the next sentinel in the URL is asked', async () => {
+    const primary = await redisProcess([]);
+    const hung = await sentinelProcess(primary.port);
+    const good = await sentinelProcess(primary.port);
+    hung.child.kill('SIGSTOP');
+    const store = openStore(`redis-sentinel://127.0.0.1:${hung.port},127.0.0.1:${good.port}/main`);
+    try {
+      const started = Date.now();
+      await eventually(async () => store.put('caller', caller('svc', 1), 0).then(() => true, () => false), 10_000, 'a write through the second sentinel');
+      expect(Date.now() - started).toBeLessThan(5_000);
+      expect((await store.load()).callers.get('svc')!.revision).toBe(1);
+    } finally {
+      hung.child.kill('SIGCONT');
+      await store.close();
+    }
+  }, 30_000);
+
   it('?tls=true goes over TLS to the sentinels and to the primary they name, not in the clear', async () => {
     const pki = makeTestPki();
     const dir = await makeTempDir('egress-sentinel-tls-');
