@@ -118,6 +118,9 @@ return 1
 /** ioredis's errors for a command that got no answer: the command timeout, a dropped or unwritable connection. */
 const UNANSWERED = /^(Command timed out|Connection is closed|Stream isn't writeable)/;
 
+/** Redis's answer to SELECT of a database it does not have (Redis 6 and later; older ones). */
+const SELECT_REFUSED = /^ERR (DB index is out of range|invalid DB index)/;
+
 /** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
 const POLL_MS = 500;
 
@@ -127,6 +130,8 @@ export class RedisStore implements StoreBackend {
   readonly #spec: RedisSpec;
   /** Why the last connection attempt failed (ECONNREFUSED, …), for the error a command gets meanwhile. */
   #connectError: string | undefined;
+  /** The server refused the URL's database number, on the last connection attempt. */
+  #selectRefused = false;
 
   constructor(spec: RedisSpec) {
     this.#spec = spec;
@@ -134,10 +139,20 @@ export class RedisStore implements StoreBackend {
     this.client = spec.connect();
     // Connection errors surface as failed commands; an unhandled 'error' event must not crash the process.
     this.client.on('error', (err: NodeJS.ErrnoException) => {
+      if (SELECT_REFUSED.test(err.message)) {
+        // ioredis reports a refused SELECT (a database number the server does not have) and goes
+        // on in database 0, another store's: drop the connection before it is ready (it
+        // reconnects, and is refused again), so that nothing is read or written there.
+        this.#selectRefused = true;
+        this.client.disconnect(true);
+      } else if (this.#selectRefused) {
+        return; // the dropped connection's own errors: the refusal is the reason to give
+      }
       this.#connectError = err.code ?? err.message.split('\n')[0]!.slice(0, 120);
     });
     this.client.on('ready', () => {
       this.#connectError = undefined;
+      this.#selectRefused = false;
     });
   }
 

@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 import { freePort, TestRedis } from '../helpers/redis.ts';
+import { openStore } from '../../src/store/open-store.ts';
 
 // A Redis password as generated ones look: base64 with "/" and "+", and an "@" typed unencoded.
 // Every piece between those characters is marked, so a piece that leaks is found.
@@ -77,6 +78,31 @@ describe('EGRESS_STORE parameters', () => {
     }
     const c = redis.client({ password: PASSWORD });
     expect(await c.get('egress:{egress}:caller:param-probe')).toBeNull();
+    c.disconnect();
+  });
+
+  it('a database number the server does not have is an error on every read and write, never database 0 in its place', async () => {
+    const url = `redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/99`;
+    const res = await runCli(['callers', 'add', 'db-probe', '--json'], envFor(dir, { EGRESS_STORE: url }));
+    expect(res.code, res.stdout).toBe(1);
+    expect(res.stdout + res.stderr).not.toContain('CANARY');
+    // A running proxy reads the store again and again: after the first refusal it went on in
+    // database 0, another store's (ioredis carries on after a failed SELECT).
+    const store = openStore(url);
+    try {
+      for (let i = 0; i < 3; i++) {
+        const read = await store.load().then(() => 'read database 0', (err: Error) => err.message);
+        expect(read, `read ${i}`).toBe(`the store redis://:***@127.0.0.1:${redis.port}/99 is unreachable (ERR DB index is out of range): nothing was read or written`);
+        await new Promise((r) => setTimeout(r, 600));
+      }
+      const at = new Date().toISOString();
+      const written = await store.put('caller', { name: 'db-probe', revision: 1, created_at: at, updated_at: at, tokens: [] }, 0).then(() => 'written', (err: Error) => err.message);
+      expect(written).toContain('is unreachable (ERR DB index is out of range)');
+    } finally {
+      await store.close();
+    }
+    const c = redis.client({ password: PASSWORD });
+    expect(await c.get('egress:{egress}:caller:db-probe')).toBeNull();
     c.disconnect();
   });
 });
