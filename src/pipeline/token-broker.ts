@@ -319,13 +319,28 @@ export class SharedTokens {
     const lock = `${this.#key(id, key.credential)}:lock`;
     const owner = randomBytes(8).toString('hex');
     const before = await this.read(id, key).catch(() => undefined);
-    const got = await this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX').catch(() => 'OK');
-    if (got !== 'OK') {
+    const takeLock = () => this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX').catch(() => 'OK');
+    const minted = async () => {
+      const entry = await this.read(id, key).catch(() => undefined);
+      return entry && (!before || entry.expiresAt !== before.expiresAt) && Date.now() < entry.refreshAt ? entry : undefined;
+    };
+    if ((await takeLock()) !== 'OK') {
       const deadline = Date.now() + LOCK_MS;
       while (Date.now() < deadline) {
         await new Promise((r) => setTimeout(r, WAIT_STEP_MS));
-        const entry = await this.read(id, key).catch(() => undefined);
-        if (entry && (!before || entry.expiresAt !== before.expiresAt) && Date.now() < entry.refreshAt) return entry;
+        const entry = await minted();
+        if (entry) return entry;
+        // The holder let go without a token (its mint failed): mint here now, one at a time still,
+        // rather than wait out the lock's whole life with the request. Unless its token landed
+        // just before it let go.
+        if ((await takeLock()) === 'OK') {
+          const landed = await minted();
+          if (landed) {
+            await this.#release(lock, owner);
+            return landed;
+          }
+          break;
+        }
       }
     }
     try {
@@ -333,9 +348,13 @@ export class SharedTokens {
       await this.#write(id, key, entry).catch(() => {});
       return entry;
     } finally {
-      // Release only our own lock.
-      await evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner]).catch(() => {});
+      await this.#release(lock, owner);
     }
+  }
+
+  /** Release only our own lock. */
+  async #release(lock: string, owner: string): Promise<void> {
+    await evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner]).catch(() => {});
   }
 
   /**

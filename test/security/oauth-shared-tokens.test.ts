@@ -21,6 +21,7 @@ const mints: string[] = [];
 let lastSecret = '';
 const revoked = new Set<string>();
 let counter = 0;
+let flakyCalls = 0;
 const proxies: TestProxy[] = [];
 
 beforeAll(async () => {
@@ -31,7 +32,12 @@ beforeAll(async () => {
       res.end(JSON.stringify(doc));
     };
     const url = req.url ?? '';
-    if (url === '/connect/token') {
+    // The first mint here fails slowly, as a token endpoint in trouble does; the next ones succeed.
+    if (url === '/connect/token-flaky' && ++flakyCalls === 1) {
+      setTimeout(() => json(503, { error: 'temporarily_unavailable' }), 400);
+      return;
+    }
+    if (url === '/connect/token' || url === '/connect/token-flaky') {
       const form = new URLSearchParams(body.toString());
       const secret = form.get('client_secret') ?? '';
       if (secret !== 'cs_CANARY_oauth' && secret !== 'cs_CANARY_oauth_2') return json(401, { error: 'invalid_client' });
@@ -58,14 +64,14 @@ afterAll(async () => {
 });
 
 /** Route `name` on /name, to the API's /<scope>, with a token of that scope from credential bank. */
-const route = (name: string, scope: string) => `name: ${name}
+const route = (name: string, scope: string, tokenPath = '/connect/token') => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}/${scope}
 allow_private_addresses: true
 credential: bank
 inject:
   scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
+  token_url: ${upstream.url}${tokenPath}
   client_auth: body
   scope: ${scope}
 allow:
@@ -79,7 +85,7 @@ async function seed(db: number): Promise<{ dir: string; store: string; token: st
   const dir = await makeTempDir('egress-oauth-shared-');
   const store = `${redis.url}/${db}`;
   const { tokens } = await seedDataDir(dir, {
-    routes: { reader: route('reader', 'read'), writer: route('writer', 'write') },
+    routes: { reader: route('reader', 'read'), writer: route('writer', 'write'), flaky: route('flaky', 'read', '/connect/token-flaky') },
     credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_oauth' } },
     callers: ['svc'],
     store,
@@ -161,6 +167,28 @@ describe('DOS: upstream 401s and the token endpoint', () => {
     expect(mints.length - before).toBe(1);
     expectNoTokenIn(proxy.logs());
   });
+});
+
+describe('FLT: one mint at a time across instances', () => {
+  it('FLT-20 an instance waiting for another instance\'s mint mints itself as soon as that mint fails, instead of waiting out the lock', async () => {
+    const { dir, store, token } = await seed(5);
+    const a = await instance(dir, store);
+    const b = await instance(dir, store);
+    // a takes the lock and its mint fails after 400 ms; b asks while a's mint is out.
+    const first = get(a, '/flaky/accounts', token);
+    await new Promise((r) => setTimeout(r, 100));
+    const started = performance.now();
+    const second = await get(b, '/flaky/accounts', token);
+    const ms = performance.now() - started;
+    const failed = await first;
+    expect(failed.status).toBe(503);
+    expect(failed.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(second.status).toBe(200);
+    expect(flakyCalls).toBe(2);
+    // Bounded by a's mint and its own, not by the 10 s the lock may be held.
+    expect(ms).toBeLessThan(3_000);
+    expectNoTokenIn(a.logs() + b.logs() + (await second.text()));
+  }, 20_000);
 });
 
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
