@@ -23,6 +23,22 @@ export const KEYS = Object.freeze({
 });
 
 /**
+ * The master key floor as a number when the stored value is a whole number (digits, as
+ * kekFloor() reads it), nil otherwise. Lua's tonumber also takes "inf", "1e999", "2.5" and "0x10":
+ * a floor edited by hand into one of those refused every new data key for good (no rotation could
+ * raise it past infinity), while kekFloor() and `master-key status` reported no floor.
+ */
+const WHOLE_FLOOR = `
+local function wholeFloor(v)
+  if type(v) ~= 'string' then return nil end
+  local digits = string.match(v, '^%s*(%d+)%s*$')
+  local n = digits and tonumber(digits)
+  if n and n <= 9007199254740991 then return n end
+  return nil
+end
+`;
+
+/**
  * Compare-and-set one record: write only when its stored revision is the one the writer read, and
  * it wraps no new data key below the store's master key floor (kek-floor.ts: newWrapBelow, the
  * same rule). Everything that can fail goes before the record is written (a script is not rolled
@@ -30,7 +46,7 @@ export const KEYS = Object.freeze({
  * instance told of the change). A change counter edited by hand (not an integer, or another type)
  * is started again from the server's clock, so every watcher sees it change.
  */
-const PUT_SCRIPT = `
+const PUT_SCRIPT = `${WHOLE_FLOOR}
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' and cur.err then return {-2, 0} end
 local rev = 0
@@ -40,10 +56,8 @@ if cur then
   if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']); stored = doc else rev = -1 end
 end
 if rev ~= tonumber(ARGV[2]) then return {0, rev} end
-local floor = redis.pcall('GET', KEYS[4])
-floor = type(floor) == 'string' and tonumber(floor)
--- NaN (tonumber takes "nan") compares false with everything: no floor, as for any value not a number.
-if floor and floor == floor then
+local floor = wholeFloor(redis.pcall('GET', KEYS[4]))
+if floor then
   local function wraps(record)
     local out = {}
     if type(record) == 'table' and type(record['versions']) == 'table' then
@@ -75,11 +89,9 @@ redis.call('PUBLISH', ARGV[4], v)
 return {1, v}
 `;
 
-/** The floor only rises; a value edited by hand (not a number, another type) counts as no floor. */
-const RAISE_FLOOR_SCRIPT = `
-local cur = redis.pcall('GET', KEYS[1])
-local floor = type(cur) == 'string' and tonumber(cur) or 0
-if floor ~= floor then floor = 0 end
+/** The floor only rises; a value edited by hand (not a whole number, another type) counts as no floor. */
+const RAISE_FLOOR_SCRIPT = `${WHOLE_FLOOR}
+local floor = wholeFloor(redis.pcall('GET', KEYS[1])) or 0
 if tonumber(ARGV[1]) > floor then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 `;

@@ -1,4 +1,8 @@
+import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ConflictError } from '../../src/errors.ts';
+import { newCredentialRecord } from '../../src/store/credentials.ts';
+import { readKeyring } from '../../src/store/keyring.ts';
 import { parseRedisUrl, serverMajorVersion, takesScriptFlags } from '../../src/store/redis-client.ts';
 import { KEYS, RedisStore } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -242,6 +246,27 @@ describe('Redis faults', () => {
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
   });
 
+  it('a master key floor edited into something that is not a whole number (1e999, inf, 2.5, 9e99, 20 digits) counts as no floor, as `master-key status` reports it, and master-key rotate sets it again', async () => {
+    const keyring = await readKeyring(join(dir, 'master.key'));
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    const c = redis.client();
+    try {
+      for (const [n, garbage] of ['1e999', 'inf', '2.5', '9e99', '99999999999999999999'].entries()) {
+        await c.set(KEYS.kekFloor, garbage);
+        expect(await store.kekFloor(), garbage).toBe(0);
+        // Before: every new data key was refused for good (a leaked key could not be rotated).
+        await expect(store.put('credential', newCredentialRecord(keyring, `floor-${n}`, { secret: 'x' }, new Date()), 0), garbage).resolves.toBeUndefined();
+        await store.raiseKekFloor(2);
+        expect(await store.kekFloor(), garbage).toBe(2);
+        const refused = await store.put('credential', newCredentialRecord(keyring, `floor-${n}-after`, { secret: 'x' }, new Date()), 0).catch((err: unknown) => err);
+        expect(refused, garbage).toBeInstanceOf(ConflictError);
+        expect((refused as Error).message, garbage).toContain('from master key version 2 on');
+      }
+    } finally {
+      c.disconnect();
+      await store.close();
+    }
+  });
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
     await start();
     expect((await timed('/a/x')).status).toBe(200);
