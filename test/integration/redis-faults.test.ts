@@ -1,3 +1,4 @@
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ConflictError } from '../../src/errors.ts';
@@ -265,6 +266,58 @@ describe('Redis faults', () => {
     } finally {
       c.disconnect();
       await store.close();
+    }
+  });
+  it('a Kraken nonce with Redis frozen, down, or its nonce key damaged: a clean 503 and nothing sent, never a 500; a damaged value starts again from the clock', async () => {
+    const keyring = await readKeyring(join(dir, 'master.key'));
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    await store.put('credential', newCredentialRecord(keyring, 'kraken', { api_key: 'key-1', api_secret: Buffer.from('kraken-secret-1234').toString('base64') }, new Date()), 0);
+    await store.close();
+    await writeFile(join(dir, 'routes', 'k.yaml'), `name: k\nprefix: /k\nallow_private_addresses: true\ncredential: kraken\npreset: kraken\nupstream: ${upstream.url}\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/0/private/*]\n`);
+    await start();
+    const post = async () => {
+      const started = performance.now();
+      const res = await fetch(`${proxy!.url}/k/0/private/Balance`, { method: 'POST', headers: { 'x-egress-token': tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD' });
+      await res.arrayBuffer();
+      return { status: res.status, code: res.headers.get('x-egress-error'), ms: performance.now() - started };
+    };
+    const nonceSent = () => BigInt(new URLSearchParams(upstream.requests.at(-1)!.body.toString()).get('nonce')!);
+    expect((await post()).status).toBe(200);
+    const first = nonceSent();
+    const c = redis.client();
+    const key = 'egress:nonce:{kraken}';
+    try {
+      // Damaged: another type, not a number, past what a nonce can be (2^53 and up, infinity).
+      for (const damage of [() => c.del(key).then(() => c.lpush(key, 'x')), () => c.set(key, 'abc'), () => c.set(key, '1e999'), () => c.set(key, '99999999999999999999999')]) {
+        await damage();
+        const sent = upstream.requests.length;
+        const res = await post();
+        expect(res.status, JSON.stringify(res)).toBe(200);
+        expect(upstream.requests.length).toBe(sent + 1);
+        const nonce = nonceSent();
+        expect(nonce > first).toBe(true);
+        // The clock in microseconds again: not far ahead of it.
+        expect(nonce < BigInt(Date.now() + 60_000) * 1000n).toBe(true);
+      }
+      const sent = upstream.requests.length;
+      redis.freeze();
+      try {
+        const frozen = await post();
+        expect(frozen.code, JSON.stringify(frozen)).toBe('credential_unavailable');
+        expect(frozen.status).toBe(503);
+        expect(frozen.ms).toBeLessThan(1_500);
+      } finally {
+        redis.thaw();
+      }
+      await redis.stop();
+      const down = await post();
+      expect(down.code, JSON.stringify(down)).toBe('credential_unavailable');
+      expect(down.status).toBe(503);
+      expect(upstream.requests.length).toBe(sent);
+      expect(proxy!.logs()).not.toContain('unexpected error in the request path');
+      expect(proxy!.logs()).not.toContain('kraken-secret-1234');
+    } finally {
+      c.disconnect();
     }
   });
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
