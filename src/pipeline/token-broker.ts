@@ -225,6 +225,8 @@ function errorText(err: unknown): string {
 
 const LOCK_MS = 10_000;
 const WAIT_STEP_MS = 50;
+/** After Redis did not answer, how long the shared side is skipped (minted and kept here), as the rate limiter does. */
+const REDIS_PAUSE_MS = 1_000;
 
 /** KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. */
 const DROP_REFUSED = `
@@ -266,9 +268,28 @@ export class SharedTokens {
   readonly #client: RedisConnection;
   readonly #keys: KeyringFile;
 
+  /** Until when Redis is not asked, after a command it did not answer (REDIS_PAUSE_MS). */
+  #downUntil = 0;
+
   constructor(client: RedisConnection, keys: KeyringFile) {
     this.#client = client;
     this.#keys = keys;
+  }
+
+  /**
+   * One Redis command. After one that got no answer (the command timeout, a dropped connection),
+   * those of the next REDIS_PAUSE_MS fail at once: with Redis frozen, each step of a mint (read,
+   * lock, write, release) waited out a timeout of its own, and a request waited 2.5 s for a token
+   * minted here in the end. A reply (an error Redis sent) says Redis is there.
+   */
+  async #redis<T>(command: () => Promise<T>): Promise<T> {
+    if (performance.now() < this.#downUntil) throw new Error('Redis did not answer a moment ago');
+    try {
+      return await command();
+    } catch (err) {
+      if (!(err instanceof Error && err.name === 'ReplyError')) this.#downUntil = performance.now() + REDIS_PAUSE_MS;
+      throw err;
+    }
   }
 
   #key(id: string, credential: string): string {
@@ -282,7 +303,7 @@ export class SharedTokens {
    * the broker it is a cache miss like the others.
    */
   async read(id: string, key: TokenKey): Promise<Entry | undefined> {
-    const raw = await this.#client.get(this.#key(id, key.credential));
+    const raw = await this.#redis(() => this.#client.get(this.#key(id, key.credential)));
     return raw ? this.#open(id, key, raw) : undefined;
   }
 
@@ -311,7 +332,7 @@ export class SharedTokens {
       ...(entry.refreshToken ? { refresh: seal(kek, Buffer.from(entry.refreshToken.reveal(), 'utf8'), tokenAad('refresh', id, key, fields)) } : {}),
     };
     const ttl = Math.max(entry.expiresAt, entry.refreshExpiresAt) - Date.now();
-    if (ttl > 0) await this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl);
+    if (ttl > 0) await this.#redis(() => this.#client.set(this.#key(id, key.credential), JSON.stringify(doc), 'PX', ttl));
   }
 
   /** Mint under the lock; an instance that does not get the lock waits for the winner's token. */
@@ -319,7 +340,7 @@ export class SharedTokens {
     const lock = `${this.#key(id, key.credential)}:lock`;
     const owner = randomBytes(8).toString('hex');
     const before = await this.read(id, key).catch(() => undefined);
-    const takeLock = () => this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX').catch(() => 'OK');
+    const takeLock = () => this.#redis(() => this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX')).catch(() => 'OK');
     const minted = async () => {
       const entry = await this.read(id, key).catch(() => undefined);
       return entry && (!before || entry.expiresAt !== before.expiresAt) && Date.now() < entry.refreshAt ? entry : undefined;
@@ -354,7 +375,7 @@ export class SharedTokens {
 
   /** Release only our own lock. */
   async #release(lock: string, owner: string): Promise<void> {
-    await evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner]).catch(() => {});
+    await this.#redis(() => evalScript(this.#client, "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0", [lock], [owner])).catch(() => {});
   }
 
   /**
@@ -366,7 +387,7 @@ export class SharedTokens {
    */
   async dropRefused(id: string, key: TokenKey, token: Secret, windowMs: number): Promise<'dropped' | 'kept' | 'newer' | 'absent'> {
     const docKey = this.#key(id, key.credential);
-    const raw = await this.#client.get(docKey);
+    const raw = await this.#redis(() => this.#client.get(docKey));
     if (!raw) return 'absent';
     let held: Entry | undefined;
     try {
@@ -376,11 +397,11 @@ export class SharedTokens {
     }
     if (!held) return 'absent';
     if (!sameToken(held.token, token)) return 'newer';
-    const outcome = await evalScript(this.#client, DROP_REFUSED, [docKey, `${docKey}:refused`], [raw, String(windowMs)]);
+    const outcome = await this.#redis(() => evalScript(this.#client, DROP_REFUSED, [docKey, `${docKey}:refused`], [raw, String(windowMs)]));
     return outcome === 'dropped' || outcome === 'kept' || outcome === 'newer' ? outcome : 'absent';
   }
 
   async remove(id: string, credential: string): Promise<void> {
-    await this.#client.del(this.#key(id, credential));
+    await this.#redis(() => this.#client.del(this.#key(id, credential)));
   }
 }

@@ -191,6 +191,25 @@ describe('FLT: one mint at a time across instances', () => {
   }, 20_000);
 });
 
+describe('FLT: OAuth2 tokens while Redis is frozen', () => {
+  it('FLT-21 with Redis frozen (SIGSTOP), a token is minted here after one Redis timeout, not after one per step of the shared mint', async () => {
+    const { dir, store, token } = await seed(6);
+    const a = await instance(dir, store);
+    redis.freeze();
+    try {
+      const started = performance.now();
+      const res = await get(a, '/reader/accounts', token);
+      const ms = performance.now() - started;
+      expect(res.status).toBe(200);
+      // One command timeout (500 ms) for the shared read, then the mint: not five of them (2.5 s).
+      expect(ms).toBeLessThan(1_300);
+    } finally {
+      redis.thaw();
+    }
+    expectNoTokenIn(a.logs());
+  }, 20_000);
+});
+
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
   it('CRED-16 two cache keys of one credential version with their Redis values swapped: neither token is used for the other scope; each is a cache miss and minted afresh', async () => {
     const { dir, store, token } = await seed(1);
