@@ -206,6 +206,8 @@ export function parseRedisUrl(spec: string): RedisSpec {
     } catch (err) {
       throw new UserError(`EGRESS_STORE password_file ${passwordFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
+    // A secret mounted empty connected with no password at all, and Redis answered NOAUTH.
+    if (!password) throw new UserError(`EGRESS_STORE password_file ${passwordFile} is empty`);
   }
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);

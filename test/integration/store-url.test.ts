@@ -1,4 +1,4 @@
-import { mkdir } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
@@ -79,6 +79,19 @@ describe('EGRESS_STORE parameters', () => {
     const c = redis.client({ password: PASSWORD });
     expect(await c.get('egress:{egress}:caller:param-probe')).toBeNull();
     c.disconnect();
+  });
+
+  it('?password_file= reads the password (a trailing newline is not part of it); an empty file is said to be empty, not taken for no password', async () => {
+    const file = join(dir, 'redis-password');
+    await writeFile(file, `${PASSWORD}\n`, { mode: 0o600 });
+    const good = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://127.0.0.1:${redis.port}/0?password_file=${file}` }));
+    expect(good.code, good.stderr).toBe(0);
+    expect(good.stdout + good.stderr).not.toContain('CANARY');
+    // A secret mounted empty: before, the store connected without a password and said NOAUTH.
+    await writeFile(file, '\n');
+    const empty = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://127.0.0.1:${redis.port}/0?password_file=${file}` }));
+    expect(empty.code).toBe(1);
+    expect(empty.stderr).toBe(`egress: EGRESS_STORE password_file ${file} is empty\n`);
   });
 
   it('a database number the server does not have is an error on every read and write, never database 0 in its place', async () => {
