@@ -227,6 +227,8 @@ const LOCK_MS = 10_000;
 const WAIT_STEP_MS = 50;
 /** After Redis did not answer, how long the shared side is skipped (minted and kept here), as the rate limiter does. */
 const REDIS_PAUSE_MS = 1_000;
+/** How long a measure of Redis's clock against this host's is used before it is taken again (a host clock may step). */
+const CLOCK_CHECK_MS = 10_000;
 
 /** KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. */
 const DROP_REFUSED = `
@@ -237,7 +239,7 @@ if not redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'NX') then return 'kept' e
 redis.call('DEL', KEYS[1])
 return 'dropped'`;
 
-/** A token as Redis keeps it: the tokens sealed, the rest in the clear but bound to them (tokenAad). */
+/** A token as Redis keeps it: the tokens sealed, the rest in the clear but bound to them (tokenAad); times in ms on Redis's clock. */
 interface SharedDoc {
   readonly kek: number;
   readonly sealed: Sealed;
@@ -270,6 +272,8 @@ export class SharedTokens {
 
   /** Until when Redis is not asked, after a command it did not answer (REDIS_PAUSE_MS). */
   #downUntil = 0;
+  /** The last measure of Redis's clock against this host's (#clockOffset). */
+  #clock: { readonly offset: number; readonly at: number } | undefined;
 
   constructor(client: RedisConnection, keys: KeyringFile) {
     this.#client = client;
@@ -304,10 +308,28 @@ export class SharedTokens {
    */
   async read(id: string, key: TokenKey): Promise<Entry | undefined> {
     const raw = await this.#redis(() => this.#client.get(this.#key(id, key.credential)));
-    return raw ? this.#open(id, key, raw) : undefined;
+    return raw ? this.#open(id, key, raw, await this.#clockOffset()) : undefined;
   }
 
-  #open(id: string, key: TokenKey, raw: string): Entry | undefined {
+  /**
+   * Redis's clock minus this host's, in ms, measured with TIME at most every CLOCK_CHECK_MS. The
+   * times in a shared document are on Redis's clock, the one every instance reads alike: on each
+   * host's own, an instance whose clock was ahead took a token another had just minted for one
+   * past its end and minted again (and wrote its own end, as far ahead, for the others), and one
+   * behind kept sending a token past its real end.
+   */
+  async #clockOffset(): Promise<number> {
+    const at = performance.now();
+    if (this.#clock !== undefined && at - this.#clock.at < CLOCK_CHECK_MS) return this.#clock.offset;
+    const sent = Date.now();
+    const [seconds, micros] = (await this.#redis(() => this.#client.time())).map(Number);
+    const offset = Math.round(seconds! * 1000 + micros! / 1000 - (sent + Date.now()) / 2);
+    this.#clock = { offset, at };
+    return offset;
+  }
+
+  /** The document's times are on Redis's clock (`offset` ahead of this host's); the entry's on this host's. */
+  #open(id: string, key: TokenKey, raw: string, offset: number): Entry | undefined {
     let doc: SharedDoc;
     try {
       doc = JSON.parse(raw) as SharedDoc;
@@ -316,16 +338,24 @@ export class SharedTokens {
     }
     if (typeof doc !== 'object' || doc === null) throw new IntegrityError('shared token');
     const kek = this.#keys.current.get(doc.kek);
-    if (!kek || Date.now() >= doc.expiresAt) return undefined;
+    if (!kek || Date.now() + offset >= doc.expiresAt) return undefined;
     const token = open(kek, doc.sealed, tokenAad('access', id, key, doc), 'shared token').toString('utf8');
     const refresh = doc.refresh ? open(kek, doc.refresh, tokenAad('refresh', id, key, doc), 'shared token').toString('utf8') : undefined;
-    return { mintedBy: doc.mintedBy, token: new Secret(token), expiresAt: doc.expiresAt, refreshAt: doc.refreshAt, refreshToken: refresh ? new Secret(refresh) : undefined, refreshExpiresAt: doc.refreshExpiresAt };
+    return {
+      mintedBy: doc.mintedBy,
+      token: new Secret(token),
+      expiresAt: doc.expiresAt - offset,
+      refreshAt: doc.refreshAt - offset,
+      refreshToken: refresh ? new Secret(refresh) : undefined,
+      refreshExpiresAt: doc.refreshExpiresAt ? doc.refreshExpiresAt - offset : 0,
+    };
   }
 
   async #write(id: string, key: TokenKey, entry: Entry): Promise<void> {
     const keyring = this.#keys.current;
     const kek = keyring.get(keyring.active)!;
-    const fields = { kek: keyring.active, expiresAt: entry.expiresAt, refreshAt: entry.refreshAt, refreshExpiresAt: entry.refreshExpiresAt, mintedBy: entry.mintedBy };
+    const offset = await this.#clockOffset();
+    const fields = { kek: keyring.active, expiresAt: entry.expiresAt + offset, refreshAt: entry.refreshAt + offset, refreshExpiresAt: entry.refreshExpiresAt ? entry.refreshExpiresAt + offset : 0, mintedBy: entry.mintedBy };
     const doc: SharedDoc = {
       ...fields,
       sealed: seal(kek, Buffer.from(entry.token.reveal(), 'utf8'), tokenAad('access', id, key, fields)),
@@ -389,9 +419,10 @@ export class SharedTokens {
     const docKey = this.#key(id, key.credential);
     const raw = await this.#redis(() => this.#client.get(docKey));
     if (!raw) return 'absent';
+    const offset = await this.#clockOffset();
     let held: Entry | undefined;
     try {
-      held = this.#open(id, key, raw);
+      held = this.#open(id, key, raw, offset);
     } catch {
       return 'absent';
     }
