@@ -63,7 +63,7 @@ async function sentinelProcess(primaryPort: number, conf: readonly string[] = []
     c.on('error', () => {});
     try {
       await c.connect();
-      return Array.isArray(await c.sentinel('get-master-addr-by-name', 'main'));
+      return Array.isArray(await c.call('SENTINEL', 'get-master-addr-by-name', 'main'));
     } catch {
       return false;
     } finally {
@@ -163,7 +163,7 @@ describe('Redis Sentinel', () => {
       c.on('error', () => {});
       try {
         await c.connect();
-        if (!Array.isArray(await c.sentinel('get-master-addr-by-name', 'main'))) throw new Error('no primary yet');
+        if (!Array.isArray(await c.call('SENTINEL', 'get-master-addr-by-name', 'main'))) throw new Error('no primary yet');
       } finally {
         c.disconnect();
       }
