@@ -212,11 +212,15 @@ export function parseRedisUrl(spec: string): RedisSpec {
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
     // Not quoted: in a URL that does not parse, what looks like a host may be part of the password.
-    if (!m) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT, or HOST:PORT,HOST:PORT for Sentinel and Cluster', 2);
-    return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379)) };
+    const port = Number(m?.[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379));
+    // A port out of range was accepted here and failed every connection attempt (ERR_SOCKET_BAD_PORT) of a proxy that started anyway.
+    if (!m || !(port >= 1 && port <= 65535)) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT (port 1-65535), or HOST:PORT,HOST:PORT for Sentinel and Cluster', 2);
+    return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
   });
-  const db = Number(scheme === 'redis-sentinel' ? (params.get('db') ?? 0) : (path?.slice(1) || 0));
-  if (!Number.isInteger(db) || db < 0) throw new UserError('EGRESS_STORE database number must be a whole number', 2);
+  // Digits only: Number() also took "1e1" and "0x1" for databases 10 and 1.
+  const dbText = scheme === 'redis-sentinel' ? (params.get('db') ?? '0') : (path?.slice(1) || '0');
+  if (!/^\d{1,9}$/.test(dbText)) throw new UserError('EGRESS_STORE database number must be a whole number', 2);
+  const db = Number(dbText);
   const auth = { ...(username ? { username } : {}), ...(password ? { password } : {}) };
   const description = `${scheme}://${password ? `${username ?? ''}:***@` : ''}${hostList}${path ?? ''}`;
   const tls = scheme === 'rediss' || params.get('tls') === 'true' ? { tls: {} } : {};

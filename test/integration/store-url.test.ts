@@ -81,6 +81,14 @@ describe('EGRESS_STORE parameters', () => {
     c.disconnect();
   });
 
+  it('a port out of range, or a database number that is not plain digits, is a usage error (exit 2), not a proxy that starts and never connects', async () => {
+    for (const store of [`redis://127.0.0.1:99999/0`, `redis://127.0.0.1:0/0`, `redis-sentinel://127.0.0.1:70000/main`, `redis://127.0.0.1:${redis.port}/1e1`, `redis://127.0.0.1:${redis.port}/0x1`, `redis-sentinel://127.0.0.1:26379/main?db=1.0`]) {
+      const res = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
+      expect(res.code, `${store}: ${res.stderr}`).toBe(2);
+      expect(res.stderr, store).toMatch(/EGRESS_STORE (has a bad host|database number)/);
+    }
+  });
+
   it('?password_file= reads the password (a trailing newline is not part of it); an empty file is said to be empty, not taken for no password', async () => {
     const file = join(dir, 'redis-password');
     await writeFile(file, `${PASSWORD}\n`, { mode: 0o600 });
