@@ -230,6 +230,17 @@ const REDIS_PAUSE_MS = 1_000;
 /** How long a measure of Redis's clock against this host's is used before it is taken again (a host clock may step). */
 const CLOCK_CHECK_MS = 10_000;
 
+/**
+ * KEYS: the mint lock; ARGV: its owner, its life in ms. Taken when free. A key in its place that no
+ * mint made (no expiry, or one longer than a lock lives: garbage, or a TTL edited by hand) is
+ * cleared first: SET NX alone never took it, and every mint of the key waited out LOCK_MS.
+ */
+const TAKE_LOCK = `
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 or ttl > tonumber(ARGV[2]) then redis.call('DEL', KEYS[1]) end
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 1 end
+return 0`;
+
 /** KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. */
 const DROP_REFUSED = `
 local doc = redis.call('GET', KEYS[1])
@@ -370,7 +381,7 @@ export class SharedTokens {
     const lock = `${this.#key(id, key.credential)}:lock`;
     const owner = randomBytes(8).toString('hex');
     const before = await this.read(id, key).catch(() => undefined);
-    const takeLock = () => this.#redis(() => this.#client.set(lock, owner, 'PX', LOCK_MS, 'NX')).catch(() => 'OK');
+    const takeLock = () => this.#redis(() => evalScript(this.#client, TAKE_LOCK, [lock], [owner, String(LOCK_MS)])).then((taken) => (taken === 1 ? 'OK' : null), () => 'OK');
     const minted = async () => {
       const entry = await this.read(id, key).catch(() => undefined);
       return entry && (!before || entry.expiresAt !== before.expiresAt) && Date.now() < entry.refreshAt ? entry : undefined;

@@ -210,6 +210,31 @@ describe('FLT: OAuth2 tokens while Redis is frozen', () => {
   }, 20_000);
 });
 
+describe('FLT-05: garbage in the mint lock', () => {
+  it('FLT-22 a mint lock no instance made (no expiry, or one past any lock\'s life, another type) does not make every mint wait out the lock: it is cleared and the mint goes on', async () => {
+    const { dir, store, token } = await seed(7);
+    const a = await instance(dir, store);
+    const c = redis.client({ db: 7 });
+    try {
+      expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+      const [docKey] = (await c.keys('egress:oauth:*')).filter((k) => !k.endsWith(':lock'));
+      const lock = `${docKey!}:lock`;
+      for (const plant of [() => c.set(lock, 'garbage'), () => c.set(lock, 'garbage', 'PX', 86_400_000), () => c.del(lock).then(() => c.hset(lock, 'x', '1'))]) {
+        await c.del(docKey!);
+        await plant();
+        // An instance with nothing cached of its own: it must mint, and goes through the lock.
+        const b = await instance(dir, store);
+        const started = performance.now();
+        const res = await get(b, '/reader/accounts', token);
+        expect(res.status).toBe(200);
+        expect(performance.now() - started).toBeLessThan(3_000);
+      }
+    } finally {
+      c.disconnect();
+    }
+  }, 60_000);
+});
+
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
   it('CRED-16 two cache keys of one credential version with their Redis values swapped: neither token is used for the other scope; each is a cache miss and minted afresh', async () => {
     const { dir, store, token } = await seed(1);
