@@ -241,11 +241,17 @@ if ttl == -1 or ttl > tonumber(ARGV[2]) then redis.call('DEL', KEYS[1]) end
 if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 1 end
 return 0`;
 
-/** KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. */
+/**
+ * KEYS: the token document, the refusal window; ARGV: the document as read, the window in ms. A
+ * window key that no refusal made (no expiry, or one longer than the window) is cleared first, as
+ * TAKE_LOCK does: it kept every refused token, a revoked one included, until the token's own end.
+ */
 const DROP_REFUSED = `
 local doc = redis.call('GET', KEYS[1])
 if not doc then return 'absent' end
 if doc ~= ARGV[1] then return 'newer' end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl == -1 or ttl > tonumber(ARGV[2]) then redis.call('DEL', KEYS[2]) end
 if not redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'NX') then return 'kept' end
 redis.call('DEL', KEYS[1])
 return 'dropped'`;

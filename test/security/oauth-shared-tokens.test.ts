@@ -235,6 +235,29 @@ describe('FLT-05: garbage in the mint lock', () => {
   }, 60_000);
 });
 
+describe('FLT-05: garbage in the refusal window', () => {
+  it('FLT-23 a refusal-window key no refusal made (no expiry, or one past the minute) does not keep a revoked token in use: it is cleared, the token dropped, the next request gets a new one', async () => {
+    const { dir, store, token } = await seed(8);
+    const a = await instance(dir, store);
+    const c = redis.client({ db: 8 });
+    try {
+      for (const plant of [(k: string) => c.set(k, 'garbage'), (k: string) => c.set(k, '1', 'PX', 86_400_000)]) {
+        const mark = upstream.requests.length;
+        expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+        const [docKey] = (await c.keys('egress:oauth:*')).filter((k) => !k.endsWith(':lock') && !k.endsWith(':refused'));
+        await plant(`${docKey!}:refused`);
+        // The provider revokes the token early.
+        revoked.add(sentTo('/read/accounts', mark).at(-1)!);
+        expect((await get(a, '/reader/accounts', token)).status).toBe(401);
+        expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+        await c.del(`${docKey!}:refused`);
+      }
+    } finally {
+      c.disconnect();
+    }
+  }, 30_000);
+});
+
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
   it('CRED-16 two cache keys of one credential version with their Redis values swapped: neither token is used for the other scope; each is a cache miss and minted afresh', async () => {
     const { dir, store, token } = await seed(1);
