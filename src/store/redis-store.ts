@@ -118,8 +118,12 @@ out[#out + 1] = v
 return out
 `);
 
-/** Keep the later of the stored and the given time for each "version|caller" field. */
+/**
+ * Keep the later of the stored and the given time for each "version|caller" field. Usage is a
+ * hint: a key of another type (damage) is replaced, where it failed every flush for good.
+ */
 const USAGE_SCRIPT = `
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then redis.call('DEL', KEYS[1]) end
 for i = 1, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur or cur < ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -265,7 +269,12 @@ export class RedisStore implements StoreBackend {
   }
 
   async readUsage(credential: string): Promise<UsageEntry[]> {
-    return decodeUsage(credential, await this.#command(false, () => this.client.hgetall(KEYS.usage(credential))));
+    const usage = await this.#command(false, () => this.client.hgetall(KEYS.usage(credential)).catch((err: unknown) => {
+      // A damaged usage key (another type) is no usage, not a `keys show` that fails: it is a hint.
+      if (err instanceof Error && err.message.startsWith('WRONGTYPE')) return {};
+      throw err;
+    }));
+    return decodeUsage(credential, usage);
   }
 
   async now(): Promise<number> {

@@ -320,6 +320,26 @@ describe('Redis faults', () => {
       c.disconnect();
     }
   });
+  it('a credential\'s usage key damaged (another type): keys show and the admin API still describe the credential, and the next usage flush writes it afresh', async () => {
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const admin = await startWithAdminToken(env);
+    const c = redis.client();
+    try {
+      await c.lpush(KEYS.usage('cred-a'), 'not a hash');
+      const show = await runCli(['keys', 'show', 'cred-a', '--json'], env);
+      expect(show.code, show.stderr).toBe(0);
+      expect(show.stdout).toContain('cred-a');
+      const res = await fetch(`${proxy!.admin}/v1/credentials/cred-a`, { headers: { authorization: `Bearer ${admin}` } });
+      expect(res.status).toBe(200);
+      expect((await timed('/a/x')).status).toBe(200);
+      await proxy!.services().usage.flush();
+      expect(await c.type(KEYS.usage('cred-a'))).toBe('hash');
+      expect(Object.keys(await c.hgetall(KEYS.usage('cred-a')))).toEqual(['1|svc']);
+      expect(proxy!.logs()).not.toContain('could not record credential usage');
+    } finally {
+      c.disconnect();
+    }
+  });
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
     await start();
     expect((await timed('/a/x')).status).toBe(200);
