@@ -81,6 +81,16 @@ describe('EGRESS_STORE parameters', () => {
     c.disconnect();
   });
 
+  it('a value that is no store URL is refused naming its scheme at most, never a piece of what follows it', async () => {
+    for (const [store, scheme] of [['tcp://:pw_CANARY@127.0.0.1:6379', '"tcp"'], ['ssl://u:pw_CANARY@h', '"ssl"'], ['pw_CANARY@127.0.0.1:6379', undefined], [':pw_CANARY', undefined]] as const) {
+      const res = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
+      expect(res.code, store).toBe(2);
+      expect(res.stderr, store).toContain('EGRESS_STORE must be file:PATH');
+      if (scheme) expect(res.stderr, store).toContain(scheme);
+      expect(res.stdout + res.stderr, store).not.toMatch(/pw|CANARY/);
+    }
+  });
+
   it('a port out of range, or a database number that is not plain digits, is a usage error (exit 2), not a proxy that starts and never connects', async () => {
     for (const store of [`redis://127.0.0.1:99999/0`, `redis://127.0.0.1:0/0`, `redis-sentinel://127.0.0.1:70000/main`, `redis://127.0.0.1:${redis.port}/1e1`, `redis://127.0.0.1:${redis.port}/0x1`, `redis-sentinel://127.0.0.1:26379/main?db=1.0`]) {
       const res = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: store }));
