@@ -149,12 +149,6 @@ const COMMON: RedisOptions = {
 };
 
 /**
- * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
- * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
- * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
- * file instead of the URL.
- */
-/**
  * The query parameters each form takes. Any other is refused rather than ignored: `?tls=1` or
  * `?ssl=true` connected in the clear (password and ciphertext with it), a misspelt `password_file`
  * connected without the password, and `?db=5` on redis:// used database 0. Named in the message,
@@ -183,6 +177,12 @@ function checkParams(scheme: string, params: URLSearchParams, path: string | und
   if (scheme === 'redis-cluster' && path !== undefined && path !== '/' && path !== '/0') throw new UserError('EGRESS_STORE: a redis-cluster:// URL names no database (a Cluster has database 0 only)', 2);
 }
 
+/**
+ * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
+ * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
+ * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
+ * file instead of the URL; `?tls=true` connects over TLS.
+ */
 export function parseRedisUrl(spec: string): RedisSpec {
   // The userinfo runs to the last "@": a password is often base64 ("/", "+") and is not always
   // percent-encoded, and no host, database number or master name holds an "@". Cut at the first
