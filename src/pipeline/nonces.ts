@@ -1,3 +1,4 @@
+import { ProxyError } from '../errors.ts';
 import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 
 /**
@@ -20,11 +21,19 @@ export class MemoryNonces implements NonceSource {
   }
 }
 
-/** max(clock in µs on Redis's TIME, last + 1), atomically: every instance shares one sequence per credential. */
+/**
+ * max(clock in µs on Redis's TIME, last + 1), atomically: every instance shares one sequence per
+ * credential. A stored value that is no nonce (another type, not a number, negative, or 2^53 and
+ * up, where + 1 is lost and "inf" is no integer) is damage: the sequence starts again from the
+ * clock, and the value is overwritten. It failed every signed request of the credential with a
+ * 500 until someone removed the key by hand.
+ */
 const NEXT_SCRIPT = `
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local stored = redis.pcall('GET', KEYS[1])
+local last = type(stored) == 'string' and tonumber(stored) or 0
+if last ~= last or last < 0 or last >= 9007199254740992 then last = 0 end
 local n = clock
 if n <= last then n = last + 1 end
 redis.call('SET', KEYS[1], string.format('%.0f', n))
@@ -39,7 +48,15 @@ export class RedisNonces implements NonceSource {
   }
 
   async next(credential: string): Promise<bigint> {
-    // No local fallback: a nonce that might repeat one another instance used is refused upstream anyway.
-    return BigInt((await evalScript(this.#client, NEXT_SCRIPT, [`egress:nonce:{${credential}}`], [])) as string);
+    // No local fallback: a nonce that might repeat one another instance used is refused upstream
+    // anyway. Redis down, frozen or refusing writes is the store being unavailable (503), not a
+    // fault of the proxy's (500).
+    let reply: unknown;
+    try {
+      reply = await evalScript(this.#client, NEXT_SCRIPT, [`egress:nonce:{${credential}}`], []);
+    } catch (err) {
+      throw new ProxyError('credential_unavailable', 'No nonce could be taken from the store; nothing was sent.', { cause: err });
+    }
+    return BigInt(reply as string);
   }
 }

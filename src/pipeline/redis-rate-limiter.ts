@@ -75,6 +75,16 @@ interface Pending {
 }
 
 const PAUSE_CHANNEL = 'egress:ratelimit:pause';
+
+/**
+ * Pub/sub spans every database of a server: on one channel, an upstream 429 seen by the proxies
+ * of one store (staging on /1) paused the route of the same name for those of another (production
+ * on /2). One channel per database; database 0 keeps the channel it always had.
+ */
+function pauseChannel(client: RedisConnection): string {
+  const db = 'db' in client.options && typeof client.options.db === 'number' ? client.options.db : 0;
+  return db === 0 ? PAUSE_CHANNEL : `${PAUSE_CHANNEL}:db${db}`;
+}
 /** After a Redis failure, use per-instance limits for this long before asking Redis again. */
 const BREAKER_MS = 1_000;
 
@@ -93,6 +103,7 @@ export class RedisRateLimiter implements RateLimiter {
   readonly #subscriber: RedisConnection;
   readonly #local = new MemoryRateLimiter();
   readonly #log: Logger;
+  readonly #channel: string;
   #downUntil = 0;
   #degraded = false;
   /** While degraded, one request at a time asks Redis (half-open); the rest use local buckets. */
@@ -107,9 +118,11 @@ export class RedisRateLimiter implements RateLimiter {
     this.#client = client;
     this.#subscriber = subscriber;
     this.#log = log;
+    this.#channel = pauseChannel(client);
     subscriber.on('error', () => {});
-    subscriber.on('ready', () => void subscriber.subscribe(PAUSE_CHANNEL).catch(() => {}));
-    subscriber.on('message', (_channel: string, message: string) => {
+    subscriber.on('ready', () => void subscriber.subscribe(this.#channel).catch(() => {}));
+    subscriber.on('message', (channel: string, message: string) => {
+      if (channel !== this.#channel) return;
       try {
         const { scope, ms } = JSON.parse(message) as { scope: unknown; ms: unknown };
         if (typeof scope === 'string' && typeof ms === 'number' && ms > 0) this.#local.pause(scope, ms);
@@ -211,7 +224,7 @@ export class RedisRateLimiter implements RateLimiter {
 
   pause(scope: string, ms: number): void {
     this.#local.pause(scope, ms);
-    void this.#client.publish(PAUSE_CHANNEL, JSON.stringify({ scope, ms })).catch(() => {});
+    void this.#client.publish(this.#channel, JSON.stringify({ scope, ms })).catch(() => {});
   }
 
   async close(): Promise<void> {

@@ -16,5 +16,8 @@ export function openStore(spec: string): StoreBackend {
     return new FileStore(resolve(path));
   }
   if (/^(rediss?|redis-sentinel|redis-cluster):\/\//.test(spec)) return new RedisStore(parseRedisUrl(spec));
-  throw new UserError(`EGRESS_STORE must be file:PATH, redis://…, rediss://…, redis-sentinel://… or redis-cluster://… (got a value starting "${spec.slice(0, 8)}")`, 2);
+  // Its scheme at most: the first characters of a URL with a mistyped scheme (tcp://:password@…)
+  // were the start of its password.
+  const scheme = /^([a-z][a-z0-9+.-]{0,19}):/i.exec(spec)?.[1];
+  throw new UserError(`EGRESS_STORE must be file:PATH, redis://…, rediss://…, redis-sentinel://… or redis-cluster://… (${scheme ? `got scheme "${scheme}"` : 'got no scheme'})`, 2);
 }

@@ -149,10 +149,39 @@ const COMMON: RedisOptions = {
 };
 
 /**
+ * The query parameters each form takes. Any other is refused rather than ignored: `?tls=1` or
+ * `?ssl=true` connected in the clear (password and ciphertext with it), a misspelt `password_file`
+ * connected without the password, and `?db=5` on redis:// used database 0. Named in the message,
+ * never quoted with its value (which may be a password in a URL written the wrong way).
+ */
+const PARAMS: Readonly<Record<string, readonly string[]>> = {
+  redis: ['password_file', 'tls'],
+  rediss: ['password_file', 'tls'],
+  'redis-sentinel': ['password_file', 'tls', 'db'],
+  'redis-cluster': ['password_file', 'tls'],
+};
+
+function checkParams(scheme: string, params: URLSearchParams, path: string | undefined): void {
+  for (const name of new Set(params.keys())) {
+    const printable = /^[a-z_]{1,32}$/i.test(name) ? `"${name}"` : 'a parameter';
+    if (!PARAMS[scheme]!.includes(name)) {
+      const hint = name === 'db' ? ` (give the database as the path: ${scheme}://host:6379/N)` : '';
+      throw new UserError(`EGRESS_STORE has ${printable}, which a ${scheme}:// URL does not take${hint}; it takes ${PARAMS[scheme]!.join(', ')}`, 2);
+    }
+    if (params.getAll(name).length > 1) throw new UserError(`EGRESS_STORE gives ${printable} more than once`, 2);
+  }
+  const tls = params.get('tls');
+  if (tls !== null && tls !== 'true' && tls !== 'false') throw new UserError('EGRESS_STORE "tls" is true or false', 2);
+  if (tls === 'false' && scheme === 'rediss') throw new UserError('EGRESS_STORE is rediss:// (always TLS) with "tls" false: use redis:// for a connection in the clear', 2);
+  // A Cluster has database 0 only; the path was ignored, and the store went to database 0.
+  if (scheme === 'redis-cluster' && path !== undefined && path !== '/' && path !== '/0') throw new UserError('EGRESS_STORE: a redis-cluster:// URL names no database (a Cluster has database 0 only)', 2);
+}
+
+/**
  * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
  * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
  * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
- * file instead of the URL.
+ * file instead of the URL; `?tls=true` connects over TLS.
  */
 export function parseRedisUrl(spec: string): RedisSpec {
   // The userinfo runs to the last "@": a password is often base64 ("/", "+") and is not always
@@ -162,6 +191,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
   if (!match) throw new UserError('EGRESS_STORE is not a Redis URL like redis://host:6379/0', 2);
   const [, scheme, userinfo, hostList, path, query] = match;
   const params = new URLSearchParams(query ?? '');
+  checkParams(scheme!, params, path);
   let username: string | undefined;
   let password: string | undefined;
   if (userinfo) {
@@ -176,15 +206,21 @@ export function parseRedisUrl(spec: string): RedisSpec {
     } catch (err) {
       throw new UserError(`EGRESS_STORE password_file ${passwordFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
     }
+    // A secret mounted empty connected with no password at all, and Redis answered NOAUTH.
+    if (!password) throw new UserError(`EGRESS_STORE password_file ${passwordFile} is empty`);
   }
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
     // Not quoted: in a URL that does not parse, what looks like a host may be part of the password.
-    if (!m) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT, or HOST:PORT,HOST:PORT for Sentinel and Cluster', 2);
-    return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379)) };
+    const port = Number(m?.[2] ?? (scheme === 'redis-sentinel' ? 26379 : 6379));
+    // A port out of range was accepted here and failed every connection attempt (ERR_SOCKET_BAD_PORT) of a proxy that started anyway.
+    if (!m || !(port >= 1 && port <= 65535)) throw new UserError('EGRESS_STORE has a bad host: give HOST:PORT (port 1-65535), or HOST:PORT,HOST:PORT for Sentinel and Cluster', 2);
+    return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
   });
-  const db = Number(scheme === 'redis-sentinel' ? (params.get('db') ?? 0) : (path?.slice(1) || 0));
-  if (!Number.isInteger(db) || db < 0) throw new UserError('EGRESS_STORE database number must be a whole number', 2);
+  // Digits only: Number() also took "1e1" and "0x1" for databases 10 and 1.
+  const dbText = scheme === 'redis-sentinel' ? (params.get('db') ?? '0') : (path?.slice(1) || '0');
+  if (!/^\d{1,9}$/.test(dbText)) throw new UserError('EGRESS_STORE database number must be a whole number', 2);
+  const db = Number(dbText);
   const auth = { ...(username ? { username } : {}), ...(password ? { password } : {}) };
   const description = `${scheme}://${password ? `${username ?? ''}:***@` : ''}${hostList}${path ?? ''}`;
   const tls = scheme === 'rediss' || params.get('tls') === 'true' ? { tls: {} } : {};
@@ -197,7 +233,12 @@ export function parseRedisUrl(spec: string): RedisSpec {
     case 'redis-sentinel': {
       const name = path?.slice(1);
       if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, sentinels: hosts, name, db }) };
+      // ioredis takes `tls` in Sentinel mode for nothing unless told: the primary was reached in the
+      // clear, and the sentinels always were. With TLS asked for, both go over TLS.
+      const sentinelTls = 'tls' in tls ? { enableTLSForSentinelMode: true, sentinelTLS: {} } : {};
+      // A sentinel that takes the connection and never answers (a hung host) held the connection
+      // for good without a bound of its own: the next sentinel was never asked.
+      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db }) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };

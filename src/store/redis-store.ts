@@ -23,6 +23,22 @@ export const KEYS = Object.freeze({
 });
 
 /**
+ * The master key floor as a number when the stored value is a whole number (digits, as
+ * kekFloor() reads it), nil otherwise. Lua's tonumber also takes "inf", "1e999", "2.5" and "0x10":
+ * a floor edited by hand into one of those refused every new data key for good (no rotation could
+ * raise it past infinity), while kekFloor() and `master-key status` reported no floor.
+ */
+const WHOLE_FLOOR = `
+local function wholeFloor(v)
+  if type(v) ~= 'string' then return nil end
+  local digits = string.match(v, '^%s*(%d+)%s*$')
+  local n = digits and tonumber(digits)
+  if n and n <= 9007199254740991 then return n end
+  return nil
+end
+`;
+
+/**
  * Compare-and-set one record: write only when its stored revision is the one the writer read, and
  * it wraps no new data key below the store's master key floor (kek-floor.ts: newWrapBelow, the
  * same rule). Everything that can fail goes before the record is written (a script is not rolled
@@ -30,7 +46,7 @@ export const KEYS = Object.freeze({
  * instance told of the change). A change counter edited by hand (not an integer, or another type)
  * is started again from the server's clock, so every watcher sees it change.
  */
-const PUT_SCRIPT = `
+const PUT_SCRIPT = `${WHOLE_FLOOR}
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' and cur.err then return {-2, 0} end
 local rev = 0
@@ -40,10 +56,8 @@ if cur then
   if ok and type(doc) == 'table' and tonumber(doc['revision']) then rev = tonumber(doc['revision']); stored = doc else rev = -1 end
 end
 if rev ~= tonumber(ARGV[2]) then return {0, rev} end
-local floor = redis.pcall('GET', KEYS[4])
-floor = type(floor) == 'string' and tonumber(floor)
--- NaN (tonumber takes "nan") compares false with everything: no floor, as for any value not a number.
-if floor and floor == floor then
+local floor = wholeFloor(redis.pcall('GET', KEYS[4]))
+if floor then
   local function wraps(record)
     local out = {}
     if type(record) == 'table' and type(record['versions']) == 'table' then
@@ -75,11 +89,9 @@ redis.call('PUBLISH', ARGV[4], v)
 return {1, v}
 `;
 
-/** The floor only rises; a value edited by hand (not a number, another type) counts as no floor. */
-const RAISE_FLOOR_SCRIPT = `
-local cur = redis.pcall('GET', KEYS[1])
-local floor = type(cur) == 'string' and tonumber(cur) or 0
-if floor ~= floor then floor = 0 end
+/** The floor only rises; a value edited by hand (not a whole number, another type) counts as no floor. */
+const RAISE_FLOOR_SCRIPT = `${WHOLE_FLOOR}
+local floor = wholeFloor(redis.pcall('GET', KEYS[1])) or 0
 if tonumber(ARGV[1]) > floor then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 `;
@@ -106,8 +118,12 @@ out[#out + 1] = v
 return out
 `);
 
-/** Keep the later of the stored and the given time for each "version|caller" field. */
+/**
+ * Keep the later of the stored and the given time for each "version|caller" field. Usage is a
+ * hint: a key of another type (damage) is replaced, where it failed every flush for good.
+ */
 const USAGE_SCRIPT = `
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then redis.call('DEL', KEYS[1]) end
 for i = 1, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur or cur < ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -118,6 +134,9 @@ return 1
 /** ioredis's errors for a command that got no answer: the command timeout, a dropped or unwritable connection. */
 const UNANSWERED = /^(Command timed out|Connection is closed|Stream isn't writeable)/;
 
+/** Redis's answer to SELECT of a database it does not have (Redis 6 and later; older ones). */
+const SELECT_REFUSED = /^ERR (DB index is out of range|invalid DB index)/;
+
 /** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
 const POLL_MS = 500;
 
@@ -127,6 +146,8 @@ export class RedisStore implements StoreBackend {
   readonly #spec: RedisSpec;
   /** Why the last connection attempt failed (ECONNREFUSED, …), for the error a command gets meanwhile. */
   #connectError: string | undefined;
+  /** The server refused the URL's database number, on the last connection attempt. */
+  #selectRefused = false;
 
   constructor(spec: RedisSpec) {
     this.#spec = spec;
@@ -134,10 +155,20 @@ export class RedisStore implements StoreBackend {
     this.client = spec.connect();
     // Connection errors surface as failed commands; an unhandled 'error' event must not crash the process.
     this.client.on('error', (err: NodeJS.ErrnoException) => {
+      if (SELECT_REFUSED.test(err.message)) {
+        // ioredis reports a refused SELECT (a database number the server does not have) and goes
+        // on in database 0, another store's: drop the connection before it is ready (it
+        // reconnects, and is refused again), so that nothing is read or written there.
+        this.#selectRefused = true;
+        this.client.disconnect(true);
+      } else if (this.#selectRefused) {
+        return; // the dropped connection's own errors: the refusal is the reason to give
+      }
       this.#connectError = err.code ?? err.message.split('\n')[0]!.slice(0, 120);
     });
     this.client.on('ready', () => {
       this.#connectError = undefined;
+      this.#selectRefused = false;
     });
   }
 
@@ -238,7 +269,12 @@ export class RedisStore implements StoreBackend {
   }
 
   async readUsage(credential: string): Promise<UsageEntry[]> {
-    return decodeUsage(credential, await this.#command(false, () => this.client.hgetall(KEYS.usage(credential))));
+    const usage = await this.#command(false, () => this.client.hgetall(KEYS.usage(credential)).catch((err: unknown) => {
+      // A damaged usage key (another type) is no usage, not a `keys show` that fails: it is a hint.
+      if (err instanceof Error && err.message.startsWith('WRONGTYPE')) return {};
+      throw err;
+    }));
+    return decodeUsage(credential, usage);
   }
 
   async now(): Promise<number> {

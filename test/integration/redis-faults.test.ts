@@ -1,4 +1,9 @@
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ConflictError } from '../../src/errors.ts';
+import { newCredentialRecord } from '../../src/store/credentials.ts';
+import { readKeyring } from '../../src/store/keyring.ts';
 import { parseRedisUrl, serverMajorVersion, takesScriptFlags } from '../../src/store/redis-client.ts';
 import { KEYS, RedisStore } from '../../src/store/redis-store.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -242,6 +247,99 @@ describe('Redis faults', () => {
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('store_unavailable');
   });
 
+  it('a master key floor edited into something that is not a whole number (1e999, inf, 2.5, 9e99, 20 digits) counts as no floor, as `master-key status` reports it, and master-key rotate sets it again', async () => {
+    const keyring = await readKeyring(join(dir, 'master.key'));
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    const c = redis.client();
+    try {
+      for (const [n, garbage] of ['1e999', 'inf', '2.5', '9e99', '99999999999999999999'].entries()) {
+        await c.set(KEYS.kekFloor, garbage);
+        expect(await store.kekFloor(), garbage).toBe(0);
+        // Before: every new data key was refused for good (a leaked key could not be rotated).
+        await expect(store.put('credential', newCredentialRecord(keyring, `floor-${n}`, { secret: 'x' }, new Date()), 0), garbage).resolves.toBeUndefined();
+        await store.raiseKekFloor(2);
+        expect(await store.kekFloor(), garbage).toBe(2);
+        const refused = await store.put('credential', newCredentialRecord(keyring, `floor-${n}-after`, { secret: 'x' }, new Date()), 0).catch((err: unknown) => err);
+        expect(refused, garbage).toBeInstanceOf(ConflictError);
+        expect((refused as Error).message, garbage).toContain('from master key version 2 on');
+      }
+    } finally {
+      c.disconnect();
+      await store.close();
+    }
+  });
+  it('a Kraken nonce with Redis frozen, down, or its nonce key damaged: a clean 503 and nothing sent, never a 500; a damaged value starts again from the clock', async () => {
+    const keyring = await readKeyring(join(dir, 'master.key'));
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    await store.put('credential', newCredentialRecord(keyring, 'kraken', { api_key: 'key-1', api_secret: Buffer.from('kraken-secret-1234').toString('base64') }, new Date()), 0);
+    await store.close();
+    await writeFile(join(dir, 'routes', 'k.yaml'), `name: k\nprefix: /k\nallow_private_addresses: true\ncredential: kraken\npreset: kraken\nupstream: ${upstream.url}\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/0/private/*]\n`);
+    await start();
+    const post = async () => {
+      const started = performance.now();
+      const res = await fetch(`${proxy!.url}/k/0/private/Balance`, { method: 'POST', headers: { 'x-egress-token': tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD' });
+      await res.arrayBuffer();
+      return { status: res.status, code: res.headers.get('x-egress-error'), ms: performance.now() - started };
+    };
+    const nonceSent = () => BigInt(new URLSearchParams(upstream.requests.at(-1)!.body.toString()).get('nonce')!);
+    expect((await post()).status).toBe(200);
+    const first = nonceSent();
+    const c = redis.client();
+    const key = 'egress:nonce:{kraken}';
+    try {
+      // Damaged: another type, not a number, past what a nonce can be (2^53 and up, infinity).
+      for (const damage of [() => c.del(key).then(() => c.lpush(key, 'x')), () => c.set(key, 'abc'), () => c.set(key, '1e999'), () => c.set(key, '99999999999999999999999')]) {
+        await damage();
+        const sent = upstream.requests.length;
+        const res = await post();
+        expect(res.status, JSON.stringify(res)).toBe(200);
+        expect(upstream.requests.length).toBe(sent + 1);
+        const nonce = nonceSent();
+        expect(nonce > first).toBe(true);
+        // The clock in microseconds again: not far ahead of it.
+        expect(nonce < BigInt(Date.now() + 60_000) * 1000n).toBe(true);
+      }
+      const sent = upstream.requests.length;
+      redis.freeze();
+      try {
+        const frozen = await post();
+        expect(frozen.code, JSON.stringify(frozen)).toBe('credential_unavailable');
+        expect(frozen.status).toBe(503);
+        expect(frozen.ms).toBeLessThan(1_500);
+      } finally {
+        redis.thaw();
+      }
+      await redis.stop();
+      const down = await post();
+      expect(down.code, JSON.stringify(down)).toBe('credential_unavailable');
+      expect(down.status).toBe(503);
+      expect(upstream.requests.length).toBe(sent);
+      expect(proxy!.logs()).not.toContain('unexpected error in the request path');
+      expect(proxy!.logs()).not.toContain('kraken-secret-1234');
+    } finally {
+      c.disconnect();
+    }
+  });
+  it('a credential\'s usage key damaged (another type): keys show and the admin API still describe the credential, and the next usage flush writes it afresh', async () => {
+    const env = envFor(dir, { EGRESS_STORE: redis.url });
+    const admin = await startWithAdminToken(env);
+    const c = redis.client();
+    try {
+      await c.lpush(KEYS.usage('cred-a'), 'not a hash');
+      const show = await runCli(['keys', 'show', 'cred-a', '--json'], env);
+      expect(show.code, show.stderr).toBe(0);
+      expect(show.stdout).toContain('cred-a');
+      const res = await fetch(`${proxy!.admin}/v1/credentials/cred-a`, { headers: { authorization: `Bearer ${admin}` } });
+      expect(res.status).toBe(200);
+      expect((await timed('/a/x')).status).toBe(200);
+      await proxy!.services().usage.flush();
+      expect(await c.type(KEYS.usage('cred-a'))).toBe('hash');
+      expect(Object.keys(await c.hgetall(KEYS.usage('cred-a')))).toEqual(['1|svc']);
+      expect(proxy!.logs()).not.toContain('could not record credential usage');
+    } finally {
+      c.disconnect();
+    }
+  });
   it('a script cache emptied under the proxy (SCRIPT FLUSH, as after a restart without persistence) costs no request and no shared limit', async () => {
     await start();
     expect((await timed('/a/x')).status).toBe(200);

@@ -183,4 +183,32 @@ describe('RedisRateLimiter batches', () => {
       publisher.disconnect();
     }
   });
+
+  it('a pause is heard by the instances of the same store only: a route of the same name in another database of the server is not paused', async () => {
+    const on = async (db: number) => {
+      const url = `${redis.url}/${db}`;
+      const own = parseRedisUrl(url).connect();
+      own.on('error', () => {});
+      await new Promise((resolve) => own.once('ready', resolve));
+      // As the proxy does: the limiter subscribes when its connection is ready.
+      return { own, limiter: new RedisRateLimiter(own, parseRedisUrl(url).connect(), createLogger('silent')) };
+    };
+    const staging = await on(1);
+    const production = await on(2);
+    const sameDb = await on(1);
+    try {
+      const bucket = upstreamBucket(1000);
+      await new Promise((r) => setTimeout(r, 300));
+      staging.limiter.pause('plaid', 60_000);
+      await new Promise((r) => setTimeout(r, 200));
+      expect((await staging.limiter.check('plaid', [bucket])).allowed).toBe(false);
+      expect((await sameDb.limiter.check('plaid', [bucket])).allowed).toBe(false);
+      expect((await production.limiter.check('plaid', [bucket])).allowed).toBe(true);
+    } finally {
+      for (const x of [staging, production, sameDb]) {
+        await x.limiter.close();
+        x.own.disconnect();
+      }
+    }
+  });
 });

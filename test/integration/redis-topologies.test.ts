@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
@@ -9,8 +9,10 @@ import { RedisRateLimiter } from '../../src/pipeline/redis-rate-limiter.ts';
 import { openStore } from '../../src/store/open-store.ts';
 import type { RedisStore } from '../../src/store/redis-store.ts';
 import type { CallerRecord } from '../../src/store/records.ts';
-import { eventually } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir } from '../helpers/proxy.ts';
 import { freePort } from '../helpers/redis.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 
 /** Sentinel (with a real failover) and Cluster, each started here from redis-server. */
 const children: ChildProcess[] = [];
@@ -39,6 +41,35 @@ async function redisProcess(args: string[]): Promise<{ port: number; child: Chil
       c.disconnect();
     }
   }, 10_000, 'redis-server to start');
+  return { port, child };
+}
+
+/** A Sentinel watching the primary on `primaryPort` as "main"; `conf` adds lines (TLS). Resolves once it names the primary. */
+async function sentinelProcess(primaryPort: number, conf: readonly string[] = [], ask?: (port: number) => Promise<unknown>): Promise<{ port: number; child: ChildProcess }> {
+  const port = await freePort();
+  const dir = await mkdtemp(join(tmpdir(), 'egress-sentinel-'));
+  dirs.push(dir);
+  const file = join(dir, 'sentinel.conf');
+  const tls = conf.length > 0;
+  await writeFile(file, [
+    tls ? 'port 0' : `port ${port}`, ...(tls ? [`tls-port ${port}`] : []), 'bind 127.0.0.1', ...conf,
+    `sentinel monitor main 127.0.0.1 ${primaryPort} 1`, 'sentinel down-after-milliseconds main 500', '',
+  ].join('\n'));
+  const child = spawn('redis-server', [file, '--sentinel'], { stdio: 'ignore' });
+  children.push(child);
+  await eventually(async () => {
+    if (ask) return ask(port).then(() => true, () => false);
+    const c = new Redis(port, '127.0.0.1', { lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
+    c.on('error', () => {});
+    try {
+      await c.connect();
+      return Array.isArray(await c.call('SENTINEL', 'get-master-addr-by-name', 'main'));
+    } catch {
+      return false;
+    } finally {
+      c.disconnect();
+    }
+  }, 10_000, 'the sentinel to name the primary');
   return { port, child };
 }
 
@@ -79,6 +110,75 @@ describe('Redis Sentinel', () => {
       expect((await store.load()).callers.get('svc')!.revision).toBe(2);
     } finally {
       await store.close();
+    }
+  }, 40_000);
+
+  it('a sentinel that takes the connection and never answers (a hung host, SIGSTOP) does not hold the store: the next sentinel in the URL is asked', async () => {
+    const primary = await redisProcess([]);
+    const hung = await sentinelProcess(primary.port);
+    const good = await sentinelProcess(primary.port);
+    hung.child.kill('SIGSTOP');
+    const store = openStore(`redis-sentinel://127.0.0.1:${hung.port},127.0.0.1:${good.port}/main`);
+    try {
+      const started = Date.now();
+      await eventually(async () => store.put('caller', caller('svc', 1), 0).then(() => true, () => false), 10_000, 'a write through the second sentinel');
+      expect(Date.now() - started).toBeLessThan(5_000);
+      expect((await store.load()).callers.get('svc')!.revision).toBe(1);
+    } finally {
+      hung.child.kill('SIGCONT');
+      await store.close();
+    }
+  }, 30_000);
+
+  it('?tls=true goes over TLS to the sentinels and to the primary they name, not in the clear', async () => {
+    const pki = makeTestPki();
+    const dir = await makeTempDir('egress-sentinel-tls-');
+    dirs.push(dir);
+    const files = { ca: join(dir, 'ca.pem'), cert: join(dir, 'server.pem'), key: join(dir, 'server.key') };
+    await writeFile(files.ca, pki.caCert);
+    await writeFile(files.cert, pki.serverCert);
+    await writeFile(files.key, pki.serverKey);
+    const tlsFiles = ['--tls-cert-file', files.cert, '--tls-key-file', files.key, '--tls-ca-cert-file', files.ca, '--tls-auth-clients', 'no'];
+    // The primary takes TLS only: a connection in the clear gets nowhere.
+    const primaryPort = await freePort();
+    const primaryDir = await mkdtemp(join(tmpdir(), 'egress-topo-'));
+    dirs.push(primaryDir);
+    children.push(spawn('redis-server', ['--port', '0', '--tls-port', String(primaryPort), '--bind', '127.0.0.1', '--dir', primaryDir, '--save', '', '--appendonly', 'no', '--loglevel', 'warning', ...tlsFiles], { stdio: 'ignore' }));
+    const tlsClient = (port: number) => new Redis(port, '127.0.0.1', { tls: { ca: pki.caCert }, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
+    await eventually(async () => {
+      const c = tlsClient(primaryPort);
+      c.on('error', () => {});
+      try {
+        await c.connect();
+        return (await c.ping()) === 'PONG';
+      } catch {
+        return false;
+      } finally {
+        c.disconnect();
+      }
+    }, 10_000, 'the TLS primary to start');
+    const conf = [`tls-cert-file ${files.cert}`, `tls-key-file ${files.key}`, `tls-ca-cert-file ${files.ca}`, 'tls-auth-clients no', 'tls-replication yes'];
+    const sentinel = await sentinelProcess(primaryPort, conf, async (port) => {
+      const c = tlsClient(port);
+      c.on('error', () => {});
+      try {
+        await c.connect();
+        if (!Array.isArray(await c.call('SENTINEL', 'get-master-addr-by-name', 'main'))) throw new Error('no primary yet');
+      } finally {
+        c.disconnect();
+      }
+    });
+
+    await mkdir(join(dir, 'routes'));
+    expect((await runCli(['master-key', 'init'], envFor(dir))).code).toBe(0);
+    const env = envFor(dir, { EGRESS_STORE: `redis-sentinel://127.0.0.1:${sentinel.port}/main?tls=true`, NODE_EXTRA_CA_CERTS: files.ca });
+    const added = await runCli(['callers', 'add', 'svc', '--json'], env);
+    expect(added.code, added.stderr).toBe(0);
+    const c = tlsClient(primaryPort);
+    try {
+      expect(await c.get('egress:{egress}:caller:svc')).toContain('"name":"svc"');
+    } finally {
+      c.disconnect();
     }
   }, 40_000);
 });

@@ -128,6 +128,49 @@ describe('FLT-09 clock skew', () => {
     }
   }, 40_000);
 
+  it('FLT-09g OAuth2 tokens shared through Redis keep their lifetime on Redis\'s clock: an instance two hours ahead takes the token another instance minted (no second mint), and the document holds Redis-clock times', async () => {
+    let mints = 0;
+    const api = await startUpstream((req, res) => {
+      if (req.url === '/token') {
+        mints++;
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ access_token: `at_${mints}`, expires_in: 3600 }));
+        return;
+      }
+      res.end('{}');
+    });
+    const redis = await TestRedis.create();
+    const dir = await makeTempDir('egress-flt09g-');
+    const route = `name: r\nprefix: /r\nupstream: ${api.url}\nallow_private_addresses: true\ncredential: c\ninject:\n  scheme: oauth2_client_credentials\n  token_url: ${api.url}/token\n  client_auth: body\nallow:\n  - caller: a\n    methods: [GET]\n    paths: [/x]\n`;
+    const { tokens } = await seedDataDir(dir, { routes: { r: route }, credentials: { c: { client_id: 'id', client_secret: CANARY } }, callers: ['a'], store: redis.url });
+    const start = async (name: string, offset: string) => startServe(envFor(dir, { EGRESS_STORE: redis.url, EGRESS_AUDIT_LOG: join(dir, `audit-${name}.log`), ...(await skewedClock(offset)).env }));
+    const right = await start('right', '+0');
+    const ahead = await start('ahead', '+2h');
+    const c = redis.client();
+    try {
+      expect(await skewHours(ahead)).toBe(2);
+      expect((await get(right, tokens.a!)).status).toBe(200);
+      expect(mints).toBe(1);
+      // Two hours ahead, the token minted a moment ago looked an hour past its end: minted again.
+      expect((await get(ahead, tokens.a!)).status).toBe(200);
+      expect(mints).toBe(1);
+      expect(api.requests.filter((r) => r.url === '/x').map((r) => r.headers.authorization)).toEqual(['Bearer at_1', 'Bearer at_1']);
+      // What the shared document says is on Redis's clock: its end is an hour from Redis's now, not three.
+      const [key] = (await c.keys('egress:oauth:*')).filter((k) => !k.endsWith(':lock'));
+      const doc = JSON.parse((await c.get(key!))!) as { expiresAt: number };
+      const [seconds] = (await c.time()).map(Number);
+      expect(Math.abs(doc.expiresAt - (seconds! * 1000 + 3_600_000))).toBeLessThan(60_000);
+      clean(right);
+      clean(ahead);
+    } finally {
+      c.disconnect();
+      await right.stop();
+      await ahead.stop();
+      await redis.destroy();
+      await api.close();
+    }
+  }, 40_000);
+
   /** A Redis store with credential c, and a serve instance whose wall clock is `offset` from ours. */
   async function graceSetup(offset: string) {
     const redis = await TestRedis.create();

@@ -21,6 +21,7 @@ const mints: string[] = [];
 let lastSecret = '';
 const revoked = new Set<string>();
 let counter = 0;
+let flakyCalls = 0;
 const proxies: TestProxy[] = [];
 
 beforeAll(async () => {
@@ -31,7 +32,12 @@ beforeAll(async () => {
       res.end(JSON.stringify(doc));
     };
     const url = req.url ?? '';
-    if (url === '/connect/token') {
+    // The first mint here fails slowly, as a token endpoint in trouble does; the next ones succeed.
+    if (url === '/connect/token-flaky' && ++flakyCalls === 1) {
+      setTimeout(() => json(503, { error: 'temporarily_unavailable' }), 400);
+      return;
+    }
+    if (url === '/connect/token' || url === '/connect/token-flaky') {
       const form = new URLSearchParams(body.toString());
       const secret = form.get('client_secret') ?? '';
       if (secret !== 'cs_CANARY_oauth' && secret !== 'cs_CANARY_oauth_2') return json(401, { error: 'invalid_client' });
@@ -58,14 +64,14 @@ afterAll(async () => {
 });
 
 /** Route `name` on /name, to the API's /<scope>, with a token of that scope from credential bank. */
-const route = (name: string, scope: string) => `name: ${name}
+const route = (name: string, scope: string, tokenPath = '/connect/token') => `name: ${name}
 prefix: /${name}
 upstream: ${upstream.url}/${scope}
 allow_private_addresses: true
 credential: bank
 inject:
   scheme: oauth2_client_credentials
-  token_url: ${upstream.url}/connect/token
+  token_url: ${upstream.url}${tokenPath}
   client_auth: body
   scope: ${scope}
 allow:
@@ -79,7 +85,7 @@ async function seed(db: number): Promise<{ dir: string; store: string; token: st
   const dir = await makeTempDir('egress-oauth-shared-');
   const store = `${redis.url}/${db}`;
   const { tokens } = await seedDataDir(dir, {
-    routes: { reader: route('reader', 'read'), writer: route('writer', 'write') },
+    routes: { reader: route('reader', 'read'), writer: route('writer', 'write'), flaky: route('flaky', 'read', '/connect/token-flaky') },
     credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_oauth' } },
     callers: ['svc'],
     store,
@@ -161,6 +167,95 @@ describe('DOS: upstream 401s and the token endpoint', () => {
     expect(mints.length - before).toBe(1);
     expectNoTokenIn(proxy.logs());
   });
+});
+
+describe('FLT: one mint at a time across instances', () => {
+  it('FLT-20 an instance waiting for another instance\'s mint mints itself as soon as that mint fails, instead of waiting out the lock', async () => {
+    const { dir, store, token } = await seed(5);
+    const a = await instance(dir, store);
+    const b = await instance(dir, store);
+    // a takes the lock and its mint fails after 400 ms; b asks while a's mint is out.
+    const first = get(a, '/flaky/accounts', token);
+    await new Promise((r) => setTimeout(r, 100));
+    const started = performance.now();
+    const second = await get(b, '/flaky/accounts', token);
+    const ms = performance.now() - started;
+    const failed = await first;
+    expect(failed.status).toBe(503);
+    expect(failed.headers.get('x-egress-error')).toBe('credential_unavailable');
+    expect(second.status).toBe(200);
+    expect(flakyCalls).toBe(2);
+    // Bounded by a's mint and its own, not by the 10 s the lock may be held.
+    expect(ms).toBeLessThan(3_000);
+    expectNoTokenIn(a.logs() + b.logs() + (await second.text()));
+  }, 20_000);
+});
+
+describe('FLT: OAuth2 tokens while Redis is frozen', () => {
+  it('FLT-21 with Redis frozen (SIGSTOP), a token is minted here after one Redis timeout, not after one per step of the shared mint', async () => {
+    const { dir, store, token } = await seed(6);
+    const a = await instance(dir, store);
+    redis.freeze();
+    try {
+      const started = performance.now();
+      const res = await get(a, '/reader/accounts', token);
+      const ms = performance.now() - started;
+      expect(res.status).toBe(200);
+      // One command timeout (500 ms) for the shared read, then the mint: not five of them (2.5 s).
+      expect(ms).toBeLessThan(1_300);
+    } finally {
+      redis.thaw();
+    }
+    expectNoTokenIn(a.logs());
+  }, 20_000);
+});
+
+describe('FLT-05: garbage in the mint lock', () => {
+  it('FLT-22 a mint lock no instance made (no expiry, or one past any lock\'s life, another type) does not make every mint wait out the lock: it is cleared and the mint goes on', async () => {
+    const { dir, store, token } = await seed(7);
+    const a = await instance(dir, store);
+    const c = redis.client({ db: 7 });
+    try {
+      expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+      const [docKey] = (await c.keys('egress:oauth:*')).filter((k) => !k.endsWith(':lock'));
+      const lock = `${docKey!}:lock`;
+      for (const plant of [() => c.set(lock, 'garbage'), () => c.set(lock, 'garbage', 'PX', 86_400_000), () => c.del(lock).then(() => c.hset(lock, 'x', '1'))]) {
+        await c.del(docKey!);
+        await plant();
+        // An instance with nothing cached of its own: it must mint, and goes through the lock.
+        const b = await instance(dir, store);
+        const started = performance.now();
+        const res = await get(b, '/reader/accounts', token);
+        expect(res.status).toBe(200);
+        expect(performance.now() - started).toBeLessThan(3_000);
+      }
+    } finally {
+      c.disconnect();
+    }
+  }, 60_000);
+});
+
+describe('FLT-05: garbage in the refusal window', () => {
+  it('FLT-23 a refusal-window key no refusal made (no expiry, or one past the minute) does not keep a revoked token in use: it is cleared, the token dropped, the next request gets a new one', async () => {
+    const { dir, store, token } = await seed(8);
+    const a = await instance(dir, store);
+    const c = redis.client({ db: 8 });
+    try {
+      for (const plant of [(k: string) => c.set(k, 'garbage'), (k: string) => c.set(k, '1', 'PX', 86_400_000)]) {
+        const mark = upstream.requests.length;
+        expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+        const [docKey] = (await c.keys('egress:oauth:*')).filter((k) => !k.endsWith(':lock') && !k.endsWith(':refused'));
+        await plant(`${docKey!}:refused`);
+        // The provider revokes the token early.
+        revoked.add(sentTo('/read/accounts', mark).at(-1)!);
+        expect((await get(a, '/reader/accounts', token)).status).toBe(401);
+        expect((await get(a, '/reader/accounts', token)).status).toBe(200);
+        await c.del(`${docKey!}:refused`);
+      }
+    } finally {
+      c.disconnect();
+    }
+  }, 30_000);
 });
 
 describe('CRED: OAuth2 tokens sealed in Redis', () => {
