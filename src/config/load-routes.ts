@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { isMap, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
+import { isMap, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
@@ -105,6 +105,8 @@ export async function loadRouteFile(file: string, named?: Set<string>): Promise<
  * `__proto__` included.
  */
 export async function parseRouteText(text: string, file: string, readCa: (path: string) => Promise<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  const deep = tooDeep(text);
+  if (deep !== undefined) return { problems: [{ file, ...positionIn(text, deep), message: `collections nested more than ${MAX_NESTING} deep (a route file needs about six levels)` }] };
   const lineCounter = new LineCounter();
   const doc = parseDocument(text, { lineCounter, uniqueKeys: true, merge: false, schema: 'core', prettyErrors: false, strict: true });
   const at = (offset: number | undefined): { line: number; col: number } => {
@@ -161,6 +163,47 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
   }
   return { route: compileRoute(parsed.data, file, ca) };
+}
+
+/** Maps and lists nested deeper than this are refused before the file is composed. */
+export const MAX_NESTING = 64;
+
+interface CstToken {
+  readonly type?: string;
+  readonly offset?: number;
+  readonly value?: CstToken;
+  readonly items?: readonly { readonly key?: CstToken | null; readonly value?: CstToken | null }[];
+}
+
+/**
+ * The offset of a collection nested deeper than MAX_NESTING, or undefined. The YAML composer
+ * recurses once per level: a 1 MiB file holds hundreds of thousands of levels ("[[[…" or "- - -…")
+ * and overflowed the call stack, a RangeError that named no file. The parser's tokens are walked
+ * here with a stack of our own.
+ */
+function tooDeep(text: string): number | undefined {
+  const pending: [CstToken | null | undefined, number][] = [];
+  for (const token of new Parser().parse(text)) pending.push([token as CstToken, 0]);
+  while (pending.length > 0) {
+    const [token, depth] = pending.pop()!;
+    if (!token) continue;
+    const level = token.type === 'block-map' || token.type === 'block-seq' || token.type === 'flow-collection' ? depth + 1 : depth;
+    if (level > MAX_NESTING) return token.offset ?? 0;
+    if (token.type === 'document') pending.push([token.value, level]);
+    for (const item of token.items ?? []) pending.push([item.key, level], [item.value, level]);
+  }
+  return undefined;
+}
+
+/** 1-based line and column of a string offset, counted as the YAML parser's LineCounter counts them. */
+function positionIn(text: string, offset: number): { line: number; col: number } {
+  let line = 1;
+  let start = 0;
+  for (let i = text.indexOf('\n'); i !== -1 && i < offset; i = text.indexOf('\n', i + 1)) {
+    line++;
+    start = i + 1;
+  }
+  return { line, col: offset - start + 1 };
 }
 
 /**

@@ -253,6 +253,16 @@ allow:
     }
   });
 
+  it('check names a file nested too deeply to read, at its line, beside the other files\' problems (exit 1, not a crash)', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    await writeFile(join(dir, 'routes', 'deep.yaml'), `name: deep\nallow: ${'['.repeat(200_000)}${']'.repeat(200_000)}\n`);
+    const res = await runCli(['routes', 'check', '--json'], env);
+    expect(res.code, res.stderr).toBe(1);
+    const data = JSON.parse(res.stdout) as { ok: boolean; errors: { file: string; line: number; message: string }[] };
+    expect(data.ok).toBe(false);
+    expect(data.errors).toEqual([expect.objectContaining({ file: join(dir, 'routes', 'deep.yaml'), line: 2, message: expect.stringContaining('nested') })]);
+  });
+
   it('the shipped example routes load cleanly', async () => {
     const res = await runCli(['routes', 'check', join(ROOT, 'routes')], env);
     expect(res.code).toBe(0);

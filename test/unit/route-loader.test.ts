@@ -437,3 +437,25 @@ describe('loadRoutes: what is not a route file', () => {
     expect(lines).toEqual([`${join(dir, 'big.yaml')}:0:0: cannot read (larger than 1 MiB)`, `${join(dir, 'folder.yaml')}:0:0: cannot read (not a regular file)`]);
   });
 });
+
+describe('loadRoutes: files nested too deeply to read', () => {
+  // 1 MiB is room for hundreds of thousands of nested collections; the YAML composer recurses once
+  // per level, so such a file overflowed the stack: a RangeError that named no file (reload log,
+  // `routes check`) instead of a problem at the file.
+  it.each([
+    ['flow sequences', `allow: ${'['.repeat(200_000)}${']'.repeat(200_000)}\n`, 2],
+    ['flow maps', `allow: ${'{a: '.repeat(100_000)}1${'}'.repeat(100_000)}\n`, 2],
+    ['compact block sequences', `allow:\n  ${'- '.repeat(200_000)}x\n`, 3],
+  ])('%s: a problem at that file, and the other files are still checked', async (_kind, body, line) => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'plaid.yaml'), PLAID);
+    await writeFile(join(dir, 'deep.yaml'), `name: deep\n${body}`);
+    await writeFile(join(dir, 'other.yaml'), minimal('other', '/other', 'bogus: 1\n'));
+    const err = await loadRoutes(dir).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    const problems = (err as ConfigError).problems;
+    expect(problems.map((p) => p.file)).toEqual([join(dir, 'deep.yaml'), join(dir, 'other.yaml')]);
+    expect(problems[0]).toMatchObject({ line });
+    expect(problems[0]!.message).toContain('nested');
+  });
+});
