@@ -72,26 +72,62 @@ export const MAX_ROUTE_FILE_BYTES = 1024 * 1024;
  * later reload behind it, or fill memory.
  */
 export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<string> {
+  return (await readRegularBytes(path, max)).toString('utf8');
+}
+
+/** readRegularFile's bytes, undecoded. */
+export async function readRegularBytes(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<Buffer> {
   const handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   try {
     const info = await handle.stat();
     if (!info.isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: 'ENOTREGULAR' });
     if (info.size > max) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
-    return await handle.readFile('utf8');
+    return await handle.readFile();
   } finally {
     await handle.close();
   }
 }
 
-export async function loadRouteFile(file: string, named?: Set<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
-  let text: string;
+/**
+ * A route file's text. YAML streams are Unicode (YAML 1.2 §5.2), and a byte that is not UTF-8 read
+ * leniently became U+FFFD: a value (a body_contains, a header template's literal) silently differed
+ * from the file. Such a file is refused at its first bad byte. A byte order mark is dropped.
+ */
+function decodeRouteFile(bytes: Buffer): string | { line: number; col: number } {
   try {
-    text = await readRegularFile(file);
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    // Walk the lenient decoding beside the bytes: the first U+FFFD that the file did not spell out
+    // (EF BF BD) stands where the first bad byte was.
+    const lenient = bytes.toString('utf8');
+    let at = 0;
+    let line = 1;
+    let lineStart = 0;
+    for (let i = 0; i < lenient.length; i++) {
+      const code = lenient.codePointAt(i)!;
+      if (code === 0xfffd && !(bytes[at] === 0xef && bytes[at + 1] === 0xbf && bytes[at + 2] === 0xbd)) return { line, col: i - lineStart + 1 };
+      if (code === 0x0a) {
+        line++;
+        lineStart = i + 1;
+      }
+      if (code > 0xffff) i++;
+      at += code < 0x80 ? 1 : code < 0x800 ? 2 : code < 0x10000 ? 3 : 4;
+    }
+    return { line, col: 1 };
+  }
+}
+
+export async function loadRouteFile(file: string, named?: Set<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  let bytes: Buffer;
+  try {
+    bytes = await readRegularBytes(file);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === 'ENOTREGULAR' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_ROUTE_FILE_BYTES / 1024 / 1024} MiB` : (code ?? 'error');
     return { problems: [{ file, line: 0, col: 0, message: `cannot read (${why})` }] };
   }
+  const text = decodeRouteFile(bytes);
+  if (typeof text !== 'string') return { problems: [{ file, ...text, message: 'not UTF-8: route files are UTF-8 text (save the file as UTF-8)' }] };
   return parseRouteText(text, file, async (caPath) => {
     const path = resolve(dirname(file), caPath);
     named?.add(path);

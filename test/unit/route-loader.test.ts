@@ -459,3 +459,24 @@ describe('loadRoutes: files nested too deeply to read', () => {
     expect(problems[0]!.message).toContain('nested');
   });
 });
+
+describe('loadRoutes: text encoding', () => {
+  it('a route file that is not UTF-8 is refused at its first bad byte, not read with U+FFFD in its place', async () => {
+    const dir = await tempDir();
+    // Latin-1 "é" (0xE9): read as UTF-8 it became U+FFFD, and body_contains never matched again.
+    const text = `${PLAID}auth_failure:\n  status: [401]\n  body_contains: "clé invalide"\n`;
+    await writeFile(join(dir, 'plaid.yaml'), Buffer.from(text, 'latin1'));
+    const err = await loadRoutes(dir).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as ConfigError).problems).toEqual([{ file: join(dir, 'plaid.yaml'), line: 24, col: 21, message: expect.stringContaining('UTF-8') }]);
+  });
+
+  it('UTF-8 with or without a byte order mark loads, non-ASCII text intact', async () => {
+    const dir = await tempDir();
+    const text = `${PLAID}auth_failure:\n  status: [401]\n  body_contains: "clé invalide ☕"\n`;
+    await writeFile(join(dir, 'plaid.yaml'), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(text, 'utf8')]));
+    await writeFile(join(dir, 'bank.yaml'), minimal('bank', '/bank', 'auth_failure:\n  status: [401]\n  body_contains: "ungültig"\n'));
+    const config = await loadRoutes(dir);
+    expect(config.routes.map((r) => r.authFailure.bodyContains)).toEqual(['ungültig', 'clé invalide ☕']);
+  });
+});
