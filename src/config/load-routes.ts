@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { isMap, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
+import { isMap, isScalar, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
@@ -164,6 +164,12 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     },
     Node(_key, node) {
       if ('anchor' in node && node.anchor) refused.push({ file, ...at(node.range?.[0]), message: `anchors (&${node.anchor}) are not allowed in route files` });
+    },
+    // The strict schemas refuse it as an unknown key, but a map of names (inject headers, query
+    // params, body fields) is a zod record, which skips "__proto__" without a word: that header
+    // was simply not sent. Refused wherever it stands.
+    Pair(_key, pair) {
+      if (isScalar(pair.key) && pair.key.value === '__proto__') refused.push({ file, ...at(pair.key.range?.[0]), message: 'key "__proto__" is not allowed in route files' });
     },
   });
   if (refused.length > 0) return { problems: refused };

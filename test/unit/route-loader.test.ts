@@ -480,3 +480,22 @@ describe('loadRoutes: text encoding', () => {
     expect(config.routes.map((r) => r.authFailure.bodyContains)).toEqual(['ungültig', 'clé invalide ☕']);
   });
 });
+
+describe('parseRouteText: "__proto__" inside maps of names', () => {
+  // zod skips a "__proto__" key of a record (it would replace the result's prototype), so a header,
+  // query parameter or body field of that name was dropped without a word.
+  it('a "__proto__" header in inject.headers is refused where it stands, not dropped', async () => {
+    const problems = await problemsOf(PLAID.replace('    PLAID-SECRET: "{secret}"\n', '    PLAID-SECRET: "{secret}"\n    __proto__: "{secret}"\n'));
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 10, col: 5 });
+    expect(problems[0]!.message).toContain('"__proto__"');
+  });
+
+  it('so is one in a query or json_body injection', async () => {
+    for (const inject of ['{ scheme: query, params: { api_key: "{secret}", __proto__: "{secret}" } }', '{ scheme: json_body, fields: { secret: "{secret}", __proto__: "{secret}" } }']) {
+      const problems = await problemsOf(minimal('plaid', '/plaid').replace('{ scheme: bearer }', inject));
+      expect(problems[0]!.line, inject).toBe(5);
+      expect(problems[0]!.message, inject).toContain('"__proto__"');
+    }
+  });
+});
