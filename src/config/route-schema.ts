@@ -14,8 +14,9 @@ export const CALLER_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 export const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
 
 // Path segments in prefixes and rules: RFC 3986 pchar without percent-escapes, so what is written
-// is byte for byte what is matched.
-const SEGMENT = /^(?!\.{1,2}$)[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
+// is byte for byte what is matched. Not a dot segment, also with path parameters ("..;", ".;x"):
+// parseTarget refuses those in a request, so a prefix or rule naming one could never match.
+const SEGMENT = /^(?!\.{1,2}(?:$|;))[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
 
 /**
  * A deadline: at least 1 ms, at most a day. Zero would switch the deadline off (undici reads 0 as

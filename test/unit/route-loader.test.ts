@@ -499,3 +499,20 @@ describe('parseRouteText: "__proto__" inside maps of names', () => {
     }
   });
 });
+
+describe('parseRouteText: dot segments with path parameters', () => {
+  // parseTarget refuses "..;", ".;x" and "..%3B" segments (Java servers resolve them as dot segments),
+  // so a prefix or rule written with one can never match anything.
+  it('refuses them in a prefix and in an allow path, as it does "." and ".."', async () => {
+    for (const prefix of ['/plaid/..;', '/plaid/.;x', '/..;v=1']) {
+      const [p] = await problemsOf(PLAID.replace('prefix: /plaid', `prefix: ${JSON.stringify(prefix)}`));
+      expect(p!.line, prefix).toBe(2);
+    }
+    for (const path of ['/link/..;/token', '/.;x', '/a/..;jsessionid=1']) {
+      const [p] = await problemsOf(PLAID.replace('/link/token/create', path));
+      expect(p!.line, path).toBe(20);
+    }
+    // A name that only starts with dots is an ordinary segment.
+    await compiles(PLAID.replace('/link/token/create', '/link/..x;y/.well-known'));
+  });
+});
