@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { open, readdir } from 'node:fs/promises';
+import { lstat, open, readdir } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { isMap, isScalar, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
@@ -34,8 +34,8 @@ const ROUTE_FILE = /\.ya?ml$/;
 /**
  * Load a folder of route files. Every file is checked and every problem reported; any problem
  * rejects the folder whole, so a caller keeps its last good configuration. `named` collects the
- * files the routes name (upstream_ca), resolved, also those that could not be read: the reloader
- * watches them.
+ * files the routes name (upstream_ca), resolved, also those that could not be read, and route files
+ * that are links to files elsewhere: the reloader watches them.
  */
 export async function loadRoutes(dir: string, named = new Set<string>()): Promise<CompiledConfig> {
   const root = resolve(dir);
@@ -54,6 +54,9 @@ export async function loadRoutes(dir: string, named = new Set<string>()): Promis
   const routes: CompiledRoute[] = [];
   for (const name of names) {
     const file = join(root, name);
+    // A route file linked in from elsewhere (a config-management checkout): an edit made there
+    // changes nothing in this folder, so the folder's watch never sees it. Watched as named files are.
+    if (await isLink(file)) named.add(file);
     const result = await loadRouteFile(file, named);
     if ('problems' in result) problems.push(...result.problems);
     else routes.push(result.route);
@@ -61,6 +64,14 @@ export async function loadRoutes(dir: string, named = new Set<string>()): Promis
   for (const p of crossCheck(routes)) problems.push({ file: p.file, line: 1, col: 1, message: p.message });
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), namedFiles: Object.freeze([...named].sort()), loadedAt: new Date() });
+}
+
+async function isLink(path: string): Promise<boolean> {
+  try {
+    return (await lstat(path)).isSymbolicLink();
+  } catch {
+    return false;
+  }
 }
 
 /** A route file (or a CA file it names) larger than this is refused, not read. */

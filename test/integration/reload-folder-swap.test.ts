@@ -1,4 +1,4 @@
-import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startServe, type ServeProcess } from '../helpers/cli.ts';
@@ -40,5 +40,28 @@ describe('the routes folder replaced whole', () => {
 
     await writeFile(join(routes, 'api.yaml'), route('/a', '/b', '/c'));
     await eventually(async () => (await get('/api/c')) === 200, 8_000, 'an edit in the new folder to load');
+  }, 30_000);
+
+  // A route file kept elsewhere (a config-management checkout) and linked into the folder: an edit
+  // made there changes nothing in the folder itself, so the folder's watch never saw it.
+  it('a route file that is a link to a file outside the folder: edits there are loaded, in place and by a rename over it', async () => {
+    const dir = await makeTempDir();
+    const outside = await makeTempDir('egress-routes-elsewhere-');
+    const route = (...paths: string[]) => bearerRoute({ upstream: upstream.url, paths });
+    const { tokens } = await seedDataDir(dir, { routes: {}, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    await writeFile(join(outside, 'api.yaml'), route('/a'));
+    await symlink(join(outside, 'api.yaml'), join(dir, 'routes', 'api.yaml'));
+    serve = await startServe(envFor(dir));
+    const get = (path: string) => fetch(`${serve!.url}${path}`, { headers: { 'x-egress-token': tokens.svc! } }).then((r) => r.status);
+    expect(await get('/api/a')).toBe(200);
+    expect(await get('/api/b')).toBe(403);
+
+    await writeFile(join(outside, 'api.yaml'), route('/a', '/b'));
+    await eventually(async () => (await get('/api/b')) === 200, 8_000, 'the edit to the linked file to load');
+
+    await writeFile(join(outside, 'api.yaml.tmp'), route('/a', '/b', '/c'));
+    await rename(join(outside, 'api.yaml.tmp'), join(outside, 'api.yaml'));
+    await eventually(async () => (await get('/api/c')) === 200, 8_000, 'the linked file replaced by a rename to load');
+    await rm(outside, { recursive: true, force: true });
   }, 30_000);
 });
