@@ -135,13 +135,26 @@ export const routeFileSchema = z.strictObject({
 }).superRefine((route, ctx) => {
   const injections = Array.isArray(route.inject) ? route.inject : [route.inject];
   const claimedBy = new Map<string, string>();
+  // Folded as upstreams may read them ("_" and "-" alike), as the caller's copies are compared.
+  const setBy = new Map<string, { readonly name: string; readonly index: number }>();
   injections.forEach((options, i) => {
     const injector = injectorFor(options.scheme) as Injector | undefined;
     if (!injector) return;
+    const path = Array.isArray(route.inject) ? ['inject', i] : ['inject'];
     if (injector.signsRequest && i !== injections.length - 1) {
-      ctx.addIssue({ code: 'custom', path: ['inject', i], message: `"${options.scheme}" signs the request as sent, so it must be the last injection (injections run in list order)` });
+      ctx.addIssue({ code: 'custom', path, message: `"${options.scheme}" signs the request as sent, so it must be the last injection (injections run in list order)` });
     }
-    for (const h of injector.claims(options).headers) claimedBy.set(h.toLowerCase(), options.scheme);
+    for (const h of injector.claims(options).headers) {
+      // One name, two values: the later one replaced the earlier without a word.
+      const folded = h.toLowerCase().replaceAll('_', '-');
+      const first = setBy.get(folded);
+      if (first) {
+        ctx.addIssue({ code: 'custom', path, message: first.index === i ? `header "${h}" is set twice (header names are case-insensitive, and many servers read "_" as "-")` : `header "${h}" is also set by the "${injections[first.index]!.scheme}" injection (inject.${first.index}): only one value could be sent` });
+      } else {
+        setBy.set(folded, { name: h, index: i });
+      }
+      claimedBy.set(h.toLowerCase(), options.scheme);
+    }
   });
   (route.caller_headers ?? []).forEach((name, i) => {
     const lower = name.toLowerCase();

@@ -516,3 +516,23 @@ describe('parseRouteText: dot segments with path parameters', () => {
     await compiles(PLAID.replace('/link/token/create', '/link/..x;y/.well-known'));
   });
 });
+
+describe('parseRouteText: a header the injections set twice', () => {
+  // Header names are case-insensitive (and many servers read "_" as "-"): the proxy set both
+  // spellings under one name, so one of the two values the file wrote was silently never sent.
+  it.each([
+    ['two spellings in one headers map', '  scheme: headers\n  headers:\n    X-Key: "{key}"\n    x-key: "{other}"\n'],
+    ['"_" and "-" in one headers map', '  scheme: headers\n  headers:\n    X-Api-Key: "{key}"\n    X_Api_Key: "{other}"\n'],
+    ['a headers injection and a bearer one', '  - scheme: headers\n    headers:\n      Authorization: "Token {key}"\n  - scheme: bearer\n'],
+    ['basic and bearer', '  - scheme: basic\n  - scheme: bearer\n'],
+  ])('%s is refused at the injection', async (_case, inject) => {
+    const problems = await problemsOf(minimal('plaid', '/plaid').replace('inject: { scheme: bearer }\n', `inject:\n${inject}`));
+    expect(problems).toHaveLength(1);
+    expect(problems[0]!.line).toBeGreaterThanOrEqual(5);
+    expect(problems[0]!.message).toMatch(/set twice|also set by/);
+  });
+
+  it('distinct headers across injections are fine', async () => {
+    await compiles(minimal('plaid', '/plaid').replace('inject: { scheme: bearer }\n', 'inject:\n  - scheme: headers\n    headers:\n      X-Client: "{client}"\n  - scheme: bearer\n'));
+  });
+});
