@@ -91,6 +91,8 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     preset: route.preset ?? null,
     claimed_headers: [...route.claims.headers],
     claimed_query: [...route.claims.query],
+    // Checked before the rules (authorize): a caller that presents only its token gets 403.
+    require_client_cert: route.requireClientCert,
     caller_headers: route.callerHeaders ? [...route.callerHeaders] : null,
     auth_failure: { status: [...route.authFailure.statuses], body_contains: route.authFailure.bodyContains ?? null },
     // As resolve-credential decides it: GET and HEAD, or listed in replay_safe.
@@ -98,6 +100,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   };
   const claimed = [...route.claims.headers, ...[...route.claims.query].map((q) => `?${q}`)];
   const details = [
+    ...(route.requireClientCert ? ['  only with a client certificate on the TLS listener (require_client_cert): a token alone gets 403 route_forbidden'] : []),
     `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
     `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
     `  auth failure: status ${[...route.authFailure.statuses].join('/')}${route.authFailure.bodyContains ? ` with body containing "${route.authFailure.bodyContains}"` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,

@@ -301,6 +301,19 @@ allow:
     expect(bad.stdout).toContain('400');
   });
 
+  it('explain says when a route takes the caller only with a client certificate (a token alone is refused)', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good.replace('credential: plaid-sandbox\n', 'credential: plaid-sandbox\nrequire_client_cert: true\n'));
+    const text = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get'], env);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toContain('client certificate');
+    const json = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get', '--json'], env);
+    expect(JSON.parse(json.stdout)).toMatchObject({ decision: 'allow', require_client_cert: true });
+    // Without the setting, it says nothing of the kind.
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    const plain = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get', '--json'], env);
+    expect(JSON.parse(plain.stdout)).toMatchObject({ decision: 'allow', require_client_cert: false });
+  });
+
   it('explain judges a URL on a host a route intercepts as the forward-mode request it is', async () => {
     await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
     // Through HTTPS_PROXY the whole path is route-relative: /item/get is allowed...
