@@ -62,8 +62,20 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   }
   // A URL on a host a route intercepts is a forward-mode request (HTTPS_PROXY): as in match-route,
   // the host picks the route and the whole path is the route-relative path, with no prefix.
-  const host = authority ? /^https?:\/\/(?:[^@/]*@)?([^:/?#]+)/i.exec(authority[0])?.[1]?.toLowerCase() : undefined;
+  const parts = authority ? /^(https?):\/\/(?:[^@/]*@)?([^:/?#]+)(?::(\d+))?/i.exec(authority[0]) : null;
+  const host = parts?.[2]?.toLowerCase();
   const forwardRoute = host ? findRouteByHost(config, host) : undefined;
+  if (forwardRoute) {
+    // As the proxy takes it: a CONNECT only to a port the route intercepts (443, or its upstream's);
+    // a plain-HTTP proxy request on 80 or such a port, and on any other it is not intercepted (400).
+    const https = parts![1]!.toLowerCase() === 'https';
+    const port = parts![3] ? Number(parts![3]) : https ? 443 : 80;
+    if (!forwardRoute.connectPorts.has(port) && (https || port !== 80)) {
+      const [status, code] = https ? [403, 'route_forbidden'] as const : [400, 'bad_request'] as const;
+      const reason = `port ${port} is not one this route's host is intercepted on (${[...forwardRoute.connectPorts].join(', ')}${https ? '' : ', or 80 for plain HTTP'})`;
+      return fail(`DENY ${status} ${code}  route "${forwardRoute.name}" (${forwardRoute.file}), forward mode\n  ${reason}`, { decision: 'deny', status, code, route: forwardRoute.name, file: forwardRoute.file, caller, method, mode: 'forward', path: target.path, reason });
+    }
+  }
   const route = forwardRoute ?? findRoute(config, target.segments);
   if (!route) return fail(`DENY 404 route_not_found: no route prefix owns ${target.path}`, { decision: 'deny', status: 404, code: 'route_not_found', path: target.path });
   const rest = forwardRoute ? forwardSegments(forwardRoute, target.segments) : target.segments.slice(route.prefixSegments.length);

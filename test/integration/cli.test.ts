@@ -325,6 +325,22 @@ allow:
     expect(deny.code, deny.stdout).toBe(1);
     expect(JSON.parse(deny.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward', path: '/plaid/item/get' });
   });
+
+  it('explain refuses a forward-mode URL on a port the route does not intercept, as the proxy does', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    // A CONNECT to another port is refused with 403; a plain-HTTP proxy request to one is not
+    // intercepted at all, and absolute-form is then a 400.
+    for (const [url, status, code] of [['https://sandbox.plaid.com:8443/item/get', 403, 'route_forbidden'], ['https://sandbox.plaid.com:22/item/get', 403, 'route_forbidden'], ['http://sandbox.plaid.com:6379/item/get', 400, 'bad_request']] as const) {
+      const res = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', url, '--json'], env);
+      expect(res.code, url).toBe(1);
+      expect(JSON.parse(res.stdout), url).toMatchObject({ decision: 'deny', status, code, mode: 'forward' });
+    }
+    // The ports it does intercept: 443, and 80 for a plain-HTTP proxy request.
+    for (const url of ['https://sandbox.plaid.com:443/item/get', 'http://sandbox.plaid.com/item/get', 'http://sandbox.plaid.com:80/item/get']) {
+      const res = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', url, '--json'], env);
+      expect(res.code, url).toBe(0);
+    }
+  });
 });
 
 describe('after a writer was killed', () => {
