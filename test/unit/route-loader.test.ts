@@ -536,3 +536,24 @@ describe('parseRouteText: a header the injections set twice', () => {
     await compiles(minimal('plaid', '/plaid').replace('inject: { scheme: bearer }\n', 'inject:\n  - scheme: headers\n    headers:\n      X-Client: "{client}"\n  - scheme: bearer\n'));
   });
 });
+
+describe('parseRouteText: a map with very many keys', () => {
+  // The YAML library checks each key against every earlier key of its map: 50,000 keys in one map
+  // (well under the 1 MiB a route file may have) held the event loop, and every request, for half
+  // a minute at a reload.
+  it('is refused in linear time, and duplicate keys are still caught where they stand', async () => {
+    const keys = Array.from({ length: 50_000 }, (_, i) => `k${i}: 1`).join('\n');
+    const started = performance.now();
+    const problems = await problemsOf(`${PLAID}${keys}\n`);
+    expect(performance.now() - started).toBeLessThan(15_000);
+    expect(problems[0]!.message).toContain('unknown keys');
+    const dup = await problemsOf(`${PLAID}${keys}\nk49999: 2\n`);
+    expect(dup).toEqual([expect.objectContaining({ line: 50_022, col: 1, message: expect.stringContaining('unique') })]);
+  }, 60_000);
+
+  it('a key written once as a number and once as a string is a duplicate too (both are the same key once loaded)', async () => {
+    const [p] = await problemsOf(PLAID.replace('    PLAID-SECRET: "{secret}"\n', '    1: "{client_id}"\n    "1": "{secret}"\n'));
+    expect(p).toMatchObject({ line: 10, col: 5 });
+    expect(p!.message).toContain('unique');
+  });
+});
