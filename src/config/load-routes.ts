@@ -163,10 +163,10 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return { line: pos.line, col: pos.col };
   };
   if (doc.errors.length > 0) {
-    return { problems: doc.errors.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+    return { problems: firstProblems(doc.errors, (e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
   }
   if (doc.warnings.length > 0) {
-    return { problems: doc.warnings.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+    return { problems: firstProblems(doc.warnings, (e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
   }
   // Anchors and aliases make one value stand for another: in an allowlist that is a way to hide
   // what a rule permits, and aliases are how merge-key pollution travels. Refuse both.
@@ -195,7 +195,7 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
       if (isScalar(pair.key) && pair.key.value === '__proto__') refused.push({ file, ...at(pair.key.range?.[0]), message: 'key "__proto__" is not allowed in route files' });
     },
   });
-  if (refused.length > 0) return { problems: refused };
+  if (refused.length > 0) return { problems: firstProblems(refused, (p) => p) };
   const expanded = applyPreset(doc.toJS({ maxAliasCount: 0 }));
   if ('problem' in expanded) {
     return { problems: [{ file, ...at(issueOffset(doc, expanded.problem)), message: expanded.problem.message }] };
@@ -203,7 +203,7 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
   const parsed = routeFileSchema.safeParse(expanded.data);
   if (!parsed.success) {
     return {
-      problems: flattenUnions(parsed.error.issues).map((issue) => {
+      problems: firstProblems(flattenUnions(parsed.error.issues), (issue) => {
         // A value the file did not write came from its preset: point at the preset line.
         const inherited = typeof issue.path[0] === 'string' && expanded.fromPreset.has(issue.path[0]);
         return inherited
@@ -228,6 +228,20 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
   }
   return { route: compileRoute(parsed.data, file, ca) };
+}
+
+/**
+ * At most this many problems are reported for one file, then how many more there are. Each is
+ * located by a search of its map: 45,000 bad header names took 12 s, on the event loop.
+ */
+export const MAX_PROBLEMS_PER_FILE = 50;
+
+/** The first MAX_PROBLEMS_PER_FILE problems, and a last one that counts the rest, placed where the next one is. */
+function firstProblems<T>(items: readonly T[], toProblem: (item: T) => ConfigProblem): ConfigProblem[] {
+  const shown = items.slice(0, MAX_PROBLEMS_PER_FILE).map(toProblem);
+  const more = items.length - MAX_PROBLEMS_PER_FILE;
+  if (more > 0) shown.push({ ...toProblem(items[MAX_PROBLEMS_PER_FILE]!), message: `and ${more} more problem${more === 1 ? '' : 's'} in this file` });
+  return shown;
 }
 
 /** Maps and lists nested deeper than this are refused before the file is composed. */
