@@ -196,6 +196,12 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     },
   });
   if (refused.length > 0) return { problems: firstProblems(refused, (p) => p) };
+  // Said plainly: the schema's own words for this are "expected object, received null".
+  if (!isMap(doc.contents)) {
+    const what = 'a route file is a map of keys (name, prefix, upstream, credential, inject, allow, …)';
+    const empty = doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null);
+    return { problems: [{ file, ...at(doc.contents?.range?.[0]), message: empty ? `the file is empty: ${what}` : what }] };
+  }
   const expanded = applyPreset(doc.toJS({ maxAliasCount: 0 }));
   if ('problem' in expanded) {
     return { problems: [{ file, ...at(issueOffset(doc, expanded.problem)), message: expanded.problem.message }] };

@@ -579,3 +579,21 @@ describe('parseRouteText: a file with very many problems', () => {
     expect(problems[50]!.message).toBe('and 150 more problems in this file');
   });
 });
+
+describe('parseRouteText: a file that is not a map of keys', () => {
+  it.each([
+    ['an empty file', '', 1],
+    ['a file of comments', '# plaid route, to do\n\n', 1],
+    ['a file of one null', '---\n~\n', 2],
+  ])('%s is refused as empty, at file:line:col', async (_case, text, line) => {
+    const problems = await problemsOf(text);
+    expect(problems).toEqual([{ file: '/x/plaid.yaml', line, col: 1, message: expect.stringMatching(/^the file is empty: a route file is a map of keys/) }]);
+  });
+
+  it('a list or a bare value says what the file should be', async () => {
+    for (const text of ['- name: plaid\n  prefix: /plaid\n', 'plaid\n']) {
+      const problems = await problemsOf(text);
+      expect(problems, text).toEqual([{ file: '/x/plaid.yaml', line: 1, col: 1, message: expect.stringMatching(/^a route file is a map of keys \(name, prefix, upstream/) }]);
+    }
+  });
+});
