@@ -4,6 +4,7 @@ import { HEADER_NAME } from '../injectors/headers.ts';
 import type { Injector } from '../injectors/index.ts';
 import { injectorFor, INJECTORS } from '../injectors/index.ts';
 import { removedByProxy } from '../pipeline/headers.ts';
+import { parseTarget } from '../pipeline/target.ts';
 import { PRESET_NAMES } from './presets.ts';
 import { parseDuration, parseRate, parseSize } from './units.ts';
 
@@ -71,7 +72,28 @@ const upstream = z.string().refine((text) => {
   } catch {
     return false;
   }
-}, 'an http(s) URL with no credentials, query or fragment');
+}, 'an http(s) URL with no credentials, query or fragment').refine((text) => {
+  // The base path goes before every path sent upstream and is never checked again: it must be the
+  // text written, in the form request paths must have. A URL parser rewrites "\" to "/", resolves
+  // "a/../b" to "b" and encodes a space, all without a word.
+  const match = /^https?:\/\/[^/\\?#]*([^?#]*)/i.exec(text);
+  let parsed: string;
+  try {
+    parsed = new URL(text).pathname;
+  } catch {
+    parsed = '';
+  }
+  // Not an http(s) URL at all: the check above says so.
+  if (!match || !parsed) return true;
+  const written = match[1] || '/';
+  if (parsed !== written) return false;
+  try {
+    parseTarget(written);
+    return true;
+  } catch {
+    return false;
+  }
+}, 'the upstream\'s base path must be written as it is sent: no "." or ".." segments, "//", "\\", encoded "/" or "\\", or characters that need percent-encoding');
 
 /** Options of one injection; each scheme's own schema (in its injector file) gives the rest. */
 export type InjectOptions = { readonly scheme: string };

@@ -597,3 +597,27 @@ describe('parseRouteText: a file that is not a map of keys', () => {
     }
   });
 });
+
+describe('parseRouteText: the upstream\'s base path is written as it is sent', () => {
+  // The base path is put before every path sent upstream and never checked again. A URL parser
+  // rewrote these without a word: "\" became "/", "a/../b" became "b", a space became %20.
+  it.each([
+    'https://production.plaid.com//api',
+    'https://production.plaid.com\\evil.example',
+    'https://production.plaid.com/api\\v2',
+    'https://production.plaid.com/a/../b',
+    'https://production.plaid.com/a/%2e%2e/b',
+    'https://production.plaid.com/a/./b',
+    'https://production.plaid.com/a%2Fb',
+    'https://production.plaid.com/a b',
+  ])('refuses the upstream %j at its line', async (upstream) => {
+    const [p] = await problemsOf(PLAID.replace('https://production.plaid.com', JSON.stringify(upstream)));
+    expect(p!.line).toBe(3);
+    expect(p!.message).toContain('upstream');
+  });
+
+  it.each(['https://production.plaid.com', 'https://production.plaid.com/', 'https://beta-bridge.simplefin.org/simplefin', 'https://api.example.com/v2/', 'http://127.0.0.1:8081/api/v1', 'https://api.example.com/a:b/~c'])('accepts %j', async (upstream) => {
+    const route = await compiles(PLAID.replace('https://production.plaid.com', upstream));
+    expect(route.origin + route.basePath).toBe(upstream.replace(/\/$/, ''));
+  });
+});
