@@ -7,7 +7,7 @@ import { ProxyError, UserError } from '../errors.ts';
 import { decide } from '../pipeline/authorize.ts';
 import { removeParams } from '../pipeline/inject.ts';
 import { parseTarget } from '../pipeline/target.ts';
-import { EXIT, fail, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
+import { EXIT, fail, maxArgs, ok, onlyOptions, parse, requireArg, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME METHOD URL';
 
@@ -15,6 +15,8 @@ const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME
 export async function routes(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { caller: { type: 'string' } });
+  // An option a subcommand does not take is refused, not ignored.
+  onlyOptions(p.values, ['caller'], sub === 'explain' ? ['caller'] : [], `routes ${sub ?? ''}`.trim(), USAGE);
   maxArgs(p.positionals, sub === 'explain' ? 2 : sub === 'check' ? 1 : 0, USAGE);
   switch (sub) {
     case 'check': {

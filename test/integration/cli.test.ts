@@ -263,6 +263,15 @@ allow:
     expect(data.errors).toEqual([expect.objectContaining({ file: join(dir, 'routes', 'deep.yaml'), line: 2, message: expect.stringContaining('nested') })]);
   });
 
+  it('--caller belongs to explain only: on check or schema it is a usage error (exit 2), not ignored', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    for (const args of [['routes', 'check', '--caller', 'web'], ['routes', 'schema', '--caller', 'web']]) {
+      const res = await runCli([...args, '--json'], env);
+      expect(res.code, args.join(' ')).toBe(2);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'usage', message: expect.stringContaining('--caller') } });
+    }
+  });
+
   it('the shipped example routes load cleanly', async () => {
     const res = await runCli(['routes', 'check', join(ROOT, 'routes')], env);
     expect(res.code).toBe(0);
