@@ -1,5 +1,5 @@
-import { constants } from 'node:fs';
-import { lstat, open, readdir } from 'node:fs/promises';
+import { constants, type BigIntStats } from 'node:fs';
+import { lstat, open, readdir, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { isMap, isScalar, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
@@ -38,10 +38,48 @@ const ROUTE_FILE = /\.ya?ml$/;
  * that are links to files elsewhere: the reloader watches them.
  */
 export async function loadRoutes(dir: string, named = new Set<string>()): Promise<CompiledConfig> {
-  const root = resolve(dir);
+  // Files are read one after another: a folder that changes meanwhile (a deploy writing several
+  // files, a new release swapped in under a link) would give a mix of two states, which is
+  // applied, or refused although neither state is wrong. Read again until what was read is still,
+  // unchanged, what the folder holds.
+  for (let attempt = 1; ; attempt++) {
+    const stamps = new Map<string, string>();
+    const outcome = await loadOnce(resolve(dir), named, stamps).then((config) => ({ config }), (error: unknown) => ({ error }));
+    if (attempt === MAX_READS || (await stillCurrent(stamps))) {
+      if ('error' in outcome) throw outcome.error;
+      return outcome.config;
+    }
+  }
+}
+
+/** How many times a folder that keeps changing while it is read is read; the last reading stands (its changes reload it again). */
+const MAX_READS = 3;
+
+/** What a path names, to tell whether it changed: device, inode, size, modification and change times. */
+function stampOf(info: BigIntStats): string {
+  return `${info.dev}:${info.ino}:${info.size}:${info.mtimeNs}:${info.ctimeNs}`;
+}
+
+async function stillCurrent(stamps: ReadonlyMap<string, string>): Promise<boolean> {
+  for (const [key, stamp] of stamps) {
+    const now = key.startsWith('folder:')
+      ? await listing(key.slice('folder:'.length)).then((names) => JSON.stringify(names), () => 'absent')
+      : await stat(key, { bigint: true }).then(stampOf, () => 'absent');
+    if (now !== stamp) return false;
+  }
+  return true;
+}
+
+async function listing(root: string): Promise<string[]> {
+  return (await readdir(root)).sort();
+}
+
+async function loadOnce(root: string, named: Set<string>, stamps: Map<string, string>): Promise<CompiledConfig> {
   let entries: string[];
   try {
-    entries = (await readdir(root)).filter((n) => !n.startsWith('.')).sort();
+    const all = await listing(root);
+    stamps.set(`folder:${root}`, JSON.stringify(all));
+    entries = all.filter((n) => !n.startsWith('.'));
   } catch (err) {
     throw new ConfigError([{ file: root, line: 0, col: 0, message: `cannot read the routes folder (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
   }
@@ -57,7 +95,7 @@ export async function loadRoutes(dir: string, named = new Set<string>()): Promis
     // A route file linked in from elsewhere (a config-management checkout): an edit made there
     // changes nothing in this folder, so the folder's watch never sees it. Watched as named files are.
     if (await isLink(file)) named.add(file);
-    const result = await loadRouteFile(file, named);
+    const result = await loadRouteFile(file, named, stamps);
     if ('problems' in result) problems.push(...result.problems);
     else routes.push(result.route);
   }
@@ -82,17 +120,19 @@ export const MAX_ROUTE_FILE_BYTES = 1024 * 1024;
  * FIFO, a device (/dev/zero) or a huge file under a route file's name would otherwise hang every
  * later reload behind it, or fill memory.
  */
-export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<string> {
-  return (await readRegularBytes(path, max)).toString('utf8');
+export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES, stamps?: Map<string, string>): Promise<string> {
+  return (await readRegularBytes(path, max, stamps)).toString('utf8');
 }
 
-/** readRegularFile's bytes, undecoded. */
-export async function readRegularBytes(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<Buffer> {
+/** readRegularFile's bytes, undecoded; `stamps` records what was read (or that nothing was there). */
+export async function readRegularBytes(path: string, max = MAX_ROUTE_FILE_BYTES, stamps?: Map<string, string>): Promise<Buffer> {
+  stamps?.set(path, 'absent');
   const handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   try {
-    const info = await handle.stat();
+    const info = await handle.stat({ bigint: true });
+    stamps?.set(path, stampOf(info));
     if (!info.isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: 'ENOTREGULAR' });
-    if (info.size > max) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
+    if (info.size > BigInt(max)) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
     return await handle.readFile();
   } finally {
     await handle.close();
@@ -128,10 +168,10 @@ function decodeRouteFile(bytes: Buffer): string | { line: number; col: number } 
   }
 }
 
-export async function loadRouteFile(file: string, named?: Set<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+export async function loadRouteFile(file: string, named?: Set<string>, stamps?: Map<string, string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
   let bytes: Buffer;
   try {
-    bytes = await readRegularBytes(file);
+    bytes = await readRegularBytes(file, MAX_ROUTE_FILE_BYTES, stamps);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === 'ENOTREGULAR' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_ROUTE_FILE_BYTES / 1024 / 1024} MiB` : (code ?? 'error');
@@ -142,7 +182,7 @@ export async function loadRouteFile(file: string, named?: Set<string>): Promise<
   return parseRouteText(text, file, async (caPath) => {
     const path = resolve(dirname(file), caPath);
     named?.add(path);
-    return readRegularFile(path);
+    return readRegularFile(path, MAX_ROUTE_FILE_BYTES, stamps);
   });
 }
 

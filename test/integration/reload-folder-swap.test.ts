@@ -64,4 +64,35 @@ describe('the routes folder replaced whole', () => {
     await eventually(async () => (await get('/api/c')) === 200, 8_000, 'the linked file replaced by a rename to load');
     await rm(outside, { recursive: true, force: true });
   }, 30_000);
+
+  // Files are read one after another. Two files changed together while a reload is between them
+  // (here: while it parses a large file sorted between the two) gave a mix of the old first file
+  // and the new second one. Here the mix has both routes on /p, which is refused: a reload rejected
+  // although neither the old nor the new folder was wrong (and in other folders a mix is applied).
+  it('two files changed while a reload reads the folder: never a mix of old and new', async () => {
+    const dir = await makeTempDir();
+    const route = (name: string, prefix: string, path: string) => bearerRoute({ upstream: upstream.url, paths: [path] }).replace('name: api\nprefix: /api', `name: ${name}\nprefix: ${prefix}`);
+    const paths = Array.from({ length: 80_000 }, (_, i) => `/p${i}`).join(', ');
+    const { tokens } = await seedDataDir(dir, {
+      routes: { a: route('a', '/p', '/from-a'), m: route('m', '/m', '/x').replace('[/x]', `[${paths}]`), z: route('z', '/q', '/from-z') },
+      credentials: { key: { token: 'tok_1234567890' } },
+      callers: ['svc'],
+    });
+    serve = await startServe(envFor(dir));
+    const get = (path: string) => fetch(`${serve!.url}${path}`, { headers: { 'x-egress-token': tokens.svc! } }).then((r) => r.status);
+    expect(await get('/p/from-a')).toBe(200);
+    const routes = join(dir, 'routes');
+    const replace = async (name: string, text: string) => {
+      await writeFile(join(routes, `.${name}.tmp`), text);
+      await rename(join(routes, `.${name}.tmp`), join(routes, name));
+    };
+    const before = serve.output().length;
+    serve.child.kill('SIGHUP');
+    // a.yaml is read at once; m.yaml then takes about two seconds to parse, and z.yaml comes after it.
+    await new Promise((r) => setTimeout(r, 300));
+    await replace('a.yaml', route('a', '/q', '/from-a'));
+    await replace('z.yaml', route('z', '/p', '/from-z'));
+    await eventually(async () => (await get('/q/from-a')) === 200 && (await get('/p/from-z')) === 200, 20_000, 'the new folder to load');
+    expect(serve.output().slice(before)).not.toContain('route reload rejected');
+  }, 60_000);
 });
