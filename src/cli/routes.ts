@@ -7,7 +7,7 @@ import { ProxyError, UserError } from '../errors.ts';
 import { decide } from '../pipeline/authorize.ts';
 import { removeParams } from '../pipeline/inject.ts';
 import { parseTarget } from '../pipeline/target.ts';
-import { EXIT, fail, maxArgs, ok, parse, requireArg, type Outcome } from './io.ts';
+import { EXIT, fail, maxArgs, ok, onlyOptions, parse, requireArg, type Outcome } from './io.ts';
 
 const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME METHOD URL';
 
@@ -15,6 +15,8 @@ const USAGE = 'usage: egress routes check [DIR] | schema | explain --caller NAME
 export async function routes(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { caller: { type: 'string' } });
+  // An option a subcommand does not take is refused, not ignored.
+  onlyOptions(p.values, ['caller'], sub === 'explain' ? ['caller'] : [], `routes ${sub ?? ''}`.trim(), USAGE);
   maxArgs(p.positionals, sub === 'explain' ? 2 : sub === 'check' ? 1 : 0, USAGE);
   switch (sub) {
     case 'check': {
@@ -62,8 +64,20 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   }
   // A URL on a host a route intercepts is a forward-mode request (HTTPS_PROXY): as in match-route,
   // the host picks the route and the whole path is the route-relative path, with no prefix.
-  const host = authority ? /^https?:\/\/(?:[^@/]*@)?([^:/?#]+)/i.exec(authority[0])?.[1]?.toLowerCase() : undefined;
+  const parts = authority ? /^(https?):\/\/(?:[^@/]*@)?([^:/?#]+)(?::(\d+))?/i.exec(authority[0]) : null;
+  const host = parts?.[2]?.toLowerCase();
   const forwardRoute = host ? findRouteByHost(config, host) : undefined;
+  if (forwardRoute) {
+    // As the proxy takes it: a CONNECT only to a port the route intercepts (443, or its upstream's);
+    // a plain-HTTP proxy request on 80 or such a port, and on any other it is not intercepted (400).
+    const https = parts![1]!.toLowerCase() === 'https';
+    const port = parts![3] ? Number(parts![3]) : https ? 443 : 80;
+    if (!forwardRoute.connectPorts.has(port) && (https || port !== 80)) {
+      const [status, code] = https ? [403, 'route_forbidden'] as const : [400, 'bad_request'] as const;
+      const reason = `port ${port} is not one this route's host is intercepted on (${[...forwardRoute.connectPorts].join(', ')}${https ? '' : ', or 80 for plain HTTP'})`;
+      return fail(`DENY ${status} ${code}  route "${forwardRoute.name}" (${forwardRoute.file}), forward mode\n  ${reason}`, { decision: 'deny', status, code, route: forwardRoute.name, file: forwardRoute.file, caller, method, mode: 'forward', path: target.path, reason });
+    }
+  }
   const route = forwardRoute ?? findRoute(config, target.segments);
   if (!route) return fail(`DENY 404 route_not_found: no route prefix owns ${target.path}`, { decision: 'deny', status: 404, code: 'route_not_found', path: target.path });
   const rest = forwardRoute ? forwardSegments(forwardRoute, target.segments) : target.segments.slice(route.prefixSegments.length);
@@ -91,6 +105,8 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     preset: route.preset ?? null,
     claimed_headers: [...route.claims.headers],
     claimed_query: [...route.claims.query],
+    // Checked before the rules (authorize): a caller that presents only its token gets 403.
+    require_client_cert: route.requireClientCert,
     caller_headers: route.callerHeaders ? [...route.callerHeaders] : null,
     auth_failure: { status: [...route.authFailure.statuses], body_contains: route.authFailure.bodyContains ?? null },
     // As resolve-credential decides it: GET and HEAD, or listed in replay_safe.
@@ -98,6 +114,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   };
   const claimed = [...route.claims.headers, ...[...route.claims.query].map((q) => `?${q}`)];
   const details = [
+    ...(route.requireClientCert ? ['  only with a client certificate on the TLS listener (require_client_cert): a token alone gets 403 route_forbidden'] : []),
     `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
     `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
     `  auth failure: status ${[...route.authFailure.statuses].join('/')}${route.authFailure.bodyContains ? ` with body containing "${route.authFailure.bodyContains}"` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,

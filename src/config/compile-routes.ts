@@ -80,7 +80,7 @@ export interface CompiledRoute {
 export interface CompiledConfig {
   readonly routes: readonly CompiledRoute[];
   readonly files: readonly string[];
-  /** Other files the routes name (upstream_ca), resolved: watched for changes like the folder. */
+  /** Other files the routes name (upstream_ca), resolved, and route files that are links to files elsewhere: watched for changes like the folder. */
   readonly namedFiles: readonly string[];
   readonly loadedAt: Date;
 }

@@ -1,7 +1,7 @@
-import { constants } from 'node:fs';
-import { open, readdir } from 'node:fs/promises';
+import { constants, type BigIntStats } from 'node:fs';
+import { lstat, open, readdir, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { isMap, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
+import { isMap, isScalar, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
@@ -34,14 +34,52 @@ const ROUTE_FILE = /\.ya?ml$/;
 /**
  * Load a folder of route files. Every file is checked and every problem reported; any problem
  * rejects the folder whole, so a caller keeps its last good configuration. `named` collects the
- * files the routes name (upstream_ca), resolved, also those that could not be read: the reloader
- * watches them.
+ * files the routes name (upstream_ca), resolved, also those that could not be read, and route files
+ * that are links to files elsewhere: the reloader watches them.
  */
 export async function loadRoutes(dir: string, named = new Set<string>()): Promise<CompiledConfig> {
-  const root = resolve(dir);
+  // Files are read one after another: a folder that changes meanwhile (a deploy writing several
+  // files, a new release swapped in under a link) would give a mix of two states, which is
+  // applied, or refused although neither state is wrong. Read again until what was read is still,
+  // unchanged, what the folder holds.
+  for (let attempt = 1; ; attempt++) {
+    const stamps = new Map<string, string>();
+    const outcome = await loadOnce(resolve(dir), named, stamps).then((config) => ({ config }), (error: unknown) => ({ error }));
+    if (attempt === MAX_READS || (await stillCurrent(stamps))) {
+      if ('error' in outcome) throw outcome.error;
+      return outcome.config;
+    }
+  }
+}
+
+/** How many times a folder that keeps changing while it is read is read; the last reading stands (its changes reload it again). */
+const MAX_READS = 3;
+
+/** What a path names, to tell whether it changed: device, inode, size, modification and change times. */
+function stampOf(info: BigIntStats): string {
+  return `${info.dev}:${info.ino}:${info.size}:${info.mtimeNs}:${info.ctimeNs}`;
+}
+
+async function stillCurrent(stamps: ReadonlyMap<string, string>): Promise<boolean> {
+  for (const [key, stamp] of stamps) {
+    const now = key.startsWith('folder:')
+      ? await listing(key.slice('folder:'.length)).then((names) => JSON.stringify(names), () => 'absent')
+      : await stat(key, { bigint: true }).then(stampOf, () => 'absent');
+    if (now !== stamp) return false;
+  }
+  return true;
+}
+
+async function listing(root: string): Promise<string[]> {
+  return (await readdir(root)).sort();
+}
+
+async function loadOnce(root: string, named: Set<string>, stamps: Map<string, string>): Promise<CompiledConfig> {
   let entries: string[];
   try {
-    entries = (await readdir(root)).filter((n) => !n.startsWith('.')).sort();
+    const all = await listing(root);
+    stamps.set(`folder:${root}`, JSON.stringify(all));
+    entries = all.filter((n) => !n.startsWith('.'));
   } catch (err) {
     throw new ConfigError([{ file: root, line: 0, col: 0, message: `cannot read the routes folder (${(err as NodeJS.ErrnoException).code ?? 'error'})` }]);
   }
@@ -54,13 +92,24 @@ export async function loadRoutes(dir: string, named = new Set<string>()): Promis
   const routes: CompiledRoute[] = [];
   for (const name of names) {
     const file = join(root, name);
-    const result = await loadRouteFile(file, named);
+    // A route file linked in from elsewhere (a config-management checkout): an edit made there
+    // changes nothing in this folder, so the folder's watch never sees it. Watched as named files are.
+    if (await isLink(file)) named.add(file);
+    const result = await loadRouteFile(file, named, stamps);
     if ('problems' in result) problems.push(...result.problems);
     else routes.push(result.route);
   }
   for (const p of crossCheck(routes)) problems.push({ file: p.file, line: 1, col: 1, message: p.message });
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), namedFiles: Object.freeze([...named].sort()), loadedAt: new Date() });
+}
+
+async function isLink(path: string): Promise<boolean> {
+  try {
+    return (await lstat(path)).isSymbolicLink();
+  } catch {
+    return false;
+  }
 }
 
 /** A route file (or a CA file it names) larger than this is refused, not read. */
@@ -71,31 +120,69 @@ export const MAX_ROUTE_FILE_BYTES = 1024 * 1024;
  * FIFO, a device (/dev/zero) or a huge file under a route file's name would otherwise hang every
  * later reload behind it, or fill memory.
  */
-export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES): Promise<string> {
+export async function readRegularFile(path: string, max = MAX_ROUTE_FILE_BYTES, stamps?: Map<string, string>): Promise<string> {
+  return (await readRegularBytes(path, max, stamps)).toString('utf8');
+}
+
+/** readRegularFile's bytes, undecoded; `stamps` records what was read (or that nothing was there). */
+export async function readRegularBytes(path: string, max = MAX_ROUTE_FILE_BYTES, stamps?: Map<string, string>): Promise<Buffer> {
+  stamps?.set(path, 'absent');
   const handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   try {
-    const info = await handle.stat();
+    const info = await handle.stat({ bigint: true });
+    stamps?.set(path, stampOf(info));
     if (!info.isFile()) throw Object.assign(new Error(`${path} is not a regular file`), { code: 'ENOTREGULAR' });
-    if (info.size > max) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
-    return await handle.readFile('utf8');
+    if (info.size > BigInt(max)) throw Object.assign(new Error(`${path} is larger than ${max} bytes`), { code: 'EFBIG' });
+    return await handle.readFile();
   } finally {
     await handle.close();
   }
 }
 
-export async function loadRouteFile(file: string, named?: Set<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
-  let text: string;
+/**
+ * A route file's text. YAML streams are Unicode (YAML 1.2 §5.2), and a byte that is not UTF-8 read
+ * leniently became U+FFFD: a value (a body_contains, a header template's literal) silently differed
+ * from the file. Such a file is refused at its first bad byte. A byte order mark is dropped.
+ */
+function decodeRouteFile(bytes: Buffer): string | { line: number; col: number } {
   try {
-    text = await readRegularFile(file);
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    // Walk the lenient decoding beside the bytes: the first U+FFFD that the file did not spell out
+    // (EF BF BD) stands where the first bad byte was.
+    const lenient = bytes.toString('utf8');
+    let at = 0;
+    let line = 1;
+    let lineStart = 0;
+    for (let i = 0; i < lenient.length; i++) {
+      const code = lenient.codePointAt(i)!;
+      if (code === 0xfffd && !(bytes[at] === 0xef && bytes[at + 1] === 0xbf && bytes[at + 2] === 0xbd)) return { line, col: i - lineStart + 1 };
+      if (code === 0x0a) {
+        line++;
+        lineStart = i + 1;
+      }
+      if (code > 0xffff) i++;
+      at += code < 0x80 ? 1 : code < 0x800 ? 2 : code < 0x10000 ? 3 : 4;
+    }
+    return { line, col: 1 };
+  }
+}
+
+export async function loadRouteFile(file: string, named?: Set<string>, stamps?: Map<string, string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  let bytes: Buffer;
+  try {
+    bytes = await readRegularBytes(file, MAX_ROUTE_FILE_BYTES, stamps);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === 'ENOTREGULAR' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_ROUTE_FILE_BYTES / 1024 / 1024} MiB` : (code ?? 'error');
     return { problems: [{ file, line: 0, col: 0, message: `cannot read (${why})` }] };
   }
+  const text = decodeRouteFile(bytes);
+  if (typeof text !== 'string') return { problems: [{ file, ...text, message: 'not UTF-8: route files are UTF-8 text (save the file as UTF-8)' }] };
   return parseRouteText(text, file, async (caPath) => {
     const path = resolve(dirname(file), caPath);
     named?.add(path);
-    return readRegularFile(path);
+    return readRegularFile(path, MAX_ROUTE_FILE_BYTES, stamps);
   });
 }
 
@@ -105,17 +192,21 @@ export async function loadRouteFile(file: string, named?: Set<string>): Promise<
  * `__proto__` included.
  */
 export async function parseRouteText(text: string, file: string, readCa: (path: string) => Promise<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+  const deep = tooDeep(text);
+  if (deep !== undefined) return { problems: [{ file, ...positionIn(text, deep), message: `collections nested more than ${MAX_NESTING} deep (a route file needs about six levels)` }] };
   const lineCounter = new LineCounter();
-  const doc = parseDocument(text, { lineCounter, uniqueKeys: true, merge: false, schema: 'core', prettyErrors: false, strict: true });
+  // Duplicate keys are found below, in one pass: the library's own check (uniqueKeys) compares each
+  // key with every earlier key of its map, and 50,000 keys held the event loop for half a minute.
+  const doc = parseDocument(text, { lineCounter, uniqueKeys: false, merge: false, schema: 'core', prettyErrors: false, strict: true });
   const at = (offset: number | undefined): { line: number; col: number } => {
     const pos = lineCounter.linePos(offset ?? 0);
     return { line: pos.line, col: pos.col };
   };
   if (doc.errors.length > 0) {
-    return { problems: doc.errors.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+    return { problems: firstProblems(doc.errors, (e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
   }
   if (doc.warnings.length > 0) {
-    return { problems: doc.warnings.map((e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
+    return { problems: firstProblems(doc.warnings, (e) => ({ file, ...at(e.pos[0]), message: e.message.split('\n')[0] ?? e.message })) };
   }
   // Anchors and aliases make one value stand for another: in an allowlist that is a way to hide
   // what a rule permits, and aliases are how merge-key pollution travels. Refuse both.
@@ -127,8 +218,30 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     Node(_key, node) {
       if ('anchor' in node && node.anchor) refused.push({ file, ...at(node.range?.[0]), message: `anchors (&${node.anchor}) are not allowed in route files` });
     },
+    // The strict schemas refuse it as an unknown key, but a map of names (inject headers, query
+    // params, body fields) is a zod record, which skips "__proto__" without a word: that header
+    // was simply not sent. Refused wherever it stands.
+    // Keys as they are once loaded: 1 and "1" are one key there, and the later one would win.
+    Map(_key, map) {
+      const seen = new Set<string>();
+      for (const { key } of map.items) {
+        if (!isScalar(key)) continue;
+        const name = key.value === null ? '' : String(key.value);
+        if (seen.has(name)) refused.push({ file, ...at(key.range?.[0]), message: `map keys must be unique: "${name}" is written twice` });
+        seen.add(name);
+      }
+    },
+    Pair(_key, pair) {
+      if (isScalar(pair.key) && pair.key.value === '__proto__') refused.push({ file, ...at(pair.key.range?.[0]), message: 'key "__proto__" is not allowed in route files' });
+    },
   });
-  if (refused.length > 0) return { problems: refused };
+  if (refused.length > 0) return { problems: firstProblems(refused, (p) => p) };
+  // Said plainly: the schema's own words for this are "expected object, received null".
+  if (!isMap(doc.contents)) {
+    const what = 'a route file is a map of keys (name, prefix, upstream, credential, inject, allow, …)';
+    const empty = doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null);
+    return { problems: [{ file, ...at(doc.contents?.range?.[0]), message: empty ? `the file is empty: ${what}` : what }] };
+  }
   const expanded = applyPreset(doc.toJS({ maxAliasCount: 0 }));
   if ('problem' in expanded) {
     return { problems: [{ file, ...at(issueOffset(doc, expanded.problem)), message: expanded.problem.message }] };
@@ -136,7 +249,7 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
   const parsed = routeFileSchema.safeParse(expanded.data);
   if (!parsed.success) {
     return {
-      problems: flattenUnions(parsed.error.issues).map((issue) => {
+      problems: firstProblems(flattenUnions(parsed.error.issues), (issue) => {
         // A value the file did not write came from its preset: point at the preset line.
         const inherited = typeof issue.path[0] === 'string' && expanded.fromPreset.has(issue.path[0]);
         return inherited
@@ -161,6 +274,61 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
   }
   return { route: compileRoute(parsed.data, file, ca) };
+}
+
+/**
+ * At most this many problems are reported for one file, then how many more there are. Each is
+ * located by a search of its map: 45,000 bad header names took 12 s, on the event loop.
+ */
+export const MAX_PROBLEMS_PER_FILE = 50;
+
+/** The first MAX_PROBLEMS_PER_FILE problems, and a last one that counts the rest, placed where the next one is. */
+function firstProblems<T>(items: readonly T[], toProblem: (item: T) => ConfigProblem): ConfigProblem[] {
+  const shown = items.slice(0, MAX_PROBLEMS_PER_FILE).map(toProblem);
+  const more = items.length - MAX_PROBLEMS_PER_FILE;
+  if (more > 0) shown.push({ ...toProblem(items[MAX_PROBLEMS_PER_FILE]!), message: `and ${more} more problem${more === 1 ? '' : 's'} in this file` });
+  return shown;
+}
+
+/** Maps and lists nested deeper than this are refused before the file is composed. */
+export const MAX_NESTING = 64;
+
+interface CstToken {
+  readonly type?: string;
+  readonly offset?: number;
+  readonly value?: CstToken;
+  readonly items?: readonly { readonly key?: CstToken | null; readonly value?: CstToken | null }[];
+}
+
+/**
+ * The offset of a collection nested deeper than MAX_NESTING, or undefined. The YAML composer
+ * recurses once per level: a 1 MiB file holds hundreds of thousands of levels ("[[[…" or "- - -…")
+ * and overflowed the call stack, a RangeError that named no file. The parser's tokens are walked
+ * here with a stack of our own.
+ */
+function tooDeep(text: string): number | undefined {
+  const pending: [CstToken | null | undefined, number][] = [];
+  for (const token of new Parser().parse(text)) pending.push([token as CstToken, 0]);
+  while (pending.length > 0) {
+    const [token, depth] = pending.pop()!;
+    if (!token) continue;
+    const level = token.type === 'block-map' || token.type === 'block-seq' || token.type === 'flow-collection' ? depth + 1 : depth;
+    if (level > MAX_NESTING) return token.offset ?? 0;
+    if (token.type === 'document') pending.push([token.value, level]);
+    for (const item of token.items ?? []) pending.push([item.key, level], [item.value, level]);
+  }
+  return undefined;
+}
+
+/** 1-based line and column of a string offset, counted as the YAML parser's LineCounter counts them. */
+function positionIn(text: string, offset: number): { line: number; col: number } {
+  let line = 1;
+  let start = 0;
+  for (let i = text.indexOf('\n'); i !== -1 && i < offset; i = text.indexOf('\n', i + 1)) {
+    line++;
+    start = i + 1;
+  }
+  return { line, col: offset - start + 1 };
 }
 
 /**

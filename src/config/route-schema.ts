@@ -4,6 +4,7 @@ import { HEADER_NAME } from '../injectors/headers.ts';
 import type { Injector } from '../injectors/index.ts';
 import { injectorFor, INJECTORS } from '../injectors/index.ts';
 import { removedByProxy } from '../pipeline/headers.ts';
+import { parseTarget } from '../pipeline/target.ts';
 import { PRESET_NAMES } from './presets.ts';
 import { parseDuration, parseRate, parseSize } from './units.ts';
 
@@ -14,8 +15,9 @@ export const CALLER_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 export const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const;
 
 // Path segments in prefixes and rules: RFC 3986 pchar without percent-escapes, so what is written
-// is byte for byte what is matched.
-const SEGMENT = /^(?!\.{1,2}$)[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
+// is byte for byte what is matched. Not a dot segment, also with path parameters ("..;", ".;x"):
+// parseTarget refuses those in a request, so a prefix or rule naming one could never match.
+const SEGMENT = /^(?!\.{1,2}(?:$|;))[A-Za-z0-9\-._~!$&'()+,;=:@]+$/;
 
 /**
  * A deadline: at least 1 ms, at most a day. Zero would switch the deadline off (undici reads 0 as
@@ -70,7 +72,28 @@ const upstream = z.string().refine((text) => {
   } catch {
     return false;
   }
-}, 'an http(s) URL with no credentials, query or fragment');
+}, 'an http(s) URL with no credentials, query or fragment').refine((text) => {
+  // The base path goes before every path sent upstream and is never checked again: it must be the
+  // text written, in the form request paths must have. A URL parser rewrites "\" to "/", resolves
+  // "a/../b" to "b" and encodes a space, all without a word.
+  const match = /^https?:\/\/[^/\\?#]*([^?#]*)/i.exec(text);
+  let parsed: string;
+  try {
+    parsed = new URL(text).pathname;
+  } catch {
+    parsed = '';
+  }
+  // Not an http(s) URL at all: the check above says so.
+  if (!match || !parsed) return true;
+  const written = match[1] || '/';
+  if (parsed !== written) return false;
+  try {
+    parseTarget(written);
+    return true;
+  } catch {
+    return false;
+  }
+}, 'the upstream\'s base path must be written as it is sent: no "." or ".." segments, "//", "\\", encoded "/" or "\\", or characters that need percent-encoding');
 
 /** Options of one injection; each scheme's own schema (in its injector file) gives the rest. */
 export type InjectOptions = { readonly scheme: string };
@@ -134,13 +157,26 @@ export const routeFileSchema = z.strictObject({
 }).superRefine((route, ctx) => {
   const injections = Array.isArray(route.inject) ? route.inject : [route.inject];
   const claimedBy = new Map<string, string>();
+  // Folded as upstreams may read them ("_" and "-" alike), as the caller's copies are compared.
+  const setBy = new Map<string, { readonly name: string; readonly index: number }>();
   injections.forEach((options, i) => {
     const injector = injectorFor(options.scheme) as Injector | undefined;
     if (!injector) return;
+    const path = Array.isArray(route.inject) ? ['inject', i] : ['inject'];
     if (injector.signsRequest && i !== injections.length - 1) {
-      ctx.addIssue({ code: 'custom', path: ['inject', i], message: `"${options.scheme}" signs the request as sent, so it must be the last injection (injections run in list order)` });
+      ctx.addIssue({ code: 'custom', path, message: `"${options.scheme}" signs the request as sent, so it must be the last injection (injections run in list order)` });
     }
-    for (const h of injector.claims(options).headers) claimedBy.set(h.toLowerCase(), options.scheme);
+    for (const h of injector.claims(options).headers) {
+      // One name, two values: the later one replaced the earlier without a word.
+      const folded = h.toLowerCase().replaceAll('_', '-');
+      const first = setBy.get(folded);
+      if (first) {
+        ctx.addIssue({ code: 'custom', path, message: first.index === i ? `header "${h}" is set twice (header names are case-insensitive, and many servers read "_" as "-")` : `header "${h}" is also set by the "${injections[first.index]!.scheme}" injection (inject.${first.index}): only one value could be sent` });
+      } else {
+        setBy.set(folded, { name: h, index: i });
+      }
+      claimedBy.set(h.toLowerCase(), options.scheme);
+    }
   });
   (route.caller_headers ?? []).forEach((name, i) => {
     const lower = name.toLowerCase();

@@ -253,6 +253,25 @@ allow:
     }
   });
 
+  it('check names a file nested too deeply to read, at its line, beside the other files\' problems (exit 1, not a crash)', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    await writeFile(join(dir, 'routes', 'deep.yaml'), `name: deep\nallow: ${'['.repeat(200_000)}${']'.repeat(200_000)}\n`);
+    const res = await runCli(['routes', 'check', '--json'], env);
+    expect(res.code, res.stderr).toBe(1);
+    const data = JSON.parse(res.stdout) as { ok: boolean; errors: { file: string; line: number; message: string }[] };
+    expect(data.ok).toBe(false);
+    expect(data.errors).toEqual([expect.objectContaining({ file: join(dir, 'routes', 'deep.yaml'), line: 2, message: expect.stringContaining('nested') })]);
+  });
+
+  it('--caller belongs to explain only: on check or schema it is a usage error (exit 2), not ignored', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    for (const args of [['routes', 'check', '--caller', 'web'], ['routes', 'schema', '--caller', 'web']]) {
+      const res = await runCli([...args, '--json'], env);
+      expect(res.code, args.join(' ')).toBe(2);
+      expect(JSON.parse(res.stdout), args.join(' ')).toEqual({ error: { code: 'usage', message: expect.stringContaining('--caller') } });
+    }
+  });
+
   it('the shipped example routes load cleanly', async () => {
     const res = await runCli(['routes', 'check', join(ROOT, 'routes')], env);
     expect(res.code).toBe(0);
@@ -291,6 +310,19 @@ allow:
     expect(bad.stdout).toContain('400');
   });
 
+  it('explain says when a route takes the caller only with a client certificate (a token alone is refused)', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good.replace('credential: plaid-sandbox\n', 'credential: plaid-sandbox\nrequire_client_cert: true\n'));
+    const text = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get'], env);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toContain('client certificate');
+    const json = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get', '--json'], env);
+    expect(JSON.parse(json.stdout)).toMatchObject({ decision: 'allow', require_client_cert: true });
+    // Without the setting, it says nothing of the kind.
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    const plain = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get', '--json'], env);
+    expect(JSON.parse(plain.stdout)).toMatchObject({ decision: 'allow', require_client_cert: false });
+  });
+
   it('explain judges a URL on a host a route intercepts as the forward-mode request it is', async () => {
     await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
     // Through HTTPS_PROXY the whole path is route-relative: /item/get is allowed...
@@ -301,6 +333,22 @@ allow:
     const deny = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/plaid/item/get', '--json'], env);
     expect(deny.code, deny.stdout).toBe(1);
     expect(JSON.parse(deny.stdout)).toMatchObject({ decision: 'deny', status: 403, mode: 'forward', path: '/plaid/item/get' });
+  });
+
+  it('explain refuses a forward-mode URL on a port the route does not intercept, as the proxy does', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    // A CONNECT to another port is refused with 403; a plain-HTTP proxy request to one is not
+    // intercepted at all, and absolute-form is then a 400.
+    for (const [url, status, code] of [['https://sandbox.plaid.com:8443/item/get', 403, 'route_forbidden'], ['https://sandbox.plaid.com:22/item/get', 403, 'route_forbidden'], ['http://sandbox.plaid.com:6379/item/get', 400, 'bad_request']] as const) {
+      const res = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', url, '--json'], env);
+      expect(res.code, url).toBe(1);
+      expect(JSON.parse(res.stdout), url).toMatchObject({ decision: 'deny', status, code, mode: 'forward' });
+    }
+    // The ports it does intercept: 443, and 80 for a plain-HTTP proxy request.
+    for (const url of ['https://sandbox.plaid.com:443/item/get', 'http://sandbox.plaid.com/item/get', 'http://sandbox.plaid.com:80/item/get']) {
+      const res = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', url, '--json'], env);
+      expect(res.code, url).toBe(0);
+    }
   });
 });
 

@@ -437,3 +437,187 @@ describe('loadRoutes: what is not a route file', () => {
     expect(lines).toEqual([`${join(dir, 'big.yaml')}:0:0: cannot read (larger than 1 MiB)`, `${join(dir, 'folder.yaml')}:0:0: cannot read (not a regular file)`]);
   });
 });
+
+describe('loadRoutes: files nested too deeply to read', () => {
+  // 1 MiB is room for hundreds of thousands of nested collections; the YAML composer recurses once
+  // per level, so such a file overflowed the stack: a RangeError that named no file (reload log,
+  // `routes check`) instead of a problem at the file.
+  it.each([
+    ['flow sequences', `allow: ${'['.repeat(200_000)}${']'.repeat(200_000)}\n`, 2],
+    ['flow maps', `allow: ${'{a: '.repeat(100_000)}1${'}'.repeat(100_000)}\n`, 2],
+    ['compact block sequences', `allow:\n  ${'- '.repeat(200_000)}x\n`, 3],
+  ])('%s: a problem at that file, and the other files are still checked', async (_kind, body, line) => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'plaid.yaml'), PLAID);
+    await writeFile(join(dir, 'deep.yaml'), `name: deep\n${body}`);
+    await writeFile(join(dir, 'other.yaml'), minimal('other', '/other', 'bogus: 1\n'));
+    const err = await loadRoutes(dir).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    const problems = (err as ConfigError).problems;
+    expect(problems.map((p) => p.file)).toEqual([join(dir, 'deep.yaml'), join(dir, 'other.yaml')]);
+    expect(problems[0]).toMatchObject({ line });
+    expect(problems[0]!.message).toContain('nested');
+  });
+});
+
+describe('loadRoutes: text encoding', () => {
+  it('a route file that is not UTF-8 is refused at its first bad byte, not read with U+FFFD in its place', async () => {
+    const dir = await tempDir();
+    // Latin-1 "é" (0xE9): read as UTF-8 it became U+FFFD, and body_contains never matched again.
+    const text = `${PLAID}auth_failure:\n  status: [401]\n  body_contains: "clé invalide"\n`;
+    await writeFile(join(dir, 'plaid.yaml'), Buffer.from(text, 'latin1'));
+    const err = await loadRoutes(dir).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as ConfigError).problems).toEqual([{ file: join(dir, 'plaid.yaml'), line: 24, col: 21, message: expect.stringContaining('UTF-8') }]);
+  });
+
+  it('UTF-8 with or without a byte order mark loads, non-ASCII text intact', async () => {
+    const dir = await tempDir();
+    const text = `${PLAID}auth_failure:\n  status: [401]\n  body_contains: "clé invalide ☕"\n`;
+    await writeFile(join(dir, 'plaid.yaml'), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(text, 'utf8')]));
+    await writeFile(join(dir, 'bank.yaml'), minimal('bank', '/bank', 'auth_failure:\n  status: [401]\n  body_contains: "ungültig"\n'));
+    const config = await loadRoutes(dir);
+    expect(config.routes.map((r) => r.authFailure.bodyContains)).toEqual(['ungültig', 'clé invalide ☕']);
+  });
+});
+
+describe('parseRouteText: "__proto__" inside maps of names', () => {
+  // zod skips a "__proto__" key of a record (it would replace the result's prototype), so a header,
+  // query parameter or body field of that name was dropped without a word.
+  it('a "__proto__" header in inject.headers is refused where it stands, not dropped', async () => {
+    const problems = await problemsOf(PLAID.replace('    PLAID-SECRET: "{secret}"\n', '    PLAID-SECRET: "{secret}"\n    __proto__: "{secret}"\n'));
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 10, col: 5 });
+    expect(problems[0]!.message).toContain('"__proto__"');
+  });
+
+  it('so is one in a query or json_body injection', async () => {
+    for (const inject of ['{ scheme: query, params: { api_key: "{secret}", __proto__: "{secret}" } }', '{ scheme: json_body, fields: { secret: "{secret}", __proto__: "{secret}" } }']) {
+      const problems = await problemsOf(minimal('plaid', '/plaid').replace('{ scheme: bearer }', inject));
+      expect(problems[0]!.line, inject).toBe(5);
+      expect(problems[0]!.message, inject).toContain('"__proto__"');
+    }
+  });
+});
+
+describe('parseRouteText: dot segments with path parameters', () => {
+  // parseTarget refuses "..;", ".;x" and "..%3B" segments (Java servers resolve them as dot segments),
+  // so a prefix or rule written with one can never match anything.
+  it('refuses them in a prefix and in an allow path, as it does "." and ".."', async () => {
+    for (const prefix of ['/plaid/..;', '/plaid/.;x', '/..;v=1']) {
+      const [p] = await problemsOf(PLAID.replace('prefix: /plaid', `prefix: ${JSON.stringify(prefix)}`));
+      expect(p!.line, prefix).toBe(2);
+    }
+    for (const path of ['/link/..;/token', '/.;x', '/a/..;jsessionid=1']) {
+      const [p] = await problemsOf(PLAID.replace('/link/token/create', path));
+      expect(p!.line, path).toBe(20);
+    }
+    // A name that only starts with dots is an ordinary segment.
+    await compiles(PLAID.replace('/link/token/create', '/link/..x;y/.well-known'));
+  });
+});
+
+describe('parseRouteText: a header the injections set twice', () => {
+  // Header names are case-insensitive (and many servers read "_" as "-"): the proxy set both
+  // spellings under one name, so one of the two values the file wrote was silently never sent.
+  it.each([
+    ['two spellings in one headers map', '  scheme: headers\n  headers:\n    X-Key: "{key}"\n    x-key: "{other}"\n'],
+    ['"_" and "-" in one headers map', '  scheme: headers\n  headers:\n    X-Api-Key: "{key}"\n    X_Api_Key: "{other}"\n'],
+    ['a headers injection and a bearer one', '  - scheme: headers\n    headers:\n      Authorization: "Token {key}"\n  - scheme: bearer\n'],
+    ['basic and bearer', '  - scheme: basic\n  - scheme: bearer\n'],
+  ])('%s is refused at the injection', async (_case, inject) => {
+    const problems = await problemsOf(minimal('plaid', '/plaid').replace('inject: { scheme: bearer }\n', `inject:\n${inject}`));
+    expect(problems).toHaveLength(1);
+    expect(problems[0]!.line).toBeGreaterThanOrEqual(5);
+    expect(problems[0]!.message).toMatch(/set twice|also set by/);
+  });
+
+  it('distinct headers across injections are fine', async () => {
+    await compiles(minimal('plaid', '/plaid').replace('inject: { scheme: bearer }\n', 'inject:\n  - scheme: headers\n    headers:\n      X-Client: "{client}"\n  - scheme: bearer\n'));
+  });
+});
+
+describe('parseRouteText: a map with very many keys', () => {
+  // The YAML library checks each key against every earlier key of its map: 50,000 keys in one map
+  // (well under the 1 MiB a route file may have) held the event loop, and every request, for half
+  // a minute at a reload.
+  it('is refused in linear time, and duplicate keys are still caught where they stand', async () => {
+    const keys = Array.from({ length: 50_000 }, (_, i) => `k${i}: 1`).join('\n');
+    const started = performance.now();
+    const problems = await problemsOf(`${PLAID}${keys}\n`);
+    expect(performance.now() - started).toBeLessThan(15_000);
+    expect(problems[0]!.message).toContain('unknown keys');
+    const dup = await problemsOf(`${PLAID}${keys}\nk49999: 2\n`);
+    expect(dup).toEqual([expect.objectContaining({ line: 50_022, col: 1, message: expect.stringContaining('unique') })]);
+  }, 60_000);
+
+  it('a key written once as a number and once as a string is a duplicate too (both are the same key once loaded)', async () => {
+    const [p] = await problemsOf(PLAID.replace('    PLAID-SECRET: "{secret}"\n', '    1: "{client_id}"\n    "1": "{secret}"\n'));
+    expect(p).toMatchObject({ line: 10, col: 5 });
+    expect(p!.message).toContain('unique');
+  });
+});
+
+describe('parseRouteText: a file with very many problems', () => {
+  // Each problem is located in the file by a search of its map: 45,000 bad header names took 12 s,
+  // on the event loop at a reload, to report 45,000 lines nobody reads.
+  it('reports the first 50, then how many more there are, where the next one is', async () => {
+    const names = Array.from({ length: 40_000 }, (_, i) => `    "h ${i}": "{secret}"`).join('\n');
+    const started = performance.now();
+    const problems = await problemsOf(PLAID.replace('    PLAID-CLIENT-ID: "{client_id}"\n    PLAID-SECRET: "{secret}"\n', `${names}\n`));
+    expect(performance.now() - started).toBeLessThan(10_000);
+    expect(problems).toHaveLength(51);
+    expect(problems[0]).toMatchObject({ line: 8, col: 12 });
+    expect(problems[49]).toMatchObject({ line: 57 });
+    expect(problems[50]).toMatchObject({ line: 58, col: 13, message: 'and 39950 more problems in this file' });
+  }, 60_000);
+
+  it('so is a file with very many anchors', async () => {
+    const anchors = Array.from({ length: 200 }, (_, i) => `  - caller: &a${i} web\n    methods: [POST]\n    paths: [/x]`).join('\n');
+    const problems = await problemsOf(PLAID.replace(/allow:\n[\s\S]*$/, `allow:\n${anchors}\n`));
+    expect(problems).toHaveLength(51);
+    expect(problems[50]!.message).toBe('and 150 more problems in this file');
+  });
+});
+
+describe('parseRouteText: a file that is not a map of keys', () => {
+  it.each([
+    ['an empty file', '', 1],
+    ['a file of comments', '# plaid route, to do\n\n', 1],
+    ['a file of one null', '---\n~\n', 2],
+  ])('%s is refused as empty, at file:line:col', async (_case, text, line) => {
+    const problems = await problemsOf(text);
+    expect(problems).toEqual([{ file: '/x/plaid.yaml', line, col: 1, message: expect.stringMatching(/^the file is empty: a route file is a map of keys/) }]);
+  });
+
+  it('a list or a bare value says what the file should be', async () => {
+    for (const text of ['- name: plaid\n  prefix: /plaid\n', 'plaid\n']) {
+      const problems = await problemsOf(text);
+      expect(problems, text).toEqual([{ file: '/x/plaid.yaml', line: 1, col: 1, message: expect.stringMatching(/^a route file is a map of keys \(name, prefix, upstream/) }]);
+    }
+  });
+});
+
+describe('parseRouteText: the upstream\'s base path is written as it is sent', () => {
+  // The base path is put before every path sent upstream and never checked again. A URL parser
+  // rewrote these without a word: "\" became "/", "a/../b" became "b", a space became %20.
+  it.each([
+    'https://production.plaid.com//api',
+    'https://production.plaid.com\\evil.example',
+    'https://production.plaid.com/api\\v2',
+    'https://production.plaid.com/a/../b',
+    'https://production.plaid.com/a/%2e%2e/b',
+    'https://production.plaid.com/a/./b',
+    'https://production.plaid.com/a%2Fb',
+    'https://production.plaid.com/a b',
+  ])('refuses the upstream %j at its line', async (upstream) => {
+    const [p] = await problemsOf(PLAID.replace('https://production.plaid.com', JSON.stringify(upstream)));
+    expect(p!.line).toBe(3);
+    expect(p!.message).toContain('upstream');
+  });
+
+  it.each(['https://production.plaid.com', 'https://production.plaid.com/', 'https://beta-bridge.simplefin.org/simplefin', 'https://api.example.com/v2/', 'http://127.0.0.1:8081/api/v1', 'https://api.example.com/a:b/~c'])('accepts %j', async (upstream) => {
+    const route = await compiles(PLAID.replace('https://production.plaid.com', upstream));
+    expect(route.origin + route.basePath).toBe(upstream.replace(/\/$/, ''));
+  });
+});
