@@ -1,5 +1,6 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
@@ -127,6 +128,25 @@ describe('the forward-mode CA files', () => {
     expect(issued.code).toBe(1);
     expect(issued.stderr).toContain(`${join(certs, 'ca.key')} does not belong to the certificate in ${join(certs, 'ca.pem')}`);
     expect(await exists(join(certs, 'callers', 'svc.pem'))).toBe(false);
+  }, 30_000);
+
+  it('certs init --refresh that cannot write in full (a file size limit, as a full disk refuses): the old pair is kept as it was, and still signs', async () => {
+    const before = { key: await readFile(join(certs, 'ca.key'), 'utf8'), cert: await readFile(join(certs, 'ca.pem'), 'utf8') };
+    // 1 KiB: less than either PEM (an RSA-2048 key is about 1.7 KiB), so the first write is cut short
+    // and refused with EFBIG (Node ignores SIGXFSZ).
+    const refresh = spawnSync('prlimit', ['--fsize=1024', '--', process.execPath, 'bin/egress.js', 'certs', 'init', '--refresh'], { env: { PATH: process.env.PATH ?? '', ...env }, encoding: 'utf8' });
+    expect(refresh.status, refresh.stderr).toBe(1);
+    expect(refresh.stderr).not.toContain('PRIVATE KEY');
+    expect(await readFile(join(certs, 'ca.key'), 'utf8')).toBe(before.key);
+    expect(await readFile(join(certs, 'ca.pem'), 'utf8')).toBe(before.cert);
+    expect((await readdir(certs)).filter((name) => name.endsWith('.tmp'))).toEqual([]);
+    expect((await runCli(['certs', 'issue-caller', 'svc'], env)).code).toBe(0);
+    // Without the limit the refresh goes through, with the modes the files had.
+    expect((await runCli(['certs', 'init', '--refresh'], env)).code).toBe(0);
+    expect(await readFile(join(certs, 'ca.pem'), 'utf8')).not.toBe(before.cert);
+    expect(await pairMatches()).toBe(true);
+    expect((await stat(join(certs, 'ca.key'))).mode & 0o777).toBe(0o600);
+    expect((await stat(join(certs, 'ca.pem'))).mode & 0o777).toBe(0o644);
   }, 30_000);
 
   it('a ca.key that does not belong to ca.pem, or a ca.pem that is gone: issue-caller says so and issues nothing', async () => {
