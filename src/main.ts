@@ -155,6 +155,11 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     const key = await read(settings.tlsKey!, 'EGRESS_TLS_KEY');
     const clientCa = await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
     checkListenerFiles(cert, key, clientCa);
+    // Whoever can read the listener's key can pose as the proxy to its callers and collect their
+    // tokens. Warned, not refused (as master.key and ca.key are): Kubernetes mounts secrets 0644
+    // unless told otherwise (defaultMode).
+    const keyMode = (await stat(key.path)).mode & 0o777;
+    if ((keyMode & 0o077) !== 0) log.warn({ setting: key.setting, path: key.path, mode: keyMode.toString(8) }, `${key.setting} ${key.path} is readable by group or others (mode ${keyMode.toString(8)}): run "chmod 600" on it (on Kubernetes, give the secret volume defaultMode: 0400)`);
     tls = await createTlsServer({
       cert: cert.pem,
       key: key.pem,

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -7,7 +7,7 @@ import forge from 'node-forge';
 import { Agent, request } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
-import { runCli } from '../helpers/cli.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
 import { exchangeOn, statuses } from '../helpers/raw.ts';
 import { RawConnection } from '../security/raw-socket.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -384,6 +384,25 @@ describe('TLS listener with client certificates', () => {
       expect(serve.stderr).toContain(message);
       expect(serve.stderr).not.toContain('unexpected error');
       expect(serve.stderr + serve.stdout).not.toContain('PRIVATE KEY');
+    }
+  });
+
+  it('serve warns when the listener\'s key is readable by group or others (whoever reads it can pose as the proxy to its callers), and not when it is 0600', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_AUDIT_LOG: join(dir, 'audit-keymode.log') });
+    const pem = await readFile(join(dir, 'server.key'), 'utf8');
+    for (const mode of [0o644, 0o600]) {
+      const path = join(dir, `server-${mode.toString(8)}.key`);
+      await writeFile(path, pem);
+      await chmod(path, mode);
+      const serve = await startServe({ ...env, EGRESS_TLS_KEY: path });
+      const output = serve.output();
+      expect(await serve.stop()).toBe(0);
+      if (mode === 0o644) {
+        expect(output).toContain(`EGRESS_TLS_KEY ${path} is readable by group or others (mode 644)`);
+      } else {
+        expect(output).not.toContain('is readable by group or others');
+      }
+      expect(output).not.toContain('PRIVATE KEY');
     }
   });
 
