@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import { findRoute, findRouteByHost, forwardSegments } from '../config/compile-routes.ts';
+import { findRoute, findRouteByHost, forwardSegments, unclaimedHosts } from '../config/compile-routes.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { routeJsonSchema } from '../config/route-schema.ts';
@@ -26,7 +26,8 @@ export async function routes(args: readonly string[]): Promise<Outcome> {
         // Presets are already expanded: the schemes listed are what each route really attaches.
         const list = config.routes.map((r) => ({ name: r.name, file: r.file, preset: r.preset ?? null, prefix: r.prefix, upstream: r.origin + r.basePath, credential: r.credential, schemes: r.injections.map((i) => i.options.scheme), rules: r.rules.length }));
         const line = (r: (typeof list)[number]) => `\n  ${r.name}  ${r.prefix} -> ${r.upstream}  (${r.preset ? `preset ${r.preset}: ` : ''}${r.schemes.join(' + ')}, ${r.rules} rule${r.rules === 1 ? '' : 's'})`;
-        return ok(`${dir}: ${list.length} route${list.length === 1 ? '' : 's'} OK${list.map(line).join('')}`, { ok: true, dir, routes: list });
+        const notes = unclaimedHosts(config.routes);
+        return ok(`${dir}: ${list.length} route${list.length === 1 ? '' : 's'} OK${list.map(line).join('')}${notes.map((n) => `\nnote: ${n.message}`).join('')}`, { ok: true, dir, routes: list, notes });
       } catch (err) {
         if (!(err instanceof ConfigError)) throw err;
         return fail(err.problems.map(formatProblem).join('\n'), { ok: false, dir, errors: err.problems });

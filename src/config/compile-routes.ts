@@ -1,4 +1,5 @@
 import { isIP } from 'node:net';
+import { basename } from 'node:path';
 import type { Injector } from '../injectors/index.ts';
 import { injectorFor } from '../injectors/index.ts';
 import type { Template } from '../injectors/template.ts';
@@ -180,6 +181,33 @@ export function crossCheck(routes: readonly CompiledRoute[]): { file: string; me
     }
   }
   return problems;
+}
+
+/** A host no route intercepts in forward mode though routes point at it (see findRouteByHost). */
+export interface UnclaimedHost {
+  readonly host: string;
+  readonly files: readonly string[];
+  readonly message: string;
+}
+
+/**
+ * Hosts that are the upstream of two or more routes, none of which names it in `hosts`: forward
+ * mode refuses them (403), while reverse mode serves each route. Not a load error (reverse-only
+ * setups are fine); `routes check` and the log say so, since nothing else would.
+ */
+export function unclaimedHosts(routes: readonly CompiledRoute[]): UnclaimedHost[] {
+  const named = new Set(routes.filter((r) => r.explicitHosts).flatMap((r) => [...r.hosts]));
+  const byDefault = new Map<string, string[]>();
+  for (const r of routes) {
+    if (r.explicitHosts) continue;
+    for (const host of r.hosts) if (!named.has(host)) byDefault.set(host, [...(byDefault.get(host) ?? []), r.file]);
+  }
+  return [...byDefault].filter(([, files]) => files.length > 1).map(([host, files]) => {
+    const sorted = [...files].sort();
+    const names = sorted.map((f) => basename(f));
+    const list = names.length === 2 ? `${names[0]} and ${names[1]}, and neither names` : `${names.slice(0, -1).join(', ')} and ${names.at(-1)}, and none names`;
+    return { host, files: sorted, message: `${host} is the upstream host of ${list} it in hosts: forward mode does not intercept it (name it in the hosts: of the route that should)` };
+  });
 }
 
 /**

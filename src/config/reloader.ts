@@ -1,5 +1,5 @@
 import type { Logger } from '../observe/log.ts';
-import type { CompiledConfig } from './compile-routes.ts';
+import { unclaimedHosts, type CompiledConfig } from './compile-routes.ts';
 import { ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
 import { PathWatch } from './path-watch.ts';
 
@@ -32,6 +32,7 @@ export class RouteReloader {
     this.#config = initial;
     this.#log = log;
     this.#onSwap = onSwap;
+    warnUnclaimed(initial, log);
   }
 
   get config(): CompiledConfig {
@@ -116,6 +117,7 @@ export class RouteReloader {
       this.#config = next;
       this.#lastError = undefined;
       this.#log.info({ trigger, routes: next.routes.map((r) => r.name) }, 'routes reloaded');
+      warnUnclaimed(next, this.#log);
       this.#onSwap(next, true);
       this.#watchFiles(next.namedFiles);
       return { ok: true, errors: [] };
@@ -138,4 +140,9 @@ export class RouteReloader {
     for (const file of this.#files.values()) file.close();
     this.#files.clear();
   }
+}
+
+/** Hosts forward mode will not intercept though routes point at them: said at every load, as nothing else would. */
+function warnUnclaimed(config: CompiledConfig, log: Logger): void {
+  for (const u of unclaimedHosts(config.routes)) log.warn({ host: u.host, files: u.files }, u.message);
 }

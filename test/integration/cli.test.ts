@@ -242,6 +242,22 @@ allow:
     expect(json.errors[0]!.line).toBe(8);
   });
 
+  it('check notes a host that two routes share as their upstream without naming it in hosts: (forward mode does not intercept it); naming it in one route\'s hosts: settles it', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    await writeFile(join(dir, 'routes', 'plaid-link.yaml'), good.replace('name: plaid', 'name: plaid-link').replace('prefix: /plaid', 'prefix: /plaid-link'));
+    const text = await runCli(['routes', 'check'], env);
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toContain('2 routes OK');
+    expect(text.stdout).toContain('note: sandbox.plaid.com is the upstream host of plaid-link.yaml and plaid.yaml, and neither names it in hosts:');
+    const json = JSON.parse((await runCli(['routes', 'check', '--json'], env)).stdout) as { ok: boolean; notes: { host: string; files: string[] }[] };
+    expect(json.ok).toBe(true);
+    expect(json.notes).toEqual([{ host: 'sandbox.plaid.com', files: [join(dir, 'routes', 'plaid.yaml'), join(dir, 'routes', 'plaid-link.yaml')].sort(), message: expect.stringContaining('forward mode does not intercept it') }]);
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good.replace('credential:', 'hosts: [sandbox.plaid.com]\ncredential:'));
+    const settled = await runCli(['routes', 'check', '--json'], env);
+    expect(settled.code).toBe(0);
+    expect((JSON.parse(settled.stdout) as { notes: unknown[] }).notes).toEqual([]);
+  });
+
   it('check points at a bad template without repeating it (a literal there may be a key pasted in by mistake)', async () => {
     const route = (value: string) => `name: tpl\nprefix: /tpl\nupstream: https://x.example\ncredential: c\ninject:\n  scheme: headers\n  headers:\n    X-Key: "${value}"\nallow:\n  - caller: a\n    methods: [GET]\n    paths: [/x]\n`;
     for (const value of [`${SECRET}{`, `${SECRET}}`, `{secret}${SECRET}{ bad }`]) {

@@ -4,7 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
-import { bearerRoute } from '../helpers/routes.ts';
+import { apiKeyRoute, bearerRoute } from '../helpers/routes.ts';
 
 let upstream: Upstream;
 beforeAll(async () => {
@@ -51,6 +51,14 @@ describe('route reload', () => {
     const metrics = await (await fetch(`${proxy.admin}/metrics`)).text();
     expect(metrics).toMatch(/egress_config_reloads_total\{result="rejected"\} [1-9]/);
     expect(metrics).toMatch(/egress_config_reloads_total\{result="ok"\} [1-9]/);
+  });
+  it('warns, at start and at each reload, of a host two routes share as their upstream without naming it in hosts: (forward mode does not intercept it)', async () => {
+    // A host name, not an address: forward mode intercepts names only.
+    const named = upstream.url.replace('127.0.0.1', 'localhost');
+    proxy = await startTestProxy({ routes: { api: apiKeyRoute({ upstream: named, paths: ['/a'] }) }, credentials: { key: { secret: 'sk_1234567890' } }, callers: ['svc'] });
+    expect(proxy.logs()).not.toContain('forward mode does not intercept it');
+    await writeFile(join(proxy.routesDir, 'api2.yaml'), apiKeyRoute({ upstream: named, name: 'api2', paths: ['/a'] }));
+    await eventually(() => proxy.logs().includes('is the upstream host of api.yaml and api2.yaml, and neither names it in hosts: forward mode does not intercept it'), 5_000, 'the warning');
   });
 });
 
