@@ -36,6 +36,19 @@ async function call(base: string, token: string): Promise<string> {
   return res.headers.get('x-request-id')!;
 }
 
+/**
+ * Keep calling until a line of one of the requests made here is in the file at `path` (lines are
+ * written in batches a few ms after the request: any of them will do). Their ids are added to `ids`.
+ */
+async function callUntilLogged(base: string, token: string, path: string, ids: string[], ms: number, what: string): Promise<void> {
+  const since = ids.length;
+  await eventually(async () => {
+    ids.push(await call(base, token));
+    const text = await readFile(path, 'utf8').catch(() => '');
+    return ids.slice(since).some((id) => text.includes(id));
+  }, ms, what);
+}
+
 const lines = async (path: string) => (await readFile(path, 'utf8').catch(() => '')).split('\n').filter((l) => l !== '');
 
 describe('a torn last line (the process died in the middle of writing it)', () => {
@@ -100,21 +113,10 @@ describe('the audit file moved or removed under a running proxy', () => {
       // logrotate without copytruncate: rename, then a fresh empty file in its place ("create").
       await rename(path, `${path}.1`);
       await writeFile(path, '', { mode: 0o600 });
-      // Lines are written in batches a few ms after the request: any request since the rename will do.
-      let since = ids.length;
-      await eventually(async () => {
-        ids.push(await call(serve.url, token));
-        const text = await readFile(path, 'utf8');
-        return ids.slice(since).some((id) => text.includes(id));
-      }, 5_000, 'lines in the new file after the rename');
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines in the new file after the rename');
       // Removed outright: a new file is created at the path.
       await rm(path);
-      since = ids.length;
-      await eventually(async () => {
-        ids.push(await call(serve.url, token));
-        const text = await readFile(path, 'utf8').catch(() => '');
-        return ids.slice(since).some((id) => text.includes(id));
-      }, 5_000, 'lines in a new file after the removal');
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines in a new file after the removal');
       expect((await stat(path)).mode & 0o777).toBe(0o600);
     } finally {
       expect(await serve.stop()).toBe(0);
@@ -136,12 +138,7 @@ describe('the audit file moved or removed under a running proxy', () => {
       for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
       await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
       await rename(path, `${path}.1`);
-      const since = ids.length;
-      await eventually(async () => {
-        ids.push(await call(serve.url, token));
-        const text = await readFile(path, 'utf8').catch(() => '');
-        return ids.slice(since).some((id) => text.includes(id));
-      }, 5_000, 'lines in a new file after the rename');
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines in a new file after the rename');
     } finally {
       expect(await serve.stop()).toBe(0);
     }
@@ -164,12 +161,7 @@ describe('the audit folder removed under a running proxy', () => {
       for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
       await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
       await rm(folder, { recursive: true });
-      const since = ids.length;
-      await eventually(async () => {
-        ids.push(await call(serve.url, token));
-        const text = await readFile(path, 'utf8').catch(() => '');
-        return ids.slice(since).some((id) => text.includes(id));
-      }, 8_000, 'lines in a new file in the folder made again');
+      await callUntilLogged(serve.url, token, path, ids, 8_000, 'lines in a new file in the folder made again');
       expect((await stat(folder)).mode & 0o777).toBe(0o700);
     } finally {
       expect(await serve.stop()).toBe(0);

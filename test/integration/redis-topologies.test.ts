@@ -23,24 +23,26 @@ afterAll(async () => {
   for (const d of dirs) await rm(d, { recursive: true, force: true });
 });
 
+/** Whether a (lazily connecting) client connects and answers PING; it is disconnected after. */
+async function answersPing(c: Redis): Promise<boolean> {
+  c.on('error', () => {});
+  try {
+    await c.connect();
+    return (await c.ping()) === 'PONG';
+  } catch {
+    return false;
+  } finally {
+    c.disconnect();
+  }
+}
+
 async function redisProcess(args: string[]): Promise<{ port: number; child: ChildProcess }> {
   const port = await freePort();
   const dir = await mkdtemp(join(tmpdir(), 'egress-topo-'));
   dirs.push(dir);
   const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', '', '--appendonly', 'no', '--loglevel', 'warning', ...args], { stdio: 'ignore' });
   children.push(child);
-  await eventually(async () => {
-    const c = new Redis(port, '127.0.0.1', { lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
-    c.on('error', () => {});
-    try {
-      await c.connect();
-      return (await c.ping()) === 'PONG';
-    } catch {
-      return false;
-    } finally {
-      c.disconnect();
-    }
-  }, 10_000, 'redis-server to start');
+  await eventually(() => answersPing(new Redis(port, '127.0.0.1', { lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 })), 10_000, 'redis-server to start');
   return { port, child };
 }
 
@@ -145,18 +147,7 @@ describe('Redis Sentinel', () => {
     dirs.push(primaryDir);
     children.push(spawn('redis-server', ['--port', '0', '--tls-port', String(primaryPort), '--bind', '127.0.0.1', '--dir', primaryDir, '--save', '', '--appendonly', 'no', '--loglevel', 'warning', ...tlsFiles], { stdio: 'ignore' }));
     const tlsClient = (port: number) => new Redis(port, '127.0.0.1', { tls: { ca: pki.caCert }, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
-    await eventually(async () => {
-      const c = tlsClient(primaryPort);
-      c.on('error', () => {});
-      try {
-        await c.connect();
-        return (await c.ping()) === 'PONG';
-      } catch {
-        return false;
-      } finally {
-        c.disconnect();
-      }
-    }, 10_000, 'the TLS primary to start');
+    await eventually(() => answersPing(tlsClient(primaryPort)), 10_000, 'the TLS primary to start');
     const conf = [`tls-cert-file ${files.cert}`, `tls-key-file ${files.key}`, `tls-ca-cert-file ${files.ca}`, 'tls-auth-clients no', 'tls-replication yes'];
     const sentinel = await sentinelProcess(primaryPort, conf, async (port) => {
       const c = tlsClient(port);
