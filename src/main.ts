@@ -83,7 +83,12 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const initial = await loadRoutes(settings.routesDir);
   const dispatchers = new Dispatchers();
   const auditLock = options.lockAuditLog ? await takeAuditLock(settings.auditLog, log) : undefined;
-  const audit = new AuditLog(settings.auditLog, log, { maxBytes: settings.auditMaxBytes, keep: settings.auditKeep, alsoStdout: settings.auditStdout });
+  const audit = new AuditLog(settings.auditLog, log, {
+    maxBytes: settings.auditMaxBytes,
+    keep: settings.auditKeep,
+    alsoStdout: settings.auditStdout,
+    onFailure: (message, facts) => alerts.raise('audit_write_failed', 'critical', settings.auditLog, message, facts),
+  });
   await audit.open();
   const sweeper = new GraceSweeper(backend, log, metrics, `proxy:${hostname()}:${process.pid}`, () => void store.refresh());
   // OAuth2 tokens are shared by every instance through Redis when the store is Redis.

@@ -5,6 +5,7 @@ import { readTail, type Tail } from './audit-read.ts';
 import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import { UserError } from '../errors.ts';
+import type { Facts } from './alerts.ts';
 import type { Logger } from './log.ts';
 
 /**
@@ -90,6 +91,11 @@ export interface AuditOptions {
   readonly keep: number;
   /** Also write each line to stdout, for log shippers. */
   readonly alsoStdout: boolean;
+  /**
+   * How a write failure is reported (audit_write_failed): through the alerts, so that it reaches
+   * the webhook and the alerts metric too. Without it, the operational log only.
+   */
+  readonly onFailure?: (message: string, facts: Facts) => void;
 }
 
 /**
@@ -191,12 +197,17 @@ export class AuditLog {
     this.#movedTimer.unref();
   }
 
+  #alert(message: string, facts: Facts): void {
+    if (this.#options.onFailure) this.#options.onFailure(message, facts);
+    else this.#log.error({ alert: 'audit_write_failed', ...facts }, message);
+  }
+
   #openStream(): void {
     const stream = createWriteStream(this.path, { flags: 'a', mode: 0o600 });
     stream.on('error', (err: NodeJS.ErrnoException) => {
       // A full disk or a removed folder is reported, never crashed on. Requests go on; their lines
       // wait in memory until the file takes writes again (#recover).
-      if (!this.#failed) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, code: err.code }, 'audit log write failed; lines are kept in memory and written when the file takes them again');
+      if (!this.#failed) this.#alert('audit log write failed; lines are kept in memory and written when the file takes them again', { audit_log: this.path, code: err.code ?? null });
       if (this.#stream !== stream) return;
       this.#failed = true;
       this.#stream = undefined;
@@ -344,7 +355,7 @@ export class AuditLog {
       if (buffered > MAX_BUFFERED_BYTES) {
         // The disk is not keeping up (or is full): report and drop rather than block requests or
         // exhaust memory. Dropped lines are never chained; the next recovery line counts them.
-        if (this.#dropped++ % 1000 === 0) this.#log.error({ alert: 'audit_write_failed', dropped: this.#dropped }, 'audit log is not accepting writes; lines are being dropped');
+        if (this.#dropped++ % 1000 === 0) this.#alert('audit log is not accepting writes; lines are being dropped', { audit_log: this.path, dropped: this.#dropped });
         return;
       }
       if (!this.#failed && this.#bytes > 0 && this.#bytes + bytes > this.#options.maxBytes) this.#rotate();
@@ -399,7 +410,7 @@ export class AuditLog {
     clearTimeout(this.#retryTimer);
     this.#flush();
     clearTimeout(this.#retryTimer);
-    if (this.#failed && this.#pending.length > 0) this.#log.error({ alert: 'audit_write_failed', audit_log: this.path, lines: this.#pending.length }, 'audit lines could not be written before exit');
+    if (this.#failed && this.#pending.length > 0) this.#alert('audit lines could not be written before exit', { audit_log: this.path, lines: this.#pending.length });
     const stream = this.#stream;
     this.#stream = undefined;
     if (stream && stream !== process.stdout && 'close' in stream) {

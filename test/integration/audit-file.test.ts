@@ -1,6 +1,8 @@
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe } from '../helpers/cli.ts';
@@ -176,7 +178,19 @@ describe('writes refused for a while (a full disk, a file size limit), then take
   it('the lines written afterwards continue a chain verify accepts: a recovery line ends the torn write and counts the lines lost', async () => {
     const { dir, token } = await dataDir('egress-audit-efbig-');
     const path = join(dir, 'audit.log');
-    const serve = await startServe(envFor(dir));
+    // The alert reaches the webhook as well as the log: whoever watches alerts hears of it.
+    const hooks: string[] = [];
+    const receiver = createServer((req, res) => {
+      let body = '';
+      req.on('data', (d: Buffer) => (body += d.toString()));
+      req.on('end', () => {
+        hooks.push(body);
+        res.writeHead(204).end();
+      });
+    });
+    await new Promise<void>((r) => receiver.listen(0, '127.0.0.1', r));
+    await writeFile(join(dir, 'webhook.secret'), 'whsec_audit_file_test_0123456789abcdef', { mode: 0o600 });
+    const serve = await startServe(envFor(dir, { EGRESS_ALERT_WEBHOOK: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret') }));
     const pid = String(serve.child.pid);
     const before: string[] = [];
     const during: string[] = [];
@@ -193,6 +207,7 @@ describe('writes refused for a while (a full disk, a file size limit), then take
         await new Promise((r) => setTimeout(r, 30));
       }
       await eventually(() => serve.output().includes('audit_write_failed'), 3_000, 'the write failure');
+      await eventually(() => hooks.some((b) => (JSON.parse(b) as { id?: string }).id === 'audit_write_failed'), 5_000, 'the alert at the webhook');
       expect(spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']).status).toBe(0);
       for (let i = 0; i < 3; i++) {
         after.push(await call(serve.url, token));
@@ -202,6 +217,7 @@ describe('writes refused for a while (a full disk, a file size limit), then take
     } finally {
       spawnSync('prlimit', ['--pid', pid, '--fsize=unlimited:unlimited']);
       expect(await serve.stop()).toBe(0);
+      await new Promise<void>((r) => receiver.close(() => r()));
     }
     const written = await lines(path);
     const text = written.join('\n');
