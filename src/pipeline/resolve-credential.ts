@@ -69,7 +69,9 @@ export function open(ctx: RequestContext, id: string, version: CredentialVersion
       credential = openVersion(keyring, id, version);
     } catch (err) {
       if (err instanceof IntegrityError) {
-        ctx.services.log.error({ alert: 'credential_integrity', credential: id, version: version.version, request_id: ctx.id }, 'credential failed its integrity check; refusing to use it');
+        // Each refused request is logged with its id; the alert (webhook, metric) goes once per credential in a cool-down.
+        ctx.services.log.error({ credential: id, version: version.version, request_id: ctx.id }, 'credential failed its integrity check; refusing to use it');
+        ctx.services.rules.alerts.raise('credential_integrity', 'critical', id, 'a stored credential failed its integrity check (tampering, or a master key file that is not the store\'s); its requests are refused', { credential: id, version: version.version });
         throw new ProxyError('credential_unavailable', 'The stored credential failed its integrity check.');
       }
       throw err;

@@ -119,6 +119,15 @@ describe('CRED', () => {
     }, 'plaid');
   });
 
+  it('CRED-01c a credential that fails its integrity check is an alert (credential_integrity, critical, counted in egress_alerts_total like every alert that goes to the webhook), not only a log line', async () => {
+    await tamper((d) => {
+      d.credentials.bank!.versions[0]!.data = d.credentials.plaid!.versions[0]!.data;
+    }, 'bank');
+    const metrics = await (await fetch(`${lab.serve.admin}/metrics`)).text();
+    expect(metrics).toMatch(/egress_alerts_total\{alert="credential_integrity",severity="critical"\} [1-9]/);
+    expect(metrics).not.toContain(BANK_SECRET);
+  });
+
   it.each([
     ['data.ct first byte', (v: Version) => void (v.data.ct = flip(v.data.ct!, 0))],
     ['data.ct last byte', (v: Version) => void (v.data.ct = flip(v.data.ct!, -1))],
