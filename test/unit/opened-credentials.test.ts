@@ -15,12 +15,16 @@ function keyringOf(key = randomBytes(KEY_BYTES)): Keyring {
   return new Keyring(1, [{ version: 1, createdAt: NOW.toISOString(), key }]);
 }
 
-/** The smallest context open() reads: the live keyring, a logger and the request's redaction list. */
+/** The smallest context open() reads: the live keyring, a logger, the alerts and the request's redaction list. */
 function contextWith(keyring: Keyring, errors: unknown[] = []): RequestContext {
   return {
     id: 'req-1',
     redactions: [],
-    services: { keys: { current: keyring }, log: { error: (fields: unknown) => errors.push(fields) } },
+    services: {
+      keys: { current: keyring },
+      log: { error: (fields: unknown) => errors.push(fields) },
+      rules: { alerts: { raise: (...args: unknown[]) => errors.push({ alert: args }) } },
+    },
   } as unknown as RequestContext;
 }
 
@@ -58,6 +62,7 @@ describe('open(): a credential version is decrypted once while its stored record
     // A keyring without that key: refused, even though the version was opened before.
     const errors: unknown[] = [];
     expect(() => open(contextWith(keyringOf(), errors), 'plaid', record)).toThrow(ProxyError);
+    expect(JSON.stringify(errors)).toContain('credential_integrity');
     expect(JSON.stringify(errors)).not.toContain(SECRET);
   });
 
