@@ -1,7 +1,7 @@
 import { createPrivateKey, generateKeyPairSync, randomBytes, sign, X509Certificate, type KeyObject } from 'node:crypto';
-import { lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { lstat, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { removeStaleTemps } from '../store/temp-files.ts';
+import { replaceFiles } from '../store/temp-files.ts';
 import type Forge from 'node-forge';
 import { loadForge } from './forge.ts';
 import { UserError } from '../errors.ts';
@@ -85,7 +85,6 @@ export function createCa(hosts: readonly string[], now = new Date()): { certPem:
 }
 
 export async function writeCa(dir: string, files: { certPem: string; keyPem: string }, overwrite: boolean): Promise<void> {
-  await mkdir(dir, { recursive: true, mode: 0o700 });
   // Both or neither: a new key written beside a ca.pem that is kept (a lost key, or a host given
   // only the public ca.pem) would sign with a key that ca.pem does not name.
   if (!overwrite) {
@@ -93,35 +92,12 @@ export async function writeCa(dir: string, files: { certPem: string; keyPem: str
       if (await lstat(join(dir, name)).then(() => true, () => false)) throw new UserError(`${join(dir, name)} already exists; use "certs init --refresh" to re-issue the CA`);
     }
   }
-  // Both files are written in full (temp files, fsync) before either takes its name: a refresh
-  // that fails half-way (a full disk) leaves the old pair as it was, not a truncated key or a new
-  // key beside the old certificate. The mode is set on the open file, whatever the umask.
-  await removeStaleTemps(dir, CA_FILES.key, CA_FILES.cert);
-  const staged: { tmp: string; path: string }[] = [];
-  try {
-    for (const [name, body, mode] of [[CA_FILES.key, files.keyPem, 0o600], [CA_FILES.cert, files.certPem, 0o644]] as const) {
-      const tmp = join(dir, `.${name}.${process.pid}.tmp`);
-      const handle = await open(tmp, 'w', mode);
-      staged.push({ tmp, path: join(dir, name) });
-      try {
-        await handle.chmod(mode);
-        await handle.writeFile(body);
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
-    }
-  } catch (err) {
-    for (const { tmp } of staged) await unlink(tmp).catch(() => {});
-    throw new UserError(`the CA could not be written in ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}); the files there are unchanged`);
-  }
-  for (const { tmp, path } of staged) await rename(tmp, path);
-  const folder = await open(dir, 'r');
-  try {
-    await folder.sync();
-  } finally {
-    await folder.close();
-  }
+  // Both in full before either takes its name: a refresh that fails half-way (a full disk) leaves
+  // the old pair as it was, not a truncated key or a new key beside the old certificate.
+  await replaceFiles([
+    { path: join(dir, CA_FILES.key), text: files.keyPem, mode: 0o600 },
+    { path: join(dir, CA_FILES.cert), text: files.certPem, mode: 0o644 },
+  ], (err) => new UserError(`the CA could not be written in ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}); the files there are unchanged`));
 }
 
 /**

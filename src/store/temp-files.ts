@@ -1,8 +1,15 @@
-import { mkdir, open, readdir, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { holderAlive } from './lock-file.ts';
 
 let replaces = 0;
+
+/** One file of a replaceFiles: its path, its new text, and the mode it gets (whatever the umask). */
+export interface Replacement {
+  readonly path: string;
+  readonly text: string;
+  readonly mode: number;
+}
 
 /**
  * Replace a file whole, so that a reader, and the file after a crash or a power cut, has the old
@@ -12,30 +19,50 @@ let replaces = 0;
  * a temp file a killed writer left is removed by the next replace of the same file.
  */
 export async function replaceFile(path: string, text: string, mode: number, unchanged: (err: unknown) => unknown = (err) => err): Promise<void> {
-  const dir = dirname(path);
-  const tmp = join(dir, `.${basename(path)}.${process.pid}.${++replaces}.tmp`);
-  let handle: FileHandle | undefined;
-  let made = false;
+  await replaceFiles([{ path, text, mode }], unchanged);
+}
+
+/**
+ * replaceFile for files that belong together (a CA's key and certificate): every one is written in
+ * full (temp file, fsync) before any takes its name, so a failure on the way (a full disk) leaves
+ * them all as they were, thrown as `unchanged` makes it. Only a crash between the renames, a
+ * moment, leaves some new and some old.
+ */
+export async function replaceFiles(files: readonly Replacement[], unchanged: (err: unknown) => unknown = (err) => err): Promise<void> {
+  const staged: { readonly tmp: string; readonly path: string }[] = [];
+  let renamed = 0;
   try {
-    await mkdir(dir, { recursive: true, mode: 0o700 });
-    await removeStaleTemps(dir, basename(path));
-    handle = await open(tmp, 'wx', mode);
-    made = true;
-    await handle.writeFile(text);
-    await handle.sync();
-    await handle.close();
-    handle = undefined;
-    await rename(tmp, path);
+    for (const { path, text, mode } of files) {
+      const dir = dirname(path);
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      await removeStaleTemps(dir, basename(path));
+      const tmp = join(dir, `.${basename(path)}.${process.pid}.${++replaces}.tmp`);
+      const handle = await open(tmp, 'wx', mode);
+      staged.push({ tmp, path });
+      try {
+        // The mode asked for, whatever the umask (a certificate that others must read is 0644).
+        await handle.chmod(mode);
+        await handle.writeFile(text);
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+    }
+    for (const { tmp, path } of staged) {
+      await rename(tmp, path);
+      renamed++;
+    }
   } catch (err) {
-    await handle?.close().catch(() => {});
-    if (made) await unlink(tmp).catch(() => {});
-    throw unchanged(err);
+    for (const { tmp } of staged.slice(renamed)) await unlink(tmp).catch(() => {});
+    throw renamed === 0 ? unchanged(err) : err;
   }
-  const folder = await open(dir, 'r');
-  try {
-    await folder.sync();
-  } finally {
-    await folder.close();
+  for (const dir of new Set(files.map((f) => dirname(f.path)))) {
+    const folder = await open(dir, 'r');
+    try {
+      await folder.sync();
+    } finally {
+      await folder.close();
+    }
   }
 }
 
