@@ -32,6 +32,7 @@ import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
 import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
 import { checkListenerFiles, createTlsServer } from './server/tls.ts';
+import { readListenerFile } from './certs/listener-files.ts';
 import { join } from 'node:path';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
@@ -153,12 +154,9 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
   let tls: Awaited<ReturnType<typeof createTlsServer>> | undefined;
   if (settings.tlsListen) {
-    const read = async (path: string, setting: string) => ({ setting, path, pem: await readFile(path, 'utf8').catch((err: NodeJS.ErrnoException) => {
-      throw new UserError(`${setting} ${path} cannot be read (${err.code ?? 'error'})`);
-    }) });
-    const cert = await read(settings.tlsCert!, 'EGRESS_TLS_CERT');
-    const key = await read(settings.tlsKey!, 'EGRESS_TLS_KEY');
-    const clientCa = await read(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
+    const cert = await readListenerFile(settings.tlsCert!, 'EGRESS_TLS_CERT');
+    const key = await readListenerFile(settings.tlsKey!, 'EGRESS_TLS_KEY');
+    const clientCa = await readListenerFile(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
     checkListenerFiles(cert, key, clientCa);
     // Whoever can read the listener's key can pose as the proxy to its callers and collect their
     // tokens. Warned, not refused (as master.key and ca.key are): Kubernetes mounts secrets 0644

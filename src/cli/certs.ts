@@ -1,8 +1,8 @@
 import { X509Certificate } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
+import { listenerCertificate, readListenerFile } from '../certs/listener-files.ts';
 import { addRevoked, CERTS_LOCK, readCertsList } from '../certs/revocations.ts';
 import { withFileLock } from '../store/lock-file.ts';
 import { replaceFile } from '../store/temp-files.ts';
@@ -80,15 +80,7 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
 
 /** EGRESS_CLIENT_CA (its first certificate, the one the listener pins) must be the CA issue-caller signs with. */
 async function sameCa(clientCaPath: string, caPem: string, caPath: string): Promise<void> {
-  const pem = await readFile(clientCaPath, 'utf8').catch((err: NodeJS.ErrnoException) => {
-    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} cannot be read (${err.code ?? 'error'})`);
-  });
-  let pinned: X509Certificate;
-  try {
-    pinned = new X509Certificate(pem);
-  } catch {
-    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} holds no PEM certificate`);
-  }
+  const pinned = listenerCertificate(await readListenerFile(clientCaPath, 'EGRESS_CLIENT_CA'));
   if (pinned.fingerprint256 !== new X509Certificate(caPem).fingerprint256) {
     throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} is not the CA in ${caPath} that issue-caller signs with: a TLS listener with this EGRESS_CLIENT_CA would refuse the certificate (issue caller certificates with the CA it names, or unset EGRESS_CLIENT_CA)`);
   }

@@ -1,10 +1,11 @@
-import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import { createServer, type Server } from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
+import { listenerCertificate, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
@@ -53,35 +54,11 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
 }
 
-/** A file of the listener, as read: the setting that names it, its path, its text. */
-export interface ListenerFile {
-  readonly setting: string;
-  readonly path: string;
-  readonly pem: string;
-}
-
-/**
- * The listener's certificate, key and client CA, checked before they are used: OpenSSL's own
- * errors ("PEM routines::no start line", "key values mismatch") name neither the setting nor the
- * file. Messages never quote the files.
- */
+/** The listener's certificate, key and client CA, checked before they are used (listener-files.ts). */
 export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): void {
-  const certificate = (file: ListenerFile) => {
-    try {
-      return new X509Certificate(file.pem);
-    } catch {
-      throw new UserError(`${file.setting} ${file.path} holds no PEM certificate`);
-    }
-  };
-  const leaf = certificate(cert);
-  certificate(clientCa);
-  let privateKey;
-  try {
-    privateKey = createPrivateKey(key.pem);
-  } catch {
-    throw new UserError(`${key.setting} ${key.path} holds no PEM private key (an encrypted key is not supported)`);
-  }
-  if (!leaf.checkPrivateKey(privateKey)) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
+  const leaf = listenerCertificate(cert);
+  listenerCertificate(clientCa);
+  if (!leaf.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
