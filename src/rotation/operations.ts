@@ -1,5 +1,5 @@
 import { ConflictError, NotFoundError, StateError } from '../errors.ts';
-import { ADMIN_TOKEN_PREFIX, generateToken, hashToken, newTokenId, TOKEN_PREFIX } from '../store/callers.ts';
+import { ADMIN_TOKEN_PREFIX, generateToken, hashToken, newTokenId, tokenLive, TOKEN_PREFIX } from '../store/callers.ts';
 import { newCredentialRecord, unwrapDek, wrapDek, type FieldValues } from '../store/credentials.ts';
 import type { Keyring } from '../store/keyring.ts';
 import type { CallerRecord, CredentialRecord } from '../store/records.ts';
@@ -148,6 +148,11 @@ function entry(by: t.Actor, action: string, detail?: string) {
   return { at: by.now.toISOString(), actor: by.actor, action, ...(detail ? { detail } : {}) };
 }
 
+/** The hashes of tokens that no longer work, the last 100 kept: one presented again is recognised (retired_credential_used). */
+function retired(existing: CallerRecord, hashes: readonly string[]): string[] {
+  return [...(existing.revoked_tokens ?? []), ...hashes].slice(-100);
+}
+
 /** A new identity with one token, printed once by the caller of this function. A revoked name can be reused. */
 export async function addToken(op: Operator, kind: TokenKind, name: string): Promise<{ record: CallerRecord; token: string }> {
   const existing = await named(op, kind, name);
@@ -159,7 +164,7 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
   // before it stop identifying anyone), and must be later than the revoked one even when this
   // host's clock is behind the one that added it first: instances keep the later incarnation.
   const later = new Date(existing ? Date.parse(existing.created_at) + 1 : Number.NaN);
-  const revoked = existing ? [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100) : [];
+  const revoked = existing ? retired(existing, existing.tokens.map((t) => t.hash)) : [];
   const record: CallerRecord = {
     name,
     revision: (existing?.revision ?? 0) + 1,
@@ -183,8 +188,7 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
   const now = actor.now;
   const until = new Date(now.getTime() + graceMs).toISOString();
   const token = generateToken(PREFIX[kind]);
-  const live = (tk: CallerRecord['tokens'][number]) => !tk.expires_at || Date.parse(tk.expires_at) > now.getTime();
-  const kept = graceMs > 0 ? existing.tokens.filter(live).map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until })) : [];
+  const kept = graceMs > 0 ? existing.tokens.filter((tk) => tokenLive(tk, now.getTime())).map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until })) : [];
   // Tokens that stop now are remembered by hash only, so a service still presenting one is noticed.
   const dropped = existing.tokens.filter((tk) => !kept.some((k) => k.id === tk.id)).map((tk) => tk.hash);
   const record: CallerRecord = {
@@ -192,7 +196,7 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
     revision: existing.revision + 1,
     updated_at: now.toISOString(),
     tokens: [...kept, { id: newTokenId(), hash: hashToken(token), created_at: now.toISOString() }],
-    revoked_tokens: [...(existing.revoked_tokens ?? []), ...dropped].slice(-100),
+    revoked_tokens: retired(existing, dropped),
     history: [...(existing.history ?? []), entry(actor, 'rotate', graceMs > 0 ? `old tokens valid until ${until}` : 'old tokens stopped at once')].slice(-100),
   };
   await op.store.put(kind, record, existing.revision);
@@ -206,7 +210,7 @@ export async function revokeToken(op: Operator, kind: TokenKind, name: string): 
   if (existing.revoked_at) return existing;
   const actor = await by(op);
   const now = actor.now.toISOString();
-  const revokedHashes = [...(existing.revoked_tokens ?? []), ...existing.tokens.map((t) => t.hash)].slice(-100);
+  const revokedHashes = retired(existing, existing.tokens.map((t) => t.hash));
   const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(actor, 'revoke')].slice(-100) };
   await op.store.put(kind, record, existing.revision);
   return record;

@@ -20,9 +20,14 @@ export function newTokenId(): string {
   return randomBytes(4).toString('hex');
 }
 
-/** How many of a caller's tokens still work at `now`: one whose rotation grace has ended does not. */
+/** Whether a token still works at `now` (epoch ms): one whose rotation grace has ended does not. */
+export function tokenLive(token: CallerRecord['tokens'][number], now: number): boolean {
+  return !token.expires_at || Date.parse(token.expires_at) > now;
+}
+
+/** How many of a caller's tokens still work at `now`. */
 export function liveTokenCount(record: CallerRecord, now = Date.now()): number {
-  return record.tokens.filter((t) => !t.expires_at || Date.parse(t.expires_at) > now).length;
+  return record.tokens.filter((t) => tokenLive(t, now)).length;
 }
 
 interface IndexedToken {
