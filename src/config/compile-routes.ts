@@ -90,6 +90,7 @@ export const DEFAULTS = Object.freeze({ connectTimeoutMs: 5_000, responseTimeout
 
 export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | undefined): CompiledRoute {
   const url = new URL(raw.upstream);
+  const basePath = url.pathname.replace(/\/+$/, '');
   const injections = (Array.isArray(raw.inject) ? raw.inject : [raw.inject]).map((options): Injection => {
     const injector = injectorFor(options.scheme);
     if (!injector) throw new Error(`unknown inject scheme "${options.scheme}"`);
@@ -118,8 +119,8 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     hosts: new Set(raw.hosts ?? (isIP(url.hostname.replace(/^\[|\]$/g, '')) ? [] : [url.hostname.toLowerCase()])),
     explicitHosts: raw.hosts !== undefined,
     connectPorts: new Set([443, Number(url.port || (url.protocol === 'https:' ? 443 : 80))]),
-    basePath: url.pathname.replace(/\/+$/, ''),
-    baseSegments: Object.freeze(baseSegmentsOf(url.pathname.replace(/\/+$/, ''))),
+    basePath,
+    baseSegments: Object.freeze(baseSegmentsOf(basePath)),
     credential: raw.credential,
     injections: Object.freeze(injections),
     claims: Object.freeze(claims),

@@ -157,8 +157,9 @@ export const routeFileSchema = z.strictObject({
 }).superRefine((route, ctx) => {
   const injections = Array.isArray(route.inject) ? route.inject : [route.inject];
   const claimedBy = new Map<string, string>();
-  // Folded as upstreams may read them ("_" and "-" alike), as the caller's copies are compared.
-  const setBy = new Map<string, { readonly name: string; readonly index: number }>();
+  // Folded as upstreams may read them ("_" and "-" alike), as the caller's copies are compared;
+  // the index of the injection that set each first.
+  const setBy = new Map<string, number>();
   injections.forEach((options, i) => {
     const injector = injectorFor(options.scheme) as Injector | undefined;
     if (!injector) return;
@@ -170,10 +171,10 @@ export const routeFileSchema = z.strictObject({
       // One name, two values: the later one replaced the earlier without a word.
       const folded = h.toLowerCase().replaceAll('_', '-');
       const first = setBy.get(folded);
-      if (first) {
-        ctx.addIssue({ code: 'custom', path, message: first.index === i ? `header "${h}" is set twice (header names are case-insensitive, and many servers read "_" as "-")` : `header "${h}" is also set by the "${injections[first.index]!.scheme}" injection (inject.${first.index}): only one value could be sent` });
+      if (first !== undefined) {
+        ctx.addIssue({ code: 'custom', path, message: first === i ? `header "${h}" is set twice (header names are case-insensitive, and many servers read "_" as "-")` : `header "${h}" is also set by the "${injections[first]!.scheme}" injection (inject.${first}): only one value could be sent` });
       } else {
-        setBy.set(folded, { name: h, index: i });
+        setBy.set(folded, i);
       }
       claimedBy.set(h.toLowerCase(), options.scheme);
     }
