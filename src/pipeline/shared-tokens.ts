@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { IntegrityError, open, seal, type Sealed } from '../store/crypto.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
-import { evalScript, type RedisConnection } from '../store/redis-client.ts';
+import { evalScript, timeMs, type RedisConnection } from '../store/redis-client.ts';
 import { Secret } from '../secret.ts';
 import { cacheId, errorText, sameToken, schedule, type Entry, type Minted, type TokenKey } from './token-broker.ts';
 
@@ -121,8 +121,7 @@ export class SharedTokens {
     const at = performance.now();
     if (this.#clock !== undefined && at - this.#clock.at < CLOCK_CHECK_MS) return this.#clock.offset;
     const sent = Date.now();
-    const [seconds, micros] = (await this.#redis(() => this.#client.time())).map(Number);
-    const offset = Math.round(seconds! * 1000 + micros! / 1000 - (sent + Date.now()) / 2);
+    const offset = Math.round(timeMs(await this.#redis(() => this.#client.time())) - (sent + Date.now()) / 2);
     this.#clock = { offset, at };
     return offset;
   }

@@ -177,6 +177,11 @@ function checkParams(scheme: string, params: URLSearchParams, path: string | und
   if (scheme === 'redis-cluster' && path !== undefined && path !== '/' && path !== '/0') throw new UserError('EGRESS_STORE: a redis-cluster:// URL names no database (a Cluster has database 0 only)', 2);
 }
 
+/** Redis's TIME reply ([seconds, microseconds]) as epoch milliseconds, fraction included. */
+export function timeMs(reply: readonly (string | number)[]): number {
+  return Number(reply[0]) * 1000 + Number(reply[1]) / 1000;
+}
+
 /**
  * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
  * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,

@@ -1,7 +1,7 @@
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
-import { evalReadScript, evalScript, readScript, REDIS_LIMITS, type RedisConnection, type RedisSpec } from './redis-client.ts';
+import { evalReadScript, evalScript, readScript, REDIS_LIMITS, timeMs, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
 import { belowFloorError } from './kek-floor.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
@@ -278,8 +278,7 @@ export class RedisStore implements StoreBackend {
   }
 
   async now(): Promise<number> {
-    const [seconds, micros] = (await this.#command(false, () => this.client.time())).map(Number);
-    return seconds! * 1000 + Math.floor(micros! / 1000);
+    return Math.floor(timeMs(await this.#command(false, () => this.client.time())));
   }
 
   /** Pub/sub for speed, and a poll of the version counter (and of reachability) as the safety net. */
