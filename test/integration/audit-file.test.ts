@@ -38,6 +38,12 @@ async function call(base: string, token: string): Promise<string> {
   return res.headers.get('x-request-id')!;
 }
 
+/** Three requests, and their lines in the file at `path` (nothing else written there yet); their ids are added to `ids`. */
+async function threeLogged(base: string, token: string, path: string, ids: string[]): Promise<void> {
+  for (let i = 0; i < 3; i++) ids.push(await call(base, token));
+  await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+}
+
 /**
  * Keep calling until a line of one of the requests made here is in the file at `path` (lines are
  * written in batches a few ms after the request: any of them will do). Their ids are added to `ids`.
@@ -110,8 +116,7 @@ describe('the audit file moved or removed under a running proxy', () => {
     const serve = await startServe(envFor(dir));
     const ids: string[] = [];
     try {
-      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
-      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await threeLogged(serve.url, token, path, ids);
       // logrotate without copytruncate: rename, then a fresh empty file in its place ("create").
       await rename(path, `${path}.1`);
       await writeFile(path, '', { mode: 0o600 });
@@ -137,8 +142,7 @@ describe('the audit file moved or removed under a running proxy', () => {
     const serve = await startServe(envFor(dir));
     const ids: string[] = [];
     try {
-      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
-      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await threeLogged(serve.url, token, path, ids);
       await rename(path, `${path}.1`);
       await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines in a new file after the rename');
     } finally {
@@ -160,8 +164,7 @@ describe('the audit folder removed under a running proxy', () => {
     const serve = await startServe(envFor(dir, { EGRESS_AUDIT_LOG: path }));
     const ids: string[] = [];
     try {
-      for (let i = 0; i < 3; i++) ids.push(await call(serve.url, token));
-      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await threeLogged(serve.url, token, path, ids);
       await rm(folder, { recursive: true });
       await callUntilLogged(serve.url, token, path, ids, 8_000, 'lines in a new file in the folder made again');
       expect((await stat(folder)).mode & 0o777).toBe(0o700);
@@ -196,8 +199,7 @@ describe('writes refused for a while (a full disk, a file size limit), then take
     const during: string[] = [];
     const after: string[] = [];
     try {
-      for (let i = 0; i < 3; i++) before.push(await call(serve.url, token));
-      await eventually(async () => (await lines(path)).length === 3, 3_000, 'the first lines');
+      await threeLogged(serve.url, token, path, before);
       const size = (await stat(path)).size;
       // The file may grow by a line and a half more: a later write is cut short, then refused with
       // EFBIG, as a full disk refuses it (Node ignores SIGXFSZ). prlimit changes the running process's limit.
