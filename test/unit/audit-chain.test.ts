@@ -5,6 +5,7 @@ import type { RequestAudit } from '../../src/observe/audit.ts';
 import { AuditLog, GENESIS, lineHash } from '../../src/observe/audit.ts';
 import { verifyAudit } from '../../src/observe/audit-read.ts';
 import type { Logger } from '../../src/observe/log.ts';
+import { eventually } from '../helpers/proxy.ts';
 import { useTempDirs } from '../helpers/temp-dir.ts';
 
 const tempDir = useTempDirs('egress-audit-');
@@ -196,5 +197,59 @@ describe('torn lines and recovery lines', () => {
     expect((await verifyText(join1(removed))).firstBad).toMatchObject({ line: 3, reason: expect.stringContaining('missing') });
     // A fragment at the very end is a file cut short.
     expect((await verifyText(join1([lines[0]!, fragment]))).firstBad).toMatchObject({ line: 2, reason: expect.stringContaining('the last line is incomplete') });
+  });
+});
+
+describe("the writer's head: the last line known to be in the file", () => {
+  const lastHash = async (path: string) => lineHash((await readFile(path, 'utf8')).split('\n').filter((l) => l !== '').at(-1)!);
+
+  it('is GENESIS with nothing written, then the hash of the last line each write put in the file, with the count of lines this process wrote', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log);
+    await audit.open();
+    try {
+      expect(audit.head()).toMatchObject({ file: path, hash: GENESIS, lines_written: 0, pending: 0 });
+      for (let i = 0; i < 4; i++) audit.request(entry(i));
+      // Taken but not yet in the file: not in the head, and counted as pending.
+      expect(audit.head()).toMatchObject({ hash: GENESIS, lines_written: 0, pending: 4 });
+      await eventually(() => audit.head().lines_written === 4, 2_000, 'the lines to land');
+      expect(audit.head()).toMatchObject({ hash: await lastHash(path), pending: 0 });
+      expect(Date.parse(audit.head().time)).toBeGreaterThan(Date.now() - 5_000);
+    } finally {
+      await audit.close();
+    }
+  });
+
+  it('a restarted writer starts from the last line already in the file (none written by it yet); after a torn line, from its recovery line', async () => {
+    const { path } = await writeChain(3);
+    const reopened = new AuditLog(path, log);
+    await reopened.open();
+    expect(reopened.head()).toMatchObject({ hash: await lastHash(path), lines_written: 0, pending: 0 });
+    await reopened.close();
+    const text = await readFile(path, 'utf8');
+    await writeFile(path, text.slice(0, -20));
+    const recovered = new AuditLog(path, log);
+    await recovered.open();
+    try {
+      const lines = (await readFile(path, 'utf8')).split('\n').filter((l) => l !== '');
+      expect(JSON.parse(lines.at(-1)!)).toMatchObject({ kind: 'recovery', reason: 'torn_line' });
+      expect(recovered.head()).toMatchObject({ hash: lineHash(lines.at(-1)!), lines_written: 1, pending: 0 });
+    } finally {
+      await recovered.close();
+    }
+  });
+
+  it('follows the lines across a rotation (the head line may then be in audit.log.1), and after close says what the file ends with', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log, { maxBytes: 1_000, keep: 3, alsoStdout: false });
+    await audit.open();
+    // One line at a time: each rotation waits for the file the one before it opened.
+    for (let i = 0; i < 12; i++) {
+      audit.request(entry(i));
+      await eventually(() => audit.head().lines_written === i + 1, 2_000, 'the line to land');
+    }
+    await audit.close();
+    expect(await readFile(`${path}.1`, 'utf8')).not.toBe('');
+    expect(audit.head()).toMatchObject({ hash: await lastHash(path), lines_written: 12, pending: 0 });
   });
 });
