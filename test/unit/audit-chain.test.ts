@@ -253,3 +253,28 @@ describe("the writer's head: the last line known to be in the file", () => {
     expect(audit.head()).toMatchObject({ hash: await lastHash(path), lines_written: 12, pending: 0 });
   });
 });
+
+describe('verifyAudit against a recorded head', () => {
+  it('finds the line whose hash is the head, and says where; a file cut before that line is intact but does not reach it', async () => {
+    const { lines } = await writeChain(6);
+    const head = lineHash(lines[3]!);
+    expect(await verifyText(join1(lines), 'audit.log')).toEqual({ ok: true, lines: 6 });
+    expect(await verifyAudit(['audit.log'], async () => join1(lines), { head })).toEqual({ ok: true, lines: 6, head: { hash: head, found: true, file: 'audit.log', line: 4 } });
+    // Cut down to the head's line: still there. Cut before it: the chain is intact, the head is not.
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(0, 4)), { head })).head).toMatchObject({ found: true, line: 4 });
+    const cut = await verifyAudit(['audit.log'], async () => join1(lines.slice(0, 3)), { head });
+    expect(cut).toEqual({ ok: true, lines: 3, head: { hash: head, found: false } });
+    // Across rotated files, in the older one.
+    const files: Record<string, string> = { 'audit.log.1': join1(lines.slice(0, 4)), 'audit.log': join1(lines.slice(4)) };
+    expect((await verifyAudit(['audit.log.1', 'audit.log'], async (f) => files[f]!, { head })).head).toEqual({ hash: head, found: true, file: 'audit.log.1', line: 4 });
+  });
+
+  it('GENESIS (recorded before any line) is reached by any chain checked from its start; a later segment whose first line follows the head reaches it too', async () => {
+    const { lines } = await writeChain(4);
+    expect((await verifyAudit(['audit.log'], async () => '', { head: GENESIS })).head).toEqual({ hash: GENESIS, found: true });
+    expect((await verifyAudit(['audit.log'], async () => join1(lines), { head: GENESIS })).head).toEqual({ hash: GENESIS, found: true });
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: GENESIS, partial: true })).head).toEqual({ hash: GENESIS, found: false });
+    const before = lineHash(lines[1]!);
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: before, partial: true })).head).toEqual({ hash: before, found: true });
+  });
+});
