@@ -331,3 +331,35 @@ describe('a head recorded outside the file (GET /v1/audit/head) and verify --hea
     expect(serve.output()).not.toContain(SECRET);
   }, 40_000);
 });
+
+describe('the head with EGRESS_AUDIT_LOG=- (stdout)', () => {
+  it('is the hash of the last audit line written to stdout by this run, and verify --head on the captured lines reaches it', async () => {
+    const { dir, token } = await dataDir('egress-audit-head-stdout-');
+    const env = envFor(dir, { EGRESS_AUDIT_LOG: '-' });
+    const created = await runCli(['admin-token', 'create', 'head-recorder', '--json'], env);
+    const adminToken = (JSON.parse(created.stdout) as { token: string }).token;
+    const serve = await startServe(env);
+    const auditLines = () => serve.output().split('\n').filter((l) => l.includes('"prev":"'));
+    let head = { hash: '', lines_written: 0, file: '' };
+    try {
+      for (let i = 0; i < 3; i++) await call(serve.url, token);
+      await eventually(async () => {
+        const res = await fetch(`${serve.admin}/v1/audit/head`, { headers: { authorization: `Bearer ${adminToken}` } });
+        head = (await res.json()) as typeof head;
+        const written = auditLines();
+        return head.lines_written >= 3 && written.length === head.lines_written && lineHash(written.at(-1)!) === head.hash;
+      }, 3_000, 'the head to be the last line on stdout');
+      expect(head.file).toBe('-');
+      await call(serve.url, token);
+      await eventually(() => auditLines().length > head.lines_written + 1, 3_000, 'lines after the head');
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    const captured = `${auditLines().join('\n')}\n`;
+    const reached = await runCli(['audit', 'verify', '--head', head.hash, '-'], envFor(dir), captured);
+    expect(reached.code, reached.stdout).toBe(0);
+    const cut = await runCli(['audit', 'verify', '--head', head.hash, '-'], envFor(dir), `${auditLines().slice(0, head.lines_written - 1).join('\n')}\n`);
+    expect(cut.code).toBe(1);
+    expect(cut.stdout).toContain('does not reach the recorded head');
+  }, 30_000);
+});
