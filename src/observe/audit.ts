@@ -327,12 +327,19 @@ export class AuditLog {
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
   #rotate(): void {
     this.#flush();
+    // Every rotation shifts the rotated files and removes the oldest before the file at the path
+    // takes the place of audit.log.1. With no file there (removed and not yet made again by
+    // #reopenIfMoved, or not yet created by the stream the last rotation opened), each line would
+    // have shifted them once more, down to nothing: the rotation waits for a file to rotate.
+    if (!existsSync(this.path)) return;
     try {
       const oldest = `${this.path}.${this.#options.keep}`;
       if (existsSync(oldest)) unlinkSync(oldest);
       for (let i = this.#options.keep - 1; i >= 1; i--) if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
       renameSync(this.path, `${this.path}.1`);
     } catch (err) {
+      // Tried again after another maxBytes, not at the next line: each try shifts the rotated files again.
+      this.#bytes = 0;
       this.#log.error({ code: (err as NodeJS.ErrnoException).code, audit_log: this.path }, 'audit log rotation failed; continuing in the same file');
       return;
     }

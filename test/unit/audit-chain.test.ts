@@ -1,4 +1,4 @@
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { RequestAudit } from '../../src/observe/audit.ts';
@@ -276,5 +276,26 @@ describe('verifyAudit against a recorded head', () => {
     expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: GENESIS, partial: true })).head).toEqual({ hash: GENESIS, found: false });
     const before = lineHash(lines[1]!);
     expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: before, partial: true })).head).toEqual({ hash: before, found: true });
+  });
+});
+
+describe('rotation never removes rotated files it has not replaced', () => {
+  const fileLines = async (file: string) => (await readFile(file, 'utf8').catch(() => '')).split('\n').filter((l) => l !== '');
+
+  it('a rotation that fails (the file at the path removed) leaves the rotated files as they were, however many lines follow', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log, { maxBytes: 1_000, keep: 3, alsoStdout: false });
+    await audit.open();
+    for (let i = 0; i < 8; i++) {
+      audit.request(entry(i));
+      await eventually(() => audit.head().lines_written === i + 1, 2_000, 'the line to land');
+    }
+    const rotated = await Promise.all([1, 2, 3].map((n) => fileLines(`${path}.${n}`)));
+    expect(rotated[0]!.length).toBeGreaterThan(0);
+    // Removed while it is due for rotation: every line until the writer notices asks for a rotation.
+    await rm(path);
+    for (let i = 8; i < 20; i++) audit.request(entry(i));
+    await audit.close();
+    expect(await Promise.all([1, 2, 3].map((n) => fileLines(`${path}.${n}`)))).toEqual(rotated);
   });
 });
