@@ -14,7 +14,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
   egress keys list | show ID | due [--max-age 90d]   metadata only, never values
   egress master-key init | status | rotate [--resume] | remove --version N
-  egress audit verify [--partial] [FILE…|-]      check the audit log's hash chain
+  egress audit verify [--partial] [--head HASH] [FILE…|-]   check the audit log's hash chain (and that it reaches a recorded head)
   egress certs init [--refresh]                  the forward-mode CA, limited to the hosts routes name
   egress certs issue-caller NAME                 a client certificate for a caller on the TLS listener
   egress certs revoke-caller NAME                revoke every certificate issued to that caller

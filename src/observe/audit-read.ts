@@ -72,6 +72,25 @@ export interface VerifyResult {
   readonly torn?: readonly { readonly file: string; readonly line: number }[];
   /** Recovery lines that record lines which never reached the file, and how many. */
   readonly lost?: readonly { readonly file: string; readonly line: number; readonly lines: number }[];
+  /** With a recorded head: whether the lines reach it, and the line that has its hash. */
+  readonly head?: HeadCheck;
+}
+
+export interface HeadCheck {
+  readonly hash: string;
+  /**
+   * A line has the head's hash, or a line follows it (the first line of a `partial` segment, or the
+   * first line of the chain for GENESIS, the head before any line was written): the lines reach it.
+   */
+  readonly found: boolean;
+  /** Where the line with the head's hash is, when it is among the lines checked. */
+  readonly file?: string;
+  readonly line?: number;
+}
+
+/** A head as GET /v1/audit/head gives it: 64 hex digits, compared in lower case; undefined for anything else. */
+export function parseHead(text: string): string | undefined {
+  return /^[0-9a-fA-F]{64}$/.test(text) ? text.toLowerCase() : undefined;
 }
 
 /**
@@ -79,15 +98,19 @@ export interface VerifyResult {
  * chain must start at the genesis hash, so removing the first line is caught too; `partial` checks
  * a later segment whose first line follows lines not given here. Lines that are not JSON are
  * allowed only as torn lines: directly followed by a recovery line that carries their hash.
+ * `head` (a hash from parseHead) is a head recorded outside the file: the result says whether the
+ * lines reach it, which is what shows lines cut from the end.
  */
-export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>, options: { partial?: boolean } = {}): Promise<VerifyResult> {
+export async function verifyAudit(files: readonly string[], read: (file: string) => Promise<string>, options: { partial?: boolean; head?: string } = {}): Promise<VerifyResult> {
   let prev: string | undefined = options.partial ? undefined : GENESIS;
+  const wanted = options.head;
+  let head: HeadCheck | undefined = wanted === undefined ? undefined : { hash: wanted, found: prev === wanted };
   let count = 0;
   /** Consecutive lines that are not JSON, waiting for the recovery line that accounts for them. */
   let run: { file: string; line: number; text: string[] } | undefined;
   const torn: { file: string; line: number }[] = [];
   const lost: { file: string; line: number; lines: number }[] = [];
-  const bad = (file: string, line: number, reason: string): VerifyResult => ({ ok: false, lines: count, firstBad: { file, line, reason } });
+  const bad = (file: string, line: number, reason: string): VerifyResult => ({ ok: false, lines: count, firstBad: { file, line, reason }, ...(head ? { head } : {}) });
   for (const file of files) {
     const lines = (await read(file)).split('\n');
     if (lines.at(-1) === '') lines.pop();
@@ -117,8 +140,12 @@ export async function verifyAudit(files: readonly string[], read: (file: string)
       if (recovery && typeof lostLines === 'number' && lostLines > 0) lost.push({ file, line: i + 1, lines: lostLines });
       prev = lineHash(line);
       count++;
+      if (head && !head.found) {
+        if (prev === head.hash) head = { ...head, found: true, file, line: i + 1 };
+        else if (parsed[AUDIT.prev] === head.hash) head = { ...head, found: true };
+      }
     }
   }
   if (run) return bad(run.file, run.line, 'the last line is incomplete (not a whole JSON line: the writer stopped in the middle of it, or the file was cut short)');
-  return { ok: true, lines: count, ...(torn.length > 0 ? { torn } : {}), ...(lost.length > 0 ? { lost } : {}) };
+  return { ok: true, lines: count, ...(torn.length > 0 ? { torn } : {}), ...(lost.length > 0 ? { lost } : {}), ...(head ? { head } : {}) };
 }

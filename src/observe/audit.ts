@@ -67,6 +67,28 @@ export interface AdminAudit {
 
 export const GENESIS = '0'.repeat(64);
 
+/**
+ * Where the chain stands, for a record kept outside the file (GET /v1/audit/head): a file cut
+ * after that line, or rewritten from before it, no longer holds a line with `hash`, and
+ * `egress audit verify --head` says so. Only hashes of lines and counts: nothing secret.
+ */
+export interface AuditHead {
+  /** EGRESS_AUDIT_LOG (`-`: stdout); the head line is in it or, after a rotation, in a rotated file. */
+  readonly file: string;
+  /**
+   * SHA-256 of the last line known to be in the file: its write has completed (it is in the file
+   * for any reader; it may not be on the disk yet after a power cut). GENESIS before any line. The
+   * next line chains to it once the `pending` lines have landed.
+   */
+  readonly hash: string;
+  /** Lines this process has put in the file since it opened it, recovery lines included. */
+  readonly lines_written: number;
+  /** Lines taken but not yet known to be in the file (waiting for their batch, in flight, or held while writes are refused): not in the head yet. */
+  readonly pending: number;
+  /** When this head was read. */
+  readonly time: string;
+}
+
 let isoMs = Number.NaN;
 let isoText = '';
 
@@ -130,8 +152,10 @@ export class AuditLog {
   readonly #log: Logger;
   readonly #options: AuditOptions;
   #prev = GENESIS;
-  /** Hash of the last line known to be in the file: where the chain resumes if the file has none. */
+  /** Hash of the last line known to be in the file: where the chain resumes if the file has none, and the head reported. */
   #written = GENESIS;
+  /** Lines this process has put in the file (confirmed written). */
+  #linesWritten = 0;
   #stream: WriteStream | NodeJS.WritableStream | undefined;
   /** A write was refused: nothing goes to the file until #recover has found where it ends. */
   #failed = false;
@@ -239,6 +263,7 @@ export class AuditLog {
         const unconfirmed = this.#unconfirmed.flat();
         const landed = onDisk === undefined ? -1 : unconfirmed.lastIndexOf(onDisk);
         const lost = unconfirmed.length - (landed + 1) + this.#dropped;
+        this.#linesWritten += landed + 1;
         this.#prev = onDisk ?? this.#written;
         this.#bytes = tail.size + this.#pendingBytes;
         // A folder removed under the proxy (a cleanup, a volume remounted) is made again, as at start.
@@ -268,6 +293,7 @@ export class AuditLog {
     await appendFile(this.path, text, { mode: 0o600 });
     this.#prev = lineHash(line);
     this.#written = this.#prev;
+    this.#linesWritten++;
     this.#bytes += Buffer.byteLength(text);
   }
 
@@ -301,12 +327,19 @@ export class AuditLog {
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
   #rotate(): void {
     this.#flush();
+    // Every rotation shifts the rotated files and removes the oldest before the file at the path
+    // takes the place of audit.log.1. With no file there (removed and not yet made again by
+    // #reopenIfMoved, or not yet created by the stream the last rotation opened), each line would
+    // have shifted them once more, down to nothing: the rotation waits for a file to rotate.
+    if (!existsSync(this.path)) return;
     try {
       const oldest = `${this.path}.${this.#options.keep}`;
       if (existsSync(oldest)) unlinkSync(oldest);
       for (let i = this.#options.keep - 1; i >= 1; i--) if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
       renameSync(this.path, `${this.path}.1`);
     } catch (err) {
+      // Tried again after another maxBytes, not at the next line: each try shifts the rotated files again.
+      this.#bytes = 0;
       this.#log.error({ code: (err as NodeJS.ErrnoException).code, audit_log: this.path }, 'audit log rotation failed; continuing in the same file');
       return;
     }
@@ -391,16 +424,26 @@ export class AuditLog {
     this.#pendingBytes = 0;
     if (this.#options.alsoStdout && this.path !== '-') process.stdout.write(text);
     if (this.path === '-') {
+      // Stdout is written synchronously for files and pipes (Node's process I/O): the lines are out.
       this.#stream?.write(text);
+      this.#written = this.#prev;
+      this.#linesWritten += hashes.length;
       return;
     }
     this.#unconfirmed.push(hashes);
     this.#stream!.write(text, (err) => {
       const i = err ? -1 : this.#unconfirmed.indexOf(hashes);
       if (i < 0) return;
-      this.#unconfirmed.splice(0, i + 1);
+      this.#linesWritten += this.#unconfirmed.splice(0, i + 1).reduce((n, written) => n + written.length, 0);
       this.#written = hashes.at(-1)!;
     });
+  }
+
+  /** The chain's head as far as the file is known to hold it (see AuditHead). */
+  head(): AuditHead {
+    let unconfirmed = 0;
+    for (const written of this.#unconfirmed) unconfirmed += written.length;
+    return { file: this.path, hash: this.#written, lines_written: this.#linesWritten, pending: this.#pending.length + unconfirmed, time: new Date().toISOString() };
   }
 
   async close(): Promise<void> {

@@ -15,7 +15,8 @@ import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
 
 /**
- * The admin API: the CLI's credential and caller operations over HTTP, for rotation scripts.
+ * The admin API: the CLI's credential and caller operations over HTTP, for rotation scripts, and
+ * the audit chain's head, for a record of it kept outside the audit file.
  * Authenticated by an admin token (`egress admin-token create`), stored as a hash. Secret values
  * arrive in request bodies only and never come back. Successful changes are audited from the
  * record's history (like CLI changes); refused requests are audited here.
@@ -153,6 +154,11 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
       return { body: { caller: record.name, revoked_at: record.revoked_at } };
     }
     throw notFound();
+  }
+  if (collection === 'audit' && id === 'head' && !verb) {
+    // Read before this request's own audit line is written (it follows, chained to this head).
+    if (method !== 'GET') throw notAllowed();
+    return { body: deps.audit.head() };
   }
   throw notFound();
 }

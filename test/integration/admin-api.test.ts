@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { lineHash } from '../../src/observe/audit.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -165,5 +166,29 @@ describe('admin API', () => {
     const rotated = await api('POST', '/credentials/fresh/versions', { fields: { token: 'tok_fresh_5678' }, grace: '1h' });
     expect(rotated.status).toBe(201);
     for (const answer of [created, rotated]) for (const v of answer.json.versions as { age_days: number }[]) expect(v.age_days).toBe(0);
+  });
+
+  it('GET /v1/audit/head: the hash of the last line in the audit file, with the admin token only; the read itself is the next line, chained to it', async () => {
+    expect((await api('GET', '/audit/head', undefined, null)).status).toBe(401);
+    expect((await api('GET', '/audit/head', undefined, proxy.tokens.svc!)).status).toBe(401);
+    expect((await api('POST', '/audit/head', {})).status).toBe(405);
+    expect((await api('GET', '/audit/nothing')).status).toBe(404);
+    const fileLines = async () => (await proxy.auditText()).split('\n').filter((l) => l !== '');
+    let head: Record<string, unknown> = {};
+    // Once nothing is waiting to be written, the head is the file's last line.
+    await eventually(async () => {
+      const answer = await api('GET', '/audit/head');
+      expect(answer.status).toBe(200);
+      head = answer.json;
+      const lines = await fileLines();
+      return head.pending === 0 && lines.some((l) => lineHash(l) === head.hash);
+    }, 3_000, 'a head that is a line of the file');
+    expect(Object.keys(head).sort()).toEqual(['file', 'hash', 'lines_written', 'pending', 'time']);
+    expect(head).toMatchObject({ file: `${proxy.dir}/audit.log`, hash: expect.stringMatching(/^[0-9a-f]{64}$/), lines_written: expect.any(Number) });
+    expect(Math.abs(Date.parse(head.time as string) - Date.now())).toBeLessThan(10_000);
+    await eventually(async () => (await fileLines()).some((l) => l.includes(`"prev":"${head.hash as string}"`)), 2_000, 'the line after the head');
+    const lines = await fileLines();
+    const next = lines[lines.findIndex((l) => lineHash(l) === head.hash) + 1]!;
+    expect(JSON.parse(next)).toMatchObject({ kind: 'admin', actor: 'admin:rotator', action: 'GET /v1/audit/:id', target: 'audit:head', decision: 'allow', reason: 'read' });
   });
 });

@@ -5,6 +5,7 @@ import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { lineHash } from '../../src/observe/audit.ts';
 import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy } from '../helpers/proxy.ts';
 import { bearerRoute } from '../helpers/routes.ts';
@@ -234,5 +235,131 @@ describe('writes refused for a while (a full disk, a file size limit), then take
     expect(ok.stdout + ok.stderr).toContain('audit chain intact');
     expect(ok.code).toBe(0);
     expect(serve.output()).not.toContain(SECRET);
+  }, 30_000);
+});
+
+describe('a head recorded outside the file (GET /v1/audit/head) and verify --head', () => {
+  /** The head from the admin API, once it is a line of `file` from index `from` on; that index. */
+  async function headIn(admin: string, adminToken: string, file: string, from: number): Promise<{ hash: string; lines_written: number; index: number }> {
+    let found: { hash: string; lines_written: number; index: number } | undefined;
+    await eventually(async () => {
+      const res = await fetch(`${admin}/v1/audit/head`, { headers: { authorization: `Bearer ${adminToken}` } });
+      expect(res.status).toBe(200);
+      const head = (await res.json()) as { hash: string; lines_written: number; file: string };
+      expect(head.file).toBe(file.replace(/\.1$/, ''));
+      const index = (await lines(file)).findIndex((l) => lineHash(l) === head.hash);
+      if (index >= from) found = { ...head, index };
+      return found !== undefined;
+    }, 3_000, 'a head among the lines written');
+    return found!;
+  }
+  const upTo = (all: readonly string[], n: number) => (n === 0 ? '' : `${all.slice(0, n).join('\n')}\n`);
+
+  it('the log cut back to before the head\'s line fails verify --head (exit 1) though its chain is intact; the whole log passes, across a logrotate rename', async () => {
+    const { dir, token } = await dataDir('egress-audit-head-');
+    const path = join(dir, 'audit.log');
+    const env = envFor(dir);
+    const created = await runCli(['admin-token', 'create', 'head-recorder', '--json'], env);
+    expect(created.code, created.stderr).toBe(0);
+    const adminToken = (JSON.parse(created.stdout) as { token: string }).token;
+    const serve = await startServe(env);
+    const ids: string[] = [];
+    let before: Awaited<ReturnType<typeof headIn>>;
+    let after: Awaited<ReturnType<typeof headIn>>;
+    try {
+      await threeLogged(serve.url, token, path, ids);
+      before = await headIn(serve.admin, adminToken, path, 2);
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines after the first head');
+      // logrotate without copytruncate: the head's line now lives in audit.log.1.
+      await rename(path, `${path}.1`);
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines in the new file after the rename');
+      after = await headIn(serve.admin, adminToken, path, 0);
+      expect(after.lines_written).toBeGreaterThan(before.lines_written);
+      await callUntilLogged(serve.url, token, path, ids, 5_000, 'lines after the second head');
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    const rotated = await lines(`${path}.1`);
+    const current = await lines(path);
+    expect(lineHash(rotated[before.index]!)).toBe(before.hash);
+
+    // The whole log reaches both heads: each is named where it is.
+    const whole = await runCli(['audit', 'verify', '--head', before.hash], env);
+    expect(whole.code, whole.stdout + whole.stderr).toBe(0);
+    expect(whole.stdout).toContain(`${path}.1:${before.index + 1}: the recorded head`);
+    const wholeLater = await runCli(['audit', 'verify', `--head=${after.hash.toUpperCase()}`], env);
+    expect(wholeLater.code, wholeLater.stdout).toBe(0);
+    expect(wholeLater.stdout).toContain(`${path}:${after.index + 1}: the recorded head`);
+
+    // Cut back to just before the first head's line (the rest of audit.log.1 and all of audit.log gone).
+    await writeFile(`${path}.1`, upTo(rotated, before.index));
+    await writeFile(path, '');
+    const plain = await runCli(['audit', 'verify'], env);
+    expect(plain.code, 'without a head the cut cannot be seen').toBe(0);
+    const cut = await runCli(['audit', 'verify', '--head', before.hash], env);
+    expect(cut.code).toBe(1);
+    expect(cut.stdout).toContain(`audit log does not reach the recorded head ${before.hash}`);
+    expect(cut.stdout).toContain('the file ends before it');
+    const cutJson = await runCli(['audit', 'verify', '--head', before.hash, '--json'], env);
+    expect(cutJson.code).toBe(1);
+    expect(JSON.parse(cutJson.stdout)).toMatchObject({ ok: false, lines: before.index, head: { hash: before.hash, found: false } });
+
+    // The second head, in the file written after the rename: cut back to just before its line.
+    await writeFile(`${path}.1`, upTo(rotated, rotated.length));
+    await writeFile(path, upTo(current, after.index));
+    expect((await runCli(['audit', 'verify', '--head', before.hash], env)).code).toBe(0);
+    const cutLater = await runCli(['audit', 'verify', '--head', after.hash], env);
+    expect(cutLater.code).toBe(1);
+    expect(cutLater.stdout).toContain(`does not reach the recorded head ${after.hash}`);
+    // The same through the explicit-file and stdin forms.
+    expect((await runCli(['audit', 'verify', '--head', after.hash, `${path}.1`, path], env)).code).toBe(1);
+    const stdinCut = await runCli(['audit', 'verify', '--head', after.hash, '-'], env, upTo(rotated, rotated.length) + upTo(current, after.index));
+    expect(stdinCut.code).toBe(1);
+    expect(stdinCut.stdout).toContain('does not reach the recorded head');
+    const stdinWhole = await runCli(['audit', 'verify', '--head', after.hash, '-'], env, upTo(rotated, rotated.length) + upTo(current, current.length));
+    expect(stdinWhole.code, stdinWhole.stdout).toBe(0);
+    await writeFile(path, upTo(current, current.length));
+    expect((await runCli(['audit', 'verify', '--head', after.hash], env)).code).toBe(0);
+
+    // A head that is not a SHA-256 is a usage error, and is not echoed back.
+    for (const bad of ['abc', `${after.hash}0`, `${after.hash.slice(0, 63)}g`, SECRET]) {
+      const refused = await runCli(['audit', 'verify', '--head', bad], env);
+      expect(refused.code, bad).toBe(2);
+      expect(refused.stderr).toContain('--head takes the "hash" of GET /v1/audit/head');
+      expect(refused.stdout + refused.stderr).not.toContain(SECRET);
+    }
+    expect(serve.output()).not.toContain(SECRET);
+  }, 40_000);
+});
+
+describe('the head with EGRESS_AUDIT_LOG=- (stdout)', () => {
+  it('is the hash of the last audit line written to stdout by this run, and verify --head on the captured lines reaches it', async () => {
+    const { dir, token } = await dataDir('egress-audit-head-stdout-');
+    const env = envFor(dir, { EGRESS_AUDIT_LOG: '-' });
+    const created = await runCli(['admin-token', 'create', 'head-recorder', '--json'], env);
+    const adminToken = (JSON.parse(created.stdout) as { token: string }).token;
+    const serve = await startServe(env);
+    const auditLines = () => serve.output().split('\n').filter((l) => l.includes('"prev":"'));
+    let head = { hash: '', lines_written: 0, file: '' };
+    try {
+      for (let i = 0; i < 3; i++) await call(serve.url, token);
+      await eventually(async () => {
+        const res = await fetch(`${serve.admin}/v1/audit/head`, { headers: { authorization: `Bearer ${adminToken}` } });
+        head = (await res.json()) as typeof head;
+        const written = auditLines();
+        return head.lines_written >= 3 && written.length === head.lines_written && lineHash(written.at(-1)!) === head.hash;
+      }, 3_000, 'the head to be the last line on stdout');
+      expect(head.file).toBe('-');
+      await call(serve.url, token);
+      await eventually(() => auditLines().length > head.lines_written + 1, 3_000, 'lines after the head');
+    } finally {
+      expect(await serve.stop()).toBe(0);
+    }
+    const captured = `${auditLines().join('\n')}\n`;
+    const reached = await runCli(['audit', 'verify', '--head', head.hash, '-'], envFor(dir), captured);
+    expect(reached.code, reached.stdout).toBe(0);
+    const cut = await runCli(['audit', 'verify', '--head', head.hash, '-'], envFor(dir), `${auditLines().slice(0, head.lines_written - 1).join('\n')}\n`);
+    expect(cut.code).toBe(1);
+    expect(cut.stdout).toContain('does not reach the recorded head');
   }, 30_000);
 });

@@ -1,10 +1,11 @@
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { RequestAudit } from '../../src/observe/audit.ts';
 import { AuditLog, GENESIS, lineHash } from '../../src/observe/audit.ts';
 import { verifyAudit } from '../../src/observe/audit-read.ts';
 import type { Logger } from '../../src/observe/log.ts';
+import { eventually } from '../helpers/proxy.ts';
 import { useTempDirs } from '../helpers/temp-dir.ts';
 
 const tempDir = useTempDirs('egress-audit-');
@@ -196,5 +197,105 @@ describe('torn lines and recovery lines', () => {
     expect((await verifyText(join1(removed))).firstBad).toMatchObject({ line: 3, reason: expect.stringContaining('missing') });
     // A fragment at the very end is a file cut short.
     expect((await verifyText(join1([lines[0]!, fragment]))).firstBad).toMatchObject({ line: 2, reason: expect.stringContaining('the last line is incomplete') });
+  });
+});
+
+describe("the writer's head: the last line known to be in the file", () => {
+  const lastHash = async (path: string) => lineHash((await readFile(path, 'utf8')).split('\n').filter((l) => l !== '').at(-1)!);
+
+  it('is GENESIS with nothing written, then the hash of the last line each write put in the file, with the count of lines this process wrote', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log);
+    await audit.open();
+    try {
+      expect(audit.head()).toMatchObject({ file: path, hash: GENESIS, lines_written: 0, pending: 0 });
+      for (let i = 0; i < 4; i++) audit.request(entry(i));
+      // Taken but not yet in the file: not in the head, and counted as pending.
+      expect(audit.head()).toMatchObject({ hash: GENESIS, lines_written: 0, pending: 4 });
+      await eventually(() => audit.head().lines_written === 4, 2_000, 'the lines to land');
+      expect(audit.head()).toMatchObject({ hash: await lastHash(path), pending: 0 });
+      expect(Date.parse(audit.head().time)).toBeGreaterThan(Date.now() - 5_000);
+    } finally {
+      await audit.close();
+    }
+  });
+
+  it('a restarted writer starts from the last line already in the file (none written by it yet); after a torn line, from its recovery line', async () => {
+    const { path } = await writeChain(3);
+    const reopened = new AuditLog(path, log);
+    await reopened.open();
+    expect(reopened.head()).toMatchObject({ hash: await lastHash(path), lines_written: 0, pending: 0 });
+    await reopened.close();
+    const text = await readFile(path, 'utf8');
+    await writeFile(path, text.slice(0, -20));
+    const recovered = new AuditLog(path, log);
+    await recovered.open();
+    try {
+      const lines = (await readFile(path, 'utf8')).split('\n').filter((l) => l !== '');
+      expect(JSON.parse(lines.at(-1)!)).toMatchObject({ kind: 'recovery', reason: 'torn_line' });
+      expect(recovered.head()).toMatchObject({ hash: lineHash(lines.at(-1)!), lines_written: 1, pending: 0 });
+    } finally {
+      await recovered.close();
+    }
+  });
+
+  it('follows the lines across a rotation (the head line may then be in audit.log.1), and after close says what the file ends with', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log, { maxBytes: 1_000, keep: 3, alsoStdout: false });
+    await audit.open();
+    // One line at a time: each rotation waits for the file the one before it opened.
+    for (let i = 0; i < 12; i++) {
+      audit.request(entry(i));
+      await eventually(() => audit.head().lines_written === i + 1, 2_000, 'the line to land');
+    }
+    await audit.close();
+    expect(await readFile(`${path}.1`, 'utf8')).not.toBe('');
+    expect(audit.head()).toMatchObject({ hash: await lastHash(path), lines_written: 12, pending: 0 });
+  });
+});
+
+describe('verifyAudit against a recorded head', () => {
+  it('finds the line whose hash is the head, and says where; a file cut before that line is intact but does not reach it', async () => {
+    const { lines } = await writeChain(6);
+    const head = lineHash(lines[3]!);
+    expect(await verifyText(join1(lines), 'audit.log')).toEqual({ ok: true, lines: 6 });
+    expect(await verifyAudit(['audit.log'], async () => join1(lines), { head })).toEqual({ ok: true, lines: 6, head: { hash: head, found: true, file: 'audit.log', line: 4 } });
+    // Cut down to the head's line: still there. Cut before it: the chain is intact, the head is not.
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(0, 4)), { head })).head).toMatchObject({ found: true, line: 4 });
+    const cut = await verifyAudit(['audit.log'], async () => join1(lines.slice(0, 3)), { head });
+    expect(cut).toEqual({ ok: true, lines: 3, head: { hash: head, found: false } });
+    // Across rotated files, in the older one.
+    const files: Record<string, string> = { 'audit.log.1': join1(lines.slice(0, 4)), 'audit.log': join1(lines.slice(4)) };
+    expect((await verifyAudit(['audit.log.1', 'audit.log'], async (f) => files[f]!, { head })).head).toEqual({ hash: head, found: true, file: 'audit.log.1', line: 4 });
+  });
+
+  it('GENESIS (recorded before any line) is reached by any chain checked from its start; a later segment whose first line follows the head reaches it too', async () => {
+    const { lines } = await writeChain(4);
+    expect((await verifyAudit(['audit.log'], async () => '', { head: GENESIS })).head).toEqual({ hash: GENESIS, found: true });
+    expect((await verifyAudit(['audit.log'], async () => join1(lines), { head: GENESIS })).head).toEqual({ hash: GENESIS, found: true });
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: GENESIS, partial: true })).head).toEqual({ hash: GENESIS, found: false });
+    const before = lineHash(lines[1]!);
+    expect((await verifyAudit(['audit.log'], async () => join1(lines.slice(2)), { head: before, partial: true })).head).toEqual({ hash: before, found: true });
+  });
+});
+
+describe('rotation never removes rotated files it has not replaced', () => {
+  const fileLines = async (file: string) => (await readFile(file, 'utf8').catch(() => '')).split('\n').filter((l) => l !== '');
+
+  it('a rotation that fails (the file at the path removed) leaves the rotated files as they were, however many lines follow', async () => {
+    const path = join(await tempDir(), 'audit.log');
+    const audit = new AuditLog(path, log, { maxBytes: 1_000, keep: 3, alsoStdout: false });
+    await audit.open();
+    for (let i = 0; i < 8; i++) {
+      audit.request(entry(i));
+      await eventually(() => audit.head().lines_written === i + 1, 2_000, 'the line to land');
+    }
+    const rotated = await Promise.all([1, 2, 3].map((n) => fileLines(`${path}.${n}`)));
+    expect(rotated[0]!.length).toBeGreaterThan(0);
+    // Removed while it is due for rotation: every line until the writer notices asks for a rotation.
+    await rm(path);
+    for (let i = 8; i < 20; i++) audit.request(entry(i));
+    await audit.close();
+    expect(await Promise.all([1, 2, 3].map((n) => fileLines(`${path}.${n}`)))).toEqual(rotated);
   });
 });
