@@ -182,6 +182,22 @@ export function timeMs(reply: readonly (string | number)[]): number {
   return Number(reply[0]) * 1000 + Number(reply[1]) / 1000;
 }
 
+/** Redis's answer to SELECT of a database it does not have (Redis 6 and later; older ones). */
+export const SELECT_REFUSED = /^ERR (DB index is out of range|invalid DB index)/;
+
+/**
+ * ioredis reports a refused SELECT (a database number the server does not have) as an error event
+ * and goes on in database 0, another store's: the connection is dropped before it is ready (it
+ * reconnects, and is refused again), so nothing is read or written there. On every connection
+ * made from EGRESS_STORE: the store's, its subscriber's, the rate limiter's.
+ */
+function refuseMissingDatabase(client: Redis): Redis {
+  client.on('error', (err: Error) => {
+    if (SELECT_REFUSED.test(err.message)) client.disconnect(true);
+  });
+  return client;
+}
+
 /**
  * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
  * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
@@ -234,7 +250,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
     case 'redis':
     case 'rediss':
       if (hosts.length !== 1) throw new UserError('a redis:// URL names one host; use redis-sentinel:// or redis-cluster:// for several');
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db }) };
+      return { description, connect: () => refuseMissingDatabase(new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db })) };
     case 'redis-sentinel': {
       const name = path?.slice(1);
       if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
@@ -243,7 +259,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
       const sentinelTls = 'tls' in tls ? { enableTLSForSentinelMode: true, sentinelTLS: {} } : {};
       // A sentinel that takes the connection and never answers (a hung host) held the connection
       // for good without a bound of its own: the next sentinel was never asked.
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db }) };
+      return { description, connect: () => refuseMissingDatabase(new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db })) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };
