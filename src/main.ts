@@ -78,7 +78,8 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const alerts = new Alerts(log, metrics, alertSettings.cooldown, webhook);
   const rules = new AlertRules(alerts, alertSettings);
 
-  const keys = new KeyringFile(settings.masterKeyFile, keyring, log);
+  const keys = new KeyringFile(settings.masterKeyFile, keyring, log, (reason) =>
+    alerts.raise('reload_rejected', 'critical', 'keyring', 'the master key file changed but cannot be used; the keyring loaded before stays in use', { master_key_file: settings.masterKeyFile, reason }));
   await keys.start();
   const store = new StoreView(backend, log, { maxStaleMs: settings.storeMaxStaleMs, alerts, onError: () => metrics.storeErrors.inc() });
   const initial = await loadRoutes(settings.routesDir);
@@ -108,7 +109,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   });
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
-  const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log) : new MemoryRateLimiter();
+  const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log, { alerts, redis: backend.description }) : new MemoryRateLimiter();
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();

@@ -11,7 +11,7 @@ import type { CredentialRecord } from '../store/records.ts';
 import { cliActor, durationFlag, EXIT, graceFlag, maxArgs, ok, onlyOptions, parse, readFieldsInput, requireArg, table, type Outcome } from './io.ts';
 
 const USAGE = `usage: egress keys put ID (--from-file F | --from-stdin)
-       egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
+       egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h | --stage]
        egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
        egress keys list | show ID | due [--max-age 90d]`;
 
@@ -62,8 +62,13 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       case 'rotate': {
         const credentialId = id();
         const graceMs = graceFlag(p.values);
-        const fields = await readFieldsInput(p.values, stdin);
         const stage = p.values.stage === true;
+        // The grace belongs to the moment the version becomes current, and a staged one becomes
+        // current at `keys promote`, which takes its own --grace (24h when not given): given here,
+        // it was dropped without a word. Refused rather than kept on the pending version: a field
+        // the record schema of earlier releases refuses, so their instances would fail it closed.
+        if (stage && p.values.grace !== undefined) throw new UserError(`--grace applies when a version becomes current, and a staged version becomes current with "egress keys promote ${credentialId} --grace ${formatDuration(graceMs)}": give it there; nothing was staged`, EXIT.usage);
+        const fields = await readFieldsInput(p.values, stdin);
         const record = await ops.rotateCredential(op, await readKeyring(settings.masterKeyFile), credentialId, fields, { stage, graceMs });
         const v = Math.max(...record.versions.map((x) => x.version));
         return shown(record, stage ? `staged version ${v} of "${credentialId}" as pending; "keys promote ${credentialId}" makes it current` : `version ${v} of "${credentialId}" is current; ${graceNote(graceMs)}`);

@@ -10,7 +10,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress callers add NAME | rotate NAME [--grace 24h] | revoke NAME | list
   egress admin-token create NAME | rotate NAME [--grace 24h] | revoke NAME | list
   egress keys put ID (--from-file F | --from-stdin)
-  egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h] [--stage]
+  egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h | --stage]
   egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]
   egress keys list | show ID | due [--max-age 90d]   metadata only, never values
   egress master-key init | status | rotate [--resume] | remove --version N

@@ -1,3 +1,4 @@
+import type { Alerts } from '../observe/alerts.ts';
 import type { Logger } from '../observe/log.ts';
 import { evalScript, type RedisConnection } from '../store/redis-client.ts';
 import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, type RateLimiter } from './rate-limiter.ts';
@@ -85,6 +86,12 @@ function pauseChannel(client: RedisConnection): string {
   const db = 'db' in client.options && typeof client.options.db === 'number' ? client.options.db : 0;
   return db === 0 ? PAUSE_CHANNEL : `${PAUSE_CHANNEL}:db${db}`;
 }
+export interface RedisRateLimiterOptions {
+  readonly alerts?: Alerts;
+  /** The Redis the limits are shared through, safe to log (the store's description): the alert's subject. */
+  readonly redis?: string;
+}
+
 /** After a Redis failure, use per-instance limits for this long before asking Redis again. */
 const BREAKER_MS = 1_000;
 
@@ -96,13 +103,16 @@ const BREAKER_MS = 1_000;
  * call is out go together in the next one, sent as soon as it answers. So the busier the route,
  * the larger the batches, and an idle route's check is sent in the turn it arrives. When Redis
  * cannot answer in time, limits fall back to per-instance buckets (so N instances allow up to N
- * times the rate) until Redis answers again; requests are never refused for Redis's sake.
+ * times the rate) until Redis answers again; requests are never refused for Redis's sake. Each
+ * fall-back is logged and raises ratelimit_degraded (once per cool-down); the return is logged.
  */
 export class RedisRateLimiter implements RateLimiter {
   readonly #client: RedisConnection;
   readonly #subscriber: RedisConnection;
   readonly #local = new MemoryRateLimiter();
   readonly #log: Logger;
+  readonly #alerts: Alerts | undefined;
+  readonly #redis: string;
   readonly #channel: string;
   #downUntil = 0;
   #degraded = false;
@@ -114,10 +124,12 @@ export class RedisRateLimiter implements RateLimiter {
   readonly #inFlight = new Set<string>();
   #flushScheduled = false;
 
-  constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger) {
+  constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger, options: RedisRateLimiterOptions = {}) {
     this.#client = client;
     this.#subscriber = subscriber;
     this.#log = log;
+    this.#alerts = options.alerts;
+    this.#redis = options.redis ?? 'redis';
     this.#channel = pauseChannel(client);
     subscriber.on('error', () => {});
     subscriber.on('ready', () => void subscriber.subscribe(this.#channel).catch(() => {}));
@@ -148,7 +160,7 @@ export class RedisRateLimiter implements RateLimiter {
         this.#probing = false;
         if (this.#degraded) {
           this.#degraded = false;
-          this.#log.info('rate limits are shared through Redis again');
+          this.#log.info({ store: this.#redis }, 'rate limits are shared through Redis again');
         }
         return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index! - 1], retryAfterMs: retryMs!, resetMs: resetMs! };
       },
@@ -157,7 +169,8 @@ export class RedisRateLimiter implements RateLimiter {
         this.#downUntil = performance.now() + BREAKER_MS;
         if (!this.#degraded) {
           this.#degraded = true;
-          this.#log.warn({ alert: 'ratelimit_degraded' }, 'Redis did not answer; rate limits fall back to per-instance buckets');
+          this.#log.warn({ store: this.#redis }, 'Redis did not answer; rate limits fall back to per-instance buckets');
+          this.#alerts?.raise('ratelimit_degraded', 'warning', this.#redis, 'Redis did not answer; rate limits fall back to per-instance buckets (N instances allow up to N times the configured rate)', { store: this.#redis });
         }
         return this.#local.check(scope, buckets);
       },

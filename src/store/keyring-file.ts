@@ -9,20 +9,23 @@ const POLL_MS = 500;
 /**
  * The live keyring. `master-key rotate` adds a key and re-wraps data keys with it while proxies
  * run, so a proxy re-reads the file when it changes; a bad new file is refused and the last good
- * keyring stays in use (a record wrapped by a key it lacks then fails closed, 503).
+ * keyring stays in use (a record wrapped by a key it lacks then fails closed, 503). A refusal is
+ * handed to `onRejected` (the reload_rejected alert), with the reason (which never quotes the file).
  */
 export class KeyringFile {
   readonly path: string;
   readonly #log: Logger;
+  readonly #onRejected: (reason: string) => void;
   #current: Keyring;
   #sig = '';
   #timer: NodeJS.Timeout | undefined;
   #watcher: FSWatcher | undefined;
 
-  constructor(path: string, initial: Keyring, log: Logger) {
+  constructor(path: string, initial: Keyring, log: Logger, onRejected: (reason: string) => void) {
     this.path = path;
     this.#current = initial;
     this.#log = log;
+    this.#onRejected = onRejected;
   }
 
   get current(): Keyring {
@@ -51,7 +54,7 @@ export class KeyringFile {
       this.#current = await readKeyring(this.path);
       this.#log.info({ active_key_version: this.#current.active, versions: this.#current.versions().map((v) => v.version) }, 'master key file reloaded');
     } catch (err) {
-      this.#log.error({ alert: 'keyring_reload_rejected', reason: (err as Error).message }, 'master key file changed but cannot be used; keeping the keyring loaded before');
+      this.#onRejected((err as Error).message);
     }
   }
 

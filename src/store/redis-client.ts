@@ -157,7 +157,7 @@ const COMMON: RedisOptions = {
 const PARAMS: Readonly<Record<string, readonly string[]>> = {
   redis: ['password_file', 'tls'],
   rediss: ['password_file', 'tls'],
-  'redis-sentinel': ['password_file', 'tls', 'db'],
+  'redis-sentinel': ['password_file', 'sentinel_password_file', 'tls', 'db'],
   'redis-cluster': ['password_file', 'tls'],
 };
 
@@ -182,11 +182,44 @@ export function timeMs(reply: readonly (string | number)[]): number {
   return Number(reply[0]) * 1000 + Number(reply[1]) / 1000;
 }
 
+/** Redis's answer to SELECT of a database it does not have (Redis 6 and later; older ones). */
+export const SELECT_REFUSED = /^ERR (DB index is out of range|invalid DB index)/;
+
+/**
+ * ioredis reports a refused SELECT (a database number the server does not have) as an error event
+ * and goes on in database 0, another store's: the connection is dropped before it is ready (it
+ * reconnects, and is refused again), so nothing is read or written there. On every connection
+ * made from EGRESS_STORE: the store's, its subscriber's, the rate limiter's.
+ */
+function refuseMissingDatabase(client: Redis): Redis {
+  client.on('error', (err: Error) => {
+    if (SELECT_REFUSED.test(err.message)) client.disconnect(true);
+  });
+  return client;
+}
+
+/** The password in the file a parameter names (a trailing newline is not part of it), if the URL has the parameter. */
+function readPasswordFile(params: URLSearchParams, name: 'password_file' | 'sentinel_password_file'): string | undefined {
+  const path = params.get(name);
+  if (!path) return undefined;
+  let password: string;
+  try {
+    password = readFileSync(path, 'utf8').trim();
+  } catch (err) {
+    throw new UserError(`EGRESS_STORE ${name} ${path} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  // A secret mounted empty connected with no password at all, and Redis answered NOAUTH.
+  if (!password) throw new UserError(`EGRESS_STORE ${name} ${path} is empty`);
+  return password;
+}
+
 /**
  * `redis://[:password@]host:port[/db]`, `rediss://…` (TLS),
  * `redis-sentinel://[:password@]host:port,host:port/<master name>[?db=N]`,
  * `redis-cluster://[:password@]host:port,host:port`. `?password_file=PATH` reads the password from a
- * file instead of the URL; `?tls=true` connects over TLS.
+ * file instead of the URL; `?tls=true` connects over TLS. With Sentinel, the password is the
+ * primary's (and its replicas'); `?sentinel_password_file=PATH` gives the sentinels' own
+ * (their `requirepass`), which ioredis otherwise never sends them.
  */
 export function parseRedisUrl(spec: string): RedisSpec {
   // The userinfo runs to the last "@": a password is often base64 ("/", "+") and is not always
@@ -204,16 +237,7 @@ export function parseRedisUrl(spec: string): RedisSpec {
     username = decodeUserinfo(colon === -1 ? userinfo : userinfo.slice(0, colon), 'EGRESS_STORE') || undefined;
     password = colon === -1 ? undefined : decodeUserinfo(userinfo.slice(colon + 1), 'EGRESS_STORE');
   }
-  const passwordFile = params.get('password_file');
-  if (passwordFile) {
-    try {
-      password = readFileSync(passwordFile, 'utf8').trim();
-    } catch (err) {
-      throw new UserError(`EGRESS_STORE password_file ${passwordFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-    }
-    // A secret mounted empty connected with no password at all, and Redis answered NOAUTH.
-    if (!password) throw new UserError(`EGRESS_STORE password_file ${passwordFile} is empty`);
-  }
+  password = readPasswordFile(params, 'password_file') ?? password;
   const hosts = hostList!.split(',').map((h) => {
     const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
     // Not quoted: in a URL that does not parse, what looks like a host may be part of the password.
@@ -234,16 +258,18 @@ export function parseRedisUrl(spec: string): RedisSpec {
     case 'redis':
     case 'rediss':
       if (hosts.length !== 1) throw new UserError('a redis:// URL names one host; use redis-sentinel:// or redis-cluster:// for several');
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db }) };
+      return { description, connect: () => refuseMissingDatabase(new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, host: hosts[0]!.host, port: hosts[0]!.port, db })) };
     case 'redis-sentinel': {
       const name = path?.slice(1);
       if (!name) throw new UserError('redis-sentinel:// needs the master name as its path: redis-sentinel://h1:26379,h2:26379/mymaster');
       // ioredis takes `tls` in Sentinel mode for nothing unless told: the primary was reached in the
       // clear, and the sentinels always were. With TLS asked for, both go over TLS.
       const sentinelTls = 'tls' in tls ? { enableTLSForSentinelMode: true, sentinelTLS: {} } : {};
+      const sentinelPassword = readPasswordFile(params, 'sentinel_password_file');
+      const sentinelAuth = sentinelPassword ? { sentinelPassword } : {};
       // A sentinel that takes the connection and never answers (a hung host) held the connection
       // for good without a bound of its own: the next sentinel was never asked.
-      return { description, connect: () => new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db }) };
+      return { description, connect: () => refuseMissingDatabase(new (ioredis().Redis)({ ...COMMON, ...auth, ...tls, ...sentinelTls, ...sentinelAuth, sentinelCommandTimeout: REDIS_LIMITS.commandTimeoutMs, sentinels: hosts, name, db })) };
     }
     default: {
       const options: ClusterOptions = { enableOfflineQueue: false, enableAutoPipelining: false, redisOptions: { ...COMMON, ...auth, ...tls }, clusterRetryStrategy: COMMON.retryStrategy };

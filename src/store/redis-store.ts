@@ -1,7 +1,7 @@
 import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { RecordKind } from './records.ts';
 import { once } from 'node:events';
-import { evalReadScript, evalScript, readScript, REDIS_LIMITS, timeMs, type RedisConnection, type RedisSpec } from './redis-client.ts';
+import { evalReadScript, evalScript, readScript, REDIS_LIMITS, SELECT_REFUSED, timeMs, type RedisConnection, type RedisSpec } from './redis-client.ts';
 import { decodeUsage, recordKey, toSnapshot } from './file-store.ts';
 import { belowFloorError } from './kek-floor.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
@@ -134,9 +134,6 @@ return 1
 /** ioredis's errors for a command that got no answer: the command timeout, a dropped or unwritable connection. */
 const UNANSWERED = /^(Command timed out|Connection is closed|Stream isn't writeable)/;
 
-/** Redis's answer to SELECT of a database it does not have (Redis 6 and later; older ones). */
-const SELECT_REFUSED = /^ERR (DB index is out of range|invalid DB index)/;
-
 /** How often a watcher re-reads the version counter, in case a pub/sub message was missed. */
 const POLL_MS = 500;
 
@@ -156,11 +153,8 @@ export class RedisStore implements StoreBackend {
     // Connection errors surface as failed commands; an unhandled 'error' event must not crash the process.
     this.client.on('error', (err: NodeJS.ErrnoException) => {
       if (SELECT_REFUSED.test(err.message)) {
-        // ioredis reports a refused SELECT (a database number the server does not have) and goes
-        // on in database 0, another store's: drop the connection before it is ready (it
-        // reconnects, and is refused again), so that nothing is read or written there.
+        // The connection drops itself (refuseMissingDatabase); the refusal is what to report.
         this.#selectRefused = true;
-        this.client.disconnect(true);
       } else if (this.#selectRefused) {
         return; // the dropped connection's own errors: the refusal is the reason to give
       }

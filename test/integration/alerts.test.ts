@@ -181,6 +181,25 @@ describe('alert rules', () => {
     await eventually(() => alertIds().includes('reload_rejected'), 3_000, 'the reload alert');
   });
 
+  it('reload_rejected (subject keyring): a master key file that changes and cannot be used reaches the webhook and egress_alerts_total, once in the cool-down', async () => {
+    received.length = 0;
+    const { dir } = await start({ webhook: true });
+    const keyAlerts = () => received.map((r) => JSON.parse(r.body) as { id: string; subject: string; severity: string; facts: Record<string, unknown> }).filter((a) => a.id === 'reload_rejected' && a.subject === 'keyring');
+    await writeFile(join(dir, 'master.key'), 'not a keyring_CANARY\n', { mode: 0o600 });
+    await eventually(() => keyAlerts().length === 1, 5_000, 'the keyring alert at the webhook');
+    expect(keyAlerts()[0]).toMatchObject({ severity: 'critical', facts: { master_key_file: join(dir, 'master.key') } });
+    expect(String(keyAlerts()[0]!.facts.reason)).toContain('not a valid keyring');
+    // A second bad change inside the cool-down is counted, not sent again.
+    await writeFile(join(dir, 'master.key'), '{"format": "other_CANARY"}\n', { mode: 0o600 });
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(keyAlerts()).toHaveLength(1);
+    const metrics = await (await fetch(`${proxy!.admin}/metrics`)).text();
+    expect(metrics).toMatch(/egress_alerts_total\{alert="reload_rejected",severity="critical"\} 1/);
+    expect(received.map((r) => r.body).join('') + proxy!.logs()).not.toContain('CANARY');
+    // The keyring loaded before is still in use.
+    expect(await get('/api/ok', await newToken())).toBe(200);
+  });
+
   it('unusual_usage: far above the caller\'s own baseline (thresholds from the alerts file)', async () => {
     await start({ alerts: 'unusual_usage:\n  bucket: 500ms\n  warmup: 2s\n  half_life: 2s\n  factor: 4\n  min_count: 15\n' });
     const token = await newToken();

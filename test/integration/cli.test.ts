@@ -103,6 +103,24 @@ describe('keys', () => {
     expect(callers.callers).toEqual([expect.objectContaining({ name: 'svc', revoked_at: null })]);
   });
 
+  it('keys rotate --stage with --grace is a usage error (exit 2) that says the grace goes to keys promote; nothing is staged (the grace was dropped without a word)', async () => {
+    expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
+    for (const json of [false, true]) {
+      const res = await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--stage', '--grace', '7d', ...(json ? ['--json'] : [])], env, JSON.stringify({ secret: `${SECRET}-2` }));
+      expect(res.code, res.stdout + res.stderr).toBe(2);
+      const message = json ? (JSON.parse(res.stdout) as { error: { code: string; message: string } }).error.message : res.stderr;
+      expect(message).toContain('--grace applies when a version becomes current');
+      expect(message).toContain('egress keys promote plaid --grace 7d');
+      expect(res.stdout + res.stderr).not.toContain(SECRET);
+    }
+    const show = JSON.parse((await runCli(['keys', 'show', 'plaid', '--json'], env)).stdout) as { versions: { state: string }[] };
+    expect(show.versions.map((v) => v.state)).toEqual(['current']);
+    // Staging without --grace, then promoting with it, is the way.
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--stage'], env, JSON.stringify({ secret: `${SECRET}-2` }))).code).toBe(0);
+    const promoted = await runCli(['keys', 'promote', 'plaid', '--grace', '7d'], env);
+    expect(promoted.stdout.split('\n')[0]).toBe('version 2 of "plaid" is current; the previous version keeps working for 7d');
+  });
+
   it('rollback says which version went back to pending, and claims none when the current one had been revoked', async () => {
     expect((await runCli(['keys', 'put', 'plaid', '--from-stdin'], env, JSON.stringify({ secret: SECRET }))).code).toBe(0);
     const rotate = () => runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: `${SECRET}-2` }));

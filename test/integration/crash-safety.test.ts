@@ -187,7 +187,7 @@ describe.each(['file', 'redis'] as const)('%s store', (backend) => {
       else if (previous && inGrace(previous, new Date()) && Math.random() < 0.35) args = ['keys', 'rollback', ID];
       else {
         value = `sk_${backend}_${i}_${Math.random().toString(36).slice(2)}`;
-        args = ['keys', 'rotate', ID, '--from-stdin', '--grace', '1h', ...(Math.random() < 0.3 ? ['--stage'] : [])];
+        args = ['keys', 'rotate', ID, '--from-stdin', ...(Math.random() < 0.3 ? ['--stage'] : ['--grace', '1h'])];
       }
       const delay = randomIn(Math.round(runtimeMs * 0.3), Math.round(runtimeMs * 1.1));
       const spawnedAt = performance.now();

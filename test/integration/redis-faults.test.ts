@@ -1,3 +1,5 @@
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -135,6 +137,49 @@ describe('Redis faults', () => {
       redis.thaw();
     }
     await eventually(async () => (await ready()).status === 200, 5_000, 'ready after thaw');
+  });
+
+  it('ratelimit_degraded: Redis frozen under the rate limiter reaches the webhook and egress_alerts_total; the recovery is logged; a second fall-back inside the cool-down is logged, not sent again', async () => {
+    const hooks: { id: string; subject: string; severity: string }[] = [];
+    const receiver = createServer((req, res) => {
+      let body = '';
+      req.on('data', (d: Buffer) => (body += d.toString()));
+      req.on('end', () => {
+        hooks.push(JSON.parse(body) as { id: string; subject: string; severity: string });
+        res.writeHead(204).end();
+      });
+    });
+    await new Promise<void>((r) => receiver.listen(0, '127.0.0.1', r));
+    await writeFile(join(dir, 'webhook.secret'), 'whsec_redis_faults_test_0123456789', { mode: 0o600 });
+    try {
+      await start({ EGRESS_ALERT_WEBHOOK: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret') });
+      expect((await timed('/a/x')).status).toBe(200);
+      const degraded = () => hooks.filter((h) => h.id === 'ratelimit_degraded');
+      let recoveries = 0;
+      const fallBack = async () => {
+        redis.freeze();
+        try {
+          expect((await timed('/a/x')).status).toBe(200);
+        } finally {
+          redis.thaw();
+        }
+        // Past the breaker, the next request asks Redis again and finds it answering.
+        await eventually(async () => (await timed('/a/x')).status === 200 && proxy!.logs().split('rate limits are shared through Redis again').length > recoveries + 1, 5_000, 'shared limits again');
+        recoveries++;
+      };
+      await fallBack();
+      await eventually(() => degraded().length === 1, 5_000, 'the alert at the webhook');
+      expect(degraded()[0]).toMatchObject({ severity: 'warning', subject: `redis://127.0.0.1:${redis.port}` });
+      await fallBack();
+      await new Promise((r) => setTimeout(r, 500));
+      expect(degraded()).toHaveLength(1);
+      expect(proxy!.logs().split('"msg":"Redis did not answer; rate limits fall back to per-instance buckets"').length - 1).toBe(2);
+      const metrics = await (await fetch(`${proxy!.admin}/metrics`)).text();
+      expect(metrics).toMatch(/egress_alerts_total\{alert="ratelimit_degraded",severity="warning"\} 1/);
+    } finally {
+      receiver.closeAllConnections();
+      await new Promise<void>((r) => receiver.close(() => r()));
+    }
   });
 
   it('garbage in Redis (wrong type, truncated record, another credential\'s record) fails those credentials closed; others work', async () => {

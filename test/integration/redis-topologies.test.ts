@@ -52,7 +52,7 @@ async function sentinelProcess(primaryPort: number, conf: readonly string[] = []
   const dir = await mkdtemp(join(tmpdir(), 'egress-sentinel-'));
   dirs.push(dir);
   const file = join(dir, 'sentinel.conf');
-  const tls = conf.length > 0;
+  const tls = conf.some((line) => line.startsWith('tls-'));
   await writeFile(file, [
     tls ? 'port 0' : `port ${port}`, ...(tls ? [`tls-port ${port}`] : []), 'bind 127.0.0.1', ...conf,
     `sentinel monitor main 127.0.0.1 ${primaryPort} 1`, 'sentinel down-after-milliseconds main 500', '',
@@ -131,6 +131,63 @@ describe('Redis Sentinel', () => {
       await store.close();
     }
   }, 30_000);
+
+  it('?sentinel_password_file= gives the sentinels their own password, apart from the primary\'s (password_file); neither is in any output', async () => {
+    const PRIMARY_PASSWORD = 'primary_pw_CANARY_7a1';
+    const SENTINEL_PASSWORD = 'sentinel_pw_CANARY_3c9';
+    const primary = await redisProcess([]);
+    const admin = new Redis(primary.port, '127.0.0.1');
+    await admin.config('SET', 'requirepass', PRIMARY_PASSWORD);
+    admin.disconnect();
+    const sentinel = await sentinelProcess(primary.port, [`requirepass ${SENTINEL_PASSWORD}`, `sentinel auth-pass main ${PRIMARY_PASSWORD}`], async (port) => {
+      const c = new Redis(port, '127.0.0.1', { password: SENTINEL_PASSWORD, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
+      c.on('error', () => {});
+      try {
+        await c.connect();
+        if (!Array.isArray(await c.call('SENTINEL', 'get-master-addr-by-name', 'main'))) throw new Error('no primary yet');
+      } finally {
+        c.disconnect();
+      }
+    });
+    const dir = await makeTempDir('egress-sentinel-auth-');
+    dirs.push(dir);
+    await mkdir(join(dir, 'routes'));
+    expect((await runCli(['master-key', 'init'], envFor(dir))).code).toBe(0);
+    const files = { primary: join(dir, 'primary.password'), sentinel: join(dir, 'sentinel.password'), empty: join(dir, 'empty.password') };
+    await writeFile(files.primary, `${PRIMARY_PASSWORD}\n`, { mode: 0o600 });
+    await writeFile(files.sentinel, `${SENTINEL_PASSWORD}\n`, { mode: 0o600 });
+    await writeFile(files.empty, '\n', { mode: 0o600 });
+    const url = (query: string) => `redis-sentinel://127.0.0.1:${sentinel.port}/main?password_file=${files.primary}${query}`;
+    const outputs: string[] = [];
+    const run = async (args: string[], query: string) => {
+      const res = await runCli(args, envFor(dir, { EGRESS_STORE: url(query) }));
+      outputs.push(res.stdout + res.stderr);
+      return res;
+    };
+
+    // Without the sentinels' password the sentinels refuse (NOAUTH): the store is unreachable.
+    const refused = await run(['callers', 'add', 'no-sentinel-pw'], '');
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/is unreachable \(.*NOAUTH/);
+    const added = await run(['callers', 'add', 'svc', '--json'], `&sentinel_password_file=${files.sentinel}`);
+    expect(added.code, added.stderr).toBe(0);
+    const empty = await run(['keys', 'list'], `&sentinel_password_file=${files.empty}`);
+    expect(empty.code).toBe(1);
+    expect(empty.stderr).toBe(`egress: EGRESS_STORE sentinel_password_file ${files.empty} is empty\n`);
+    // Only Sentinel has sentinels: elsewhere the parameter is refused, not ignored.
+    const plain = await runCli(['keys', 'list'], envFor(dir, { EGRESS_STORE: `redis://127.0.0.1:${primary.port}/0?sentinel_password_file=${files.sentinel}` }));
+    expect(plain.code).toBe(2);
+    expect(plain.stderr).toContain('"sentinel_password_file"');
+
+    const c = new Redis(primary.port, '127.0.0.1', { password: PRIMARY_PASSWORD });
+    try {
+      expect(await c.get('egress:{egress}:caller:svc')).toContain('"name":"svc"');
+      expect(await c.get('egress:{egress}:caller:no-sentinel-pw')).toBeNull();
+    } finally {
+      c.disconnect();
+    }
+    expect(outputs.join('')).not.toContain('CANARY');
+  }, 40_000);
 
   it('?tls=true goes over TLS to the sentinels and to the primary they name, not in the clear', async () => {
     const pki = makeTestPki();

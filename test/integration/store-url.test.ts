@@ -5,6 +5,7 @@ import { runCli, startServe } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 import { freePort, TestRedis } from '../helpers/redis.ts';
 import { openStore } from '../../src/store/open-store.ts';
+import { parseRedisUrl } from '../../src/store/redis-client.ts';
 
 // A Redis password as generated ones look: base64 with "/" and "+", and an "@" typed unencoded.
 // Every piece between those characters is marked, so a piece that leaks is found.
@@ -135,6 +136,28 @@ describe('EGRESS_STORE parameters', () => {
     const c = redis.client({ password: PASSWORD });
     expect(await c.get('egress:{egress}:caller:db-probe')).toBeNull();
     c.disconnect();
+  });
+
+  it('every connection made from EGRESS_STORE, not only the store\'s own (the subscribers to the store\'s changes and to the rate limiter\'s pauses), refuses a database number the server does not have, never database 0 in its place', async () => {
+    const c = redis.client({ password: PASSWORD });
+    await c.set('egress:db-probe:marker', 'database 0');
+    const connection = parseRedisUrl(`redis://:${encodeURIComponent(PASSWORD)}@127.0.0.1:${redis.port}/99`).connect();
+    const errors: string[] = [];
+    connection.on('error', (err: Error) => errors.push(err.message));
+    try {
+      const answers: string[] = [];
+      for (let i = 0; i < 12; i++) {
+        answers.push(await connection.get('egress:db-probe:marker').then((v) => `read ${v}`, () => 'refused'));
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(answers).toEqual(Array(12).fill('refused'));
+      expect(errors.some((m) => m.startsWith('ERR DB index is out of range'))).toBe(true);
+      expect(connection.status).not.toBe('ready');
+    } finally {
+      connection.disconnect();
+      await c.del('egress:db-probe:marker');
+      c.disconnect();
+    }
   });
 });
 

@@ -269,7 +269,7 @@ describe('CRED', () => {
     const logBefore = lab.serve.output().length;
     await chmod(key, 0o644);
     try {
-      await eventually(() => /keyring_reload_rejected/.test(lab.serve.output().slice(logBefore)), 3_000, 'the reload refusal');
+      await eventually(() => /"alert":"reload_rejected","severity":"critical","subject":"keyring"/.test(lab.serve.output().slice(logBefore)), 3_000, 'the reload refusal');
       expect(await sent('/p2/x')).toEqual({ status: 200, secret: CANARY });
     } finally {
       await chmod(key, 0o600);
