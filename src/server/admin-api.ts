@@ -113,6 +113,8 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
     switch (verb) {
       case 'versions':
         if (body.stage !== undefined && typeof body.stage !== 'boolean') throw new HttpError(400, 'bad_request', 'stage must be true or false');
+        // As `keys rotate --stage --grace`: a staged version's grace is given when it is promoted.
+        if (body.stage === true && body.grace !== undefined) throw new HttpError(400, 'bad_request', `grace applies when a version becomes current: give it to POST /v1/credentials/${id}/promote; nothing was staged`);
         return { status: 201, body: describeCredential(await ops.rotateCredential(op, deps.keys.current, id, fields(body), { stage: body.stage === true, graceMs: grace(body) }), now) };
       case 'promote':
         return { body: describeCredential(await ops.promoteCredential(op, id, grace(body)), now) };

@@ -146,6 +146,8 @@ describe('admin API', () => {
       await api('POST', '/credentials', { id: 'strict2', fields: { token: 'tok_strict_4444' }, stage: true }),
       await api('POST', '/callers', { name: 'strict-caller', grace: '1h' }),
       await api('POST', '/callers/svc/revoke', { grace: '1h' }),
+      // A grace given with a stage was dropped: it belongs to promote, as `keys rotate --stage --grace` says.
+      await api('POST', '/credentials/strict/versions', { fields: { token: 'tok_strict_5555' }, stage: true, grace: '1h' }),
     ];
     for (const r of refused) {
       expect(r.status, r.text).toBe(400);
@@ -153,6 +155,7 @@ describe('admin API', () => {
     }
     expect(refused[0]!.json).toMatchObject({ error: { code: 'bad_request', message: expect.stringContaining('"Version"') } });
     expect(refused[1]!.json).toMatchObject({ error: { message: expect.stringContaining('stage') } });
+    expect(refused[7]!.json).toMatchObject({ error: { message: expect.stringContaining('promote') } });
     expect(await states()).toEqual(['current']);
     expect((await api('GET', '/credentials/strict2')).status).toBe(404);
     expect((await api('GET', '/callers')).text).not.toContain('strict-caller');
