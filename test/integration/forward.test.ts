@@ -204,11 +204,47 @@ describe('forward mode', () => {
     expect(upstream.requests.length - before).toBe(1);
   });
 
+  it('absolute-form without Proxy-Authorization (Java, .NET: credentials only when asked) gets a 407 challenge, audited; the retry with them is served', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const before = upstream.requests.length;
+    const request = (auth: string) => rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\n${auth}Connection: close\r\n\r\n`);
+    const challenged = await request('');
+    expect(challenged).toMatch(/^HTTP\/1\.1 407 /);
+    expect(challenged).toMatch(/\r\nproxy-authenticate: Basic realm="egress-proxy"\r\n/i);
+    expect(challenged).toMatch(/\r\nx-egress-error: caller_unauthenticated\r\n/i);
+    const id = /\r\nx-request-id: ([0-9a-f-]{36})\r\n/i.exec(challenged)?.[1];
+    expect(id).toBeDefined();
+    const body = JSON.parse(challenged.slice(challenged.indexOf('\r\n\r\n') + 4)) as { error: { code: string; request_id: string } };
+    expect(body.error).toMatchObject({ code: 'caller_unauthenticated', request_id: id });
+    // The retry on the same terms, as the client makes it after the challenge.
+    const retried = await request(`Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`);
+    expect(retried).toMatch(/^HTTP\/1\.1 200 /);
+    expect(upstream.requests.length - before).toBe(1);
+    // An unknown token in absolute form is the proxy's refusal too: 407, not the 401 an origin sends.
+    expect(await request(`Proxy-Authorization: Basic ${Buffer.from('svc:egt_wrong').toString('base64')}\r\n`)).toMatch(/^HTTP\/1\.1 407 [^]*proxy-authenticate: Basic/i);
+    await eventually(async () => (await proxy.auditText()).includes(id!), 3_000, 'the audit line');
+    const line = (await proxy.auditText()).split('\n').find((l) => l.includes(id!))!;
+    expect(JSON.parse(line)).toMatchObject({ caller: null, method: 'GET', path: '/accounts', decision: 'deny', reason: 'caller_unauthenticated' });
+    // Not a proxy request: absolute-form for a host no route names, or with a reverse-mode token, is still a 400.
+    expect(await rawRequest(port, 'GET http://evil.example/accounts HTTP/1.1\r\nHost: evil.example\r\n\r\n')).toMatch(/^HTTP\/1\.1 400 /);
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nX-Egress-Token: ${token}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 400 /);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('a CONNECT without Proxy-Authorization gets the same 407 challenge as absolute form', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const answer = await rawRequest(port, 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n');
+    expect(answer).toMatch(/^HTTP\/1\.1 407 /);
+    expect(answer).toMatch(/\r\nproxy-authenticate: Basic realm="egress-proxy"\r\n/i);
+    expect(answer).toMatch(/\r\nx-egress-error: caller_unauthenticated\r\n/i);
+    expect(answer).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+  });
+
   it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
     const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
     expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
     const { rawRequest } = await import('../helpers/raw.ts');
-    await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`);
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`)).toMatch(/^HTTP\/1\.1 407 /);
     expect((await connectTunnel('api.bank.test:443')).status).toBe(200);
   });
 
