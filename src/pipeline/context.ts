@@ -31,6 +31,8 @@ export interface RequestContext {
   viaCertificate?: boolean;
   target?: Target;
   caller?: string;
+  /** Refused for presenting no token and no Proxy-Authorization at all (not counted as an unknown token). */
+  anonymous?: boolean;
   route?: CompiledRoute;
   /** The path relative to the route prefix: what rules match and what follows the upstream base path. */
   relativeSegments?: readonly string[];

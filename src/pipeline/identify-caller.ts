@@ -39,7 +39,10 @@ export function identifyCaller(ctx: RequestContext): void {
     ctx.viaCertificate = true;
     return;
   }
-  if (typeof token !== 'string' || token.length === 0) throw absolute ? proxyAuthRequired('Send Proxy-Authorization: Basic caller:token.') : new ProxyError('caller_unauthenticated');
+  if (typeof token !== 'string' || token.length === 0) {
+    ctx.anonymous = !token && ctx.req.headers['proxy-authorization'] === undefined;
+    throw absolute ? proxyAuthRequired('Send Proxy-Authorization: Basic caller:token.') : new ProxyError('caller_unauthenticated');
+  }
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.
   if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');

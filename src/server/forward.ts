@@ -101,6 +101,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
     const match = /^([^:[\]\s%]+|\[[0-9a-fA-F:.]+\]):([1-9]\d{0,4})$/.exec(raw);
     let caller: string | null = null;
+    /** No Proxy-Authorization at all: a client waiting for the 407 challenge, not an unknown token. */
+    let anonymous = false;
     // A refused CONNECT is audited, counted and seen by the alert rules (unknown tokens, denied
     // spikes) like a refused request. The target is recorded only as a host and port: an "@" in it
     // may follow a token.
@@ -108,7 +110,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       const requestId = answerRawError(socket, status, code, message);
       const at = raw.lastIndexOf('@');
       const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
-      recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
+      recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null, anonymous });
     };
     if (refusing) return deny(503, 'shutting_down', 'The proxy is shutting down; connect to another instance.');
     if (isOverCap(socket)) return deny(503, 'too_many_connections', 'The proxy has as many caller connections open as it serves (EGRESS_MAX_CONNECTIONS); retry when one has closed.');
@@ -121,7 +123,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
     const token = proxyAuthorizationToken(req);
     if (token === AMBIGUOUS) return deny(407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    if (!token) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    if (!token) {
+      anonymous = req.headers['proxy-authorization'] === undefined;
+      return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    }
     // Without a usable store there is no telling a good token from a bad one: our failure (503, as
     // in reverse mode), not the caller's, and not an unknown-token attempt for the alert rules.
     if (!services.store.usable()) return deny(503, 'credential_unavailable', 'The credential store cannot be read.');

@@ -240,6 +240,21 @@ describe('forward mode', () => {
     expect(answer).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
   });
 
+  it('requests that merely carry no credentials (a client waiting for the challenge) are not counted as unknown-token attempts; unknown tokens are', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const unknownAlerts = () => proxy.services().rules.alerts.recent().filter((a) => a.id === 'unknown_token').length;
+    const before = unknownAlerts();
+    for (let i = 0; i < 12; i++) {
+      expect(await rawRequest(port, 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n')).toMatch(/^HTTP\/1\.1 407 /);
+      expect(await rawRequest(port, 'GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n')).toMatch(/^HTTP\/1\.1 407 /);
+      expect((await fetch(`${proxy.url}/bank/accounts`)).status).toBe(401);
+    }
+    expect(unknownAlerts()).toBe(before);
+    // Control: unknown tokens from the same address still raise the alert.
+    for (let i = 0; i < 10; i++) expect(await rawRequest(port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:egt_unknown_${i}`).toString('base64')}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 407 /);
+    expect(unknownAlerts()).toBe(before + 1);
+  });
+
   it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
     const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
     expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
