@@ -255,6 +255,21 @@ describe('forward mode', () => {
     expect(unknownAlerts()).toBe(before + 1);
   });
 
+  it('an HTTP/1.0 absolute-form request without a Host header is served as the HTTP/1.1 one is: the host is in the target', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const before = upstream.requests.length;
+    const auth = `Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`;
+    const answer = await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.0\r\n${auth}\r\n`);
+    expect(answer).toMatch(/^HTTP\/1\.1 200 /);
+    expect(upstream.requests.length - before).toBe(1);
+    expect(upstream.requests.at(-1)!.headers['x-api-key']).toBe(SECRET);
+    // A Host that names another host is still refused, on HTTP/1.0 as on HTTP/1.1.
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.0\r\nHost: evil.example\r\n${auth}\r\n`)).toMatch(/^HTTP\/1\.1 421 /);
+    // And the allowlist still applies.
+    expect(await rawRequest(port, `GET http://api.bank.test/admin HTTP/1.0\r\n${auth}\r\n`)).toMatch(/^HTTP\/1\.1 403 /);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
   it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
     const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
     expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
