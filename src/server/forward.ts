@@ -8,6 +8,7 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
+import { hasBody } from '../pipeline/body.ts';
 import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
@@ -114,6 +115,9 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     };
     if (refusing) return deny(503, 'shutting_down', 'The proxy is shutting down; connect to another instance.');
     if (isOverCap(socket)) return deny(503, 'too_many_connections', 'The proxy has as many caller connections open as it serves (EGRESS_MAX_CONNECTIONS); retry when one has closed.');
+    // A CONNECT has no content (RFC 9110 §9.3.6): bytes after its header are the tunnel's, and
+    // declared content would be read as the start of the TLS handshake. Refused, and closed.
+    if (hasBody(req)) return deny(400, 'bad_request', 'A CONNECT request cannot carry content.');
     if (!match) return deny(400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);

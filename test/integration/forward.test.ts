@@ -270,6 +270,26 @@ describe('forward mode', () => {
     expect(upstream.requests.length - before).toBe(1);
   });
 
+  it('a CONNECT that carries content (Content-Length or Transfer-Encoding) is refused with 400 and the connection closed; no tunnel is opened', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const auth = `Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`;
+    for (const framing of ['Content-Length: 5\r\n\r\nhello', 'Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n']) {
+      const started = Date.now();
+      const answer = await rawRequest(port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n${auth}${framing}`, 5_000);
+      // rawRequest returns on the proxy's close, or after 5 s of silence from a connection left open.
+      expect(Date.now() - started).toBeLessThan(4_000);
+      expect(answer, framing).toMatch(/^HTTP\/1\.1 400 /);
+      expect(answer).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+      expect(answer).toMatch(/\r\nconnection: close\r\n/i);
+      // Exactly one answer.
+      expect(answer.match(/HTTP\/1\.1 /g)).toHaveLength(1);
+    }
+    // Content-Length: 0 is no content: the tunnel opens.
+    const t = await connectTunnel('api.bank.test:443', `Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\nContent-Length: 0`);
+    expect(t.status).toBe(200);
+    expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+  });
+
   it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
     const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
     expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
