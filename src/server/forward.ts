@@ -15,6 +15,7 @@ import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
 import { answerClientError, answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
+import { CALLER_TLS } from './tls.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -83,7 +84,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       // No renegotiation (TLS 1.2): each one would be a full handshake the caller makes the proxy run.
       // OpenSSL refuses it here; disableRenegotiation() (the TLS listener's way) does nothing on a
       // TLSSocket no tls.Server owns, and neither does Node's limit of three per ten minutes.
-      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2', secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
+      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, ...CALLER_TLS, secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
       contexts.set(host, known);
     }
     return known.context;
