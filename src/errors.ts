@@ -28,14 +28,29 @@ export class ProxyError extends Error {
   /** Extra response headers (Retry-After and the like). */
   readonly headers: Readonly<Record<string, string>>;
 
-  constructor(code: ErrorCode, detail?: string, options?: { cause?: unknown; headers?: Record<string, string> }) {
+  constructor(code: ErrorCode, detail?: string, options?: { cause?: unknown; headers?: Record<string, string>; status?: ProxyStatus }) {
     super(detail ? `${ERRORS[code].message} ${detail}` : ERRORS[code].message, { cause: options?.cause });
     this.name = 'ProxyError';
     this.code = code;
-    this.status = ERRORS[code].status;
+    this.status = options?.status ?? ERRORS[code].status;
     this.detail = detail;
     this.headers = options?.headers ?? {};
   }
+}
+
+/** The one status an error may take besides its table's: a proxy's own 407 (see proxyAuthRequired). */
+type ProxyStatus = 407;
+
+/** The challenge of every 407 (RFC 9110 §11.7.1): Basic, the caller token as the password. */
+export const PROXY_CHALLENGE = 'Basic realm="egress-proxy"';
+
+/**
+ * caller_unauthenticated as a proxy says it (RFC 9110 §15.5.8): 407 with Proxy-Authenticate.
+ * Many clients (Java's HttpURLConnection, .NET's HttpClient) send proxy credentials only after
+ * this challenge; a 401 or 400 instead leaves them unable to send any.
+ */
+export function proxyAuthRequired(detail?: string): ProxyError {
+  return new ProxyError('caller_unauthenticated', detail, { status: 407, headers: { 'proxy-authenticate': PROXY_CHALLENGE } });
 }
 
 /** Raised by the CLI and config loaders for bad input; maps to exit code 1 unless said otherwise. */

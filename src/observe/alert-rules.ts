@@ -12,6 +12,8 @@ export interface RequestFacts {
   readonly decision: string;
   readonly reason: string;
   readonly credential: string | null;
+  /** No credentials were presented at all (no token, no Proxy-Authorization): a client waiting for a challenge, not a guess. */
+  readonly anonymous?: boolean;
 }
 
 /** The subject of the unknown_token alert counted over every address. */
@@ -107,7 +109,9 @@ export class AlertRules {
 
   onRequest(facts: RequestFacts, now = performance.now()): void {
     if (facts.reason === 'caller_unauthenticated') {
-      this.#unknownToken(facts.remote, 'caller', now);
+      // Clients that send proxy credentials only when challenged (Java, .NET) start every
+      // connection with a request that has none: counted, each would be an unknown token.
+      if (!facts.anonymous) this.#unknownToken(facts.remote, 'caller', now);
       return;
     }
     if (facts.decision === 'deny' && facts.caller) {

@@ -4,9 +4,9 @@ import { BlockList, isIP } from 'node:net';
 /**
  * Refuse upstream addresses a route did not opt into: private, loopback, link-local (which holds
  * cloud metadata at 169.254.169.254), CGNAT, unspecified, multicast and reserved ranges, in IPv4
- * and IPv6, and IPv4 hidden in IPv6 (mapped, compatible, NAT64, 6to4, Teredo). The check runs on
- * the address the connection will use: the connector's own DNS lookup is replaced, so a name that
- * resolves differently between a check and the connect (DNS rebinding) cannot slip through.
+ * and IPv6, and IPv4 hidden in IPv6 (see embeddedIPv4). The check runs on the address the
+ * connection will use: the connector's own DNS lookup is replaced, so a name that resolves
+ * differently between a check and the connect (DNS rebinding) cannot slip through.
  */
 const BLOCKED = new BlockList();
 for (const [net, bits] of [
@@ -14,43 +14,55 @@ for (const [net, bits] of [
   ['192.0.0.0', 24], ['192.0.2.0', 24], ['192.88.99.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['198.51.100.0', 24],
   ['203.0.113.0', 24], ['224.0.0.0', 4], ['240.0.0.0', 4],
 ] as const) BLOCKED.addSubnet(net, bits, 'ipv4');
+// 64:ff9b:1::/48 is NAT64 for local use (RFC 8215): not global, and where the IPv4 address sits in
+// it depends on the prefix length its operator chose, so the whole prefix is refused.
 for (const [net, bits] of [
-  ['::', 128], ['::1', 128], ['fc00::', 7], ['fe80::', 10], ['fec0::', 10], ['ff00::', 8], ['2001:db8::', 32], ['100::', 64],
+  ['::', 128], ['::1', 128], ['fc00::', 7], ['fe80::', 10], ['fec0::', 10], ['ff00::', 8], ['2001:db8::', 32], ['100::', 64], ['64:ff9b:1::', 48],
 ] as const) BLOCKED.addSubnet(net, bits, 'ipv6');
 
-/** The IPv4 address carried inside an IPv6 one, when it carries one. */
-function embeddedIPv4(address: string): string | undefined {
-  const lower = address.toLowerCase();
-  const dotted = /^(?:::ffff:|::|64:ff9b::)(\d+\.\d+\.\d+\.\d+)$/.exec(lower);
-  if (dotted) return dotted[1];
-  const groups = expand(lower);
-  if (!groups) return undefined;
+/**
+ * The IPv4 addresses an IPv6 address carries, in every form that carries one: mapped
+ * (::ffff:a.b.c.d) and compatible (::a.b.c.d, RFC 4291 §2.5.5), translated (::ffff:0:a.b.c.d,
+ * SIIT, RFC 6052 / 6145), NAT64's well-known prefix (64:ff9b::/96, RFC 6052), 6to4 (2002::/16,
+ * RFC 3056), Teredo's server and client (2001::/32, RFC 4380), and ISATAP's interface identifier
+ * (…:0:5efe:a.b.c.d under any prefix, u/g bits either way, RFC 5214).
+ */
+function embeddedIPv4(address: string): string[] {
+  const g = groups(address);
+  if (!g) return [];
   const v4 = (hi: number, lo: number) => `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`;
-  if (groups.slice(0, 5).every((g) => g === 0) && (groups[5] === 0xffff || groups[5] === 0)) return v4(groups[6]!, groups[7]!); // mapped, compatible
-  if (groups[0] === 0x64 && groups[1] === 0xff9b) return v4(groups[6]!, groups[7]!); // NAT64
-  if (groups[0] === 0x2002) return v4(groups[1]!, groups[2]!); // 6to4
-  if (groups[0] === 0x2001 && groups[1] === 0) return v4(groups[6]! ^ 0xffff, groups[7]! ^ 0xffff); // Teredo client
-  return undefined;
+  const zero = (from: number, to: number) => g.slice(from, to).every((x) => x === 0);
+  const found: string[] = [];
+  if (zero(0, 5) && (g[5] === 0xffff || g[5] === 0)) found.push(v4(g[6]!, g[7]!)); // mapped, compatible
+  if (zero(0, 4) && g[4] === 0xffff && g[5] === 0) found.push(v4(g[6]!, g[7]!)); // translated (SIIT)
+  if (g[0] === 0x64 && g[1] === 0xff9b) found.push(v4(g[6]!, g[7]!)); // NAT64
+  if (g[0] === 0x2002) found.push(v4(g[1]!, g[2]!)); // 6to4
+  if (g[0] === 0x2001 && g[1] === 0) found.push(v4(g[2]!, g[3]!), v4(g[6]! ^ 0xffff, g[7]! ^ 0xffff)); // Teredo server, client (obfuscated)
+  if ((g[4]! & 0xfcff) === 0 && g[5] === 0x5efe) found.push(v4(g[6]!, g[7]!)); // ISATAP
+  return found;
 }
 
-function expand(address: string): number[] | undefined {
-  if (address.includes('.')) return undefined;
-  const [head, tail] = address.split('::');
+/** The eight 16-bit groups of a valid IPv6 address (isIP said so), a dotted IPv4 tail included. */
+function groups(address: string): number[] | undefined {
+  let text = address.toLowerCase();
+  const dotted = /^(.*:)(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (dotted) {
+    const [a, b, c, d] = dotted.slice(2).map(Number) as [number, number, number, number];
+    text = `${dotted[1]}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [head, tail] = text.split('::');
   const h = head ? head.split(':') : [];
   const t = tail !== undefined && tail !== '' ? tail.split(':') : [];
+  const compressed = tail !== undefined;
   const missing = 8 - h.length - t.length;
-  if (address.includes('::') ? missing < 1 : missing !== 0) return undefined;
-  return [...h, ...Array<string>(address.includes('::') ? missing : 0).fill('0'), ...t].map((g) => Number.parseInt(g, 16));
+  if (compressed ? missing < 1 : missing !== 0) return undefined;
+  return [...h, ...Array<string>(compressed ? missing : 0).fill('0'), ...t].map((x) => Number.parseInt(x, 16));
 }
 
 export function isPrivateAddress(address: string): boolean {
   const family = isIP(address);
   if (family === 4) return BLOCKED.check(address, 'ipv4');
-  if (family === 6) {
-    const inner = embeddedIPv4(address);
-    if (inner !== undefined && isIP(inner) === 4) return BLOCKED.check(inner, 'ipv4');
-    return BLOCKED.check(address, 'ipv6');
-  }
+  if (family === 6) return BLOCKED.check(address, 'ipv6') || embeddedIPv4(address).some((inner) => BLOCKED.check(inner, 'ipv4'));
   return true;
 }
 

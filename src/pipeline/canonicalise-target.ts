@@ -17,11 +17,14 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   // bytes may read the chunks as the body and then as requests.
   if (ctx.req.httpVersionMinor === 0 && ctx.req.headers['transfer-encoding'] !== undefined) throw new ProxyError('bad_request', 'An HTTP/1.0 request cannot use Transfer-Encoding.');
   if (ctx.forward) {
-    // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that host only.
-    const host = (ctx.req.headers.host ?? '').toLowerCase();
-    const { host: fh, port } = ctx.forward;
+    // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that
+    // host only. An absolute-form target names its host itself (RFC 9112 §3.2.2), so there an
+    // HTTP/1.0 request may leave Host out (HTTP/1.1 without one is refused by the parser); one
+    // that is sent must still name the target's host.
+    const host = ctx.req.headers.host?.toLowerCase();
+    const { host: fh, port, rawTarget } = ctx.forward;
     const expected = port === 443 || port === 80 ? [fh, `${fh}:${port}`] : [`${fh}:${port}`];
-    if (!expected.includes(host)) throw new ProxyError('misdirected_request', 'The Host header does not match the tunnel host.');
+    if (!(host === undefined && rawTarget !== undefined) && !expected.includes(host ?? '')) throw new ProxyError('misdirected_request', 'The Host header does not match the tunnel host.');
   }
   // Absolute-form (a forward-proxy request without CONNECT): the path part, exactly as sent.
   ctx.target = parseTarget(ctx.forward?.rawTarget ?? raw);

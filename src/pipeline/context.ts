@@ -19,14 +19,20 @@ export interface RequestContext {
   readonly startedAt: number;
   /** The caller's address, read at arrival: the socket can be gone by the time the request ends. */
   readonly remote: string;
-  /** Set for a request inside a forward-mode tunnel: the CONNECT host and the tunnel's caller token. */
-  readonly forward?: { readonly host: string; readonly port: number; readonly token: string; readonly rawTarget?: string };
+  /**
+   * Set for a forward-mode request: inside a tunnel, the CONNECT host and the tunnel's caller token;
+   * in absolute form (`GET http://host/path`, no tunnel), the target's host, its path and query as
+   * sent (rawTarget), and the token of Proxy-Authorization, if one came.
+   */
+  readonly forward?: { readonly host: string; readonly port: number; readonly token: string | undefined; readonly rawTarget?: string };
   /** On the TLS listener: the caller a client certificate names, or why it was refused. */
   readonly certificate?: { readonly caller?: string; readonly refused?: string; readonly notBefore?: number };
   /** The caller was identified by its certificate (not a token). */
   viaCertificate?: boolean;
   target?: Target;
   caller?: string;
+  /** Refused for presenting no token and no Proxy-Authorization at all (not counted as an unknown token). */
+  anonymous?: boolean;
   route?: CompiledRoute;
   /** The path relative to the route prefix: what rules match and what follows the upstream base path. */
   relativeSegments?: readonly string[];

@@ -1,4 +1,4 @@
-import { ProxyError } from '../errors.ts';
+import { ProxyError, proxyAuthRequired } from '../errors.ts';
 import type { RequestContext } from './context.ts';
 import { countHeader } from './canonicalise-target.ts';
 import type { PresentedToken } from '../store/callers.ts';
@@ -20,7 +20,11 @@ function memoFor(socket: object | null | undefined): PresentedToken | undefined 
 
 /** The caller is whoever holds a live token. Two token headers are ambiguous and refused. */
 export function identifyCaller(ctx: RequestContext): void {
-  if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw new ProxyError('caller_unauthenticated', 'More than one caller token was sent.');
+  // In absolute form the proxy itself refuses, as a proxy does: 407 with its challenge. Inside a
+  // tunnel the caller talks to the origin, and a 407 there means nothing to it.
+  const absolute = ctx.forward?.rawTarget !== undefined;
+  const refuse = (detail?: string) => (absolute ? proxyAuthRequired(detail) : new ProxyError('caller_unauthenticated', detail));
+  if (countHeader(ctx.req.rawHeaders, TOKEN_HEADER) > 1) throw refuse('More than one caller token was sent.');
   // In a forward-mode tunnel the token came with CONNECT (Proxy-Authorization); it is checked again for every request.
   const token = ctx.forward ? ctx.forward.token : ctx.req.headers[TOKEN_HEADER];
   // A certificate that was presented but refused (another CA, CA:TRUE, revoked, bad SAN) refuses the request.
@@ -35,14 +39,17 @@ export function identifyCaller(ctx: RequestContext): void {
     ctx.viaCertificate = true;
     return;
   }
-  if (typeof token !== 'string' || token.length === 0) throw new ProxyError('caller_unauthenticated');
+  if (typeof token !== 'string' || token.length === 0) {
+    ctx.anonymous = !token && ctx.req.headers['proxy-authorization'] === undefined;
+    throw absolute ? proxyAuthRequired('Send Proxy-Authorization: Basic caller:token.') : new ProxyError('caller_unauthenticated');
+  }
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.
   if (!store.usable()) throw new ProxyError('credential_unavailable', 'The credential store cannot be read.');
   const found = store.identifyCaller(token, memoFor(ctx.req.socket));
   if (!found.caller) {
     if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.remote);
-    throw new ProxyError('caller_unauthenticated', 'The caller token is unknown, expired or revoked.');
+    throw refuse('The caller token is unknown, expired or revoked.');
   }
   ctx.caller = found.caller;
   // A caller that presents its own certificate beside its token (one client setting for both

@@ -57,6 +57,7 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     viaCertificate: undefined,
     target: undefined,
     caller: undefined,
+    anonymous: undefined,
     route: undefined,
     relativeSegments: undefined,
     rule: undefined,
@@ -160,6 +161,7 @@ function finish(ctx: RequestContext): void {
     durationMs: Math.round(total * 1000) / 1000,
     credential: ctx.credential?.id ?? null,
     credentialVersion: ctx.credential?.version ?? null,
+    anonymous: ctx.anonymous,
   });
   if (ctx.upstreamMs !== undefined) {
     metrics.upstream.observe({ route }, ctx.upstreamMs / 1000);
@@ -185,12 +187,14 @@ export interface Outcome {
   readonly durationMs: number;
   readonly credential: string | null;
   readonly credentialVersion: number | null;
+  /** Refused for presenting no credentials at all (see RequestFacts.anonymous). */
+  readonly anonymous?: boolean;
 }
 
 /** The alert rules, the audit line and the request metrics for one outcome. */
 export function recordOutcome(services: Services, o: Outcome): void {
   const route = o.route ?? 'none';
-  services.rules.onRequest({ caller: o.caller, remote: o.remote, route: o.route, decision: o.decision, reason: o.reason, credential: o.credential });
+  services.rules.onRequest({ caller: o.caller, remote: o.remote, route: o.route, decision: o.decision, reason: o.reason, credential: o.credential, anonymous: o.anonymous });
   services.audit.request({
     requestId: o.requestId,
     caller: o.caller,

@@ -8,12 +8,14 @@ import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
+import { hasBody } from '../pipeline/body.ts';
 import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
 import { answerClientError, answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
+import { CALLER_TLS } from './tls.ts';
 
 /** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
@@ -82,7 +84,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       // No renegotiation (TLS 1.2): each one would be a full handshake the caller makes the proxy run.
       // OpenSSL refuses it here; disableRenegotiation() (the TLS listener's way) does nothing on a
       // TLSSocket no tls.Server owns, and neither does Node's limit of three per ten minutes.
-      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, minVersion: 'TLSv1.2', secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
+      known = { leaf, context: createSecureContext({ cert: `${leaf}${minter.caPem}`, key: minter.keyPem, ...CALLER_TLS, secureOptions: constants.SSL_OP_NO_RENEGOTIATION }) };
       contexts.set(host, known);
     }
     return known.context;
@@ -101,6 +103,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // The host as written (no percent-escapes: "api%2ebank.test" is not how a route names a host) and a plain port.
     const match = /^([^:[\]\s%]+|\[[0-9a-fA-F:.]+\]):([1-9]\d{0,4})$/.exec(raw);
     let caller: string | null = null;
+    /** No Proxy-Authorization at all: a client waiting for the 407 challenge, not an unknown token. */
+    let anonymous = false;
     // A refused CONNECT is audited, counted and seen by the alert rules (unknown tokens, denied
     // spikes) like a refused request. The target is recorded only as a host and port: an "@" in it
     // may follow a token.
@@ -108,10 +112,13 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
       const requestId = answerRawError(socket, status, code, message);
       const at = raw.lastIndexOf('@');
       const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
-      recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null });
+      recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null, anonymous });
     };
     if (refusing) return deny(503, 'shutting_down', 'The proxy is shutting down; connect to another instance.');
     if (isOverCap(socket)) return deny(503, 'too_many_connections', 'The proxy has as many caller connections open as it serves (EGRESS_MAX_CONNECTIONS); retry when one has closed.');
+    // A CONNECT has no content (RFC 9110 §9.3.6): bytes after its header are the tunnel's, and
+    // declared content would be read as the start of the TLS handshake. Refused, and closed.
+    if (hasBody(req)) return deny(400, 'bad_request', 'A CONNECT request cannot carry content.');
     if (!match) return deny(400, 'bad_request', 'CONNECT needs host:port.');
     const rawHost = match[1]!;
     const port = Number(match[2]);
@@ -121,7 +128,10 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // Two Proxy-Authorization headers are ambiguous, as two tokens are in reverse mode.
     const token = proxyAuthorizationToken(req);
     if (token === AMBIGUOUS) return deny(407, 'caller_unauthenticated', 'More than one Proxy-Authorization header was sent.');
-    if (!token) return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    if (!token) {
+      anonymous = req.headers['proxy-authorization'] === undefined;
+      return deny(407, 'caller_unauthenticated', 'Send Proxy-Authorization: Basic caller:token.');
+    }
     // Without a usable store there is no telling a good token from a bad one: our failure (503, as
     // in reverse mode), not the caller's, and not an unknown-token attempt for the alert rules.
     if (!services.store.usable()) return deny(503, 'credential_unavailable', 'The credential store cannot be read.');

@@ -4,10 +4,12 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
-import { ProxyError } from '../errors.ts';
+import { PROXY_CHALLENGE, ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import { AMBIGUOUS, answerAndClose, isLingering, proxyAuthorizationToken } from './proxy-auth.ts';
+import type { RequestContext } from '../pipeline/context.ts';
 import { handleRequest } from '../pipeline/index.ts';
+import { TOKEN_HEADER } from '../pipeline/identify-caller.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
 import { afterInFlight, markClosing } from '../pipeline/connection-state.ts';
@@ -97,21 +99,25 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, in
 export function answerRawError(socket: Duplex, status: number, code: string, message: string): string {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code, message, request_id: id } });
-  const extra = status === 407 ? 'proxy-authenticate: Basic realm="egress-proxy"\r\n' : status === 503 ? 'retry-after: 1\r\n' : '';
+  const extra = status === 407 ? `proxy-authenticate: ${PROXY_CHALLENGE}\r\n` : status === 503 ? 'retry-after: 1\r\n' : '';
   answerAndClose(socket, `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   return id;
 }
 
 /**
- * `GET http://host/path` with Proxy-Authorization, for a host a route intercepts: handled like a
- * request inside a tunnel to that host. The path is taken exactly as sent (no URL normalisation),
- * so the target checks see the raw bytes. Anything else stays as it was (absolute-form is a 400).
+ * `GET http://host/path` for a host a route intercepts: handled like a request inside a tunnel to
+ * that host. The path is taken exactly as sent (no URL normalisation), so the target checks see
+ * the raw bytes. Without Proxy-Authorization it is still a proxy request, answered 407 with the
+ * challenge that clients such as Java's and .NET's wait for before they send credentials. Anything
+ * else stays as it was (absolute-form is a 400): another host, two Proxy-Authorization headers,
+ * or a reverse-mode caller's X-Egress-Token without Proxy-Authorization (ROUTE-13).
  */
-function absoluteForm(req: IncomingMessage, config: CompiledConfig): { host: string; port: number; token: string; rawTarget: string } | undefined {
+function absoluteForm(req: IncomingMessage, config: CompiledConfig): RequestContext['forward'] {
   const match = /^http:\/\/([a-z0-9.-]+)(?::([1-9]\d{0,4}))?(\/[^\s]*)?$/i.exec(req.url ?? '');
+  if (!match) return undefined;
   const token = proxyAuthorizationToken(req);
-  // Two Proxy-Authorization headers are ambiguous: not a forward request, so a 400.
-  if (!match || !token || token === AMBIGUOUS) return undefined;
+  if (token === AMBIGUOUS) return undefined;
+  if (req.headers['proxy-authorization'] === undefined && req.headers[TOKEN_HEADER] !== undefined) return undefined;
   const host = match[1]!.toLowerCase();
   const port = Number(match[2] ?? 80);
   const route = findRouteByHost(config, host);

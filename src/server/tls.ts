@@ -12,8 +12,14 @@ import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
 
-/** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD). */
+/** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD), and in TLS 1.2 only with ECDHE (forward secrecy). */
 const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
+
+/**
+ * What every TLS endpoint that callers talk to offers: the TLS listener, and the TLS the proxy
+ * terminates inside forward-mode tunnels. Node's defaults would add CBC suites and RSA key exchange.
+ */
+export const CALLER_TLS = Object.freeze({ minVersion: 'TLSv1.2', ciphers: CIPHERS, honorCipherOrder: true } as const);
 
 export interface CertIdentity {
   readonly caller?: string;
@@ -78,9 +84,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     requestCert: true,
     // Token callers have no certificate; a certificate that fails is refused per request, below.
     rejectUnauthorized: false,
-    minVersion: 'TLSv1.2',
-    ciphers: CIPHERS,
-    honorCipherOrder: true,
+    ...CALLER_TLS,
     handshakeTimeout: 10_000,
     connectionsCheckingInterval: 500,
     headersTimeout: LISTENER_LIMITS.headersTimeoutMs,

@@ -204,11 +204,97 @@ describe('forward mode', () => {
     expect(upstream.requests.length - before).toBe(1);
   });
 
+  it('absolute-form without Proxy-Authorization (Java, .NET: credentials only when asked) gets a 407 challenge, audited; the retry with them is served', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const before = upstream.requests.length;
+    const request = (auth: string) => rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\n${auth}Connection: close\r\n\r\n`);
+    const challenged = await request('');
+    expect(challenged).toMatch(/^HTTP\/1\.1 407 /);
+    expect(challenged).toMatch(/\r\nproxy-authenticate: Basic realm="egress-proxy"\r\n/i);
+    expect(challenged).toMatch(/\r\nx-egress-error: caller_unauthenticated\r\n/i);
+    const id = /\r\nx-request-id: ([0-9a-f-]{36})\r\n/i.exec(challenged)?.[1];
+    expect(id).toBeDefined();
+    const body = JSON.parse(challenged.slice(challenged.indexOf('\r\n\r\n') + 4)) as { error: { code: string; request_id: string } };
+    expect(body.error).toMatchObject({ code: 'caller_unauthenticated', request_id: id });
+    // The retry on the same terms, as the client makes it after the challenge.
+    const retried = await request(`Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`);
+    expect(retried).toMatch(/^HTTP\/1\.1 200 /);
+    expect(upstream.requests.length - before).toBe(1);
+    // An unknown token in absolute form is the proxy's refusal too: 407, not the 401 an origin sends.
+    expect(await request(`Proxy-Authorization: Basic ${Buffer.from('svc:egt_wrong').toString('base64')}\r\n`)).toMatch(/^HTTP\/1\.1 407 [^]*proxy-authenticate: Basic/i);
+    await eventually(async () => (await proxy.auditText()).includes(id!), 3_000, 'the audit line');
+    const line = (await proxy.auditText()).split('\n').find((l) => l.includes(id!))!;
+    expect(JSON.parse(line)).toMatchObject({ caller: null, method: 'GET', path: '/accounts', decision: 'deny', reason: 'caller_unauthenticated' });
+    // Not a proxy request: absolute-form for a host no route names, or with a reverse-mode token, is still a 400.
+    expect(await rawRequest(port, 'GET http://evil.example/accounts HTTP/1.1\r\nHost: evil.example\r\n\r\n')).toMatch(/^HTTP\/1\.1 400 /);
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nX-Egress-Token: ${token}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 400 /);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('a CONNECT without Proxy-Authorization gets the same 407 challenge as absolute form', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const answer = await rawRequest(port, 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n');
+    expect(answer).toMatch(/^HTTP\/1\.1 407 /);
+    expect(answer).toMatch(/\r\nproxy-authenticate: Basic realm="egress-proxy"\r\n/i);
+    expect(answer).toMatch(/\r\nx-egress-error: caller_unauthenticated\r\n/i);
+    expect(answer).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+  });
+
+  it('requests that merely carry no credentials (a client waiting for the challenge) are not counted as unknown-token attempts; unknown tokens are', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const unknownAlerts = () => proxy.services().rules.alerts.recent().filter((a) => a.id === 'unknown_token').length;
+    const before = unknownAlerts();
+    for (let i = 0; i < 12; i++) {
+      expect(await rawRequest(port, 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n')).toMatch(/^HTTP\/1\.1 407 /);
+      expect(await rawRequest(port, 'GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nConnection: close\r\n\r\n')).toMatch(/^HTTP\/1\.1 407 /);
+      expect((await fetch(`${proxy.url}/bank/accounts`)).status).toBe(401);
+    }
+    expect(unknownAlerts()).toBe(before);
+    // Control: unknown tokens from the same address still raise the alert.
+    for (let i = 0; i < 10; i++) expect(await rawRequest(port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: Basic ${Buffer.from(`svc:egt_unknown_${i}`).toString('base64')}\r\n\r\n`)).toMatch(/^HTTP\/1\.1 407 /);
+    expect(unknownAlerts()).toBe(before + 1);
+  });
+
+  it('an HTTP/1.0 absolute-form request without a Host header is served as the HTTP/1.1 one is: the host is in the target', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const before = upstream.requests.length;
+    const auth = `Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`;
+    const answer = await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.0\r\n${auth}\r\n`);
+    expect(answer).toMatch(/^HTTP\/1\.1 200 /);
+    expect(upstream.requests.length - before).toBe(1);
+    expect(upstream.requests.at(-1)!.headers['x-api-key']).toBe(SECRET);
+    // A Host that names another host is still refused, on HTTP/1.0 as on HTTP/1.1.
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.0\r\nHost: evil.example\r\n${auth}\r\n`)).toMatch(/^HTTP\/1\.1 421 /);
+    // And the allowlist still applies.
+    expect(await rawRequest(port, `GET http://api.bank.test/admin HTTP/1.0\r\n${auth}\r\n`)).toMatch(/^HTTP\/1\.1 403 /);
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('a CONNECT that carries content (Content-Length or Transfer-Encoding) is refused with 400 and the connection closed; no tunnel is opened', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const auth = `Proxy-Authorization: Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\n`;
+    for (const framing of ['Content-Length: 5\r\n\r\nhello', 'Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n']) {
+      const started = Date.now();
+      const answer = await rawRequest(port, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n${auth}${framing}`, 5_000);
+      // rawRequest returns on the proxy's close, or after 5 s of silence from a connection left open.
+      expect(Date.now() - started).toBeLessThan(4_000);
+      expect(answer, framing).toMatch(/^HTTP\/1\.1 400 /);
+      expect(answer).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+      expect(answer).toMatch(/\r\nconnection: close\r\n/i);
+      // Exactly one answer.
+      expect(answer.match(/HTTP\/1\.1 /g)).toHaveLength(1);
+    }
+    // Content-Length: 0 is no content: the tunnel opens.
+    const t = await connectTunnel('api.bank.test:443', `Basic ${Buffer.from(`svc:${token}`).toString('base64')}\r\nContent-Length: 0`);
+    expect(t.status).toBe(200);
+    expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+  });
+
   it('a malformed percent-escape in Proxy-Authorization is refused, not a crash (CONNECT and absolute-form)', async () => {
     const bad = `Basic ${Buffer.from('svc:%E0%A4%A').toString('base64')}`;
     expect((await connectTunnel('api.bank.test:443', bad)).status).toBe(407);
     const { rawRequest } = await import('../helpers/raw.ts');
-    await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`);
+    expect(await rawRequest(port, `GET http://api.bank.test/accounts HTTP/1.1\r\nHost: api.bank.test\r\nProxy-Authorization: ${bad}\r\nConnection: close\r\n\r\n`)).toMatch(/^HTTP\/1\.1 407 /);
     expect((await connectTunnel('api.bank.test:443')).status).toBe(200);
   });
 

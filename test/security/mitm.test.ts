@@ -255,6 +255,29 @@ describe('MITM', () => {
     expect(out.split('\r\n')[0]).toBe('HTTP/1.1 200 OK');
     await lab.g0();
   });
+
+  it('MITM-09 protocol floor inside a tunnel, as on the TLS listener: TLS 1.0/1.1, and TLS 1.2 suites that are not AEAD or lack forward secrecy, fail the handshake; TLS 1.3 and an ECDHE AEAD TLS 1.2 suite are served', async () => {
+    const attempt = async (opts: object): Promise<string> => {
+      const t = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+      expect(t.status).toBe(200);
+      return new Promise<string>((resolve) => {
+        const s = tlsConnect({ socket: t.socket, servername: 'api.bank.test', ca: caPem, ...opts }, () => {
+          resolve(`connected ${s.getProtocol()} ${s.getCipher().name}`);
+          s.destroy();
+        });
+        s.on('error', (e) => resolve(`refused: ${e.message}`));
+      });
+    };
+    for (const opts of [
+      { minVersion: 'TLSv1', maxVersion: 'TLSv1', ciphers: 'DEFAULT@SECLEVEL=0' },
+      { minVersion: 'TLSv1.1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' },
+      // CBC with HMAC, with and without forward secrecy, and GCM with RSA key exchange: all in Node's default TLS 1.2 list.
+      { minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', ciphers: 'AES128-SHA:AES256-SHA:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA384:AES128-SHA256:AES256-GCM-SHA384' },
+    ]) expect(await attempt(opts), JSON.stringify(opts)).toMatch(/^refused/);
+    expect(await attempt({ minVersion: 'TLSv1.3' })).toMatch(/^connected TLSv1.3/);
+    expect(await attempt({ maxVersion: 'TLSv1.2', ciphers: 'ECDHE-RSA-AES128-GCM-SHA256' })).toBe('connected TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256');
+    await lab.g0();
+  });
 });
 
 describe('MITM, requests inside a tunnel that do not parse', () => {

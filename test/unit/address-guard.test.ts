@@ -38,7 +38,7 @@ describe('isPrivateAddress', () => {
     );
     fc.assert(fc.property(privateV4, ([a, b, c, d]) => {
       const hex = (x: number, y: number) => ((x << 8) | y).toString(16);
-      for (const form of [`${a}.${b}.${c}.${d}`, `::ffff:${a}.${b}.${c}.${d}`, `::ffff:${hex(a, b)}:${hex(c, d)}`, `64:ff9b::${hex(a, b)}:${hex(c, d)}`, `2002:${hex(a, b)}:${hex(c, d)}::1`]) {
+      for (const form of [`${a}.${b}.${c}.${d}`, `::ffff:${a}.${b}.${c}.${d}`, `::ffff:${hex(a, b)}:${hex(c, d)}`, `64:ff9b::${hex(a, b)}:${hex(c, d)}`, `2002:${hex(a, b)}:${hex(c, d)}::1`, `::ffff:0:${hex(a, b)}:${hex(c, d)}`, `0:0:0:0:ffff:0:${a}.${b}.${c}.${d}`, `64:ff9b:0:0:0:0:${a}.${b}.${c}.${d}`, `2001:4860::200:5efe:${a}.${b}.${c}.${d}`]) {
         expect(isPrivateAddress(form), form).toBe(true);
       }
     }));
@@ -49,6 +49,33 @@ describe('isPrivateAddress', () => {
     expect(() => checkLiteral('[::1]')).toThrow(/private/);
     expect(() => checkLiteral('8.8.8.8')).not.toThrow();
     expect(() => checkLiteral('api.plaid.com')).not.toThrow();
+  });
+});
+
+describe('IPv4 carried in IPv6: every form is classed by the IPv4 address it carries', () => {
+  // [form, a private IPv4 in that form, the same form carrying a public IPv4 (or undefined when the whole prefix is refused)]
+  it.each([
+    ['IPv4-mapped ::ffff:0:0/96 (RFC 4291 §2.5.5.2)', '::ffff:10.0.0.1', '::ffff:8.8.8.8'],
+    ['IPv4-mapped, written out in full', '0:0:0:0:0:ffff:10.0.0.1', '0:0:0:0:0:ffff:8.8.8.8'],
+    ['IPv4-compatible ::/96 (RFC 4291 §2.5.5.1)', '::10.0.0.1', '::8.8.8.8'],
+    ['IPv4-compatible, written out in full', '0:0:0:0:0:0:10.0.0.1', '0:0:0:0:0:0:8.8.8.8'],
+    ['IPv4-translated ::ffff:0:0:0/96 (SIIT, RFC 6052 / 6145)', '::ffff:0:10.0.0.1', '::ffff:0:8.8.8.8'],
+    ['IPv4-translated in hex', '::ffff:0:a9fe:a9fe', '::ffff:0:808:808'],
+    ['IPv4-translated, written out in full', '0:0:0:0:ffff:0:127.0.0.1', '0:0:0:0:ffff:0:8.8.8.8'],
+    ['NAT64 well-known prefix 64:ff9b::/96 (RFC 6052)', '64:ff9b::10.0.0.1', '64:ff9b::8.8.8.8'],
+    ['NAT64 well-known prefix, written out in full', '64:ff9b:0:0:0:0:10.0.0.1', '64:ff9b:0:0:0:0:8.8.8.8'],
+    // Not global (RFC 8215); where the IPv4 sits depends on the operator's prefix length, here /48 with a public one in the last 32 bits.
+    ['NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215)', '64:ff9b:1:a00:0:100:808:808', undefined],
+    ['6to4 2002::/16 (RFC 3056)', '2002:a00:1::1', '2002:808:808::1'],
+    ['6to4 written with a dotted tail', '2002:a00:1::1.2.3.4', '2002:808:808::1.2.3.4'],
+    ['Teredo 2001::/32, the client (RFC 4380)', '2001:0:808:808:8000:63bf:f5ff:fffe', '2001:0:808:808:8000:63bf:f7f7:f7f7'],
+    ['Teredo 2001::/32, the server (RFC 4380)', '2001:0:a00:1:8000:63bf:f7f7:f7f7', '2001:0:808:808:8000:63bf:f7f7:f7f7'],
+    ['ISATAP interface identifier ::0:5efe:a.b.c.d (RFC 5214)', '2001:4860::5efe:10.0.0.1', '2001:4860::5efe:8.8.8.8'],
+    ['ISATAP interface identifier, universal bit set ::200:5efe:a.b.c.d', '2001:4860::200:5efe:a9fe:a9fe', '2001:4860::200:5efe:808:808'],
+  ])('%s', (_form, privateForm, publicForm) => {
+    expect(isPrivateAddress(privateForm!), privateForm).toBe(true);
+    if (publicForm) expect(isPrivateAddress(publicForm), publicForm).toBe(false);
+    else expect(isPrivateAddress('64:ff9b:1::808:808')).toBe(true);
   });
 });
 
