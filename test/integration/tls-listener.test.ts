@@ -114,8 +114,8 @@ describe('TLS listener with client certificates', () => {
     const before = upstream.requests.length;
     expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
     expect(upstream.requests.length - before).toBe(1);
-    // zed may use the route, but only with a certificate of its own: svc's does not make zed's token one.
-    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(403);
+    // zed may use the route, but only with a certificate of its own: svc's beside zed's token names two callers.
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(401);
     expect(upstream.requests.length - before).toBe(1);
   });
 
@@ -254,6 +254,27 @@ describe('TLS listener with client certificates', () => {
     } finally {
       first.conn.close();
     }
+    expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('a certificate of one caller with the token of another is refused (401, saying so, with an audit line); nothing reaches the upstream', async () => {
+    const before = upstream.requests.length;
+    const dispatcher = new Agent({ connect: { ca: serverCa, ...(await svcFiles()) } });
+    const res = await request(`${url}/api/x`, { dispatcher, headers: { 'x-egress-token': seededZedToken } });
+    const text = await res.body.text();
+    await dispatcher.close();
+    expect(res.statusCode).toBe(401);
+    expect(res.headers['x-egress-error']).toBe('caller_unauthenticated');
+    const body = JSON.parse(text) as { error: { message: string; request_id: string } };
+    expect(body.error.message).toContain('The client certificate and the caller token name different callers.');
+    expect(text).not.toContain(seededZedToken);
+    expect(upstream.requests.length).toBe(before);
+    await eventually(async () => (await proxy.auditText()).includes(body.error.request_id), 2_000, 'the audit line');
+    const line = JSON.parse((await proxy.auditText()).split('\n').find((l) => l.includes(body.error.request_id))!) as Record<string, unknown>;
+    expect(line).toMatchObject({ decision: 'deny', reason: 'caller_unauthenticated', caller: null, route: null });
+    expect(JSON.stringify(line)).not.toContain(seededZedToken);
+    // The same caller on both is served.
+    expect(await call('/api/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
     expect(upstream.requests.length - before).toBe(1);
   });
 
