@@ -5,7 +5,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
-import { listenerCertificate, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
+import { listenerCertificate, listenerClientCas, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
@@ -54,10 +54,10 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
 }
 
-/** The listener's certificate, key and client CA, checked before they are used (listener-files.ts). */
+/** The listener's certificate, key and client CAs, checked before they are used (listener-files.ts). */
 export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): void {
   const leaf = listenerCertificate(cert);
-  listenerCertificate(clientCa);
+  listenerClientCas(clientCa);
   if (!leaf.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
 }
 

@@ -27,7 +27,7 @@ let caCert: forge.pki.Certificate;
 let svcToken: string;
 let seededZedToken: string;
 
-function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string }) {
+function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string; keyUsage?: Record<string, boolean> }) {
   const keys = forge.pki.rsa.generateKeyPair(2048);
   const cert = forge.pki.createCertificate();
   cert.publicKey = keys.publicKey;
@@ -40,7 +40,7 @@ function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; valu
   const altNames = opts.sans ?? (opts.uris ?? []).map((value) => ({ type: 6, value }));
   cert.setExtensions([
     { name: 'basicConstraints', cA: opts.ca ?? false, critical: true },
-    ...(opts.ca ? [{ name: 'keyUsage', keyCertSign: true, digitalSignature: true, critical: true }] : [{ name: 'extKeyUsage', ...(opts.eku === 'server' ? { serverAuth: true } : { clientAuth: true }) }]),
+    ...(opts.ca ? [{ name: 'keyUsage', ...(opts.keyUsage ?? { keyCertSign: true, digitalSignature: true }), critical: true }] : [{ name: 'extKeyUsage', ...(opts.eku === 'server' ? { serverAuth: true } : { clientAuth: true }) }]),
     ...(altNames.length > 0 ? [{ name: 'subjectAltName', altNames }] : []),
   ]);
   cert.sign(signer.key, forge.md.sha256.create());
@@ -394,8 +394,18 @@ describe('TLS listener with client certificates', () => {
     await writeFile(garbage, 'not a certificate\n');
     const otherKey = join(dir, 'other.key');
     await writeFile(otherKey, makeTestPki().serverKey, { mode: 0o600 });
+    // A caller's or the listener's own certificate given as the client CA, alone or in a bundle,
+    // and a CA:TRUE certificate whose keyUsage does not allow it to sign certificates.
+    const leaf = join(dir, 'server.pem');
+    const bundled = join(dir, 'ca-and-leaf.pem');
+    await writeFile(bundled, `${await readFile(join(dir, 'certs', 'ca.pem'), 'utf8')}${await readFile(leaf, 'utf8')}`);
+    const noCertSign = join(dir, 'ca-without-keycertsign.pem');
+    await writeFile(noCertSign, issue({ cn: 'signs nothing', ca: true, selfSigned: true, keyUsage: { digitalSignature: true } }).certPem);
     for (const [setting, path, message] of [
       ['EGRESS_CLIENT_CA', garbage, `EGRESS_CLIENT_CA ${garbage} holds no PEM certificate`],
+      ['EGRESS_CLIENT_CA', leaf, `EGRESS_CLIENT_CA ${leaf}: certificate 1 of 1 (CN=localhost) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
+      ['EGRESS_CLIENT_CA', bundled, `EGRESS_CLIENT_CA ${bundled}: certificate 2 of 2 (CN=localhost) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
+      ['EGRESS_CLIENT_CA', noCertSign, `EGRESS_CLIENT_CA ${noCertSign}: certificate 1 of 1 (CN=signs nothing) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
       ['EGRESS_TLS_CERT', garbage, `EGRESS_TLS_CERT ${garbage} holds no PEM certificate`],
       ['EGRESS_TLS_KEY', garbage, `EGRESS_TLS_KEY ${garbage} holds no PEM private key`],
       ['EGRESS_TLS_KEY', otherKey, `EGRESS_TLS_KEY ${otherKey} does not belong to the certificate in EGRESS_TLS_CERT ${join(dir, 'server.pem')}`],
