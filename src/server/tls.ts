@@ -24,13 +24,16 @@ export interface CertIdentity {
   readonly notBefore?: number;
 }
 
+/** The client CAs (EGRESS_CLIENT_CA, one or a bundle) by their SHA-256 fingerprint. */
+export type PinnedCas = ReadonlyMap<string, X509Certificate>;
+
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
- * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
- * SAN whose name matches its CN (a dotted name has none), inside its validity period now, and a
- * serial that is not revoked.
+ * one of our CAs counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one
+ * identity SAN whose name matches its CN (a dotted name has none), inside its validity period
+ * now, and a serial that is not revoked.
  */
-export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
+export function certIdentity(socket: TLSSocket, pinned: PinnedCas, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
   if (!peer || Object.keys(peer).length === 0) return {};
   if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
@@ -42,7 +45,8 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   if (now > leaf.validToDate.getTime()) return { refused: 'the certificate has expired' };
   if (now < leaf.validFromDate.getTime()) return { refused: 'the certificate is not yet valid' };
   const issuer = peer.issuerCertificate;
-  if (!issuer || issuer === peer || issuer.fingerprint256 !== caFingerprint) return { refused: 'the certificate was not issued directly by the egress CA' };
+  const ca = issuer && issuer !== peer ? pinned.get(issuer.fingerprint256) : undefined;
+  if (!ca) return { refused: 'the certificate was not issued directly by the egress CA' };
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
   if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
@@ -62,8 +66,9 @@ export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, client
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
-export async function createTlsServer(options: { cert: string; key: string; clientCa: string; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
-  const caFingerprint = new X509Certificate(options.clientCa).fingerprint256;
+export async function createTlsServer(options: { cert: string; key: string; clientCa: ListenerFile; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
+  // Every CA in the file is pinned, as every one is trusted in the TLS context (`ca` below).
+  const pinned: PinnedCas = new Map(listenerClientCas(options.clientCa).map((ca) => [ca.fingerprint256, ca]));
   const sockets = new Set<TLSSocket>();
   const serialOf = new WeakMap<TLSSocket, string>();
   // A revocation closes the caller's open connections at once (AUTH-07).
@@ -74,7 +79,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   const server = createServer({
     cert: options.cert,
     key: options.key,
-    ca: options.clientCa,
+    ca: options.clientCa.pem,
     requestCert: true,
     // Token callers have no certificate; a certificate that fails is refused per request, below.
     rejectUnauthorized: false,
@@ -92,7 +97,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   }, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket as TLSSocket;
-    const identity = certIdentity(socket, caFingerprint, revoked);
+    const identity = certIdentity(socket, pinned, revoked);
     if (identity.serial) serialOf.set(socket, identity.serial);
     void handleRequest(req, res, getConfig(), services, undefined, identity);
   }
@@ -114,7 +119,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     // name, before `certs init --refresh`) leaves an OpenSSL error behind that Node raises at the
     // first read, before any request is parsed: the caller is told its certificate was refused
     // (401, with the reason), as for any other refused certificate, not that its request did not parse.
-    const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, caFingerprint, revoked).refused : undefined;
+    const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, pinned, revoked).refused : undefined;
     answerClientError(err, socket, refused ? new ProxyError('caller_unauthenticated', `Client certificate refused: ${refused}.`) : undefined);
   });
   // Without an 'upgrade' listener Node runs an Upgrade request as a plain one; refuse it as the plain listener does.

@@ -78,6 +78,11 @@ describe('issue-caller with EGRESS_CLIENT_CA set', () => {
     expect(await exists(join(certs, 'issued.json'))).toBe(false);
     const same = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: join(certs, 'ca.pem') });
     expect(same.code, same.stderr).toBe(0);
+    // A bundle (a CA change-over) pins every CA in it: one that holds this CA, in any place, will do.
+    const bundle = join(dir, 'client-cas.pem');
+    await writeFile(bundle, `${await readFile(other, 'utf8')}${await readFile(join(certs, 'ca.pem'), 'utf8')}`);
+    const bundled = await runCli(['certs', 'issue-caller', 'other'], { ...env, EGRESS_CLIENT_CA: bundle });
+    expect(bundled.code, bundled.stderr).toBe(0);
   });
 });
 

@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
@@ -79,15 +80,24 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-async function call(path: string, client?: { cert: string; key: string }, headers: Record<string, string> = {}, agent?: Agent): Promise<number> {
+async function call(path: string, client?: { cert: string; key: string }, headers: Record<string, string> = {}, agent?: Agent, base = url): Promise<number> {
   const dispatcher = agent ?? new Agent({ connect: { ca: serverCa, ...(client ? { cert: client.cert, key: client.key } : {}) } });
   try {
-    const res = await request(`${url}${path}`, { dispatcher, headers });
+    const res = await request(`${base}${path}`, { dispatcher, headers });
     await res.body.dump();
     return res.statusCode;
   } finally {
     if (!agent) await dispatcher.close();
   }
+}
+
+/** A second TLS listener on the same data folder, pinned to another EGRESS_CLIENT_CA (its own audit log). */
+async function listenerWith(label: string, clientCaPem: string): Promise<{ proxy: TestProxy; port: number; url: string }> {
+  const path = join(dir, `client-ca-${label}.pem`);
+  await writeFile(path, clientCaPem);
+  const own = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_CLIENT_CA: path, EGRESS_AUDIT_LOG: join(dir, `audit-${label}.log`) } });
+  const port = own.proxy.tlsAddress!.port;
+  return { proxy: own, port, url: `https://127.0.0.1:${port}` };
 }
 
 const svcFiles = async () => ({ cert: await readFile(join(dir, 'certs', 'callers', 'svc.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'svc.key'), 'utf8') });
@@ -255,6 +265,40 @@ describe('TLS listener with client certificates', () => {
       first.conn.close();
     }
     expect(upstream.requests.length - before).toBe(1);
+  });
+
+  it('EGRESS_CLIENT_CA holding several CAs (a CA change-over) pins every one: a certificate issued directly by any of them identifies its caller, one from a CA outside the bundle does not', async () => {
+    const egressCa = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
+    const next = issue({ cn: 'next client CA', ca: true, selfSigned: true });
+    // What `certs init --refresh` makes: a CA with the same name as the one before it, another key,
+    // and certificates that issue-caller signs with it.
+    const refreshedCerts = join(dir, 'certs-refreshed');
+    const refreshedEnv = envFor(dir, { EGRESS_CERTS: refreshedCerts });
+    expect((await runCli(['certs', 'init'], refreshedEnv)).code).toBe(0);
+    const issued = await runCli(['certs', 'issue-caller', 'svc'], refreshedEnv);
+    expect(issued.code, issued.stderr).toBe(0);
+    const refreshed = await readFile(join(refreshedCerts, 'ca.pem'), 'utf8');
+    expect(new X509Certificate(refreshed).subject).toBe(new X509Certificate(egressCa).subject);
+    const outside = issue({ cn: 'outside client CA', ca: true, selfSigned: true });
+    const own = await listenerWith('bundle', `${egressCa}${next.certPem}${refreshed}`);
+    try {
+      const before = upstream.requests.length;
+      const fromNext = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: next });
+      const fromRefreshed = { cert: await readFile(join(refreshedCerts, 'callers', 'svc.pem'), 'utf8'), key: await readFile(join(refreshedCerts, 'callers', 'svc.key'), 'utf8') };
+      const fromOutside = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: outside });
+      expect(await call('/api/x', await svcFiles(), {}, undefined, own.url), 'the first CA').toBe(200);
+      expect(await call('/api/x', { cert: fromNext.certPem, key: fromNext.keyPem }, {}, undefined, own.url), 'the second CA').toBe(200);
+      expect(await call('/api/x', fromRefreshed, {}, undefined, own.url), 'the third CA, named as the first').toBe(200);
+      expect(upstream.requests.length - before).toBe(3);
+      expect([0, 401]).toContain(await call('/api/x', { cert: fromOutside.certPem, key: fromOutside.keyPem }, {}, undefined, own.url).catch(() => 0));
+      // A CA in the bundle is no caller, and a chain through one of them to a deeper leaf is refused.
+      const inter = issue({ cn: 'intermediate', ca: true, signer: next });
+      const viaInter = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: inter });
+      expect([0, 401]).toContain(await call('/api/x', { cert: viaInter.certPem + inter.certPem, key: viaInter.keyPem }, {}, undefined, own.url).catch(() => 0));
+      expect(upstream.requests.length - before).toBe(3);
+    } finally {
+      await own.proxy.close();
+    }
   });
 
   it('a certificate of one caller with the token of another is refused (401, saying so, with an audit line); nothing reaches the upstream', async () => {
