@@ -28,10 +28,21 @@ export interface CertIdentity {
 export type PinnedCas = ReadonlyMap<string, X509Certificate>;
 
 /**
+ * OpenSSL checks a certificate's dates in a full handshake only: a keep-alive connection outlives
+ * the certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
+ * So they are checked again at every request, for the caller's certificate and for its CA.
+ */
+function outsideValidity(cert: X509Certificate, now: number): 'has expired' | 'is not yet valid' | undefined {
+  if (now > cert.validToDate.getTime()) return 'has expired';
+  if (now < cert.validFromDate.getTime()) return 'is not yet valid';
+  return undefined;
+}
+
+/**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
  * one of our CAs counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one
- * identity SAN whose name matches its CN (a dotted name has none), inside its validity period
- * now, and a serial that is not revoked.
+ * identity SAN whose name matches its CN (a dotted name has none), it and its CA inside their
+ * validity periods now, and a serial that is not revoked.
  */
 export function certIdentity(socket: TLSSocket, pinned: PinnedCas, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
@@ -39,14 +50,14 @@ export function certIdentity(socket: TLSSocket, pinned: PinnedCas, revoked: Revo
   if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
   const leaf = new X509Certificate(peer.raw);
   if (leaf.ca) return { refused: 'a CA certificate cannot be a caller identity' };
-  // OpenSSL checks the dates in a full handshake only: a keep-alive connection outlives the
-  // certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
   const now = Date.now();
-  if (now > leaf.validToDate.getTime()) return { refused: 'the certificate has expired' };
-  if (now < leaf.validFromDate.getTime()) return { refused: 'the certificate is not yet valid' };
+  const leafDates = outsideValidity(leaf, now);
+  if (leafDates) return { refused: `the certificate ${leafDates}` };
   const issuer = peer.issuerCertificate;
   const ca = issuer && issuer !== peer ? pinned.get(issuer.fingerprint256) : undefined;
   if (!ca) return { refused: 'the certificate was not issued directly by the egress CA' };
+  const caDates = outsideValidity(ca, now);
+  if (caDates) return { refused: `the CA that issued the certificate ${caDates}` };
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
   if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);

@@ -28,8 +28,9 @@ let caCert: forge.pki.Certificate;
 let svcToken: string;
 let seededZedToken: string;
 
-function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string; keyUsage?: Record<string, boolean> }) {
-  const keys = forge.pki.rsa.generateKeyPair(2048);
+function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string; keys?: forge.pki.rsa.KeyPair; keyUsage?: Record<string, boolean> }) {
+  // Keys made beforehand (opts.keys) keep a short validity from being spent on key generation.
+  const keys = opts.keys ?? forge.pki.rsa.generateKeyPair(2048);
   const cert = forge.pki.createCertificate();
   cert.publicKey = keys.publicKey;
   cert.serialNumber = opts.serial ?? `7${Math.floor(Math.random() * 1e12).toString(16)}`;
@@ -228,26 +229,31 @@ describe('TLS listener with client certificates', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
-  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
-    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
-    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
-    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
-    const expiry = short.cert.validity.notAfter.getTime();
-    const options = { port: proxy.proxy.tlsAddress!.port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', cert: short.certPem, key: short.keyPem };
+  /**
+   * A client certificate's connection, kept open with a request a second until `expiry` (each
+   * served), then one request past it on that connection and one on a resumed TLS session: both
+   * must be refused, saying what expired. Resolves to the number of requests served.
+   */
+  async function refusedPastExpiry(port: number, client: { cert: string; key: string }, expiry: number): Promise<number> {
+    const options = { port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', ...client };
     const open = async (extra: { session?: Buffer } = {}) => {
       const socket = tlsConnect({ ...options, ...extra });
       await new Promise<void>((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject));
       return { socket, conn: RawConnection.over(socket) };
     };
     const req = 'GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n';
-    const before = upstream.requests.length;
+    let served = 0;
     const first = await open();
     try {
-      expect(statuses(await first.conn.request(req))).toEqual([200]);
+      // Inside the listener's 5 s keep-alive: one request a second while half a second is left, then past expiry.
+      do {
+        expect(statuses(await first.conn.request(req)), 'before expiry').toEqual([200]);
+        served++;
+        await new Promise((r) => setTimeout(r, Math.min(1_000, Math.max(0, expiry - Date.now() - 500))));
+      } while (expiry - Date.now() > 500);
+      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
       const session = first.socket.getSession();
       expect(session).toBeDefined();
-      // Past notAfter, well inside the listener's 5 s keep-alive.
-      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
       const after = await first.conn.request(req);
       expect(statuses(after), 'the open connection').toEqual([401]);
       expect(after).toContain('x-egress-error: caller_unauthenticated');
@@ -264,7 +270,35 @@ describe('TLS listener with client certificates', () => {
     } finally {
       first.conn.close();
     }
-    expect(upstream.requests.length - before).toBe(1);
+    return served;
+  }
+
+  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
+    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
+    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
+    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
+    const before = upstream.requests.length;
+    const served = await refusedPastExpiry(proxy.proxy.tlsAddress!.port, { cert: short.certPem, key: short.keyPem }, short.cert.validity.notAfter.getTime());
+    expect(upstream.requests.length - before).toBe(served);
+  });
+
+  it('AUTH-03c a client CA (EGRESS_CLIENT_CA) that expires while a connection stays open, or whose TLS session is resumed after it expired, vouches for no one', async () => {
+    // The same OpenSSL behaviour as AUTH-03b, for the CA's dates: its certificates keep working
+    // past the CA's notAfter on connections and sessions made before it.
+    const keys = [forge.pki.rsa.generateKeyPair(2048), forge.pki.rsa.generateKeyPair(2048)];
+    const shortCa = issue({ cn: 'short-lived client CA', ca: true, selfSigned: true, toMs: 8_000, keys: keys[0] });
+    const leaf = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: shortCa, keys: keys[1] });
+    const own = await listenerWith('short-lived', shortCa.certPem);
+    try {
+      const before = upstream.requests.length;
+      const served = await refusedPastExpiry(own.port, { cert: leaf.certPem, key: leaf.keyPem }, shortCa.cert.validity.notAfter.getTime());
+      expect(upstream.requests.length - before).toBe(served);
+      // A new connection after the CA expired fails OpenSSL's own check: refused as well.
+      expect([0, 401]).toContain(await call('/api/x', { cert: leaf.certPem, key: leaf.keyPem }, {}, undefined, own.url).catch(() => 0));
+      expect(upstream.requests.length - before).toBe(served);
+    } finally {
+      await own.proxy.close();
+    }
   });
 
   it('EGRESS_CLIENT_CA holding several CAs (a CA change-over) pins every one: a certificate issued directly by any of them identifies its caller, one from a CA outside the bundle does not', async () => {
