@@ -5,7 +5,7 @@ import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, 
 import { listenerClientCas, readListenerFile } from '../certs/listener-files.ts';
 import { addRevoked, CERTS_LOCK, readCertsList } from '../certs/revocations.ts';
 import { withFileLock } from '../store/lock-file.ts';
-import { replaceFile } from '../store/temp-files.ts';
+import { replaceFile, replaceFiles } from '../store/temp-files.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
 import { openStore } from '../store/open-store.ts';
@@ -62,8 +62,12 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
       const issued = await readIssued();
       issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
       await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644);
-      await replaceFile(join(dir, `${name}.pem`), issuedCert.certPem, 0o644);
-      await replaceFile(join(dir, `${name}.key`), issuedCert.keyPem, 0o600);
+      // Both in full before either takes its name: a write cut short (a full disk) between the two
+      // left the new certificate beside the old key, a pair that no TLS client can use.
+      await replaceFiles([
+        { path: join(dir, `${name}.pem`), text: issuedCert.certPem, mode: 0o644 },
+        { path: join(dir, `${name}.key`), text: issuedCert.keyPem, mode: 0o600 },
+      ], (err) => new UserError(`the certificate and key of caller "${name}" could not be written in ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}); the ones there are unchanged`));
     });
     return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
   }
