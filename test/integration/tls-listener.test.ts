@@ -381,15 +381,22 @@ describe('TLS listener with client certificates', () => {
     expect(await call('/api/x', { cert: stranger.certPem, key: stranger.keyPem })).toBe(401);
     const zed = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
     const agent = new Agent({ connect: { ca: serverCa, ...zed }, keepAliveTimeout: 30_000 });
+    // Served until the proxy has read the revocation (under load that can take a few polls), never after.
+    let served = 0;
+    const status = async () => {
+      const s = await call('/api/x', undefined, {}, agent);
+      if (s === 200) served++;
+      return s;
+    };
     try {
-      expect(await call('/api/x', undefined, {}, agent)).toBe(200);
+      expect(await status()).toBe(200);
       expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
-      await eventually(async () => (await call('/api/x', undefined, {}, agent)) === 401, 3_000, 'the caller revocation on an open connection');
+      await eventually(async () => (await status()) === 401, 3_000, 'the caller revocation on an open connection');
       expect(await call('/api/x', zed)).toBe(401);
     } finally {
       await agent.close();
     }
-    expect(upstream.requests.length - before).toBe(1);
+    expect(upstream.requests.length - before).toBe(served);
     const unknown = await runCli(['certs', 'issue-caller', 'nobody'], env);
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toContain('egress callers add nobody');
