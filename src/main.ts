@@ -167,7 +167,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     tls = await createTlsServer({
       cert: cert.pem,
       key: key.pem,
-      clientCa: clientCa.pem,
+      clientCa,
       certsDir: settings.certsDir,
       onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);

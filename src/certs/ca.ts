@@ -244,11 +244,16 @@ export function issueCallerCertificate(ca: CaFiles, name: string, now = new Date
   cert.validity.notAfter = new Date(now.getTime() + 90 * 86_400_000);
   cert.setSubject(name.includes('.') ? [{ name: 'organizationName', value: 'egress-proxy caller' }] : [{ name: 'commonName', value: name }]);
   cert.setIssuer(ca.cert.subject.attributes);
+  // The CA's key identifier (RFC 5280 §4.2.1.1): `certs init --refresh` makes a CA with the same
+  // name, and with both in EGRESS_CLIENT_CA during a change-over, OpenSSL picks the issuer by name
+  // and then by this; without it, it may try the other CA's key and refuse the certificate.
+  const caKeyId = (ca.cert.getExtension('subjectKeyIdentifier') as { subjectKeyIdentifier?: string } | undefined)?.subjectKeyIdentifier;
   cert.setExtensions([
     { name: 'basicConstraints', cA: false, critical: true },
     { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
     { name: 'extKeyUsage', clientAuth: true },
     { name: 'subjectAltName', altNames: [{ type: 6, value: `${CALLER_URI_PREFIX}${name}` }] },
+    ...(caKeyId ? [{ name: 'authorityKeyIdentifier', keyIdentifier: loadForge().util.hexToBytes(caKeyId) }] : []),
   ]);
   signWith(cert, ca.key);
   return { certPem: pki.certificateToPem(cert), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), serial: cert.serialNumber };

@@ -85,6 +85,13 @@ export class RevocationList {
   #timer: NodeJS.Timeout | undefined;
   #watcher: FSWatcher | undefined;
   #damaged = false;
+  /**
+   * Reloads overlap (a watch event, the poll): each is numbered when it starts, and one whose read
+   * ends after a later one's was applied is dropped. Applied as they ended, an earlier read of the
+   * file (the list before a revocation) could land last and lift the revocation until the next poll.
+   */
+  #started = 0;
+  #applied = 0;
   readonly #onChange: (serials: ReadonlySet<string>) => void;
   readonly #onDamaged: (reason: string) => void;
 
@@ -111,11 +118,17 @@ export class RevocationList {
   }
 
   async reload(): Promise<void> {
-    let doc: RevokedDoc;
+    const reload = ++this.#started;
+    let doc: RevokedDoc | Error;
     try {
       doc = await readRevoked(this.#dir);
     } catch (err) {
-      if (!this.#damaged) this.#onDamaged((err as Error).message);
+      doc = err as Error;
+    }
+    if (reload < this.#applied) return;
+    this.#applied = reload;
+    if (doc instanceof Error) {
+      if (!this.#damaged) this.#onDamaged(doc.message);
       this.#damaged = true;
       return;
     }

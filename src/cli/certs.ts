@@ -2,10 +2,10 @@ import { X509Certificate } from 'node:crypto';
 import { join } from 'node:path';
 import { ConfigError, formatProblem, loadRoutes } from '../config/load-routes.ts';
 import { CA_FILES, CALLER_URI_PREFIX, createCa, issueCallerCertificate, readCa, writeCa } from '../certs/ca.ts';
-import { listenerCertificate, readListenerFile } from '../certs/listener-files.ts';
+import { listenerClientCas, readListenerFile } from '../certs/listener-files.ts';
 import { addRevoked, CERTS_LOCK, readCertsList } from '../certs/revocations.ts';
 import { withFileLock } from '../store/lock-file.ts';
-import { replaceFile } from '../store/temp-files.ts';
+import { replaceFile, replaceFiles } from '../store/temp-files.ts';
 import { CALLER_NAME } from '../config/route-schema.ts';
 import { UserError } from '../errors.ts';
 import { openStore } from '../store/open-store.ts';
@@ -62,8 +62,12 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
       const issued = await readIssued();
       issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
       await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644);
-      await replaceFile(join(dir, `${name}.pem`), issuedCert.certPem, 0o644);
-      await replaceFile(join(dir, `${name}.key`), issuedCert.keyPem, 0o600);
+      // Both in full before either takes its name: a write cut short (a full disk) between the two
+      // left the new certificate beside the old key, a pair that no TLS client can use.
+      await replaceFiles([
+        { path: join(dir, `${name}.pem`), text: issuedCert.certPem, mode: 0o644 },
+        { path: join(dir, `${name}.key`), text: issuedCert.keyPem, mode: 0o600 },
+      ], (err) => new UserError(`the certificate and key of caller "${name}" could not be written in ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}); the ones there are unchanged`));
     });
     return ok(`issued a client certificate for caller "${name}" (identity ${CALLER_URI_PREFIX}${name}, 90 days): ${join(dir, `${name}.pem`)} and ${join(dir, `${name}.key`)} (0600); give both to the service`, { caller: name, cert: join(dir, `${name}.pem`), key: join(dir, `${name}.key`), serial: issuedCert.serial });
   }
@@ -78,11 +82,12 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
   return ok(`${p.values.refresh ? 're-issued' : 'created'} the forward-mode CA ${cert} (key ${join(settings.certsDir, CA_FILES.key)}, mode 0600)\npermitted hosts: ${[...hosts, 'localhost'].join(', ')}\nservices trust ${cert}; restart the proxy to use it`, { cert, hosts: [...hosts, 'localhost'] });
 }
 
-/** EGRESS_CLIENT_CA (its first certificate, the one the listener pins) must be the CA issue-caller signs with. */
+/** EGRESS_CLIENT_CA (one CA, or a bundle whose every CA the listener pins) must hold the CA issue-caller signs with. */
 async function sameCa(clientCaPath: string, caPem: string, caPath: string): Promise<void> {
-  const pinned = listenerCertificate(await readListenerFile(clientCaPath, 'EGRESS_CLIENT_CA'));
-  if (pinned.fingerprint256 !== new X509Certificate(caPem).fingerprint256) {
-    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} is not the CA in ${caPath} that issue-caller signs with: a TLS listener with this EGRESS_CLIENT_CA would refuse the certificate (issue caller certificates with the CA it names, or unset EGRESS_CLIENT_CA)`);
+  const pinned = listenerClientCas(await readListenerFile(clientCaPath, 'EGRESS_CLIENT_CA'));
+  const ours = new X509Certificate(caPem).fingerprint256;
+  if (!pinned.some((ca) => ca.fingerprint256 === ours)) {
+    throw new UserError(`EGRESS_CLIENT_CA ${clientCaPath} ${pinned.length > 1 ? 'does not hold' : 'is not'} the CA in ${caPath} that issue-caller signs with: a TLS listener with this EGRESS_CLIENT_CA would refuse the certificate (issue caller certificates with the CA it names, or unset EGRESS_CLIENT_CA)`);
   }
 }
 

@@ -18,7 +18,10 @@ function memoFor(socket: object | null | undefined): PresentedToken | undefined 
   return memo;
 }
 
-/** The caller is whoever holds a live token. Two token headers are ambiguous and refused. */
+/**
+ * The caller is whoever holds a live token, or whose certificate the TLS listener accepted. Two
+ * token headers, or a certificate and a token of different callers, are ambiguous and refused.
+ */
 export function identifyCaller(ctx: RequestContext): void {
   // In absolute form the proxy itself refuses, as a proxy does: 407 with its challenge. Inside a
   // tunnel the caller talks to the origin, and a 407 there means nothing to it.
@@ -51,9 +54,11 @@ export function identifyCaller(ctx: RequestContext): void {
     if (found.retired) ctx.services.rules.onRetiredToken(found.retired, ctx.remote);
     throw refuse('The caller token is unknown, expired or revoked.');
   }
+  // A certificate of one caller with the token of another: two identities, and no telling which
+  // one the client meant to use. Neither wins (the token used to); the message names neither.
+  if (ctx.certificate?.caller !== undefined && ctx.certificate.caller !== found.caller) throw new ProxyError('caller_unauthenticated', 'The client certificate and the caller token name different callers.');
   ctx.caller = found.caller;
   // A caller that presents its own certificate beside its token (one client setting for both
   // listeners) has proved itself with the certificate too: a route that requires one serves it.
-  // Another caller's certificate proves nothing about this token's caller.
   if (ctx.certificate?.caller === found.caller && store.callerActive(found.caller, ctx.certificate.notBefore)) ctx.viaCertificate = true;
 }

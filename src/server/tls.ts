@@ -5,7 +5,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
-import { listenerCertificate, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
+import { listenerCertificate, listenerClientCas, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
@@ -30,25 +30,40 @@ export interface CertIdentity {
   readonly notBefore?: number;
 }
 
+/** The client CAs (EGRESS_CLIENT_CA, one or a bundle) by their SHA-256 fingerprint. */
+export type PinnedCas = ReadonlyMap<string, X509Certificate>;
+
+/**
+ * OpenSSL checks a certificate's dates in a full handshake only: a keep-alive connection outlives
+ * the certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
+ * So they are checked again at every request, for the caller's certificate and for its CA.
+ */
+function outsideValidity(cert: X509Certificate, now: number): 'has expired' | 'is not yet valid' | undefined {
+  if (now > cert.validToDate.getTime()) return 'has expired';
+  if (now < cert.validFromDate.getTime()) return 'is not yet valid';
+  return undefined;
+}
+
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by
- * our CA counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one identity
- * SAN whose name matches its CN (a dotted name has none), inside its validity period now, and a
- * serial that is not revoked.
+ * one of our CAs counts (depth 1: AUTH-05, a CA:TRUE leaf minting identities), with exactly one
+ * identity SAN whose name matches its CN (a dotted name has none), it and its CA inside their
+ * validity periods now, and a serial that is not revoked.
  */
-export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: RevocationList): CertIdentity {
+export function certIdentity(socket: TLSSocket, pinned: PinnedCas, revoked: RevocationList): CertIdentity {
   const peer = socket.getPeerCertificate(true);
   if (!peer || Object.keys(peer).length === 0) return {};
   if (!socket.authorized) return { refused: `certificate not accepted (${String(socket.authorizationError ?? 'unverified')})` };
   const leaf = new X509Certificate(peer.raw);
   if (leaf.ca) return { refused: 'a CA certificate cannot be a caller identity' };
-  // OpenSSL checks the dates in a full handshake only: a keep-alive connection outlives the
-  // certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
   const now = Date.now();
-  if (now > leaf.validToDate.getTime()) return { refused: 'the certificate has expired' };
-  if (now < leaf.validFromDate.getTime()) return { refused: 'the certificate is not yet valid' };
+  const leafDates = outsideValidity(leaf, now);
+  if (leafDates) return { refused: `the certificate ${leafDates}` };
   const issuer = peer.issuerCertificate;
-  if (!issuer || issuer === peer || issuer.fingerprint256 !== caFingerprint) return { refused: 'the certificate was not issued directly by the egress CA' };
+  const ca = issuer && issuer !== peer ? pinned.get(issuer.fingerprint256) : undefined;
+  if (!ca) return { refused: 'the certificate was not issued directly by the egress CA' };
+  const caDates = outsideValidity(ca, now);
+  if (caDates) return { refused: `the CA that issued the certificate ${caDates}` };
   const uris = (leaf.subjectAltName ?? '').split(',').map((s) => s.trim()).filter((s) => s.startsWith('URI:')).map((s) => s.slice(4));
   if (uris.length !== 1 || !uris[0]!.startsWith(CALLER_URI_PREFIX)) return { refused: 'the certificate must carry exactly one identity URI SAN' };
   const name = uris[0]!.slice(CALLER_URI_PREFIX.length);
@@ -60,16 +75,17 @@ export function certIdentity(socket: TLSSocket, caFingerprint: string, revoked: 
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
 }
 
-/** The listener's certificate, key and client CA, checked before they are used (listener-files.ts). */
+/** The listener's certificate, key and client CAs, checked before they are used (listener-files.ts). */
 export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): void {
   const leaf = listenerCertificate(cert);
-  listenerCertificate(clientCa);
+  listenerClientCas(clientCa);
   if (!leaf.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
-export async function createTlsServer(options: { cert: string; key: string; clientCa: string; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
-  const caFingerprint = new X509Certificate(options.clientCa).fingerprint256;
+export async function createTlsServer(options: { cert: string; key: string; clientCa: ListenerFile; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
+  // Every CA in the file is pinned, as every one is trusted in the TLS context (`ca` below).
+  const pinned: PinnedCas = new Map(listenerClientCas(options.clientCa).map((ca) => [ca.fingerprint256, ca]));
   const sockets = new Set<TLSSocket>();
   const serialOf = new WeakMap<TLSSocket, string>();
   // A revocation closes the caller's open connections at once (AUTH-07).
@@ -80,7 +96,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   const server = createServer({
     cert: options.cert,
     key: options.key,
-    ca: options.clientCa,
+    ca: options.clientCa.pem,
     requestCert: true,
     // Token callers have no certificate; a certificate that fails is refused per request, below.
     rejectUnauthorized: false,
@@ -96,7 +112,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   }, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket as TLSSocket;
-    const identity = certIdentity(socket, caFingerprint, revoked);
+    const identity = certIdentity(socket, pinned, revoked);
     if (identity.serial) serialOf.set(socket, identity.serial);
     void handleRequest(req, res, getConfig(), services, undefined, identity);
   }
@@ -118,7 +134,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     // name, before `certs init --refresh`) leaves an OpenSSL error behind that Node raises at the
     // first read, before any request is parsed: the caller is told its certificate was refused
     // (401, with the reason), as for any other refused certificate, not that its request did not parse.
-    const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, caFingerprint, revoked).refused : undefined;
+    const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, pinned, revoked).refused : undefined;
     answerClientError(err, socket, refused ? new ProxyError('caller_unauthenticated', `Client certificate refused: ${refused}.`) : undefined);
   });
   // Without an 'upgrade' listener Node runs an Upgrade request as a plain one; refuse it as the plain listener does.

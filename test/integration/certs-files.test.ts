@@ -67,6 +67,25 @@ describe('issue-caller', () => {
   });
 });
 
+describe('issue-caller cut short', () => {
+  it('a certificate and key that cannot both be written in full (a file size limit, as a full disk refuses): the caller\'s earlier pair is kept as it was, and still belongs together', async () => {
+    const files = { cert: join(certs, 'callers', 'svc.pem'), key: join(certs, 'callers', 'svc.key') };
+    expect((await runCli(['certs', 'issue-caller', 'svc'], env)).code).toBe(0);
+    const before = { cert: await readFile(files.cert, 'utf8'), key: await readFile(files.key, 'utf8') };
+    // 1500 bytes: more than the certificate (about 1.2 KiB) and issued.json, less than the key (about
+    // 1.7 KiB), so the certificate is written in full and the key's write is refused with EFBIG.
+    expect(before.cert.length).toBeLessThan(1500);
+    expect(before.key.length).toBeGreaterThan(1500);
+    const issued = spawnSync('prlimit', ['--fsize=1500', '--', process.execPath, 'bin/egress.js', 'certs', 'issue-caller', 'svc'], { env: { PATH: process.env.PATH ?? '', ...env }, encoding: 'utf8' });
+    expect(issued.status, issued.stderr).toBe(1);
+    expect(await readFile(files.cert, 'utf8'), 'the certificate').toBe(before.cert);
+    expect(await readFile(files.key, 'utf8'), 'the key').toBe(before.key);
+    expect(issued.stderr).toContain(`the certificate and key of caller "svc" could not be written in ${join(certs, 'callers')} (EFBIG); the ones there are unchanged`);
+    expect(issued.stderr).not.toContain('PRIVATE KEY');
+    expect((await readdir(join(certs, 'callers'))).filter((name) => name.endsWith('.tmp'))).toEqual([]);
+  }, 30_000);
+});
+
 describe('issue-caller with EGRESS_CLIENT_CA set', () => {
   it('refuses when EGRESS_CLIENT_CA names another CA than the one it signs with (the TLS listener would refuse the certificate), and issues when it names that one', async () => {
     const other = join(dir, 'corp-ca.pem');
@@ -78,6 +97,11 @@ describe('issue-caller with EGRESS_CLIENT_CA set', () => {
     expect(await exists(join(certs, 'issued.json'))).toBe(false);
     const same = await runCli(['certs', 'issue-caller', 'svc'], { ...env, EGRESS_CLIENT_CA: join(certs, 'ca.pem') });
     expect(same.code, same.stderr).toBe(0);
+    // A bundle (a CA change-over) pins every CA in it: one that holds this CA, in any place, will do.
+    const bundle = join(dir, 'client-cas.pem');
+    await writeFile(bundle, `${await readFile(other, 'utf8')}${await readFile(join(certs, 'ca.pem'), 'utf8')}`);
+    const bundled = await runCli(['certs', 'issue-caller', 'other'], { ...env, EGRESS_CLIENT_CA: bundle });
+    expect(bundled.code, bundled.stderr).toBe(0);
   });
 });
 

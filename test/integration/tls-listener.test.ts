@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
@@ -27,8 +28,9 @@ let caCert: forge.pki.Certificate;
 let svcToken: string;
 let seededZedToken: string;
 
-function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string }) {
-  const keys = forge.pki.rsa.generateKeyPair(2048);
+function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; value: string }[]; subject?: { name: string; value: string }[]; ca?: boolean; signer?: { cert: forge.pki.Certificate; key: forge.pki.rsa.PrivateKey }; selfSigned?: boolean; eku?: 'client' | 'server'; fromMs?: number; toMs?: number; serial?: string; keys?: forge.pki.rsa.KeyPair; keyUsage?: Record<string, boolean> }) {
+  // Keys made beforehand (opts.keys) keep a short validity from being spent on key generation.
+  const keys = opts.keys ?? forge.pki.rsa.generateKeyPair(2048);
   const cert = forge.pki.createCertificate();
   cert.publicKey = keys.publicKey;
   cert.serialNumber = opts.serial ?? `7${Math.floor(Math.random() * 1e12).toString(16)}`;
@@ -40,7 +42,7 @@ function issue(opts: { cn?: string; uris?: string[]; sans?: { type: number; valu
   const altNames = opts.sans ?? (opts.uris ?? []).map((value) => ({ type: 6, value }));
   cert.setExtensions([
     { name: 'basicConstraints', cA: opts.ca ?? false, critical: true },
-    ...(opts.ca ? [{ name: 'keyUsage', keyCertSign: true, digitalSignature: true, critical: true }] : [{ name: 'extKeyUsage', ...(opts.eku === 'server' ? { serverAuth: true } : { clientAuth: true }) }]),
+    ...(opts.ca ? [{ name: 'keyUsage', ...(opts.keyUsage ?? { keyCertSign: true, digitalSignature: true }), critical: true }] : [{ name: 'extKeyUsage', ...(opts.eku === 'server' ? { serverAuth: true } : { clientAuth: true }) }]),
     ...(altNames.length > 0 ? [{ name: 'subjectAltName', altNames }] : []),
   ]);
   cert.sign(signer.key, forge.md.sha256.create());
@@ -79,15 +81,24 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-async function call(path: string, client?: { cert: string; key: string }, headers: Record<string, string> = {}, agent?: Agent): Promise<number> {
+async function call(path: string, client?: { cert: string; key: string }, headers: Record<string, string> = {}, agent?: Agent, base = url): Promise<number> {
   const dispatcher = agent ?? new Agent({ connect: { ca: serverCa, ...(client ? { cert: client.cert, key: client.key } : {}) } });
   try {
-    const res = await request(`${url}${path}`, { dispatcher, headers });
+    const res = await request(`${base}${path}`, { dispatcher, headers });
     await res.body.dump();
     return res.statusCode;
   } finally {
     if (!agent) await dispatcher.close();
   }
+}
+
+/** A second TLS listener on the same data folder, pinned to another EGRESS_CLIENT_CA (its own audit log). */
+async function listenerWith(label: string, clientCaPem: string): Promise<{ proxy: TestProxy; port: number; url: string }> {
+  const path = join(dir, `client-ca-${label}.pem`);
+  await writeFile(path, clientCaPem);
+  const own = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_CLIENT_CA: path, EGRESS_AUDIT_LOG: join(dir, `audit-${label}.log`) } });
+  const port = own.proxy.tlsAddress!.port;
+  return { proxy: own, port, url: `https://127.0.0.1:${port}` };
 }
 
 const svcFiles = async () => ({ cert: await readFile(join(dir, 'certs', 'callers', 'svc.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'svc.key'), 'utf8') });
@@ -114,8 +125,8 @@ describe('TLS listener with client certificates', () => {
     const before = upstream.requests.length;
     expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
     expect(upstream.requests.length - before).toBe(1);
-    // zed may use the route, but only with a certificate of its own: svc's does not make zed's token one.
-    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(403);
+    // zed may use the route, but only with a certificate of its own: svc's beside zed's token names two callers.
+    expect(await call('/strict/x', await svcFiles(), { 'x-egress-token': seededZedToken })).toBe(401);
     expect(upstream.requests.length - before).toBe(1);
   });
 
@@ -218,26 +229,31 @@ describe('TLS listener with client certificates', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
-  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
-    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
-    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
-    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
-    const expiry = short.cert.validity.notAfter.getTime();
-    const options = { port: proxy.proxy.tlsAddress!.port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', cert: short.certPem, key: short.keyPem };
+  /**
+   * A client certificate's connection, kept open with a request a second until `expiry` (each
+   * served), then one request past it on that connection and one on a resumed TLS session: both
+   * must be refused, saying what expired. Resolves to the number of requests served.
+   */
+  async function refusedPastExpiry(port: number, client: { cert: string; key: string }, expiry: number): Promise<number> {
+    const options = { port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', ...client };
     const open = async (extra: { session?: Buffer } = {}) => {
       const socket = tlsConnect({ ...options, ...extra });
       await new Promise<void>((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject));
       return { socket, conn: RawConnection.over(socket) };
     };
     const req = 'GET /api/x HTTP/1.1\r\nHost: localhost\r\n\r\n';
-    const before = upstream.requests.length;
+    let served = 0;
     const first = await open();
     try {
-      expect(statuses(await first.conn.request(req))).toEqual([200]);
+      // Inside the listener's 5 s keep-alive: one request a second while half a second is left, then past expiry.
+      do {
+        expect(statuses(await first.conn.request(req)), 'before expiry').toEqual([200]);
+        served++;
+        await new Promise((r) => setTimeout(r, Math.min(1_000, Math.max(0, expiry - Date.now() - 500))));
+      } while (expiry - Date.now() > 500);
+      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
       const session = first.socket.getSession();
       expect(session).toBeDefined();
-      // Past notAfter, well inside the listener's 5 s keep-alive.
-      await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now()) + 300));
       const after = await first.conn.request(req);
       expect(statuses(after), 'the open connection').toEqual([401]);
       expect(after).toContain('x-egress-error: caller_unauthenticated');
@@ -254,6 +270,89 @@ describe('TLS listener with client certificates', () => {
     } finally {
       first.conn.close();
     }
+    return served;
+  }
+
+  it('AUTH-03b a certificate that expires while its connection stays open, or whose TLS session is resumed after it expired, identifies no one', async () => {
+    // OpenSSL checks the certificate's dates in the full handshake only: a keep-alive connection
+    // outlives it, and a resumed session carries over the verdict of the handshake that made it.
+    const short = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], toMs: 3_000 });
+    const before = upstream.requests.length;
+    const served = await refusedPastExpiry(proxy.proxy.tlsAddress!.port, { cert: short.certPem, key: short.keyPem }, short.cert.validity.notAfter.getTime());
+    expect(upstream.requests.length - before).toBe(served);
+  });
+
+  it('AUTH-03c a client CA (EGRESS_CLIENT_CA) that expires while a connection stays open, or whose TLS session is resumed after it expired, vouches for no one', async () => {
+    // The same OpenSSL behaviour as AUTH-03b, for the CA's dates: its certificates keep working
+    // past the CA's notAfter on connections and sessions made before it.
+    const keys = [forge.pki.rsa.generateKeyPair(2048), forge.pki.rsa.generateKeyPair(2048)];
+    const shortCa = issue({ cn: 'short-lived client CA', ca: true, selfSigned: true, toMs: 8_000, keys: keys[0] });
+    const leaf = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: shortCa, keys: keys[1] });
+    const own = await listenerWith('short-lived', shortCa.certPem);
+    try {
+      const before = upstream.requests.length;
+      const served = await refusedPastExpiry(own.port, { cert: leaf.certPem, key: leaf.keyPem }, shortCa.cert.validity.notAfter.getTime());
+      expect(upstream.requests.length - before).toBe(served);
+      // A new connection after the CA expired fails OpenSSL's own check: refused as well.
+      expect([0, 401]).toContain(await call('/api/x', { cert: leaf.certPem, key: leaf.keyPem }, {}, undefined, own.url).catch(() => 0));
+      expect(upstream.requests.length - before).toBe(served);
+    } finally {
+      await own.proxy.close();
+    }
+  });
+
+  it('EGRESS_CLIENT_CA holding several CAs (a CA change-over) pins every one: a certificate issued directly by any of them identifies its caller, one from a CA outside the bundle does not', async () => {
+    const egressCa = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
+    const next = issue({ cn: 'next client CA', ca: true, selfSigned: true });
+    // What `certs init --refresh` makes: a CA with the same name as the one before it, another key,
+    // and certificates that issue-caller signs with it.
+    const refreshedCerts = join(dir, 'certs-refreshed');
+    const refreshedEnv = envFor(dir, { EGRESS_CERTS: refreshedCerts });
+    expect((await runCli(['certs', 'init'], refreshedEnv)).code).toBe(0);
+    const issued = await runCli(['certs', 'issue-caller', 'svc'], refreshedEnv);
+    expect(issued.code, issued.stderr).toBe(0);
+    const refreshed = await readFile(join(refreshedCerts, 'ca.pem'), 'utf8');
+    expect(new X509Certificate(refreshed).subject).toBe(new X509Certificate(egressCa).subject);
+    const outside = issue({ cn: 'outside client CA', ca: true, selfSigned: true });
+    const own = await listenerWith('bundle', `${egressCa}${next.certPem}${refreshed}`);
+    try {
+      const before = upstream.requests.length;
+      const fromNext = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: next });
+      const fromRefreshed = { cert: await readFile(join(refreshedCerts, 'callers', 'svc.pem'), 'utf8'), key: await readFile(join(refreshedCerts, 'callers', 'svc.key'), 'utf8') };
+      const fromOutside = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: outside });
+      expect(await call('/api/x', await svcFiles(), {}, undefined, own.url), 'the first CA').toBe(200);
+      expect(await call('/api/x', { cert: fromNext.certPem, key: fromNext.keyPem }, {}, undefined, own.url), 'the second CA').toBe(200);
+      expect(await call('/api/x', fromRefreshed, {}, undefined, own.url), 'the third CA, named as the first').toBe(200);
+      expect(upstream.requests.length - before).toBe(3);
+      expect([0, 401]).toContain(await call('/api/x', { cert: fromOutside.certPem, key: fromOutside.keyPem }, {}, undefined, own.url).catch(() => 0));
+      // A CA in the bundle is no caller, and a chain through one of them to a deeper leaf is refused.
+      const inter = issue({ cn: 'intermediate', ca: true, signer: next });
+      const viaInter = issue({ cn: 'svc', uris: [`${CALLER_URI_PREFIX}svc`], signer: inter });
+      expect([0, 401]).toContain(await call('/api/x', { cert: viaInter.certPem + inter.certPem, key: viaInter.keyPem }, {}, undefined, own.url).catch(() => 0));
+      expect(upstream.requests.length - before).toBe(3);
+    } finally {
+      await own.proxy.close();
+    }
+  });
+
+  it('a certificate of one caller with the token of another is refused (401, saying so, with an audit line); nothing reaches the upstream', async () => {
+    const before = upstream.requests.length;
+    const dispatcher = new Agent({ connect: { ca: serverCa, ...(await svcFiles()) } });
+    const res = await request(`${url}/api/x`, { dispatcher, headers: { 'x-egress-token': seededZedToken } });
+    const text = await res.body.text();
+    await dispatcher.close();
+    expect(res.statusCode).toBe(401);
+    expect(res.headers['x-egress-error']).toBe('caller_unauthenticated');
+    const body = JSON.parse(text) as { error: { message: string; request_id: string } };
+    expect(body.error.message).toContain('The client certificate and the caller token name different callers.');
+    expect(text).not.toContain(seededZedToken);
+    expect(upstream.requests.length).toBe(before);
+    await eventually(async () => (await proxy.auditText()).includes(body.error.request_id), 2_000, 'the audit line');
+    const line = JSON.parse((await proxy.auditText()).split('\n').find((l) => l.includes(body.error.request_id))!) as Record<string, unknown>;
+    expect(line).toMatchObject({ decision: 'deny', reason: 'caller_unauthenticated', caller: null, route: null });
+    expect(JSON.stringify(line)).not.toContain(seededZedToken);
+    // The same caller on both is served.
+    expect(await call('/api/x', await svcFiles(), { 'x-egress-token': svcToken })).toBe(200);
     expect(upstream.requests.length - before).toBe(1);
   });
 
@@ -282,15 +381,22 @@ describe('TLS listener with client certificates', () => {
     expect(await call('/api/x', { cert: stranger.certPem, key: stranger.keyPem })).toBe(401);
     const zed = { cert: await readFile(join(dir, 'certs', 'callers', 'zed.pem'), 'utf8'), key: await readFile(join(dir, 'certs', 'callers', 'zed.key'), 'utf8') };
     const agent = new Agent({ connect: { ca: serverCa, ...zed }, keepAliveTimeout: 30_000 });
+    // Served until the proxy has read the revocation (under load that can take a few polls), never after.
+    let served = 0;
+    const status = async () => {
+      const s = await call('/api/x', undefined, {}, agent);
+      if (s === 200) served++;
+      return s;
+    };
     try {
-      expect(await call('/api/x', undefined, {}, agent)).toBe(200);
+      expect(await status()).toBe(200);
       expect((await runCli(['callers', 'revoke', 'zed'], env)).code).toBe(0);
-      await eventually(async () => (await call('/api/x', undefined, {}, agent)) === 401, 3_000, 'the caller revocation on an open connection');
+      await eventually(async () => (await status()) === 401, 3_000, 'the caller revocation on an open connection');
       expect(await call('/api/x', zed)).toBe(401);
     } finally {
       await agent.close();
     }
-    expect(upstream.requests.length - before).toBe(1);
+    expect(upstream.requests.length - before).toBe(served);
     const unknown = await runCli(['certs', 'issue-caller', 'nobody'], env);
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toContain('egress callers add nobody');
@@ -373,8 +479,18 @@ describe('TLS listener with client certificates', () => {
     await writeFile(garbage, 'not a certificate\n');
     const otherKey = join(dir, 'other.key');
     await writeFile(otherKey, makeTestPki().serverKey, { mode: 0o600 });
+    // A caller's or the listener's own certificate given as the client CA, alone or in a bundle,
+    // and a CA:TRUE certificate whose keyUsage does not allow it to sign certificates.
+    const leaf = join(dir, 'server.pem');
+    const bundled = join(dir, 'ca-and-leaf.pem');
+    await writeFile(bundled, `${await readFile(join(dir, 'certs', 'ca.pem'), 'utf8')}${await readFile(leaf, 'utf8')}`);
+    const noCertSign = join(dir, 'ca-without-keycertsign.pem');
+    await writeFile(noCertSign, issue({ cn: 'signs nothing', ca: true, selfSigned: true, keyUsage: { digitalSignature: true } }).certPem);
     for (const [setting, path, message] of [
       ['EGRESS_CLIENT_CA', garbage, `EGRESS_CLIENT_CA ${garbage} holds no PEM certificate`],
+      ['EGRESS_CLIENT_CA', leaf, `EGRESS_CLIENT_CA ${leaf}: certificate 1 of 1 (CN=localhost) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
+      ['EGRESS_CLIENT_CA', bundled, `EGRESS_CLIENT_CA ${bundled}: certificate 2 of 2 (CN=localhost) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
+      ['EGRESS_CLIENT_CA', noCertSign, `EGRESS_CLIENT_CA ${noCertSign}: certificate 1 of 1 (CN=signs nothing) is not a CA (it needs basicConstraints CA:TRUE and, if it has a keyUsage, keyCertSign)`],
       ['EGRESS_TLS_CERT', garbage, `EGRESS_TLS_CERT ${garbage} holds no PEM certificate`],
       ['EGRESS_TLS_KEY', garbage, `EGRESS_TLS_KEY ${garbage} holds no PEM private key`],
       ['EGRESS_TLS_KEY', otherKey, `EGRESS_TLS_KEY ${otherKey} does not belong to the certificate in EGRESS_TLS_CERT ${join(dir, 'server.pem')}`],
