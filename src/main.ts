@@ -32,7 +32,7 @@ import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
 import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
 import { checkListenerFiles, createTlsServer } from './server/tls.ts';
-import { readListenerFile } from './certs/listener-files.ts';
+import { listenerDateWarnings, readListenerFile } from './certs/listener-files.ts';
 import { join } from 'node:path';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
@@ -159,6 +159,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     const key = await readListenerFile(settings.tlsKey!, 'EGRESS_TLS_KEY');
     const clientCa = await readListenerFile(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
     checkListenerFiles(cert, key, clientCa);
+    for (const warning of listenerDateWarnings(cert, clientCa, Date.now())) log.warn({ setting: warning.slice(0, warning.indexOf(' ')) }, warning);
     // Whoever can read the listener's key can pose as the proxy to its callers and collect their
     // tokens. Warned, not refused (as master.key and ca.key are): Kubernetes mounts secrets 0644
     // unless told otherwise (defaultMode).

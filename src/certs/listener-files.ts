@@ -58,3 +58,44 @@ export function listenerClientCas(file: ListenerFile): readonly X509Certificate[
     return cert;
   });
 }
+
+/**
+ * OpenSSL checks a certificate's dates in a full handshake only: a keep-alive connection outlives
+ * the certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
+ * So the TLS listener checks them again at every request, for the caller's certificate and its CA.
+ */
+export function outsideValidity(cert: X509Certificate, now: number): 'has expired' | 'is not yet valid' | undefined {
+  if (now > cert.validToDate.getTime()) return 'has expired';
+  if (now < cert.validFromDate.getTime()) return 'is not yet valid';
+  return undefined;
+}
+
+const DAY_MS = 86_400_000;
+const SOON_MS = 30 * DAY_MS;
+
+/**
+ * For the start-up log: the listener's certificate and the client CAs that are outside their
+ * validity or within 30 days of its end. Warned, not refused: an expired CA kept in a bundle while
+ * its successor takes over is normal, and token callers do not need either.
+ */
+export function listenerDateWarnings(cert: ListenerFile, clientCa: ListenerFile, now: number): string[] {
+  const note = (c: X509Certificate, consequence: string): string | undefined => {
+    const outside = outsideValidity(c, now);
+    if (outside) return `${outside} (${outside === 'has expired' ? c.validTo : c.validFrom}): ${consequence}`;
+    const left = c.validToDate.getTime() - now;
+    if (left >= SOON_MS) return undefined;
+    const days = Math.floor(left / DAY_MS);
+    return `expires in ${days} day${days === 1 ? '' : 's'} (${c.validTo}): after that, ${consequence}`;
+  };
+  const subject = (c: X509Certificate): string => c.subject.replaceAll('\n', ', ');
+  const warnings: string[] = [];
+  const own = listenerCertificate(cert);
+  const ownNote = note(own, 'callers\' TLS clients refuse the listener');
+  if (ownNote) warnings.push(`${cert.setting} ${cert.path} (${subject(own)}) ${ownNote}`);
+  const cas = listenerClientCas(clientCa);
+  cas.forEach((ca, i) => {
+    const caNote = note(ca, 'the caller certificates it issued are refused');
+    if (caNote) warnings.push(`${clientCa.setting} ${clientCa.path}: certificate ${i + 1} of ${cas.length} (${subject(ca)}) ${caNote}`);
+  });
+  return warnings;
+}

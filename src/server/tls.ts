@@ -5,7 +5,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
-import { listenerCertificate, listenerClientCas, listenerPrivateKey, type ListenerFile } from '../certs/listener-files.ts';
+import { listenerCertificate, listenerClientCas, listenerPrivateKey, outsideValidity, type ListenerFile } from '../certs/listener-files.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
@@ -32,17 +32,6 @@ export interface CertIdentity {
 
 /** The client CAs (EGRESS_CLIENT_CA, one or a bundle) by their SHA-256 fingerprint. */
 export type PinnedCas = ReadonlyMap<string, X509Certificate>;
-
-/**
- * OpenSSL checks a certificate's dates in a full handshake only: a keep-alive connection outlives
- * the certificate, and a resumed session keeps the verdict of the handshake that made it (AUTH-03).
- * So they are checked again at every request, for the caller's certificate and for its CA.
- */
-function outsideValidity(cert: X509Certificate, now: number): 'has expired' | 'is not yet valid' | undefined {
-  if (now > cert.validToDate.getTime()) return 'has expired';
-  if (now < cert.validFromDate.getTime()) return 'is not yet valid';
-  return undefined;
-}
 
 /**
  * The caller named by a client certificate, or why it is refused. Only a leaf issued directly by

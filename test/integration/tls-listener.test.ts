@@ -522,6 +522,42 @@ describe('TLS listener with client certificates', () => {
     }
   });
 
+  it('serve warns about a client CA or listener certificate that has expired, is not yet valid or expires within 30 days (every certificate it vouches for would be refused), naming it; a bundle\'s valid CA draws no warning', async () => {
+    const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs'), EGRESS_TLS_LISTEN: '127.0.0.1:0', EGRESS_TLS_CERT: join(dir, 'server.pem'), EGRESS_TLS_KEY: join(dir, 'server.key'), EGRESS_AUDIT_LOG: join(dir, 'audit-ca-dates.log') });
+    const day = 86_400_000;
+    const expired = issue({ cn: 'old client CA', ca: true, selfSigned: true, fromMs: -400 * day, toMs: -day });
+    const early = issue({ cn: 'future client CA', ca: true, selfSigned: true, fromMs: 10 * day, toMs: 400 * day });
+    const soon = issue({ cn: 'ending client CA', ca: true, selfSigned: true, toMs: 5 * day });
+    const valid = await readFile(join(dir, 'certs', 'ca.pem'), 'utf8');
+    const bundle = join(dir, 'ca-dates.pem');
+    await writeFile(bundle, `${valid}${expired.certPem}${early.certPem}${soon.certPem}`);
+    const serve = await startServe({ ...env, EGRESS_CLIENT_CA: bundle });
+    const output = serve.output();
+    expect(await serve.stop()).toBe(0);
+    expect(output).toContain(`EGRESS_CLIENT_CA ${bundle}: certificate 2 of 4 (CN=old client CA) has expired`);
+    expect(output).toContain(`EGRESS_CLIENT_CA ${bundle}: certificate 3 of 4 (CN=future client CA) is not yet valid`);
+    expect(output).toContain(`EGRESS_CLIENT_CA ${bundle}: certificate 4 of 4 (CN=ending client CA) expires in 4 days`);
+    expect(output).not.toContain('certificate 1 of 4');
+    // certs init's CA, and a listener certificate good for a year (the shared test one lasts a day).
+    const long = issue({ cn: 'localhost', eku: 'server', toMs: 400 * day, sans: [{ type: 2, value: 'localhost' }] });
+    await writeFile(join(dir, 'long-server.pem'), long.certPem);
+    await writeFile(join(dir, 'long-server.key'), long.keyPem, { mode: 0o600 });
+    const quiet = await startServe({ ...env, EGRESS_TLS_CERT: join(dir, 'long-server.pem'), EGRESS_TLS_KEY: join(dir, 'long-server.key') });
+    const quietOutput = quiet.output();
+    expect(await quiet.stop()).toBe(0);
+    expect(quietOutput).not.toMatch(/has expired|is not yet valid|expires in/);
+    // The listener's own certificate: callers' TLS clients would refuse it.
+    const ownKeys = forge.pki.rsa.generateKeyPair(2048);
+    const own = issue({ cn: 'localhost', eku: 'server', toMs: 2 * day, keys: ownKeys, sans: [{ type: 2, value: 'localhost' }] });
+    await writeFile(join(dir, 'ending-server.pem'), own.certPem);
+    await writeFile(join(dir, 'ending-server.key'), own.keyPem, { mode: 0o600 });
+    const ending = await startServe({ ...env, EGRESS_TLS_CERT: join(dir, 'ending-server.pem'), EGRESS_TLS_KEY: join(dir, 'ending-server.key') });
+    const endingOutput = ending.output();
+    expect(await ending.stop()).toBe(0);
+    expect(endingOutput).toContain(`EGRESS_TLS_CERT ${join(dir, 'ending-server.pem')} (CN=localhost) expires in 1 day`);
+    expect(endingOutput).not.toContain('PRIVATE KEY');
+  });
+
   it('AUTH-07f certificates issued and revoked by six CLI processes at once: every serial is recorded in issued.json, every revocation lands in revoked.json, every certificate is refused', async () => {
     const env = envFor(dir, { EGRESS_CERTS: join(dir, 'certs') });
     const names = ['p0', 'p1', 'p2', 'p3', 'p4', 'p5'];
