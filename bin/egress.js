@@ -1,4 +1,9 @@
 #!/usr/bin/env node
+// SIGHUP's default action ends the process, and serve's own handler (hold the signal, reload once
+// started) goes in only once its modules have loaded, a hundred ms or more from here. A SIGHUP
+// before then is ignored: the routes it announces have not been read yet, and serve reads them as it
+// starts. (Node's own start-up, before this line runs, cannot catch a signal.)
+if (process.argv[2] === 'serve') process.on('SIGHUP', () => {});
 // Plain JavaScript, so that an older Node on PATH gets a clear message instead of a parse error.
 const [major] = process.versions.node.split('.').map(Number);
 if (major < 24) {

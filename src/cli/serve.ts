@@ -28,9 +28,10 @@ export async function serve(args: readonly string[]): Promise<number> {
   // drain deadline bounds the exit; SIGKILL is the way to end it sooner.
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  // SIGHUP's default action ends the process: a reload signal sent while start-up is still under way
-  // (a deploy that writes a route file and signals at once) is held, and run once start-up is done,
-  // as the change it announces may have come after the routes were read.
+  // SIGHUP's default action ends the process (bin/egress.js ignores the signal until this point): a
+  // reload signal sent while start-up is still under way (a deploy that writes a route file and
+  // signals at once) is held, and run once start-up is done, as the change it announces may have
+  // come after the routes were read.
   let hupDuringStart = false;
   let hup = () => {
     hupDuringStart = true;

@@ -166,18 +166,31 @@ function mergeClaims(all: readonly Claims[]): CompiledRoute['claims'] {
   };
 }
 
-/** Cross-route checks: duplicate names, and prefixes that equal or contain one another. */
-export function crossCheck(routes: readonly CompiledRoute[]): { file: string; message: string }[] {
-  const problems: { file: string; message: string }[] = [];
+/**
+ * Where a key of a route's file is written (1-based), as its file was parsed. A list item may be
+ * named by its value: ["hosts", "api.example.com"].
+ */
+export type KeyPosition = (route: CompiledRoute, path: readonly string[]) => { readonly line: number; readonly col: number };
+
+/**
+ * Cross-route checks: duplicate names and hosts, and prefixes that equal or contain one another.
+ * Each problem is placed at the key in the later file, and names the earlier file at its key.
+ */
+export function crossCheck(routes: readonly CompiledRoute[], keyAt: KeyPosition): { file: string; line: number; col: number; message: string }[] {
+  const problems: { file: string; line: number; col: number; message: string }[] = [];
+  const add = (a: CompiledRoute, b: CompiledRoute, path: readonly string[], message: string) => {
+    const other = keyAt(a, path);
+    problems.push({ file: b.file, ...keyAt(b, path), message: `${message} ${a.file}:${other.line}:${other.col}` });
+  };
   for (let i = 0; i < routes.length; i++) {
     for (let j = i + 1; j < routes.length; j++) {
       const a = routes[i]!;
       const b = routes[j]!;
-      if (a.name === b.name) problems.push({ file: b.file, message: `route name "${b.name}" is also used by ${a.file}` });
+      if (a.name === b.name) add(a, b, ['name'], `route name "${b.name}" is also used by`);
       // Only hosts written in route files must be unique; a default (the upstream's name) yields to them.
-      if (a.explicitHosts && b.explicitHosts) for (const host of b.hosts) if (a.hosts.has(host)) problems.push({ file: b.file, message: `host "${host}" is also intercepted by ${a.file}` });
+      if (a.explicitHosts && b.explicitHosts) for (const host of b.hosts) if (a.hosts.has(host)) add(a, b, ['hosts', host], `host "${host}" is also intercepted by`);
       if (hasSegmentPrefix(a.prefixSegments, b.prefixSegments) || hasSegmentPrefix(b.prefixSegments, a.prefixSegments)) {
-        problems.push({ file: b.file, message: `prefix "${b.prefix}" overlaps prefix "${a.prefix}" of ${a.file}` });
+        add(a, b, ['prefix'], `prefix "${b.prefix}" overlaps prefix "${a.prefix}" of`);
       }
     }
   }

@@ -1,7 +1,7 @@
 import { constants, type BigIntStats } from 'node:fs';
 import { lstat, open, readdir, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { isMap, isScalar, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
+import { isMap, isScalar, isSeq, LineCounter, Parser, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { UserError } from '../errors.ts';
 import type { CompiledConfig, CompiledRoute } from './compile-routes.ts';
@@ -90,6 +90,7 @@ async function loadOnce(root: string, named: Set<string>, stamps: Map<string, st
     if (!ROUTE_FILE.test(n) && /\.ya?ml$/i.test(n)) problems.push({ file: join(root, n), line: 0, col: 0, message: 'route files end in .yaml or .yml, in lower case: rename it, or it is not loaded' });
   }
   const routes: CompiledRoute[] = [];
+  const keyPositions = new Map<CompiledRoute, ParsedRoute['keyAt']>();
   for (const name of names) {
     const file = join(root, name);
     // A route file linked in from elsewhere (a config-management checkout): an edit made there
@@ -97,9 +98,12 @@ async function loadOnce(root: string, named: Set<string>, stamps: Map<string, st
     if (await isLink(file)) named.add(file);
     const result = await loadRouteFile(file, named, stamps);
     if ('problems' in result) problems.push(...result.problems);
-    else routes.push(result.route);
+    else {
+      routes.push(result.route);
+      keyPositions.set(result.route, result.keyAt);
+    }
   }
-  for (const p of crossCheck(routes)) problems.push({ file: p.file, line: 1, col: 1, message: p.message });
+  problems.push(...crossCheck(routes, (route, path) => keyPositions.get(route)!(path)));
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze({ routes: Object.freeze(routes), files: Object.freeze(names.map((n) => join(root, n))), namedFiles: Object.freeze([...named].sort()), loadedAt: new Date() });
 }
@@ -168,7 +172,7 @@ function decodeRouteFile(bytes: Buffer): string | { line: number; col: number } 
   }
 }
 
-export async function loadRouteFile(file: string, named?: Set<string>, stamps?: Map<string, string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+export async function loadRouteFile(file: string, named?: Set<string>, stamps?: Map<string, string>): Promise<ParsedRoute | { problems: ConfigProblem[] }> {
   let bytes: Buffer;
   try {
     bytes = await readRegularBytes(file, MAX_ROUTE_FILE_BYTES, stamps);
@@ -186,12 +190,18 @@ export async function loadRouteFile(file: string, named?: Set<string>, stamps?: 
   });
 }
 
+/** A route file that compiled, and where its keys are written (for problems found across files). */
+export interface ParsedRoute {
+  readonly route: CompiledRoute;
+  readonly keyAt: (path: readonly string[]) => { line: number; col: number };
+}
+
 /**
  * YAML 1.2 core schema only: no `<<` merge keys, no custom tags, duplicate keys are errors.
  * Keys reach zod as own properties, and the strict schema refuses any it does not name,
  * `__proto__` included.
  */
-export async function parseRouteText(text: string, file: string, readCa: (path: string) => Promise<string>): Promise<{ route: CompiledRoute } | { problems: ConfigProblem[] }> {
+export async function parseRouteText(text: string, file: string, readCa: (path: string) => Promise<string>): Promise<ParsedRoute | { problems: ConfigProblem[] }> {
   const deep = tooDeep(text);
   if (deep !== undefined) return { problems: [{ file, ...positionIn(text, deep), message: `collections nested more than ${MAX_NESTING} deep (a route file needs about six levels)` }] };
   const lineCounter = new LineCounter();
@@ -273,7 +283,14 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
   if (stem !== parsed.data.name) {
     return { problems: [{ file, ...at(issueOffset(doc, { path: ['name'] })), message: `name "${parsed.data.name}" must match the file name "${stem}"` }] };
   }
-  return { route: compileRoute(parsed.data, file, ca) };
+  const keyAt = (path: readonly string[]): { line: number; col: number } => {
+    // A key the file did not write came from its preset (a prefix): point at the preset line.
+    if (expanded.fromPreset.has(path[0]!)) return at(issueOffset(doc, { path: ['preset'] }));
+    const list = path.length === 2 ? doc.getIn([path[0]], true) : undefined;
+    const item = isSeq(list) ? list.items.findIndex((node) => isScalar(node) && node.value === path[1]) : -1;
+    return at(issueOffset(doc, { path: item >= 0 ? [path[0]!, item] : path }));
+  };
+  return { route: compileRoute(parsed.data, file, ca), keyAt };
 }
 
 /**

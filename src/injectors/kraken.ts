@@ -1,6 +1,7 @@
 import { createHash, createHmac } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { NO_CONTENT_METHODS } from '../pipeline/body.ts';
 import { decodeKey } from './encoding.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
@@ -30,7 +31,9 @@ function isNonce(pair: string): boolean {
  * `API-Key` = the public key and `API-Sign` = base64(HMAC-SHA512(key = base64-decoded secret,
  * msg = URI path + SHA-256(nonce + POST data))). The nonce is the pipeline's: strictly increasing
  * per credential across every instance sharing the store ("always increasing, unsigned 64-bit").
- * A caller's own nonce is replaced in place; the body is signed exactly as it is sent.
+ * A caller's own nonce is replaced in place; the body is signed exactly as it is sent. Kraken's
+ * private API is POST: a GET or HEAD cannot carry the nonce, and is refused rather than sent with
+ * a body (see NO_CONTENT_METHODS).
  */
 export const krakenInjector: Injector<Options> = {
   scheme: 'kraken',
@@ -42,6 +45,7 @@ export const krakenInjector: Injector<Options> = {
   templates: (options) => [options.api_key, options.api_secret],
   inject({ request, credential, options, redact, nonce }) {
     if (nonce === undefined) throw new ProxyError('internal_error', 'The kraken signer was given no nonce.');
+    if (NO_CONTENT_METHODS.has(request.method.toUpperCase())) throw new ProxyError('bad_request', `This route signs a nonce in a POST form body (Kraken's private API), which a ${request.method} request cannot carry.`);
     const type = request.headers.get('content-type')?.[0];
     if (type !== undefined && type.split(';', 1)[0]!.trim().toLowerCase() !== FORM) {
       throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);

@@ -326,6 +326,10 @@ export class AuditLog {
 
   /** audit.log -> audit.log.1, .1 -> .2, …; the oldest beyond `keep` is removed. Lines already queued land in the renamed file, in order. */
   #rotate(): void {
+    // A stream not yet open (just made by open() or the last rotation) creates its file when it
+    // opens: after a rename, a new file at the path, which it would share with the next stream, and
+    // the lines queued to it would miss the renamed file. The next line past the size tries again.
+    if ((this.#stream as WriteStream | undefined)?.pending) return;
     this.#flush();
     // Every rotation shifts the rotated files and removes the oldest before the file at the path
     // takes the place of audit.log.1. With no file there (removed and not yet made again by

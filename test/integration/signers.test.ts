@@ -201,7 +201,7 @@ credential: ${credential}
 inject:${INJECT[name]}
 allow:
   - caller: svc
-    methods: [GET, POST, DELETE]
+    methods: [GET, HEAD, POST, DELETE]
     paths: [/**]
 `;
 }
@@ -316,6 +316,19 @@ describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {
     const before = upstream.requests.length;
     const res = await call('/kraken/0/private/Balance', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"nonce":1}' });
     expect(res.status).toBe(400);
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  // The nonce goes in the form body and API-Sign covers the POST data (providers.md, Kraken):
+  // a GET or HEAD cannot carry it, and one sent with a body is malformed for many servers.
+  it('refuses GET and HEAD with 400, nothing sent', async () => {
+    const before = upstream.requests.length;
+    const get = await call('/kraken/0/private/Balance');
+    expect(get.status).toBe(400);
+    expect(get.body.error?.code).toBe('bad_request');
+    const head = await fetch(`${proxy.url}/kraken/0/private/Balance`, { method: 'HEAD', headers: { 'x-egress-token': proxy.tokens.svc! } });
+    expect(head.status).toBe(400);
+    expect(head.headers.get('x-egress-error')).toBe('bad_request');
     expect(upstream.requests.length).toBe(before);
   });
 

@@ -299,3 +299,31 @@ describe('rotation never removes rotated files it has not replaced', () => {
     expect(await Promise.all([1, 2, 3].map((n) => fileLines(`${path}.${n}`)))).toEqual(rotated);
   });
 });
+
+describe('a rotation waits for the file its stream writes to be open', () => {
+  const fileLines = async (file: string) => (await readFile(file, 'utf8').catch(() => '')).split('\n').filter((l) => l !== '');
+
+  it('a file already at its size when the writer starts: lines queued before the first rotation land in audit.log.1, after the lines it had', async () => {
+    const { path, lines: before } = await writeChain(3);
+    const size = (await readFile(path)).length;
+    const lineBytes = before[0]!.length + 1;
+    // The first line fits; the second is due for rotation while the writer's stream is still opening its file.
+    const audit = new AuditLog(path, log, { maxBytes: size + Math.floor(lineBytes * 1.5), keep: 3, alsoStdout: false });
+    await audit.open();
+    audit.request(entry(0));
+    audit.request(entry(1));
+    let n = 2;
+    for (; n < 8 && !(await fileLines(`${path}.1`)).some((l) => l.includes('"req-')); n++) {
+      await eventually(() => audit.head().lines_written === n, 2_000, 'the lines to land');
+      audit.request(entry(n));
+    }
+    await audit.close();
+    const rotated = await fileLines(`${path}.1`);
+    const current = await fileLines(path);
+    expect(rotated.slice(0, before.length)).toEqual(before);
+    expect(rotated.slice(before.length).map((l) => JSON.parse(l).request_id)[0]).toBe('req-0');
+    expect(current.some((l) => l.includes('"req-0"'))).toBe(false);
+    expect(await fileLines(`${path}.2`)).toEqual([]);
+    expect(await verifyAudit([`${path}.1`, path], (f) => readFile(f, 'utf8'))).toEqual({ ok: true, lines: before.length + n });
+  });
+});

@@ -369,6 +369,37 @@ describe('loadRoutes: a folder', () => {
     expect(err.problems[0]!.message).toContain('overlaps');
   });
 
+  // `routes check` prints file:line:col: a problem between two files points at the key in the
+  // later one, and its message names the earlier one at its key.
+  describe('problems between two files point at the key in each', () => {
+    it('overlapping prefixes', async () => {
+      const dir = await folder({ 'bank.yaml': `# the bank\n\n${minimal('bank', '/bank')}`, 'broker.yaml': minimal('broker', '/bank/broker') });
+      const err = await configError(dir);
+      expect(err.problems.map(formatProblem)).toEqual([`${join(dir, 'broker.yaml')}:2:9: prefix "/bank/broker" overlaps prefix "/bank" of ${join(dir, 'bank.yaml')}:4:9`]);
+    });
+
+    it('a host both files name, in a list written either way', async () => {
+      const dir = await folder({
+        'bank.yaml': minimal('bank', '/bank', 'hosts:\n  - api.bank.example\n  - shared.example\n'),
+        'broker.yaml': minimal('broker', '/broker', 'hosts: [api.broker.example, shared.example]\n'),
+      });
+      const err = await configError(dir);
+      expect(err.problems.map(formatProblem)).toEqual([`${join(dir, 'broker.yaml')}:6:29: host "shared.example" is also intercepted by ${join(dir, 'bank.yaml')}:8:5`]);
+    });
+
+    it('a route name used twice (.yaml and .yml)', async () => {
+      const dir = await folder({ 'plaid.yaml': PLAID, 'plaid.yml': `# again\n${minimal('plaid', '/plaid-two')}` });
+      const err = await configError(dir);
+      expect(err.problems.map(formatProblem)).toEqual([`${join(dir, 'plaid.yml')}:2:7: route name "plaid" is also used by ${join(dir, 'plaid.yaml')}:1:7`]);
+    });
+
+    it('a prefix that comes from a preset points at the preset', async () => {
+      const dir = await folder({ 'other.yaml': minimal('other', '/plaid2/v1'), 'plaid2.yaml': 'name: plaid2\ncredential: c\npreset: plaid\n' });
+      const err = await configError(dir);
+      expect(err.problems.map(formatProblem)).toEqual([`${join(dir, 'plaid2.yaml')}:3:9: prefix "/plaid2" overlaps prefix "/plaid2/v1" of ${join(dir, 'other.yaml')}:2:9`]);
+    });
+  });
+
   it('accepts prefixes that share only leading characters (/plaid and /plaidx)', async () => {
     const config = await loadRoutes(await folder({ 'plaid.yaml': PLAID, 'plaidx.yaml': minimal('plaidx', '/plaidx') }));
     expect(config.routes).toHaveLength(2);
