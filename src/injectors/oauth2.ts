@@ -105,7 +105,9 @@ export const oauth2Injector: Injector<Options> = {
       if (refresh && options.refresh_url) {
         // The refresh endpoint's own origin: a pool is bound to one, and only the path would change.
         const refreshed = await call(args.dispatcherFor(new URL(options.refresh_url).origin), options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options, args.deadlineMs).catch(() => undefined);
-        if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy };
+        // RFC 6749 §6: a refresh answer may carry no new refresh token (GoCardless's never does);
+        // the one in hand then stays good for its own lifetime and renews the next token too.
+        if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy, ...(refreshed.refreshToken ? {} : { refreshToken: refresh.refreshToken, refreshExpiresInMs: refresh.refreshExpiresInMs }) };
       }
       try {
         return await mint(dispatcher, options, credential, args.deadlineMs);

@@ -220,6 +220,17 @@ describe('oauth2_client_credentials', () => {
     expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/']);
   });
 
+  it('GoCardless style: a refresh answer without a refresh token keeps the one in hand (RFC 6749 §6): each later expiry refreshes again, the secret is not sent again', async () => {
+    const proxy = await start();
+    const before = mints.length;
+    expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    for (let i = 0; i < 2; i++) {
+      await new Promise((r) => setTimeout(r, 1_200));
+      expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    }
+    expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/', '/api/v2/token/refresh/']);
+  });
+
   it('two instances share one token through Redis', async () => {
     const dir = await makeTempDir('egress-oauth-two-');
     const store = `${redis.url}/5`;
