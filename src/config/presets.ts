@@ -122,11 +122,13 @@ const PRESET_TABLE = {
     },
   },
   truelayer: {
-    about: 'TrueLayer: Bearer token from the client-credentials grant (form token request)',
+    about: 'TrueLayer Payments API: Bearer token from the client-credentials grant with the payments scope (form token request)',
     fields: ['client_id', 'client_secret'],
     route: {
       upstream: 'https://api.truelayer.com',
-      inject: { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body' },
+      // "For any requests to the Payments API, you must include a minimum of the payments scope"
+      // (docs.truelayer.com, Generate a payments access token); more scopes (mandates…) need an inject of the file's own.
+      inject: { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' },
       auth_failure: { status: [401] },
     },
   },

@@ -119,6 +119,13 @@ replay_safe: [POST /accounts/get]
   });
 });
 
+describe('provider details (shared/reference/providers.md)', () => {
+  it('truelayer asks its token endpoint for the payments scope, which every Payments API request needs', async () => {
+    const route = await compiles('name: bank\npreset: truelayer\ncredential: c\n');
+    expect(route.injections[0]!.options).toMatchObject({ scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' });
+  });
+});
+
 describe('problems', () => {
   it('an unknown preset points at its value and lists the known ones', async () => {
     const [p, ...rest] = await problems('name: bank\ncredential: c\npreset: plaidd\n');
