@@ -12,7 +12,7 @@ export interface Preset {
   readonly route: {
     readonly upstream: string;
     readonly inject: Readonly<Record<string, unknown>> | readonly Readonly<Record<string, unknown>>[];
-    readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string };
+    readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string | readonly string[] };
     readonly replay_safe?: readonly string[];
     readonly caller_headers?: readonly string[];
     readonly strip_body_fields?: readonly string[];
@@ -84,8 +84,9 @@ const PRESET_TABLE = {
     route: {
       upstream: 'https://api.kraken.com',
       inject: { scheme: 'kraken' },
-      // Kraken reports a key it does not know as "EAPI:Invalid key" inside an HTTP 200 body.
-      auth_failure: { status: [200], body_contains: 'EAPI:Invalid key' },
+      // Kraken answers HTTP 200 with its errors in the body: "EAPI:Invalid key" for a key it does not
+      // know, "EAPI:Invalid signature" for a secret that is not the key's (one pasted wrong).
+      auth_failure: { status: [200], body_contains: ['EAPI:Invalid key', 'EAPI:Invalid signature'] },
       replay_safe: [
         'POST /0/private/Balance', 'POST /0/private/BalanceEx', 'POST /0/private/TradeBalance', 'POST /0/private/OpenOrders',
         'POST /0/private/ClosedOrders', 'POST /0/private/QueryOrders', 'POST /0/private/TradesHistory',
