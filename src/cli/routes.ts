@@ -88,6 +88,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   const query = removeParams(target.query, route.claims.query);
   const upstream = `${route.origin}${route.basePath}/${relative.join('/')}${query ? `?${query}` : ''}`;
   const schemes = route.injections.map((i) => i.options.scheme).join(' + ');
+  const bodyContains = route.authFailure.bodyContains;
   const data = {
     decision: decision.rule ? 'allow' : 'deny',
     status: decision.rule ? null : 403,
@@ -109,7 +110,8 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     // Checked before the rules (authorize): a caller that presents only its token gets 403.
     require_client_cert: route.requireClientCert,
     caller_headers: route.callerHeaders ? [...route.callerHeaders] : null,
-    auth_failure: { status: [...route.authFailure.statuses], body_contains: route.authFailure.bodyContains ?? null },
+    // One text as a string, as before lists were allowed; several as a list.
+    auth_failure: { status: [...route.authFailure.statuses], body_contains: bodyContains === undefined ? null : bodyContains.length === 1 ? bodyContains[0] : bodyContains },
     // As resolve-credential decides it: GET and HEAD, or listed in replay_safe.
     replay_safe: method === 'GET' || method === 'HEAD' || route.replaySafe.some((r) => r.method === method && matchPattern(r.pattern, relative)),
   };
@@ -118,7 +120,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     ...(route.requireClientCert ? ['  only with a client certificate on the TLS listener (require_client_cert): a token alone gets 403 route_forbidden'] : []),
     `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
     `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
-    `  auth failure: status ${[...route.authFailure.statuses].join('/')}${route.authFailure.bodyContains ? ` with body containing "${route.authFailure.bodyContains}"` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
+    `  auth failure: status ${[...route.authFailure.statuses].join('/')}${bodyContains ? ` with body containing ${bodyContains.map((t) => `"${t}"`).join(' or ')}` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
   ].join('\n');
   const text = decision.rule
     ? `ALLOW  route "${route.name}" (${route.file})${forwardRoute ? ', forward mode' : ''}\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n${details}`

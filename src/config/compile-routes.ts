@@ -70,7 +70,8 @@ export interface CompiledRoute {
   readonly requireClientCert: boolean;
   readonly maxBody: number;
   readonly upstreamRate: RateLimitOptions | undefined;
-  readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: string | undefined };
+  /** bodyContains: texts of which the body must hold one (undefined: the status alone decides). */
+  readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: readonly string[] | undefined };
   /** Besides GET and HEAD: requests that may be re-sent with the previous key version. */
   readonly replaySafe: readonly { readonly method: string; readonly pattern: PathPattern }[];
   readonly rules: readonly CompiledRule[];
@@ -142,7 +143,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     requireClientCert: raw.require_client_cert,
     maxBody: raw.max_body ?? DEFAULTS.maxBody,
     upstreamRate: raw.upstream_rate,
-    authFailure: Object.freeze({ statuses: new Set(raw.auth_failure?.status ?? [401]), bodyContains: raw.auth_failure?.body_contains }),
+    authFailure: Object.freeze({ statuses: new Set(raw.auth_failure?.status ?? [401]), bodyContains: bodyTexts(raw.auth_failure?.body_contains) }),
     replaySafe: Object.freeze(raw.replay_safe.map((entry) => {
       const [method, path] = entry.trim().split(/\s+/);
       return Object.freeze({ method: method!, pattern: compilePattern(path!) });
@@ -263,4 +264,9 @@ function baseSegmentsOf(basePath: string): string[] {
 export function findRoute(config: CompiledConfig, segments: readonly string[]): CompiledRoute | undefined {
   for (const route of config.routes) if (hasSegmentPrefix(segments, route.prefixSegments)) return route;
   return undefined;
+}
+
+/** `body_contains` as a frozen list, whether the file wrote one text or several. */
+function bodyTexts(value: string | readonly string[] | undefined): readonly string[] | undefined {
+  return value === undefined ? undefined : Object.freeze(typeof value === 'string' ? [value] : [...value]);
 }

@@ -12,7 +12,7 @@ export interface Preset {
   readonly route: {
     readonly upstream: string;
     readonly inject: Readonly<Record<string, unknown>> | readonly Readonly<Record<string, unknown>>[];
-    readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string };
+    readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string | readonly string[] };
     readonly replay_safe?: readonly string[];
     readonly caller_headers?: readonly string[];
     readonly strip_body_fields?: readonly string[];
@@ -84,8 +84,9 @@ const PRESET_TABLE = {
     route: {
       upstream: 'https://api.kraken.com',
       inject: { scheme: 'kraken' },
-      // Kraken reports a key it does not know as "EAPI:Invalid key" inside an HTTP 200 body.
-      auth_failure: { status: [200], body_contains: 'EAPI:Invalid key' },
+      // Kraken answers HTTP 200 with its errors in the body: "EAPI:Invalid key" for a key it does not
+      // know, "EAPI:Invalid signature" for a secret that is not the key's (one pasted wrong).
+      auth_failure: { status: [200], body_contains: ['EAPI:Invalid key', 'EAPI:Invalid signature'] },
       replay_safe: [
         'POST /0/private/Balance', 'POST /0/private/BalanceEx', 'POST /0/private/TradeBalance', 'POST /0/private/OpenOrders',
         'POST /0/private/ClosedOrders', 'POST /0/private/QueryOrders', 'POST /0/private/TradesHistory',
@@ -122,11 +123,13 @@ const PRESET_TABLE = {
     },
   },
   truelayer: {
-    about: 'TrueLayer: Bearer token from the client-credentials grant (form token request)',
+    about: 'TrueLayer Payments API: Bearer token from the client-credentials grant with the payments scope (form token request)',
     fields: ['client_id', 'client_secret'],
     route: {
       upstream: 'https://api.truelayer.com',
-      inject: { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body' },
+      // "For any requests to the Payments API, you must include a minimum of the payments scope"
+      // (docs.truelayer.com, Generate a payments access token); more scopes (mandates…) need an inject of the file's own.
+      inject: { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' },
       auth_failure: { status: [401] },
     },
   },

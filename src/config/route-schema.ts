@@ -112,6 +112,9 @@ const replaySafeEntry = z.string().refine((entry) => {
   return extra === undefined && (HTTP_METHODS as readonly string[]).includes(method ?? '') && pathPattern.safeParse(path).success;
 }, 'a replay-safe entry is "METHOD /path", e.g. "POST /accounts/get" (path patterns allowed)');
 
+/** An auth_failure body text. */
+const bodyText = z.string().min(1).max(256);
+
 export const routeFileSchema = z.strictObject({
   name: z.string().regex(NAME, 'route names are lower-case letters, digits, "_" and "-"'),
   /** A known provider (src/config/presets.ts): fills upstream, inject, auth_failure, replay_safe; the file's own keys win. */
@@ -136,7 +139,8 @@ export const routeFileSchema = z.strictObject({
   auth_failure: z.strictObject({
     // A 2xx is allowed with body_contains: Kraken reports "EAPI:Invalid key" inside an HTTP 200.
     status: z.array(z.number().int().min(200).max(599).refine((n) => n < 300 || n >= 400, 'a redirect status cannot be an auth failure')).min(1),
-    body_contains: z.string().min(1).max(256).optional(),
+    /** A text the body must contain, or a list of texts of which it must contain one. */
+    body_contains: z.union([bodyText, z.array(bodyText).min(1).max(16)]).optional(),
   }).refine((a) => a.body_contains !== undefined || a.status.every((n) => n >= 400), { message: 'a 2xx status is an auth failure only with body_contains', path: ['status'] }).optional(),
   /** Requests besides GET and HEAD that may be sent again with the previous key. */
   replay_safe: z.array(replaySafeEntry).default([]),

@@ -6,7 +6,8 @@ import type { Injector } from './types.ts';
 const schema = z.strictObject({
   scheme: z.literal('basic'),
   username: templateString.default(compileTemplate('{username}')),
-  password: templateString.default(compileTemplate('{password}')),
+  // RFC 7617 allows an empty password: Teller takes its access token as the user-id with none ("token:").
+  password: z.union([z.literal('').transform(() => compileTemplate('')), templateString]).default(compileTemplate('{password}')),
 });
 type Options = z.output<typeof schema>;
 

@@ -19,7 +19,8 @@ const json = JSON as unknown as {
   isRawJSON(value: unknown): boolean;
 };
 
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+/** Decodes UTF-8 or throws: a lenient decode would turn bytes it cannot read into U+FFFD unseen. */
+export const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 /**
  * Numbers keep the text the caller wrote: a 64-bit id or a decimal amount parsed into a double and

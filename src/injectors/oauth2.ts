@@ -105,7 +105,9 @@ export const oauth2Injector: Injector<Options> = {
       if (refresh && options.refresh_url) {
         // The refresh endpoint's own origin: a pool is bound to one, and only the path would change.
         const refreshed = await call(args.dispatcherFor(new URL(options.refresh_url).origin), options.refresh_url, 'json', { refresh: refresh.refreshToken }, undefined, options, args.deadlineMs).catch(() => undefined);
-        if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy };
+        // RFC 6749 §6: a refresh answer may carry no new refresh token (GoCardless's never does);
+        // the one in hand then stays good for its own lifetime and renews the next token too.
+        if (refreshed) return { ...refreshed, mintedBy: refresh.mintedBy, ...(refreshed.refreshToken ? {} : { refreshToken: refresh.refreshToken, refreshExpiresInMs: refresh.refreshExpiresInMs }) };
       }
       try {
         return await mint(dispatcher, options, credential, args.deadlineMs);
@@ -136,6 +138,19 @@ export class TokenRejected extends ProxyError {
   constructor(upstreamStatus: number) {
     super('credential_unavailable', 'The token endpoint rejected the client credentials.');
     this.upstreamStatus = upstreamStatus;
+  }
+}
+
+/** RFC 6749 §5.2 error codes that fault the token request itself rather than the client's credentials. */
+const REQUEST_ERRORS: ReadonlySet<string> = new Set(['invalid_request', 'invalid_scope', 'unsupported_grant_type']);
+
+/** The `error` of an RFC 6749 §5.2 error answer; undefined when the answer is not one. */
+function oauthErrorCode(text: string): string | undefined {
+  try {
+    const doc: unknown = JSON.parse(text);
+    return typeof doc === 'object' && doc !== null && 'error' in doc && typeof doc.error === 'string' ? doc.error : undefined;
+  } catch {
+    return undefined;
   }
 }
 
@@ -194,6 +209,14 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
     }
   } finally {
     clearTimeout(timer);
+  }
+  if (res.status === 400) {
+    // RFC 6749 §5.2 answers every error with 400 (invalid_client too, when the client did not
+    // authenticate with a header). These three name the request the route's options made, not the
+    // client's credentials: another key version would be refused the same way, and the operator
+    // needs the route fixed, not the key. Only the registered code is quoted, never the server's text.
+    const code = oauthErrorCode(text);
+    if (code !== undefined && REQUEST_ERRORS.has(code)) throw new ProxyError('credential_unavailable', `The token endpoint refused the token request (${code}): check the route's token_url, scope and extra.`);
   }
   if (res.status === 400 || res.status === 401 || res.status === 403) {
     // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.

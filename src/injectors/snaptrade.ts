@@ -1,6 +1,7 @@
 import { createHmac } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { UTF8 } from './json-body.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
@@ -47,7 +48,13 @@ export const snaptradeInjector: Injector<Options> = {
     const added = `clientId=${encodeURIComponent(clientId)}&timestamp=${Math.round(now.getTime() / 1000)}`;
     request.query = request.query ? `${request.query}&${added}` : added;
 
-    const text = request.body && request.body.length > 0 ? request.body.toString('utf8') : undefined;
+    let text: string | undefined;
+    try {
+      text = request.body && request.body.length > 0 ? UTF8.decode(request.body) : undefined;
+    } catch {
+      // Decoded leniently, the signature would cover U+FFFD where the bytes sent say something else.
+      throw new ProxyError('bad_request', 'This route signs a JSON body; the body is not UTF-8.');
+    }
     let content: unknown = null;
     if (text !== undefined && text !== '{}') {
       try {

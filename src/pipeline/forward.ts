@@ -195,12 +195,13 @@ async function isAuthFailure(ctx: RequestContext, attempt: Attempt): Promise<boo
 }
 
 /**
- * Does the decoded body contain the text? A body that does not decode says nothing: a success
- * streams on as it is, and an error body is refused by the relay, which decodes it again (502).
+ * Does the decoded body contain one of the texts? A body that does not decode says nothing: a
+ * success streams on as it is, and an error body is refused by the relay, which decodes it again (502).
  */
-function mentions(raw: Buffer, encoding: string | undefined, text: string): boolean {
+function mentions(raw: Buffer, encoding: string | undefined, texts: readonly string[]): boolean {
   try {
-    return decodeBody(raw, encoding).toString('utf8').includes(text);
+    const body = decodeBody(raw, encoding).toString('utf8');
+    return texts.some((text) => body.includes(text));
   } catch {
     return false;
   }

@@ -31,7 +31,8 @@ export interface TokenKey {
   readonly parts: readonly string[];
 }
 
-export type Mint = (previous: { refreshToken: string; mintedBy: number } | undefined) => Promise<Minted>;
+/** `previous`: the refresh token in hand, the version that minted it and how long it still lives. */
+export type Mint = (previous: { refreshToken: string; mintedBy: number; refreshExpiresInMs: number } | undefined) => Promise<Minted>;
 
 /** What an injector's `prepare` sees of the broker. */
 export interface TokenSource {
@@ -199,7 +200,8 @@ export class TokenBroker {
     let running = this.#inflight.get(id);
     if (!running) {
       running = (async () => {
-        const viaRefresh = old?.refreshToken && Date.now() < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal(), mintedBy: old.mintedBy } : undefined;
+        const now = Date.now();
+        const viaRefresh = old?.refreshToken && now < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal(), mintedBy: old.mintedBy, refreshExpiresInMs: old.refreshExpiresAt - now } : undefined;
         const entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh), key);
         this.#local.set(id, entry);
         return entry;

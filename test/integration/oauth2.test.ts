@@ -34,6 +34,8 @@ beforeAll(async () => {
       const [user, pass] = Buffer.from(String(req.headers.authorization ?? '').replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent);
       const form = new URLSearchParams(body.toString());
       if (tokenServerDown) return json(500, { error: 'temporarily_unavailable' });
+      // RFC 6749 §5.2: a scope the server does not know is the request's fault, not the client's.
+      if (form.get('scope') === 'no-such-scope') return json(400, { error: 'invalid_scope', error_description: 'unknown scope' });
       if (form.get('grant_type') !== 'client_credentials' || user !== 'client-1' || !secretsAccepted.has(pass ?? '')) return json(401, { error: 'invalid_client' });
       mints.push({ path: url, client: pass! });
       const token = `at_CANARY_${++counter}`;
@@ -80,6 +82,7 @@ afterEach(() => {
 
 const ROUTES = () => ({
   bank: oauth2Route(upstream.url, '  scope: payments\n'),
+  scoped: oauth2Route(upstream.url, '  scope: no-such-scope\n').replace('name: bank\nprefix: /bank', 'name: scoped\nprefix: /scoped'),
   gc: `name: gc
 preset: gocardless
 upstream: ${upstream.url}
@@ -211,6 +214,23 @@ describe('oauth2_client_credentials', () => {
     for (const t of issued) expect(proxy.logs()).not.toContain(t);
   });
 
+  it('a 400 invalid_scope from the token endpoint is the route\'s request at fault: 503 naming it, no mint with the previous version, no rejected-credential alert', async () => {
+    const proxy = await start();
+    const env = envFor(proxy.dir);
+    expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'client-1', client_secret: 'cs_CANARY_good_2' }))).code).toBe(0);
+    await eventually(async () => (await get(proxy, '/bank/accounts')).status === 200 && mints.at(-1)!.client === 'cs_CANARY_good_1', 2_000, 'version 2 in use');
+    const tokenCalls = () => upstream.requests.filter((r) => r.url === '/connect/token').length;
+    const before = tokenCalls();
+    const res = await get(proxy, '/scoped/accounts');
+    expect(res.status).toBe(503);
+    const { error } = (await res.json()) as { error: { code: string; message: string } };
+    expect(error.code).toBe('credential_unavailable');
+    expect(error.message).toContain('invalid_scope');
+    expect(error.message).not.toContain('rejected the client credentials');
+    expect(tokenCalls() - before).toBe(1);
+    expect(proxy.logs()).not.toContain('upstream_rejected_credential');
+  });
+
   it('GoCardless style: JSON token request, then the refresh token when the access token expires', async () => {
     const proxy = await start();
     const before = mints.length;
@@ -218,6 +238,17 @@ describe('oauth2_client_credentials', () => {
     await new Promise((r) => setTimeout(r, 1_200));
     expect((await get(proxy, '/gc/accounts')).status).toBe(200);
     expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/']);
+  });
+
+  it('GoCardless style: a refresh answer without a refresh token keeps the one in hand (RFC 6749 §6): each later expiry refreshes again, the secret is not sent again', async () => {
+    const proxy = await start();
+    const before = mints.length;
+    expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    for (let i = 0; i < 2; i++) {
+      await new Promise((r) => setTimeout(r, 1_200));
+      expect((await get(proxy, '/gc/accounts')).status).toBe(200);
+    }
+    expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/', '/api/v2/token/refresh/']);
   });
 
   it('two instances share one token through Redis', async () => {

@@ -12,6 +12,7 @@ const CREDS = {
   simplefin: { username: 'sf-user', password: 'sf_pass_CANARY_333' },
   keyed: { key: 'query_key_CANARY_444&x=1' },
   plaidbody: { client_id: 'client-456', secret: 'body_secret_CANARY_555' },
+  teller: { token: 'token_CANARY_666' },
 };
 
 let upstream: Upstream;
@@ -54,6 +55,10 @@ beforeAll(async () => {
       case 'query':
         ok = url.searchParams.getAll('api_key').length === 1 && url.searchParams.get('api_key') === CREDS.keyed.key && url.searchParams.get('q') === 'caller value';
         break;
+      case 'token-basic':
+        // Teller: the access token as the Basic user-id, with an empty password ("token:").
+        ok = auth === `Basic ${Buffer.from(`${CREDS.teller.token}:`, 'utf8').toString('base64')}`;
+        break;
       case 'json': {
         const parsed = JSON.parse(body.toString('utf8')) as Record<string, unknown>;
         ok = parsed.client_id === CREDS.plaidbody.client_id && parsed.secret === CREDS.plaidbody.secret && parsed.access_token === 'access-sandbox-1' && h['content-length'] === String(body.length);
@@ -64,13 +69,14 @@ beforeAll(async () => {
     res.end(JSON.stringify({ ok }));
   });
   // Upstream paths are /<scheme>/check: the route's upstream base path carries the scheme name.
-  const base = (name: string, inject: string) => route(name, inject).replace(`upstream: ${upstream.url}`, `upstream: ${upstream.url}/${name === 'plaid' ? 'headers' : name === 'tradier' ? 'bearer' : name === 'simplefin' ? 'basic' : name === 'keyed' ? 'query' : 'json'}`);
+  const base = (name: string, inject: string) => route(name, inject).replace(`upstream: ${upstream.url}`, `upstream: ${upstream.url}/${name === 'plaid' ? 'headers' : name === 'tradier' ? 'bearer' : name === 'simplefin' ? 'basic' : name === 'keyed' ? 'query' : name === 'teller' ? 'token-basic' : 'json'}`);
   proxy = await startTestProxy({
     routes: {
       plaid: base('plaid', '  scheme: headers\n  headers:\n    PLAID-CLIENT-ID: "{client_id}"\n    PLAID-SECRET: "{secret}"'),
       tradier: base('tradier', '  scheme: bearer'),
       simplefin: base('simplefin', '  scheme: basic'),
       keyed: base('keyed', '  scheme: query\n  params:\n    api_key: "{key}"'),
+      teller: base('teller', '  scheme: basic\n  username: "{token}"\n  password: ""'),
       plaidbody: base('plaidbody', '  scheme: json_body\n  fields:\n    client_id: "{client_id}"\n    secret: "{secret}"'),
     },
     credentials: CREDS,
@@ -101,6 +107,11 @@ describe('injection schemes, verified by an independent upstream', () => {
 
   it('basic: Authorization: Basic base64(username:password)', async () => {
     const res = await call('/simplefin/check');
+    expect(res.status).toBe(200);
+  });
+
+  it('basic: an empty password is written "", for the token-as-user-id form (Teller\'s "token:")', async () => {
+    const res = await call('/teller/check');
     expect(res.status).toBe(200);
   });
 

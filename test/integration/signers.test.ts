@@ -293,6 +293,15 @@ describe('snaptrade: clientId + timestamp, canonical JSON HMAC-SHA256', () => {
     const res = await call('/snaptrade/x', { method: 'POST', body: 'not json' });
     expect(res.status).toBe(400);
   });
+
+  it('a body that is not UTF-8 is refused with 400, nothing sent: its signature would cover other characters than the bytes sent', async () => {
+    const before = upstream.requests.length;
+    // "café" in Latin-1: the 0xE9 byte is no UTF-8, and decoding it leniently would sign U+FFFD instead.
+    const res = await call('/snaptrade/trade/place?userId=u-1', { method: 'POST', headers: { 'content-type': 'application/json' }, body: Buffer.from('{"memo":"caf\u00e9"}', 'latin1') });
+    expect(res.status).toBe(400);
+    expect(res.body.error?.code).toBe('bad_request');
+    expect(upstream.requests.length).toBe(before);
+  });
 });
 
 describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {

@@ -26,7 +26,8 @@ beforeAll(async () => {
     const expected = createHmac('sha512', Buffer.from(secret, 'base64')).update(Buffer.concat([Buffer.from(new URL(req.url!, 'http://x').pathname), digest])).digest('base64');
     const valid = secret !== '' && expected === req.headers['api-sign'];
     seen.push({ key, nonce: BigInt(nonce || '0'), sign: String(req.headers['api-sign']), valid, body: body.toString('latin1') });
-    // The exchange still knows only the old key: the new one is "Invalid key".
+    // The exchange still knows only the old key: the new one is "Invalid key". A key it knows with a
+    // signature that does not match (the secret pasted wrong) is "Invalid signature".
     const ok = valid && key === V1.api_key;
     if (ok && req.url!.endsWith('/Ledgers')) {
       // A long answer is an answer: it streams on whole, whatever it mentions.
@@ -35,7 +36,7 @@ beforeAll(async () => {
       return;
     }
     res.writeHead(200, { 'content-type': 'application/json' });
-    res.end(JSON.stringify(ok ? { error: [], result: { ZUSD: '1.0' } } : { error: ['EAPI:Invalid key'] }));
+    res.end(JSON.stringify(ok ? { error: [], result: { ZUSD: '1.0' } } : { error: [key === V1.api_key && !valid ? 'EAPI:Invalid signature' : 'EAPI:Invalid key'] }));
   });
   proxy = await startTestProxy({
     routes: {
@@ -50,8 +51,18 @@ allow:
     methods: [POST]
     paths: [/0/private/*]
 `,
+      'kraken-sig': `name: kraken-sig
+allow_private_addresses: true
+credential: kraken-sig
+preset: kraken
+upstream: ${upstream.url}
+allow:
+  - caller: svc
+    methods: [POST]
+    paths: [/0/private/*]
+`,
     },
-    credentials: { kraken: V1 },
+    credentials: { kraken: V1, 'kraken-sig': V1 },
     callers: ['svc'],
   });
 });
@@ -61,7 +72,7 @@ afterAll(async () => {
   await upstream?.close();
 });
 
-const post = (path: string) => fetch(`${proxy.url}/kraken${path}`, { method: 'POST', headers: { 'x-egress-token': proxy.tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD&nonce=1' });
+const post = (path: string, route = 'kraken') => fetch(`${proxy.url}/${route}${path}`, { method: 'POST', headers: { 'x-egress-token': proxy.tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD&nonce=1' });
 
 describe('FLT-07c fallback for a signed request', () => {
   it('a 2xx auth_failure needs body_contains; a redirect status is refused', async () => {
@@ -107,5 +118,25 @@ describe('FLT-07c fallback for a signed request', () => {
     const order = await post('/0/private/AddOrder');
     expect(seen.length - m).toBe(1);
     expect(await order.text()).toContain('EAPI:Invalid key');
+  });
+
+  it('kraken: a new version whose secret does not match its key ("EAPI:Invalid signature": a secret pasted wrong) falls back as an unknown key does', async () => {
+    expect((await post('/0/private/Balance', 'kraken-sig')).status).toBe(200);
+    const env = envFor(proxy.dir);
+    const wrongSecret = { api_key: V1.api_key, api_secret: Buffer.from('pasted-wrong-CANARY').toString('base64') };
+    expect((await runCli(['keys', 'rotate', 'kraken-sig', '--from-stdin', '--grace', '1h'], env, JSON.stringify(wrongSecret))).code).toBe(0);
+    await eventually(async () => {
+      const n = seen.length;
+      await post('/0/private/Balance', 'kraken-sig');
+      return seen.slice(n).some((s) => !s.valid);
+    }, 3_000, 'the new version to be tried');
+    const n = seen.length;
+    const res = await post('/0/private/Balance', 'kraken-sig');
+    expect(res.status).toBe(200);
+    expect((await res.json() as { error: string[] }).error).toEqual([]);
+    const [first, replay] = seen.slice(n);
+    expect(seen.length - n).toBe(2);
+    expect(first!.valid).toBe(false);
+    expect(replay!.valid).toBe(true);
   });
 });

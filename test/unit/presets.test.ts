@@ -60,7 +60,8 @@ describe('every preset', () => {
     expect(route.injections.map((i) => i.options.scheme)).toEqual(schemesOf(name));
     expect([...route.fields].sort()).toEqual([...preset.fields].sort());
     expect([...route.authFailure.statuses]).toEqual(preset.route.auth_failure?.status ?? [401]);
-    expect(route.authFailure.bodyContains).toBe(preset.route.auth_failure?.body_contains);
+    const bodyContains = preset.route.auth_failure?.body_contains;
+    expect(route.authFailure.bodyContains).toEqual(typeof bodyContains === 'string' ? [bodyContains] : bodyContains);
     expect(route.replaySafe).toHaveLength(preset.route.replay_safe?.length ?? 0);
     expect(route.rules).toHaveLength(1);
   });
@@ -87,7 +88,7 @@ replay_safe: [POST /accounts/get]
     expect(route.prefix).toBe('/plaid-sandbox');
     expect(route.origin).toBe('https://sandbox.plaid.com');
     expect([...route.authFailure.statuses]).toEqual([400]);
-    expect(route.authFailure.bodyContains).toBe('INVALID_SECRET');
+    expect(route.authFailure.bodyContains).toEqual(['INVALID_SECRET']);
     expect(route.replaySafe.map((r) => r.pattern.source)).toEqual(['/accounts/get']);
     expect([...route.claims.headers].sort()).toEqual(['plaid-client-id', 'plaid-secret']);
   });
@@ -96,14 +97,14 @@ replay_safe: [POST /accounts/get]
     const route = await compiles('name: bank\npreset: plaid\ncredential: c\ninject:\n  scheme: json_body\n  fields: { client_id: "{client_id}", secret: "{secret}" }\n');
     expect(route.injections.map((i) => i.options.scheme)).toEqual(['json_body']);
     expect(route.claims.headers.size).toBe(0);
-    expect(route.authFailure.bodyContains).toBe('INVALID_API_KEYS');
+    expect(route.authFailure.bodyContains).toEqual(['INVALID_API_KEYS']);
   });
 
   it('a preset whose scheme is missing becomes usable with an inject of the file\'s own', async () => {
     const route = await compiles('name: bank\npreset: teller\ncredential: c\ninject: { scheme: headers, headers: { X-Api-Key: "{key}" } }\n');
     expect(route.origin).toBe('https://api.teller.io');
     expect(route.callerHeaders).toEqual(new Set(['authorization']));
-    expect(route.authFailure.bodyContains).toBe('certificate');
+    expect(route.authFailure.bodyContains).toEqual(['certificate']);
     // The preset leaves Authorization to the caller: an inject that claims it collides, reported at the preset.
     const [p] = await problems('name: bank\npreset: teller\ncredential: c\ninject: { scheme: bearer }\n');
     expect(p).toMatchObject({ line: 2, col: 9 });
@@ -116,6 +117,13 @@ replay_safe: [POST /accounts/get]
     expect(paper.upstreamHost).toBe('paper-api.alpaca.markets');
     expect(live.upstreamHost).toBe('api.alpaca.markets');
     expect([...paper.claims.headers]).toEqual([...live.claims.headers]);
+  });
+});
+
+describe('provider details (shared/reference/providers.md)', () => {
+  it('truelayer asks its token endpoint for the payments scope, which every Payments API request needs', async () => {
+    const route = await compiles('name: bank\npreset: truelayer\ncredential: c\n');
+    expect(route.injections[0]!.options).toMatchObject({ scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' });
   });
 });
 
@@ -210,5 +218,11 @@ describe('egress routes check / explain show the expansion', () => {
     expect(snap.text).toContain('forwards to GET https://api.snaptrade.com/accounts?userId=u');
     expect(snap.text).toContain('owning signature, ?clientId, ?timestamp');
     expect(snap.text).toContain('caller headers: standard set + x-trace');
+    expect(write.data).toMatchObject({ auth_failure: { status: [400, 401], body_contains: 'INVALID_API_KEYS' } });
+    await writeFile(join(dir, 'kraken.yaml'), 'name: kraken\npreset: kraken\ncredential: kraken\nallow:\n  - caller: sync\n    methods: [POST]\n    paths: [/0/private/*]\n');
+    const kraken = await routes(['explain', '--routes', dir, '--caller', 'sync', 'POST', '/kraken/0/private/Balance']);
+    expect(kraken.text).toContain('auth failure: status 200 with body containing "EAPI:Invalid key" or "EAPI:Invalid signature"; replay-safe');
+    const krakenJson = await routes(['explain', '--routes', dir, '--caller', 'sync', 'POST', '/kraken/0/private/Balance', '--json']);
+    expect(krakenJson.data).toMatchObject({ auth_failure: { status: [200], body_contains: ['EAPI:Invalid key', 'EAPI:Invalid signature'] } });
   });
 });

@@ -508,7 +508,7 @@ describe('loadRoutes: text encoding', () => {
     await writeFile(join(dir, 'plaid.yaml'), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(text, 'utf8')]));
     await writeFile(join(dir, 'bank.yaml'), minimal('bank', '/bank', 'auth_failure:\n  status: [401]\n  body_contains: "ungültig"\n'));
     const config = await loadRoutes(dir);
-    expect(config.routes.map((r) => r.authFailure.bodyContains)).toEqual(['ungültig', 'clé invalide ☕']);
+    expect(config.routes.map((r) => r.authFailure.bodyContains)).toEqual([['ungültig'], ['clé invalide ☕']]);
   });
 });
 
