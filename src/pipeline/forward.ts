@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { brotliDecompressSync, gunzipSync, gzipSync, inflateSync } from 'node:zlib';
+import { brotliDecompressSync, gunzipSync, gzipSync, inflateSync, zstdDecompressSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
 import type { OutboundRequest } from '../injectors/types.ts';
@@ -281,6 +281,8 @@ function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
     if (encoding === 'gzip' || encoding === 'x-gzip') return gunzipSync(raw, limits);
     if (encoding === 'deflate') return inflateSync(raw, limits);
     if (encoding === 'br') return brotliDecompressSync(raw, limits);
+    // RFC 8878: what CDNs (Cloudflare among them) send a caller whose Accept-Encoding offers it.
+    if (encoding === 'zstd') return zstdDecompressSync(raw, limits);
   } catch {
     throw new ProxyError('upstream_error', 'The upstream error body could not be decoded for inspection.');
   }

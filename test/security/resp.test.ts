@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
-import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib';
+import { brotliCompressSync, deflateSync, gunzipSync, gzipSync, zstdCompressSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -131,7 +131,7 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const text = JSON.stringify({ error: 'INVALID_API_KEYS', message: `key ${secret} rejected`, echoed_body: body.toString('utf8') });
     const enc = url.slice('/echo-error'.length).replace(/^-/, '');
     const buf = Buffer.from(text);
-    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : buf;
+    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : enc === 'zstd' ? zstdCompressSync(buf) : buf;
     res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
     res.end(coded);
     return;
@@ -322,6 +322,17 @@ describe('RESP: secrets echoed by the upstream', () => {
       expect(r.text, enc).toContain('INVALID_API_KEYS');
       await lab.g0(mark, 1);
     }
+  });
+
+  it('RESP-04f the secret echoed in a zstd error body (Content-Encoding: zstd, as Cloudflare answers clients that accept it) is redacted, not refused', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/echo-error-zstd', { headers: { 'accept-encoding': 'zstd' } });
+    expect(r.status).toBe(400);
+    expect(r.error).toBeNull();
+    expect(r.headers.get('content-encoding')).toBeNull();
+    expect(r.text).toContain('[REDACTED]');
+    expect(r.text).toContain('INVALID_API_KEYS');
+    await lab.g0(mark, 1);
   });
 
   it('RESP-04c the json_body secret echoed back in an error body is redacted', async () => {
