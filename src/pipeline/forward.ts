@@ -275,7 +275,9 @@ function isGzip(body: Buffer): boolean {
 
 function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
   const encoding = contentEncoding?.trim().toLowerCase();
-  if (!encoding || encoding === 'identity') return raw;
+  // No content has no coding to undo: a 302 or 401 with Content-Length: 0 under a compressing
+  // middleware's Content-Encoding is not compressed data cut short.
+  if (!encoding || encoding === 'identity' || raw.length === 0) return raw;
   const limits = { maxOutputLength: MAX_INSPECTED_ERROR_BODY };
   try {
     if (encoding === 'gzip' || encoding === 'x-gzip') return gunzipSync(raw, limits);

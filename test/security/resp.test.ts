@@ -147,6 +147,13 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     res.end(coded);
     return;
   }
+  if (url.startsWith('/empty-encoded/')) {
+    // An error or redirect with no content, labelled with a Content-Encoding all the same.
+    const [, , enc, code] = url.split('/');
+    res.writeHead(Number(code), { 'content-encoding': enc!, ...(Number(code) === 302 ? { location: '/elsewhere' } : {}), 'content-length': 0 });
+    res.end();
+    return;
+  }
   if (url === '/bomb') {
     // 64 MiB of zeros, gzip: about 64 KiB on the wire.
     const zipped = gzipSync(Buffer.alloc(64 * 1024 * 1024));
@@ -333,6 +340,20 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect(r.text).toContain('[REDACTED]');
     expect(r.text).toContain('INVALID_API_KEYS');
     await lab.g0(mark, 1);
+  });
+
+  it('RESP-04g an error or redirect with no content but a Content-Encoding is relayed as it came (empty), not refused', async () => {
+    for (const enc of ['gzip', 'deflate', 'br', 'zstd']) {
+      for (const code of [302, 401, 503]) {
+        const mark = lab.u.requests.length;
+        const r = await call(`/resp/empty-encoded/${enc}/${code}`);
+        expect(r.status, `${enc} ${code}`).toBe(code);
+        expect(r.error, `${enc} ${code}`).toBeNull();
+        expect(r.text, `${enc} ${code}`).toBe('');
+        if (code === 302) expect(r.headers.get('location')).toBe('/elsewhere');
+        await lab.g0(mark, 1);
+      }
+    }
   });
 
   it('RESP-04c the json_body secret echoed back in an error body is redacted', async () => {
