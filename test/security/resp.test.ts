@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
-import { brotliCompressSync, deflateSync, gunzipSync, gzipSync, zstdCompressSync } from 'node:zlib';
+import { brotliCompressSync, deflateRawSync, deflateSync, gunzipSync, gzipSync, zstdCompressSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -131,8 +131,8 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const text = JSON.stringify({ error: 'INVALID_API_KEYS', message: `key ${secret} rejected`, echoed_body: body.toString('utf8') });
     const enc = url.slice('/echo-error'.length).replace(/^-/, '');
     const buf = Buffer.from(text);
-    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : enc === 'zstd' ? zstdCompressSync(buf) : buf;
-    res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
+    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'deflate-raw' ? deflateRawSync(buf) : enc === 'br' ? brotliCompressSync(buf) : enc === 'zstd' ? zstdCompressSync(buf) : buf;
+    res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc.replace('-raw', '') } : {}), 'content-length': coded.length });
     res.end(coded);
     return;
   }
@@ -337,6 +337,16 @@ describe('RESP: secrets echoed by the upstream', () => {
     expect(r.status).toBe(400);
     expect(r.error).toBeNull();
     expect(r.headers.get('content-encoding')).toBeNull();
+    expect(r.text).toContain('[REDACTED]');
+    expect(r.text).toContain('INVALID_API_KEYS');
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-04h the secret echoed in a "deflate" error body sent as raw deflate without the zlib wrapper (as IIS and older servers send it) is redacted, not refused', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/echo-error-deflate-raw');
+    expect(r.status).toBe(400);
+    expect(r.error).toBeNull();
     expect(r.text).toContain('[REDACTED]');
     expect(r.text).toContain('INVALID_API_KEYS');
     await lab.g0(mark, 1);
