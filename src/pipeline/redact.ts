@@ -85,8 +85,9 @@ const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt
 
 /**
  * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
- * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with every character
- * as \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
+ * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with <, >, & and the
+ * line and paragraph separators as \uXXXX, as Go and Rails write it; with every character as
+ * \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
  * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url; the
  * hex of its UTF-8 bytes. The redactor ignores case, which covers upper- and lower-case hex and a
  * key quoted upper- or lower-cased; for a secret with non-ASCII letters, its upper- and
@@ -108,6 +109,8 @@ export function echoForms(value: string): string[] {
     percent.replaceAll('%20', '+'),
     json,
     json.replaceAll('/', '\\/'),
+    // HTML-safe JSON, as Go's encoding/json and Rails write it: <, >, &, U+2028 and U+2029 as \uXXXX.
+    json.replace(/[<>&\u2028\u2029]/g, (c) => unicodeEscape(c.charCodeAt(0))),
     unicodeEscaped,
     value.replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]!),
     base64,

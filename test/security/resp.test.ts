@@ -601,6 +601,8 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     // JSON encoders that escape every character (ensure_ascii-style writers, some loggers).
     'json-unicode-lower': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join(''),
     'json-unicode-upper': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(''),
+    // Go's encoding/json and Rails' to_json escape <, > and & (HTML-safe JSON), the rest as it is.
+    'json-html-safe': JSON.stringify(KEY).slice(1, -1).replace(/[<>&]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`),
     'json-unicode-mixed': [...KEY].map((c, i) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').replace(/[a-f]/g, (h) => (i % 2 ? h.toUpperCase() : h))}`).join(''),
   };
   let up: Upstream;
