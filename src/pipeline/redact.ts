@@ -85,7 +85,7 @@ const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt
 
 /**
  * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
- * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with <, >, & and the
+ * form-encoded, with "/" kept, and as the stricter encoders of Go, PHP, Python and Java write it); JSON-escaped (also with "/" as "\/", as PHP writes it; with <, >, & and the
  * line and paragraph separators as \uXXXX, as Go and Rails write it; with every character as
  * \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
  * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url; the
@@ -97,6 +97,9 @@ const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt
  */
 export function echoForms(value: string): string[] {
   const percent = encodeURIComponent(value);
+  // RFC 3986 as strict encoders apply it (Go's url.QueryEscape, PHP's rawurlencode, Python's
+  // quote with safe=''): ! ' ( ) * are escaped too, which encodeURIComponent leaves.
+  const strict = percent.replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
   const json = JSON.stringify(value).slice(1, -1);
   const bytes = Buffer.from(value, 'utf8');
   const base64 = bytes.toString('base64');
@@ -107,6 +110,12 @@ export function echoForms(value: string): string[] {
     percent,
     percent.replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()),
     percent.replaceAll('%20', '+'),
+    // Python's urllib.parse.quote keeps "/" unless told otherwise.
+    percent.replaceAll('%2F', '/'),
+    strict,
+    strict.replaceAll('%20', '+'),
+    // Java's URLEncoder: a form, with "*" kept and "~" escaped.
+    strict.replaceAll('%20', '+').replaceAll('%2A', '*').replaceAll('~', '%7E'),
     json,
     json.replaceAll('/', '\\/'),
     // HTML-safe JSON, as Go's encoding/json and Rails write it: <, >, &, U+2028 and U+2029 as \uXXXX.

@@ -588,6 +588,8 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     'percent-upper': encodeURIComponent(KEY),
     'percent-lower': encodeURIComponent(KEY).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()),
     'form-encoded': encodeURIComponent(KEY).replaceAll('%20', '+'),
+    // Python's urllib.parse.quote() keeps "/" by default (safe='/'), as in a path it builds.
+    'percent-slash-kept': encodeURIComponent(KEY).replaceAll('%2F', '/'),
     // PHP's json_encode (and Jackson with ESCAPE_FORWARD_SLASHES) write "/" as "\/".
     'json-escaped-slash': JSON.stringify(KEY).slice(1, -1).replaceAll('/', '\\/'),
     'html-escaped': KEY.replace('&', '&amp;'),
@@ -635,6 +637,48 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
   });
 });
 
+
+/**
+ * A key holding characters that encodeURIComponent leaves as they are (! ' ( ) * ~) but stricter
+ * encoders escape: Go's url.QueryEscape, PHP's rawurlencode, Python's quote(safe=''), Java's URLEncoder.
+ */
+describe('RESP-04i echoes of a key percent-encoded by strict encoders', () => {
+  const KEY = "CANARY!k*e'y(1)~z w";
+  const strict = KEY.replace(/[^A-Za-z0-9\-._~]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`);
+  const forms: Record<string, string> = {
+    'rfc3986 (rawurlencode, quote(safe=""))': strict,
+    'go-query-escape': strict.replaceAll('%20', '+'),
+    'java-urlencoder': strict.replaceAll('%20', '+').replaceAll('%2A', '*').replaceAll('~', '%7E'),
+  };
+  let up: Upstream;
+  let proxy: TestProxy;
+  beforeAll(async () => {
+    up = await startUpstream((req, res) => {
+      const form = forms[decodeURIComponent((req.url ?? '').slice(1))] ?? '';
+      const text = `{"error":"INVALID_API_KEYS","key":"${form}"}`;
+      res.writeHead(400, { 'content-type': 'application/json', location: `https://e.example/?k=${form}`, 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+    });
+    proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: KEY } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await proxy?.close();
+    await up?.close();
+  });
+
+  it.each(Object.keys(forms))('the key echoed %s is redacted in the body and the header', async (form) => {
+    expect(forms[form], 'an encoded form, not encodeURIComponent\'s').not.toBe(encodeURIComponent(KEY));
+    const res = await fetch(`${proxy.url}/api/${encodeURIComponent(form)}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const text = await res.text();
+    expect(res.status).toBe(400);
+    expect(text).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+    expect(res.headers.get('location')).toBe('https://e.example/?k=[REDACTED]');
+  });
+});
 
 /**
  * A key with latin1 letters, injected as a header: undici writes header values as latin1, so the

@@ -200,13 +200,14 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
       'a%20b%2F%22%C3%A9%5C',
       'a%20b%2f%22%c3%a9%5c',
       'a+b%2F%22%C3%A9%5C',
+      'a%20b/%22%C3%A9%5C',
       'a b/\\"é\\\\',
       'a b\\/\\"é\\\\',
       '\\u0061\\u0020\\u0062\\u002f\\u0022\\u00e9\\u005c',
@@ -220,6 +221,8 @@ describe('redactText / echoForms', () => {
     ]);
     expect(echoForms('abcd')).toEqual(['abcd', '\\u0061\\u0062\\u0063\\u0064', 'YWJjZA==', 'YWJjZA', '61626364']);
     expect(echoForms('abc')).toEqual(['abc', '\\u0061\\u0062\\u0063', 'YWJj', '616263']);
+    // Strict encoders escape ! ' ( ) *, which encodeURIComponent keeps; Java's keeps * and escapes ~.
+    expect(echoForms("a!b'(c)*~")).toEqual(expect.arrayContaining(['a%21b%27%28c%29%2A~', 'a%21b%27%28c%29*%7E']));
     // base64url differs from base64 only where base64 has "+" or "/".
     expect(echoForms('??>')).toContain('Pz8-');
   });
