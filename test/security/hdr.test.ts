@@ -378,6 +378,15 @@ describe('HDR: header hygiene and injection', () => {
     await lab.g0(mark, 0);
   });
 
+  it('HDR-18b Expect: 100-continue on an HTTP/1.0 request is ignored (RFC 9110 §10.1.1): no 100 Continue, which an HTTP/1.0 client would take for its answer', async () => {
+    const mark = lab.u.requests.length;
+    const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.0\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`);
+    lab.seen(raw);
+    expect(statuses(raw)).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.body.toString()).toBe('{}');
+    await lab.g0(mark, 1);
+  });
+
   it('HDR-18 Expect: 100-continue: no 100 Continue before the request is authenticated and allowed; an allowed one gets it and its body reaches U', async () => {
     // Node answers 100 Continue by itself as soon as the head arrives: a caller with no token, or
     // on a path it may not use, was invited to send its body before the 401/403.
