@@ -154,6 +154,14 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     res.end();
     return;
   }
+  if (url === '/echo-body-b64') {
+    // The request body as received, base64-encoded (as gateways and debug answers quote it): the
+    // secret sits somewhere inside a longer base64 text, at whatever offset the body gives it.
+    const text = JSON.stringify({ error: 'INVALID_API_KEYS', received_b64: body.toString('base64') });
+    res.writeHead(400, { 'content-type': 'application/json', 'x-received-b64': body.toString('base64'), 'content-length': Buffer.byteLength(text) });
+    res.end(text);
+    return;
+  }
   if (url === '/bomb') {
     // 64 MiB of zeros, gzip: about 64 KiB on the wire.
     const zipped = gzipSync(Buffer.alloc(64 * 1024 * 1024));
@@ -363,6 +371,23 @@ describe('RESP: secrets echoed by the upstream', () => {
         if (code === 302) expect(r.headers.get('location')).toBe('/elsewhere');
         await lab.g0(mark, 1);
       }
+    }
+  });
+
+  it('RESP-04j the json_body secret echoed inside a base64 text of the whole body (at each of the three base64 alignments) is redacted', async () => {
+    for (const pad of ['', 'a', 'ab']) {
+      const mark = lab.u.requests.length;
+      const r = await call('/jbody/echo-body-b64', { body: JSON.stringify({ pad }) });
+      expect(r.status, pad).toBe(400);
+      const sent = lab.u.requests.at(-1)!.body;
+      expect(sent.toString(), 'the secret went upstream in the body').toContain(CANARY);
+      const quoted = (JSON.parse(r.text) as { received_b64: string }).received_b64;
+      expect(quoted, pad).toContain('[REDACTED]');
+      for (const b64 of [quoted, r.headers.get('x-received-b64') ?? '']) {
+        // Whatever base64 is left, decoded: the secret is not in it.
+        for (const piece of b64.split('[REDACTED]')) expect(Buffer.from(piece, 'base64').toString('latin1'), pad).not.toContain(CANARY.slice(2, -2));
+      }
+      await lab.g0(mark, 1);
     }
   });
 

@@ -200,7 +200,7 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url, inside a longer base64 text) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
@@ -215,6 +215,10 @@ describe('redactText / echoForms', () => {
       'YSBiLyLDqVw=',
       'YSBiLyLDqVw',
       '6120622f22c3a95c',
+      // Its base64 inside a longer base64 text, at each byte offset (the characters that encode it only), and as base64url.
+      'YSBiLyLDqV',
+      'EgYi8iw6lc',
+      'hIGIvIsOpX',
       // Non-ASCII letters: the case-changed forms are other bytes, not only other ASCII case.
       'A B/"É\\',
       'a b/\\"\\u00e9\\\\',
