@@ -154,8 +154,11 @@ export function echoForms(value: string): string[] {
   if (/[^\x00-\x7f]/.test(value)) {
     forms.add(value.toUpperCase());
     forms.add(value.toLowerCase());
-    // Python's json.dumps by default (ensure_ascii) escapes only these characters.
-    forms.add(json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
+    // Python's json.dumps by default (ensure_ascii) escapes only these characters; PHP's
+    // json_encode by default escapes them and "/" as well.
+    const asciiOnly = json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    forms.add(asciiOnly);
+    forms.add(asciiOnly.replaceAll('/', '\\/'));
   }
   return [...forms];
 }

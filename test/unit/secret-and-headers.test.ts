@@ -184,6 +184,13 @@ describe('redactText / echoForms', () => {
     expect(redactText('abcd-abcd-xabcdx', ['abcd'])).toBe('[REDACTED]-[REDACTED]-x[REDACTED]x');
   });
 
+  it('finds a key with non-ASCII letters and "/" as PHP\'s json_encode writes it by default: "/" as \\/ and the letters as \\uXXXX together', () => {
+    const key = 'clé/privée+9f2';
+    const php = key.replaceAll('/', '\\/').replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    expect(php).toBe('cl\\u00e9\\/priv\\u00e9e+9f2');
+    expect(redactText(`{"key":"${php}"}`, echoForms(key))).toBe('{"key":"[REDACTED]"}');
+  });
+
   it('replaces the longest secret first, so a containing secret goes whole', () => {
     expect(redactText('key=abcdef and abcd', ['abcd', 'abcdef'])).toBe('key=[REDACTED] and [REDACTED]');
     expect(redactText('key=abcdef and abcd', ['abcdef', 'abcd'])).toBe('key=[REDACTED] and [REDACTED]');
@@ -200,7 +207,7 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url, inside a longer base64 text) and hex forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX, with and without \\/), HTML-escaped, base64 (padded, unpadded, url, inside a longer base64 text) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
@@ -222,6 +229,7 @@ describe('redactText / echoForms', () => {
       // Non-ASCII letters: the case-changed forms are other bytes, not only other ASCII case.
       'A B/"É\\',
       'a b/\\"\\u00e9\\\\',
+      'a b\\/\\"\\u00e9\\\\',
     ]);
     expect(echoForms('abcd')).toEqual(['abcd', '\\u0061\\u0062\\u0063\\u0064', 'YWJjZA==', 'YWJjZA', '61626364']);
     expect(echoForms('abc')).toEqual(['abc', '\\u0061\\u0062\\u0063', 'YWJj', '616263']);
