@@ -9,6 +9,7 @@ export const ERRORS = {
   route_forbidden: { status: 403, message: 'This caller may not use this route, method or path.' },
   route_not_found: { status: 404, message: 'No route owns this path.' },
   misdirected_request: { status: 421, message: 'The request is for another host than its tunnel.' },
+  expectation_failed: { status: 417, message: 'The request has an Expect the proxy cannot meet; only 100-continue is supported.' },
   body_too_large: { status: 413, message: 'The request body is larger than the route allows.' },
   rate_limited: { status: 429, message: 'Rate limit reached; retry later.' },
   upstream_error: { status: 502, message: 'The upstream could not be reached or answered badly.' },

@@ -23,7 +23,8 @@ const continued = new WeakSet<ServerResponse>();
  * a refused request is answered without its body ever being invited.
  */
 export function continueBody(req: IncomingMessage, res: ServerResponse): void {
-  if (req.headers.expect?.toLowerCase() !== '100-continue' || continued.has(res)) return;
+  // HTTP/1.0 has no 1xx: its Expect is ignored (RFC 9110 §10.1.1), and a 100 would be read as the answer.
+  if (req.headers.expect?.toLowerCase() !== '100-continue' || req.httpVersionMinor === 0 || continued.has(res)) return;
   continued.add(res);
   res.writeContinue();
 }

@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { brotliDecompressSync, gunzipSync, gzipSync, inflateSync } from 'node:zlib';
+import { brotliDecompressSync, gunzipSync, gzipSync, inflateRawSync, inflateSync, zstdDecompressSync } from 'node:zlib';
 import type { Dispatcher } from 'undici';
 import { ProxyError, upstreamFailure } from '../errors.ts';
 import type { OutboundRequest } from '../injectors/types.ts';
@@ -269,6 +269,11 @@ function redactBody(body: Buffer, redact: (text: string) => string): Buffer {
   return redacted === text ? body : Buffer.from(redacted, 'latin1');
 }
 
+/** A zlib header (RFC 1950 §2.2): method 8 (deflate), a window of at most 32 KiB, and the check bits. */
+function isZlib(body: Buffer): boolean {
+  return body.length >= 2 && (body[0]! & 0x0f) === 8 && body[0]! >> 4 <= 7 && ((body[0]! << 8) | body[1]!) % 31 === 0;
+}
+
 /** The gzip magic and its only compression method, deflate (RFC 1952 §2.3.1). */
 function isGzip(body: Buffer): boolean {
   return body.length >= 3 && body[0] === 0x1f && body[1] === 0x8b && body[2] === 0x08;
@@ -276,12 +281,18 @@ function isGzip(body: Buffer): boolean {
 
 function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
   const encoding = contentEncoding?.trim().toLowerCase();
-  if (!encoding || encoding === 'identity') return raw;
+  // No content has no coding to undo: a 302 or 401 with Content-Length: 0 under a compressing
+  // middleware's Content-Encoding is not compressed data cut short.
+  if (!encoding || encoding === 'identity' || raw.length === 0) return raw;
   const limits = { maxOutputLength: MAX_INSPECTED_ERROR_BODY };
   try {
     if (encoding === 'gzip' || encoding === 'x-gzip') return gunzipSync(raw, limits);
-    if (encoding === 'deflate') return inflateSync(raw, limits);
+    // "deflate" is zlib data (RFC 9110 §8.4.1.2), but IIS and other servers send it raw, without
+    // the zlib wrapper; clients (browsers, undici, curl) read both, so the proxy does as well.
+    if (encoding === 'deflate') return isZlib(raw) ? inflateSync(raw, limits) : inflateRawSync(raw, limits);
     if (encoding === 'br') return brotliDecompressSync(raw, limits);
+    // RFC 8878: what CDNs (Cloudflare among them) send a caller whose Accept-Encoding offers it.
+    if (encoding === 'zstd') return zstdDecompressSync(raw, limits);
   } catch {
     throw new ProxyError('upstream_error', 'The upstream error body could not be decoded for inspection.');
   }

@@ -84,11 +84,32 @@ function unicodeEscape(code: number): string {
 const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 
 /**
+ * The secret inside a longer base64 text (a request body, "user:secret", a header line quoted
+ * whole): at each of the three byte offsets it may start at, the characters that encode its bytes
+ * only. The characters at either end, which also encode a neighbour's bits, are left as they are.
+ * A slice shorter than MIN_EMBEDDED_BASE64 is not looked for: it would turn up by chance in
+ * unrelated base64 (an image, a certificate) and mangle it.
+ */
+function embeddedBase64(bytes: Buffer): string[] {
+  const inner: string[] = [];
+  for (let shift = 0; shift < 3; shift++) {
+    const text = Buffer.concat([Buffer.alloc(shift), bytes]).toString('base64');
+    const slice = text.slice(Math.ceil((8 * shift) / 6), Math.floor((8 * (shift + bytes.length)) / 6));
+    if (slice.length >= MIN_EMBEDDED_BASE64) inner.push(slice);
+  }
+  return inner;
+}
+
+/** Characters of a secret's base64 inside a longer text (embeddedBase64) worth looking for: 48 bits. */
+const MIN_EMBEDDED_BASE64 = 8;
+
+/**
  * A secret's forms as an upstream might echo it: raw; percent-encoded (upper- and lower-case hex,
- * and form-encoded); JSON-escaped (also with "/" as "\/", as PHP writes it; with every character
- * as \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
- * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url; the
- * hex of its UTF-8 bytes. The redactor ignores case, which covers upper- and lower-case hex and a
+ * form-encoded, with "/" kept, and as the stricter encoders of Go, PHP, Python and Java write it); JSON-escaped (also with "/" as "\/", as PHP writes it; with <, >, & and the
+ * line and paragraph separators as \uXXXX, as Go and Rails write it; with every character as
+ * \uXXXX, as some encoders and loggers write it; with only its non-ASCII characters as \uXXXX,
+ * as Python's json.dumps does); HTML-escaped; base64 with and without padding, and base64url, also
+ * inside a longer base64 text (embeddedBase64); the hex of its UTF-8 bytes. The redactor ignores case, which covers upper- and lower-case hex and a
  * key quoted upper- or lower-cased; for a secret with non-ASCII letters, its upper- and
  * lower-cased forms are listed too (their UTF-8 bytes differ by more than ASCII case). For a
  * secret of letters and digits many of these are the raw value again, and the set holds each form
@@ -96,6 +117,9 @@ const HTML_ESCAPES: Readonly<Record<string, string>> = { '&': '&amp;', '<': '&lt
  */
 export function echoForms(value: string): string[] {
   const percent = encodeURIComponent(value);
+  // RFC 3986 as strict encoders apply it (Go's url.QueryEscape, PHP's rawurlencode, Python's
+  // quote with safe=''): ! ' ( ) * are escaped too, which encodeURIComponent leaves.
+  const strict = percent.replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
   const json = JSON.stringify(value).slice(1, -1);
   const bytes = Buffer.from(value, 'utf8');
   const base64 = bytes.toString('base64');
@@ -106,8 +130,16 @@ export function echoForms(value: string): string[] {
     percent,
     percent.replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()),
     percent.replaceAll('%20', '+'),
+    // Python's urllib.parse.quote keeps "/" unless told otherwise.
+    percent.replaceAll('%2F', '/'),
+    strict,
+    strict.replaceAll('%20', '+'),
+    // Java's URLEncoder: a form, with "*" kept and "~" escaped.
+    strict.replaceAll('%20', '+').replaceAll('%2A', '*').replaceAll('~', '%7E'),
     json,
     json.replaceAll('/', '\\/'),
+    // HTML-safe JSON, as Go's encoding/json and Rails write it: <, >, &, U+2028 and U+2029 as \uXXXX.
+    json.replace(/[<>&\u2028\u2029]/g, (c) => unicodeEscape(c.charCodeAt(0))),
     unicodeEscaped,
     value.replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]!),
     base64,
@@ -115,11 +147,18 @@ export function echoForms(value: string): string[] {
     bytes.toString('base64url'),
     bytes.toString('hex'),
   ]);
+  for (const inner of embeddedBase64(bytes)) {
+    forms.add(inner);
+    forms.add(inner.replaceAll('+', '-').replaceAll('/', '_'));
+  }
   if (/[^\x00-\x7f]/.test(value)) {
     forms.add(value.toUpperCase());
     forms.add(value.toLowerCase());
-    // Python's json.dumps by default (ensure_ascii) escapes only these characters.
-    forms.add(json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
+    // Python's json.dumps by default (ensure_ascii) escapes only these characters; PHP's
+    // json_encode by default escapes them and "/" as well.
+    const asciiOnly = json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    forms.add(asciiOnly);
+    forms.add(asciiOnly.replaceAll('/', '\\/'));
   }
   return [...forms];
 }

@@ -66,6 +66,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   inner.on('checkContinue', onRequest);
+  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
+  inner.on('checkExpectation', onRequest);
   // Bytes that do not parse get the listeners' answer (X-Request-Id, X-Egress-Error, after any
   // answer still owed on the tunnel), not Node's bare 400 written ahead of that answer.
   inner.on('clientError', answerClientError);

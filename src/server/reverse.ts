@@ -45,6 +45,8 @@ export function createReverseServer(getConfig: () => CompiledConfig, services: S
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   server.on('checkContinue', onRequest);
+  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
+  server.on('checkExpectation', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
 
   // Protocol switches and tunnels are not API calls: refuse them with a proxy error.

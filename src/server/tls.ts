@@ -107,6 +107,8 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   }
   // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
   server.on('checkContinue', onRequest);
+  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
+  server.on('checkExpectation', onRequest);
   // As on the plain listener and inside tunnels: past this many header lines the request is refused (431).
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('secureConnection', (s: TLSSocket) => {

@@ -1,6 +1,9 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CANARY, CLIENT_ID, rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { RawConnection } from './raw-socket.ts';
+import { eventually } from '../helpers/proxy.ts';
 
 /**
  * HDR: header hygiene and injection. The standard plaid route injects PLAID-CLIENT-ID and
@@ -358,6 +361,32 @@ describe('HDR: header hygiene and injection', () => {
     noStack(raw);
     await lab.g0(mark, 1);
   });
+  it('HDR-19 an Expect other than 100-continue is the proxy\'s 417 (X-Egress-Error, X-Request-Id, JSON body, audited), not Node\'s bare 417; its body and what follows are not processed', async () => {
+    const mark = lab.u.requests.length;
+    for (const value of ['something-else', '100-continue, foo']) {
+      const next = 'POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n';
+      const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nExpect: ${value}\r\nContent-Length: 2\r\n\r\n{}${next}`);
+      lab.seen(raw);
+      expect(statuses(raw), value).toEqual([417]);
+      expect(raw, value).toMatch(/\r\nx-egress-error: expectation_failed\r\n/i);
+      const id = /\r\nx-request-id: ([0-9a-f-]{36})\r\n/i.exec(raw)?.[1];
+      expect(id, value).toBeDefined();
+      expect(raw, value).toMatch(/\r\nconnection: close\r\n/i);
+      expect(JSON.parse(raw.slice(raw.indexOf('\r\n\r\n') + 4)).error, value).toMatchObject({ code: 'expectation_failed', request_id: id });
+      await eventually(async () => (await readFile(join(lab.dir, 'audit.log'), 'utf8')).includes(`"${id}"`), 3_000, `${value}: the refusal audited`);
+    }
+    await lab.g0(mark, 0);
+  });
+
+  it('HDR-18b Expect: 100-continue on an HTTP/1.0 request is ignored (RFC 9110 §10.1.1): no 100 Continue, which an HTTP/1.0 client would take for its answer', async () => {
+    const mark = lab.u.requests.length;
+    const raw = await rawRequest(lab.port, `POST /plaid/accounts/get HTTP/1.0\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`);
+    lab.seen(raw);
+    expect(statuses(raw)).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.body.toString()).toBe('{}');
+    await lab.g0(mark, 1);
+  });
+
   it('HDR-18 Expect: 100-continue: no 100 Continue before the request is authenticated and allowed; an allowed one gets it and its body reaches U', async () => {
     // Node answers 100 Continue by itself as soon as the head arrives: a caller with no token, or
     // on a path it may not use, was invited to send its body before the 401/403.

@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
-import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib';
+import { brotliCompressSync, deflateRawSync, deflateSync, gunzipSync, gzipSync, zstdCompressSync } from 'node:zlib';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -131,8 +131,8 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const text = JSON.stringify({ error: 'INVALID_API_KEYS', message: `key ${secret} rejected`, echoed_body: body.toString('utf8') });
     const enc = url.slice('/echo-error'.length).replace(/^-/, '');
     const buf = Buffer.from(text);
-    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'br' ? brotliCompressSync(buf) : buf;
-    res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc } : {}), 'content-length': coded.length });
+    const coded = enc === 'gzip' ? gzipSync(buf) : enc === 'deflate' ? deflateSync(buf) : enc === 'deflate-raw' ? deflateRawSync(buf) : enc === 'br' ? brotliCompressSync(buf) : enc === 'zstd' ? zstdCompressSync(buf) : buf;
+    res.writeHead(400, { 'content-type': 'application/json', ...(enc ? { 'content-encoding': enc.replace('-raw', '') } : {}), 'content-length': coded.length });
     res.end(coded);
     return;
   }
@@ -145,6 +145,21 @@ function upstream(req: IncomingMessage, res: ServerResponse, body: Buffer): void
     const coded = type === 'encoded' ? gzipSync(body) : body;
     res.writeHead(400, { 'content-type': type === 'octet' ? 'application/octet-stream' : 'application/gzip', ...(type === 'encoded' ? { 'content-encoding': 'gzip' } : {}), 'content-length': coded.length });
     res.end(coded);
+    return;
+  }
+  if (url.startsWith('/empty-encoded/')) {
+    // An error or redirect with no content, labelled with a Content-Encoding all the same.
+    const [, , enc, code] = url.split('/');
+    res.writeHead(Number(code), { 'content-encoding': enc!, ...(Number(code) === 302 ? { location: '/elsewhere' } : {}), 'content-length': 0 });
+    res.end();
+    return;
+  }
+  if (url === '/echo-body-b64') {
+    // The request body as received, base64-encoded (as gateways and debug answers quote it): the
+    // secret sits somewhere inside a longer base64 text, at whatever offset the body gives it.
+    const text = JSON.stringify({ error: 'INVALID_API_KEYS', received_b64: body.toString('base64') });
+    res.writeHead(400, { 'content-type': 'application/json', 'x-received-b64': body.toString('base64'), 'content-length': Buffer.byteLength(text) });
+    res.end(text);
     return;
   }
   if (url === '/bomb') {
@@ -320,6 +335,58 @@ describe('RESP: secrets echoed by the upstream', () => {
       expect(r.status, enc).toBe(400);
       expect(r.text, enc).toContain('[REDACTED]');
       expect(r.text, enc).toContain('INVALID_API_KEYS');
+      await lab.g0(mark, 1);
+    }
+  });
+
+  it('RESP-04f the secret echoed in a zstd error body (Content-Encoding: zstd, as Cloudflare answers clients that accept it) is redacted, not refused', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/echo-error-zstd', { headers: { 'accept-encoding': 'zstd' } });
+    expect(r.status).toBe(400);
+    expect(r.error).toBeNull();
+    expect(r.headers.get('content-encoding')).toBeNull();
+    expect(r.text).toContain('[REDACTED]');
+    expect(r.text).toContain('INVALID_API_KEYS');
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-04h the secret echoed in a "deflate" error body sent as raw deflate without the zlib wrapper (as IIS and older servers send it) is redacted, not refused', async () => {
+    const mark = lab.u.requests.length;
+    const r = await call('/resp/echo-error-deflate-raw');
+    expect(r.status).toBe(400);
+    expect(r.error).toBeNull();
+    expect(r.text).toContain('[REDACTED]');
+    expect(r.text).toContain('INVALID_API_KEYS');
+    await lab.g0(mark, 1);
+  });
+
+  it('RESP-04g an error or redirect with no content but a Content-Encoding is relayed as it came (empty), not refused', async () => {
+    for (const enc of ['gzip', 'deflate', 'br', 'zstd']) {
+      for (const code of [302, 401, 503]) {
+        const mark = lab.u.requests.length;
+        const r = await call(`/resp/empty-encoded/${enc}/${code}`);
+        expect(r.status, `${enc} ${code}`).toBe(code);
+        expect(r.error, `${enc} ${code}`).toBeNull();
+        expect(r.text, `${enc} ${code}`).toBe('');
+        if (code === 302) expect(r.headers.get('location')).toBe('/elsewhere');
+        await lab.g0(mark, 1);
+      }
+    }
+  });
+
+  it('RESP-04j the json_body secret echoed inside a base64 text of the whole body (at each of the three base64 alignments) is redacted', async () => {
+    for (const pad of ['', 'a', 'ab']) {
+      const mark = lab.u.requests.length;
+      const r = await call('/jbody/echo-body-b64', { body: JSON.stringify({ pad }) });
+      expect(r.status, pad).toBe(400);
+      const sent = lab.u.requests.at(-1)!.body;
+      expect(sent.toString(), 'the secret went upstream in the body').toContain(CANARY);
+      const quoted = (JSON.parse(r.text) as { received_b64: string }).received_b64;
+      expect(quoted, pad).toContain('[REDACTED]');
+      for (const b64 of [quoted, r.headers.get('x-received-b64') ?? '']) {
+        // Whatever base64 is left, decoded: the secret is not in it.
+        for (const piece of b64.split('[REDACTED]')) expect(Buffer.from(piece, 'base64').toString('latin1'), pad).not.toContain(CANARY.slice(2, -2));
+      }
       await lab.g0(mark, 1);
     }
   });
@@ -546,6 +613,8 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     'percent-upper': encodeURIComponent(KEY),
     'percent-lower': encodeURIComponent(KEY).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()),
     'form-encoded': encodeURIComponent(KEY).replaceAll('%20', '+'),
+    // Python's urllib.parse.quote() keeps "/" by default (safe='/'), as in a path it builds.
+    'percent-slash-kept': encodeURIComponent(KEY).replaceAll('%2F', '/'),
     // PHP's json_encode (and Jackson with ESCAPE_FORWARD_SLASHES) write "/" as "\/".
     'json-escaped-slash': JSON.stringify(KEY).slice(1, -1).replaceAll('/', '\\/'),
     'html-escaped': KEY.replace('&', '&amp;'),
@@ -559,6 +628,8 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     // JSON encoders that escape every character (ensure_ascii-style writers, some loggers).
     'json-unicode-lower': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join(''),
     'json-unicode-upper': [...KEY].map((c) => `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`).join(''),
+    // Go's encoding/json and Rails' to_json escape <, > and & (HTML-safe JSON), the rest as it is.
+    'json-html-safe': JSON.stringify(KEY).slice(1, -1).replace(/[<>&]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`),
     'json-unicode-mixed': [...KEY].map((c, i) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').replace(/[a-f]/g, (h) => (i % 2 ? h.toUpperCase() : h))}`).join(''),
   };
   let up: Upstream;
@@ -591,6 +662,48 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
   });
 });
 
+
+/**
+ * A key holding characters that encodeURIComponent leaves as they are (! ' ( ) * ~) but stricter
+ * encoders escape: Go's url.QueryEscape, PHP's rawurlencode, Python's quote(safe=''), Java's URLEncoder.
+ */
+describe('RESP-04i echoes of a key percent-encoded by strict encoders', () => {
+  const KEY = "CANARY!k*e'y(1)~z w";
+  const strict = KEY.replace(/[^A-Za-z0-9\-._~]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`);
+  const forms: Record<string, string> = {
+    'rfc3986 (rawurlencode, quote(safe=""))': strict,
+    'go-query-escape': strict.replaceAll('%20', '+'),
+    'java-urlencoder': strict.replaceAll('%20', '+').replaceAll('%2A', '*').replaceAll('~', '%7E'),
+  };
+  let up: Upstream;
+  let proxy: TestProxy;
+  beforeAll(async () => {
+    up = await startUpstream((req, res) => {
+      const form = forms[decodeURIComponent((req.url ?? '').slice(1))] ?? '';
+      const text = `{"error":"INVALID_API_KEYS","key":"${form}"}`;
+      res.writeHead(400, { 'content-type': 'application/json', location: `https://e.example/?k=${form}`, 'content-length': Buffer.byteLength(text) });
+      res.end(text);
+    });
+    proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: KEY } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await proxy?.close();
+    await up?.close();
+  });
+
+  it.each(Object.keys(forms))('the key echoed %s is redacted in the body and the header', async (form) => {
+    expect(forms[form], 'an encoded form, not encodeURIComponent\'s').not.toBe(encodeURIComponent(KEY));
+    const res = await fetch(`${proxy.url}/api/${encodeURIComponent(form)}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const text = await res.text();
+    expect(res.status).toBe(400);
+    expect(text).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
+    expect(res.headers.get('location')).toBe('https://e.example/?k=[REDACTED]');
+  });
+});
 
 /**
  * A key with latin1 letters, injected as a header: undici writes header values as latin1, so the

@@ -184,6 +184,13 @@ describe('redactText / echoForms', () => {
     expect(redactText('abcd-abcd-xabcdx', ['abcd'])).toBe('[REDACTED]-[REDACTED]-x[REDACTED]x');
   });
 
+  it('finds a key with non-ASCII letters and "/" as PHP\'s json_encode writes it by default: "/" as \\/ and the letters as \\uXXXX together', () => {
+    const key = 'clé/privée+9f2';
+    const php = key.replaceAll('/', '\\/').replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    expect(php).toBe('cl\\u00e9\\/priv\\u00e9e+9f2');
+    expect(redactText(`{"key":"${php}"}`, echoForms(key))).toBe('{"key":"[REDACTED]"}');
+  });
+
   it('replaces the longest secret first, so a containing secret goes whole', () => {
     expect(redactText('key=abcdef and abcd', ['abcd', 'abcdef'])).toBe('key=[REDACTED] and [REDACTED]');
     expect(redactText('key=abcdef and abcd', ['abcdef', 'abcd'])).toBe('key=[REDACTED] and [REDACTED]');
@@ -200,13 +207,14 @@ describe('redactText / echoForms', () => {
     expect(redactText('$&$& x', ['$&$&'])).toBe('[REDACTED] x');
   });
 
-  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX), HTML-escaped, base64 (padded, unpadded, url) and hex forms, without duplicates', () => {
+  it('echoForms gives the raw, percent-encoded (both hex cases, form-encoded, "/" kept, strict), JSON-escaped (also with \\/, as \\uXXXX, and non-ASCII only as \\uXXXX, with and without \\/), HTML-escaped, base64 (padded, unpadded, url, inside a longer base64 text) and hex forms, without duplicates', () => {
     const value = 'a b/"é\\';
     expect(echoForms(value)).toEqual([
       value,
       'a%20b%2F%22%C3%A9%5C',
       'a%20b%2f%22%c3%a9%5c',
       'a+b%2F%22%C3%A9%5C',
+      'a%20b/%22%C3%A9%5C',
       'a b/\\"é\\\\',
       'a b\\/\\"é\\\\',
       '\\u0061\\u0020\\u0062\\u002f\\u0022\\u00e9\\u005c',
@@ -214,12 +222,19 @@ describe('redactText / echoForms', () => {
       'YSBiLyLDqVw=',
       'YSBiLyLDqVw',
       '6120622f22c3a95c',
+      // Its base64 inside a longer base64 text, at each byte offset (the characters that encode it only), and as base64url.
+      'YSBiLyLDqV',
+      'EgYi8iw6lc',
+      'hIGIvIsOpX',
       // Non-ASCII letters: the case-changed forms are other bytes, not only other ASCII case.
       'A B/"É\\',
       'a b/\\"\\u00e9\\\\',
+      'a b\\/\\"\\u00e9\\\\',
     ]);
     expect(echoForms('abcd')).toEqual(['abcd', '\\u0061\\u0062\\u0063\\u0064', 'YWJjZA==', 'YWJjZA', '61626364']);
     expect(echoForms('abc')).toEqual(['abc', '\\u0061\\u0062\\u0063', 'YWJj', '616263']);
+    // Strict encoders escape ! ' ( ) *, which encodeURIComponent keeps; Java's keeps * and escapes ~.
+    expect(echoForms("a!b'(c)*~")).toEqual(expect.arrayContaining(['a%21b%27%28c%29%2A~', 'a%21b%27%28c%29*%7E']));
     // base64url differs from base64 only where base64 has "+" or "/".
     expect(echoForms('??>')).toContain('Pz8-');
   });
