@@ -62,7 +62,7 @@ export class FileStore implements StoreBackend {
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
     const key = recordKey(kind, record);
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       const table: Record<string, unknown> = doc[TABLE[kind]];
       const existing = Object.hasOwn(table, key) ? table[key] : undefined;
@@ -73,16 +73,16 @@ export class FileStore implements StoreBackend {
       const below = doc.kek_floor === undefined ? undefined : newWrapBelow(existing, record, doc.kek_floor);
       if (below !== undefined) throw belowFloorError(key, below, doc.kek_floor!);
       table[key] = record;
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
   async raiseKekFloor(version: number): Promise<void> {
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       if ((doc.kek_floor ?? 0) >= version) return;
       doc.kek_floor = version;
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
@@ -92,7 +92,7 @@ export class FileStore implements StoreBackend {
 
   async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
     if (entries.length === 0) return;
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       const usage = doc.usage ?? (doc.usage = Object.create(null) as Record<string, Record<string, string>>);
       for (const e of entries) {
@@ -100,7 +100,7 @@ export class FileStore implements StoreBackend {
         const key = `${e.version}|${e.caller}`;
         if (!Object.hasOwn(byKey, key) || byKey[key]! < e.at) byKey[key] = e.at;
       }
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
@@ -178,11 +178,23 @@ export class FileStore implements StoreBackend {
     return typeof code === 'string' && !(err instanceof UserError) ? new StoreUnavailableError(`cannot write store ${this.path} (${code}); it is unchanged`) : err;
   }
 
-  async #write(doc: FileDocument): Promise<void> {
-    await replaceFile(this.path, `${JSON.stringify(doc, null, 2)}\n`, 0o600, (err) => this.#unchanged(err));
+  /**
+   * Replace the file, if `held` is still this writer's lock just before the rename. A writer held
+   * up past LOCK_STALE_MS (a stalled disk, a paused process) has had its lock taken over, and what
+   * it read may have been replaced since: its file would undo the other writer's change.
+   */
+  async #write(doc: FileDocument, held: HeldLock): Promise<void> {
+    await replaceFile(this.path, `${JSON.stringify(doc, null, 2)}\n`, 0o600, (err) => this.#unchanged(err), async () => {
+      try {
+        await held.confirm();
+      } catch (err) {
+        if (!(err instanceof ConflictError)) throw err;
+        throw new ConflictError(`store ${this.path} was not written: this writer held its lock past ${LOCK_STALE_MS / 1000} s and another writer took it over, and may have changed the store since; nothing was changed, try again`);
+      }
+    });
   }
 
-  async #withLock<T>(fn: () => Promise<T>): Promise<T> {
+  async #withLock<T>(fn: (held: HeldLock) => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
     let held: HeldLock;
     try {
@@ -191,7 +203,7 @@ export class FileStore implements StoreBackend {
       throw this.#unchanged(err);
     }
     try {
-      return await fn();
+      return await fn(held);
     } finally {
       await held.release();
     }

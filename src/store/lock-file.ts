@@ -122,6 +122,12 @@ export async function removeDeadClaims(lock: string): Promise<void> {
 export interface HeldLock {
   readonly path: string;
   readonly content: string;
+  /**
+   * Throw a ConflictError unless the lock still holds this claim's content. A holder that was held
+   * up past the lock's stale age (a stalled disk, a paused process) has had its lock taken over,
+   * and another writer may have written since: a file it replaces now would undo that write.
+   */
+  confirm(): Promise<void>;
   /** Remove the lock if it is still this claim's (a lock taken over as stale is another's now). Idempotent. */
   release(): Promise<void>;
 }
@@ -154,13 +160,17 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
 
 export function heldLock(lock: string, content: string): HeldLock {
   let released = false;
+  const mine = async () => (await readFile(lock, 'utf8').catch(() => undefined)) === content;
   return {
     path: lock,
     content,
+    confirm: async () => {
+      if (!(await mine())) throw new ConflictError(`the lock ${lock} was taken over by another writer while this one held it past its stale age; nothing was written, try again`);
+    },
     release: async () => {
       if (released) return;
       released = true;
-      if ((await readFile(lock, 'utf8').catch(() => undefined)) === content) await unlink(lock).catch(() => {});
+      if (await mine()) await unlink(lock).catch(() => {});
     },
   };
 }

@@ -1,8 +1,11 @@
-import { spawnSync } from 'node:child_process';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { open, readdir, readFile, rename, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { ConflictError } from '../../src/errors.ts';
 import { lockAuditLog } from '../../src/observe/audit-lock.ts';
+import { newCredentialRecord } from '../../src/store/credentials.ts';
+import { FileStore } from '../../src/store/file-store.ts';
 import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
 import { lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -90,5 +93,41 @@ describe('takeOverLock', () => {
     expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(true);
     expect(await takeOverLock(lock, { staleMs: 60_000 })).toBe(false);
     expect((await readdir(dir)).filter((name) => name === 'x.lock')).toEqual([]);
+  });
+});
+
+describe('file store: a live writer that held the lock past its stale age', () => {
+  it('finds its lock taken over before it renames, and writes nothing over the write made meanwhile', async () => {
+    const dir = await makeTempDir('egress-lock-stale-live-');
+    const path = join(dir, 'store.json');
+    const keyring = await createKeyring(join(dir, 'master.key'));
+    await new FileStore(path).put('credential', newCredentialRecord(keyring, 'seed', { token: 'tok_seed' }, new Date()), 0);
+    const seeded = await readFile(path, 'utf8');
+
+    // A slow disk, made real: writer A's read of the store (inside its lock) is a read of a FIFO,
+    // which ends only when the test writes into it. The store file is back in place for everyone else.
+    await unlink(path);
+    execFileSync('mkfifo', ['-m', '600', path]);
+    const a = new FileStore(path).put('credential', newCredentialRecord(keyring, 'from-a', { token: 'tok_a' }, new Date()), 0).then(() => 'written', (err: unknown) => err);
+    const fifo = await open(path, 'w'); // returns once A has opened the FIFO for its read
+    await writeFile(join(dir, 'store.copy'), seeded, { mode: 0o600 });
+    await rename(join(dir, 'store.copy'), path);
+    // A is still alive, but its lock is past the store's stale age (30 s): another writer takes it over.
+    const old = new Date(Date.now() - 60_000);
+    await utimes(`${path}.lock`, old, old);
+    await new FileStore(path).put('credential', newCredentialRecord(keyring, 'from-b', { token: 'tok_b' }, new Date()), 0);
+    expect(Object.keys(JSON.parse(await readFile(path, 'utf8')).credentials)).toEqual(['seed', 'from-b']);
+
+    // A's read ends with what the store held when A read it; A goes on to write.
+    await fifo.writeFile(seeded);
+    await fifo.close();
+    const result = await a;
+
+    // B's write is still there: A did not replace the file with one built on what it read before B wrote.
+    expect(Object.keys(JSON.parse(await readFile(path, 'utf8')).credentials)).toEqual(['seed', 'from-b']);
+    expect(result).toBeInstanceOf(ConflictError);
+    expect((result as Error).message).toMatch(/taken over|lock/);
+    expect(await lockFiles(dir)).toEqual([]);
+    expect((await readdir(dir)).filter((name) => name.endsWith('.tmp'))).toEqual([]);
   });
 });
