@@ -1,6 +1,6 @@
 import { createHash, randomBytes, randomInt } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { link, mkdir, readdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, readdir, readFile, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError } from '../errors.ts';
@@ -141,7 +141,9 @@ export interface AcquireOptions {
 
 /**
  * Take `lock`, waiting for a live holder. A writer killed mid-write leaves its lock behind: if its
- * process is gone, the lock is taken over at once instead of after it goes stale.
+ * process is gone, the lock is taken over at once instead of after it goes stale. The lock is
+ * refreshed while held (see heldLock), so only a holder that stopped running for `staleMs` loses
+ * it; one that resumes finds that out with HeldLock.confirm before it writes.
  */
 export async function acquireLock(lock: string, { waitMs, staleMs, what }: AcquireOptions): Promise<HeldLock> {
   await mkdir(dirname(lock), { recursive: true, mode: 0o700 });
@@ -150,7 +152,7 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
   for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
     if (await claimLock(lock, content)) {
       await removeDeadClaims(lock);
-      return heldLock(lock, content);
+      return heldLock(lock, content, staleMs / 3);
     }
     if (await takeOverLock(lock, { staleMs })) continue;
     if (Date.now() > deadline) throw new ConflictError(`${what} is locked by another writer (${lock})`);
@@ -158,9 +160,22 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
   }
 }
 
-export function heldLock(lock: string, content: string): HeldLock {
+/**
+ * A claim of `lock` with `content`. With `refreshMs`, the holder touches its lock that often while
+ * it holds it: a lock is judged stale by its age (a holder on another host, or one whose pid answers
+ * for another program), and a live holder whose work outlasts the stale age (a slow disk) would
+ * otherwise have its lock taken over from under it.
+ */
+export function heldLock(lock: string, content: string, refreshMs?: number): HeldLock {
   let released = false;
   const mine = async () => (await readFile(lock, 'utf8').catch(() => undefined)) === content;
+  const refresh = async () => {
+    if (!(await mine())) return;
+    const now = new Date();
+    await utimes(lock, now, now).catch(() => {});
+  };
+  const timer = refreshMs !== undefined && Number.isFinite(refreshMs) && refreshMs > 0 ? setInterval(() => void refresh(), refreshMs) : undefined;
+  timer?.unref();
   return {
     path: lock,
     content,
@@ -170,6 +185,7 @@ export function heldLock(lock: string, content: string): HeldLock {
     release: async () => {
       if (released) return;
       released = true;
+      clearInterval(timer);
       if (await mine()) await unlink(lock).catch(() => {});
     },
   };

@@ -7,7 +7,7 @@ import { lockAuditLog } from '../../src/observe/audit-lock.ts';
 import { newCredentialRecord } from '../../src/store/credentials.ts';
 import { FileStore } from '../../src/store/file-store.ts';
 import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
-import { lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
+import { acquireLock, lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 
@@ -129,5 +129,23 @@ describe('file store: a live writer that held the lock past its stale age', () =
     expect((result as Error).message).toMatch(/taken over|lock/);
     expect(await lockFiles(dir)).toEqual([]);
     expect((await readdir(dir)).filter((name) => name.endsWith('.tmp'))).toEqual([]);
+  });
+});
+
+describe('acquireLock: a live holder still at work past the stale age', () => {
+  it('keeps its lock: it refreshes the lock while it holds it, so the next writer waits instead of taking it over', async () => {
+    const dir = await makeTempDir('egress-lock-refresh-');
+    const lock = join(dir, 'x.lock');
+    const options = { waitMs: 0, staleMs: 1_500, what: 'x' };
+    const held = await acquireLock(lock, options);
+    try {
+      // The holder's work (a slow disk) lasts longer than the stale age; its process stays responsive.
+      await new Promise((r) => setTimeout(r, 2_500));
+      await expect(acquireLock(lock, { ...options, waitMs: 300 })).rejects.toBeInstanceOf(ConflictError);
+      await held.confirm();
+    } finally {
+      await held.release();
+    }
+    expect(await lockFiles(dir)).toEqual([]);
   });
 });
