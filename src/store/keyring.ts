@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open as openFile, readFile, rename, stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { link, lstat, mkdir, open as openFile, readFile, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
 import { withFileLock } from './lock-file.ts';
-import { replaceFile } from './temp-files.ts';
+import { removeStaleTemps, replaceFile } from './temp-files.ts';
 
 /**
  * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
@@ -134,23 +134,44 @@ function parseKeyring(raw: unknown, path: string): Keyring {
   return new Keyring(doc.active as number, keys);
 }
 
-/** Create a new keyring with one fresh key. Refuses to overwrite: losing a keyring loses every credential. */
+/**
+ * Create a new keyring with one fresh key. Refuses to overwrite: losing a keyring loses every
+ * credential. The file is written in full beside its place (0600, fsync) and linked into place,
+ * which fails if a file is there: a write cut short (a full disk) or a kill on the way leaves no
+ * master key file, rather than an empty one that every later init refused as existing and every
+ * start refused as not a keyring.
+ */
 export async function createKeyring(path: string): Promise<Keyring> {
-  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  const exists = () => new UserError(`master key file ${path} already exists; refusing to overwrite it`);
+  const cannot = (err: unknown) => new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); nothing was created`);
+  if (await lstat(path).then(() => true, () => false)) throw exists();
+  const dir = dirname(path);
   const entry: KekEntry = { version: 1, createdAt: new Date().toISOString(), key: randomBytes(KEY_BYTES) };
   const keyring = new Keyring(1, [entry]);
-  let handle;
+  // Named as replaceFile names its temp files, so one a killed init left is removed by the next write.
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
   try {
-    handle = await openFile(path, 'wx', 0o600);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await removeStaleTemps(dir, basename(path));
+    const handle = await openFile(tmp, 'wx', 0o600);
+    try {
+      await handle.writeFile(keyring.serialize());
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await link(tmp, path);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new UserError(`master key file ${path} already exists; refusing to overwrite it`);
-    throw new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-  }
-  try {
-    await handle.writeFile(keyring.serialize());
-    await handle.sync();
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw exists();
+    throw cannot(err);
   } finally {
-    await handle.close();
+    await unlink(tmp).catch(() => {});
+  }
+  const folder = await openFile(dir, 'r');
+  try {
+    await folder.sync();
+  } finally {
+    await folder.close();
   }
   return keyring;
 }
