@@ -7,13 +7,23 @@ import { cliActor, EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts
 
 const USAGE = 'usage: egress master-key init | status | rotate | remove --version N';
 
-/** How many stored data keys each KEK version wraps. */
-async function wrapCounts(store: StoreBackend): Promise<Map<number, number>> {
+/**
+ * How many stored data keys each KEK version wraps, and the credential records that could not be
+ * read (damaged: a hand edit, a field a newer release writes). Those are not counted and not
+ * re-wrapped, and may hold data keys wrapped by any version: no version is free to remove while
+ * there is one, or the record, once repaired, could never be decrypted again.
+ */
+async function wrapCounts(store: StoreBackend): Promise<{ wraps: Map<number, number>; damaged: string[] }> {
+  const snapshot = await store.load();
   const wraps = new Map<number, number>();
-  for (const record of (await store.load()).credentials.values()) {
+  for (const record of snapshot.credentials.values()) {
     for (const v of record.versions) if (v.dek) wraps.set(v.kek, (wraps.get(v.kek) ?? 0) + 1);
   }
-  return wraps;
+  return { wraps, damaged: [...snapshot.damaged.keys()].filter((k) => k.startsWith('credential:')) };
+}
+
+function damagedNote(damaged: readonly string[]): string {
+  return `damaged credential records, not read and not re-wrapped (they may need any key version; repair them, then run "master-key rotate --resume"): ${damaged.join(', ')}`;
 }
 
 /**
@@ -39,7 +49,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
       const keyring = await readKeyring(settings.masterKeyFile);
       const store = openStore(settings.store);
       try {
-        const wraps = await wrapCounts(store);
+        const { wraps, damaged } = await wrapCounts(store);
         const floor = await store.kekFloor();
         const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
         const missing = [...wraps.keys()].filter((k) => keyring.get(k) === undefined);
@@ -47,9 +57,10 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         const warnings = [
           ...(missing.length ? [`records wrapped by key versions missing from the keyring: ${missing.join(', ')}`] : []),
           ...(floor > keyring.active ? [olderCopy(settings.masterKeyFile, floor, keyring.active)] : []),
+          ...(damaged.length ? [damagedNote(damaged)] : []),
         ];
         const floorLine = floor > 0 ? `\nthe store takes new data keys wrapped by key version ${floor} or later` : '';
-        return { code: warnings.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${floorLine}${warnings.map((w) => `\n${w}`).join('')}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing, kek_floor: floor } };
+        return { code: warnings.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${floorLine}${warnings.map((w) => `\n${w}`).join('')}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing, kek_floor: floor, damaged } };
       } finally {
         await store.close();
       }
@@ -72,10 +83,10 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           // commits after this is refused, so none slips in behind the re-wrap.
           await store.raiseKekFloor(keyring.active);
           const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
-          const wraps = await wrapCounts(store);
+          const { wraps, damaged } = await wrapCounts(store);
           const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
-          const removable = versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
-          return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}`, { active: keyring.active, rewrapped: changed, versions });
+          const removable = damaged.length ? [] : versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
+          return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}${damaged.length ? `\n${damagedNote(damaged)}` : ''}`, { active: keyring.active, rewrapped: changed, versions, damaged });
         } finally {
           await store.close();
         }
@@ -92,8 +103,10 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           if (floor > keyring.active) throw new UserError(`${olderCopy(settings.masterKeyFile, floor, keyring.active)}; nothing was changed`);
           // Before the count (a store last rotated without the floor): no write after it can wrap with `version`.
           await store.raiseKekFloor(keyring.active);
-          const wraps = (await wrapCounts(store)).get(version) ?? 0;
+          const counted = await wrapCounts(store);
+          const wraps = counted.wraps.get(version) ?? 0;
           if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
+          if (counted.damaged.length) throw new UserError(`key version ${version} was not removed: ${damagedNote(counted.damaged)}`);
           await writeKeyring(settings.masterKeyFile, keyring.without(version));
           return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
         } finally {
