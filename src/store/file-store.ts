@@ -167,7 +167,7 @@ export class FileStore implements StoreBackend {
       credentials: nullProto(d.credentials),
       callers: nullProto(d.callers),
       admins: nullProto(d.admins ?? {}),
-      usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>>,
+      usage: readableUsage(d.usage),
       ...(Number.isSafeInteger(d.kek_floor) ? { kek_floor: d.kek_floor } : {}),
     };
   }
@@ -216,6 +216,22 @@ export function decodeUsage(credential: string, byKey: Record<string, string>): 
     const version = Number(key.slice(0, bar));
     return bar > 0 && Number.isSafeInteger(version) && typeof at === 'string' ? [{ credential, version, caller: key.slice(bar + 1), at }] : [];
   });
+}
+
+/**
+ * The usage table as it can be read and merged into: a credential's entry that is not an object
+ * (a hand edit) is no usage, dropped, rather than a `keys show` and every usage write that fail on
+ * it. Usage is a hint; the next write for that credential starts it afresh.
+ */
+function readableUsage(usage: unknown): Record<string, Record<string, string>> {
+  const out: Record<string, Record<string, string>> = Object.create(null);
+  if (!isTable(usage)) return out;
+  for (const [credential, byKey] of Object.entries(usage)) if (isTable(byKey)) out[credential] = nullProto(byKey) as Record<string, string>;
+  return out;
+}
+
+function isTable(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
 function nullProto(obj: object): Record<string, unknown> {
