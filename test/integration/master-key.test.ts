@@ -3,14 +3,16 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { promoteCredential, rewrapAll } from '../../src/rotation/operations.ts';
 import { rotate } from '../../src/rotation/transitions.ts';
 import type { FieldValues } from '../../src/store/credentials.ts';
+import { FileStore } from '../../src/store/file-store.ts';
 import { newCredentialRecord, openVersion } from '../../src/store/credentials.ts';
 import type { Keyring } from '../../src/store/keyring.ts';
 import { createKeyring, readKeyring, writeKeyring } from '../../src/store/keyring.ts';
 import { openStore } from '../../src/store/open-store.ts';
 import type { CredentialRecord } from '../../src/store/records.ts';
-import type { StoreSnapshot } from '../../src/store/types.ts';
+import type { StoreBackend, StoreSnapshot } from '../../src/store/types.ts';
 import { BIN, ROOT, runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
@@ -246,6 +248,46 @@ describe('master-key rotate and remove with a damaged credential record', () => 
     const removed = await runCli(['master-key', 'remove', '--version', '1'], env);
     expect(removed.code, removed.stderr).toBe(0);
     verifyAll(await load(`file:${storePath}`), await readKeyring(keyPath), expected);
+  });
+});
+
+describe('a credential changed while master-key rotate re-wraps', () => {
+  it('is re-read and re-wrapped: the re-wrap finishes, and the change made meanwhile is kept', async () => {
+    const dir = await tempDir();
+    const keyPath = join(dir, 'master.key');
+    const storePath = join(dir, 'store.json');
+    const keyring1 = await createKeyring(keyPath);
+    const { records, expected } = makeRecords(keyring1, 4, true);
+    await writeStoreFile(storePath, records);
+    const keyring2 = keyring1.withNewKey(new Date());
+    await writeKeyring(keyPath, keyring2);
+
+    // Another writer (a `keys promote`, a grace sweep on a running proxy) changes cred-002 right
+    // after the re-wrap has read the store, before it writes that record.
+    const real = new FileStore(storePath);
+    let reads = 0;
+    const store: StoreBackend = {
+      description: real.description,
+      load: async () => {
+        const snapshot = await real.load();
+        if (++reads === 1) await promoteCredential({ store: new FileStore(storePath), actor: 'other' }, 'cred-002', HOUR);
+        return snapshot;
+      },
+      put: (kind, record, revision) => real.put(kind, record, revision),
+      raiseKekFloor: (version) => real.raiseKekFloor(version),
+      kekFloor: () => real.kekFloor(),
+      recordUsage: (entries) => real.recordUsage(entries),
+      readUsage: (credential) => real.readUsage(credential),
+      watch: (listener) => real.watch(listener),
+      close: () => real.close(),
+    };
+    expect(await rewrapAll({ store, actor: 'test' }, keyring2)).toBe(records.length);
+
+    const snapshot = await load(`file:${storePath}`);
+    expect(Object.fromEntries(verifyAll(snapshot, keyring2, expected))).toEqual({ 2: expected.size });
+    const promoted = snapshot.credentials.get('cred-002')!;
+    expect(promoted.versions.map((v) => v.state)).toEqual(['previous', 'current']);
+    expect(promoted.history!.map((h) => h.action).slice(-2)).toEqual(['promote', 'rewrap']);
   });
 });
 
