@@ -66,7 +66,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
       }
     }
     case 'rotate':
-      return withKeyringLock(settings.masterKeyFile, async () => {
+      return withKeyringLock(settings.masterKeyFile, async (held) => {
         let keyring = await readKeyring(settings.masterKeyFile);
         const store = openStore(settings.store);
         try {
@@ -77,7 +77,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
           if (p.values.resume !== true) {
             keyring = keyring.withNewKey(new Date());
-            await writeKeyring(settings.masterKeyFile, keyring);
+            await writeKeyring(settings.masterKeyFile, keyring, held);
           }
           // Before the re-wrap reads the records: a writer that wrapped with an older key and
           // commits after this is refused, so none slips in behind the re-wrap.
@@ -94,7 +94,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
     case 'remove': {
       const version = Number(p.values.version);
       if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
-      return withKeyringLock(settings.masterKeyFile, async () => {
+      return withKeyringLock(settings.masterKeyFile, async (held) => {
         const keyring = await readKeyring(settings.masterKeyFile);
         if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
         const store = openStore(settings.store);
@@ -107,7 +107,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           const wraps = counted.wraps.get(version) ?? 0;
           if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
           if (counted.damaged.length) throw new UserError(`key version ${version} was not removed: ${damagedNote(counted.damaged)}`);
-          await writeKeyring(settings.masterKeyFile, keyring.without(version));
+          await writeKeyring(settings.masterKeyFile, keyring.without(version), held);
           return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
         } finally {
           await store.close();

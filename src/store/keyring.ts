@@ -1,10 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { link, lstat, mkdir, open as openFile, readFile, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { UserError } from '../errors.ts';
+import { ConflictError, UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
-import { withFileLock } from './lock-file.ts';
+import { withFileLock, type HeldLock } from './lock-file.ts';
 import { removeStaleTemps, replaceFile } from './temp-files.ts';
 
 /**
@@ -71,7 +71,7 @@ export class Keyring {
  * under the lock. A rotation re-wraps every record, so a live holder is waited for a while
  * (then ConflictError, exit 3), and a lock is only taken over from a holder that is gone.
  */
-export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
+export async function withKeyringLock<T>(path: string, fn: (held: HeldLock) => Promise<T>): Promise<T> {
   return withFileLock(path, {
     waitMs: KEYRING_LOCK_WAIT_MS,
     staleMs: KEYRING_LOCK_STALE_MS,
@@ -84,9 +84,22 @@ export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Pr
 const KEYRING_LOCK_WAIT_MS = 30_000;
 const KEYRING_LOCK_STALE_MS = 60 * 60_000;
 
-/** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
-export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {
-  await replaceFile(path, keyring.serialize(), 0o600, (err) => new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`));
+/**
+ * Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). With `held`
+ * (the keyring's lock, from withKeyringLock), only while that lock is still this command's: one
+ * held up past KEYRING_LOCK_STALE_MS has had it taken over, and its keyring, read before, would
+ * drop the key another rotate added since (and re-wrapped every data key with).
+ */
+export async function writeKeyring(path: string, keyring: Keyring, held?: HeldLock): Promise<void> {
+  const fence = held && (async () => {
+    try {
+      await held.confirm();
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+      throw new ConflictError(`master key file ${path} was not written: this command held its lock past ${KEYRING_LOCK_STALE_MS / 60_000} min and another took it over, and may have changed the keyring since; nothing was changed, run it again`);
+    }
+  });
+  await replaceFile(path, keyring.serialize(), 0o600, (err) => (err instanceof ConflictError ? err : new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`)), fence);
 }
 
 const FORMAT = 'egress-keyring/1';

@@ -192,10 +192,11 @@ export function heldLock(lock: string, content: string, refreshMs?: number): Hel
 }
 
 /**
- * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`.
+ * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`;
+ * `fn` is given the lock, to confirm it still holds it before it replaces the file.
  * `lockFailed` may turn a file-system error from taking the lock into a plainer one.
  */
-export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: () => Promise<T>): Promise<T> {
+export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: (held: HeldLock) => Promise<T>): Promise<T> {
   let held: HeldLock;
   try {
     held = await acquireLock(`${path}.lock`, options);
@@ -203,7 +204,7 @@ export async function withFileLock<T>(path: string, options: AcquireOptions & { 
     throw options.lockFailed ? options.lockFailed(err) : err;
   }
   try {
-    return await fn();
+    return await fn(held);
   } finally {
     await held.release();
   }

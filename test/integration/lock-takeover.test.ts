@@ -1,10 +1,11 @@
 import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { open, readdir, readFile, rename, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConflictError } from '../../src/errors.ts';
 import { lockAuditLog } from '../../src/observe/audit-lock.ts';
-import { newCredentialRecord } from '../../src/store/credentials.ts';
+import { newCredentialRecord, openVersion } from '../../src/store/credentials.ts';
 import { FileStore } from '../../src/store/file-store.ts';
 import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
 import { acquireLock, lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
@@ -126,7 +127,7 @@ describe('file store: a live writer that held the lock past its stale age', () =
     // B's write is still there: A did not replace the file with one built on what it read before B wrote.
     expect(Object.keys(JSON.parse(await readFile(path, 'utf8')).credentials)).toEqual(['seed', 'from-b']);
     expect(result).toBeInstanceOf(ConflictError);
-    expect((result as Error).message).toMatch(/taken over|lock/);
+    expect((result as Error).message).toContain('held its lock past 30 s and another writer took it over');
     expect(await lockFiles(dir)).toEqual([]);
     expect((await readdir(dir)).filter((name) => name.endsWith('.tmp'))).toEqual([]);
   });
@@ -148,4 +149,47 @@ describe('acquireLock: a live holder still at work past the stale age', () => {
     }
     expect(await lockFiles(dir)).toEqual([]);
   });
+});
+
+describe('master key file: a live remove that held the keyring lock past its stale age', () => {
+  it('finds its lock taken over before it writes, and does not drop the key a rotate added meanwhile', async () => {
+    const dir = await makeTempDir('egress-lock-stale-keyring-');
+    const env = envFor(dir);
+    const keyPath = env.EGRESS_MASTER_KEY_FILE!;
+    const storePath = env.EGRESS_STORE!.replace(/^file:/, '');
+    const keyring1 = await createKeyring(keyPath);
+    await new FileStore(storePath).put('credential', newCredentialRecord(keyring1, 'k', { token: 'tok_keyring_stale' }, new Date()), 0);
+    expect((await runCli(['master-key', 'rotate'], env)).code).toBe(0);
+    const stored = await readFile(storePath, 'utf8');
+
+    // `master-key remove --version 1` (version 2 wraps everything) is held up right after it read
+    // the keyring, with the keyring lock held: its first read of the store is a FIFO's.
+    await unlink(storePath);
+    execFileSync('mkfifo', ['-m', '600', storePath]);
+    const remove = runCli(['master-key', 'remove', '--version', '1'], env);
+    const fifo = await open(storePath, 'w');
+    await writeFile(`${storePath}.copy`, stored, { mode: 0o600 });
+    await rename(`${storePath}.copy`, storePath);
+    expect(existsSync(`${keyPath}.lock`)).toBe(true);
+    // Held past the keyring lock's stale age (an hour): a rotate takes the lock over, adds version 3
+    // and re-wraps every data key with it.
+    const old = new Date(Date.now() - 2 * 3_600_000);
+    await utimes(`${keyPath}.lock`, old, old);
+    const rotated = await runCli(['master-key', 'rotate'], env);
+    expect(rotated.code, rotated.stderr).toBe(0);
+    expect((await readKeyring(keyPath)).active).toBe(3);
+
+    await fifo.writeFile(stored);
+    await fifo.close();
+    const removed = await remove;
+
+    // Version 3, which wraps every data key now, is still in the keyring: the credential opens.
+    const keyring = await readKeyring(keyPath);
+    expect(keyring.versions().map((v) => v.version)).toEqual([1, 2, 3]);
+    const record = (await new FileStore(storePath).load()).credentials.get('k')!;
+    expect(openVersion(keyring, 'k', record.versions[0]!).fields.get('token')!.reveal()).toBe('tok_keyring_stale');
+    expect(removed.code, removed.stderr).toBe(3);
+    expect(removed.stderr).toContain('was not written: this command held its lock past 60 min and another took it over');
+    expect(await lockFiles(dir)).toEqual([]);
+  }, 30_000);
 });
