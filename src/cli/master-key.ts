@@ -3,9 +3,12 @@ import { rewrapAll } from '../rotation/operations.ts';
 import { createKeyring, readKeyring, withKeyringLock, writeKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import type { StoreBackend } from '../store/types.ts';
-import { cliActor, EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
+import { cliActor, EXIT, maxArgs, ok, onlyOptions, parse, table, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress master-key init | status | rotate | remove --version N';
+const USAGE = 'usage: egress master-key init | status | rotate [--resume] | remove --version N';
+
+/** The options each subcommand takes (besides --json and the settings). */
+const OPTIONS: Readonly<Record<string, readonly string[]>> = { init: [], status: [], rotate: ['resume'], remove: ['version'] };
 
 /**
  * How many stored data keys each KEK version wraps, and the credential records that could not be
@@ -39,6 +42,8 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { version: { type: 'string' }, resume: { type: 'boolean' } });
   maxArgs(p.positionals, 0, USAGE);
+  // Ignored, they would do what was not asked: `rotate --version 1` added a key.
+  if (sub !== undefined && Object.hasOwn(OPTIONS, sub)) onlyOptions(p.values, ['version', 'resume'], OPTIONS[sub]!, `master-key ${sub}`, USAGE);
   const settings = p.settings();
   switch (sub) {
     case 'init': {

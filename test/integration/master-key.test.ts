@@ -211,6 +211,29 @@ describe('master-key rotate and remove (file store)', () => {
   });
 });
 
+describe('master-key options given to a subcommand that does not take them', () => {
+  it('are usage errors (exit 2) that change nothing, not ignored', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const init = await runCli(['master-key', 'init', '--resume'], env);
+    expect(init.code, init.stdout).toBe(2);
+    expect(init.stderr).toContain('--resume is not an option of "master-key init"');
+    expect(existsSync(keyPath)).toBe(false);
+
+    const keyring = await createKeyring(keyPath);
+    await writeStoreFile(join(dir, 'store.json'), makeRecords(keyring, 1, false).records);
+    // Not "rotate to version 1": rotate takes no version, and would have added version 2.
+    const rotate = await runCli(['master-key', 'rotate', '--version', '1'], env);
+    expect(rotate.code, rotate.stdout).toBe(2);
+    expect(rotate.stderr).toContain('--version is not an option of "master-key rotate"');
+    const remove = await runCli(['master-key', 'remove', '--version', '1', '--resume'], env);
+    expect(remove.code, remove.stdout).toBe(2);
+    expect((await runCli(['master-key', 'status', '--resume'], env)).code).toBe(2);
+    expect((await readKeyring(keyPath)).versions().map((v) => v.version)).toEqual([1]);
+  });
+});
+
 describe('master-key rotate and remove with a damaged credential record', () => {
   it('does not remove a key version while a damaged record (not read, not re-wrapped) may still need it; once repaired, rotate --resume re-wraps it and the version can go', async () => {
     const dir = await tempDir();
