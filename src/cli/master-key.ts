@@ -97,8 +97,10 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         }
       });
     case 'remove': {
-      const version = Number(p.values.version);
-      if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
+      const raw = p.values.version;
+      // Digits only, as keys revoke --version: Number() also reads "0x2", "2e0" and " 2 ", and a removed key is gone for good.
+      if (typeof raw !== 'string' || !/^[1-9][0-9]{0,14}$/.test(raw)) throw new UserError('remove needs --version N (a key version number)', EXIT.usage);
+      const version = Number(raw);
       return withKeyringLock(settings.masterKeyFile, async (held) => {
         const keyring = await readKeyring(settings.masterKeyFile);
         if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);

@@ -232,6 +232,21 @@ describe('master-key options given to a subcommand that does not take them', () 
     expect((await runCli(['master-key', 'status', '--resume'], env)).code).toBe(2);
     expect((await readKeyring(keyPath)).versions().map((v) => v.version)).toEqual([1]);
   });
+
+  it('remove --version takes digits only: "0x2", "2e0", "2.0" and " 2" are usage errors, not version 2', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const keyring = await createKeyring(keyPath);
+    await writeStoreFile(join(dir, 'store.json'), makeRecords(keyring, 1, false).records);
+    // Version 3 active, version 2 wraps nothing: removable, but only when named as 2.
+    await writeKeyring(keyPath, keyring.withNewKey(new Date()).withNewKey(new Date()));
+    for (const typed of ['0x2', '2e0', '2.0', ' 2']) {
+      const res = await runCli(['master-key', 'remove', '--version', typed], env);
+      expect(res.code, `${typed}: ${res.stdout}${res.stderr}`).toBe(2);
+    }
+    expect((await readKeyring(keyPath)).versions().map((v) => v.version)).toEqual([1, 2, 3]);
+  });
 });
 
 describe('master-key rotate and remove with a damaged credential record', () => {
