@@ -219,15 +219,20 @@ export function parseHolder(text: string): Holder | undefined {
   return Number.isSafeInteger(pid) && pid > 0 ? { pid, start: match[2] === undefined || match[2] === '-' ? undefined : match[2] } : undefined;
 }
 
-/** Is this holder's process still running on this machine (and the same process, where start times are known)? */
+/**
+ * Is this holder's process still running on this machine (and the same process, where start times
+ * are known)? A zombie (exited, not yet reaped by its parent: a parent that never reaps, or a
+ * container's pid 1 that does not) still answers signal 0, but holds nothing any more: it is gone.
+ */
 export function holderAlive(holder: Holder): boolean {
   try {
     process.kill(holder.pid, 0);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
   }
-  const start = startTime(holder.pid);
-  return holder.start === undefined || start === undefined || start === holder.start;
+  const stat = procStat(holder.pid);
+  if (stat && (stat.state === 'Z' || stat.state === 'X')) return false;
+  return holder.start === undefined || stat === undefined || stat.start === holder.start;
 }
 
 /** Has the holder of a lock with this content gone (or the lock gone stale)? */
@@ -242,10 +247,16 @@ async function contentGone(lock: string, text: string, { staleMs, ownPidIsPrevio
 
 /** Start time of a process in clock ticks since boot (Linux /proc); undefined elsewhere. */
 export function startTime(pid: number): string | undefined {
+  return procStat(pid)?.start;
+}
+
+/** A process's state letter and start time, from /proc/<pid>/stat (Linux); undefined elsewhere. */
+function procStat(pid: number): { readonly state: string | undefined; readonly start: string | undefined } | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // Fields after the command name (which may contain spaces and parentheses): state is field 3, starttime 22.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { state: fields[0], start: fields[19] };
   } catch {
     return undefined;
   }

@@ -1,4 +1,5 @@
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { open, readdir, readFile, rename, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
@@ -8,7 +9,7 @@ import { lockAuditLog } from '../../src/observe/audit-lock.ts';
 import { newCredentialRecord, openVersion } from '../../src/store/credentials.ts';
 import { FileStore } from '../../src/store/file-store.ts';
 import { createKeyring, readKeyring } from '../../src/store/keyring.ts';
-import { acquireLock, lockContent, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
+import { acquireLock, lockContent, startTime, stealPath, takeOverLock } from '../../src/store/lock-file.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
 
@@ -192,4 +193,29 @@ describe('master key file: a live remove that held the keyring lock past its sta
     expect(removed.stderr).toContain('was not written: this command held its lock past 60 min and another took it over');
     expect(await lockFiles(dir)).toEqual([]);
   }, 30_000);
+});
+
+describe('a lock whose holder is a zombie (exited, not yet reaped by its parent)', () => {
+  it('is taken over at once: keys put writes instead of waiting for the lock and failing', async () => {
+    const dir = await makeTempDir('egress-lock-zombie-');
+    const env = envFor(dir);
+    await createKeyring(env.EGRESS_MASTER_KEY_FILE!);
+    const storePath = env.EGRESS_STORE!.replace(/^file:/, '');
+    // A writer that exited while its parent (here `sleep`, which never reaps) still runs: its pid
+    // answers signal 0, and /proc names it, in state Z.
+    const parent = spawn('sh', ['-c', 'sleep 0 & echo $!; exec sleep 30'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      const zombie = Number(String(await once(parent.stdout!, 'data')).trim());
+      await new Promise((r) => setTimeout(r, 200));
+      expect((await readFile(`/proc/${zombie}/stat`, 'utf8')).split(') ')[1]!.startsWith('Z')).toBe(true);
+      await writeFile(`${storePath}.lock`, `${zombie} ${startTime(zombie)} 0123456789abcdef\n`, { mode: 0o600 });
+
+      const put = await runCli(['keys', 'put', 'k', '--from-stdin'], env, JSON.stringify({ token: 'tok_zombie_test' }));
+      expect(put.code, put.stderr).toBe(0);
+      expect(JSON.parse(await readFile(storePath, 'utf8')).credentials).toHaveProperty('k');
+      expect(await lockFiles(dir)).toEqual([]);
+    } finally {
+      parent.kill();
+    }
+  }, 20_000);
 });
