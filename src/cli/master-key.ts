@@ -3,17 +3,30 @@ import { rewrapAll } from '../rotation/operations.ts';
 import { createKeyring, readKeyring, withKeyringLock, writeKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import type { StoreBackend } from '../store/types.ts';
-import { cliActor, EXIT, maxArgs, ok, parse, table, type Outcome } from './io.ts';
+import { cliActor, EXIT, maxArgs, ok, onlyOptions, parse, table, type Outcome } from './io.ts';
 
-const USAGE = 'usage: egress master-key init | status | rotate | remove --version N';
+const USAGE = 'usage: egress master-key init | status | rotate [--resume] | remove --version N';
 
-/** How many stored data keys each KEK version wraps. */
-async function wrapCounts(store: StoreBackend): Promise<Map<number, number>> {
+/** The options each subcommand takes (besides --json and the settings). */
+const OPTIONS: Readonly<Record<string, readonly string[]>> = { init: [], status: [], rotate: ['resume'], remove: ['version'] };
+
+/**
+ * How many stored data keys each KEK version wraps, and the credential records that could not be
+ * read (damaged: a hand edit, a field a newer release writes). Those are not counted and not
+ * re-wrapped, and may hold data keys wrapped by any version: no version is free to remove while
+ * there is one, or the record, once repaired, could never be decrypted again.
+ */
+async function wrapCounts(store: StoreBackend): Promise<{ wraps: Map<number, number>; damaged: string[] }> {
+  const snapshot = await store.load();
   const wraps = new Map<number, number>();
-  for (const record of (await store.load()).credentials.values()) {
+  for (const record of snapshot.credentials.values()) {
     for (const v of record.versions) if (v.dek) wraps.set(v.kek, (wraps.get(v.kek) ?? 0) + 1);
   }
-  return wraps;
+  return { wraps, damaged: [...snapshot.damaged.keys()].filter((k) => k.startsWith('credential:')) };
+}
+
+function damagedNote(damaged: readonly string[]): string {
+  return `damaged credential records, not read and not re-wrapped (they may need any key version; repair them, then run "master-key rotate --resume"): ${damaged.join(', ')}`;
 }
 
 /**
@@ -29,6 +42,8 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
   const [sub, ...rest] = args;
   const p = parse(rest, { version: { type: 'string' }, resume: { type: 'boolean' } });
   maxArgs(p.positionals, 0, USAGE);
+  // Ignored, they would do what was not asked: `rotate --version 1` added a key.
+  if (sub !== undefined && Object.hasOwn(OPTIONS, sub)) onlyOptions(p.values, ['version', 'resume'], OPTIONS[sub]!, `master-key ${sub}`, USAGE);
   const settings = p.settings();
   switch (sub) {
     case 'init': {
@@ -39,7 +54,7 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
       const keyring = await readKeyring(settings.masterKeyFile);
       const store = openStore(settings.store);
       try {
-        const wraps = await wrapCounts(store);
+        const { wraps, damaged } = await wrapCounts(store);
         const floor = await store.kekFloor();
         const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
         const missing = [...wraps.keys()].filter((k) => keyring.get(k) === undefined);
@@ -47,15 +62,16 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
         const warnings = [
           ...(missing.length ? [`records wrapped by key versions missing from the keyring: ${missing.join(', ')}`] : []),
           ...(floor > keyring.active ? [olderCopy(settings.masterKeyFile, floor, keyring.active)] : []),
+          ...(damaged.length ? [damagedNote(damaged)] : []),
         ];
         const floorLine = floor > 0 ? `\nthe store takes new data keys wrapped by key version ${floor} or later` : '';
-        return { code: warnings.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${floorLine}${warnings.map((w) => `\n${w}`).join('')}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing, kek_floor: floor } };
+        return { code: warnings.length ? EXIT.failure : EXIT.ok, text: `${settings.masterKeyFile}\n${table(rows)}${floorLine}${warnings.map((w) => `\n${w}`).join('')}`, data: { file: settings.masterKeyFile, versions, missing_versions: missing, kek_floor: floor, damaged } };
       } finally {
         await store.close();
       }
     }
     case 'rotate':
-      return withKeyringLock(settings.masterKeyFile, async () => {
+      return withKeyringLock(settings.masterKeyFile, async (held) => {
         let keyring = await readKeyring(settings.masterKeyFile);
         const store = openStore(settings.store);
         try {
@@ -66,24 +82,26 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           // --resume finishes an interrupted re-wrap with the key already active, adding no new one.
           if (p.values.resume !== true) {
             keyring = keyring.withNewKey(new Date());
-            await writeKeyring(settings.masterKeyFile, keyring);
+            await writeKeyring(settings.masterKeyFile, keyring, held);
           }
           // Before the re-wrap reads the records: a writer that wrapped with an older key and
           // commits after this is refused, so none slips in behind the re-wrap.
           await store.raiseKekFloor(keyring.active);
           const changed = await rewrapAll({ store, actor: cliActor() }, keyring);
-          const wraps = await wrapCounts(store);
+          const { wraps, damaged } = await wrapCounts(store);
           const versions = keyring.versions().map((v) => ({ ...v, wraps: wraps.get(v.version) ?? 0 }));
-          const removable = versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
-          return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}`, { active: keyring.active, rewrapped: changed, versions });
+          const removable = damaged.length ? [] : versions.filter((v) => !v.active && v.wraps === 0).map((v) => v.version);
+          return ok(`key version ${keyring.active} is active; re-wrapped ${changed} record${changed === 1 ? '' : 's'}${removable.length ? `; versions ${removable.join(', ')} wrap nothing now and can be removed with "master-key remove --version N"` : ''}${damaged.length ? `\n${damagedNote(damaged)}` : ''}`, { active: keyring.active, rewrapped: changed, versions, damaged });
         } finally {
           await store.close();
         }
       });
     case 'remove': {
-      const version = Number(p.values.version);
-      if (!Number.isSafeInteger(version) || version < 1) throw new UserError('remove needs --version N', EXIT.usage);
-      return withKeyringLock(settings.masterKeyFile, async () => {
+      const raw = p.values.version;
+      // Digits only, as keys revoke --version: Number() also reads "0x2", "2e0" and " 2 ", and a removed key is gone for good.
+      if (typeof raw !== 'string' || !/^[1-9][0-9]{0,14}$/.test(raw)) throw new UserError('remove needs --version N (a key version number)', EXIT.usage);
+      const version = Number(raw);
+      return withKeyringLock(settings.masterKeyFile, async (held) => {
         const keyring = await readKeyring(settings.masterKeyFile);
         if (version === keyring.active) throw new UserError(`key version ${version} is the active one and cannot be removed; rotate first`);
         const store = openStore(settings.store);
@@ -92,9 +110,11 @@ export async function masterKey(args: readonly string[]): Promise<Outcome> {
           if (floor > keyring.active) throw new UserError(`${olderCopy(settings.masterKeyFile, floor, keyring.active)}; nothing was changed`);
           // Before the count (a store last rotated without the floor): no write after it can wrap with `version`.
           await store.raiseKekFloor(keyring.active);
-          const wraps = (await wrapCounts(store)).get(version) ?? 0;
+          const counted = await wrapCounts(store);
+          const wraps = counted.wraps.get(version) ?? 0;
           if (wraps > 0) throw new UserError(`key version ${version} still wraps ${wraps} data key${wraps === 1 ? '' : 's'}; run "master-key rotate --resume" first`);
-          await writeKeyring(settings.masterKeyFile, keyring.without(version));
+          if (counted.damaged.length) throw new UserError(`key version ${version} was not removed: ${damagedNote(counted.damaged)}`);
+          await writeKeyring(settings.masterKeyFile, keyring.without(version), held);
           return ok(`removed key version ${version} from ${settings.masterKeyFile}`, { removed: version });
         } finally {
           await store.close();

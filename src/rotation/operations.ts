@@ -122,15 +122,36 @@ export async function expireDue(op: Operator): Promise<string[]> {
   return retired;
 }
 
-/** Re-wrap every data key with the active KEK; returns how many records changed. Safe to re-run after a crash. */
+/** How many times the re-wrap of one record is tried again after a concurrent change to it. */
+const REWRAP_ATTEMPTS = 5;
+
+/**
+ * Re-wrap every data key with the active KEK; returns how many records changed. Safe to re-run
+ * after a crash. A record changed by another writer between the read and the write (a promote, a
+ * grace sweep on a running instance) is read again and re-wrapped as it is now: a re-wrap changes
+ * no state, and stopping there left `master-key rotate` with exit 3 half-way, which run again
+ * (without --resume) added yet another key.
+ */
 export async function rewrapAll(op: Operator, keyring: Keyring): Promise<number> {
   let changed = 0;
   const actor = await by(op);
-  for (const record of (await op.store.load()).credentials.values()) {
-    const after = t.rewrap(record, keyring, (v) => unwrapDek(keyring, record.id, v), (dek, v) => wrapDek(keyring, record.id, v, dek), actor);
-    if (!after) continue;
-    await op.store.put('credential', after, record.revision);
-    changed++;
+  for (let record of (await op.store.load()).credentials.values()) {
+    for (let attempt = 1; ; attempt++) {
+      const current = record;
+      const after = t.rewrap(current, keyring, (v) => unwrapDek(keyring, current.id, v), (dek, v) => wrapDek(keyring, current.id, v, dek), actor);
+      if (!after) break;
+      try {
+        await op.store.put('credential', after, current.revision);
+        changed++;
+        break;
+      } catch (err) {
+        if (!(err instanceof ConflictError) || attempt === REWRAP_ATTEMPTS) throw err;
+      }
+      const again = (await op.store.load()).credentials.get(current.id);
+      // Gone, or damaged, since: nothing of it to re-wrap (master-key remove refuses while a record is damaged).
+      if (!again) break;
+      record = again;
+    }
   }
   return changed;
 }

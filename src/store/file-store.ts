@@ -62,7 +62,7 @@ export class FileStore implements StoreBackend {
 
   async put<K extends RecordKind>(kind: K, record: RecordOf<K>, expectedRevision: number): Promise<void> {
     const key = recordKey(kind, record);
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       const table: Record<string, unknown> = doc[TABLE[kind]];
       const existing = Object.hasOwn(table, key) ? table[key] : undefined;
@@ -73,16 +73,16 @@ export class FileStore implements StoreBackend {
       const below = doc.kek_floor === undefined ? undefined : newWrapBelow(existing, record, doc.kek_floor);
       if (below !== undefined) throw belowFloorError(key, below, doc.kek_floor!);
       table[key] = record;
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
   async raiseKekFloor(version: number): Promise<void> {
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       if ((doc.kek_floor ?? 0) >= version) return;
       doc.kek_floor = version;
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
@@ -92,7 +92,7 @@ export class FileStore implements StoreBackend {
 
   async recordUsage(entries: readonly UsageEntry[]): Promise<void> {
     if (entries.length === 0) return;
-    await this.#withLock(async () => {
+    await this.#withLock(async (held) => {
       const doc = await this.#read();
       const usage = doc.usage ?? (doc.usage = Object.create(null) as Record<string, Record<string, string>>);
       for (const e of entries) {
@@ -100,7 +100,7 @@ export class FileStore implements StoreBackend {
         const key = `${e.version}|${e.caller}`;
         if (!Object.hasOwn(byKey, key) || byKey[key]! < e.at) byKey[key] = e.at;
       }
-      await this.#write(doc);
+      await this.#write(doc, held);
     });
   }
 
@@ -167,7 +167,7 @@ export class FileStore implements StoreBackend {
       credentials: nullProto(d.credentials),
       callers: nullProto(d.callers),
       admins: nullProto(d.admins ?? {}),
-      usage: nullProto(d.usage ?? {}) as Record<string, Record<string, string>>,
+      usage: readableUsage(d.usage),
       ...(Number.isSafeInteger(d.kek_floor) ? { kek_floor: d.kek_floor } : {}),
     };
   }
@@ -178,11 +178,23 @@ export class FileStore implements StoreBackend {
     return typeof code === 'string' && !(err instanceof UserError) ? new StoreUnavailableError(`cannot write store ${this.path} (${code}); it is unchanged`) : err;
   }
 
-  async #write(doc: FileDocument): Promise<void> {
-    await replaceFile(this.path, `${JSON.stringify(doc, null, 2)}\n`, 0o600, (err) => this.#unchanged(err));
+  /**
+   * Replace the file, if `held` is still this writer's lock just before the rename. A writer held
+   * up past LOCK_STALE_MS (a stalled disk, a paused process) has had its lock taken over, and what
+   * it read may have been replaced since: its file would undo the other writer's change.
+   */
+  async #write(doc: FileDocument, held: HeldLock): Promise<void> {
+    await replaceFile(this.path, `${JSON.stringify(doc, null, 2)}\n`, 0o600, (err) => this.#unchanged(err), async () => {
+      try {
+        await held.confirm();
+      } catch (err) {
+        if (!(err instanceof ConflictError)) throw err;
+        throw new ConflictError(`store ${this.path} was not written: this writer held its lock past ${LOCK_STALE_MS / 1000} s and another writer took it over, and may have changed the store since; nothing was changed, try again`);
+      }
+    });
   }
 
-  async #withLock<T>(fn: () => Promise<T>): Promise<T> {
+  async #withLock<T>(fn: (held: HeldLock) => Promise<T>): Promise<T> {
     const lock = `${this.path}.lock`;
     let held: HeldLock;
     try {
@@ -191,7 +203,7 @@ export class FileStore implements StoreBackend {
       throw this.#unchanged(err);
     }
     try {
-      return await fn();
+      return await fn(held);
     } finally {
       await held.release();
     }
@@ -204,6 +216,22 @@ export function decodeUsage(credential: string, byKey: Record<string, string>): 
     const version = Number(key.slice(0, bar));
     return bar > 0 && Number.isSafeInteger(version) && typeof at === 'string' ? [{ credential, version, caller: key.slice(bar + 1), at }] : [];
   });
+}
+
+/**
+ * The usage table as it can be read and merged into: a credential's entry that is not an object
+ * (a hand edit) is no usage, dropped, rather than a `keys show` and every usage write that fail on
+ * it. Usage is a hint; the next write for that credential starts it afresh.
+ */
+function readableUsage(usage: unknown): Record<string, Record<string, string>> {
+  const out: Record<string, Record<string, string>> = Object.create(null);
+  if (!isTable(usage)) return out;
+  for (const [credential, byKey] of Object.entries(usage)) if (isTable(byKey)) out[credential] = nullProto(byKey) as Record<string, string>;
+  return out;
+}
+
+function isTable(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
 function nullProto(obj: object): Record<string, unknown> {

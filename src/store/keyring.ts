@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open as openFile, readFile, rename, stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
-import { UserError } from '../errors.ts';
+import { link, lstat, mkdir, open as openFile, readFile, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { ConflictError, UserError } from '../errors.ts';
 import type { KeyObject } from 'node:crypto';
 import { KEY_BYTES, toKeyObject } from './crypto.ts';
-import { withFileLock } from './lock-file.ts';
-import { replaceFile } from './temp-files.ts';
+import { withFileLock, type HeldLock } from './lock-file.ts';
+import { removeStaleTemps, replaceFile } from './temp-files.ts';
 
 /**
  * The key-encryption keyring: versioned 256-bit KEKs in a file only its owner may read. New data
@@ -71,7 +71,7 @@ export class Keyring {
  * under the lock. A rotation re-wraps every record, so a live holder is waited for a while
  * (then ConflictError, exit 3), and a lock is only taken over from a holder that is gone.
  */
-export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
+export async function withKeyringLock<T>(path: string, fn: (held: HeldLock) => Promise<T>): Promise<T> {
   return withFileLock(path, {
     waitMs: KEYRING_LOCK_WAIT_MS,
     staleMs: KEYRING_LOCK_STALE_MS,
@@ -84,9 +84,22 @@ export async function withKeyringLock<T>(path: string, fn: () => Promise<T>): Pr
 const KEYRING_LOCK_WAIT_MS = 30_000;
 const KEYRING_LOCK_STALE_MS = 60 * 60_000;
 
-/** Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). */
-export async function writeKeyring(path: string, keyring: Keyring): Promise<void> {
-  await replaceFile(path, keyring.serialize(), 0o600, (err) => new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`));
+/**
+ * Replace the keyring file atomically (temp file 0600, fsync, rename, directory fsync). With `held`
+ * (the keyring's lock, from withKeyringLock), only while that lock is still this command's: one
+ * held up past KEYRING_LOCK_STALE_MS has had it taken over, and its keyring, read before, would
+ * drop the key another rotate added since (and re-wrapped every data key with).
+ */
+export async function writeKeyring(path: string, keyring: Keyring, held?: HeldLock): Promise<void> {
+  const fence = held && (async () => {
+    try {
+      await held.confirm();
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+      throw new ConflictError(`master key file ${path} was not written: this command held its lock past ${KEYRING_LOCK_STALE_MS / 60_000} min and another took it over, and may have changed the keyring since; nothing was changed, run it again`);
+    }
+  });
+  await replaceFile(path, keyring.serialize(), 0o600, (err) => (err instanceof ConflictError ? err : new UserError(`cannot write master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); it is unchanged`)), fence);
 }
 
 const FORMAT = 'egress-keyring/1';
@@ -134,23 +147,44 @@ function parseKeyring(raw: unknown, path: string): Keyring {
   return new Keyring(doc.active as number, keys);
 }
 
-/** Create a new keyring with one fresh key. Refuses to overwrite: losing a keyring loses every credential. */
+/**
+ * Create a new keyring with one fresh key. Refuses to overwrite: losing a keyring loses every
+ * credential. The file is written in full beside its place (0600, fsync) and linked into place,
+ * which fails if a file is there: a write cut short (a full disk) or a kill on the way leaves no
+ * master key file, rather than an empty one that every later init refused as existing and every
+ * start refused as not a keyring.
+ */
 export async function createKeyring(path: string): Promise<Keyring> {
-  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  const exists = () => new UserError(`master key file ${path} already exists; refusing to overwrite it`);
+  const cannot = (err: unknown) => new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'}); nothing was created`);
+  if (await lstat(path).then(() => true, () => false)) throw exists();
+  const dir = dirname(path);
   const entry: KekEntry = { version: 1, createdAt: new Date().toISOString(), key: randomBytes(KEY_BYTES) };
   const keyring = new Keyring(1, [entry]);
-  let handle;
+  // Named as replaceFile names its temp files, so one a killed init left is removed by the next write.
+  const tmp = join(dir, `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
   try {
-    handle = await openFile(path, 'wx', 0o600);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await removeStaleTemps(dir, basename(path));
+    const handle = await openFile(tmp, 'wx', 0o600);
+    try {
+      await handle.writeFile(keyring.serialize());
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await link(tmp, path);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new UserError(`master key file ${path} already exists; refusing to overwrite it`);
-    throw new UserError(`cannot create master key file ${path} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-  }
-  try {
-    await handle.writeFile(keyring.serialize());
-    await handle.sync();
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw exists();
+    throw cannot(err);
   } finally {
-    await handle.close();
+    await unlink(tmp).catch(() => {});
+  }
+  const folder = await openFile(dir, 'r');
+  try {
+    await folder.sync();
+  } finally {
+    await folder.close();
   }
   return keyring;
 }

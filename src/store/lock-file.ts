@@ -1,6 +1,6 @@
 import { createHash, randomBytes, randomInt } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { link, mkdir, readdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, readdir, readFile, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError } from '../errors.ts';
@@ -122,6 +122,12 @@ export async function removeDeadClaims(lock: string): Promise<void> {
 export interface HeldLock {
   readonly path: string;
   readonly content: string;
+  /**
+   * Throw a ConflictError unless the lock still holds this claim's content. A holder that was held
+   * up past the lock's stale age (a stalled disk, a paused process) has had its lock taken over,
+   * and another writer may have written since: a file it replaces now would undo that write.
+   */
+  confirm(): Promise<void>;
   /** Remove the lock if it is still this claim's (a lock taken over as stale is another's now). Idempotent. */
   release(): Promise<void>;
 }
@@ -135,7 +141,9 @@ export interface AcquireOptions {
 
 /**
  * Take `lock`, waiting for a live holder. A writer killed mid-write leaves its lock behind: if its
- * process is gone, the lock is taken over at once instead of after it goes stale.
+ * process is gone, the lock is taken over at once instead of after it goes stale. The lock is
+ * refreshed while held (see heldLock), so only a holder that stopped running for `staleMs` loses
+ * it; one that resumes finds that out with HeldLock.confirm before it writes.
  */
 export async function acquireLock(lock: string, { waitMs, staleMs, what }: AcquireOptions): Promise<HeldLock> {
   await mkdir(dirname(lock), { recursive: true, mode: 0o700 });
@@ -144,7 +152,7 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
   for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
     if (await claimLock(lock, content)) {
       await removeDeadClaims(lock);
-      return heldLock(lock, content);
+      return heldLock(lock, content, staleMs / 3);
     }
     if (await takeOverLock(lock, { staleMs })) continue;
     if (Date.now() > deadline) throw new ConflictError(`${what} is locked by another writer (${lock})`);
@@ -152,24 +160,43 @@ export async function acquireLock(lock: string, { waitMs, staleMs, what }: Acqui
   }
 }
 
-export function heldLock(lock: string, content: string): HeldLock {
+/**
+ * A claim of `lock` with `content`. With `refreshMs`, the holder touches its lock that often while
+ * it holds it: a lock is judged stale by its age (a holder on another host, or one whose pid answers
+ * for another program), and a live holder whose work outlasts the stale age (a slow disk) would
+ * otherwise have its lock taken over from under it.
+ */
+export function heldLock(lock: string, content: string, refreshMs?: number): HeldLock {
   let released = false;
+  const mine = async () => (await readFile(lock, 'utf8').catch(() => undefined)) === content;
+  const refresh = async () => {
+    if (!(await mine())) return;
+    const now = new Date();
+    await utimes(lock, now, now).catch(() => {});
+  };
+  const timer = refreshMs !== undefined && Number.isFinite(refreshMs) && refreshMs > 0 ? setInterval(() => void refresh(), refreshMs) : undefined;
+  timer?.unref();
   return {
     path: lock,
     content,
+    confirm: async () => {
+      if (!(await mine())) throw new ConflictError(`the lock ${lock} was taken over by another writer while this one held it past its stale age; nothing was written, try again`);
+    },
     release: async () => {
       if (released) return;
       released = true;
-      if ((await readFile(lock, 'utf8').catch(() => undefined)) === content) await unlink(lock).catch(() => {});
+      clearInterval(timer);
+      if (await mine()) await unlink(lock).catch(() => {});
     },
   };
 }
 
 /**
- * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`.
+ * Run `fn` holding `<path>.lock` (see acquireLock), for a read-modify-write of the file at `path`;
+ * `fn` is given the lock, to confirm it still holds it before it replaces the file.
  * `lockFailed` may turn a file-system error from taking the lock into a plainer one.
  */
-export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: () => Promise<T>): Promise<T> {
+export async function withFileLock<T>(path: string, options: AcquireOptions & { readonly lockFailed?: (err: unknown) => unknown }, fn: (held: HeldLock) => Promise<T>): Promise<T> {
   let held: HeldLock;
   try {
     held = await acquireLock(`${path}.lock`, options);
@@ -177,7 +204,7 @@ export async function withFileLock<T>(path: string, options: AcquireOptions & { 
     throw options.lockFailed ? options.lockFailed(err) : err;
   }
   try {
-    return await fn();
+    return await fn(held);
   } finally {
     await held.release();
   }
@@ -192,15 +219,20 @@ export function parseHolder(text: string): Holder | undefined {
   return Number.isSafeInteger(pid) && pid > 0 ? { pid, start: match[2] === undefined || match[2] === '-' ? undefined : match[2] } : undefined;
 }
 
-/** Is this holder's process still running on this machine (and the same process, where start times are known)? */
+/**
+ * Is this holder's process still running on this machine (and the same process, where start times
+ * are known)? A zombie (exited, not yet reaped by its parent: a parent that never reaps, or a
+ * container's pid 1 that does not) still answers signal 0, but holds nothing any more: it is gone.
+ */
 export function holderAlive(holder: Holder): boolean {
   try {
     process.kill(holder.pid, 0);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
   }
-  const start = startTime(holder.pid);
-  return holder.start === undefined || start === undefined || start === holder.start;
+  const stat = procStat(holder.pid);
+  if (stat && (stat.state === 'Z' || stat.state === 'X')) return false;
+  return holder.start === undefined || stat === undefined || stat.start === holder.start;
 }
 
 /** Has the holder of a lock with this content gone (or the lock gone stale)? */
@@ -215,10 +247,16 @@ async function contentGone(lock: string, text: string, { staleMs, ownPidIsPrevio
 
 /** Start time of a process in clock ticks since boot (Linux /proc); undefined elsewhere. */
 export function startTime(pid: number): string | undefined {
+  return procStat(pid)?.start;
+}
+
+/** A process's state letter and start time, from /proc/<pid>/stat (Linux); undefined elsewhere. */
+function procStat(pid: number): { readonly state: string | undefined; readonly start: string | undefined } | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // Fields after the command name (which may contain spaces and parentheses): state is field 3, starttime 22.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { state: fields[0], start: fields[19] };
   } catch {
     return undefined;
   }

@@ -18,17 +18,19 @@ export interface Replacement {
  * and is thrown as `unchanged` makes it (the store's and the keyring's say so in their own words);
  * a temp file a killed writer left is removed by the next replace of the same file.
  */
-export async function replaceFile(path: string, text: string, mode: number, unchanged: (err: unknown) => unknown = (err) => err): Promise<void> {
-  await replaceFiles([{ path, text, mode }], unchanged);
+export async function replaceFile(path: string, text: string, mode: number, unchanged: (err: unknown) => unknown = (err) => err, fence?: () => Promise<void>): Promise<void> {
+  await replaceFiles([{ path, text, mode }], unchanged, fence);
 }
 
 /**
  * replaceFile for files that belong together (a CA's key and certificate): every one is written in
  * full (temp file, fsync) before any takes its name, so a failure on the way (a full disk) leaves
  * them all as they were, thrown as `unchanged` makes it. Only a crash between the renames, a
- * moment, leaves some new and some old.
+ * moment, leaves some new and some old. `fence`, when given, runs after the last fsync and before
+ * the first rename: a writer that must still hold its lock checks it there (HeldLock.confirm), and
+ * what it throws leaves the files as they were too.
  */
-export async function replaceFiles(files: readonly Replacement[], unchanged: (err: unknown) => unknown = (err) => err): Promise<void> {
+export async function replaceFiles(files: readonly Replacement[], unchanged: (err: unknown) => unknown = (err) => err, fence?: () => Promise<void>): Promise<void> {
   const staged: { readonly tmp: string; readonly path: string }[] = [];
   let renamed = 0;
   try {
@@ -48,6 +50,7 @@ export async function replaceFiles(files: readonly Replacement[], unchanged: (er
         await handle.close();
       }
     }
+    await fence?.();
     for (const { tmp, path } of staged) {
       await rename(tmp, path);
       renamed++;

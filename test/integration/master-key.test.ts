@@ -3,14 +3,16 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { promoteCredential, rewrapAll } from '../../src/rotation/operations.ts';
 import { rotate } from '../../src/rotation/transitions.ts';
 import type { FieldValues } from '../../src/store/credentials.ts';
+import { FileStore } from '../../src/store/file-store.ts';
 import { newCredentialRecord, openVersion } from '../../src/store/credentials.ts';
 import type { Keyring } from '../../src/store/keyring.ts';
 import { createKeyring, readKeyring, writeKeyring } from '../../src/store/keyring.ts';
 import { openStore } from '../../src/store/open-store.ts';
 import type { CredentialRecord } from '../../src/store/records.ts';
-import type { StoreSnapshot } from '../../src/store/types.ts';
+import type { StoreBackend, StoreSnapshot } from '../../src/store/types.ts';
 import { BIN, ROOT, runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
@@ -206,6 +208,124 @@ describe('master-key rotate and remove (file store)', () => {
     expect(wrapsOf(await status(env))).toEqual({ 1: 0, 2: expected.size });
     expect((await runCli(['master-key', 'remove', '--version', '1'], env)).code).toBe(0);
     verifyAll(await load(`file:${storePath}`), await readKeyring(keyPath), expected);
+  });
+});
+
+describe('master-key options given to a subcommand that does not take them', () => {
+  it('are usage errors (exit 2) that change nothing, not ignored', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const init = await runCli(['master-key', 'init', '--resume'], env);
+    expect(init.code, init.stdout).toBe(2);
+    expect(init.stderr).toContain('--resume is not an option of "master-key init"');
+    expect(existsSync(keyPath)).toBe(false);
+
+    const keyring = await createKeyring(keyPath);
+    await writeStoreFile(join(dir, 'store.json'), makeRecords(keyring, 1, false).records);
+    // Not "rotate to version 1": rotate takes no version, and would have added version 2.
+    const rotate = await runCli(['master-key', 'rotate', '--version', '1'], env);
+    expect(rotate.code, rotate.stdout).toBe(2);
+    expect(rotate.stderr).toContain('--version is not an option of "master-key rotate"');
+    const remove = await runCli(['master-key', 'remove', '--version', '1', '--resume'], env);
+    expect(remove.code, remove.stdout).toBe(2);
+    expect((await runCli(['master-key', 'status', '--resume'], env)).code).toBe(2);
+    expect((await readKeyring(keyPath)).versions().map((v) => v.version)).toEqual([1]);
+  });
+
+  it('remove --version takes digits only: "0x2", "2e0", "2.0" and " 2" are usage errors, not version 2', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const keyring = await createKeyring(keyPath);
+    await writeStoreFile(join(dir, 'store.json'), makeRecords(keyring, 1, false).records);
+    // Version 3 active, version 2 wraps nothing: removable, but only when named as 2.
+    await writeKeyring(keyPath, keyring.withNewKey(new Date()).withNewKey(new Date()));
+    for (const typed of ['0x2', '2e0', '2.0', ' 2']) {
+      const res = await runCli(['master-key', 'remove', '--version', typed], env);
+      expect(res.code, `${typed}: ${res.stdout}${res.stderr}`).toBe(2);
+    }
+    expect((await readKeyring(keyPath)).versions().map((v) => v.version)).toEqual([1, 2, 3]);
+  });
+});
+
+describe('master-key rotate and remove with a damaged credential record', () => {
+  it('does not remove a key version while a damaged record (not read, not re-wrapped) may still need it; once repaired, rotate --resume re-wraps it and the version can go', async () => {
+    const dir = await tempDir();
+    const env = envFor(dir);
+    const keyPath = join(dir, 'master.key');
+    const storePath = join(dir, 'store.json');
+    const keyring1 = await createKeyring(keyPath);
+    const { records, expected } = makeRecords(keyring1, 3, false);
+    // One record fails the record format (a field a newer release writes, or a hand edit): it fails
+    // closed, but its ciphertext is intact and its data key is wrapped by version 1.
+    const [kept, ...rest] = records;
+    const damaged = { ...kept!, labels: { team: 'payments' } };
+    await writeStoreFile(storePath, rest, { [kept!.id]: damaged });
+
+    const rotated = await runCli(['master-key', 'rotate'], env);
+    expect(rotated.code, rotated.stderr).toBe(0);
+    expect(rotated.stdout).toContain(`re-wrapped ${rest.length} records`);
+    // Version 1 is not offered for removal, and the damaged record is named.
+    expect(rotated.stdout).not.toContain('can be removed');
+    expect(rotated.stdout).toContain(`credential:${kept!.id}`);
+    const shown = await runCli(['master-key', 'status', '--json'], env);
+    expect(shown.code).toBe(1);
+    expect(JSON.parse(shown.stdout)).toMatchObject({ damaged: [`credential:${kept!.id}`] });
+
+    const refused = await runCli(['master-key', 'remove', '--version', '1'], env);
+    expect(refused.code, refused.stdout).toBe(1);
+    expect(refused.stderr).toContain(`credential:${kept!.id}`);
+    expect((await readKeyring(keyPath)).get(1)).toBeDefined();
+
+    // Repaired (the unknown field taken out), it reads again, with version 1's wrap.
+    await writeStoreFile(storePath, [...(await load(`file:${storePath}`)).credentials.values(), kept!]);
+    const resumed = await runCli(['master-key', 'rotate', '--resume', '--json'], env);
+    expect(resumed.code, resumed.stderr).toBe(0);
+    expect(JSON.parse(resumed.stdout)).toMatchObject({ active: 2, rewrapped: 1 });
+    const removed = await runCli(['master-key', 'remove', '--version', '1'], env);
+    expect(removed.code, removed.stderr).toBe(0);
+    verifyAll(await load(`file:${storePath}`), await readKeyring(keyPath), expected);
+  });
+});
+
+describe('a credential changed while master-key rotate re-wraps', () => {
+  it('is re-read and re-wrapped: the re-wrap finishes, and the change made meanwhile is kept', async () => {
+    const dir = await tempDir();
+    const keyPath = join(dir, 'master.key');
+    const storePath = join(dir, 'store.json');
+    const keyring1 = await createKeyring(keyPath);
+    const { records, expected } = makeRecords(keyring1, 4, true);
+    await writeStoreFile(storePath, records);
+    const keyring2 = keyring1.withNewKey(new Date());
+    await writeKeyring(keyPath, keyring2);
+
+    // Another writer (a `keys promote`, a grace sweep on a running proxy) changes cred-002 right
+    // after the re-wrap has read the store, before it writes that record.
+    const real = new FileStore(storePath);
+    let reads = 0;
+    const store: StoreBackend = {
+      description: real.description,
+      load: async () => {
+        const snapshot = await real.load();
+        if (++reads === 1) await promoteCredential({ store: new FileStore(storePath), actor: 'other' }, 'cred-002', HOUR);
+        return snapshot;
+      },
+      put: (kind, record, revision) => real.put(kind, record, revision),
+      raiseKekFloor: (version) => real.raiseKekFloor(version),
+      kekFloor: () => real.kekFloor(),
+      recordUsage: (entries) => real.recordUsage(entries),
+      readUsage: (credential) => real.readUsage(credential),
+      watch: (listener) => real.watch(listener),
+      close: () => real.close(),
+    };
+    expect(await rewrapAll({ store, actor: 'test' }, keyring2)).toBe(records.length);
+
+    const snapshot = await load(`file:${storePath}`);
+    expect(Object.fromEntries(verifyAll(snapshot, keyring2, expected))).toEqual({ 2: expected.size });
+    const promoted = snapshot.credentials.get('cred-002')!;
+    expect(promoted.versions.map((v) => v.state)).toEqual(['previous', 'current']);
+    expect(promoted.history!.map((h) => h.action).slice(-2)).toEqual(['promote', 'rewrap']);
   });
 });
 

@@ -1,7 +1,9 @@
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { FileStore } from '../../src/store/file-store.ts';
 import { runCli } from '../helpers/cli.ts';
-import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { apiKeyRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -110,5 +112,32 @@ describe('changes made with the CLI reach a running proxy within a second', () =
     const revoked = await runCli(['callers', 'revoke', 'late'], env);
     expect(revoked.code).toBe(0);
     await eventually(async () => (await get('/a/x', token)).status === 401, 1_000, 'the revoked caller to be refused');
+  });
+});
+
+describe('the file store\'s usage table, damaged by hand', () => {
+  it.each([
+    ['null', null],
+    ['a string', 'garbage'],
+    ['an array', ['x']],
+  ])('a credential\'s usage entry that is %s: keys show still describes the credential, and the next usage write replaces it', async (_what, damaged) => {
+    const dir = await makeTempDir('egress-usage-damaged-');
+    try {
+      await seedDataDir(dir, { routes: {}, credentials: { k: { secret: SECRET_A } } });
+      const path = join(dir, 'store.json');
+      const doc = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>;
+      await writeFile(path, JSON.stringify({ ...doc, usage: { k: damaged } }), { mode: 0o600 });
+
+      const shown = await runCli(['keys', 'show', 'k', '--json'], envFor(dir));
+      expect(shown.code, shown.stderr).toBe(0);
+      expect(JSON.parse(shown.stdout).versions[0].last_used).toEqual([]);
+
+      const store = new FileStore(path);
+      const at = new Date().toISOString();
+      await store.recordUsage([{ credential: 'k', version: 1, caller: 'svc', at }]);
+      expect(await store.readUsage('k')).toEqual([{ credential: 'k', version: 1, caller: 'svc', at }]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

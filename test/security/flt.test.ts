@@ -443,6 +443,36 @@ describe('FLT', () => {
     expect(out).not.toContain('unexpected error');
   }, 30_000);
 
+  it('FLT-15d master-key init on a full disk: exit 1 with the reason, no master key file left behind, and init works once there is room', async () => {
+    if (process.getuid?.() !== 0) throw new Error('this test needs root: it mounts a small tmpfs in a mount namespace of its own');
+    const dir = await makeTempDir('egress-flt15d-');
+    const disk = join(dir, 'disk');
+    await mkdir(disk);
+    const script = [
+      'mount -t tmpfs -o size=64k tmpfs "$DISK" || exit 90',
+      'dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null',
+      '"$NODE" "$BIN" master-key init; echo "full-exit=$?"',
+      'echo "left: $(ls -A "$DISK" | tr "\\n" " ")"',
+      'rm "$DISK/filler"',
+      '"$NODE" "$BIN" master-key init; echo "room-exit=$?"',
+      '"$NODE" "$BIN" master-key status; echo "status-exit=$?"',
+      'echo "then: $(ls -A "$DISK" | tr "\\n" " ")"',
+    ].join('\n');
+    const keyPath = join(disk, 'master.key');
+    const env = { ...envFor(dir, { EGRESS_MASTER_KEY_FILE: keyPath }), PATH: process.env.PATH ?? '/usr/bin:/bin', DISK: disk, NODE: process.execPath, BIN };
+    const run = await collect(spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+    const out = run.stdout + run.stderr;
+    expect(run.code, out).toBe(0);
+    expect(out).toContain(`egress: cannot create master key file ${keyPath} (ENOSPC); nothing was created`);
+    expect(out).toContain('full-exit=1');
+    // An empty master.key left here made every later init refuse ("already exists") and serve fail.
+    expect(out).toContain('left: filler \n');
+    expect(out).toContain('room-exit=0');
+    expect(out).toContain('status-exit=0');
+    expect(out).toContain('then: master.key \n');
+    expect(out).not.toContain('unexpected error');
+  }, 30_000);
+
   it('FLT-15 disk full for the audit log (/dev/full): the proxy stays up, raises audit_write_failed, leaks nothing', async () => {
     const dir = await makeTempDir('egress-flt15-');
     const { tokens } = await seedDataDir(dir, { routes: { r: route() }, credentials: { c: { secret: CANARY } }, callers: ['a'] });
