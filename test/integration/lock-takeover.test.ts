@@ -138,11 +138,11 @@ describe('acquireLock: a live holder still at work past the stale age', () => {
   it('keeps its lock: it refreshes the lock while it holds it, so the next writer waits instead of taking it over', async () => {
     const dir = await makeTempDir('egress-lock-refresh-');
     const lock = join(dir, 'x.lock');
-    const options = { waitMs: 0, staleMs: 1_500, what: 'x' };
+    const options = { waitMs: 0, staleMs: 3_000, what: 'x' };
     const held = await acquireLock(lock, options);
     try {
       // The holder's work (a slow disk) lasts longer than the stale age; its process stays responsive.
-      await new Promise((r) => setTimeout(r, 2_500));
+      await new Promise((r) => setTimeout(r, 3_600));
       await expect(acquireLock(lock, { ...options, waitMs: 300 })).rejects.toBeInstanceOf(ConflictError);
       await held.confirm();
     } finally {
