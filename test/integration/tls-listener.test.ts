@@ -234,7 +234,10 @@ describe('TLS listener with client certificates', () => {
    * served), then one request past it on that connection and one on a resumed TLS session: both
    * must be refused, saying what expired. Resolves to the number of requests served.
    */
-  async function refusedPastExpiry(port: number, client: { cert: string; key: string }, expiry: number): Promise<number> {
+  async function refusedPastExpiry(port: number, client: { cert: string; key: string }, notAfter: number): Promise<number> {
+    // A certificate holds its dates in whole seconds: the Date it was made with can be up to a
+    // second past the end the proxy reads, and a request in that second was refused "before expiry".
+    const expiry = Math.floor(notAfter / 1_000) * 1_000;
     const options = { port, host: '127.0.0.1', ca: serverCa, servername: 'localhost', ...client };
     const open = async (extra: { session?: Buffer } = {}) => {
       const socket = tlsConnect({ ...options, ...extra });
