@@ -32,6 +32,7 @@ const KEY_FORMS = [PEM_A, PEM_B, PEM_RSA].flatMap((pem) => {
 
 const CREDS = {
   tl: { client_id: 'tl-client', client_secret: 'tl_CANARY_secret', kid: 'kid-A', private_key: PEM_A },
+  tlf: { kid: 'kid-A', private_key: PEM_A },
   'tl-rsa': { kid: 'kid-A', private_key: PEM_RSA },
   'tl-p256': { kid: 'kid-A', private_key: PEM_P256 },
 };
@@ -114,6 +115,8 @@ beforeAll(async () => {
       return json(400, { received: req.headers['tl-signature'] ?? null });
     }
     const verdict = verifyTlSignature(req, body);
+    // /tlf: a new key whose public key was not uploaded yet; TrueLayer answers it 401.
+    if (req.url?.startsWith('/tlf/') && verdict.header?.kid === 'kid-B') return json(401, { ok: false, why: 'kid-B is not in Console', header: verdict.header });
     const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
     json(verdict.ok ? 200 : 401, { ...verdict, ...(issued.has(bearer) ? { bearer: 'issued' } : {}) });
   });
@@ -131,6 +134,7 @@ beforeAll(async () => {
     client_auth: body
     scope: payments
   - scheme: truelayer_signing`),
+      tlf: route('tlf', '\n  scheme: truelayer_signing', { credential: 'tlf' }) + 'auth_failure: { status: [401] }\nreplay_safe: [POST /v3/payouts]\n',
       'tl-rsa': route('tl-rsa', '\n  scheme: truelayer_signing', { credential: 'tl-rsa' }),
       'tl-p256': route('tl-p256', '\n  scheme: truelayer_signing', { credential: 'tl-p256' }),
     },
@@ -250,6 +254,22 @@ describe('truelayer_signing: Tl-Signature verified by an independent ES512 verif
     expect(last).toMatchObject({ ok: true, matched: 'as sent' });
     // The bad-key message never quotes the key either (the CLI saw it on stdin only).
     expect(rotate.stdout + rotate.stderr).not.toContain('PRIVATE KEY');
+  });
+
+  it('a replay-safe request refused under the new key is re-signed with the previous one, same Idempotency-Key', async () => {
+    const rotate = await runCli(['keys', 'rotate', 'tlf', '--from-stdin', '--grace', '1h'], envFor(proxy.dir), JSON.stringify({ kid: 'kid-B', private_key: PEM_B }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    await eventually(async () => {
+      await call('POST', '/tlf/v3/payouts', { headers: IDEMPOTENCY, body: '{"n":1}' });
+      return upstream.requests.some((r) => r.url === '/tlf/v3/payouts' && r.headers['tl-signature']?.length && JSON.parse(Buffer.from(String(r.headers['tl-signature']).split('.')[0]!, 'base64url').toString()).kid === 'kid-B');
+    }, 3_000, 'the new version in use');
+    const before = upstream.requests.length;
+    const res = await call('POST', '/tlf/v3/payouts', { headers: IDEMPOTENCY, body: '{"n":2}' });
+    expect(res.body).toMatchObject({ ok: true, matched: 'as sent', header: { kid: 'kid-A', tl_headers: 'Idempotency-Key' } });
+    const sent = upstream.requests.slice(before);
+    expect(sent).toHaveLength(2);
+    expect(sent.map((r) => r.headers['idempotency-key'])).toEqual([IDEMPOTENCY['idempotency-key'], IDEMPOTENCY['idempotency-key']]);
+    expect(sent[0]!.headers['tl-signature']).not.toBe(sent[1]!.headers['tl-signature']);
   });
 
   it('a key that does not parse is refused when stored, without quoting it', async () => {
