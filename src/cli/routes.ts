@@ -89,6 +89,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   const upstream = `${route.origin}${route.basePath}/${relative.join('/')}${query ? `?${query}` : ''}`;
   const schemes = route.injections.map((i) => i.options.scheme).join(' + ');
   const bodyContains = route.authFailure.bodyContains;
+  const signing = route.injections.flatMap((i) => i.injector.explain?.(i.options, method) ?? []);
   const data = {
     decision: decision.rule ? 'allow' : 'deny',
     status: decision.rule ? null : 403,
@@ -104,6 +105,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     upstream_url: upstream,
     credential: route.credential,
     inject: schemes,
+    signing,
     preset: route.preset ?? null,
     claimed_headers: [...route.claims.headers],
     claimed_query: [...route.claims.query],
@@ -119,6 +121,7 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
   const details = [
     ...(route.requireClientCert ? ['  only with a client certificate on the TLS listener (require_client_cert): a token alone gets 403 route_forbidden'] : []),
     `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
+    ...signing.map((line) => `  signing: ${line}`),
     `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
     `  auth failure: status ${[...route.authFailure.statuses].join('/')}${bodyContains ? ` with body containing ${bodyContains.map((t) => `"${t}"`).join(' or ')}` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
   ].join('\n');

@@ -123,13 +123,17 @@ const PRESET_TABLE = {
     },
   },
   truelayer: {
-    about: 'TrueLayer Payments API: Bearer token from the client-credentials grant with the payments scope (form token request)',
-    fields: ['client_id', 'client_secret'],
+    about: 'TrueLayer Payments API: Bearer token from the client-credentials grant with the payments scope (form token request), and Tl-Signature (ES512) on POST, PUT, PATCH and DELETE',
+    fields: ['client_id', 'client_secret', 'kid', 'private_key'],
     route: {
       upstream: 'https://api.truelayer.com',
-      // "For any requests to the Payments API, you must include a minimum of the payments scope"
-      // (docs.truelayer.com, Generate a payments access token); more scopes (mandates…) need an inject of the file's own.
-      inject: { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' },
+      inject: [
+        // "For any requests to the Payments API, you must include a minimum of the payments scope"
+        // (docs.truelayer.com, Generate a payments access token); more scopes (mandates…) need an inject of the file's own.
+        { scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' },
+        // Modification requests must carry Tl-Signature (truelayer-signing request-signing-v2.md); last, over the final bytes.
+        { scheme: 'truelayer_signing' },
+      ],
       auth_failure: { status: [401] },
     },
   },

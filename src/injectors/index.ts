@@ -9,12 +9,13 @@ import { oauth2Injector } from './oauth2.ts';
 import { mtlsInjector } from './mtls.ts';
 import { queryInjector } from './query.ts';
 import { snaptradeInjector } from './snaptrade.ts';
+import { truelayerSigningInjector } from './truelayer-signing.ts';
 import type { Injector } from './types.ts';
 
 /** Every auth scheme, by its `inject.scheme` name. Adding a scheme is one file and one line here. */
 export const INJECTORS = [
   headersInjector, bearerInjector, basicInjector, queryInjector, jsonBodyInjector,
-  hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector, oauth2Injector, mtlsInjector,
+  hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector, truelayerSigningInjector, oauth2Injector, mtlsInjector,
 ] as const;
 
 const byScheme = new Map<string, Injector>(INJECTORS.map((i): [string, Injector] => [i.scheme, i as unknown as Injector]));

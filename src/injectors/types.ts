@@ -98,6 +98,8 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
   prepare?(args: PrepareArgs<O>): Promise<unknown>;
   /** The upstream TLS client certificate this scheme presents (mtls): requests go through a pool per credential version. */
   clientCertificate?(options: O, credential: ResolvedCredential): ClientCertificate;
+  /** What `routes explain` says this scheme does to a request of this method, when it depends on it (a signer that signs some methods). */
+  explain?(options: O, method: string): string;
   claims(options: O): Claims;
   templates(options: O): readonly Template[];
   inject(args: InjectArgs<O>): void;

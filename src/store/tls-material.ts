@@ -13,15 +13,18 @@ const PEM_KEY = /-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----/;
 
 /**
  * Check certificate material when it is stored, not at request time: it must parse, the key must
- * belong to the certificate, and the certificate must be valid now. Fields that hold no such
- * material pass untouched. Messages never quote the material.
+ * belong to the certificate, and the certificate must be valid now. A private key without a
+ * certificate is a signing key (coinbase_jwt, truelayer_signing): it must parse. Fields that hold
+ * no such material pass untouched. Messages never quote the material.
  */
 export function checkCertificateFields(fields: Readonly<Record<string, string>>, now = new Date()): void {
   const certField = Object.keys(fields).find((k) => fields[k]!.includes(PEM_CERT));
   const keyField = Object.keys(fields).find((k) => PEM_KEY.test(fields[k]!));
-  if (certField || keyField) {
-    if (!certField || !keyField) throw new UserError(`the credential has a ${certField ? 'certificate' : 'private key'} (field "${certField ?? keyField}") without its ${certField ? 'private key' : 'certificate'}`);
+  if (certField) {
+    if (!keyField) throw new UserError(`the credential has a certificate (field "${certField}") without its private key`);
     checkPem(fields[certField]!, fields[keyField]!, certField, now);
+  } else if (keyField) {
+    checkSigningKey(fields[keyField]!, keyField);
   }
   for (const name of ['pkcs12', 'p12', 'pfx']) {
     if (fields[name] !== undefined) checkPkcs12(fields[name]!, fields.passphrase ?? '', name, now);
@@ -43,6 +46,15 @@ function checkPem(certPem: string, keyPem: string, field: string, now: Date): vo
   }
   if (!cert.checkPrivateKey(key)) throw new UserError(`the private key does not belong to the certificate in field "${field}"`);
   checkValidity(new Date(cert.validFrom), new Date(cert.validTo), field, now);
+}
+
+function checkSigningKey(keyPem: string, field: string): void {
+  try {
+    // A PEM pasted from a JSON download (Coinbase's) may keep its "\n" escapes; the signers read it so too.
+    createPrivateKey(keyPem.includes('\\n') ? keyPem.replace(/\\n/g, '\n') : keyPem);
+  } catch {
+    throw new UserError(`field "${field}" is not a valid PEM private key (an encrypted key is not supported)`);
+  }
 }
 
 function checkPkcs12(base64: string, passphrase: string, field: string, now: Date): void {

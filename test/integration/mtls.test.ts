@@ -1,3 +1,4 @@
+import { generateKeyPairSync } from 'node:crypto';
 import { rename, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -175,5 +176,18 @@ describe('mtls', () => {
       expect(res.stderr).toMatch(message);
       expect(res.stderr).not.toContain('BEGIN');
     }
+  });
+
+  it('a PEM private key without a certificate is a signing key (coinbase_jwt): stored; one that does not parse is refused without quoting it', async () => {
+    const env = envFor(proxy.dir);
+    const signing = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ type: 'sec1', format: 'pem' }) as string;
+    const put = await runCli(['keys', 'put', 'cb-signing', '--from-stdin'], env, JSON.stringify({ key_name: 'organizations/o/apiKeys/k', private_key: signing }));
+    expect(put.code, put.stderr).toBe(0);
+    const broken = signing.replace(/(-----\n)(.{8})/, '$1!!!!!!!!');
+    const bad = await runCli(['keys', 'put', 'cb-broken', '--from-stdin'], env, JSON.stringify({ key_name: 'organizations/o/apiKeys/k', private_key: broken }));
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/field "private_key" is not a valid PEM private key/);
+    expect(bad.stderr).not.toContain('BEGIN');
+    expect(bad.stderr).not.toContain(broken.split('\n')[1]!.slice(10, 40));
   });
 });

@@ -3,6 +3,7 @@ import { ProxyError } from '../../src/errors.ts';
 import { basicInjector } from '../../src/injectors/basic.ts';
 import { bearerInjector } from '../../src/injectors/bearer.ts';
 import { coinbaseJwtInjector } from '../../src/injectors/coinbase-jwt.ts';
+import { truelayerSigningInjector } from '../../src/injectors/truelayer-signing.ts';
 import { decodeKey } from '../../src/injectors/encoding.ts';
 import { headersInjector } from '../../src/injectors/headers.ts';
 import { hmacInjector } from '../../src/injectors/hmac.ts';
@@ -86,7 +87,7 @@ describe('compileTemplate', () => {
 describe('injector registry', () => {
   it('finds each injector by its scheme and nothing else', () => {
     for (const injector of INJECTORS) expect(injectorFor(injector.scheme)).toBe(injector);
-    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body', 'hmac', 'snaptrade', 'kraken', 'coinbase_jwt', 'oauth2_client_credentials', 'mtls']);
+    expect(INJECTORS.map((i) => i.scheme)).toEqual(['headers', 'bearer', 'basic', 'query', 'json_body', 'hmac', 'snaptrade', 'kraken', 'coinbase_jwt', 'truelayer_signing', 'oauth2_client_credentials', 'mtls']);
     expect(injectorFor('__proto__')).toBeUndefined();
     expect(injectorFor('constructor')).toBeUndefined();
     expect(injectorFor('Bearer')).toBeUndefined();
@@ -334,7 +335,7 @@ describe('signers: pure parts', () => {
   });
 
   it('every signer declares that it signs, and kraken that it needs a nonce', () => {
-    for (const injector of [hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector]) expect(injector.signsRequest).toBe(true);
+    for (const injector of [hmacInjector, snaptradeInjector, krakenInjector, coinbaseJwtInjector, truelayerSigningInjector]) expect(injector.signsRequest).toBe(true);
     expect(krakenInjector.needsNonce).toBe(true);
     expect(krakenInjector.claims(krakenInjector.schema.parse({ scheme: 'kraken' }))).toEqual({ headers: ['api-key', 'api-sign'], query: [], bodyFields: ['nonce'] });
   });

@@ -125,6 +125,14 @@ describe('provider details (shared/reference/providers.md)', () => {
     const route = await compiles('name: bank\npreset: truelayer\ncredential: c\n');
     expect(route.injections[0]!.options).toMatchObject({ scheme: 'oauth2_client_credentials', token_url: 'https://auth.truelayer.com/connect/token', client_auth: 'body', scope: 'payments' });
   });
+
+  it('truelayer signs what the Payments API changes with Tl-Signature, after the token: credential fields kid and private_key', async () => {
+    const route = await compiles('name: bank\npreset: truelayer\ncredential: c\n');
+    expect(route.injections.map((i) => i.options.scheme)).toEqual(['oauth2_client_credentials', 'truelayer_signing']);
+    expect(route.injections[1]!.options).toMatchObject({ signed_headers: ['Idempotency-Key'], methods: ['POST', 'PUT', 'PATCH', 'DELETE'] });
+    expect([...route.fields].sort()).toEqual(['client_id', 'client_secret', 'kid', 'private_key']);
+    expect([...PRESETS.get('truelayer')!.fields].sort()).toEqual([...route.fields].sort());
+  });
 });
 
 describe('problems', () => {
