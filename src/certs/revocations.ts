@@ -65,10 +65,12 @@ export async function readCertsList(path: string, what: { readonly list: string;
  */
 export async function addRevoked(certsDir: string, serials: readonly string[], caller: string): Promise<void> {
   const path = join(certsDir, REVOKED_FILE);
-  await withFileLock(path, CERTS_LOCK, async () => {
+  await withFileLock(path, CERTS_LOCK, async (held) => {
     const doc = await readRevoked(certsDir);
     const now = new Date().toISOString();
     for (const s of serials) doc.serials[s.toLowerCase()] = { caller, revoked_at: now };
+    // A writer held up past the lock's stale age has lost it: writing back what it read then would undo the revocations made since.
+    await held.confirm();
     await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`, 0o644);
   });
 }

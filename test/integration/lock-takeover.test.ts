@@ -5,6 +5,7 @@ import { open, readdir, readFile, rename, unlink, utimes, writeFile } from 'node
 import { basename, dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConflictError } from '../../src/errors.ts';
+import { addRevoked, readRevoked } from '../../src/certs/revocations.ts';
 import { lockAuditLog } from '../../src/observe/audit-lock.ts';
 import { newCredentialRecord, openVersion } from '../../src/store/credentials.ts';
 import { FileStore } from '../../src/store/file-store.ts';
@@ -218,4 +219,33 @@ describe('a lock whose holder is a zombie (exited, not yet reaped by its parent)
       parent.kill();
     }
   }, 20_000);
+});
+
+describe('certificate revocation list: a live revoke that held the list\'s lock past its stale age', () => {
+  it('finds its lock taken over before it renames, and does not drop the revocation made meanwhile', async () => {
+    const dir = await makeTempDir('egress-lock-stale-revoked-');
+    const path = join(dir, 'revoked.json');
+    await addRevoked(dir, ['a1'], 'seed');
+    const seeded = await readFile(path, 'utf8');
+
+    // Revoke A's read of the list (inside its lock) is a FIFO's, which ends when the test writes into it.
+    await unlink(path);
+    execFileSync('mkfifo', ['-m', '600', path]);
+    const a = addRevoked(dir, ['a2'], 'from-a').then(() => 'written', (err: unknown) => err);
+    const fifo = await open(path, 'w');
+    await writeFile(join(dir, 'revoked.copy'), seeded, { mode: 0o644 });
+    await rename(join(dir, 'revoked.copy'), path);
+    // A is alive, but its lock is past the certificate lists' stale age (60 s): revoke B takes it over.
+    const old = new Date(Date.now() - 120_000);
+    await utimes(`${path}.lock`, old, old);
+    await addRevoked(dir, ['b1'], 'from-b');
+
+    await fifo.writeFile(seeded);
+    await fifo.close();
+    const result = await a;
+    // B's revocation stands: A did not write back the list it read before B wrote.
+    expect(Object.keys((await readRevoked(dir)).serials).sort()).toEqual(['a1', 'b1']);
+    expect(result).toBeInstanceOf(ConflictError);
+    expect(await lockFiles(dir)).toEqual([]);
+  });
 });
