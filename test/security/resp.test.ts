@@ -603,6 +603,34 @@ describe('RESP: malformed upstream responses', () => {
 });
 
 /**
+ * An upstream that answers every request 400 with `answer(req)` (the echo of the key in its body and
+ * headers), behind a proxy that sends KEY as X-Api-Key: started before the tests of the describe
+ * it is called in, closed after them.
+ */
+function echoingUpstream(key: string, answer: (req: IncomingMessage) => { body: Buffer; headers: Record<string, string> }): { readonly proxy: TestProxy; readonly up: Upstream } {
+  const made = {} as { proxy: TestProxy; up: Upstream };
+  beforeAll(async () => {
+    made.up = await startUpstream((req, res) => {
+      const { body, headers } = answer(req);
+      res.writeHead(400, { 'content-type': 'application/json', ...headers, 'content-length': body.length });
+      res.end(body);
+    });
+    made.proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${made.up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
+      credentials: { key: { secret: key } },
+      callers: ['svc'],
+    });
+  }, 30_000);
+  afterAll(async () => {
+    await made.proxy?.close();
+    await made.up?.close();
+  });
+  return made;
+}
+
+const keyError = (echo: string, encoding: BufferEncoding = 'utf8') => Buffer.from(`{"error":"INVALID_API_KEYS","key":"${echo}"}`, encoding);
+
+/**
  * A key with characters that encodings change (+ / = and a space, as base64 keys of Kraken or
  * Coinbase have), echoed by the upstream in an error body and a header in each form an upstream
  * framework writes.
@@ -632,29 +660,14 @@ describe('RESP-04d echoes of a key with + / = in other encodings', () => {
     'json-html-safe': JSON.stringify(KEY).slice(1, -1).replace(/[<>&]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`),
     'json-unicode-mixed': [...KEY].map((c, i) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0').replace(/[a-f]/g, (h) => (i % 2 ? h.toUpperCase() : h))}`).join(''),
   };
-  let up: Upstream;
-  let proxy: TestProxy;
-  beforeAll(async () => {
-    up = await startUpstream((req, res) => {
-      const form = forms[(req.url ?? '').slice(1)] ?? '';
-      const text = `{"error":"INVALID_API_KEYS","key":"${form}"}`;
-      res.writeHead(400, { 'content-type': 'application/json', 'x-key': form, 'content-length': Buffer.byteLength(text) });
-      res.end(text);
-    });
-    proxy = await startTestProxy({
-      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
-      credentials: { key: { secret: KEY } },
-      callers: ['svc'],
-    });
-  }, 30_000);
-  afterAll(async () => {
-    await proxy?.close();
-    await up?.close();
+  const lab = echoingUpstream(KEY, (req) => {
+    const form = forms[(req.url ?? '').slice(1)] ?? '';
+    return { body: keyError(form), headers: { 'x-key': form } };
   });
 
   it.each(Object.keys(forms))('the key echoed %s is redacted in the body and the header', async (form) => {
     expect(forms[form], 'an encoded form, not the key itself').not.toBe(KEY);
-    const res = await fetch(`${proxy.url}/api/${form}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const res = await fetch(`${lab.proxy.url}/api/${form}`, { headers: { 'x-egress-token': lab.proxy.tokens.svc! } });
     const text = await res.text();
     expect(res.status).toBe(400);
     expect(text).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
@@ -675,29 +688,14 @@ describe('RESP-04i echoes of a key percent-encoded by strict encoders', () => {
     'go-query-escape': strict.replaceAll('%20', '+'),
     'java-urlencoder': strict.replaceAll('%20', '+').replaceAll('%2A', '*').replaceAll('~', '%7E'),
   };
-  let up: Upstream;
-  let proxy: TestProxy;
-  beforeAll(async () => {
-    up = await startUpstream((req, res) => {
-      const form = forms[decodeURIComponent((req.url ?? '').slice(1))] ?? '';
-      const text = `{"error":"INVALID_API_KEYS","key":"${form}"}`;
-      res.writeHead(400, { 'content-type': 'application/json', location: `https://e.example/?k=${form}`, 'content-length': Buffer.byteLength(text) });
-      res.end(text);
-    });
-    proxy = await startTestProxy({
-      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
-      credentials: { key: { secret: KEY } },
-      callers: ['svc'],
-    });
-  }, 30_000);
-  afterAll(async () => {
-    await proxy?.close();
-    await up?.close();
+  const lab = echoingUpstream(KEY, (req) => {
+    const form = forms[decodeURIComponent((req.url ?? '').slice(1))] ?? '';
+    return { body: keyError(form), headers: { location: `https://e.example/?k=${form}` } };
   });
 
   it.each(Object.keys(forms))('the key echoed %s is redacted in the body and the header', async (form) => {
     expect(forms[form], 'an encoded form, not encodeURIComponent\'s').not.toBe(encodeURIComponent(KEY));
-    const res = await fetch(`${proxy.url}/api/${encodeURIComponent(form)}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const res = await fetch(`${lab.proxy.url}/api/${encodeURIComponent(form)}`, { headers: { 'x-egress-token': lab.proxy.tokens.svc! } });
     const text = await res.text();
     expect(res.status).toBe(400);
     expect(text).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
@@ -711,33 +709,18 @@ describe('RESP-04i echoes of a key percent-encoded by strict encoders', () => {
  */
 describe('RESP-04e echoes of a non-ASCII key as the bytes the upstream received', () => {
   const KEY = 'clé-privée-ÄÖÜ-9f2';
-  let up: Upstream;
-  let proxy: TestProxy;
-  beforeAll(async () => {
-    up = await startUpstream((req, res) => {
-      // Node decodes header values as latin1: writing the string back as latin1 echoes the bytes received.
-      const received = String(req.headers['x-api-key'] ?? '');
-      const echo = req.url === '/upper' ? received.toUpperCase() : received;
-      const text = Buffer.from(`{"error":"INVALID_API_KEYS","key":"${echo}"}`, 'latin1');
-      res.writeHead(400, { 'content-type': 'application/json', 'x-key': echo, 'content-length': text.length });
-      res.end(text);
-    });
-    proxy = await startTestProxy({
-      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: headers\n  headers:\n    X-Api-Key: "{secret}"\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [/*]\n` },
-      credentials: { key: { secret: KEY } },
-      callers: ['svc'],
-    });
-  }, 30_000);
-  afterAll(async () => {
-    await proxy?.close();
-    await up?.close();
+  const lab = echoingUpstream(KEY, (req) => {
+    // Node decodes header values as latin1: writing the string back as latin1 echoes the bytes received.
+    const received = String(req.headers['x-api-key'] ?? '');
+    const echo = req.url === '/upper' ? received.toUpperCase() : received;
+    return { body: keyError(echo, 'latin1'), headers: { 'x-key': echo } };
   });
 
   it.each(['/as-received', '/upper'])('the key echoed %s (latin1 bytes) is redacted in the body and the header', async (path) => {
-    const res = await fetch(`${proxy.url}/api${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
+    const res = await fetch(`${lab.proxy.url}/api${path}`, { headers: { 'x-egress-token': lab.proxy.tokens.svc! } });
     const body = Buffer.from(await res.arrayBuffer()).toString('latin1');
     expect(res.status).toBe(400);
-    expect(up.requests.at(-1)!.headers['x-api-key']).toBe(KEY);
+    expect(lab.up.requests.at(-1)!.headers['x-api-key']).toBe(KEY);
     expect(body).toBe('{"error":"INVALID_API_KEYS","key":"[REDACTED]"}');
     expect(res.headers.get('x-key')).toBe('[REDACTED]');
   });
