@@ -5,7 +5,7 @@ import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from 
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
-import { ANSWER_STALL_MS, answerTaken, isOverCap, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, isClosing, isOverCap, markClosing, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 import { ConnectionCap } from './connection-cap.ts';
 
 export interface ReadinessSource {
@@ -39,13 +39,25 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   new ConnectionCap(ADMIN_LIMITS.maxConnections, () => {}).attach(server, 'admin', 'connection');
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket;
+    // As on the proxy listeners, a request pipelined behind one whose answer closes the connection
+    // is not processed (RFC 9112 §9.6): Node still hands it over, and a change it asked for would be
+    // made with its answer never sent.
+    const closing = isClosing(socket);
+    if (!res.shouldKeepAlive) markClosing(socket);
     // A client that pipelines requests and does not read the answers has every one of them rendered
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
     // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
     if (!requestStarted(socket, req, res)) return;
+    if (closing) {
+      requestAnswered(socket);
+      return;
+    }
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
     const answer = isOverCap(socket) ? refuseConnection(res) : route(req, res, readiness, metrics, api, status);
+    // A refusal answered before the body it did not invite (Expect: 100-continue) closes the
+    // connection: whatever follows that body is not a request to process either.
+    if (!res.shouldKeepAlive) markClosing(socket);
     void answer.catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();

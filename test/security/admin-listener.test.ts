@@ -313,3 +313,32 @@ describe('HDR: Expect: 100-continue on the admin API', () => {
     await lab.g0();
   });
 });
+
+describe('SMUG: requests pipelined behind an answer that closes the admin connection', () => {
+  it('SMUG-09c are not processed (RFC 9112 §9.6): behind Connection: close, or a refused Expect: 100-continue whose body came anyway', async () => {
+    const created = await runCli(['admin-token', 'create', 'pipeliner', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const add = (name: string) => {
+      const body = JSON.stringify({ name });
+      return `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+    };
+    const refusedBody = JSON.stringify({ name: 'never-invited' });
+    for (const [label, first, status, name] of [
+      ['Connection: close', 'GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n', 200, 'behind-close'],
+      ['refused 100-continue', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ega_${'w'.repeat(43)}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: ${refusedBody.length}\r\n\r\n${refusedBody}`, 401, 'behind-refused'],
+    ] as const) {
+      const { data, closed } = await rawExchange(port, `${first}${add(name)}`, 1_000);
+      lab.seen(data);
+      expect(statuses(data), label).toEqual([status]);
+      expect(closed, `${label}: connection closed`).toBe(true);
+      // The pipelined request would have been answered on a closed connection: never sent, but done.
+      await new Promise((r) => setTimeout(r, 300));
+      const callers = (await (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } })).json()) as { callers: { name: string }[] };
+      expect(callers.callers.map((c) => c.name), label).not.toContain(name);
+    }
+    await lab.g0();
+  });
+});
