@@ -230,6 +230,9 @@ const CREDENTIAL_VERBS: ReadonlyMap<string, readonly string[]> = new Map([
  * live). The message names the field only when its name cannot be a value pasted in the wrong place.
  */
 async function readJson(req: IncomingMessage, res: ServerResponse, known: readonly string[]): Promise<Record<string, unknown>> {
+  // The same goes for options in the query string, which nothing reads: POST …/revoke?version=1
+  // revoked the current version, …/rotate?grace=0 left the old token working for 24 h.
+  if ((req.url ?? '').includes('?')) throw new HttpError(400, 'bad_request', `a change takes its options in the JSON body, not in the query string; this endpoint takes ${known.length ? known.map((k) => `"${k}"`).join(', ') : 'no fields'}; nothing was changed`);
   const body = await readJsonObject(req, res);
   for (const key of Object.keys(body)) {
     if (known.includes(key)) continue;
