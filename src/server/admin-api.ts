@@ -282,7 +282,8 @@ function fields(body: Record<string, unknown>) {
 }
 
 function grace(body: Record<string, unknown>): number {
-  const value = body.grace ?? '24h';
+  // Only a grace left out is the default: null is not one (version and stage refuse it too).
+  const value = body.grace === undefined ? '24h' : body.grace;
   const ms = typeof value === 'string' ? parseGrace(value) : undefined;
   if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h", at most "365d"');
   return ms;

@@ -185,6 +185,24 @@ describe('admin API', () => {
     expect(caller?.tokens).toBe(1);
   });
 
+  it('refuses "grace": null (a script\'s unset variable) instead of taking it for the 24 h default, and changes nothing', async () => {
+    expect((await api('POST', '/credentials', { id: 'nullgrace', fields: { token: 'tok_nullgrace_1111' } })).status).toBe(201);
+    expect((await api('POST', '/credentials/nullgrace/versions', { fields: { token: 'tok_nullgrace_2222' }, stage: true })).status).toBe(201);
+    expect((await api('POST', '/callers', { name: 'nullgrace-caller' })).status).toBe(201);
+    const refused = [
+      await api('POST', '/credentials/nullgrace/promote', { grace: null }),
+      await api('POST', '/credentials/nullgrace/versions', { fields: { token: 'tok_nullgrace_3333' }, grace: null }),
+      await api('POST', '/callers/nullgrace-caller/rotate', { grace: null }),
+    ];
+    for (const r of refused) {
+      expect(r.status, r.text).toBe(400);
+      expect(r.json).toMatchObject({ error: { code: 'bad_request', message: expect.stringContaining('grace') } });
+    }
+    expect(((await api('GET', '/credentials/nullgrace')).json.versions as { state: string }[]).map((v) => v.state)).toEqual(['current', 'pending']);
+    const caller = ((await api('GET', '/callers')).json.callers as { name: string; tokens: number }[]).find((c) => c.name === 'nullgrace-caller');
+    expect(caller?.tokens).toBe(1);
+  });
+
   it('a credential it has just created or rotated is 0 days old, not -1', async () => {
     const created = await api('POST', '/credentials', { id: 'fresh', fields: { token: 'tok_fresh_1234' } });
     expect(created.status).toBe(201);
