@@ -14,6 +14,15 @@ export function hasBody(req: IncomingMessage): boolean {
   return req.headers['transfer-encoding'] !== undefined || Number(req.headers['content-length'] ?? 0) > 0;
 }
 
+/**
+ * An Expect that cannot be met: 100-continue is the only expectation there is (RFC 9110 §10.1.1).
+ * An HTTP/1.0 request's Expect is ignored, as Node does.
+ */
+export function unmetExpectation(req: IncomingMessage): boolean {
+  const expectation = req.headers.expect;
+  return expectation !== undefined && req.httpVersionMinor !== 0 && expectation.trim().toLowerCase() !== '100-continue';
+}
+
 const continued = new WeakSet<ServerResponse>();
 
 /**

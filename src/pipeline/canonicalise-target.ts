@@ -1,6 +1,6 @@
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
-import { hasBody, NO_CONTENT_METHODS } from './body.ts';
+import { hasBody, NO_CONTENT_METHODS, unmetExpectation } from './body.ts';
 import { parseTarget } from './target.ts';
 
 /**
@@ -16,10 +16,7 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   // Faulty framing (RFC 9112 §6.1): HTTP/1.0 has no transfer codings, so a recipient of the same
   // bytes may read the chunks as the body and then as requests.
   if (ctx.req.httpVersionMinor === 0 && ctx.req.headers['transfer-encoding'] !== undefined) throw new ProxyError('bad_request', 'An HTTP/1.0 request cannot use Transfer-Encoding.');
-  // 100-continue is the only expectation there is (RFC 9110 §10.1.1); any other cannot be met. An
-  // HTTP/1.0 request's Expect is ignored, as Node does.
-  const expectation = ctx.req.headers.expect;
-  if (expectation !== undefined && ctx.req.httpVersionMinor !== 0 && expectation.trim().toLowerCase() !== '100-continue') throw new ProxyError('expectation_failed');
+  if (unmetExpectation(ctx.req)) throw new ProxyError('expectation_failed');
   if (ctx.forward) {
     // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that
     // host only. An absolute-form target names its host itself (RFC 9112 §3.2.2), so there an

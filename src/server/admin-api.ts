@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
-import { continueBody, hasBody } from '../pipeline/body.ts';
+import { continueBody, hasBody, unmetExpectation } from '../pipeline/body.ts';
 import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
@@ -33,6 +33,9 @@ export interface AdminApiDeps {
 
 const MAX_BODY = 128 * 1024;
 
+/** The answer to an Expect other than 100-continue (RFC 9110 §10.1.1), on any admin path. */
+export const EXPECTATION_FAILED = Object.freeze({ error: Object.freeze({ code: 'expectation_failed', message: 'The request has an Expect the admin listener cannot meet; only 100-continue is supported.' }) });
+
 class HttpError extends Error {
   readonly status: number;
   readonly code: string;
@@ -55,6 +58,8 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
   const action = `${req.method} /v1/${segments.map((s, i) => (i % 2 === 1 && segments.length > 1 ? ':id' : s)).join('/')}`;
   let actor = 'admin:unknown';
   try {
+    // As on the proxy listeners, before anything else: the connection closes after this answer.
+    if (unmetExpectation(req)) throw new HttpError(417, EXPECTATION_FAILED.error.code, EXPECTATION_FAILED.error.message);
     // Without a readable store no token can be checked: that is our failure, and a rotation script
     // told 401 would conclude its token is wrong (as the proxy answers callers 503, not 401).
     if (bearerToken(req.headers.authorization) && !deps.store.usable()) throw new HttpError(503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; retry shortly.');
@@ -225,6 +230,9 @@ const CREDENTIAL_VERBS: ReadonlyMap<string, readonly string[]> = new Map([
  * live). The message names the field only when its name cannot be a value pasted in the wrong place.
  */
 async function readJson(req: IncomingMessage, res: ServerResponse, known: readonly string[]): Promise<Record<string, unknown>> {
+  // The same goes for options in the query string, which nothing reads: POST …/revoke?version=1
+  // revoked the current version, …/rotate?grace=0 left the old token working for 24 h.
+  if ((req.url ?? '').includes('?')) throw new HttpError(400, 'bad_request', `a change takes its options in the JSON body, not in the query string; this endpoint takes ${known.length ? known.map((k) => `"${k}"`).join(', ') : 'no fields'}; nothing was changed`);
   const body = await readJsonObject(req, res);
   for (const key of Object.keys(body)) {
     if (known.includes(key)) continue;
@@ -274,7 +282,8 @@ function fields(body: Record<string, unknown>) {
 }
 
 function grace(body: Record<string, unknown>): number {
-  const value = body.grace ?? '24h';
+  // Only a grace left out is the default: null is not one (version and stage refuse it too).
+  const value = body.grace === undefined ? '24h' : body.grace;
   const ms = typeof value === 'string' ? parseGrace(value) : undefined;
   if (ms === undefined) throw new HttpError(400, 'bad_request', 'grace must be a duration like "0", "1h" or "24h", at most "365d"');
   return ms;

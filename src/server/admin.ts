@@ -1,12 +1,13 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
+import { adminName, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
-import { ANSWER_STALL_MS, answerTaken, isOverCap, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, isClosing, isOverCap, markClosing, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 import { ConnectionCap } from './connection-cap.ts';
+import { unmetExpectation } from '../pipeline/body.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -39,13 +40,28 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   new ConnectionCap(ADMIN_LIMITS.maxConnections, () => {}).attach(server, 'admin', 'connection');
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket;
+    // As on the proxy listeners, a request pipelined behind one whose answer closes the connection
+    // is not processed (RFC 9112 §9.6): Node still hands it over, and a change it asked for would be
+    // made with its answer never sent.
+    const closing = isClosing(socket);
+    // An Expect it cannot meet is refused (below) with the body it declares unread: the connection
+    // closes after that answer.
+    if (unmetExpectation(req)) res.shouldKeepAlive = false;
+    if (!res.shouldKeepAlive) markClosing(socket);
     // A client that pipelines requests and does not read the answers has every one of them rendered
     // and held (Node parses 64 KiB of requests before it stops reading: some 1,900 GET /metrics, each
     // a registry walk and 10 kB): as on the proxy listener, past MAX_QUEUED_ANSWERS it is cut.
     if (!requestStarted(socket, req, res)) return;
+    if (closing) {
+      requestAnswered(socket);
+      return;
+    }
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
     const answer = isOverCap(socket) ? refuseConnection(res) : route(req, res, readiness, metrics, api, status);
+    // A refusal answered before the body it did not invite (Expect: 100-continue) closes the
+    // connection: whatever follows that body is not a request to process either.
+    if (!res.shouldKeepAlive) markClosing(socket);
     void answer.catch(() => {
       if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
       else res.destroy();
@@ -60,6 +76,9 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   // declared body have passed (continueBody), not by Node at once: a refused client is never invited
   // to send its body, which may carry a credential's secret values.
   server.on('checkContinue', onRequest);
+  // Any other Expect is refused here (417 with the admin listener's JSON error, audited on the API),
+  // not by Node's bare 417, which kept the connection for whatever followed the unread body.
+  server.on('checkExpectation', onRequest);
   server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   server.on('clientError', answerClientError);
   // No tunnels here: a 400 once the answers before it are out (Node's own close cut those too).
@@ -74,6 +93,10 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
 async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
   if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
+  if (unmetExpectation(req)) {
+    if (path === '/') api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'expectation_failed' });
+    return json(res, 417, EXPECTATION_FAILED);
+  }
   if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
     if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });

@@ -163,6 +163,46 @@ describe('admin API', () => {
     expect(svc.find((c) => c.name === 'svc')?.revoked_at).toBeNull();
   });
 
+  it('refuses a change whose options are in the query string, and changes nothing: ?version=1 must not revoke the current version, ?grace=0 must not leave 24 h', async () => {
+    expect((await api('POST', '/credentials', { id: 'queried', fields: { token: 'tok_queried_1111' } })).status).toBe(201);
+    expect((await api('POST', '/credentials/queried/versions', { fields: { token: 'tok_queried_2222' }, grace: '1h' })).status).toBe(201);
+    expect((await api('POST', '/callers', { name: 'queried-caller' })).status).toBe(201);
+    const states = async () => ((await api('GET', '/credentials/queried')).json.versions as { state: string }[]).map((v) => v.state);
+    const refused = [
+      await api('POST', '/credentials/queried/revoke?version=1', {}),
+      await api('POST', '/credentials/queried/revoke?version=1'),
+      await api('POST', '/credentials/queried/promote?grace=0', {}),
+      await api('POST', '/callers/queried-caller/rotate?grace=0', {}),
+      await api('POST', '/credentials?id=queried2', { id: 'queried3', fields: { token: 'tok_queried_3333' } }),
+    ];
+    for (const r of refused) {
+      expect(r.status, r.text).toBe(400);
+      expect(r.json).toMatchObject({ error: { code: 'bad_request', message: expect.stringContaining('query') } });
+    }
+    expect(await states()).toEqual(['previous', 'current']);
+    expect((await api('GET', '/credentials/queried3')).status).toBe(404);
+    const caller = ((await api('GET', '/callers')).json.callers as { name: string; tokens: number }[]).find((c) => c.name === 'queried-caller');
+    expect(caller?.tokens).toBe(1);
+  });
+
+  it('refuses "grace": null (a script\'s unset variable) instead of taking it for the 24 h default, and changes nothing', async () => {
+    expect((await api('POST', '/credentials', { id: 'nullgrace', fields: { token: 'tok_nullgrace_1111' } })).status).toBe(201);
+    expect((await api('POST', '/credentials/nullgrace/versions', { fields: { token: 'tok_nullgrace_2222' }, stage: true })).status).toBe(201);
+    expect((await api('POST', '/callers', { name: 'nullgrace-caller' })).status).toBe(201);
+    const refused = [
+      await api('POST', '/credentials/nullgrace/promote', { grace: null }),
+      await api('POST', '/credentials/nullgrace/versions', { fields: { token: 'tok_nullgrace_3333' }, grace: null }),
+      await api('POST', '/callers/nullgrace-caller/rotate', { grace: null }),
+    ];
+    for (const r of refused) {
+      expect(r.status, r.text).toBe(400);
+      expect(r.json).toMatchObject({ error: { code: 'bad_request', message: expect.stringContaining('grace') } });
+    }
+    expect(((await api('GET', '/credentials/nullgrace')).json.versions as { state: string }[]).map((v) => v.state)).toEqual(['current', 'pending']);
+    const caller = ((await api('GET', '/callers')).json.callers as { name: string; tokens: number }[]).find((c) => c.name === 'nullgrace-caller');
+    expect(caller?.tokens).toBe(1);
+  });
+
   it('a credential it has just created or rotated is 0 days old, not -1', async () => {
     const created = await api('POST', '/credentials', { id: 'fresh', fields: { token: 'tok_fresh_1234' } });
     expect(created.status).toBe(201);

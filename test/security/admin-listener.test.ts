@@ -313,3 +313,66 @@ describe('HDR: Expect: 100-continue on the admin API', () => {
     await lab.g0();
   });
 });
+
+describe('SMUG: requests pipelined behind an answer that closes the admin connection', () => {
+  it('SMUG-09c are not processed (RFC 9112 §9.6): behind Connection: close, or a refused Expect: 100-continue whose body came anyway', async () => {
+    const created = await runCli(['admin-token', 'create', 'pipeliner', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const add = (name: string) => {
+      const body = JSON.stringify({ name });
+      return `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+    };
+    const refusedBody = JSON.stringify({ name: 'never-invited' });
+    for (const [label, first, status, name] of [
+      ['Connection: close', 'GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n', 200, 'behind-close'],
+      ['refused 100-continue', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ega_${'w'.repeat(43)}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: ${refusedBody.length}\r\n\r\n${refusedBody}`, 401, 'behind-refused'],
+    ] as const) {
+      const { data, closed } = await rawExchange(port, `${first}${add(name)}`, 1_000);
+      lab.seen(data);
+      expect(statuses(data), label).toEqual([status]);
+      expect(closed, `${label}: connection closed`).toBe(true);
+      // The pipelined request would have been answered on a closed connection: never sent, but done.
+      await new Promise((r) => setTimeout(r, 300));
+      const callers = (await (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } })).json()) as { callers: { name: string }[] };
+      expect(callers.callers.map((c) => c.name), label).not.toContain(name);
+    }
+    await lab.g0();
+  });
+});
+
+describe('HDR: an Expect other than 100-continue on the admin listener', () => {
+  it('HDR-19b is the admin listener\'s own 417 (JSON body, audited on the API), not Node\'s bare 417; its body and what is pipelined behind it are not processed', async () => {
+    const created = await runCli(['admin-token', 'create', 'expecting', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const before = (await auditLines(lab)).length;
+    const body = JSON.stringify({ name: 'expected-once' });
+    // Behind the refused request, one that would add a caller, on the same connection.
+    const next = `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nContent-Length: ${JSON.stringify({ name: 'expected-twice' }).length}\r\n\r\n${JSON.stringify({ name: 'expected-twice' })}`;
+    for (const [label, value, request] of [
+      ['API', 'something-else', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nExpect: something-else\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}${next}`],
+      ['API', '100-continue, foo', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nExpect: 100-continue, foo\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}${next}`],
+      ['health', 'something-else', `GET /healthz HTTP/1.1\r\nHost: admin\r\nExpect: something-else\r\n\r\n${next}`],
+    ] as const) {
+      const { data, closed } = await rawExchange(port, request, 1_000);
+      lab.seen(data);
+      expect(statuses(data), `${label} ${value}`).toEqual([417]);
+      expect(data, `${label} ${value}`).toMatch(/\r\ncontent-type: application\/json\r\n/i);
+      expect(JSON.parse(data.slice(data.indexOf('\r\n\r\n') + 4)).error, `${label} ${value}`).toMatchObject({ code: 'expectation_failed' });
+      expect(data, `${label} ${value}`).toMatch(/\r\nconnection: close\r\n/i);
+      expect(closed, `${label} ${value}: connection closed`).toBe(true);
+    }
+    await eventually(async () => (await auditLines(lab)).slice(before).filter((l) => l.kind === 'admin' && l.reason === 'expectation_failed').length === 2, 3_000, 'the two API refusals audited');
+    const refusals = (await auditLines(lab)).slice(before).filter((l) => l.kind === 'admin' && l.reason === 'expectation_failed');
+    expect(refusals.every((l) => l.decision === 'deny' && l.action === 'POST /v1/callers')).toBe(true);
+    const callers = (await (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } })).json()) as { callers: { name: string }[] };
+    expect(callers.callers.map((c) => c.name)).not.toContain('expected-once');
+    expect(callers.callers.map((c) => c.name)).not.toContain('expected-twice');
+    await lab.g0();
+  });
+});
