@@ -12,6 +12,8 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   const raw = ctx.req.url ?? '';
   const hostLines = countHeader(ctx.req.rawHeaders, 'host');
   if (hostLines > 1) throw new ProxyError('bad_request', 'Duplicate Host header.');
+  // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400, absolute-form included.
+  if (hostLines === 0 && ctx.req.httpVersionMajor === 1 && ctx.req.httpVersionMinor === 1) throw new ProxyError('bad_request', 'An HTTP/1.1 request must carry a Host header.');
   if (NO_CONTENT_METHODS.has(ctx.req.method ?? '') && hasBody(ctx.req)) throw new ProxyError('bad_request', `A ${ctx.req.method} request cannot carry content.`);
   // Faulty framing (RFC 9112 §6.1): HTTP/1.0 has no transfer codings, so a recipient of the same
   // bytes may read the chunks as the body and then as requests.

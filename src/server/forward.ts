@@ -13,7 +13,7 @@ import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
-import { answerClientError, answerRawError, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { answerClientError, answerRawError, CALLER_HTTP, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 import { CALLER_TLS } from './tls.ts';
 
@@ -54,7 +54,7 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
   /** Hosts already logged as outside the CA's name constraints. */
   const uncovered = new Set<string>();
-  const inner: Server = createServer({ connectionsCheckingInterval: 500, headersTimeout: LISTENER_LIMITS.headersTimeoutMs, requestTimeout: LISTENER_LIMITS.requestTimeoutMs, maxHeaderSize: LISTENER_LIMITS.maxHeaderSize, insecureHTTPParser: false, joinDuplicateHeaders: false }, onRequest);
+  const inner: Server = createServer(CALLER_HTTP, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const tunnel = tunnels.get(req.socket);
     if (!tunnel) return void res.destroy();

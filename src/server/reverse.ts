@@ -23,23 +23,27 @@ export const LISTENER_LIMITS = Object.freeze({
   maxHeadersCount: 100,
 });
 
+/**
+ * The HTTP options of every listener callers talk to (plain, TLS, inside a forward-mode tunnel).
+ * Host is not left to Node: its check answers an HTTP/1.1 request without one with a bare 400 (no
+ * X-Request-Id, no error body, no audit line); the pipeline refuses it itself (canonicaliseTarget).
+ */
+export const CALLER_HTTP = Object.freeze({
+  headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
+  requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
+  keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
+  maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
+  // Never the lenient parser: it is what request smuggling needs (RFC 9112 §11.2).
+  insecureHTTPParser: false,
+  requireHostHeader: false,
+  joinDuplicateHeaders: false,
+  // Node checks the header and request timeouts on this interval (default 30 s): check twice a second.
+  connectionsCheckingInterval: 500,
+});
+
 /** The reverse-mode listener: every request goes through the pipeline with the config live at arrival. */
 export function createReverseServer(getConfig: () => CompiledConfig, services: Services, onConnect?: (req: IncomingMessage, socket: Duplex, head: Buffer) => void): Server {
-  const server = createServer(
-    {
-      headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
-      requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
-      keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
-      maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
-      // Never the lenient parser: it is what request smuggling needs (RFC 9112 §11.2).
-      insecureHTTPParser: false,
-      requireHostHeader: true,
-      joinDuplicateHeaders: false,
-      // Node checks the header and request timeouts on this interval (default 30 s): check twice a second.
-      connectionsCheckingInterval: 500,
-    },
-    onRequest,
-  );
+  const server = createServer(CALLER_HTTP, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
   }

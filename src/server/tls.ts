@@ -10,7 +10,7 @@ import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
-import { LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { CALLER_HTTP, LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
 
 /** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD), and in TLS 1.2 only with ECDHE (forward secrecy). */
 const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
@@ -91,13 +91,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     rejectUnauthorized: false,
     ...CALLER_TLS,
     handshakeTimeout: 10_000,
-    connectionsCheckingInterval: 500,
-    headersTimeout: LISTENER_LIMITS.headersTimeoutMs,
-    requestTimeout: LISTENER_LIMITS.requestTimeoutMs,
-    keepAliveTimeout: LISTENER_LIMITS.keepAliveTimeoutMs,
-    maxHeaderSize: LISTENER_LIMITS.maxHeaderSize,
-    insecureHTTPParser: false,
-    joinDuplicateHeaders: false,
+    ...CALLER_HTTP,
   }, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     const socket = req.socket as TLSSocket;

@@ -347,6 +347,28 @@ describe('SMUG: request framing', () => {
     }
   });
 
+  it('SMUG-20 an HTTP/1.1 request without Host (RFC 9112 §3.2) → the proxy\'s own 400 (X-Request-Id, bad_request, audited); the request behind it is authorised on its own', async () => {
+    // Node's own answer was a bare 400: no X-Request-Id, no error body, no audit line.
+    const before = lab.u.requests.length;
+    const pair = await rawExchange(lab.port, `POST /plaid/accounts/get HTTP/1.1\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n${SMUGGLED_A()}`);
+    lab.seen(pair.data);
+    expect(statuses(pair.data)).toEqual([400, 403]);
+    expect(pair.data).toMatch(/^HTTP\/1\.1 400 [^]*?\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+    neverSmuggled(before);
+    expect(lab.u.requests.length).toBe(before);
+    const { data } = await rawExchange(lab.port, `GET /plaid/institutions/x HTTP/1.1\r\nX-Egress-Token: ${lab.tokens.b}\r\n\r\n`);
+    expect(data).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+    expect(data).toContain('Host');
+    const id = /\r\nx-request-id: ([0-9a-f-]{36})\r\n/i.exec(data)![1]!;
+    // HTTP/1.0 needs no Host (control).
+    const mark = lab.u.requests.length;
+    const old = await rawExchange(lab.port, `GET /plaid/institutions/x HTTP/1.0\r\nX-Egress-Token: ${lab.tokens.b}\r\n\r\n`);
+    lab.seen(old.data);
+    expect(statuses(old.data)).toEqual([200]);
+    expect(lab.u.requests.length - mark).toBe(1);
+    await eventually(async () => (await readFile(join(lab.dir, 'audit.log'), 'utf8')).includes(id), 3_000, 'the refusal audited');
+  });
+
   it('SMUG-19 content on GET, HEAD or TRACE (Content-Length or chunked) → 400, closed; it never rides to U on a pooled connection', async () => {
     // An upstream that ignores the content of a GET (CL.0, RFC 9110 §9.3.1) would read it as the
     // next request on a connection the proxy shares between callers: the prefix of a request that
