@@ -64,7 +64,10 @@ export class MemoryRateLimiter implements RateLimiter {
     for (const bucket of buckets) {
       const interval = intervalOf(bucket.limit);
       const tat = Math.max(this.#tat.get(this.#keyOf(scope, bucket)) ?? now, now);
-      const allowAt = tat + interval - burstOf(bucket.limit) * interval;
+      // GCRA: a request may come at most (burst - 1) intervals ahead of the theoretical arrival time.
+      // Not tat + interval - burst * interval: the clock is fractional, and with a burst of 1 that
+      // sum came out a rounding error above tat, so a full bucket refused its request.
+      const allowAt = tat - (burstOf(bucket.limit) - 1) * interval;
       if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now, resetMs: tat - now };
     }
     for (const bucket of buckets) {

@@ -48,6 +48,17 @@ describe('MemoryRateLimiter', () => {
     expect(take(limiter, KEY, LIMIT, 11_000).allowed).toBe(true);
   });
 
+  it('a full bucket with a burst of 1 allows its request whatever the clock reads (no rounding error in tat + interval - interval)', () => {
+    // performance.now() is fractional: 0.7 + 86_400_000 - 86_400_000 is a little more than 0.7.
+    for (const limit of [{ rate: { count: 1, periodMs: 86_400_000 } }, { rate: { count: 1, periodMs: 1000 } }, { rate: { count: 7, periodMs: 60_000 }, burst: 1 }]) {
+      for (const now of [0.7, 2.9, 12.34, 100.01, 1000.7, 123_456.789]) {
+        const limiter = new MemoryRateLimiter();
+        expect(take(limiter, KEY, limit, now), `${limit.rate.count}/${limit.rate.periodMs} ms at ${now}`).toMatchObject({ allowed: true });
+        expect(take(limiter, KEY, limit, now).allowed).toBe(false);
+      }
+    }
+  });
+
   it('refusals do not consume: hammering does not push the retry time back', () => {
     const limiter = new MemoryRateLimiter();
     takeN(limiter, 4, 0);
