@@ -1,0 +1,45 @@
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { apiKeyRoute } from '../helpers/routes.ts';
+import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+
+/** Rate limits as a caller of a running proxy (file store: the in-memory limiter) sees them. */
+let upstream: Upstream;
+beforeAll(async () => {
+  upstream = await startUpstream();
+});
+afterAll(async () => {
+  await upstream?.close();
+});
+
+describe('rate limits on a running proxy', () => {
+  let proxy: TestProxy | undefined;
+  afterEach(async () => {
+    await proxy?.close();
+    proxy = undefined;
+  });
+
+  const get = (path: string) => fetch(`${proxy!.url}${path}`, { headers: { 'x-egress-token': proxy!.tokens.svc! } });
+
+  it('a limit raised by a reload applies within one of its own intervals: the bucket spent under the old, slower limit no longer refuses for the rest of its day', async () => {
+    const route = (rate: string) => apiKeyRoute({ upstream: upstream.url, extra: `upstream_rate: { rate: ${rate}, burst: 1 }\n` });
+    proxy = await startTestProxy({ routes: { api: route('1/day') }, credentials: { key: { secret: 'sk_rl_1' } }, callers: ['svc'] });
+    expect((await get('/api/x')).status).toBe(200);
+    const refused = await get('/api/x');
+    expect(refused.status).toBe(429);
+    expect(Number(refused.headers.get('retry-after'))).toBeGreaterThan(80_000);
+
+    // The operator raises the quota: 10 a second, a burst of 1.
+    await writeFile(join(proxy.routesDir, 'api.yaml'), route('10/s'));
+    await eventually(() => proxy!.logs().includes('routes reloaded'), 5_000, 'the reload');
+    // The bucket counts as spent under the new limit (as the Redis limiter has it): the next
+    // request is told to come back within the new interval, 100 ms, and then it is served.
+    const first = await get('/api/x');
+    if (first.status === 429) expect(first.headers.get('retry-after')).toBe('1');
+    await new Promise((r) => setTimeout(r, 150));
+    const after = await get('/api/x');
+    expect(after.status, `retry-after ${after.headers.get('retry-after')}`).toBe(200);
+  });
+});
