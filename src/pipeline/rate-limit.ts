@@ -10,15 +10,13 @@ import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
  */
 export function rateLimit(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
-  const result = ctx.services.limiter.check(route.name, bucketsFor(route, ctx.rule, ctx.caller!));
-  if (result instanceof Promise) {
-    return result.then((check) => {
-      enforce(check);
-      takeSlot(ctx);
-    });
-  }
-  enforce(result);
+  // The slot first: a request refused for it must not spend the route's quota, which the other
+  // callers share, for a request that never goes upstream. A slot taken by a request the buckets
+  // then refuse is given back when the request is recorded.
   takeSlot(ctx);
+  const result = ctx.services.limiter.check(route.name, bucketsFor(route, ctx.rule, ctx.caller!));
+  if (result instanceof Promise) return result.then(enforce);
+  enforce(result);
 }
 
 /** One of the caller's in-flight slots, held until the request is recorded (see CallerSlots). */

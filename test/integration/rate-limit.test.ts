@@ -3,12 +3,13 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { apiKeyRoute } from '../helpers/routes.ts';
-import { startUpstream, type Upstream } from '../helpers/upstream.ts';
+import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** Rate limits as a caller of a running proxy (file store: the in-memory limiter) sees them. */
 let upstream: Upstream;
 beforeAll(async () => {
-  upstream = await startUpstream();
+  // /slow answers after 600 ms: a request that holds its caller's in-flight slot meanwhile.
+  upstream = await startUpstream((req, res, body) => (req.url === '/slow' ? setTimeout(() => echo(req, res, body), 600) : echo(req, res, body)));
 });
 afterAll(async () => {
   await upstream?.close();
@@ -21,7 +22,7 @@ describe('rate limits on a running proxy', () => {
     proxy = undefined;
   });
 
-  const get = (path: string) => fetch(`${proxy!.url}${path}`, { headers: { 'x-egress-token': proxy!.tokens.svc! } });
+  const get = (path: string, caller = 'svc') => fetch(`${proxy!.url}${path}`, { headers: { 'x-egress-token': proxy!.tokens[caller]! } });
 
   it('a limit raised by a reload applies within one of its own intervals: the bucket spent under the old, slower limit no longer refuses for the rest of its day', async () => {
     const route = (rate: string) => apiKeyRoute({ upstream: upstream.url, extra: `upstream_rate: { rate: ${rate}, burst: 1 }\n` });
@@ -41,5 +42,24 @@ describe('rate limits on a running proxy', () => {
     await new Promise((r) => setTimeout(r, 150));
     const after = await get('/api/x');
     expect(after.status, `retry-after ${after.headers.get('retry-after')}`).toBe(200);
+  });
+
+  it('a request refused for its caller\'s in-flight limit spends nothing from the route\'s upstream quota, which other callers share', async () => {
+    const route = apiKeyRoute({ upstream: upstream.url, callers: ['svc', 'web'], paths: ['/x', '/slow'], extra: 'upstream_rate: { rate: 4/min }\n' });
+    proxy = await startTestProxy({ routes: { api: route }, credentials: { key: { secret: 'sk_rl_2' } }, callers: ['svc', 'web'], env: { EGRESS_CALLER_MAX_IN_FLIGHT: '1' } });
+    const slow = get('/api/slow');
+    await new Promise((r) => setTimeout(r, 200));
+    // svc's one slot is taken: these are refused before anything is sent.
+    for (let i = 0; i < 3; i++) {
+      const refused = await get('/api/x');
+      expect(refused.status).toBe(429);
+      expect(await refused.text()).toContain('in flight');
+    }
+    expect((await slow).status).toBe(200);
+    // One of the route's 4 a minute went upstream: web has the other 3.
+    const web: number[] = [];
+    for (let i = 0; i < 3; i++) web.push((await get('/api/x', 'web')).status);
+    expect(web).toEqual([200, 200, 200]);
+    expect((await get('/api/x', 'web')).status).toBe(429);
   });
 });
