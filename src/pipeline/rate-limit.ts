@@ -63,8 +63,10 @@ function enforce(check: RateCheck): void {
     headers: {
       'retry-after': retryAfter,
       // draft-ietf-httpapi-ratelimit-headers: the policy, and the state of the bucket that refused.
+      // Its t is the seconds until more quota is available (draft -10 on): the next request, as
+      // Retry-After says, not the whole burst refilled, which would keep a client waiting longer.
       'ratelimit-policy': `"${bucket.policy}";q=${burstOf(bucket.limit)};w=${Math.ceil(bucket.limit.rate.periodMs / 1000)}`,
-      ratelimit: `"${bucket.policy}";r=0;t=${Math.max(1, Math.ceil(check.resetMs / 1000))}`,
+      ratelimit: `"${bucket.policy}";r=0;t=${retryAfter}`,
     },
   });
 }

@@ -62,4 +62,15 @@ describe('rate limits on a running proxy', () => {
     expect(web).toEqual([200, 200, 200]);
     expect((await get('/api/x', 'web')).status).toBe(429);
   });
+
+  it('a refusal\'s RateLimit t is when the next request is allowed, as Retry-After says, not when the whole burst has refilled (draft-ietf-httpapi-ratelimit-headers-10 on)', async () => {
+    // One request a second, a burst of 5: once the burst is spent, the next is allowed a second later.
+    const route = apiKeyRoute({ upstream: upstream.url, extra: 'upstream_rate: { rate: 60/min, burst: 5 }\n' });
+    proxy = await startTestProxy({ routes: { api: route }, credentials: { key: { secret: 'sk_rl_3' } }, callers: ['svc'] });
+    for (let i = 0; i < 5; i++) expect((await get('/api/x')).status).toBe(200);
+    const refused = await get('/api/x');
+    expect(refused.status).toBe(429);
+    expect(refused.headers.get('retry-after')).toBe('1');
+    expect(refused.headers.get('ratelimit')).toBe('"upstream";r=0;t=1');
+  });
 });
