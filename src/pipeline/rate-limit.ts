@@ -1,5 +1,6 @@
 import { ProxyError } from '../errors.ts';
 import type { CompiledRoute, CompiledRule } from '../config/compile-routes.ts';
+import type { RateLimitOptions } from '../config/route-schema.ts';
 import type { RequestContext } from './context.ts';
 import { burstOf, type Bucket, type RateCheck } from './rate-limiter.ts';
 
@@ -65,8 +66,22 @@ function enforce(check: RateCheck): void {
       // draft-ietf-httpapi-ratelimit-headers: the policy, and the state of the bucket that refused.
       // Its t is the seconds until more quota is available (draft -10 on): the next request, as
       // Retry-After says, not the whole burst refilled, which would keep a client waiting longer.
-      'ratelimit-policy': `"${bucket.policy}";q=${burstOf(bucket.limit)};w=${Math.ceil(bucket.limit.rate.periodMs / 1000)}`,
+      'ratelimit-policy': `"${bucket.policy}";${policyOf(bucket.limit)}`,
       ratelimit: `"${bucket.policy}";r=0;t=${retryAfter}`,
     },
   });
+}
+
+/**
+ * The bucket as a quota over a window (q units in w whole seconds) whose ratio is its rate: the
+ * burst over the time it takes to refill, when that is whole seconds (60/min with a burst of 5 is
+ * q=5;w=5), else the rate as written (7/s with a burst of 1 is q=7;w=1). The burst over the rate's
+ * period misstated the rate by burst/count: q=5;w=60 told a client 5 a minute where 60 are allowed.
+ */
+function policyOf(limit: RateLimitOptions): string {
+  const { count, periodMs } = limit.rate;
+  const burst = burstOf(limit);
+  const refillMs = burst * periodMs;
+  if (refillMs % (count * 1000) === 0) return `q=${burst};w=${refillMs / (count * 1000)}`;
+  return `q=${count};w=${periodMs / 1000}`;
 }

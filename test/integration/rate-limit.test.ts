@@ -73,4 +73,27 @@ describe('rate limits on a running proxy', () => {
     expect(refused.headers.get('retry-after')).toBe('1');
     expect(refused.headers.get('ratelimit')).toBe('"upstream";r=0;t=1');
   });
+
+  it('RateLimit-Policy states the rate the bucket allows: its burst over the seconds it takes to refill, or the rate as written when that is not whole seconds', async () => {
+    const cases: [string, string][] = [
+      // 1 a second with a burst of 5 is 5 per 5 s, not 5 a minute (12 times too few).
+      ['{ rate: 60/min, burst: 5 }', '"caller";q=5;w=5'],
+      // 20 a second with a burst of 40 is 40 per 2 s, not 40 a second (twice too many).
+      ['{ rate: 20/s, burst: 40 }', '"caller";q=40;w=2'],
+      // A burst of 1 at 7 a second refills in 1/7 s: the rate as written.
+      ['{ rate: 7/s, burst: 1 }', '"caller";q=7;w=1'],
+      ['{ rate: 2/min }', '"caller";q=2;w=60'],
+    ];
+    const routes: Record<string, string> = {};
+    cases.forEach(([rate], i) => {
+      routes[`r${i}`] = apiKeyRoute({ upstream: upstream.url, name: `r${i}` }).replace('    paths: [/x]\n', `    paths: [/x]\n    rate: ${rate}\n`);
+    });
+    proxy = await startTestProxy({ routes, credentials: { key: { secret: 'sk_rl_4' } }, callers: ['svc'] });
+    for (const [i, [rate, policy]] of cases.entries()) {
+      let res = await get(`/r${i}/x`);
+      for (let n = 0; n < 50 && res.status === 200; n++) res = await get(`/r${i}/x`);
+      expect(res.status, rate).toBe(429);
+      expect(res.headers.get('ratelimit-policy'), rate).toBe(policy);
+    }
+  });
 });
