@@ -58,7 +58,8 @@ function enforce(check: RateCheck): void {
   const retryAfter = String(Math.max(1, Math.ceil(check.retryAfterMs / 1000)));
   const bucket = check.bucket;
   if (!bucket) {
-    throw new ProxyError('rate_limited', 'The upstream asked for a pause on this route.', { headers: { 'retry-after': retryAfter } });
+    // The provider's quota is spent until its Retry-After: no policy of ours to state, but its state.
+    throw new ProxyError('rate_limited', 'The upstream asked for a pause on this route.', { headers: { 'retry-after': retryAfter, ratelimit: `"upstream";r=0;t=${retryAfter}` } });
   }
   throw new ProxyError('rate_limited', bucket.policy === 'caller' ? 'The caller limit for this route is reached.' : 'The upstream quota for this route is reached.', {
     headers: {

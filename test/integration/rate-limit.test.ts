@@ -9,7 +9,12 @@ import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
 let upstream: Upstream;
 beforeAll(async () => {
   // /slow answers after 600 ms: a request that holds its caller's in-flight slot meanwhile.
-  upstream = await startUpstream((req, res, body) => (req.url === '/slow' ? setTimeout(() => echo(req, res, body), 600) : echo(req, res, body)));
+  // /busy answers 429 with Retry-After: 30, the provider's quota spent.
+  upstream = await startUpstream((req, res, body) => {
+    if (req.url === '/slow') return void setTimeout(() => echo(req, res, body), 600);
+    if (req.url === '/busy') return void res.writeHead(429, { 'retry-after': '30', 'content-type': 'application/json' }).end('{"error":"slow down"}');
+    echo(req, res, body);
+  });
 });
 afterAll(async () => {
   await upstream?.close();
@@ -95,5 +100,22 @@ describe('rate limits on a running proxy', () => {
       expect(res.status, rate).toBe(429);
       expect(res.headers.get('ratelimit-policy'), rate).toBe(policy);
     }
+  });
+
+  it('an upstream 429 pauses the route for every caller, and the proxy\'s 429 meanwhile carries RateLimit with Retry-After, as every rate_limited answer does', async () => {
+    const route = apiKeyRoute({ upstream: upstream.url, callers: ['svc', 'web'], paths: ['/x', '/busy'] });
+    proxy = await startTestProxy({ routes: { api: route }, credentials: { key: { secret: 'sk_rl_5' } }, callers: ['svc', 'web'] });
+    const busy = await get('/api/busy');
+    expect(busy.status).toBe(429);
+    expect(busy.headers.get('retry-after')).toBe('30');
+    const before = upstream.requests.length;
+    const paused = await get('/api/x', 'web');
+    expect(paused.status).toBe(429);
+    expect(paused.headers.get('x-egress-error')).toBe('rate_limited');
+    const retry = Number(paused.headers.get('retry-after'));
+    expect(retry).toBeGreaterThanOrEqual(29);
+    expect(retry).toBeLessThanOrEqual(30);
+    expect(paused.headers.get('ratelimit')).toBe(`"upstream";r=0;t=${retry}`);
+    expect(upstream.requests.length).toBe(before);
   });
 });
