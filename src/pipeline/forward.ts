@@ -303,8 +303,17 @@ function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
 export function retryAfterMs(value: string | undefined, now = Date.now()): number {
   if (!value) return 0;
   const trimmed = value.trim();
-  const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(trimmed) - now;
+  const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(asGmt(trimmed)) - now;
   return Number.isFinite(ms) && ms > 0 ? Math.min(ms, MAX_PAUSE_MS) : 0;
+}
+
+/**
+ * An asctime-date (`Sun Nov  6 08:49:37 1994`), the third HTTP-date form a recipient must accept
+ * (RFC 9110 §5.6.7), names no zone but is GMT; Date.parse read it in the proxy's local time zone.
+ */
+function asGmt(date: string): string {
+  const asctime = /^[A-Za-z]{3} ([A-Za-z]{3}) +(\d{1,2}) (\d{2}:\d{2}:\d{2}) (\d{4})$/.exec(date);
+  return asctime ? `${asctime[2]} ${asctime[1]} ${asctime[4]} ${asctime[3]} GMT` : date;
 }
 
 function headerValue(value: string | string[] | undefined): string | undefined {

@@ -4,7 +4,7 @@ import { dropFields, jsonObjectBody } from '../injectors/json-body.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
-import { continueBody, hasBody, readBody } from './body.ts';
+import { checkDeclaredLength, continueBody, hasBody, readBody } from './body.ts';
 import { liveVersion, open } from './resolve-credential.ts';
 import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
@@ -30,6 +30,8 @@ export function inject(ctx: RequestContext): void | Promise<void> {
   }
   return (async () => {
     if (needsBody) {
+      // A declared length over max_body is refused before the caller is invited to send it.
+      checkDeclaredLength(ctx.req, route.maxBody);
       continueBody(ctx.req, ctx.res);
       ctx.body = await readBody(ctx.req, route.maxBody);
     }

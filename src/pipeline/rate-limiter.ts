@@ -63,15 +63,33 @@ export class MemoryRateLimiter implements RateLimiter {
     // Every bucket is checked before any is spent: a request one bucket refuses takes nothing from the others.
     for (const bucket of buckets) {
       const interval = intervalOf(bucket.limit);
-      const tat = Math.max(this.#tat.get(this.#keyOf(scope, bucket)) ?? now, now);
-      const allowAt = tat + interval - burstOf(bucket.limit) * interval;
+      const tat = this.#tatOf(this.#keyOf(scope, bucket), bucket.limit, now);
+      // GCRA: a request may come at most (burst - 1) intervals ahead of the theoretical arrival time.
+      // Not tat + interval - burst * interval: the clock is fractional, and with a burst of 1 that
+      // sum came out a rounding error above tat, so a full bucket refused its request.
+      const allowAt = tat - (burstOf(bucket.limit) - 1) * interval;
       if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now, resetMs: tat - now };
     }
     for (const bucket of buckets) {
       const key = this.#keyOf(scope, bucket);
-      this.#tat.set(key, Math.max(this.#tat.get(key) ?? now, now) + intervalOf(bucket.limit));
+      this.#tat.set(key, this.#tatOf(key, bucket.limit, now) + intervalOf(bucket.limit));
     }
     return ALLOWED;
+  }
+
+  /**
+   * The bucket's theoretical arrival time, no earlier than now (a full bucket) and no later than a
+   * spent bucket under its current limit, as the Redis script has it: a tat left by a slower limit
+   * before a reload (1/day, then 10/s) would otherwise refuse the faster one for the rest of the day.
+   * Such a tat is replaced by a spent bucket's, which then refills.
+   */
+  #tatOf(key: string, limit: RateLimitOptions, now: number): number {
+    const tat = this.#tat.get(key);
+    if (tat === undefined || tat < now) return now;
+    const spent = now + burstOf(limit) * intervalOf(limit);
+    if (tat <= spent) return tat;
+    this.#tat.set(key, spent);
+    return spent;
   }
 
   #keyOf(scope: string, bucket: Bucket): string {

@@ -16,7 +16,27 @@ import { bankRoute, basic, connectTunnel, dribbledHeaderLifetime, makeCerts, tls
  */
 let lab: Lab;
 beforeAll(async () => {
-  lab = await startLab();
+  // /buffered: a route whose POST bodies are read whole before they go (json_body merges the
+  // credential into them), under the same 64kb max_body as /plaid.
+  lab = await startLab({
+    routes: (u) => ({
+      buffered: `name: buffered
+prefix: /buffered
+upstream: ${u.url}
+allow_private_addresses: true
+credential: plaid
+inject:
+  scheme: json_body
+  fields:
+    secret: "{secret}"
+max_body: 64kb
+allow:
+  - caller: a
+    methods: [POST]
+    paths: [/accounts/get]
+`,
+    }),
+  });
 }, 30_000);
 afterAll(async () => {
   await lab?.close();
@@ -45,6 +65,25 @@ describe('DOS-03b / DOS-01 behaviour', () => {
     await new Promise((r) => setTimeout(r, 300));
     expect(lab.serve.child.exitCode, 'proxy process still running').toBeNull();
     await lab.g0(mark, 0);
+  });
+
+  it('DOS-03c a declared body over max_body with Expect: 100-continue gets 413 without a 100 Continue first, whether the route streams bodies or reads them whole', async () => {
+    const mark = lab.u.requests.length;
+    for (const prefix of ['/plaid', '/buffered']) {
+      const raw = await rawRequest(lab.port, `POST ${prefix}/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: ${64 * 1024 + 1}\r\n\r\n`, 1_000);
+      lab.seen(raw);
+      // A 100 would invite the caller to send the whole body the proxy is about to refuse.
+      expect(statuses(raw), prefix).toEqual([413]);
+    }
+    // Within the limit, the body-reading route invites the body and sends it.
+    const conn = await RawConnection.open(lab.port);
+    const interim = await conn.exchange(`POST /buffered/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nExpect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n`);
+    expect(statuses(interim)).toEqual([100]);
+    const final = await conn.exchange('{}');
+    conn.close();
+    lab.seen(final);
+    expect(statuses(final)).toEqual([200]);
+    await lab.g0(mark, 1);
   });
 
   it('DOS-01c a dribbled header is cut within 14 s', async () => {

@@ -182,7 +182,7 @@ describe('SSRF', () => {
     await lab.g0(mark, 0);
   });
 
-  it('SSRF-11 tunnel exhaustion: 64 idle tunnels per caller, the next is 429, b is unaffected, the handshake timeout frees them', async () => {
+  it('SSRF-11 tunnel exhaustion: 64 idle tunnels per caller, the next is 429 with Retry-After, b is unaffected, the handshake timeout frees them', async () => {
     const mark = lab.u.requests.length;
     const idle = [];
     for (let i = 0; i < 64; i++) {
@@ -190,7 +190,12 @@ describe('SSRF', () => {
       expect(t.status).toBe(200);
       idle.push(t.socket); // never sends a ClientHello
     }
-    expect(await status('api.bank.test:443')).toBe(429);
+    const refused = await connectTunnel(lab.port, 'api.bank.test:443', authA);
+    refused.socket.destroy();
+    expect(refused.status).toBe(429);
+    // A 429 says when to come back, as every rate_limited answer does.
+    expect(refused.head).toMatch(/\r\nretry-after: 1\r\n/i);
+    expect(refused.head).toMatch(/\r\nx-egress-error: rate_limited\r\n/i);
     // Caller b has its own allowance, and b's reverse-mode requests stay fast.
     const tb = await connectTunnel(lab.port, 'api.bank.test:443', basic('b', lab.tokens.b));
     expect(tb.status).toBe(200);

@@ -1,7 +1,8 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { RateLimitOptions } from '../../src/config/route-schema.ts';
-import { MemoryRateLimiter } from '../../src/pipeline/rate-limiter.ts';
+import { retryAfterMs } from '../../src/pipeline/forward.ts';
+import { MAX_PAUSE_MS, MemoryRateLimiter } from '../../src/pipeline/rate-limiter.ts';
 
 /** 2 requests per second with a burst of 4: one token every 500 ms. */
 const LIMIT: RateLimitOptions = { rate: { count: 2, periodMs: 1000 }, burst: 4 };
@@ -46,6 +47,17 @@ describe('MemoryRateLimiter', () => {
     // That token is spent; the next comes one interval later.
     expect(take(limiter, KEY, LIMIT, 10_500)).toMatchObject({ allowed: false, retryAfterMs: 500 });
     expect(take(limiter, KEY, LIMIT, 11_000).allowed).toBe(true);
+  });
+
+  it('a full bucket with a burst of 1 allows its request whatever the clock reads (no rounding error in tat + interval - interval)', () => {
+    // performance.now() is fractional: 0.7 + 86_400_000 - 86_400_000 is a little more than 0.7.
+    for (const limit of [{ rate: { count: 1, periodMs: 86_400_000 } }, { rate: { count: 1, periodMs: 1000 } }, { rate: { count: 7, periodMs: 60_000 }, burst: 1 }]) {
+      for (const now of [0.7, 2.9, 12.34, 100.01, 1000.7, 123_456.789]) {
+        const limiter = new MemoryRateLimiter();
+        expect(take(limiter, KEY, limit, now), `${limit.rate.count}/${limit.rate.periodMs} ms at ${now}`).toMatchObject({ allowed: true });
+        expect(take(limiter, KEY, limit, now).allowed).toBe(false);
+      }
+    }
   });
 
   it('refusals do not consume: hammering does not push the retry time back', () => {
@@ -158,5 +170,32 @@ describe('MemoryRateLimiter', () => {
     expect(limiter.check('a', [], 1000)).toMatchObject({ allowed: false, bucket: undefined, retryAfterMs: 4000 });
     expect(limiter.check('b', [], 1000).allowed).toBe(true);
     expect(limiter.check('a', [], 5000).allowed).toBe(true);
+  });
+});
+
+describe('retryAfterMs (an upstream 429\'s pause)', () => {
+  const now = Date.parse('2026-12-07T17:00:00Z');
+
+  it('reads delay-seconds and the three HTTP-date forms, all in GMT whatever the proxy\'s time zone (RFC 9110 §5.6.7, §10.2.3)', () => {
+    const zone = process.env.TZ;
+    try {
+      for (const tz of ['UTC', 'America/New_York', 'Asia/Tokyo']) {
+        process.env.TZ = tz;
+        expect(retryAfterMs('600', now), tz).toBe(600_000);
+        expect(retryAfterMs('Mon, 07 Dec 2026 17:10:00 GMT', now), tz).toBe(600_000);
+        expect(retryAfterMs('Monday, 07-Dec-26 17:10:00 GMT', now), tz).toBe(600_000);
+        // asctime has no zone written: it is GMT all the same, not the proxy's local time.
+        expect(retryAfterMs('Mon Dec  7 17:10:00 2026', now), tz).toBe(600_000);
+        expect(retryAfterMs('Mon Dec 14 17:10:00 2026', now), tz).toBe(3_600_000);
+      }
+    } finally {
+      if (zone === undefined) delete process.env.TZ;
+      else process.env.TZ = zone;
+    }
+  });
+
+  it('is capped at an hour, and 0 (no pause) for a past date, zero, or what is not a Retry-After', () => {
+    expect(retryAfterMs('99999999999999999999', now)).toBe(MAX_PAUSE_MS);
+    for (const bad of [undefined, '', '0', '-5', '1.5', 'soon', 'Mon, 07 Dec 2026 16:59:00 GMT']) expect(retryAfterMs(bad, now), String(bad)).toBe(0);
   });
 });
