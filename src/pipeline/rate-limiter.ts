@@ -15,8 +15,6 @@ export type RateCheck =
       readonly bucket: Bucket | undefined;
       /** Milliseconds until a request would be allowed. */
       readonly retryAfterMs: number;
-      /** Milliseconds until the refusing bucket is full again. */
-      readonly resetMs: number;
     };
 
 /**
@@ -57,7 +55,7 @@ export class MemoryRateLimiter implements RateLimiter {
   check(scope: string, buckets: readonly Bucket[], now = performance.now()): RateCheck {
     const pausedUntil = this.#paused.get(scope);
     if (pausedUntil !== undefined) {
-      if (pausedUntil > now) return { allowed: false, bucket: undefined, retryAfterMs: pausedUntil - now, resetMs: pausedUntil - now };
+      if (pausedUntil > now) return { allowed: false, bucket: undefined, retryAfterMs: pausedUntil - now };
       this.#paused.delete(scope);
     }
     // Every bucket is checked before any is spent: a request one bucket refuses takes nothing from the others.
@@ -68,7 +66,7 @@ export class MemoryRateLimiter implements RateLimiter {
       // Not tat + interval - burst * interval: the clock is fractional, and with a burst of 1 that
       // sum came out a rounding error above tat, so a full bucket refused its request.
       const allowAt = tat - (burstOf(bucket.limit) - 1) * interval;
-      if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now, resetMs: tat - now };
+      if (now < allowAt) return { allowed: false, bucket, retryAfterMs: allowAt - now };
     }
     for (const bucket of buckets) {
       const key = this.#keyOf(scope, bucket);

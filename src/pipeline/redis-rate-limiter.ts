@@ -12,7 +12,7 @@ import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, ty
  * lowered since) counts as a spent bucket and is written back as one, with its expiry, so it refills.
  * ARGV: the number of requests, then for each its bucket count and (interval, burst) per bucket;
  * KEYS: every request's buckets, in the same order.
- * Returns four numbers per request: {allowed, refusing bucket index (1-based), retry ms, reset ms}.
+ * Returns three numbers per request: {allowed, refusing bucket index (1-based), retry ms}.
  */
 const GCRA_SCRIPT = `
 local t = redis.call('TIME')
@@ -43,7 +43,6 @@ for r = 1, tonumber(ARGV[1]) do
       out[#out + 1] = 0
       out[#out + 1] = i + 1
       out[#out + 1] = math.ceil(allow_at - now)
-      out[#out + 1] = math.ceil(tat - now)
       refused = true
       break
     end
@@ -52,7 +51,6 @@ for r = 1, tonumber(ARGV[1]) do
   if not refused then
     for i = 0, count - 1 do tats[KEYS[k + i]] = next[i] end
     out[#out + 1] = 1
-    out[#out + 1] = 0
     out[#out + 1] = 0
     out[#out + 1] = 0
   end
@@ -156,13 +154,13 @@ export class RedisRateLimiter implements RateLimiter {
     const keys = buckets.map((b) => `egress:rl:{${scope}}:${JSON.stringify(b.key)}`);
     const args = buckets.flatMap((b) => [String(intervalOf(b.limit)), String(burstOf(b.limit))]);
     return this.#decide(scope, keys, args).then(
-      ([allowed, index, retryMs, resetMs]) => {
+      ([allowed, index, retryMs]) => {
         this.#probing = false;
         if (this.#degraded) {
           this.#degraded = false;
           this.#log.info({ store: this.#redis }, 'rate limits are shared through Redis again');
         }
-        return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index! - 1], retryAfterMs: retryMs!, resetMs: resetMs! };
+        return allowed === 1 ? { allowed: true } : { allowed: false, bucket: buckets[index! - 1], retryAfterMs: retryMs! };
       },
       () => {
         this.#probing = false;
@@ -214,11 +212,11 @@ export class RedisRateLimiter implements RateLimiter {
     (evalScript(this.#client, GCRA_SCRIPT, keys, args) as Promise<number[]>).then(
       (out) => {
         this.#inFlight.delete(scope);
-        if (!Array.isArray(out) || out.length !== batch.length * 4) {
+        if (!Array.isArray(out) || out.length !== batch.length * 3) {
           const err = new Error('the rate-limit script answered something else than four numbers a request');
           for (const p of batch) p.reject(err);
         } else {
-          for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 4, i * 4 + 4));
+          for (let i = 0; i < batch.length; i++) batch[i]!.resolve(out.slice(i * 3, i * 3 + 3));
         }
         // What came in meanwhile goes now, together with this turn's arrivals.
         if (this.#pending.has(scope)) this.#scheduleFlush();

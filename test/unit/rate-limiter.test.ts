@@ -8,10 +8,10 @@ import { MAX_PAUSE_MS, MemoryRateLimiter } from '../../src/pipeline/rate-limiter
 const LIMIT: RateLimitOptions = { rate: { count: 2, periodMs: 1000 }, burst: 4 };
 const KEY = ['caller', 'sync-worker', 'route', 'plaid'] as const;
 
-/** One request from a single bucket, as {allowed, retryAfterMs, resetMs} (0 when allowed). */
+/** One request from a single bucket, as {allowed, retryAfterMs} (0 when allowed). */
 function take(limiter: MemoryRateLimiter, key: readonly (string | number)[], limit: RateLimitOptions, now: number) {
   const r = limiter.check('route', [{ key, limit, policy: 'caller' }], now);
-  return r.allowed ? { allowed: true, retryAfterMs: 0 } : { allowed: false, retryAfterMs: r.retryAfterMs, resetMs: r.resetMs };
+  return r.allowed ? { allowed: true, retryAfterMs: 0 } : { allowed: false, retryAfterMs: r.retryAfterMs };
 }
 
 function takeN(limiter: MemoryRateLimiter, n: number, now: number, limit = LIMIT, key: readonly (string | number)[] = KEY) {
@@ -25,7 +25,7 @@ describe('MemoryRateLimiter', () => {
     expect(burst.map((d) => d.allowed)).toEqual([true, true, true, true]);
     expect(burst.map((d) => d.retryAfterMs)).toEqual([0, 0, 0, 0]);
     const refused = take(limiter, KEY, LIMIT, 0);
-    expect(refused).toEqual({ allowed: false, retryAfterMs: 500, resetMs: 2000 });
+    expect(refused).toEqual({ allowed: false, retryAfterMs: 500 });
   });
 
   it('burst defaults to the rate count', () => {
