@@ -182,15 +182,18 @@ export function removeParams(query: string, claimed: ReadonlySet<string>): strin
   }
   return query
     .split('&')
-    .filter((pair) => !pair.split(';').some((piece) => owned.has(paramName(piece))))
+    .filter((pair) => !pair.split(';').some((piece) => paramNames(piece).some((name) => owned.has(name))))
     .join('&');
 }
 
 /** A route's claimed parameter names, lower-cased once (every route claims one at least: `_method`). */
 const lowerCased = new WeakMap<ReadonlySet<string>, ReadonlySet<string>>();
 
-/** A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]" suffix. */
-function paramName(piece: string): string {
+/**
+ * A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]"
+ * suffix; and, for a "[" with no "]" after it, as PHP reads that: "_" ("api[key" is api_key).
+ */
+function paramNames(piece: string): string[] {
   const rawName = piece.split('=', 1)[0]!;
   let name: string;
   try {
@@ -199,7 +202,9 @@ function paramName(piece: string): string {
     name = rawName;
   }
   const bracket = name.indexOf('[');
-  return phpName(bracket > 0 ? name.slice(0, bracket) : name).toLowerCase();
+  const names = [phpName(bracket > 0 ? name.slice(0, bracket) : name).toLowerCase()];
+  if (bracket > 0 && !name.includes(']', bracket)) names.push(phpName(name.replaceAll('[', '_')).toLowerCase());
+  return names;
 }
 
 /** A name as PHP registers it in $_GET: without leading spaces, with "." and " " as "_" (".method" is _method). */
