@@ -55,7 +55,8 @@ export async function routes(args: readonly string[]): Promise<Outcome> {
 function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string, method: string, url: string): Outcome {
   // Accept the URL a service would call (http://egress:8080/plaid/...) or just its path.
   const authority = /^https?:\/\/[^/?#]*/i.exec(url);
-  const rawTarget = authority ? url.slice(authority[0].length) || '/' : url;
+  // A client never sends a URL's fragment; a bare request target is taken as the bytes sent, "#" included.
+  const rawTarget = authority ? url.slice(authority[0].length).replace(/#.*$/s, '') || '/' : url;
   let target;
   try {
     target = parseTarget(rawTarget);

@@ -170,26 +170,30 @@ function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<st
  * A copy is any name a server framework may read as the claimed one: decoded ("+" as space),
  * in any letter case (ASP.NET matches query names without regard to case and binds the first
  * value), with a "[...]" suffix (qs, PHP and Rack read "api_key[]" and "api_key[0]" as api_key),
- * or behind a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too).
+ * or behind a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too), or as
+ * PHP names it (Laravel, Symfony): leading spaces dropped, "." and " " read as "_".
  */
 export function removeParams(query: string, claimed: ReadonlySet<string>): string {
   if (!query || claimed.size === 0) return query;
   let owned = lowerCased.get(claimed);
   if (!owned) {
-    owned = new Set([...claimed].map((name) => name.toLowerCase()));
+    owned = new Set([...claimed].map((name) => phpName(name).toLowerCase()));
     lowerCased.set(claimed, owned);
   }
   return query
     .split('&')
-    .filter((pair) => !pair.split(';').some((piece) => owned.has(paramName(piece))))
+    .filter((pair) => !pair.split(';').some((piece) => paramNames(piece).some((name) => owned.has(name))))
     .join('&');
 }
 
 /** A route's claimed parameter names, lower-cased once (every route claims one at least: `_method`). */
 const lowerCased = new WeakMap<ReadonlySet<string>, ReadonlySet<string>>();
 
-/** A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]" suffix. */
-function paramName(piece: string): string {
+/**
+ * A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]"
+ * suffix; and, for a "[" with no "]" after it, as PHP reads that: "_" ("api[key" is api_key).
+ */
+function paramNames(piece: string): string[] {
   const rawName = piece.split('=', 1)[0]!;
   let name: string;
   try {
@@ -198,5 +202,12 @@ function paramName(piece: string): string {
     name = rawName;
   }
   const bracket = name.indexOf('[');
-  return (bracket > 0 ? name.slice(0, bracket) : name).toLowerCase();
+  const names = [phpName(bracket > 0 ? name.slice(0, bracket) : name).toLowerCase()];
+  if (bracket > 0 && !name.includes(']', bracket)) names.push(phpName(name.replaceAll('[', '_')).toLowerCase());
+  return names;
+}
+
+/** A name as PHP registers it in $_GET: without leading spaces, with "." and " " as "_" (".method" is _method). */
+function phpName(name: string): string {
+  return name.replace(/^ +/, '').replace(/[. ]/g, '_');
 }

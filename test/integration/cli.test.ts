@@ -344,6 +344,21 @@ allow:
     expect(bad.stdout).toContain('400');
   });
 
+  it('explain judges a URL with a fragment as the request a client sends for it: without the fragment', async () => {
+    await writeFile(join(dir, 'routes', 'plaid.yaml'), good);
+    // fetch, curl and every other client keep "#…" to themselves; the proxy never sees it.
+    const url = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'http://egress:8080/plaid/item/get?x=1#top', '--json'], env);
+    expect(url.code).toBe(0);
+    expect(JSON.parse(url.stdout)).toMatchObject({ decision: 'allow', path: '/item/get', upstream_url: 'https://sandbox.plaid.com/item/get?x=1' });
+    const forward = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', 'https://sandbox.plaid.com/item/get#top', '--json'], env);
+    expect(forward.code).toBe(0);
+    expect(JSON.parse(forward.stdout)).toMatchObject({ decision: 'allow', mode: 'forward', upstream_url: 'https://sandbox.plaid.com/item/get' });
+    // A bare request target is what goes on the wire: "#" there is refused, as the proxy refuses it.
+    const raw = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get#top', '--json'], env);
+    expect(raw.code).toBe(1);
+    expect(JSON.parse(raw.stdout)).toMatchObject({ decision: 'deny', status: 400 });
+  });
+
   it('explain says when a route takes the caller only with a client certificate (a token alone is refused)', async () => {
     await writeFile(join(dir, 'routes', 'plaid.yaml'), good.replace('credential: plaid-sandbox\n', 'credential: plaid-sandbox\nrequire_client_cert: true\n'));
     const text = await runCli(['routes', 'explain', '--caller', 'sync-worker', 'POST', '/plaid/item/get'], env);

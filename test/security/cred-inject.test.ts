@@ -379,7 +379,7 @@ describe('CRED-INJ bodies on methods without content', () => {
 
 describe('CRED-INJ query parameter pollution', () => {
   it('CRED-INJ-10 caller copies of a query credential in another case, with a [] suffix or after ";" are dropped: no parser can pick the caller value', async () => {
-    const forged = ['API_KEY=evil1', 'api_key%5B%5D=evil2', 'Api_Key%5B0%5D=evil3', 'x=1;api_key=evil4', 'api_key%5Bk%5D=evil5'];
+    const forged = ['API_KEY=evil1', 'api_key%5B%5D=evil2', 'Api_Key%5B0%5D=evil3', 'x=1;api_key=evil4', 'api_key%5Bk%5D=evil5', 'api.key=evil6', '+Api_Key=evil7', 'api%5Bkey=evil8'];
     const res = await call(`/keyed/check?${forged.join('&')}&q=kept%20as%20sent`);
     expect(res.status).toBe(200);
     const sent = upstream.requests.at(-1)!.url;

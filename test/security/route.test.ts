@@ -247,6 +247,21 @@ describe('ROUTE: allowlist and paths', () => {
     await lab.g0(mark, 5);
   });
 
+  it('ROUTE-09f a method-override query parameter spelled as PHP (Laravel, Symfony) reads it into _method is removed before U', async () => {
+    // PHP names $_GET entries after dropping leading spaces and turning "." and " " into "_", so
+    // ".method", "+_method" and "%2Emethod" are all _method to a Laravel or Symfony upstream.
+    const mark = lab.u.requests.length;
+    const spellings = ['.method=DELETE', '%2Emethod=DELETE', '+_method=DELETE', '%20.METHOD=DELETE', '.method%5B%5D=DELETE'];
+    for (const query of spellings) {
+      expect(await send(`/plaid/accounts/get?keep=1&${query}`), query).toEqual([200]);
+      expect(lab.u.requests.at(-1)!.url, query).toBe('/accounts/get?keep=1');
+    }
+    // Names PHP keeps apart stay as sent.
+    expect(await send('/plaid/accounts/get?method=x&x_method=y&_methods=z')).toEqual([200]);
+    expect(lab.u.requests.at(-1)!.url).toBe('/accounts/get?method=x&x_method=y&_methods=z');
+    await lab.g0(mark, spellings.length + 1);
+  });
+
   it('ROUTE-11 case: matching is case-sensitive', async () => {
     const mark = lab.u.requests.length;
     await refused(['/PLAID/Transactions/get', '/Plaid/accounts/get', '/plaid/Accounts/get', '/plaid/ACCOUNTS/GET', '/plaid/accounts/Get', '/pl%41id/accounts/get'], [403, 404]);
