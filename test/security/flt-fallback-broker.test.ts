@@ -16,9 +16,11 @@ let proxy: TestProxy;
 const issued = new Map<string, string>();
 const mints: string[] = [];
 let counter = 0;
+/** While set, the API holds its answer until this settles. */
+let holdApi: Promise<void> | undefined;
 
 beforeAll(async () => {
-  upstream = await startUpstream((req, res, body) => {
+  upstream = await startUpstream(async (req, res, body) => {
     const json = (status: number, doc: unknown) => {
       res.writeHead(status, { 'content-type': 'application/json' });
       res.end(JSON.stringify(doc));
@@ -37,6 +39,7 @@ beforeAll(async () => {
       issued.delete(bearer);
       return json(200, {});
     }
+    if (holdApi) await holdApi;
     return json(issued.has(bearer) ? 200 : 401, { minted_by: issued.get(bearer) ?? null });
   });
   proxy = await startTestProxy({
@@ -99,6 +102,39 @@ describe('FLT-07d token-broker routes fall back when minting, not on the API cal
       expect(await answer).toBe(503);
       expect(mints.slice(before)).toEqual([]);
     } finally {
+      await own.close();
+    }
+  });
+
+  it('the current version revoked while the first attempt was out: the refused token is not replaced by one minted with it; the rejection is relayed', async () => {
+    const own = await startTestProxy({ routes: { bank: oauth2Route(upstream.url, '  client_auth: body\n') }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } }, callers: ['svc'] });
+    let release!: () => void;
+    try {
+      const env = envFor(own.dir);
+      expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_CANARY_v2' }))).code).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[1]?.state === 'current', 2_000, 'the proxy to see the rotation');
+      const call = () => fetch(`${own.url}/bank/accounts`, { headers: { 'x-egress-token': own.tokens.svc! } });
+      expect(((await (await call()).json()) as { minted_by: string }).minted_by).toBe('cs_CANARY_v2');
+      // The provider revokes that token early; the API takes its time to say so.
+      await fetch(`${upstream.url}/revoke`, { headers: { authorization: String(upstream.requests.at(-1)!.headers.authorization) } });
+      holdApi = new Promise<void>((r) => (release = r));
+      const before = upstream.requests.length;
+      const answer = call();
+      await eventually(() => upstream.requests.length > before, 2_000, 'the first attempt to reach the API');
+      // Meanwhile version 2 is revoked (the compromise path): its secret must not be sent again.
+      const revoked = await runCli(['keys', 'revoke', 'bank'], env);
+      expect(revoked.code, revoked.stderr).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[1]?.state === 'revoked', 2_000, 'the proxy to see the revoke');
+      const mintsBefore = mints.length;
+      holdApi = undefined;
+      release();
+      const res = await answer;
+      expect(mints.slice(mintsBefore), 'nothing minted with the revoked version').toEqual([]);
+      expect(res.status).toBe(401);
+      expect(upstream.requests.slice(before).map((r) => r.url)).toEqual(['/accounts']);
+    } finally {
+      holdApi = undefined;
+      release?.();
       await own.close();
     }
   });
