@@ -18,6 +18,8 @@ const mints: string[] = [];
 let counter = 0;
 /** While set, the API holds its answer until this settles. */
 let holdApi: Promise<void> | undefined;
+/** While set, the token endpoint holds its answer to a mint with version 1's secret until this settles. */
+let holdMint: Promise<void> | undefined;
 
 beforeAll(async () => {
   upstream = await startUpstream(async (req, res, body) => {
@@ -29,6 +31,7 @@ beforeAll(async () => {
       const form = new URLSearchParams(body.toString());
       const secret = form.get('client_secret') ?? '';
       if (!['cs_CANARY_v1', 'cs_CANARY_v2'].includes(secret)) return json(401, { error: 'invalid_client' });
+      if (holdMint && secret === 'cs_CANARY_v1') await holdMint;
       mints.push(secret);
       const token = `at_${++counter}`;
       issued.set(token, secret);
@@ -134,6 +137,39 @@ describe('FLT-07d token-broker routes fall back when minting, not on the API cal
       expect(upstream.requests.slice(before).map((r) => r.url)).toEqual(['/accounts']);
     } finally {
       holdApi = undefined;
+      release?.();
+      await own.close();
+    }
+  });
+
+  it('a previous version revoked while the token endpoint was minting with it: the token it answers is not sent, nor kept', async () => {
+    const own = await startTestProxy({ routes: { bank: oauth2Route(upstream.url, '  client_auth: body\n') }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } }, callers: ['svc'] });
+    let release!: () => void;
+    try {
+      const env = envFor(own.dir);
+      // Version 2's secret is one the token endpoint refuses: minting falls back to version 1.
+      expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_REFUSED_v2' }))).code).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[1]?.state === 'current', 2_000, 'the proxy to see the rotation');
+      holdMint = new Promise<void>((r) => (release = r));
+      const before = upstream.requests.length;
+      const call = () => fetch(`${own.url}/bank/accounts`, { headers: { 'x-egress-token': own.tokens.svc! } });
+      const answer = call();
+      await eventually(() => upstream.requests.slice(before).some((r) => r.url === '/connect/token' && r.body.toString().includes('cs_CANARY_v1')), 2_000, 'the mint with version 1');
+      // Version 1 is revoked (the compromise path) while the token endpoint answers.
+      const revoked = await runCli(['keys', 'revoke', 'bank', '--version', '1'], env);
+      expect(revoked.code, revoked.stderr).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[0]?.state === 'revoked', 2_000, 'the proxy to see the revoke');
+      holdMint = undefined;
+      release();
+      const res = await answer;
+      expect(upstream.requests.slice(before).filter((r) => r.url === '/accounts'), 'no API call with the token minted by the revoked version').toEqual([]);
+      expect(res.status).toBe(503);
+      // Nor on the next request: only version 2 is left, and the token endpoint refuses it.
+      const next = upstream.requests.length;
+      expect((await call()).status).toBe(503);
+      expect(upstream.requests.slice(next).map((r) => r.url)).toEqual(['/connect/token']);
+    } finally {
+      holdMint = undefined;
       release?.();
       await own.close();
     }
