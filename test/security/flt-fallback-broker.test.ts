@@ -174,4 +174,23 @@ describe('FLT-07d token-broker routes fall back when minting, not on the API cal
       await own.close();
     }
   });
+
+  it('a mint with the previous version (the token endpoint refuses the current one) is a fallback: counted and audited', async () => {
+    const own = await startTestProxy({ routes: { bank: oauth2Route(upstream.url, '  client_auth: body\n') }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } }, callers: ['svc'] });
+    try {
+      const env = envFor(own.dir);
+      // Version 2's secret was pasted wrong: the token endpoint refuses it.
+      expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_REFUSED_v2' }))).code).toBe(0);
+      await eventually(() => own.services().store.credential('bank')?.versions[1]?.state === 'current', 2_000, 'the proxy to see the rotation');
+      const before = mints.length;
+      const res = await fetch(`${own.url}/bank/accounts`, { headers: { 'x-egress-token': own.tokens.svc! } });
+      expect(res.status).toBe(200);
+      expect(((await res.json()) as { minted_by: string }).minted_by).toBe('cs_CANARY_v1');
+      expect(mints.slice(before)).toEqual(['cs_CANARY_v1']);
+      expect(await (await fetch(`${own.admin}/metrics`)).text()).toMatch(/egress_rotation_fallbacks_total\{credential="bank",version="1"\} 1\b/);
+      expect(await own.auditText()).toContain('"reason":"fallback_previous_version"');
+    } finally {
+      await own.close();
+    }
+  });
 });
