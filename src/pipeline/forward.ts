@@ -53,8 +53,10 @@ export async function forward(ctx: RequestContext): Promise<void> {
         // not here (providers.md §3.2): the refused token was dropped above, so the replay goes
         // with a token minted afresh from the current version, and the broker turns to the
         // previous version only if the token endpoint refuses the current one. A token the
-        // broker kept (refused again within its minute) would go as it went: no replay then.
-        if (replaced) {
+        // broker kept (refused again within its minute) would go as it went: no replay then. Nor
+        // when the current version was revoked or retired while the first attempt was out: the
+        // new token would be minted with it, and its secret is not to be sent again.
+        if (replaced && liveVersion(ctx, ctx.credential!.version)) {
           attempt.exchange.discard();
           const outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
           attempt = startExchange(ctx, outbound);

@@ -56,7 +56,17 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
     // The previous version as the store has it now, not as the request found it on arrival: one
     // revoked (or past its grace) since, while the body arrived, never mints (liveVersion).
     const live = ctx.previous && credential.version !== ctx.previous.version ? liveVersion(ctx, ctx.previous.version) : undefined;
-    const previous = live?.state === 'previous' ? () => open(ctx, credential.id, live) : undefined;
+    // An injector opens it only to fall back (a token endpoint that refused the current version):
+    // a use of the previous key, counted, audited and alerted on like a request's fallback.
+    const previous = live?.state === 'previous'
+      ? () => {
+        const opened = open(ctx, credential.id, live);
+        ctx.fellBack = true;
+        services.metrics.fallbacks.inc({ credential: credential.id, version: String(opened.version) });
+        services.rules.onFallback(credential.id, credential.version, opened.version, route.name);
+        return opened;
+      }
+      : undefined;
     // Each token handed out is noted with its key: if the upstream refuses it, forward drops that one.
     const fetched: FetchedToken[] = [];
     ctx.fetched = fetched;

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { ProxyError } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import { Secret } from '../secret.ts';
 import { IntegrityError } from '../store/crypto.ts';
@@ -120,7 +121,17 @@ export class TokenBroker {
       void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
       return entry.token;
     }
-    return (await this.#refresh(id, key, mint, entry)).token;
+    const minted = await this.#refresh(id, key, mint, entry);
+    // Minted with the previous version (a fallback), which was revoked or retired while the token
+    // endpoint answered: the token derives from a version that may no longer be used, and goes
+    // nowhere. (A token of the key's own version is the request's to refuse: it checks that version
+    // before it goes, and resolves again.)
+    if (minted.mintedBy !== key.version && !this.#isLive(key.credential, minted)) {
+      if (this.#local.get(id) === minted) this.#local.delete(id);
+      void this.#shared?.remove(id, key.credential).catch(() => {});
+      throw new ProxyError('credential_unavailable', 'The credential version the access token was minted with was revoked or retired meanwhile.');
+    }
+    return minted.token;
   }
 
   /**

@@ -122,7 +122,10 @@ export class FileStore implements StoreBackend {
           if (!first) listener();
         }
       } catch {
-        // Missing file: nothing to report until it appears.
+        // Missing file: nothing to report until it appears. Missing from the start (a first run,
+        // before any record was written), its appearance is the first change: `keys put` or
+        // `callers add` creating it was otherwise taken for the starting point and never read.
+        if (last === '') last = 'missing';
       }
     };
     void check();

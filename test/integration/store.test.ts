@@ -115,6 +115,24 @@ describe('changes made with the CLI reach a running proxy within a second', () =
   });
 });
 
+describe('a proxy started before its store file exists (a first run)', () => {
+  it('the first CLI change, the one that creates the file, reaches it within a second', async () => {
+    // No credentials and no callers: nothing writes store.json before the proxy starts.
+    proxy = await startTestProxy({ routes: { a: route('a', 'cred-a') } });
+    const env = envFor(proxy.dir);
+    await expect(readFile(proxy.storePath)).rejects.toThrow(/ENOENT/);
+    const added = await runCli(['callers', 'add', 'svc', '--json'], env);
+    expect(added.code, added.stderr).toBe(0);
+    const token = (JSON.parse(added.stdout) as { token: string }).token;
+    // Known to the proxy: the route's credential is missing (503), not the caller (401).
+    const waited = await eventually(async () => (await get('/a/x', token)).status === 503, 1_500, 'the new caller to be known');
+    expect(waited).toBeLessThan(1_000);
+    const put = await runCli(['keys', 'put', 'cred-a', '--from-stdin'], env, JSON.stringify({ secret: SECRET_A }));
+    expect(put.code, put.stderr).toBe(0);
+    await eventually(async () => (await get('/a/x', token)).status === 200, 1_000, 'the new credential to be used');
+  });
+});
+
 describe('the file store\'s usage table, damaged by hand', () => {
   it.each([
     ['null', null],
