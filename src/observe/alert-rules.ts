@@ -71,8 +71,16 @@ export class AlertRules {
     }
   }
 
-  onAuthFailure(credential: string, version: number, route: string, status: number): void {
-    this.#alerts.raise('upstream_rejected_credential', 'critical', credential, 'upstream rejected the credential and no previous version is in grace', { credential, version, route, status });
+  /**
+   * The upstream rejected the credential and the request was not re-sent: `previousVersion` is the
+   * version in grace it was not re-sent with (the request was not replay-safe, or that version was
+   * revoked or retired meanwhile), undefined when there was none.
+   */
+  onAuthFailure(credential: string, version: number, route: string, status: number, previousVersion?: number): void {
+    const why = previousVersion === undefined
+      ? 'and no previous version is in grace'
+      : 'and the request was not re-sent with the previous version (it is not replay-safe, or that version was revoked or retired while it was out)';
+    this.#alerts.raise('upstream_rejected_credential', 'critical', credential, `upstream rejected the credential ${why}`, { credential, version, route, status, ...(previousVersion !== undefined ? { previous_version: previousVersion } : {}) });
   }
 
   /** An admin token that expired or was revoked, presented to the admin listener: a leaked one, or a forgotten script. */

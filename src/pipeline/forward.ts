@@ -73,7 +73,7 @@ export async function forward(ctx: RequestContext): Promise<void> {
         attempt = startExchange(ctx, outbound);
         await received(ctx, attempt);
       } else {
-        ctx.services.rules.onAuthFailure(credential, Number(version), route.name, attempt.exchange.status);
+        ctx.services.rules.onAuthFailure(credential, Number(version), route.name, attempt.exchange.status, ctx.previous?.version);
       }
     }
     await relay(ctx, attempt);

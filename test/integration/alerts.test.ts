@@ -59,7 +59,7 @@ afterEach(async () => {
   proxy = undefined;
 });
 
-const ROUTE = () => bearerRoute({ upstream: upstream.url, paths: ['/ok', '/reject'] });
+const ROUTE = () => bearerRoute({ upstream: upstream.url, paths: ['/ok', '/reject'], methods: ['GET', 'POST'] });
 
 async function start(options: { alerts?: string; webhook?: boolean; credentialAgeDays?: number } = {}): Promise<{ env: Record<string, string>; dir: string }> {
   const dir = await makeTempDir('egress-alerts-');
@@ -166,6 +166,19 @@ describe('alert rules', () => {
     await start();
     expect(await get('/api/reject', await newToken())).toBe(401);
     expect(alertIds()).toContain('upstream_rejected_credential');
+  });
+
+  it('upstream_rejected_credential says why nothing was re-sent: a previous version is in grace, but a POST is not replay-safe', async () => {
+    const { env } = await start();
+    const token = await newToken();
+    const rotated = await runCli(['keys', 'rotate', 'key', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ token: 'tok_alerts_second_9f2' }));
+    expect(rotated.code, rotated.stderr).toBe(0);
+    await eventually(() => proxy!.services().store.credential('key')?.versions.some((v) => v.state === 'previous') === true, 2_000, 'the rotation');
+    expect(await fetch(`${proxy!.url}/api/reject`, { method: 'POST', headers: { 'x-egress-token': token } }).then((r) => r.status)).toBe(401);
+    const alert = proxy!.services().rules.alerts.recent().find((a) => a.id === 'upstream_rejected_credential')!;
+    expect(alert.message).not.toContain('no previous version is in grace');
+    expect(alert.message).toContain('not replay-safe');
+    expect(alert.facts).toMatchObject({ credential: 'key', version: 2, previous_version: 1 });
   });
 
   it('credential_max_age: a current version older than its maximum age (checked at start and every minute)', async () => {
