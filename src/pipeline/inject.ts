@@ -8,6 +8,8 @@ import { checkDeclaredLength, continueBody, hasBody, readBody } from './body.ts'
 import { liveVersion, open } from './resolve-credential.ts';
 import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
+import { claimedPiece, ownedNames } from './param-names.ts';
+import { formKinds, refuseClaimedFields } from './form-body.ts';
 
 /**
  * A body of a declared length up to this is read before the request goes upstream, so that it
@@ -19,11 +21,14 @@ export const SMALL_BODY = 64 * 1024;
  * Build the outbound request from a copy of the inbound one: strip first (hop-by-hop, proxy
  * headers, and everything the injectors claim), then let each injector attach its part. The body
  * is buffered (bounded by max_body) when an injector needs it, when the request may have to be
- * sent again with the previous key, or when it is small; otherwise it streams.
+ * sent again with the previous key, when it is a form (checked for claimed fields), or when it is
+ * small; otherwise it streams.
  */
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
-  const needsBody = hasBody(ctx.req) && (route.needsBody || ctx.replayable || isSmallBody(ctx.req));
+  // A form body is read whole: a field read as a claimed parameter refuses it before anything goes (form-body.ts).
+  const form = hasBody(ctx.req) && formKinds(ctx.req).length > 0;
+  const needsBody = form || (hasBody(ctx.req) && (route.needsBody || ctx.replayable || isSmallBody(ctx.req)));
   if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);
     return;
@@ -34,6 +39,7 @@ export function inject(ctx: RequestContext): void | Promise<void> {
       checkDeclaredLength(ctx.req, route.maxBody);
       continueBody(ctx.req, ctx.res);
       ctx.body = await readBody(ctx.req, route.maxBody);
+      if (form) refuseClaimedFields(ctx.req, ctx.body, route.claims.query);
     }
     ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
   })();
@@ -177,47 +183,14 @@ function checkInjectedHeaders(outbound: OutboundRequest, claimed: ReadonlySet<st
 
 /**
  * Drop the caller's copies of parameters the proxy owns; everything else stays byte for byte.
- * A copy is any name a server framework may read as the claimed one: decoded ("+" as space),
- * in any letter case (ASP.NET matches query names without regard to case and binds the first
- * value), with a "[...]" suffix (qs, PHP and Rack read "api_key[]" and "api_key[0]" as api_key),
- * or behind a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too), or as
- * PHP names it (Laravel, Symfony): leading spaces dropped, "." and " " read as "_".
+ * A copy is any name a server framework may read as the claimed one (param-names.ts), also behind
+ * a ";" inside a pair (Rack before 3 and Python before 3.9.2 split on ";" too).
  */
 export function removeParams(query: string, claimed: ReadonlySet<string>): string {
   if (!query || claimed.size === 0) return query;
-  let owned = lowerCased.get(claimed);
-  if (!owned) {
-    owned = new Set([...claimed].map((name) => phpName(name).toLowerCase()));
-    lowerCased.set(claimed, owned);
-  }
+  const owned = ownedNames(claimed);
   return query
     .split('&')
-    .filter((pair) => !pair.split(';').some((piece) => paramNames(piece).some((name) => owned.has(name))))
+    .filter((pair) => !pair.split(';').some((piece) => claimedPiece(piece, owned) !== undefined))
     .join('&');
-}
-
-/** A route's claimed parameter names, lower-cased once (every route claims one at least: `_method`). */
-const lowerCased = new WeakMap<ReadonlySet<string>, ReadonlySet<string>>();
-
-/**
- * A raw `name=value` piece's name as frameworks compare it: decoded, lower-cased, without a "[...]"
- * suffix; and, for a "[" with no "]" after it, as PHP reads that: "_" ("api[key" is api_key).
- */
-function paramNames(piece: string): string[] {
-  const rawName = piece.split('=', 1)[0]!;
-  let name: string;
-  try {
-    name = decodeURIComponent(rawName.replace(/\+/g, ' '));
-  } catch {
-    name = rawName;
-  }
-  const bracket = name.indexOf('[');
-  const names = [phpName(bracket > 0 ? name.slice(0, bracket) : name).toLowerCase()];
-  if (bracket > 0 && !name.includes(']', bracket)) names.push(phpName(name.replaceAll('[', '_')).toLowerCase());
-  return names;
-}
-
-/** A name as PHP registers it in $_GET: without leading spaces, with "." and " " as "_" (".method" is _method). */
-function phpName(name: string): string {
-  return name.replace(/^ +/, '').replace(/[. ]/g, '_');
 }

@@ -106,6 +106,35 @@ describe('fallback to the previous version', () => {
     expect(audit).toMatch(/"kind":"admin","actor":"cli:[^"]+","action":"credential.rotate"/);
   });
 
+  it('form bodies, read whole to be checked for a _method field, replay as before: a replay-safe one is sent again byte for byte with the previous key, another is sent once', async () => {
+    accepted = new Set([OLD]);
+    const { env } = await start();
+    expect((await runCli(['keys', 'rotate', 'plaid', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ secret: NEW }))).code).toBe(0);
+    await eventually(async () => (await call('GET', '/status')).status === 200 && upstream.requests.at(-2)?.headers['plaid-secret'] === NEW, 2_000, 'the proxy to use the new key');
+    // Over SMALL_BODY and chunked, so that only the form check reads it whole on a route that is not replay-safe.
+    const form = `amount=2000&metadata[order_id]=1&note=${'n'.repeat(80 * 1024)}`;
+    const post = (path: string) => fetch(`${proxy!.url}/plaid${path}`, {
+      method: 'POST',
+      headers: { 'x-egress-token': proxy!.tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' },
+      body: new Blob([form]).stream(),
+      duplex: 'half',
+    } as RequestInit);
+    let before = upstream.requests.length;
+    const replayed = await post('/accounts/get');
+    expect(replayed.status).toBe(200);
+    expect(((await replayed.json()) as { key_tail: string }).key_tail).toBe('1111');
+    let sent = upstream.requests.slice(before);
+    expect(sent.map((r) => r.headers['plaid-secret'])).toEqual([NEW, OLD]);
+    for (const r of sent) expect(r.body.toString()).toBe(form);
+    before = upstream.requests.length;
+    const once = await post('/transfer/create');
+    expect(once.status).toBe(400);
+    await once.text();
+    sent = upstream.requests.slice(before);
+    expect(sent.map((r) => r.headers['plaid-secret'])).toEqual([NEW]);
+    expect(sent[0]!.body.toString()).toBe(form);
+  });
+
   it('an auth_failure status whose body does not decode is not a rejection: no replay, no alert, 502 without the body', async () => {
     accepted = new Set([OLD]);
     const { env } = await start();

@@ -392,6 +392,35 @@ describe('CRED-INJ query parameter pollution', () => {
   });
 });
 
+describe('CRED-INJ form-body copies of a query credential', () => {
+  it('CRED-INJ-19 a form body carrying the parameter a query route injects (api_key, in the spellings the query check removes) is refused with 400; PHP\'s $_REQUEST and Laravel\'s input() let the body win over the query', async () => {
+    const before = upstream.requests.length;
+    const forms: [string, string][] = [
+      ['application/x-www-form-urlencoded', 'q=1&api_key=evil1'],
+      ['application/x-www-form-urlencoded;charset=utf-8', 'API.KEY=evil2'],
+      ['application/x-www-form-urlencoded', 'api_key%5B%5D=evil3'],
+      ['multipart/form-data; boundary=B', '--B\r\nContent-Disposition: form-data; name="Api_Key"\r\n\r\nevil4\r\n--B--\r\n'],
+    ];
+    for (const [type, body] of forms) {
+      const res = await call('/keyed/check', { method: 'POST', headers: { 'content-type': type }, body });
+      const text = await res.text();
+      expect(res.status, body).toBe(400);
+      expect(text).toContain('api_key');
+      expect(text).not.toContain('evil');
+    }
+    expect(upstream.requests.length - before, 'nothing sent').toBe(0);
+    // Other fields, and a JSON body naming api_key, go as written with the one injected api_key.
+    for (const [type, body] of [['application/x-www-form-urlencoded', 'q=1&key=2&metadata[api]=3'], ['application/json', '{"api_key":"x"}']] as const) {
+      const res = await call('/keyed/check', { method: 'POST', headers: { 'content-type': type }, body });
+      expect(res.status, type).toBe(200);
+      expect((await res.arrayBuffer()).byteLength).toBe(body.length);
+      const sent = upstream.requests.at(-1)!;
+      expect(sent.body.toString(), type).toBe(body);
+      expect(sent.url).toBe(`/check?api_key=${CREDS.keyed.key}`);
+    }
+  });
+});
+
 describe('CRED-INJ probes with their own proxy', () => {
   let own: TestProxy | undefined;
   afterAll(async () => {

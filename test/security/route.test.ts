@@ -1,4 +1,4 @@
-import { rm, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { eventually } from '../helpers/proxy.ts';
@@ -260,6 +260,81 @@ describe('ROUTE: allowlist and paths', () => {
     expect(await send('/plaid/accounts/get?method=x&x_method=y&_methods=z')).toEqual([200]);
     expect(lab.u.requests.at(-1)!.url).toBe('/accounts/get?method=x&x_method=y&_methods=z');
     await lab.g0(mark, spellings.length + 1);
+  });
+
+  it('ROUTE-09g a method-override field in a form body (urlencoded or multipart, any spelling the query check removes) is refused with 400 naming the field; nothing reaches U; audited', async () => {
+    // Rack::MethodOverride reads _method from a POST's form params (multipart too), Laravel and
+    // Symfony from $_POST: a caller allowed to POST would have the upstream run a DELETE.
+    const mark = lab.u.requests.length;
+    const boundary = 'b0und-ary';
+    const multipart = (disposition: string) => `--${boundary}\r\nContent-Disposition: ${disposition}\r\n\r\nDELETE\r\n--${boundary}--\r\n`;
+    const cases: [string, string][] = [
+      ['application/x-www-form-urlencoded', 'a=1&_method=DELETE'],
+      ['application/x-www-form-urlencoded; charset=UTF-8', '.method=DELETE'],
+      ['Application/X-WWW-Form-Urlencoded', '%5Fmethod=DELETE&b=2'],
+      ['application/x-www-form-urlencoded', '_METHOD=delete'],
+      ['application/x-www-form-urlencoded', '+_method%5B%5D=DELETE'],
+      [`multipart/form-data; boundary=${boundary}`, multipart('form-data; name="_method"')],
+      [`multipart/form-data; boundary="${boundary}"`, multipart('form-data; name=.method')],
+      [`multipart/form-data; charset=utf-8; Boundary=${boundary}`, multipart("form-data; name*=UTF-8''%5Fmethod")],
+      // Rack parses multipart/mixed and multipart/related into form params too; PHP accepts bare LF.
+      [`multipart/mixed; boundary=${boundary}`, multipart('form-data; name="x"; filename="a"').replace('name="x"', 'name="_method"')],
+      [`multipart/form-data; boundary=${boundary}`, `--${boundary}\nContent-Disposition: form-data; name="_method"\n\nDELETE\n--${boundary}--\n`],
+    ];
+    for (const [type, body] of cases) {
+      const res = await fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: asA(lab, { 'content-type': type }), body });
+      const text = await res.text();
+      lab.seen(text);
+      expect(res.status, `${type} ${body}`).toBe(400);
+      expect(res.headers.get('x-egress-error')).toBe('bad_request');
+      expect(text, body).toContain('_method');
+      expect(text, body).not.toMatch(/DELETE|delete/);
+    }
+    // A POST with no Content-Type: Rack parses its body as a form.
+    const untyped = await rawRequest(lab.port, ['POST /plaid/accounts/get HTTP/1.1', 'Host: p', `X-Egress-Token: ${lab.tokens.a}`, 'Content-Length: 14', 'Connection: close', '', '_method=DELETE'].join('\r\n'));
+    lab.seen(untyped);
+    expect(statuses(untyped)).toEqual([400]);
+    // A second Content-Type line (or one spelled Content_Type, CONTENT_TYPE to CGI and PHP) that makes it a form: Node keeps the first, an upstream may take the other.
+    for (const second of ['Content-Type', 'Content_Type']) {
+      const twice = await rawRequest(lab.port, ['POST /plaid/accounts/get HTTP/1.1', 'Host: p', `X-Egress-Token: ${lab.tokens.a}`, 'Content-Type: application/json', `${second}: application/x-www-form-urlencoded`, 'Content-Length: 14', 'Connection: close', '', '_method=DELETE'].join('\r\n'));
+      lab.seen(twice);
+      expect(statuses(twice), second).toEqual([400]);
+    }
+    // The same body sent chunked (no declared length) is read whole before anything goes.
+    const chunked = await rawRequest(lab.port, ['POST /plaid/accounts/get HTTP/1.1', 'Host: p', `X-Egress-Token: ${lab.tokens.a}`, 'Content-Type: application/x-www-form-urlencoded', 'Transfer-Encoding: chunked', 'Connection: close', '', '5', 'a=1&_', 'E', 'method=DELETE&', '0', '', ''].join('\r\n'));
+    lab.seen(chunked);
+    expect(statuses(chunked)).toEqual([400]);
+    expect(lab.u.requests.length - mark, 'nothing reached U').toBe(0);
+    await eventually(async () => ((await readFile(join(lab.dir, 'audit.log'), 'utf8')).match(/"path":"\/plaid\/accounts\/get","decision":"deny","reason":"bad_request"/g) ?? []).length >= cases.length + 4, 3_000, 'each refusal audited');
+    await lab.g0(mark, 0);
+  });
+
+  it('ROUTE-09h form bodies without an override are forwarded byte for byte; other types, JSON mentioning _method and a malformed multipart are untouched; a form body over max_body is 413', async () => {
+    const mark = lab.u.requests.length;
+    const post = (type: string, body: string | Buffer) => fetch(`${lab.url}/plaid/accounts/get`, { method: 'POST', headers: asA(lab, { 'content-type': type }), body });
+    // Stripe-style nested keys, and names PHP keeps apart from _method.
+    const stripe = 'amount=2000&currency=usd&metadata[order_id]=1&metadata%5Bnote%5D=a%26b&method=card&x_method=y&_methods=z';
+    for (const [type, body] of [
+      ['application/x-www-form-urlencoded', stripe],
+      ['application/json', '{"_method":"DELETE","note":"_method=DELETE"}'],
+      ['text/plain', '_method=DELETE'],
+      // No boundary: not a multipart body anything parses; passed on as before.
+      ['multipart/form-data', '--x\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--x--\r\n'],
+      ['multipart/form-data; boundary=zz', '--zz\r\nContent-Disposition: form-data; name="note"\r\n\r\n_method=DELETE\r\n--zz--\r\n'],
+    ] as const) {
+      const res = await post(type, body);
+      await res.text();
+      expect(res.status, type).toBe(200);
+      const r = lab.u.requests.at(-1)!;
+      expect(r.method).toBe('POST');
+      expect(r.body.toString('latin1'), type).toBe(body);
+    }
+    // max_body is 64kb: a form body one byte over it is 413 declared, and 413 chunked.
+    const big = `a=${'x'.repeat(64 * 1024 - 1)}`;
+    expect((await post('application/x-www-form-urlencoded', big)).status).toBe(413);
+    const chunked = await rawRequest(lab.port, ['POST /plaid/accounts/get HTTP/1.1', 'Host: p', `X-Egress-Token: ${lab.tokens.a}`, 'Content-Type: application/x-www-form-urlencoded', 'Transfer-Encoding: chunked', 'Connection: close', '', (big.length).toString(16), big, '0', '', ''].join('\r\n'));
+    expect(statuses(chunked)).toEqual([413]);
+    await lab.g0(mark, 5);
   });
 
   it('ROUTE-11 case: matching is case-sensitive', async () => {

@@ -521,7 +521,8 @@ describe('SMUG: an upstream that answers early', () => {
     const conn = await RawConnection.open(early.port);
     const mark = early.u.requests.length;
     try {
-      const first = await conn.exchange(`POST /early/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n${'a'.repeat(1000)}\r\n`, 300);
+      // A typed body: one with no Content-Type is a form to Rack, read whole before it goes (form-body.ts), and would not stream.
+      const first = await conn.exchange(`POST /early/x HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${early.tokens.a}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n${'a'.repeat(1000)}\r\n`, 300);
       early.seen(first);
       expect(statuses(first)).toEqual([401]);
       // The rest of the body carries a request a may make (it would reach the raw upstream); then a's own next request.
