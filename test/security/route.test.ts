@@ -1,7 +1,8 @@
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { eventually } from '../helpers/proxy.ts';
+import { eventually, startTestProxy } from '../helpers/proxy.ts';
+import { startUpstream } from '../helpers/upstream.ts';
 import { asA, rawRequest, startLab, statuses, type Lab } from './lab.ts';
 
 /**
@@ -463,4 +464,30 @@ describe('ROUTE: allowlist and paths', () => {
     }
     await lab.g0(mark, 0);
   });
+});
+
+describe('ROUTE-09i a form body is checked in one pass', () => {
+  it('a multipart body of delimiters and no empty line (1 MB, the default max_body) is read in one pass: the override in its last part is found, and a clean one is forwarded', async () => {
+    // Each part's headers were searched to the end of the body from every delimiter: 200,000
+    // delimiters made that about 1e11 character steps, a core held for minutes by one request.
+    const up = await startUpstream();
+    const proxy = await startTestProxy({
+      routes: { api: `name: api\nprefix: /api\nupstream: ${up.url}\nallow_private_addresses: true\ncredential: key\ninject:\n  scheme: bearer\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/x]\n` },
+      credentials: { key: { token: 'tok_route09i_secret' } },
+      callers: ['svc'],
+    });
+    try {
+      const boundary = 'b';
+      const filler = `--${boundary}\r\n`.repeat(200_000);
+      const headers = { 'x-egress-token': proxy.tokens.svc!, 'content-type': `multipart/form-data; boundary=${boundary}` };
+      const refused = await fetch(`${proxy.url}/api/x`, { method: 'POST', headers, body: `${filler}--${boundary}\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--${boundary}--\r\n`, signal: AbortSignal.timeout(15_000) });
+      expect(refused.status, await refused.text()).toBe(400);
+      const clean = await fetch(`${proxy.url}/api/x`, { method: 'POST', headers, body: `${filler}--${boundary}--\r\n`, signal: AbortSignal.timeout(15_000) });
+      expect(clean.status).toBe(200);
+      expect(up.requests).toHaveLength(1);
+    } finally {
+      await proxy.close();
+      await up.close();
+    }
+  }, 40_000);
 });
