@@ -35,12 +35,15 @@ export function formKinds(req: IncomingMessage): [FormKind, string][] {
   return kinds;
 }
 
-/** Refuse (400 bad_request) a form body with a field read as a claimed name; the message names the claimed name, never the caller's bytes. */
-export function refuseClaimedFields(req: IncomingMessage, body: Buffer, claimed: ReadonlySet<string>): void {
+/**
+ * Refuse (400 bad_request) a form body with a field read as a claimed name; the message names the
+ * claimed name, never the caller's bytes. `kinds` is formKinds of the request the body came with.
+ */
+export function refuseClaimedFields(kinds: readonly [FormKind, string][], body: Buffer, claimed: ReadonlySet<string>): void {
   if (body.length === 0) return;
   const owned = ownedNames(claimed);
   const text = body.toString('latin1');
-  for (const [kind, type] of formKinds(req)) {
+  for (const [kind, type] of kinds) {
     const name = kind === 'urlencoded' ? urlencodedField(text, owned) : multipartField(text, type, owned);
     if (name === undefined) continue;
     const why = name === '_method' ? 'which frameworks read as the request method' : 'which the proxy sets itself on this route';

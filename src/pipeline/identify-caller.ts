@@ -44,7 +44,7 @@ export function identifyCaller(ctx: RequestContext): void {
   }
   if (typeof token !== 'string' || token.length === 0) {
     ctx.anonymous = !token && ctx.req.headers['proxy-authorization'] === undefined;
-    throw absolute ? proxyAuthRequired('Send Proxy-Authorization: Basic caller:token.') : new ProxyError('caller_unauthenticated');
+    throw refuse(absolute ? 'Send Proxy-Authorization: Basic caller:token.' : undefined);
   }
   const store = ctx.services.store;
   // Without a usable store there is no telling a good token from a bad one: that is our failure, not the caller's.

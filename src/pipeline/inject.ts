@@ -27,8 +27,9 @@ export const SMALL_BODY = 64 * 1024;
 export function inject(ctx: RequestContext): void | Promise<void> {
   const route = ctx.route!;
   // A form body is read whole: a field read as a claimed parameter refuses it before anything goes (form-body.ts).
-  const form = hasBody(ctx.req) && formKinds(ctx.req).length > 0;
-  const needsBody = form || (hasBody(ctx.req) && (route.needsBody || ctx.replayable || isSmallBody(ctx.req)));
+  const body = hasBody(ctx.req);
+  const forms = body ? formKinds(ctx.req) : [];
+  const needsBody = forms.length > 0 || (body && (route.needsBody || ctx.replayable || isSmallBody(ctx.req)));
   if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);
     return;
@@ -39,7 +40,7 @@ export function inject(ctx: RequestContext): void | Promise<void> {
       checkDeclaredLength(ctx.req, route.maxBody);
       continueBody(ctx.req, ctx.res);
       ctx.body = await readBody(ctx.req, route.maxBody);
-      if (form) refuseClaimedFields(ctx.req, ctx.body, route.claims.query);
+      if (forms.length > 0) refuseClaimedFields(forms, ctx.body, route.claims.query);
     }
     ctx.outbound = await buildOutboundWithNonce(ctx, ctx.credential!);
   })();
