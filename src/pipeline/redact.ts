@@ -156,7 +156,7 @@ export function echoForms(value: string): string[] {
     forms.add(value.toLowerCase());
     // Python's json.dumps by default (ensure_ascii) escapes only these characters; PHP's
     // json_encode by default escapes them and "/" as well.
-    const asciiOnly = json.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    const asciiOnly = json.replace(/[^\x00-\x7f]/g, (c) => unicodeEscape(c.charCodeAt(0)));
     forms.add(asciiOnly);
     forms.add(asciiOnly.replaceAll('/', '\\/'));
   }
