@@ -158,8 +158,8 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     const cert = await readListenerFile(settings.tlsCert!, 'EGRESS_TLS_CERT');
     const key = await readListenerFile(settings.tlsKey!, 'EGRESS_TLS_KEY');
     const clientCa = await readListenerFile(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
-    checkListenerFiles(cert, key, clientCa);
-    for (const warning of listenerDateWarnings(cert, clientCa, Date.now())) log.warn({ setting: warning.slice(0, warning.indexOf(' ')) }, warning);
+    const checked = checkListenerFiles(cert, key, clientCa);
+    for (const { setting, message } of listenerDateWarnings(checked, Date.now())) log.warn({ setting }, message);
     // Whoever can read the listener's key can pose as the proxy to its callers and collect their
     // tokens. Warned, not refused (as master.key and ca.key are): Kubernetes mounts secrets 0644
     // unless told otherwise (defaultMode).
@@ -168,7 +168,8 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     tls = await createTlsServer({
       cert: cert.pem,
       key: key.pem,
-      clientCa,
+      clientCa: clientCa.pem,
+      clientCas: checked.clientCas,
       certsDir: settings.certsDir,
       onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);

@@ -73,12 +73,20 @@ export function outsideValidity(cert: X509Certificate, now: number): 'has expire
 const DAY_MS = 86_400_000;
 const SOON_MS = 30 * DAY_MS;
 
+/** The listener's files, parsed and checked once at start (checkListenerFiles), for what uses them after. */
+export interface CheckedListenerFiles {
+  readonly cert: ListenerFile;
+  readonly certificate: X509Certificate;
+  readonly clientCa: ListenerFile;
+  readonly clientCas: readonly X509Certificate[];
+}
+
 /**
  * For the start-up log: the listener's certificate and the client CAs that are outside their
  * validity or within 30 days of its end. Warned, not refused: an expired CA kept in a bundle while
  * its successor takes over is normal, and token callers do not need either.
  */
-export function listenerDateWarnings(cert: ListenerFile, clientCa: ListenerFile, now: number): string[] {
+export function listenerDateWarnings({ cert, certificate, clientCa, clientCas }: CheckedListenerFiles, now: number): { setting: string; message: string }[] {
   const note = (c: X509Certificate, consequence: string): string | undefined => {
     const outside = outsideValidity(c, now);
     if (outside) return `${outside} (${outside === 'has expired' ? c.validTo : c.validFrom}): ${consequence}`;
@@ -88,14 +96,12 @@ export function listenerDateWarnings(cert: ListenerFile, clientCa: ListenerFile,
     return `expires in ${days} day${days === 1 ? '' : 's'} (${c.validTo}): after that, ${consequence}`;
   };
   const subject = (c: X509Certificate): string => c.subject.replaceAll('\n', ', ');
-  const warnings: string[] = [];
-  const own = listenerCertificate(cert);
-  const ownNote = note(own, 'callers\' TLS clients refuse the listener');
-  if (ownNote) warnings.push(`${cert.setting} ${cert.path} (${subject(own)}) ${ownNote}`);
-  const cas = listenerClientCas(clientCa);
-  cas.forEach((ca, i) => {
+  const warnings: { setting: string; message: string }[] = [];
+  const ownNote = note(certificate, 'callers\' TLS clients refuse the listener');
+  if (ownNote) warnings.push({ setting: cert.setting, message: `${cert.setting} ${cert.path} (${subject(certificate)}) ${ownNote}` });
+  clientCas.forEach((ca, i) => {
     const caNote = note(ca, 'the caller certificates it issued are refused');
-    if (caNote) warnings.push(`${clientCa.setting} ${clientCa.path}: certificate ${i + 1} of ${cas.length} (${subject(ca)}) ${caNote}`);
+    if (caNote) warnings.push({ setting: clientCa.setting, message: `${clientCa.setting} ${clientCa.path}: certificate ${i + 1} of ${clientCas.length} (${subject(ca)}) ${caNote}` });
   });
   return warnings;
 }

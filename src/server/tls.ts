@@ -5,7 +5,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { CALLER_URI_PREFIX } from '../certs/ca.ts';
-import { listenerCertificate, listenerClientCas, listenerPrivateKey, outsideValidity, type ListenerFile } from '../certs/listener-files.ts';
+import { listenerCertificate, listenerClientCas, listenerPrivateKey, outsideValidity, type CheckedListenerFiles, type ListenerFile } from '../certs/listener-files.ts';
 import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
@@ -64,17 +64,18 @@ export function certIdentity(socket: TLSSocket, pinned: PinnedCas, revoked: Revo
   return { caller: name, serial, notBefore: Date.parse(leaf.validFrom) };
 }
 
-/** The listener's certificate, key and client CAs, checked before they are used (listener-files.ts). */
-export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): void {
-  const leaf = listenerCertificate(cert);
-  listenerClientCas(clientCa);
-  if (!leaf.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
+/** The listener's certificate, key and client CAs, checked before they are used (listener-files.ts), and parsed for what uses them. */
+export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, clientCa: ListenerFile): CheckedListenerFiles {
+  const certificate = listenerCertificate(cert);
+  const clientCas = listenerClientCas(clientCa);
+  if (!certificate.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
+  return { cert, certificate, clientCa, clientCas };
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
-export async function createTlsServer(options: { cert: string; key: string; clientCa: ListenerFile; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
+export async function createTlsServer(options: { cert: string; key: string; clientCa: string; clientCas: readonly X509Certificate[]; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
   // Every CA in the file is pinned, as every one is trusted in the TLS context (`ca` below).
-  const pinned: PinnedCas = new Map(listenerClientCas(options.clientCa).map((ca) => [ca.fingerprint256, ca]));
+  const pinned: PinnedCas = new Map(options.clientCas.map((ca) => [ca.fingerprint256, ca]));
   const sockets = new Set<TLSSocket>();
   const serialOf = new WeakMap<TLSSocket, string>();
   // A revocation closes the caller's open connections at once (AUTH-07).
@@ -85,7 +86,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   const server = createServer({
     cert: options.cert,
     key: options.key,
-    ca: options.clientCa.pem,
+    ca: options.clientCa,
     requestCert: true,
     // Token callers have no certificate; a certificate that fails is refused per request, below.
     rejectUnauthorized: false,
