@@ -69,9 +69,10 @@ export async function addRevoked(certsDir: string, serials: readonly string[], c
     const doc = await readRevoked(certsDir);
     const now = new Date().toISOString();
     for (const s of serials) doc.serials[s.toLowerCase()] = { caller, revoked_at: now };
-    // A writer held up past the lock's stale age has lost it: writing back what it read then would undo the revocations made since.
-    await held.confirm();
-    await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`, 0o644);
+    // Checked just before the rename, as the store's and the keyring's writers do: a writer held up
+    // past the lock's stale age has lost it, and writing back what it read would undo the
+    // revocations made since.
+    await replaceFile(path, `${JSON.stringify(doc, null, 2)}\n`, 0o644, undefined, () => held.confirm());
   });
 }
 

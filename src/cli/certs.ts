@@ -61,9 +61,9 @@ export async function certs(args: readonly string[]): Promise<Outcome> {
     await withFileLock(issuedPath, CERTS_LOCK, async (held) => {
       const issued = await readIssued();
       issued[name] = [...(Object.hasOwn(issued, name) ? issued[name]! : []), issuedCert.serial.toLowerCase()];
-      // As for revoked.json: a lock lost while held (past its stale age) means another run may have recorded serials since.
-      await held.confirm();
-      await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644);
+      // As for revoked.json: a lock lost while held (past its stale age) means another run may have
+      // recorded serials since; checked just before the rename.
+      await replaceFile(issuedPath, `${JSON.stringify(issued, null, 2)}\n`, 0o644, undefined, () => held.confirm());
       // Both in full before either takes its name: a write cut short (a full disk) between the two
       // left the new certificate beside the old key, a pair that no TLS client can use.
       await replaceFiles([
