@@ -13,7 +13,7 @@ import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
-import { answerClientError, answerRawError, CALLER_HTTP, LISTENER_LIMITS, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { answerClientError, answerRawError, CALLER_HTTP, refuseConnect, servePipeline } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 import { CALLER_TLS } from './tls.ts';
 
@@ -64,16 +64,11 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     req.socket.setTimeout(0);
     void handleRequest(req, res, getConfig(), services, tunnel);
   }
-  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
-  inner.on('checkContinue', onRequest);
-  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
-  inner.on('checkExpectation', onRequest);
+  servePipeline(inner, onRequest);
   // Bytes that do not parse get the listeners' answer (X-Request-Id, X-Egress-Error, after any
   // answer still owed on the tunnel), not Node's bare 400 written ahead of that answer.
   inner.on('clientError', answerClientError);
-  inner.on('upgrade', refuseUpgrade);
   inner.on('connect', refuseConnect);
-  inner.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
   // This server never listens: tunnels hand it their decrypted sockets. Node starts checking
   // headersTimeout and requestTimeout when a server emits 'listening', so without this a slow
   // request inside a tunnel (slowloris, a body at a byte every few seconds) was never cut off.

@@ -41,20 +41,30 @@ export const CALLER_HTTP = Object.freeze({
   connectionsCheckingInterval: 500,
 });
 
+/**
+ * What every caller listener (plain, TLS, inside a tunnel) does alike: every request goes to the
+ * pipeline, also one with an Expect, which the pipeline answers; the header lines are bounded; an
+ * upgrade is refused.
+ */
+export function servePipeline(server: Server, onRequest: (req: IncomingMessage, res: ServerResponse) => void): void {
+  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
+  server.on('checkContinue', onRequest);
+  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
+  server.on('checkExpectation', onRequest);
+  // Past this many header lines the request is refused (431).
+  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+  // Protocol switches are not API calls, and without an 'upgrade' listener Node runs an Upgrade
+  // request as a plain one: refused with a proxy error.
+  server.on('upgrade', refuseUpgrade);
+}
+
 /** The reverse-mode listener: every request goes through the pipeline with the config live at arrival. */
 export function createReverseServer(getConfig: () => CompiledConfig, services: Services, onConnect?: (req: IncomingMessage, socket: Duplex, head: Buffer) => void): Server {
   const server = createServer(CALLER_HTTP, onRequest);
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     void handleRequest(req, res, getConfig(), services, absoluteForm(req, getConfig()));
   }
-  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
-  server.on('checkContinue', onRequest);
-  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
-  server.on('checkExpectation', onRequest);
-  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
-
-  // Protocol switches and tunnels are not API calls: refuse them with a proxy error.
-  server.on('upgrade', refuseUpgrade);
+  servePipeline(server, onRequest);
   // Forward mode needs the CA (egress certs init); without it there are no tunnels at all.
   server.on('connect', onConnect ?? ((_req: IncomingMessage, socket: Duplex) => refuseRaw(socket, new ProxyError('route_forbidden', 'Forward mode is off: no CA in EGRESS_CERTS (run "egress certs init").'))));
   server.on('clientError', answerClientError);

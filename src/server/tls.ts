@@ -10,7 +10,7 @@ import { RevocationList, serialKey } from '../certs/revocations.ts';
 import { ProxyError, UserError } from '../errors.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import type { Services } from '../pipeline/services.ts';
-import { CALLER_HTTP, LISTENER_LIMITS, answerClientError, closeIfSilent, refuseConnect, refuseUpgrade } from './reverse.ts';
+import { CALLER_HTTP, answerClientError, closeIfSilent, refuseConnect, servePipeline } from './reverse.ts';
 
 /** TLS 1.2+ with AEAD suites only (TLS 1.3 suites are all AEAD), and in TLS 1.2 only with ECDHE (forward secrecy). */
 const CIPHERS = ['TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256', 'TLS_AES_128_GCM_SHA256', 'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384', 'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305', 'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256'].join(':');
@@ -100,12 +100,7 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     if (identity.serial) serialOf.set(socket, identity.serial);
     void handleRequest(req, res, getConfig(), services, undefined, identity);
   }
-  // Expect: 100-continue is answered by the pipeline once the request is allowed (continueBody), not by Node at once.
-  server.on('checkContinue', onRequest);
-  // Any other Expect is refused by the pipeline (417 with X-Request-Id, audited), not by Node's bare 417.
-  server.on('checkExpectation', onRequest);
-  // As on the plain listener and inside tunnels: past this many header lines the request is refused (431).
-  server.maxHeadersCount = LISTENER_LIMITS.maxHeadersCount;
+  servePipeline(server, onRequest);
   server.on('secureConnection', (s: TLSSocket) => {
     // No renegotiation (TLS 1.2): a client-initiated one costs the server a handshake each time and buys the caller nothing.
     s.disableRenegotiation();
@@ -123,8 +118,6 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     const refused = err.code?.startsWith('ERR_SSL_') && socket instanceof TLSSocket ? certIdentity(socket, pinned, revoked).refused : undefined;
     answerClientError(err, socket, refused ? new ProxyError('caller_unauthenticated', `Client certificate refused: ${refused}.`) : undefined);
   });
-  // Without an 'upgrade' listener Node runs an Upgrade request as a plain one; refuse it as the plain listener does.
-  server.on('upgrade', refuseUpgrade);
   server.on('connect', refuseConnect);
   return { server, close: () => revoked.close() };
 }
