@@ -1,7 +1,7 @@
 import { createPrivateKey, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
-import { base64url, decodeKey } from './encoding.ts';
+import { base64url, decodeKey, pastedPem } from './encoding.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
 
@@ -25,8 +25,7 @@ function signingKey(text: string): { key: KeyObject; alg: 'ES256' | 'EdDSA' } {
   let key: KeyObject;
   try {
     if (text.includes('-----BEGIN')) {
-      // A PEM pasted from CDP's JSON download may keep its "\n" escapes.
-      key = createPrivateKey(text.includes('\\n') ? text.replace(/\\n/g, '\n') : text);
+      key = createPrivateKey(pastedPem(text));
     } else {
       const raw = decodeKey(text, 'base64', 'private_key');
       if (raw.length !== 32 && raw.length !== 64) throw new Error('length');

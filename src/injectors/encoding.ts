@@ -31,3 +31,8 @@ export function decodeKey(value: string, encoding: KeyEncoding, what: string): B
 export function base64url(data: Buffer | string): string {
   return (typeof data === 'string' ? Buffer.from(data, 'utf8') : data).toString('base64url');
 }
+
+/** A PEM as pasted: one copied out of a JSON download (Coinbase CDP, TrueLayer Console) may keep its "\n" escapes. */
+export function pastedPem(text: string): string {
+  return text.includes('\\n') ? text.replace(/\\n/g, '\n') : text;
+}

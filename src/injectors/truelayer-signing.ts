@@ -1,7 +1,7 @@
 import { createPrivateKey, sign, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
-import { base64url } from './encoding.ts';
+import { base64url, pastedPem } from './encoding.ts';
 import { HEADER_NAME } from './headers.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector, OutboundRequest } from './types.ts';
@@ -30,7 +30,7 @@ type Options = z.output<typeof schema>;
 function signingKey(text: string): KeyObject {
   let key: KeyObject;
   try {
-    key = createPrivateKey(text.includes('\\n') ? text.replace(/\\n/g, '\n') : text);
+    key = createPrivateKey(pastedPem(text));
   } catch {
     // Never the parser's message: it is about the key material.
     throw new ProxyError('credential_unavailable', "The credential's private_key is not a PEM private key.");
