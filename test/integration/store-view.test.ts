@@ -1,0 +1,41 @@
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/observe/log.ts';
+import { generateToken, hashToken, newTokenId } from '../../src/store/callers.ts';
+import { FileStore } from '../../src/store/file-store.ts';
+import { StoreView } from '../../src/store/store-view.ts';
+import type { StoreSnapshot } from '../../src/store/types.ts';
+import { eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+
+/** A real file store whose first read is overtaken by a write: the write lands after the read, before the read is applied. */
+class OvertakenStore extends FileStore {
+  #first = true;
+  override async load(): Promise<StoreSnapshot> {
+    const snapshot = await super.load();
+    if (this.#first) {
+      this.#first = false;
+      const now = new Date().toISOString();
+      await this.put('caller', { name: 'late', revision: 1, created_at: now, updated_at: now, tokens: [{ id: newTokenId(), hash: hashToken(generateToken()), created_at: now }] }, 0);
+    }
+    return snapshot;
+  }
+}
+
+let dir: string | undefined;
+let view: StoreView | undefined;
+afterEach(async () => {
+  await view?.close();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+describe('the store view', () => {
+  it('sees a change written while its first read was out (the watch starts before the read, not after)', async () => {
+    dir = await makeTempDir();
+    await seedDataDir(dir, { routes: {}, callers: ['svc'] });
+    view = new StoreView(new OvertakenStore(join(dir, 'store.json')), createLogger('silent'), { maxStaleMs: 60_000 });
+    await view.start();
+    expect(view.callerActive('svc')).toBe(true);
+    await eventually(() => view!.callerActive('late'), 3_000, 'the caller added during the first read');
+  });
+});
