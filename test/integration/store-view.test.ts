@@ -4,6 +4,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/observe/log.ts';
 import { generateToken, hashToken, newTokenId } from '../../src/store/callers.ts';
 import { FileStore } from '../../src/store/file-store.ts';
+import { createKeyring, writeKeyring } from '../../src/store/keyring.ts';
+import { KeyringFile } from '../../src/store/keyring-file.ts';
 import { StoreView } from '../../src/store/store-view.ts';
 import type { StoreSnapshot } from '../../src/store/types.ts';
 import { eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
@@ -24,8 +26,10 @@ class OvertakenStore extends FileStore {
 
 let dir: string | undefined;
 let view: StoreView | undefined;
+let keys: KeyringFile | undefined;
 afterEach(async () => {
   await view?.close();
+  keys?.close();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
@@ -37,5 +41,18 @@ describe('the store view', () => {
     await view.start();
     expect(view.callerActive('svc')).toBe(true);
     await eventually(() => view!.callerActive('late'), 3_000, 'the caller added during the first read');
+  });
+});
+
+describe('the live keyring', () => {
+  it('loads a key added between the first read and the start of its watch', async () => {
+    dir = await makeTempDir();
+    const path = join(dir, 'master.key');
+    const initial = await createKeyring(path);
+    // `master-key rotate` in another process, finishing after the proxy read the file and before it watched it.
+    await writeKeyring(path, initial.withNewKey(new Date()));
+    keys = new KeyringFile(path, initial, createLogger('silent'), () => {});
+    await keys.start();
+    await eventually(() => keys!.current.active === 2, 3_000, 'the added key version in use');
   });
 });
