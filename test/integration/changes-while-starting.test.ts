@@ -1,6 +1,8 @@
-import { rm } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { loadRoutes } from '../../src/config/load-routes.ts';
+import { RouteReloader } from '../../src/config/reloader.ts';
 import { createLogger } from '../../src/observe/log.ts';
 import { generateToken, hashToken, newTokenId } from '../../src/store/callers.ts';
 import { FileStore } from '../../src/store/file-store.ts';
@@ -9,6 +11,7 @@ import { KeyringFile } from '../../src/store/keyring-file.ts';
 import { StoreView } from '../../src/store/store-view.ts';
 import type { StoreSnapshot } from '../../src/store/types.ts';
 import { eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 
 /** A real file store whose first read is overtaken by a write: the write lands after the read, before the read is applied. */
 class OvertakenStore extends FileStore {
@@ -27,9 +30,11 @@ class OvertakenStore extends FileStore {
 let dir: string | undefined;
 let view: StoreView | undefined;
 let keys: KeyringFile | undefined;
+let routes: RouteReloader | undefined;
 afterEach(async () => {
   await view?.close();
   keys?.close();
+  routes?.close();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
@@ -54,5 +59,19 @@ describe('the live keyring', () => {
     keys = new KeyringFile(path, initial, createLogger('silent'), () => {});
     await keys.start();
     await eventually(() => keys!.current.active === 2, 3_000, 'the added key version in use');
+  });
+});
+
+describe('the route reloader', () => {
+  it('applies a route file edited between the first load and the start of its watch', async () => {
+    dir = await makeTempDir();
+    const file = join(dir, 'api.yaml');
+    await writeFile(file, bearerRoute({ upstream: 'http://127.0.0.1:9', paths: ['/a'] }));
+    const initial = await loadRoutes(dir);
+    // A deploy writing the file while the proxy is still starting (opening the store, the audit log).
+    await writeFile(file, bearerRoute({ upstream: 'http://127.0.0.1:9', paths: ['/a', '/b'] }));
+    routes = new RouteReloader(dir, initial, createLogger('silent'), () => {});
+    routes.watch(20);
+    await eventually(() => JSON.stringify(routes!.config.routes[0]).includes('/b'), 3_000, 'the edited rule to apply');
   });
 });
