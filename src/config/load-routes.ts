@@ -47,9 +47,23 @@ export async function loadRoutes(dir: string, named = new Set<string>()): Promis
     const outcome = await loadOnce(resolve(dir), named, stamps).then((config) => ({ config }), (error: unknown) => ({ error }));
     if (attempt === MAX_READS || (await stillCurrent(stamps))) {
       if ('error' in outcome) throw outcome.error;
+      readings.set(outcome.config, stamps);
       return outcome.config;
     }
   }
+}
+
+/** What each loaded configuration was read from, to tell later whether it is still what the folder holds. */
+const readings = new WeakMap<CompiledConfig, ReadonlyMap<string, string>>();
+
+/**
+ * Whether the folder or a file `config` was read from has changed since it was read. A watch armed
+ * after the first load (the proxy opens its store and audit log in between) sees no event for an
+ * edit made meanwhile: the watcher asks this once it is armed.
+ */
+export async function changedSinceLoad(config: CompiledConfig): Promise<boolean> {
+  const stamps = readings.get(config);
+  return stamps !== undefined && !(await stillCurrent(stamps));
 }
 
 /** How many times a folder that keeps changing while it is read is read; the last reading stands (its changes reload it again). */

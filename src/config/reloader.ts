@@ -1,6 +1,6 @@
 import type { Logger } from '../observe/log.ts';
 import { unclaimedHosts, type CompiledConfig } from './compile-routes.ts';
-import { ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
+import { changedSinceLoad, ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
 import { PathWatch } from './path-watch.ts';
 
 export interface ReloadOutcome {
@@ -66,6 +66,11 @@ export class RouteReloader {
       if (replaced) void this.reload('file replaced');
     }, identityCheckMs);
     this.#identityCheck.unref();
+    // An edit between the first load and now sent no event to watches armed just now.
+    const initial = this.#config;
+    void changedSinceLoad(initial).then((changed) => {
+      if (changed && this.#folder && this.#config === initial) void this.reload('changed while starting');
+    });
   }
 
   #changed(): void {

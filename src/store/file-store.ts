@@ -117,9 +117,10 @@ export class FileStore implements StoreBackend {
         const s = await stat(this.path);
         const sig = `${s.ino}:${s.size}:${s.mtimeMs}`;
         if (sig !== last) {
-          const first = last === '';
+          // The first sight too: the reader's first read may have been made before this stat, and a
+          // write between the two would otherwise be this watch's starting point, never read.
           last = sig;
-          if (!first) listener();
+          listener();
         }
       } catch {
         // Missing file: nothing to report until it appears. Missing from the start (a first run,

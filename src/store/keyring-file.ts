@@ -33,7 +33,10 @@ export class KeyringFile {
   }
 
   async start(): Promise<void> {
-    this.#sig = await this.#signature();
+    // Read once more with the signature taken: a `master-key rotate` finishing between the caller's
+    // first read and this point was otherwise the starting signature, and its key never loaded (the
+    // records it re-wrapped failed closed until the next keyring change).
+    await this.check(false);
     this.#timer = setInterval(() => void this.check(), POLL_MS);
     this.#timer.unref();
     try {
@@ -46,13 +49,14 @@ export class KeyringFile {
     }
   }
 
-  async check(): Promise<void> {
+  async check(announce = true): Promise<void> {
     const sig = await this.#signature();
     if (sig === this.#sig) return;
     this.#sig = sig;
     try {
+      const previous = this.#current;
       this.#current = await readKeyring(this.path);
-      this.#log.info({ active_key_version: this.#current.active, versions: this.#current.versions().map((v) => v.version) }, 'master key file reloaded');
+      if (announce || JSON.stringify(this.#current.versions()) !== JSON.stringify(previous.versions())) this.#log.info({ active_key_version: this.#current.active, versions: this.#current.versions().map((v) => v.version) }, 'master key file reloaded');
     } catch (err) {
       this.#onRejected((err as Error).message);
     }

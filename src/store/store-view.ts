@@ -64,8 +64,11 @@ export class StoreView {
   }
 
   async start(): Promise<void> {
-    await this.refresh();
+    // Watch first: a change written between a first read and a later watch was the watch's starting
+    // point and never read (a caller revoked then stayed accepted until the next change). A change
+    // seen while the read is out is read again (refresh coalesces).
     this.#unwatch = this.backend.watch(() => void this.refresh());
+    await this.refresh();
   }
 
   /** Re-read the store; concurrent calls coalesce, and a change seen mid-read triggers one more read. */
