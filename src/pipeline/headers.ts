@@ -1,5 +1,5 @@
 import type { HeaderMap } from '../injectors/types.ts';
-import { type RouteScope, scopeSetCookie } from './route-scope.ts';
+import { type RouteScope, scopeLocation, scopeSetCookie } from './route-scope.ts';
 
 /**
  * Header hygiene, RFC 9110 §7.6.1: hop-by-hop headers and anything the Connection header lists
@@ -94,14 +94,14 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'proxy-authenticate', 'x-request-id', 'x-egress-error']);
 
 /** Response headers a reverse-mode route rewrites to stay within its prefix (route-scope.ts). */
-const SCOPED: ReadonlyMap<string, (value: string, scope: RouteScope) => string> = new Map([['set-cookie', scopeSetCookie]]);
+const SCOPED: ReadonlyMap<string, (value: string, scope: RouteScope) => string> = new Map([['set-cookie', scopeSetCookie], ['location', scopeLocation]]);
 
 /**
  * Upstream response headers as a flat [name, value, ...] list for writeHead, with any injected
  * secret the upstream echoed replaced by [REDACTED]. A header whose name holds a secret is dropped:
  * a field name cannot carry [REDACTED] (RFC 9110 §5.1, a token), and it tells the caller nothing.
- * With `scope` (reverse mode), Set-Cookie is scoped to the route first, and the redaction runs on
- * what the caller will see.
+ * With `scope` (reverse mode), Set-Cookie and Location are scoped to the route first, and the
+ * redaction runs on what the caller will see.
  */
 export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string, scope?: RouteScope): string[] {
   const connection = headers.connection;

@@ -2,11 +2,13 @@ import type { CompiledRoute } from '../config/compile-routes.ts';
 
 /**
  * Reverse mode serves every route on the proxy's one origin (http://proxy/plaid/…, /kraken/…).
- * A cookie an upstream scopes to its own origin would there cover every route (a cookie jar sends
- * Plaid's session cookie to Kraken), so it is scoped to the route's prefix instead, as nginx's
- * proxy_cookie_path does for a location. Forward mode talks to the real host and needs none of this.
+ * What an upstream scopes to its own origin, a cookie or a redirect, would there cover every route
+ * (a cookie jar sends Plaid's session cookie to Kraken) or leave the route (a redirect to
+ * production.plaid.com goes around the proxy, one to "/x" is a 404). So it is scoped to the route's
+ * prefix instead, as nginx's proxy_cookie_path and proxy_redirect do for a location. Forward mode
+ * talks to the real host and needs none of this.
  */
-export type RouteScope = Pick<CompiledRoute, 'prefix' | 'basePath'>;
+export type RouteScope = Pick<CompiledRoute, 'prefix' | 'origin' | 'basePath'>;
 
 /** The route-relative rest of an upstream path ("" for the base path itself), or undefined outside the base path. */
 function underBase(path: string, basePath: string): string | undefined {
@@ -61,4 +63,35 @@ export function scopeSetCookie(line: string, scope: RouteScope): string {
   }
   kept.push(` Path=${cookiePath(path, scope)}`);
   return kept.join(';');
+}
+
+/**
+ * A Location naming the upstream's own origin (absolute, "//host" or "/path") as a reference to
+ * the same resource through the route on the proxy ("/plaid/x"), as nginx's `proxy_redirect
+ * default` does. A Location under another origin, with userinfo, outside the upstream's base path,
+ * or relative to the request's path ("next", "?page=2", which the caller resolves under the prefix
+ * already) is returned as it came: redirects are relayed, never followed.
+ */
+export function scopeLocation(location: string, scope: RouteScope): string {
+  const target = ownTarget(location, scope.origin);
+  if (target === undefined) return location;
+  const end = target.search(/[?#]/);
+  const path = end === -1 ? target : target.slice(0, end);
+  const rest = underBase(path, scope.basePath);
+  return rest === undefined ? location : scope.prefix + rest + (end === -1 ? '' : target.slice(end));
+}
+
+/** The path, query and fragment of `location` when it names `origin` (the path may be ""), else undefined. */
+function ownTarget(location: string, origin: string): string | undefined {
+  if (location.startsWith('/') && !location.startsWith('//')) return location;
+  // "\" is not taken as part of the host: URL parsers read it as "/", so "https://host\x" is left as it came.
+  const match = /^([A-Za-z][A-Za-z0-9+.-]*:)?\/\/([^/?#\\]*)(.*)$/s.exec(location);
+  if (!match) return undefined;
+  const [, scheme = origin.slice(0, origin.indexOf(':') + 1), authority = '', rest = ''] = match;
+  if (authority.includes('@') || !/^(?:$|[/?#])/.test(rest)) return undefined;
+  try {
+    return new URL(`${scheme}//${authority}`).origin === origin ? rest : undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -8,8 +8,9 @@ import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
  * Reverse mode puts every route on the proxy's one origin (/alpha/..., /beta/...): an upstream's
- * Set-Cookie is scoped to its route's prefix there, so a caller's cookie jar does not send one
- * provider's session to another. Forward mode talks to the real host and relays it as it came.
+ * Set-Cookie and Location are scoped to its route's prefix there, so a caller's cookie jar does not
+ * send one provider's session to another, and a redirect to the upstream's own origin stays on the
+ * route. Forward mode talks to the real host and relays both as they came.
  */
 const run = promisify(execFile);
 const SECRET = 'sk_cookie_CANARY_5d21';
@@ -79,6 +80,10 @@ function get(path: string): Promise<Response> {
   return fetch(`${proxy.url}${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! }, redirect: 'manual' });
 }
 
+function redirect(route: string, to: string): Promise<Response> {
+  return get(`/${route}/redirect?to=${encodeURIComponent(to)}`);
+}
+
 /** A forward-mode (absolute-form) request for http://cookies.test<path>: the head's lines, as they came. */
 async function forwardHead(path: string): Promise<string[]> {
   const auth = Buffer.from(`svc:${proxy.tokens.svc}`).toString('base64');
@@ -128,10 +133,51 @@ describe('reverse mode: Set-Cookie stays within the route', () => {
   });
 });
 
-describe('forward mode relays Set-Cookie unchanged', () => {
+describe('reverse mode: Location to the upstream\'s own origin stays on the route', () => {
+  it.each([
+    ['{self}/x?y=1#top', '/alpha/x?y=1#top'],
+    ['{self}', '/alpha'],
+    ['/x/y?z', '/alpha/x/y?z'],
+    ['/', '/alpha/'],
+    ['//127.0.0.1:{port}/x', '/alpha/x'],
+  ])('%s becomes %s', async (to, expected) => {
+    const res = await redirect('alpha', to.replace('{port}', String(alpha.port)));
+    expect(res.status).toBe(302);
+    expect(res.headers.get('location')).toBe(expected);
+  });
+
+  it('redirects to other origins, and relative references, are passed back as they came', async () => {
+    for (const to of [`${evil.url}/steal`, `//127.0.0.1:${evil.port}/steal`, 'next/page', '?page=2', `http://user@127.0.0.1:${alpha.port}/x`]) {
+      expect((await redirect('alpha', to)).headers.get('location'), to).toBe(to);
+    }
+    // The same host under another scheme is another origin.
+    expect((await redirect('alpha', `https://127.0.0.1:${alpha.port}/x`)).headers.get('location')).toBe(`https://127.0.0.1:${alpha.port}/x`);
+    expect(evil.requests).toHaveLength(0);
+  });
+
+  it('a route whose upstream has a base path: a Location under it maps to the route, one outside it (which the route cannot reach) is left as it came', async () => {
+    expect((await redirect('gamma', '/v1/x')).headers.get('location')).toBe('/gamma/x');
+    expect((await redirect('gamma', '{self}/v1')).headers.get('location')).toBe('/gamma');
+    expect((await redirect('gamma', '/v1x/y')).headers.get('location')).toBe('/v1x/y');
+    expect((await redirect('gamma', '/other')).headers.get('location')).toBe('/other');
+  });
+
+  it('an injected secret in the Location is still redacted', async () => {
+    const res = await redirect('alpha', '/login?from={key}');
+    expect(res.headers.get('location')).toBe('/alpha/login?from=[REDACTED]');
+  });
+});
+
+describe('forward mode relays Set-Cookie and Location unchanged', () => {
   it('Set-Cookie lines', async () => {
     const head = await forwardHead('/set-cookies');
     expect(head[0]).toBe('HTTP/1.1 200 OK');
     expect(head.filter((l) => /^set-cookie:/i.test(l)).map((l) => l.slice(l.indexOf(':') + 2))).toEqual(SET_COOKIES);
+  });
+
+  it('Location', async () => {
+    const head = await forwardHead(`/redirect?to=${encodeURIComponent('/x?y=1')}`);
+    expect(head[0]).toBe('HTTP/1.1 302 Found');
+    expect(head.filter((l) => /^location:/i.test(l))).toEqual(['location: /x?y=1']);
   });
 });

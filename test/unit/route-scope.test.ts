@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { responseHeaders } from '../../src/pipeline/headers.ts';
 import { redactText } from '../../src/pipeline/redact.ts';
-import { scopeSetCookie } from '../../src/pipeline/route-scope.ts';
+import { scopeLocation, scopeSetCookie } from '../../src/pipeline/route-scope.ts';
 
 const PLAID = { prefix: '/plaid', origin: 'https://production.plaid.com', basePath: '' };
 const SFIN = { prefix: '/sfin', origin: 'https://beta-bridge.simplefin.org', basePath: '/simplefin' };
@@ -36,21 +36,62 @@ describe('scopeSetCookie', () => {
   });
 });
 
+describe('scopeLocation', () => {
+  it.each([
+    ['https://production.plaid.com/link/token?x=1', '/plaid/link/token?x=1'],
+    ['HTTPS://Production.Plaid.com:443/x#frag', '/plaid/x#frag'],
+    ['https://production.plaid.com?x=1', '/plaid?x=1'],
+    ['//production.plaid.com/x', '/plaid/x'],
+    ['/x', '/plaid/x'],
+    ['/\\evil.example/x', '/plaid/\\evil.example/x'],
+  ])('%s -> %s', (location, scoped) => {
+    expect(scopeLocation(location, PLAID)).toBe(scoped);
+  });
+
+  it.each([
+    'https://evil.example/steal',
+    'http://production.plaid.com/x',
+    'https://production.plaid.com:8443/x',
+    'https://user@production.plaid.com/x',
+    'https://production.plaid.com\\@evil.example/x',
+    '//evil.example/x',
+    'x/y',
+    '?page=2',
+    '',
+    'https://[::1/x',
+  ])('%s is left as it came', (location) => {
+    expect(scopeLocation(location, PLAID)).toBe(location);
+  });
+
+  it('an upstream with a base path: under it maps to the route, outside it is left', () => {
+    expect(scopeLocation('/simplefin/accounts?a=1', SFIN)).toBe('/sfin/accounts?a=1');
+    expect(scopeLocation('https://beta-bridge.simplefin.org/simplefin', SFIN)).toBe('/sfin');
+    expect(scopeLocation('/simplefinx', SFIN)).toBe('/simplefinx');
+    expect(scopeLocation('/', SFIN)).toBe('/');
+  });
+});
+
 describe('responseHeaders with a route scope', () => {
   const redact = (value: string) => redactText(value, ['sk_live_SECRET']);
 
-  it('scopes each Set-Cookie line, then redacts what the caller sees', () => {
-    const headers = { 'set-cookie': ['s=sk_live_SECRET; Path=/', 'b=2; Domain=production.plaid.com'], 'content-location': '/x' };
+  it('scopes each Set-Cookie line and the Location, then redacts what the caller sees', () => {
+    const headers = {
+      'set-cookie': ['s=sk_live_SECRET; Path=/', 'b=2; Domain=production.plaid.com'],
+      location: 'https://production.plaid.com/oauth?key=sk_live_SECRET',
+      'content-location': '/x',
+    };
     expect(responseHeaders(headers, redact, PLAID)).toEqual([
       'set-cookie', 's=[REDACTED]; Path=/plaid',
       'set-cookie', 'b=2; Path=/plaid',
+      'location', '/plaid/oauth?key=[REDACTED]',
       'content-location', '/x',
     ]);
   });
 
-  it('without a scope (forward mode) Set-Cookie is relayed as it came, redacted', () => {
-    expect(responseHeaders({ 'set-cookie': 'a=1; Path=/; Domain=production.plaid.com; k=sk_live_SECRET' }, redact)).toEqual([
-      'set-cookie', 'a=1; Path=/; Domain=production.plaid.com; k=[REDACTED]',
+  it('without a scope (forward mode) both are relayed as they came, redacted', () => {
+    expect(responseHeaders({ 'set-cookie': 'a=1; Path=/; Domain=production.plaid.com', location: '/x?k=sk_live_SECRET' }, redact)).toEqual([
+      'set-cookie', 'a=1; Path=/; Domain=production.plaid.com',
+      'location', '/x?k=[REDACTED]',
     ]);
   });
 });
