@@ -71,6 +71,14 @@ function connectionListed(rawHeaders: readonly string[]): Set<string> {
  * the caller's own): every route attaches a credential, and a caller credential beside it, on a
  * route whose scheme puts the key elsewhere (Plaid's headers, a query key), left the upstream two
  * to choose from (HDR-01).
+ *
+ * A Cookie header passes as it came (where the route lists no caller_headers, or lists it). On
+ * one route it may hold cookies a jar kept from another, set before the proxy scoped Set-Cookie to
+ * route prefixes (route-scope.ts). They are left: a Cookie header carries names and values only,
+ * no path or origin, so the proxy cannot tell which upstream set one, and dropping by name would
+ * drop the cookies this route's upstream set under the same name (a session, a CSRF token). They
+ * are the caller's, never a credential the proxy holds; new ones stay on their route, and the old
+ * ones go when they expire or the caller clears its jar (README).
  */
 export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>, callerHeaders?: ReadonlySet<string>): HeaderMap {
   const listed = connectionListed(rawHeaders);
