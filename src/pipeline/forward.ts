@@ -213,7 +213,8 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   const { req, res } = ctx;
   const { exchange } = attempt;
   const redact = redactor(ctx.redactions);
-  const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact);
+  // Forward mode's caller talks to the upstream's own host: its cookies and redirects are relayed as they came.
+  const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact, ctx.forward ? undefined : ctx.route);
   relayed.push('x-request-id', ctx.id);
   try {
     // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's

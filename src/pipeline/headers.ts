@@ -1,4 +1,5 @@
 import type { HeaderMap } from '../injectors/types.ts';
+import { type RouteScope, scopeLocation, scopeSetCookie } from './route-scope.ts';
 
 /**
  * Header hygiene, RFC 9110 §7.6.1: hop-by-hop headers and anything the Connection header lists
@@ -70,6 +71,14 @@ function connectionListed(rawHeaders: readonly string[]): Set<string> {
  * the caller's own): every route attaches a credential, and a caller credential beside it, on a
  * route whose scheme puts the key elsewhere (Plaid's headers, a query key), left the upstream two
  * to choose from (HDR-01).
+ *
+ * A Cookie header passes as it came (where the route lists no caller_headers, or lists it). On
+ * one route it may hold cookies a jar kept from another, set before the proxy scoped Set-Cookie to
+ * route prefixes (route-scope.ts). They are left: a Cookie header carries names and values only,
+ * no path or origin, so the proxy cannot tell which upstream set one, and dropping by name would
+ * drop the cookies this route's upstream set under the same name (a session, a CSRF token). They
+ * are the caller's, never a credential the proxy holds; new ones stay on their route, and the old
+ * ones go when they expire or the caller clears its jar (README).
  */
 export function outboundHeaders(rawHeaders: readonly string[], claimed: ReadonlySet<string>, callerHeaders?: ReadonlySet<string>): HeaderMap {
   const listed = connectionListed(rawHeaders);
@@ -92,12 +101,17 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
 /** Upstream response headers that must not be relayed to the caller. */
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'proxy-authenticate', 'x-request-id', 'x-egress-error']);
 
+/** Response headers a reverse-mode route rewrites to stay within its prefix (route-scope.ts). */
+const SCOPED: ReadonlyMap<string, (value: string, scope: RouteScope) => string> = new Map([['set-cookie', scopeSetCookie], ['location', scopeLocation]]);
+
 /**
  * Upstream response headers as a flat [name, value, ...] list for writeHead, with any injected
  * secret the upstream echoed replaced by [REDACTED]. A header whose name holds a secret is dropped:
  * a field name cannot carry [REDACTED] (RFC 9110 §5.1, a token), and it tells the caller nothing.
+ * With `scope` (reverse mode), Set-Cookie and Location are scoped to the route first, and the
+ * redaction runs on what the caller will see.
  */
-export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string): string[] {
+export function responseHeaders(headers: Record<string, string | string[] | undefined>, redact: (value: string) => string, scope?: RouteScope): string[] {
   const connection = headers.connection;
   // Nearly every response has no Connection header listing others (keep-alive is the default).
   let listed: Set<string> | undefined;
@@ -112,8 +126,10 @@ export function responseHeaders(headers: Record<string, string | string[] | unde
     if (RESPONSE_DROP.has(name) || listed?.has(name) || redact(name) !== name) continue;
     const value = headers[name];
     if (value === undefined) continue;
-    if (typeof value === 'string') flat.push(name, redact(value));
-    else for (const v of value) flat.push(name, redact(v));
+    const rewrite = scope === undefined ? undefined : SCOPED.get(name);
+    if (typeof value === 'string') flat.push(name, redact(rewrite ? rewrite(value, scope!) : value));
+    // Each Set-Cookie line on its own, as undici keeps them: never joined with commas.
+    else for (const v of value) flat.push(name, redact(rewrite ? rewrite(v, scope!) : v));
   }
   return flat;
 }
