@@ -2,7 +2,8 @@ import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type 
 import type { IncomingMessage } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatProblem, parseRouteText } from '../../src/config/load-routes.ts';
-import { makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -29,12 +30,14 @@ const CREDS = {
   'cb-es256': { key_name: 'organizations/org-1/apiKeys/key-es', private_key: es256.privateKey.export({ type: 'sec1', format: 'pem' }) as string },
   'cb-eddsa': { key_name: 'organizations/org-1/apiKeys/key-ed', private_key: cdpEd25519Secret },
   'cb-eddsa-pem': { key_name: 'organizations/org-1/apiKeys/key-ed-pem', private_key: ed25519Other.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
+  'cb-rotate': { key_name: 'organizations/org-1/apiKeys/key-rot', private_key: es256.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
   'cb-rsa': { key_name: 'organizations/org-1/apiKeys/key-rsa', private_key: generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
 };
 const PUBLIC_KEYS = new Map<string, KeyObject>([
   [CREDS['cb-es256'].key_name, es256.publicKey],
   [CREDS['cb-eddsa'].key_name, ed25519.publicKey],
   [CREDS['cb-eddsa-pem'].key_name, ed25519Other.publicKey],
+  [CREDS['cb-rotate'].key_name, es256.publicKey],
 ]);
 
 const INJECT: Record<string, string> = {
@@ -83,6 +86,7 @@ const INJECT: Record<string, string> = {
   'cb-es256': '\n  scheme: coinbase_jwt',
   'cb-eddsa': '\n  scheme: coinbase_jwt',
   'cb-eddsa-pem': '\n  scheme: coinbase_jwt',
+  'cb-rotate': '\n  scheme: coinbase_jwt',
   'cb-rsa': '\n  scheme: coinbase_jwt',
 };
 
@@ -161,7 +165,8 @@ function verifyRequest(req: IncomingMessage, body: Buffer, port: number): Verdic
     }
     case 'cb-es256':
     case 'cb-eddsa':
-    case 'cb-eddsa-pem': {
+    case 'cb-eddsa-pem':
+    case 'cb-rotate': {
       const auth = String(h.authorization);
       if (!auth.startsWith('Bearer ')) return { ok: false, why: 'no bearer' };
       const [h64, p64, s64] = auth.slice(7).split('.');
@@ -176,7 +181,7 @@ function verifyRequest(req: IncomingMessage, body: Buffer, port: number): Verdic
       lastJwt = { header, claims };
       return check({
         valid,
-        alg: header.alg === (route === 'cb-es256' ? 'ES256' : 'EdDSA'),
+        alg: header.alg === (route === 'cb-es256' || route === 'cb-rotate' ? 'ES256' : 'EdDSA'),
         typ: header.typ === 'JWT',
         nonce: /^[0-9a-f]{16,}$/.test(header.nonce),
         sub: claims.sub === header.kid,
@@ -418,6 +423,22 @@ describe('coinbase_jwt: a new JWT per request, verified with node:crypto', () =>
     await call('/cb-es256/api/v3/brokerage/accounts');
     expect(upstream.requests.at(-1)!.headers.authorization).not.toBe(first);
     expect(lastJwt!.header.nonce).not.toBe(firstNonce);
+  });
+
+  // The parsed key is kept with the opened version: a new version under the same key name must
+  // sign with its own key from its first request, and the old key must not sign again.
+  it('rotation: a new private key under the same key name signs the next request', async () => {
+    expect((await call('/cb-rotate/api/v3/brokerage/accounts')).body).toEqual({ ok: true });
+    const next = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const rotate = await runCli(['keys', 'rotate', 'cb-rotate', '--from-stdin'], envFor(proxy.dir), JSON.stringify({ ...CREDS['cb-rotate'], private_key: next.privateKey.export({ type: 'pkcs8', format: 'pem' }) }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    PUBLIC_KEYS.set(CREDS['cb-rotate'].key_name, next.publicKey);
+    let last: Verdict | undefined;
+    await eventually(async () => {
+      last = (await call('/cb-rotate/api/v3/brokerage/accounts')).body;
+      return last.ok;
+    }, 3_000, 'the new key in use');
+    for (let i = 0; i < 3; i++) expect((await call('/cb-rotate/api/v3/brokerage/accounts')).body).toEqual({ ok: true });
   });
 
   it('a key that is neither P-256 nor Ed25519 refuses the request with 503, nothing sent', async () => {
