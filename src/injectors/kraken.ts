@@ -1,7 +1,8 @@
-import { createHash, createHmac } from 'node:crypto';
+import { createHash, createHmac, createSecretKey } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
 import { NO_CONTENT_METHODS } from '../pipeline/body.ts';
+import { fromCredential } from './derived.ts';
 import { decodeKey } from './encoding.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
@@ -51,7 +52,7 @@ export const krakenInjector: Injector<Options> = {
       throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);
     }
     const apiKey = render(options.api_key, credential.fields);
-    const secret = decodeKey(render(options.api_secret, credential.fields), 'base64', 'api_secret');
+    const secret = fromCredential(credential, 'kraken', options.api_secret, (text) => createSecretKey(decodeKey(text, 'base64', 'api_secret')));
 
     // latin1 maps bytes to code units one to one, so the caller's bytes go through unchanged.
     const pairs = request.body && request.body.length > 0 ? request.body.toString('latin1').split('&') : [];

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { generateKeyPairSync, verify, type KeyObject } from 'node:crypto';
+import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type KeyObject } from 'node:crypto';
 import { ProxyError } from '../../src/errors.ts';
 import { basicInjector } from '../../src/injectors/basic.ts';
 import { bearerInjector } from '../../src/injectors/bearer.ts';
@@ -414,6 +414,24 @@ describe('signers: a key is parsed once per opened credential version', () => {
     expect(tlSignatureVerifies(req, b.publicKey)).toBe(true);
     expect(tlSignatureVerifies(req, a.publicKey)).toBe(false);
     expect(v2.reads()).toBe(1);
+  });
+
+  it('hmac and kraken: the secret is decoded once per version; a rotated version signs with its own secret', () => {
+    const hmacOptions = { scheme: 'hmac', key: '{secret}', key_encoding: 'base64', algorithm: 'sha512', string_to_sign: ['method', 'path'], output: 'base64', into: { header: 'X-Sig' } };
+    for (const [version, secret] of [[1, randomBytes(64)], [2, randomBytes(64)]] as const) {
+      const hmac = countedCredential(version, { secret: secret.toString('base64') }, 'secret');
+      const kraken = countedCredential(version, { api_key: 'k', api_secret: secret.toString('base64') }, 'api_secret');
+      for (let i = 1; i <= 3; i++) {
+        const signed = request();
+        run(hmacInjector, hmacOptions, signed, hmac.credential);
+        expect(signed.headers.get('x-sig')).toEqual([createHmac('sha512', secret).update('POST\n/accounts/get').digest('base64')]);
+        const form = request({ body: Buffer.from('pair=XBTUSD') });
+        krakenInjector.inject({ request: form, credential: kraken.credential, options: krakenInjector.schema.parse({ scheme: 'kraken' }), redact: () => {}, now: new Date(), nonce: BigInt(i) });
+        const digest = createHash('sha256').update(`${i}pair=XBTUSD&nonce=${i}`).digest();
+        expect(form.headers.get('api-sign')).toEqual([createHmac('sha512', secret).update(Buffer.concat([Buffer.from('/accounts/get'), digest])).digest('base64')]);
+      }
+      expect([hmac.reads(), kraken.reads()]).toEqual([1, 1]);
+    }
   });
 
   it('two key templates over one version are two keys (two routes reading two keys from one credential)', () => {
