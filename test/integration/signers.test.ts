@@ -206,7 +206,7 @@ credential: ${credential}
 inject:${INJECT[name]}
 allow:
   - caller: svc
-    methods: [GET, HEAD, POST, DELETE]
+    methods: [GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS]
     paths: [/**]
 `;
 }
@@ -343,6 +343,18 @@ describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {
     const head = await fetch(`${proxy.url}/kraken/0/private/Balance`, { method: 'HEAD', headers: { 'x-egress-token': proxy.tokens.svc! } });
     expect(head.status).toBe(400);
     expect(head.headers.get('x-egress-error')).toBe('bad_request');
+    expect(upstream.requests.length).toBe(before);
+  });
+
+  // Kraken's private REST endpoints are POST only: any other method is refused, not signed with a form body.
+  it('refuses PUT, PATCH, DELETE and OPTIONS with 400 naming POST, nothing sent', async () => {
+    const before = upstream.requests.length;
+    for (const method of ['PUT', 'PATCH', 'DELETE', 'OPTIONS']) {
+      const res = await call('/kraken/0/private/CancelOrder', { method, headers: form, body: 'txid=OABC' });
+      expect(res.status, method).toBe(400);
+      expect(res.body.error?.code).toBe('bad_request');
+      expect(JSON.stringify(res.body)).toContain('POST');
+    }
     expect(upstream.requests.length).toBe(before);
   });
 
