@@ -50,6 +50,11 @@ export const krakenInjector: Injector<Options> = {
     if (type !== undefined && type.split(';', 1)[0]!.trim().toLowerCase() !== FORM) {
       throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);
     }
+    // The nonce is added as text: in a compressed body it would corrupt the bytes it is signed with.
+    const encoding = request.headers.get('content-encoding');
+    if (encoding?.some((e) => e.trim().toLowerCase() !== 'identity')) {
+      throw new ProxyError('bad_request', 'This route adds a nonce to the form body, which it cannot do to a body sent with a Content-Encoding (compressed): send it uncompressed.');
+    }
     const apiKey = render(options.api_key, credential.fields);
     const secret = fromCredential(credential, 'kraken', options.api_secret, (text) => createSecretKey(decodeKey(text, 'base64', 'api_secret')));
 

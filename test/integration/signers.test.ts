@@ -1,5 +1,6 @@
 import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type KeyObject } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatProblem, parseRouteText } from '../../src/config/load-routes.ts';
 import { runCli } from '../helpers/cli.ts';
@@ -344,6 +345,19 @@ describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {
     expect(head.status).toBe(400);
     expect(head.headers.get('x-egress-error')).toBe('bad_request');
     expect(upstream.requests.length).toBe(before);
+  });
+
+  // The nonce is added to the form as text: appended to compressed bytes it would corrupt the body
+  // and be signed that way.
+  it('refuses a form body with a Content-Encoding with 400, nothing sent', async () => {
+    const before = upstream.requests.length;
+    const res = await call('/kraken/0/private/AddOrder', { method: 'POST', headers: { ...form, 'content-encoding': 'gzip' }, body: gzipSync('pair=XBTUSD&type=buy') });
+    expect(res.status).toBe(400);
+    expect(res.body.error?.code).toBe('bad_request');
+    expect(JSON.stringify(res.body)).toContain('Content-Encoding');
+    expect(upstream.requests.length).toBe(before);
+    // "identity" is no encoding.
+    expect((await call('/kraken/0/private/Balance', { method: 'POST', headers: { ...form, 'content-encoding': 'identity' }, body: 'asset=XBT' })).body).toEqual({ ok: true });
   });
 
   // Kraken's private REST endpoints are POST only: any other method is refused, not signed with a form body.
