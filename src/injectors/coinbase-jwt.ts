@@ -1,6 +1,7 @@
 import { createPrivateKey, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { fromCredential } from './derived.ts';
 import { base64url, decodeKey, pastedPem } from './encoding.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
@@ -55,7 +56,7 @@ export const coinbaseJwtInjector: Injector<Options> = {
   templates: (options) => [options.key_name, options.private_key],
   inject({ request, credential, options, redact, now }) {
     const keyName = render(options.key_name, credential.fields);
-    const { key, alg } = signingKey(render(options.private_key, credential.fields));
+    const { key, alg } = fromCredential(credential, 'coinbase_jwt', options.private_key, signingKey);
     const nbf = Math.floor(now.getTime() / 1000);
     const header = { alg, kid: keyName, nonce: randomBytes(16).toString('hex'), typ: 'JWT' };
     const claims = { sub: keyName, iss: options.issuer, nbf, exp: nbf + options.lifetime_seconds, uri: `${request.method.toUpperCase()} ${request.host}${request.path}` };

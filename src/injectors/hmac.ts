@@ -1,6 +1,7 @@
-import { createHash, createHmac } from 'node:crypto';
+import { createHash, createHmac, createSecretKey } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { fromCredential } from './derived.ts';
 import { decodeKey, KEY_ENCODINGS } from './encoding.ts';
 import { HEADER_NAME } from './headers.ts';
 import { PARAM } from './query.ts';
@@ -131,7 +132,7 @@ export const hmacInjector: Injector<Options> = {
         case 'nonce': return nonceText;
       }
     };
-    const key = decodeKey(render(options.key, credential.fields), options.key_encoding, 'signing key');
+    const key = fromCredential(credential, `hmac:${options.key_encoding}`, options.key, (text) => createSecretKey(decodeKey(text, options.key_encoding, 'signing key')));
     const mac = createHmac(options.algorithm, key);
     options.string_to_sign.forEach((p, i) => {
       if (i > 0) mac.update(options.separator, 'utf8');

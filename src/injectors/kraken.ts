@@ -1,7 +1,7 @@
-import { createHash, createHmac } from 'node:crypto';
+import { createHash, createHmac, createSecretKey } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
-import { NO_CONTENT_METHODS } from '../pipeline/body.ts';
+import { fromCredential } from './derived.ts';
 import { decodeKey } from './encoding.ts';
 import { compileTemplate, render, templateString } from './template.ts';
 import type { Injector } from './types.ts';
@@ -32,8 +32,8 @@ function isNonce(pair: string): boolean {
  * msg = URI path + SHA-256(nonce + POST data))). The nonce is the pipeline's: strictly increasing
  * per credential across every instance sharing the store ("always increasing, unsigned 64-bit").
  * A caller's own nonce is replaced in place; the body is signed exactly as it is sent. Kraken's
- * private API is POST: a GET or HEAD cannot carry the nonce, and is refused rather than sent with
- * a body (see NO_CONTENT_METHODS).
+ * private API is POST only: any other method is refused, not signed. A GET or HEAD cannot carry
+ * the nonce; a PUT, PATCH or DELETE would go as a signed form that no private endpoint takes.
  */
 export const krakenInjector: Injector<Options> = {
   scheme: 'kraken',
@@ -45,13 +45,18 @@ export const krakenInjector: Injector<Options> = {
   templates: (options) => [options.api_key, options.api_secret],
   inject({ request, credential, options, redact, nonce }) {
     if (nonce === undefined) throw new ProxyError('internal_error', 'The kraken signer was given no nonce.');
-    if (NO_CONTENT_METHODS.has(request.method.toUpperCase())) throw new ProxyError('bad_request', `This route signs a nonce in a POST form body (Kraken's private API), which a ${request.method} request cannot carry.`);
+    if (request.method.toUpperCase() !== 'POST') throw new ProxyError('bad_request', `This route signs Kraken's private API, which is POST only (the nonce goes in a POST form body): a ${request.method} request is not signed.`);
     const type = request.headers.get('content-type')?.[0];
     if (type !== undefined && type.split(';', 1)[0]!.trim().toLowerCase() !== FORM) {
       throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);
     }
+    // The nonce is added as text: in a compressed body it would corrupt the bytes it is signed with.
+    const encoding = request.headers.get('content-encoding');
+    if (encoding?.some((e) => e.trim().toLowerCase() !== 'identity')) {
+      throw new ProxyError('bad_request', 'This route adds a nonce to the form body, which it cannot do to a body sent with a Content-Encoding (compressed): send it uncompressed.');
+    }
     const apiKey = render(options.api_key, credential.fields);
-    const secret = decodeKey(render(options.api_secret, credential.fields), 'base64', 'api_secret');
+    const secret = fromCredential(credential, 'kraken', options.api_secret, (text) => createSecretKey(decodeKey(text, 'base64', 'api_secret')));
 
     // latin1 maps bytes to code units one to one, so the caller's bytes go through unchanged.
     const pairs = request.body && request.body.length > 0 ? request.body.toString('latin1').split('&') : [];

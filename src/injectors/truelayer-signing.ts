@@ -1,6 +1,7 @@
 import { createPrivateKey, sign, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { ProxyError } from '../errors.ts';
+import { fromCredential } from './derived.ts';
 import { base64url, pastedPem } from './encoding.ts';
 import { HEADER_NAME } from './headers.ts';
 import { compileTemplate, render, templateString } from './template.ts';
@@ -79,7 +80,7 @@ export const truelayerSigningInjector: Injector<Options> = {
     const method = request.method.toUpperCase();
     if (!(options.methods as readonly string[]).includes(method)) return;
     const kid = render(options.kid, credential.fields);
-    const key = signingKey(render(options.private_key, credential.fields));
+    const key = fromCredential(credential, 'truelayer_signing', options.private_key, signingKey);
     const headers = signedHeaders(request, options.signed_headers);
     const header = { alg: 'ES512', kid, tl_version: '2', tl_headers: headers.map(([name]) => name).join(',') };
     // Header values as they go on the wire: the HTTP client writes each character as one byte.

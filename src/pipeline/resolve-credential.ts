@@ -90,7 +90,9 @@ export function open(ctx: RequestContext, id: string, version: CredentialVersion
  * a master-key change or a tampered record is a new object and is decrypted and authenticated
  * afresh. Holding the opened fields adds no exposure over the unwrapped data keys the proxy
  * already holds (either is one step from the plaintext for anyone who can read its memory), and
- * decrypting on every request was a tenth of a proxied request's CPU.
+ * decrypting on every request was a tenth of a proxied request's CPU. What the signers make from
+ * the fields (a parsed private key) is kept with the ResolvedCredential returned here
+ * (injectors/derived.ts), so it is dropped with it.
  */
 interface OpenedVersion {
   readonly keyring: Keyring;

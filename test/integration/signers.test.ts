@@ -1,8 +1,10 @@
 import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type KeyObject } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatProblem, parseRouteText } from '../../src/config/load-routes.ts';
-import { makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -29,12 +31,14 @@ const CREDS = {
   'cb-es256': { key_name: 'organizations/org-1/apiKeys/key-es', private_key: es256.privateKey.export({ type: 'sec1', format: 'pem' }) as string },
   'cb-eddsa': { key_name: 'organizations/org-1/apiKeys/key-ed', private_key: cdpEd25519Secret },
   'cb-eddsa-pem': { key_name: 'organizations/org-1/apiKeys/key-ed-pem', private_key: ed25519Other.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
+  'cb-rotate': { key_name: 'organizations/org-1/apiKeys/key-rot', private_key: es256.privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
   'cb-rsa': { key_name: 'organizations/org-1/apiKeys/key-rsa', private_key: generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs8', format: 'pem' }) as string },
 };
 const PUBLIC_KEYS = new Map<string, KeyObject>([
   [CREDS['cb-es256'].key_name, es256.publicKey],
   [CREDS['cb-eddsa'].key_name, ed25519.publicKey],
   [CREDS['cb-eddsa-pem'].key_name, ed25519Other.publicKey],
+  [CREDS['cb-rotate'].key_name, es256.publicKey],
 ]);
 
 const INJECT: Record<string, string> = {
@@ -83,6 +87,7 @@ const INJECT: Record<string, string> = {
   'cb-es256': '\n  scheme: coinbase_jwt',
   'cb-eddsa': '\n  scheme: coinbase_jwt',
   'cb-eddsa-pem': '\n  scheme: coinbase_jwt',
+  'cb-rotate': '\n  scheme: coinbase_jwt',
   'cb-rsa': '\n  scheme: coinbase_jwt',
 };
 
@@ -161,7 +166,8 @@ function verifyRequest(req: IncomingMessage, body: Buffer, port: number): Verdic
     }
     case 'cb-es256':
     case 'cb-eddsa':
-    case 'cb-eddsa-pem': {
+    case 'cb-eddsa-pem':
+    case 'cb-rotate': {
       const auth = String(h.authorization);
       if (!auth.startsWith('Bearer ')) return { ok: false, why: 'no bearer' };
       const [h64, p64, s64] = auth.slice(7).split('.');
@@ -176,7 +182,7 @@ function verifyRequest(req: IncomingMessage, body: Buffer, port: number): Verdic
       lastJwt = { header, claims };
       return check({
         valid,
-        alg: header.alg === (route === 'cb-es256' ? 'ES256' : 'EdDSA'),
+        alg: header.alg === (route === 'cb-es256' || route === 'cb-rotate' ? 'ES256' : 'EdDSA'),
         typ: header.typ === 'JWT',
         nonce: /^[0-9a-f]{16,}$/.test(header.nonce),
         sub: claims.sub === header.kid,
@@ -201,7 +207,7 @@ credential: ${credential}
 inject:${INJECT[name]}
 allow:
   - caller: svc
-    methods: [GET, HEAD, POST, DELETE]
+    methods: [GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS]
     paths: [/**]
 `;
 }
@@ -341,6 +347,31 @@ describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {
     expect(upstream.requests.length).toBe(before);
   });
 
+  // The nonce is added to the form as text: appended to compressed bytes it would corrupt the body
+  // and be signed that way.
+  it('refuses a form body with a Content-Encoding with 400, nothing sent', async () => {
+    const before = upstream.requests.length;
+    const res = await call('/kraken/0/private/AddOrder', { method: 'POST', headers: { ...form, 'content-encoding': 'gzip' }, body: gzipSync('pair=XBTUSD&type=buy') });
+    expect(res.status).toBe(400);
+    expect(res.body.error?.code).toBe('bad_request');
+    expect(JSON.stringify(res.body)).toContain('Content-Encoding');
+    expect(upstream.requests.length).toBe(before);
+    // "identity" is no encoding.
+    expect((await call('/kraken/0/private/Balance', { method: 'POST', headers: { ...form, 'content-encoding': 'identity' }, body: 'asset=XBT' })).body).toEqual({ ok: true });
+  });
+
+  // Kraken's private REST endpoints are POST only: any other method is refused, not signed with a form body.
+  it('refuses PUT, PATCH, DELETE and OPTIONS with 400 naming POST, nothing sent', async () => {
+    const before = upstream.requests.length;
+    for (const method of ['PUT', 'PATCH', 'DELETE', 'OPTIONS']) {
+      const res = await call('/kraken/0/private/CancelOrder', { method, headers: form, body: 'txid=OABC' });
+      expect(res.status, method).toBe(400);
+      expect(res.body.error?.code).toBe('bad_request');
+      expect(JSON.stringify(res.body)).toContain('POST');
+    }
+    expect(upstream.requests.length).toBe(before);
+  });
+
   it('50 concurrent requests: 50 distinct nonces, all above the one before and below the one after', async () => {
     await call('/kraken/0/private/Balance', { method: 'POST', headers: form, body: '' });
     const before = krakenNonces.at(-1)!;
@@ -418,6 +449,22 @@ describe('coinbase_jwt: a new JWT per request, verified with node:crypto', () =>
     await call('/cb-es256/api/v3/brokerage/accounts');
     expect(upstream.requests.at(-1)!.headers.authorization).not.toBe(first);
     expect(lastJwt!.header.nonce).not.toBe(firstNonce);
+  });
+
+  // The parsed key is kept with the opened version: a new version under the same key name must
+  // sign with its own key from its first request, and the old key must not sign again.
+  it('rotation: a new private key under the same key name signs the next request', async () => {
+    expect((await call('/cb-rotate/api/v3/brokerage/accounts')).body).toEqual({ ok: true });
+    const next = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const rotate = await runCli(['keys', 'rotate', 'cb-rotate', '--from-stdin'], envFor(proxy.dir), JSON.stringify({ ...CREDS['cb-rotate'], private_key: next.privateKey.export({ type: 'pkcs8', format: 'pem' }) }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    PUBLIC_KEYS.set(CREDS['cb-rotate'].key_name, next.publicKey);
+    let last: Verdict | undefined;
+    await eventually(async () => {
+      last = (await call('/cb-rotate/api/v3/brokerage/accounts')).body;
+      return last.ok;
+    }, 3_000, 'the new key in use');
+    for (let i = 0; i < 3; i++) expect((await call('/cb-rotate/api/v3/brokerage/accounts')).body).toEqual({ ok: true });
   });
 
   it('a key that is neither P-256 nor Ed25519 refuses the request with 503, nothing sent', async () => {

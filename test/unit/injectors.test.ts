@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type KeyObject } from 'node:crypto';
 import { ProxyError } from '../../src/errors.ts';
 import { basicInjector } from '../../src/injectors/basic.ts';
 import { bearerInjector } from '../../src/injectors/bearer.ts';
@@ -343,5 +344,114 @@ describe('signers: pure parts', () => {
   it('kraken without a nonce from the pipeline refuses rather than signing without one', () => {
     const err = thrown(() => run(krakenInjector, { scheme: 'kraken' }, request(), credential({ api_key: 'k', api_secret: 'AAAA' })));
     expect((err as ProxyError).code).toBe('internal_error');
+  });
+});
+
+describe('signers: a key is parsed once per opened credential version', () => {
+  /**
+   * An opened version as resolve-credential shares it between requests, whose fields map counts
+   * reads of one field: a signer renders its key template (and parses what it renders) on a read.
+   */
+  function countedCredential(version: number, fields: Record<string, string>, counted: string): { credential: ResolvedCredential; reads: () => number } {
+    let reads = 0;
+    class CountingFields extends Map<string, Secret> {
+      override get(name: string): Secret | undefined {
+        if (name === counted) reads += 1;
+        return super.get(name);
+      }
+    }
+    const map = new CountingFields(Object.entries(fields).map(([k, v]) => [k, new Secret(v)]));
+    return { credential: { id: 'cred', version, fields: map }, reads: () => reads };
+  }
+
+  function ecKeyPem(namedCurve: string): { pem: string; publicKey: KeyObject } {
+    const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve });
+    return { pem: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, publicKey };
+  }
+
+  function jwtVerifies(req: OutboundRequest, publicKey: KeyObject): boolean {
+    const [h64, p64, s64] = req.headers.get('authorization')![0]!.slice('Bearer '.length).split('.');
+    return verify('sha256', Buffer.from(`${h64}.${p64}`), { key: publicKey, dsaEncoding: 'ieee-p1363' }, Buffer.from(s64!, 'base64url'));
+  }
+
+  function tlSignatureVerifies(req: OutboundRequest, publicKey: KeyObject): boolean {
+    const [h64, , s64] = req.headers.get('tl-signature')![0]!.split('.');
+    const payload = Buffer.concat([Buffer.from(`${req.method} ${req.path}\n`), req.body ?? Buffer.alloc(0)]);
+    return verify('sha512', Buffer.from(`${h64}.${payload.toString('base64url')}`), { key: publicKey, dsaEncoding: 'ieee-p1363' }, Buffer.from(s64!, 'base64url'));
+  }
+
+  it('coinbase_jwt: the same version signs every request with one parse; a rotated version parses and signs with its own key', () => {
+    const a = ecKeyPem('prime256v1');
+    const b = ecKeyPem('prime256v1');
+    const v1 = countedCredential(1, { key_name: 'organizations/o/apiKeys/a', private_key: a.pem }, 'private_key');
+    for (let i = 0; i < 3; i++) {
+      const req = request({ method: 'GET' });
+      run(coinbaseJwtInjector, { scheme: 'coinbase_jwt' }, req, v1.credential);
+      expect(jwtVerifies(req, a.publicKey)).toBe(true);
+    }
+    expect(v1.reads()).toBe(1);
+    const v2 = countedCredential(2, { key_name: 'organizations/o/apiKeys/b', private_key: b.pem }, 'private_key');
+    const req = request({ method: 'GET' });
+    run(coinbaseJwtInjector, { scheme: 'coinbase_jwt' }, req, v2.credential);
+    expect(jwtVerifies(req, b.publicKey)).toBe(true);
+    expect(jwtVerifies(req, a.publicKey)).toBe(false);
+    expect(v2.reads()).toBe(1);
+  });
+
+  it('truelayer_signing: the same version signs every request with one parse; a rotated version parses and signs with its own key', () => {
+    const a = ecKeyPem('secp521r1');
+    const b = ecKeyPem('secp521r1');
+    const v1 = countedCredential(1, { kid: 'kid-a', private_key: a.pem }, 'private_key');
+    for (let i = 0; i < 3; i++) {
+      const req = request({ method: 'POST', body: Buffer.from(`{"n":${i}}`) });
+      run(truelayerSigningInjector, { scheme: 'truelayer_signing', signed_headers: [] }, req, v1.credential);
+      expect(tlSignatureVerifies(req, a.publicKey)).toBe(true);
+    }
+    expect(v1.reads()).toBe(1);
+    const v2 = countedCredential(2, { kid: 'kid-b', private_key: b.pem }, 'private_key');
+    const req = request({ method: 'POST', body: Buffer.from('{}') });
+    run(truelayerSigningInjector, { scheme: 'truelayer_signing', signed_headers: [] }, req, v2.credential);
+    expect(tlSignatureVerifies(req, b.publicKey)).toBe(true);
+    expect(tlSignatureVerifies(req, a.publicKey)).toBe(false);
+    expect(v2.reads()).toBe(1);
+  });
+
+  it('hmac and kraken: the secret is decoded once per version; a rotated version signs with its own secret', () => {
+    const hmacOptions = { scheme: 'hmac', key: '{secret}', key_encoding: 'base64', algorithm: 'sha512', string_to_sign: ['method', 'path'], output: 'base64', into: { header: 'X-Sig' } };
+    for (const [version, secret] of [[1, randomBytes(64)], [2, randomBytes(64)]] as const) {
+      const hmac = countedCredential(version, { secret: secret.toString('base64') }, 'secret');
+      const kraken = countedCredential(version, { api_key: 'k', api_secret: secret.toString('base64') }, 'api_secret');
+      for (let i = 1; i <= 3; i++) {
+        const signed = request();
+        run(hmacInjector, hmacOptions, signed, hmac.credential);
+        expect(signed.headers.get('x-sig')).toEqual([createHmac('sha512', secret).update('POST\n/accounts/get').digest('base64')]);
+        const form = request({ body: Buffer.from('pair=XBTUSD') });
+        krakenInjector.inject({ request: form, credential: kraken.credential, options: krakenInjector.schema.parse({ scheme: 'kraken' }), redact: () => {}, now: new Date(), nonce: BigInt(i) });
+        const digest = createHash('sha256').update(`${i}pair=XBTUSD&nonce=${i}`).digest();
+        expect(form.headers.get('api-sign')).toEqual([createHmac('sha512', secret).update(Buffer.concat([Buffer.from('/accounts/get'), digest])).digest('base64')]);
+      }
+      expect([hmac.reads(), kraken.reads()]).toEqual([1, 1]);
+    }
+  });
+
+  it('two key templates over one version are two keys (two routes reading two keys from one credential)', () => {
+    const a = ecKeyPem('prime256v1');
+    const b = ecKeyPem('prime256v1');
+    const { credential: cred } = countedCredential(1, { key_name: 'k', live_key: a.pem, paper_key: b.pem }, 'none');
+    const live = request({ method: 'GET' });
+    run(coinbaseJwtInjector, { scheme: 'coinbase_jwt', private_key: '{live_key}' }, live, cred);
+    const paper = request({ method: 'GET' });
+    run(coinbaseJwtInjector, { scheme: 'coinbase_jwt', private_key: '{paper_key}' }, paper, cred);
+    expect(jwtVerifies(live, a.publicKey)).toBe(true);
+    expect(jwtVerifies(paper, b.publicKey)).toBe(true);
+  });
+
+  it('a key that does not parse is refused on every request, not remembered as good or bad', () => {
+    const v = countedCredential(1, { key_name: 'k', private_key: 'not a key' }, 'private_key');
+    for (let i = 0; i < 2; i++) {
+      const err = thrown(() => run(coinbaseJwtInjector, { scheme: 'coinbase_jwt' }, request(), v.credential));
+      expect((err as ProxyError).code).toBe('credential_unavailable');
+    }
+    expect(v.reads()).toBe(2);
   });
 });
