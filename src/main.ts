@@ -110,6 +110,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log, { alerts, redis: backend.description }) : new MemoryRateLimiter();
+  await limiter.start?.();
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
