@@ -133,7 +133,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // Forward mode is on when the CA exists (egress certs init).
   const ca = await readCa(settings.certsDir);
   const minter = ca ? new LeafMinter(ca) : undefined;
-  const forward = minter ? createForwardHandler(() => routes.config, services, minter) : undefined;
+  const forward = minter ? createForwardHandler(() => routes.config, services, minter, { connectRate: settings.callerConnectRate }) : undefined;
   const proxy = createReverseServer(() => routes.config, services, forward?.onConnect);
   let overCapLogged = 0;
   const cap = new ConnectionCap(settings.maxConnections, (listener, outcome) => {
