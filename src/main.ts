@@ -110,6 +110,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   await store.start();
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log, { alerts, redis: backend.description }) : new MemoryRateLimiter();
+  await limiter.start?.();
   const usage = new UsageTracker(backend, log);
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
@@ -132,7 +133,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   // Forward mode is on when the CA exists (egress certs init).
   const ca = await readCa(settings.certsDir);
   const minter = ca ? new LeafMinter(ca) : undefined;
-  const forward = minter ? createForwardHandler(() => routes.config, services, minter) : undefined;
+  const forward = minter ? createForwardHandler(() => routes.config, services, minter, { connectRate: settings.callerConnectRate }) : undefined;
   const proxy = createReverseServer(() => routes.config, services, forward?.onConnect);
   let overCapLogged = 0;
   const cap = new ConnectionCap(settings.maxConnections, (listener, outcome) => {

@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import { UserError } from '../errors.ts';
 import { LOG_LEVELS } from '../observe/log.ts';
-import { parseDuration, parseSize } from './units.ts';
+import { parseDuration, parseRate, parseSize, type Rate } from './units.ts';
 import { decodeUserinfo } from './userinfo.ts';
 
 /**
@@ -46,6 +46,8 @@ export interface Settings {
   readonly callerMaxInFlight: number;
   /** Caller connections of the proxy listeners together (see ConnectionCap). */
   readonly maxConnections: number;
+  /** Forward-mode tunnels one caller may open, per instance (each costs the proxy a TLS handshake); the burst is the tunnels it may hold. */
+  readonly callerConnectRate: Rate;
   /** True when store and master key file are both the defaults (first-run key creation applies). */
   readonly defaultPaths: boolean;
 }
@@ -75,6 +77,8 @@ export const SETTINGS = {
   callerMaxInFlight: { env: 'EGRESS_CALLER_MAX_IN_FLIGHT', flag: 'caller-max-in-flight', default: '128' },
   // Idle keep-alive connections of a few hundred callers' pools; a flood past it costs a bounded amount.
   maxConnections: { env: 'EGRESS_MAX_CONNECTIONS', flag: 'max-connections', default: '2048' },
+  // A pool opens its tunnels once and keeps them; 20 handshakes a second is a client that does not.
+  callerConnectRate: { env: 'EGRESS_CALLER_CONNECT_RATE', flag: 'caller-connect-rate', default: '20/s' },
 } as const satisfies Record<string, { env: string; flag: string; default: string | undefined }>;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -125,6 +129,7 @@ export function loadSettings(env: NodeJS.ProcessEnv, flags: Partial<Record<Setti
     storeMaxStaleMs: durationSetting(get('storeMaxStale')!, 'EGRESS_STORE_MAX_STALE'),
     callerMaxInFlight: countSetting(get('callerMaxInFlight')!, 'EGRESS_CALLER_MAX_IN_FLIGHT'),
     maxConnections: countSetting(get('maxConnections')!, 'EGRESS_MAX_CONNECTIONS', 100_000),
+    callerConnectRate: rateSetting(get('callerConnectRate')!, 'EGRESS_CALLER_CONNECT_RATE'),
     defaultPaths: store === SETTINGS.store.default && masterKeyFile === resolve(SETTINGS.masterKeyFile.default),
   };
 }
@@ -155,6 +160,12 @@ function countSetting(text: string, what: string, max = 1000): number {
   const n = /^\d{1,6}$/.test(text) ? Number(text) : Number.NaN;
   if (!Number.isSafeInteger(n) || n < 1 || n > max) throw new UserError(`${what} must be a whole number from 1 to ${max}`, 2);
   return n;
+}
+
+function rateSetting(text: string, what: string): Rate {
+  const rate = parseRate(text);
+  if (!rate) throw new UserError(`${what} must be a rate like 20/s or 600/min`, 2);
+  return rate;
 }
 
 function booleanSetting(text: string, what: string): boolean {

@@ -87,7 +87,7 @@ export class Metrics {
 
   readonly rateLimited = new Counter({
     name: 'egress_rate_limited_total',
-    help: 'Requests refused with 429 by a caller limit, a route quota or an upstream pause.',
+    help: "Requests and CONNECTs refused with 429: a caller limit, a route quota, an upstream pause, or a caller's tunnels (too many open, or opened too fast).",
     labelNames: ['route'] as const,
     registers: [this.registry],
   });

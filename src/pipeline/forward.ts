@@ -174,7 +174,7 @@ async function received(ctx: RequestContext, attempt: Attempt): Promise<void> {
   }
   if (exchange.status === 429) {
     // The provider's quota is shared by every caller: its Retry-After pauses the route for all of them.
-    const pauseMs = retryAfterMs(headerValue(exchange.headers['retry-after']));
+    const pauseMs = retryAfterMs(exchange.headers['retry-after']);
     if (pauseMs > 0) ctx.services.limiter.pause(route.name, pauseMs);
   }
 }
@@ -302,12 +302,40 @@ function decodeBody(raw: Buffer, contentEncoding: string | undefined): Buffer {
   throw new ProxyError('upstream_error', 'The upstream error body uses an encoding the proxy cannot inspect.');
 }
 
-/** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at MAX_PAUSE_MS (an hour); 0 when absent or unusable. */
-export function retryAfterMs(value: string | undefined, now = Date.now()): number {
-  if (!value) return 0;
-  const trimmed = value.trim();
-  const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(asGmt(trimmed)) - now;
-  return Number.isFinite(ms) && ms > 0 ? Math.min(ms, MAX_PAUSE_MS) : 0;
+/**
+ * Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at MAX_PAUSE_MS (an hour);
+ * 0 when absent or unusable. Sent more than once (two field lines, or one line `120, 120`, which a
+ * CDN or middleware in front of the provider may add to the provider's own), it is not a valid field,
+ * but the provider did ask for a pause: when every value reads, the largest is honoured, as the
+ * quota behind it is shared. When one does not, there is no telling what was meant: no pause.
+ */
+export function retryAfterMs(value: string | readonly string[] | undefined, now = Date.now()): number {
+  if (value === undefined) return 0;
+  let longest = 0;
+  for (const element of listElements(typeof value === 'string' ? [value] : value)) {
+    const ms = /^\d+$/.test(element) ? Number(element) * 1000 : Date.parse(asGmt(element)) - now;
+    if (Number.isNaN(ms)) return 0;
+    longest = Math.max(longest, ms);
+  }
+  return Number.isFinite(longest) && longest > 0 ? Math.min(longest, MAX_PAUSE_MS) : 0;
+}
+
+/**
+ * The elements of a comma-separated field, over all its lines, empty ones dropped (RFC 9110 §5.6.1).
+ * The comma after an HTTP-date's day name (`Sun, 06 Nov 1994 ...`, `Sunday, 06-Nov-94 ...`) is
+ * part of the date, not a separator.
+ */
+function listElements(lines: readonly string[]): string[] {
+  const elements: string[] = [];
+  for (const line of lines) {
+    const parts = line.split(',');
+    for (let i = 0; i < parts.length; i++) {
+      let part = parts[i]!.trim();
+      if (/^[A-Za-z]{3,9}$/.test(part) && i + 1 < parts.length) part = `${part}, ${parts[++i]!.trim()}`;
+      if (part) elements.push(part);
+    }
+  }
+  return elements;
 }
 
 /**

@@ -24,6 +24,8 @@ export type RateCheck =
 export interface RateLimiter {
   check(scope: string, buckets: readonly Bucket[]): RateCheck | Promise<RateCheck>;
   pause(scope: string, ms: number): void;
+  /** Learn what holds already (pauses other instances took): awaited before the proxy listens; never rejects. */
+  start?(): Promise<void>;
   close?(): Promise<void>;
 }
 

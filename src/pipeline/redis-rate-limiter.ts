@@ -1,7 +1,7 @@
 import type { Alerts } from '../observe/alerts.ts';
 import type { Logger } from '../observe/log.ts';
-import { evalScript, type RedisConnection } from '../store/redis-client.ts';
-import { burstOf, intervalOf, MemoryRateLimiter, type Bucket, type RateCheck, type RateLimiter } from './rate-limiter.ts';
+import { evalReadScript, evalScript, readScript, type RedisConnection } from '../store/redis-client.ts';
+import { burstOf, intervalOf, MAX_PAUSE_MS, MemoryRateLimiter, type Bucket, type RateCheck, type RateLimiter } from './rate-limiter.ts';
 
 /**
  * GCRA in one Lua script on Redis's own clock (TIME), so every instance draws from the same buckets
@@ -76,6 +76,64 @@ interface Pending {
 const PAUSE_CHANNEL = 'egress:ratelimit:pause';
 
 /**
+ * The pauses in force, as well as broadcast: an instance that starts, or whose subscriber
+ * reconnects, after a pause began was not listening when it was announced. One hash per database
+ * (route -> end of its pause on Redis's clock), so that an instance reads them all at once without
+ * knowing the route names; it expires with the longest pause in it.
+ */
+const PAUSES_KEY = 'egress:rl:pauses';
+
+const REDIS_NOW = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+`;
+
+/**
+ * Record a pause: KEYS[1] the pauses hash, ARGV the route, the pause in ms, the longest pause.
+ * A route already paused longer keeps its end; ended pauses and values that are not numbers are
+ * dropped, ends beyond the longest pause are brought back to it, and a key that is not a hash
+ * (damaged) is replaced. The key then expires with the latest end.
+ */
+const PAUSE_SCRIPT = `${REDIS_NOW}
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)
+if type(kind) == 'table' then kind = kind.ok end
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
+local cap = now + tonumber(ARGV[3])
+local ends = math.min(now + tonumber(ARGV[2]), cap)
+local latest = ends
+local entries = redis.call('HGETALL', key)
+for i = 1, #entries, 2 do
+  local e = tonumber(entries[i + 1])
+  if not e or e ~= e or e <= now then
+    redis.call('HDEL', key, entries[i])
+  else
+    e = math.min(e, cap)
+    if entries[i] == ARGV[1] and e > ends then ends = e end
+    if e > latest then latest = e end
+  end
+end
+redis.call('HSET', key, ARGV[1], tostring(ends))
+redis.call('PEXPIRE', key, math.ceil(latest - now))
+return 1
+`;
+
+/** The pauses in force: KEYS[1] the pauses hash; returns route, ms left, route, ms left… Anything damaged counts as no pause. */
+const PAUSES_SCRIPT = readScript(`${REDIS_NOW}
+local entries = redis.pcall('HGETALL', KEYS[1])
+local out = {}
+if type(entries) ~= 'table' or entries.err then return out end
+for i = 1, #entries, 2 do
+  local e = tonumber(entries[i + 1])
+  if e and e == e and e > now then
+    out[#out + 1] = entries[i]
+    out[#out + 1] = tostring(e - now)
+  end
+end
+return out
+`);
+
+/**
  * Pub/sub spans every database of a server: on one channel, an upstream 429 seen by the proxies
  * of one store (staging on /1) paused the route of the same name for those of another (production
  * on /2). One channel per database; database 0 keeps the channel it always had.
@@ -121,6 +179,7 @@ export class RedisRateLimiter implements RateLimiter {
   /** Scopes with a script call on the way: their new checks wait for its answer. */
   readonly #inFlight = new Set<string>();
   #flushScheduled = false;
+  readonly #onClientReady = (): void => void this.#readPauses();
 
   constructor(client: RedisConnection, subscriber: RedisConnection, log: Logger, options: RedisRateLimiterOptions = {}) {
     this.#client = client;
@@ -130,7 +189,10 @@ export class RedisRateLimiter implements RateLimiter {
     this.#redis = options.redis ?? 'redis';
     this.#channel = pauseChannel(client);
     subscriber.on('error', () => {});
-    subscriber.on('ready', () => void subscriber.subscribe(this.#channel).catch(() => {}));
+    // Subscribed first, then the stored pauses read: a pause recorded after that read is heard.
+    subscriber.on('ready', () => void subscriber.subscribe(this.#channel).then(() => this.#readPauses(), () => {}));
+    // The read goes on this connection, which may come back after the subscriber did.
+    client.on('ready', this.#onClientReady);
     subscriber.on('message', (channel: string, message: string) => {
       if (channel !== this.#channel) return;
       try {
@@ -233,12 +295,40 @@ export class RedisRateLimiter implements RateLimiter {
     );
   }
 
+  /**
+   * Pause the route here, record the pause in Redis, then broadcast it. Recorded first: an instance
+   * that subscribes in between reads it, and one that missed the broadcast reads it when it starts
+   * or its subscriber reconnects. Redis failing does neither, as before: the pause holds here.
+   */
   pause(scope: string, ms: number): void {
+    if (!(ms > 0)) return;
     this.#local.pause(scope, ms);
-    void this.#client.publish(this.#channel, JSON.stringify({ scope, ms })).catch(() => {});
+    const recorded = evalScript(this.#client, PAUSE_SCRIPT, [PAUSES_KEY], [scope, String(Math.ceil(Math.min(ms, MAX_PAUSE_MS))), String(MAX_PAUSE_MS)]);
+    void recorded.catch(() => {}).then(() => this.#client.publish(this.#channel, JSON.stringify({ scope, ms }))).catch(() => {});
+  }
+
+  /** Read the pauses other instances recorded before this one listened (the later end of the two wins). Never rejects. */
+  start(): Promise<void> {
+    return this.#readPauses();
+  }
+
+  #readPauses(): Promise<void> {
+    return evalReadScript(this.#client, PAUSES_SCRIPT, [PAUSES_KEY], []).then(
+      (out) => {
+        if (!Array.isArray(out)) return;
+        for (let i = 0; i + 1 < out.length; i += 2) {
+          const ms = Number(out[i + 1]);
+          if (typeof out[i] === 'string' && ms > 0) this.#local.pause(out[i] as string, ms);
+        }
+      },
+      () => {
+        // Redis cannot answer: the pauses are read when it is back (its 'ready'), as a broadcast would be missed.
+      },
+    );
   }
 
   async close(): Promise<void> {
+    this.#client.off('ready', this.#onClientReady);
     this.#subscriber.disconnect();
   }
 }

@@ -6,19 +6,30 @@ import type { Duplex } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { domainToASCII } from 'node:url';
 import type { CompiledConfig } from '../config/compile-routes.ts';
+import type { Rate } from '../config/units.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
 import type { LeafMinter } from '../certs/ca.ts';
 import { hasBody } from '../pipeline/body.ts';
 import { afterInFlight, isOverCap } from '../pipeline/connection-state.ts';
 import { handleRequest, recordOutcome } from '../pipeline/index.ts';
+import { MemoryRateLimiter, type Bucket } from '../pipeline/rate-limiter.ts';
 import type { Services } from '../pipeline/services.ts';
 import { REDACTED } from '../secret.ts';
 import { answerClientError, answerRawError, CALLER_HTTP, refuseConnect, servePipeline } from './reverse.ts';
 import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 import { CALLER_TLS } from './tls.ts';
 
-/** Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few at once. */
+/**
+ * Limits on tunnels: a TLS handshake must finish quickly, an idle tunnel closes, a caller holds few
+ * at once. How fast a caller may open them is EGRESS_CALLER_CONNECT_RATE, with a burst of
+ * `perCaller`: a pool may open every tunnel it may hold at once.
+ */
 export const TUNNEL_LIMITS = Object.freeze({ handshakeMs: 10_000, idleMs: 60_000, perCaller: 64 });
+
+export interface ForwardOptions {
+  /** Tunnels one caller may open (EGRESS_CALLER_CONNECT_RATE). */
+  readonly connectRate: Rate;
+}
 
 interface Tunnel {
   readonly host: string;
@@ -47,9 +58,21 @@ export interface ForwardHandler {
   refuseNew(): void;
 }
 
-export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter): ForwardHandler {
+export function createForwardHandler(getConfig: () => CompiledConfig, services: Services, minter: LeafMinter, options: ForwardOptions): ForwardHandler {
   const tunnels = new WeakMap<Socket, Tunnel>();
   const open = new Map<string, number>();
+  /**
+   * Each tunnel costs a TLS handshake with the minted leaf (a private-key operation), so a caller
+   * that opens and closes tunnels in a loop, never holding more than the cap, spent the proxy's
+   * CPU at will. Per instance, as the CPU is; one bucket per caller, kept as long as the caller's name.
+   */
+  const openings = new MemoryRateLimiter();
+  const openingBuckets = new Map<string, Bucket>();
+  const openingBucket = (caller: string): Bucket => {
+    let bucket = openingBuckets.get(caller);
+    if (!bucket) openingBuckets.set(caller, (bucket = { key: [caller], limit: { rate: options.connectRate, burst: TUNNEL_LIMITS.perCaller }, policy: 'caller' }));
+    return bucket;
+  };
   /** Each host's TLS context, for the leaf it was made with: the minter re-mints a leaf before it expires, and a new leaf gets a new context. */
   const contexts = new Map<string, { readonly leaf: string; readonly context: SecureContext }>();
   /** Hosts already logged as outside the CA's name constraints. */
@@ -105,8 +128,8 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     // A refused CONNECT is audited, counted and seen by the alert rules (unknown tokens, denied
     // spikes) like a refused request. The target is recorded only as a host and port: an "@" in it
     // may follow a token.
-    const deny = (status: number, code: string, message: string, route: string | null = null): void => {
-      const requestId = answerRawError(socket, status, code, message);
+    const deny = (status: number, code: string, message: string, route: string | null = null, retryAfter?: number): void => {
+      const requestId = answerRawError(socket, status, code, message, retryAfter);
       const at = raw.lastIndexOf('@');
       const path = (at === -1 ? raw : `${REDACTED}@${raw.slice(at + 1)}`).slice(0, 256);
       recordOutcome(services, { requestId, caller, remote: req.socket?.remoteAddress ?? 'unknown', route, method: 'CONNECT', path, decision: 'deny', reason: code, status, upstreamStatus: null, durationMs: Math.round((performance.now() - startedAt) * 1000) / 1000, credential: null, credentialVersion: null, anonymous });
@@ -148,6 +171,11 @@ export function createForwardHandler(getConfig: () => CompiledConfig, services: 
     }
     const count = open.get(name) ?? 0;
     if (count >= TUNNEL_LIMITS.perCaller) return deny(429, 'rate_limited', 'Too many open tunnels for this caller.', route.name);
+    const opening = openings.check('connect', [openingBucket(name)]);
+    if (!opening.allowed) {
+      const retryAfter = Math.max(1, Math.ceil(opening.retryAfterMs / 1000));
+      return deny(429, 'rate_limited', 'This caller opens tunnels faster than EGRESS_CALLER_CONNECT_RATE allows; keep tunnels open and reuse them.', route.name, retryAfter);
+    }
     open.set(name, count + 1);
     const release = () => {
       const n = (open.get(name) ?? 1) - 1;

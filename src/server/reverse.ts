@@ -111,12 +111,12 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, in
  * A proxy error written on a raw socket (no response object: bytes that do not parse, an upgrade,
  * a CONNECT), then a lingering close; returns the request id it carried. A 407 names the scheme to
  * use; a 503 here is a refusal that passes (a drain, a connection cap), and a 429 (a caller's
- * tunnels all open) one too: both are retried after a second.
+ * tunnels all open) one too: both are retried after a second, unless `retryAfter` says when.
  */
-export function answerRawError(socket: Duplex, status: number, code: string, message: string): string {
+export function answerRawError(socket: Duplex, status: number, code: string, message: string, retryAfter = 1): string {
   const id = randomUUID();
   const body = JSON.stringify({ error: { code, message, request_id: id } });
-  const extra = status === 407 ? `proxy-authenticate: ${PROXY_CHALLENGE}\r\n` : status === 503 || status === 429 ? 'retry-after: 1\r\n' : '';
+  const extra = status === 407 ? `proxy-authenticate: ${PROXY_CHALLENGE}\r\n` : status === 503 || status === 429 ? `retry-after: ${retryAfter}\r\n` : '';
   answerAndClose(socket, `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\ncontent-type: application/json\r\n${ERROR_HEADER}: ${code}\r\nx-request-id: ${id}\r\n${extra}connection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
   return id;
 }

@@ -73,9 +73,9 @@ afterAll(async () => {
 });
 
 /** Send CONNECT and return the status line; the socket is handed back open on 200. */
-function connectTunnel(target: string, auth: string | null = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`): Promise<{ status: number; socket: import('node:net').Socket }> {
+function connectTunnel(target: string, auth: string | null = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`, at = port): Promise<{ status: number; socket: import('node:net').Socket }> {
   return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1', () => {
+    const socket = connect(at, '127.0.0.1', () => {
       socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${auth ? `Proxy-Authorization: ${auth}\r\n` : ''}\r\n`);
     });
     let buf = '';
@@ -330,6 +330,42 @@ describe('forward mode', () => {
     expect(Date.now() - started).toBeGreaterThan(TUNNEL_LIMITS.idleMs);
     expect(upstream.requests.length - before).toBe(1);
   }, TUNNEL_LIMITS.idleMs + 30_000);
+
+  it('a caller that opens and closes tunnels faster than EGRESS_CALLER_CONNECT_RATE (each a TLS handshake for the proxy) gets 429 with Retry-After once its burst is spent, counted and audited; reverse mode and tunnels already open go on', async () => {
+    const { rawRequest } = await import('../helpers/raw.ts');
+    const auditLog = join(dir, 'audit-churn.log');
+    const churn = await startTestProxy({ routes: {}, dir, env: { EGRESS_CERTS: join(dir, 'certs'), EGRESS_AUDIT_LOG: auditLog, EGRESS_CALLER_CONNECT_RATE: '1/min' } });
+    const at = churn.proxy.proxyAddress.port;
+    const auth = `Basic ${Buffer.from(`svc:${token}`).toString('base64')}`;
+    try {
+      const kept = await connectTunnel('api.bank.test:443', auth, at);
+      expect(kept.status).toBe(200);
+      // Never more than two open at once: the cap on open tunnels is not what refuses.
+      for (let i = 1; i < TUNNEL_LIMITS.perCaller; i++) {
+        const t = await connectTunnel('api.bank.test:443', auth, at);
+        expect(t.status, `tunnel ${i + 1}`).toBe(200);
+        if (i % 8 === 0) expect(await inTunnel(t.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+        t.socket.destroy();
+      }
+      const refused = await rawRequest(at, `CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\nProxy-Authorization: ${auth}\r\n\r\n`);
+      expect(refused).toMatch(/^HTTP\/1\.1 429 /);
+      expect(refused).toMatch(/\r\nx-egress-error: rate_limited\r\n/i);
+      const retryAfter = Number(/\r\nretry-after: (\d+)\r\n/i.exec(refused)?.[1]);
+      expect(retryAfter).toBeGreaterThan(50);
+      expect(retryAfter).toBeLessThanOrEqual(60);
+      expect(refused).toContain('EGRESS_CALLER_CONNECT_RATE');
+      // What the caller holds already keeps working, and so does reverse mode.
+      expect(await inTunnel(kept.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
+      expect((await fetch(`${churn.url}/bank/accounts`, { headers: { 'x-egress-token': token } })).status).toBe(200);
+      const metrics = await (await fetch(`${churn.admin}/metrics`)).text();
+      expect(metrics).toContain('egress_rate_limited_total{route="bank"} 1');
+      await eventually(async () => (await readFile(auditLog, 'utf8')).includes('"reason":"rate_limited"'), 3_000, 'the audit line');
+      const lines = (await readFile(auditLog, 'utf8')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(lines.filter((l) => l.reason === 'rate_limited')).toEqual([expect.objectContaining({ method: 'CONNECT', caller: 'svc', route: 'bank', decision: 'deny', path: 'api.bank.test:443' })]);
+    } finally {
+      await churn.close();
+    }
+  }, 30_000);
 
   it('with the store unreachable, a CONNECT gets 503 credential_unavailable (as a reverse-mode request does), not a 407 that blames the caller\'s token', async () => {
     const { freePort } = await import('../helpers/redis.ts');

@@ -6,6 +6,16 @@ import { apiKeyRoute } from '../helpers/routes.ts';
 import { echo, startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** Rate limits as a caller of a running proxy (file store: the in-memory limiter) sees them. */
+const inAMinute = () => new Date(Date.now() + 60_000).toUTCString();
+/** Retry-After sent more than once, as field lines (each array element is one line), made when the answer is sent. */
+const REPEATED: Record<string, () => string[]> = {
+  lines: () => ['30', '30'],
+  list: () => ['30, 20'],
+  larger: () => ['20', '30, 10'],
+  dates: () => [inAMinute(), inAMinute()],
+  mixed: () => ['30', 'soon'],
+  none: () => ['soon', 'later'],
+};
 let upstream: Upstream;
 beforeAll(async () => {
   // /slow answers after 600 ms: a request that holds its caller's in-flight slot meanwhile.
@@ -13,6 +23,12 @@ beforeAll(async () => {
   upstream = await startUpstream((req, res, body) => {
     if (req.url === '/slow') return void setTimeout(() => echo(req, res, body), 600);
     if (req.url === '/busy') return void res.writeHead(429, { 'retry-after': '30', 'content-type': 'application/json' }).end('{"error":"slow down"}');
+    // /repeat/NAME answers 429 with the Retry-After field lines REPEATED[NAME] lists.
+    const repeated = REPEATED[req.url!.replace(/^\/repeat\//, '')];
+    if (req.url!.startsWith('/repeat/') && repeated) {
+      res.setHeader('retry-after', repeated());
+      return void res.writeHead(429).end('slow down');
+    }
     echo(req, res, body);
   });
 });
@@ -117,5 +133,19 @@ describe('rate limits on a running proxy', () => {
     expect(retry).toBeLessThanOrEqual(30);
     expect(paused.headers.get('ratelimit')).toBe(`"upstream";r=0;t=${retry}`);
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it('an upstream 429 that sends Retry-After more than once (two field lines, or one line with a list) pauses the route for the largest value when every value parses, and not at all when one does not', async () => {
+    const names = Object.keys(REPEATED);
+    const routes = Object.fromEntries(names.map((name) => [name, apiKeyRoute({ upstream: upstream.url, name, paths: ['/x', `/repeat/${name}`] })]));
+    proxy = await startTestProxy({ routes, credentials: { key: { secret: 'sk_rl_6' } }, callers: ['svc'] });
+    const pausedFor: Record<string, number | 'not paused'> = {};
+    for (const name of names) {
+      expect((await get(`/${name}/repeat/${name}`)).status, name).toBe(429);
+      const next = await get(`/${name}/x`);
+      pausedFor[name] = next.status === 200 ? 'not paused' : Number(next.headers.get('retry-after'));
+    }
+    const about = (seconds: number) => expect.toSatisfy((n: unknown) => typeof n === 'number' && n >= seconds - 2 && n <= seconds);
+    expect(pausedFor).toEqual({ lines: about(30), list: about(30), larger: about(30), dates: about(60), mixed: 'not paused', none: 'not paused' });
   });
 });

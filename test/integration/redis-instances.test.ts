@@ -15,8 +15,8 @@ let tokens: Record<string, string>;
 beforeAll(async () => {
   redis = await TestRedis.create();
   upstream = await startUpstream((req, res) => {
-    if (req.url === '/busy') {
-      res.writeHead(429, { 'retry-after': '3' });
+    if (req.url === '/busy' || req.url === '/long-busy') {
+      res.writeHead(429, { 'retry-after': req.url === '/busy' ? '3' : '30' });
       res.end('slow down');
       return;
     }
@@ -36,7 +36,7 @@ inject:
 ${extra}allow:
   - caller: svc
     methods: [GET]
-    paths: [/x, /busy]
+    paths: [/x, /busy, /long-busy]
   - caller: late
     methods: [GET]
     paths: [/x]
@@ -46,6 +46,8 @@ ${extra}allow:
       quota: route('quota', 'key', 'upstream_rate: { rate: 10/min }\n'),
       open: route('open', 'key'),
       paused: route('paused', 'key'),
+      held: route('held', 'key'),
+      rejoin: route('rejoin', 'key'),
       fresh: route('fresh', 'fresh-key'),
     },
     credentials: { key: { secret: 'secret-one-1234' } },
@@ -116,5 +118,48 @@ describe('two instances, one Redis', () => {
       expect(v).not.toContain('secret-one-1234');
       expect(v).not.toContain('secret-fresh-5678');
     }
+  });
+
+  it('an instance started after an upstream 429 honours the pause another instance took: it is kept in Redis, not only broadcast', async () => {
+    expect((await get(a, '/held/long-busy')).status).toBe(429);
+    const c = await startTestProxy({ routes: {}, dir, store: redis.url });
+    try {
+      const before = upstream.requests.length;
+      const res = await get(c, '/held/x');
+      expect(res.status).toBe(429);
+      expect(res.headers.get('x-egress-error')).toBe('rate_limited');
+      expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(25);
+      expect(Number(res.headers.get('retry-after'))).toBeLessThanOrEqual(30);
+      expect(upstream.requests.length).toBe(before);
+      expect((await get(c, '/open/x')).status).toBe(200);
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('an instance whose subscriber was disconnected when the pause was broadcast learns it when the subscriber reconnects', async () => {
+    const admin = redis.client();
+    // Every subscriber is cut as soon as it comes back (ioredis waits 200 ms or more to reconnect),
+    // until well after the 429: the broadcast reaches nobody.
+    let cutting = true;
+    const cut = (async () => {
+      while (cutting) {
+        await admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub').catch(() => {});
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    })();
+    try {
+      await new Promise((r) => setTimeout(r, 50));
+      expect((await get(a, '/rejoin/long-busy')).status).toBe(429);
+      await new Promise((r) => setTimeout(r, 200));
+    } finally {
+      cutting = false;
+      await cut;
+    }
+    await eventually(async () => {
+      const res = await get(b, '/rejoin/x');
+      return res.status === 429 && res.headers.get('x-egress-error') === 'rate_limited';
+    }, 3_000, 'instance B to honour the pause once its subscriber is back');
+    admin.disconnect();
   });
 });

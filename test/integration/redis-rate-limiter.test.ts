@@ -3,6 +3,7 @@ import { createLogger } from '../../src/observe/log.ts';
 import type { Bucket } from '../../src/pipeline/rate-limiter.ts';
 import { RedisRateLimiter } from '../../src/pipeline/redis-rate-limiter.ts';
 import { REDIS_LIMITS, parseRedisUrl, type RedisConnection } from '../../src/store/redis-client.ts';
+import { eventually } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 
 /**
@@ -209,6 +210,62 @@ describe('RedisRateLimiter batches', () => {
         await x.limiter.close();
         x.own.disconnect();
       }
+    }
+  });
+
+  it('a pause is kept in Redis for its length: a shorter one later does not cut it, ended and damaged entries are dropped, and a limiter that starts afterwards reads what still holds', async () => {
+    const own = await connected();
+    const first = new RedisRateLimiter(own, parseRedisUrl(redis.url).connect(), createLogger('silent'));
+    const bucket = upstreamBucket(1000);
+    try {
+      // A damaged key (another type) is replaced by the first pause written.
+      await client.set('egress:rl:pauses', 'garbage');
+      first.pause('kept-long', 60_000);
+      first.pause('kept-long', 5_000);
+      first.pause('kept-short', 300);
+      await eventually(async () => (await client.hget('egress:rl:pauses', 'kept-short')) !== null, 1_000, 'the pauses to be recorded');
+      await client.hset('egress:rl:pauses', 'kept-junk', 'soon');
+      const ttl = await client.pttl('egress:rl:pauses');
+      expect(ttl).toBeGreaterThan(55_000);
+      expect(ttl).toBeLessThanOrEqual(60_000);
+      await new Promise((r) => setTimeout(r, 400));
+      const late = new RedisRateLimiter(client, parseRedisUrl(redis.url).connect(), createLogger('silent'));
+      try {
+        await late.start();
+        const long = await late.check('kept-long', [bucket]);
+        expect(long.allowed).toBe(false);
+        if (!long.allowed) expect(long.retryAfterMs).toBeGreaterThan(55_000);
+        expect((await late.check('kept-short', [bucket])).allowed).toBe(true);
+        expect((await late.check('kept-junk', [bucket])).allowed).toBe(true);
+      } finally {
+        await late.close();
+      }
+      // The next pause written drops the ended and the damaged entries.
+      first.pause('kept-other', 1_000);
+      await eventually(async () => (await client.hget('egress:rl:pauses', 'kept-other')) !== null, 1_000, 'the pause to be recorded');
+      expect((await client.hkeys('egress:rl:pauses')).sort()).toEqual(['kept-long', 'kept-other']);
+    } finally {
+      await first.close();
+      own.disconnect();
+      await client.del('egress:rl:pauses');
+    }
+  });
+
+  it('a limiter that starts while Redis cannot answer starts at once, with no pause, and decides by its own buckets', async () => {
+    const down = await TestRedis.create({ start: false });
+    const own = parseRedisUrl(down.url).connect();
+    own.on('error', () => {});
+    const limiter = new RedisRateLimiter(own, parseRedisUrl(down.url).connect(), createLogger('silent'));
+    try {
+      const started = performance.now();
+      await limiter.start();
+      expect(performance.now() - started).toBeLessThan(REDIS_LIMITS.commandTimeoutMs);
+      expect((await limiter.check('never-paused', [upstreamBucket(1)])).allowed).toBe(true);
+      expect((await limiter.check('never-paused', [upstreamBucket(1)])).allowed).toBe(false);
+    } finally {
+      await limiter.close();
+      own.disconnect();
+      await down.destroy();
     }
   });
 });

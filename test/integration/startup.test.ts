@@ -109,7 +109,7 @@ describe('start-up refuses what it must', () => {
       expect(bad.code, store).toBe(2);
       expect(bad.stderr, store).toContain('EGRESS_STORE');
     }
-    for (const [name, value] of [['EGRESS_CALLER_MAX_IN_FLIGHT', '0x10'], ['EGRESS_AUDIT_KEEP', '1e2'], ['EGRESS_AUDIT_KEEP', ' 5'], ['EGRESS_MAX_CONNECTIONS', '0'], ['EGRESS_MAX_CONNECTIONS', '100001']] as const) {
+    for (const [name, value] of [['EGRESS_CALLER_MAX_IN_FLIGHT', '0x10'], ['EGRESS_AUDIT_KEEP', '1e2'], ['EGRESS_AUDIT_KEEP', ' 5'], ['EGRESS_MAX_CONNECTIONS', '0'], ['EGRESS_MAX_CONNECTIONS', '100001'], ['EGRESS_CALLER_CONNECT_RATE', 'fast'], ['EGRESS_CALLER_CONNECT_RATE', '0/s'], ['EGRESS_CALLER_CONNECT_RATE', '20']] as const) {
       const count = await runCli(['serve'], { ...env, [name]: value });
       expect(count.code, `${name}=${value}`).toBe(2);
       expect(count.stderr).toContain(name);

@@ -16,7 +16,9 @@ beforeAll(async () => {
   const certs = made.certs;
   caPem = made.caPem;
   lab = await startLab({
-    env: { EGRESS_CERTS: certs },
+    // SSRF-11b opens and closes hundreds of tunnels in a row to see each give its slot back: far
+    // past the rate a caller may open them at (EGRESS_CALLER_CONNECT_RATE), which is not under test here.
+    env: { EGRESS_CERTS: certs, EGRESS_CALLER_CONNECT_RATE: '100000/s' },
     routes: (u) => ({
       bank: bankRoute(u.url),
       // A second listed host, so that a Host header naming another route's host means something (SSRF-12).

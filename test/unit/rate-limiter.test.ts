@@ -198,4 +198,16 @@ describe('retryAfterMs (an upstream 429\'s pause)', () => {
     expect(retryAfterMs('99999999999999999999', now)).toBe(MAX_PAUSE_MS);
     for (const bad of [undefined, '', '0', '-5', '1.5', 'soon', 'Mon, 07 Dec 2026 16:59:00 GMT']) expect(retryAfterMs(bad, now), String(bad)).toBe(0);
   });
+
+  it('sent more than once, the largest value when every one reads, and no pause when one does not', () => {
+    expect(retryAfterMs(['120', '120'], now)).toBe(120_000);
+    expect(retryAfterMs('120, 120', now)).toBe(120_000);
+    expect(retryAfterMs(['60', '30, 600', ''], now)).toBe(600_000);
+    expect(retryAfterMs('120,,', now)).toBe(120_000);
+    // The comma after a date's day name is the date's.
+    expect(retryAfterMs('Mon, 07 Dec 2026 17:10:00 GMT, 60', now)).toBe(600_000);
+    expect(retryAfterMs(['Monday, 07-Dec-26 17:10:00 GMT', 'Mon Dec  7 17:05:00 2026'], now)).toBe(600_000);
+    expect(retryAfterMs('0, 0', now)).toBe(0);
+    for (const bad of [['120', 'soon'], '120, soon', 'soon, later', ['Mon, 07 Dec 2026 17:10:00 GMT', 'Mon']]) expect(retryAfterMs(bad, now), String(bad)).toBe(0);
+  });
 });
