@@ -46,7 +46,8 @@ class HttpError extends Error {
   }
 }
 
-export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, deps: AdminApiDeps): Promise<void> {
+/** `id`: the answer's X-Request-Id, which the audit line written here and an error's body carry too. */
+export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, id: string, deps: AdminApiDeps): Promise<void> {
   // A malformed escape stays as written: it names nothing, so the answer is a 404, not a thrown error.
   const segments = path.split('/').slice(2).map((s) => {
     try {
@@ -76,12 +77,12 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     send(res, result.status ?? 200, result.body);
     // Changes are audited from the record's history, on every instance; a read changes nothing
     // there, and what a token was used to look at is audited here.
-    if (req.method === 'GET') deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
+    if (req.method === 'GET') deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
   } catch (err) {
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
-    deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
-    send(res, e.status, { error: { code: e.code, message: e.message } });
+    deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
+    send(res, e.status, { error: { code: e.code, message: e.message, request_id: id } });
   }
 }
 

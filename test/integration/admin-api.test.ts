@@ -4,6 +4,7 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { bearerRoute } from '../helpers/routes.ts';
+import { rawRequest, statuses } from '../helpers/raw.ts';
 
 const V1 = 'sk_admin_CANARY_v1_aaaa';
 const V2 = 'sk_admin_CANARY_v2_bbbb';
@@ -233,5 +234,63 @@ describe('admin API', () => {
     const lines = await fileLines();
     const next = lines[lines.findIndex((l) => lineHash(l) === head.hash) + 1]!;
     expect(JSON.parse(next)).toMatchObject({ kind: 'admin', actor: 'admin:rotator', action: 'GET /v1/audit/:id', target: 'audit:head', decision: 'allow', reason: 'read' });
+  });
+});
+
+/** A request to the admin listener; `path` is the whole path (health, metrics and the page as well as /v1/). */
+async function adminFetch(method: string, path: string, init: { token?: string | null; type?: string; body?: string | Buffer; headers?: Record<string, string> } = {}): Promise<{ status: number; headers: Headers; text: string }> {
+  const token = init.token === undefined ? admin : init.token;
+  const res = await fetch(`${proxy.admin}${path}`, {
+    method,
+    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(init.type ? { 'content-type': init.type } : {}), ...init.headers },
+    ...(init.body !== undefined ? { body: init.body } : {}),
+  });
+  return { status: res.status, headers: res.headers, text: await res.text() };
+}
+
+describe('admin listener: what every answer carries', () => {
+  it('every answer (health, metrics, the page, the API, and each of their errors) carries its own X-Request-Id, as proxy answers do; an error body and the audit line carry the same id', async () => {
+    const big = JSON.stringify({ name: 'x'.repeat(200_000) });
+    const answers = [
+      ['healthz', await adminFetch('GET', '/healthz', { token: null }), 200],
+      ['HEAD healthz', await adminFetch('HEAD', '/healthz', { token: null }), 200],
+      ['readyz', await adminFetch('GET', '/readyz', { token: null }), 200],
+      ['metrics', await adminFetch('GET', '/metrics', { token: null }), 200],
+      ['unknown path', await adminFetch('GET', '/nothing', { token: null }), 404],
+      ['POST healthz', await adminFetch('POST', '/healthz', { token: null }), 405],
+      ['page without a token', await adminFetch('GET', '/', { token: null }), 401],
+      ['page', await adminFetch('GET', '/'), 200],
+      ['API list', await adminFetch('GET', '/v1/callers'), 200],
+      ['API without a token', await adminFetch('GET', '/v1/callers', { token: null }), 401],
+      ['API unknown path', await adminFetch('GET', '/v1/nothing'), 404],
+      ['API wrong method', await adminFetch('DELETE', '/v1/credentials'), 405],
+      ['API not JSON', await adminFetch('POST', '/v1/callers', { type: 'text/plain', body: '{}' }), 415],
+      ['API body too large', await adminFetch('POST', '/v1/callers', { type: 'application/json', body: big }), 413],
+      ['API bad body', await adminFetch('POST', '/v1/callers', { type: 'application/json', body: '[' }), 400],
+      ['API conflict', await adminFetch('POST', '/v1/credentials', { type: 'application/json', body: JSON.stringify({ id: 'key', fields: { token: 'tok_conflict_1234' } }) }), 409],
+    ] as const;
+    const ids = new Set<string>();
+    for (const [label, answer, status] of answers) {
+      expect(answer.status, label).toBe(status);
+      const id = answer.headers.get('x-request-id');
+      expect(id, label).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+      ids.add(id!);
+      // An error's JSON body names the id too, as the proxy's errors do.
+      if (status >= 400) expect(JSON.parse(answer.text), label).toMatchObject({ error: { request_id: id } });
+    }
+    expect(ids.size, 'one id per answer').toBe(answers.length);
+    // A refused Expect, answered before anything else.
+    const raw = await rawRequest(Number(new URL(proxy.admin).port), 'GET /healthz HTTP/1.1\r\nHost: admin\r\nExpect: something-else\r\n\r\n');
+    expect(statuses(raw)).toEqual([417]);
+    expect(raw).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+    // The audit lines the admin listener writes for a refusal and for a read name the answer's id.
+    const refused = answers.find(([label]) => label === 'API without a token')![1].headers.get('x-request-id')!;
+    const read = answers.find(([label]) => label === 'API list')![1].headers.get('x-request-id')!;
+    const page = answers.find(([label]) => label === 'page')![1].headers.get('x-request-id')!;
+    await eventually(async () => (await proxy.auditText()).includes(page), 2_000, 'the audit lines with the request ids');
+    const lines = (await proxy.auditText()).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.find((l) => l.request_id === refused)).toMatchObject({ kind: 'admin', action: 'GET /v1/callers', decision: 'deny', reason: 'admin_unauthenticated' });
+    expect(lines.find((l) => l.request_id === read)).toMatchObject({ kind: 'admin', action: 'GET /v1/callers', decision: 'allow', reason: 'read' });
+    expect(lines.find((l) => l.request_id === page)).toMatchObject({ kind: 'admin', action: 'GET /', decision: 'allow', reason: 'read' });
   });
 });
