@@ -39,14 +39,15 @@ export const EXPECTATION_FAILED = Object.freeze({ error: Object.freeze({ code: '
 class HttpError extends Error {
   readonly status: number;
   readonly code: string;
-  constructor(status: number, code: string, message: string) {
+  readonly headers: Readonly<Record<string, string>>;
+  constructor(status: number, code: string, message: string, headers: Readonly<Record<string, string>> = {}) {
     super(message);
     this.status = status;
     this.code = code;
+    this.headers = headers;
   }
 }
 
-/** `id`: the answer's X-Request-Id, which the audit line written here and an error's body carry too. */
 export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, id: string, deps: AdminApiDeps): Promise<void> {
   // A malformed escape stays as written: it names nothing, so the answer is a 404, not a thrown error.
   const segments = path.split('/').slice(2).map((s) => {
@@ -82,7 +83,7 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
     deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
-    send(res, e.status, { error: { code: e.code, message: e.message, request_id: id } });
+    send(res, e.status, { error: { code: e.code, message: e.message, request_id: id } }, e.headers);
   }
 }
 
@@ -94,7 +95,10 @@ function bounded(text: string): string {
 async function route(req: IncomingMessage, res: ServerResponse, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
   const [collection, id, verb, ...extra] = s;
   const method = req.method ?? '';
-  if (extra.length > 0) throw notFound();
+  // Which resource a path names is settled before its method is looked at: a 405 says the resource
+  // exists and names its methods, so a path that names nothing (an unknown verb, a caller without
+  // one, an empty segment) is a 404 whatever the method.
+  if (extra.length > 0 || s.includes('')) throw notFound();
   const now = new Date();
   if (collection === 'credentials') {
     if (!id) {
@@ -105,16 +109,17 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
       }
-      throw notAllowed();
+      throw notAllowed('GET, POST');
     }
-    if (!verb && method === 'GET') {
+    if (!verb) {
+      if (method !== 'GET') throw notAllowed('GET');
       const record = (await op.store.load()).credentials.get(id);
       if (!record) throw notFound(`no credential "${id}"`);
       return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
     }
-    if (method !== 'POST') throw notAllowed();
-    const known = CREDENTIAL_VERBS.get(verb ?? '');
+    const known = CREDENTIAL_VERBS.get(verb);
     if (!known) throw notFound();
+    if (method !== 'POST') throw notAllowed('POST');
     const body = await readJson(req, res, known);
     switch (verb) {
       case 'versions':
@@ -148,24 +153,21 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
       }
-      throw notAllowed();
+      throw notAllowed('GET, POST');
     }
-    if (method !== 'POST') throw notAllowed();
     if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
+    if (method !== 'POST') throw notAllowed('POST');
     const body = await readJson(req, res, verb === 'rotate' ? ['grace'] : []);
     if (verb === 'rotate') {
       const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
       return { body: { caller: record.name, token } };
     }
-    if (verb === 'revoke') {
-      const record = await ops.revokeToken(op, 'caller', id);
-      return { body: { caller: record.name, revoked_at: record.revoked_at } };
-    }
-    throw notFound();
+    const record = await ops.revokeToken(op, 'caller', id);
+    return { body: { caller: record.name, revoked_at: record.revoked_at } };
   }
   if (collection === 'audit' && id === 'head' && !verb) {
     // Read before this request's own audit line is written (it follows, chained to this head).
-    if (method !== 'GET') throw notAllowed();
+    if (method !== 'GET') throw notAllowed('GET');
     return { body: deps.audit.head() };
   }
   throw notFound();
@@ -213,8 +215,9 @@ function notFound(message = 'No such admin endpoint.'): HttpError {
   return new HttpError(404, 'not_found', message);
 }
 
-function notAllowed(): HttpError {
-  return new HttpError(405, 'method_not_allowed', 'Method not allowed on this endpoint.');
+/** A 405 carries the methods the path does serve (RFC 9110 §15.5.6): `allow` is that list. */
+function notAllowed(allow: string): HttpError {
+  return new HttpError(405, 'method_not_allowed', `Method not allowed on this endpoint; it serves ${allow}.`, { allow });
 }
 
 /** The body fields each credential verb takes. */
@@ -290,8 +293,8 @@ function grace(body: Record<string, unknown>): number {
   return ms;
 }
 
-function send(res: ServerResponse, status: number, body: unknown): void {
+function send(res: ServerResponse, status: number, body: unknown, headers: Readonly<Record<string, string>> = {}): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
   res.end(text);
 }

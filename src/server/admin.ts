@@ -95,6 +95,10 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   return server;
 }
 
+/** The paths outside /v1/, each served to GET and HEAD only. */
+const READ_ONLY_PATHS = new Set(['/', '/healthz', '/readyz', '/metrics']);
+const READ_ONLY_METHODS = 'GET, HEAD';
+
 async function route(req: IncomingMessage, res: ServerResponse, id: string, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
   if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, id, api);
@@ -102,7 +106,14 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
     if (path === '/') api.audit.admin({ requestId: id, actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'expectation_failed' });
     return error(res, id, 417, EXPECTATION_FAILED.error.code, EXPECTATION_FAILED.error.message);
   }
-  if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
+  // A path that names nothing is a 404 whatever the method: a 405 says the resource exists.
+  if (!READ_ONLY_PATHS.has(path)) return error(res, id, 404, 'not_found', 'No such admin endpoint.');
+  if (req.method !== 'GET' && req.method !== 'HEAD') {
+    // RFC 9110 §15.5.6: a 405 lists the methods the resource does serve.
+    res.setHeader('allow', READ_ONLY_METHODS);
+    return error(res, id, 405, 'method_not_allowed', `Only ${READ_ONLY_METHODS} are served here.`);
+  }
+  if (path === '/') {
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
     if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return error(res, id, 503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; /readyz says why.');
     const name = adminName(req, api.store, 'bearer-or-basic');
@@ -117,19 +128,15 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
     api.audit.admin({ requestId: id, actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
     return;
   }
-  if (req.method !== 'GET' && req.method !== 'HEAD') return error(res, id, 405, 'method_not_allowed', 'Only GET is served here.');
   if (path === '/healthz') return json(res, 200, { status: 'ok' });
   if (path === '/readyz') {
     const { ready, detail } = readiness.readiness();
     return json(res, ready ? 200 : 503, { status: ready ? 'ready' : 'not ready', ...detail });
   }
-  if (path === '/metrics') {
-    const text = await metrics.text();
-    res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
-    res.end(text);
-    return;
-  }
-  return error(res, id, 404, 'not_found', 'No such admin endpoint.');
+  // /metrics
+  const text = await metrics.text();
+  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
+  res.end(text);
 }
 
 /** A request on a connection past ADMIN_LIMITS.maxConnections: 503, and the connection closed. */

@@ -294,3 +294,45 @@ describe('admin listener: what every answer carries', () => {
     expect(lines.find((l) => l.request_id === page)).toMatchObject({ kind: 'admin', action: 'GET /', decision: 'allow', reason: 'read' });
   });
 });
+
+describe('admin listener: 405 and 404', () => {
+  it('a 405 carries Allow with the methods that path serves (RFC 9110 §15.5.6), each of them served there; a path that is no resource is 404 whatever the method', async () => {
+    const cases: [method: string, path: string, status: number, allow?: string][] = [
+      ['POST', '/healthz', 405, 'GET, HEAD'],
+      ['DELETE', '/readyz', 405, 'GET, HEAD'],
+      ['PUT', '/metrics', 405, 'GET, HEAD'],
+      ['POST', '/', 405, 'GET, HEAD'],
+      ['DELETE', '/v1/credentials', 405, 'GET, POST'],
+      ['DELETE', '/v1/credentials/key', 405, 'GET'],
+      ['GET', '/v1/credentials/key/promote', 405, 'POST'],
+      ['PUT', '/v1/credentials/key/revoke', 405, 'POST'],
+      ['PUT', '/v1/callers', 405, 'GET, POST'],
+      ['GET', '/v1/callers/svc/rotate', 405, 'POST'],
+      ['GET', '/v1/callers/svc/revoke', 405, 'POST'],
+      ['POST', '/v1/audit/head', 405, 'GET'],
+      // No resource there: a 405 would say one exists with other methods.
+      ['POST', '/nothing', 404],
+      ['OPTIONS', '/nothing', 404],
+      ['POST', '/v1', 404],
+      ['GET', '/v1/credentials/key/destroy', 404],
+      ['GET', '/v1/callers/svc', 404],
+      ['DELETE', '/v1/callers/svc', 404],
+      // An empty segment names nothing either (it was read as the collection: GET listed, POST created).
+      ['GET', '/v1/credentials//promote', 404],
+      ['POST', '/v1/callers//rotate', 404],
+      ['GET', '/v1/callers/', 404],
+    ];
+    for (const [method, path, status, allow] of cases) {
+      const answer = await adminFetch(method, path);
+      expect(answer.status, `${method} ${path}`).toBe(status);
+      expect(answer.headers.get('allow'), `${method} ${path}`).toBe(allow ?? null);
+      if (status !== 405) continue;
+      // What Allow lists is served: none of those methods is a 405 there (bodies that change nothing).
+      for (const listed of allow!.split(', ')) {
+        const target = path.replace('/key/', '/nope/').replace('/svc/', '/nope/');
+        const tried = await adminFetch(listed, target, listed === 'POST' ? { type: 'application/json', body: '{"unknown_field": 1}' } : {});
+        expect(tried.status, `${listed} ${target}`).not.toBe(405);
+      }
+    }
+  });
+});
