@@ -250,7 +250,10 @@ async function readJsonObject(req: IncomingMessage, res: ServerResponse): Promis
   // What can be refused from the head is refused before a client that sent Expect: 100-continue
   // is told to send its body (RFC 9110 §10.1.1).
   if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) throw tooLarge();
-  if (hasBody(req) && !(req.headers['content-type'] ?? '').startsWith('application/json')) throw new HttpError(415, 'unsupported_media_type', 'Send JSON with Content-Type: application/json.');
+  if (hasBody(req)) {
+    const refused = unreadableMediaType(req.headers['content-type']);
+    if (refused) throw new HttpError(415, 'unsupported_media_type', refused);
+  }
   continueBody(req, res);
   const chunks: Buffer[] = [];
   let size = 0;
@@ -260,13 +263,48 @@ async function readJsonObject(req: IncomingMessage, res: ServerResponse): Promis
     chunks.push(chunk as Buffer);
   }
   if (size === 0) return {};
+  let text: string;
   try {
-    const parsed: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    text = UTF8.decode(Buffer.concat(chunks));
+  } catch {
+    // Decoded leniently, each invalid byte became U+FFFD: a Latin-1 secret stored changed.
+    throw new HttpError(400, 'bad_request', 'The body is not valid UTF-8; nothing was changed.');
+  }
+  try {
+    const parsed: unknown = JSON.parse(text);
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
     return Object.assign(Object.create(null), parsed) as Record<string, unknown>;
   } catch {
     throw new HttpError(400, 'bad_request', 'The body is not a JSON object.');
   }
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+";
+const QUOTED = '"(?:[^"\\\\]|\\\\.)*"';
+/** RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS [ name "=" ( token / quoted-string ) ] ). */
+const MEDIA_TYPE = new RegExp(`^(${TOKEN})/(${TOKEN})((?:[ \\t]*;[ \\t]*(?:${TOKEN}=(?:${TOKEN}|${QUOTED}))?)*)$`);
+const PARAMETER = new RegExp(`(${TOKEN})=(${TOKEN}|${QUOTED})`, 'g');
+const JSON_ONLY = 'Send JSON with Content-Type: application/json.';
+
+/**
+ * Why a request body's Content-Type is not one the API reads, or undefined when it is
+ * application/json. Type, subtype, parameter names and the charset's value are case-insensitive
+ * (RFC 9110 §8.3.1, §8.3.2); a prefix is not a match (application/jsonfoo, application/json-seq).
+ * Structured-syntax +json types are refused: each gives JSON a meaning of its own (a merge patch's
+ * null deletes a field, a JSON-seq body is several texts) that these endpoints would not apply. The
+ * body is read as UTF-8, so a charset other than that is refused rather than read as something it is not.
+ */
+function unreadableMediaType(header: string | undefined): string | undefined {
+  const match = MEDIA_TYPE.exec(header ?? '');
+  if (!match || match[1]!.toLowerCase() !== 'application' || match[2]!.toLowerCase() !== 'json') return JSON_ONLY;
+  for (const [, name, value] of match[3]!.matchAll(PARAMETER)) {
+    if (name!.toLowerCase() !== 'charset') continue;
+    const charset = value!.startsWith('"') ? value!.slice(1, -1).replace(/\\(.)/g, '$1') : value!;
+    if (charset.toLowerCase() !== 'utf-8') return 'The body is read as UTF-8: send Content-Type: application/json with charset=utf-8 or no charset.';
+  }
+  return undefined;
 }
 
 function tooLarge(): HttpError {

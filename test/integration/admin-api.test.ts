@@ -336,3 +336,42 @@ describe('admin listener: 405 and 404', () => {
     }
   });
 });
+
+describe('admin API: Content-Type', () => {
+  it('the media type is matched whole and case-insensitively, with parameters: application/json in any case is taken; application/jsonfoo, application/json-seq, +json types and a charset other than UTF-8 are 415', async () => {
+    const add = (name: string, type: string) => adminFetch('POST', '/v1/callers', { type, body: JSON.stringify({ name }) });
+    const taken = [
+      ['ct-upper', 'Application/JSON'],
+      ['ct-charset', 'application/json; charset=utf-8'],
+      ['ct-quoted', 'application/json ;Charset="UTF-8"'],
+      ['ct-other-param', 'application/json;foo=bar'],
+    ];
+    for (const [name, type] of taken) expect((await add(name!, type!)).status, type).toBe(201);
+    const refused = [
+      ['ct-jsonfoo', 'application/jsonfoo'],
+      ['ct-seq', 'application/json-seq'],
+      ['ct-patch', 'application/merge-patch+json'],
+      ['ct-text', 'text/json'],
+      ['ct-latin1', 'application/json; charset=iso-8859-1'],
+      ['ct-bad-param', 'application/json; charset'],
+      ['ct-none', 'none'],
+    ];
+    for (const [name, type] of refused) {
+      const answer = await add(name!, type!);
+      expect(answer.status, type).toBe(415);
+      expect(JSON.parse(answer.text), type).toMatchObject({ error: { code: 'unsupported_media_type' } });
+    }
+    expect(JSON.parse((await add('ct-latin1', 'application/json; charset=iso-8859-1')).text).error.message).toMatch(/charset/i);
+    const names = ((await api('GET', '/callers')).json.callers as { name: string }[]).map((c) => c.name);
+    for (const [name] of taken) expect(names).toContain(name);
+    for (const [name] of refused) expect(names).not.toContain(name);
+  });
+
+  it('a body that is not valid UTF-8 is refused (400), not stored with its bytes replaced: a Latin-1 secret would become U+FFFD', async () => {
+    const body = Buffer.concat([Buffer.from('{"id":"latin","fields":{"token":"caf'), Buffer.from([0xe9]), Buffer.from('_secret_1234"}}')]);
+    const answer = await adminFetch('POST', '/v1/credentials', { type: 'application/json', body });
+    expect(answer.status, answer.text).toBe(400);
+    expect(JSON.parse(answer.text)).toMatchObject({ error: { code: 'bad_request', message: expect.stringMatching(/UTF-8/) } });
+    expect((await api('GET', '/credentials/latin')).status).toBe(404);
+  });
+});
