@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
+import { adminName, closesUnread, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
@@ -124,6 +124,8 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
       return error(res, id, 401, 'admin_unauthenticated', 'The status page needs an admin token (Bearer, or Basic with the token as password).');
     }
+    // Nothing outside /v1/ reads a body: one sent anyway closes the connection, as an error's does.
+    if (closesUnread(res)) res.setHeader('connection', 'close');
     await handleStatusPage(req, res, status);
     api.audit.admin({ requestId: id, actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
     return;
@@ -135,7 +137,7 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
   }
   // /metrics
   const text = await metrics.text();
-  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
+  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text), ...(closesUnread(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }
 
@@ -153,6 +155,6 @@ function error(res: ServerResponse, id: string, status: number, code: string, me
 
 function json(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesUnread(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }
