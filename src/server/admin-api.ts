@@ -69,7 +69,9 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     const name = adminName(req, deps.store, 'bearer');
     if (!name) {
       refusedAdminToken(req, bearerToken(req.headers.authorization), deps);
-      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+      // A 401 names the scheme to use (RFC 9110 §15.5.2). Bearer, which no browser prompts for: a
+      // Basic challenge would have it ask for a password, then replay it with every request here.
+      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…', { 'www-authenticate': 'Bearer realm="egress-proxy admin"' });
     }
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };

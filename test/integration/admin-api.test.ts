@@ -375,3 +375,16 @@ describe('admin API: Content-Type', () => {
     expect((await api('GET', '/credentials/latin')).status).toBe(404);
   });
 });
+
+describe('admin API: 401', () => {
+  it('a 401 carries a Bearer challenge (RFC 9110 §15.5.2: WWW-Authenticate is a MUST on a 401), never a Basic one a browser would prompt for and then replay', async () => {
+    // No token, an unknown one, a caller's token, and the admin token sent as Basic (which the API does not take).
+    const basic = `Basic ${Buffer.from(`x:${admin}`).toString('base64')}`;
+    for (const authorization of [undefined, `Bearer ega_${'z'.repeat(43)}`, `Bearer ${proxy.tokens.svc!}`, basic]) {
+      const answer = await adminFetch('POST', '/v1/callers', { token: null, type: 'application/json', body: '{"name":"challenged"}', headers: authorization ? { authorization } : {} });
+      expect(answer.status).toBe(401);
+      expect(answer.headers.get('www-authenticate')).toBe('Bearer realm="egress-proxy admin"');
+    }
+  });
+});
+
