@@ -43,7 +43,10 @@ export async function tokens(kind: ops.TokenKind, args: readonly string[]): Prom
       }
       case 'revoke': {
         const record = await ops.revokeToken(op, kind, name());
-        return ok(`${w.noun} "${record.name}" revoked at ${record.revoked_at}; its tokens stop working within a second on every instance`, { name: record.name, revoked_at: record.revoked_at });
+        // A caller is `caller` here as in add and rotate (and the admin API's answers); `name`, which
+        // revoke printed alone before, stays for the scripts that read it.
+        const named = kind === 'caller' ? { caller: record.name, name: record.name } : { name: record.name };
+        return ok(`${w.noun} "${record.name}" revoked at ${record.revoked_at}; its tokens stop working within a second on every instance`, { ...named, revoked_at: record.revoked_at });
       }
       case 'list': {
         const snapshot = await store.load();

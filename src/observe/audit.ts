@@ -58,6 +58,8 @@ export interface RequestAudit {
 }
 
 export interface AdminAudit {
+  /** The X-Request-Id of the admin listener's answer the line is about; none for a change read from a record's history. */
+  readonly requestId?: string;
   readonly actor: string;
   readonly action: string;
   readonly target: string;
@@ -375,6 +377,7 @@ export class AuditLog {
   admin(entry: AdminAudit): void {
     this.#append({
       [AUDIT.time]: isoNow(),
+      ...(entry.requestId !== undefined ? { [AUDIT.requestId]: entry.requestId } : {}),
       [AUDIT.kind]: 'admin',
       [AUDIT.actor]: entry.actor,
       [AUDIT.action]: entry.action,

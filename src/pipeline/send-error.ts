@@ -22,12 +22,19 @@ export function sendError(res: ServerResponse, requestId: string, error: ProxyEr
     'content-length': String(Buffer.byteLength(body)),
     'cache-control': 'no-store',
   };
-  // A body we did not read (refused early, or cut off at the limit) leaves the connection unusable.
-  if (res.req && !res.req.complete && hasBody(res.req)) {
-    headers.connection = 'close';
-    // Whatever is pipelined behind the unread body is not a request to process.
-    markClosing(res.req.socket);
-  }
+  if (closesForUnreadBody(res)) headers.connection = 'close';
   res.writeHead(error.status, headers);
   res.end(body);
+}
+
+/**
+ * A body we did not read (refused early, or cut off at the limit) leaves the connection unusable:
+ * true when the answer must close it. Whatever is pipelined behind the unread body is not a request
+ * to process, and the rest of the body is not read (Node would read and drop it to the end, however
+ * long it is declared, for a client that may not even have a token).
+ */
+export function closesForUnreadBody(res: ServerResponse): boolean {
+  if (!res.req || res.req.complete || !hasBody(res.req)) return false;
+  markClosing(res.req.socket);
+  return true;
 }

@@ -2,7 +2,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { continueBody, hasBody, unmetExpectation } from '../pipeline/body.ts';
 import { countHeader } from '../pipeline/canonicalise-target.ts';
-import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
+import { closesForUnreadBody } from '../pipeline/send-error.ts';
+import { bearerToken, lingerOnClose, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AlertRules } from '../observe/alert-rules.ts';
 import type { AuditLog } from '../observe/audit.ts';
@@ -39,14 +40,16 @@ export const EXPECTATION_FAILED = Object.freeze({ error: Object.freeze({ code: '
 class HttpError extends Error {
   readonly status: number;
   readonly code: string;
-  constructor(status: number, code: string, message: string) {
+  readonly headers: Readonly<Record<string, string>>;
+  constructor(status: number, code: string, message: string, headers: Readonly<Record<string, string>> = {}) {
     super(message);
     this.status = status;
     this.code = code;
+    this.headers = headers;
   }
 }
 
-export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, deps: AdminApiDeps): Promise<void> {
+export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, path: string, id: string, deps: AdminApiDeps): Promise<void> {
   // A malformed escape stays as written: it names nothing, so the answer is a 404, not a thrown error.
   const segments = path.split('/').slice(2).map((s) => {
     try {
@@ -66,7 +69,9 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     const name = adminName(req, deps.store, 'bearer');
     if (!name) {
       refusedAdminToken(req, bearerToken(req.headers.authorization), deps);
-      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…');
+      // A 401 names the scheme to use (RFC 9110 §15.5.2). Bearer, which no browser prompts for: a
+      // Basic challenge would have it ask for a password, then replay it with every request here.
+      throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…', { 'www-authenticate': 'Bearer realm="egress-proxy admin"' });
     }
     actor = `admin:${name}`;
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
@@ -76,12 +81,12 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     send(res, result.status ?? 200, result.body);
     // Changes are audited from the record's history, on every instance; a read changes nothing
     // there, and what a token was used to look at is audited here.
-    if (req.method === 'GET') deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
+    if (req.method === 'GET') deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
   } catch (err) {
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
-    deps.audit.admin({ actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
-    send(res, e.status, { error: { code: e.code, message: e.message } });
+    deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':') || 'v1'), decision: e.status >= 500 ? 'error' : 'deny', reason: e.code });
+    send(res, e.status, { error: { code: e.code, message: e.message, request_id: id } }, e.headers);
   }
 }
 
@@ -93,7 +98,10 @@ function bounded(text: string): string {
 async function route(req: IncomingMessage, res: ServerResponse, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
   const [collection, id, verb, ...extra] = s;
   const method = req.method ?? '';
-  if (extra.length > 0) throw notFound();
+  // Which resource a path names is settled before its method is looked at: a 405 says the resource
+  // exists and names its methods, so a path that names nothing (an unknown verb, a caller without
+  // one, an empty segment) is a 404 whatever the method.
+  if (extra.length > 0 || s.includes('')) throw notFound();
   const now = new Date();
   if (collection === 'credentials') {
     if (!id) {
@@ -104,16 +112,17 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
       }
-      throw notAllowed();
+      throw notAllowed('GET, POST');
     }
-    if (!verb && method === 'GET') {
+    if (!verb) {
+      if (method !== 'GET') throw notAllowed('GET');
       const record = (await op.store.load()).credentials.get(id);
       if (!record) throw notFound(`no credential "${id}"`);
       return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
     }
-    if (method !== 'POST') throw notAllowed();
-    const known = CREDENTIAL_VERBS.get(verb ?? '');
+    const known = CREDENTIAL_VERBS.get(verb);
     if (!known) throw notFound();
+    if (method !== 'POST') throw notAllowed('POST');
     const body = await readJson(req, res, known);
     switch (verb) {
       case 'versions':
@@ -147,24 +156,21 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
       }
-      throw notAllowed();
+      throw notAllowed('GET, POST');
     }
-    if (method !== 'POST') throw notAllowed();
     if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
+    if (method !== 'POST') throw notAllowed('POST');
     const body = await readJson(req, res, verb === 'rotate' ? ['grace'] : []);
     if (verb === 'rotate') {
       const { record, token } = await ops.rotateToken(op, 'caller', id, grace(body));
       return { body: { caller: record.name, token } };
     }
-    if (verb === 'revoke') {
-      const record = await ops.revokeToken(op, 'caller', id);
-      return { body: { caller: record.name, revoked_at: record.revoked_at } };
-    }
-    throw notFound();
+    const record = await ops.revokeToken(op, 'caller', id);
+    return { body: { caller: record.name, revoked_at: record.revoked_at } };
   }
   if (collection === 'audit' && id === 'head' && !verb) {
     // Read before this request's own audit line is written (it follows, chained to this head).
-    if (method !== 'GET') throw notAllowed();
+    if (method !== 'GET') throw notAllowed('GET');
     return { body: deps.audit.head() };
   }
   throw notFound();
@@ -212,8 +218,9 @@ function notFound(message = 'No such admin endpoint.'): HttpError {
   return new HttpError(404, 'not_found', message);
 }
 
-function notAllowed(): HttpError {
-  return new HttpError(405, 'method_not_allowed', 'Method not allowed on this endpoint.');
+/** A 405 carries the methods the path does serve (RFC 9110 §15.5.6): `allow` is that list. */
+function notAllowed(allow: string): HttpError {
+  return new HttpError(405, 'method_not_allowed', `Method not allowed on this endpoint; it serves ${allow}.`, { allow });
 }
 
 /** The body fields each credential verb takes. */
@@ -246,7 +253,10 @@ async function readJsonObject(req: IncomingMessage, res: ServerResponse): Promis
   // What can be refused from the head is refused before a client that sent Expect: 100-continue
   // is told to send its body (RFC 9110 §10.1.1).
   if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) throw tooLarge();
-  if (hasBody(req) && !(req.headers['content-type'] ?? '').startsWith('application/json')) throw new HttpError(415, 'unsupported_media_type', 'Send JSON with Content-Type: application/json.');
+  if (hasBody(req)) {
+    const refused = unreadableMediaType(req.headers['content-type']);
+    if (refused) throw new HttpError(415, 'unsupported_media_type', refused);
+  }
   continueBody(req, res);
   const chunks: Buffer[] = [];
   let size = 0;
@@ -256,13 +266,48 @@ async function readJsonObject(req: IncomingMessage, res: ServerResponse): Promis
     chunks.push(chunk as Buffer);
   }
   if (size === 0) return {};
+  let text: string;
   try {
-    const parsed: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    text = UTF8.decode(Buffer.concat(chunks));
+  } catch {
+    // Decoded leniently, each invalid byte became U+FFFD: a Latin-1 secret stored changed.
+    throw new HttpError(400, 'bad_request', 'The body is not valid UTF-8; nothing was changed.');
+  }
+  try {
+    const parsed: unknown = JSON.parse(text);
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
     return Object.assign(Object.create(null), parsed) as Record<string, unknown>;
   } catch {
     throw new HttpError(400, 'bad_request', 'The body is not a JSON object.');
   }
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+";
+const QUOTED = '"(?:[^"\\\\]|\\\\.)*"';
+/** RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS [ name "=" ( token / quoted-string ) ] ). */
+const MEDIA_TYPE = new RegExp(`^(${TOKEN})/(${TOKEN})((?:[ \\t]*;[ \\t]*(?:${TOKEN}=(?:${TOKEN}|${QUOTED}))?)*)$`);
+const PARAMETER = new RegExp(`(${TOKEN})=(${TOKEN}|${QUOTED})`, 'g');
+const JSON_ONLY = 'Send JSON with Content-Type: application/json.';
+
+/**
+ * Why a request body's Content-Type is not one the API reads, or undefined when it is
+ * application/json. Type, subtype, parameter names and the charset's value are case-insensitive
+ * (RFC 9110 §8.3.1, §8.3.2); a prefix is not a match (application/jsonfoo, application/json-seq).
+ * Structured-syntax +json types are refused: each gives JSON a meaning of its own (a merge patch's
+ * null deletes a field, a JSON-seq body is several texts) that these endpoints would not apply. The
+ * body is read as UTF-8, so a charset other than that is refused rather than read as something it is not.
+ */
+function unreadableMediaType(header: string | undefined): string | undefined {
+  const match = MEDIA_TYPE.exec(header ?? '');
+  if (!match || match[1]!.toLowerCase() !== 'application' || match[2]!.toLowerCase() !== 'json') return JSON_ONLY;
+  for (const [, name, value] of match[3]!.matchAll(PARAMETER)) {
+    if (name!.toLowerCase() !== 'charset') continue;
+    const charset = value!.startsWith('"') ? value!.slice(1, -1).replace(/\\(.)/g, '$1') : value!;
+    if (charset.toLowerCase() !== 'utf-8') return 'The body is read as UTF-8: send Content-Type: application/json with charset=utf-8 or no charset.';
+  }
+  return undefined;
 }
 
 function tooLarge(): HttpError {
@@ -289,8 +334,20 @@ function grace(body: Record<string, unknown>): number {
   return ms;
 }
 
-function send(res: ServerResponse, status: number, body: unknown): void {
+/**
+ * As on the proxy listeners, an answer given before the request's body was read to its end closes
+ * the connection (Node would otherwise read the rest and drop it, however much was declared, for a
+ * client that may not have a token), after a lingering close so that a client still sending gets
+ * the answer rather than a reset.
+ */
+export function closesUnread(res: ServerResponse): boolean {
+  if (!closesForUnreadBody(res)) return false;
+  if (res.socket) lingerOnClose(res.socket);
+  return true;
+}
+
+function send(res: ServerResponse, status: number, body: unknown, headers: Readonly<Record<string, string>> = {}): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesUnread(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }

@@ -1,7 +1,8 @@
+import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
+import { adminName, closesUnread, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
@@ -58,12 +59,16 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
     }
     // No answer here is meant to be read as anything but its declared type (JSON echoing a path, say).
     res.setHeader('x-content-type-options', 'nosniff');
-    const answer = isOverCap(socket) ? refuseConnection(res) : route(req, res, readiness, metrics, api, status);
+    // Every answer carries its id, as on the proxy listeners (SPEC); the audit line written for the
+    // request, and an error's body, name the same one.
+    const id = randomUUID();
+    res.setHeader('x-request-id', id);
+    const answer = isOverCap(socket) ? refuseConnection(res, id) : route(req, res, id, readiness, metrics, api, status);
     // A refusal answered before the body it did not invite (Expect: 100-continue) closes the
     // connection: whatever follows that body is not a request to process either.
     if (!res.shouldKeepAlive) markClosing(socket);
     void answer.catch(() => {
-      if (!res.headersSent) json(res, 500, { error: { code: 'internal_error', message: 'The admin request failed.' } });
+      if (!res.headersSent) error(res, id, 500, 'internal_error', 'The admin request failed.');
       else res.destroy();
     }).then(async () => {
       // As on the proxy listeners: an answer left unread (a client that pipelines /metrics and
@@ -90,52 +95,66 @@ export function createAdminServer(readiness: ReadinessSource, metrics: Metrics, 
   return server;
 }
 
-async function route(req: IncomingMessage, res: ServerResponse, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
+/** The paths outside /v1/, each served to GET and HEAD only. */
+const READ_ONLY_PATHS = new Set(['/', '/healthz', '/readyz', '/metrics']);
+const READ_ONLY_METHODS = 'GET, HEAD';
+
+async function route(req: IncomingMessage, res: ServerResponse, id: string, readiness: ReadinessSource, metrics: Metrics, api: AdminApiDeps, status: StatusPageDeps): Promise<void> {
   const path = (req.url ?? '').split('?', 1)[0] ?? '';
-  if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, api);
+  if (path.startsWith('/v1/')) return handleAdminApi(req, res, path, id, api);
   if (unmetExpectation(req)) {
-    if (path === '/') api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'expectation_failed' });
-    return json(res, 417, EXPECTATION_FAILED);
+    if (path === '/') api.audit.admin({ requestId: id, actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'expectation_failed' });
+    return error(res, id, 417, EXPECTATION_FAILED.error.code, EXPECTATION_FAILED.error.message);
   }
-  if (path === '/' && (req.method === 'GET' || req.method === 'HEAD')) {
+  // A path that names nothing is a 404 whatever the method: a 405 says the resource exists.
+  if (!READ_ONLY_PATHS.has(path)) return error(res, id, 404, 'not_found', 'No such admin endpoint.');
+  if (req.method !== 'GET' && req.method !== 'HEAD') {
+    // RFC 9110 §15.5.6: a 405 lists the methods the resource does serve.
+    res.setHeader('allow', READ_ONLY_METHODS);
+    return error(res, id, 405, 'method_not_allowed', `Only ${READ_ONLY_METHODS} are served here.`);
+  }
+  if (path === '/') {
     // As for the API: a token that cannot be checked is not a wrong one (and no login prompt follows).
-    if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return json(res, 503, { error: { code: 'store_unavailable', message: 'The store cannot be read, so the admin token cannot be checked; /readyz says why.' } });
+    if (tokenFromAuthorization(req.headers.authorization) && !api.store.usable()) return error(res, id, 503, 'store_unavailable', 'The store cannot be read, so the admin token cannot be checked; /readyz says why.');
     const name = adminName(req, api.store, 'bearer-or-basic');
     if (!name) {
       // Audited like a refused API request: guesses at the page's password show in the audit log too.
-      api.audit.admin({ actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
+      api.audit.admin({ requestId: id, actor: 'admin:unknown', action: `${req.method} /`, target: 'status-page', decision: 'deny', reason: 'admin_unauthenticated' });
       refusedAdminToken(req, tokenFromAuthorization(req.headers.authorization), api);
       res.setHeader('www-authenticate', 'Basic realm="egress-proxy admin", charset="UTF-8"');
-      return json(res, 401, { error: { code: 'admin_unauthenticated', message: 'The status page needs an admin token (Bearer, or Basic with the token as password).' } });
+      return error(res, id, 401, 'admin_unauthenticated', 'The status page needs an admin token (Bearer, or Basic with the token as password).');
     }
+    // Nothing outside /v1/ reads a body: one sent anyway closes the connection, as an error's does.
+    if (closesUnread(res)) res.setHeader('connection', 'close');
     await handleStatusPage(req, res, status);
-    api.audit.admin({ actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
+    api.audit.admin({ requestId: id, actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
     return;
   }
-  if (req.method !== 'GET' && req.method !== 'HEAD') return json(res, 405, { error: { code: 'method_not_allowed', message: 'Only GET is served here.' } });
   if (path === '/healthz') return json(res, 200, { status: 'ok' });
   if (path === '/readyz') {
     const { ready, detail } = readiness.readiness();
     return json(res, ready ? 200 : 503, { status: ready ? 'ready' : 'not ready', ...detail });
   }
-  if (path === '/metrics') {
-    const text = await metrics.text();
-    res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text) });
-    res.end(text);
-    return;
-  }
-  return json(res, 404, { error: { code: 'not_found', message: 'No such admin endpoint.' } });
+  // /metrics
+  const text = await metrics.text();
+  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text), ...(closesUnread(res) ? { connection: 'close' } : {}) });
+  res.end(text);
 }
 
 /** A request on a connection past ADMIN_LIMITS.maxConnections: 503, and the connection closed. */
-async function refuseConnection(res: ServerResponse): Promise<void> {
+async function refuseConnection(res: ServerResponse, id: string): Promise<void> {
   res.shouldKeepAlive = false;
   res.setHeader('retry-after', '1');
-  json(res, 503, { error: { code: 'too_many_connections', message: `The admin listener serves at most ${ADMIN_LIMITS.maxConnections} connections at once; retry when one has closed.` } });
+  error(res, id, 503, 'too_many_connections', `The admin listener serves at most ${ADMIN_LIMITS.maxConnections} connections at once; retry when one has closed.`);
+}
+
+/** An error of the admin listener: the JSON body the proxy's errors have, with the answer's request id. */
+function error(res: ServerResponse, id: string, status: number, code: string, message: string): void {
+  json(res, status, { error: { code, message, request_id: id } });
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesUnread(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }

@@ -65,9 +65,26 @@ export function answerAndClose(socket: import('node:stream').Duplex, response: s
   // 'connect' and 'upgrade' Node hands the socket over without its own error listener, and an
   // unhandled 'error' event would stop the process.)
   socket.on('error', () => socket.destroy());
+  linger(socket);
+  socket.end(response);
+}
+
+/**
+ * The same lingering close for an answer written through Node's response, once it is out: Node
+ * destroys the socket as soon as an answer that says `Connection: close` has been written, and a
+ * client still sending the body that was refused unread is answered with a reset instead.
+ */
+export function lingerOnClose(socket: import('node:net').Socket): void {
+  socket.destroySoon = () => {
+    lingering.add(socket);
+    linger(socket);
+    socket.end();
+  };
+}
+
+function linger(socket: import('node:stream').Duplex): void {
   const timer = setTimeout(() => socket.destroy(), LINGER_MS);
   timer.unref();
   socket.once('close', () => clearTimeout(timer));
   socket.on('data', () => {});
-  socket.end(response);
 }

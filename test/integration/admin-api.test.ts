@@ -4,6 +4,7 @@ import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { bearerRoute } from '../helpers/routes.ts';
+import { rawRequest, statuses } from '../helpers/raw.ts';
 
 const V1 = 'sk_admin_CANARY_v1_aaaa';
 const V2 = 'sk_admin_CANARY_v2_bbbb';
@@ -235,3 +236,155 @@ describe('admin API', () => {
     expect(JSON.parse(next)).toMatchObject({ kind: 'admin', actor: 'admin:rotator', action: 'GET /v1/audit/:id', target: 'audit:head', decision: 'allow', reason: 'read' });
   });
 });
+
+/** A request to the admin listener; `path` is the whole path (health, metrics and the page as well as /v1/). */
+async function adminFetch(method: string, path: string, init: { token?: string | null; type?: string; body?: string | Buffer; headers?: Record<string, string> } = {}): Promise<{ status: number; headers: Headers; text: string }> {
+  const token = init.token === undefined ? admin : init.token;
+  const res = await fetch(`${proxy.admin}${path}`, {
+    method,
+    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(init.type ? { 'content-type': init.type } : {}), ...init.headers },
+    ...(init.body !== undefined ? { body: init.body } : {}),
+  });
+  return { status: res.status, headers: res.headers, text: await res.text() };
+}
+
+describe('admin listener: what every answer carries', () => {
+  it('every answer (health, metrics, the page, the API, and each of their errors) carries its own X-Request-Id, as proxy answers do; an error body and the audit line carry the same id', async () => {
+    const big = JSON.stringify({ name: 'x'.repeat(200_000) });
+    const answers = [
+      ['healthz', await adminFetch('GET', '/healthz', { token: null }), 200],
+      ['HEAD healthz', await adminFetch('HEAD', '/healthz', { token: null }), 200],
+      ['readyz', await adminFetch('GET', '/readyz', { token: null }), 200],
+      ['metrics', await adminFetch('GET', '/metrics', { token: null }), 200],
+      ['unknown path', await adminFetch('GET', '/nothing', { token: null }), 404],
+      ['POST healthz', await adminFetch('POST', '/healthz', { token: null }), 405],
+      ['page without a token', await adminFetch('GET', '/', { token: null }), 401],
+      ['page', await adminFetch('GET', '/'), 200],
+      ['API list', await adminFetch('GET', '/v1/callers'), 200],
+      ['API without a token', await adminFetch('GET', '/v1/callers', { token: null }), 401],
+      ['API unknown path', await adminFetch('GET', '/v1/nothing'), 404],
+      ['API wrong method', await adminFetch('DELETE', '/v1/credentials'), 405],
+      ['API not JSON', await adminFetch('POST', '/v1/callers', { type: 'text/plain', body: '{}' }), 415],
+      ['API body too large', await adminFetch('POST', '/v1/callers', { type: 'application/json', body: big }), 413],
+      ['API bad body', await adminFetch('POST', '/v1/callers', { type: 'application/json', body: '[' }), 400],
+      ['API conflict', await adminFetch('POST', '/v1/credentials', { type: 'application/json', body: JSON.stringify({ id: 'key', fields: { token: 'tok_conflict_1234' } }) }), 409],
+    ] as const;
+    const ids = new Set<string>();
+    for (const [label, answer, status] of answers) {
+      expect(answer.status, label).toBe(status);
+      const id = answer.headers.get('x-request-id');
+      expect(id, label).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+      ids.add(id!);
+      // An error's JSON body names the id too, as the proxy's errors do.
+      if (status >= 400) expect(JSON.parse(answer.text), label).toMatchObject({ error: { request_id: id } });
+    }
+    expect(ids.size, 'one id per answer').toBe(answers.length);
+    // A refused Expect, answered before anything else.
+    const raw = await rawRequest(Number(new URL(proxy.admin).port), 'GET /healthz HTTP/1.1\r\nHost: admin\r\nExpect: something-else\r\n\r\n');
+    expect(statuses(raw)).toEqual([417]);
+    expect(raw).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+    // The audit lines the admin listener writes for a refusal and for a read name the answer's id.
+    const refused = answers.find(([label]) => label === 'API without a token')![1].headers.get('x-request-id')!;
+    const read = answers.find(([label]) => label === 'API list')![1].headers.get('x-request-id')!;
+    const page = answers.find(([label]) => label === 'page')![1].headers.get('x-request-id')!;
+    await eventually(async () => (await proxy.auditText()).includes(page), 2_000, 'the audit lines with the request ids');
+    const lines = (await proxy.auditText()).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.find((l) => l.request_id === refused)).toMatchObject({ kind: 'admin', action: 'GET /v1/callers', decision: 'deny', reason: 'admin_unauthenticated' });
+    expect(lines.find((l) => l.request_id === read)).toMatchObject({ kind: 'admin', action: 'GET /v1/callers', decision: 'allow', reason: 'read' });
+    expect(lines.find((l) => l.request_id === page)).toMatchObject({ kind: 'admin', action: 'GET /', decision: 'allow', reason: 'read' });
+  });
+});
+
+describe('admin listener: 405 and 404', () => {
+  it('a 405 carries Allow with the methods that path serves (RFC 9110 §15.5.6), each of them served there; a path that is no resource is 404 whatever the method', async () => {
+    const cases: [method: string, path: string, status: number, allow?: string][] = [
+      ['POST', '/healthz', 405, 'GET, HEAD'],
+      ['DELETE', '/readyz', 405, 'GET, HEAD'],
+      ['PUT', '/metrics', 405, 'GET, HEAD'],
+      ['POST', '/', 405, 'GET, HEAD'],
+      ['DELETE', '/v1/credentials', 405, 'GET, POST'],
+      ['DELETE', '/v1/credentials/key', 405, 'GET'],
+      ['GET', '/v1/credentials/key/promote', 405, 'POST'],
+      ['PUT', '/v1/credentials/key/revoke', 405, 'POST'],
+      ['PUT', '/v1/callers', 405, 'GET, POST'],
+      ['GET', '/v1/callers/svc/rotate', 405, 'POST'],
+      ['GET', '/v1/callers/svc/revoke', 405, 'POST'],
+      ['POST', '/v1/audit/head', 405, 'GET'],
+      // No resource there: a 405 would say one exists with other methods.
+      ['POST', '/nothing', 404],
+      ['OPTIONS', '/nothing', 404],
+      ['POST', '/v1', 404],
+      ['GET', '/v1/credentials/key/destroy', 404],
+      ['GET', '/v1/callers/svc', 404],
+      ['DELETE', '/v1/callers/svc', 404],
+      // An empty segment names nothing either (it was read as the collection: GET listed, POST created).
+      ['GET', '/v1/credentials//promote', 404],
+      ['POST', '/v1/callers//rotate', 404],
+      ['GET', '/v1/callers/', 404],
+    ];
+    for (const [method, path, status, allow] of cases) {
+      const answer = await adminFetch(method, path);
+      expect(answer.status, `${method} ${path}`).toBe(status);
+      expect(answer.headers.get('allow'), `${method} ${path}`).toBe(allow ?? null);
+      if (status !== 405) continue;
+      // What Allow lists is served: none of those methods is a 405 there (bodies that change nothing).
+      for (const listed of allow!.split(', ')) {
+        const target = path.replace('/key/', '/nope/').replace('/svc/', '/nope/');
+        const tried = await adminFetch(listed, target, listed === 'POST' ? { type: 'application/json', body: '{"unknown_field": 1}' } : {});
+        expect(tried.status, `${listed} ${target}`).not.toBe(405);
+      }
+    }
+  });
+});
+
+describe('admin API: Content-Type', () => {
+  it('the media type is matched whole and case-insensitively, with parameters: application/json in any case is taken; application/jsonfoo, application/json-seq, +json types and a charset other than UTF-8 are 415', async () => {
+    const add = (name: string, type: string) => adminFetch('POST', '/v1/callers', { type, body: JSON.stringify({ name }) });
+    const taken = [
+      ['ct-upper', 'Application/JSON'],
+      ['ct-charset', 'application/json; charset=utf-8'],
+      ['ct-quoted', 'application/json ;Charset="UTF-8"'],
+      ['ct-other-param', 'application/json;foo=bar'],
+    ];
+    for (const [name, type] of taken) expect((await add(name!, type!)).status, type).toBe(201);
+    const refused = [
+      ['ct-jsonfoo', 'application/jsonfoo'],
+      ['ct-seq', 'application/json-seq'],
+      ['ct-patch', 'application/merge-patch+json'],
+      ['ct-text', 'text/json'],
+      ['ct-latin1', 'application/json; charset=iso-8859-1'],
+      ['ct-bad-param', 'application/json; charset'],
+      ['ct-none', 'none'],
+    ];
+    for (const [name, type] of refused) {
+      const answer = await add(name!, type!);
+      expect(answer.status, type).toBe(415);
+      expect(JSON.parse(answer.text), type).toMatchObject({ error: { code: 'unsupported_media_type' } });
+    }
+    expect(JSON.parse((await add('ct-latin1', 'application/json; charset=iso-8859-1')).text).error.message).toMatch(/charset/i);
+    const names = ((await api('GET', '/callers')).json.callers as { name: string }[]).map((c) => c.name);
+    for (const [name] of taken) expect(names).toContain(name);
+    for (const [name] of refused) expect(names).not.toContain(name);
+  });
+
+  it('a body that is not valid UTF-8 is refused (400), not stored with its bytes replaced: a Latin-1 secret would become U+FFFD', async () => {
+    const body = Buffer.concat([Buffer.from('{"id":"latin","fields":{"token":"caf'), Buffer.from([0xe9]), Buffer.from('_secret_1234"}}')]);
+    const answer = await adminFetch('POST', '/v1/credentials', { type: 'application/json', body });
+    expect(answer.status, answer.text).toBe(400);
+    expect(JSON.parse(answer.text)).toMatchObject({ error: { code: 'bad_request', message: expect.stringMatching(/UTF-8/) } });
+    expect((await api('GET', '/credentials/latin')).status).toBe(404);
+  });
+});
+
+describe('admin API: 401', () => {
+  it('a 401 carries a Bearer challenge (RFC 9110 §15.5.2: WWW-Authenticate is a MUST on a 401), never a Basic one a browser would prompt for and then replay', async () => {
+    // No token, an unknown one, a caller's token, and the admin token sent as Basic (which the API does not take).
+    const basic = `Basic ${Buffer.from(`x:${admin}`).toString('base64')}`;
+    for (const authorization of [undefined, `Bearer ega_${'z'.repeat(43)}`, `Bearer ${proxy.tokens.svc!}`, basic]) {
+      const answer = await adminFetch('POST', '/v1/callers', { token: null, type: 'application/json', body: '{"name":"challenged"}', headers: authorization ? { authorization } : {} });
+      expect(answer.status).toBe(401);
+      expect(answer.headers.get('www-authenticate')).toBe('Bearer realm="egress-proxy admin"');
+    }
+  });
+});
+

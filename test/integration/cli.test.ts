@@ -219,6 +219,18 @@ describe('callers', () => {
     expect((await runCli(['callers', 'revoke', 'nobody'], env)).code).toBe(1);
   });
 
+  it('--json names the caller under "caller" for add, rotate and revoke alike, as the admin API does; revoke keeps "name" for scripts written against it; admin-token says "name" throughout', async () => {
+    const added = JSON.parse((await runCli(['callers', 'add', 'keyed', '--json'], env)).stdout) as Record<string, unknown>;
+    const rotated = JSON.parse((await runCli(['callers', 'rotate', 'keyed', '--grace', '0', '--json'], env)).stdout) as Record<string, unknown>;
+    const revoked = JSON.parse((await runCli(['callers', 'revoke', 'keyed', '--json'], env)).stdout) as Record<string, unknown>;
+    for (const out of [added, rotated, revoked]) expect(out.caller).toBe('keyed');
+    expect(revoked).toMatchObject({ caller: 'keyed', name: 'keyed', revoked_at: expect.any(String) });
+    const created = JSON.parse((await runCli(['admin-token', 'create', 'keyed', '--json'], env)).stdout) as Record<string, unknown>;
+    const adminRotated = JSON.parse((await runCli(['admin-token', 'rotate', 'keyed', '--grace', '0', '--json'], env)).stdout) as Record<string, unknown>;
+    const adminRevoked = JSON.parse((await runCli(['admin-token', 'revoke', 'keyed', '--json'], env)).stdout) as Record<string, unknown>;
+    for (const out of [created, adminRotated, adminRevoked]) expect(out.name).toBe('keyed');
+  });
+
   it('concurrent writers to one record: exactly one wins, the others fail cleanly (exit 1 or 3)', async () => {
     const results = await Promise.all(Array.from({ length: 5 }, () => runCli(['callers', 'add', 'race', '--json'], env)));
     const winners = results.filter((r) => r.code === 0);

@@ -376,3 +376,66 @@ describe('HDR: an Expect other than 100-continue on the admin listener', () => {
     await lab.g0();
   });
 });
+
+/**
+ * Send `head`, then `chunk` over and over (up to `limit` bytes) while the server takes them; the
+ * answer, and whether the server closed the connection before the client gave up `graceMs` later.
+ */
+function streamBody(port: number, head: string, chunk: Buffer, limit: number, graceMs = 1_500): Promise<{ answer: string; sent: number; closedByServer: boolean }> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let answer = '';
+    let sent = 0;
+    let finished = false;
+    const finish = (closedByServer: boolean) => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(timer);
+      socket.destroy();
+      resolve({ answer, sent, closedByServer });
+    };
+    let timer: NodeJS.Timeout | undefined;
+    socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+    socket.on('error', () => finish(true));
+    socket.on('end', () => finish(true));
+    socket.on('close', () => finish(true));
+    socket.write(head);
+    const pump = () => {
+      while (!finished && sent < limit) {
+        sent += chunk.length;
+        if (!socket.write(chunk)) return void socket.once('drain', pump);
+      }
+      if (!finished) timer = setTimeout(() => finish(false), graceMs);
+    };
+    pump();
+  });
+}
+
+describe('DOS: a request body the admin listener refused without reading it', () => {
+  it('DOS-03d is not read to its end: the refusal (401 before any token, 404, 405, 413 while streaming) says Connection: close and the connection closes, as on the proxy listener', async () => {
+    const created = await runCli(['admin-token', 'create', 'streamer', '--json'], envFor(lab.dir));
+    expect(created.code).toBe(0);
+    const admin = (JSON.parse(created.stdout) as { token: string }).token;
+    await eventually(async () => (await fetch(`${lab.admin}/v1/callers`, { headers: { authorization: `Bearer ${admin}` } }).then(async (r) => (await r.text(), r.status))) === 200, 3_000, 'the admin token known');
+    const port = Number(new URL(lab.admin).port);
+    const block = Buffer.alloc(64 * 1024, 'a');
+    const chunked = Buffer.from(`${block.length.toString(16)}\r\n${block.toString('latin1')}\r\n`, 'latin1');
+    const declared = 1024 * 1024 * 1024;
+    for (const [label, head, chunk, status] of [
+      ['no token', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: ${declared}\r\n\r\n`, block, 401],
+      ['no such endpoint', `POST /v1/nothing HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nContent-Length: ${declared}\r\n\r\n`, block, 404],
+      ['wrong method', `PUT /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nContent-Length: ${declared}\r\n\r\n`, block, 405],
+      ['health check with a body', `POST /healthz HTTP/1.1\r\nHost: admin\r\nContent-Length: ${declared}\r\n\r\n`, block, 405],
+      ['metrics with a body', `GET /metrics HTTP/1.1\r\nHost: admin\r\nContent-Length: ${declared}\r\n\r\n`, block, 200],
+      ['chunked past 128 KiB', `POST /v1/callers HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer ${admin}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`, chunked, 413],
+    ] as const) {
+      // Before: the answer said keep-alive and Node read (and dropped) all 64 MiB, and whatever came after.
+      const { answer, sent, closedByServer } = await streamBody(port, head, chunk, 64 * 1024 * 1024);
+      lab.seen(answer);
+      expect(statuses(answer), label).toEqual([status]);
+      expect(answer, label).toMatch(/\r\nconnection: close\r\n/i);
+      expect(closedByServer, `${label}: closed by the server (${sent} bytes sent)`).toBe(true);
+    }
+    await lab.g0();
+  }, 60_000);
+});
