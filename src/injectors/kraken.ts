@@ -39,6 +39,7 @@ export const krakenInjector: Injector<Options> = {
   scheme: 'kraken',
   schema,
   needsBody: true,
+  readsBody: 'The proxy signs a nonce into this route\'s form body (kraken)',
   needsNonce: true,
   signsRequest: true,
   claims: () => ({ headers: ['api-key', 'api-sign'], query: [], bodyFields: ['nonce'] }),

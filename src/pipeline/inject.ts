@@ -4,7 +4,7 @@ import { dropFields, jsonObjectBody } from '../injectors/json-body.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
-import { checkDeclaredLength, continueBody, hasBody, readBody, refuseCodedBody } from './body.ts';
+import { checkDeclaredLength, continueBody, hasBody, NO_CONTENT_METHODS, readBody, refuseCodedBody } from './body.ts';
 import { liveVersion, open } from './resolve-credential.ts';
 import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
@@ -29,8 +29,10 @@ export function inject(ctx: RequestContext): void | Promise<void> {
   // A form body is read whole: a field read as a claimed parameter refuses it before anything goes (form-body.ts).
   const body = hasBody(ctx.req);
   const forms = body ? formKinds(ctx.req) : [];
-  // The check reads the bytes as they came: it cannot read them encoded (body.ts).
+  // A step that reads what the body says cannot read it encoded (body.ts). A route's reader also
+  // writes a body where none came (json_body, kraken): checked on every method that may carry one.
   if (forms.length > 0) refuseCodedBody(ctx.req, FORM_CHECK);
+  else if (route.bodyReader !== undefined && !NO_CONTENT_METHODS.has(ctx.req.method!)) refuseCodedBody(ctx.req, route.bodyReader);
   const needsBody = forms.length > 0 || (body && (route.needsBody || ctx.replayable || isSmallBody(ctx.req)));
   if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);

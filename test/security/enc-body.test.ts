@@ -116,6 +116,42 @@ describe('ENC: request bodies under a Content-Encoding', () => {
     await expect(post('/hdr/x', FORM, 'identity', '_method=DELETE').then((r) => r.status)).resolves.toBe(400);
   });
 
+  it('ENC-03 json_body refuses a compressed body with 400 naming the coding (not "not UTF-8"), and a plain body labelled gzip (the merged JSON would go out labelled gzip)', async () => {
+    const before = upstream.requests.length;
+    const json = Buffer.from('{"secret":"mine","account":"acc-1"}');
+    await expectRefused(await post('/json/x', 'application/json', 'gzip', gzipSync(json)), /gzip/, 'gzip body');
+    await expectRefused(await post('/json/x', 'application/json', 'gzip', json), /gzip/, 'plain body labelled gzip');
+    await expectRefused(await post('/json/x', 'application/json', 'br', brotliCompressSync(json)), /\bbr\b/, 'br');
+    // No body: json_body writes one, which must not go out under the caller's coding.
+    const empty = await raw('/json/x', ['Content-Type: application/json', 'Content-Encoding: gzip', 'Content-Length: 0']);
+    expect(statuses(empty)).toEqual([400]);
+    expect(upstream.requests.length - before).toBe(0);
+    const ok = await post('/json/x', 'application/json', 'identity', json);
+    expect(ok.status).toBe(200);
+    expect(JSON.parse(upstream.requests.at(-1)!.body.toString())).toEqual({ account: 'acc-1', secret: SECRET });
+  });
+
+  it('ENC-04 strip_body_fields refuses a compressed body it cannot look into, instead of sending the caller\'s copy of the field unseen', async () => {
+    const before = upstream.requests.length;
+    await expectRefused(await post('/strip/x', 'application/json', 'gzip', gzipSync('{"secret":"mine"}')), /gzip/, 'strip');
+    await expectRefused(await post('/strip/x', 'application/json', 'deflate', deflateSync('{"secret":"mine"}')), /deflate/, 'strip');
+    expect(upstream.requests.length - before).toBe(0);
+    expect((await post('/strip/x', 'application/json', 'identity', '{"secret":"mine","a":1}')).status).toBe(200);
+    expect(upstream.requests.at(-1)!.body.toString()).toBe('{"a":1}');
+  });
+
+  it('ENC-05 snaptrade and kraken refuse a compressed body with 400 naming the coding, not a "not UTF-8" message or a nonce appended to compressed bytes', async () => {
+    const before = upstream.requests.length;
+    const snap = await expectRefused(await post('/snap/trade?userId=u', 'application/json', 'gzip', gzipSync('{"units":1}')), /gzip/, 'snaptrade');
+    expect(snap).not.toMatch(/UTF-8|not JSON/);
+    await expectRefused(await post('/kraken/0/private/Balance', FORM, 'gzip', gzipSync('asset=XBT')), /gzip/, 'kraken');
+    expect(upstream.requests.length - before).toBe(0);
+    // A GET names a Content-Encoding but sends no body: nothing is read, it goes as before.
+    const get = await raw('/snap/accounts?userId=u', ['Content-Encoding: gzip'], '', 'GET');
+    expect(statuses(get)).toEqual([200]);
+    expect((await post('/snap/trade?userId=u', 'application/json', 'identity', '{"units":1}')).status).toBe(200);
+  });
+
   it('ENC-06 a body no step reads (JSON to a headers route, a body hmac signs as sent) goes through byte for byte with its Content-Encoding; a GET naming one is forwarded as it was', async () => {
     const before = upstream.requests.length;
     const json = gzipSync('{"_method":"DELETE","secret":"mine"}');
