@@ -52,6 +52,8 @@ export interface CompiledRoute {
   /** Credential fields the templates need: checked before a request is sent. */
   readonly fields: readonly string[];
   readonly needsBody: boolean;
+  /** The first step that reads what the body says (strip_body_fields, an injector's readsBody): an encoded body is refused. */
+  readonly bodyReader: string | undefined;
   /** strip_body_fields, lower-cased; undefined when none. */
   readonly stripBodyFields: ReadonlySet<string> | undefined;
   /** An injector signs with a nonce: the pipeline fetches one per request. */
@@ -128,6 +130,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
     callerHeaders: raw.caller_headers ? new Set(raw.caller_headers.map((h) => h.toLowerCase())) : undefined,
     fields: Object.freeze([...new Set(templates.flatMap((t) => t.fields))]),
     needsBody: raw.strip_body_fields !== undefined || injections.some((i) => i.injector.needsBody),
+    bodyReader: raw.strip_body_fields ? 'The proxy removes fields from this route\'s JSON body (strip_body_fields)' : injections.find((i) => i.injector.readsBody)?.injector.readsBody,
     stripBodyFields: raw.strip_body_fields ? new Set(raw.strip_body_fields.map((f) => f.toLowerCase())) : undefined,
     needsNonce: injections.some(({ injector, options }) => (typeof injector.needsNonce === 'function' ? injector.needsNonce(options) : injector.needsNonce === true)),
     needsPrepare: injections.some((i) => i.injector.prepare !== undefined),

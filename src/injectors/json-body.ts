@@ -37,6 +37,7 @@ export const jsonBodyInjector: Injector<Options> = {
   scheme: 'json_body',
   schema,
   needsBody: true,
+  readsBody: 'The proxy merges this route\'s credential into the JSON body (json_body)',
   claims: (options) => ({ headers: [], query: [], bodyFields: Object.keys(options.fields) }),
   templates: (options) => Object.values(options.fields),
   inject({ request, credential, options, redact }) {

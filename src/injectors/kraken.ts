@@ -39,6 +39,7 @@ export const krakenInjector: Injector<Options> = {
   scheme: 'kraken',
   schema,
   needsBody: true,
+  readsBody: 'The proxy signs a nonce into this route\'s form body (kraken)',
   needsNonce: true,
   signsRequest: true,
   claims: () => ({ headers: ['api-key', 'api-sign'], query: [], bodyFields: ['nonce'] }),
@@ -49,11 +50,6 @@ export const krakenInjector: Injector<Options> = {
     const type = request.headers.get('content-type')?.[0];
     if (type !== undefined && type.split(';', 1)[0]!.trim().toLowerCase() !== FORM) {
       throw new ProxyError('bad_request', `This route signs a form body (${FORM}).`);
-    }
-    // The nonce is added as text: in a compressed body it would corrupt the bytes it is signed with.
-    const encoding = request.headers.get('content-encoding');
-    if (encoding?.some((e) => e.trim().toLowerCase() !== 'identity')) {
-      throw new ProxyError('bad_request', 'This route adds a nonce to the form body, which it cannot do to a body sent with a Content-Encoding (compressed): send it uncompressed.');
     }
     const apiKey = render(options.api_key, credential.fields);
     const secret = fromCredential(credential, 'kraken', options.api_secret, (text) => createSecretKey(decodeKey(text, 'base64', 'api_secret')));

@@ -39,6 +39,7 @@ export const snaptradeInjector: Injector<Options> = {
   scheme: 'snaptrade',
   schema,
   needsBody: true,
+  readsBody: 'The proxy signs this route\'s parsed JSON body (snaptrade)',
   signsRequest: true,
   claims: () => ({ headers: ['signature'], query: ['clientId', 'timestamp'], bodyFields: [] }),
   templates: (options) => [options.client_id, options.consumer_key],

@@ -86,6 +86,11 @@ export interface Injector<O extends { readonly scheme: string } = { readonly sch
   /** The body must be buffered (bounded by max_body) before inject runs. */
   readonly needsBody: boolean;
   /**
+   * Set when the injector reads what the body says (parses or rewrites it) rather than signing its
+   * bytes as sent: what it does, for the refusal of a body under a Content-Encoding (refuseCodedBody).
+   */
+  readonly readsBody?: string;
+  /**
    * The pipeline fetches a strictly increasing nonce for the credential before inject runs: always
    * (true), or when these options use one (a function).
    */

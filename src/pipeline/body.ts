@@ -38,6 +38,44 @@ export function continueBody(req: IncomingMessage, res: ServerResponse): void {
   res.writeContinue();
 }
 
+/**
+ * Content codings a refusal names (RFC 9110 §8.4.1, the IANA registry, and the x- aliases): a
+ * coding outside the list is named as unknown, so no header text of the caller's is echoed.
+ */
+const NAMED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compress', 'x-compress', 'aes128gcm', 'dcb', 'dcz', 'exi', 'pack200-gzip']);
+
+/**
+ * The codings other than identity the body is declared to be under, lower-cased, in order. Every
+ * Content-Encoding line counts, in either spelling ("Content_Encoding" is HTTP_CONTENT_ENCODING to
+ * CGI and WSGI): an upstream may read any of them, and one that inflates the body reads what the
+ * proxy did not. Codings are compared without regard to case (RFC 9110 §8.4.1); empty list
+ * elements are no coding (§5.6.1).
+ */
+export function bodyCodings(rawHeaders: readonly string[]): string[] {
+  const codings: string[] = [];
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if (rawHeaders[i]!.toLowerCase().replaceAll('_', '-') !== 'content-encoding') continue;
+    for (const element of rawHeaders[i + 1]!.split(',')) {
+      const coding = element.trim().toLowerCase();
+      if (coding !== '' && coding !== 'identity') codings.push(coding);
+    }
+  }
+  return codings;
+}
+
+/**
+ * A step that reads the body (`reader` says which and why) reads the bytes as they arrive: under a
+ * Content-Encoding it would check, parse or sign bytes that the upstream (or a front proxy that
+ * inflates request bodies) reads as something else, or write a body of its own under the caller's
+ * coding. Such a body is refused (400 bad_request) before the caller is invited to send it.
+ */
+export function refuseCodedBody(req: IncomingMessage, reader: string): void {
+  const coding = bodyCodings(req.rawHeaders)[0];
+  if (coding === undefined) return;
+  const named = NAMED_CODINGS.has(coding) ? `Content-Encoding: ${coding}` : 'a Content-Encoding the proxy does not know';
+  throw new ProxyError('bad_request', `${reader}, and cannot read a body under ${named}. Send the body unencoded (no Content-Encoding, or identity).`);
+}
+
 /** Refuse a declared Content-Length over the limit before reading a byte of it. */
 export function checkDeclaredLength(req: IncomingMessage, max: number): void {
   const declared = req.headers['content-length'];

@@ -13,6 +13,9 @@ import { claimedName, claimedPiece, ownedNames } from './param-names.ts';
 
 type FormKind = 'urlencoded' | 'multipart';
 
+/** What the check does, for the refusal of a form body under a Content-Encoding (refuseCodedBody). */
+export const FORM_CHECK = 'The proxy checks a form body for fields read as parameters (_method, and those the route sets in the query)';
+
 /**
  * The body's form kinds, each with the Content-Type that makes it one: multipart as Rack parses it
  * (form-data, mixed, related), and a POST with no Content-Type, which Rack parses as a form. Every

@@ -4,12 +4,12 @@ import { dropFields, jsonObjectBody } from '../injectors/json-body.ts';
 import type { OutboundRequest, ResolvedCredential } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { outboundHeaders } from './headers.ts';
-import { checkDeclaredLength, continueBody, hasBody, readBody } from './body.ts';
+import { checkDeclaredLength, continueBody, hasBody, NO_CONTENT_METHODS, readBody, refuseCodedBody } from './body.ts';
 import { liveVersion, open } from './resolve-credential.ts';
 import type { FetchedToken, TokenSource } from './token-broker.ts';
 import { echoForms, needlesOf } from './redact.ts';
 import { claimedPiece, ownedNames } from './param-names.ts';
-import { formKinds, refuseClaimedFields } from './form-body.ts';
+import { FORM_CHECK, formKinds, refuseClaimedFields } from './form-body.ts';
 
 /**
  * A body of a declared length up to this is read before the request goes upstream, so that it
@@ -29,6 +29,10 @@ export function inject(ctx: RequestContext): void | Promise<void> {
   // A form body is read whole: a field read as a claimed parameter refuses it before anything goes (form-body.ts).
   const body = hasBody(ctx.req);
   const forms = body ? formKinds(ctx.req) : [];
+  // A step that reads what the body says cannot read it encoded (body.ts). A route's reader also
+  // writes a body where none came (json_body, kraken): checked on every method that may carry one.
+  if (forms.length > 0) refuseCodedBody(ctx.req, FORM_CHECK);
+  else if (route.bodyReader !== undefined && !NO_CONTENT_METHODS.has(ctx.req.method!)) refuseCodedBody(ctx.req, route.bodyReader);
   const needsBody = forms.length > 0 || (body && (route.needsBody || ctx.replayable || isSmallBody(ctx.req)));
   if (!needsBody && !route.needsNonce && !route.needsPrepare) {
     ctx.outbound = buildOutbound(ctx, ctx.credential!);
