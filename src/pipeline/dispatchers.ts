@@ -1,4 +1,4 @@
-import { rootCertificates } from 'node:tls';
+import { createSecureContext, rootCertificates, type SecureContextOptions } from 'node:tls';
 import { Pool } from './undici.ts';
 import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
@@ -126,8 +126,17 @@ type PoolPolicy = Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allow
  * A keep-alive pool with the route's connect policy. Upstream TLS is always verified: upstream_ca
  * adds a CA to the system roots, it replaces nothing. Unless the route allows private addresses,
  * names are resolved by guardedLookup, which connects only to the address it checked.
+ *
+ * The TLS context (trusted roots, client certificate) is built here, once per pool: given only
+ * its options, tls.connect builds one at every handshake, and with upstream_ca that parses every
+ * system root again (about 9 ms of the event loop per new connection, a PKCS#12 bundle's key
+ * derivation on top for mtls). Material that does not load (a PKCS#12 passphrase that does not
+ * open it) throws here, and the request that wanted the pool is refused (502).
  */
-function newPool(origin: string, route: PoolPolicy, connections: number, clientCert: Record<string, unknown> = {}): Pool {
+function newPool(origin: string, route: PoolPolicy, connections: number, clientCert: SecureContextOptions = {}): Pool {
+  const secure = origin.startsWith('https:')
+    ? { secureContext: createSecureContext({ ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}), ...clientCert }) }
+    : {};
   return new Pool(origin, {
     connections,
     pipelining: 1,
@@ -136,8 +145,7 @@ function newPool(origin: string, route: PoolPolicy, connections: number, clientC
       timeout: route.connectTimeoutMs,
       rejectUnauthorized: true,
       ...(route.allowPrivateAddresses ? {} : { lookup: guardedLookup }),
-      ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
-      ...clientCert,
+      ...secure,
     },
   });
 }
