@@ -178,6 +178,23 @@ describe('mtls', () => {
     }
   });
 
+  it('a credential with two certificates (paper and live): each is checked against the key that belongs to it, whatever the order of the fields', async () => {
+    const env = envFor(proxy.dir);
+    const paper = issueClient(clientCa, 'paper-2');
+    const live = issueClient(clientCa, 'live-2');
+    const expired = issueClient(clientCa, 'live-old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 });
+    const put = (fields: Record<string, string>) => runCli(['keys', 'put', `pair-${Math.random().toString(36).slice(2, 8)}`, '--from-stdin'], env, JSON.stringify(fields));
+    const mixed = await put({ live_cert: live.cert, paper_cert: paper.cert, paper_key: paper.key, live_key: live.key });
+    expect(mixed.code, mixed.stderr).toBe(0);
+    const stale = await put({ paper_cert: paper.cert, paper_key: paper.key, live_cert: expired.cert, live_key: expired.key });
+    expect(stale.code).toBe(1);
+    expect(stale.stderr).toMatch(/certificate in field "live_cert" expired/);
+    const unpaired = await put({ paper_cert: paper.cert, paper_key: paper.key, live_cert: live.cert, live_key: paper.key });
+    expect(unpaired.code).toBe(1);
+    expect(unpaired.stderr).toMatch(/field "live_cert"/);
+    expect(unpaired.stderr + stale.stderr).not.toContain('BEGIN');
+  });
+
   it('a PEM private key without a certificate is a signing key (coinbase_jwt): stored; one that does not parse is refused without quoting it', async () => {
     const env = envFor(proxy.dir);
     const signing = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ type: 'sec1', format: 'pem' }) as string;
