@@ -53,10 +53,12 @@ let serverCa: string;
 const seen: { cn: string | undefined; auth: string | undefined }[] = [];
 let proxy: TestProxy;
 let v1: ReturnType<typeof issueClient>;
+let ownPki: ReturnType<typeof makeTestPki>;
 
 beforeAll(async () => {
   clientCa = makeCa('egress test client CA');
   const pki = makeTestPki();
+  ownPki = pki;
   serverCa = pki.caCert;
   // Like Teller: no client certificate from our CA, no API.
   server = createServer({ key: pki.serverKey, cert: pki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (req, res) => {
@@ -155,6 +157,38 @@ describe('mtls', () => {
       await eventually(async () => (await cn()) === 'egress-client-again', 3_000, 'the certificate put again');
     } finally {
       await own.close();
+    }
+  });
+
+  it('a reload that changes a route\'s connection settings closes the certificate pool it no longer uses', async () => {
+    const open = new Set<import('node:net').Socket>();
+    const own = createServer({ key: ownPki.serverKey, cert: ownPki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (_req, res) => res.end('{}'));
+    own.keepAliveTimeout = 60_000;
+    own.on('secureConnection', (socket) => {
+      open.add(socket);
+      socket.on('close', () => open.delete(socket));
+    });
+    await new Promise<void>((r) => own.listen(0, '127.0.0.1', r));
+    const url = `https://127.0.0.1:${(own.address() as AddressInfo).port}`;
+    const routeText = (connect: string, paths: string) => `name: teller\npreset: teller\nupstream: ${url}\nallow_private_addresses: true\nupstream_ca: ./server-ca.pem\ntimeouts: { connect: ${connect} }\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [${paths}]\n`;
+    const reloading = await startTestProxy({
+      routes: { teller: routeText('5s', '/accounts') },
+      files: { 'server-ca.pem': ownPki.caCert },
+      credentials: { 'teller-cert': { certificate: v1.cert, private_key: v1.key } },
+      callers: ['svc'],
+    });
+    try {
+      const status = async (path: string) => (await fetch(`${reloading.url}/teller${path}`, { headers: { 'x-egress-token': reloading.tokens.svc! } })).status;
+      expect(await status('/accounts')).toBe(200);
+      expect(open.size).toBe(1);
+      const [idle] = open;
+      await writeFile(`${reloading.routesDir}/teller.yaml`, routeText('4s', '/accounts, /other'));
+      await eventually(async () => (await status('/other')) === 200, 5_000, 'the reloaded route');
+      await eventually(() => !open.has(idle!), 3_000, 'the connection of the pool the route no longer uses to close');
+    } finally {
+      await reloading.close();
+      own.closeAllConnections();
+      await new Promise<void>((r) => own.close(() => r()));
     }
   });
 
