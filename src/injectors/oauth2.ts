@@ -199,8 +199,11 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
       res = await exchange.head;
     } catch (err) {
       // A name that resolved to an address the route may not reach is refused as the upstream's would be (403), not an outage.
-      if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
-      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : 'The token endpoint could not be reached.');
+      const code = errorCode(err);
+      if (code === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
+      // Only the code, as upstreamFailure does: it tells a certificate the route does not trust
+      // (upstream_ca) from a refused connection, and carries nothing of the request.
+      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : `The token endpoint could not be reached${code ? ` (${code})` : ''}.`, { cause: code });
     }
     try {
       text = (await res.readAll(MAX_TOKEN_RESPONSE)).toString('utf8');

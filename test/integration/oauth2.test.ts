@@ -2,6 +2,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { oauth2Route } from '../helpers/routes.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -249,6 +250,28 @@ describe('oauth2_client_credentials', () => {
       expect((await get(proxy, '/gc/accounts')).status).toBe(200);
     }
     expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/', '/api/v2/token/refresh/']);
+  });
+
+  it('MITM a token endpoint whose certificate is not trusted gets no client secret; the 503 says why (the TLS error code), as an upstream\'s 502 does', async () => {
+    const foreign = makeTestPki({ commonName: 'untrusted token CA' });
+    const tokenServer = await startUpstream(undefined, { key: foreign.serverKey, cert: foreign.serverCert });
+    const proxy = await startTestProxy({
+      routes: { bank: oauth2Route(upstream.url).replace(`token_url: ${upstream.url}/connect/token`, `token_url: ${tokenServer.url}/connect/token`) },
+      credentials: { bank: { client_id: 'client-1', client_secret: 'cs_CANARY_good_1' } },
+      callers: ['svc'],
+    });
+    proxies.push(proxy);
+    try {
+      const res = await get(proxy, '/bank/accounts');
+      expect(res.status).toBe(503);
+      const { error } = (await res.json()) as { error: { code: string; message: string } };
+      expect(error.code).toBe('credential_unavailable');
+      expect(error.message).toMatch(/could not be reached \((SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)\)/);
+      expect(tokenServer.requests.length).toBe(0);
+      expect(proxy.logs()).not.toContain('cs_CANARY_good_1');
+    } finally {
+      await tokenServer.close();
+    }
   });
 
   it('two instances share one token through Redis', async () => {
