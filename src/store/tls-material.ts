@@ -77,13 +77,13 @@ function checkPkcs12(base64: string, passphrase: string, field: string, now: Dat
   const bags = (type: string) => p12.getBags({ bagType: type })[type] ?? [];
   const certs = bags(pki.oids.certBag!);
   const keys = [...bags(pki.oids.pkcs8ShroudedKeyBag!), ...bags(pki.oids.keyBag!)];
-  const cert = certs[0]?.cert;
   const key = keys[0]?.key;
-  if (!cert || !key) throw new UserError(`the PKCS#12 bundle in field "${field}" needs a certificate and its private key`);
-  // The leaf's public key must be the key's: compare the SPKI of both.
-  const certSpki = createPublicKey(pki.publicKeyToPem(cert.publicKey)).export({ type: 'spki', format: 'der' });
+  if (certs.length === 0 || !key) throw new UserError(`the PKCS#12 bundle in field "${field}" needs a certificate and its private key`);
+  // The leaf is the certificate whose public key is the key's (compared as SPKI), wherever it is
+  // in the bundle: the TLS stack presents that one, and a chain may list its CA first.
   const keySpki = createPublicKey(createPrivateKey(pki.privateKeyToPem(key as Forge.pki.rsa.PrivateKey))).export({ type: 'spki', format: 'der' });
-  if (!certSpki.equals(keySpki)) throw new UserError(`the private key in the PKCS#12 bundle in field "${field}" does not belong to its certificate`);
+  const cert = certs.map((bag) => bag.cert).find((c) => c !== undefined && createPublicKey(pki.publicKeyToPem(c.publicKey)).export({ type: 'spki', format: 'der' }).equals(keySpki));
+  if (!cert) throw new UserError(`the private key in the PKCS#12 bundle in field "${field}" does not belong to its certificate`);
   checkValidity(cert.validity.notBefore, cert.validity.notAfter, field, now);
 }
 

@@ -229,6 +229,17 @@ describe('mtls', () => {
     expect(unpaired.stderr + stale.stderr).not.toContain('BEGIN');
   });
 
+  it('a PKCS#12 bundle with its CA certificate before the leaf: the leaf that matches the key is checked (stored when valid, refused when expired), as the TLS stack picks it', async () => {
+    const env = envFor(proxy.dir);
+    const bundle = (leaf: ReturnType<typeof issueClient>) => forge.util.encode64(forge.asn1.toDer(forge.pkcs12.toPkcs12Asn1(leaf.forgeKey, [clientCa.cert, leaf.forgeCert], 'pw', { algorithm: '3des' })).getBytes());
+    const put = (leaf: ReturnType<typeof issueClient>) => runCli(['keys', 'put', `chain-${Math.random().toString(36).slice(2, 8)}`, '--from-stdin'], env, JSON.stringify({ pkcs12: bundle(leaf), passphrase: 'pw' }));
+    const good = await put(issueClient(clientCa, 'chain-leaf'));
+    expect(good.code, good.stderr).toBe(0);
+    const old = await put(issueClient(clientCa, 'chain-old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 }));
+    expect(old.code).toBe(1);
+    expect(old.stderr).toMatch(/expired/);
+  });
+
   it('a PEM private key without a certificate is a signing key (coinbase_jwt): stored; one that does not parse is refused without quoting it', async () => {
     const env = envFor(proxy.dir);
     const signing = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ type: 'sec1', format: 'pem' }) as string;
