@@ -16,6 +16,8 @@ const issued = new Set<string>();
 const mints: { path: string; client: string }[] = [];
 let tokenLife = 3600;
 let tokenServerDown = false;
+/** The token endpoint answers 429 with this Retry-After (seconds) when set. */
+let tokenRetryAfter: string | undefined;
 /** Bytes of padding in the token endpoint's answer. */
 let tokenPadding = 0;
 let secretsAccepted = new Set(['cs_CANARY_good_1']);
@@ -35,6 +37,10 @@ beforeAll(async () => {
       const [user, pass] = Buffer.from(String(req.headers.authorization ?? '').replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent);
       const form = new URLSearchParams(body.toString());
       if (tokenServerDown) return json(500, { error: 'temporarily_unavailable' });
+      if (tokenRetryAfter !== undefined) {
+        res.writeHead(429, { 'content-type': 'application/json', 'retry-after': tokenRetryAfter });
+        return res.end(JSON.stringify({ error: 'rate_limited' }));
+      }
       // RFC 6749 §5.2: a scope the server does not know is the request's fault, not the client's.
       if (form.get('scope') === 'no-such-scope') return json(400, { error: 'invalid_scope', error_description: 'unknown scope' });
       if (form.get('grant_type') !== 'client_credentials' || user !== 'client-1' || !secretsAccepted.has(pass ?? '')) return json(401, { error: 'invalid_client' });
@@ -77,6 +83,7 @@ afterAll(async () => {
 afterEach(() => {
   tokenLife = 3600;
   tokenServerDown = false;
+  tokenRetryAfter = undefined;
   tokenPadding = 0;
   secretsAccepted = new Set(['cs_CANARY_good_1']);
 });
@@ -272,6 +279,22 @@ describe('oauth2_client_credentials', () => {
     } finally {
       await tokenServer.close();
     }
+  });
+
+  it('DOS a token endpoint\'s 429 with Retry-After is honoured: no token request until then (503 with the Retry-After left), not one per request', async () => {
+    const proxy = await start();
+    tokenRetryAfter = '30';
+    const tokenCalls = () => upstream.requests.filter((r) => r.url === '/connect/token').length;
+    const before = tokenCalls();
+    for (let i = 0; i < 10; i++) {
+      const res = await get(proxy, '/bank/accounts');
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { error: { message: string } }).error.message).toContain('429');
+      const wait = Number(res.headers.get('retry-after'));
+      expect(wait).toBeGreaterThan(25);
+      expect(wait).toBeLessThanOrEqual(30);
+    }
+    expect(tokenCalls() - before).toBe(1);
   });
 
   it('two instances share one token through Redis', async () => {
