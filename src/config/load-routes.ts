@@ -1,3 +1,4 @@
+import { X509Certificate } from 'node:crypto';
 import { constants, type BigIntStats } from 'node:fs';
 import { lstat, open, readdir, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -289,8 +290,9 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     } catch (err) {
       return { problems: [{ file, ...at(issueOffset(doc, { path: ['upstream_ca'] })), message: `upstream_ca: cannot read "${parsed.data.upstream_ca}" (${(err as NodeJS.ErrnoException).code ?? 'error'})` }] };
     }
-    if (!ca.includes('-----BEGIN CERTIFICATE-----')) {
-      return { problems: [{ file, ...at(issueOffset(doc, { path: ['upstream_ca'] })), message: 'upstream_ca: the file holds no PEM certificate' }] };
+    const problem = caProblem(ca);
+    if (problem !== undefined) {
+      return { problems: [{ file, ...at(issueOffset(doc, { path: ['upstream_ca'] })), message: `upstream_ca: ${problem}` }] };
     }
   }
   const stem = basename(file).replace(ROUTE_FILE, '');
@@ -305,6 +307,31 @@ export async function parseRouteText(text: string, file: string, readCa: (path: 
     return at(issueOffset(doc, { path: item >= 0 ? [path[0]!, item] : path }));
   };
   return { route: compileRoute(parsed.data, file, ca), keyAt };
+}
+
+const PEM_BEGIN = '-----BEGIN CERTIFICATE-----';
+const PEM_END = '-----END CERTIFICATE-----';
+
+/**
+ * What is wrong with an upstream_ca bundle, if anything: every certificate in it must parse. The
+ * TLS stack skips one that does not (altered, cut short, a placeholder) without a word, and every
+ * handshake with the upstream it was meant for then fails; a bundle caught half-written would be
+ * loaded so too. Text between the certificates (openssl's subject= lines, comments) is allowed.
+ */
+function caProblem(text: string): string | undefined {
+  const blocks = text.split(PEM_BEGIN).slice(1);
+  if (blocks.length === 0) return 'the file holds no PEM certificate';
+  for (const [i, block] of blocks.entries()) {
+    const end = block.indexOf(PEM_END);
+    try {
+      // Base64 has no "-": another BEGIN line, or none, before this block's END means it was cut short.
+      if (end < 0 || block.slice(0, end).includes('-')) throw new Error('cut short');
+      new X509Certificate(`${PEM_BEGIN}${block.slice(0, end)}${PEM_END}`);
+    } catch {
+      return `certificate ${i + 1} of the file is not a valid PEM certificate (cut short or altered)`;
+    }
+  }
+  return undefined;
 }
 
 /**

@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { errorCode, ProxyError, upstreamFailure } from '../errors.ts';
 import type { Secret } from '../secret.ts';
 import type { Minted } from '../pipeline/token-broker.ts';
+import { retryAfterMs } from '../pipeline/forward.ts';
 import { dispatchExchange, type UpstreamExchange } from '../pipeline/upstream-exchange.ts';
 import { compileTemplate, render, templateString, type Template } from './template.ts';
 import type { Injector, PrepareArgs, ResolvedCredential } from './types.ts';
@@ -199,8 +200,11 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
       res = await exchange.head;
     } catch (err) {
       // A name that resolved to an address the route may not reach is refused as the upstream's would be (403), not an outage.
-      if (errorCode(err) === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
-      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : 'The token endpoint could not be reached.');
+      const code = errorCode(err);
+      if (code === 'EGRESS_PRIVATE_ADDRESS') throw upstreamFailure(err);
+      // Only the code, as upstreamFailure does: it tells a certificate the route does not trust
+      // (upstream_ca) from a refused connection, and carries nothing of the request.
+      throw new ProxyError('credential_unavailable', late ? 'The token endpoint did not answer in time.' : `The token endpoint could not be reached${code ? ` (${code})` : ''}.`, { cause: code });
     }
     try {
       text = (await res.readAll(MAX_TOKEN_RESPONSE)).toString('utf8');
@@ -221,6 +225,11 @@ async function call(dispatcher: Dispatcher, target: string, encoding: 'form' | '
   if (res.status === 400 || res.status === 401 || res.status === 403) {
     // invalid_client and friends (RFC 6749 §5.2): this credential version is refused.
     throw new TokenRejected(res.status);
+  }
+  if (res.status === 429) {
+    // Its Retry-After travels with the error: the broker asks no more until then (TokenBroker).
+    const waitMs = retryAfterMs(res.headers['retry-after']);
+    throw new ProxyError('credential_unavailable', 'The token endpoint answered 429 (too many token requests).', waitMs > 0 ? { headers: { 'retry-after': String(Math.ceil(waitMs / 1000)) } } : undefined);
   }
   if (res.status < 200 || res.status >= 300) throw new ProxyError('credential_unavailable', `The token endpoint answered ${res.status}.`);
   let parsed: unknown;

@@ -1,4 +1,4 @@
-import { rootCertificates } from 'node:tls';
+import { createSecureContext, rootCertificates, type SecureContextOptions } from 'node:tls';
 import { Pool } from './undici.ts';
 import type { CompiledConfig, CompiledRoute } from '../config/compile-routes.ts';
 import type { ResolvedCredential } from '../injectors/types.ts';
@@ -27,34 +27,37 @@ export class Dispatchers {
    * the old pool drains.
    */
   forCredential(route: CompiledRoute, credential: ResolvedCredential): Pool {
-    const injection = route.clientCertificate!;
-    // The fields the certificate is taken from are part of the key: two routes to one origin may
-    // read two certificates from one credential (paper and live), and must not share a pool.
-    const fields = injection.injector.templates(injection.options).map((t) => t.source);
-    const key = JSON.stringify([this.#routeKey(route), credential.id, credential.version, fields]);
+    const user = certificateUser(this.#routeKey(route), route);
+    const key = JSON.stringify([user, credential.version]);
     let pool = this.#pools.get(key);
     if (!pool) {
+      const injection = route.clientCertificate!;
       const material = injection.injector.clientCertificate!(injection.options, credential);
       const clientCert = material.kind === 'pem' ? { cert: material.cert, key: material.key } : { pfx: material.pfx, passphrase: material.passphrase };
       pool = newPool(route.origin, route, 64, clientCert);
       this.#pools.set(key, pool);
-      this.#versioned.set(key, `${credential.id}\u0000${credential.version}`);
+      this.#versioned.set(key, { version: `${credential.id}\u0000${credential.version}`, user });
     }
     return pool;
   }
 
   /** After a store change: drain and close the pools of credential versions no longer pending, current or previous. */
   retainVersions(live: ReadonlySet<string>): void {
-    for (const [key, version] of this.#versioned) {
+    for (const [key, { version }] of this.#versioned) {
       if (live.has(version)) continue;
-      const pool = this.#pools.get(key);
-      this.#pools.delete(key);
-      this.#versioned.delete(key);
-      void pool?.close().catch(() => {});
+      this.#closeVersioned(key);
     }
   }
 
-  readonly #versioned = new Map<string, string>();
+  /** The pools of forCredential: the credential version each presents, and what uses it (certificateUser). */
+  readonly #versioned = new Map<string, { readonly version: string; readonly user: string }>();
+
+  #closeVersioned(key: string): void {
+    const pool = this.#pools.get(key);
+    this.#pools.delete(key);
+    this.#versioned.delete(key);
+    void pool?.close().catch(() => {});
+  }
 
   /**
    * Drain and close every pool of one credential, whatever the version: a credential created again
@@ -62,12 +65,9 @@ export class Dispatchers {
    * certificate that the lost record's version 1 pool presents.
    */
   forgetCredential(id: string): void {
-    for (const [key, version] of this.#versioned) {
+    for (const [key, { version }] of this.#versioned) {
       if (version.slice(0, version.lastIndexOf('\u0000')) !== id) continue;
-      const pool = this.#pools.get(key);
-      this.#pools.delete(key);
-      this.#versioned.delete(key);
-      void pool?.close().catch(() => {});
+      this.#closeVersioned(key);
     }
   }
 
@@ -101,11 +101,21 @@ export class Dispatchers {
   }
 
 
-  /** After a reload: close the pools that no route of `config` uses any more. */
+  /**
+   * After a reload: close the pools that no route of `config` uses any more. A certificate pool
+   * too, when no route presents that certificate on those connection settings any more (a route
+   * removed, its upstream_ca renewed or its timeouts changed): it would otherwise stay open, with
+   * its TLS context, until the credential version was retired.
+   */
   retain(config: CompiledConfig): void {
     const live = new Set(config.routes.flatMap((r) => [poolKeyOf(r.origin, r), ...r.extraOrigins.map((o) => poolKeyOf(o, r))]));
+    const users = new Set(config.routes.flatMap((r) => (r.clientCertificate ? [certificateUser(poolKeyOf(r.origin, r), r)] : [])));
     for (const [key, pool] of this.#pools) {
-      if (this.#versioned.has(key)) continue;
+      const versioned = this.#versioned.get(key);
+      if (versioned) {
+        if (!users.has(versioned.user)) this.#closeVersioned(key);
+        continue;
+      }
       if (!live.has(key)) {
         this.#pools.delete(key);
         void pool.close().catch(() => {});
@@ -126,8 +136,17 @@ type PoolPolicy = Pick<CompiledRoute, 'upstreamCa' | 'connectTimeoutMs' | 'allow
  * A keep-alive pool with the route's connect policy. Upstream TLS is always verified: upstream_ca
  * adds a CA to the system roots, it replaces nothing. Unless the route allows private addresses,
  * names are resolved by guardedLookup, which connects only to the address it checked.
+ *
+ * The TLS context (trusted roots, client certificate) is built here, once per pool: given only
+ * its options, tls.connect builds one at every handshake, and with upstream_ca that parses every
+ * system root again (about 9 ms of the event loop per new connection, a PKCS#12 bundle's key
+ * derivation on top for mtls). Material that does not load (a PKCS#12 passphrase that does not
+ * open it) throws here, and the request that wanted the pool is refused (502).
  */
-function newPool(origin: string, route: PoolPolicy, connections: number, clientCert: Record<string, unknown> = {}): Pool {
+function newPool(origin: string, route: PoolPolicy, connections: number, clientCert: SecureContextOptions = {}): Pool {
+  const secure = origin.startsWith('https:')
+    ? { secureContext: createSecureContext({ ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}), ...clientCert }) }
+    : {};
   return new Pool(origin, {
     connections,
     pipelining: 1,
@@ -136,10 +155,19 @@ function newPool(origin: string, route: PoolPolicy, connections: number, clientC
       timeout: route.connectTimeoutMs,
       rejectUnauthorized: true,
       ...(route.allowPrivateAddresses ? {} : { lookup: guardedLookup }),
-      ...(route.upstreamCa ? { ca: [...rootCertificates, route.upstreamCa] } : {}),
-      ...clientCert,
+      ...secure,
     },
   });
+}
+
+/**
+ * What a certificate pool serves, but for the credential version: the route's pool key, its
+ * credential and the fields the certificate is taken from (two routes to one origin may read two
+ * certificates from one credential, paper and live, and must not share a pool).
+ */
+function certificateUser(routeKey: string, route: CompiledRoute): string {
+  const injection = route.clientCertificate!;
+  return JSON.stringify([routeKey, route.credential, injection.injector.templates(injection.options).map((t) => t.source)]);
 }
 
 /** The pool key for `origin`, once the address policy allows it (an IP literal is checked here; a name when it is resolved). */

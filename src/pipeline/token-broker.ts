@@ -86,6 +86,13 @@ export class TokenBroker {
   /** The credential of each cache id. */
   readonly #credentialOf = new Map<string, string>();
   readonly #inflight = new Map<string, Promise<Entry>>();
+  /**
+   * Mints refused with a Retry-After (a token endpoint's 429), by cache id: until when (monotonic)
+   * none is tried, and the refusal. Without it every request, and every background refresh, asked
+   * the token endpoint again the moment the last answer came, one after another for as long as
+   * callers sent requests: a rate limit kept in force, or extended, by the proxy itself.
+   */
+  readonly #holdOff = new Map<string, { readonly until: number; readonly error: ProxyError }>();
   readonly #shared: SharedTokens | undefined;
   readonly #log: Logger;
   /** Live credential versions ("id\0version"), from the last view of the store; undefined before the first. */
@@ -116,11 +123,13 @@ export class TokenBroker {
       entry = undefined;
     }
     if (entry && now < entry.refreshAt) return entry.token;
+    const heldOff = this.#heldOff(id);
     if (entry && now < entry.expiresAt) {
       // Still valid: refresh in the background; on failure the current token keeps serving.
-      void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
+      if (!heldOff) void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
       return entry.token;
     }
+    if (heldOff) throw heldOff;
     const minted = await this.#refresh(id, key, mint, entry);
     // Minted with the previous version (a fallback), which was revoked or retired while the token
     // endpoint answered: the token derives from a version that may no longer be used, and goes
@@ -207,13 +216,32 @@ export class TokenBroker {
     return entry !== undefined && !sameToken(entry.token, token);
   }
 
+  /** The refusal to answer while a Retry-After of this cache id runs, with the seconds left; undefined when none does. */
+  #heldOff(id: string): ProxyError | undefined {
+    const held = this.#holdOff.get(id);
+    if (held === undefined) return undefined;
+    const leftMs = held.until - performance.now();
+    if (leftMs <= 0) {
+      this.#holdOff.delete(id);
+      return undefined;
+    }
+    return new ProxyError(held.error.code, held.error.detail, { headers: { ...held.error.headers, 'retry-after': String(Math.ceil(leftMs / 1000)) } });
+  }
+
   #refresh(id: string, key: TokenKey, mint: Mint, old: Entry | undefined): Promise<Entry> {
     let running = this.#inflight.get(id);
     if (!running) {
       running = (async () => {
         const now = Date.now();
         const viaRefresh = old?.refreshToken && now < old.refreshExpiresAt ? { refreshToken: old.refreshToken.reveal(), mintedBy: old.mintedBy, refreshExpiresInMs: old.refreshExpiresAt - now } : undefined;
-        const entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh), key);
+        let entry: Entry;
+        try {
+          entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh), key);
+        } catch (err) {
+          const waitS = err instanceof ProxyError ? Number(err.headers['retry-after']) : NaN;
+          if (waitS > 0) this.#holdOff.set(id, { until: performance.now() + waitS * 1000, error: err as ProxyError });
+          throw err;
+        }
         this.#local.set(id, entry);
         return entry;
       })().finally(() => this.#inflight.delete(id));

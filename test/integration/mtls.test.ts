@@ -53,10 +53,12 @@ let serverCa: string;
 const seen: { cn: string | undefined; auth: string | undefined }[] = [];
 let proxy: TestProxy;
 let v1: ReturnType<typeof issueClient>;
+let ownPki: ReturnType<typeof makeTestPki>;
 
 beforeAll(async () => {
   clientCa = makeCa('egress test client CA');
   const pki = makeTestPki();
+  ownPki = pki;
   serverCa = pki.caCert;
   // Like Teller: no client certificate from our CA, no API.
   server = createServer({ key: pki.serverKey, cert: pki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (req, res) => {
@@ -158,6 +160,38 @@ describe('mtls', () => {
     }
   });
 
+  it('a reload that changes a route\'s connection settings closes the certificate pool it no longer uses', async () => {
+    const open = new Set<import('node:net').Socket>();
+    const own = createServer({ key: ownPki.serverKey, cert: ownPki.serverCert, ca: forge.pki.certificateToPem(clientCa.cert), requestCert: true, rejectUnauthorized: true }, (_req, res) => res.end('{}'));
+    own.keepAliveTimeout = 60_000;
+    own.on('secureConnection', (socket) => {
+      open.add(socket);
+      socket.on('close', () => open.delete(socket));
+    });
+    await new Promise<void>((r) => own.listen(0, '127.0.0.1', r));
+    const url = `https://127.0.0.1:${(own.address() as AddressInfo).port}`;
+    const routeText = (connect: string, paths: string) => `name: teller\npreset: teller\nupstream: ${url}\nallow_private_addresses: true\nupstream_ca: ./server-ca.pem\ntimeouts: { connect: ${connect} }\ncredential: teller-cert\nallow:\n  - caller: svc\n    methods: [GET]\n    paths: [${paths}]\n`;
+    const reloading = await startTestProxy({
+      routes: { teller: routeText('5s', '/accounts') },
+      files: { 'server-ca.pem': ownPki.caCert },
+      credentials: { 'teller-cert': { certificate: v1.cert, private_key: v1.key } },
+      callers: ['svc'],
+    });
+    try {
+      const status = async (path: string) => (await fetch(`${reloading.url}/teller${path}`, { headers: { 'x-egress-token': reloading.tokens.svc! } })).status;
+      expect(await status('/accounts')).toBe(200);
+      expect(open.size).toBe(1);
+      const [idle] = open;
+      await writeFile(`${reloading.routesDir}/teller.yaml`, routeText('4s', '/accounts, /other'));
+      await eventually(async () => (await status('/other')) === 200, 5_000, 'the reloaded route');
+      await eventually(() => !open.has(idle!), 3_000, 'the connection of the pool the route no longer uses to close');
+    } finally {
+      await reloading.close();
+      own.closeAllConnections();
+      await new Promise<void>((r) => own.close(() => r()));
+    }
+  });
+
   it('refuses certificate material when it is stored: expired, not yet valid, a key that does not match, a bad passphrase', async () => {
     const env = envFor(proxy.dir);
     const expired = issueClient(clientCa, 'old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 });
@@ -176,6 +210,34 @@ describe('mtls', () => {
       expect(res.stderr).toMatch(message);
       expect(res.stderr).not.toContain('BEGIN');
     }
+  });
+
+  it('a credential with two certificates (paper and live): each is checked against the key that belongs to it, whatever the order of the fields', async () => {
+    const env = envFor(proxy.dir);
+    const paper = issueClient(clientCa, 'paper-2');
+    const live = issueClient(clientCa, 'live-2');
+    const expired = issueClient(clientCa, 'live-old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 });
+    const put = (fields: Record<string, string>) => runCli(['keys', 'put', `pair-${Math.random().toString(36).slice(2, 8)}`, '--from-stdin'], env, JSON.stringify(fields));
+    const mixed = await put({ live_cert: live.cert, paper_cert: paper.cert, paper_key: paper.key, live_key: live.key });
+    expect(mixed.code, mixed.stderr).toBe(0);
+    const stale = await put({ paper_cert: paper.cert, paper_key: paper.key, live_cert: expired.cert, live_key: expired.key });
+    expect(stale.code).toBe(1);
+    expect(stale.stderr).toMatch(/certificate in field "live_cert" expired/);
+    const unpaired = await put({ paper_cert: paper.cert, paper_key: paper.key, live_cert: live.cert, live_key: paper.key });
+    expect(unpaired.code).toBe(1);
+    expect(unpaired.stderr).toMatch(/field "live_cert"/);
+    expect(unpaired.stderr + stale.stderr).not.toContain('BEGIN');
+  });
+
+  it('a PKCS#12 bundle with its CA certificate before the leaf: the leaf that matches the key is checked (stored when valid, refused when expired), as the TLS stack picks it', async () => {
+    const env = envFor(proxy.dir);
+    const bundle = (leaf: ReturnType<typeof issueClient>) => forge.util.encode64(forge.asn1.toDer(forge.pkcs12.toPkcs12Asn1(leaf.forgeKey, [clientCa.cert, leaf.forgeCert], 'pw', { algorithm: '3des' })).getBytes());
+    const put = (leaf: ReturnType<typeof issueClient>) => runCli(['keys', 'put', `chain-${Math.random().toString(36).slice(2, 8)}`, '--from-stdin'], env, JSON.stringify({ pkcs12: bundle(leaf), passphrase: 'pw' }));
+    const good = await put(issueClient(clientCa, 'chain-leaf'));
+    expect(good.code, good.stderr).toBe(0);
+    const old = await put(issueClient(clientCa, 'chain-old', { fromMs: -2 * 86_400_000, toMs: -86_400_000 }));
+    expect(old.code).toBe(1);
+    expect(old.stderr).toMatch(/expired/);
   });
 
   it('a PEM private key without a certificate is a signing key (coinbase_jwt): stored; one that does not parse is refused without quoting it', async () => {

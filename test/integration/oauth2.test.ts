@@ -2,6 +2,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { oauth2Route } from '../helpers/routes.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
@@ -15,6 +16,8 @@ const issued = new Set<string>();
 const mints: { path: string; client: string }[] = [];
 let tokenLife = 3600;
 let tokenServerDown = false;
+/** The token endpoint answers 429 with this Retry-After (seconds) when set. */
+let tokenRetryAfter: string | undefined;
 /** Bytes of padding in the token endpoint's answer. */
 let tokenPadding = 0;
 let secretsAccepted = new Set(['cs_CANARY_good_1']);
@@ -34,6 +37,10 @@ beforeAll(async () => {
       const [user, pass] = Buffer.from(String(req.headers.authorization ?? '').replace(/^Basic /, ''), 'base64').toString().split(':').map(decodeURIComponent);
       const form = new URLSearchParams(body.toString());
       if (tokenServerDown) return json(500, { error: 'temporarily_unavailable' });
+      if (tokenRetryAfter !== undefined) {
+        res.writeHead(429, { 'content-type': 'application/json', 'retry-after': tokenRetryAfter });
+        return res.end(JSON.stringify({ error: 'rate_limited' }));
+      }
       // RFC 6749 §5.2: a scope the server does not know is the request's fault, not the client's.
       if (form.get('scope') === 'no-such-scope') return json(400, { error: 'invalid_scope', error_description: 'unknown scope' });
       if (form.get('grant_type') !== 'client_credentials' || user !== 'client-1' || !secretsAccepted.has(pass ?? '')) return json(401, { error: 'invalid_client' });
@@ -76,6 +83,7 @@ afterAll(async () => {
 afterEach(() => {
   tokenLife = 3600;
   tokenServerDown = false;
+  tokenRetryAfter = undefined;
   tokenPadding = 0;
   secretsAccepted = new Set(['cs_CANARY_good_1']);
 });
@@ -249,6 +257,44 @@ describe('oauth2_client_credentials', () => {
       expect((await get(proxy, '/gc/accounts')).status).toBe(200);
     }
     expect(mints.slice(before).map((m) => m.path)).toEqual(['/api/v2/token/new/', '/api/v2/token/refresh/', '/api/v2/token/refresh/']);
+  });
+
+  it('MITM a token endpoint whose certificate is not trusted gets no client secret; the 503 says why (the TLS error code), as an upstream\'s 502 does', async () => {
+    const foreign = makeTestPki({ commonName: 'untrusted token CA' });
+    const tokenServer = await startUpstream(undefined, { key: foreign.serverKey, cert: foreign.serverCert });
+    const proxy = await startTestProxy({
+      routes: { bank: oauth2Route(upstream.url).replace(`token_url: ${upstream.url}/connect/token`, `token_url: ${tokenServer.url}/connect/token`) },
+      credentials: { bank: { client_id: 'client-1', client_secret: 'cs_CANARY_good_1' } },
+      callers: ['svc'],
+    });
+    proxies.push(proxy);
+    try {
+      const res = await get(proxy, '/bank/accounts');
+      expect(res.status).toBe(503);
+      const { error } = (await res.json()) as { error: { code: string; message: string } };
+      expect(error.code).toBe('credential_unavailable');
+      expect(error.message).toMatch(/could not be reached \((SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)\)/);
+      expect(tokenServer.requests.length).toBe(0);
+      expect(proxy.logs()).not.toContain('cs_CANARY_good_1');
+    } finally {
+      await tokenServer.close();
+    }
+  });
+
+  it('DOS a token endpoint\'s 429 with Retry-After is honoured: no token request until then (503 with the Retry-After left), not one per request', async () => {
+    const proxy = await start();
+    tokenRetryAfter = '30';
+    const tokenCalls = () => upstream.requests.filter((r) => r.url === '/connect/token').length;
+    const before = tokenCalls();
+    for (let i = 0; i < 10; i++) {
+      const res = await get(proxy, '/bank/accounts');
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { error: { message: string } }).error.message).toContain('429');
+      const wait = Number(res.headers.get('retry-after'));
+      expect(wait).toBeGreaterThan(25);
+      expect(wait).toBeLessThanOrEqual(30);
+    }
+    expect(tokenCalls() - before).toBe(1);
   });
 
   it('two instances share one token through Redis', async () => {

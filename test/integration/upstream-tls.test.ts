@@ -1,3 +1,4 @@
+import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { apiKeyRoute } from '../helpers/routes.ts';
@@ -11,6 +12,8 @@ let good: Upstream;
 let wrongHost: Upstream;
 let expired: Upstream;
 let otherCa: Upstream;
+/** Closes every connection after its answer: each request is a new TLS handshake. */
+let closing: Upstream;
 let proxy: TestProxy;
 
 beforeAll(async () => {
@@ -22,6 +25,10 @@ beforeAll(async () => {
   expired = await startUpstream(undefined, { key: old.serverKey, cert: old.serverCert });
   const foreign = makeTestPki({ commonName: 'some other CA' });
   otherCa = await startUpstream(undefined, { key: foreign.serverKey, cert: foreign.serverCert });
+  closing = await startUpstream((_req, res) => {
+    res.writeHead(200, { connection: 'close', 'content-length': '2' });
+    res.end('ok');
+  }, { key: pki.serverKey, cert: pki.serverCert });
 
   const route = (name: string, url: string, ca: boolean, caFile = 'test-ca.pem') => apiKeyRoute({ upstream: url, name, extra: ca ? `upstream_ca: ./${caFile}\n` : '' });
   proxy = await startTestProxy({
@@ -31,6 +38,7 @@ beforeAll(async () => {
       wronghost: route('wronghost', wrongHost.url, true, 'wrong-ca.pem'),
       expired: route('expired', expired.url, true, 'old-ca.pem'),
       otherca: route('otherca', otherCa.url, true),
+      closing: route('closing', closing.url, true),
     },
     files: { 'test-ca.pem': pki.caCert, 'wrong-ca.pem': wrong.caCert, 'old-ca.pem': old.caCert },
     credentials: { key: { secret: SECRET } },
@@ -40,7 +48,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await proxy?.close();
-  for (const u of [good, wrongHost, expired, otherCa]) await u?.close();
+  for (const u of [good, wrongHost, expired, otherCa, closing]) await u?.close();
 });
 
 const get = (path: string) => fetch(`${proxy.url}${path}`, { headers: { 'x-egress-token': proxy.tokens.svc! } });
@@ -64,5 +72,25 @@ describe('upstream TLS', () => {
     expect(res.headers.get('x-egress-error')).toBe('upstream_error');
     expect(upstream().requests.length).toBe(before);
     expect(await res.text()).not.toContain(SECRET);
+  });
+
+  it('a route\'s pool builds its TLS context (system roots and upstream_ca) once, not at every handshake', async () => {
+    expect((await get('/closing/x')).status).toBe(200);
+    // Counted where tls.connect builds a context when it is given none: with upstream_ca that
+    // parses every system root again, milliseconds of the event loop per new connection.
+    const original = tls.createSecureContext;
+    let built = 0;
+    tls.createSecureContext = (options) => {
+      built += 1;
+      return original(options);
+    };
+    try {
+      const before = closing.requests.length;
+      for (let i = 0; i < 5; i++) expect((await get('/closing/x')).status).toBe(200);
+      expect(closing.requests.length - before).toBe(5);
+    } finally {
+      tls.createSecureContext = original;
+    }
+    expect(built).toBe(0);
   });
 });

@@ -1,5 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { rootCertificates } from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import type { CompiledRoute } from '../../src/config/compile-routes.ts';
 import type { ConfigProblem } from '../../src/config/load-routes.ts';
@@ -9,7 +10,8 @@ import { useTempDirs } from '../helpers/temp-dir.ts';
 
 const tempDir = useTempDirs('egress-routes-');
 
-const PEM = '-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n';
+/** A real certificate: upstream_ca's certificates must parse. */
+const PEM = `${rootCertificates[0]!}\n`;
 
 /** A complete, valid route file; line numbers below are counted on this text. */
 const PLAID = `name: plaid
@@ -313,6 +315,22 @@ describe('parseRouteText: upstream_ca', () => {
     const [p] = await problemsOf(`${PLAID}upstream_ca: ./ca.pem\n`, '/x/plaid.yaml', async () => 'not a certificate\n');
     expect(p!.line).toBe(22);
     expect(p!.message).toContain('PEM');
+  });
+
+  it.each([
+    ['altered bytes', `${PEM}${PEM.replace(/\n[A-Za-z0-9+/]{8}/, '\n!!!!!!!!')}`, 'certificate 2'],
+    ['a certificate cut short (a bundle caught half-written)', `${PEM}${PEM.slice(0, PEM.length / 2)}`, 'certificate 2'],
+    ['a placeholder body', '-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n', 'certificate 1'],
+  ])('a certificate that does not parse (%s) is a problem naming it, not a CA the TLS stack drops without a word', async (_what, text, which) => {
+    const [p] = await problemsOf(`${PLAID}upstream_ca: ./ca.pem\n`, '/x/plaid.yaml', async () => text);
+    expect(p!.line).toBe(22);
+    expect(p!.message).toContain('upstream_ca');
+    expect(p!.message).toContain(which);
+  });
+
+  it('a bundle with text between its certificates (openssl\'s subject= lines) is read', async () => {
+    const route = await compiles(`${PLAID}upstream_ca: ./ca.pem\n`, '/x/plaid.yaml', async () => `subject=CN = one\n${PEM}\n# two\n${rootCertificates[1]!}\n`);
+    expect(route.upstreamCa).toContain(PEM);
   });
 
   it('loadRoutes resolves upstream_ca next to the route file', async () => {
