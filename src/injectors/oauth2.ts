@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { errorCode, ProxyError, upstreamFailure } from '../errors.ts';
 import type { Secret } from '../secret.ts';
 import type { Minted } from '../pipeline/token-broker.ts';
-import { retryAfterMs } from '../pipeline/forward.ts';
+import { retryAfterMs } from '../pipeline/retry-after.ts';
 import { dispatchExchange, type UpstreamExchange } from '../pipeline/upstream-exchange.ts';
 import { compileTemplate, render, templateString, type Template } from './template.ts';
 import type { Injector, PrepareArgs, ResolvedCredential } from './types.ts';

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { RateLimitOptions } from '../../src/config/route-schema.ts';
-import { retryAfterMs } from '../../src/pipeline/forward.ts';
+import { retryAfterMs } from '../../src/pipeline/retry-after.ts';
 import { MAX_PAUSE_MS, MemoryRateLimiter } from '../../src/pipeline/rate-limiter.ts';
 
 /** 2 requests per second with a burst of 4: one token every 500 ms. */
