@@ -188,6 +188,17 @@ describe('alert rules', () => {
     expect(alert.facts).toMatchObject({ credential: 'key', age_days: 100, max_age_days: 90 });
   });
 
+  it('credential_max_age for a credential named like an Object property ("constructor"): the proxy starts, and its own maximum age applies', async () => {
+    const dir = await makeTempDir('egress-alerts-');
+    await seedDataDir(dir, { routes: {}, credentials: { constructor: { token: SECRET }, key: { token: SECRET } }, callers: ['svc'] });
+    await writeFile(join(dir, 'alerts.yaml'), 'credential_max_age: { credentials: { key: 1ms } }\n');
+    // Read as the alerts file's entry for it, the inherited Object.prototype.constructor made the
+    // check throw: at start, and from then on every minute.
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_ALERTS: join(dir, 'alerts.yaml') } });
+    const subjects = proxy.services().rules.alerts.recent().filter((a) => a.id === 'credential_max_age').map((a) => a.subject);
+    expect(subjects).toEqual(['key']);
+  });
+
   it('reload_rejected: a route folder that turns invalid', async () => {
     const { dir } = await start();
     await writeFile(join(dir, 'routes', 'bad.yaml'), 'nonsense: true\n');
