@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runCli } from '../helpers/cli.ts';
-import { envFor, startTestProxy } from '../helpers/proxy.ts';
+import { runCli, startServe } from '../helpers/cli.ts';
+import { envFor, makeTempDir, seedDataDir, startTestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { bearerRoute, oauth2Route } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -46,6 +46,25 @@ describe('last use of each version', () => {
     } finally {
       await proxy.close();
     }
+  });
+});
+
+describe('last use at shutdown', () => {
+  it.each(['file', 'redis'])('a use noted just before SIGTERM is written before `egress serve` exits (%s store)', async (kind) => {
+    const store = kind === 'redis' ? `${redis.url}/5` : undefined;
+    const dir = await makeTempDir('egress-usage-stop-');
+    const { tokens } = await seedDataDir(dir, { routes: { api: bearerRoute({ upstream: upstream.url, paths: ['/x'] }) }, credentials: { key: { token: 'tok_usage_stop' } }, callers: ['svc'], ...(store ? { store } : {}) });
+    const env = envFor(dir, store ? { EGRESS_STORE: store } : {});
+    const serve = await startServe(env);
+    try {
+      // Long before the 30 s flush: only the flush at shutdown can write it.
+      expect((await fetch(`${serve.url}/api/x`, { headers: { 'x-egress-token': tokens.svc! } })).status).toBe(200);
+    } finally {
+      expect(await serve.stop('SIGTERM')).toBe(0);
+    }
+    const show = await runCli(['keys', 'show', 'key', '--json'], env);
+    const v1 = (JSON.parse(show.stdout) as { versions: { last_used: { caller: string }[] }[] }).versions[0]!;
+    expect(v1.last_used.map((u) => u.caller)).toEqual(['svc']);
   });
 });
 
