@@ -82,6 +82,8 @@ export async function loadAlertSettings(path: string | undefined): Promise<Alert
 }
 
 export function maxAgeMs(settings: AlertSettings, credential: string): number {
-  const specific = settings.credential_max_age.credentials[credential];
+  // Own entries only: "constructor" is a valid credential id, and the inherited property is a function.
+  const table = settings.credential_max_age.credentials;
+  const specific = Object.hasOwn(table, credential) ? table[credential] : undefined;
   return (specific !== undefined ? parseDuration(specific) : undefined) ?? settings.credential_max_age.default;
 }

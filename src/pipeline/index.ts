@@ -146,7 +146,13 @@ function finish(ctx: RequestContext): void {
     log.debug({ request_id: ctx.id, caller: ctx.caller, route: ctx.route?.name, method: ctx.req.method, status, decision: ctx.decision, reason: ctx.reason, headers: loggableHeaders(ctx.req.headers) }, 'request');
   }
   if (ctx.fellBack && ctx.decision === 'allow') ctx.reason = 'fallback_previous_version';
-  if (ctx.credential && ctx.upstreamStatus !== undefined) ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
+  if (ctx.credential && ctx.upstreamStatus !== undefined) {
+    ctx.services.usage.note(ctx.credential.id, ctx.credential.version, ctx.caller!);
+    // An access token minted with another version (the previous one, after a fallback at the token
+    // endpoint) is that version in use for as long as the token lives: `keys show` must not show it
+    // idle while every request rides on it.
+    for (const fetched of ctx.fetched ?? []) if (fetched.mintedBy !== ctx.credential.version) ctx.services.usage.note(ctx.credential.id, fetched.mintedBy, ctx.caller!);
+  }
   recordOutcome(ctx.services, {
     requestId: ctx.id,
     caller: ctx.caller ?? null,

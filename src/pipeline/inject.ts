@@ -83,8 +83,8 @@ export async function buildOutboundWithNonce(ctx: RequestContext, credential: Re
     ctx.fetched = fetched;
     const tokens: TokenSource = {
       token: async (key, mint) => {
-        const token = await services.tokens.token(key, mint);
-        fetched.push({ key, token });
+        const { token, mintedBy } = await services.tokens.entry(key, mint);
+        fetched.push({ key, token, mintedBy });
         return token;
       },
     };

@@ -44,6 +44,8 @@ export interface TokenSource {
 export interface FetchedToken {
   readonly key: TokenKey;
   readonly token: Secret;
+  /** The credential version whose secret minted it: the previous one after a fallback, for as long as the token lives. */
+  readonly mintedBy: number;
 }
 
 /**
@@ -104,6 +106,11 @@ export class TokenBroker {
   }
 
   async token(key: TokenKey, mint: Mint): Promise<Secret> {
+    return (await this.entry(key, mint)).token;
+  }
+
+  /** As `token`, with the version that minted it (a request's use of that version, for the usage record). */
+  async entry(key: TokenKey, mint: Mint): Promise<Entry> {
     const id = cacheId(key);
     this.#credentialOf.set(id, key.credential);
     const now = Date.now();
@@ -122,12 +129,12 @@ export class TokenBroker {
       this.#local.delete(id);
       entry = undefined;
     }
-    if (entry && now < entry.refreshAt) return entry.token;
+    if (entry && now < entry.refreshAt) return entry;
     const heldOff = this.#heldOff(id);
     if (entry && now < entry.expiresAt) {
       // Still valid: refresh in the background; on failure the current token keeps serving.
       if (!heldOff) void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
-      return entry.token;
+      return entry;
     }
     if (heldOff) throw heldOff;
     const minted = await this.#refresh(id, key, mint, entry);
@@ -140,7 +147,7 @@ export class TokenBroker {
       void this.#shared?.remove(id, key.credential).catch(() => {});
       throw new ProxyError('credential_unavailable', 'The credential version the access token was minted with was revoked or retired meanwhile.');
     }
-    return minted.token;
+    return minted;
   }
 
   /**

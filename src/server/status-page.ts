@@ -30,8 +30,12 @@ export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): 
   });
 
   const credentialBlocks: string[] = [];
-  for (const record of snapshot?.credentials.values() ?? []) {
-    const usage = lastUseByVersion(await deps.store.backend.readUsage(record.id).catch(() => []));
+  const records = [...(snapshot?.credentials.values() ?? [])];
+  // Read together: with the store down each read waits out its connect timeout, and one after the
+  // other they held the page for a second per credential, when the page is most needed.
+  const usages = await Promise.all(records.map((record) => deps.store.backend.readUsage(record.id).catch(() => [])));
+  for (const [i, record] of records.entries()) {
+    const usage = lastUseByVersion(usages[i]!);
     const rows = record.versions.map((v) => {
       const age = formatAge(now - Date.parse(v.activated_at ?? v.created_at));
       const until = v.grace_until ? `${esc(v.grace_until)} (${formatAge(Date.parse(v.grace_until) - now)} left)` : '';

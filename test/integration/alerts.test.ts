@@ -188,6 +188,17 @@ describe('alert rules', () => {
     expect(alert.facts).toMatchObject({ credential: 'key', age_days: 100, max_age_days: 90 });
   });
 
+  it('credential_max_age for a credential named like an Object property ("constructor"): the proxy starts, and its own maximum age applies', async () => {
+    const dir = await makeTempDir('egress-alerts-');
+    await seedDataDir(dir, { routes: {}, credentials: { constructor: { token: SECRET }, key: { token: SECRET } }, callers: ['svc'] });
+    await writeFile(join(dir, 'alerts.yaml'), 'credential_max_age: { credentials: { key: 1ms } }\n');
+    // Read as the alerts file's entry for it, the inherited Object.prototype.constructor made the
+    // check throw: at start, and from then on every minute.
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_ALERTS: join(dir, 'alerts.yaml') } });
+    const subjects = proxy.services().rules.alerts.recent().filter((a) => a.id === 'credential_max_age').map((a) => a.subject);
+    expect(subjects).toEqual(['key']);
+  });
+
   it('reload_rejected: a route folder that turns invalid', async () => {
     const { dir } = await start();
     await writeFile(join(dir, 'routes', 'bad.yaml'), 'nonsense: true\n');
@@ -316,6 +327,36 @@ describe('the webhook', () => {
     expect(result.code).toBe(2);
     expect(result.stderr).toContain('EGRESS_ALERT_WEBHOOK has a malformed %-escape in its user name or password (write "%" as %25)');
     expect(result.stdout + result.stderr).not.toContain('CANARY');
+  });
+
+  it('a receiver that never answers holds one delivery at a time and at most 200 alerts waiting: the rest are dropped, and said so', async () => {
+    let connections = 0;
+    let requests = 0;
+    const silent = createServer(() => {
+      requests++;
+    });
+    silent.on('connection', () => connections++);
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+    const dir = await makeTempDir('egress-hook-silent-');
+    await seedDataDir(dir, { routes: {}, callers: [] });
+    await writeFile(join(dir, 'webhook.secret'), WEBHOOK_SECRET, { mode: 0o600 });
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_ALERT_WEBHOOK: `http://127.0.0.1:${(silent.address() as AddressInfo).port}/hook`, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret') } });
+    try {
+      const alerts = proxy.services().rules.alerts;
+      for (let i = 0; i < 1_000; i++) alerts.raise('unknown_token', 'warning', `10.1.${i >> 8}.${i & 255}`, 'unknown caller tokens from one address');
+      await eventually(() => requests === 1, 2_000, 'the first delivery');
+      await new Promise((r) => setTimeout(r, 300));
+      // The first is out; 200 wait behind it; the other 799 went, each with a line in the log.
+      expect({ connections, requests }).toEqual({ connections: 1, requests: 1 });
+      expect(proxy.logs().split('alert webhook queue is full; dropping the oldest alert').length - 1).toBe(799);
+      // Every alert is in the log whatever became of its delivery.
+      expect(proxy.logs().split('"alert":"unknown_token"').length - 1).toBe(1_000);
+    } finally {
+      await proxy.close();
+      proxy = undefined;
+      silent.closeAllConnections();
+      await new Promise<void>((r) => silent.close(() => r()));
+    }
   });
 
   it('a webhook without a 0600 secret file refuses to start', async () => {
