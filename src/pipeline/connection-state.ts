@@ -262,8 +262,9 @@ export function answerAndClose(socket: import('node:stream').Duplex, response: s
  * very reset it is there to avoid).
  */
 export function lingerOnClose(socket: import('node:net').Socket, req: import('node:stream').Readable): void {
+  // From the answer on: bytes of the unread body that do not parse are not answered a second time.
+  lingering.add(socket);
   socket.destroySoon = () => {
-    lingering.add(socket);
     closeAfterLinger(socket);
     // A body a step stopped reading midway may be left paused, and the socket with it.
     req.resume();
