@@ -215,3 +215,40 @@ describe('DOS-03e an early answer to a caller still uploading its body', () => {
     }
   }, 60_000);
 });
+
+/** Everything the proxy sends on `socket` after `bytes`, until it closes (at most 3 s). */
+function exchangeUntilClosed(socket: Socket, bytes: string): Promise<{ data: string; closed: boolean }> {
+  return new Promise((resolve) => {
+    let data = '';
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ data, closed: false });
+    }, 3_000);
+    socket.on('data', (d: Buffer) => (data += d.toString('latin1')));
+    socket.on('error', () => {});
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve({ data, closed: true });
+    });
+    socket.write(bytes);
+  });
+}
+
+describe('SMUG-02d a transfer coding other than chunked, on the TLS listener and inside a tunnel', () => {
+  it('gzip, chunked is refused with the proxy\'s own 400 and the connection closed; nothing reaches the upstream (SMUG-02c covers the plain listener)', async () => {
+    const mark = lab.u.requests.length;
+    const body = 'Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n';
+    for (const [label, open, head] of [
+      ['TLS', tls, `POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Type: application/json\r\n`],
+      ['tunnel', tunnel, `POST /accounts HTTP/1.1\r\nHost: ${BANK_HOST}\r\nContent-Type: application/json\r\n`],
+    ] as const) {
+      const { data, closed } = await exchangeUntilClosed(await open(false), `${head}${body}`);
+      lab.seen(data);
+      expect(statuses(data), label).toEqual([400]);
+      expect(data, label).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+      expect(data, label).toContain('Transfer-Encoding may name only chunked');
+      expect(closed, `${label}: closed`).toBe(true);
+    }
+    await lab.g0(mark, 0);
+  }, 30_000);
+});
