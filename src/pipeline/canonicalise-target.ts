@@ -6,7 +6,8 @@ import { parseTarget } from './target.ts';
 /**
  * Refuse unsafe targets before anything else reads them. Node keeps absolute-form targets in
  * req.url (RFC 9112 §3.2.2); on the reverse listener they are refused, as are duplicate Host lines,
- * content on GET, HEAD and TRACE, Transfer-Encoding on HTTP/1.0, and an Expect other than 100-continue.
+ * content on GET, HEAD and TRACE, Transfer-Encoding on HTTP/1.0 or naming a coding other than
+ * chunked, and an Expect other than 100-continue.
  */
 export function canonicaliseTarget(ctx: RequestContext): void {
   const raw = ctx.req.url ?? '';
@@ -18,6 +19,11 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   // Faulty framing (RFC 9112 §6.1): HTTP/1.0 has no transfer codings, so a recipient of the same
   // bytes may read the chunks as the body and then as requests.
   if (ctx.req.httpVersionMinor === 0 && ctx.req.headers['transfer-encoding'] !== undefined) throw new ProxyError('bad_request', 'An HTTP/1.0 request cannot use Transfer-Encoding.');
+  // Node's parser takes any codings before a final chunked ("gzip, chunked") and hands over the
+  // de-chunked bytes; Transfer-Encoding is hop-by-hop and dropped, so the upstream would get the
+  // still-compressed bytes as the body itself, with nothing saying so. A transfer coding the proxy
+  // does not apply is refused (RFC 9112 §6.1), before the body is read or anything is sent.
+  if (otherTransferCoding(ctx.req.rawHeaders)) throw new ProxyError('bad_request', 'Transfer-Encoding may name only chunked: the proxy applies no other transfer coding (RFC 9112 §6.1).');
   if (unmetExpectation(ctx.req)) throw new ProxyError('expectation_failed');
   if (ctx.forward) {
     // Inside a tunnel, Host must name the CONNECT host (MITM-01): the allowlist was checked for that
@@ -31,6 +37,18 @@ export function canonicaliseTarget(ctx: RequestContext): void {
   }
   // Absolute-form (a forward-proxy request without CONNECT): the path part, exactly as sent.
   ctx.target = parseTarget(ctx.forward?.rawTarget ?? raw);
+}
+
+/** Does any Transfer-Encoding line name a coding other than chunked (identity included, which RFC 9112 dropped)? */
+function otherTransferCoding(rawHeaders: readonly string[]): boolean {
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if (rawHeaders[i]!.toLowerCase() !== 'transfer-encoding') continue;
+    for (const element of rawHeaders[i + 1]!.split(',')) {
+      const coding = element.trim().toLowerCase();
+      if (coding !== '' && coding !== 'chunked') return true;
+    }
+  }
+  return false;
 }
 
 export function countHeader(rawHeaders: readonly string[], lowerName: string): number {

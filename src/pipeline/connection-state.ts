@@ -219,3 +219,70 @@ export function answerTaken(socket: object, res: WrittenAnswer, ms: number): Pro
 export function wasStalled(socket: object | null): boolean {
   return socket !== null && (socket as Carrier)[STATE]?.stalled === true;
 }
+
+const lingering = new WeakSet<object>();
+
+/**
+ * The socket was answered and is in its lingering close. Node's HTTP parser reports every further
+ * chunk of a refused request as another client error: those must not cut the linger short (a
+ * reset would make the caller's kernel drop the answer it has not read yet).
+ */
+export function isLingering(socket: object): boolean {
+  return lingering.has(socket);
+}
+
+/** How long a refused connection may keep sending after its answer before it is cut (lingering close). */
+const LINGER_MS = 1_000;
+
+/**
+ * Answer on a raw socket and close it. end() alone leaves the connection half-open for as long as
+ * the peer keeps sending (a slow client dribbling headers would hold it forever); destroying at
+ * once makes the kernel answer a client that is still uploading with a reset, and it may lose the
+ * answer. So, like nginx's lingering close: answer, read and discard for a moment, then cut.
+ */
+export function answerAndClose(socket: import('node:stream').Duplex, response: string): void {
+  lingering.add(socket);
+  // A peer that resets while it is answered is done: the error is not ours to raise. (After
+  // 'connect' and 'upgrade' Node hands the socket over without its own error listener, and an
+  // unhandled 'error' event would stop the process.)
+  socket.on('error', () => socket.destroy());
+  linger(socket);
+  socket.end(response);
+}
+
+/**
+ * The same lingering close for an answer written through Node's response, once it is out: Node
+ * destroys the socket as soon as an answer that says `Connection: close` has been written, and a
+ * client still sending the body that was refused unread is answered with a reset instead.
+ *
+ * Node's parser goes on reading the socket meanwhile, and what it reads is the rest of `req`'s
+ * body, dropped, or what follows it, which is not processed (markClosing). No 'data' listener here:
+ * one added now takes the reading out of the parser just after the server asked the socket to
+ * resume and before it has, and the socket was not read any more (the linger then ended in the
+ * very reset it is there to avoid).
+ */
+export function lingerOnClose(socket: import('node:net').Socket, req: import('node:stream').Readable): void {
+  // From the answer on: bytes of the unread body that do not parse are not answered a second time.
+  lingering.add(socket);
+  socket.destroySoon = () => {
+    closeAfterLinger(socket);
+    // A body a step stopped reading midway may be left paused, and the socket with it.
+    req.resume();
+    socket.end();
+  };
+}
+
+function linger(socket: import('node:stream').Duplex): void {
+  closeAfterLinger(socket);
+  socket.on('data', () => {});
+}
+
+/**
+ * However fast and long the peer sends, the connection is cut LINGER_MS after the answer: a caller
+ * cannot hold it by sending forever, and it counts against the listener's cap until it closes.
+ */
+function closeAfterLinger(socket: import('node:stream').Duplex): void {
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+}

@@ -2,7 +2,7 @@ import type { ServerResponse } from 'node:http';
 import type { ProxyError } from '../errors.ts';
 import { ERRORS } from '../errors.ts';
 import { hasBody } from './body.ts';
-import { markClosing } from './connection-state.ts';
+import { lingerOnClose, markClosing } from './connection-state.ts';
 
 export const ERROR_HEADER = 'x-egress-error';
 
@@ -31,10 +31,14 @@ export function sendError(res: ServerResponse, requestId: string, error: ProxyEr
  * A body we did not read (refused early, or cut off at the limit) leaves the connection unusable:
  * true when the answer must close it. Whatever is pipelined behind the unread body is not a request
  * to process, and the rest of the body is not read (Node would read and drop it to the end, however
- * long it is declared, for a client that may not even have a token).
+ * long it is declared, for a client that may not even have a token). Every listener's answers
+ * (the caller listeners' errors, the admin listener's) close this way, after a lingering close: a
+ * client still sending the body gets the answer rather than a reset (RFC 9112 §9.6), which its
+ * HTTP client would report as a network error, and perhaps retry a request that was refused.
  */
 export function closesForUnreadBody(res: ServerResponse): boolean {
   if (!res.req || res.req.complete || !hasBody(res.req)) return false;
   markClosing(res.req.socket);
+  if (res.socket) lingerOnClose(res.socket, res.req);
   return true;
 }

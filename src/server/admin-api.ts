@@ -3,7 +3,7 @@ import { NAME, CALLER_NAME } from '../config/route-schema.ts';
 import { continueBody, hasBody, unmetExpectation } from '../pipeline/body.ts';
 import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { closesForUnreadBody } from '../pipeline/send-error.ts';
-import { bearerToken, lingerOnClose, tokenFromAuthorization } from './proxy-auth.ts';
+import { bearerToken, tokenFromAuthorization } from './proxy-auth.ts';
 import { ConflictError, NotFoundError, StateError, StoreUnavailableError, UserError } from '../errors.ts';
 import type { AlertRules } from '../observe/alert-rules.ts';
 import type { AuditLog } from '../observe/audit.ts';
@@ -334,20 +334,8 @@ function grace(body: Record<string, unknown>): number {
   return ms;
 }
 
-/**
- * As on the proxy listeners, an answer given before the request's body was read to its end closes
- * the connection (Node would otherwise read the rest and drop it, however much was declared, for a
- * client that may not have a token), after a lingering close so that a client still sending gets
- * the answer rather than a reset.
- */
-export function closesUnread(res: ServerResponse): boolean {
-  if (!closesForUnreadBody(res)) return false;
-  if (res.socket) lingerOnClose(res.socket);
-  return true;
-}
-
 function send(res: ServerResponse, status: number, body: unknown, headers: Readonly<Record<string, string>> = {}): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesUnread(res) ? { connection: 'close' } : {}) });
+  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesForUnreadBody(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }

@@ -2,13 +2,14 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { createServer } from './http.ts';
 import type { Metrics } from '../observe/metrics.ts';
-import { adminName, closesUnread, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
+import { adminName, EXPECTATION_FAILED, handleAdminApi, refusedAdminToken, type AdminApiDeps } from './admin-api.ts';
 import { handleStatusPage, type StatusPageDeps } from './status-page.ts';
 import { tokenFromAuthorization } from './proxy-auth.ts';
 import { answerClientError, closeIfSilent, LISTENER_LIMITS, refuseConnect } from './reverse.ts';
 import { ANSWER_STALL_MS, answerTaken, isClosing, isOverCap, markClosing, requestAnswered, requestStarted } from '../pipeline/connection-state.ts';
 import { ConnectionCap } from './connection-cap.ts';
 import { unmetExpectation } from '../pipeline/body.ts';
+import { closesForUnreadBody } from '../pipeline/send-error.ts';
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; detail: Record<string, unknown> };
@@ -125,7 +126,7 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
       return error(res, id, 401, 'admin_unauthenticated', 'The status page needs an admin token (Bearer, or Basic with the token as password).');
     }
     // Nothing outside /v1/ reads a body: one sent anyway closes the connection, as an error's does.
-    if (closesUnread(res)) res.setHeader('connection', 'close');
+    if (closesForUnreadBody(res)) res.setHeader('connection', 'close');
     await handleStatusPage(req, res, status);
     api.audit.admin({ requestId: id, actor: `admin:${name}`, action: `${req.method} /`, target: 'status-page', decision: 'allow', reason: 'read' });
     return;
@@ -137,7 +138,7 @@ async function route(req: IncomingMessage, res: ServerResponse, id: string, read
   }
   // /metrics
   const text = await metrics.text();
-  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text), ...(closesUnread(res) ? { connection: 'close' } : {}) });
+  res.writeHead(200, { 'content-type': metrics.registry.contentType, 'content-length': Buffer.byteLength(text), ...(closesForUnreadBody(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }
 
@@ -155,6 +156,6 @@ function error(res: ServerResponse, id: string, status: number, code: string, me
 
 function json(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesUnread(res) ? { connection: 'close' } : {}) });
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...(closesForUnreadBody(res) ? { connection: 'close' } : {}) });
   res.end(text);
 }

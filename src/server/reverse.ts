@@ -6,13 +6,13 @@ import { randomUUID } from 'node:crypto';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import { PROXY_CHALLENGE, ProxyError } from '../errors.ts';
 import { findRouteByHost } from '../config/compile-routes.ts';
-import { AMBIGUOUS, answerAndClose, isLingering, proxyAuthorizationToken } from './proxy-auth.ts';
+import { AMBIGUOUS, proxyAuthorizationToken } from './proxy-auth.ts';
 import type { RequestContext } from '../pipeline/context.ts';
 import { handleRequest } from '../pipeline/index.ts';
 import { TOKEN_HEADER } from '../pipeline/identify-caller.ts';
 import type { Services } from '../pipeline/services.ts';
 import { ERROR_HEADER } from '../pipeline/send-error.ts';
-import { afterInFlight, markClosing } from '../pipeline/connection-state.ts';
+import { afterInFlight, answerAndClose, isLingering, markClosing } from '../pipeline/connection-state.ts';
 
 /** Limits on the plain listener: slow or oversized requests are cut off long before Node's defaults. */
 export const LISTENER_LIMITS = Object.freeze({

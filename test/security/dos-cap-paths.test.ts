@@ -170,4 +170,43 @@ describe('DOS-09f the connection cap on the TLS listener and on tunnels', () => 
     }
     await lab.g0();
   }, 60_000);
+
+  it('a connection in its lingering close (a refusal answered while the caller still uploads) counts until the proxy closes it, about a second later', async () => {
+    await servedAgain();
+    const held = await Promise.all(Array.from({ length: CAP - 1 }, () => RawConnection.open(lab.port)));
+    const uploader = connect({ port: lab.port, host: '127.0.0.1', allowHalfOpen: true });
+    await new Promise<void>((r) => uploader.once('connect', () => r()));
+    try {
+      const served = await Promise.all(held.map((c) => c.exchange(post(), 100)));
+      expect(served.map((a) => statuses(a)[0])).toEqual(served.map(() => 200));
+      // No token, a 1 GiB body sent without pause: answered 401 at once, then the linger.
+      let answer = '';
+      let closedAt: number | undefined;
+      uploader.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+      uploader.on('error', () => {});
+      uploader.once('close', () => (closedAt = performance.now()));
+      const block = Buffer.alloc(64 * 1024, 'a');
+      uploader.write(`POST /plaid/accounts/get HTTP/1.1\r\nHost: p\r\nContent-Length: ${1024 ** 3}\r\n\r\n`);
+      const pump = () => {
+        while (uploader.writable) if (!uploader.write(block)) return void uploader.once('drain', pump);
+      };
+      pump();
+      await eventually(() => statuses(answer).length === 1, 3_000, 'the refusal');
+      const answeredAt = performance.now();
+      expect(statuses(answer)).toEqual([401]);
+      expect(closedAt, 'still lingering').toBeUndefined();
+      const probe = await RawConnection.open(lab.port);
+      const over = await probe.exchange(post(), 100);
+      probe.close();
+      expect(closedAt, 'the probe was answered during the linger').toBeUndefined();
+      expect(statuses(over), 'the lingering connection still counts').toEqual([503]);
+      await eventually(() => closedAt !== undefined, 3_000, 'the linger ended by the proxy');
+      expect(closedAt! - answeredAt).toBeLessThan(2_500);
+    } finally {
+      uploader.destroy();
+      for (const c of held) c.close();
+    }
+    await servedAgain();
+    await lab.g0();
+  }, 30_000);
 });

@@ -28,6 +28,16 @@ const SMUGGLED = 'POST /plaid/item/remove HTTP/1.1\r\nHost: p\r\nContent-Length:
 /** The smuggled request carrying a's token: must be refused by the allowlist on its own. */
 const SMUGGLED_A = () => `POST /plaid/item/remove HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\nContent-Length: 0\r\n\r\n`;
 
+/** The proxy's own refusal of a transfer coding: its error and message, and no header text of the caller's. */
+function expectCodingRefusal(data: string, label: string): void {
+  expect(data, label).toMatch(/\r\nx-egress-error: bad_request\r\n/i);
+  expect(data, label).toMatch(/\r\nx-request-id: [0-9a-f-]{36}\r\n/i);
+  expect(data, label).toMatch(/\r\nconnection: close\r\n/i);
+  const body = data.slice(data.indexOf('\r\n\r\n') + 4);
+  expect(body, label).toContain('Transfer-Encoding may name only chunked');
+  expect(body.toLowerCase(), `${label}: the coding not echoed`).not.toMatch(/gzip|deflate|x-private-coding|identity/);
+}
+
 function neverSmuggled(mark: number): void {
   const urls = lab.u.requests.slice(mark).map((r) => r.url);
   for (const url of urls) expect(url, 'only the allowed path reaches U').toBe('/accounts/get');
@@ -115,11 +125,41 @@ describe('SMUG: request framing', () => {
       ['CHUNKED upper case', 'Transfer-Encoding: CHUNKED'],
       ['tab before value', 'Transfer-Encoding:\tchunked'],
       ['trailing space', 'Transfer-Encoding: chunked '],
-      ['identity then chunked on two lines', 'Transfer-Encoding: identity\r\nTransfer-Encoding: chunked'],
-      ['gzip, chunked', 'Transfer-Encoding: gzip, chunked'],
     ] as const) {
       await expectSafe(`${HEAD()}${te}\r\n\r\n2\r\n{}\r\n0\r\n\r\n${SMUGGLED}`, label, '{}');
     }
+  });
+
+  it('SMUG-02c a transfer coding other than chunked before the final chunked (gzip, chunked): the proxy\'s own 400, audited, closed; nothing reaches U', async () => {
+    // Node de-chunks such a body and hands over the still-coded bytes; Transfer-Encoding is not
+    // forwarded, so U would take compressed bytes for the body itself (RFC 9112 §6.1).
+    const gzipped = '\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00\x43\xbf\xa6\xa3\x02\x00\x00\x00';
+    const chunked = `${gzipped.length.toString(16)}\r\n${gzipped}\r\n0\r\n\r\n`;
+    for (const [label, te] of [
+      ['gzip, chunked', 'Transfer-Encoding: gzip, chunked'],
+      ['deflate, chunked', 'Transfer-Encoding: deflate, chunked'],
+      ['GZIP, CHUNKED', 'Transfer-Encoding: GZIP, CHUNKED'],
+      ['an unregistered coding, chunked', 'Transfer-Encoding: x-private-coding, chunked'],
+      ['identity, chunked', 'Transfer-Encoding: identity, chunked'],
+      ['gzip then chunked on two lines', 'Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked'],
+      ['identity then chunked on two lines', 'Transfer-Encoding: identity\r\nTransfer-Encoding: chunked'],
+    ] as const) {
+      const mark = lab.u.requests.length;
+      const { data, closed } = await rawExchange(lab.port, `${HEAD()}${te}\r\n\r\n${chunked}${SMUGGLED_A()}`);
+      lab.seen(data);
+      expect(statuses(data), label).toEqual([400]);
+      expect(closed, `${label}: connection closed`).toBe(true);
+      expectCodingRefusal(data, label);
+      expect(lab.u.requests.length - mark, `${label}: nothing at U`).toBe(0);
+      const id = /\r\nx-request-id: ([0-9a-f-]{36})\r\n/i.exec(data)![1]!;
+      await eventually(async () => (await readFile(join(lab.dir, 'audit.log'), 'utf8')).split('\n').some((line) => line.includes(id) && line.includes('"reason":"bad_request"')), 3_000, `${label}: the refusal audited`);
+    }
+    // Chunked alone, in any case and with whitespace, still goes through (control).
+    const mark = lab.u.requests.length;
+    const { data } = await rawExchange(lab.port, `${HEAD()}Transfer-Encoding:  Chunked \r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n`);
+    expect(statuses(data)).toEqual([200]);
+    expect(lab.u.requests.slice(mark).map((r) => r.body.toString())).toEqual(['{}']);
+    await lab.g0(mark, 1);
   });
 
   it('SMUG-03 Content-Length variants: two values, +4, 4,4, 0x4, -4, 4.0, empty → 400, closed', async () => {
