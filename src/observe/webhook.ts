@@ -6,6 +6,8 @@ import type { Logger } from './log.ts';
 
 export const SIGNATURE_HEADER = 'x-egress-signature';
 const MAX_QUEUE = 200;
+/** Which alert a full queue gives up first: the least severe, and of those the oldest. */
+const RANK: Readonly<Record<string, number>> = { info: 0, warning: 1, critical: 2 };
 const ATTEMPTS = 5;
 const FIRST_BACKOFF_MS = 500;
 
@@ -22,7 +24,7 @@ export class WebhookSink {
   readonly #secret: Buffer;
   readonly #log: Logger;
   readonly #agent = new Agent({ connect: { timeout: 3_000 }, headersTimeout: 5_000, bodyTimeout: 5_000 });
-  readonly #queue: string[] = [];
+  readonly #queue: { readonly body: string; readonly rank: number }[] = [];
   #busy = false;
   #closed = false;
 
@@ -37,11 +39,20 @@ export class WebhookSink {
 
   send(payload: Record<string, unknown>): void {
     if (this.#closed) return;
+    const rank = RANK[String(payload.severity)] ?? 0;
     if (this.#queue.length >= MAX_QUEUE) {
-      this.#log.warn({ dropped: 1 }, 'alert webhook queue is full; dropping the oldest alert');
-      this.#queue.shift();
+      // A flood of warnings (unknown tokens from many addresses, say) while the receiver is down
+      // must not push out the critical alert that came before it: the least severe goes, oldest first.
+      let drop = 0;
+      for (let i = 1; i < this.#queue.length; i++) if (this.#queue[i]!.rank < this.#queue[drop]!.rank) drop = i;
+      if (this.#queue[drop]!.rank > rank) {
+        this.#log.warn({ dropped: 1, severity: payload.severity }, 'alert webhook queue is full of more severe alerts; this one is not sent');
+        return;
+      }
+      this.#log.warn({ dropped: 1 }, 'alert webhook queue is full; dropping the oldest of the least severe alerts');
+      this.#queue.splice(drop, 1);
     }
-    this.#queue.push(JSON.stringify(payload));
+    this.#queue.push({ body: JSON.stringify(payload), rank });
     void this.#drain();
   }
 
@@ -50,7 +61,7 @@ export class WebhookSink {
     this.#busy = true;
     try {
       while (this.#queue.length > 0 && !this.#closed) {
-        await this.#deliver(this.#queue.shift()!);
+        await this.#deliver(this.#queue.shift()!.body);
       }
     } finally {
       this.#busy = false;

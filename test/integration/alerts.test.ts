@@ -1,5 +1,5 @@
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { createServer, request, type Server } from 'node:http';
+import { createServer, request, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -348,7 +348,7 @@ describe('the webhook', () => {
       await new Promise((r) => setTimeout(r, 300));
       // The first is out; 200 wait behind it; the other 799 went, each with a line in the log.
       expect({ connections, requests }).toEqual({ connections: 1, requests: 1 });
-      expect(proxy.logs().split('alert webhook queue is full; dropping the oldest alert').length - 1).toBe(799);
+      expect(proxy.logs().split('alert webhook queue is full; dropping the oldest of the least severe alerts').length - 1).toBe(799);
       // Every alert is in the log whatever became of its delivery.
       expect(proxy.logs().split('"alert":"unknown_token"').length - 1).toBe(1_000);
     } finally {
@@ -356,6 +356,43 @@ describe('the webhook', () => {
       proxy = undefined;
       silent.closeAllConnections();
       await new Promise<void>((r) => silent.close(() => r()));
+    }
+  });
+
+  it('a full queue gives up the least severe alerts first: a flood of warnings behind a dead receiver does not push out a critical alert', async () => {
+    const held: ServerResponse[] = [];
+    let answering = false;
+    const bodies: string[] = [];
+    const receiver = createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk: Buffer) => (body += chunk.toString()));
+      req.on('end', () => {
+        bodies.push(body);
+        if (answering) res.end();
+        else held.push(res);
+      });
+    });
+    await new Promise<void>((r) => receiver.listen(0, '127.0.0.1', r));
+    const dir = await makeTempDir('egress-hook-rank-');
+    await seedDataDir(dir, { routes: {}, callers: [] });
+    await writeFile(join(dir, 'webhook.secret'), WEBHOOK_SECRET, { mode: 0o600 });
+    proxy = await startTestProxy({ routes: {}, dir, env: { EGRESS_ALERT_WEBHOOK: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`, EGRESS_ALERT_WEBHOOK_SECRET_FILE: join(dir, 'webhook.secret') } });
+    try {
+      const alerts = proxy.services().rules.alerts;
+      alerts.raise('unknown_token', 'warning', '10.2.0.1', 'the first, held by the receiver');
+      await eventually(() => held.length === 1, 2_000, 'the first delivery');
+      alerts.raise('store_unreachable', 'critical', 'store', 'the critical one');
+      for (let i = 0; i < 400; i++) alerts.raise('unknown_token', 'warning', `10.3.${i >> 8}.${i & 255}`, 'a flood');
+      answering = true;
+      for (const res of held) res.end();
+      await eventually(() => bodies.length === 201, 10_000, 'the queue delivered');
+      expect(bodies.filter((b) => b.includes('"severity":"critical"'))).toHaveLength(1);
+      expect(proxy.logs().split('dropping the oldest of the least severe alerts').length - 1).toBe(201);
+    } finally {
+      await proxy.close();
+      proxy = undefined;
+      receiver.closeAllConnections();
+      await new Promise<void>((r) => receiver.close(() => r()));
     }
   });
 
