@@ -192,6 +192,22 @@ describe('keys', () => {
     expect(JSON.parse(show.stdout)).toMatchObject({ versions: [{ fields: ['client_id', 'secret'] }] });
   });
 
+  it('concurrent keys rotate: no rotation is lost, and every writer that lost the race exits 3 with error code "conflict"', async () => {
+    expect((await runCli(['keys', 'put', 'raced', '--from-stdin'], env, '{"token":"tok_race_00000000"}')).code).toBe(0);
+    const results = await Promise.all(Array.from({ length: 6 }, (_, i) => runCli(['keys', 'rotate', 'raced', '--from-stdin', '--grace', '1h', '--json'], env, `{"token":"tok_race_${i}_1111111"}`)));
+    const won = results.filter((r) => r.code === 0);
+    expect(won.length).toBeGreaterThanOrEqual(1);
+    for (const r of results.filter((x) => x.code !== 0)) {
+      expect(r.code, r.stderr).toBe(3);
+      expect(JSON.parse(r.stdout)).toMatchObject({ error: { code: 'conflict' } });
+    }
+    const doc = JSON.parse(await readFile(join(dir, 'store.json'), 'utf8')) as { credentials: Record<string, { versions: { version: number; state: string }[] }> };
+    const versions = doc.credentials.raced!.versions;
+    expect(versions.map((v) => v.version)).toEqual(Array.from({ length: won.length + 1 }, (_, i) => i + 1));
+    expect(versions.filter((v) => v.state === 'current')).toHaveLength(1);
+    expect(versions.filter((v) => v.state === 'previous')).toHaveLength(1);
+  });
+
   it('without a keyring, put fails with a clear message and stores nothing', async () => {
     const other = envFor(await makeTempDir());
     const res = await runCli(['keys', 'put', 'k', '--from-stdin'], other, '{"secret":"abcdef"}');

@@ -412,6 +412,7 @@ describe('AUTH: caller tokens in forward mode (Proxy-Authorization on CONNECT, i
     const mark = fwd.u.requests.length;
     const { a, b } = fwd.tokens;
     expect(await through(basic('a', a))).toEqual([200, 200]);
+    expect(await through(`Bearer ${a}`)).toEqual([200, 200]);
     for (const auth of [
       `Basic ${Buffer.from(`${a}:`).toString('base64')}`,
       `Basic ${Buffer.from(a).toString('base64')}`,
@@ -422,8 +423,8 @@ describe('AUTH: caller tokens in forward mode (Proxy-Authorization on CONNECT, i
     ]) {
       expect(await through(auth), auth).toEqual([407]);
     }
-    expect(fwd.u.requests.length - mark).toBe(1);
-    await fwd.g0(mark, 1);
+    expect(fwd.u.requests.length - mark).toBe(2);
+    await fwd.g0(mark, 2);
   });
 
   it('AUTH-11c inside a tunnel, X-Egress-Token or Proxy-Authorization of another caller changes nothing and never reaches U', async () => {

@@ -1,5 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { envFor, eventually } from '../helpers/proxy.ts';
+import { runCli } from '../helpers/cli.ts';
+import { envFor, eventually, startTestProxy } from '../helpers/proxy.ts';
+import { bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { CANARY, startLab, type Lab } from './lab.ts';
 
@@ -44,4 +46,31 @@ describe('FLT (failing)', () => {
     }
   }, 30_000);
 
+  it('FLT-07c HEAD is replay-safe without being listed: a 401 on the new key during grace is sent once more with the previous key', async () => {
+    const up = await startUpstream((req, res) => {
+      res.writeHead(req.headers.authorization === 'Bearer tok_new_REJECTED_77' ? 401 : 200, { 'x-seen': 'yes' });
+      res.end();
+    });
+    const proxy = await startTestProxy({
+      routes: { api: `${bearerRoute({ upstream: up.url, paths: ['/x'], methods: ['HEAD'] })}auth_failure: { status: [401] }\n` },
+      credentials: { key: { token: 'tok_old_ACCEPTED_55' } },
+      callers: ['svc'],
+    });
+    try {
+      const r = await runCli(['keys', 'rotate', 'key', '--from-stdin', '--grace', '1h'], envFor(proxy.dir), '{"token":"tok_new_REJECTED_77"}');
+      expect(r.code, r.stderr).toBe(0);
+      const head = () => fetch(`${proxy.url}/api/x`, { method: 'HEAD', headers: { 'x-egress-token': proxy.tokens.svc! } });
+      await eventually(async () => (await head(), up.requests.some((q) => q.headers.authorization === 'Bearer tok_new_REJECTED_77')), 3_000, 'the new key in use');
+      const mark = up.requests.length;
+      const res = await head();
+      expect(res.status).toBe(200);
+      expect(up.requests.slice(mark).map((q) => [q.method, q.headers.authorization])).toEqual([
+        ['HEAD', 'Bearer tok_new_REJECTED_77'],
+        ['HEAD', 'Bearer tok_old_ACCEPTED_55'],
+      ]);
+    } finally {
+      await proxy.close();
+      await up.close();
+    }
+  });
 });
