@@ -3,7 +3,7 @@ import { NAME } from '../config/route-schema.ts';
 import { formatDuration } from '../config/units.ts';
 import { NotFoundError, UserError } from '../errors.ts';
 import * as ops from '../rotation/operations.ts';
-import { currentVersion, describeCredential } from '../store/credentials.ts';
+import { ageDays, currentVersion, describeCredential, dueForRotation } from '../store/credentials.ts';
 import { readKeyring } from '../store/keyring.ts';
 import { openStore } from '../store/open-store.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
@@ -117,12 +117,7 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
       default: {
         // due: for cron; exit 1 when any current version is older than --max-age.
         const maxAgeMs = durationFlag(p.values, 'max-age', '90d');
-        const now = Date.now();
-        const due = [...(await store.load()).credentials.values()].flatMap((r) => {
-          const current = currentVersion(r);
-          const since = current?.activated_at ?? current?.created_at;
-          return current && since && now - Date.parse(since) > maxAgeMs ? [{ id: r.id, version: current.version, age_days: ageDays(since, now) }] : [];
-        });
+        const due = dueForRotation((await store.load()).credentials.values(), maxAgeMs, Date.now());
         const text = due.length === 0 ? `no credential is older than ${formatDuration(maxAgeMs)}` : `due for rotation (older than ${formatDuration(maxAgeMs)}):\n${table([['ID', 'VERSION', 'AGE (DAYS)'], ...due.map((d) => [d.id, String(d.version), String(d.age_days)])])}`;
         return { code: due.length === 0 ? EXIT.ok : EXIT.failure, text, data: { max_age_days: maxAgeMs / 86_400_000, due } };
       }
@@ -134,10 +129,6 @@ export async function keys(args: readonly string[], stdin: () => Promise<string>
 
 function graceNote(graceMs: number): string {
   return graceMs > 0 ? `the previous version keeps working for ${formatDuration(graceMs)}` : 'cutover: the previous version was retired at once';
-}
-
-function ageDays(since: string, now: number): number {
-  return Math.floor((now - Date.parse(since)) / 86_400_000);
 }
 
 function showText(record: CredentialRecord, lastUse: ReadonlyMap<number, readonly { caller: string; at: string }[]> = new Map()): string {

@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { NAME, CALLER_NAME } from '../config/route-schema.ts';
+import { parseDuration } from '../config/units.ts';
 import { continueBody, hasBody, unmetExpectation } from '../pipeline/body.ts';
 import { countHeader } from '../pipeline/canonicalise-target.ts';
 import { closesForUnreadBody } from '../pipeline/send-error.ts';
@@ -10,7 +11,7 @@ import type { AuditLog } from '../observe/audit.ts';
 import * as ops from '../rotation/operations.ts';
 import { parseGrace } from '../rotation/transitions.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
-import { describeCredential, validateFields } from '../store/credentials.ts';
+import { describeCredential, dueForRotation, validateFields } from '../store/credentials.ts';
 import { liveTokenCount } from '../store/callers.ts';
 import type { KeyringFile } from '../store/keyring-file.ts';
 import type { StoreView } from '../store/store-view.ts';
@@ -105,7 +106,14 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
   const now = new Date();
   if (collection === 'credentials') {
     if (!id) {
-      if (method === 'GET') return { body: { credentials: [...(await op.store.load()).credentials.values()].map((r) => describeCredential(r, now)) } };
+      if (method === 'GET') {
+        const records = (await op.store.load()).credentials.values();
+        // `keys due` for scripts on HTTP: `?due` (90 days) or `?due=30d`, the credentials whose
+        // current version is older, as `keys due --json` gives them.
+        const maxAgeMs = dueQuery(req.url ?? '');
+        if (maxAgeMs !== undefined) return { body: { max_age_days: maxAgeMs / 86_400_000, due: dueForRotation(records, maxAgeMs, now.getTime()) } };
+        return { body: { credentials: [...records].map((r) => describeCredential(r, now)) } };
+      }
       if (method === 'POST') {
         const body = await readJson(req, res, ['id', 'fields']);
         const newId = stringField(body, 'id');
@@ -216,6 +224,21 @@ function toHttpError(err: unknown): HttpError {
 
 function notFound(message = 'No such admin endpoint.'): HttpError {
   return new HttpError(404, 'not_found', message);
+}
+
+/** `?due` or `?due=DURATION` on GET /v1/credentials: the maximum age asked for, or undefined without `due`. */
+function dueQuery(url: string): number | undefined {
+  const at = url.indexOf('?');
+  if (at === -1) return undefined;
+  const params = new URLSearchParams(url.slice(at + 1));
+  const names = [...new Set(params.keys())];
+  if (names.some((n) => n !== 'due')) throw new HttpError(400, 'bad_request', 'GET /v1/credentials takes one query parameter, due (?due or ?due=90d)');
+  if (names.length === 0) return undefined;
+  const values = params.getAll('due');
+  if (values.length > 1) throw new HttpError(400, 'bad_request', 'due is given more than once');
+  const ms = parseDuration(values[0] || '90d');
+  if (ms === undefined) throw new HttpError(400, 'bad_request', 'due must be a duration like 30d, 24h or 0');
+  return ms;
 }
 
 /** A 405 carries the methods the path does serve (RFC 9110 §15.5.6): `allow` is that list. */

@@ -113,6 +113,27 @@ export function wrapDek(keyring: Keyring, id: string, v: CredentialVersionRecord
   return { ...v, kek: keyring.active, dek: seal(keyring.get(keyring.active)!, dek, aad('dek', id, v.version, keyring.active)) };
 }
 
+/** Whole days from `since` (an ISO time) to `now`. */
+export function ageDays(since: string, now: number): number {
+  return Math.floor((now - Date.parse(since)) / 86_400_000);
+}
+
+/** A credential whose current version is older than a maximum age (`keys due`, `GET /v1/credentials?due=`). */
+export interface DueCredential {
+  readonly id: string;
+  readonly version: number;
+  readonly age_days: number;
+}
+
+/** The credentials whose current version has been current (or, never activated, existed) longer than `maxAgeMs`. */
+export function dueForRotation(records: Iterable<CredentialRecord>, maxAgeMs: number, now: number): DueCredential[] {
+  return [...records].flatMap((r) => {
+    const current = currentVersion(r);
+    const since = current?.activated_at ?? current?.created_at;
+    return current && since && now - Date.parse(since) > maxAgeMs ? [{ id: r.id, version: current.version, age_days: ageDays(since, now) }] : [];
+  });
+}
+
 export function currentVersion(record: CredentialRecord): CredentialVersionRecord | undefined {
   return record.versions.find((v) => v.state === 'current');
 }

@@ -62,6 +62,22 @@ describe('admin API', () => {
     expect(line.length, 'audit line length').toBeLessThan(1_024);
   });
 
+  it('GET /v1/credentials?due is keys due: the credentials whose current version is older than the age asked for (90 days by default), as keys due --json gives them', async () => {
+    await eventually(async () => (await api('GET', '/credentials')).status === 200, 2_000, 'the admin token to load');
+    const cli = async (maxAge: string) => JSON.parse((await runCli(['keys', 'due', '--max-age', maxAge, '--json'], env)).stdout) as unknown;
+    // Nothing is 90 days old; everything is older than 0 seconds.
+    const none = await api('GET', '/credentials?due');
+    expect(none.status).toBe(200);
+    expect(none.json).toEqual({ max_age_days: 90, due: [] });
+    expect(none.json).toEqual(await cli('90d'));
+    const all = await api('GET', '/credentials?due=0');
+    expect(all.json).toEqual(await cli('0'));
+    expect((all.json.due as { id: string }[]).map((d) => d.id)).toContain('key');
+    expect((await api('GET', '/credentials?due=soon')).status).toBe(400);
+    expect((await api('GET', '/credentials?due=1d&due=2d')).status).toBe(400);
+    expect((await api('GET', '/credentials?dew=30d')).status, 'a misspelt parameter is not ignored').toBe(400);
+  });
+
   it('stages, promotes, rolls back and revokes a credential; values go in, never come out', async () => {
     const staged = await api('POST', '/credentials/key/versions', { fields: { token: V2 }, stage: true });
     expect(staged.status).toBe(201);
