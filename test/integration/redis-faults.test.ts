@@ -365,6 +365,32 @@ describe('Redis faults', () => {
       c.disconnect();
     }
   });
+  it('a Redis that evicts any key under memory pressure (maxmemory-policy allkeys-*) is reported (alert store_evicts) at start and when set on a running Redis; noeviction and volatile-* are not', async () => {
+    const c = redis.client();
+    try {
+      await start();
+      expect(proxy!.logs()).not.toContain('store_evicts');
+      await c.config('SET', 'maxmemory-policy', 'allkeys-lru');
+      // A setting changed under a running instance is seen on its next connection.
+      await c.call('CLIENT', 'KILL', 'TYPE', 'normal');
+      await eventually(async () => proxy!.logs().includes('"alert":"store_evicts"'), 3_000, 'the eviction alert');
+      const line = proxy!.logs().split('\n').find((l) => l.includes('"alert":"store_evicts"'))!;
+      expect(JSON.parse(line)).toMatchObject({ severity: 'critical', maxmemory_policy: 'allkeys-lru' });
+      await proxy!.close();
+      proxy = undefined;
+      await start();
+      await eventually(async () => proxy!.logs().includes('"alert":"store_evicts"'), 3_000, 'the eviction alert at start');
+      await c.config('SET', 'maxmemory-policy', 'volatile-lru');
+      await proxy!.close();
+      proxy = undefined;
+      await start();
+      await new Promise((r) => setTimeout(r, 500));
+      expect(proxy!.logs()).not.toContain('store_evicts');
+    } finally {
+      c.disconnect();
+    }
+  });
+
   it('a credential\'s usage key damaged (another type): keys show and the admin API still describe the credential, and the next usage flush writes it afresh', async () => {
     const env = envFor(dir, { EGRESS_STORE: redis.url });
     const admin = await startWithAdminToken(env);
