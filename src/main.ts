@@ -108,6 +108,9 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     tokens.retainVersions(live);
   });
   await store.start();
+  if (backend instanceof RedisStore) {
+    backend.onEvictionRisk((policy) => alerts.raise('store_evicts', 'critical', backend.description, 'Redis may evict the store\'s records under memory pressure (maxmemory-policy allkeys-*): set noeviction or a volatile-* policy', { store: backend.description, maxmemory_policy: policy }));
+  }
   // Limits are shared through Redis when the store is Redis (several instances), in memory otherwise.
   const limiter: RateLimiter = backend instanceof RedisStore ? new RedisRateLimiter(backend.client, backend.connectAgain(), log, { alerts, redis: backend.description }) : new MemoryRateLimiter();
   await limiter.start?.();

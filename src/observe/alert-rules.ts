@@ -37,7 +37,7 @@ interface Usage {
  *  - retired_credential_used: an expired or revoked caller token is still presented
  *  - credential_max_age: a current credential version is older than its maximum age
  *  - unusual_usage: a caller uses a credential far above its own weighted baseline
- *  - store_unreachable, store_record_damaged, store_rollback, store_new_incarnation, reload_rejected
+ *  - store_unreachable, store_record_damaged, store_rollback, store_new_incarnation, store_evicts, reload_rejected
  *    (routes, revocations, keyring), ratelimit_degraded: raised where seen
  */
 export class AlertRules {

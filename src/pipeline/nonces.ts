@@ -22,8 +22,12 @@ export class MemoryNonces implements NonceSource {
 }
 
 /**
- * max(clock in µs on Redis's TIME, last + 1), atomically: every instance shares one sequence per
- * credential. A stored value that is no nonce (another type, not a number, negative, or 2^53 and
+ * max(clock in µs on Redis's TIME, last + 1, ARGV[1] + 1), atomically: every instance shares one
+ * sequence per credential. ARGV[1] is the highest nonce the calling instance was given: when Redis
+ * lost the counter (a restart without its data, an eviction) and its clock is behind nonces given
+ * before (they ran ahead of it, or an earlier Redis's clock was ahead), the sequence goes on above
+ * them rather than restart below, where Kraken refuses every request (EAPI:Invalid nonce) until
+ * the clock catches up. A stored value that is no nonce (another type, not a number, negative, or 2^53 and
  * up, where + 1 is lost and "inf" is no integer) is damage: the sequence starts again from the
  * clock, and the value is overwritten. It failed every signed request of the credential with a
  * 500 until someone removed the key by hand.
@@ -34,6 +38,8 @@ local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local stored = redis.pcall('GET', KEYS[1])
 local last = type(stored) == 'string' and tonumber(stored) or 0
 if last ~= last or last < 0 or last >= 9007199254740992 then last = 0 end
+local given = tonumber(ARGV[1]) or 0
+if given > last and given < 9007199254740992 then last = given end
 local n = clock
 if n <= last then n = last + 1 end
 redis.call('SET', KEYS[1], string.format('%.0f', n))
@@ -42,6 +48,8 @@ return string.format('%.0f', n)
 
 export class RedisNonces implements NonceSource {
   readonly #client: RedisConnection;
+  /** The highest nonce given to this instance, per credential (see NEXT_SCRIPT). */
+  readonly #given = new Map<string, bigint>();
 
   constructor(client: RedisConnection) {
     this.#client = client;
@@ -53,10 +61,12 @@ export class RedisNonces implements NonceSource {
     // fault of the proxy's (500).
     let reply: unknown;
     try {
-      reply = await evalScript(this.#client, NEXT_SCRIPT, [`egress:nonce:{${credential}}`], []);
+      reply = await evalScript(this.#client, NEXT_SCRIPT, [`egress:nonce:{${credential}}`], [String(this.#given.get(credential) ?? 0n)]);
     } catch (err) {
       throw new ProxyError('credential_unavailable', 'No nonce could be taken from the store; nothing was sent.', { cause: err });
     }
-    return BigInt(reply as string);
+    const nonce = BigInt(reply as string);
+    if (nonce > (this.#given.get(credential) ?? 0n)) this.#given.set(credential, nonce);
+    return nonce;
   }
 }

@@ -306,6 +306,27 @@ export class RedisStore implements StoreBackend {
     };
   }
 
+  /**
+   * Call `onRisk` with the server's eviction policy when it may evict keys without an expiry
+   * (`allkeys-*`), on every connection: store records have none, and such a Redis deletes them
+   * under memory pressure, silently (an instance started afterwards knows nothing of the records
+   * it lost: no credentials, no callers). `noeviction` and the `volatile-*` policies never touch
+   * them. A server that refuses INFO (an ACL without it, a renamed command) says nothing here.
+   */
+  onEvictionRisk(onRisk: (policy: string) => void): void {
+    const check = () => {
+      this.client.info('memory').then(
+        (text) => {
+          const policy = /^maxmemory_policy:(\S+)/m.exec(text)?.[1];
+          if (policy?.startsWith('allkeys-')) onRisk(policy);
+        },
+        () => {},
+      );
+    };
+    this.client.on('ready', check);
+    if (this.client.status === 'ready') check();
+  }
+
   /** Another connection to the same Redis (subscribers need their own). */
   connectAgain(): RedisConnection {
     return this.#spec.connect();

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -63,6 +63,13 @@ export class TestRedis {
     const exited = new Promise((r) => child.once('exit', r));
     child.kill('SIGKILL');
     await exited;
+  }
+
+  /** Stop the server and throw its data away: the next start is empty, as a restart without persistence is. */
+  async wipe(): Promise<void> {
+    await this.stop();
+    await rm(this.dir, { recursive: true, force: true });
+    await mkdir(this.dir);
   }
 
   freeze(): void {

@@ -365,6 +365,62 @@ describe('Redis faults', () => {
       c.disconnect();
     }
   });
+  it('a Kraken nonce after Redis lost its data: still above every nonce this instance was given, also when those ran ahead of the clock Redis came back with (Kraken refuses a lower one: EAPI:Invalid nonce)', async () => {
+    const keyring = await readKeyring(join(dir, 'master.key'));
+    const store = new RedisStore(parseRedisUrl(redis.url));
+    await store.put('credential', newCredentialRecord(keyring, 'kraken', { api_key: 'key-1', api_secret: Buffer.from('kraken-secret-1234').toString('base64') }, new Date()), 0);
+    await store.close();
+    await writeFile(join(dir, 'routes', 'k.yaml'), `name: k\nprefix: /k\nallow_private_addresses: true\ncredential: kraken\npreset: kraken\nupstream: ${upstream.url}\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/0/private/*]\n`);
+    await start();
+    const post = async () => {
+      const res = await fetch(`${proxy!.url}/k/0/private/Balance`, { method: 'POST', headers: { 'x-egress-token': tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD' });
+      await res.arrayBuffer();
+      return res.status;
+    };
+    const nonceSent = () => BigInt(new URLSearchParams(upstream.requests.at(-1)!.body.toString()).get('nonce')!);
+    // Nonces given while Redis's clock was a minute ahead (a host whose clock was wrong, since
+    // replaced), as the counter holds them.
+    const c = redis.client();
+    await c.set('egress:nonce:{kraken}', String((BigInt(Date.now()) + 60_000n) * 1000n));
+    c.disconnect();
+    expect(await post()).toBe(200);
+    const last = nonceSent();
+    expect(last > BigInt(Date.now() + 30_000) * 1000n).toBe(true);
+    // Redis restarted without its data, on a clock that is right: the counter is gone.
+    await redis.wipe();
+    await redis.start();
+    await eventually(async () => (await post()) === 200, 5_000, 'requests through Redis again');
+    expect(nonceSent() > last).toBe(true);
+    expect(await post()).toBe(200);
+    expect(nonceSent() > last).toBe(true);
+  });
+
+  it('a Redis that evicts any key under memory pressure (maxmemory-policy allkeys-*) is reported (alert store_evicts) at start and when set on a running Redis; noeviction and volatile-* are not', async () => {
+    const c = redis.client();
+    try {
+      await start();
+      expect(proxy!.logs()).not.toContain('store_evicts');
+      await c.config('SET', 'maxmemory-policy', 'allkeys-lru');
+      // A setting changed under a running instance is seen on its next connection.
+      await c.call('CLIENT', 'KILL', 'TYPE', 'normal');
+      await eventually(async () => proxy!.logs().includes('"alert":"store_evicts"'), 3_000, 'the eviction alert');
+      const line = proxy!.logs().split('\n').find((l) => l.includes('"alert":"store_evicts"'))!;
+      expect(JSON.parse(line)).toMatchObject({ severity: 'critical', maxmemory_policy: 'allkeys-lru' });
+      await proxy!.close();
+      proxy = undefined;
+      await start();
+      await eventually(async () => proxy!.logs().includes('"alert":"store_evicts"'), 3_000, 'the eviction alert at start');
+      await c.config('SET', 'maxmemory-policy', 'volatile-lru');
+      await proxy!.close();
+      proxy = undefined;
+      await start();
+      await new Promise((r) => setTimeout(r, 500));
+      expect(proxy!.logs()).not.toContain('store_evicts');
+    } finally {
+      c.disconnect();
+    }
+  });
+
   it('a credential\'s usage key damaged (another type): keys show and the admin API still describe the credential, and the next usage flush writes it afresh', async () => {
     const env = envFor(dir, { EGRESS_STORE: redis.url });
     const admin = await startWithAdminToken(env);
