@@ -313,13 +313,17 @@ describe('Redis faults', () => {
       await store.close();
     }
   });
-  it('a Kraken nonce with Redis frozen, down, or its nonce key damaged: a clean 503 and nothing sent, never a 500; a damaged value starts again from the clock', async () => {
+  /** A kraken credential in the Redis store and a route to the upstream for it, then the proxy. */
+  async function startKraken(): Promise<void> {
     const keyring = await readKeyring(join(dir, 'master.key'));
     const store = new RedisStore(parseRedisUrl(redis.url));
     await store.put('credential', newCredentialRecord(keyring, 'kraken', { api_key: 'key-1', api_secret: Buffer.from('kraken-secret-1234').toString('base64') }, new Date()), 0);
     await store.close();
     await writeFile(join(dir, 'routes', 'k.yaml'), `name: k\nprefix: /k\nallow_private_addresses: true\ncredential: kraken\npreset: kraken\nupstream: ${upstream.url}\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/0/private/*]\n`);
     await start();
+  }
+  it('a Kraken nonce with Redis frozen, down, or its nonce key damaged: a clean 503 and nothing sent, never a 500; a damaged value starts again from the clock', async () => {
+    await startKraken();
     const post = async () => {
       const started = performance.now();
       const res = await fetch(`${proxy!.url}/k/0/private/Balance`, { method: 'POST', headers: { 'x-egress-token': tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD' });
@@ -366,12 +370,7 @@ describe('Redis faults', () => {
     }
   });
   it('a Kraken nonce after Redis lost its data: still above every nonce this instance was given, also when those ran ahead of the clock Redis came back with (Kraken refuses a lower one: EAPI:Invalid nonce)', async () => {
-    const keyring = await readKeyring(join(dir, 'master.key'));
-    const store = new RedisStore(parseRedisUrl(redis.url));
-    await store.put('credential', newCredentialRecord(keyring, 'kraken', { api_key: 'key-1', api_secret: Buffer.from('kraken-secret-1234').toString('base64') }, new Date()), 0);
-    await store.close();
-    await writeFile(join(dir, 'routes', 'k.yaml'), `name: k\nprefix: /k\nallow_private_addresses: true\ncredential: kraken\npreset: kraken\nupstream: ${upstream.url}\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/0/private/*]\n`);
-    await start();
+    await startKraken();
     const post = async () => {
       const res = await fetch(`${proxy!.url}/k/0/private/Balance`, { method: 'POST', headers: { 'x-egress-token': tokens.svc!, 'content-type': 'application/x-www-form-urlencoded' }, body: 'asset=ZUSD' });
       await res.arrayBuffer();

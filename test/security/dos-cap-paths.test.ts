@@ -1,14 +1,11 @@
-import { writeFile, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { join } from 'node:path';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { eventually, makeTempDir } from '../helpers/proxy.ts';
-import { freePort } from '../helpers/redis.ts';
-import { makeTestPki } from '../helpers/tls.ts';
+import { eventually } from '../helpers/proxy.ts';
 import { startLab, statuses, type Lab } from './lab.ts';
 import { RawConnection } from './raw-socket.ts';
-import { bankRoute, basic, connectTunnel, exchange, makeCerts, tlsInTunnel } from './sec-helpers.ts';
+import { bankRoute, basic, connectTunnel, exchange, makeCerts, tlsInTunnel, tlsListener } from './sec-helpers.ts';
 
 /**
  * DOS-09f: EGRESS_MAX_CONNECTIONS on the paths DOS-09e does not take: the TLS listener (the cap
@@ -22,23 +19,16 @@ let tlsCa: string;
 let caPem: string;
 
 beforeAll(async () => {
-  const pki = makeTestPki();
-  const dir = await makeTempDir('egress-cap-tls-');
-  await writeFile(join(dir, 'server.pem'), pki.serverCert);
-  await writeFile(join(dir, 'server.key'), pki.serverKey, { mode: 0o600 });
-  await writeFile(join(dir, 'client-ca.pem'), pki.caCert);
-  tlsCa = pki.caCert;
-  tlsPort = await freePort();
+  const tls = await tlsListener('egress-cap-tls-');
+  tlsCa = tls.ca;
+  tlsPort = tls.port;
   const made = await makeCerts(['api.bank.test']);
   caPem = made.caPem;
   lab = await startLab({
     env: {
       EGRESS_MAX_CONNECTIONS: String(CAP),
       EGRESS_CERTS: made.certs,
-      EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`,
-      EGRESS_TLS_CERT: join(dir, 'server.pem'),
-      EGRESS_TLS_KEY: join(dir, 'server.key'),
-      EGRESS_CLIENT_CA: join(dir, 'client-ca.pem'),
+      ...tls.env,
     },
     routes: (u) => ({ bank: bankRoute(u.url) }),
   });

@@ -1,14 +1,9 @@
-import { writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
-import { join } from 'node:path';
 import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeTempDir } from '../helpers/proxy.ts';
-import { freePort } from '../helpers/redis.ts';
-import { makeTestPki } from '../helpers/tls.ts';
 import { startLab, statuses, type Lab } from './lab.ts';
-import { BANK_HOST, bankRoute, basic, makeCerts } from './sec-helpers.ts';
+import { BANK_HOST, bankRoute, basic, makeCerts, tlsListener } from './sec-helpers.ts';
 
 /**
  * DOS-03e: an answer given before the request body was read to its end (a 413 over max_body, a 401,
@@ -23,22 +18,15 @@ let tlsCa: string;
 let caPem: string;
 
 beforeAll(async () => {
-  const pki = makeTestPki();
-  const dir = await makeTempDir('egress-linger-');
-  await writeFile(join(dir, 'server.pem'), pki.serverCert);
-  await writeFile(join(dir, 'server.key'), pki.serverKey, { mode: 0o600 });
-  await writeFile(join(dir, 'client-ca.pem'), pki.caCert);
-  tlsCa = pki.caCert;
-  tlsPort = await freePort();
+  const tls = await tlsListener('egress-linger-');
+  tlsCa = tls.ca;
+  tlsPort = tls.port;
   const made = await makeCerts([BANK_HOST]);
   caPem = made.caPem;
   lab = await startLab({
     env: {
       EGRESS_CERTS: made.certs,
-      EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`,
-      EGRESS_TLS_CERT: join(dir, 'server.pem'),
-      EGRESS_TLS_KEY: join(dir, 'server.key'),
-      EGRESS_CLIENT_CA: join(dir, 'client-ca.pem'),
+      ...tls.env,
     },
     routes: (u) => ({
       bank: bankRoute(u.url).replace('timeouts:', 'max_body: 64kb\ntimeouts:'),

@@ -4,11 +4,9 @@ import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
-import { envFor, eventually, makeTempDir } from '../helpers/proxy.ts';
-import { freePort } from '../helpers/redis.ts';
-import { makeTestPki } from '../helpers/tls.ts';
+import { envFor, eventually } from '../helpers/proxy.ts';
 import { startLab, type Lab } from './lab.ts';
-import { BANK_HOST, bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel } from './sec-helpers.ts';
+import { BANK_HOST, bankRoute, basic, connectTunnel, makeCerts, tlsInTunnel, tlsListener } from './sec-helpers.ts';
 
 /**
  * DOS-10d..f: answers the caller never reads. A23e7b2 (DOS-10b) bounded a streamed body's wait for
@@ -31,22 +29,15 @@ let tlsCa: string;
 let forwardCa: string;
 
 beforeAll(async () => {
-  const pki = makeTestPki();
-  const tlsDir = await makeTempDir('egress-stall-tls-');
-  await writeFile(join(tlsDir, 'server.pem'), pki.serverCert);
-  await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
-  await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
-  tlsCa = pki.caCert;
-  tlsPort = await freePort();
+  const tls = await tlsListener('egress-stall-tls-');
+  tlsCa = tls.ca;
+  tlsPort = tls.port;
   const forward = await makeCerts([BANK_HOST]);
   forwardCa = forward.caPem;
   lab = await startLab({
     env: {
       EGRESS_CALLER_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT),
-      EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`,
-      EGRESS_TLS_CERT: join(tlsDir, 'server.pem'),
-      EGRESS_TLS_KEY: join(tlsDir, 'server.key'),
-      EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem'),
+      ...tls.env,
       EGRESS_CERTS: forward.certs,
     },
     upstream: (req, res) => {

@@ -1,4 +1,4 @@
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { createServer, type Server } from 'node:http';
 import { connect as h2connect } from 'node:http2';
@@ -7,13 +7,11 @@ import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LISTENER_LIMITS } from '../../src/server/reverse.ts';
-import { makeTempDir } from '../helpers/proxy.ts';
 import { freePort } from '../helpers/redis.ts';
-import { makeTestPki } from '../helpers/tls.ts';
 import { rawRequest, startLab, statuses, type Lab } from './lab.ts';
 import { exchangeOn } from '../helpers/raw.ts';
 import { rawExchange } from './raw-socket.ts';
-import { bankRoute, basic, connectTunnel, exchange, makeCerts, percentile, rssKb, tlsInTunnel } from './sec-helpers.ts';
+import { bankRoute, basic, connectTunnel, exchange, makeCerts, percentile, rssKb, tlsInTunnel, tlsListener } from './sec-helpers.ts';
 
 /** DOS: slow clients, big bodies, bucket evasion, connection floods and back-pressure. */
 let lab: Lab;
@@ -58,16 +56,12 @@ beforeAll(async () => {
   });
   await new Promise<void>((r) => big.listen(0, '127.0.0.1', r));
   bigPort = (big.address() as AddressInfo).port;
-  const pki = makeTestPki();
-  const tlsDir = await makeTempDir('egress-dos-tls-');
-  await writeFile(join(tlsDir, 'server.pem'), pki.serverCert);
-  await writeFile(join(tlsDir, 'server.key'), pki.serverKey, { mode: 0o600 });
-  await writeFile(join(tlsDir, 'client-ca.pem'), pki.caCert);
-  tlsCa = pki.caCert;
-  tlsFiles = { cert: join(tlsDir, 'server.pem'), key: join(tlsDir, 'server.key'), ca: join(tlsDir, 'client-ca.pem') };
-  tlsPort = await freePort();
+  const tls = await tlsListener('egress-dos-tls-');
+  tlsCa = tls.ca;
+  tlsFiles = tls.files;
+  tlsPort = tls.port;
   lab = await startLab({
-    env: { EGRESS_TLS_LISTEN: `127.0.0.1:${tlsPort}`, EGRESS_TLS_CERT: join(tlsDir, 'server.pem'), EGRESS_TLS_KEY: join(tlsDir, 'server.key'), EGRESS_CLIENT_CA: join(tlsDir, 'client-ca.pem') },
+    env: tls.env,
     routes: (u) => ({
       rl: `name: rl
 prefix: /rl

@@ -8,6 +8,8 @@ import { readKeyring } from '../../src/store/keyring.ts';
 import { openStore } from '../../src/store/open-store.ts';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, makeTempDir } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
+import { makeTestPki } from '../helpers/tls.ts';
 
 /** Shared helpers for the security suite (ssrf, mitm, dos, cred, flt). */
 
@@ -52,6 +54,27 @@ ${route}allow:
     methods: [GET]
     paths: [/x]
 ${rule}`;
+}
+
+/** A TLS listener for a lab: a test PKI's server certificate, with its CA as the client CA, on a free port. */
+export interface TlsListenerSetup {
+  /** EGRESS_TLS_LISTEN, EGRESS_TLS_CERT, EGRESS_TLS_KEY and EGRESS_CLIENT_CA. */
+  readonly env: Record<string, string>;
+  readonly port: number;
+  /** The CA PEM that signed the listener's certificate (and the client CA). */
+  readonly ca: string;
+  readonly files: { readonly cert: string; readonly key: string; readonly ca: string };
+}
+
+export async function tlsListener(prefix: string): Promise<TlsListenerSetup> {
+  const pki = makeTestPki();
+  const dir = await makeTempDir(prefix);
+  const files = { cert: join(dir, 'server.pem'), key: join(dir, 'server.key'), ca: join(dir, 'client-ca.pem') };
+  await writeFile(files.cert, pki.serverCert);
+  await writeFile(files.key, pki.serverKey, { mode: 0o600 });
+  await writeFile(files.ca, pki.caCert);
+  const port = await freePort();
+  return { env: { EGRESS_TLS_LISTEN: `127.0.0.1:${port}`, EGRESS_TLS_CERT: files.cert, EGRESS_TLS_KEY: files.key, EGRESS_CLIENT_CA: files.ca }, port, ca: pki.caCert, files };
 }
 
 /** Run `egress certs init` for a folder whose routes name `hosts`; returns the EGRESS_CERTS path and the CA PEM. */
