@@ -8,6 +8,7 @@ import { SETTINGS } from './config/settings.ts';
 import { UserError } from './errors.ts';
 import { Alerts } from './observe/alerts.ts';
 import { CallerSlots } from './pipeline/in-flight.ts';
+import { Drain } from './pipeline/connection-state.ts';
 import { Activity } from './observe/activity.ts';
 import { AlertRules } from './observe/alert-rules.ts';
 import { loadAlertSettings } from './observe/alert-settings.ts';
@@ -115,7 +116,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   usage.start();
   const nonces = backend instanceof RedisStore ? new RedisNonces(backend.client) : new MemoryNonces();
   const activity = new Activity();
-  const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log };
+  const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log, drain: new Drain() };
   metrics.bindStore(store);
   const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
   ageCheck.unref();
@@ -193,6 +194,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       clearInterval(ageCheck);
       tls?.close();
       forward?.refuseNew();
+      services.drain.begin();
       const drained = Promise.all([closeServer(proxy), closeServer(admin), ...(tls ? [closeServer(tls.server)] : [])]);
       // Keep-alive connections become idle as their last response ends: close each as it does.
       const sweep = setInterval(() => {
