@@ -304,6 +304,9 @@ export class Drain {
   #draining = false;
   /** Answers in flight and the connection of each, oldest first. */
   readonly #answers = new Map<DrainedAnswer, object>();
+  /** Requests being handled: started, their audit line not yet written. */
+  #handling = 0;
+  #whenSettled: (() => void) | undefined;
 
   get draining(): boolean {
     return this.#draining;
@@ -311,6 +314,7 @@ export class Drain {
 
   /** A request starts on `socket`: its answer closes the connection when the drain has begun, or begins before its head is written. */
   track(socket: object | null, res: DrainedAnswer): void {
+    this.#handling++;
     if (this.#draining) {
       res.shouldKeepAlive = false;
       return;
@@ -318,6 +322,29 @@ export class Drain {
     if (!socket) return;
     this.#answers.set(res, socket);
     res.once('close', () => this.#answers.delete(res));
+  }
+
+  /** A request's handling ended (its audit line is written): one call per track(). */
+  ended(): void {
+    if (--this.#handling === 0) this.#whenSettled?.();
+  }
+
+  /**
+   * Once no request is being handled, or `maxMs` later: how many still are then. Requests cut at
+   * the drain deadline end a moment after their connections close, and the audit log must not be
+   * closed before they have written their lines.
+   */
+  async settled(maxMs: number): Promise<number> {
+    if (this.#handling > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolveSettled) => {
+        this.#whenSettled = resolveSettled;
+        timer = setTimeout(resolveSettled, maxMs);
+      });
+      clearTimeout(timer);
+      this.#whenSettled = undefined;
+    }
+    return this.#handling;
   }
 
   begin(): void {

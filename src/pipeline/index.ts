@@ -110,6 +110,7 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
       services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'failed to record a finished request');
     }
     requestAnswered(socket);
+    services.drain.ended();
   }
 }
 

@@ -93,6 +93,42 @@ describe('answers during the drain', () => {
   }, 20_000);
 });
 
+describe('requests cut at the drain deadline', () => {
+  let serve: ServeProcess | undefined;
+  afterEach(async () => {
+    serve?.child.kill('SIGKILL');
+    serve = undefined;
+  });
+
+  // Each request's handling ends as its connection is closed at the deadline, a moment after: the
+  // process closed the audit log and exited before that, and their lines were never written.
+  it('uploads still streaming at the deadline are cut, and each is audited before the process exits', async () => {
+    const dir = await makeTempDir('egress-drain-cut-');
+    const route = bearerRoute({ upstream: upstream.url, paths: ['/upload'], methods: ['POST'] }).replace('allow:', 'max_body: 10mb\nallow:');
+    const { tokens } = await seedDataDir(dir, { routes: { api: route }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    serve = await startServe(envFor(dir));
+    const port = Number(new URL(serve.url).port);
+    const uploads = Array.from({ length: 4 }, () => new Promise<void>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.write(`POST /api/upload HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\nTransfer-Encoding: chunked\r\n\r\n`);
+      const chunk = `3e8\r\n${'a'.repeat(1000)}\r\n`;
+      const timer = setInterval(() => socket.writable && socket.write(chunk), 200);
+      socket.on('close', () => {
+        clearInterval(timer);
+        resolve();
+      });
+    }));
+    await new Promise((r) => setTimeout(r, 500));
+    const started = performance.now();
+    expect(await serve.stop('SIGTERM')).toBe(0);
+    expect(performance.now() - started).toBeLessThan(12_000);
+    await Promise.all(uploads);
+    const audit = (await readFile(join(dir, 'audit.log'), 'utf8')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as { path: string; decision: string });
+    expect(audit.filter((l) => l.path === '/api/upload' && l.decision === 'aborted').length).toBe(4);
+  }, 30_000);
+});
+
 describe('forward-mode tunnels while draining', () => {
   let serve: ServeProcess | undefined;
   let tlsUpstream: Upstream | undefined;
