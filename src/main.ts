@@ -1,4 +1,5 @@
 import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { Server } from 'node:http';
 import type { DestinationStream } from 'pino';
 import { RouteReloader } from './config/reloader.ts';
@@ -178,6 +179,18 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     cap.attach(tls.server, 'tls', 'secureConnection');
     await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port, 'EGRESS_TLS_LISTEN', settings.reusePort);
   }
+  // Node hands over the socket of a CONNECT or an upgrade (one pipelined behind a request in flight
+  // waits there to be answered): it is no longer a connection closeAllConnections sees, and one left
+  // open held the drain past its deadline, as long as the request before it took.
+  const handedOver = new Set<Duplex>();
+  const noteHandover = (_req: unknown, socket: Duplex) => {
+    handedOver.add(socket);
+    socket.once('close', () => handedOver.delete(socket));
+  };
+  // Only beside a listener already there: with none, Node does not hand the socket over at all.
+  for (const server of [proxy, admin, ...(tls ? [tls.server] : [])]) {
+    for (const event of ['connect', 'upgrade']) if (server.listenerCount(event) > 0) server.on(event, noteHandover);
+  }
   await listen(proxy, settings.listen.host, settings.listen.port, 'EGRESS_LISTEN', settings.reusePort);
   // The admin listener is never shared: each instance has its own (/metrics and /readyz are per process).
   await listen(admin, settings.adminListen.host, settings.adminListen.port, 'EGRESS_ADMIN_LISTEN', false);
@@ -209,6 +222,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
         forward?.closeAllConnections();
         admin.closeAllConnections();
         tls?.server.closeAllConnections();
+        for (const socket of handedOver) socket.destroy();
       }, deadlineMs);
       timer.unref();
       await drained;

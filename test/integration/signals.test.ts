@@ -129,6 +129,42 @@ describe('requests cut at the drain deadline', () => {
   }, 30_000);
 });
 
+describe('a connection handed over behind a request in flight', () => {
+  let serve: ServeProcess | undefined;
+  let hanging: Upstream | undefined;
+  afterEach(async () => {
+    serve?.child.kill('SIGKILL');
+    serve = undefined;
+    await hanging?.close();
+    hanging = undefined;
+  });
+
+  // Node hands a CONNECT's or an upgrade's socket over at once; refused, it waits for the answers
+  // before it. It is no longer the listener's connection, so the deadline did not close it, and
+  // the drain waited for the upstream's answer (up to the route's response timeout) instead.
+  it.each([
+    ['an upgrade', 'GET /api/other HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n'],
+    ['a CONNECT (forward mode off)', 'CONNECT api.bank.test:443 HTTP/1.1\r\nHost: api.bank.test:443\r\n\r\n'],
+  ])('%s pipelined behind a request whose upstream never answers does not hold the process past the drain deadline', async (_what, pipelined) => {
+    hanging = await startUpstream(() => {});
+    const dir = await makeTempDir('egress-drain-handover-');
+    const route = bearerRoute({ upstream: hanging.url, paths: ['/hang'] }).replace('allow:', 'timeouts: { response: 60s }\nallow:');
+    const { tokens } = await seedDataDir(dir, { routes: { api: route }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    serve = await startServe(envFor(dir));
+    const socket = connect(Number(new URL(serve.url).port), '127.0.0.1');
+    socket.on('error', () => {});
+    socket.write(`GET /api/hang HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\n\r\n${pipelined}`);
+    await new Promise((r) => setTimeout(r, 300));
+    const started = performance.now();
+    const exited = serve.stop('SIGTERM');
+    const outcome = await Promise.race([exited, new Promise((r) => setTimeout(() => r('still running 15 s after SIGTERM'), 15_000))]);
+    expect(outcome).toBe(0);
+    expect(performance.now() - started).toBeLessThan(12_000);
+    const audit = await readFile(join(dir, 'audit.log'), 'utf8');
+    expect(audit).toMatch(/"path":"\/api\/hang","decision":"aborted"/);
+  }, 30_000);
+});
+
 describe('forward-mode tunnels while draining', () => {
   let serve: ServeProcess | undefined;
   let tlsUpstream: Upstream | undefined;
