@@ -34,7 +34,8 @@ RUN mkdir -p /data && chown node:node /data && chmod 700 /data
 VOLUME ["/data"]
 USER node
 EXPOSE 8080 9090
+# The admin listener EGRESS_ADMIN_LISTEN names (an operator may move it), that of all interfaces on loopback.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:9090/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+  CMD ["node", "-e", "const a = (process.env.EGRESS_ADMIN_LISTEN || '127.0.0.1:9090').trim(), i = a.lastIndexOf(':'), h = a.slice(0, i); fetch('http://' + ({ '': '127.0.0.1', '0.0.0.0': '127.0.0.1', '[::]': '[::1]' }[h] ?? h) + ':' + a.slice(i + 1) + '/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=4", "--heap-growing-percent=10", "--v8-pool-size=1", "--no-concurrent-recompilation", "bin/egress.js"]
 CMD ["serve"]

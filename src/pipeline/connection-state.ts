@@ -286,3 +286,82 @@ function closeAfterLinger(socket: import('node:stream').Duplex): void {
   timer.unref();
   socket.once('close', () => clearTimeout(timer));
 }
+
+interface DrainedAnswer {
+  shouldKeepAlive: boolean;
+  readonly headersSent: boolean;
+  once(event: 'close', listener: () => void): unknown;
+}
+
+/**
+ * The proxy listeners' side of a drain (SIGTERM): every answer whose head is written from its start
+ * on says `Connection: close`. Without it an answer sent during the drain said keep-alive, the
+ * drain then closed the idle connection under the caller, and a request the caller had just sent
+ * on it (its client pool thought it reusable) was met by a closed connection: a network error,
+ * and one a client does not retry for a POST.
+ */
+export class Drain {
+  #draining = false;
+  /** Answers in flight and the connection of each, oldest first. */
+  readonly #answers = new Map<DrainedAnswer, object>();
+  /** Requests being handled: started, their audit line not yet written. */
+  #handling = 0;
+  #whenSettled: (() => void) | undefined;
+
+  get draining(): boolean {
+    return this.#draining;
+  }
+
+  /** A request starts on `socket`: its answer closes the connection when the drain has begun, or begins before its head is written. */
+  track(socket: object | null, res: DrainedAnswer): void {
+    this.#handling++;
+    if (this.#draining) {
+      res.shouldKeepAlive = false;
+      return;
+    }
+    if (!socket) return;
+    this.#answers.set(res, socket);
+    res.once('close', () => this.#answers.delete(res));
+  }
+
+  /** A request's handling ended (its audit line is written): one call per track(). */
+  ended(): void {
+    if (--this.#handling === 0) this.#whenSettled?.();
+  }
+
+  /**
+   * Once no request is being handled, or `maxMs` later: how many still are then. Requests cut at
+   * the drain deadline end a moment after their connections close, and the audit log must not be
+   * closed before they have written their lines.
+   */
+  async settled(maxMs: number): Promise<number> {
+    if (this.#handling > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolveSettled) => {
+        this.#whenSettled = resolveSettled;
+        timer = setTimeout(resolveSettled, maxMs);
+      });
+      clearTimeout(timer);
+      this.#whenSettled = undefined;
+    }
+    return this.#handling;
+  }
+
+  begin(): void {
+    if (this.#draining) return;
+    this.#draining = true;
+    // Only the latest answer on a connection may close it: Node closes the connection once an
+    // answer that says so is written, and answers pipelined behind an earlier one would be lost
+    // with requests already sent upstream. Requests that arrive behind it are not processed.
+    const latest = new Map<object, DrainedAnswer>();
+    for (const [res, socket] of this.#answers) latest.set(socket, res);
+    this.#answers.clear();
+    for (const [socket, res] of latest) {
+      // Something waits to be answered behind it (a pipelined CONNECT, answered 503 shutting_down,
+      // or bytes that do not parse, answered 400): that answer closes the connection instead.
+      if (res.headersSent || (socket as Carrier)[STATE]?.whenIdle) continue;
+      res.shouldKeepAlive = false;
+      markClosing(socket);
+    }
+  }
+}

@@ -204,11 +204,16 @@ describe('the image at run time: non-root, read-only root filesystem, production
       expect(res.status).toBe(200);
       expect(upstream.requests.at(-1)?.headers['x-api-key']).toBe(secret);
 
-      // The image's HEALTHCHECK, on the admin port this proxy got.
+      // The image's HEALTHCHECK, unchanged, asks the admin listener EGRESS_ADMIN_LISTEN names (an
+      // operator who moves it off 9090 must not get an unhealthy container), that of all
+      // interfaces on the loopback address.
       const adminPort = serve.admin.split(':').at(-1)!;
-      expect(image.env.EGRESS_ADMIN_LISTEN).toMatch(/:9090$/);
-      const health = await collect(readOnlySpawn(image, image.healthcheck.map((w) => w.replace('127.0.0.1:9090', `127.0.0.1:${adminPort}`)), env));
-      expect(health.code, health.stderr).toBe(0);
+      for (const adminListen of [`127.0.0.1:${adminPort}`, `0.0.0.0:${adminPort}`]) {
+        const health = await collect(readOnlySpawn(image, image.healthcheck, { ...env, EGRESS_ADMIN_LISTEN: adminListen }));
+        expect(health.code, `${adminListen}: ${health.stderr}`).toBe(0);
+      }
+      const unhealthy = await collect(readOnlySpawn(image, image.healthcheck, { ...env, EGRESS_ADMIN_LISTEN: `127.0.0.1:${serve.url.split(':').at(-1)!}` }));
+      expect(unhealthy.code).toBe(1);
     } finally {
       stopped = await serve.stop('SIGTERM');
     }
