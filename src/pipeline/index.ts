@@ -36,7 +36,6 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
   // §9.6): it is audited as aborted, nothing is sent upstream, and Node closes the connection once
   // that answer is out.
   const closing = isClosing(socket);
-  services.drain.track(socket, res);
   if (!res.shouldKeepAlive) markClosing(socket);
   // A caller that pipelines without reading its answers loses the connection (see MAX_QUEUED_ANSWERS).
   const overflow = !requestStarted(socket, req, res);
@@ -110,7 +109,6 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
       services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'failed to record a finished request');
     }
     requestAnswered(socket);
-    services.drain.ended();
   }
 }
 

@@ -6,7 +6,6 @@ import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import type { UsageTracker } from '../observe/usage.ts';
 import type { Activity } from '../observe/activity.ts';
-import type { Drain } from './connection-state.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
 import type { CallerSlots } from './in-flight.ts';
@@ -28,6 +27,4 @@ export interface Services {
   readonly usage: UsageTracker;
   readonly activity: Activity;
   readonly log: Logger;
-  /** Set going by close(): answers from then on close their connection. */
-  readonly drain: Drain;
 }
