@@ -52,12 +52,20 @@ const NAMED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compr
  * elements are no coding (§5.6.1).
  */
 export function bodyCodings(rawHeaders: readonly string[]): string[] {
+  return codingsOf(rawHeaders, (name) => name.replaceAll('_', '-') === 'content-encoding').filter((c) => c !== 'identity');
+}
+
+/**
+ * The codings every line of a coding field names (`name` matches the lower-cased field name), over
+ * all its lines, lower-cased, empty list elements dropped. Content-Encoding and Transfer-Encoding alike.
+ */
+export function codingsOf(rawHeaders: readonly string[], name: (lowerCased: string) => boolean): string[] {
   const codings: string[] = [];
   for (let i = 0; i < rawHeaders.length; i += 2) {
-    if (rawHeaders[i]!.toLowerCase().replaceAll('_', '-') !== 'content-encoding') continue;
+    if (!name(rawHeaders[i]!.toLowerCase())) continue;
     for (const element of rawHeaders[i + 1]!.split(',')) {
       const coding = element.trim().toLowerCase();
-      if (coding !== '' && coding !== 'identity') codings.push(coding);
+      if (coding !== '') codings.push(coding);
     }
   }
   return codings;

@@ -1,6 +1,6 @@
 import { ProxyError } from '../errors.ts';
 import type { RequestContext } from './context.ts';
-import { hasBody, NO_CONTENT_METHODS, unmetExpectation } from './body.ts';
+import { codingsOf, hasBody, NO_CONTENT_METHODS, unmetExpectation } from './body.ts';
 import { parseTarget } from './target.ts';
 
 /**
@@ -41,14 +41,7 @@ export function canonicaliseTarget(ctx: RequestContext): void {
 
 /** Does any Transfer-Encoding line name a coding other than chunked (identity included, which RFC 9112 dropped)? */
 function otherTransferCoding(rawHeaders: readonly string[]): boolean {
-  for (let i = 0; i < rawHeaders.length; i += 2) {
-    if (rawHeaders[i]!.toLowerCase() !== 'transfer-encoding') continue;
-    for (const element of rawHeaders[i + 1]!.split(',')) {
-      const coding = element.trim().toLowerCase();
-      if (coding !== '' && coding !== 'chunked') return true;
-    }
-  }
-  return false;
+  return codingsOf(rawHeaders, (name) => name === 'transfer-encoding').some((c) => c !== 'chunked');
 }
 
 export function countHeader(rawHeaders: readonly string[], lowerName: string): number {
