@@ -670,3 +670,29 @@ describe('parseRouteText: the upstream\'s base path is written as it is sent', (
     expect(route.origin + route.basePath).toBe(upstream.replace(/\/$/, ''));
   });
 });
+
+describe('parseRouteText: inject options that could do nothing are refused', () => {
+  const OAUTH = `name: gc
+prefix: /gc
+upstream: https://bankaccountdata.gocardless.com
+credential: gc
+inject:
+  scheme: oauth2_client_credentials
+  token_url: https://bankaccountdata.gocardless.com/api/v2/token/new/
+  refresh_url: https://bankaccountdata.gocardless.com/api/v2/token/refresh/
+  client_auth: json
+  refresh_field: refresh
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`;
+
+  it('an oauth2 refresh_url without refresh_field (no refresh token is ever kept to send it) is refused at refresh_url, saying to set refresh_field', async () => {
+    await compiles(OAUTH, '/x/gc.yaml');
+    const problems = await problemsOf(OAUTH.replace('  refresh_field: refresh\n', ''), '/x/gc.yaml');
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 8, col: 16 });
+    expect(problems[0]!.message).toMatch(/^inject\.refresh_url: .*refresh_field/);
+  });
+});
