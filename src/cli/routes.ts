@@ -115,16 +115,22 @@ function explain(config: Awaited<ReturnType<typeof loadRoutes>>, caller: string,
     caller_headers: route.callerHeaders ? [...route.callerHeaders] : null,
     // One text as a string, as before lists were allowed; several as a list.
     auth_failure: { status: [...route.authFailure.statuses], body_contains: bodyContains === undefined ? null : bodyContains.length === 1 ? bodyContains[0] : bodyContains },
-    // As resolve-credential decides it: GET and HEAD, or listed in replay_safe.
+    // As resolve-credential decides it: GET and HEAD, or listed in replay_safe; otherwise only a
+    // request that carries the route's idempotency_key header once is.
     replay_safe: method === 'GET' || method === 'HEAD' || route.replaySafe.some((r) => r.method === method && matchPattern(r.pattern, relative)),
+    idempotency_key: route.idempotencyKey ?? null,
   };
+  const key = route.idempotencyKey;
+  const replay = data.replay_safe
+    ? 'replay-safe: may be re-sent with the previous key'
+    : key ? `replay-safe only with one ${key} header: then it may be re-sent with the previous key, with the same ${key}` : 'not replay-safe: never re-sent';
   const claimed = [...route.claims.headers, ...[...route.claims.query].map((q) => `?${q}`)];
   const details = [
     ...(route.requireClientCert ? ['  only with a client certificate on the TLS listener (require_client_cert): a token alone gets 403 route_forbidden'] : []),
     `  attaches credential "${route.credential}" (${route.preset ? `preset ${route.preset}: ` : ''}${schemes}), owning ${claimed.join(', ') || 'nothing the caller sends'}`,
     ...signing.map((line) => `  signing: ${line}`),
     `  caller headers: ${route.callerHeaders ? `standard set + ${[...route.callerHeaders].join(', ') || 'nothing else'}` : 'all but hop-by-hop, proxy and owned ones'}`,
-    `  auth failure: status ${[...route.authFailure.statuses].join('/')}${bodyContains ? ` with body containing ${bodyContains.map((t) => `"${t}"`).join(' or ')}` : ''}; ${data.replay_safe ? 'replay-safe: may be re-sent with the previous key' : 'not replay-safe: never re-sent'}`,
+    `  auth failure: status ${[...route.authFailure.statuses].join('/')}${bodyContains ? ` with body containing ${bodyContains.map((t) => `"${t}"`).join(' or ')}` : ''}; ${replay}`,
   ].join('\n');
   const text = decision.rule
     ? `ALLOW  route "${route.name}" (${route.file})${forwardRoute ? ', forward mode' : ''}\n  ${decision.reason}\n  forwards to ${method} ${upstream}\n${details}`

@@ -76,6 +76,8 @@ export interface CompiledRoute {
   readonly authFailure: { readonly statuses: ReadonlySet<number>; readonly bodyContains: readonly string[] | undefined };
   /** Besides GET and HEAD: requests that may be re-sent with the previous key version. */
   readonly replaySafe: readonly { readonly method: string; readonly pattern: PathPattern }[];
+  /** idempotency_key, lower-cased: a request carrying it once is replay-safe whatever its method. */
+  readonly idempotencyKey: string | undefined;
   readonly rules: readonly CompiledRule[];
   /** Rules by caller name; a Map so no caller name can reach Object.prototype. */
   readonly rulesByCaller: ReadonlyMap<string, readonly CompiledRule[]>;
@@ -151,6 +153,7 @@ export function compileRoute(raw: RouteFile, file: string, upstreamCa: string | 
       const [method, path] = entry.trim().split(/\s+/);
       return Object.freeze({ method: method!, pattern: compilePattern(path!) });
     })),
+    idempotencyKey: raw.idempotency_key ? raw.idempotency_key.toLowerCase() : undefined,
     rules: Object.freeze(rules),
     rulesByCaller,
   });

@@ -14,6 +14,7 @@ export interface Preset {
     readonly inject: Readonly<Record<string, unknown>> | readonly Readonly<Record<string, unknown>>[];
     readonly auth_failure?: { readonly status: readonly number[]; readonly body_contains?: string | readonly string[] };
     readonly replay_safe?: readonly string[];
+    readonly idempotency_key?: string;
     readonly caller_headers?: readonly string[];
     readonly strip_body_fields?: readonly string[];
   };
@@ -135,6 +136,9 @@ const PRESET_TABLE = {
         { scheme: 'truelayer_signing' },
       ],
       auth_failure: { status: [401] },
+      // Callers send Idempotency-Key on the requests that change something, and it is signed: a
+      // replay with the previous key carries it again, re-signed (providers.md §3.2, §3.3).
+      idempotency_key: 'Idempotency-Key',
     },
   },
   tradier: bearer('Tradier brokerage: Authorization: Bearer access token', 'https://api.tradier.com', 'access_token'),
@@ -144,7 +148,18 @@ const PRESET_TABLE = {
     route: { upstream: 'https://beta-bridge.simplefin.org/simplefin', inject: { scheme: 'basic' }, auth_failure: { status: [401, 403] } },
   },
   synth: bearer('Synth Finance: Authorization: Bearer API key', 'https://api.synthfinance.com', 'api_key'),
-  stripe: bearer('Stripe: Authorization: Bearer secret key', 'https://api.stripe.com', 'secret_key'),
+  stripe: {
+    about: 'Stripe: Authorization: Bearer secret key',
+    fields: ['secret_key'],
+    route: {
+      upstream: 'https://api.stripe.com',
+      inject: { scheme: 'bearer', token: '{secret_key}' },
+      auth_failure: { status: [401] },
+      // Stripe runs a POST once per Idempotency-Key: one sent with it may be replayed with the
+      // previous key, carrying the same key (providers.md §3.2).
+      idempotency_key: 'Idempotency-Key',
+    },
+  },
 } as const satisfies Record<string, Preset>;
 
 export type PresetName = keyof typeof PRESET_TABLE;

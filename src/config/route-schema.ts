@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { HEADER_NAME } from '../injectors/headers.ts';
 import type { Injector } from '../injectors/index.ts';
 import { injectorFor, INJECTORS } from '../injectors/index.ts';
-import { removedByProxy } from '../pipeline/headers.ts';
+import { callerHeaderPasses, removedByProxy } from '../pipeline/headers.ts';
 import { parseTarget } from '../pipeline/target.ts';
 import { PRESET_NAMES } from './presets.ts';
 import { parseDuration, parseRate, parseSize } from './units.ts';
@@ -117,7 +117,7 @@ const bodyText = z.string().min(1).max(256);
 
 export const routeFileSchema = z.strictObject({
   name: z.string().regex(NAME, 'route names are lower-case letters, digits, "_" and "-"'),
-  /** A known provider (src/config/presets.ts): fills upstream, inject, auth_failure, replay_safe; the file's own keys win. */
+  /** A known provider (src/config/presets.ts): fills upstream, inject, auth_failure, replay_safe, idempotency_key; the file's own keys win. */
   preset: z.enum(PRESET_NAMES).optional(),
   prefix,
   upstream,
@@ -144,6 +144,13 @@ export const routeFileSchema = z.strictObject({
   }).refine((a) => a.body_contains !== undefined || a.status.every((n) => n >= 400), { message: 'a 2xx status is an auth failure only with body_contains', path: ['status'] }).optional(),
   /** Requests besides GET and HEAD that may be sent again with the previous key. */
   replay_safe: z.array(replaySafeEntry).default([]),
+  /**
+   * A request header the upstream honours as an idempotency key (Stripe's and TrueLayer's
+   * Idempotency-Key): it runs a request once per key, so a request that carries exactly one
+   * non-empty value of it may be sent again with the previous key, whatever its method, carrying
+   * the same value (providers.md §3.2). Absent (or null, to turn off a preset's): no such header.
+   */
+  idempotency_key: z.string().regex(HEADER_NAME, 'not a valid header name: write the request header the upstream honours, e.g. Idempotency-Key').nullable().optional(),
   allow: z.array(allowRuleSchema).default([]),
   /**
    * Caller-owned headers. Absent: every caller header goes upstream except hop-by-hop, proxy and
@@ -189,6 +196,21 @@ export const routeFileSchema = z.strictObject({
     if (scheme) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is set by the "${scheme}" injection: a caller can never pass or override it` });
     else if (removedByProxy(lower)) ctx.addIssue({ code: 'custom', path: ['caller_headers', i], message: `"${name}" is always removed by the proxy (hop-by-hop, proxy, forwarding or override header)` });
   });
+  // The key makes a replay safe only if the upstream sees the caller's one value both times: a
+  // header the proxy sets or drops never gets there, and the request would be sent twice without it.
+  const key = route.idempotency_key;
+  if (key) {
+    const folded = key.toLowerCase().replaceAll('_', '-');
+    const first = setBy.get(folded);
+    const callerHeaders = route.caller_headers ? new Set(route.caller_headers.map((h) => h.toLowerCase())) : undefined;
+    if (first !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['idempotency_key'], message: `"${key}" is set by the "${injections[first]!.scheme}" injection: the caller's value never reaches the upstream, so it cannot be an idempotency key` });
+    } else if (removedByProxy(key)) {
+      ctx.addIssue({ code: 'custom', path: ['idempotency_key'], message: `"${key}" is always removed by the proxy (hop-by-hop, proxy, forwarding or override header): it never reaches the upstream` });
+    } else if (!callerHeaderPasses(key, callerHeaders)) {
+      ctx.addIssue({ code: 'custom', path: ['idempotency_key'], message: `"${key}" does not reach the upstream on this route: list it in caller_headers` });
+    }
+  }
 });
 
 export type RouteFile = z.output<typeof routeFileSchema>;

@@ -15,6 +15,8 @@ const schema = z.strictObject({
 type Options = z.output<typeof schema>;
 
 const FORM = 'application/x-www-form-urlencoded';
+/** Sent when the caller sends no User-Agent: Kraken's private API refuses a request without one. */
+const USER_AGENT = 'egress-proxy';
 
 /** Is this raw `name=value` pair the nonce? Names are compared decoded, as Kraken reads them. */
 function isNonce(pair: string): boolean {
@@ -34,6 +36,9 @@ function isNonce(pair: string): boolean {
  * A caller's own nonce is replaced in place; the body is signed exactly as it is sent. Kraken's
  * private API is POST only: any other method is refused, not signed. A GET or HEAD cannot carry
  * the nonce; a PUT, PATCH or DELETE would go as a signed form that no private endpoint takes.
+ * Kraken also requires a User-Agent: a caller's own goes as it came (it is not claimed), and a
+ * request without one gets USER_AGENT, here rather than in the preset, so that a route that writes
+ * `scheme: kraken` itself is served as well.
  */
 export const krakenInjector: Injector<Options> = {
   scheme: 'kraken',
@@ -77,5 +82,6 @@ export const krakenInjector: Injector<Options> = {
     redact(sign);
     request.headers.set('api-key', [apiKey]);
     request.headers.set('api-sign', [sign]);
+    if (!request.headers.has('user-agent')) request.headers.set('user-agent', [USER_AGENT]);
   },
 };

@@ -40,7 +40,7 @@ export interface RequestContext {
   credential?: ResolvedCredential;
   /** The previous version, inside its grace window: what a replay-safe request may fall back to. */
   previous?: CredentialVersionRecord;
-  /** The request may be sent twice (GET/HEAD or listed replay-safe) and a previous version exists: its body is buffered. */
+  /** The request may be sent twice (GET/HEAD, listed replay-safe, or carrying the route's idempotency key once) and a previous version exists: its body is buffered. */
   replayable?: boolean;
   /** The inbound body, when it had to be buffered (an injector needs it, or the request is replayable). */
   body?: Buffer;

@@ -6,6 +6,7 @@ import type { OutboundRequest } from '../injectors/types.ts';
 import type { RequestContext } from './context.ts';
 import { flatten, responseHeaders } from './headers.ts';
 import { checkDeclaredLength, continueBody, hasBody, limitBody } from './body.ts';
+import { closeForDrain } from './connection-state.ts';
 import { buildOutboundWithNonce } from './inject.ts';
 import { redactor } from './redact.ts';
 import { liveVersion, open, resolveCredential } from './resolve-credential.ts';
@@ -216,6 +217,7 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   // Forward mode's caller talks to the upstream's own host: its cookies and redirects are relayed as they came.
   const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact, ctx.forward ? undefined : ctx.route);
   relayed.push('x-request-id', ctx.id);
+  if (ctx.services.drain.draining) closeForDrain(res);
   try {
     // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's
     // res.redirect) are read whole and redacted; 304 has no body.

@@ -49,6 +49,48 @@ const STANDARD_CALLER_HEADERS = new Set([
   'idempotency-key', 'traceparent', 'tracestate',
 ]);
 
+/**
+ * Whether outboundHeaders lets a caller's header of this name through on a route with these
+ * caller_headers (lower-cased), claims and Connection aside. For the route loader.
+ */
+export function callerHeaderPasses(name: string, callerHeaders: ReadonlySet<string> | undefined): boolean {
+  const lower = name.toLowerCase();
+  const folded = lower.replaceAll('_', '-');
+  if (alwaysDropped(folded)) return false;
+  if (folded === 'authorization' && callerHeaders?.has('authorization') !== true) return false;
+  return !callerHeaders || STANDARD_CALLER_HEADERS.has(lower) || callerHeaders.has(lower);
+}
+
+const CONNECTION = 'connection';
+
+/**
+ * The request carries header `name` (lower-case) exactly once, non-empty, and it goes upstream as
+ * it came: no second line under it or under a spelling servers fold into it ("_" for "-"), and not
+ * listed in Connection (outboundHeaders drops it then). A request with an idempotency key is safe
+ * to send twice only so: the upstream sees the same single key both times. One pass over the raw
+ * lines; only names of its length (or Connection's) are lower-cased.
+ */
+export function carriesOnce(rawHeaders: readonly string[], name: string): boolean {
+  const folded = name.replaceAll('_', '-');
+  let found = false;
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const raw = rawHeaders[i]!;
+    if (raw.length !== name.length && raw.length !== CONNECTION.length) continue;
+    const lower = raw.toLowerCase();
+    if (lower === CONNECTION) {
+      for (const token of rawHeaders[i + 1]!.split(',')) {
+        const listed = token.trim().toLowerCase();
+        if (listed === name || listed === folded) return false;
+      }
+      continue;
+    }
+    if (raw.length !== name.length || lower.replaceAll('_', '-') !== folded) continue;
+    if (found || lower !== name || rawHeaders[i + 1]!.trim() === '') return false;
+    found = true;
+  }
+  return found;
+}
+
 /** Names listed in Connection headers (RFC 9110 §7.6.1), lower-cased. */
 function connectionListed(rawHeaders: readonly string[]): Set<string> {
   const listed = new Set<string>();

@@ -7,7 +7,7 @@ import { REDACTED } from '../secret.ts';
 import { statusClass } from '../observe/metrics.ts';
 import { authorize } from './authorize.ts';
 import { canonicaliseTarget } from './canonicalise-target.ts';
-import { ANSWER_STALL_MS, answerTaken, isClosing, isOverCap, markClosing, requestAnswered, requestStarted, wasStalled } from './connection-state.ts';
+import { ANSWER_STALL_MS, answerTaken, closeForDrain, isClosing, isOverCap, markClosing, requestAnswered, requestStarted, wasStalled } from './connection-state.ts';
 import type { RequestContext, Step } from './context.ts';
 import { forward } from './forward.ts';
 import { identifyCaller } from './identify-caller.ts';
@@ -32,6 +32,8 @@ export const STEPS: readonly Step[] = [
 
 export async function handleRequest(req: IncomingMessage, res: ServerResponse, config: CompiledConfig, services: Services, forward?: RequestContext['forward'], certificate?: RequestContext['certificate']): Promise<void> {
   const socket = req.socket;
+  const { drain } = services;
+  drain.handling++;
   // A request pipelined behind one whose answer closes the connection is not processed (RFC 9112
   // §9.6): it is audited as aborted, nothing is sent upstream, and Node closes the connection once
   // that answer is out.
@@ -96,6 +98,7 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
     const error = toProxyError(err, ctx);
     ctx.decision = error.status >= 500 ? 'error' : 'deny';
     ctx.reason = error.code;
+    if (drain.draining) closeForDrain(res);
     sendError(res, ctx.id, error);
   } finally {
     // An answer the caller's socket did not take at once keeps its request in flight (the caller's
@@ -109,6 +112,7 @@ export async function handleRequest(req: IncomingMessage, res: ServerResponse, c
       services.log.error({ request_id: ctx.id, code: errorCode(err) ?? (err as Error)?.name ?? 'unknown' }, 'failed to record a finished request');
     }
     requestAnswered(socket);
+    drain.ended();
   }
 }
 

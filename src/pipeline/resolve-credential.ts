@@ -7,6 +7,7 @@ import type { CredentialVersionRecord } from '../store/records.ts';
 import type { Keyring } from '../store/keyring.ts';
 import { matchPattern } from '../config/path-pattern.ts';
 import type { RequestContext } from './context.ts';
+import { carriesOnce } from './headers.ts';
 import { echoForms, needlesOf } from './redact.ts';
 
 /**
@@ -36,7 +37,9 @@ export function resolveCredential(ctx: RequestContext): void {
     ctx.previous = previous;
     const method = ctx.req.method ?? '';
     const segments = ctx.relativeSegments!;
-    ctx.replayable = method === 'GET' || method === 'HEAD' || route.replaySafe.some((r) => r.method === method && matchPattern(r.pattern, segments));
+    // Only here, inside a grace window, does a route with idempotency_key read the header.
+    ctx.replayable = method === 'GET' || method === 'HEAD' || route.replaySafe.some((r) => r.method === method && matchPattern(r.pattern, segments))
+      || (route.idempotencyKey !== undefined && carriesOnce(ctx.req.rawHeaders, route.idempotencyKey));
   }
 }
 

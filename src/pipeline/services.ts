@@ -6,6 +6,7 @@ import type { Logger } from '../observe/log.ts';
 import type { Metrics } from '../observe/metrics.ts';
 import type { UsageTracker } from '../observe/usage.ts';
 import type { Activity } from '../observe/activity.ts';
+import type { Drain } from './connection-state.ts';
 import type { Dispatchers } from './dispatchers.ts';
 import type { RateLimiter } from './rate-limiter.ts';
 import type { CallerSlots } from './in-flight.ts';
@@ -27,4 +28,6 @@ export interface Services {
   readonly usage: UsageTracker;
   readonly activity: Activity;
   readonly log: Logger;
+  /** Set going by close(): answers from then on close their connection, and close() waits for audit lines. */
+  readonly drain: Drain;
 }

@@ -81,8 +81,8 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
     void deps.store.refresh();
     send(res, result.status ?? 200, result.body);
     // Changes are audited from the record's history, on every instance; a read changes nothing
-    // there, and what a token was used to look at is audited here.
-    if (req.method === 'GET') deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
+    // there, and what a token was used to look at is audited here (a HEAD too: it is the same read).
+    if (req.method === 'GET' || req.method === 'HEAD') deps.audit.admin({ requestId: id, actor, action: bounded(action), target: bounded(segments.slice(0, 2).join(':')), decision: 'allow', reason: 'read' });
   } catch (err) {
     const e = toHttpError(err);
     // Refused requests are audited as sent, which anyone who reaches the port decides: bounded.
@@ -98,7 +98,9 @@ function bounded(text: string): string {
 
 async function route(req: IncomingMessage, res: ServerResponse, s: readonly string[], op: ops.Operator, deps: AdminApiDeps): Promise<{ status?: number; body: unknown }> {
   const [collection, id, verb, ...extra] = s;
-  const method = req.method ?? '';
+  // HEAD is served wherever GET is, with GET's status and headers (RFC 9110 §9.3.2): it is routed
+  // as a GET, and Node leaves out the body of the answer to a HEAD, keeping its Content-Length.
+  const method = req.method === 'HEAD' ? 'GET' : req.method ?? '';
   // Which resource a path names is settled before its method is looked at: a 405 says the resource
   // exists and names its methods, so a path that names nothing (an unknown verb, a caller without
   // one, an empty segment) is a 404 whatever the method.
@@ -120,10 +122,10 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         if (!NAME.test(newId)) throw new HttpError(400, 'bad_request', 'id: lower-case letters, digits, "_" and "-"');
         return { status: 201, body: describeCredential(await ops.putCredential(op, deps.keys.current, newId, fields(body)), now) };
       }
-      throw notAllowed('GET, POST');
+      throw notAllowed('GET, HEAD, POST');
     }
     if (!verb) {
-      if (method !== 'GET') throw notAllowed('GET');
+      if (method !== 'GET') throw notAllowed('GET, HEAD');
       const record = (await op.store.load()).credentials.get(id);
       if (!record) throw notFound(`no credential "${id}"`);
       return { body: describeCredential(record, now, lastUseByVersion(await op.store.readUsage(id))) };
@@ -164,7 +166,7 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
         const { record, token } = await ops.addToken(op, 'caller', name);
         return { status: 201, body: { caller: record.name, token } };
       }
-      throw notAllowed('GET, POST');
+      throw notAllowed('GET, HEAD, POST');
     }
     if (verb !== 'rotate' && verb !== 'revoke') throw notFound();
     if (method !== 'POST') throw notAllowed('POST');
@@ -178,7 +180,7 @@ async function route(req: IncomingMessage, res: ServerResponse, s: readonly stri
   }
   if (collection === 'audit' && id === 'head' && !verb) {
     // Read before this request's own audit line is written (it follows, chained to this head).
-    if (method !== 'GET') throw notAllowed('GET');
+    if (method !== 'GET') throw notAllowed('GET, HEAD');
     return { body: deps.audit.head() };
   }
   throw notFound();

@@ -318,14 +318,14 @@ describe('admin listener: 405 and 404', () => {
       ['DELETE', '/readyz', 405, 'GET, HEAD'],
       ['PUT', '/metrics', 405, 'GET, HEAD'],
       ['POST', '/', 405, 'GET, HEAD'],
-      ['DELETE', '/v1/credentials', 405, 'GET, POST'],
-      ['DELETE', '/v1/credentials/key', 405, 'GET'],
+      ['DELETE', '/v1/credentials', 405, 'GET, HEAD, POST'],
+      ['DELETE', '/v1/credentials/key', 405, 'GET, HEAD'],
       ['GET', '/v1/credentials/key/promote', 405, 'POST'],
       ['PUT', '/v1/credentials/key/revoke', 405, 'POST'],
-      ['PUT', '/v1/callers', 405, 'GET, POST'],
+      ['PUT', '/v1/callers', 405, 'GET, HEAD, POST'],
       ['GET', '/v1/callers/svc/rotate', 405, 'POST'],
       ['GET', '/v1/callers/svc/revoke', 405, 'POST'],
-      ['POST', '/v1/audit/head', 405, 'GET'],
+      ['POST', '/v1/audit/head', 405, 'GET, HEAD'],
       // No resource there: a 405 would say one exists with other methods.
       ['POST', '/nothing', 404],
       ['OPTIONS', '/nothing', 404],
@@ -350,6 +350,82 @@ describe('admin listener: 405 and 404', () => {
         expect(tried.status, `${listed} ${target}`).not.toBe(405);
       }
     }
+  });
+});
+
+describe('admin listener: HEAD', () => {
+  /**
+   * The headers of an answer but the two every answer has its own of, and the connection's: fetch
+   * sends every HEAD with Connection: close (undici's guard against servers that send a body), which
+   * the answer repeats. The pipelined test below keeps a connection open across HEADs.
+   */
+  const OWN = new Set(['x-request-id', 'date', 'connection', 'keep-alive']);
+  const headersOf = (headers: Headers) => Object.fromEntries([...headers].filter(([name]) => !OWN.has(name)));
+
+  it('HEAD is served wherever GET is (RFC 9110 §9.3.2): the status and headers GET answers, Content-Length that of the body GET sends, and no body', async () => {
+    await eventually(async () => (await api('GET', '/credentials')).status === 200, 2_000, 'the admin token to load');
+    const paths = ['/healthz', '/readyz', '/', '/v1/credentials', '/v1/credentials?due=0', '/v1/credentials/key', '/v1/callers', '/v1/audit/head', '/v1/credentials/nope'];
+    for (const path of paths) {
+      const token = path === '/healthz' || path === '/readyz' || path === '/metrics' ? null : admin;
+      // Some bodies change from one request to the next (the metrics' process figures, the audit
+      // head each audited read moves on): HEAD is compared with the GETs on either side of it once
+      // those two agree.
+      let head = await adminFetch('HEAD', path, { token });
+      let get = await adminFetch('GET', path, { token });
+      await eventually(async () => {
+        const before = await adminFetch('GET', path, { token });
+        head = await adminFetch('HEAD', path, { token });
+        get = await adminFetch('GET', path, { token });
+        return before.headers.get('content-length') === get.headers.get('content-length');
+      }, 3_000, `two GET ${path} of one length`);
+      expect(get.status, path).toBe(path === '/v1/credentials/nope' ? 404 : 200);
+      expect(head.status, path).toBe(get.status);
+      expect(headersOf(head.headers), path).toEqual(headersOf(get.headers));
+      expect(Number(head.headers.get('content-length')), path).toBe(Buffer.byteLength(get.text));
+      expect(head.text, path).toBe('');
+    }
+    // The metrics' process figures (CPU, memory, event loop lag, handles) change their lines from
+    // one request to the next, by some hundreds of bytes in 10 kB: HEAD's length is that of a body
+    // of the moment, not GET's to the byte.
+    const head = await adminFetch('HEAD', '/metrics', { token: null });
+    const get = await adminFetch('GET', '/metrics', { token: null });
+    expect(head.status).toBe(200);
+    expect({ ...headersOf(head.headers), 'content-length': null }).toEqual({ ...headersOf(get.headers), 'content-length': null });
+    expect(Math.abs(Number(head.headers.get('content-length')) - Buffer.byteLength(get.text))).toBeLessThan(Buffer.byteLength(get.text) * 0.05);
+    expect(head.text).toBe('');
+  });
+
+  it('a HEAD without an admin token is refused as GET is: the same 401 and challenge, no body', async () => {
+    for (const path of ['/v1/credentials', '/v1/credentials/key', '/v1/callers', '/v1/audit/head', '/']) {
+      const get = await adminFetch('GET', path, { token: null });
+      const head = await adminFetch('HEAD', path, { token: null });
+      expect(get.status, path).toBe(401);
+      expect(head.status, path).toBe(401);
+      expect(headersOf(head.headers), path).toEqual(headersOf(get.headers));
+      expect(head.text, path).toBe('');
+    }
+  });
+
+  it('a HEAD writes no body on the connection: a request pipelined behind it is answered', async () => {
+    const port = Number(new URL(proxy.admin).port);
+    const auth = `Authorization: Bearer ${admin}\r\n`;
+    const raw = await rawRequest(port, `HEAD /v1/callers HTTP/1.1\r\nHost: admin\r\n${auth}\r\nHEAD /healthz HTTP/1.1\r\nHost: admin\r\n\r\nGET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n`);
+    expect(statuses(raw)).toEqual([200, 200, 200]);
+    expect(raw.match(/\{"status":"ok"\}/g)).toHaveLength(1);
+  });
+
+  it('a HEAD read with an admin token is audited as a GET is, under its own method; a refused one as a refused GET', async () => {
+    const read = (await adminFetch('HEAD', '/v1/callers')).headers.get('x-request-id')!;
+    const page = (await adminFetch('HEAD', '/')).headers.get('x-request-id')!;
+    const refused = (await adminFetch('HEAD', '/v1/callers', { token: null })).headers.get('x-request-id')!;
+    await eventually(async () => {
+      const text = await proxy.auditText();
+      return [read, page, refused].every((id) => text.includes(id));
+    }, 2_000, 'the audit lines of the HEAD requests');
+    const lines = (await proxy.auditText()).split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.find((l) => l.request_id === read)).toMatchObject({ kind: 'admin', actor: 'admin:rotator', action: 'HEAD /v1/callers', decision: 'allow', reason: 'read' });
+    expect(lines.find((l) => l.request_id === page)).toMatchObject({ kind: 'admin', actor: 'admin:rotator', action: 'HEAD /', decision: 'allow', reason: 'read' });
+    expect(lines.find((l) => l.request_id === refused)).toMatchObject({ kind: 'admin', action: 'HEAD /v1/callers', decision: 'deny', reason: 'admin_unauthenticated' });
   });
 });
 

@@ -48,6 +48,88 @@ describe('signals while draining', () => {
   }, 20_000);
 });
 
+describe('answers during the drain', () => {
+  let serve: ServeProcess | undefined;
+  afterEach(async () => {
+    serve?.child.kill('SIGKILL');
+    serve = undefined;
+  });
+
+  /** Everything a raw keep-alive connection receives until the proxy closes it. */
+  function rawExchange(port: number, requests: string): Promise<string> {
+    return new Promise((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      let received = '';
+      socket.on('data', (d: Buffer) => (received += d.toString('latin1')));
+      socket.on('error', (err) => (received += `\n[${String(err)}]`));
+      socket.on('close', () => resolve(received));
+      socket.write(requests);
+    });
+  }
+
+  // An answer that said keep-alive was followed by the drain closing the connection: a caller whose
+  // pool reused it at once had its next request met by a closed connection.
+  it('an answer written after SIGTERM says Connection: close; requests pipelined before it are all answered, the last one closing', async () => {
+    const dir = await makeTempDir('egress-drain-close-');
+    const { tokens } = await seedDataDir(dir, { routes: { api: bearerRoute({ upstream: upstream.url, paths: ['/slow'] }) }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    serve = await startServe(envFor(dir));
+    const port = Number(new URL(serve.url).port);
+    const get = `GET /api/slow HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\n\r\n`;
+    const single = rawExchange(port, get);
+    const pipelined = rawExchange(port, get + get);
+    await new Promise((r) => setTimeout(r, 200));
+    const exited = serve.stop('SIGTERM');
+    const one = await single;
+    expect(one).toMatch(/^HTTP\/1\.1 200 [^]*slow ok$/);
+    expect(one).toMatch(/\r\nconnection: close\r\n/i);
+    const two = (await pipelined).split(/(?=HTTP\/1\.1 )/);
+    expect(two.length).toBe(2);
+    expect(two[0]).toMatch(/^HTTP\/1\.1 200 [^]*slow ok$/);
+    expect(two[1]).toMatch(/^HTTP\/1\.1 200 [^]*slow ok$/);
+    expect(two[1]).toMatch(/\r\nconnection: close\r\n/i);
+    expect(await exited).toBe(0);
+    const audit = (await readFile(join(dir, 'audit.log'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { path: string; decision: string });
+    expect(audit.filter((l) => l.path === '/api/slow' && l.decision === 'allow').length).toBe(3);
+  }, 20_000);
+});
+
+describe('requests cut at the drain deadline', () => {
+  let serve: ServeProcess | undefined;
+  afterEach(async () => {
+    serve?.child.kill('SIGKILL');
+    serve = undefined;
+  });
+
+  // Each request's handling ends as its connection is closed at the deadline, a moment after: the
+  // process closed the audit log and exited before that, and their lines were never written.
+  it('uploads still streaming at the deadline are cut, and each is audited before the process exits', async () => {
+    const dir = await makeTempDir('egress-drain-cut-');
+    const route = bearerRoute({ upstream: upstream.url, paths: ['/upload'], methods: ['POST'] }).replace('allow:', 'max_body: 10mb\nallow:');
+    const { tokens } = await seedDataDir(dir, { routes: { api: route }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    serve = await startServe(envFor(dir));
+    const port = Number(new URL(serve.url).port);
+    const uploads = Array.from({ length: 4 }, () => new Promise<void>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.write(`POST /api/upload HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\nTransfer-Encoding: chunked\r\n\r\n`);
+      const chunk = `3e8\r\n${'a'.repeat(1000)}\r\n`;
+      const timer = setInterval(() => socket.writable && socket.write(chunk), 200);
+      socket.on('close', () => {
+        clearInterval(timer);
+        resolve();
+      });
+    }));
+    await new Promise((r) => setTimeout(r, 500));
+    const started = performance.now();
+    expect(await serve.stop('SIGTERM')).toBe(0);
+    expect(performance.now() - started).toBeLessThan(12_000);
+    await Promise.all(uploads);
+    const audit = (await readFile(join(dir, 'audit.log'), 'utf8')).split('\n').filter(Boolean).map((l) => JSON.parse(l) as { path: string; decision: string });
+    expect(audit.filter((l) => l.path === '/api/upload' && l.decision === 'aborted').length).toBe(4);
+  }, 30_000);
+});
+
+
 describe('a connection handed over behind a request in flight', () => {
   let serve: ServeProcess | undefined;
   let hanging: Upstream | undefined;

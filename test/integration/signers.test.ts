@@ -1,5 +1,5 @@
 import { createHash, createHmac, generateKeyPairSync, randomBytes, verify, type KeyObject } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
+import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatProblem, parseRouteText } from '../../src/config/load-routes.ts';
@@ -154,13 +154,14 @@ function verifyRequest(req: IncomingMessage, body: Buffer, port: number): Verdic
       const expected = createHmac('sha256', encodeURI(c.consumer_key)).update(sortedJson({ content, path, query })).digest('base64');
       return check({ signature: h.signature === expected, client: params.getAll('clientId').length === 1 && params.get('clientId') === c.client_id, fresh: params.getAll('timestamp').length === 1 && Math.abs(Number(params.get('timestamp')) - nowSeconds()) <= 2 });
     }
-    case 'kraken': {
+    case 'kraken':
+    case 'kraken-preset': {
       const c = CREDS.kraken;
       const postdata = body.toString('utf8');
       const params = new URLSearchParams(postdata);
       const nonce = params.get('nonce') ?? '';
       const expected = createHmac('sha512', Buffer.from(c.api_secret, 'base64')).update(Buffer.concat([Buffer.from(path), createHash('sha256').update(nonce + postdata).digest()])).digest('base64');
-      const verdict = check({ key: h['api-key'] === c.api_key, signature: h['api-sign'] === expected, nonce: params.getAll('nonce').length === 1 && /^\d+$/.test(nonce), form: h['content-type'] === 'application/x-www-form-urlencoded' });
+      const verdict = check({ key: h['api-key'] === c.api_key, signature: h['api-sign'] === expected, nonce: params.getAll('nonce').length === 1 && /^\d+$/.test(nonce), form: h['content-type'] === 'application/x-www-form-urlencoded', 'user-agent': single(req, 'user-agent') });
       if (verdict.ok) krakenNonces.push(BigInt(nonce));
       return verdict;
     }
@@ -222,7 +223,11 @@ beforeAll(async () => {
     res.end(JSON.stringify(verdict));
   });
   proxy = await startTestProxy({
-    routes: Object.fromEntries(Object.keys(INJECT).map((name) => [name, routeFile(name, upstream.url)])),
+    routes: {
+      ...Object.fromEntries(Object.keys(INJECT).map((name) => [name, routeFile(name, upstream.url)])),
+      // The preset as a route file writes it: its inject, the upstream pointed here.
+      'kraken-preset': `name: kraken-preset\npreset: kraken\nupstream: ${upstream.url}/kraken-preset\nallow_private_addresses: true\ncredential: kraken\nallow:\n  - caller: svc\n    methods: [POST]\n    paths: [/**]\n`,
+    },
     credentials: CREDS,
     callers: ['svc'],
   });
@@ -382,6 +387,30 @@ describe('kraken: API-Sign over path + SHA256(nonce + POST data)', () => {
     expect(batch.every((n) => n > before)).toBe(true);
     await call('/kraken/0/private/Balance', { method: 'POST', headers: form, body: '' });
     expect(batch.every((n) => n < krakenNonces.at(-1)!)).toBe(true);
+  });
+
+  // Kraken's private API requires a User-Agent (providers.md, Kraken). fetch always sends one;
+  // node:http sends none unless told to, as many clients do.
+  it('a request without a User-Agent goes upstream with User-Agent: egress-proxy, on the scheme and the preset; a caller\'s own is kept as it came', async () => {
+    const post = (path: string, headers: Record<string, string>) => new Promise<{ status: number; body: Verdict }>((resolve, reject) => {
+      const body = 'asset=XBT';
+      const req = httpRequest(`${proxy.url}${path}`, { method: 'POST', headers: { 'x-egress-token': proxy.tokens.svc!, 'content-length': String(body.length), ...form, ...headers } }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode!, body: JSON.parse(Buffer.concat(chunks).toString()) as Verdict }));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+    const agents = () => upstream.requests.at(-1)!.rawHeaders.filter((_, i, all) => i % 2 === 1 && all[i - 1]!.toLowerCase() === 'user-agent');
+    for (const path of ['/kraken/0/private/Balance', '/kraken-preset/0/private/Balance']) {
+      const bare = await post(path, {});
+      expect(bare.body, path).toEqual({ ok: true });
+      expect(agents(), path).toEqual(['egress-proxy']);
+      const own = await post(path, { 'user-agent': 'my-bot/2.1 (+https://example.com)' });
+      expect(own.body, path).toEqual({ ok: true });
+      expect(agents(), path).toEqual(['my-bot/2.1 (+https://example.com)']);
+    }
   });
 
   it('sequential requests see strictly increasing nonces', async () => {

@@ -33,6 +33,8 @@ const KEY_FORMS = [PEM_A, PEM_B, PEM_RSA].flatMap((pem) => {
 const CREDS = {
   tl: { client_id: 'tl-client', client_secret: 'tl_CANARY_secret', kid: 'kid-A', private_key: PEM_A },
   tlf: { kid: 'kid-A', private_key: PEM_A },
+  tli: { kid: 'kid-A', private_key: PEM_A },
+  payi: { client_id: 'tl-client', client_secret: 'tl_CANARY_secret', kid: 'kid-A', private_key: PEM_A },
   'tl-rsa': { kid: 'kid-A', private_key: PEM_RSA },
   'tl-p256': { kid: 'kid-A', private_key: PEM_P256 },
 };
@@ -47,6 +49,8 @@ interface Verdict {
 }
 
 const issued = new Set<string>();
+/** Access tokens the API refuses on /payi/ (revoked early by the provider). */
+const refusedTokens = new Set<string>();
 
 function verifyTlSignature(req: IncomingMessage, body: Buffer): Verdict {
   const value = req.headers['tl-signature'];
@@ -115,9 +119,10 @@ beforeAll(async () => {
       return json(400, { received: req.headers['tl-signature'] ?? null });
     }
     const verdict = verifyTlSignature(req, body);
-    // /tlf: a new key whose public key was not uploaded yet; TrueLayer answers it 401.
-    if (req.url?.startsWith('/tlf/') && verdict.header?.kid === 'kid-B') return json(401, { ok: false, why: 'kid-B is not in Console', header: verdict.header });
+    // /tlf, /tli: a new key whose public key was not uploaded yet; TrueLayer answers it 401.
+    if ((req.url?.startsWith('/tlf/') || req.url?.startsWith('/tli/')) && verdict.header?.kid === 'kid-B') return json(401, { ok: false, why: 'kid-B is not in Console', header: verdict.header });
     const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
+    if (req.url?.startsWith('/payi/') && refusedTokens.has(bearer)) return json(401, { ok: false, why: 'access token refused' });
     json(verdict.ok ? 200 : 401, { ...verdict, ...(issued.has(bearer) ? { bearer: 'issued' } : {}) });
   });
   proxy = await startTestProxy({
@@ -135,6 +140,15 @@ beforeAll(async () => {
     scope: payments
   - scheme: truelayer_signing`),
       tlf: route('tlf', '\n  scheme: truelayer_signing', { credential: 'tlf' }) + 'auth_failure: { status: [401] }\nreplay_safe: [POST /v3/payouts]\n',
+      // The upstream honours Idempotency-Key: a request that carries one is replay-safe, whatever its path.
+      tli: route('tli', '\n  scheme: truelayer_signing', { credential: 'tli' }) + 'auth_failure: { status: [401] }\nidempotency_key: Idempotency-Key\n',
+      // As preset truelayer: the token first, then the signature, and Idempotency-Key honoured.
+      payi: route('payi', `
+  - scheme: oauth2_client_credentials
+    token_url: ${upstream.url}/connect/token
+    client_auth: body
+    scope: payments
+  - scheme: truelayer_signing`, { credential: 'payi' }) + 'auth_failure: { status: [401] }\nidempotency_key: Idempotency-Key\n',
       'tl-rsa': route('tl-rsa', '\n  scheme: truelayer_signing', { credential: 'tl-rsa' }),
       'tl-p256': route('tl-p256', '\n  scheme: truelayer_signing', { credential: 'tl-p256' }),
     },
@@ -270,6 +284,58 @@ describe('truelayer_signing: Tl-Signature verified by an independent ES512 verif
     expect(sent).toHaveLength(2);
     expect(sent.map((r) => r.headers['idempotency-key'])).toEqual([IDEMPOTENCY['idempotency-key'], IDEMPOTENCY['idempotency-key']]);
     expect(sent[0]!.headers['tl-signature']).not.toBe(sent[1]!.headers['tl-signature']);
+  });
+
+  it('idempotency_key: a POST with one Idempotency-Key refused under the new key is re-signed with the previous one, the same Idempotency-Key in tl_headers and the same body; one without is not re-sent', async () => {
+    const rotate = await runCli(['keys', 'rotate', 'tli', '--from-stdin', '--grace', '1h'], envFor(proxy.dir), JSON.stringify({ kid: 'kid-B', private_key: PEM_B }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    await eventually(() => proxy.services().store.credential('tli')?.versions[1]?.state === 'current', 3_000, 'the new version in use');
+    let before = upstream.requests.length;
+    // Not in any replay_safe list: the key alone makes it replay-safe.
+    const res = await call('POST', '/tli/v3/payments', { headers: IDEMPOTENCY, body: '{"n":3}' });
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ ok: true, matched: 'as sent', header: { kid: 'kid-A', tl_headers: 'Idempotency-Key' } });
+    let sent = upstream.requests.slice(before);
+    expect(sent.map((r) => JSON.parse(Buffer.from(String(r.headers['tl-signature']).split('.')[0]!, 'base64url').toString()).kid)).toEqual(['kid-B', 'kid-A']);
+    expect(sent.map((r) => r.headers['idempotency-key'])).toEqual([IDEMPOTENCY['idempotency-key'], IDEMPOTENCY['idempotency-key']]);
+    expect(sent.map((r) => r.body.toString())).toEqual(['{"n":3}', '{"n":3}']);
+    before = upstream.requests.length;
+    const without = await call('POST', '/tli/v3/payments', { headers: { 'content-type': 'application/json' }, body: '{"n":4}' });
+    expect(without.status).toBe(401);
+    sent = upstream.requests.slice(before);
+    expect(sent).toHaveLength(1);
+  });
+
+  it('idempotency_key with oauth2_client_credentials (preset truelayer): a refused access token is replaced by one minted from the current version, and the POST with one Idempotency-Key is re-sent with it, re-signed, same key and body; one without is not re-sent', async () => {
+    const env = envFor(proxy.dir);
+    const rotate = await runCli(['keys', 'rotate', 'payi', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ ...CREDS.payi, kid: 'kid-B', private_key: PEM_B }));
+    expect(rotate.code, rotate.stderr).toBe(0);
+    await eventually(() => proxy.services().store.credential('payi')?.versions[1]?.state === 'current', 3_000, 'the new version in use');
+    const first = await call('POST', '/payi/v3/payments', { headers: IDEMPOTENCY, body: '{}' });
+    expect(first.body).toMatchObject({ ok: true, bearer: 'issued', header: { kid: 'kid-B' } });
+    // The provider revokes that token early.
+    const bearerOf = (r: { headers: { authorization?: string } }) => String(r.headers.authorization).replace(/^Bearer /, '');
+    refusedTokens.add(bearerOf(upstream.requests.at(-1)!));
+    let before = upstream.requests.length;
+    const res = await call('POST', '/payi/v3/payments', { headers: IDEMPOTENCY, body: '{"amount_in_minor":5}' });
+    expect(res.status).toBe(200);
+    // The replay goes with the current version (kid-B) and a fresh token: the previous version is for the token endpoint only.
+    expect(res.body).toMatchObject({ ok: true, matched: 'as sent', bearer: 'issued', header: { kid: 'kid-B', tl_headers: 'Idempotency-Key' } });
+    let sent = upstream.requests.slice(before);
+    expect(sent.map((r) => r.url)).toEqual(['/payi/v3/payments', '/connect/token', '/payi/v3/payments']);
+    const [refused, , replay] = sent as [typeof sent[0], typeof sent[0], typeof sent[0]];
+    expect(bearerOf(replay)).not.toBe(bearerOf(refused));
+    expect([refused, replay].map((r) => r.headers['idempotency-key'])).toEqual([IDEMPOTENCY['idempotency-key'], IDEMPOTENCY['idempotency-key']]);
+    expect([refused, replay].map((r) => r.body.toString())).toEqual(['{"amount_in_minor":5}', '{"amount_in_minor":5}']);
+    const audit = (await proxy.auditText()).split('\n').filter((l) => l.includes('"path":"/payi/v3/payments"'));
+    expect(audit.join('\n')).not.toContain('fallback_previous_version');
+    // The new token is refused too: without an Idempotency-Key, the POST goes once.
+    refusedTokens.add(bearerOf(replay));
+    before = upstream.requests.length;
+    const without = await call('POST', '/payi/v3/payments', { headers: { 'content-type': 'application/json' }, body: '{"amount_in_minor":6}' });
+    expect(without.status).toBe(401);
+    sent = upstream.requests.slice(before);
+    expect(sent.map((r) => r.url)).toEqual(['/payi/v3/payments']);
   });
 
   it('a key that does not parse is refused when stored, without quoting it', async () => {

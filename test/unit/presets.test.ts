@@ -63,6 +63,7 @@ describe('every preset', () => {
     const bodyContains = preset.route.auth_failure?.body_contains;
     expect(route.authFailure.bodyContains).toEqual(typeof bodyContains === 'string' ? [bodyContains] : bodyContains);
     expect(route.replaySafe).toHaveLength(preset.route.replay_safe?.length ?? 0);
+    expect(route.idempotencyKey).toBe(preset.route.idempotency_key?.toLowerCase());
     expect(route.rules).toHaveLength(1);
   });
 
@@ -132,6 +133,30 @@ describe('provider details (shared/reference/providers.md)', () => {
     expect(route.injections[1]!.options).toMatchObject({ signed_headers: ['Idempotency-Key'], methods: ['POST', 'PUT', 'PATCH', 'DELETE'] });
     expect([...route.fields].sort()).toEqual(['client_id', 'client_secret', 'kid', 'private_key']);
     expect([...PRESETS.get('truelayer')!.fields].sort()).toEqual([...route.fields].sort());
+  });
+});
+
+describe('idempotency keys (providers.md §3.2: TrueLayer and Stripe honour Idempotency-Key)', () => {
+  it('stripe and truelayer carry idempotency_key: Idempotency-Key; no other preset does', async () => {
+    const carrying = [...PRESETS].filter(([, p]) => p.route.idempotency_key !== undefined).map(([name, p]) => [name, p.route.idempotency_key]);
+    expect(carrying.sort()).toEqual([['stripe', 'Idempotency-Key'], ['truelayer', 'Idempotency-Key']]);
+    expect((await compiles('name: bank\npreset: stripe\ncredential: c\n')).idempotencyKey).toBe('idempotency-key');
+    expect((await compiles('name: bank\npreset: truelayer\ncredential: c\n')).idempotencyKey).toBe('idempotency-key');
+  });
+
+  it('a route file can turn it off (null) or name another header', async () => {
+    expect((await compiles('name: bank\npreset: stripe\ncredential: c\nidempotency_key: null\n')).idempotencyKey).toBeUndefined();
+    expect((await compiles('name: bank\npreset: stripe\ncredential: c\nidempotency_key: X-Request-Key\n')).idempotencyKey).toBe('x-request-key');
+  });
+
+  it('explain says a POST is replay-safe only with the header', async () => {
+    const dir = await tempDir();
+    await writeFile(join(dir, 'stripe.yaml'), 'name: stripe\npreset: stripe\ncredential: stripe\nallow:\n  - caller: svc\n    methods: [GET, POST]\n    paths: [/v1/**]\n');
+    const post = await routes(['explain', '--routes', dir, '--caller', 'svc', 'POST', '/stripe/v1/charges', '--json']);
+    expect(post.data).toMatchObject({ replay_safe: false, idempotency_key: 'idempotency-key' });
+    expect(post.text).toContain('replay-safe only with one idempotency-key header: then it may be re-sent with the previous key, with the same idempotency-key');
+    const get = await routes(['explain', '--routes', dir, '--caller', 'svc', 'GET', '/stripe/v1/charges']);
+    expect(get.text).toContain('; replay-safe: may be re-sent with the previous key');
   });
 });
 

@@ -718,3 +718,34 @@ allow:
     expect(problems[0]!.message).toMatch(/^inject\.passphrase: .*pkcs12 only/);
   });
 });
+
+describe('parseRouteText: idempotency_key', () => {
+  it('is absent by default, and compiles lower-cased', async () => {
+    expect((await compiles(PLAID)).idempotencyKey).toBeUndefined();
+    expect((await compiles(`${PLAID}idempotency_key: Idempotency-Key\n`)).idempotencyKey).toBe('idempotency-key');
+    expect((await compiles(`${PLAID}idempotency_key: null\n`)).idempotencyKey).toBeUndefined();
+  });
+
+  it.each(['Idempotency Key', 'Idempotency-Key:', '', 'Idempotency\u00e9Key'])('refuses %j, at the key, saying what to write', async (name) => {
+    const [p, ...rest] = await problemsOf(`${PLAID}idempotency_key: ${JSON.stringify(name)}\n`);
+    expect(rest).toEqual([]);
+    expect(p).toMatchObject({ line: 22, col: 18 });
+    expect(formatProblem(p!)).toContain('idempotency_key: not a valid header name: write the request header the upstream honours, e.g. Idempotency-Key');
+  });
+
+  it.each([
+    ['a header an injection sets', 'idempotency_key: Plaid_Secret\n', '"Plaid_Secret" is set by the "headers" injection'],
+    ['a header the proxy always removes', 'idempotency_key: X-Forwarded-Key\n', '"X-Forwarded-Key" is always removed by the proxy'],
+    ['a header caller_headers keeps from the upstream', 'caller_headers: [X-Trace]\nidempotency_key: X-Idempotency\n', '"X-Idempotency" does not reach the upstream on this route: list it in caller_headers'],
+    ['Authorization, which only caller_headers lets through', 'idempotency_key: Authorization\n', '"Authorization" does not reach the upstream on this route'],
+  ])('refuses %s: the caller\'s value would never reach the upstream', async (_case, lines, message) => {
+    const [p, ...rest] = await problemsOf(`${PLAID}${lines}`);
+    expect(rest).toEqual([]);
+    expect(p!.message).toContain(message);
+  });
+
+  it('a header caller_headers lists, or one of its standard set, is accepted', async () => {
+    expect((await compiles(`${PLAID}caller_headers: [X-Idempotency]\nidempotency_key: X-Idempotency\n`)).idempotencyKey).toBe('x-idempotency');
+    expect((await compiles(`${PLAID}caller_headers: [X-Trace]\nidempotency_key: Idempotency-Key\n`)).idempotencyKey).toBe('idempotency-key');
+  });
+});

@@ -3,7 +3,7 @@ import { Writable } from 'node:stream';
 import { format, inspect } from 'node:util';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { outboundHeaders, responseHeaders } from '../../src/pipeline/headers.ts';
+import { carriesOnce, outboundHeaders, responseHeaders } from '../../src/pipeline/headers.ts';
 import { echoForms, redactText } from '../../src/pipeline/redact.ts';
 import { REDACTED, Secret } from '../../src/secret.ts';
 
@@ -132,6 +132,26 @@ describe('outboundHeaders', () => {
     const copy = [...inbound];
     outboundHeaders(inbound, new Set(['authorization']));
     expect(inbound).toEqual(copy);
+  });
+});
+
+describe('carriesOnce (an idempotency key that makes a request replay-safe)', () => {
+  it.each([
+    [['Idempotency-Key', 'k1'], true],
+    [['IDEMPOTENCY-KEY', 'k1', 'Connection', 'keep-alive'], true],
+    [[], false],
+    [['Idempotency-Key', ''], false],
+    [['Idempotency-Key', 'k1', 'idempotency-key', 'k1'], false],
+    [['Idempotency_Key', 'k1'], false],
+    [['Idempotency-Key', 'k1', 'idempotency_key', 'k2'], false],
+    [['Connection', 'keep-alive, Idempotency-Key', 'Idempotency-Key', 'k1'], false],
+  ])('%j: %s', (raw, expected) => {
+    expect(carriesOnce(raw, 'idempotency-key')).toBe(expected);
+  });
+
+  it('a key name as long as "connection" is still found, and Connection still read', () => {
+    expect(carriesOnce(['X-Idem-Key', 'k1'], 'x-idem-key')).toBe(true);
+    expect(carriesOnce(['Connection', 'x-idem-key', 'X-Idem-Key', 'k1'], 'x-idem-key')).toBe(false);
   });
 });
 
