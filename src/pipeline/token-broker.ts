@@ -65,14 +65,15 @@ const REFUSED_DROP_MS = 60_000;
 /**
  * After a failed mint (the token endpoint unreachable, a 5xx, a timeout, an answer of no use, a
  * rejection of the route's options or of every client secret tried) no token request is made for
- * the cache key for a second, twice as long after each further failure in a row, 30 s at most; a
+ * the cache key for a second, twice as long after each further failure in a row, 10 s at most
+ * (a token endpoint that is back is asked within 10 s); a
  * token endpoint's Retry-After wins when it is longer. Without it every request that needed a
  * token asked again the moment the last answer came: a dead or overloaded token endpoint was
  * hammered at the rate of the callers' requests, and each of them waited on an attempt of its
  * own. A still-valid token keeps serving meanwhile; a successful mint ends the run of failures.
  */
 const HOLD_OFF_FIRST_MS = 1_000;
-const HOLD_OFF_MAX_MS = 30_000;
+const HOLD_OFF_MAX_MS = 10_000;
 
 /** Tokens are refreshed at 70-80% of their life: jitter spreads instances so they do not all refresh together. */
 export function schedule(now: number, m: Minted, key: TokenKey): Entry {
@@ -130,7 +131,11 @@ export class TokenBroker {
     this.#credentialOf.set(id, key.credential);
     const now = Date.now();
     let entry = this.#local.get(id);
-    if (!entry && this.#shared) {
+    // With Redis, another instance may hold a token where this one holds none, or only an expired
+    // one (whose refresh token a mint here may still use): one it minted while this instance's
+    // mints failed, say, and this one holds off its own.
+    if ((!entry || now >= entry.expiresAt) && this.#shared) {
+      const local = entry;
       entry = await this.#shared.read(id, key).catch((err: unknown) => {
         // Redis unreachable: minted here (mintOnce). A document that does not open: minted afresh
         // and written over it. Either way a miss, never the caller's error; the log names no value.
@@ -138,6 +143,7 @@ export class TokenBroker {
         return undefined;
       });
       if (entry) this.#local.set(id, entry);
+      else entry = local;
     }
     // A token from a version that was revoked or retired since (another instance's, say) is not used, nor refreshed.
     if (entry && !this.#isLive(key.credential, entry)) {
