@@ -11,7 +11,14 @@ const schema = z.strictObject({
   /** …or a PKCS#12 bundle (base64) and its passphrase. */
   pkcs12: templateString.optional(),
   passphrase: templateString.optional(),
-}).refine((o) => (o.certificate && o.private_key && !o.pkcs12) || (o.pkcs12 && !o.certificate && !o.private_key), 'give certificate and private_key, or pkcs12 (with passphrase)');
+}).superRefine((o, ctx) => {
+  if (!((o.certificate && o.private_key && !o.pkcs12) || (o.pkcs12 && !o.certificate && !o.private_key))) {
+    ctx.addIssue({ code: 'custom', path: [], message: 'give certificate and private_key, or pkcs12 (with passphrase)' });
+  } else if (o.passphrase && !o.pkcs12) {
+    // A PEM key goes to TLS as stored, with no passphrase (an encrypted one is refused when stored): nothing would read it.
+    ctx.addIssue({ code: 'custom', path: ['passphrase'], message: 'a passphrase goes with pkcs12 only (an encrypted PEM private_key is not supported): remove it and store private_key unencrypted, or store the certificate and key as a pkcs12 bundle' });
+  }
+});
 type Options = z.output<typeof schema>;
 
 /**

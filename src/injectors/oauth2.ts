@@ -78,6 +78,12 @@ const schema = z.strictObject({
   refresh_expires_field: fieldName.optional(),
   /** Endpoint that trades a refresh token for a new access token (GoCardless /token/refresh/). */
   refresh_url: url.optional(),
+}).superRefine((o, ctx) => {
+  // The refresh token sent to refresh_url is the one read from refresh_field of the token answer:
+  // without that field no refresh token is ever kept, and every token was minted again instead.
+  if (o.refresh_url !== undefined && o.refresh_field === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['refresh_url'], message: 'no refresh token is kept to send here without refresh_field: set refresh_field to the field of the token answer that holds one (GoCardless: refresh), or remove refresh_url' });
+  }
 });
 type Options = z.output<typeof schema>;
 

@@ -62,6 +62,19 @@ export interface FetchedToken {
  */
 const REFUSED_DROP_MS = 60_000;
 
+/**
+ * After a failed mint (the token endpoint unreachable, a 5xx, a timeout, an answer of no use, a
+ * rejection of the route's options or of every client secret tried) no token request is made for
+ * the cache key for a second, twice as long after each further failure in a row, 10 s at most
+ * (a token endpoint that is back is asked within 10 s); a
+ * token endpoint's Retry-After wins when it is longer. Without it every request that needed a
+ * token asked again the moment the last answer came: a dead or overloaded token endpoint was
+ * hammered at the rate of the callers' requests, and each of them waited on an attempt of its
+ * own. A still-valid token keeps serving meanwhile; a successful mint ends the run of failures.
+ */
+const HOLD_OFF_FIRST_MS = 1_000;
+const HOLD_OFF_MAX_MS = 10_000;
+
 /** Tokens are refreshed at 70-80% of their life: jitter spreads instances so they do not all refresh together. */
 export function schedule(now: number, m: Minted, key: TokenKey): Entry {
   const life = Math.max(1_000, m.expiresInMs);
@@ -89,12 +102,15 @@ export class TokenBroker {
   readonly #credentialOf = new Map<string, string>();
   readonly #inflight = new Map<string, Promise<Entry>>();
   /**
-   * Mints refused with a Retry-After (a token endpoint's 429), by cache id: until when (monotonic)
-   * none is tried, and the refusal. Without it every request, and every background refresh, asked
-   * the token endpoint again the moment the last answer came, one after another for as long as
-   * callers sent requests: a rate limit kept in force, or extended, by the proxy itself.
+   * Failed mints, by cache id: until when (monotonic) none is tried (HOLD_OFF_FIRST_MS doubled per
+   * failure in a row, or the token endpoint's Retry-After if longer), how many failed in a row, and
+   * the last refusal. Without it every request, and every background refresh, asked the token
+   * endpoint again the moment the last answer came, one after another for as long as callers sent
+   * requests: a rate limit kept in force, or extended, by the proxy itself. An entry outlives its
+   * hold-off by HOLD_OFF_MAX_MS, so that a failure soon after it ends counts as one more in a row;
+   * later, the run is over and the entry goes (#sweepHoldOffs).
    */
-  readonly #holdOff = new Map<string, { readonly until: number; readonly error: ProxyError }>();
+  readonly #holdOff = new Map<string, HoldOff>();
   readonly #shared: SharedTokens | undefined;
   readonly #log: Logger;
   /** Live credential versions ("id\0version"), from the last view of the store; undefined before the first. */
@@ -115,7 +131,11 @@ export class TokenBroker {
     this.#credentialOf.set(id, key.credential);
     const now = Date.now();
     let entry = this.#local.get(id);
-    if (!entry && this.#shared) {
+    // With Redis, another instance may hold a token where this one holds none, or only an expired
+    // one (whose refresh token a mint here may still use): one it minted while this instance's
+    // mints failed, say, and this one holds off its own.
+    if ((!entry || now >= entry.expiresAt) && this.#shared) {
+      const local = entry;
       entry = await this.#shared.read(id, key).catch((err: unknown) => {
         // Redis unreachable: minted here (mintOnce). A document that does not open: minted afresh
         // and written over it. Either way a miss, never the caller's error; the log names no value.
@@ -123,6 +143,7 @@ export class TokenBroker {
         return undefined;
       });
       if (entry) this.#local.set(id, entry);
+      else entry = local;
     }
     // A token from a version that was revoked or retired since (another instance's, say) is not used, nor refreshed.
     if (entry && !this.#isLive(key.credential, entry)) {
@@ -136,7 +157,7 @@ export class TokenBroker {
       if (!heldOff) void this.#refresh(id, key, mint, entry).catch((err: unknown) => this.#log.warn({ credential: key.credential, reason: errorText(err) }, 'token refresh failed; the current token stays in use until it expires'));
       return entry;
     }
-    if (heldOff) throw heldOff;
+    if (heldOff) throw heldOffError(heldOff);
     const minted = await this.#refresh(id, key, mint, entry);
     // Minted with the previous version (a fallback), which was revoked or retired while the token
     // endpoint answered: the token derives from a version that may no longer be used, and goes
@@ -159,6 +180,7 @@ export class TokenBroker {
    */
   retainVersions(live: ReadonlySet<string>): void {
     this.#live = live;
+    this.#sweepHoldOffs(performance.now());
     for (const [id, entry] of this.#local) {
       const credential = this.#credentialOf.get(id);
       if (credential === undefined || this.#isLive(credential, entry)) continue;
@@ -223,16 +245,36 @@ export class TokenBroker {
     return entry !== undefined && !sameToken(entry.token, token);
   }
 
-  /** The refusal to answer while a Retry-After of this cache id runs, with the seconds left; undefined when none does. */
-  #heldOff(id: string): ProxyError | undefined {
+  /** The hold-off of this cache id while it runs; undefined when none does. */
+  #heldOff(id: string): HoldOff | undefined {
     const held = this.#holdOff.get(id);
-    if (held === undefined) return undefined;
-    const leftMs = held.until - performance.now();
-    if (leftMs <= 0) {
-      this.#holdOff.delete(id);
-      return undefined;
-    }
-    return new ProxyError(held.error.code, held.error.detail, { headers: { ...held.error.headers, 'retry-after': String(Math.ceil(leftMs / 1000)) } });
+    return held !== undefined && performance.now() < held.until ? held : undefined;
+  }
+
+  /**
+   * A mint of this cache id failed: hold off the next one, longer for each failure in a row. Only
+   * the token endpoint's failures (credential_unavailable): a token_url on an address the route
+   * may not reach (route_forbidden) sends nothing to hold off, and is refused alike every time.
+   */
+  #failed(id: string, err: unknown): void {
+    if (!(err instanceof ProxyError) || err.code !== 'credential_unavailable') return;
+    const now = performance.now();
+    this.#sweepHoldOffs(now);
+    // What the sweep left is a run still going on.
+    const failures = (this.#holdOff.get(id)?.failures ?? 0) + 1;
+    const askedMs = Number(err.headers['retry-after']) * 1000 || 0;
+    const backoffMs = Math.min(HOLD_OFF_MAX_MS, HOLD_OFF_FIRST_MS * 2 ** Math.min(failures - 1, 16));
+    this.#holdOff.set(id, { until: now + Math.max(backoffMs, askedMs), failures, error: err });
+  }
+
+  /**
+   * Forget the runs of failures that are over (no failure within HOLD_OFF_MAX_MS of the end of
+   * their hold-off). Done at each failure and each new view of the store: the entries of cache
+   * keys no longer asked for (a version retired, a route changed or removed) go with them, so the
+   * map holds only the keys that failed lately, however many keys come and go.
+   */
+  #sweepHoldOffs(now: number): void {
+    for (const [id, held] of this.#holdOff) if (now - held.until >= HOLD_OFF_MAX_MS) this.#holdOff.delete(id);
   }
 
   #refresh(id: string, key: TokenKey, mint: Mint, old: Entry | undefined): Promise<Entry> {
@@ -245,10 +287,10 @@ export class TokenBroker {
         try {
           entry = this.#shared ? await this.#shared.mintOnce(id, key, () => mint(viaRefresh)) : schedule(Date.now(), await mint(viaRefresh), key);
         } catch (err) {
-          const waitS = err instanceof ProxyError ? Number(err.headers['retry-after']) : NaN;
-          if (waitS > 0) this.#holdOff.set(id, { until: performance.now() + waitS * 1000, error: err as ProxyError });
+          this.#failed(id, err);
           throw err;
         }
+        this.#holdOff.delete(id);
         this.#local.set(id, entry);
         return entry;
       })().finally(() => this.#inflight.delete(id));
@@ -256,6 +298,18 @@ export class TokenBroker {
     }
     return running;
   }
+}
+
+interface HoldOff {
+  readonly until: number;
+  readonly failures: number;
+  readonly error: ProxyError;
+}
+
+/** The refusal of a request that needs a new token while a hold-off runs: the last failure's, with the seconds left. */
+function heldOffError(held: HoldOff): ProxyError {
+  const leftS = Math.max(1, Math.ceil((held.until - performance.now()) / 1000));
+  return new ProxyError(held.error.code, held.error.detail, { headers: { ...held.error.headers, 'retry-after': String(leftS) } });
 }
 
 export function cacheId(key: TokenKey): string {

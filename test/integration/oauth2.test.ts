@@ -1,3 +1,4 @@
+import { createServer } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -23,9 +24,15 @@ let tokenPadding = 0;
 let secretsAccepted = new Set(['cs_CANARY_good_1']);
 let counter = 0;
 const proxies: TestProxy[] = [];
+/** A port nothing listens on: a token endpoint that refuses connections. */
+let closedPort = 0;
 
 beforeAll(async () => {
   redis = await TestRedis.create();
+  const probe = createServer().listen(0, '127.0.0.1');
+  await new Promise((r) => probe.once('listening', r));
+  closedPort = (probe.address() as { port: number }).port;
+  await new Promise((r) => probe.close(r));
   upstream = await startUpstream((req, res, body) => {
     const url = req.url ?? '';
     const json = (status: number, doc: unknown) => {
@@ -91,6 +98,7 @@ afterEach(() => {
 const ROUTES = () => ({
   bank: oauth2Route(upstream.url, '  scope: payments\n'),
   scoped: oauth2Route(upstream.url, '  scope: no-such-scope\n').replace('name: bank\nprefix: /bank', 'name: scoped\nprefix: /scoped'),
+  dead: oauth2Route(upstream.url).replace('name: bank\nprefix: /bank', 'name: dead\nprefix: /dead').replace(`token_url: ${upstream.url}/connect/token`, `token_url: http://127.0.0.1:${closedPort}/connect/token`),
   gc: `name: gc
 preset: gocardless
 upstream: ${upstream.url}
@@ -207,7 +215,7 @@ describe('oauth2_client_credentials', () => {
     for (const r of after) expect(String(r.headers.authorization)).not.toBe(fromV1);
   });
 
-  it('a token answer over 256 KiB is refused (503 credential_unavailable), not held; a normal answer then works', async () => {
+  it('a token answer over 256 KiB is refused (503 credential_unavailable), not held; a normal answer then works, once the hold-off after the failure is over', async () => {
     const proxy = await start();
     tokenPadding = 300 * 1024;
     const before = mints.length;
@@ -218,6 +226,10 @@ describe('oauth2_client_credentials', () => {
     expect(mints.length - before).toBe(1);
     expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(forwarded);
     tokenPadding = 200 * 1024;
+    const held = await get(proxy, '/bank/accounts');
+    expect([held.status, held.headers.get('retry-after')]).toEqual([503, '1']);
+    expect(mints.length - before).toBe(1);
+    await new Promise((r) => setTimeout(r, 1_100));
     expect((await get(proxy, '/bank/accounts')).status).toBe(200);
     for (const t of issued) expect(proxy.logs()).not.toContain(t);
   });
@@ -316,5 +328,101 @@ describe('oauth2_client_credentials', () => {
     c.disconnect();
     expect(values.length).toBe(1);
     for (const t of issued) expect(values[0]).not.toContain(t);
+  });
+});
+
+describe('oauth2_client_credentials: a failing token endpoint is held off', () => {
+  const tokenCalls = () => upstream.requests.filter((r) => r.url === '/connect/token').length;
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  const refusal = async (res: Response) => ({ status: res.status, retryAfter: res.headers.get('retry-after'), ...((await res.json()) as { error: { code: string; message: string } }).error });
+
+  it('DOS a token endpoint answering 500 is asked once, not once per request: 20 concurrent and then 10 back-to-back requests make one token request, the later ones 503 at once with the Retry-After left', async () => {
+    const proxy = await start();
+    tokenServerDown = true;
+    const before = tokenCalls();
+    const concurrent = await Promise.all(Array.from({ length: 20 }, () => get(proxy, '/bank/accounts').then(refusal)));
+    for (const r of concurrent) expect(r).toMatchObject({ status: 503, code: 'credential_unavailable', message: expect.stringContaining('answered 500') });
+    for (let i = 0; i < 10; i++) {
+      const started = performance.now();
+      const r = await refusal(await get(proxy, '/bank/accounts'));
+      expect(r).toMatchObject({ status: 503, code: 'credential_unavailable', message: expect.stringContaining('answered 500'), retryAfter: '1' });
+      expect(performance.now() - started).toBeLessThan(500);
+    }
+    expect(tokenCalls() - before).toBe(1);
+  });
+
+  it('DOS a token endpoint that refuses connections (ECONNREFUSED) is held off: the next request gets the same 503 at once, with Retry-After', async () => {
+    const proxy = await start();
+    const first = await refusal(await get(proxy, '/dead/accounts'));
+    expect(first).toMatchObject({ status: 503, code: 'credential_unavailable', message: expect.stringContaining('ECONNREFUSED') });
+    for (let i = 0; i < 5; i++) {
+      const r = await refusal(await get(proxy, '/dead/accounts'));
+      expect(r).toMatchObject({ status: 503, code: 'credential_unavailable', message: expect.stringContaining('ECONNREFUSED'), retryAfter: '1' });
+    }
+  });
+
+  it('a rejection of the route\'s options (invalid_scope) and an invalid_client with no previous version to fall back to are held off too', async () => {
+    const proxy = await start();
+    const before = tokenCalls();
+    expect((await refusal(await get(proxy, '/scoped/accounts'))).message).toContain('invalid_scope');
+    const scoped = await refusal(await get(proxy, '/scoped/accounts'));
+    expect(scoped).toMatchObject({ status: 503, message: expect.stringContaining('invalid_scope'), retryAfter: '1' });
+    secretsAccepted = new Set();
+    expect((await refusal(await get(proxy, '/bank/accounts'))).message).toContain('rejected the client credentials');
+    const rejected = await refusal(await get(proxy, '/bank/accounts'));
+    expect(rejected).toMatchObject({ status: 503, message: expect.stringContaining('rejected the client credentials'), retryAfter: '1' });
+    expect(tokenCalls() - before).toBe(2);
+  });
+
+  it('the hold-off doubles with each failure in a row (1 s, 2 s, 4 s), ends, and a successful mint resets it to 1 s', async () => {
+    tokenLife = 1;
+    const proxy = await start();
+    tokenServerDown = true;
+    const before = tokenCalls();
+    expect((await get(proxy, '/bank/accounts')).status).toBe(503);
+    for (const seconds of [1, 2, 4]) {
+      const held = await refusal(await get(proxy, '/bank/accounts'));
+      expect(held).toMatchObject({ status: 503, retryAfter: String(seconds) });
+      await sleep(seconds * 1000 + 100);
+      // The hold-off has run out: this request asks the token endpoint again, which fails again.
+      if (seconds < 4) expect((await get(proxy, '/bank/accounts')).status).toBe(503);
+    }
+    expect(tokenCalls() - before).toBe(3);
+    // Recovered: the request after the 4 s hold-off mints.
+    tokenServerDown = false;
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    expect(tokenCalls() - before).toBe(4);
+    // The token expires after 1 s; the endpoint fails again: a fresh run of failures starts at 1 s, not 8.
+    tokenServerDown = true;
+    await sleep(1_100);
+    expect((await get(proxy, '/bank/accounts')).status).toBe(503);
+    expect(await refusal(await get(proxy, '/bank/accounts'))).toMatchObject({ status: 503, retryAfter: '1' });
+    expect(tokenCalls() - before).toBe(5);
+  });
+
+  it('a token endpoint\'s 429 Retry-After shorter than the hold-off does not shorten it: the larger wins', async () => {
+    const proxy = await start();
+    tokenServerDown = true;
+    expect((await get(proxy, '/bank/accounts')).status).toBe(503);
+    await sleep(1_100);
+    tokenServerDown = false;
+    tokenRetryAfter = '1';
+    expect((await refusal(await get(proxy, '/bank/accounts'))).message).toContain('429');
+    expect(await refusal(await get(proxy, '/bank/accounts'))).toMatchObject({ status: 503, message: expect.stringContaining('429'), retryAfter: '2' });
+  });
+
+  it('DOS a still-valid token keeps serving while its refresh fails, and the refresh is tried once per hold-off, not once per request', async () => {
+    tokenLife = 6;
+    const proxy = await start();
+    expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+    tokenServerDown = true;
+    // Past the refresh point (70-80% of 6 s), before expiry.
+    await sleep(4_900);
+    const before = tokenCalls();
+    for (let i = 0; i < 10; i++) {
+      expect((await get(proxy, '/bank/accounts')).status).toBe(200);
+      await sleep(50);
+    }
+    expect(tokenCalls() - before).toBe(1);
   });
 });

@@ -257,13 +257,15 @@ describe('CRED-INJ oauth2 token endpoint', () => {
 });
 
 describe('CRED-INJ oauth2 token shape', () => {
-  it('CRED-INJ-12 a minted token that cannot be a header value (CR LF) is refused (503) and not kept: the next request mints afresh', async () => {
+  it('CRED-INJ-12 a minted token that cannot be a header value (CR LF) is refused (503) and not kept: the next request after the hold-off mints afresh', async () => {
     const before = upstream.requests.filter((r) => r.url === '/accounts').length;
     const refused = await call('/crlf/accounts');
     expect(refused.status).toBe(503);
     expect(refused.headers.get('x-egress-error')).toBe('credential_unavailable');
     expect(await refused.text()).not.toContain('CANARY');
     expect(upstream.requests.filter((r) => r.url === '/accounts').length).toBe(before);
+    // A failed mint holds the token endpoint off for a second (TokenBroker).
+    await new Promise((r) => setTimeout(r, 1_100));
     const ok = await call('/crlf/accounts');
     expect(ok.status).toBe(200);
     expect(mints.filter((m) => m.client === 'crlf')).toHaveLength(2);

@@ -22,6 +22,8 @@ let lastSecret = '';
 const revoked = new Set<string>();
 let counter = 0;
 let flakyCalls = 0;
+/** While set, /connect/token-short answers 500; otherwise it mints tokens that live 2 s. */
+let shortFailing = false;
 const proxies: TestProxy[] = [];
 
 beforeAll(async () => {
@@ -37,7 +39,8 @@ beforeAll(async () => {
       setTimeout(() => json(503, { error: 'temporarily_unavailable' }), 400);
       return;
     }
-    if (url === '/connect/token' || url === '/connect/token-flaky') {
+    if (url === '/connect/token-short' && shortFailing) return json(500, { error: 'server_error' });
+    if (url === '/connect/token' || url === '/connect/token-flaky' || url === '/connect/token-short') {
       const form = new URLSearchParams(body.toString());
       const secret = form.get('client_secret') ?? '';
       if (secret !== 'cs_CANARY_oauth' && secret !== 'cs_CANARY_oauth_2') return json(401, { error: 'invalid_client' });
@@ -46,7 +49,7 @@ beforeAll(async () => {
       lastSecret = secret;
       const token = `at_CANARY_${scope}_${++counter}`;
       scopeOf.set(token, scope);
-      return json(200, { access_token: token, expires_in: 3600 });
+      return json(200, { access_token: token, expires_in: url === '/connect/token-short' ? 2 : 3600 });
     }
     const bearer = String(req.headers.authorization ?? '').replace(/^Bearer /, '');
     // A path this API answers 401 whatever token comes with it.
@@ -85,7 +88,7 @@ async function seed(db: number): Promise<{ dir: string; store: string; token: st
   const dir = await makeTempDir('egress-oauth-shared-');
   const store = `${redis.url}/${db}`;
   const { tokens } = await seedDataDir(dir, {
-    routes: { reader: route('reader', 'read'), writer: route('writer', 'write'), flaky: route('flaky', 'read', '/connect/token-flaky') },
+    routes: { reader: route('reader', 'read'), writer: route('writer', 'write'), flaky: route('flaky', 'read', '/connect/token-flaky'), short: route('short', 'read', '/connect/token-short') },
     credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_oauth' } },
     callers: ['svc'],
     store,
@@ -188,6 +191,33 @@ describe('FLT: one mint at a time across instances', () => {
     // Bounded by a's mint and its own, not by the 10 s the lock may be held.
     expect(ms).toBeLessThan(3_000);
     expectNoTokenIn(a.logs() + b.logs() + (await second.text()));
+  }, 20_000);
+});
+
+describe('FLT: a token endpoint failing for one instance', () => {
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+  it('FLT-20b an instance holding off its token requests after failed mints takes the token another instance minted meanwhile from Redis, instead of answering 503 until its hold-off ends', async () => {
+    const { dir, store, token } = await seed(9);
+    const a = await instance(dir, store);
+    const b = await instance(dir, store);
+    expect((await get(a, '/short/accounts', token)).status).toBe(200);
+    // a's token (2 s) has expired; its next two mints fail: a holds off for 1 s, then 2 s.
+    await sleep(2_200);
+    shortFailing = true;
+    expect((await get(a, '/short/accounts', token)).status).toBe(503);
+    await sleep(1_100);
+    const held = await get(a, '/short/accounts', token);
+    expect(held.status).toBe(503);
+    // The endpoint is back; b mints, and the token is in Redis for every instance.
+    shortFailing = false;
+    expect((await get(b, '/short/accounts', token)).status).toBe(200);
+    const [fromB] = sentTo('/read/accounts', upstream.requests.length - 1);
+    const mark = upstream.requests.length;
+    const res = await get(a, '/short/accounts', token);
+    expect(res.status).toBe(200);
+    expect(sentTo('/read/accounts', mark)).toEqual([fromB]);
+    expectNoTokenIn(a.logs() + b.logs());
   }, 20_000);
 });
 

@@ -671,6 +671,54 @@ describe('parseRouteText: the upstream\'s base path is written as it is sent', (
   });
 });
 
+describe('parseRouteText: inject options that could do nothing are refused', () => {
+  const OAUTH = `name: gc
+prefix: /gc
+upstream: https://bankaccountdata.gocardless.com
+credential: gc
+inject:
+  scheme: oauth2_client_credentials
+  token_url: https://bankaccountdata.gocardless.com/api/v2/token/new/
+  refresh_url: https://bankaccountdata.gocardless.com/api/v2/token/refresh/
+  client_auth: json
+  refresh_field: refresh
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`;
+  const MTLS = `name: teller
+prefix: /teller
+upstream: https://api.teller.io
+credential: teller
+inject:
+  scheme: mtls
+  certificate: "{certificate}"
+  private_key: "{private_key}"
+allow:
+  - caller: svc
+    methods: [GET]
+    paths: [/accounts]
+`;
+
+  it('an oauth2 refresh_url without refresh_field (no refresh token is ever kept to send it) is refused at refresh_url, saying to set refresh_field', async () => {
+    await compiles(OAUTH, '/x/gc.yaml');
+    const problems = await problemsOf(OAUTH.replace('  refresh_field: refresh\n', ''), '/x/gc.yaml');
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 8, col: 16 });
+    expect(problems[0]!.message).toMatch(/^inject\.refresh_url: .*refresh_field/);
+  });
+
+  it('an mtls passphrase with a PEM certificate and private_key (encrypted PEM keys are not supported) is refused at passphrase, saying it goes with pkcs12 only', async () => {
+    await compiles(MTLS, '/x/teller.yaml');
+    await compiles(MTLS.replace('  certificate: "{certificate}"\n  private_key: "{private_key}"\n', '  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\n'), '/x/teller.yaml');
+    const problems = await problemsOf(MTLS.replace('  private_key: "{private_key}"\n', '  private_key: "{private_key}"\n  passphrase: "{passphrase}"\n'), '/x/teller.yaml');
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 9, col: 15 });
+    expect(problems[0]!.message).toMatch(/^inject\.passphrase: .*pkcs12 only/);
+  });
+});
+
 describe('parseRouteText: idempotency_key', () => {
   it('is absent by default, and compiles lower-cased', async () => {
     expect((await compiles(PLAID)).idempotencyKey).toBeUndefined();
