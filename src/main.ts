@@ -12,6 +12,7 @@ import { CallerSlots } from './pipeline/in-flight.ts';
 import { Drain } from './pipeline/connection-state.ts';
 import { Activity } from './observe/activity.ts';
 import { AlertRules } from './observe/alert-rules.ts';
+import { RouteCredentialCheck } from './observe/route-credentials.ts';
 import { loadAlertSettings } from './observe/alert-settings.ts';
 import { WebhookSink } from './observe/webhook.ts';
 import { readFile, stat } from 'node:fs/promises';
@@ -126,13 +127,20 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   ageCheck.unref();
   rules.checkCredentials(store.snapshot());
 
+  // Routes whose credential cannot serve them load (the store may be filled later), and are said
+  // when the routes or the store change: at start, after a reload, after a store change.
+  const credentialCheck = new RouteCredentialCheck(log, alerts);
   const routes = new RouteReloader(settings.routesDir, initial, log, (config, ok) => {
     metrics.reloads.inc({ result: ok ? 'ok' : 'rejected' });
     metrics.routesLoaded.set(config.routes.length);
-    if (ok) dispatchers.retain(config);
-    else alerts.raise('reload_rejected', 'warning', 'routes', 'a route reload was rejected; the last good configuration stays live', { routes_dir: settings.routesDir });
+    if (ok) {
+      dispatchers.retain(config);
+      credentialCheck.check(config.routes, store.snapshot());
+    } else alerts.raise('reload_rejected', 'warning', 'routes', 'a route reload was rejected; the last good configuration stays live', { routes_dir: settings.routesDir });
   });
   metrics.routesLoaded.set(initial.routes.length);
+  credentialCheck.check(initial.routes, store.snapshot());
+  store.onChange((_previous, next) => credentialCheck.check(routes.config.routes, next));
   routes.watch();
 
   // Forward mode is on when the CA exists (egress certs init).
@@ -154,7 +162,9 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     readiness: () => {
       const s = store.status();
       metrics.storeReachable.set(s.reachable ? 1 : 0);
-      return { ready: s.reachable && s.usable, detail: { routes: routes.status(), store: { backend: backend.description, ...s } } };
+      // Routes their credential cannot serve are listed, and leave the instance ready: the others work.
+      const credentialProblems = credentialCheck.problems();
+      return { ready: s.reachable && s.usable, detail: { routes: { ...routes.status(), ...(credentialProblems.length > 0 ? { credential_problems: credentialProblems } : {}) }, store: { backend: backend.description, ...s } } };
     },
   }, metrics, { store, keys, audit, rules, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config });
 

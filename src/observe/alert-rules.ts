@@ -39,6 +39,8 @@ interface Usage {
  *  - unusual_usage: a caller uses a credential far above its own weighted baseline
  *  - store_unreachable, store_record_damaged, store_rollback, store_new_incarnation, store_evicts, reload_rejected
  *    (routes, revocations, keyring), ratelimit_degraded: raised where seen
+ *  - route_credential_missing: a route its credential cannot serve (route-credentials.ts), on
+ *    route and store changes
  */
 export class AlertRules {
   readonly #alerts: Alerts;

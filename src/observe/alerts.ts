@@ -5,7 +5,7 @@ import type { WebhookSink } from './webhook.ts';
 export type Severity = 'info' | 'warning' | 'critical';
 
 /** Facts about an alert: names and numbers only, never a secret. */
-export type Facts = Readonly<Record<string, string | number | boolean | null>>;
+export type Facts = Readonly<Record<string, string | number | boolean | null | readonly string[]>>;
 
 export interface RaisedAlert {
   readonly id: string;
@@ -61,6 +61,14 @@ export class Alerts {
     if (severity === 'critical') this.#log.error(line, message);
     else this.#log.warn(line, message);
     this.#webhook?.send({ ...alert, service: 'egress-proxy' });
+  }
+
+  /**
+   * The condition behind an alert has ended (a route's credential can serve it again): the next
+   * one for this subject is a new incident, raised at once, not a repeat counted in the cool-down.
+   */
+  clear(id: string, subject: string): void {
+    this.#last.delete(JSON.stringify([id, subject]));
   }
 
   /** Drop cool-downs that are over; if subjects (remote addresses) still fill the map, start afresh. */

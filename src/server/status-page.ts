@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import type { Activity } from '../observe/activity.ts';
 import type { Alerts } from '../observe/alerts.ts';
+import { credentialProblems, type CredentialProblem } from '../observe/route-credentials.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import type { StoreView } from '../store/store-view.ts';
 
@@ -24,9 +25,13 @@ export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): 
   const total = series.reduce((a, s) => a + s.requests, 0);
   const denied = series.reduce((a, s) => a + s.denied, 0);
 
+  // As route_credential_missing and /readyz have it: the routes every request of which gets 503.
+  const problems = new Map((snapshot ? credentialProblems(config.routes, snapshot) : []).map((p) => [p.route, p]));
   const routeRows = config.routes.map((r) => {
     const callers = [...new Set(r.rules.map((rule) => rule.caller))].join(', ');
-    return `<tr><td>${esc(r.name)}</td><td><code>${esc(r.prefix)}</code></td><td>${esc(r.origin + r.basePath)}</td><td>${esc(r.credential)}</td><td>${esc(r.injections.map((i) => i.options.scheme).join(' + '))}</td><td>${esc(callers || '(none)')}</td></tr>`;
+    const problem = problems.get(r.name);
+    const credential = problem ? `${esc(r.credential)}<br><span class="bad">${problemText(problem)}</span>` : esc(r.credential);
+    return `<tr><td>${esc(r.name)}</td><td><code>${esc(r.prefix)}</code></td><td>${esc(r.origin + r.basePath)}</td><td>${credential}</td><td>${esc(r.injections.map((i) => i.options.scheme).join(' + '))}</td><td>${esc(callers || '(none)')}</td></tr>`;
   });
 
   const credentialBlocks: string[] = [];
@@ -76,6 +81,20 @@ ${damaged.length ? `<p class="bad">damaged records (fail closed): ${damaged.map(
 <h2>Recent alerts</h2>
 <table><tr><th>time</th><th>severity</th><th>alert</th><th>subject</th><th>message</th></tr>${alertRows.join('') || '<tr><td colspan="5">none</td></tr>'}</table>
 </body></html>`;
+}
+
+/** Why the route's credential cannot serve it, in a few words (HTML). */
+function problemText(p: CredentialProblem): string {
+  switch (p.problem) {
+    case 'not_in_store':
+      return 'not in the store';
+    case 'damaged':
+      return 'record damaged';
+    case 'no_current_version':
+      return 'no current version';
+    case 'missing_fields':
+      return `current version lacks field ${(p.missing_fields ?? []).map((f) => `<code>${esc(f)}</code>`).join(', ')}`;
+  }
 }
 
 /** A bar chart of 60 values as inline SVG. */
