@@ -84,6 +84,14 @@ const schema = z.strictObject({
   if (o.refresh_url !== undefined && o.refresh_field === undefined) {
     ctx.addIssue({ code: 'custom', path: ['refresh_url'], message: 'no refresh token is kept to send here without refresh_field: set refresh_field to the field of the token answer that holds one (GoCardless: refresh), or remove refresh_url' });
   }
+  // A refresh token is sent to refresh_url only: without it the token kept is never used, and each
+  // token is minted again from the client secret; a lifetime without a refresh token times nothing.
+  if (o.refresh_field !== undefined && o.refresh_url === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['refresh_field'], message: 'a refresh token is only sent to refresh_url: set refresh_url to the endpoint that trades it for a new access token (GoCardless: /api/v2/token/refresh/), or remove refresh_field' });
+  }
+  if (o.refresh_expires_field !== undefined && o.refresh_field === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['refresh_expires_field'], message: 'the refresh token\'s lifetime needs refresh_field (and refresh_url): set them, or remove refresh_expires_field' });
+  }
 });
 type Options = z.output<typeof schema>;
 

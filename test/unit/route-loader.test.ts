@@ -709,6 +709,20 @@ allow:
     expect(problems[0]!.message).toMatch(/^inject\.refresh_url: .*refresh_field/);
   });
 
+  it('an oauth2 refresh_field without refresh_url (the refresh token would be kept and never sent) is refused at refresh_field, saying to set refresh_url', async () => {
+    const problems = await problemsOf(OAUTH.replace(/  refresh_url: .*\n/, ''), '/x/gc.yaml');
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatchObject({ line: 9, col: 18 });
+    expect(problems[0]!.message).toMatch(/^inject\.refresh_field: .*refresh_url/);
+  });
+
+  it('an oauth2 refresh_expires_field without refresh_field (there is no refresh token for it to time) is refused at refresh_expires_field', async () => {
+    await compiles(OAUTH.replace('  refresh_field: refresh\n', '  refresh_field: refresh\n  refresh_expires_field: refresh_expires\n'), '/x/gc.yaml');
+    const problems = await problemsOf(OAUTH.replace(/  refresh_url: .*\n/, '').replace('  refresh_field: refresh\n', '  refresh_expires_field: refresh_expires\n'), '/x/gc.yaml');
+    expect(problems).toHaveLength(1);
+    expect(problems[0]!.message).toMatch(/^inject\.refresh_expires_field: .*refresh_field/);
+  });
+
   it('an mtls passphrase with a PEM certificate and private_key (encrypted PEM keys are not supported) is refused at passphrase, saying it goes with pkcs12 only', async () => {
     await compiles(MTLS, '/x/teller.yaml');
     await compiles(MTLS.replace('  certificate: "{certificate}"\n  private_key: "{private_key}"\n', '  pkcs12: "{pkcs12}"\n  passphrase: "{passphrase}"\n'), '/x/teller.yaml');
