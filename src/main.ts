@@ -34,8 +34,8 @@ import { ConnectionCap } from './server/connection-cap.ts';
 import { createReverseServer } from './server/reverse.ts';
 import { createForwardHandler } from './server/forward.ts';
 import { CA_FILES, LeafMinter, readCa } from './certs/ca.ts';
-import { checkListenerFiles, createTlsServer } from './server/tls.ts';
-import { listenerDateWarnings, readListenerFile } from './certs/listener-files.ts';
+import { createTlsServer, type TlsListener } from './server/tls.ts';
+import { ListenerFilesReloader } from './server/tls-files.ts';
 import { join } from 'node:path';
 import { FileStore } from './store/file-store.ts';
 import { createKeyring, readKeyring, type Keyring } from './store/keyring.ts';
@@ -57,6 +57,8 @@ export interface RunningProxy {
   readonly adminAddress: AddressInfo;
   readonly services: Services;
   readonly routes: RouteReloader;
+  /** The TLS listener's certificate, key and client CAs, when EGRESS_TLS_LISTEN is set (reloaded on change and SIGHUP). */
+  readonly tlsFiles: ListenerFilesReloader | undefined;
   /** Stop accepting, let in-flight requests finish (up to `deadlineMs`), then release everything. */
   close(deadlineMs?: number): Promise<void>;
 }
@@ -164,31 +166,24 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       metrics.storeReachable.set(s.reachable ? 1 : 0);
       // Routes their credential cannot serve are listed, and leave the instance ready: the others work.
       const credentialProblems = credentialCheck.problems();
-      return { ready: s.reachable && s.usable, detail: { routes: { ...routes.status(), ...(credentialProblems.length > 0 ? { credential_problems: credentialProblems } : {}) }, store: { backend: backend.description, ...s } } };
+      return { ready: s.reachable && s.usable, detail: { routes: { ...routes.status(), ...(credentialProblems.length > 0 ? { credential_problems: credentialProblems } : {}) }, store: { backend: backend.description, ...s }, ...(tlsFiles ? { tls_listener: tlsFiles.status() } : {}) } };
     },
   }, metrics, { store, keys, audit, rules, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config });
 
   // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
-  let tls: Awaited<ReturnType<typeof createTlsServer>> | undefined;
+  let tls: TlsListener | undefined;
+  let tlsFiles: ListenerFilesReloader | undefined;
   if (settings.tlsListen) {
-    const cert = await readListenerFile(settings.tlsCert!, 'EGRESS_TLS_CERT');
-    const key = await readListenerFile(settings.tlsKey!, 'EGRESS_TLS_KEY');
-    const clientCa = await readListenerFile(settings.clientCa ?? join(settings.certsDir, CA_FILES.cert), 'EGRESS_CLIENT_CA');
-    const checked = checkListenerFiles(cert, key, clientCa);
-    for (const { setting, message } of listenerDateWarnings(checked, Date.now())) log.warn({ setting }, message);
-    // Whoever can read the listener's key can pose as the proxy to its callers and collect their
-    // tokens. Warned, not refused (as master.key and ca.key are): Kubernetes mounts secrets 0644
-    // unless told otherwise (defaultMode).
-    const keyMode = (await stat(key.path)).mode & 0o777;
-    if ((keyMode & 0o077) !== 0) log.warn({ setting: key.setting, path: key.path, mode: keyMode.toString(8) }, `${key.setting} ${key.path} is readable by group or others (mode ${keyMode.toString(8)}): run "chmod 600" on it (on Kubernetes, give the secret volume defaultMode: 0400)`);
+    const paths = { cert: settings.tlsCert!, key: settings.tlsKey!, clientCa: settings.clientCa ?? join(settings.certsDir, CA_FILES.cert) };
+    // Renewed files are taken up while running; one that cannot be used leaves the last good ones in use.
+    tlsFiles = new ListenerFilesReloader(paths, log, (files) => tls?.use(files), (reason) =>
+      alerts.raise('reload_rejected', 'critical', 'tls_listener', 'a TLS listener file changed but cannot be used; the last good certificate, key and client CAs stay in use', { tls_cert: paths.cert, tls_key: paths.key, client_ca: paths.clientCa, reason }));
     tls = await createTlsServer({
-      cert: cert.pem,
-      key: key.pem,
-      clientCa: clientCa.pem,
-      clientCas: checked.clientCas,
+      files: await tlsFiles.load(),
       certsDir: settings.certsDir,
       onRevocationsDamaged: (reason) => alerts.raise('reload_rejected', 'critical', 'revocations', 'the caller certificate revocation list cannot be read; the last good list stays in force', { certs: settings.certsDir, reason }),
     }, () => routes.config, services);
+    tlsFiles.watch();
     cap.attach(tls.server, 'tls', 'secureConnection');
     await listen(tls.server, settings.tlsListen.host, settings.tlsListen.port, 'EGRESS_TLS_LISTEN', settings.reusePort);
   }
@@ -215,6 +210,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const close = (deadlineMs = 10_000): Promise<void> => {
     closing ??= (async () => {
       routes.close();
+      tlsFiles?.close();
       keys.close();
       sweeper.close();
       clearInterval(ageCheck);
@@ -256,7 +252,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
     })();
     return closing;
   };
-  return { proxyAddress, adminAddress, minter, tlsAddress: tls ? (tls.server.address() as AddressInfo) : undefined, services, routes, close };
+  return { proxyAddress, adminAddress, minter, tlsAddress: tls ? (tls.server.address() as AddressInfo) : undefined, services, routes, tlsFiles, close };
 }
 
 /**

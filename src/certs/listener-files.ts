@@ -73,18 +73,19 @@ export function outsideValidity(cert: X509Certificate, now: number): 'has expire
 const DAY_MS = 86_400_000;
 const SOON_MS = 30 * DAY_MS;
 
-/** The listener's files, parsed and checked once at start (checkListenerFiles), for what uses them after. */
+/** The listener's files, parsed and checked (checkListenerFiles) at start and at each reload, for what uses them after. */
 export interface CheckedListenerFiles {
   readonly cert: ListenerFile;
   readonly certificate: X509Certificate;
+  readonly key: ListenerFile;
   readonly clientCa: ListenerFile;
   readonly clientCas: readonly X509Certificate[];
 }
 
 /**
- * For the start-up log: the listener's certificate and the client CAs that are outside their
- * validity or within 30 days of its end. Warned, not refused: an expired CA kept in a bundle while
- * its successor takes over is normal, and token callers do not need either.
+ * For the log at start and at each reload: the listener's certificate and the client CAs that are
+ * outside their validity or within 30 days of its end. Warned, not refused: an expired CA kept in a
+ * bundle while its successor takes over is normal, and token callers do not need either.
  */
 export function listenerDateWarnings({ cert, certificate, clientCa, clientCas }: CheckedListenerFiles, now: number): { setting: string; message: string }[] {
   const note = (c: X509Certificate, consequence: string): string | undefined => {

@@ -2,7 +2,7 @@ import { startProxy } from '../main.ts';
 import { maxArgs, parse } from './io.ts';
 import { UserError } from '../errors.ts';
 
-/** `egress serve`: run the proxy until SIGTERM/SIGINT; SIGHUP reloads the route folder. */
+/** `egress serve`: run the proxy until SIGTERM/SIGINT; SIGHUP reloads the route folder and the TLS listener's files. */
 export async function serve(args: readonly string[]): Promise<number> {
   // The lenient parser is what request smuggling needs (RFC 9112 §11.2): never run with it.
   const flags = `${process.execArgv.join(' ')} ${process.env.NODE_OPTIONS ?? ''}`;
@@ -48,7 +48,10 @@ export async function serve(args: readonly string[]): Promise<number> {
     throw err;
   }
   const log = proxy.services.log;
-  hup = () => void proxy.routes.reload('SIGHUP');
+  hup = () => {
+    void proxy.routes.reload('SIGHUP');
+    void proxy.tlsFiles?.reload('SIGHUP');
+  };
   if (hupDuringStart) hup();
   return new Promise((resolveExit) => {
     let draining = false;

@@ -2,7 +2,8 @@ import { statSync, watch, type FSWatcher } from 'node:fs';
 import type { Logger } from '../observe/log.ts';
 
 /**
- * A watch on what a path names now: the routes folder, or a file a route names (upstream_ca).
+ * A watch on what a path names now: the routes folder, a file a route names (upstream_ca), or one
+ * of the TLS listener's files (EGRESS_TLS_CERT, EGRESS_TLS_KEY, EGRESS_CLIENT_CA).
  * fs.watch follows what it was opened on, not the path: a deploy that moves a new folder into
  * place (mv routes.new routes), a file renamed over the old one (an atomic write), or a swapped
  * symlink (a mounted secret's new release) would leave it on the old one, and later changes would
@@ -11,7 +12,7 @@ import type { Logger } from '../observe/log.ts';
  */
 export class PathWatch {
   readonly path: string;
-  /** What the log calls it: the route folder, or a file a route names. */
+  /** What the log says when the watch cannot be made or fails. */
   readonly #what: { readonly failed: string; readonly cannot: string };
   readonly #folder: boolean;
   readonly #onChange: () => void;
@@ -20,12 +21,11 @@ export class PathWatch {
   /** "device:inode" of what the watch is on; undefined while the path names nothing. */
   #identity: string | undefined;
 
-  constructor(path: string, kind: 'folder' | 'file', onChange: () => void, log: Logger) {
+  /** `name` is what the log calls it ("the route folder", "a file a route names", "a TLS listener file"). */
+  constructor(path: string, kind: 'folder' | 'file', onChange: () => void, log: Logger, name = kind === 'folder' ? 'the route folder' : 'a file a route names') {
     this.path = path;
     this.#folder = kind === 'folder';
-    this.#what = this.#folder
-      ? { failed: 'route folder watch failed; SIGHUP still reloads', cannot: 'cannot watch the route folder; SIGHUP still reloads' }
-      : { failed: 'watch on a file a route names failed; SIGHUP still reloads', cannot: 'cannot watch a file a route names; SIGHUP still reloads' };
+    this.#what = { failed: `watch on ${name} failed; SIGHUP still reloads`, cannot: `cannot watch ${name}; SIGHUP still reloads` };
     this.#onChange = onChange;
     this.#log = log;
     this.#arm();

@@ -69,13 +69,37 @@ export function checkListenerFiles(cert: ListenerFile, key: ListenerFile, client
   const certificate = listenerCertificate(cert);
   const clientCas = listenerClientCas(clientCa);
   if (!certificate.checkPrivateKey(listenerPrivateKey(key))) throw new UserError(`${key.setting} ${key.path} does not belong to the certificate in ${cert.setting} ${cert.path}`);
-  return { cert, certificate, clientCa, clientCas };
+  return { cert, certificate, key, clientCa, clientCas };
+}
+
+/**
+ * The secure context's options, at start and at each reload: setSecureContext resets every option
+ * it is not given (the cipher list and the protocol floor among them) to Node's defaults.
+ */
+function contextOptions(files: CheckedListenerFiles) {
+  return { cert: files.cert.pem, key: files.key.pem, ca: files.clientCa.pem, ...CALLER_TLS };
+}
+
+/** Every CA in the file is pinned, as every one is trusted in the TLS context (`ca` above). */
+function pinnedCas(files: CheckedListenerFiles): PinnedCas {
+  return new Map(files.clientCas.map((ca) => [ca.fingerprint256, ca]));
+}
+
+export interface TlsListener {
+  readonly server: Server;
+  /**
+   * Serve new handshakes with these files (checked: checkListenerFiles). Connections already open
+   * keep the certificate they were made with; the client CAs pinned for every request move with
+   * the context, so a CA taken out of EGRESS_CLIENT_CA vouches for no one from then on, on a
+   * connection or a TLS session made before included (a new context has new session ticket keys).
+   */
+  use(files: CheckedListenerFiles): void;
+  close(): void;
 }
 
 /** The TLS listener: callers identified by a client certificate from our CA, or by a token as on the plain listener. */
-export async function createTlsServer(options: { cert: string; key: string; clientCa: string; clientCas: readonly X509Certificate[]; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<{ server: Server; close(): void }> {
-  // Every CA in the file is pinned, as every one is trusted in the TLS context (`ca` below).
-  const pinned: PinnedCas = new Map(options.clientCas.map((ca) => [ca.fingerprint256, ca]));
+export async function createTlsServer(options: { files: CheckedListenerFiles; certsDir: string; onRevocationsDamaged?: (reason: string) => void }, getConfig: () => CompiledConfig, services: Services): Promise<TlsListener> {
+  let pinned = pinnedCas(options.files);
   const sockets = new Set<TLSSocket>();
   const serialOf = new WeakMap<TLSSocket, string>();
   // A revocation closes the caller's open connections at once (AUTH-07).
@@ -84,13 +108,10 @@ export async function createTlsServer(options: { cert: string; key: string; clie
   }, options.onRevocationsDamaged);
   await revoked.start();
   const server = createServer({
-    cert: options.cert,
-    key: options.key,
-    ca: options.clientCa,
+    ...contextOptions(options.files),
     requestCert: true,
     // Token callers have no certificate; a certificate that fails is refused per request, below.
     rejectUnauthorized: false,
-    ...CALLER_TLS,
     handshakeTimeout: 10_000,
     ...CALLER_HTTP,
   }, onRequest);
@@ -119,5 +140,9 @@ export async function createTlsServer(options: { cert: string; key: string; clie
     answerClientError(err, socket, refused ? new ProxyError('caller_unauthenticated', `Client certificate refused: ${refused}.`) : undefined);
   });
   server.on('connect', refuseConnect);
-  return { server, close: () => revoked.close() };
+  const use = (files: CheckedListenerFiles): void => {
+    server.setSecureContext(contextOptions(files));
+    pinned = pinnedCas(files);
+  };
+  return { server, use, close: () => revoked.close() };
 }
