@@ -90,8 +90,14 @@ export function checkDeclaredLength(req: IncomingMessage, max: number): void {
   if (declared !== undefined && Number(declared) > max) throw new ProxyError('body_too_large');
 }
 
+const CALLER_GONE = 'the caller closed the connection before the end of its body';
+
 /** Read the whole body, refusing it as soon as it passes `max` bytes; fails if the caller goes away first. */
 export function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
+  // A caller gone while an earlier step waited (a rate-limit check in Redis, say) has had its
+  // 'close' already: none of the events below would come, and the request would wait for good,
+  // unrecorded, holding its caller's in-flight slot.
+  if (req.destroyed) return Promise.reject(new Error(CALLER_GONE));
   checkDeclaredLength(req, max);
   return new Promise<Buffer>((resolve, reject) => {
     const chunks: Buffer[] = [];
@@ -110,7 +116,7 @@ export function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
       chunks.push(chunk);
     };
     const onEnd = () => done();
-    const onClose = () => done(new Error('the caller closed the connection before the end of its body'));
+    const onClose = () => done(new Error(CALLER_GONE));
     req.on('data', onData);
     req.on('end', onEnd);
     req.on('error', done);
@@ -173,7 +179,9 @@ async function* joined(req: IncomingMessage): AsyncGenerator<Buffer> {
     failure ??= err;
     wake?.();
   };
-  const onClose = () => onError(new Error('the caller closed the connection before the end of its body'));
+  const onClose = () => onError(new Error(CALLER_GONE));
+  // Gone before the body was asked for (see readBody): no event would wake the loop below.
+  if (req.destroyed) failure = new Error(CALLER_GONE);
   req.on('data', onData);
   req.on('end', onEnd);
   req.on('error', onError);

@@ -1,6 +1,8 @@
+import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
-import { bearerRoute } from '../helpers/routes.ts';
+import { TestRedis } from '../helpers/redis.ts';
+import { apiKeyRoute, bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /** A caller that hangs up is not an upstream failure: no 5xx in the metrics, an honest audit line. */
@@ -91,4 +93,39 @@ describe('a caller that hangs up', () => {
     expect(upstream.requests.filter((r) => r.url === '/token').length).toBe(1);
     expect(upstream.requests.filter((r) => r.url === '/accounts')).toEqual([]);
   });
+});
+
+describe('a caller that hangs up while its rate-limit check waits for Redis', () => {
+  let redis: TestRedis | undefined;
+  let shared: TestProxy | undefined;
+  afterAll(async () => {
+    redis?.thaw();
+    await shared?.close();
+    await redis?.destroy();
+  });
+
+  // The body was read only after the check: a caller gone by then had emitted its 'close' already,
+  // and the read waited for an end that never came. The request was never recorded, and it held
+  // the caller's in-flight slot for good: after EGRESS_CALLER_MAX_IN_FLIGHT of them, every
+  // request of that caller was 429.
+  it('its POST is recorded as aborted and gives its in-flight slot back', async () => {
+    redis = await TestRedis.create();
+    const route = apiKeyRoute({ upstream: upstream.url, paths: ['/x'], methods: ['POST'], extra: 'upstream_rate: { rate: 1000/s }\n' });
+    shared = await startTestProxy({ routes: { api: route }, credentials: { key: { secret: 'sk_abort_redis' } }, callers: ['svc'], store: `${redis.url}/0`, env: { EGRESS_CALLER_MAX_IN_FLIGHT: '1' } });
+    const port = Number(new URL(shared.url).port);
+    // Redis frozen: the check waits for its command timeout, then falls back to local buckets.
+    redis.freeze();
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => {});
+    socket.write(`POST /api/x HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${shared.tokens.svc!}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`);
+    await new Promise((r) => setTimeout(r, 150));
+    socket.destroy();
+    await new Promise((r) => setTimeout(r, 900));
+    redis.thaw();
+    await eventually(async () => (await shared!.auditText()).includes('"path":"/api/x"'), 3_000, 'the audit line');
+    const line = (await shared.auditText()).trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.path === '/api/x')!;
+    expect(line).toMatchObject({ decision: 'aborted', reason: 'caller_closed', upstream_status: null });
+    const next = await fetch(`${shared.url}/api/x`, { method: 'POST', headers: { 'x-egress-token': shared.tokens.svc!, 'content-type': 'application/json' }, body: '{}' });
+    expect(next.status).toBe(200);
+  }, 20_000);
 });
