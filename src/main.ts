@@ -125,6 +125,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
   const activity = new Activity();
   const services: Services = { store, keys, dispatchers, limiter, slots: new CallerSlots(settings.callerMaxInFlight), nonces, tokens, audit, metrics, rules, usage, activity, log, drain: new Drain() };
   metrics.bindStore(store);
+  metrics.bindInFlight(() => services.drain.handling);
   const ageCheck = setInterval(() => rules.checkCredentials(store.snapshot()), 60_000);
   ageCheck.unref();
   rules.checkCredentials(store.snapshot());

@@ -140,6 +140,17 @@ export class Metrics {
 
   readonly #collectors: (() => void)[] = [];
 
+  readonly requestsInFlight = new Gauge({
+    name: 'egress_requests_in_flight',
+    help: 'Requests being handled: started, their audit line not yet written. One that stays above zero with no traffic is a request that never ended.',
+    registers: [this.registry],
+  });
+
+  /** The count of requests being handled, read at scrape time (nothing per request here). */
+  bindInFlight(count: () => number): void {
+    this.#collectors.push(() => this.requestsInFlight.set(count()));
+  }
+
   async text(): Promise<string> {
     for (const c of this.#collectors) c();
     return this.registry.metrics();

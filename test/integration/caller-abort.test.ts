@@ -127,5 +127,7 @@ describe('a caller that hangs up while its rate-limit check waits for Redis', ()
     expect(line).toMatchObject({ decision: 'aborted', reason: 'caller_closed', upstream_status: null });
     const next = await fetch(`${shared.url}/api/x`, { method: 'POST', headers: { 'x-egress-token': shared.tokens.svc!, 'content-type': 'application/json' }, body: '{}' });
     expect(next.status).toBe(200);
+    // Nothing left being handled once the answers are out (the last one is recorded just after it is sent).
+    await eventually(async () => /^egress_requests_in_flight 0$/m.test(await (await fetch(`${shared!.admin}/metrics`)).text()), 3_000, 'no request in flight');
   }, 20_000);
 });
