@@ -217,13 +217,16 @@ async function relay(ctx: RequestContext, attempt: Attempt): Promise<void> {
   // Forward mode's caller talks to the upstream's own host: its cookies and redirects are relayed as they came.
   const relayed = responseHeaders(exchange.headers as Record<string, string | string[] | undefined>, redact, ctx.forward ? undefined : ctx.route);
   relayed.push('x-request-id', ctx.id);
-  if (ctx.services.drain.draining) closeForDrain(res);
   try {
     // Error bodies and redirect bodies (which often repeat their Location, e.g. Express's
     // res.redirect) are read whole and redacted; 304 has no body.
     if (exchange.status >= 300 && exchange.status !== 304 && req.method !== 'HEAD') {
-      relayInspectedBody(ctx, exchange, relayed, attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY)), redact);
+      const raw = attempt.raw ?? (await exchange.readAll(MAX_INSPECTED_ERROR_BODY));
+      // Asked once the body is in, just before the head goes: a drain may have begun while it arrived.
+      if (ctx.services.drain.draining) closeForDrain(res);
+      relayInspectedBody(ctx, exchange, relayed, raw, redact);
     } else {
+      if (ctx.services.drain.draining) closeForDrain(res);
       // A caller that stops reading gets as long as the upstream would: the route's response timeout.
       await exchange.pipeTo(res, exchange.status, relayed, ctx.route!.responseTimeoutMs);
     }

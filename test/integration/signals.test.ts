@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
-import { envFor, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { bearerRoute } from '../helpers/routes.ts';
 import { makeTestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -91,6 +91,42 @@ describe('answers during the drain', () => {
     const audit = (await readFile(join(dir, 'audit.log'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { path: string; decision: string });
     expect(audit.filter((l) => l.path === '/api/slow' && l.decision === 'allow').length).toBe(3);
   }, 20_000);
+});
+
+describe('an error answer whose body was still arriving when the drain began', () => {
+  let slow: Upstream | undefined;
+  let proxy: TestProxy | undefined;
+  afterEach(async () => {
+    await proxy?.close();
+    await slow?.close();
+    proxy = undefined;
+    slow = undefined;
+  });
+
+  // An error body is read whole (to redact echoes) before the answer's head is written: a drain
+  // that began while it arrived left that head saying keep-alive, and the drain then closed the
+  // connection under a caller that could have sent its next request on it.
+  it('says Connection: close, as an answer written after SIGTERM does', async () => {
+    slow = await startUpstream((_req, res) => {
+      res.writeHead(404, { 'content-type': 'text/plain', 'content-length': '9' });
+      res.flushHeaders();
+      setTimeout(() => res.end('not found'), 600);
+    });
+    proxy = await startTestProxy({ routes: { api: bearerRoute({ upstream: slow.url, paths: ['/missing'] }) }, credentials: { key: { token: 'tok_1234567890' } }, callers: ['svc'] });
+    const socket = connect(Number(new URL(proxy.url).port), '127.0.0.1');
+    let received = '';
+    socket.on('data', (d: Buffer) => (received += d.toString('latin1')));
+    socket.on('error', () => {});
+    socket.write(`GET /api/missing HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${proxy.tokens.svc!}\r\n\r\n`);
+    await eventually(() => slow!.requests.length === 1, 3_000, 'the request upstream');
+    await new Promise((r) => setTimeout(r, 200));
+    const closed = proxy.proxy.close(5_000);
+    await eventually(() => received.includes('not found'), 3_000, 'the answer');
+    expect(received).toMatch(/^HTTP\/1\.1 404 /);
+    expect(received).toMatch(/\r\nconnection: close\r\n/i);
+    await closed;
+    socket.destroy();
+  }, 15_000);
 });
 
 describe('requests cut at the drain deadline', () => {
