@@ -8,7 +8,7 @@ const HELP = `egress: an egress proxy that holds provider credentials for the se
   egress routes schema                           JSON Schema of a route file, for editors
   egress routes explain --caller NAME METHOD URL which rule allows or denies, and why
   egress callers add NAME | rotate NAME [--grace 24h] | revoke NAME | list
-  egress admin-token create NAME | rotate NAME [--grace 24h] | revoke NAME | list
+  egress admin-token create NAME [--read-only] | rotate NAME [--grace 24h] | revoke NAME | list
   egress keys put ID (--from-file F | --from-stdin)
   egress keys rotate ID (--from-file F | --from-stdin) [--grace 24h | --stage]
   egress keys promote ID [--grace 24h] | rollback ID | revoke ID [--version N]

@@ -1,8 +1,8 @@
-import { ConflictError, NotFoundError, StateError } from '../errors.ts';
+import { ConflictError, NotFoundError, StateError, UserError } from '../errors.ts';
 import { ADMIN_TOKEN_PREFIX, generateToken, hashToken, newTokenId, tokenLive, TOKEN_PREFIX } from '../store/callers.ts';
 import { newCredentialRecord, unwrapDek, wrapDek, type FieldValues } from '../store/credentials.ts';
 import type { Keyring } from '../store/keyring.ts';
-import type { CallerRecord, CredentialRecord } from '../store/records.ts';
+import type { AdminRecord, CallerRecord, CredentialRecord } from '../store/records.ts';
 import type { StoreBackend } from '../store/types.ts';
 import { checkCertificateFields } from '../store/tls-material.ts';
 import * as t from './transitions.ts';
@@ -160,7 +160,7 @@ export type TokenKind = 'caller' | 'admin';
 
 const PREFIX: Record<TokenKind, string> = { caller: TOKEN_PREFIX, admin: ADMIN_TOKEN_PREFIX };
 
-async function named(op: Operator, kind: TokenKind, name: string): Promise<CallerRecord | undefined> {
+async function named(op: Operator, kind: TokenKind, name: string): Promise<AdminRecord | undefined> {
   const snapshot = await op.store.load();
   return (kind === 'caller' ? snapshot.callers : snapshot.admins).get(name);
 }
@@ -174,8 +174,12 @@ function retired(existing: CallerRecord, hashes: readonly string[]): string[] {
   return [...(existing.revoked_tokens ?? []), ...hashes].slice(-100);
 }
 
-/** A new identity with one token, printed once by the caller of this function. A revoked name can be reused. */
-export async function addToken(op: Operator, kind: TokenKind, name: string): Promise<{ record: CallerRecord; token: string }> {
+/**
+ * A new identity with one token, printed once by the caller of this function. A revoked name can be
+ * reused, with the access asked for now: `readOnly` (admin tokens only) makes a token that may only read.
+ */
+export async function addToken(op: Operator, kind: TokenKind, name: string, options: { readOnly?: boolean } = {}): Promise<{ record: AdminRecord; token: string }> {
+  if (options.readOnly && kind !== 'admin') throw new UserError('only admin tokens can be read-only');
   const existing = await named(op, kind, name);
   if (existing && !existing.revoked_at) throw new StateError(`${kind === 'caller' ? 'caller' : 'admin token'} "${name}" already exists; rotate or revoke it`);
   const token = generateToken(PREFIX[kind]);
@@ -186,7 +190,7 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
   // host's clock is behind the one that added it first: instances keep the later incarnation.
   const later = new Date(existing ? Date.parse(existing.created_at) + 1 : Number.NaN);
   const revoked = existing ? retired(existing, existing.tokens.map((t) => t.hash)) : [];
-  const record: CallerRecord = {
+  const record: AdminRecord = {
     name,
     revision: (existing?.revision ?? 0) + 1,
     created_at: later.getTime() > Date.parse(now) ? later.toISOString() : now,
@@ -195,14 +199,16 @@ export async function addToken(op: Operator, kind: TokenKind, name: string): Pro
     // The revoked identity's tokens are still recognised, so one presented again raises
     // retired_credential_used (a leaked token being tried) rather than passing as an unknown one.
     ...(revoked.length > 0 ? { revoked_tokens: revoked } : {}),
-    history: [...(existing?.history ?? []), entry(actor, 'add')].slice(-100),
+    history: [...(existing?.history ?? []), entry(actor, 'add', options.readOnly ? 'read-only' : undefined)].slice(-100),
+    // Written only when set: a full token's record stays as it was before the field existed.
+    ...(options.readOnly ? { read_only: true } : {}),
   };
   await op.store.put(kind, record, existing?.revision ?? 0);
   return { record, token };
 }
 
-/** A new token; the old ones keep working until the grace ends (0: they stop now). */
-export async function rotateToken(op: Operator, kind: TokenKind, name: string, graceMs: number): Promise<{ record: CallerRecord; token: string }> {
+/** A new token; the old ones keep working until the grace ends (0: they stop now). The record's access (read_only) stays as it was. */
+export async function rotateToken(op: Operator, kind: TokenKind, name: string, graceMs: number): Promise<{ record: AdminRecord; token: string }> {
   const existing = await named(op, kind, name);
   if (!existing || existing.revoked_at) throw new NotFoundError(`no active ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   const actor = await by(op);
@@ -212,7 +218,7 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
   const kept = graceMs > 0 ? existing.tokens.filter((tk) => tokenLive(tk, now.getTime())).map((tk) => ({ ...tk, expires_at: tk.expires_at && tk.expires_at < until ? tk.expires_at : until })) : [];
   // Tokens that stop now are remembered by hash only, so a service still presenting one is noticed.
   const dropped = existing.tokens.filter((tk) => !kept.some((k) => k.id === tk.id)).map((tk) => tk.hash);
-  const record: CallerRecord = {
+  const record: AdminRecord = {
     ...existing,
     revision: existing.revision + 1,
     updated_at: now.toISOString(),
@@ -225,14 +231,14 @@ export async function rotateToken(op: Operator, kind: TokenKind, name: string, g
 }
 
 /** Immediate: every token of the identity stops working. */
-export async function revokeToken(op: Operator, kind: TokenKind, name: string): Promise<CallerRecord> {
+export async function revokeToken(op: Operator, kind: TokenKind, name: string): Promise<AdminRecord> {
   const existing = await named(op, kind, name);
   if (!existing) throw new NotFoundError(`no ${kind === 'caller' ? 'caller' : 'admin token'} "${name}"`);
   if (existing.revoked_at) return existing;
   const actor = await by(op);
   const now = actor.now.toISOString();
   const revokedHashes = retired(existing, existing.tokens.map((t) => t.hash));
-  const record: CallerRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(actor, 'revoke')].slice(-100) };
+  const record: AdminRecord = { ...existing, revision: existing.revision + 1, updated_at: now, revoked_at: now, tokens: [], revoked_tokens: revokedHashes, history: [...(existing.history ?? []), entry(actor, 'revoke')].slice(-100) };
   await op.store.put(kind, record, existing.revision);
   return record;
 }

@@ -19,7 +19,8 @@ import type { StoreView } from '../store/store-view.ts';
 /**
  * The admin API: the CLI's credential and caller operations over HTTP, for rotation scripts, and
  * the audit chain's head, for a record of it kept outside the audit file.
- * Authenticated by an admin token (`egress admin-token create`), stored as a hash. Secret values
+ * Authenticated by an admin token (`egress admin-token create`), stored as a hash; a read-only one
+ * (`--read-only`) is refused every method but GET and HEAD. Secret values
  * arrive in request bodies only and never come back. Successful changes are audited from the
  * record's history (like CLI changes); refused requests are audited here.
  */
@@ -75,6 +76,10 @@ export async function handleAdminApi(req: IncomingMessage, res: ServerResponse, 
       throw new HttpError(401, 'admin_unauthenticated', 'An admin token is required: Authorization: Bearer ega_…', { 'www-authenticate': 'Bearer realm="egress-proxy admin"' });
     }
     actor = `admin:${name}`;
+    // A read-only token (admin-token create --read-only) is for monitoring: it reads, and any other
+    // method is refused before its path, its body or the store is looked at, so nothing it sends
+    // can change anything (and a client waiting on Expect: 100-continue is never told to send).
+    if (req.method !== 'GET' && req.method !== 'HEAD' && deps.store.adminReadOnly(name)) throw new HttpError(403, 'admin_read_only', `The admin token "${name}" is read-only: it may only GET and HEAD the admin API and the status page. Nothing was changed; changes need an admin token made without --read-only.`);
     const op: ops.Operator = { store: deps.store.backend, actor, ...(deps.routes ? { routes: deps.routes } : {}) };
     const result = await route(req, res, segments, op, deps);
     // The API's answer reflects the change at once; the proxy's own view follows within a second.

@@ -5,8 +5,8 @@ import { ConflictError, StoreUnavailableError, UserError } from '../errors.ts';
 import { belowFloorError, newWrapBelow } from './kek-floor.ts';
 import { acquireLock, type HeldLock } from './lock-file.ts';
 import { replaceFile } from './temp-files.ts';
-import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
-import { callerRecordSchema, credentialRecordSchema } from './records.ts';
+import type { AdminRecord, CallerRecord, CredentialRecord, RecordKind } from './records.ts';
+import { adminRecordSchema, callerRecordSchema, credentialRecordSchema } from './records.ts';
 import type { RecordOf, StoreBackend, StoreSnapshot, UsageEntry } from './types.ts';
 
 const FORMAT = 'egress-store/1';
@@ -251,16 +251,17 @@ export function toSnapshot(doc: { credentials: Record<string, unknown>; callers:
     if (parsed.success && parsed.data.id === key) credentials.set(key, deepFreeze(parsed.data));
     else damaged.set(`credential:${key}`, parsed.success ? 'record id does not match its key' : 'record does not match the record format');
   }
-  const named = (kind: 'caller' | 'admin', table: Record<string, unknown>) => {
-    const out = new Map<string, CallerRecord>();
+  // Admin tokens have one field more than callers (read_only); a caller record carrying it is damaged.
+  const named = (kind: 'caller' | 'admin', schema: typeof callerRecordSchema | typeof adminRecordSchema, table: Record<string, unknown>) => {
+    const out = new Map<string, AdminRecord>();
     for (const [key, value] of Object.entries(table)) {
-      const parsed = callerRecordSchema.safeParse(value);
+      const parsed = schema.safeParse(value);
       if (parsed.success && parsed.data.name === key) out.set(key, deepFreeze(parsed.data));
       else damaged.set(`${kind}:${key}`, parsed.success ? 'record name does not match its key' : 'record does not match the record format');
     }
     return out;
   };
-  return { credentials, callers: named('caller', doc.callers), admins: named('admin', doc.admins ?? {}), damaged };
+  return { credentials, callers: named('caller', callerRecordSchema, doc.callers), admins: named('admin', adminRecordSchema, doc.admins ?? {}), damaged };
 }
 
 function deepFreeze<T>(value: T): T {

@@ -81,6 +81,17 @@ export const callerRecordSchema = z.strictObject({
 });
 
 /**
+ * An admin token is a caller-shaped record in its own table, with one field more. `read_only`: the
+ * token may only read (GET and HEAD of the admin API, the status page), for monitoring that must
+ * not also be able to revoke every key. Absent is a full token: records written before the field
+ * existed keep the access they had. Anything but a boolean is a damaged record, which fails closed
+ * (the token opens nothing), never a guess at which access was meant.
+ */
+export const adminRecordSchema = callerRecordSchema.extend({
+  read_only: z.boolean().optional(),
+});
+
+/**
  * A record's created_at as epoch ms; NaN unless it is an ISO 8601 UTC time as the proxy writes it
  * (a hand-edited date must not decide which of two copies is newer).
  */
@@ -111,7 +122,8 @@ export type CredentialVersionRecord = z.infer<typeof credentialVersionSchema>;
 export type CredentialRecord = z.infer<typeof credentialRecordSchema>;
 export type CallerToken = z.infer<typeof callerTokenSchema>;
 export type CallerRecord = z.infer<typeof callerRecordSchema>;
+export type AdminRecord = z.infer<typeof adminRecordSchema>;
 export type HistoryEntry = z.infer<typeof historyEntrySchema>;
 
-/** Admin tokens (for the admin API) have the caller record's shape, in their own table. */
+/** Admin tokens (for the admin API) have the caller record's shape and read_only (adminRecordSchema), in their own table. */
 export type RecordKind = 'credential' | 'caller' | 'admin';

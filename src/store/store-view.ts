@@ -3,7 +3,7 @@ import { errorCode } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import type { Alerts } from '../observe/alerts.ts';
 import { ADMIN_TOKEN_PREFIX, CallerIndex, type Identified, type PresentedToken } from './callers.ts';
-import { compareCopies, laterIncarnation, type CallerRecord, type CredentialRecord } from './records.ts';
+import { compareCopies, laterIncarnation, type AdminRecord, type CallerRecord, type CredentialRecord } from './records.ts';
 import type { StoreBackend, StoreSnapshot } from './types.ts';
 
 /**
@@ -52,7 +52,7 @@ export class StoreView {
    * The newest copy seen of every record (compareCopies), by kind and key, kept across reads: also
    * while a record is damaged or gone, so that restoring an older copy afterwards is still a rollback.
    */
-  readonly #newest = { credential: new Map<string, CredentialRecord>(), caller: new Map<string, CallerRecord>(), admin: new Map<string, CallerRecord>() };
+  readonly #newest = { credential: new Map<string, CredentialRecord>(), caller: new Map<string, CallerRecord>(), admin: new Map<string, AdminRecord>() };
   readonly #listeners: ((previous: StoreSnapshot | undefined, next: StoreSnapshot) => void)[] = [];
 
   constructor(backend: StoreBackend, log: Logger, options: StoreViewOptions) {
@@ -199,6 +199,14 @@ export class StoreView {
 
   identifyAdmin(token: string): string | undefined {
     return this.#admins.identify(token);
+  }
+
+  /**
+   * Whether the admin token `name` (as identifyAdmin gave it) may only read. Read from the same
+   * snapshot the token index was built from; a record without the field is a full token.
+   */
+  adminReadOnly(name: string): boolean {
+    return this.#snapshot?.admins.get(name)?.read_only === true;
   }
 
   /** As identifyAdmin, and also tells when the token is one that expired or was revoked. */

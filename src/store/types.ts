@@ -1,11 +1,11 @@
-import type { CallerRecord, CredentialRecord, RecordKind } from './records.ts';
+import type { AdminRecord, CallerRecord, CredentialRecord, RecordKind } from './records.ts';
 
 /** Every record a store holds, as last read. Records are validated and frozen. */
 export interface StoreSnapshot {
   readonly credentials: ReadonlyMap<string, CredentialRecord>;
   readonly callers: ReadonlyMap<string, CallerRecord>;
-  /** Admin API tokens, as caller-shaped records. */
-  readonly admins: ReadonlyMap<string, CallerRecord>;
+  /** Admin API tokens, as caller-shaped records (with read_only). */
+  readonly admins: ReadonlyMap<string, AdminRecord>;
   /** Records that failed validation: they fail closed, the rest keep working. */
   readonly damaged: ReadonlyMap<string, string>;
 }
@@ -18,7 +18,7 @@ export interface UsageEntry {
   readonly at: string;
 }
 
-export type RecordOf<K extends RecordKind> = K extends 'credential' ? CredentialRecord : CallerRecord;
+export type RecordOf<K extends RecordKind> = K extends 'credential' ? CredentialRecord : K extends 'admin' ? AdminRecord : CallerRecord;
 
 /**
  * A backend holds ciphertext records. Writes are compare-and-set on the record's revision:
