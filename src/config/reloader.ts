@@ -2,6 +2,7 @@ import type { Logger } from '../observe/log.ts';
 import { unclaimedHosts, type CompiledConfig } from './compile-routes.ts';
 import { changedSinceLoad, ConfigError, formatProblem, loadRoutes } from './load-routes.ts';
 import { PathWatch } from './path-watch.ts';
+import { Coalesced } from './coalesced.ts';
 
 export interface ReloadOutcome {
   readonly ok: boolean;
@@ -24,8 +25,7 @@ export class RouteReloader {
   #debounceMs = 150;
   #identityCheck: NodeJS.Timeout | undefined;
   #timer: NodeJS.Timeout | undefined;
-  #running: Promise<ReloadOutcome> | undefined;
-  #again = false;
+  readonly #reloads = new Coalesced<ReloadOutcome>();
 
   constructor(dir: string, initial: CompiledConfig, log: Logger, onSwap: (config: CompiledConfig, ok: boolean) => void) {
     this.dir = dir;
@@ -98,21 +98,7 @@ export class RouteReloader {
 
   /** Reload now. Concurrent triggers coalesce into one more reload after the running one. */
   reload(trigger: string): Promise<ReloadOutcome> {
-    if (this.#running) {
-      this.#again = true;
-      return this.#running;
-    }
-    this.#running = (async () => {
-      let outcome: ReloadOutcome;
-      do {
-        this.#again = false;
-        outcome = await this.#reloadOnce(trigger);
-      } while (this.#again);
-      return outcome;
-    })().finally(() => {
-      this.#running = undefined;
-    });
-    return this.#running;
+    return this.#reloads.run(() => this.#reloadOnce(trigger));
   }
 
   async #reloadOnce(trigger: string): Promise<ReloadOutcome> {

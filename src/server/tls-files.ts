@@ -4,6 +4,7 @@ import { listenerDateWarnings, readListenerFile, type CheckedListenerFiles } fro
 import { UserError } from '../errors.ts';
 import type { Logger } from '../observe/log.ts';
 import { checkListenerFiles } from './tls.ts';
+import { Coalesced } from '../config/coalesced.ts';
 
 /** Where the TLS listener's files are: EGRESS_TLS_CERT, EGRESS_TLS_KEY and EGRESS_CLIENT_CA (default the forward-mode CA). */
 export interface ListenerPaths {
@@ -51,8 +52,7 @@ export class ListenerFilesReloader {
   #debounceMs = 150;
   #identityCheck: NodeJS.Timeout | undefined;
   #timer: NodeJS.Timeout | undefined;
-  #running: Promise<boolean> | undefined;
-  #again = false;
+  readonly #reloads = new Coalesced<boolean>();
   #closed = false;
 
   constructor(paths: ListenerPaths, log: Logger, onSwap: (files: CheckedListenerFiles) => void, onRejected: (reason: string) => void) {
@@ -116,21 +116,7 @@ export class ListenerFilesReloader {
 
   /** Read and check the files now; true when they were taken up. Concurrent triggers coalesce into one more read after the running one. */
   reload(trigger: string): Promise<boolean> {
-    if (this.#running) {
-      this.#again = true;
-      return this.#running;
-    }
-    this.#running = (async () => {
-      let ok: boolean;
-      do {
-        this.#again = false;
-        ok = await this.#reloadOnce(trigger);
-      } while (this.#again);
-      return ok;
-    })().finally(() => {
-      this.#running = undefined;
-    });
-    return this.#running;
+    return this.#reloads.run(() => this.#reloadOnce(trigger));
   }
 
   async #reloadOnce(trigger: string): Promise<boolean> {
