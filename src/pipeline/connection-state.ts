@@ -1,3 +1,5 @@
+import type { Duplex } from 'node:stream';
+
 /**
  * What the proxy knows about a caller's connection across the requests pipelined on it: how many
  * of them are still being answered, whether it is closing (RFC 9112 §9.6: after a response
@@ -9,7 +11,7 @@
 interface ConnectionState {
   inFlight: number;
   /** Answers that wait behind an earlier one still being sent (the caller pipelines and does not read). */
-  queued: number;
+  queued: Set<Answer> | undefined;
   closing: boolean;
   /** The last request that started, while any is in flight: is the body it is still reading where bad bytes came from? */
   latest: { readonly complete: boolean } | undefined;
@@ -30,7 +32,7 @@ type Carrier = { [STATE]?: ConnectionState };
 // A request's socket is null once the connection is gone: there is nothing to note then.
 function stateOf(socket: object): ConnectionState {
   const carrier = socket as Carrier;
-  return (carrier[STATE] ??= { inFlight: 0, queued: 0, closing: false, latest: undefined, whenIdle: undefined, stall: undefined, stalled: false, overCap: false });
+  return (carrier[STATE] ??= { inFlight: 0, queued: undefined, closing: false, latest: undefined, whenIdle: undefined, stall: undefined, stalled: false, overCap: false });
 }
 
 export function markClosing(socket: object | null): void {
@@ -59,6 +61,7 @@ export const MAX_QUEUED_ANSWERS = 64;
 
 interface Answer {
   once(event: 'close', listener: () => void): unknown;
+  destroy(): unknown;
 }
 
 /**
@@ -74,13 +77,14 @@ export function requestStarted(socket: object | null, req: { readonly complete: 
   // Only then is the answer watched: a connection that is read as it is answered costs nothing here.
   const current = (socket as { _httpMessage?: unknown })._httpMessage;
   if (current === undefined || current === null || current === res) return true;
-  if (state.queued >= MAX_QUEUED_ANSWERS) {
+  const queued = (state.queued ??= new Set());
+  if (queued.size >= MAX_QUEUED_ANSWERS) {
     state.closing = true;
     (socket as { destroy(): void }).destroy();
     return false;
   }
-  state.queued++;
-  res.once('close', () => state.queued--);
+  queued.add(res);
+  res.once('close', () => queued.delete(res));
   return true;
 }
 
@@ -102,10 +106,26 @@ export function requestAnswered(socket: object | null): void {
  * the bytes are a later request's; now when nothing is in flight, or when they are the body of the
  * last request (that request is the one refused).
  */
-export function afterInFlight(socket: object, fn: () => void): void {
+export function afterInFlight(socket: Duplex, fn: () => void): void {
   const state = stateOf(socket);
-  if (state.inFlight === 0 || state.latest?.complete === false) fn();
-  else state.whenIdle = fn;
+  if (state.inFlight === 0 || state.latest?.complete === false) return fn();
+  state.whenIdle = fn;
+  // A CONNECT or an upgrade: Node has handed the socket over, and no longer watches it for the
+  // requests before it, which its listeners below stand in for until `fn` runs. Without them, an
+  // error (a caller that reset the connection) had no listener and took the process down; the
+  // answers queued behind the one being sent were never closed with the connection, and their
+  // requests waited for good, unrecorded, holding their callers' slots; and the answer being
+  // sent never heard that a full socket had drained, so a relay paused for it stayed paused (the
+  // stall watch, seeing nothing left in the socket, took the wait for the proxy's own). Bytes
+  // that do not parse leave Node watching: these then do again what Node does, to no harm.
+  socket.on('error', () => socket.destroy());
+  socket.on('drain', () => {
+    const current = (socket as { _httpMessage?: { readonly writableNeedDrain: boolean; readonly writableLength: number; emit(event: 'drain'): unknown } | null })._httpMessage;
+    if (current?.writableNeedDrain && current.writableLength === 0) current.emit('drain');
+  });
+  socket.once('close', () => {
+    for (const res of state.queued ?? []) res.destroy();
+  });
 }
 
 /**

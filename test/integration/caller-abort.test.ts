@@ -1,6 +1,9 @@
+import { readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { eventually, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { startServe, type ServeProcess } from '../helpers/cli.ts';
+import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { TestRedis } from '../helpers/redis.ts';
 import { apiKeyRoute, bearerRoute } from '../helpers/routes.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
@@ -130,4 +133,108 @@ describe('a caller that hangs up while its rate-limit check waits for Redis', ()
     // Nothing left being handled once the answers are out (the last one is recorded just after it is sent).
     await eventually(async () => /^egress_requests_in_flight 0$/m.test(await (await fetch(`${shared!.admin}/metrics`)).text()), 3_000, 'no request in flight');
   }, 20_000);
+});
+
+/** The requests the proxy has started and not yet audited, from the admin listener's /metrics. */
+async function inFlight(admin: string): Promise<number> {
+  return Number(/^egress_requests_in_flight (\d+)$/m.exec(await (await fetch(`${admin}/metrics`)).text())?.[1]);
+}
+
+/** What follows pipelined requests: a protocol switch, or a CONNECT (no forward mode here: both are refused). */
+const HANDOVERS = [
+  ['an upgrade', 'GET /api/fast HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n'],
+  ['a CONNECT', 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n'],
+] as const;
+
+describe('a caller that pipelines an upgrade or a CONNECT behind requests in flight, then goes', () => {
+  // Node hands the socket of an upgrade or a CONNECT over at once, and stops watching it for the
+  // requests before it: the answer being sent, paused for a full socket, never heard that it had
+  // drained (and the stall watch, seeing the socket empty, never cut it); once the connection was
+  // cut, an answer queued behind it was never closed, so its request waited for good, unrecorded.
+  describe('when the proxy cuts the connection for leaving its answers unread', () => {
+    let bulk: Upstream;
+    let stalled: TestProxy;
+    beforeAll(async () => {
+      bulk = await startUpstream((req, res) => {
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        if (req.url !== '/big') return void res.end('fast');
+        // 32 MiB as it comes, more than the connections in between hold.
+        const chunk = Buffer.alloc(256 * 1024, 1);
+        let left = 128;
+        const timer = setInterval(() => {
+          if (res.destroyed || --left < 0) {
+            clearInterval(timer);
+            res.end();
+          } else {
+            res.write(chunk);
+          }
+        }, 5);
+      });
+      const route = apiKeyRoute({ upstream: bulk.url, paths: ['/big', '/fast'], extra: 'timeouts: { response: 1s }\n' });
+      stalled = await startTestProxy({ routes: { api: route }, credentials: { key: { secret: 'sk_handover' } }, callers: ['svc'] });
+    });
+    afterAll(async () => {
+      await stalled?.close();
+      await bulk?.close();
+    });
+
+    it.each(HANDOVERS)('after %s, the answer queued behind the cut one is closed, and its request recorded', async (_what, handover) => {
+      const before = (await stalled.auditText()).split('"path":"/api/fast"').length;
+      const socket = connect(Number(new URL(stalled.url).port), '127.0.0.1');
+      socket.on('error', () => {});
+      // Never read: the answer to /big fills the connection, and the route's 1 s cuts it.
+      socket.pause();
+      const token = stalled.tokens.svc!;
+      socket.write(`GET /api/big HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${token}\r\n\r\nGET /api/fast HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${token}\r\n\r\n${handover}`);
+      try {
+        await eventually(async () => (await stalled.auditText()).split('"path":"/api/fast"').length > before, 8_000, 'the audit line of the queued request');
+        await eventually(async () => (await inFlight(stalled.admin)) === 0, 3_000, 'no request in flight');
+      } finally {
+        socket.destroy();
+      }
+    }, 20_000);
+  });
+
+  // Nothing listened for the handed-over socket's errors until the answers before it were out: a
+  // caller that reset the connection meanwhile took the whole proxy down (an uncaught ECONNRESET
+  // or EPIPE), with every request in flight on it.
+  describe('with a reset', () => {
+    let serve: ServeProcess | undefined;
+    let slow: Upstream;
+    beforeAll(async () => {
+      slow = await startUpstream((req, res) => {
+        setTimeout(() => {
+          res.writeHead(200, { 'content-type': 'text/plain' });
+          res.end('late');
+        }, req.url === '/slow' ? 400 : 0);
+      });
+    });
+    afterEach(() => {
+      serve?.child.kill('SIGKILL');
+      serve = undefined;
+    });
+    afterAll(async () => {
+      await slow?.close();
+    });
+
+    it.each(HANDOVERS)('after %s, the proxy stays up and records every request', async (_what, handover) => {
+      const dir = await makeTempDir('egress-handover-');
+      const { tokens } = await seedDataDir(dir, { routes: { api: apiKeyRoute({ upstream: slow.url, paths: ['/slow', '/fast'] }) }, credentials: { key: { secret: 'sk_handover' } }, callers: ['svc'] });
+      serve = await startServe(envFor(dir));
+      const socket = connect(Number(new URL(serve.url).port), '127.0.0.1');
+      socket.on('error', () => {});
+      await new Promise((r) => socket.once('connect', r));
+      socket.write(`GET /api/slow HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\n\r\nGET /api/fast HTTP/1.1\r\nHost: proxy\r\nX-Egress-Token: ${tokens.svc!}\r\n\r\n${handover}`);
+      await new Promise((r) => setTimeout(r, 150));
+      socket.resetAndDestroy();
+      // The answer to /slow comes 400 ms after it was asked for, and goes to a connection that is gone.
+      await new Promise((r) => setTimeout(r, 1_000));
+      expect(serve.child.exitCode, serve.output()).toBeNull();
+      expect((await fetch(`${serve.admin}/healthz`)).status).toBe(200);
+      await eventually(async () => (await inFlight(serve!.admin)) === 0, 3_000, 'no request in flight');
+      const audit = await readFile(join(dir, 'audit.log'), 'utf8');
+      expect(audit).toContain('"path":"/api/slow"');
+      expect(audit).toContain('"path":"/api/fast"');
+    }, 30_000);
+  });
 });
