@@ -238,6 +238,9 @@ export class UpstreamExchange implements Dispatcher.DispatchHandler {
       let full = false;
       for (const chunk of held) full = !res.write(chunk) || full;
       if (full) {
+        // Paused here too, not only past HOLD_BYTES: an answer queued behind another one (the caller
+        // pipelines) is full at its first write, and the upstream went on flowing into it unread.
+        this.#controller?.pause();
         this.#awaitDrain(res);
       } else {
         this.#controller?.resume();

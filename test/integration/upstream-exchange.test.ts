@@ -84,4 +84,19 @@ describe('UpstreamExchange', () => {
     const alive = responses.filter((ref) => ref.deref() !== undefined).length;
     expect(alive, 'responses still reachable while their exchanges are held').toBe(0);
   });
+  // The second answer waits in Node's queue behind the first, so its first write reports it full:
+  // its upstream is paused there (not read into memory), and resumes once the queue reaches it.
+  it('two big answers pipelined on one connection both arrive whole', async () => {
+    const { connect } = await import('node:net');
+    const socket = connect(port, '127.0.0.1');
+    let received = 0;
+    socket.on('data', (chunk: Buffer) => (received += chunk.length));
+    socket.write('GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    await new Promise<void>((resolve, reject) => {
+      socket.on('close', () => resolve());
+      socket.on('error', reject);
+    });
+    expect(received).toBeGreaterThan(2 * BIG);
+    expect(received).toBeLessThan(2 * BIG + 4096);
+  });
 });

@@ -365,6 +365,29 @@ describe('DOS', () => {
     await lab.g0();
   });
 
+  it('DOS-10j back-pressure behind a pipelined answer: a second large response queued behind the first, which the caller stops reading, is not read into the proxy\'s memory', async () => {
+    // The queued answer's first write reported it full (nothing takes a queued answer's bytes until
+    // the one before it is done) while the upstream was not paused: its whole body went into memory.
+    const before = await rssKb(lab.serve.child.pid!);
+    bigBytesSent = 0;
+    const socket = connect(lab.port, '127.0.0.1');
+    socket.on('error', () => {});
+    await new Promise<void>((r) => socket.once('connect', () => r()));
+    socket.write(`GET /big/stream HTTP/1.1\r\nHost: p\r\nX-Egress-Token: ${lab.tokens.a}\r\n\r\n`.repeat(2));
+    await new Promise<void>((r) => socket.once('data', () => r()));
+    socket.pause();
+    let peak = before;
+    for (let i = 0; i < 12; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      peak = Math.max(peak, await rssKb(lab.serve.child.pid!));
+    }
+    console.log(`DOS-10j: proxy RSS ${before} KiB before, peak ${peak} KiB; the upstream had sent ${(bigBytesSent / 1048576).toFixed(1)} MiB of the two 256 MiB bodies`);
+    expect(bigBytesSent, 'upstream was throttled by back-pressure').toBeLessThan(64 * 1024 * 1024);
+    expect(peak - before, 'RSS growth KiB').toBeLessThan(64 * 1024);
+    socket.destroy();
+    await lab.g0();
+  });
+
   it('DOS-10c a caller that pipelines without reading loses the connection once 64 answers wait behind the first; the upstream streams are released', async () => {
     bigBytesSent = 0;
     const socket = connect(lab.port, '127.0.0.1');
