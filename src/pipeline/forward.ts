@@ -109,6 +109,9 @@ interface Attempt {
 /** Dispatch the request on the route's pool; the exchange's `head` settles with the response head or the failure. */
 function startExchange(ctx: RequestContext, out: OutboundRequest): Attempt {
   const { req } = ctx;
+  // Gone while what came before waited (a credential resolved again, a replay's token or nonce):
+  // its 'close' aborted the attempt before, not this one, and nobody would read the answer.
+  if (ctx.res.destroyed) throw new Error('the caller closed the connection before the request was sent');
   const route = ctx.route!;
   const headers = out.headers;
   let body: Dispatcher.DispatchOptions['body'] = null;

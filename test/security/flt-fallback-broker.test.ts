@@ -20,6 +20,8 @@ let counter = 0;
 let holdApi: Promise<void> | undefined;
 /** While set, the token endpoint holds its answer to a mint with version 1's secret until this settles. */
 let holdMint: Promise<void> | undefined;
+/** While set, the token endpoint holds its answer to any mint until this settles. */
+let holdEveryMint: Promise<void> | undefined;
 
 beforeAll(async () => {
   upstream = await startUpstream(async (req, res, body) => {
@@ -32,6 +34,7 @@ beforeAll(async () => {
       const secret = form.get('client_secret') ?? '';
       if (!['cs_CANARY_v1', 'cs_CANARY_v2'].includes(secret)) return json(401, { error: 'invalid_client' });
       if (holdMint && secret === 'cs_CANARY_v1') await holdMint;
+      if (holdEveryMint) await holdEveryMint;
       mints.push(secret);
       const token = `at_${++counter}`;
       issued.set(token, secret);
@@ -190,6 +193,40 @@ describe('FLT-07d token-broker routes fall back when minting, not on the API cal
       expect(await (await fetch(`${own.admin}/metrics`)).text()).toMatch(/egress_rotation_fallbacks_total\{credential="bank",version="1"\} 1\b/);
       expect(await own.auditText()).toContain('"reason":"fallback_previous_version"');
     } finally {
+      await own.close();
+    }
+  });
+  // The replay's token is minted after the first attempt was refused; a caller that hung up
+  // meanwhile had its replay sent all the same (forward() checked for a gone caller only on entry).
+  it('a caller that hangs up while the replay\'s token is minted: the replay is not sent, and the request is recorded as aborted', async () => {
+    const own = await startTestProxy({ routes: { bank: oauth2Route(upstream.url, '  client_auth: body\n') }, credentials: { bank: { client_id: 'c', client_secret: 'cs_CANARY_v1' } }, callers: ['svc'] });
+    let release = () => {};
+    try {
+      const env = envFor(own.dir);
+      expect((await runCli(['keys', 'rotate', 'bank', '--from-stdin', '--grace', '1h'], env, JSON.stringify({ client_id: 'c', client_secret: 'cs_CANARY_v2' }))).code).toBe(0);
+      await eventually(async () => ((await (await fetch(`${own.url}/bank/accounts`, { headers: { 'x-egress-token': own.tokens.svc! } })).json()) as { minted_by: string }).minted_by === 'cs_CANARY_v2', 3_000, 'a token from version 2');
+      // The provider revokes that token early; the next mint is slow.
+      await fetch(`${upstream.url}/revoke`, { headers: { authorization: String(upstream.requests.at(-1)!.headers.authorization) } });
+      holdEveryMint = new Promise<void>((r) => (release = r));
+      const calls = () => upstream.requests.filter((r) => r.url?.startsWith('/accounts')).length;
+      const before = calls();
+      const ac = new AbortController();
+      const res = fetch(`${own.url}/bank/accounts?hang=up`, { headers: { 'x-egress-token': own.tokens.svc! }, signal: ac.signal });
+      await eventually(() => calls() === before + 1, 3_000, 'the first attempt');
+      await new Promise((r) => setTimeout(r, 200));
+      ac.abort();
+      await expect(res).rejects.toThrow();
+      await new Promise((r) => setTimeout(r, 100));
+      holdEveryMint = undefined;
+      release();
+      await eventually(async () => (await own.auditText()).includes('"path":"/bank/accounts"') && /"decision":"aborted"/.test(await own.auditText()), 3_000, 'the audit line');
+      await new Promise((r) => setTimeout(r, 300));
+      expect(calls() - before, 'API calls: the first attempt only').toBe(1);
+      const line = (await own.auditText()).trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.path === '/bank/accounts').at(-1)!;
+      expect(line).toMatchObject({ decision: 'aborted', reason: 'caller_closed' });
+    } finally {
+      holdEveryMint = undefined;
+      release();
       await own.close();
     }
   });
