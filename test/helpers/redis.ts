@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -91,10 +91,41 @@ export class TestRedis {
   }
 }
 
+/**
+ * A port for a server a test starts itself later (redis-server, a listener named in a setting).
+ * Chosen below the kernel's ephemeral range where it can: a port the kernel handed out for a bind
+ * to port 0 was free when checked, and could be handed to another socket of a test running beside
+ * (an outgoing connection's, another port-0 bind) before the server bound it: "address already in
+ * use". Below that range only another explicit bind takes a port, and these are picked at random.
+ */
 export async function freePort(): Promise<number> {
+  const low = await ephemeralLow();
+  if (low > FIRST_FIXED_PORT + 1_000) {
+    for (let attempt = 0; attempt < 50; attempt++) {
+      const port = FIRST_FIXED_PORT + Math.floor(Math.random() * (low - FIRST_FIXED_PORT));
+      if (await bindable(port)) return port;
+    }
+  }
   const server = createServer();
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const port = (server.address() as AddressInfo).port;
   await new Promise<void>((r) => server.close(() => r()));
   return port;
+}
+
+/** Above the ports services on this machine listen on (PostgreSQL, Redis, RabbitMQ, NATS…). */
+const FIRST_FIXED_PORT = 20_000;
+
+async function ephemeralLow(): Promise<number> {
+  const range = await readFile('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').catch(() => '');
+  const low = Number(range.trim().split(/\s+/)[0]);
+  return Number.isInteger(low) ? low : 0;
+}
+
+function bindable(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
 }

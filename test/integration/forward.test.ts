@@ -182,10 +182,13 @@ describe('forward mode', () => {
   it('an inner Host different from the CONNECT host gets 421; the allowlist applies inside the tunnel', async () => {
     const before = upstream.requests.length;
     const a = await connectTunnel('api.bank.test:443');
+    expect(a.status).toBe(200);
     expect(await inTunnel(a.socket, 'api.bank.test', 'evil.example')).toBe(421);
     const b = await connectTunnel('api.bank.test:443');
+    expect(b.status).toBe(200);
     expect(await inTunnel(b.socket, 'api.bank.test', 'api.bank.test', '/admin')).toBe(403);
     const c = await connectTunnel('api.bank.test:443');
+    expect(c.status).toBe(200);
     expect(await inTunnel(c.socket, 'api.bank.test', 'api.bank.test')).toBe(200);
     expect(upstream.requests.length - before).toBe(1);
   });
