@@ -1,12 +1,11 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { envFor, eventually, makeTempDir, seedDataDir } from '../helpers/proxy.ts';
 import { apiKeyRoute } from '../helpers/routes.ts';
-import { TestRedis } from '../helpers/redis.ts';
+import { freePort, TestRedis } from '../helpers/redis.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 
 /**
@@ -45,17 +44,6 @@ async function serve(env: Record<string, string>, args: readonly string[] = []):
   return started;
 }
 
-/** A port nothing listens on a moment ago. */
-function freePort(): Promise<number> {
-  return new Promise((resolvePort, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolvePort(port));
-    });
-  });
-}
 
 /** One GET on a connection of its own (so the kernel picks a listener for each). */
 function getOnFreshConnection(port: number, path: string): Promise<number> {

@@ -1,6 +1,5 @@
 import { X509Certificate } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import forge from 'node-forge';
@@ -9,6 +8,7 @@ import { CALLER_URI_PREFIX } from '../../src/certs/ca.ts';
 import { runCli, startServe, type ServeProcess } from '../helpers/cli.ts';
 import { statuses } from '../helpers/raw.ts';
 import { envFor, eventually, makeTempDir, seedDataDir, startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { freePort } from '../helpers/redis.ts';
 import { makeTestPki, type TestPki } from '../helpers/tls.ts';
 import { startUpstream, type Upstream } from '../helpers/upstream.ts';
 import { RawConnection } from '../security/raw-socket.ts';
@@ -269,14 +269,3 @@ describe('TLS listener files reloaded on change', () => {
   });
 });
 
-/** A port free just now (serve does not log its TLS listener's address). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
