@@ -169,7 +169,7 @@ export async function startProxy(settings: Settings, options: StartOptions = {})
       const credentialProblems = credentialCheck.problems();
       return { ready: s.reachable && s.usable, detail: { routes: { ...routes.status(), ...(credentialProblems.length > 0 ? { credential_problems: credentialProblems } : {}) }, store: { backend: backend.description, ...s }, ...(tlsFiles ? { tls_listener: tlsFiles.status() } : {}) } };
     },
-  }, metrics, { store, keys, audit, rules, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config });
+  }, metrics, { store, keys, audit, rules, routes: () => routes.config.routes }, { store, alerts, activity, routes: () => routes.config, credentialProblems: () => credentialCheck.problems() });
 
   // The TLS listener: callers by client certificate (issued by EGRESS_CLIENT_CA, default the forward-mode CA) or token.
   let tls: TlsListener | undefined;

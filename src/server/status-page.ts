@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { CompiledConfig } from '../config/compile-routes.ts';
 import type { Activity } from '../observe/activity.ts';
 import type { Alerts } from '../observe/alerts.ts';
-import { credentialProblems, type CredentialProblem } from '../observe/route-credentials.ts';
+import type { CredentialProblem } from '../observe/route-credentials.ts';
 import { lastUseByVersion } from '../observe/usage.ts';
 import type { StoreView } from '../store/store-view.ts';
 
@@ -15,6 +15,8 @@ export interface StatusPageDeps {
   readonly alerts: Alerts;
   readonly activity: Activity;
   readonly routes: () => CompiledConfig;
+  /** The routes their credential cannot serve, as route_credential_missing last said them (RouteCredentialCheck). */
+  readonly credentialProblems: () => readonly CredentialProblem[];
 }
 
 export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): Promise<string> {
@@ -26,7 +28,7 @@ export async function renderStatusPage(deps: StatusPageDeps, now = Date.now()): 
   const denied = series.reduce((a, s) => a + s.denied, 0);
 
   // As route_credential_missing and /readyz have it: the routes every request of which gets 503.
-  const problems = new Map((snapshot ? credentialProblems(config.routes, snapshot) : []).map((p) => [p.route, p]));
+  const problems = new Map(deps.credentialProblems().map((p) => [p.route, p]));
   const routeRows = config.routes.map((r) => {
     const callers = [...new Set(r.rules.map((rule) => rule.caller))].join(', ');
     const problem = problems.get(r.name);
