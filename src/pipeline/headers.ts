@@ -55,10 +55,14 @@ const STANDARD_CALLER_HEADERS = new Set([
  */
 export function callerHeaderPasses(name: string, callerHeaders: ReadonlySet<string> | undefined): boolean {
   const lower = name.toLowerCase();
-  const folded = lower.replaceAll('_', '-');
+  return routeLets(lower, lower.replaceAll('_', '-'), callerHeaders);
+}
+
+/** The route's part of outboundHeaders' decision on a caller header (`name` lower-cased, `folded` with "_" as "-"). */
+function routeLets(name: string, folded: string, callerHeaders: ReadonlySet<string> | undefined): boolean {
   if (alwaysDropped(folded)) return false;
   if (folded === 'authorization' && callerHeaders?.has('authorization') !== true) return false;
-  return !callerHeaders || STANDARD_CALLER_HEADERS.has(lower) || callerHeaders.has(lower);
+  return !callerHeaders || STANDARD_CALLER_HEADERS.has(name) || callerHeaders.has(name);
 }
 
 const CONNECTION = 'connection';
@@ -130,9 +134,7 @@ export function outboundHeaders(rawHeaders: readonly string[], claimed: Readonly
     // Compare the name as upstreams may read it: CGI, WSGI and PHP servers fold "_" into "-"
     // (PLAID_SECRET and PLAID-SECRET both become HTTP_PLAID_SECRET); x-forwarded-* and x-ssl-client-* go as families.
     const folded = name.replaceAll('_', '-');
-    if (alwaysDropped(folded) || listed.has(name) || listed.has(folded) || claimed.has(folded)) continue;
-    if (folded === 'authorization' && callerHeaders?.has('authorization') !== true) continue;
-    if (callerHeaders && !STANDARD_CALLER_HEADERS.has(name) && !callerHeaders.has(name)) continue;
+    if (listed.has(name) || listed.has(folded) || claimed.has(folded) || !routeLets(name, folded, callerHeaders)) continue;
     const values = out.get(name);
     if (values) values.push(rawHeaders[i + 1]!);
     else out.set(name, [rawHeaders[i + 1]!]);
