@@ -65,12 +65,12 @@ const REFUSED_DROP_MS = 60_000;
 /**
  * After a failed mint (the token endpoint unreachable, a 5xx, a timeout, an answer of no use, a
  * rejection of the route's options or of every client secret tried) no token request is made for
- * the cache key for a second, twice as long after each further failure in a row, 10 s at most
- * (a token endpoint that is back is asked within 10 s); a
- * token endpoint's Retry-After wins when it is longer. Without it every request that needed a
- * token asked again the moment the last answer came: a dead or overloaded token endpoint was
- * hammered at the rate of the callers' requests, and each of them waited on an attempt of its
- * own. A still-valid token keeps serving meanwhile; a successful mint ends the run of failures.
+ * the cache key for a second, twice as long after each further failure in a row, 10 s at most (a
+ * token endpoint that is back is asked within 10 s); a token endpoint's Retry-After wins when it
+ * is longer. Without it every request that needed a token asked again the moment the last answer
+ * came: a dead or overloaded token endpoint was hammered at the rate of the callers' requests,
+ * and each of them waited on an attempt of its own. A still-valid token keeps serving meanwhile;
+ * a successful mint ends the run of failures.
  */
 const HOLD_OFF_FIRST_MS = 1_000;
 const HOLD_OFF_MAX_MS = 10_000;
